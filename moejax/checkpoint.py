@@ -1,0 +1,149 @@
+"""The moejax checkpoint: orbax, one item per group so that any single expert loads alone.
+
+Layout of a checkpoint directory:
+
+    config.json              ModelConfig (moejax's own, with format_version)
+    globals/                 embedding, final norm, lm_head
+    layers/007/              layer 7's non-expert weights (norms, attention, router, shared expert)
+    experts/007/003/         routed expert 3 of layer 7: {'gate': [D, F], 'up': [D, F], 'down': [F, D]}
+    tokenizer.json ...       tokenizer files, when the source had them
+
+Writers build the whole directory under a temporary name and rename it at the end, so an
+interrupted or failed write never leaves a partial checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.errors import MoejaxError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    return ocp.PyTreeCheckpointer()
+
+
+def group_dir(root: Path, group: tuple) -> Path:
+    """Directory of a group: ("globals",), ("layer", i) or ("expert", i, e)."""
+    kind = group[0]
+    if kind == "globals":
+        return Path(root) / "globals"
+    if kind == "layer":
+        return Path(root) / "layers" / f"{group[1]:03d}"
+    if kind == "expert":
+        return Path(root) / "experts" / f"{group[1]:03d}" / f"{group[2]:03d}"
+    raise ValueError(f"unknown checkpoint group {group!r}")
+
+
+def save_group(root: Path, group: tuple, tree: dict) -> None:
+    """Writes one group (a nested dict of NumPy arrays)."""
+    path = group_dir(root, group)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _checkpointer().save(path.absolute(), tree)
+
+
+def load_group(root: Path, group: tuple) -> dict:
+    """Reads one group as a nested dict of NumPy arrays."""
+    path = group_dir(root, group)
+    if not path.is_dir():
+        raise MoejaxError(f"{root}: checkpoint lacks {path.relative_to(root)}")
+    try:
+        return _checkpointer().restore(path.absolute())
+    except Exception as err:  # orbax raises many types; the user needs the path
+        raise MoejaxError(f"{path}: cannot read checkpoint group ({type(err).__name__}: {err})") from None
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory that becomes `out_dir` only if the block succeeds."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise MoejaxError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_config(ckpt: Path) -> ModelConfig:
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise MoejaxError(f"{ckpt}: no such checkpoint directory")
+    return ModelConfig.load(ckpt / "config.json")
+
+
+def load_globals(ckpt: Path) -> dict:
+    return load_group(ckpt, ("globals",))
+
+
+def load_layer(ckpt: Path, layer: int) -> dict:
+    return load_group(ckpt, ("layer", layer))
+
+
+def load_expert(ckpt: Path, layer: int, expert: int) -> dict:
+    """One routed expert: {'gate': [D, F], 'up': [D, F], 'down': [F, D]} NumPy arrays."""
+    return load_group(ckpt, ("expert", layer, expert))
+
+
+def load_stacked_experts(ckpt: Path, cfg: ModelConfig, layer: int) -> dict:
+    """All routed experts of a layer stacked on a leading [E] axis."""
+    experts = [load_expert(ckpt, layer, e) for e in range(cfg.num_experts)]
+    return {name: np.stack([ex[name] for ex in experts]) for name in experts[0]}
+
+
+def save_checkpoint(
+    out_dir: Path,
+    cfg: ModelConfig,
+    globals_: dict,
+    layers: list[dict],
+    experts: list[dict | None],
+    tokenizer_dir: Path | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes a whole model held in memory (stacked experts per layer) as a checkpoint."""
+    to_numpy = lambda tree: _map_arrays(tree, lambda a: np.asarray(a, dtype=cfg.np_dtype))  # noqa: E731
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_group(tmp, ("globals",), to_numpy(globals_))
+        for i, layer in enumerate(layers):
+            save_group(tmp, ("layer", i), to_numpy(layer))
+            if experts[i] is not None:
+                for e in range(cfg.num_experts):
+                    save_group(tmp, ("expert", i, e), {k: np.asarray(v[e], dtype=cfg.np_dtype) for k, v in experts[i].items()})
+        cfg.save(tmp / "config.json")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _map_arrays(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _map_arrays(v, fn) for k, v in tree.items()}
+    return fn(tree)

@@ -1,0 +1,145 @@
+"""The `moejax` command: convert, info, generate.
+
+Every user error ends in one line on stderr ("moejax: error: ...") and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moejax.errors import MoejaxError
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-moe"
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moejax", description="Serve Mixture-of-Experts models on small GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a HuggingFace checkpoint (safetensors) to a moejax checkpoint")
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="weights dtype (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("info", help="architecture, parameter counts and sizes of a checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("generate", help="generate text or token ids")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT, help="(default: the shipped tiny-moe)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-ids", action="append", type=_token_ids, help="comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    mode.add_argument("--temperature", type=float, help="sample at this temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample only among the k likeliest tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample only within this probability mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-ids", type=_token_ids, default=[], help="extra stop token ids, comma-separated")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS tokens")
+    p.add_argument("--whole-model", action="store_true", help="compile the whole model as one program (reference)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
+    return parser
+
+
+def cmd_convert(args) -> int:
+    from moejax.convert.converter import convert
+
+    cfg = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.quiet)
+    print(f"wrote {args.out_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype})")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moejax import checkpoint
+    from moejax.models.decoder import parameter_counts
+
+    cfg = checkpoint.load_config(args.checkpoint)
+    counts = parameter_counts(cfg)
+    if args.json:
+        print(json.dumps({"config": cfg.to_json(), "parameters": counts}))
+        return 0
+    moe = sum(cfg.moe_layers)
+    print(f"{args.checkpoint}: {cfg.family}, {cfg.dtype}")
+    print(f"  layers {cfg.num_layers} ({moe} MoE), hidden {cfg.hidden_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}")
+    print(f"  experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.expert_intermediate_size}"
+          + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""))
+    print(f"  parameters: total {counts['total']:,}, dense {counts['dense']:,}, experts {counts['experts']:,}, active/token {counts['active_per_token']:,}")
+    print(f"  bytes: dense {_gib(counts['dense_bytes'])}, one expert {_mib(counts['one_expert_bytes'])}, all experts {_gib(counts['all_experts_bytes'])}")
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3f} MiB"
+
+
+def cmd_generate(args) -> int:
+    import moejax
+    from moejax.runtime.engine import GenerationConfig
+    from moejax.runtime.sampling import SamplingParams
+
+    if not args.checkpoint.exists():
+        raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")
+    sampling = SamplingParams(
+        greedy=args.temperature is None, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p
+    )
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        stop_token_ids=tuple(args.stop_ids),
+        ignore_eos=args.ignore_eos,
+    )
+    engine = moejax.load(args.checkpoint, whole_model=args.whole_model)
+    prompts = args.prompt_ids or args.prompt
+    if not prompts:
+        raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
+    result = engine.generate(prompts, config)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    for i, tokens in enumerate(result.tokens):
+        shown = result.text[i] if result.text is not None else ",".join(map(str, tokens))
+        print(f"[{i}] {shown}")
+    t = result.timing
+    print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MoejaxError as err:
+        print(f"moejax: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moejax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""HF safetensors checkpoint -> moejax checkpoint, one tensor at a time.
+
+Every tensor name, shape and file is validated from the safetensors headers before anything
+is written; then groups (globals, each layer's dense weights, each expert) are read, cast and
+saved one by one, so peak memory is about one group, never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from moejax import checkpoint
+from moejax.config import DTYPES, ModelConfig
+from moejax.convert.families import family
+from moejax.convert.families.common import Target
+from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header, read_tensor
+from moejax.errors import MoejaxError
+from moejax.progress import Progress
+
+# Buffers some checkpoints carry that are recomputed from the config.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise MoejaxError(f"{hf_dir}: no such directory")
+    if not path.is_file():
+        raise MoejaxError(f"{hf_dir}: missing config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MoejaxError(f"{path}: not valid JSON ({err})") from None
+
+
+def source_dtype(hf: dict) -> str:
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return name if name in DTYPES else "float32"
+
+
+def hf_model_config(hf_dir: Path, dtype: str | None = None) -> tuple[ModelConfig, dict[str, Target]]:
+    """The moejax config and tensor map of a HF checkpoint directory."""
+    hf = read_hf_config(hf_dir)
+    fam = family(hf.get("model_type"))
+    if dtype is not None and dtype not in DTYPES:
+        raise MoejaxError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    cfg = fam.config_from_hf(hf).replace(dtype=dtype or source_dtype(hf))
+    return cfg, fam.tensor_map(cfg)
+
+
+def index_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
+    tensors: dict[str, TensorInfo] = {}
+    for path in checkpoint_files(hf_dir):
+        for name, info in read_header(path).items():
+            if name in tensors:
+                raise MoejaxError(f"tensor '{name}' appears in both {tensors[name].file} and {path}")
+            tensors[name] = info
+    return tensors
+
+
+def validate(targets: dict[str, Target], tensors: dict[str, TensorInfo], cfg: ModelConfig) -> None:
+    missing = sorted(set(targets) - set(tensors))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise MoejaxError(f"checkpoint is missing tensor '{missing[0]}'{more}")
+    extra = sorted(
+        name
+        for name in set(tensors) - set(targets)
+        if not name.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight")
+    )
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise MoejaxError(f"checkpoint has unexpected tensor '{extra[0]}'{more} (not used by {cfg.family})")
+    for name, target in targets.items():
+        found = tensors[name].shape
+        if found != target.hf_shape:
+            raise MoejaxError(
+                f"tensor '{name}' in {tensors[name].file.name}: expected shape {list(target.hf_shape)}, found {list(found)}"
+            )
+
+
+def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bool = False, show_progress: bool = True):
+    """Converts `hf_dir` into a moejax checkpoint at `out_dir`; returns its ModelConfig."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    cfg, targets = hf_model_config(hf_dir, dtype)
+    tensors = index_tensors(hf_dir)
+    validate(targets, tensors, cfg)
+
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, target in targets.items():
+        groups[target.group].append(name)
+    total_bytes = sum(tensors[n].nbytes for n in targets)
+    progress = Progress("convert", total_bytes, unit="B", enabled=show_progress, stream=sys.stderr)
+    with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+        for group, names in groups.items():
+            tree: dict = {}
+            for name in names:
+                target = targets[name]
+                array = read_tensor(tensors[name])
+                if target.transpose:
+                    array = array.T
+                _set_path(tree, target.path, np.ascontiguousarray(array.astype(cfg.np_dtype)))
+                progress.advance(tensors[name].nbytes)
+            checkpoint.save_group(tmp, group, tree)
+        cfg.save(tmp / "config.json")
+        checkpoint.copy_tokenizer_files(hf_dir, tmp)
+    progress.close()
+    return cfg
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

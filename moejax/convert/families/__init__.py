@@ -1,0 +1,22 @@
+"""Registry of the HF model families moejax converts, keyed by config.json `model_type`.
+
+Each family module provides `MODEL_TYPE`, `config_from_hf(hf_config) -> ModelConfig`,
+`tensor_map(cfg) -> {hf_name: Target}` and `hf_config(cfg)` (its own config.json fields).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from moejax.convert.families import mixtral
+from moejax.errors import MoejaxError
+
+FAMILIES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (mixtral,)}
+
+
+def family(model_type: str | None) -> ModuleType:
+    if model_type not in FAMILIES:
+        raise MoejaxError(
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type]

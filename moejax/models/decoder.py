@@ -1,0 +1,213 @@
+"""Decoder-only MoE transformer shared by Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+
+Families differ only through `ModelConfig` fields (biases, q/k norms, shared expert,
+sliding windows, dense layers). A model's weights are three pytrees:
+
+- `globals`: {'embed': {'embedding': [V, D]}, 'final_norm': {'weight': [D]},
+  'lm_head': {'kernel': [D, V]}} (no lm_head when embeddings are tied);
+- `layers[i]`: the Flax params of `decoder_layer(cfg, i)`: norms, attention, router,
+  shared expert or dense MLP, everything except routed experts;
+- `experts[i]`: layer i's routed experts, stacked {'gate': [E, D, F], 'up': [E, D, F],
+  'down': [E, F, D]}, or None for a dense layer. The runtime may hold them elsewhere.
+
+A layer runs as `attend` (norm, attention, KV update), `route` (norm, router, top-k), the
+expert accumulation (`models.moe`), and `finish` (shared expert, residual), so a runtime
+can place the expert step wherever its weights are.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.models.layers import Attention, GatedMLP, RMSNorm, param_dtype
+from moejax.models.moe import EXPERT_WEIGHTS, device_routed_experts, route
+
+
+class DecoderLayer(nn.Module):
+    """One layer; `moe` and `window` (not the layer index) shape it, so layers alike share compiled code."""
+
+    cfg: ModelConfig
+    moe: bool
+    window: int | None
+
+    def setup(self):
+        cfg, dtype = self.cfg, param_dtype(self.cfg)
+        self.input_norm = RMSNorm(cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, self.window)
+        self.post_norm = RMSNorm(cfg.rms_norm_eps, dtype)
+        if self.moe:
+            self.router = nn.Dense(cfg.num_experts, use_bias=False, param_dtype=dtype)
+            if cfg.has_shared_expert:
+                self.shared_expert = GatedMLP(cfg.shared_expert_intermediate_size, cfg.hidden_act, dtype)
+                self.shared_expert_gate = nn.Dense(1, use_bias=False, param_dtype=dtype)
+        else:
+            self.mlp = GatedMLP(cfg.dense_intermediate_size, cfg.hidden_act, dtype)
+
+    def attend(self, x, kv_cache, positions):
+        """Residual stream after attention: x [B, T, D] -> (h [B, T, D], kv_cache)."""
+        out, kv_cache = self.attn(self.input_norm(x), kv_cache, positions)
+        return x + out, kv_cache
+
+    def route(self, h):
+        """MoE input and routing: h [B, T, D] -> (moe_in [N, D], weights [N, k] f32, ids [N, k] int32)."""
+        moe_in = self.post_norm(h).reshape(-1, h.shape[-1])
+        weights, ids = route(self.router(moe_in), self.cfg.top_k, self.cfg.norm_topk_prob)
+        return moe_in, weights, ids
+
+    def finish(self, h, moe_in, routed):
+        """Adds the routed output (acc [N, D] f32) and the shared expert to the residual h [B, T, D]."""
+        out = routed.astype(h.dtype)
+        if self.cfg.has_shared_expert:
+            gate = jax.nn.sigmoid(self.shared_expert_gate(moe_in))
+            out = out + gate * self.shared_expert(moe_in)
+        return h + out.reshape(h.shape)
+
+    def dense_mlp(self, h):
+        """The whole feed-forward half of a dense (non-MoE) layer."""
+        return h + self.mlp(self.post_norm(h))
+
+    def __call__(self, x, kv_cache, positions, experts=None):
+        """The whole layer with routing on the device (reference path, also used to init params)."""
+        h, kv_cache = self.attend(x, kv_cache, positions)
+        if not self.moe:
+            return self.dense_mlp(h), kv_cache
+        moe_in, weights, ids = self.route(h)
+        if experts is None:
+            routed = jnp.zeros(moe_in.shape, jnp.float32)
+        else:
+            routed = device_routed_experts(moe_in, ids, weights, experts, self.cfg.hidden_act)
+        return self.finish(h, moe_in, routed), kv_cache
+
+
+def decoder_layer(cfg: ModelConfig, i: int) -> DecoderLayer:
+    """The module of layer i."""
+    return DecoderLayer(cfg, cfg.moe_layers[i], cfg.sliding_windows[i])
+
+
+class EmbedHead(nn.Module):
+    """Token embedding in, final norm and vocabulary projection out."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg, dtype = self.cfg, param_dtype(self.cfg)
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=dtype)
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, param_dtype=dtype)
+
+    def embed_tokens(self, tokens):
+        """tokens [B, T] int32 -> [B, T, D]."""
+        return self.embed(tokens)
+
+    def logits(self, x):
+        """x [..., D] -> logits [..., V] float32."""
+        x = self.final_norm(x)
+        out = self.embed.attend(x) if self.cfg.tie_word_embeddings else self.lm_head(x)
+        return out.astype(jnp.float32)
+
+    def __call__(self, tokens):
+        return self.logits(self.embed_tokens(tokens))
+
+
+def kv_cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
+    """Shape of one layer's K (and V) cache: [B, S, KV, head_dim]."""
+    return (batch, length, cfg.num_kv_heads, cfg.head_dim)
+
+
+def empty_kv_caches(cfg: ModelConfig, batch: int, length: int):
+    shape = kv_cache_shape(cfg, batch, length)
+    return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers)]
+
+
+def init_params(cfg: ModelConfig, key, std: float = 0.02):
+    """Random weights: (globals, layers, experts), experts stacked per MoE layer.
+
+    Norm weights are ones and everything else normal(0, std), as transformers initialises.
+    """
+    dtype = param_dtype(cfg)
+    keys = jax.random.split(key, 2 * cfg.num_layers + 1)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    kv = empty_kv_caches(cfg, 1, 1)[0]
+    positions = jnp.zeros((1, 1), jnp.int32)
+
+    def normal_init(params, key):
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        subkeys = jax.random.split(key, len(leaves))
+        out = []
+        for (path, leaf), subkey in zip(leaves, subkeys, strict=True):
+            name = str(path[-1].key)
+            if name == "weight" or name == "bias":
+                out.append(jnp.ones_like(leaf) if name == "weight" else jnp.zeros_like(leaf))
+            else:
+                out.append((jax.random.normal(subkey, leaf.shape, jnp.float32) * std).astype(dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    globals_ = normal_init(EmbedHead(cfg).init(keys[0], tokens)["params"], keys[0])
+    layers, experts = [], []
+    for i in range(cfg.num_layers):
+        params = decoder_layer(cfg, i).init(keys[1 + i], jnp.zeros((1, 1, cfg.hidden_size), dtype), kv, positions)
+        layers.append(normal_init(params["params"], keys[1 + i]))
+        experts.append(random_experts(cfg, keys[1 + cfg.num_layers + i], std) if cfg.moe_layers[i] else None)
+    return globals_, layers, experts
+
+
+def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Shape of each weight of one routed expert."""
+    d, f = cfg.hidden_size, cfg.expert_intermediate_size
+    return {"gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
+def random_experts(cfg: ModelConfig, key, std: float = 0.02) -> dict:
+    """One layer's stacked experts drawn from normal(0, std) in the model dtype."""
+    shapes = expert_shapes(cfg)
+    keys = jax.random.split(key, len(EXPERT_WEIGHTS))
+    return {
+        name: (jax.random.normal(k, (cfg.num_experts, *shapes[name]), jnp.float32) * std).astype(cfg.dtype)
+        for name, k in zip(EXPERT_WEIGHTS, keys, strict=True)
+    }
+
+
+def forward_hidden(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions):
+    """All layers with routing on the device: tokens [B, T] -> (hidden [B, T, D] before the final norm, kv_caches)."""
+    x = EmbedHead(cfg).apply({"params": globals_}, tokens, method=EmbedHead.embed_tokens)
+    new_caches = []
+    for i in range(cfg.num_layers):
+        x, kv = decoder_layer(cfg, i).apply({"params": layers[i]}, x, kv_caches[i], positions, experts[i])
+        new_caches.append(kv)
+    return x, new_caches
+
+
+def forward(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions):
+    """Whole model: tokens [B, T] -> (logits [B, T, V] f32, kv_caches)."""
+    x, kv_caches = forward_hidden(cfg, globals_, layers, experts, tokens, kv_caches, positions)
+    return EmbedHead(cfg).apply({"params": globals_}, x, method=EmbedHead.logits), kv_caches
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts and bytes, from the shapes the modules create (no weights built)."""
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    kv = (jnp.zeros(kv_cache_shape(cfg, 1, 1), cfg.dtype),) * 2
+    positions = jnp.zeros((1, 1), jnp.int32)
+    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
+    key = jax.random.PRNGKey(0)
+    dense = count(jax.eval_shape(EmbedHead(cfg).init, key, tokens))
+    for i in range(cfg.num_layers):
+        dense += count(jax.eval_shape(decoder_layer(cfg, i).init, key, x, kv, positions))
+    n_moe = sum(cfg.moe_layers)
+    experts = n_moe * cfg.num_experts * cfg.expert_params
+    return {
+        "total": dense + experts,
+        "dense": dense,
+        "experts": experts,
+        "active_per_token": dense + n_moe * cfg.top_k * cfg.expert_params,
+        "one_expert": cfg.expert_params,
+        "dense_bytes": dense * cfg.dtype_bytes,
+        "one_expert_bytes": cfg.expert_bytes,
+        "all_experts_bytes": experts * cfg.dtype_bytes,
+    }

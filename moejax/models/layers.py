@@ -1,0 +1,125 @@
+"""Building blocks shared by the model families: norms, the gated MLP, attention with a KV cache."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.config import ModelConfig
+from moejax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+# Names as in transformers' ACT2FN: "gelu" is the exact (erf) form there.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def param_dtype(cfg: ModelConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis, computed in float32 and cast back."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight * normed.astype(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """act(x @ gate) * (x @ up) @ down: the dense MLP and the shared expert."""
+
+    intermediate_size: int
+    act: str = "silu"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, param_dtype=self.dtype, name=name)  # noqa: E731
+        hidden = ACTIVATIONS[self.act](dense(self.intermediate_size, "gate_proj")(x))
+        hidden = hidden * dense(self.intermediate_size, "up_proj")(x)
+        return dense(x.shape[-1], "down_proj")(hidden)
+
+
+def attention_mask(q_positions, kv_length: int, window: int | None):
+    """Boolean [B, T, S]: query at position p sees cache slot j iff j <= p (and j > p - window).
+
+    The KV cache is indexed by position (prompts are right-padded), so causality alone also hides
+    the padding of shorter prompts and stale slots beyond a sequence's current length.
+    """
+    kv_positions = jnp.arange(kv_length, dtype=jnp.int32)[None, None, :]
+    q = q_positions[:, :, None]
+    allowed = kv_positions <= q
+    if window is not None:
+        allowed &= kv_positions > q - window
+    return allowed
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and an in-place KV cache update."""
+
+    cfg: ModelConfig
+    window: int | None
+
+    @nn.compact
+    def __call__(self, x, kv_cache, positions):
+        """x [B, T, D]; kv_cache (k, v) each [B, S, KV, head_dim]; positions [B, T] int32.
+
+        Writes this call's keys and values at their positions and returns (out [B, T, D], kv_cache).
+        """
+        cfg = self.cfg
+        dtype = param_dtype(cfg)
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def proj(n, name, bias):
+            return nn.Dense(n, use_bias=bias, param_dtype=dtype, name=name)
+
+        q = proj(heads * head_dim, "q_proj", cfg.qkv_bias)(x)
+        k = proj(kv_heads * head_dim, "k_proj", cfg.qkv_bias)(x)
+        v = proj(kv_heads * head_dim, "v_proj", cfg.qkv_bias)(x)
+        if cfg.qk_norm == "full":
+            q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.reshape(batch, length, heads, head_dim)
+        k = k.reshape(batch, length, kv_heads, head_dim)
+        v = v.reshape(batch, length, kv_heads, head_dim)
+        if cfg.qk_norm == "head":
+            q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
+
+        inv_freq, scaling = inverse_frequencies(cfg.rope, head_dim, cfg.max_position_embeddings)
+        cos, sin = rope_cos_sin(positions, inv_freq, scaling, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        k_cache, v_cache = kv_cache
+        rows = jnp.arange(batch)[:, None]
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
+
+        groups = heads // kv_heads
+        q = q.reshape(batch, length, kv_heads, groups, head_dim)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+        scores = scores * (head_dim**-0.5)
+        mask = attention_mask(positions, k_cache.shape[1], self.window)[:, None, None]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(batch, length, heads * head_dim)
+        out = proj(x.shape[-1], "o_proj", cfg.o_bias)(out)
+        return out, (k_cache, v_cache)

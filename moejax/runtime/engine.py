@@ -1,0 +1,195 @@
+"""The generation loop: prompts in, tokens, text, timing and runtime statistics out."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.errors import MoejaxError
+from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
+from moejax.runtime.executors import Executor
+from moejax.runtime.sampling import SamplingParams, sample
+from moejax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate. `stop_token_ids` stop in addition to the model's EOS tokens."""
+
+    max_new_tokens: int = 32
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise MoejaxError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds. ttft: start to first new token on the host; tpot: median decode step."""
+
+    ttft_s: float
+    tpot_s: float
+    tokens_per_s: float
+    total_s: float
+    decode_steps: int
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new token ids per prompt (a stop token, when reached, is the last)
+    text: list[str] | None
+    finish_reasons: list[str]  # 'stop' or 'length'
+    timing: Timing
+    stats: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "text": self.text,
+            "finish_reasons": self.finish_reasons,
+            "timing": self.timing.to_json(),
+            "stats": self.stats,
+        }
+
+
+Prompt = str | Sequence[int]
+
+
+class Engine:
+    """A loaded model ready to generate; built by `moejax.load`."""
+
+    def __init__(self, cfg: ModelConfig, executor: Executor, tokenizer: Tokenizer | None = None, path: Path | None = None):
+        self.cfg, self.executor, self.tokenizer, self.path = cfg, executor, tokenizer, path
+
+    # -- inputs -------------------------------------------------------------------------
+    def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        """Validated token ids, one list per prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if not prompts:
+            raise MoejaxError("no prompts given")
+        out = []
+        for n, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise MoejaxError("this checkpoint has no tokenizer.json: pass token ids (--prompt-ids)")
+                ids = self.tokenizer.encode(prompt)
+            else:
+                ids = [int(t) for t in prompt]
+            if not ids:
+                raise MoejaxError(f"prompt {n} is empty")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise MoejaxError(f"prompt {n}: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            out.append(ids)
+        return out
+
+    def _check_length(self, longest: int, max_new_tokens: int) -> None:
+        limit = self.cfg.max_position_embeddings
+        if longest + max_new_tokens > limit:
+            raise MoejaxError(
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"{limit} positions (max_position_embeddings)"
+            )
+
+    # -- forward ------------------------------------------------------------------------
+    def logits(self, prompts: Prompt | Sequence[Prompt]) -> list[np.ndarray]:
+        """Full-sequence logits [len_i, V] float32 per prompt, all prompts in one padded batch."""
+        ids = self.encode(prompts)
+        lengths = np.array([len(p) for p in ids])
+        self._check_length(int(lengths.max()), 0)
+        batch, length = batch_bucket(len(ids)), prompt_bucket(int(lengths.max()))
+        tokens, positions, valid = _prefill_inputs(ids, batch, length, self._pad_id)
+        kv = self.executor.new_kv_caches(batch, length)
+        logits, _ = self.executor.step(tokens, kv, positions, valid, None)
+        logits = np.asarray(logits)
+        return [logits[b, : lengths[b]] for b in range(len(ids))]
+
+    @property
+    def _pad_id(self) -> int:
+        return self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
+
+    def stop_ids(self, config: GenerationConfig) -> set[int]:
+        stops = set(config.stop_token_ids)
+        if not config.ignore_eos:
+            stops |= set(self.cfg.eos_token_ids)
+        return stops
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **overrides) -> GenerationResult:
+        """Generates for a batch of prompts (text or token ids) of any lengths.
+
+        `overrides` are GenerationConfig fields, e.g. `generate("Hi", max_new_tokens=8)`.
+        """
+        config = dataclasses.replace(config or GenerationConfig(), **overrides)
+        ids = self.encode(prompts)
+        n = len(ids)
+        lengths = np.array([len(p) for p in ids] + [1] * (batch_bucket(n) - n), np.int32)
+        self._check_length(int(lengths.max()), config.max_new_tokens)
+        batch = batch_bucket(n)
+        tokens, positions, valid = _prefill_inputs(ids, batch, prompt_bucket(int(lengths.max())), self._pad_id)
+        kv = self.executor.new_kv_caches(batch, cache_bucket(int(lengths.max()) + config.max_new_tokens))
+        stops = self.stop_ids(config)
+        key = jax.random.PRNGKey(config.seed)
+        row_ids = np.arange(batch, dtype=np.int32)
+        finished = np.arange(batch) >= n
+        generated: list[list[int]] = [[] for _ in range(n)]
+        reasons = ["length"] * n
+
+        start = time.perf_counter()
+        logits, kv = self.executor.step(tokens, kv, positions, valid, lengths - 1)
+        step_times = []
+        for step in range(config.max_new_tokens):
+            if step > 0:
+                step_start = time.perf_counter()
+                logits, kv = self.executor.step(
+                    next_tokens[:, None], kv, (lengths + step - 1)[:, None], ~finished[:, None], np.zeros(batch, np.int32)
+                )
+            next_tokens = np.asarray(sample(logits, key, step, row_ids, config.sampling))
+            if step == 0:
+                ttft = time.perf_counter() - start
+            else:
+                step_times.append(time.perf_counter() - step_start)
+            for b in np.flatnonzero(~finished):
+                token = int(next_tokens[b])
+                generated[b].append(token)
+                if token in stops:
+                    finished[b], reasons[b] = True, "stop"
+            if finished.all():
+                break
+        total = time.perf_counter() - start
+
+        text = [self.tokenizer.decode(t) for t in generated] if self.tokenizer else None
+        n_tokens = sum(len(t) for t in generated)
+        timing = Timing(
+            ttft_s=ttft,
+            tpot_s=float(np.median(step_times)) if step_times else 0.0,
+            tokens_per_s=n_tokens / total if total > 0 else 0.0,
+            total_s=total,
+            decode_steps=len(step_times),
+        )
+        return GenerationResult(generated, text, reasons, timing, self.executor.stats())
+
+
+def _prefill_inputs(ids: list[list[int]], batch: int, length: int, pad_id: int):
+    """Right-padded tokens, positions and validity [batch, length]; rows beyond len(ids) are dummies."""
+    tokens = np.full((batch, length), pad_id, np.int32)
+    valid = np.zeros((batch, length), bool)
+    for b, prompt in enumerate(ids):
+        tokens[b, : len(prompt)] = prompt
+        valid[b, : len(prompt)] = True
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+    return tokens, positions, valid

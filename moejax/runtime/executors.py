@@ -1,0 +1,88 @@
+"""Executors run the model's layers on token ids; each decides where the weights live.
+
+Interface (what the generation loop uses):
+  new_kv_caches(batch, length) -> per-layer (k, v) device arrays [B, S, KV, head_dim]
+  step(tokens, kv_caches, positions, valid, select) -> (logits, kv_caches)
+      tokens, positions: NumPy int32 [B, T]; valid: NumPy bool [B, T], True for real tokens of
+      unfinished sequences (padding never needs experts); select: NumPy int32 [B] (logits [B, V]
+      at that position) or None (logits [B, T, V]).
+  stats() -> dict of counters (empty where nothing is offloaded)
+
+`WholeModelExecutor` compiles the whole model into one program (reference and upper bound);
+`ResidentExecutor` runs one jitted call per layer with all weights on the device.
+Offloading executors live in `moejax.runtime.offload`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.models.decoder import kv_cache_shape
+from moejax.runtime import layer_fns
+
+
+class Executor:
+    name = "base"
+
+    def __init__(self, cfg: ModelConfig, globals_, device=None):
+        self.cfg = cfg
+        self.device = device or jax.devices()[0]
+        self.globals = jax.device_put(globals_, self.device)
+
+    def new_kv_caches(self, batch: int, length: int):
+        shape = kv_cache_shape(self.cfg, batch, length)
+        zeros = lambda: jnp.zeros(shape, self.cfg.dtype, device=self.device)  # noqa: E731
+        return [(zeros(), zeros()) for _ in range(self.cfg.num_layers)]
+
+    def kv_cache_bytes(self, batch: int, length: int) -> int:
+        return 2 * self.cfg.num_layers * int(np.prod(kv_cache_shape(self.cfg, batch, length))) * self.cfg.dtype_bytes
+
+    def _inputs(self, tokens, positions, select):
+        put = lambda a: None if a is None else jax.device_put(np.asarray(a, np.int32), self.device)  # noqa: E731
+        return put(tokens), put(positions), put(select)
+
+    def step(self, tokens, kv_caches, positions, valid, select):
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {}
+
+
+class WholeModelExecutor(Executor):
+    """All weights on the device, the whole forward pass one XLA program."""
+
+    name = "whole-model"
+
+    def __init__(self, cfg: ModelConfig, globals_, layers, experts, device=None):
+        super().__init__(cfg, globals_, device)
+        self.layers = jax.device_put(layers, self.device)
+        self.experts = jax.device_put(experts, self.device)
+
+    def step(self, tokens, kv_caches, positions, valid, select):
+        tokens, positions, select = self._inputs(tokens, positions, select)
+        return layer_fns.whole_model(self.cfg, self.globals, self.layers, self.experts, tokens, kv_caches, positions, select)
+
+
+class ResidentExecutor(Executor):
+    """All weights on the device, one jitted call per layer, routing resolved on the device."""
+
+    name = "resident"
+
+    def __init__(self, cfg: ModelConfig, globals_, layers, experts, device=None):
+        super().__init__(cfg, globals_, device)
+        self.layers = jax.device_put(layers, self.device)
+        self.experts = jax.device_put(experts, self.device)
+
+    def step(self, tokens, kv_caches, positions, valid, select):
+        cfg = self.cfg
+        tokens, positions, select = self._inputs(tokens, positions, select)
+        x = layer_fns.embed(cfg, self.globals, tokens)
+        kv_caches = list(kv_caches)
+        for i in range(cfg.num_layers):
+            x, kv_caches[i], _ = layer_fns.layer_device_routed(
+                cfg, cfg.moe_layers[i], cfg.sliding_windows[i], self.layers[i], self.experts[i], x, kv_caches[i], positions
+            )
+        return layer_fns.head(cfg, self.globals, x, select), kv_caches

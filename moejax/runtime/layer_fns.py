@@ -1,0 +1,78 @@
+"""The jitted per-layer functions every executor is built from.
+
+Static arguments are the config and the layer's shape (`moe`, `window`), never its index, so
+all layers alike share one compiled function per input shape. KV caches are donated and
+updated in place. Expert weights are always arguments: `accumulate` takes a tuple of
+per-expert dicts, so the runtime can pass whichever experts it holds on the device; a new
+tuple length compiles once and is then reused.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moejax.config import ModelConfig
+from moejax.models.decoder import DecoderLayer, EmbedHead, forward_hidden
+from moejax.models.moe import accumulate_experts, device_routed_experts
+
+_LAYER_STATIC = ("cfg", "moe", "window")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def embed(cfg: ModelConfig, globals_, tokens):
+    """tokens [B, T] int32 -> hidden [B, T, D]."""
+    return EmbedHead(cfg).apply({"params": globals_}, tokens, method=EmbedHead.embed_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def head(cfg: ModelConfig, globals_, x, select):
+    """Logits f32: [B, V] at position select[b] of each row, or [B, T, V] when select is None."""
+    if select is not None:
+        x = x[jnp.arange(x.shape[0]), select]
+    return EmbedHead(cfg).apply({"params": globals_}, x, method=EmbedHead.logits)
+
+
+@functools.partial(jax.jit, static_argnames=_LAYER_STATIC, donate_argnames=("kv_cache",))
+def layer_device_routed(cfg: ModelConfig, moe: bool, window, params, experts, x, kv_cache, positions):
+    """A whole layer with its stacked experts on the device: -> (x, kv_cache, topk ids [N, k] or None)."""
+    layer = DecoderLayer(cfg, moe, window)
+    variables = {"params": params}
+    h, kv_cache = layer.apply(variables, x, kv_cache, positions, method=DecoderLayer.attend)
+    if not moe:
+        return layer.apply(variables, h, method=DecoderLayer.dense_mlp), kv_cache, None
+    moe_in, weights, ids = layer.apply(variables, h, method=DecoderLayer.route)
+    routed = device_routed_experts(moe_in, ids, weights, experts, cfg.hidden_act)
+    return layer.apply(variables, h, moe_in, routed, method=DecoderLayer.finish), kv_cache, ids
+
+
+@functools.partial(jax.jit, static_argnames=_LAYER_STATIC, donate_argnames=("kv_cache",))
+def attend_and_route(cfg: ModelConfig, moe: bool, window, params, x, kv_cache, positions):
+    """First half of a MoE layer: -> (h [B, T, D], kv_cache, moe_in [N, D], weights [N, k], ids [N, k])."""
+    layer = DecoderLayer(cfg, moe, window)
+    variables = {"params": params}
+    h, kv_cache = layer.apply(variables, x, kv_cache, positions, method=DecoderLayer.attend)
+    moe_in, weights, ids = layer.apply(variables, h, method=DecoderLayer.route)
+    return h, kv_cache, moe_in, weights, ids
+
+
+@functools.partial(jax.jit, static_argnames=("act",))
+def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str):
+    """One wave of experts (a tuple of per-expert dicts, ids increasing) added into acc [N, D] f32."""
+    return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act)
+
+
+@functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
+def accumulate_and_finish(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc):
+    """The last wave of experts plus the shared expert and residual: -> x [B, T, D]."""
+    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act)
+    return DecoderLayer(cfg, moe, window).apply({"params": params}, h, moe_in, acc, method=DecoderLayer.finish)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv_caches",))
+def whole_model(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions, select):
+    """The whole model as one XLA program (the reference and upper bound)."""
+    x, kv_caches = forward_hidden(cfg, globals_, layers, experts, tokens, kv_caches, positions)
+    return head(cfg, globals_, x, select), kv_caches

@@ -1,0 +1,83 @@
+"""Tiny random HF models for reference tests: configs per family, saved with `save_pretrained`.
+
+Each entry builds a transformers config that exercises some option of its family. Weights use
+a larger init std than transformers' default so logits and routing have clear margins (no
+near-ties that float rounding could flip).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers as T
+
+from moejax.cli import main as moejax_cli
+
+INIT_STD = 0.15
+COMMON = dict(vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, initializer_range=INIT_STD,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+# family -> {name: config factory}
+ZOO = {
+    "mixtral": {
+        "basic": lambda: T.MixtralConfig(**COMMON, intermediate_size=48, num_hidden_layers=2, num_local_experts=4,
+                                         num_experts_per_tok=2),
+        "sliding_window": lambda: T.MixtralConfig(**COMMON, intermediate_size=40, num_hidden_layers=3, num_local_experts=6,
+                                                  num_experts_per_tok=2, sliding_window=5),
+        "top1_mha_tied": lambda: T.MixtralConfig(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=24,
+                                                 num_hidden_layers=2, num_local_experts=3, num_experts_per_tok=1,
+                                                 tie_word_embeddings=True),
+        "rope_linear": lambda: T.MixtralConfig(**COMMON, intermediate_size=32, num_hidden_layers=2, num_local_experts=4,
+                                               num_experts_per_tok=3,
+                                               rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+    },
+}
+
+CASES = [(family, name) for family, configs in ZOO.items() for name in configs]
+
+
+def case_id(case) -> str:
+    return f"{case[0]}-{case[1]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _build(family: str, name: str, root: str):
+    torch.manual_seed(1234)
+    config = ZOO[family][name]()
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    hf_dir = Path(root) / f"{family}-{name}-hf"
+    model.save_pretrained(hf_dir)
+    out = Path(root) / f"{family}-{name}-mj"
+    assert moejax_cli(["convert", str(hf_dir), str(out), "--quiet"]) == 0
+    return model, hf_dir, out
+
+
+def build(case, root: Path):
+    """(transformers model in float32 eval mode, HF checkpoint dir, converted moejax checkpoint dir)."""
+    return _build(case[0], case[1], str(root))
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, min_new_tokens=new_tokens)
+    return out[0, len(ids):].tolist()
+
+
+def assert_logits_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> None:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    diff, scale = float(np.abs(ours - ref).max()), float(np.abs(ref).max())
+    assert diff <= rel * scale, f"max |diff| {diff:.3g} > {rel} x max |logit| {scale:.3g}"
+
+
+def random_prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
