@@ -52,9 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-ids", type=_token_ids, default=[], help="extra stop token ids, comma-separated")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS tokens")
-    p.add_argument("--whole-model", action="store_true", help="compile the whole model as one program (reference)")
+    p.add_argument("--executor", default="host-routed",
+                   help="host-routed (default; every offload mode) | device-routed | whole-model (resident only)")
+    add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
     return parser
+
+
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", default="resident", help="resident | cached | on-demand | dense-offload (default resident)")
+    p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
+    p.add_argument("--cache-policy", default="lru", help="expert cache replacement policy: lru | lfu | fifo | lifo")
+    p.add_argument("--prefetch", default="none", help="expert prefetcher: none")
+
+
+def load_engine(args):
+    """An Engine for the checkpoint and offloading flags of `args`."""
+    import moejax
+
+    if args.prefetch != "none":
+        raise MoejaxError(f"--prefetch '{args.prefetch}' is not one of none")
+    return moejax.load(
+        args.checkpoint,
+        offload=args.offload,
+        expert_budget=args.expert_budget,
+        cache_policy=args.cache_policy,
+        executor=getattr(args, "executor", "host-routed"),
+    )
 
 
 def cmd_convert(args) -> int:
@@ -93,7 +117,6 @@ def _mib(n: int) -> str:
 
 
 def cmd_generate(args) -> int:
-    import moejax
     from moejax.runtime.engine import GenerationConfig
     from moejax.runtime.sampling import SamplingParams
 
@@ -109,7 +132,7 @@ def cmd_generate(args) -> int:
         stop_token_ids=tuple(args.stop_ids),
         ignore_eos=args.ignore_eos,
     )
-    engine = moejax.load(args.checkpoint, whole_model=args.whole_model)
+    engine = load_engine(args)
     prompts = args.prompt_ids or args.prompt
     if not prompts:
         raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
@@ -120,8 +143,11 @@ def cmd_generate(args) -> int:
     for i, tokens in enumerate(result.tokens):
         shown = result.text[i] if result.text is not None else ",".join(map(str, tokens))
         print(f"[{i}] {shown}")
+    from moejax.runtime.stats import summary_line
+
     t = result.timing
     print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(summary_line(result.stats, sum(len(tokens) for tokens in result.tokens)), file=sys.stderr)
     return 0
 
 

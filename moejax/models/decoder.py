@@ -119,6 +119,11 @@ def kv_cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int,
     return (batch, length, cfg.num_kv_heads, cfg.head_dim)
 
 
+def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
+    """Bytes of all layers' K and V caches for `batch` rows of `length` positions."""
+    return 2 * cfg.num_layers * int(np.prod(kv_cache_shape(cfg, batch, length))) * cfg.dtype_bytes
+
+
 def empty_kv_caches(cfg: ModelConfig, batch: int, length: int):
     shape = kv_cache_shape(cfg, batch, length)
     return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers)]

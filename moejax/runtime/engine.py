@@ -114,7 +114,8 @@ class Engine:
         self._check_length(int(lengths.max()), 0)
         batch, length = batch_bucket(len(ids)), prompt_bucket(int(lengths.max()))
         tokens, positions, valid = _prefill_inputs(ids, batch, length, self._pad_id)
-        kv = self.executor.new_kv_caches(batch, length)
+        # The cache length generate() would use, so both share compiled prefill functions.
+        kv = self.executor.new_kv_caches(batch, cache_bucket(length))
         logits, _ = self.executor.step(tokens, kv, positions, valid, None)
         logits = np.asarray(logits)
         return [logits[b, : lengths[b]] for b in range(len(ids))]
@@ -149,6 +150,7 @@ class Engine:
         generated: list[list[int]] = [[] for _ in range(n)]
         reasons = ["length"] * n
 
+        self.executor.reset_stats()
         start = time.perf_counter()
         logits, kv = self.executor.step(tokens, kv, positions, valid, lengths - 1)
         step_times = []
