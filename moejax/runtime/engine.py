@@ -153,6 +153,7 @@ class Engine:
         self.executor.reset_stats()
         start = time.perf_counter()
         logits, kv = self.executor.step(tokens, kv, positions, valid, lengths - 1)
+        prefill_stats = self.executor.stats().get("total")
         step_times = []
         for step in range(config.max_new_tokens):
             if step > 0:
@@ -183,7 +184,10 @@ class Engine:
             total_s=total,
             decode_steps=len(step_times),
         )
-        return GenerationResult(generated, text, reasons, timing, self.executor.stats())
+        stats = self.executor.stats()
+        if prefill_stats is not None:
+            stats["prefill"] = prefill_stats  # totals after the prompt; decode = total - prefill
+        return GenerationResult(generated, text, reasons, timing, stats)
 
 
 def _prefill_inputs(ids: list[list[int]], batch: int, length: int, pad_id: int):

@@ -89,6 +89,7 @@ def host_routed_executor(
     if offload == "cached":
         budget = parse_budget(DEFAULT_BUDGET if expert_budget is None else expert_budget, store.total_bytes)
         kv_bytes = kv_cache_bytes(cfg, max_batch, min(max_seq_len, cfg.max_position_embeddings))
-        dense_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((globals_, layers)))
+        leaves = jax.tree_util.tree_leaves((globals_, layers))
+        dense_bytes = sum(leaf.nbytes for leaf in leaves if not isinstance(leaf, jax.Array))  # not yet on the device
         capacity = cache_capacity(budget, store.expert_bytes, cfg.top_k, device_memory(device, kv_bytes, dense_bytes))
     return HostRoutedExecutor(cfg, globals_, layers, store, offload, capacity, policy, device)
