@@ -14,6 +14,8 @@ weights, batch 1, a random prompt, greedy decoding of a fixed number of tokens:
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -47,11 +49,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dims", default="mixtral-8x7b", choices=("mixtral-8x7b", "tiny"), help="tiny: CPU smoke run")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--peer-json", help="reuse the peer results of an earlier run (bench_decode JSON's peer_raw)")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
 
     # The peer first, in its own process, before JAX takes the GPU's memory.
-    peer = {} if args.skip_peer else run_peer(
+    peer = json.loads(Path(args.peer_json).read_text())["peer_raw"] if args.peer_json else {} if args.skip_peer else run_peer(
         ["scripts/peers/hf_mixtral.py", "--mode", "resident", "--layers", str(args.layers), "--prompt-len",
          str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)], timeout=900)
 
@@ -59,18 +62,18 @@ def main() -> None:
     device = jax.devices()[0]
     globals_, layers = random_dense_params(cfg)
     store = HostExpertStore(device, cfg.expert_bytes, on_device=True)
-    stacked = []
+    per_layer = []  # the same device arrays, as each layer's tuple of experts
     for layer in range(cfg.num_layers):
-        experts = [random_expert(cfg, jax.random.PRNGKey(1000 * layer + e)) for e in range(cfg.num_experts)]
+        experts = tuple(random_expert(cfg, jax.random.PRNGKey(1000 * layer + e)) for e in range(cfg.num_experts))
         for e, weights in enumerate(experts):
             store.put((layer, e), weights)
-        stacked.append({name: jax.numpy.stack([w[name] for w in experts]) for name in experts[0]})
+        per_layer.append(experts)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
 
     engines = {
         "moejax host-routed": Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, store, "resident", device=device)),
-        "moejax device-routed": Engine(cfg, DeviceRoutedExecutor(cfg, globals_, layers, stacked, device)),
-        "moejax whole-model": Engine(cfg, WholeModelExecutor(cfg, globals_, layers, stacked, device)),
+        "moejax device-routed": Engine(cfg, DeviceRoutedExecutor(cfg, globals_, layers, per_layer, device)),
+        "moejax whole-model": Engine(cfg, WholeModelExecutor(cfg, globals_, layers, per_layer, device)),
     }
     results = {name: time_engine(engine, prompt, args.new_tokens, args.repeats) for name, engine in engines.items()}
     for name, timing in peer.items():

@@ -50,16 +50,42 @@ def pinned_bandwidth(cfg, device, experts: int = 8, repeats: int = 5) -> float:
     return experts * cfg.expert_bytes / median(times[1:])
 
 
-def build_store(cfg, device, on_device: bool = False) -> HostExpertStore:
-    """Random experts made on the GPU and moved to the store one by one (GPU memory stays small)."""
-    store = HostExpertStore(device, cfg.expert_bytes, on_device)
+def available_host_bytes() -> int:
+    """MemAvailable of /proc/meminfo in bytes (a large number where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 60
+
+
+def build_store(cfg, device, reserve_bytes: int) -> tuple[HostExpertStore, int]:
+    """Random experts made on the GPU and moved to pinned host memory, layer by layer, while more than
+    `reserve_bytes` of host RAM would stay free; returns the store and how many layers it holds."""
+    store = HostExpertStore(device, cfg.expert_bytes)
     progress = Progress("random experts", cfg.num_layers * cfg.num_experts)
+    layer_bytes = cfg.num_experts * cfg.expert_bytes
     for layer in range(cfg.num_layers):
+        if available_host_bytes() - layer_bytes < reserve_bytes:
+            print(f"host RAM: stopping at {layer} layers ({available_host_bytes() / GB:.1f} GB available)", flush=True)
+            return store, layer
         for e in range(cfg.num_experts):
             store.put((layer, e), random_expert(cfg, jax.random.PRNGKey(10_000 * layer + e)))
             progress.advance()
         jax.block_until_ready([store.get((layer, e)) for e in range(cfg.num_experts)])
-    return store
+    return store, cfg.num_layers
+
+
+def sub_store(store: HostExpertStore, layers: int, on_device: bool) -> HostExpertStore:
+    """The experts of the first `layers` layers: the same pinned arrays (device_put to the memory they
+    are in is a no-op), or copies on the device."""
+    sub = HostExpertStore(store.device, store.expert_bytes, on_device)
+    for key in store.keys():
+        if key[0] < layers:
+            sub.put(key, store.get(key))
+    return sub
 
 
 def run_config(cfg, globals_, layers, store, mode, budget, policy, prompts, new_tokens) -> dict:
@@ -102,35 +128,40 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dense-offload-tokens", type=int, default=8, help="fewer tokens: it moves every expert per token")
+    parser.add_argument("--reserve-gb", type=float, default=24.0, help="host RAM to leave free when building the store")
     parser.add_argument("--peer-json", type=Path, help="output of scripts/peers/hf_mixtral.py --mode offload runs")
     parser.add_argument("--out", default="bench_offload.json")
     args = parser.parse_args()
     device = jax.devices()[0]
     rng = np.random.default_rng(0)
 
-    # Small model that fits: resident vs cached at 1.0, and the floor's compute term per layer.
-    small = model_config(args.dims, args.resident_layers)
-    bandwidth = pinned_bandwidth(small, device)
+    bandwidth = pinned_bandwidth(model_config(args.dims, 1), device)
     print(f"pinned host->GPU bandwidth: {bandwidth / GB:.1f} GB/s", flush=True)
-    prompts = [rng.integers(0, small.vocab_size, args.prompt_len).tolist() for _ in range(2)]
-    globals_, layers = random_dense_params(small)
-    resident_store = build_store(small, device, on_device=True)
-    resident = run_config(small, globals_, layers, resident_store, "resident", None, args.policy, prompts, args.new_tokens)
-    del resident_store
     gc.collect()
-    host_store = build_store(small, device)
-    cached_full = run_config(small, globals_, layers, host_store, "cached", "1.0", args.policy, prompts, args.new_tokens)
-    del host_store, globals_, layers
+
+    # The big model: as many layers as host RAM allows, up to --layers.
+    cfg = model_config(args.dims, args.layers)
+    start = time.perf_counter()
+    store, built = build_store(cfg, device, int(args.reserve_gb * GB))
+    cfg = model_config(args.dims, built)
+    print(f"{len(store)} experts ({store.total_bytes / GB:.1f} GB) in pinned host memory in {time.perf_counter() - start:.0f} s", flush=True)
+    prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(2)]
+
+    # Its first layers as a model that fits on the GPU: resident vs cached at 1.0, and the floor's
+    # compute term per layer.
+    small = model_config(args.dims, min(args.resident_layers, built))
+    small_globals, small_layers = random_dense_params(small)
+    resident = run_config(small, small_globals, small_layers, sub_store(store, small.num_layers, True), "resident",
+                          None, args.policy, prompts, args.new_tokens)
+    gc.collect()
+    cached_full = run_config(small, small_globals, small_layers, sub_store(store, small.num_layers, False), "cached",
+                             "1.0", args.policy, prompts, args.new_tokens)
+    del small_globals, small_layers
     gc.collect()
     per_layer_decode = resident["tpot_s"] / small.num_layers
     per_layer_prefill = resident["ttft_s"] / small.num_layers
 
-    # The big model: every offloading mode.
-    cfg = model_config(args.dims, args.layers)
     globals_, layers = random_dense_params(cfg)
-    start = time.perf_counter()
-    store = build_store(cfg, device)
-    print(f"{len(store)} experts ({store.total_bytes / GB:.1f} GB) in pinned host memory in {time.perf_counter() - start:.0f} s", flush=True)
     configs = [("cached", b, args.policy) for b in args.budgets.split(",")]
     configs += [("on-demand", None, args.policy), ("dense-offload", None, args.policy)]
     rows = []

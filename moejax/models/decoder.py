@@ -7,8 +7,9 @@ sliding windows, dense layers). A model's weights are three pytrees:
   'lm_head': {'kernel': [D, V]}} (no lm_head when embeddings are tied);
 - `layers[i]`: the Flax params of `decoder_layer(cfg, i)`: norms, attention, router,
   shared expert or dense MLP, everything except routed experts;
-- `experts[i]`: layer i's routed experts, stacked {'gate': [E, D, F], 'up': [E, D, F],
-  'down': [E, F, D]}, or None for a dense layer. The runtime may hold them elsewhere.
+- `experts[i]`: layer i's routed experts, a tuple of E per-expert dicts {'gate': [D, F],
+  'up': [D, F], 'down': [F, D]} or one stacked dict with a leading [E] axis on each, or None
+  for a dense layer. The runtime may hold them elsewhere.
 
 A layer runs as `attend` (norm, attention, KV update), `route` (norm, router, top-k), the
 expert accumulation (`models.moe`), and `finish` (shared expert, residual), so a runtime

@@ -15,7 +15,7 @@ from moejax.runtime.engine import Engine
 from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
 from moejax.runtime.host_routed import MODES, HostRoutedExecutor
 from moejax.runtime.policies import CachePolicy, make_policy
-from moejax.runtime.store import HostExpertStore
+from moejax.runtime.store import HostExpertStore, size_pinned_pool
 from moejax.tokenizer import load_tokenizer
 
 EXECUTORS = ("host-routed", "device-routed", "whole-model")
@@ -60,12 +60,17 @@ def load(
     if expert_budget is not None and offload != "cached":
         raise MoejaxError(f"--expert-budget applies to --offload cached, not '{offload}'")
     policy = make_policy(cache_policy)
+    if executor == "host-routed" and offload != "resident":
+        size_pinned_pool(sum(cfg.moe_layers) * cfg.num_experts * cfg.expert_bytes)
     device = device or jax.devices()[0]
     globals_ = checkpoint.load_globals(path)
     layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
     tokenizer = load_tokenizer(path)
     if executor != "host-routed":
-        experts = [checkpoint.load_stacked_experts(path, cfg, i) if cfg.moe_layers[i] else None for i in range(cfg.num_layers)]
+        experts = [
+            tuple(checkpoint.load_expert(path, i, e) for e in range(cfg.num_experts)) if cfg.moe_layers[i] else None
+            for i in range(cfg.num_layers)
+        ]
         executor_cls = WholeModelExecutor if executor == "whole-model" else DeviceRoutedExecutor
         return Engine(cfg, executor_cls(cfg, globals_, layers, experts, device), tokenizer, path)
     store = HostExpertStore.from_checkpoint(path, cfg, device, on_device=offload == "resident", show_progress=show_progress)

@@ -8,6 +8,8 @@ JAX's CPU backend has the same memory kinds, so the same path runs (and is teste
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,8 +19,25 @@ from jax.sharding import SingleDeviceSharding
 
 from moejax import checkpoint
 from moejax.config import ModelConfig
+from moejax.errors import MoejaxError
 from moejax.progress import Progress
 from moejax.runtime.policies import ExpertKey
+
+
+PINNED_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_MARGIN = 1.03
+
+
+def size_pinned_pool(expert_bytes: int) -> None:
+    """Sizes XLA's pinned host pool for `expert_bytes` of experts, unless the user set it.
+
+    XLA caps pinned host memory at 64 GB by default, and its pool grows in doubling regions that
+    stay page-locked, so a store of ~70 GB could lock ~100 GB of RAM (measured on our H100 host).
+    A limit just above the experts' size lifts the cap and bounds the overshoot. It only takes
+    effect if set before JAX starts its GPU backend (the CLI always does).
+    """
+    if PINNED_LIMIT_VARIABLE not in os.environ:
+        os.environ[PINNED_LIMIT_VARIABLE] = str(max(1, math.ceil(expert_bytes * PINNED_MARGIN / 2**30) + 1))
 
 
 def host_sharding(device) -> SingleDeviceSharding:
@@ -52,7 +71,16 @@ class HostExpertStore:
 
     def put(self, key: ExpertKey, weights: dict) -> None:
         """Places one expert's arrays (NumPy or device arrays) in the host tier."""
-        self._experts[key] = jax.device_put(weights, self.sharding)
+        try:
+            self._experts[key] = jax.device_put(weights, self.sharding)
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            where, advice = ("device", "use an offloading mode") if self.on_device else (
+                "pinned host", f"set {PINNED_LIMIT_VARIABLE} (in GB) before JAX starts, or free host RAM")
+            raise MoejaxError(
+                f"out of {where} memory after {len(self._experts)} experts ({self.total_bytes / 2**30:.1f} GiB): {advice}"
+            ) from None
 
     def get(self, key: ExpertKey) -> dict:
         return self._experts[key]
