@@ -1,4 +1,4 @@
-"""The `moejax` command: convert, info, generate.
+"""The `moejax` command: convert, export, info, generate.
 
 Every user error ends in one line on stderr ("moejax: error: ...") and exit status 2.
 """
@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="weights dtype (default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("export", help="write a moejax checkpoint as a HuggingFace checkpoint (safetensors)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("info", help="architecture, parameter counts and sizes of a checkpoint")
@@ -86,6 +92,14 @@ def cmd_convert(args) -> int:
 
     cfg = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.quiet)
     print(f"wrote {args.out_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from moejax.convert.export import export
+
+    cfg = export(args.checkpoint, args.hf_dir, overwrite=args.overwrite, show_progress=not args.quiet)
+    print(f"wrote {args.hf_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype})")
     return 0
 
 
@@ -151,7 +165,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate}
+COMMANDS = {"convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
