@@ -91,6 +91,7 @@ def test_wikitext_articles_are_split_and_cleaned(tmp_path):
     docs = file_documents(path)
     assert [d.text for d in docs] == ["= Alpha =\n\nAlpha-beta, gamma (delta).\n\n== History ==\n\nIt's old.", "= Beta =\nTwo."]
     assert clean_wikitext(" 3 @.@ 5 @,@ 000 ") == "3.5,000"
+    assert clean_wikitext("the <unk> river , named <unk> ") == "the river, named"
 
 
 def test_jsonl_records_plain_files_and_bad_input(tmp_path):

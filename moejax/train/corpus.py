@@ -22,7 +22,7 @@ from moejax.errors import MoejaxError
 
 # The development machines' shared data (shared/data/README.md): the scripts' default corpus.
 DEFAULT_CORPUS = ("/work/shared/data/corpus/*.txt", "/work/shared/data/prompts/tasks.jsonl")
-TEXT_SUFFIXES = (".txt", ".rst", ".md", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".rst", ".md", ".jsonl", ".py")
 SPLITS = ("train", "valid", "test")
 TEST_PERCENT = 4  # checksum % 100 below this: test (held out for evaluation scripts)
 VALID_PERCENT = 4  # the next this many: valid (monitored during training)
@@ -67,7 +67,9 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def clean_wikitext(text: str) -> str:
-    """Joins WikiText's split punctuation, strips its padded lines and compacts `= = Heading = =`."""
+    """Joins WikiText's split punctuation, drops its `<unk>` placeholders (a model trained on them
+    writes them), strips its padded lines and compacts `= = Heading = =`."""
+    text = text.replace(" <unk>", "").replace("<unk> ", "")
     for split, joined in _WIKITEXT_JOINS:
         text = text.replace(split, joined)
     lines = [line.strip() for line in text.split("\n")]
