@@ -4,11 +4,12 @@ trained on a GPU by scripts/train_small_moe.py and committed)."""
 
 import json
 
+import numpy as np
 import pytest
 from hf_zoo import assert_logits_close
 
 import moejax
-from moejax.cli import DEFAULT_CHECKPOINT, build_parser
+from moejax.cli import DEFAULT_CHECKPOINT
 from moejax.cli import main as moejax_cli
 from moejax.runtime.sampling import SamplingParams
 
@@ -44,7 +45,7 @@ def test_per_layer_and_whole_model_logits_agree_to_bfloat16_rounding(engine):
     # One XLA program fuses across layers and rounds bfloat16 differently from one program per
     # layer, so the paths agree to rounding, not bit for bit (float32 models agree exactly:
     # test_decoder_reference).
-    whole = moejax.load(DEFAULT_CHECKPOINT, whole_model=True)
+    whole = moejax.load(DEFAULT_CHECKPOINT, executor="whole-model")
     for ours, ref in zip(engine.logits(PROMPTS), whole.logits(PROMPTS)):
         assert_logits_close(ours, ref, rel=0.03 if engine.cfg.dtype == "bfloat16" else 1e-5)
 
@@ -55,13 +56,12 @@ def test_cli_generates_from_the_default_checkpoint(capsys):
     assert len(result["tokens"][0]) >= 1 and isinstance(result["text"][0], str)
 
 
-def test_offloaded_and_resident_outputs_match(capsys):
-    generate_flags = {opt for action in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
-                      for opt in action.option_strings}
-    if "--offload" not in generate_flags:
-        pytest.skip("`moejax generate --offload` has not landed yet")
+def test_offloaded_and_resident_outputs_match(engine, capsys):
     runs = []
     for extra in ([], ["--offload", "cached", "--expert-budget", "0.25"]):
         assert moejax_cli(["generate", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "12", "--json", *extra]) == 0
         runs.append(json.loads(capsys.readouterr().out)["tokens"])
     assert runs[0] == runs[1]
+    offloaded = moejax.load(DEFAULT_CHECKPOINT, offload="cached", expert_budget="0.25")
+    for ours, ref in zip(offloaded.logits(PROMPTS), engine.logits(PROMPTS)):
+        np.testing.assert_array_equal(ours, ref)
