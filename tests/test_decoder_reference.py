@@ -1,10 +1,19 @@
-"""Decoder-only families against transformers on the same weights (float32, CPU)."""
+"""Decoder-only families against transformers on the same weights (float32, CPU).
 
-import numpy as np
+Every batch here has 3 prompts (batch bucket 4) or 1, and all fit one prompt and one cache
+bucket, so each config compiles few programs: compilation dominates these tests' time.
+
+Paths that must agree up to float32 rounding (a batch against its prompts alone, per-layer
+against whole-model) differ only in how XLA orders the sums of differently shaped matmuls:
+they are compared to 1e-5 of the logits' scale, 10x tighter than against transformers.
+"""
+
 import pytest
 from hf_zoo import CASES, assert_logits_close, build, case_id, hf_greedy, hf_logits, random_prompts
 
 import moejax
+
+SAME_PATH_REL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +34,7 @@ def test_logits_match_transformers(case, root):
 def test_greedy_tokens_match_transformers(case, root):
     model, _, ckpt = build(case, root)
     engine = moejax.load(ckpt)
-    prompts = random_prompts(engine.cfg.vocab_size, [9, 4], seed=1)
+    prompts = random_prompts(engine.cfg.vocab_size, [9, 4, 12], seed=1)
     result = engine.generate(prompts, max_new_tokens=20)
     for prompt, tokens in zip(prompts, result.tokens):
         assert tokens == hf_greedy(model, prompt, 20)
@@ -40,14 +49,14 @@ def test_padded_batch_equals_each_prompt_alone(case, root):
     batched_logits = engine.logits(prompts)
     for i, prompt in enumerate(prompts):
         assert engine.generate([prompt], max_new_tokens=8).tokens[0] == batched.tokens[i]
-        np.testing.assert_allclose(engine.logits([prompt])[0], batched_logits[i], rtol=1e-5, atol=1e-6)
+        assert_logits_close(engine.logits([prompt])[0], batched_logits[i], rel=SAME_PATH_REL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_per_layer_path_equals_whole_model(case, root):
     _, _, ckpt = build(case, root)
     layered, whole = moejax.load(ckpt), moejax.load(ckpt, whole_model=True)
-    prompts = random_prompts(layered.cfg.vocab_size, [10, 3], seed=3)
+    prompts = random_prompts(layered.cfg.vocab_size, [10, 3, 14], seed=3)
     for a, b in zip(layered.logits(prompts), whole.logits(prompts)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert_logits_close(a, b, rel=SAME_PATH_REL)
     assert layered.generate(prompts, max_new_tokens=12).tokens == whole.generate(prompts, max_new_tokens=12).tokens

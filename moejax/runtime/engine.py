@@ -114,7 +114,8 @@ class Engine:
         self._check_length(int(lengths.max()), 0)
         batch, length = batch_bucket(len(ids)), prompt_bucket(int(lengths.max()))
         tokens, positions, valid = _prefill_inputs(ids, batch, length, self._pad_id)
-        kv = self.executor.new_kv_caches(batch, length)
+        # The cache size generation would use, so logits and prefill share compiled layers.
+        kv = self.executor.new_kv_caches(batch, cache_bucket(length))
         logits, _ = self.executor.step(tokens, kv, positions, valid, None)
         logits = np.asarray(logits)
         return [logits[b, : lengths[b]] for b in range(len(ids))]
