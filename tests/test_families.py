@@ -1,6 +1,7 @@
 """Family config mapping: HF config -> ModelConfig -> HF config round trips, and parameter counts
 equal to transformers' for every zoo config."""
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -66,3 +67,30 @@ def test_export_refuses_what_the_family_cannot_express():
         family("qwen3_moe").hf_config(cfg.replace(o_bias=True))
     with pytest.raises(MoejaxError, match="several"):
         family("qwen2_moe").hf_config(moejax_config(("qwen2_moe", "basic")).replace(sliding_windows=(3, 4)))
+
+
+ROPE_CASES = {
+    "linear": {"rope_type": "linear", "factor": 3.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 512},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707, "mscale_all_dim": 1.0,
+                    "original_max_position_embeddings": 4096, "beta_fast": 16.0, "beta_slow": 2.0},
+    "yarn_untruncated_attention_factor": {"rope_type": "yarn", "factor": 2.0, "attention_factor": 0.9,
+                                          "original_max_position_embeddings": 128, "truncate": False},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_CASES))
+def test_rope_frequencies_equal_transformers(name):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moejax.models.rope import inverse_frequencies
+
+    hf_config = T.Qwen3MoeConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+                                 rope_parameters={"rope_theta": 50000.0, **ROPE_CASES[name]})
+    cfg = family("qwen3_moe").config_from_hf(hf_config.to_dict())
+    ref_freq, ref_scale = ROPE_INIT_FUNCTIONS[ROPE_CASES[name]["rope_type"]](hf_config)
+    freq, scale = inverse_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+    np.testing.assert_allclose(freq, ref_freq.numpy(), rtol=1e-6)
+    assert scale == pytest.approx(ref_scale, rel=1e-6)
