@@ -93,11 +93,23 @@ def _build(family: str, name: str, root: str):
     torch.manual_seed(1234)
     config = ZOO[family][name]()
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    randomize_biases_and_norms(model)
     hf_dir = Path(root) / f"{family}-{name}-hf"
     model.save_pretrained(hf_dir)
     out = Path(root) / f"{family}-{name}-mj"
     assert moejax_cli(["convert", str(hf_dir), str(out), "--quiet"]) == 0
     return model, hf_dir, out
+
+
+def randomize_biases_and_norms(model) -> None:
+    """transformers initialises biases to 0 and norm weights to 1, which would hide a bias or a
+    norm applied to the wrong axis; random values do not."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, INIT_STD)
+            elif "norm" in name:
+                param.normal_(1.0, 0.2)
 
 
 def build(case, root: Path):
