@@ -3,6 +3,8 @@
 import pytest
 
 from moejax.cards import list_cards, load_card, read_card
+from moejax.convert.families import family
+from moejax.convert.families.common import common_hf_config
 from moejax.errors import MoejaxError
 from moejax.models.decoder import parameter_counts
 
@@ -60,3 +62,18 @@ def test_card_errors_are_clear(tmp_path):
     bad.write_text('{"name": "bad", "architecture": {"family": "mixtral"}}')
     with pytest.raises(MoejaxError, match="invalid architecture"):
         load_card(bad)
+
+
+@pytest.mark.parametrize("name", CARDS)
+def test_card_exports_to_transformers_with_the_same_parameters(name):
+    """The card's family writes a config.json that transformers builds (on the meta device) into a
+    model of the same parameter count, and that converts back to the card."""
+    import torch
+    import transformers as T
+
+    cfg = load_card(name)
+    hf = T.AutoConfig.for_model(**{**common_hf_config(cfg), **family(cfg.family).hf_config(cfg)})
+    assert family(cfg.family).config_from_hf(hf.to_dict()).replace(dtype=cfg.dtype) == cfg
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(hf)
+    assert model.num_parameters() == parameter_counts(cfg)["total"]

@@ -8,6 +8,8 @@ against whole-model) differ only in how XLA orders the sums of differently shape
 they are compared to 1e-5 of the logits' scale, 10x tighter than against transformers.
 """
 
+import functools
+
 import pytest
 from hf_zoo import CASES, assert_logits_close, build, case_id, hf_greedy, hf_logits, random_prompts
 
@@ -21,10 +23,16 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo")
 
 
+@functools.lru_cache(maxsize=None)
+def load(ckpt, whole_model=False):
+    """One engine per checkpoint and path: engines keep no state between calls."""
+    return moejax.load(ckpt, whole_model=whole_model)
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_logits_match_transformers(case, root):
     model, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt)
+    engine = load(ckpt)
     prompts = random_prompts(engine.cfg.vocab_size, [13, 7, 1])
     for prompt, ours in zip(prompts, engine.logits(prompts)):
         assert_logits_close(ours, hf_logits(model, prompt))
@@ -33,7 +41,7 @@ def test_logits_match_transformers(case, root):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_greedy_tokens_match_transformers(case, root):
     model, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt)
+    engine = load(ckpt)
     prompts = random_prompts(engine.cfg.vocab_size, [9, 4, 12], seed=1)
     result = engine.generate(prompts, max_new_tokens=20)
     for prompt, tokens in zip(prompts, result.tokens):
@@ -43,7 +51,7 @@ def test_greedy_tokens_match_transformers(case, root):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_padded_batch_equals_each_prompt_alone(case, root):
     _, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt)
+    engine = load(ckpt)
     prompts = random_prompts(engine.cfg.vocab_size, [11, 2, 6], seed=2)
     batched = engine.generate(prompts, max_new_tokens=8)
     batched_logits = engine.logits(prompts)
@@ -55,7 +63,7 @@ def test_padded_batch_equals_each_prompt_alone(case, root):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_per_layer_path_equals_whole_model(case, root):
     _, _, ckpt = build(case, root)
-    layered, whole = moejax.load(ckpt), moejax.load(ckpt, whole_model=True)
+    layered, whole = load(ckpt), load(ckpt, whole_model=True)
     prompts = random_prompts(layered.cfg.vocab_size, [10, 3, 14], seed=3)
     for a, b in zip(layered.logits(prompts), whole.logits(prompts)):
         assert_logits_close(a, b, rel=SAME_PATH_REL)
