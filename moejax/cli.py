@@ -20,11 +20,18 @@ def _token_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become MoejaxError, so they too are one line and exit status 2."""
+
+    def error(self, message: str):
+        raise MoejaxError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moejax", description="Serve Mixture-of-Experts models on small GPUs.")
+    parser = _Parser(prog="moejax", description="Serve Mixture-of-Experts models on small GPUs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a HuggingFace checkpoint (safetensors) to a moejax checkpoint")
@@ -136,8 +143,13 @@ def cmd_generate(args) -> int:
 
     if not args.checkpoint.exists():
         raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")
+    if args.temperature is None and (args.top_k != 0 or args.top_p != 1.0):
+        raise MoejaxError("--top-k and --top-p filter sampling: give --temperature T too (greedy decoding ignores them)")
     sampling = SamplingParams(
-        greedy=args.temperature is None, temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p
+        greedy=args.temperature is None,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
     )
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
@@ -170,8 +182,8 @@ COMMANDS = {"convert": cmd_convert, "export": cmd_export, "info": cmd_info, "gen
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except MoejaxError as err:
         print(f"moejax: error: {err}", file=sys.stderr)

@@ -16,6 +16,9 @@ import transformers as T
 
 from moejax.cli import main as moejax_cli
 
+# These models are tiny: torch's intra-op threads only add overhead (10x on a busy 2-core machine).
+torch.set_num_threads(1)
+
 INIT_STD = 0.15
 COMMON = dict(vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, initializer_range=INIT_STD,
               bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -34,6 +37,48 @@ ZOO = {
                                                num_experts_per_tok=3,
                                                rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
     },
+    "qwen2_moe": {
+        "basic": lambda: T.Qwen2MoeConfig(**COMMON, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=24, shared_expert_intermediate_size=40),
+        # layer_types derived: layer 0 (even, below max_window_layers) slides, layers 1 and 2 attend fully.
+        "dense_first_window": lambda: T.Qwen2MoeConfig(**COMMON, num_hidden_layers=3, num_experts=5, num_experts_per_tok=2,
+                                                       moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                                       intermediate_size=40, mlp_only_layers=[0], norm_topk_prob=True,
+                                                       qkv_bias=False, use_sliding_window=True, sliding_window=4,
+                                                       max_window_layers=2),
+        "sparse_step_yarn": lambda: T.Qwen2MoeConfig(**COMMON, num_hidden_layers=4, num_experts=4, num_experts_per_tok=3,
+                                                     moe_intermediate_size=24, shared_expert_intermediate_size=16,
+                                                     intermediate_size=36, decoder_sparse_step=2, use_sliding_window=True,
+                                                     sliding_window=6, layer_types=["full_attention", "sliding_attention",
+                                                                                    "sliding_attention", "full_attention"],
+                                                     rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0,
+                                                                      "original_max_position_embeddings": 64,
+                                                                      "truncate": False, "attention_factor": 1.2}),
+    },
+    "qwen3_moe": {
+        "basic_head_dim": lambda: T.Qwen3MoeConfig(**COMMON, head_dim=16, num_hidden_layers=2, num_experts=4,
+                                                   num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True),
+        "dense_bias_window": lambda: T.Qwen3MoeConfig(**COMMON, num_hidden_layers=3, num_experts=6, num_experts_per_tok=2,
+                                                      moe_intermediate_size=16, intermediate_size=40, mlp_only_layers=[1],
+                                                      attention_bias=True, use_sliding_window=True, sliding_window=5),
+        "sparse_step_llama3_tied": lambda: T.Qwen3MoeConfig(**COMMON, head_dim=16, num_hidden_layers=2, num_experts=3,
+                                                            num_experts_per_tok=1, moe_intermediate_size=24,
+                                                            intermediate_size=32, decoder_sparse_step=2,
+                                                            tie_word_embeddings=True,
+                                                            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                                                             "factor": 8.0, "low_freq_factor": 1.0,
+                                                                             "high_freq_factor": 4.0,
+                                                                             "original_max_position_embeddings": 256}),
+    },
+    "olmoe": {
+        "basic": lambda: T.OlmoeConfig(**COMMON, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                       intermediate_size=24),
+        "clip_bias_yarn": lambda: T.OlmoeConfig(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=2, num_experts=5,
+                                                num_experts_per_tok=2, intermediate_size=16, clip_qkv=0.5,
+                                                attention_bias=True, norm_topk_prob=True,
+                                                rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0,
+                                                                 "original_max_position_embeddings": 64}),
+    },
 }
 
 CASES = [(family, name) for family, configs in ZOO.items() for name in configs]
@@ -48,11 +93,23 @@ def _build(family: str, name: str, root: str):
     torch.manual_seed(1234)
     config = ZOO[family][name]()
     model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    randomize_biases_and_norms(model)
     hf_dir = Path(root) / f"{family}-{name}-hf"
     model.save_pretrained(hf_dir)
     out = Path(root) / f"{family}-{name}-mj"
     assert moejax_cli(["convert", str(hf_dir), str(out), "--quiet"]) == 0
     return model, hf_dir, out
+
+
+def randomize_biases_and_norms(model) -> None:
+    """transformers initialises biases to 0 and norm weights to 1, which would hide a bias or a
+    norm applied to the wrong axis; random values do not."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, INIT_STD)
+            elif "norm" in name:
+                param.normal_(1.0, 0.2)
 
 
 def build(case, root: Path):

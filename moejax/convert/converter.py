@@ -33,9 +33,12 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not path.is_file():
         raise MoejaxError(f"{hf_dir}: missing config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoejaxError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise MoejaxError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    return hf
 
 
 def source_dtype(hf: dict) -> str:
@@ -49,7 +52,10 @@ def hf_model_config(hf_dir: Path, dtype: str | None = None) -> tuple[ModelConfig
     fam = family(hf.get("model_type"))
     if dtype is not None and dtype not in DTYPES:
         raise MoejaxError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    cfg = fam.config_from_hf(hf).replace(dtype=dtype or source_dtype(hf))
+    try:
+        cfg = fam.config_from_hf(hf).replace(dtype=dtype or source_dtype(hf))
+    except (TypeError, ValueError) as err:  # a field of the wrong type, e.g. "hidden_size": "big"
+        raise MoejaxError(f"{Path(hf_dir) / 'config.json'}: invalid {fam.MODEL_TYPE} config ({err})") from None
     return cfg, fam.tensor_map(cfg)
 
 

@@ -134,8 +134,10 @@ def checkpoint_files(hf_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise MoejaxError(f"{index}: not a valid safetensors index ({err})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise MoejaxError(f"{index}: not a valid safetensors index ({type(err).__name__}: {err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise MoejaxError(f"{index}: 'weight_map' must map tensor names to file names")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
         missing = [str(p) for p in files if not p.is_file()]
         if missing:

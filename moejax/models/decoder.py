@@ -234,8 +234,12 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
     key = jax.random.PRNGKey(0)
     dense = count(jax.eval_shape(EmbedHead(cfg).init, key, tokens))
+    per_kind: dict[tuple, int] = {}  # layers of one (moe, window) kind have the same parameters
     for i in range(cfg.num_layers):
-        dense += count(jax.eval_shape(decoder_layer(cfg, i).init, key, x, kv, positions))
+        kind = (cfg.moe_layers[i], cfg.sliding_windows[i])
+        if kind not in per_kind:
+            per_kind[kind] = count(jax.eval_shape(decoder_layer(cfg, i).init, key, x, kv, positions))
+        dense += per_kind[kind]
     n_moe = sum(cfg.moe_layers)
     experts = n_moe * cfg.num_experts * cfg.expert_params
     return {

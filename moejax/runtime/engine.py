@@ -114,7 +114,7 @@ class Engine:
         self._check_length(int(lengths.max()), 0)
         batch, length = batch_bucket(len(ids)), prompt_bucket(int(lengths.max()))
         tokens, positions, valid = _prefill_inputs(ids, batch, length, self._pad_id)
-        # The cache length generate() would use, so both share compiled prefill functions.
+        # The cache size generation would use, so logits and prefill share compiled layers.
         kv = self.executor.new_kv_caches(batch, cache_bucket(length))
         logits, _ = self.executor.step(tokens, kv, positions, valid, None)
         logits = np.asarray(logits)

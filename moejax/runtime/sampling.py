@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,12 @@ class SamplingParams:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not self.greedy:
-            if not self.temperature > 0:
-                raise MoejaxError(f"--temperature must be > 0 (got {self.temperature}); use --greedy instead of 0")
-            if self.top_k < 0:
-                raise MoejaxError(f"--top-k must be >= 0 (got {self.top_k})")
-            if not 0 < self.top_p <= 1:
-                raise MoejaxError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise MoejaxError(f"--temperature must be a finite number > 0 (got {self.temperature}); use --greedy instead of 0")
+        if self.top_k < 0:
+            raise MoejaxError(f"--top-k must be >= 0 (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise MoejaxError(f"--top-p must be in (0, 1] (got {self.top_p})")
 
 
 def filter_logits(logits, top_k: int, top_p: float):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from moejax.convert.families import mixtral
+from moejax.convert.families import mixtral, olmoe, qwen2_moe, qwen3_moe
 from moejax.errors import MoejaxError
 
-FAMILIES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (mixtral,)}
+FAMILIES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe)}
 
 
 def family(model_type: str | None) -> ModuleType:

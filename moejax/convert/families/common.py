@@ -43,6 +43,9 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         params = dict(hf.get("rope_scaling") or {})
         params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if kind in ("llama3", "yarn"):
+        # As transformers' standardize_rope_params: the pretraining length defaults to the model's.
+        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
     if kind not in SUPPORTED_SCALING:
         raise MoejaxError(f"config.json: rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_SCALING)})")
     theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -88,6 +91,58 @@ def common_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         eos_token_ids=tuple(i for i in eos_ids(hf.get("eos_token_id")) if _in_vocab(i, vocab)),
         pad_token_id=hf.get("pad_token_id") if _in_vocab(hf.get("pad_token_id"), vocab) else None,
     )
+
+
+def num_routed_experts(hf: dict[str, Any], model_type: str) -> int:
+    """`num_experts`, which some configs save under its alias `num_local_experts`."""
+    value = hf.get("num_experts", hf.get("num_local_experts"))
+    if value is None:
+        raise MoejaxError(f"config.json: {model_type} config lacks 'num_experts'")
+    if int(value) < 1:
+        raise MoejaxError(f"config.json: {model_type} num_experts is {value}: a model without experts is not a MoE model")
+    return int(value)
+
+
+def sparse_layer_pattern(hf: dict[str, Any], num_layers: int, model_type: str) -> tuple[bool, ...]:
+    """Qwen-style MoE placement: layer i has experts unless listed in `mlp_only_layers`, and iff
+    (i + 1) is a multiple of `decoder_sparse_step`."""
+    step = hf.get("decoder_sparse_step")
+    step = 1 if step is None else step
+    if not isinstance(step, int) or step < 1:
+        raise MoejaxError(f"config.json: {model_type} decoder_sparse_step must be an integer >= 1 (got {step!r})")
+    dense = set(hf.get("mlp_only_layers") or ())
+    bad = sorted(i for i in dense if not (isinstance(i, int) and 0 <= i < num_layers))
+    if bad:
+        raise MoejaxError(f"config.json: mlp_only_layers entry {bad[0]!r} is not a layer index in [0, {num_layers})")
+    return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+
+
+def sparse_moe_fields(hf: dict[str, Any], num_layers: int, model_type: str) -> dict[str, Any]:
+    """The expert fields of Qwen-style configs (Qwen2-MoE, Qwen3-MoE): experts of
+    `moe_intermediate_size`, dense layers of `intermediate_size`, top-k weights renormalised only
+    with `norm_topk_prob`."""
+    moe_layers = sparse_layer_pattern(hf, num_layers, model_type)
+    return dict(
+        num_experts=num_routed_experts(hf, model_type),
+        top_k=int(require(hf, "num_experts_per_tok", model_type)),
+        expert_intermediate_size=int(require(hf, "moe_intermediate_size", model_type)),
+        moe_layers=moe_layers,
+        dense_intermediate_size=0 if all(moe_layers) else int(require(hf, "intermediate_size", model_type)),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    )
+
+
+def sparse_layer_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The inverse of `sparse_layer_pattern`: every dense layer listed in mlp_only_layers."""
+    return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, moe in enumerate(cfg.moe_layers) if not moe]}
+
+
+def single_window(cfg: ModelConfig) -> int | None:
+    """The one sliding window all windowed layers share (for configs with a single window field)."""
+    windows = {w for w in cfg.sliding_windows if w is not None}
+    if len(windows) > 1:
+        raise MoejaxError(f"{cfg.family} config.json has one sliding_window; this model has several {sorted(windows)}")
+    return next(iter(windows), None)
 
 
 def _in_vocab(token, vocab: int) -> bool:
@@ -151,6 +206,27 @@ def experts_map(cfg: ModelConfig, i: int, prefix: str, names=("gate_proj", "up_p
     return out
 
 
+def feed_forward_map(cfg: ModelConfig, i: int) -> dict[str, Target]:
+    """Layer i's feed-forward half as Qwen-style and OLMoE checkpoints name it: the router
+    `mlp.gate` and experts `mlp.experts.E.*` of a MoE layer, or the dense `mlp.*_proj`."""
+    group, prefix, d = ("layer", i), f"model.layers.{i}.mlp", cfg.hidden_size
+    if not cfg.moe_layers[i]:
+        return gated_mlp_map(prefix, group, ("mlp",), d, cfg.dense_intermediate_size)
+    return {
+        f"{prefix}.gate.weight": Target(group, ("router", "kernel"), (d, cfg.num_experts), True),
+        **experts_map(cfg, i, f"{prefix}.experts"),
+    }
+
+
+def decoder_tensor_map(cfg: ModelConfig) -> dict[str, Target]:
+    """Every tensor of a checkpoint whose layers are `attention_map` plus `feed_forward_map`."""
+    out = globals_map(cfg)
+    for i in range(cfg.num_layers):
+        out.update(attention_map(cfg, i))
+        out.update(feed_forward_map(cfg, i))
+    return out
+
+
 def common_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """config.json fields of a Llama-style HF model, for export."""
     rope = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.scaling_type, **dict(cfg.rope.scaling)}
@@ -171,3 +247,10 @@ def common_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "pad_token_id": cfg.pad_token_id,
         "dtype": cfg.dtype,
     }
+
+
+def check_exportable(cfg: ModelConfig, **required: Any) -> None:
+    """Raises unless every named ModelConfig field has the value the family's config.json implies."""
+    wrong = [f"{name}={getattr(cfg, name)!r}" for name, value in required.items() if getattr(cfg, name) != value]
+    if wrong:
+        raise MoejaxError(f"a {cfg.family} config.json cannot express {', '.join(wrong)}")

@@ -1,0 +1,164 @@
+"""Bad input through the CLI: one line on stderr, exit status 2, nothing half-written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+from moejax.cli import main
+from moejax.convert.safetensors_file import read_header, read_tensor, write_file
+
+SUPPORTED = "mixtral, olmoe, qwen2_moe, qwen3_moe"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2-MoE checkpoint (dense layer 0, MoE layer 1), as transformers saves it."""
+    torch.manual_seed(0)
+    config = T.Qwen2MoeConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                              num_hidden_layers=2, intermediate_size=24, moe_intermediate_size=8,
+                              shared_expert_intermediate_size=12, num_experts=3, num_experts_per_tok=2,
+                              mlp_only_layers=[0], max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("bad") / "hf"
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_dir) -> Path:
+    out = hf_dir.parent / "mj"
+    assert main(["convert", str(hf_dir), str(out), "--quiet"]) == 0
+    return out
+
+
+def one_line_error(capsys, argv, *expected) -> str:
+    """Runs the CLI, expecting exit status 2 and one stderr line naming each of `expected`."""
+    assert main([str(a) for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("moejax: error: ")
+    for text in expected:
+        assert str(text) in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def broken_copy(hf_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "hf"
+    shutil.copytree(hf_dir, copy)
+    return copy
+
+
+def rewrite_weights(hf: Path, edit) -> None:
+    """Rewrites model.safetensors with `edit(tensors)` applied to {name: array}."""
+    path = hf / "model.safetensors"
+    tensors = {name: read_tensor(info) for name, info in read_header(path).items()}
+    edit(tensors)
+    write_file(path, tensors)
+
+
+def assert_convert_fails(capsys, hf: Path, tmp_path: Path, *expected) -> None:
+    out = tmp_path / "out" / "ckpt"
+    one_line_error(capsys, ["convert", hf, out, "--quiet"], *expected)
+    assert not out.exists()
+    assert not out.parent.exists() or not list(out.parent.iterdir()), list(out.parent.iterdir())
+
+
+def test_unknown_model_type_lists_supported(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neo"}))
+    assert_convert_fails(capsys, hf, tmp_path, "'gpt_neo'", SUPPORTED)
+
+
+def test_missing_tensor_is_named(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    rewrite_weights(hf, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight"))
+    assert_convert_fails(capsys, hf, tmp_path, "missing tensor 'model.layers.1.mlp.experts.2.up_proj.weight'")
+
+
+def test_extra_tensor_is_named(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    rewrite_weights(hf, lambda t: t.update({"model.layers.1.mlp.experts.3.up_proj.weight": t["model.layers.1.mlp.experts.0.up_proj.weight"]}))
+    assert_convert_fails(capsys, hf, tmp_path, "unexpected tensor 'model.layers.1.mlp.experts.3.up_proj.weight'")
+
+
+def test_wrong_shape_names_tensor_expected_and_found(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    rewrite_weights(hf, lambda t: t.update({name: t[name][:, :20]}))
+    assert_convert_fails(capsys, hf, tmp_path, f"tensor '{name}'", "expected shape [16, 24]", "found [16, 20]")
+
+
+def test_truncated_safetensors_file(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    path = hf / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    assert_convert_fails(capsys, hf, tmp_path, "model.safetensors", "truncated")
+
+
+def test_missing_config(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    (hf / "config.json").unlink()
+    assert_convert_fails(capsys, hf, tmp_path, "missing config.json")
+
+
+@pytest.mark.parametrize("index,expected", [
+    ("{\"weight_map\": {", "not a valid safetensors index"),
+    ("[1, 2]", "not a valid safetensors index"),
+    ("{\"weight_map\": [\"model.safetensors\"]}", "'weight_map' must map tensor names to file names"),
+    ("{\"weight_map\": {\"lm_head.weight\": \"model-00002.safetensors\"}}", "missing shard"),
+])
+def test_corrupt_index(capsys, hf_dir, tmp_path, index, expected):
+    hf = broken_copy(hf_dir, tmp_path)
+    (hf / "model.safetensors.index.json").write_text(index)
+    assert_convert_fails(capsys, hf, tmp_path, "model.safetensors.index.json", expected)
+
+
+def test_config_field_of_wrong_type(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": "two"}))
+    assert_convert_fails(capsys, hf, tmp_path, "config.json", "invalid qwen2_moe config")
+
+
+def test_existing_output_is_kept(capsys, hf_dir, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    one_line_error(capsys, ["convert", hf_dir, out, "--quiet"], "already exists", "--overwrite")
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--prompt-ids", "1,50"], ["token id 50", "[0, 50)"]),
+    (["--prompt-ids=-1,3"], ["token id -1"]),
+    (["--prompt-ids", "1,x"], ["--prompt-ids", "comma-separated integers"]),
+    (["--prompt-ids", ","], ["prompt 0 is empty"]),
+    (["--prompt-ids", "1,2", "--prompt-ids", ""], ["prompt 1 is empty"]),
+    (["--prompt", "hello"], ["no tokenizer.json", "--prompt-ids"]),
+    (["--prompt-ids", "1,2,3", "--max-new-tokens", "62"], ["3 tokens + 62 new tokens", "64 positions"]),
+    (["--prompt-ids", "1", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
+    (["--prompt-ids", "1", "--max-new-tokens", "many"], ["--max-new-tokens", "'many'"]),
+    (["--prompt-ids", "1", "--temperature", "0"], ["--temperature must be", "got 0"]),
+    (["--prompt-ids", "1", "--temperature", "-1"], ["--temperature must be"]),
+    (["--prompt-ids", "1", "--temperature", "nan"], ["--temperature must be"]),
+    (["--prompt-ids", "1", "--temperature", "1", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
+    (["--prompt-ids", "1", "--temperature", "1", "--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
+    (["--prompt-ids", "1", "--temperature", "1", "--top-k", "-2"], ["--top-k must be >= 0"]),
+    (["--prompt-ids", "1", "--top-p", "0.5"], ["give --temperature"]),
+    (["--prompt-ids", "1", "--greedy", "--temperature", "1"], ["--temperature", "not allowed with argument --greedy"]),
+    ([], ["give --prompt TEXT or --prompt-ids"]),
+])
+def test_generate_refuses_bad_requests(capsys, ckpt, args, expected):
+    one_line_error(capsys, ["generate", ckpt, *args], *expected)
+
+
+def test_generate_missing_checkpoint(capsys, tmp_path):
+    one_line_error(capsys, ["generate", tmp_path / "nothing", "--prompt-ids", "1"], "no such checkpoint")
+
+
+def test_unknown_command(capsys):
+    one_line_error(capsys, ["serve-all"], "invalid choice", "'serve-all'")
