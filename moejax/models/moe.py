@@ -2,8 +2,10 @@
 
 Expert weights are always arguments, never module parameters, so a runtime can hand the
 expert computation whichever experts it has on the device. One expert's weights are a dict
-{'gate': [D, F], 'up': [D, F], 'down': [F, D]}; a layer's stacked experts have a leading
-[E] axis on each.
+of arrays whose names give its kind (see `expert_ffn`): gated {'gate': [D, F], 'up': [D, F],
+'down': [F, D]} (decoder families) or plain {'up': [D, F], 'down': [F, D]}, optionally with
+'up_bias' [F] and 'down_bias' [D] (Switch Transformers, NLLB-MoE); a layer's stacked experts
+have a leading [E] axis on each.
 
 Determinism across execution strategies: every expert processes all N tokens of the call
 (rows it was not chosen for get weight 0), and contributions are added into a float32
@@ -33,9 +35,21 @@ def route(router_logits, top_k: int, normalize: bool):
 
 
 def expert_ffn(x, expert: dict, act: str = "silu"):
-    """One expert on all rows: x [N, D] -> [N, D] in x's dtype."""
-    hidden = ACTIVATIONS[act](x @ expert["gate"]) * (x @ expert["up"])
-    return hidden @ expert["down"]
+    """One expert on all rows: x [N, D] -> [N, D] in x's dtype.
+
+    Gated (has 'gate'): act(x @ gate) * (x @ up) @ down. Plain: act(x @ up + up_bias) @ down +
+    down_bias, each bias only where the expert has it.
+    """
+    if "gate" in expert:
+        hidden = ACTIVATIONS[act](x @ expert["gate"]) * (x @ expert["up"])
+        return hidden @ expert["down"]
+    hidden = x @ expert["up"]
+    if "up_bias" in expert:
+        hidden = hidden + expert["up_bias"]
+    out = ACTIVATIONS[act](hidden) @ expert["down"]
+    if "down_bias" in expert:
+        out = out + expert["down_bias"]
+    return out
 
 
 def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[dict], acc, act: str = "silu"):
@@ -54,7 +68,7 @@ def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[
 
 def stacked_expert(stacked: dict, index):
     """Expert `index` (static int or traced scalar) of a layer's stacked weights."""
-    return {name: stacked[name][index] for name in EXPERT_WEIGHTS}
+    return {name: weights[index] for name, weights in stacked.items()}
 
 
 def device_routed_experts(x, topk_ids, topk_weights, stacked: dict, act: str = "silu"):
@@ -62,9 +76,10 @@ def device_routed_experts(x, topk_ids, topk_weights, stacked: dict, act: str = "
 
     When few (token, expert) pairs exist (decode), only the distinct chosen experts are gathered
     from `stacked` ([E, ...] per weight); otherwise every expert runs. Both orders are increasing
-    expert ids, so the result equals `accumulate_experts` over the chosen experts.
+    expert ids, so the result equals `accumulate_experts` over the chosen experts. Ids >= E
+    (pairs the router dropped) carry weight 0 and contribute zeros.
     """
-    num_experts = stacked["gate"].shape[0]
+    num_experts = stacked["down"].shape[0]
     n_pairs = topk_ids.size
     acc = jnp.zeros(x.shape, jnp.float32)
     if n_pairs < num_experts:
