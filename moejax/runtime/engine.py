@@ -163,15 +163,13 @@ class Engine:
                 ttft = time.perf_counter() - start
             else:
                 step_times.append(time.perf_counter() - step_start)
-            for b in np.flatnonzero(~finished):
-                token = int(next_tokens[b])
-                generated[b].append(token)
-                if token in stops:
-                    finished[b], reasons[b] = True, "stop"
+            record_tokens(next_tokens, finished, generated, reasons, stops)
             if finished.all():
                 break
-        total = time.perf_counter() - start
+        return self._result(generated, reasons, ttft, step_times, time.perf_counter() - start)
 
+    def _result(self, generated: list[list[int]], reasons: list[str], ttft: float, step_times: list[float], total: float):
+        """The GenerationResult of a finished loop (times in seconds)."""
         text = [self.tokenizer.decode(t) for t in generated] if self.tokenizer else None
         n_tokens = sum(len(t) for t in generated)
         timing = Timing(
@@ -182,6 +180,15 @@ class Engine:
             decode_steps=len(step_times),
         )
         return GenerationResult(generated, text, reasons, timing, self.executor.stats())
+
+
+def record_tokens(next_tokens, finished, generated: list[list[int]], reasons: list[str], stops: set[int]) -> None:
+    """Appends each unfinished sequence's new token and marks the sequences it stops (in place)."""
+    for b in np.flatnonzero(~finished):
+        token = int(next_tokens[b])
+        generated[b].append(token)
+        if token in stops:
+            finished[b], reasons[b] = True, "stop"
 
 
 def _prefill_inputs(ids: list[list[int]], batch: int, length: int, pad_id: int):
