@@ -1,4 +1,4 @@
-"""The `moejax` command: convert, info, generate.
+"""The `moejax` command: convert, export, info, generate.
 
 Every user error ends in one line on stderr ("moejax: error: ...") and exit status 2.
 """
@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
+    p = sub.add_parser("export", help="write a moejax checkpoint as a HuggingFace checkpoint (safetensors)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("hf_dir", type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
     p = sub.add_parser("info", help="architecture, parameter counts and sizes of a checkpoint")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--json", action="store_true")
@@ -52,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-ids", type=_token_ids, default=[], help="extra stop token ids, comma-separated")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS tokens")
-    p.add_argument("--whole-model", action="store_true", help="compile the whole model as one program (reference)")
+    p.add_argument("--executor", default="host-routed",
+                   help="host-routed (default; every offload mode) | device-routed | whole-model (resident only)")
+    add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
     seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
@@ -61,11 +69,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_offload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload", default="resident", help="resident | cached | on-demand | dense-offload (default resident)")
+    p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
+    p.add_argument("--cache-policy", default="lru", help="expert cache replacement policy: lru | lfu | fifo | lifo")
+    p.add_argument("--prefetch", default="none", help="expert prefetcher: none")
+
+
+def load_engine(args):
+    """An Engine for the checkpoint and offloading flags of `args`."""
+    import moejax
+
+    if args.prefetch != "none":
+        raise MoejaxError(f"--prefetch '{args.prefetch}' is not one of none")
+    return moejax.load(
+        args.checkpoint,
+        offload=args.offload,
+        expert_budget=args.expert_budget,
+        cache_policy=args.cache_policy,
+        executor=getattr(args, "executor", "host-routed"),
+        routing=getattr(args, "routing", None),
+    )
+
+
 def cmd_convert(args) -> int:
     from moejax.convert.converter import convert
 
     cfg = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.quiet)
     print(f"wrote {args.out_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from moejax.convert.export import export
+
+    cfg = export(args.checkpoint, args.hf_dir, overwrite=args.overwrite, show_progress=not args.quiet)
+    print(f"wrote {args.hf_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype})")
     return 0
 
 
@@ -118,7 +157,6 @@ def _mib(n: int) -> str:
 
 
 def cmd_generate(args) -> int:
-    import moejax
     from moejax import checkpoint
     from moejax.encdec_config import EncDecConfig
     from moejax.runtime.engine import GenerationConfig
@@ -139,7 +177,7 @@ def cmd_generate(args) -> int:
     seq2seq = isinstance(checkpoint.load_config(args.checkpoint), EncDecConfig)
     if not seq2seq and (args.target_lang is not None or args.forced_bos_id is not None):
         raise MoejaxError("--target-lang and --forced-bos-id are for encoder-decoder models")
-    engine = moejax.load(args.checkpoint, whole_model=args.whole_model, routing=args.routing)
+    engine = load_engine(args)
     prompts = args.prompt_ids or args.prompt
     if not prompts:
         raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
@@ -153,12 +191,15 @@ def cmd_generate(args) -> int:
     for i, tokens in enumerate(result.tokens):
         shown = result.text[i] if result.text is not None else ",".join(map(str, tokens))
         print(f"[{i}] {shown}")
+    from moejax.runtime.stats import summary_line
+
     t = result.timing
     print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(summary_line(result.stats, sum(len(tokens) for tokens in result.tokens)), file=sys.stderr)
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "info": cmd_info, "generate": cmd_generate}
+COMMANDS = {"convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:

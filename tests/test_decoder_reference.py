@@ -44,10 +44,12 @@ def test_padded_batch_equals_each_prompt_alone(case, root):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_per_layer_path_equals_whole_model(case, root):
+@pytest.mark.parametrize("executor", ["device-routed", "whole-model"])
+def test_per_layer_path_equals_whole_model(case, root, executor):
+    """The per-layer engine (host-routed) against the device-routed per-layer and whole-model programs."""
     _, _, ckpt = build(case, root)
-    layered, whole = moejax.load(ckpt), moejax.load(ckpt, whole_model=True)
+    layered, other = moejax.load(ckpt), moejax.load(ckpt, executor=executor)
     prompts = random_prompts(layered.cfg.vocab_size, [10, 3], seed=3)
-    for a, b in zip(layered.logits(prompts), whole.logits(prompts)):
+    for a, b in zip(layered.logits(prompts), other.logits(prompts)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert layered.generate(prompts, max_new_tokens=12).tokens == whole.generate(prompts, max_new_tokens=12).tokens
+    assert layered.generate(prompts, max_new_tokens=12).tokens == other.generate(prompts, max_new_tokens=12).tokens

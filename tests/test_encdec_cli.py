@@ -74,6 +74,13 @@ def test_bad_generate_input_is_one_clear_line(root, capsys, argv, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_export_refuses_encoder_decoder_checkpoints(root, tmp_path, capsys):
+    _, _, ckpt = build(NLLB, root)
+    code, _, err = run(capsys, "export", ckpt, tmp_path / "hf", "--quiet")
+    assert code == 2 and "encoder-decoder checkpoints (nllb-moe) is not supported" in err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_seq2seq_flags_on_a_decoder_model_are_refused(tmp_path, capsys):
     cfg = ModelConfig(family="mixtral", vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4,
                       num_experts=2, top_k=1, expert_intermediate_size=8, moe_layers=(True,), sliding_windows=(None,))
@@ -83,6 +90,12 @@ def test_seq2seq_flags_on_a_decoder_model_are_refused(tmp_path, capsys):
     assert code == 2 and "for encoder-decoder models" in err
     code, _, err = run(capsys, "generate", tmp_path / "dec", "--prompt-ids", "1,2", "--routing", "capacity")
     assert code == 2 and "always dropless" in err
+
+
+def test_offloading_an_encoder_decoder_model_is_refused(root, capsys):
+    _, _, ckpt = build(NLLB, root)
+    code, _, err = run(capsys, "generate", ckpt, "--prompt-ids", "5,6", "--offload", "cached")
+    assert code == 2 and "--offload cached: encoder-decoder models run with every expert on the device" in err
 
 
 def _broken_copy(root, tmp_path, change):
@@ -168,7 +181,7 @@ def test_random_model_of_a_card_saves_loads_and_generates(tmp_path):
              "encoder_ffn_dim": 24, "decoder_ffn_dim": 24, "num_experts": 4, "encoder_sparse_step": 2, "decoder_sparse_step": 2}
     cfg = nllb_moe.config_from_hf(small)
     checkpoint.save_checkpoint(tmp_path / "ckpt", cfg, *encdec.init_params(cfg, jax.random.PRNGKey(0)))
-    engine = moejax.load(tmp_path / "ckpt", whole_model=True)
+    engine = moejax.load(tmp_path / "ckpt", executor="whole-model")
     assert engine.cfg == cfg
     result = engine.generate([[5, 6, 7]], max_new_tokens=3, ignore_eos=True)
     assert len(result.tokens[0]) == 3

@@ -2,6 +2,8 @@
 
 Cases whose transformers config drops tokens at these sizes (small expert capacity) are compared
 in capacity routing; the others in the default dropless routing (transformers drops nothing there).
+The comparisons run the device-routed executor; `test_per_layer_paths_equal_whole_model` shows the
+host-routed one (the default) and the whole-model programs give the same results.
 """
 
 import numpy as np
@@ -11,8 +13,8 @@ from hf_zoo_encdec import CASES, LANGS, build, case_id, hf_forward, hf_generate,
 
 import moejax
 from moejax.runtime.buckets import batch_bucket
-from moejax.runtime.encdec_executors import HostRoutedExecutor
 
+EXECUTOR = "device-routed"
 DROPPING = {("switch_transformers", "untied"), ("nllb-moe", "untied"), ("nllb-moe", "capacity")}
 
 
@@ -47,7 +49,7 @@ def root(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_outputs_and_greedy_tokens_match_transformers(case, root):
     model, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt, routing=routing(case))
+    engine = moejax.load(ckpt, routing=routing(case), executor=EXECUTOR)
     sources = random_sources([13, 1])
     targets = decoder_inputs(engine, len(sources))
     enc_ref, logits_ref = hf_forward(model, sources, targets)
@@ -69,7 +71,7 @@ def test_stopped_rows_match_transformers(root):
     (NLLB) that changes the other rows' routing, exactly as in transformers."""
     case = ("nllb-moe", "capacity")
     model, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt, routing="capacity")
+    engine = moejax.load(ckpt, routing="capacity", executor=EXECUTOR)
     sources = random_sources([9, 4], seed=4)
     stop = hf_generate(model, sources, 12, forced_bos_token_id=forced(case))[0][2]
     expected = hf_generate(model, sources, 12, eos_token_id=stop, forced_bos_token_id=forced(case))
@@ -81,7 +83,7 @@ def test_stopped_rows_match_transformers(root):
 @pytest.mark.parametrize("case", [("switch_transformers", "basic"), ("nllb-moe", "basic")], ids=case_id)
 def test_padded_batch_equals_each_source_alone(case, root):
     _, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt)
+    engine = moejax.load(ckpt, executor=EXECUTOR)
     sources = random_sources([11, 2], seed=2)
     batched = engine.generate(sources, max_new_tokens=8, ignore_eos=True, forced_bos_id=forced(case))
     targets = decoder_inputs(engine, len(sources), seed=3)
@@ -94,21 +96,20 @@ def test_padded_batch_equals_each_source_alone(case, root):
 
 @pytest.mark.parametrize("case", [("switch_transformers", "untied"), ("nllb-moe", "capacity")], ids=case_id)
 def test_per_layer_paths_equal_whole_model(case, root):
-    """Resident per-layer calls, host-routed expert waves and the whole-model programs agree
+    """Device-routed per-layer calls, host-routed expert waves and the whole-model programs agree
     (in capacity routing, so dropped pairs flow through every path)."""
     _, _, ckpt = build(case, root)
-    resident = moejax.load(ckpt, routing="capacity")
-    whole = moejax.load(ckpt, routing="capacity", whole_model=True)
-    ex = resident.executor
-    host = moejax.load(ckpt, routing="capacity")
-    host.executor = HostRoutedExecutor(ex.cfg, ex.globals, ex.layers, ex.experts, wave_size=2)
+    device = moejax.load(ckpt, routing="capacity", executor="device-routed")
+    whole = moejax.load(ckpt, routing="capacity", executor="whole-model")
+    host = moejax.load(ckpt, routing="capacity")  # the default executor
+    host.executor.wave_size = 2  # several waves per layer
     sources = random_sources([10, 3], seed=5)
-    targets = decoder_inputs(resident, len(sources), seed=6)
+    targets = decoder_inputs(device, len(sources), seed=6)
     reference = whole.logits(sources, targets)
-    for engine in (resident, host):
+    for engine in (device, host):
         for a, b in zip(engine.logits(sources, targets), reference, strict=True):
             assert_logits_close(a, b, rel=1e-5)
     tokens = whole.generate(sources, max_new_tokens=10, ignore_eos=True, forced_bos_id=forced(case)).tokens
-    for engine in (resident, host):
+    for engine in (device, host):
         assert engine.generate(sources, max_new_tokens=10, ignore_eos=True, forced_bos_id=forced(case)).tokens == tokens
-    assert host.executor.stats()["expert_fetches"] > 0
+    assert host.executor.stats()["expert_calls"] > 0

@@ -38,11 +38,14 @@ def random_layer(seed, tokens, dim=16, ffn=24, experts=6):
     return x, logits, stacked
 
 
-@pytest.mark.parametrize("tokens,top_k,normalize", [(1, 2, True), (3, 2, False), (17, 3, True), (40, 1, False)])
-def test_device_routed_equals_naive_loop(tokens, top_k, normalize):
+@pytest.mark.parametrize("layout", ["stacked", "tuple"])
+@pytest.mark.parametrize("tokens,top_k,normalize", [(1, 2, True), (2, 2, False), (3, 2, False), (17, 3, True), (40, 1, False)])
+def test_device_routed_equals_naive_loop(tokens, top_k, normalize, layout):
+    """Covers both device paths: a switch per distinct expert (pairs < experts) and every expert on every row."""
     x, logits, stacked = random_layer(tokens, tokens)
     weights, ids = route(logits, top_k, normalize)
-    ours = device_routed_experts(x, ids, weights, stacked)
+    experts = stacked if layout == "stacked" else tuple(_experts(stacked, range(6)))
+    ours = jax.jit(device_routed_experts)(x, ids, weights, experts)
     np.testing.assert_allclose(np.asarray(ours), naive_moe(x, logits, stacked, top_k, normalize), rtol=1e-5, atol=1e-5)
 
 

@@ -7,8 +7,9 @@ sliding windows, dense layers). A model's weights are three pytrees:
   'lm_head': {'kernel': [D, V]}} (no lm_head when embeddings are tied);
 - `layers[i]`: the Flax params of `decoder_layer(cfg, i)`: norms, attention, router,
   shared expert or dense MLP, everything except routed experts;
-- `experts[i]`: layer i's routed experts, stacked {'gate': [E, D, F], 'up': [E, D, F],
-  'down': [E, F, D]}, or None for a dense layer. The runtime may hold them elsewhere.
+- `experts[i]`: layer i's routed experts, a tuple of E per-expert dicts {'gate': [D, F],
+  'up': [D, F], 'down': [F, D]} or one stacked dict with a leading [E] axis on each, or None
+  for a dense layer. The runtime may hold them elsewhere.
 
 A layer runs as `attend` (norm, attention, KV update), `route` (norm, router, top-k), the
 expert accumulation (`models.moe`), and `finish` (shared expert, residual), so a runtime
@@ -52,10 +53,15 @@ class DecoderLayer(nn.Module):
         out, kv_cache = self.attn(self.input_norm(x), kv_cache, positions)
         return x + out, kv_cache
 
+    def router_logits(self, h):
+        """MoE input and router scores: h [B, T, D] -> (moe_in [N, D], router logits [N, E])."""
+        moe_in = self.post_norm(h).reshape(-1, h.shape[-1])
+        return moe_in, self.router(moe_in)
+
     def route(self, h):
         """MoE input and routing: h [B, T, D] -> (moe_in [N, D], weights [N, k] f32, ids [N, k] int32)."""
-        moe_in = self.post_norm(h).reshape(-1, h.shape[-1])
-        weights, ids = route(self.router(moe_in), self.cfg.top_k, self.cfg.norm_topk_prob)
+        moe_in, logits = self.router_logits(h)
+        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
         return moe_in, weights, ids
 
     def finish(self, h, moe_in, routed):
@@ -72,15 +78,21 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x, kv_cache, positions, experts=None):
         """The whole layer with routing on the device (reference path, also used to init params)."""
+        out, kv_cache, _ = self.with_router_logits(x, kv_cache, positions, experts)
+        return out, kv_cache
+
+    def with_router_logits(self, x, kv_cache, positions, experts=None):
+        """`__call__` that also returns the router logits [N, E] (None for a dense layer), e.g. for training."""
         h, kv_cache = self.attend(x, kv_cache, positions)
         if not self.moe:
-            return self.dense_mlp(h), kv_cache
-        moe_in, weights, ids = self.route(h)
+            return self.dense_mlp(h), kv_cache, None
+        moe_in, logits = self.router_logits(h)
+        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
         if experts is None:
             routed = jnp.zeros(moe_in.shape, jnp.float32)
         else:
             routed = device_routed_experts(moe_in, ids, weights, experts, self.cfg.hidden_act)
-        return self.finish(h, moe_in, routed), kv_cache
+        return self.finish(h, moe_in, routed), kv_cache, logits
 
 
 def decoder_layer(cfg: ModelConfig, i: int) -> DecoderLayer:
@@ -117,6 +129,11 @@ class EmbedHead(nn.Module):
 def kv_cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
     """Shape of one layer's K (and V) cache: [B, S, KV, head_dim]."""
     return (batch, length, cfg.num_kv_heads, cfg.head_dim)
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
+    """Bytes of all layers' K and V caches for `batch` rows of `length` positions."""
+    return 2 * cfg.num_layers * int(np.prod(kv_cache_shape(cfg, batch, length))) * cfg.dtype_bytes
 
 
 def empty_kv_caches(cfg: ModelConfig, batch: int, length: int):
@@ -174,20 +191,40 @@ def random_experts(cfg: ModelConfig, key, std: float = 0.02) -> dict:
     }
 
 
+def _forward_layers(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions):
+    """-> (hidden [B, T, D] before the final norm, kv_caches, router logits [N, E] of each MoE layer)."""
+    x = EmbedHead(cfg).apply({"params": globals_}, tokens, method=EmbedHead.embed_tokens)
+    new_caches, router_logits = [], []
+    for i in range(cfg.num_layers):
+        x, kv, logits = decoder_layer(cfg, i).apply(
+            {"params": layers[i]}, x, kv_caches[i], positions, experts[i], method=DecoderLayer.with_router_logits
+        )
+        new_caches.append(kv)
+        if logits is not None:
+            router_logits.append(logits)
+    return x, new_caches, router_logits
+
+
 def forward_hidden(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions):
     """All layers with routing on the device: tokens [B, T] -> (hidden [B, T, D] before the final norm, kv_caches)."""
-    x = EmbedHead(cfg).apply({"params": globals_}, tokens, method=EmbedHead.embed_tokens)
-    new_caches = []
-    for i in range(cfg.num_layers):
-        x, kv = decoder_layer(cfg, i).apply({"params": layers[i]}, x, kv_caches[i], positions, experts[i])
-        new_caches.append(kv)
-    return x, new_caches
+    x, kv_caches, _ = _forward_layers(cfg, globals_, layers, experts, tokens, kv_caches, positions)
+    return x, kv_caches
 
 
 def forward(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions):
     """Whole model: tokens [B, T] -> (logits [B, T, V] f32, kv_caches)."""
     x, kv_caches = forward_hidden(cfg, globals_, layers, experts, tokens, kv_caches, positions)
     return EmbedHead(cfg).apply({"params": globals_}, x, method=EmbedHead.logits), kv_caches
+
+
+def forward_with_router_logits(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions):
+    """`forward` that also returns the router logits: (logits [B, T, V] f32, kv_caches, router_logits).
+
+    router_logits has one [B * T, E] array per MoE layer, in layer order (rows in [B, T] order),
+    in the weights' dtype: what training's load-balancing loss and routing statistics need.
+    """
+    x, kv_caches, router_logits = _forward_layers(cfg, globals_, layers, experts, tokens, kv_caches, positions)
+    return EmbedHead(cfg).apply({"params": globals_}, x, method=EmbedHead.logits), kv_caches, router_logits
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:

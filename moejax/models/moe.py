@@ -15,6 +15,7 @@ them on the host or gathering them on the device therefore yields the same sums.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -71,21 +72,37 @@ def stacked_expert(stacked: dict, index):
     return {name: weights[index] for name, weights in stacked.items()}
 
 
-def device_routed_experts(x, topk_ids, topk_weights, stacked: dict, act: str = "silu"):
+def expert_list(experts) -> list[dict]:
+    """A layer's experts as per-expert dicts, from a stacked dict ([E, ...] per weight) or a sequence."""
+    if isinstance(experts, dict):
+        return [stacked_expert(experts, e) for e in range(experts["down"].shape[0])]
+    return list(experts)
+
+
+def device_routed_experts(x, topk_ids, topk_weights, experts, act: str = "silu"):
     """The routed-expert output [N, D] f32 with routing resolved on the device (no host round trip).
 
-    When few (token, expert) pairs exist (decode), only the distinct chosen experts are gathered
-    from `stacked` ([E, ...] per weight); otherwise every expert runs. Both orders are increasing
-    expert ids, so the result equals `accumulate_experts` over the chosen experts. Ids >= E
-    (pairs the router dropped) carry weight 0 and contribute zeros.
+    `experts`: the layer's experts, a sequence of per-expert dicts (separate buffers: each is read in
+    place) or a stacked dict. When fewer (token, expert) pairs exist than experts (decode), a loop
+    over the distinct chosen ids runs each through `lax.switch`, so only the chosen experts' weights
+    are read and none is copied; otherwise every expert runs on every row. Both add in increasing
+    expert order, like `accumulate_experts` over the chosen experts. Ids >= E (pairs the router
+    dropped) carry weight 0 and contribute zeros.
     """
-    num_experts = stacked["down"].shape[0]
-    n_pairs = topk_ids.size
+    experts = expert_list(experts)
+    num_experts, n_pairs = len(experts), topk_ids.size
     acc = jnp.zeros(x.shape, jnp.float32)
-    if n_pairs < num_experts:
-        # Unused slots get id E: no token matches it, so its (clipped, real) expert adds zeros.
-        ids = jnp.unique(topk_ids, size=n_pairs, fill_value=num_experts)
-        experts = [stacked_expert(stacked, jnp.minimum(ids[i], num_experts - 1)) for i in range(n_pairs)]
-        return accumulate_experts(x, topk_ids, topk_weights, ids, experts, acc, act)
-    experts = [stacked_expert(stacked, e) for e in range(num_experts)]
-    return accumulate_experts(x, topk_ids, topk_weights, jnp.arange(num_experts), experts, acc, act)
+    if n_pairs >= num_experts:
+        return accumulate_experts(x, topk_ids, topk_weights, jnp.arange(num_experts), experts, acc, act)
+    # Unused slots get id E, whose branch adds zeros without reading any weights.
+    ids = jnp.unique(topk_ids, size=n_pairs, fill_value=num_experts)
+    branches = [functools.partial(_expert_f32, expert=expert, act=act) for expert in experts]
+    branches.append(lambda rows: jnp.zeros(rows.shape, jnp.float32))
+    for slot in range(n_pairs):
+        weight = jnp.sum(jnp.where(topk_ids == ids[slot], topk_weights, 0.0), axis=-1)
+        acc = acc + weight[:, None] * jax.lax.switch(ids[slot], branches, x)
+    return acc
+
+
+def _expert_f32(x, expert: dict, act: str):
+    return expert_ffn(x, expert, act).astype(jnp.float32)

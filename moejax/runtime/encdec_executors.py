@@ -10,12 +10,14 @@ Interface (what the sequence-to-sequence engine uses):
       (dropless: those of unfinished sequences; padding never needs experts); select: NumPy int32 [B] (logits [B, V] at that position) or
       None (logits [B, T, V]).
   last_routing: {global layer: topk ids [N, k] device array} of the latest call of each MoE layer.
-  stats() -> dict of counters (empty where nothing is offloaded)
+  reset_stats(); stats() -> dict of counters ({'mode': 'resident', 'executor': name, ...})
 
-`WholeModelExecutor` compiles the encoder and a decoder step as one program each (reference);
-`ResidentExecutor` runs one jitted call per layer with routing resolved on the device;
-`HostRoutedExecutor` reads each MoE layer's routing back and hands the chosen experts to the
-expert function as tuples of per-expert dicts, in waves, exactly as an offloading runtime does.
+All keep every expert on the device. `WholeModelExecutor` compiles the encoder and a decoder
+step as one program each (reference); `DeviceRoutedExecutor` runs one jitted call per layer
+with routing resolved on the device; `HostRoutedExecutor` reads each MoE layer's routing back
+and hands the chosen experts to the expert function as tuples of per-expert dicts, in waves,
+through the same calls an offloading runtime makes (`moejax.runtime.host_routed` is that
+runtime for decoder models).
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ class EncDecExecutor:
     def decode(self, tokens, kv_caches, state: EncoderState, positions, route: RouteInputs, select):
         raise NotImplementedError
 
+    def reset_stats(self) -> None:
+        """Zeroes runtime counters (called at the start of each generate)."""
+
     def stats(self) -> dict:
-        return {}
+        return {"mode": "resident", "executor": self.name}
 
 
 class WholeModelExecutor(EncDecExecutor):
@@ -91,10 +96,10 @@ class WholeModelExecutor(EncDecExecutor):
         )
 
 
-class ResidentExecutor(EncDecExecutor):
+class DeviceRoutedExecutor(EncDecExecutor):
     """All weights on the device, one jitted call per layer, routing resolved on the device."""
 
-    name = "resident"
+    name = "device-routed"
 
     def encode(self, tokens, src_valid, route: RouteInputs) -> EncoderState:
         cfg = self.cfg
@@ -133,19 +138,19 @@ class ResidentExecutor(EncDecExecutor):
                                          cross_kv=context[2], src_valid=context[3], route_in=context[4])
 
 
-class HostRoutedExecutor(ResidentExecutor):
+class HostRoutedExecutor(DeviceRoutedExecutor):
     """Each MoE layer reads its routing back to the host and gets only the chosen experts, as tuples of
-    per-expert dicts in waves of at most `wave_size` (increasing ids); dense layers run as resident.
+    per-expert dicts in waves of at most `wave_size` (increasing ids); dense layers run device-routed.
 
     The slow, obviously-right twin of an offloading executor: same calls, every expert a miss.
     """
 
     name = "host-routed"
 
-    def __init__(self, cfg: EncDecConfig, globals_, layers, experts, device=None, wave_size: int = 2):
+    def __init__(self, cfg: EncDecConfig, globals_, layers, experts, device=None, wave_size: int = 8):
         super().__init__(cfg, globals_, layers, experts, device)
         self.wave_size = wave_size
-        self.expert_fetches = 0
+        self.expert_calls = 0
 
     def _encoder_layer(self, g: int, x, context):
         if not self.cfg.moe_layers[g]:
@@ -178,8 +183,15 @@ class HostRoutedExecutor(ResidentExecutor):
                                          experts=self._fetch(g, last), acc=acc)
 
     def _fetch(self, g: int, wave: list[int]) -> tuple[dict, ...]:
-        self.expert_fetches += len(wave)
+        self.expert_calls += len(wave)
         return tuple({name: weights[e] for name, weights in self.experts[g].items()} for e in wave)
 
+    def reset_stats(self) -> None:
+        self.expert_calls = 0
+
     def stats(self) -> dict:
-        return {"expert_fetches": self.expert_fetches}
+        """expert_calls: (layer, expert) weight sets passed to the expert function."""
+        return {**super().stats(), "expert_calls": self.expert_calls}
+
+
+EXECUTORS = {cls.name: cls for cls in (HostRoutedExecutor, DeviceRoutedExecutor, WholeModelExecutor)}

@@ -114,7 +114,8 @@ class Engine:
         self._check_length(int(lengths.max()), 0)
         batch, length = batch_bucket(len(ids)), prompt_bucket(int(lengths.max()))
         tokens, positions, valid = _prefill_inputs(ids, batch, length, self._pad_id)
-        kv = self.executor.new_kv_caches(batch, length)
+        # The cache length generate() would use, so both share compiled prefill functions.
+        kv = self.executor.new_kv_caches(batch, cache_bucket(length))
         logits, _ = self.executor.step(tokens, kv, positions, valid, None)
         logits = np.asarray(logits)
         return [logits[b, : lengths[b]] for b in range(len(ids))]
@@ -149,8 +150,10 @@ class Engine:
         generated: list[list[int]] = [[] for _ in range(n)]
         reasons = ["length"] * n
 
+        self.executor.reset_stats()
         start = time.perf_counter()
         logits, kv = self.executor.step(tokens, kv, positions, valid, lengths - 1)
+        prefill_stats = self.executor.stats().get("total")
         step_times = []
         for step in range(config.max_new_tokens):
             if step > 0:
@@ -166,10 +169,11 @@ class Engine:
             record_tokens(next_tokens, finished, generated, reasons, stops)
             if finished.all():
                 break
-        return self._result(generated, reasons, ttft, step_times, time.perf_counter() - start)
+        return self._result(generated, reasons, ttft, step_times, time.perf_counter() - start, prefill_stats)
 
-    def _result(self, generated: list[list[int]], reasons: list[str], ttft: float, step_times: list[float], total: float):
-        """The GenerationResult of a finished loop (times in seconds)."""
+    def _result(self, generated: list[list[int]], reasons: list[str], ttft: float, step_times: list[float], total: float,
+                prefill_stats: dict | None = None) -> GenerationResult:
+        """The GenerationResult of a finished loop (times in seconds; prefill_stats: counters after the prompt)."""
         text = [self.tokenizer.decode(t) for t in generated] if self.tokenizer else None
         n_tokens = sum(len(t) for t in generated)
         timing = Timing(
@@ -179,7 +183,10 @@ class Engine:
             total_s=total,
             decode_steps=len(step_times),
         )
-        return GenerationResult(generated, text, reasons, timing, self.executor.stats())
+        stats = self.executor.stats()
+        if prefill_stats is not None:
+            stats["prefill"] = prefill_stats  # totals after the prompt; decode = total - prefill
+        return GenerationResult(generated, text, reasons, timing, stats)
 
 
 def record_tokens(next_tokens, finished, generated: list[list[int]], reasons: list[str], stops: set[int]) -> None:

@@ -9,8 +9,10 @@ Interface (what the generation loop uses):
   stats() -> dict of counters (empty where nothing is offloaded)
 
 `WholeModelExecutor` compiles the whole model into one program (reference and upper bound);
-`ResidentExecutor` runs one jitted call per layer with all weights on the device.
-Offloading executors live in `moejax.runtime.offload`.
+`DeviceRoutedExecutor` runs one jitted call per layer with all weights on the device and
+routing resolved there (no host round trip per layer; equal to the host-routed executor up
+to float rounding). The host-routed executor of the engine's modes is in
+`moejax.runtime.host_routed`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,6 @@ class Executor:
         zeros = lambda: jnp.zeros(shape, self.cfg.dtype, device=self.device)  # noqa: E731
         return [(zeros(), zeros()) for _ in range(self.cfg.num_layers)]
 
-    def kv_cache_bytes(self, batch: int, length: int) -> int:
-        return 2 * self.cfg.num_layers * int(np.prod(kv_cache_shape(self.cfg, batch, length))) * self.cfg.dtype_bytes
-
     def _inputs(self, tokens, positions, select):
         put = lambda a: None if a is None else jax.device_put(np.asarray(a, np.int32), self.device)  # noqa: E731
         return put(tokens), put(positions), put(select)
@@ -47,8 +46,11 @@ class Executor:
     def step(self, tokens, kv_caches, positions, valid, select):
         raise NotImplementedError
 
+    def reset_stats(self) -> None:
+        """Zeroes runtime counters (called at the start of each generate)."""
+
     def stats(self) -> dict:
-        return {}
+        return {"mode": self.name}
 
 
 class WholeModelExecutor(Executor):
@@ -66,10 +68,10 @@ class WholeModelExecutor(Executor):
         return layer_fns.whole_model(self.cfg, self.globals, self.layers, self.experts, tokens, kv_caches, positions, select)
 
 
-class ResidentExecutor(Executor):
+class DeviceRoutedExecutor(Executor):
     """All weights on the device, one jitted call per layer, routing resolved on the device."""
 
-    name = "resident"
+    name = "device-routed"
 
     def __init__(self, cfg: ModelConfig, globals_, layers, experts, device=None):
         super().__init__(cfg, globals_, device)

@@ -1,0 +1,133 @@
+"""The GPU tier: a bounded set of experts on the device, filled by asynchronous copies.
+
+An `ExpertCache` pairs an `ExpertDirectory` (which experts are resident, the policy, the
+hit/miss counters) with the device arrays of the resident experts and the host store they
+are copied from. Copies are `jax.device_put` calls, which return at once; the cache only
+blocks when the compute is about to use an expert whose copy has not finished, and counts
+that wait as stall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Sequence
+
+import jax
+
+from moejax.runtime.directory import ExpertDirectory
+from moejax.runtime.policies import CachePolicy, ExpertKey
+from moejax.runtime.store import HostExpertStore, device_sharding
+
+
+@dataclasses.dataclass
+class TransferCounters:
+    bytes_h2d: int = 0  # host -> device bytes, demand and prefetch
+    demand_fetches: int = 0
+    prefetch_fetches: int = 0
+    streamed: int = 0  # experts copied only to be streamed past (dense-offload)
+    stall_s: float = 0.0  # seconds the host waited for copies the compute needed
+
+
+class ExpertCache:
+    def __init__(self, store: HostExpertStore, capacity: int, policy: CachePolicy):
+        self.store, self.device = store, store.device
+        self.directory = ExpertDirectory(capacity, policy)
+        self.sharding = device_sharding(self.device)
+        self._arrays: dict[ExpertKey, dict] = {}
+        self.transfers: dict[int, TransferCounters] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self.directory.capacity
+
+    def _counters(self, layer: int) -> TransferCounters:
+        return self.transfers.setdefault(layer, TransferCounters())
+
+    def reset_counters(self) -> None:
+        """Zeroes the counters (the cache keeps its contents)."""
+        self.transfers.clear()
+        self.directory.per_layer.clear()
+        self.directory.total = type(self.directory.total)()
+
+    def _copy(self, keys: Sequence[ExpertKey]) -> list[dict]:
+        """Issues one asynchronous host->device copy for all `keys`; returns their device arrays."""
+        return jax.device_put([self.store.get(k) for k in keys], self.sharding) if keys else []
+
+    def _place(self, keys: Sequence[ExpertKey], prefetch: bool) -> None:
+        for key in keys:
+            for victim in self.directory.admit(key, prefetch=prefetch):
+                del self._arrays[victim]
+            # Pinned until all of `keys` are placed, so they cannot evict each other.
+            self.directory.pinned.add(key)
+        if prefetch:
+            self.directory.unpin(keys)
+        for key, arrays in zip(keys, self._copy(keys), strict=True):
+            self._arrays[key] = arrays
+        for key in keys:
+            counters = self._counters(key[0])
+            counters.bytes_h2d += self.store.expert_bytes
+            if prefetch:
+                counters.prefetch_fetches += 1
+            else:
+                counters.demand_fetches += 1
+
+    def prefill(self, keys: Sequence[ExpertKey]) -> None:
+        """Places `keys` without counting them (resident mode: the store already is on the device)."""
+        for key in keys:
+            self.directory.admit(key)
+            self._arrays[key] = jax.device_put(self.store.get(key), self.sharding)
+        self.directory.end_layer()
+        self.reset_counters()
+
+    def begin_layer(self, layer: int, experts: Iterable[int]) -> list[ExpertKey]:
+        """Counts hits and misses of `experts` (at most `capacity`), pins them and starts copying the misses.
+
+        Returns the keys in increasing expert order.
+        """
+        hits, misses = self.directory.begin_layer(layer, experts)
+        self._place(misses, prefetch=False)
+        return sorted(hits + misses)
+
+    def prefetch(self, keys: Iterable[ExpertKey], limit: int) -> int:
+        """Starts copying up to `limit` of `keys` (in order) that are not resident; returns how many.
+
+        Only unpinned experts can be evicted for them, so the layer in progress keeps its experts.
+        """
+        chosen = []
+        for key in keys:
+            if len(chosen) >= limit or self.directory.evictable() + self.directory.free - len(chosen) <= 0:
+                break
+            if key not in self.directory and key not in chosen:
+                chosen.append(key)
+        self._place(chosen, prefetch=True)
+        return len(chosen)
+
+    def ready(self, keys: Sequence[ExpertKey], layer: int) -> tuple[dict, ...]:
+        """The device arrays of `keys`, after waiting for any copy still in flight (counted as stall)."""
+        arrays = tuple(self._arrays[k] for k in keys)
+        pending = [a for expert in arrays for a in expert.values() if not a.is_ready()]
+        if pending:
+            start = time.perf_counter()
+            jax.block_until_ready(pending)
+            self._counters(layer).stall_s += time.perf_counter() - start
+        return arrays
+
+    def stream(self, keys: Sequence[ExpertKey], layer: int) -> None:
+        """Copies experts to the device only to drop them (what layer-wise offloading moves), waiting for them."""
+        copies = self._copy(keys)
+        counters = self._counters(layer)
+        counters.bytes_h2d += len(keys) * self.store.expert_bytes
+        counters.streamed += len(keys)
+        start = time.perf_counter()
+        jax.block_until_ready(copies)
+        counters.stall_s += time.perf_counter() - start
+
+    def end_layer(self) -> None:
+        self.directory.end_layer()
+
+    def clear(self) -> None:
+        """Drops every resident expert (on-demand and dense-offload modes keep nothing between layers)."""
+        for key in list(self.directory.resident):
+            self.directory.evict(key)
+        self._arrays.clear()

@@ -1,0 +1,113 @@
+"""The host tier: every routed expert's weights in pinned host memory, ready for async copies.
+
+On GPUs, arrays in the `pinned_host` memory kind copy to the device at ~50 GB/s against ~8 GB/s
+from NumPy (GUIDE.md section 3), so each expert is placed there as it is read from the
+checkpoint, and its NumPy copy is dropped at once: host RAM holds one copy of the experts.
+JAX's CPU backend has the same memory kinds, so the same path runs (and is tested) on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from moejax import checkpoint
+from moejax.config import ModelConfig
+from moejax.errors import MoejaxError
+from moejax.progress import Progress
+from moejax.runtime.policies import ExpertKey
+
+
+PINNED_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_MARGIN = 1.03
+
+
+def size_pinned_pool(expert_bytes: int) -> None:
+    """Sizes XLA's pinned host pool for `expert_bytes` of experts, unless the user set it.
+
+    XLA caps pinned host memory at 64 GB by default, and its pool grows in doubling regions that
+    stay page-locked, so a store of ~70 GB could lock ~100 GB of RAM (measured on our H100 host).
+    A limit just above the experts' size lifts the cap and bounds the overshoot. It only takes
+    effect if set before JAX starts its GPU backend (the CLI always does).
+    """
+    if PINNED_LIMIT_VARIABLE not in os.environ:
+        os.environ[PINNED_LIMIT_VARIABLE] = str(max(1, math.ceil(expert_bytes * PINNED_MARGIN / 2**30) + 1))
+
+
+def host_sharding(device) -> SingleDeviceSharding:
+    """Pinned host memory of `device` when it has it, else its default memory."""
+    kinds = {memory.kind for memory in device.addressable_memories()}
+    return SingleDeviceSharding(device, memory_kind="pinned_host" if "pinned_host" in kinds else None)
+
+
+def device_sharding(device) -> SingleDeviceSharding:
+    return SingleDeviceSharding(device, memory_kind="device")
+
+
+class HostExpertStore:
+    """Expert weights by (moe_layer, expert) in host memory; `expert_bytes` is one expert's size.
+
+    With `on_device=True` the "store" holds the experts in device memory instead (resident mode):
+    staging from it is then free, and the same executor runs with no transfers.
+    """
+
+    def __init__(self, device, expert_bytes: int, on_device: bool = False):
+        self.device, self.on_device = device, on_device
+        self.sharding = device_sharding(device) if on_device else host_sharding(device)
+        self.expert_bytes = expert_bytes
+        self._experts: dict[ExpertKey, dict] = {}
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._experts
+
+    def __len__(self) -> int:
+        return len(self._experts)
+
+    def put(self, key: ExpertKey, weights: dict) -> None:
+        """Places one expert's arrays (NumPy or device arrays) in the host tier."""
+        try:
+            self._experts[key] = jax.device_put(weights, self.sharding)
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            where, advice = ("device", "use an offloading mode") if self.on_device else (
+                "pinned host", f"set {PINNED_LIMIT_VARIABLE} (in GB) before JAX starts, or free host RAM")
+            raise MoejaxError(
+                f"out of {where} memory after {len(self._experts)} experts ({self.total_bytes / 2**30:.1f} GiB): {advice}"
+            ) from None
+
+    def get(self, key: ExpertKey) -> dict:
+        return self._experts[key]
+
+    def keys(self) -> Iterable[ExpertKey]:
+        return self._experts.keys()
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self._experts) * self.expert_bytes
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Path, cfg: ModelConfig, device, on_device: bool = False, show_progress: bool = False):
+        """Reads each expert from the checkpoint straight into the store, one at a time."""
+        load = lambda layer, e: checkpoint.load_expert(ckpt, layer, e)  # noqa: E731
+        return cls.from_loader(load, cfg, device, on_device, show_progress)
+
+    @classmethod
+    def from_loader(cls, load: Callable[[int, int], dict], cfg: ModelConfig, device, on_device: bool = False, show_progress: bool = False):
+        """Builds the store from `load(layer, expert) -> weights`, keyed by MoE-layer order."""
+        store = cls(device, cfg.expert_bytes, on_device)
+        moe_layers = cfg.moe_layer_ids
+        progress = Progress("load experts", len(moe_layers) * cfg.num_experts, enabled=show_progress)
+        for m, layer in enumerate(moe_layers):
+            for e in range(cfg.num_experts):
+                weights = load(layer, e)
+                store.put((m, e), {k: np.asarray(v) if not isinstance(v, jax.Array) else v for k, v in weights.items()})
+                progress.advance()
+        progress.close()
+        return store

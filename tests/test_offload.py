@@ -1,0 +1,158 @@
+"""Offloading never changes results: every mode, budget and policy equals resident, bit for bit."""
+
+import json
+
+import numpy as np
+import pytest
+from hf_zoo import CASES, build, case_id, random_prompts
+
+import moejax
+from moejax import checkpoint
+from moejax.cli import main as cli
+from moejax.errors import MoejaxError
+from moejax.runtime import budget as budget_module
+from moejax.runtime.engine import Engine
+from moejax.runtime.loading import host_routed_executor
+from moejax.runtime.policies import POLICIES, make_policy
+from moejax.runtime.store import HostExpertStore
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("offload")
+
+
+def offloaded_engine(ckpt, cfg, store, mode, budget=None, policy="lru"):
+    globals_ = checkpoint.load_globals(ckpt)
+    layers = [checkpoint.load_layer(ckpt, i) for i in range(cfg.num_layers)]
+    executor = host_routed_executor(cfg, globals_, layers, store, mode, budget, make_policy(policy), store.device)
+    return Engine(cfg, executor)
+
+
+def every_mode(cfg, store):
+    """(mode, budget, policy): each mode, cached at the minimum budget and at half."""
+    minimum = str(cfg.top_k * store.expert_bytes)
+    return [("on-demand", None, "lru"), ("dense-offload", None, "lru"), ("cached", minimum, "lru"), ("cached", "0.5", "lifo")]
+
+
+def every_policy_and_budget(cfg, store):
+    """Each policy at the minimum, a small, a middle and the full budget."""
+    budgets = (str(cfg.top_k * store.expert_bytes), "0.2", "0.5", "1.0")
+    return [("cached", budget, policy) for budget in budgets for policy in sorted(POLICIES)]
+
+
+def check_counters(stats, cfg):
+    total = stats["total"]
+    assert total["hits"] + total["misses"] == total["activations"] > 0
+    assert sum(layer["activations"] for layer in stats["per_layer"]) == total["activations"]
+    expert_bytes = stats["expert_bytes"]
+    if stats["mode"] == "cached":
+        assert total["demand_fetches"] == total["misses"]
+        assert total["bytes_h2d"] == (total["misses"] + total["prefetch_fetches"]) * expert_bytes
+    if stats["mode"] == "on-demand":
+        assert total["hits"] == 0 and total["bytes_h2d"] == total["misses"] * expert_bytes
+    if stats["mode"] == "dense-offload":
+        assert total["bytes_h2d"] == (total["misses"] + total["streamed"]) * expert_bytes
+        assert (total["misses"] + total["streamed"]) % cfg.num_experts == 0
+
+
+def assert_all_equal_resident(case, root, combinations):
+    _, _, ckpt = build(case, root)
+    resident = moejax.load(ckpt)
+    cfg = resident.cfg
+    prompts = random_prompts(cfg.vocab_size, [9, 3, 5], seed=4)
+    expected = resident.generate(prompts, max_new_tokens=NEW_TOKENS).tokens
+    expected_single = resident.generate(prompts[:1], max_new_tokens=NEW_TOKENS).tokens
+    expected_logits = resident.logits(prompts)
+    store = HostExpertStore.from_checkpoint(ckpt, cfg, resident.executor.device)
+    for mode, budget, policy in combinations(cfg, store):
+        engine = offloaded_engine(ckpt, cfg, store, mode, budget, policy)
+        label = f"{mode} budget={budget} policy={policy}"
+        result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        assert result.tokens == expected, label
+        check_counters(result.stats, cfg)
+        assert engine.generate(prompts[:1], max_new_tokens=NEW_TOKENS).tokens == expected_single, label
+        for ours, ref in zip(engine.logits(prompts), expected_logits):
+            np.testing.assert_array_equal(ours, ref, err_msg=label)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_mode_equals_resident(case, root):
+    assert_all_equal_resident(case, root, every_mode)
+
+
+def test_every_policy_and_budget_equals_resident(root):
+    assert_all_equal_resident(("mixtral", "sliding_window"), root, every_policy_and_budget)
+
+
+def test_minimum_budget_streams_long_prefill_in_waves(root):
+    """A prompt whose tokens need every expert of a layer runs through a 2-slot cache."""
+    _, _, ckpt = build(("mixtral", "sliding_window"), root)
+    resident = moejax.load(ckpt)
+    prompt = random_prompts(resident.cfg.vocab_size, [40], seed=5)
+    tiny = moejax.load(ckpt, offload="cached", expert_budget=str(2 * resident.cfg.expert_bytes))
+    assert tiny.executor.cache.capacity == 2
+    result = tiny.generate(prompt, max_new_tokens=4)
+    assert result.tokens == resident.generate(prompt, max_new_tokens=4).tokens
+    prefill_layer0 = [layer for layer in result.stats["per_layer"] if layer["moe_layer"] == 0][0]
+    assert prefill_layer0["activations"] > 2  # more experts than slots: waves happened
+
+
+def test_generate_json_reports_stats(root, capsys):
+    _, _, ckpt = build(("mixtral", "basic"), root)
+    rc = cli(["generate", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--offload", "cached",
+              "--expert-budget", "0.5", "--cache-policy", "lfu", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    stats = out["stats"]
+    assert stats["mode"] == "cached" and stats["policy"] == "lfu" and stats["capacity_experts"] == 4
+    for key in ("hit_rate", "hits", "misses", "bytes_h2d", "stall_s", "prefetch_issued", "prefetch_used", "prefetch_wasted"):
+        assert key in stats["total"]
+    assert len(stats["per_layer"]) == 2
+
+
+def test_summary_line_on_stderr(root, capsys):
+    _, _, ckpt = build(("mixtral", "basic"), root)
+    assert cli(["generate", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--offload", "on-demand"]) == 0
+    err = capsys.readouterr().err
+    assert "on-demand: hit rate 0.0%" in err and "host->GPU" in err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--offload", "cached", "--expert-budget", "-0.1"], "not a fraction"),
+        (["--offload", "cached", "--expert-budget", "0"], "must be positive"),
+        (["--offload", "cached", "--expert-budget", "lots"], "not a fraction"),
+        (["--offload", "cached", "--expert-budget", "12 parsecs"], "not a fraction"),
+        (["--offload", "cached", "--expert-budget", "10"], "one layer needs at least 2"),
+        (["--offload", "swap"], "resident, cached, on-demand, dense-offload"),
+        (["--offload", "cached", "--cache-policy", "random"], "lru, lfu, fifo, lifo"),
+        (["--offload", "on-demand", "--expert-budget", "0.5"], "applies to --offload cached"),
+        (["--offload", "cached", "--executor", "whole-model"], "needs --offload resident"),
+    ],
+)
+def test_bad_offload_flags_are_one_line_errors(root, capsys, flags, message):
+    _, _, ckpt = build(("mixtral", "basic"), root)
+    assert cli(["generate", str(ckpt), "--prompt-ids", "1,2", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moejax: error:") and message in err and "\n" not in err
+
+
+def test_budget_above_device_memory_is_refused(root, monkeypatch):
+    _, _, ckpt = build(("mixtral", "basic"), root)
+    fake = budget_module.DeviceMemory(limit=10_000_000, in_use=2_000_000, kv_cache=1_000_000, workspace=1_000_000)
+    monkeypatch.setattr("moejax.runtime.loading.device_memory", lambda *args: fake)
+    with pytest.raises(MoejaxError, match="more than the device holds"):
+        moejax.load(ckpt, offload="cached", expert_budget="1GiB")
+
+
+def test_budget_parsing():
+    parse = budget_module.parse_budget
+    assert parse("0.25", 4000) == 1000
+    assert parse(1.0, 4000) == 4000
+    assert parse("12GiB", 1) == 12 * 2**30
+    assert parse("500MB", 1) == 500 * 10**6
+    assert parse("2048", 1) == 2048
