@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from moejax.runtime.engine import Engine, GenerationConfig, GenerationResult
     from moejax.runtime.loading import load
     from moejax.runtime.sampling import SamplingParams
+    from moejax.runtime.seq2seq import Seq2SeqEngine
 
 _EXPORTS = {
     "load": "moejax.runtime.loading",
@@ -27,6 +28,7 @@ _EXPORTS = {
     "GenerationConfig": "moejax.runtime.engine",
     "GenerationResult": "moejax.runtime.engine",
     "SamplingParams": "moejax.runtime.sampling",
+    "Seq2SeqEngine": "moejax.runtime.seq2seq",
     "ModelConfig": "moejax.config",
     "MoejaxError": "moejax.errors",
 }

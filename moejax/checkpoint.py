@@ -2,10 +2,12 @@
 
 Layout of a checkpoint directory:
 
-    config.json              ModelConfig (moejax's own, with format_version)
+    config.json              ModelConfig or EncDecConfig (moejax's own, with format_version)
     globals/                 embedding, final norm, lm_head
     layers/007/              layer 7's non-expert weights (norms, attention, router, shared expert)
     experts/007/003/         routed expert 3 of layer 7: {'gate': [D, F], 'up': [D, F], 'down': [F, D]}
+                             (encoder-decoder models: global layer numbers, encoder first; see
+                             moejax.models.moe for their plain expert kind)
     tokenizer.json ...       tokenizer files, when the source had them
 
 Writers build the whole directory under a temporary name and rename it at the end, so an
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.config import ModelConfig
+from moejax.config import ModelConfig, read_config_json
+from moejax.encdec_config import EncDecConfig, is_encdec_json
 from moejax.errors import MoejaxError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -85,11 +88,13 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_config(ckpt: Path) -> ModelConfig:
+def load_config(ckpt: Path) -> ModelConfig | EncDecConfig:
+    """The checkpoint's config: an EncDecConfig for encoder-decoder families, else a ModelConfig."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise MoejaxError(f"{ckpt}: no such checkpoint directory")
-    return ModelConfig.load(ckpt / "config.json")
+    data = read_config_json(ckpt / "config.json")
+    return EncDecConfig.from_json(data) if is_encdec_json(data) else ModelConfig.from_json(data)
 
 
 def load_globals(ckpt: Path) -> dict:
@@ -105,7 +110,7 @@ def load_expert(ckpt: Path, layer: int, expert: int) -> dict:
     return load_group(ckpt, ("expert", layer, expert))
 
 
-def load_stacked_experts(ckpt: Path, cfg: ModelConfig, layer: int) -> dict:
+def load_stacked_experts(ckpt: Path, cfg: ModelConfig | EncDecConfig, layer: int) -> dict:
     """All routed experts of a layer stacked on a leading [E] axis."""
     experts = [load_expert(ckpt, layer, e) for e in range(cfg.num_experts)]
     return {name: np.stack([ex[name] for ex in experts]) for name in experts[0]}

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host-routed (default; every offload mode) | device-routed | whole-model (resident only)")
     add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
+    seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
+    seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
+    seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
+    seq2seq.add_argument("--routing", choices=("dropless", "capacity"), help="capacity: transformers' token dropping")
     return parser
 
 
@@ -91,6 +95,7 @@ def load_engine(args):
         expert_budget=args.expert_budget,
         cache_policy=args.cache_policy,
         executor=getattr(args, "executor", "host-routed"),
+        routing=getattr(args, "routing", None),
     )
 
 
@@ -112,9 +117,12 @@ def cmd_export(args) -> int:
 
 def cmd_info(args) -> int:
     from moejax import checkpoint
+    from moejax.encdec_config import EncDecConfig
     from moejax.models.decoder import parameter_counts
 
     cfg = checkpoint.load_config(args.checkpoint)
+    if isinstance(cfg, EncDecConfig):
+        return _encdec_info(args.checkpoint, cfg, args.json)
     counts = parameter_counts(cfg)
     if args.json:
         print(json.dumps({"config": cfg.to_json(), "parameters": counts}))
@@ -129,6 +137,24 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _encdec_info(path: Path, cfg, as_json: bool) -> int:
+    from moejax.models.encdec import parameter_counts
+
+    counts = parameter_counts(cfg)
+    if as_json:
+        print(json.dumps({"config": cfg.to_json(), "parameters": counts}))
+        return 0
+    n_moe = lambda ids: sum(cfg.moe_layers[g] for g in ids)  # noqa: E731
+    print(f"{path}: {cfg.family} (encoder-decoder), {cfg.dtype}")
+    print(f"  encoder {cfg.num_encoder_layers} layers ({n_moe(cfg.encoder_layer_ids)} MoE), decoder {cfg.num_decoder_layers} "
+          f"({n_moe(cfg.decoder_layer_ids)} MoE), hidden {cfg.hidden_size}, heads {cfg.num_heads} (dim {cfg.head_dim}), vocab {cfg.vocab_size}")
+    print(f"  experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.encoder_ffn_size}/{cfg.decoder_ffn_size} "
+          f"(encoder/decoder), {cfg.routing} routing")
+    print(f"  parameters: total {counts['total']:,}, dense {counts['dense']:,}, experts {counts['experts']:,}, active/token {counts['active_per_token']:,}")
+    print(f"  bytes: dense {_gib(counts['dense_bytes'])}, one expert {_mib(counts['one_expert_bytes'])}, all experts {_gib(counts['all_experts_bytes'])}")
+    return 0
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB"
 
@@ -138,6 +164,8 @@ def _mib(n: int) -> str:
 
 
 def cmd_generate(args) -> int:
+    from moejax import checkpoint
+    from moejax.encdec_config import EncDecConfig
     from moejax.runtime.engine import GenerationConfig
     from moejax.runtime.sampling import SamplingParams
 
@@ -158,11 +186,17 @@ def cmd_generate(args) -> int:
         stop_token_ids=tuple(args.stop_ids),
         ignore_eos=args.ignore_eos,
     )
+    seq2seq = isinstance(checkpoint.load_config(args.checkpoint), EncDecConfig)
+    if not seq2seq and (args.target_lang is not None or args.forced_bos_id is not None):
+        raise MoejaxError("--target-lang and --forced-bos-id are for encoder-decoder models")
     engine = load_engine(args)
     prompts = args.prompt_ids or args.prompt
     if not prompts:
         raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
-    result = engine.generate(prompts, config)
+    if seq2seq:
+        result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id)
+    else:
+        result = engine.generate(prompts, config)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0

@@ -154,11 +154,15 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise MoejaxError(f"{path}: missing moejax config file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise MoejaxError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_json(data)
+        return cls.from_json(read_config_json(path))
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The parsed moejax config.json at `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoejaxError(f"{path}: missing moejax config file")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MoejaxError(f"{path}: not valid JSON ({err})") from None

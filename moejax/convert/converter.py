@@ -19,6 +19,7 @@ from moejax.config import DTYPES, ModelConfig
 from moejax.convert.families import family
 from moejax.convert.families.common import Target
 from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header, read_tensor
+from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError
 from moejax.progress import Progress
 
@@ -46,7 +47,7 @@ def source_dtype(hf: dict) -> str:
     return name if name in DTYPES else "float32"
 
 
-def hf_model_config(hf_dir: Path, dtype: str | None = None) -> tuple[ModelConfig, dict[str, Target]]:
+def hf_model_config(hf_dir: Path, dtype: str | None = None) -> tuple[ModelConfig | EncDecConfig, dict[str, Target]]:
     """The moejax config and tensor map of a HF checkpoint directory."""
     hf = read_hf_config(hf_dir)
     fam = family(hf.get("model_type"))
@@ -69,15 +70,14 @@ def index_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def validate(targets: dict[str, Target], tensors: dict[str, TensorInfo], cfg: ModelConfig) -> None:
+def validate(targets: dict[str, Target], tensors: dict[str, TensorInfo], cfg, ignored: set[str]) -> None:
+    """Every target present with its shape, nothing else but `ignored` names and recomputed buffers."""
     missing = sorted(set(targets) - set(tensors))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise MoejaxError(f"checkpoint is missing tensor '{missing[0]}'{more}")
     extra = sorted(
-        name
-        for name in set(tensors) - set(targets)
-        if not name.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and name == "lm_head.weight")
+        name for name in set(tensors) - set(targets) - ignored if not name.endswith(IGNORED_SUFFIXES)
     )
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
@@ -91,11 +91,16 @@ def validate(targets: dict[str, Target], tensors: dict[str, TensorInfo], cfg: Mo
 
 
 def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bool = False, show_progress: bool = True):
-    """Converts `hf_dir` into a moejax checkpoint at `out_dir`; returns its ModelConfig."""
+    """Converts `hf_dir` into a moejax checkpoint at `out_dir`; returns its ModelConfig or EncDecConfig."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg, targets = hf_model_config(hf_dir, dtype)
     tensors = index_tensors(hf_dir)
-    validate(targets, tensors, cfg)
+    fam = family(cfg.family)
+    if hasattr(fam, "resolve_tensors"):
+        cfg, targets, ignored = fam.resolve_tensors(cfg, tensors)
+    else:
+        ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    validate(targets, tensors, cfg, ignored)
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():

@@ -19,6 +19,7 @@ from moejax.config import ModelConfig
 from moejax.convert.families import family
 from moejax.convert.families.common import common_hf_config
 from moejax.convert.safetensors_file import write_file
+from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError
 from moejax.progress import Progress
 
@@ -32,6 +33,8 @@ def export(ckpt: Path, hf_dir: Path, overwrite: bool = False, show_progress: boo
     """Writes the checkpoint at `ckpt` as a HF checkpoint directory `hf_dir`; returns its ModelConfig."""
     ckpt, hf_dir = Path(ckpt), Path(hf_dir)
     cfg = checkpoint.load_config(ckpt)
+    if isinstance(cfg, EncDecConfig):
+        raise MoejaxError(f"{ckpt}: exporting encoder-decoder checkpoints ({cfg.family}) is not supported")
     targets = family(cfg.family).tensor_map(cfg)
     names_by_group: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():

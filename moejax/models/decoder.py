@@ -152,25 +152,27 @@ def init_params(cfg: ModelConfig, key, std: float = 0.02):
     kv = empty_kv_caches(cfg, 1, 1)[0]
     positions = jnp.zeros((1, 1), jnp.int32)
 
-    def normal_init(params, key):
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-        subkeys = jax.random.split(key, len(leaves))
-        out = []
-        for (path, leaf), subkey in zip(leaves, subkeys, strict=True):
-            name = str(path[-1].key)
-            if name == "weight" or name == "bias":
-                out.append(jnp.ones_like(leaf) if name == "weight" else jnp.zeros_like(leaf))
-            else:
-                out.append((jax.random.normal(subkey, leaf.shape, jnp.float32) * std).astype(dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    globals_ = normal_init(EmbedHead(cfg).init(keys[0], tokens)["params"], keys[0])
+    globals_ = normal_init(EmbedHead(cfg).init(keys[0], tokens)["params"], keys[0], std, dtype)
     layers, experts = [], []
     for i in range(cfg.num_layers):
         params = decoder_layer(cfg, i).init(keys[1 + i], jnp.zeros((1, 1, cfg.hidden_size), dtype), kv, positions)
-        layers.append(normal_init(params["params"], keys[1 + i]))
+        layers.append(normal_init(params["params"], keys[1 + i], std, dtype))
         experts.append(random_experts(cfg, keys[1 + cfg.num_layers + i], std) if cfg.moe_layers[i] else None)
     return globals_, layers, experts
+
+
+def normal_init(params, key, std: float, dtype):
+    """Params with norm weights ('weight') one, biases zero and everything else normal(0, std) in dtype."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    subkeys = jax.random.split(key, len(leaves))
+    out = []
+    for (path, leaf), subkey in zip(leaves, subkeys, strict=True):
+        name = str(path[-1].key)
+        if name == "weight" or name == "bias":
+            out.append(jnp.ones_like(leaf) if name == "weight" else jnp.zeros_like(leaf))
+        else:
+            out.append((jax.random.normal(subkey, leaf.shape, jnp.float32) * std).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -2,8 +2,10 @@
 
 Expert weights are always arguments, never module parameters, so a runtime can hand the
 expert computation whichever experts it has on the device. One expert's weights are a dict
-{'gate': [D, F], 'up': [D, F], 'down': [F, D]}; a layer's stacked experts have a leading
-[E] axis on each.
+of arrays whose names give its kind (see `expert_ffn`): gated {'gate': [D, F], 'up': [D, F],
+'down': [F, D]} (decoder families) or plain {'up': [D, F], 'down': [F, D]}, optionally with
+'up_bias' [F] and 'down_bias' [D] (Switch Transformers, NLLB-MoE); a layer's stacked experts
+have a leading [E] axis on each.
 
 Determinism across execution strategies: every expert processes all N tokens of the call
 (rows it was not chosen for get weight 0), and contributions are added into a float32
@@ -34,9 +36,21 @@ def route(router_logits, top_k: int, normalize: bool):
 
 
 def expert_ffn(x, expert: dict, act: str = "silu"):
-    """One expert on all rows: x [N, D] -> [N, D] in x's dtype."""
-    hidden = ACTIVATIONS[act](x @ expert["gate"]) * (x @ expert["up"])
-    return hidden @ expert["down"]
+    """One expert on all rows: x [N, D] -> [N, D] in x's dtype.
+
+    Gated (has 'gate'): act(x @ gate) * (x @ up) @ down. Plain: act(x @ up + up_bias) @ down +
+    down_bias, each bias only where the expert has it.
+    """
+    if "gate" in expert:
+        hidden = ACTIVATIONS[act](x @ expert["gate"]) * (x @ expert["up"])
+        return hidden @ expert["down"]
+    hidden = x @ expert["up"]
+    if "up_bias" in expert:
+        hidden = hidden + expert["up_bias"]
+    out = ACTIVATIONS[act](hidden) @ expert["down"]
+    if "down_bias" in expert:
+        out = out + expert["down_bias"]
+    return out
 
 
 def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[dict], acc, act: str = "silu"):
@@ -55,13 +69,13 @@ def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[
 
 def stacked_expert(stacked: dict, index):
     """Expert `index` (static int or traced scalar) of a layer's stacked weights."""
-    return {name: stacked[name][index] for name in EXPERT_WEIGHTS}
+    return {name: weights[index] for name, weights in stacked.items()}
 
 
 def expert_list(experts) -> list[dict]:
     """A layer's experts as per-expert dicts, from a stacked dict ([E, ...] per weight) or a sequence."""
     if isinstance(experts, dict):
-        return [stacked_expert(experts, e) for e in range(experts["gate"].shape[0])]
+        return [stacked_expert(experts, e) for e in range(experts["down"].shape[0])]
     return list(experts)
 
 
@@ -72,7 +86,8 @@ def device_routed_experts(x, topk_ids, topk_weights, experts, act: str = "silu")
     place) or a stacked dict. When fewer (token, expert) pairs exist than experts (decode), a loop
     over the distinct chosen ids runs each through `lax.switch`, so only the chosen experts' weights
     are read and none is copied; otherwise every expert runs on every row. Both add in increasing
-    expert order, like `accumulate_experts` over the chosen experts.
+    expert order, like `accumulate_experts` over the chosen experts. Ids >= E (pairs the router
+    dropped) carry weight 0 and contribute zeros.
     """
     experts = expert_list(experts)
     num_experts, n_pairs = len(experts), topk_ids.size

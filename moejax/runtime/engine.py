@@ -166,15 +166,14 @@ class Engine:
                 ttft = time.perf_counter() - start
             else:
                 step_times.append(time.perf_counter() - step_start)
-            for b in np.flatnonzero(~finished):
-                token = int(next_tokens[b])
-                generated[b].append(token)
-                if token in stops:
-                    finished[b], reasons[b] = True, "stop"
+            record_tokens(next_tokens, finished, generated, reasons, stops)
             if finished.all():
                 break
-        total = time.perf_counter() - start
+        return self._result(generated, reasons, ttft, step_times, time.perf_counter() - start, prefill_stats)
 
+    def _result(self, generated: list[list[int]], reasons: list[str], ttft: float, step_times: list[float], total: float,
+                prefill_stats: dict | None = None) -> GenerationResult:
+        """The GenerationResult of a finished loop (times in seconds; prefill_stats: counters after the prompt)."""
         text = [self.tokenizer.decode(t) for t in generated] if self.tokenizer else None
         n_tokens = sum(len(t) for t in generated)
         timing = Timing(
@@ -188,6 +187,15 @@ class Engine:
         if prefill_stats is not None:
             stats["prefill"] = prefill_stats  # totals after the prompt; decode = total - prefill
         return GenerationResult(generated, text, reasons, timing, stats)
+
+
+def record_tokens(next_tokens, finished, generated: list[list[int]], reasons: list[str], stops: set[int]) -> None:
+    """Appends each unfinished sequence's new token and marks the sequences it stops (in place)."""
+    for b in np.flatnonzero(~finished):
+        token = int(next_tokens[b])
+        generated[b].append(token)
+        if token in stops:
+            finished[b], reasons[b] = True, "stop"
 
 
 def _prefill_inputs(ids: list[list[int]], batch: int, length: int, pad_id: int):

@@ -8,6 +8,7 @@ import jax
 
 from moejax import checkpoint
 from moejax.config import ModelConfig
+from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError
 from moejax.models.decoder import kv_cache_bytes
 from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
@@ -15,6 +16,7 @@ from moejax.runtime.engine import Engine
 from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
 from moejax.runtime.host_routed import MODES, HostRoutedExecutor
 from moejax.runtime.policies import CachePolicy, make_policy
+from moejax.runtime.seq2seq import load_seq2seq
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
 from moejax.tokenizer import load_tokenizer
 
@@ -33,8 +35,9 @@ def load(
     max_seq_len: int = 4096,
     device=None,
     show_progress: bool = False,
+    routing: str | None = None,
 ) -> Engine:
-    """Loads a moejax checkpoint.
+    """Loads a moejax checkpoint (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: 'resident' (all experts on the device), 'cached' (experts in pinned host memory and a
         GPU cache of `expert_budget`), 'on-demand' (each layer's experts fetched every time) or
@@ -48,6 +51,8 @@ def load(
         'whole-model' (one program, the reference; resident only). The last two equal the first
         up to float rounding.
     max_batch, max_seq_len: the largest KV cache to reserve device memory for when sizing the budget.
+    routing: encoder-decoder models only: 'dropless' (default) or 'capacity' (transformers' token
+        dropping); decoder families always route dropless.
     """
     path = Path(path)
     cfg = checkpoint.load_config(path)
@@ -59,6 +64,10 @@ def load(
         raise MoejaxError(f"--executor {executor} keeps every expert on the device: it needs --offload resident")
     if expert_budget is not None and offload != "cached":
         raise MoejaxError(f"--expert-budget applies to --offload cached, not '{offload}'")
+    if isinstance(cfg, EncDecConfig):
+        return load_seq2seq(path, cfg, offload=offload, executor=executor, routing=routing, device=device)
+    if routing not in (None, "dropless"):
+        raise MoejaxError(f"--routing {routing}: {cfg.family} routing is always dropless (capacity is for encoder-decoder models)")
     policy = make_policy(cache_policy)
     if executor == "host-routed" and offload != "resident":
         size_pinned_pool(sum(cfg.moe_layers) * cfg.num_experts * cfg.expert_bytes)

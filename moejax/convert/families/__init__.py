@@ -2,16 +2,20 @@
 
 Each family module provides `MODEL_TYPE`, `config_from_hf(hf_config) -> ModelConfig`,
 `tensor_map(cfg) -> {hf_name: Target}` and `hf_config(cfg)` (its own config.json fields).
+Encoder-decoder families return an `EncDecConfig` and provide `resolve_tensors(cfg, tensors) ->
+(cfg, tensor map, ignored names)`, which settles tied embedding tables from the checkpoint itself.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from moejax.convert.families import mixtral, olmoe, qwen2_moe, qwen3_moe
+from moejax.convert.families import mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers
 from moejax.errors import MoejaxError
 
-FAMILIES: dict[str, ModuleType] = {module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe)}
+FAMILIES: dict[str, ModuleType] = {
+    module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, switch_transformers, nllb_moe)
+}
 
 
 def family(model_type: str | None) -> ModuleType:

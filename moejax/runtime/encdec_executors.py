@@ -1,0 +1,197 @@
+"""Executors of encoder-decoder models; each decides where the weights live.
+
+Interface (what the sequence-to-sequence engine uses):
+  encode(tokens, src_valid, route) -> EncoderState
+      tokens: NumPy int32 [B, S] (right-padded sources); src_valid: NumPy bool [B, S], the real
+      source tokens (attention mask); route: RouteInputs of NumPy arrays.
+  new_kv_caches(batch, length) -> per-decoder-layer (k, v) device arrays [B, L, H, head_dim]
+  decode(tokens, kv_caches, state, positions, route, select) -> (logits, kv_caches)
+      tokens, positions: NumPy int32 [B, T]; route.valid [B, T]: the tokens that get experts
+      (dropless: those of unfinished sequences; padding never needs experts); select: NumPy int32 [B] (logits [B, V] at that position) or
+      None (logits [B, T, V]).
+  last_routing: {global layer: topk ids [N, k] device array} of the latest call of each MoE layer.
+  reset_stats(); stats() -> dict of counters ({'mode': 'resident', 'executor': name, ...})
+
+All keep every expert on the device. `WholeModelExecutor` compiles the encoder and a decoder
+step as one program each (reference); `DeviceRoutedExecutor` runs one jitted call per layer
+with routing resolved on the device; `HostRoutedExecutor` reads each MoE layer's routing back
+and hands the chosen experts to the expert function as tuples of per-expert dicts, in waves,
+through the same calls an offloading runtime makes (`moejax.runtime.host_routed` is that
+runtime for decoder models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.encdec_config import EncDecConfig
+from moejax.models.encdec import RouteInputs, kv_cache_shape
+from moejax.runtime import encdec_layer_fns as fns
+from moejax.runtime.layer_fns import accumulate
+
+
+@dataclasses.dataclass
+class EncoderState:
+    """What the decoder needs of an encoded source batch (device arrays)."""
+
+    enc_out: jax.Array  # [B, S, D] after the encoder's final norm
+    src_valid: jax.Array  # [B, S] bool
+    cross_kv: list  # per decoder layer (k, v) [B, S, H, head_dim]
+
+
+class EncDecExecutor:
+    name = "base"
+
+    def __init__(self, cfg: EncDecConfig, globals_, layers, experts, device=None):
+        self.cfg = cfg
+        self.device = device or jax.devices()[0]
+        self.globals = jax.device_put(globals_, self.device)
+        self.layers = jax.device_put(layers, self.device)
+        self.experts = jax.device_put(experts, self.device)
+        self.last_routing: dict[int, jax.Array] = {}
+
+    def new_kv_caches(self, batch: int, length: int):
+        shape = kv_cache_shape(self.cfg, batch, length)
+        zeros = lambda: jnp.zeros(shape, self.cfg.dtype, device=self.device)  # noqa: E731
+        return [(zeros(), zeros()) for _ in self.cfg.decoder_layer_ids]
+
+    def _put(self, array, dtype=np.int32):
+        return None if array is None else jax.device_put(np.asarray(array, dtype), self.device)
+
+    def _put_route(self, route: RouteInputs) -> RouteInputs:
+        return RouteInputs(self._put(route.valid, bool), self._put(route.counted, bool), self._put(route.capacity))
+
+    def encode(self, tokens, src_valid, route: RouteInputs) -> EncoderState:
+        raise NotImplementedError
+
+    def decode(self, tokens, kv_caches, state: EncoderState, positions, route: RouteInputs, select):
+        raise NotImplementedError
+
+    def reset_stats(self) -> None:
+        """Zeroes runtime counters (called at the start of each generate)."""
+
+    def stats(self) -> dict:
+        return {"mode": "resident", "executor": self.name}
+
+
+class WholeModelExecutor(EncDecExecutor):
+    """All weights on the device; the encoder, and each decoder step, one XLA program."""
+
+    name = "whole-model"
+
+    def encode(self, tokens, src_valid, route: RouteInputs) -> EncoderState:
+        src_valid = self._put(src_valid, bool)
+        enc_out, cross_kv = fns.whole_encoder(self.cfg, self.globals, self.layers, self.experts, self._put(tokens),
+                                              src_valid, self._put_route(route))
+        return EncoderState(enc_out, src_valid, cross_kv)
+
+    def decode(self, tokens, kv_caches, state: EncoderState, positions, route: RouteInputs, select):
+        return fns.whole_decoder(
+            self.cfg, self.globals, self.layers, self.experts, self._put(tokens), self._put(positions), kv_caches,
+            state.cross_kv, state.src_valid, self._put_route(route), self._put(select),
+        )
+
+
+class DeviceRoutedExecutor(EncDecExecutor):
+    """All weights on the device, one jitted call per layer, routing resolved on the device."""
+
+    name = "device-routed"
+
+    def encode(self, tokens, src_valid, route: RouteInputs) -> EncoderState:
+        cfg = self.cfg
+        src_valid, route = self._put(src_valid, bool), self._put_route(route)
+        x, bias = fns.embed_source(cfg, self.globals, self._put(tokens))
+        for g in cfg.encoder_layer_ids:
+            x, ids = self._encoder_layer(g, x, (src_valid, bias, route))
+            if ids is not None:
+                self.last_routing[g] = ids
+        enc_out = fns.encoder_final(cfg, self.globals, x)
+        return EncoderState(enc_out, src_valid, fns.cross_keys_values(cfg, self.layers, enc_out))
+
+    def decode(self, tokens, kv_caches, state: EncoderState, positions, route: RouteInputs, select):
+        cfg = self.cfg
+        positions, route = self._put(positions), self._put_route(route)
+        y, bias = fns.embed_target(cfg, self.globals, self._put(tokens), positions, kv_caches[0][0].shape[1])
+        kv_caches = list(kv_caches)
+        for j, g in enumerate(cfg.decoder_layer_ids):
+            context = (positions, bias, state.cross_kv[j], state.src_valid, route)
+            y, kv_caches[j], ids = self._decoder_layer(g, y, kv_caches[j], context)
+            if ids is not None:
+                self.last_routing[g] = ids
+        return fns.head(cfg, self.globals, y, self._put(select)), kv_caches
+
+    def _encoder_layer(self, g: int, x, context):
+        """context: (src_valid, bias, route) -> (x, ids or None)."""
+        shape = fns.layer_shape(self.cfg, g)
+        return fns.encoder_device_routed(self.cfg, **shape, params=self.layers[g], experts=self.experts[g], x=x,
+                                         src_valid=context[0], bias=context[1], route_in=context[2])
+
+    def _decoder_layer(self, g: int, y, kv_cache, context):
+        """context: (positions, bias, cross_kv, src_valid, route) -> (y, kv_cache, ids or None)."""
+        shape = fns.layer_shape(self.cfg, g)
+        return fns.decoder_device_routed(self.cfg, **shape, params=self.layers[g], experts=self.experts[g], y=y,
+                                         kv_cache=kv_cache, positions=context[0], bias=context[1],
+                                         cross_kv=context[2], src_valid=context[3], route_in=context[4])
+
+
+class HostRoutedExecutor(DeviceRoutedExecutor):
+    """Each MoE layer reads its routing back to the host and gets only the chosen experts, as tuples of
+    per-expert dicts in waves of at most `wave_size` (increasing ids); dense layers run device-routed.
+
+    The slow, obviously-right twin of an offloading executor: same calls, every expert a miss.
+    """
+
+    name = "host-routed"
+
+    def __init__(self, cfg: EncDecConfig, globals_, layers, experts, device=None, wave_size: int = 8):
+        super().__init__(cfg, globals_, layers, experts, device)
+        self.wave_size = wave_size
+        self.expert_calls = 0
+
+    def _encoder_layer(self, g: int, x, context):
+        if not self.cfg.moe_layers[g]:
+            return super()._encoder_layer(g, x, context)
+        shape = fns.layer_shape(self.cfg, g)
+        h, moe_in, weights, ids = fns.encoder_attend_and_route(
+            self.cfg, **shape, params=self.layers[g], x=x, src_valid=context[0], bias=context[1], route_in=context[2]
+        )
+        return self._experts_and_finish(g, h, moe_in, weights, ids), ids
+
+    def _decoder_layer(self, g: int, y, kv_cache, context):
+        if not self.cfg.moe_layers[g]:
+            return super()._decoder_layer(g, y, kv_cache, context)
+        shape = fns.layer_shape(self.cfg, g)
+        h, kv_cache, moe_in, weights, ids = fns.decoder_attend_and_route(
+            self.cfg, **shape, params=self.layers[g], y=y, kv_cache=kv_cache, positions=context[0],
+            bias=context[1], cross_kv=context[2], src_valid=context[3], route_in=context[4],
+        )
+        return self._experts_and_finish(g, h, moe_in, weights, ids), kv_cache, ids
+
+    def _experts_and_finish(self, g: int, h, moe_in, weights, ids):
+        cfg = self.cfg
+        used = sorted(set(np.asarray(ids).ravel().tolist()) - {cfg.num_experts})
+        *middle, last = [used[i : i + self.wave_size] for i in range(0, len(used), self.wave_size)] or [[]]
+        acc = jnp.zeros(moe_in.shape, jnp.float32)
+        for wave in middle:
+            acc = accumulate(moe_in, ids, weights, jnp.asarray(wave, jnp.int32), self._fetch(g, wave), acc, cfg.hidden_act)
+        return fns.accumulate_and_finish(cfg, **fns.layer_shape(cfg, g), params=self.layers[g], h=h, moe_in=moe_in,
+                                         ids=ids, weights=weights, expert_ids=jnp.asarray(last, jnp.int32),
+                                         experts=self._fetch(g, last), acc=acc)
+
+    def _fetch(self, g: int, wave: list[int]) -> tuple[dict, ...]:
+        self.expert_calls += len(wave)
+        return tuple({name: weights[e] for name, weights in self.experts[g].items()} for e in wave)
+
+    def reset_stats(self) -> None:
+        self.expert_calls = 0
+
+    def stats(self) -> dict:
+        """expert_calls: (layer, expert) weight sets passed to the expert function."""
+        return {**super().stats(), "expert_calls": self.expert_calls}
+
+
+EXECUTORS = {cls.name: cls for cls in (HostRoutedExecutor, DeviceRoutedExecutor, WholeModelExecutor)}
