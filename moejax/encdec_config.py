@@ -18,7 +18,6 @@ from moejax.errors import MoejaxError
 KIND = "encdec"
 ROUTING_MODES = ("dropless", "capacity")
 EMBEDDING_TABLES = ("encoder_embed", "decoder_embed", "lm_head")
-CARDS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,41 +176,3 @@ class EncDecConfig:
 def is_encdec_json(data: dict[str, Any]) -> bool:
     """Whether a moejax config.json describes an encoder-decoder model."""
     return data.get("kind") == KIND
-
-
-# -- model cards -------------------------------------------------------------------------
-
-
-def card_path(name: str | Path) -> Path:
-    """A card file: a path to a JSON file, or the name of one in models/ (e.g. 'switch-base-8')."""
-    path = Path(name)
-    if path.suffix == ".json" or path.is_file():
-        return path
-    return CARDS_DIR / f"{name}.json"
-
-
-def read_card(name: str | Path) -> dict[str, Any]:
-    """The raw card: name, source, published_parameters, kind, config (HF config.json fields), ..."""
-    path = card_path(name)
-    if not path.is_file():
-        known = sorted(p.stem for p in CARDS_DIR.glob("*.json")) if CARDS_DIR.is_dir() else []
-        raise MoejaxError(f"model card '{name}' not found (cards in {CARDS_DIR}: {', '.join(known)})")
-    try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise MoejaxError(f"{path}: not valid JSON ({err})") from None
-    if card.get("kind") != KIND:
-        raise MoejaxError(f"{path}: not an encoder-decoder card (kind is {card.get('kind')!r}, expected '{KIND}')")
-    for key in ("name", "source", "config"):
-        if key not in card:
-            raise MoejaxError(f"{path}: card lacks '{key}'")
-    return card
-
-
-def load_encdec_card(name: str | Path, dtype: str = "bfloat16") -> EncDecConfig:
-    """The EncDecConfig of a card, parsed by the same family code as `moejax convert`."""
-    from moejax.convert.families import family
-
-    card = read_card(name)
-    hf = card["config"]
-    return family(hf.get("model_type")).config_from_hf(hf).replace(dtype=dtype)

@@ -22,6 +22,7 @@ import numpy as np
 
 from moejax.runtime.engine import Engine, GenerationConfig
 from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
+from moejax.runtime.expert_runner import ExpertRunner
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.store import HostExpertStore
 from scripts.benchlib import (
@@ -71,7 +72,7 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
 
     engines = {
-        "moejax host-routed": Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, store, "resident", device=device)),
+        "moejax host-routed": Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, ExpertRunner(store, "resident", cfg.num_experts, cfg.hidden_act))),
         "moejax device-routed": Engine(cfg, DeviceRoutedExecutor(cfg, globals_, layers, per_layer, device)),
         "moejax whole-model": Engine(cfg, WholeModelExecutor(cfg, globals_, layers, per_layer, device)),
     }

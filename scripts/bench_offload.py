@@ -27,7 +27,8 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 from moejax.runtime.engine import Engine, GenerationConfig
-from moejax.runtime.loading import host_routed_executor
+from moejax.runtime.host_routed import HostRoutedExecutor
+from moejax.runtime.loading import expert_runner, reserved_kv_bytes
 from moejax.runtime.policies import make_policy
 from moejax.runtime.store import HostExpertStore, device_sharding, host_sharding
 from moejax.progress import Progress
@@ -91,7 +92,8 @@ def sub_store(store: HostExpertStore, layers: int, on_device: bool) -> HostExper
 def run_config(cfg, globals_, layers, store, mode, budget, policy, prompts, new_tokens) -> dict:
     """Warm-up on one prompt, then time another; returns timing and traffic."""
     try:
-        executor = host_routed_executor(cfg, globals_, layers, store, mode, budget, make_policy(policy), store.device, 1, 1024)
+        runner = expert_runner(cfg, store, mode, budget, make_policy(policy), 0, reserved_kv_bytes(cfg, 1, 1024))
+        executor = HostRoutedExecutor(cfg, globals_, layers, runner)
     except MoejaxError as err:
         return {"mode": mode, "budget": budget, "skipped": str(err)}
     engine = Engine(cfg, executor)
@@ -113,7 +115,7 @@ def run_config(cfg, globals_, layers, store, mode, budget, policy, prompts, new_
         "prefill_gb": prefill.get("bytes_h2d", 0) / GB,
         "tokens": result.tokens[0],
     }
-    del engine, executor
+    del engine, executor, runner
     gc.collect()
     return row
 

@@ -8,7 +8,7 @@ from moejax.convert.families.common import common_hf_config
 from moejax.errors import MoejaxError
 from moejax.models.decoder import parameter_counts
 
-CARDS = list_cards()
+CARDS = list_cards("decoder")
 TOLERANCE = 0.02
 # DeepSeek's MLA attention is approximated by multi-head attention: only its experts are exact.
 ATTENTION_APPROXIMATED = {"deepseek-v2-lite-shape"}
@@ -59,8 +59,14 @@ def test_card_errors_are_clear(tmp_path):
     with pytest.raises(MoejaxError, match="first 1 layer"):
         load_card("deepseek-v2-lite-shape", num_layers=1)
     bad = tmp_path / "bad.json"
-    bad.write_text('{"name": "bad", "architecture": {"family": "mixtral"}}')
+    bad.write_text('{"name": "bad", "source": "x/y", "architecture": {"family": "mixtral"}}')
     with pytest.raises(MoejaxError, match="invalid architecture"):
+        load_card(bad)
+    bad.write_text('{"name": "bad", "architecture": {"family": "mixtral"}}')
+    with pytest.raises(MoejaxError, match="lacks 'source'"):
+        load_card(bad)
+    bad.write_text('{"name": "bad", "source": "x/y", "kind": "encdec"}')
+    with pytest.raises(MoejaxError, match="encdec model card needs a 'config' object"):
         load_card(bad)
 
 

@@ -15,7 +15,7 @@ from moejax.config import ModelConfig
 from moejax.convert.converter import index_tensors
 from moejax.convert.families import nllb_moe
 from moejax.convert.safetensors_file import read_tensor, write_file
-from moejax.encdec_config import CARDS_DIR, load_encdec_card, read_card
+from moejax.cards import list_cards, load_card, read_card
 from moejax.errors import MoejaxError
 from moejax.models import encdec
 
@@ -92,10 +92,18 @@ def test_seq2seq_flags_on_a_decoder_model_are_refused(tmp_path, capsys):
     assert code == 2 and "always dropless" in err
 
 
-def test_offloading_an_encoder_decoder_model_is_refused(root, capsys):
+def test_offloading_an_encoder_decoder_model_matches_resident(root, capsys):
     _, _, ckpt = build(NLLB, root)
-    code, _, err = run(capsys, "generate", ckpt, "--prompt-ids", "5,6", "--offload", "cached")
-    assert code == 2 and "--offload cached: encoder-decoder models run with every expert on the device" in err
+    outputs = []
+    for flags in ([], ["--offload", "cached", "--expert-budget", "0.3", "--cache-policy", "lfu"], ["--offload", "on-demand"]):
+        code, out, _ = run(capsys, "generate", ckpt, "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--json", *flags)
+        assert code == 0
+        outputs.append(json.loads(out))
+    assert outputs[1]["tokens"] == outputs[2]["tokens"] == outputs[0]["tokens"]
+    for result in outputs[1:]:
+        total = result["stats"]["total"]
+        assert total["activations"] > 0 and total["hits"] + total["misses"] == total["activations"]
+    assert outputs[1]["stats"]["policy"] == "lfu"
 
 
 def _broken_copy(root, tmp_path, change):
@@ -143,7 +151,7 @@ def test_unknown_config_fields_are_refused(root, tmp_path):
 
 # -- model cards -------------------------------------------------------------------------------
 
-CARDS = sorted(p.stem for p in CARDS_DIR.glob("*.json") if json.loads(p.read_text()).get("kind") == "encdec")
+CARDS = list_cards("encdec")
 
 
 def test_every_architecture_has_a_card():
@@ -154,7 +162,7 @@ def test_every_architecture_has_a_card():
 @pytest.mark.parametrize("name", CARDS)
 def test_card_sizes_agree_with_its_config_and_published_counts(name):
     card = read_card(name)
-    cfg = load_encdec_card(name)
+    cfg = load_card(name)
     counts = encdec.parameter_counts(cfg)
     sizes = card["sizes_bfloat16"]
     assert sizes["parameters"] == counts["total"] and sizes["one_expert_bytes"] == cfg.expert_bytes
@@ -171,7 +179,7 @@ def test_card_sizes_agree_with_its_config_and_published_counts(name):
 
 def test_unknown_card_lists_the_known_ones():
     with pytest.raises(MoejaxError, match="switch-base-8"):
-        load_encdec_card("switch-base-9")
+        load_card("switch-base-9")
 
 
 def test_random_model_of_a_card_saves_loads_and_generates(tmp_path):

@@ -103,14 +103,19 @@ def test_per_layer_paths_equal_whole_model(root):
     device = moejax.load(ckpt, routing="capacity", executor="device-routed")
     whole = moejax.load(ckpt, routing="capacity", executor="whole-model")
     host = moejax.load(ckpt, routing="capacity")  # the default executor
-    host.executor.wave_size = 2  # several waves per layer
+    resident_cfg = host.cfg
+    # The offloading runtime at its smallest cache: several waves per layer, every expert a copy.
+    offloaded = moejax.load(ckpt, routing="capacity", offload="cached", expert_budget=str(resident_cfg.top_k * resident_cfg.expert_bytes))
     sources = random_sources([10, 3], seed=5)
     targets = decoder_inputs(device, len(sources), seed=6)
     reference = whole.logits(sources, targets)
-    for engine in (device, host):
+    for engine in (device, host, offloaded):
         for a, b in zip(engine.logits(sources, targets), reference, strict=True):
             assert_logits_close(a, b, rel=1e-5)
+    for a, b in zip(offloaded.logits(sources, targets), host.logits(sources, targets), strict=True):
+        np.testing.assert_array_equal(a, b)  # offloading changes nothing, bit for bit
     tokens = whole.generate(sources, max_new_tokens=10, ignore_eos=True, forced_bos_id=forced(case)).tokens
-    for engine in (device, host):
+    for engine in (device, host, offloaded):
         assert engine.generate(sources, max_new_tokens=10, ignore_eos=True, forced_bos_id=forced(case)).tokens == tokens
-    assert host.executor.stats()["expert_calls"] > 0
+    stats = offloaded.generate(sources, max_new_tokens=4, forced_bos_id=forced(case)).stats["total"]
+    assert stats["misses"] > 0 and stats["hits"] + stats["misses"] == stats["activations"]

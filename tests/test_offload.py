@@ -12,7 +12,8 @@ from moejax.cli import main as cli
 from moejax.errors import MoejaxError
 from moejax.runtime import budget as budget_module
 from moejax.runtime.engine import Engine
-from moejax.runtime.loading import host_routed_executor
+from moejax.runtime.host_routed import HostRoutedExecutor
+from moejax.runtime.loading import expert_runner
 from moejax.runtime.policies import POLICIES, make_policy
 from moejax.runtime.store import HostExpertStore
 
@@ -27,8 +28,7 @@ def root(tmp_path_factory):
 def offloaded_engine(ckpt, cfg, store, mode, budget=None, policy="lru"):
     globals_ = checkpoint.load_globals(ckpt)
     layers = [checkpoint.load_layer(ckpt, i) for i in range(cfg.num_layers)]
-    executor = host_routed_executor(cfg, globals_, layers, store, mode, budget, make_policy(policy), store.device)
-    return Engine(cfg, executor)
+    return Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, expert_runner(cfg, store, mode, budget, make_policy(policy))))
 
 
 def every_mode(cfg, store):
@@ -93,7 +93,7 @@ def test_minimum_budget_streams_long_prefill_in_waves(root):
     resident = moejax.load(ckpt)
     prompt = random_prompts(resident.cfg.vocab_size, [40], seed=5)
     tiny = moejax.load(ckpt, offload="cached", expert_budget=str(2 * resident.cfg.expert_bytes))
-    assert tiny.executor.cache.capacity == 2
+    assert tiny.executor.runner.cache.capacity == 2
     result = tiny.generate(prompt, max_new_tokens=4)
     assert result.tokens == resident.generate(prompt, max_new_tokens=4).tokens
     prefill_layer0 = [layer for layer in result.stats["per_layer"] if layer["moe_layer"] == 0][0]

@@ -12,17 +12,17 @@ Interface (what the sequence-to-sequence engine uses):
   last_routing: {global layer: topk ids [N, k] device array} of the latest call of each MoE layer.
   reset_stats(); stats() -> dict of counters ({'mode': 'resident', 'executor': name, ...})
 
-All keep every expert on the device. `WholeModelExecutor` compiles the encoder and a decoder
+`WholeModelExecutor` compiles the encoder and a decoder
 step as one program each (reference); `DeviceRoutedExecutor` runs one jitted call per layer
 with routing resolved on the device; `HostRoutedExecutor` reads each MoE layer's routing back
-and hands the chosen experts to the expert function as tuples of per-expert dicts, in waves,
-through the same calls an offloading runtime makes (`moejax.runtime.host_routed` is that
-runtime for decoder models).
+and runs the chosen experts through the `ExpertRunner` and its cache, in every offloading mode,
+exactly as decoder models do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import numpy as np
 from moejax.encdec_config import EncDecConfig
 from moejax.models.encdec import RouteInputs, kv_cache_shape
 from moejax.runtime import encdec_layer_fns as fns
-from moejax.runtime.layer_fns import accumulate
+from moejax.runtime.expert_runner import ExpertRunner
 
 
 @dataclasses.dataclass
@@ -139,18 +139,16 @@ class DeviceRoutedExecutor(EncDecExecutor):
 
 
 class HostRoutedExecutor(DeviceRoutedExecutor):
-    """Each MoE layer reads its routing back to the host and gets only the chosen experts, as tuples of
-    per-expert dicts in waves of at most `wave_size` (increasing ids); dense layers run device-routed.
-
-    The slow, obviously-right twin of an offloading executor: same calls, every expert a miss.
-    """
+    """Each MoE layer reads its routing back to the host; the `ExpertRunner` hands the expert function
+    exactly the chosen experts from its cache, in every offloading mode (the decoder models' runtime,
+    `runtime.expert_runner`); dense layers run device-routed."""
 
     name = "host-routed"
 
-    def __init__(self, cfg: EncDecConfig, globals_, layers, experts, device=None, wave_size: int = 8):
-        super().__init__(cfg, globals_, layers, experts, device)
-        self.wave_size = wave_size
-        self.expert_calls = 0
+    def __init__(self, cfg: EncDecConfig, globals_, layers, runner: ExpertRunner, device=None):
+        super().__init__(cfg, globals_, layers, [None] * cfg.num_layers, device or runner.device)
+        self.runner = runner
+        self.moe_index = {g: m for m, g in enumerate(cfg.moe_layer_ids)}
 
     def _encoder_layer(self, g: int, x, context):
         if not self.cfg.moe_layers[g]:
@@ -172,26 +170,16 @@ class HostRoutedExecutor(DeviceRoutedExecutor):
         return self._experts_and_finish(g, h, moe_in, weights, ids), kv_cache, ids
 
     def _experts_and_finish(self, g: int, h, moe_in, weights, ids):
-        cfg = self.cfg
-        used = sorted(set(np.asarray(ids).ravel().tolist()) - {cfg.num_experts})
-        *middle, last = [used[i : i + self.wave_size] for i in range(0, len(used), self.wave_size)] or [[]]
-        acc = jnp.zeros(moe_in.shape, jnp.float32)
-        for wave in middle:
-            acc = accumulate(moe_in, ids, weights, jnp.asarray(wave, jnp.int32), self._fetch(g, wave), acc, cfg.hidden_act)
-        return fns.accumulate_and_finish(cfg, **fns.layer_shape(cfg, g), params=self.layers[g], h=h, moe_in=moe_in,
-                                         ids=ids, weights=weights, expert_ids=jnp.asarray(last, jnp.int32),
-                                         experts=self._fetch(g, last), acc=acc)
-
-    def _fetch(self, g: int, wave: list[int]) -> tuple[dict, ...]:
-        self.expert_calls += len(wave)
-        return tuple({name: weights[e] for name, weights in self.experts[g].items()} for e in wave)
+        """Padding and dropped (token, expert) pairs carry id E, so every row may be passed as valid."""
+        finish = functools.partial(fns.accumulate_and_finish, self.cfg, **fns.layer_shape(self.cfg, g),
+                                   params=self.layers[g], h=h, moe_in=moe_in, ids=ids, weights=weights)
+        return self.runner.run(self.moe_index[g], moe_in, ids, weights, None, finish)
 
     def reset_stats(self) -> None:
-        self.expert_calls = 0
+        self.runner.reset_stats()
 
     def stats(self) -> dict:
-        """expert_calls: (layer, expert) weight sets passed to the expert function."""
-        return {**super().stats(), "expert_calls": self.expert_calls}
+        return {**self.runner.stats(), "executor": self.name}
 
 
 EXECUTORS = {cls.name: cls for cls in (HostRoutedExecutor, DeviceRoutedExecutor, WholeModelExecutor)}

@@ -5,22 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from moejax import checkpoint
 from moejax.config import ModelConfig
-from moejax.encdec_config import EncDecConfig
+from moejax.encdec_config import ROUTING_MODES, EncDecConfig
 from moejax.errors import MoejaxError
 from moejax.models.decoder import kv_cache_bytes
+from moejax.models.encdec import kv_cache_shape as encdec_kv_cache_shape
 from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
 from moejax.runtime.engine import Engine
+from moejax.runtime.encdec_executors import EXECUTORS as ENCDEC_EXECUTORS
+from moejax.runtime.encdec_executors import HostRoutedExecutor as EncDecHostRoutedExecutor
 from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
-from moejax.runtime.host_routed import MODES, HostRoutedExecutor
+from moejax.runtime.expert_runner import MODES, ExpertRunner
+from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.policies import CachePolicy, make_policy
-from moejax.runtime.seq2seq import load_seq2seq
+from moejax.runtime.seq2seq import Seq2SeqEngine
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
 from moejax.tokenizer import load_tokenizer
 
 EXECUTORS = ("host-routed", "device-routed", "whole-model")
+DECODER_EXECUTORS = {"device-routed": DeviceRoutedExecutor, "whole-model": WholeModelExecutor}
 DEFAULT_BUDGET = "0.25"
 
 
@@ -64,46 +70,66 @@ def load(
         raise MoejaxError(f"--executor {executor} keeps every expert on the device: it needs --offload resident")
     if expert_budget is not None and offload != "cached":
         raise MoejaxError(f"--expert-budget applies to --offload cached, not '{offload}'")
-    if isinstance(cfg, EncDecConfig):
-        return load_seq2seq(path, cfg, offload=offload, executor=executor, routing=routing, device=device)
-    if routing not in (None, "dropless"):
+    seq2seq = isinstance(cfg, EncDecConfig)
+    if seq2seq:
+        cfg = with_routing(cfg, routing)
+    elif routing not in (None, "dropless"):
         raise MoejaxError(f"--routing {routing}: {cfg.family} routing is always dropless (capacity is for encoder-decoder models)")
     policy = make_policy(cache_policy)
     if executor == "host-routed" and offload != "resident":
-        size_pinned_pool(sum(cfg.moe_layers) * cfg.num_experts * cfg.expert_bytes)
+        size_pinned_pool(len(cfg.moe_layer_ids) * cfg.num_experts * cfg.expert_bytes)
     device = device or jax.devices()[0]
     globals_ = checkpoint.load_globals(path)
     layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
-    tokenizer = load_tokenizer(path)
+    engine_cls = Seq2SeqEngine if seq2seq else Engine
     if executor != "host-routed":
         experts = [
             tuple(checkpoint.load_expert(path, i, e) for e in range(cfg.num_experts)) if cfg.moe_layers[i] else None
             for i in range(cfg.num_layers)
         ]
-        executor_cls = WholeModelExecutor if executor == "whole-model" else DeviceRoutedExecutor
-        return Engine(cfg, executor_cls(cfg, globals_, layers, experts, device), tokenizer, path)
+        executor_cls = (ENCDEC_EXECUTORS if seq2seq else DECODER_EXECUTORS)[executor]
+        return engine_cls(cfg, executor_cls(cfg, globals_, layers, experts, device), load_tokenizer(path), path)
     store = HostExpertStore.from_checkpoint(path, cfg, device, on_device=offload == "resident", show_progress=show_progress)
-    return Engine(cfg, host_routed_executor(cfg, globals_, layers, store, offload, expert_budget, policy, device, max_batch, max_seq_len), tokenizer, path)
+    kv_bytes = reserved_kv_bytes(cfg, max_batch, min(max_seq_len, cfg.max_position_embeddings))
+    runner = expert_runner(cfg, store, offload, expert_budget, policy, dense_bytes(globals_, layers), kv_bytes)
+    executor_cls = EncDecHostRoutedExecutor if seq2seq else HostRoutedExecutor
+    return engine_cls(cfg, executor_cls(cfg, globals_, layers, runner), load_tokenizer(path), path)
 
 
-def host_routed_executor(
-    cfg: ModelConfig,
-    globals_,
-    layers,
+def with_routing(cfg: EncDecConfig, routing: str | None) -> EncDecConfig:
+    if routing is None:
+        return cfg
+    if routing not in ROUTING_MODES:
+        raise MoejaxError(f"--routing '{routing}' is not one of {', '.join(ROUTING_MODES)}")
+    return cfg.replace(routing=routing)
+
+
+def dense_bytes(globals_, layers) -> int:
+    """Bytes of the non-expert weights not yet on the device."""
+    return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((globals_, layers)) if not isinstance(leaf, jax.Array))
+
+
+def reserved_kv_bytes(cfg: ModelConfig | EncDecConfig, batch: int, length: int) -> int:
+    """Device bytes of the largest KV cache to leave room for (encoder-decoder: self and cross attention)."""
+    if isinstance(cfg, EncDecConfig):
+        per_layer = int(np.prod(encdec_kv_cache_shape(cfg, batch, length))) * cfg.dtype_bytes
+        return 4 * len(cfg.decoder_layer_ids) * per_layer
+    return kv_cache_bytes(cfg, batch, length)
+
+
+def expert_runner(
+    cfg: ModelConfig | EncDecConfig,
     store: HostExpertStore,
     offload: str,
     expert_budget: str | float | None,
     policy: CachePolicy,
-    device,
-    max_batch: int = 8,
-    max_seq_len: int = 4096,
-) -> HostRoutedExecutor:
-    """A HostRoutedExecutor; in 'cached' mode its capacity comes from the budget and the device's free memory."""
+    dense_bytes_to_place: int = 0,
+    kv_bytes: int = 0,
+) -> ExpertRunner:
+    """An ExpertRunner; in 'cached' mode its capacity comes from the budget and the device's free memory."""
     capacity = None
     if offload == "cached":
         budget = parse_budget(DEFAULT_BUDGET if expert_budget is None else expert_budget, store.total_bytes)
-        kv_bytes = kv_cache_bytes(cfg, max_batch, min(max_seq_len, cfg.max_position_embeddings))
-        leaves = jax.tree_util.tree_leaves((globals_, layers))
-        dense_bytes = sum(leaf.nbytes for leaf in leaves if not isinstance(leaf, jax.Array))  # not yet on the device
-        capacity = cache_capacity(budget, store.expert_bytes, cfg.top_k, device_memory(device, kv_bytes, dense_bytes))
-    return HostRoutedExecutor(cfg, globals_, layers, store, offload, capacity, policy, device)
+        memory = device_memory(store.device, kv_bytes, dense_bytes_to_place)
+        capacity = cache_capacity(budget, store.expert_bytes, cfg.top_k, memory)
+    return ExpertRunner(store, offload, cfg.num_experts, cfg.hidden_act, capacity, policy)

@@ -11,21 +11,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from moejax import checkpoint
-from moejax.encdec_config import ROUTING_MODES, EncDecConfig
+from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError
 from moejax.models.capacity import capacity_for
 from moejax.models.encdec import RouteInputs
 from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
-from moejax.runtime.encdec_executors import EXECUTORS, EncDecExecutor, EncoderState
+from moejax.runtime.encdec_executors import EncDecExecutor, EncoderState
 from moejax.runtime.engine import Engine, GenerationConfig, GenerationResult, Prompt, _prefill_inputs, record_tokens
 from moejax.runtime.sampling import sample
-from moejax.tokenizer import load_tokenizer
 
 
 class Seq2SeqEngine(Engine):
@@ -152,24 +149,3 @@ class Seq2SeqEngine(Engine):
             if finished.all():
                 break
         return self._result(generated, reasons, ttft, step_times, time.perf_counter() - start)
-
-def load_seq2seq(path: Path, cfg: EncDecConfig, *, offload: str = "resident", executor: str = "host-routed",
-                 routing: str | None = None, device=None) -> Seq2SeqEngine:
-    """A Seq2SeqEngine over an encoder-decoder checkpoint with every expert on the device.
-
-    executor: 'host-routed' (routing read back per MoE layer, chosen experts passed as arguments),
-    'device-routed' (routing on the device) or 'whole-model' (the reference).
-    routing: 'dropless' (the default: every token gets its top-k experts) or 'capacity'
-    (transformers' expert-capacity token dropping).
-    """
-    if offload != "resident":
-        raise MoejaxError(f"--offload {offload}: encoder-decoder models run with every expert on the device (--offload resident) for now")
-    if routing is not None:
-        if routing not in ROUTING_MODES:
-            raise MoejaxError(f"--routing '{routing}' is not one of {', '.join(ROUTING_MODES)}")
-        cfg = cfg.replace(routing=routing)
-    globals_ = checkpoint.load_globals(path)
-    layers = [checkpoint.load_layer(path, g) for g in range(cfg.num_layers)]
-    experts = [checkpoint.load_stacked_experts(path, cfg, g) if cfg.moe_layers[g] else None for g in range(cfg.num_layers)]
-    executor_cls = EXECUTORS[executor]
-    return Seq2SeqEngine(cfg, executor_cls(cfg, globals_, layers, experts, device), load_tokenizer(path), path)
