@@ -11,7 +11,7 @@ import transformers as T
 from moejax.cli import main
 from moejax.convert.safetensors_file import read_header, read_tensor, write_file
 
-SUPPORTED = "mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers"
+SUPPORTED = "mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers"
 
 
 @pytest.fixture(scope="module")
