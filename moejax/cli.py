@@ -1,4 +1,4 @@
-"""The `moejax` command: convert, export, info, generate.
+"""The `moejax` command: convert, export, info, generate, lab.
 
 Every user error ends in one line on stderr ("moejax: error: ...") and exit status 2.
 """
@@ -73,7 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
     seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
     seq2seq.add_argument("--routing", choices=("dropless", "capacity"), help="capacity: transformers' token dropping")
+    add_lab_parser(sub)
     return parser
+
+
+def add_lab_parser(sub) -> None:
+    p = sub.add_parser("lab", help="replay routing traces through cache policies and prefetchers (no model)")
+    p.add_argument("--traces", type=Path, required=True, help="routing trace (.npz): experts [layers, tokens, k] + seq_lens")
+    p.add_argument("--sequences", help="replay only sequences A:B of --traces")
+    p.add_argument("--fit", type=Path, help="trace to build the EAM collection from (default: none)")
+    p.add_argument("--fit-sequences", help="use only sequences A:B of --fit")
+    p.add_argument("--capacity", required=True, help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5")
+    p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
+    p.add_argument("--prefetch", default="none", help="none | lookahead | trace")
+    p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per layer step (default: top-k)")
+    p.add_argument("--lookahead-accuracy", type=float,
+                   help="simulate the lookahead router with this per-expert accuracy (default: the trace's recorded "
+                        "lookahead, else 0.8)")
+    p.add_argument("--expert-bytes", type=int, help="bytes of one expert, to report bytes moved")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", type=Path, help="write a PNG of hit rate against capacity (needs matplotlib)")
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
@@ -211,7 +231,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate}
+def cmd_lab(args) -> int:
+    from moejax import lab
+    from moejax.runtime.trace import load_routing
+
+    try:
+        capacities = [float(c) for c in args.capacity.split(",")]
+    except ValueError:
+        raise MoejaxError(f"--capacity must be fractions separated by commas, got {args.capacity!r}") from None
+    from moejax.runtime.policies import POLICIES
+
+    if args.policy not in POLICIES:
+        raise MoejaxError(f"--policy '{args.policy}' is not one of {', '.join(POLICIES)}")
+    trace = load_routing(args.traces)
+    trace = trace.select(*lab.parse_range(args.sequences, trace.num_sequences, "--sequences"))
+    collection = None
+    if args.fit is not None:
+        fit = load_routing(args.fit)
+        collection = fit.select(*lab.parse_range(args.fit_sequences, fit.num_sequences, "--fit-sequences")).collection()
+    results = [
+        lab.replay(trace, capacity_fraction=c, policy=args.policy, prefetch=args.prefetch,
+                   prefetch_per_layer=args.prefetch_per_layer, collection=collection,
+                   lookahead_accuracy=args.lookahead_accuracy, expert_bytes=args.expert_bytes, seed=args.seed,
+                   show_progress=sys.stderr.isatty())
+        for c in capacities
+    ]
+    if args.plot is not None:
+        label = args.policy + ("" if args.prefetch == "none" else f" + {args.prefetch}")
+        lab.plot_curves({label: [(r["capacity_fraction"], r["hit_rate"]) for r in results]}, args.plot, str(args.traces.name))
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
+        return 0
+    for r in results:
+        line = (f"{r['policy']}" + ("" if r["prefetch"] == "none" else f" + {r['prefetch']}")
+                + f", capacity {r['capacity_fraction']:g} ({r['capacity_experts']} experts): hit rate {r['hit_rate'] * 100:.1f}%"
+                + f", {r['experts_moved'] / max(r['tokens'], 1):.2f} experts moved/token")
+        if r["prefetch"] != "none":
+            line += f", prefetch precision {r['prefetch_precision'] * 100:.1f}% recall {r['prefetch_recall'] * 100:.1f}%"
+        print(line)
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate, "lab": cmd_lab}
 
 
 def main(argv: list[str] | None = None) -> int:

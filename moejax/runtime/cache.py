@@ -17,6 +17,7 @@ import jax
 
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import CachePolicy, ExpertKey
+from moejax.runtime.prefetch import select_prefetch
 from moejax.runtime.store import HostExpertStore, device_sharding
 
 
@@ -94,12 +95,7 @@ class ExpertCache:
 
         Only unpinned experts can be evicted for them, so the layer in progress keeps its experts.
         """
-        chosen = []
-        for key in keys:
-            if len(chosen) >= limit or self.directory.evictable() + self.directory.free - len(chosen) <= 0:
-                break
-            if key not in self.directory and key not in chosen:
-                chosen.append(key)
+        chosen = select_prefetch(self.directory, keys, limit)
         self._place(chosen, prefetch=True)
         return len(chosen)
 

@@ -43,6 +43,7 @@ class ExpertDirectory:
         self.capacity, self.policy = capacity, policy
         self.resident: set[ExpertKey] = set()
         self.pinned: set[ExpertKey] = set()
+        self._miss_ticks: dict[ExpertKey, int] = {}  # tick of each miss of the step in progress
         self.unused_prefetches: set[ExpertKey] = set()
         self.now = 0
         self.total = DirectoryCounters()
@@ -56,11 +57,11 @@ class ExpertDirectory:
     def free(self) -> int:
         return self.capacity - len(self.resident)
 
-    def _count(self, layer: int, **deltas: int) -> None:
-        layer_counters = self.per_layer.setdefault(layer, DirectoryCounters())
-        for name, delta in deltas.items():
-            setattr(self.total, name, getattr(self.total, name) + delta)
-            setattr(layer_counters, name, getattr(layer_counters, name) + delta)
+    def _layer(self, layer: int) -> DirectoryCounters:
+        counters = self.per_layer.get(layer)
+        if counters is None:
+            counters = self.per_layer[layer] = DirectoryCounters()
+        return counters
 
     def begin_layer(self, layer: int, needed: Iterable[int]) -> tuple[list[ExpertKey], list[ExpertKey]]:
         """Counts and pins; returns (hits, misses) as keys in increasing expert order."""
@@ -75,10 +76,15 @@ class ExpertDirectory:
                 self.policy.on_access(key, self.now, hit=True)
                 if key in self.unused_prefetches:
                     self.unused_prefetches.discard(key)
-                    self._count(layer, prefetch_used=1)
+                    self.total.prefetch_used += 1
+                    self._layer(layer).prefetch_used += 1
             else:
                 misses.append(key)
-        self._count(layer, activations=len(hits) + len(misses), hits=len(hits), misses=len(misses))
+                self._miss_ticks[key] = self.now
+        for counters in (self.total, self._layer(layer)):
+            counters.activations += len(hits) + len(misses)
+            counters.hits += len(hits)
+            counters.misses += len(misses)
         return hits, misses
 
     def admit(self, key: ExpertKey, prefetch: bool = False, pin: bool = True) -> list[ExpertKey]:
@@ -90,21 +96,22 @@ class ExpertDirectory:
             return []
         evicted = []
         while self.free < 1:
-            candidates = [k for k in self.resident if k not in self.pinned]
-            if not candidates:
+            victim = self.policy.select_victim(self.resident, self.pinned, self.now)
+            if victim is None:
                 raise MoejaxError(
                     f"expert cache of {self.capacity} experts is full of experts in use; cannot admit {key}"
                 )
-            victim = self.policy.victim(candidates, self.now)
             self.evict(victim)
             evicted.append(victim)
         self.resident.add(key)
         self.policy.on_insert(key, self.now)
         if prefetch:
             self.unused_prefetches.add(key)
-            self._count(key[0], prefetch_issued=1)
+            self.total.prefetch_issued += 1
+            self._layer(key[0]).prefetch_issued += 1
         else:
-            self.policy.on_access(key, self.now, hit=False)
+            # A miss is an access at its own tick of begin_layer: a step's accesses are in expert order.
+            self.policy.on_access(key, self._miss_ticks.pop(key, self.now), hit=False)
             if pin:
                 self.pinned.add(key)
         return evicted
@@ -113,16 +120,19 @@ class ExpertDirectory:
         self.resident.discard(key)
         self.pinned.discard(key)
         self.policy.on_evict(key)
-        self._count(key[0], evictions=1)
+        self.total.evictions += 1
+        self._layer(key[0]).evictions += 1
         if key in self.unused_prefetches:
             self.unused_prefetches.discard(key)
-            self._count(key[0], prefetch_wasted=1)
+            self.total.prefetch_wasted += 1
+            self._layer(key[0]).prefetch_wasted += 1
 
     def unpin(self, keys: Iterable[ExpertKey]) -> None:
         self.pinned.difference_update(keys)
 
     def end_layer(self) -> None:
         self.pinned.clear()
+        self._miss_ticks.clear()
 
     def evictable(self) -> int:
         """How many resident experts could be evicted now."""

@@ -5,15 +5,23 @@ A key is (moe_layer, expert). The directory (`runtime.directory`) tells the poli
 every access, insertion and eviction in order, and asks it for a victim among the resident,
 unpinned experts. `now` is the directory's logical clock (one tick per access).
 
+`victim(candidates, now)` is the definition of a policy's choice; `select_victim(resident, pinned,
+now)` is what the directory calls, and policies override it with an index (a heap, a score array)
+that finds the same victim without listing every resident expert. Tests hold the two equal.
+
 To add a policy: subclass `CachePolicy`, implement `victim` (and whatever hooks it needs),
 and register it in `POLICIES` (or pass an instance to the directory directly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+from collections.abc import Iterable, Sequence, Set
+
+import numpy as np
 
 from moejax.errors import MoejaxError
+from moejax.runtime.trace import ExpertUsage
 
 ExpertKey = tuple[int, int]
 
@@ -33,78 +41,102 @@ class CachePolicy:
     def on_layer(self, layer: int) -> None:
         """The engine is about to compute MoE layer `layer` (known before its accesses)."""
 
-    def on_sequence_start(self) -> None:
-        """A new sequence (request) begins."""
+    def on_routing(self, layer: int, counts: np.ndarray) -> None:
+        """Token counts [E] of MoE layer `layer`'s routing in the step about to run (before `on_layer`)."""
+
+    def on_sequence_start(self, task: str | None = None) -> None:
+        """A new sequence (request) begins, with an optional task label."""
 
     def victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
         """The expert to evict, chosen among `candidates` (resident, not pinned, non-empty)."""
         raise NotImplementedError
 
+    def select_victim(self, resident: Set[ExpertKey], pinned: Set[ExpertKey], now: int) -> ExpertKey | None:
+        """`victim` among resident experts that are not pinned; None if there is none."""
+        candidates = [k for k in resident if k not in pinned]
+        return self.victim(candidates, now) if candidates else None
 
-class LRU(CachePolicy):
+
+class RankedPolicy(CachePolicy):
+    """A policy whose order of a resident expert changes only at that expert's own events.
+
+    Each resident key has a rank (a tuple; the smallest is evicted first, ties by key). A heap with
+    lazy deletion finds the victim in O(log n): stale entries are skipped when they surface, pinned
+    ones are set aside and pushed back.
+    """
+
+    def __init__(self):
+        self.rank: dict[ExpertKey, tuple] = {}
+        self._heap: list[tuple[tuple, ExpertKey]] = []
+
+    def set_rank(self, key: ExpertKey, rank: tuple) -> None:
+        self.rank[key] = rank
+        heapq.heappush(self._heap, (rank, key))
+        if len(self._heap) > 4 * len(self.rank) + 64:
+            self._heap = [(r, k) for k, r in self.rank.items()]
+            heapq.heapify(self._heap)
+
+    def on_evict(self, key):
+        self.rank.pop(key, None)
+
+    def victim(self, candidates, now):
+        return min(candidates, key=lambda k: (self.rank[k], k))
+
+    def select_victim(self, resident, pinned, now):
+        heap, set_aside, found = self._heap, [], None
+        while heap:
+            rank, key = heap[0]
+            if self.rank.get(key) != rank or key not in resident:
+                heapq.heappop(heap)
+            elif key in pinned:
+                set_aside.append(heapq.heappop(heap))
+            else:
+                found = key
+                break
+        for item in set_aside:
+            heapq.heappush(heap, item)
+        return found
+
+
+class LRU(RankedPolicy):
     """Evicts the least recently used expert."""
 
     name = "lru"
 
-    def __init__(self):
-        self.last_use: dict[ExpertKey, int] = {}
-
     def on_access(self, key, now, hit):
-        self.last_use[key] = now
+        self.set_rank(key, (now,))
 
     def on_insert(self, key, now):
-        self.last_use.setdefault(key, now)
-
-    def on_evict(self, key):
-        self.last_use.pop(key, None)
-
-    def victim(self, candidates, now):
-        return min(candidates, key=lambda k: (self.last_use.get(k, -1), k))
+        if key not in self.rank:
+            self.set_rank(key, (now,))
 
 
-class LFU(CachePolicy):
+class LFU(RankedPolicy):
     """Evicts the expert used least often since it was inserted; ties go to the least recently used."""
 
     name = "lfu"
 
-    def __init__(self):
-        self.uses: dict[ExpertKey, int] = {}
-        self.last_use: dict[ExpertKey, int] = {}
-
     def on_access(self, key, now, hit):
-        self.uses[key] = self.uses.get(key, 0) + 1
-        self.last_use[key] = now
+        uses = self.rank[key][0] if key in self.rank else 0
+        self.set_rank(key, (uses + 1, now))
 
     def on_insert(self, key, now):
-        self.uses.setdefault(key, 0)
-        self.last_use.setdefault(key, now)
-
-    def on_evict(self, key):
-        self.uses.pop(key, None)
-        self.last_use.pop(key, None)
-
-    def victim(self, candidates, now):
-        return min(candidates, key=lambda k: (self.uses.get(k, 0), self.last_use.get(k, -1), k))
+        if key not in self.rank:
+            self.set_rank(key, (0, now))
 
 
-class FIFO(CachePolicy):
+class FIFO(RankedPolicy):
     """Evicts the expert that was inserted first."""
 
     name = "fifo"
 
     def __init__(self):
-        self.inserted: dict[ExpertKey, int] = {}
+        super().__init__()
         self.order = 0
 
     def on_insert(self, key, now):
         self.order += 1
-        self.inserted[key] = self.order
-
-    def on_evict(self, key):
-        self.inserted.pop(key, None)
-
-    def victim(self, candidates, now):
-        return min(candidates, key=lambda k: (self.inserted.get(k, 0), k))
+        self.set_rank(key, (self.order,))
 
 
 class LIFO(FIFO):
@@ -112,15 +144,176 @@ class LIFO(FIFO):
 
     name = "lifo"
 
+    def on_insert(self, key, now):
+        self.order += 1
+        self.set_rank(key, (-self.order,))
+
+
+class ActivationPolicy(CachePolicy):
+    """Activation-aware eviction: evicts the expert whose next use is expected farthest away.
+
+    While MoE layer c runs, a resident expert (l, e) is next needed, at the earliest, d(l) layer
+    steps ahead, d(l) = ((l - c - 1) mod L) + 1 (1 for the next layer, L for layer c itself). If
+    each later visit of layer l uses e with probability p(l, e), independently, the expected
+    number of layer steps until its next use is
+
+        T(l, e) = d(l) + L * (1 - p) / p,
+
+    and the policy evicts the largest T (ties: the lowest (layer, expert)), sparing experts used or
+    inserted in the step in progress unless nothing else can go: activation frequency
+    and layer position in one quantity, an estimate of Belady's next-use time. p is
+    `trace.ExpertUsage`: the running sequence's token counts (from `on_routing`, recency-weighted
+    by `decay`) smoothed towards a prior worth `prior_tokens` tokens: the mean per-layer expert
+    shares of the collection's EAMs (of those with the sequence's task label, when there are
+    some), or uniform without a collection.
+    """
+
+    name = "activation"
+
+    def __init__(self, num_layers: int, num_experts: int, collection=None, prior_tokens: float = 4.0,
+                 decay: float = 0.9):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.collection = collection
+        self.usage = ExpertUsage(num_layers, num_experts, prior_tokens, decay)
+        self.resident = np.zeros((num_layers, num_experts), bool)
+        self.layer = 0
+        self._fresh: list[ExpertKey] = []  # used or inserted in the step in progress
+        self.on_sequence_start()
+
+    def _prior(self, task: str | None) -> np.ndarray:
+        collection = self.collection
+        if collection is None or not len(collection):
+            return np.full((self.num_layers, self.num_experts), 1.0 / self.num_experts)
+        eams = collection.eams
+        if task is not None and task in collection.tasks:
+            eams = eams[[t == task for t in collection.tasks]]
+        shares = eams / np.maximum(eams.sum(axis=2, keepdims=True), 1)
+        return shares.mean(axis=0)
+
+    def on_sequence_start(self, task=None):
+        self.prior = self._prior(task)
+        self.usage.reset()
+        self.rest = np.empty((self.num_layers, self.num_experts))  # L * (1 - p) / p
+        for layer in range(self.num_layers):
+            self._update_row(layer)
+        self._scores = None
+
+    def _update_row(self, layer: int) -> None:
+        p = self.usage.probabilities(layer, self.prior[layer])
+        self.rest[layer] = self.num_layers * (1 - p) / p
+
+    def on_routing(self, layer, counts):
+        self.usage.observe(layer, counts)
+        self._update_row(layer)
+        self._scores = None
+
+    def on_layer(self, layer):
+        self.layer = layer
+        self._scores = None
+        self._fresh = []
+
+    def on_access(self, key, now, hit):
+        self._protect(key)
+
+    def on_insert(self, key, now):
+        self.resident[key] = True
+        self._protect(key)
+
+    def _protect(self, key: ExpertKey) -> None:
+        self._fresh.append(key)
+        if self._scores is not None:
+            self._masked[key] = -np.inf
+
+    def on_evict(self, key):
+        self.resident[key] = False
+        if self._scores is not None:
+            self._masked[key] = -np.inf
+
+    def expected_next_use(self) -> np.ndarray:
+        """float [L, E]: T(l, e) in layer steps, given the layer in progress."""
+        if self._scores is None:
+            distance = (np.arange(self.num_layers) - self.layer - 1) % self.num_layers + 1
+            self._scores = self.rest + distance[:, None]
+            self._masked = np.where(self.resident, self._scores, -np.inf)
+            for key in self._fresh:
+                self._masked[key] = -np.inf
+        return self._scores
+
     def victim(self, candidates, now):
-        return max(candidates, key=lambda k: (self.inserted.get(k, 0), k))
+        scores = self.expected_next_use()
+        fresh = set(self._fresh)
+        pool = [k for k in candidates if k not in fresh] or candidates
+        return max(pool, key=lambda k: (scores[k], -k[0], -k[1]))
+
+    def select_victim(self, resident, pinned, now):
+        self.expected_next_use()
+        key = divmod(int(np.argmax(self._masked)), self.num_experts)
+        if self._masked[key] > -np.inf and key not in pinned:
+            return key
+        return super().select_victim(resident, pinned, now)
 
 
-POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, LIFO)}
+class Belady(RankedPolicy):
+    """Belady's MIN: evicts the expert whose next use is farthest in the future (ties: the largest key).
+
+    Offline optimal eviction for demand fetching, hence an upper bound for any policy without
+    prefetching. `future` is the whole sequence of layer steps the replay will run, as
+    (moe_layer, experts needed) pairs in order; each `on_layer` call advances one step.
+    """
+
+    name = "belady"
+    NEVER = 1 << 62
+
+    def __init__(self, future: Iterable[tuple[int, Iterable[int]]]):
+        super().__init__()
+        self.layers: list[int] = []
+        self.uses: dict[ExpertKey, list[int]] = {}
+        for step, (layer, experts) in enumerate(future):
+            self.layers.append(int(layer))
+            for expert in set(int(e) for e in experts):
+                self.uses.setdefault((int(layer), expert), []).append(step)
+        self._next: dict[ExpertKey, int] = {}  # index into uses[key] of the first use after `step`
+        self.step = -1
+
+    def on_layer(self, layer):
+        self.step += 1
+        if self.step >= len(self.layers) or self.layers[self.step] != layer:
+            raise MoejaxError("belady: the replay left the future access sequence it was given")
+
+    def next_use(self, key: ExpertKey) -> int:
+        """The first step after the current one that needs `key` (NEVER if none)."""
+        uses = self.uses.get(key, ())
+        i = self._next.get(key, 0)
+        while i < len(uses) and uses[i] <= self.step:
+            i += 1
+        self._next[key] = i
+        return uses[i] if i < len(uses) else self.NEVER
+
+    def _update(self, key):
+        self.set_rank(key, (-self.next_use(key), -key[0], -key[1]))
+
+    def on_access(self, key, now, hit):
+        self._update(key)
+
+    def on_insert(self, key, now):
+        self._update(key)
 
 
-def make_policy(name: str, **options) -> CachePolicy:
-    """A fresh policy by name; `options` go to its constructor."""
+POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, LIFO, ActivationPolicy, Belady)}
+
+
+def make_policy(name: str, *, num_layers: int | None = None, num_experts: int | None = None,
+                collection=None, future=None) -> CachePolicy:
+    """A fresh policy by name. activation needs num_layers and num_experts (collection optional);
+    belady needs `future`, the whole access sequence (so only the policy lab can run it)."""
     if name not in POLICIES:
         raise MoejaxError(f"--cache-policy '{name}' is not one of {', '.join(POLICIES)}")
-    return POLICIES[name](**options)
+    if name == "activation":
+        if num_layers is None or num_experts is None:
+            raise MoejaxError("the activation cache policy needs the number of MoE layers and experts")
+        return ActivationPolicy(num_layers, num_experts, collection)
+    if name == "belady":
+        if future is None:
+            raise MoejaxError("belady needs the future access sequence: lab only")
+        return Belady(future)
+    return POLICIES[name]()

@@ -1,0 +1,221 @@
+"""Expert prefetchers: which experts of the layers ahead to copy to the GPU while a layer computes.
+
+One interface for the engine and the policy lab. Per MoE layer step the caller
+  1. `observe(layer, counts, lookahead)`: token counts [E] of the layer's routing in this step and,
+     when the executor computed it, the token counts [E] of the experts the NEXT MoE layer's
+     router picks when applied to this layer's input;
+  2. `predict(layer)`: keys (moe_layer, expert) of layers after `layer`, best first (after the last
+     layer they wrap to layers 0.. of the next token), never of `layer` itself;
+  3. admits a prefix of them with `prefetch_into` (or `ExpertCache.prefetch`): the same rule,
+     never evicting an expert the layer in progress has pinned.
+Prefetching moves experts, never changes what is computed, so outputs do not depend on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from moejax.errors import MoejaxError
+from moejax.runtime.directory import ExpertDirectory
+from moejax.runtime.policies import ExpertKey
+from moejax.runtime.trace import EAMCollection, EAMMatcher, ExpertUsage
+
+
+class Prefetcher:
+    name = "base"
+
+    def on_sequence_start(self, task: str | None = None) -> None:
+        """A new sequence (request) begins, with an optional task label."""
+
+    def observe(self, layer: int, counts: np.ndarray, lookahead: np.ndarray | None = None) -> None:
+        """Routing of MoE layer `layer` in this step: counts [E] tokens per expert; lookahead [E] or None."""
+
+    def predict(self, layer: int) -> list[ExpertKey]:
+        """Experts to prefetch after `layer`'s routing, best first."""
+        return []
+
+
+class NoPrefetcher(Prefetcher):
+    name = "none"
+
+
+class LookaheadPrefetcher(Prefetcher):
+    """Prefetches the experts the next MoE layer's router picks on the current layer's input.
+
+    The mixtral-offloading / Pre-gated heuristic: hidden states change little from one layer to
+    the next, so the next router applied one layer early guesses its experts. Experts with more
+    tokens come first. Nothing is predicted after the last MoE layer (no next router input yet).
+    """
+
+    name = "lookahead"
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.guess: np.ndarray | None = None
+
+    def observe(self, layer, counts, lookahead=None):
+        self.guess = None if lookahead is None else np.asarray(lookahead)
+
+    def predict(self, layer):
+        if self.guess is None or layer + 1 >= self.num_layers:
+            return []
+        experts = np.flatnonzero(self.guess)
+        order = np.argsort(-self.guess[experts], kind="stable")
+        return [(layer + 1, int(e)) for e in experts[order]]
+
+
+class TracePrefetcher(Prefetcher):
+    """Trace-based prefetching: the running sequence's EAM matched against the collection (MoE-Infinity),
+    sharpened by the experts the token in flight already chose.
+
+    After the step of layer l, for the `horizon` layers ahead (distance t = 1..horizon layer steps,
+    wrapping to layers 0.. of the next token after the last layer), the probability p(j, e) that the
+    next visit of layer j uses expert e is built in two parts:
+
+    1. sequence level: s(j, e) = `trace.ExpertUsage`: the running sequence's token counts smoothed
+       towards the expert shares of layer j in the best-matching collection EAMs (`trace.EAMMatcher`:
+       cosine over the whole running EAM; the `top_matches` most similar, weighted by similarity);
+    2. token level, when the collection has `transitions` and layer j is still ahead in the current
+       token: for each earlier layer i = j - d (d = 1..depth) the token has passed, P_d(e) = sum_a
+       c_i(a) T_d[j, a, e] / sum_a c_i(a) T_d[j, a, .] (c_i: this step's counts of layer i; T_d:
+       the collection's transitions, + `smoothing` per cell), combined as a naive-Bayes product
+
+           log r(j, e) = log P_{d0}(e) + sum_{d != d0} (log P_d(e) - log u(j, e)) + w (log s'(j, e) - log u(j, e)),
+
+       with d0 the nearest layer, u the collection's shares of layer j, s' = s normalised to shares,
+       w = `sequence_weight`; then p(j, e) = min(1, m(j) r(j, e) / sum_e r(j, e)) (m(j): experts per
+       step). Without transitions, or for the next token's layers, p = s.
+
+    Keys are ranked by priority(j, e) = p(j, e) * (1 - (t - 1) / horizon): nearer layers and likelier
+    experts first; only experts with p >= `min_probability` are proposed (a prefetch evicts a cached
+    expert, so a guess that is rarely right costs more than it wins).
+    """
+
+    name = "trace"
+
+    def __init__(self, num_layers: int, num_experts: int, collection: EAMCollection | None = None,
+                 horizon: int = 1, prior_tokens: float = 4.0, decay: float = 1.0, top_matches: int = 1,
+                 min_probability: float = 0.02, sequence_weight: float = 0.5, smoothing: float = 0.1,
+                 use_transitions: bool = True):
+        if collection is not None and (collection.num_layers, collection.num_experts) != (num_layers, num_experts):
+            raise MoejaxError(
+                f"EAM collection is [{collection.num_layers}, {collection.num_experts}] but the model has "
+                f"{num_layers} MoE layers of {num_experts} experts"
+            )
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.horizon = max(1, min(horizon, num_layers - 1)) if num_layers > 1 else 1
+        self.min_probability, self.sequence_weight = min_probability, sequence_weight
+        self.usage = ExpertUsage(num_layers, num_experts, prior_tokens, decay)
+        self.matcher = EAMMatcher(collection, top_matches) if collection is not None and len(collection) else None
+        self.uniform = np.full(num_experts, 1.0 / num_experts)
+        self.conditional = None
+        if use_transitions and collection is not None and collection.transitions.any():
+            smoothed = collection.transitions.astype(np.float64) + smoothing
+            self.conditional = smoothed / smoothed.sum(axis=3, keepdims=True)  # [depth, L, a, b]: P_d(b | a)
+            first = collection.transitions[0].sum(axis=1) + smoothing  # [L, E]; layer 0 has no d = 1 pairs
+            self.log_shares = np.log(first / first.sum(axis=1, keepdims=True))
+        self.token_counts = np.zeros((num_layers, num_experts))
+        self.token_layer = -1  # the token in flight has passed layers 0..token_layer
+
+    def on_sequence_start(self, task=None):
+        self.usage.reset()
+        self.token_layer = -1
+        if self.matcher is not None:
+            self.matcher.reset()
+
+    def observe(self, layer, counts, lookahead=None):
+        counts = np.asarray(counts)
+        self.usage.observe(layer, counts)
+        self.token_counts[layer] = counts
+        self.token_layer = layer
+        if self.matcher is not None:
+            self.matcher.observe(layer, counts)
+
+    def sequence_probabilities(self, layer: int) -> np.ndarray:
+        """float [E]: s(layer, e), the sequence-level probability for the next visit of MoE layer `layer`."""
+        prior = self.matcher.predicted_shares(layer) if self.matcher is not None else self.uniform
+        return self.usage.probabilities(layer, prior)
+
+    def probabilities(self, layer: int) -> np.ndarray:
+        """float [E]: p(layer, e) for the next visit of MoE layer `layer`."""
+        s = self.sequence_probabilities(layer)
+        if self.conditional is None or layer <= self.token_layer:
+            return s
+        log_r, first = None, True
+        for d in range(1, len(self.conditional) + 1):
+            source = layer - d
+            if source < 0 or source > self.token_layer:
+                continue
+            counts = self.token_counts[source]
+            nz = np.flatnonzero(counts)
+            if not len(nz):
+                continue
+            log_p = np.log(counts[nz] @ self.conditional[d - 1, layer, nz] / counts[nz].sum())
+            log_r = log_p if first else log_r + log_p - self.log_shares[layer]
+            first = False
+        if log_r is None:
+            return s
+        log_r = log_r + self.sequence_weight * (np.log(s / s.sum()) - self.log_shares[layer])
+        r = np.exp(log_r - log_r.max())
+        return np.minimum(self.usage.experts_per_step(layer) * r / r.sum(), 1.0)
+
+    def predict(self, layer):
+        layers, experts, priorities = [], [], []
+        for t in range(1, self.horizon + 1):
+            ahead = (layer + t) % self.num_layers
+            if ahead == layer:
+                break
+            p = self.probabilities(ahead)
+            likely = np.flatnonzero(p >= self.min_probability)
+            layers.append(np.full(len(likely), ahead))
+            experts.append(likely)
+            priorities.append(p[likely] * (1 - (t - 1) / self.horizon))
+        if not layers:
+            return []
+        order = np.argsort(-np.concatenate(priorities), kind="stable")
+        return list(zip(np.concatenate(layers)[order].tolist(), np.concatenate(experts)[order].tolist()))
+
+
+PREFETCHERS = ("none", "lookahead", "trace")
+
+
+def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
+                    collection: EAMCollection | None = None) -> Prefetcher:
+    """A fresh prefetcher by name (`top_k` is the model's experts per token)."""
+    if name == "none":
+        return NoPrefetcher()
+    if name == "lookahead":
+        return LookaheadPrefetcher(num_layers)
+    if name == "trace":
+        return TracePrefetcher(num_layers, num_experts, collection)
+    raise MoejaxError(f"--prefetch '{name}' is not one of {', '.join(PREFETCHERS)}")
+
+
+def select_prefetch(directory: ExpertDirectory, keys: Iterable[ExpertKey], limit: int) -> list[ExpertKey]:
+    """Up to `limit` of `keys`, in order, that are not resident, while unpinned or free slots remain for them."""
+    chosen: list[ExpertKey] = []
+    seen: set[ExpertKey] = set()
+    room = directory.evictable() + directory.free
+    for key in keys:
+        if len(chosen) >= limit or len(chosen) >= room:
+            break
+        if key not in directory and key not in seen:
+            chosen.append(key)
+            seen.add(key)
+    return chosen
+
+
+def prefetch_into(directory: ExpertDirectory, keys: Iterable[ExpertKey], limit: int) -> list[ExpertKey]:
+    """Admits (prefetch=True) the keys `select_prefetch` picks; returns them.
+
+    Only unpinned experts are evicted for them (the layer in progress keeps its experts), and the
+    admitted keys are pinned until all are placed, so they cannot evict each other.
+    """
+    chosen = select_prefetch(directory, keys, limit)
+    for key in chosen:
+        directory.admit(key, prefetch=True)
+        directory.pinned.add(key)
+    directory.unpin(chosen)
+    return chosen

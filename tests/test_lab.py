@@ -1,0 +1,249 @@
+"""The policy lab against brute-force references, Belady as an upper bound, prefetcher rules, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from moejax.cli import main
+from moejax.errors import MoejaxError
+from moejax.lab import future_steps, replay, simulate_lookahead
+from moejax.runtime.directory import ExpertDirectory
+from moejax.runtime.policies import POLICIES, make_policy
+from moejax.runtime.prefetch import PREFETCHERS, make_prefetcher, prefetch_into
+from moejax.runtime.trace import RoutingTrace
+
+NEVER = float("inf")
+
+
+def random_trace(seed, layers=3, experts=6, k=2, seq_lens=(7, 5, 9), skew=1.5):
+    """Zipf-like routing (so caching has something to find) with distinct experts per token and layer."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, experts + 1) ** skew
+    tokens = sum(seq_lens)
+    ids = np.empty((layers, tokens, k), np.int64)
+    for layer in range(layers):
+        perm = rng.permutation(experts)
+        for t in range(tokens):
+            ids[layer, t] = perm[rng.choice(experts, size=k, replace=False, p=weights / weights.sum())]
+    return RoutingTrace(ids, np.array(seq_lens), experts)
+
+
+def steps(trace):
+    """[(step, layer, sorted distinct experts)] in decode order."""
+    return [(i, layer, sorted(set(experts))) for i, (layer, experts) in enumerate(future_steps(trace))]
+
+
+def reference_lru_hits(trace, capacity):
+    """LRU by hand: recency is (step, expert) (a step's accesses are in expert order)."""
+    last, hits = {}, 0
+    for step, layer, experts in steps(trace):
+        for e in experts:
+            key = (layer, e)
+            if key in last:
+                hits += 1
+            elif len(last) >= capacity:
+                victim = min((k for k in last if k[0] != layer or k[1] not in experts), key=lambda k: last[k])
+                del last[victim]
+            last[key] = (step, e)
+    return hits
+
+
+def reference_belady_hits(trace, capacity):
+    """Belady's MIN by hand: on a miss, evict the cached expert needed farthest ahead (ties: largest key)."""
+    all_steps = steps(trace)
+
+    def next_use(key, after):
+        for step, layer, experts in all_steps[after + 1:]:
+            if layer == key[0] and key[1] in experts:
+                return step
+        return NEVER
+
+    cache, hits = set(), 0
+    for step, layer, experts in all_steps:
+        for e in experts:
+            key = (layer, e)
+            if key in cache:
+                hits += 1
+                continue
+            if len(cache) >= capacity:
+                current = {(layer, x) for x in experts}
+                victim = max(cache - current, key=lambda k: (next_use(k, step), k))
+                cache.remove(victim)
+            cache.add(key)
+    return hits
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_lru_and_belady_hits_equal_brute_force(seed, fraction):
+    trace = random_trace(seed)
+    capacity = int(round(fraction * 3 * 6))
+    lru = replay(trace, capacity_fraction=fraction, policy="lru")
+    belady = replay(trace, capacity_fraction=fraction, policy="belady")
+    assert lru["capacity_experts"] == capacity
+    assert lru["hits"] == reference_lru_hits(trace, capacity)
+    assert belady["hits"] == reference_belady_hits(trace, capacity)
+    assert lru["activations"] == belady["activations"] == sum(len(e) for _, _, e in steps(trace))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_belady_bounds_every_policy(seed):
+    trace = random_trace(seed, layers=4, experts=8, seq_lens=(12, 9, 15))
+    for fraction in (0.2, 0.4, 0.6):
+        best = replay(trace, capacity_fraction=fraction, policy="belady")["hits"]
+        for policy in POLICIES:
+            assert replay(trace, capacity_fraction=fraction, policy=policy)["hits"] <= best, (policy, fraction)
+
+
+class CheckedPolicy:
+    """Wraps a policy; at every eviction, its fast `select_victim` must equal its `victim` definition."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.checked = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def select_victim(self, resident, pinned, now):
+        candidates = sorted(k for k in resident if k not in pinned)
+        expected = self.inner.victim(candidates, now) if candidates else None
+        got = self.inner.select_victim(resident, pinned, now)
+        assert got == expected
+        self.checked += 1
+        return got
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_fast_victim_selection_equals_the_definition(policy):
+    trace = random_trace(7, layers=3, experts=8, seq_lens=(10, 10))
+    future = future_steps(trace)
+    inner = make_policy(policy, num_layers=3, num_experts=8, future=future)
+    checked = CheckedPolicy(inner)
+    directory = ExpertDirectory(6, checked)
+    prefetcher = make_prefetcher("trace", num_layers=3, num_experts=8, top_k=2)
+    for _, layer, experts in steps(trace):
+        counts = np.bincount(experts, minlength=8)
+        inner.on_routing(layer, counts)
+        _, misses = directory.begin_layer(layer, experts)
+        for key in misses:
+            directory.admit(key)
+        if policy != "belady":  # prefetches change Belady's view of nothing, but keep its replay pure
+            prefetcher.observe(layer, counts)
+            prefetch_into(directory, prefetcher.predict(layer), 2)
+        directory.end_layer()
+    assert checked.checked > 20
+
+
+def test_belady_is_lab_only():
+    with pytest.raises(MoejaxError, match="belady needs the future access sequence: lab only"):
+        make_policy("belady")
+    with pytest.raises(MoejaxError, match="needs the number of MoE layers"):
+        make_policy("activation")
+
+
+@pytest.mark.parametrize("name", PREFETCHERS)
+def test_predict_never_returns_the_current_layer(name):
+    trace = random_trace(1, layers=4, experts=8)
+    collection = trace.collection()
+    prefetcher = make_prefetcher(name, num_layers=4, num_experts=8, top_k=2, collection=collection)
+    guesses = simulate_lookahead(trace, 0.5)
+    predicted = 0
+    for t in range(trace.experts.shape[1]):
+        for layer in range(4):
+            counts = np.bincount(trace.experts[layer, t], minlength=8)
+            ahead = np.bincount(guesses[layer + 1, t], minlength=8) if layer < 3 else None
+            prefetcher.observe(layer, counts, ahead)
+            keys = prefetcher.predict(layer)
+            predicted += len(keys)
+            assert all(k[0] != layer and 0 <= k[0] < 4 and 0 <= k[1] < 8 for k in keys)
+    assert predicted > 0 or name == "none"
+
+
+def test_unknown_prefetcher_lists_valid_names():
+    with pytest.raises(MoejaxError, match="none, lookahead, trace"):
+        make_prefetcher("oracle", num_layers=2, num_experts=4, top_k=1)
+
+
+def test_prefetch_never_evicts_pinned_experts():
+    directory = ExpertDirectory(4, make_policy("lru"))
+    for expert in (0, 1):  # cached from an earlier layer step
+        directory.admit((1, expert), prefetch=True)
+    _, misses = directory.begin_layer(0, [2, 3])
+    for key in misses:
+        directory.admit(key)
+    admitted = prefetch_into(directory, [(1, 0), (1, 5), (1, 6), (1, 7)], limit=3)
+    # (1, 0) is resident; only (1, 0) and (1, 1) are evictable, and each admitted key is pinned until all are placed.
+    assert admitted == [(1, 5), (1, 6)]
+    assert {(0, 2), (0, 3)} <= directory.resident
+    assert directory.resident == {(0, 2), (0, 3), (1, 5), (1, 6)}
+    directory.end_layer()
+    assert prefetch_into(directory, [(1, 7)], limit=0) == []
+
+
+def test_lookahead_simulation_accuracy():
+    trace = random_trace(2, layers=3, experts=16, k=3, seq_lens=(200,))
+    exact = simulate_lookahead(trace, 1.0)
+    np.testing.assert_array_equal(exact[1:], trace.experts[1:])
+    assert (exact[0] == -1).all()
+    never = simulate_lookahead(trace, 0.0)
+    overlap = (never[1:, :, :, None] == trace.experts[1:, :, None, :]).any(-1)
+    assert not overlap.any()
+    half = simulate_lookahead(trace, 0.5, seed=3)
+    kept = (half[1:] == trace.experts[1:]).mean()
+    assert 0.4 < kept < 0.6
+
+
+def test_exact_lookahead_covers_every_miss_but_the_first_layer():
+    trace = random_trace(3, layers=4, experts=8, seq_lens=(30,))
+    result = replay(trace, capacity_fraction=0.5, policy="lru", prefetch="lookahead", lookahead_accuracy=1.0)
+    plain = replay(trace, capacity_fraction=0.5, policy="lru")
+    assert result["lookahead_source"] == "simulated" and result["lookahead_accuracy"] == 1.0
+    assert result["hit_rate"] > plain["hit_rate"]
+    assert result["prefetch_precision"] == 1.0
+    # With capacity for 16 experts and 2 per step, every expert of layers 1-3 is prefetched in time.
+    first_layer_steps = trace.experts.shape[1]
+    assert result["misses"] <= 2 * first_layer_steps
+
+
+def test_trace_prefetch_scores_on_repeated_sequences():
+    """Sequences that repeat routing: the collection's transitions predict the next layer exactly."""
+    base = random_trace(4, layers=4, experts=12, k=2, seq_lens=(40,))
+    repeated = RoutingTrace(np.concatenate([base.experts] * 2, axis=1), np.array([40, 40]), 12)
+    collection = base.collection()
+    result = replay(repeated, capacity_fraction=0.25, policy="activation", prefetch="trace", collection=collection)
+    plain = replay(repeated, capacity_fraction=0.25, policy="activation", collection=collection)
+    assert result["prefetch_precision"] > 0.2
+    assert result["hit_rate"] > plain["hit_rate"]
+
+
+def test_capacity_below_one_step_is_refused():
+    with pytest.raises(MoejaxError, match="fewer than the 2 experts"):
+        replay(random_trace(0), capacity_fraction=0.05, policy="lru")
+
+
+def test_cli_lab_json(tmp_path, capsys):
+    trace = random_trace(5, layers=3, experts=8, seq_lens=(6, 8, 5, 7))
+    path = tmp_path / "routing.npz"
+    np.savez(path, experts=trace.experts.astype(np.uint8), seq_lens=trace.seq_lens)
+    args = ["lab", "--traces", str(path), "--sequences", "2:", "--fit", str(path), "--fit-sequences", ":2",
+            "--policy", "activation", "--prefetch", "trace", "--json"]
+    assert main(args + ["--capacity", "0.25"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert {"hit_rate", "prefetch_precision", "prefetch_recall"} <= set(one)
+    assert one["sequences"] == 2 and one["collection_size"] == 2 and one["tokens"] == 12
+    assert main(args + ["--capacity", "0.25,0.5", "--prefetch-per-layer", "1"]) == 0
+    many = json.loads(capsys.readouterr().out)["results"]
+    assert [r["capacity_fraction"] for r in many] == [0.25, 0.5]
+    assert many[0]["prefetch_per_layer"] == 1
+    assert main(["lab", "--traces", str(path), "--capacity", "0.5", "--policy", "lookahead-free", "--json"]) == 2
+    assert "--policy 'lookahead-free' is not one of lru, lfu" in capsys.readouterr().err
+
+
+def test_cli_lab_corrupt_npz_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "broken.npz"
+    path.write_bytes(b"PK\x03\x04 not really a zip archive")
+    assert main(["lab", "--traces", str(path), "--capacity", "0.25", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken.npz" in err and err.startswith("moejax: error:")
