@@ -28,7 +28,8 @@ def root(tmp_path_factory):
 def offloaded_engine(ckpt, cfg, store, mode, budget=None, policy="lru"):
     globals_ = checkpoint.load_globals(ckpt)
     layers = [checkpoint.load_layer(ckpt, i) for i in range(cfg.num_layers)]
-    return Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, expert_runner(cfg, store, mode, budget, make_policy(policy))))
+    policy = make_policy(policy, num_layers=len(cfg.moe_layer_ids), num_experts=cfg.num_experts)
+    return Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, expert_runner(cfg, store, mode, budget, policy)))
 
 
 def every_mode(cfg, store):
@@ -38,9 +39,9 @@ def every_mode(cfg, store):
 
 
 def every_policy_and_budget(cfg, store):
-    """Each policy at the minimum, a small, a middle and the full budget."""
+    """Each engine policy (belady is lab only) at the minimum, a small, a middle and the full budget."""
     budgets = (str(cfg.top_k * store.expert_bytes), "0.2", "0.5", "1.0")
-    return [("cached", budget, policy) for budget in budgets for policy in sorted(POLICIES)]
+    return [("cached", budget, policy) for budget in budgets for policy in sorted(POLICIES) if policy != "belady"]
 
 
 def check_counters(stats, cfg):
