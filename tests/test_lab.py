@@ -247,3 +247,20 @@ def test_cli_lab_corrupt_npz_is_one_line_exit_2(tmp_path, capsys):
     assert main(["lab", "--traces", str(path), "--capacity", "0.25", "--json"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "broken.npz" in err and err.startswith("moejax: error:")
+
+
+def test_activation_policy_expected_next_use_by_hand():
+    from moejax.runtime.policies import ActivationPolicy
+
+    policy = ActivationPolicy(2, 4, decay=1.0)  # no collection: uniform prior 1/4, weight 4 tokens
+    policy.on_routing(0, np.array([1, 1, 0, 0]))  # m(0) = 2 experts per step
+    policy.on_layer(0)
+    scores = policy.expected_next_use()
+    # Layer 0: q = (c + 4*2*0.25) / (2 + 4*2), p = 2q: 0.6 for experts 0, 1 and 0.4 for 2, 3; d(0) = 2.
+    np.testing.assert_allclose(scores[0], [2 + 2 * 0.4 / 0.6] * 2 + [2 + 2 * 0.6 / 0.4] * 2)
+    # Layer 1 (no step yet): m = 1, p = 0.25, d(1) = 1.
+    np.testing.assert_allclose(scores[1], [1 + 2 * 0.75 / 0.25] * 4)
+    assert policy.victim([(0, 2), (1, 3), (0, 0)], now=0) == (1, 3)
+    assert policy.victim([(0, 0), (0, 2)], now=0) == (0, 2)
+    policy.on_layer(1)  # while layer 1 runs, layer 0 is next (d = 1) and layer 1 itself farthest (d = 2)
+    np.testing.assert_allclose(policy.expected_next_use()[:, 0], [1 + 2 * 0.4 / 0.6, 2 + 2 * 0.75 / 0.25])
