@@ -147,7 +147,7 @@ def test_sinusoidal_positions_match_transformers():
     table = NllbMoeSinusoidalPositionalEmbedding(64, dim, pad)
     tokens = torch.tensor([[5, 7, 1, 9, 1, 1], [4, 4, 4, 4, 4, 4]])  # pad tokens inside and after a row
     for past in (0, 5):
-        ref = table(tokens, None, past_key_values_length=past).numpy()
+        ref = table(tokens, None, past).numpy()  # the offset keyword was renamed in transformers 5.2x
         ours = sinusoidal_positions(jnp.asarray(tokens.numpy()), jnp.full((2,), past, jnp.int32), pad, dim)
         np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-6)
 
