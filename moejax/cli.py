@@ -69,10 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host-routed (default; every offload mode) | device-routed | whole-model (resident only)")
     add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
+    p.add_argument("--task", help="a task label for the prompts (the trace prefetcher prefers traces of that task)")
     seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
     seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
     seq2seq.add_argument("--routing", choices=("dropless", "capacity"), help="capacity: transformers' token dropping")
+    p = sub.add_parser("trace", help="record the experts every token of a prompt file activates")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT, help="(default: the shipped tiny-moe)")
+    p.add_argument("--prompts", type=Path, required=True, help="JSONL: one object a line with 'prompt' (or 'prompt_ids') and optional 'task'")
+    p.add_argument("--out", type=Path, required=True, help="directory for eams.npz, routing.npz, summary.json")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated after each prompt")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=int, help="trace only the first N prompts")
+    p.add_argument("--max-prompt-tokens", type=int, help="keep the first N tokens of each prompt")
+    add_offload_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     add_lab_parser(sub)
     return parser
 
@@ -99,16 +110,17 @@ def add_lab_parser(sub) -> None:
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", default="resident", help="resident | cached | on-demand | dense-offload (default resident)")
     p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
-    p.add_argument("--cache-policy", default="lru", help="expert cache replacement policy: lru | lfu | fifo | lifo")
-    p.add_argument("--prefetch", default="none", help="expert prefetcher: none")
+    p.add_argument("--cache-policy", default="lru", help="expert cache replacement policy: lru | lfu | fifo | lifo | activation")
+    p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace")
+    p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per MoE layer step (default: top-k)")
+    p.add_argument("--traces", type=Path, help="activation matrices for --prefetch trace / --cache-policy activation "
+                   "(eams.npz or the directory `moejax trace` wrote; default: learn from the run)")
 
 
 def load_engine(args):
     """An Engine for the checkpoint and offloading flags of `args`."""
     import moejax
 
-    if args.prefetch != "none":
-        raise MoejaxError(f"--prefetch '{args.prefetch}' is not one of none")
     return moejax.load(
         args.checkpoint,
         offload=args.offload,
@@ -116,6 +128,9 @@ def load_engine(args):
         cache_policy=args.cache_policy,
         executor=getattr(args, "executor", "host-routed"),
         routing=getattr(args, "routing", None),
+        prefetch=args.prefetch,
+        prefetch_per_layer=args.prefetch_per_layer,
+        traces=args.traces,
     )
 
 
@@ -213,10 +228,11 @@ def cmd_generate(args) -> int:
     prompts = args.prompt_ids or args.prompt
     if not prompts:
         raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
+    tasks = [args.task] * len(prompts)
     if seq2seq:
-        result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id)
+        result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id, tasks=tasks)
     else:
-        result = engine.generate(prompts, config)
+        result = engine.generate(prompts, config, tasks=tasks)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
@@ -272,7 +288,28 @@ def cmd_lab(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate, "lab": cmd_lab}
+def cmd_trace(args) -> int:
+    from moejax.runtime.engine import GenerationConfig
+    from moejax.tracing import prepare_prompts, read_prompts, trace_prompts, write_traces
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens or 1)):
+        if value < 1:
+            raise MoejaxError(f"{flag} must be >= 1 (got {value})")
+    prompts = read_prompts(args.prompts)[: args.limit]
+    engine = load_engine(args)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    prompts = prepare_prompts(engine, prompts, args.prompts, args.max_new_tokens, args.max_prompt_tokens)
+    trace, collection, summary = trace_prompts(engine, prompts, config, args.batch_size, show_progress=not args.quiet)
+    write_traces(args.out, trace, collection, summary)
+    accuracy = summary.get("lookahead_accuracy")
+    print(f"wrote {args.out}: {summary['sequences']} sequences, {summary['tokens']} tokens x {summary['moe_layers']} MoE layers"
+          + ("" if accuracy is None else f"; lookahead guess accuracy {accuracy * 100:.1f}%"))
+    return 0
+
+
+COMMANDS = {
+    "convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate, "trace": cmd_trace, "lab": cmd_lab,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

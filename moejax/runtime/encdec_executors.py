@@ -31,6 +31,7 @@ import numpy as np
 from moejax.encdec_config import EncDecConfig
 from moejax.models.encdec import RouteInputs, kv_cache_shape
 from moejax.runtime import encdec_layer_fns as fns
+from moejax.runtime.executors import SequenceHooks
 from moejax.runtime.expert_runner import ExpertRunner
 
 
@@ -43,7 +44,7 @@ class EncoderState:
     cross_kv: list  # per decoder layer (k, v) [B, S, H, head_dim]
 
 
-class EncDecExecutor:
+class EncDecExecutor(SequenceHooks):
     name = "base"
 
     def __init__(self, cfg: EncDecConfig, globals_, layers, experts, device=None):
@@ -172,7 +173,7 @@ class HostRoutedExecutor(DeviceRoutedExecutor):
     def _experts_and_finish(self, g: int, h, moe_in, weights, ids):
         """Padding and dropped (token, expert) pairs carry id E, so every row may be passed as valid."""
         finish = functools.partial(fns.accumulate_and_finish, self.cfg, **fns.layer_shape(self.cfg, g),
-                                   params=self.layers[g], h=h, moe_in=moe_in, ids=ids, weights=weights)
+                                   params=self.layers[g], h=h, moe_in=moe_in, weights=weights)
         return self.runner.run(self.moe_index[g], moe_in, ids, weights, None, finish)
 
     def reset_stats(self) -> None:

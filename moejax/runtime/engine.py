@@ -116,8 +116,10 @@ class Engine:
         tokens, positions, valid = _prefill_inputs(ids, batch, length, self._pad_id)
         # The cache size generation would use, so logits and prefill share compiled layers.
         kv = self.executor.new_kv_caches(batch, cache_bucket(length))
+        self.executor.start_sequences(batch, len(ids))
         logits, _ = self.executor.step(tokens, kv, positions, valid, None)
         logits = np.asarray(logits)
+        self.executor.end_sequences()
         return [logits[b, : lengths[b]] for b in range(len(ids))]
 
     @property
@@ -130,10 +132,13 @@ class Engine:
             stops |= set(self.cfg.eos_token_ids)
         return stops
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **overrides) -> GenerationResult:
+    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *,
+                 tasks: Sequence[str | None] | None = None, **overrides) -> GenerationResult:
         """Generates for a batch of prompts (text or token ids) of any lengths.
 
-        `overrides` are GenerationConfig fields, e.g. `generate("Hi", max_new_tokens=8)`.
+        tasks: an optional label per prompt (for the trace prefetcher and the recorded activation
+        matrices). `overrides` are GenerationConfig fields, e.g. `generate("Hi", max_new_tokens=8)`.
+        Afterwards `executor.routing(b)` gives prompt b's routing, token by token.
         """
         config = dataclasses.replace(config or GenerationConfig(), **overrides)
         ids = self.encode(prompts)
@@ -151,6 +156,7 @@ class Engine:
         reasons = ["length"] * n
 
         self.executor.reset_stats()
+        self.executor.start_sequences(batch, n, tasks)
         start = time.perf_counter()
         logits, kv = self.executor.step(tokens, kv, positions, valid, lengths - 1)
         prefill_stats = self.executor.stats().get("total")
@@ -169,7 +175,9 @@ class Engine:
             record_tokens(next_tokens, finished, generated, reasons, stops)
             if finished.all():
                 break
-        return self._result(generated, reasons, ttft, step_times, time.perf_counter() - start, prefill_stats)
+        total = time.perf_counter() - start
+        self.executor.end_sequences()
+        return self._result(generated, reasons, ttft, step_times, total, prefill_stats)
 
     def _result(self, generated: list[list[int]], reasons: list[str], ttft: float, step_times: list[float], total: float,
                 prefill_stats: dict | None = None) -> GenerationResult:

@@ -22,11 +22,36 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import ModelConfig
+from moejax.errors import MoejaxError
 from moejax.models.decoder import kv_cache_shape
 from moejax.runtime import layer_fns
 
 
-class Executor:
+class SequenceHooks:
+    """Generation hooks of every executor (decoder and encoder-decoder); host-routed executors set
+    `runner` (an ExpertRunner), which records routing and drives prefetchers through them."""
+
+    name = "base"
+    runner = None
+
+    def start_sequences(self, batch: int, sequences: int, tasks=None) -> None:
+        """A generation of `sequences` prompts in `batch` rows begins; tasks: their labels or None."""
+        if self.runner is not None:
+            self.runner.start_sequences(batch, sequences, tasks)
+
+    def end_sequences(self) -> None:
+        """The generation started last is over."""
+        if self.runner is not None:
+            self.runner.end_sequences()
+
+    def routing(self, b: int):
+        """Sequence b's recorded routing: (experts int16 [L, T, k], lookahead [L, T, k] or None)."""
+        if self.runner is None:
+            raise MoejaxError(f"the {self.name} executor does not record routing: use the host-routed executor")
+        return self.runner.recorder.routing(b)
+
+
+class Executor(SequenceHooks):
     name = "base"
 
     def __init__(self, cfg: ModelConfig, globals_, device=None):

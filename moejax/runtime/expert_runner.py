@@ -10,6 +10,13 @@ streams them through in waves, in increasing expert order, which keeps the sums 
 to one pass; every mode calls the same compiled functions with the same shapes, so outputs are
 bit-identical across modes, budgets and policies.
 
+Prefetching (cached mode, `prefetcher` given): after a layer's demand copies are issued and before
+its compute is dispatched, the prefetcher sees the layer's routing and names experts of the layers
+ahead; up to `prefetch_per_layer` of them are copied, evicting only experts the layer does not use.
+The host has just read the routing back, so the GPU is idle and the prefetch copies overlap the
+layer's compute and the next layers' dense parts. A `RoutingRecorder` keeps every sequence's routing;
+finished sequences' activation matrices feed the trace collection the prefetcher and policy learn from.
+
 Modes:
   resident       every expert on the device (the cache holds them all; nothing moves);
   cached         experts in host memory, a GPU cache of `capacity` experts with a policy;
@@ -28,22 +35,36 @@ import numpy as np
 from moejax.runtime import layer_fns
 from moejax.runtime.cache import ExpertCache
 from moejax.runtime.policies import LRU, CachePolicy
+from moejax.runtime.recorder import RoutingRecorder, expert_token_counts
 from moejax.runtime.stats import cache_stats
 from moejax.runtime.store import HostExpertStore
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
-# finish(expert_ids=[n] int32, experts=tuple of n per-expert dicts, acc=[N, D] f32) -> layer output,
-# called with keywords.
+# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n per-expert dicts, acc=[N, D] f32)
+# -> layer output, called with keywords.
 Finish = Callable[..., jax.Array]
+
+# replay(moe_layer, ids [N, k], lookahead [N, k] or None, valid_rows [N] or None) -> (ids, lookahead):
+# a benchmark-only routing override (scripts/bench_prefetch.py).
+Replay = Callable[..., tuple[np.ndarray, np.ndarray | None]]
 
 
 class ExpertRunner:
     def __init__(self, store: HostExpertStore, mode: str, num_experts: int, act: str,
-                 capacity: int | None = None, policy: CachePolicy | None = None):
+                 capacity: int | None = None, policy: CachePolicy | None = None, *,
+                 prefetcher=None, prefetch_per_layer: int = 0, collection=None,
+                 num_moe_layers: int | None = None, top_k: int = 1):
+        """prefetcher: a `runtime.prefetch.Prefetcher` (cached mode only); collection: the
+        `EAMCollection` it and the policy read, to which finished sequences are added."""
         assert mode in MODES, mode
         self.store, self.mode, self.num_experts, self.act = store, mode, num_experts, act
         self.device = store.device
+        self.prefetcher, self.prefetch_per_layer, self.collection = prefetcher, prefetch_per_layer, collection
+        num_moe_layers = num_moe_layers or 1 + max((layer for layer, _ in store.keys()), default=0)
+        self.recorder = RoutingRecorder(num_moe_layers, num_experts, top_k)
+        self.replay: Replay | None = None
+        self.record_lookahead = False  # record the lookahead guess even without the lookahead prefetcher
         if mode == "cached":
             self.cache = ExpertCache(store, capacity, policy)
         elif mode == "resident":
@@ -66,19 +87,51 @@ class ExpertRunner:
             self._zeros[shape] = jnp.zeros(shape, jnp.float32, device=self.device)
         return self._zeros[shape]
 
-    def needed(self, ids_host: np.ndarray, valid_rows: np.ndarray | None) -> list[int]:
-        """Distinct experts chosen by the valid rows (ids >= num_experts mark dropped pairs)."""
-        chosen = ids_host if valid_rows is None else ids_host[valid_rows]
-        return [int(e) for e in np.unique(chosen) if e < self.num_experts]
+    @property
+    def wants_lookahead(self) -> bool:
+        """Whether executors should pass the next MoE layer's routing of each layer's input."""
+        return self.record_lookahead or getattr(self.prefetcher, "name", None) == "lookahead"
 
-    def run(self, moe_layer: int, moe_in, ids, weights, valid_rows: np.ndarray | None, finish: Finish):
+    def start_sequences(self, batch: int, sequences: int, tasks=None) -> None:
+        """A generation of `sequences` prompts (the first rows of a `batch`) begins; tasks: labels or None."""
+        self.recorder.start(batch, sequences, tasks)
+        task = next((t for t in (tasks or []) if t is not None), None)
+        for hook in (getattr(self.prefetcher, "on_sequence_start", None), getattr(self.cache.directory.policy, "on_sequence_start", None)):
+            if hook is not None:
+                hook(task)
+
+    def end_sequences(self) -> None:
+        """The generation is over: its sequences' activation matrices join the trace collection."""
+        self.recorder.stop()
+        if self.collection is not None:
+            for b in range(self.recorder.sequences):
+                self.collection.add(self.recorder.eam(b), self.recorder.tasks[b], experts=self.recorder.routing(b)[0])
+            refit = getattr(self.prefetcher, "refit", None)
+            if refit is not None:
+                refit()
+
+    def run(self, moe_layer: int, moe_in, ids, weights, valid_rows: np.ndarray | None, finish: Finish, lookahead=None):
         """Routed experts of MoE layer `moe_layer`, then `finish`.
 
         moe_in [N, D]; ids [N, k] int32 and weights [N, k] f32 on the device; valid_rows: NumPy bool
-        [N], the rows whose experts are needed (None: all rows; padding never needs experts).
+        [N], the rows whose experts are needed (None: all rows; padding never needs experts);
+        lookahead [N, k] int32 on the device: the next MoE layer's router applied to this layer's
+        input (only when `wants_lookahead`).
         """
         ids.copy_to_host_async()
-        needed = self.needed(np.asarray(ids), valid_rows)
+        if lookahead is not None:
+            lookahead.copy_to_host_async()
+        ids_host = np.asarray(ids)
+        lookahead_host = None if lookahead is None else np.asarray(lookahead)
+        if self.replay is not None:
+            ids_host, lookahead_host = self.replay(moe_layer, ids_host, lookahead_host, valid_rows)
+            ids = jax.device_put(ids_host.astype(np.int32), self.device)
+        self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)
+        counts = expert_token_counts(ids_host, valid_rows, self.num_experts)
+        on_routing = getattr(self.cache.directory.policy, "on_routing", None)
+        if on_routing is not None:
+            on_routing(moe_layer, counts)
+        needed = [int(e) for e in np.flatnonzero(counts)]
         cache = self.cache
         acc = self._zero_acc(moe_in.shape)
         waves = [needed[j : j + cache.capacity] for j in range(0, len(needed), cache.capacity)] or [[]]
@@ -87,19 +140,30 @@ class ExpertRunner:
             cache.stream([(moe_layer, e) for e in range(self.num_experts) if e not in chosen], moe_layer)
         for n, wave in enumerate(waves):
             keys = cache.begin_layer(moe_layer, wave)
+            if n == len(waves) - 1:
+                self._prefetch(moe_layer, counts, lookahead_host, valid_rows)
             experts = cache.ready(keys, moe_layer)
             expert_ids = self._ids_on_device(wave)
             if n < len(waves) - 1:
                 acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act)
             else:
-                out = finish(expert_ids=expert_ids, experts=experts, acc=acc)
+                out = finish(ids=ids, expert_ids=expert_ids, experts=experts, acc=acc)
             cache.end_layer()
         if self.mode in ("on-demand", "dense-offload"):
             cache.clear()
         return out
 
+    def _prefetch(self, moe_layer: int, counts: np.ndarray, lookahead: np.ndarray | None, valid_rows) -> None:
+        """Shows the prefetcher this layer's routing and copies what it asks for (cached mode only)."""
+        if self.prefetcher is None:
+            return
+        ahead = None if lookahead is None else expert_token_counts(lookahead, valid_rows, self.num_experts)
+        self.prefetcher.observe(moe_layer, counts, ahead)
+        if self.mode == "cached" and self.prefetch_per_layer > 0:
+            self.cache.prefetch(self.prefetcher.predict(moe_layer), self.prefetch_per_layer)
+
     def reset_stats(self) -> None:
         self.cache.reset_counters()
 
     def stats(self) -> dict:
-        return cache_stats(self.mode, self.cache, self.store)
+        return cache_stats(self.mode, self.cache, self.store, getattr(self.prefetcher, "name", "none"))

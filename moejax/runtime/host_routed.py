@@ -24,6 +24,9 @@ class HostRoutedExecutor(Executor):
         self.runner, self.name = runner, runner.mode
         self.layers = jax.device_put(layers, self.device)
         self.moe_index = {layer: m for m, layer in enumerate(cfg.moe_layer_ids)}
+        # The MoE layer after each MoE layer (its router gives the lookahead prefetcher's guess).
+        ids = cfg.moe_layer_ids
+        self.next_moe = dict(zip(ids, ids[1:]))
 
     def step(self, tokens, kv_caches, positions, valid, select):
         cfg = self.cfg
@@ -37,8 +40,11 @@ class HostRoutedExecutor(Executor):
                 x, kv_caches[i], _ = layer_fns.layer_device_routed(*shape, self.layers[i], None, x, kv_caches[i], positions)
                 continue
             h, kv_caches[i], moe_in, weights, ids = layer_fns.attend_and_route(*shape, self.layers[i], x, kv_caches[i], positions)
-            finish = functools.partial(layer_fns.accumulate_and_finish, *shape, self.layers[i], h, moe_in, ids, weights)
-            x = self.runner.run(self.moe_index[i], moe_in, ids, weights, rows_valid, finish)
+            finish = functools.partial(layer_fns.accumulate_and_finish, *shape, self.layers[i], h, moe_in, weights=weights)
+            lookahead = None
+            if self.runner.wants_lookahead and i in self.next_moe:
+                lookahead = layer_fns.lookahead_route(cfg, self.layers[self.next_moe[i]], h)
+            x = self.runner.run(self.moe_index[i], moe_in, ids, weights, rows_valid, finish, lookahead)
         return layer_fns.head(cfg, self.globals, x, select), kv_caches
 
     def reset_stats(self) -> None:

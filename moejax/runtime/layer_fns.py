@@ -58,6 +58,13 @@ def attend_and_route(cfg: ModelConfig, moe: bool, window, params, x, kv_cache, p
     return h, kv_cache, moe_in, weights, ids
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def lookahead_route(cfg: ModelConfig, next_params, h):
+    """The next MoE layer's router on this layer's residual h [B, T, D] -> ids [N, k] (a guess of its routing)."""
+    _, _, ids = DecoderLayer(cfg, True, None).apply({"params": next_params}, h, method=DecoderLayer.route)
+    return ids
+
+
 @functools.partial(jax.jit, static_argnames=("act",))
 def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str):
     """One wave of experts (a tuple of per-expert dicts, ids increasing) added into acc [N, D] f32."""

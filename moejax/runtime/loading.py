@@ -21,8 +21,11 @@ from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
 from moejax.runtime.expert_runner import MODES, ExpertRunner
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.policies import CachePolicy, make_policy
+from moejax.runtime.prefetch import Prefetcher, make_prefetcher
 from moejax.runtime.seq2seq import Seq2SeqEngine
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
+from moejax.runtime.recorder import EAMS_FILE
+from moejax.runtime.trace import EAMCollection
 from moejax.tokenizer import load_tokenizer
 
 EXECUTORS = ("host-routed", "device-routed", "whole-model")
@@ -42,6 +45,9 @@ def load(
     device=None,
     show_progress: bool = False,
     routing: str | None = None,
+    prefetch: str = "none",
+    prefetch_per_layer: int | None = None,
+    traces: str | Path | None = None,
 ) -> Engine:
     """Loads a moejax checkpoint (an encoder-decoder one as a Seq2SeqEngine).
 
@@ -59,6 +65,12 @@ def load(
     max_batch, max_seq_len: the largest KV cache to reserve device memory for when sizing the budget.
     routing: encoder-decoder models only: 'dropless' (default) or 'capacity' (transformers' token
         dropping); decoder families always route dropless.
+    prefetch: 'none', 'lookahead' (the next MoE layer's router on the current hidden state; decoder
+        models) or 'trace' (match the sequence's activations against a trace collection); 'cached' only.
+    prefetch_per_layer: most experts prefetched per MoE layer step (default: the model's top-k).
+    traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
+        trace prefetcher and the activation policy; without one they start empty and learn from the
+        sequences this engine runs (they always do).
     """
     path = Path(path)
     cfg = checkpoint.load_config(path)
@@ -75,7 +87,18 @@ def load(
         cfg = with_routing(cfg, routing)
     elif routing not in (None, "dropless"):
         raise MoejaxError(f"--routing {routing}: {cfg.family} routing is always dropless (capacity is for encoder-decoder models)")
-    policy = make_policy(cache_policy)
+    collection = trace_collection(cfg, traces, prefetch, cache_policy)
+    num_moe = len(cfg.moe_layer_ids)
+    policy = make_policy(cache_policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection)
+    if prefetch != "none" and offload != "cached":
+        raise MoejaxError(f"--prefetch {prefetch} fills the expert cache: it needs --offload cached (not '{offload}')")
+    if prefetch == "lookahead" and seq2seq:
+        raise MoejaxError("--prefetch lookahead is implemented for decoder-only models; use --prefetch trace")
+    prefetcher = None
+    if prefetch != "none":
+        prefetcher = make_prefetcher(prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection)
+    if prefetch_per_layer is not None and prefetch_per_layer < 0:
+        raise MoejaxError(f"--prefetch-per-layer must be >= 0 (got {prefetch_per_layer})")
     if executor == "host-routed" and offload != "resident":
         size_pinned_pool(len(cfg.moe_layer_ids) * cfg.num_experts * cfg.expert_bytes)
     device = device or jax.devices()[0]
@@ -91,9 +114,27 @@ def load(
         return engine_cls(cfg, executor_cls(cfg, globals_, layers, experts, device), load_tokenizer(path), path)
     store = HostExpertStore.from_checkpoint(path, cfg, device, on_device=offload == "resident", show_progress=show_progress)
     kv_bytes = reserved_kv_bytes(cfg, max_batch, min(max_seq_len, cfg.max_position_embeddings))
-    runner = expert_runner(cfg, store, offload, expert_budget, policy, dense_bytes(globals_, layers), kv_bytes)
+    runner = expert_runner(cfg, store, offload, expert_budget, policy, dense_bytes(globals_, layers), kv_bytes,
+                           prefetcher=prefetcher, prefetch_per_layer=prefetch_per_layer, collection=collection)
     executor_cls = EncDecHostRoutedExecutor if seq2seq else HostRoutedExecutor
     return engine_cls(cfg, executor_cls(cfg, globals_, layers, runner), load_tokenizer(path), path)
+
+
+def trace_collection(cfg, traces: str | Path | None, prefetch: str, cache_policy: str) -> EAMCollection | None:
+    """The collection the trace prefetcher and the activation policy read: loaded from `traces`, or
+    empty (filled as sequences finish) when one of them is chosen; None when neither is."""
+    num_moe = len(cfg.moe_layer_ids)
+    if traces is not None:
+        path = Path(traces)
+        collection = EAMCollection.load(path / EAMS_FILE if path.is_dir() else path)
+        found = (collection.num_layers, collection.num_experts)
+        if found != (num_moe, cfg.num_experts):
+            raise MoejaxError(f"{traces}: activation matrices of {found[0]} MoE layers x {found[1]} experts, "
+                              f"but the model has {num_moe} x {cfg.num_experts}")
+        return collection
+    if prefetch == "trace" or cache_policy == "activation":
+        return EAMCollection(num_moe, cfg.num_experts)
+    return None
 
 
 def with_routing(cfg: EncDecConfig, routing: str | None) -> EncDecConfig:
@@ -125,6 +166,10 @@ def expert_runner(
     policy: CachePolicy,
     dense_bytes_to_place: int = 0,
     kv_bytes: int = 0,
+    *,
+    prefetcher: Prefetcher | None = None,
+    prefetch_per_layer: int | None = None,
+    collection: EAMCollection | None = None,
 ) -> ExpertRunner:
     """An ExpertRunner; in 'cached' mode its capacity comes from the budget and the device's free memory."""
     capacity = None
@@ -132,4 +177,8 @@ def expert_runner(
         budget = parse_budget(DEFAULT_BUDGET if expert_budget is None else expert_budget, store.total_bytes)
         memory = device_memory(store.device, kv_bytes, dense_bytes_to_place)
         capacity = cache_capacity(budget, store.expert_bytes, cfg.top_k, memory)
-    return ExpertRunner(store, offload, cfg.num_experts, cfg.hidden_act, capacity, policy)
+    return ExpertRunner(
+        store, offload, cfg.num_experts, cfg.hidden_act, capacity, policy, prefetcher=prefetcher,
+        prefetch_per_layer=cfg.top_k if prefetch_per_layer is None else prefetch_per_layer, collection=collection,
+        num_moe_layers=len(cfg.moe_layer_ids), top_k=cfg.top_k,
+    )

@@ -106,9 +106,10 @@ class Seq2SeqEngine(Engine):
         *,
         target_lang: str | None = None,
         forced_bos_id: int | None = None,
+        tasks: Sequence[str | None] | None = None,
         **overrides,
     ) -> GenerationResult:
-        """Generates a target for each source (text or token ids) of any lengths.
+        """Generates a target for each source (text or token ids) of any lengths (tasks: as for Engine).
 
         `overrides` are GenerationConfig fields, e.g. `generate("Hi", max_new_tokens=8)`.
         """
@@ -120,6 +121,7 @@ class Seq2SeqEngine(Engine):
         key = jax.random.PRNGKey(config.seed)
 
         self.executor.reset_stats()
+        self.executor.start_sequences(batch_bucket(n), n, tasks)
         start = time.perf_counter()
         state, batch = self._encode_batch(ids)
         kv = self.executor.new_kv_caches(batch, cache_bucket(config.max_new_tokens))
@@ -148,4 +150,6 @@ class Seq2SeqEngine(Engine):
             record_tokens(next_tokens, finished, generated, reasons, stops)
             if finished.all():
                 break
-        return self._result(generated, reasons, ttft, step_times, time.perf_counter() - start)
+        total = time.perf_counter() - start
+        self.executor.end_sequences()
+        return self._result(generated, reasons, ttft, step_times, total)

@@ -12,14 +12,26 @@ from moejax.runtime.store import HostExpertStore
 def _layer_entry(directory: DirectoryCounters, transfers: TransferCounters) -> dict:
     entry = {**dataclasses.asdict(directory), **dataclasses.asdict(transfers)}
     entry["hit_rate"] = directory.hit_rate
+    entry.update(prefetch_quality(directory))
     return entry
 
 
-def cache_stats(mode: str, cache: ExpertCache, store: HostExpertStore) -> dict:
+def prefetch_quality(counters: DirectoryCounters) -> dict[str, float]:
+    """precision: share of prefetched experts used before eviction; recall: share of the accesses that
+    would have missed without prefetching (used prefetches + misses) that a prefetch covered."""
+    used, issued = counters.prefetch_used, counters.prefetch_issued
+    would_miss = used + counters.misses
+    return {
+        "prefetch_precision": used / issued if issued else 0.0,
+        "prefetch_recall": used / would_miss if would_miss else 0.0,
+    }
+
+
+def cache_stats(mode: str, cache: ExpertCache, store: HostExpertStore, prefetch: str = "none") -> dict:
     """Totals and per-MoE-layer counters since the last reset.
 
     Keys: activations (distinct experts needed per layer step), hits, misses, hit_rate, evictions,
-    prefetch_issued / prefetch_used / prefetch_wasted, bytes_h2d, demand_fetches, prefetch_fetches,
+    prefetch_issued / prefetch_used / prefetch_wasted, prefetch_precision, prefetch_recall, bytes_h2d, demand_fetches, prefetch_fetches,
     streamed, stall_s (seconds the compute waited for copies).
     """
     directory = cache.directory
@@ -36,6 +48,7 @@ def cache_stats(mode: str, cache: ExpertCache, store: HostExpertStore) -> dict:
         "mode": mode,
         "policy": directory.policy.name if mode == "cached" else None,
         "capacity_experts": cache.capacity if mode == "cached" else None,
+        "prefetch": prefetch,
         "expert_bytes": store.expert_bytes,
         "host_experts": len(store),
         "total": _layer_entry(directory.total, total_transfers),
@@ -50,12 +63,13 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     total = stats["total"]
     head = stats["mode"]
     if stats["mode"] == "cached":
-        head += f" {stats['policy']}, {stats['capacity_experts']} slots"
+        head += f" {stats['policy']}, {stats['capacity_experts']} slots, prefetch {stats.get('prefetch', 'none')}"
     per_token = total["bytes_h2d"] / max(new_tokens, 1)
     line = (
         f"{head}: hit rate {total['hit_rate'] * 100:.1f}% ({total['hits']}/{total['activations']}), "
         f"{total['bytes_h2d'] / 1e9:.3f} GB host->GPU ({per_token / 1e6:.2f} MB/token), stall {total['stall_s']:.3f} s"
     )
     if total["prefetch_issued"]:
-        line += f", prefetch {total['prefetch_issued']} issued / {total['prefetch_used']} used / {total['prefetch_wasted']} wasted"
+        line += (f", prefetch {total['prefetch_issued']} issued / {total['prefetch_used']} used "
+                 f"(precision {total['prefetch_precision'] * 100:.0f}%, recall {total['prefetch_recall'] * 100:.0f}%)")
     return line

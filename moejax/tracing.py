@@ -1,0 +1,159 @@
+"""`moejax trace`: run a prompt file through the engine and keep the experts every token activated.
+
+Writes three files into the output directory, each atomically:
+  eams.npz      the activation-matrix collection (one EAM [MoE layers, experts] per prompt, with its
+                task), which `--prefetch trace`, `--cache-policy activation` and `moejax lab --fit` read;
+  routing.npz   per-token routing: experts [MoE layers, tokens, k] of all sequences concatenated, with
+                seq_lens and tasks (the layout `moejax lab --traces` replays), and for decoder models
+                the lookahead guess of every layer (the next MoE layer's router one layer early);
+  summary.json  counts, per-task expert usage, and the lookahead guess's accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from moejax.errors import MoejaxError
+from moejax.progress import Progress
+from moejax.runtime.engine import Engine, GenerationConfig
+from moejax.runtime.recorder import EAMS_FILE, NO_PREDICTION, ROUTING_FILE
+from moejax.runtime.trace import EAMCollection, RoutingTrace
+
+SUMMARY_FILE = "summary.json"
+
+
+def read_prompts(path: Path) -> list[tuple[str | list[int], str | None]]:
+    """(prompt, task) pairs of a JSONL file: one object a line with `prompt` (text) or `prompt_ids`
+    (token ids) and an optional `task`."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise MoejaxError(f"{path}: cannot read the prompt file ({err.strerror})") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MoejaxError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise MoejaxError(f"{path}:{number}: expected a JSON object with 'prompt'")
+        prompt = record.get("prompt_ids", record.get("prompt"))
+        valid_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+        if not (isinstance(prompt, str) or valid_ids) or not prompt:
+            raise MoejaxError(f"{path}:{number}: 'prompt' must be non-empty text (or 'prompt_ids' a list of token ids)")
+        task = record.get("task")
+        prompts.append((prompt, None if task is None else str(task)))
+    if not prompts:
+        raise MoejaxError(f"{path}: no prompts")
+    return prompts
+
+
+def prepare_prompts(engine: Engine, prompts, path: Path, max_new_tokens: int, max_prompt_tokens: int | None = None):
+    """Token ids of every prompt, checked before any work: each fits the model's positions with
+    `max_new_tokens` (after keeping its first `max_prompt_tokens` tokens, when given)."""
+    limit = engine.cfg.max_position_embeddings
+    prepared = []
+    for n, (prompt, task) in enumerate(prompts, 1):
+        try:
+            ids = engine.encode([prompt])[0][:max_prompt_tokens]
+        except MoejaxError as err:
+            raise MoejaxError(f"{path}: prompt {n}: {err}") from None
+        if len(ids) + max_new_tokens > limit:
+            raise MoejaxError(f"{path}: prompt {n} has {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the "
+                              f"model's {limit} positions (pass --max-prompt-tokens {limit - max_new_tokens})")
+        prepared.append((ids, task))
+    return prepared
+
+
+def trace_prompts(
+    engine: Engine,
+    prompts: Sequence[tuple[str | list[int], str | None]],
+    config: GenerationConfig,
+    batch_size: int = 1,
+    show_progress: bool = True,
+) -> tuple[RoutingTrace, EAMCollection, dict]:
+    """Generates for every prompt and returns (routing trace, EAM collection, summary)."""
+    cfg, executor = engine.cfg, engine.executor
+    if executor.runner is None:
+        raise MoejaxError(f"tracing needs the host-routed executor (got {executor.name})")
+    runner = executor.runner
+    runner.record_lookahead = not hasattr(cfg, "encoder_layer_ids")  # decoder models: record the guess too
+    num_moe = len(cfg.moe_layer_ids)
+    collection = EAMCollection(num_moe, cfg.num_experts, capacity=max(len(prompts), 1))
+    experts, lookaheads, seq_lens, tasks = [], [], [], []
+    progress = Progress("trace", len(prompts), " prompts", enabled=show_progress)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        chunk_tasks = [task for _, task in chunk]
+        engine.generate([p for p, _ in chunk], config, tasks=chunk_tasks)
+        for b, task in enumerate(chunk_tasks):
+            routed, lookahead = executor.routing(b)
+            experts.append(routed)
+            lookaheads.append(lookahead)
+            seq_lens.append(routed.shape[1])
+            tasks.append(task)
+            collection.add(runner.recorder.eam(b), task, experts=routed)
+        progress.advance(len(chunk))
+    progress.close()
+    lookahead = None
+    if all(a is not None for a in lookaheads):
+        lookahead = np.concatenate(lookaheads, axis=1)
+    trace = RoutingTrace(
+        experts=np.concatenate(experts, axis=1), seq_lens=np.asarray(seq_lens, np.int64), num_experts=cfg.num_experts,
+        tasks=tasks, lookahead=lookahead,
+    )
+    return trace, collection, summarize(trace, collection)
+
+
+def lookahead_accuracy(experts: np.ndarray, lookahead: np.ndarray, num_experts: int) -> float:
+    """Share of the experts actually used at MoE layers >= 1 that the one-layer-early router guessed.
+
+    experts, lookahead: [L, T, k]; rows of `lookahead` with NO_PREDICTION are not counted."""
+    hits = total = 0
+    for layer in range(1, experts.shape[0]):
+        for actual, guess in zip(experts[layer], lookahead[layer], strict=True):
+            actual = set(actual[actual < num_experts].tolist())
+            if not actual or (guess == NO_PREDICTION).all():
+                continue
+            hits += len(actual & set(guess.tolist()))
+            total += len(actual)
+    return hits / total if total else 0.0
+
+
+def summarize(trace: RoutingTrace, collection: EAMCollection) -> dict:
+    """Counts, the share of tokens each task routes to each expert, and the lookahead accuracy."""
+    eams = np.asarray(collection.eams, np.float64)
+    usage = {}
+    for task in sorted({t for t in trace.tasks if t is not None}):
+        rows = [i for i, t in enumerate(collection.tasks) if t == task]
+        summed = eams[rows].sum(0)
+        usage[task] = (summed / np.maximum(summed.sum(-1, keepdims=True), 1)).round(4).tolist()
+    summary = {
+        "sequences": int(len(trace.seq_lens)),
+        "tokens": int(trace.seq_lens.sum()),
+        "moe_layers": int(trace.experts.shape[0]),
+        "num_experts": int(trace.num_experts),
+        "top_k": int(trace.experts.shape[2]),
+        "task_expert_share": usage,
+    }
+    if trace.lookahead is not None:
+        summary["lookahead_accuracy"] = lookahead_accuracy(trace.experts, trace.lookahead, trace.num_experts)
+    return summary
+
+
+def write_traces(out_dir: Path, trace: RoutingTrace, collection: EAMCollection, summary: dict) -> None:
+    """Writes routing.npz, eams.npz and summary.json into out_dir, each by write-then-rename."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace.save(out_dir / ROUTING_FILE)
+    collection.save(out_dir / EAMS_FILE)
+    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out_dir / SUMMARY_FILE)
