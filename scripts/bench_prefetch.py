@@ -1,0 +1,228 @@
+"""Prefetching and caching on real routing: DeepSeek-V2-Lite's recorded routing replayed through a
+random-weight model of its MoE shape, with experts in pinned host memory.
+
+BENCHMARK-ONLY ROUTER OVERRIDE: the model computes its own routing (random weights route randomly),
+then `TraceReplay` replaces the chosen experts with those DeepSeek-V2-Lite chose for the same token
+position of a recorded sequence, so the cache and the prefetchers see real routing with real expert
+sizes (64 experts of 2048 x 1408 per MoE layer, top-6, 26 MoE layers). Combination weights stay the
+model's. The lookahead prefetcher's guess (the next layer's router applied one layer early) cannot
+be replayed, since the traces hold no hidden states: its guess is simulated from the next layer's
+recorded experts, each right with probability --lookahead-accuracy (the accuracy measured on
+moejax's own trained model by `moejax trace`); its router still runs on the GPU, so its cost is real.
+
+Per budget, policy and prefetcher: a warm-up sequence, then --sequences recorded sequences of the
+evaluation part (the trace collection is fitted on other sequences), each a --prompt-len token
+prompt and --new-tokens decoded tokens, one engine for all of them (the cache stays warm).
+
+  XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/bench_prefetch.py \
+      --traces .data/traces/deepseek_v2_lite_prefill.npz --out $OUT/bench_prefetch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import time
+
+import jax
+import numpy as np
+
+from moejax.cards import load_card
+from moejax.errors import MoejaxError
+from moejax.lab import simulate_lookahead
+from moejax.progress import Progress
+from moejax.runtime.engine import Engine, GenerationConfig
+from moejax.runtime.host_routed import HostRoutedExecutor
+from moejax.runtime.loading import expert_runner, reserved_kv_bytes
+from moejax.runtime.policies import make_policy
+from moejax.runtime.prefetch import make_prefetcher
+from moejax.runtime.store import HostExpertStore
+from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts, load_routing
+from scripts.benchlib import environment, print_table, random_dense_params, random_expert, write_json
+
+GB = 1e9
+
+
+class TraceReplay:
+    """Benchmark-only routing override: at MoE layer m the valid rows of ids [N, k] become the
+    recorded experts of the next tokens of a sequence, in order (the cursor moves at MoE layer 0),
+    and their lookahead guess [N, k] the simulated guess of layer m + 1 for the same tokens."""
+
+    def __init__(self, experts: np.ndarray, lookahead: np.ndarray):
+        self.experts, self.lookahead = experts, lookahead  # [L, T, k] each
+        self.cursor = self.offset = 0
+
+    def start(self, token: int) -> None:
+        self.cursor = token
+
+    def __call__(self, layer: int, ids: np.ndarray, lookahead: np.ndarray | None, valid_rows: np.ndarray | None):
+        rows = np.arange(len(ids)) if valid_rows is None else np.flatnonzero(valid_rows)
+        if layer == 0:
+            self.offset, self.cursor = self.cursor, self.cursor + len(rows)
+        tokens = slice(self.offset, self.offset + len(rows))
+        ids = ids.copy()
+        ids[rows] = self.experts[layer, tokens]
+        if lookahead is not None and layer + 1 < len(self.lookahead):
+            lookahead = lookahead.copy()
+            lookahead[rows] = self.lookahead[layer + 1, tokens]
+        return ids, lookahead
+
+
+def build_store(cfg, device) -> HostExpertStore:
+    """Pinned host experts for every MoE layer: copies of one layer's worth of random experts."""
+    store = HostExpertStore(device, cfg.expert_bytes)
+    pool = [random_expert(cfg, jax.random.PRNGKey(e)) for e in range(cfg.num_experts)]
+    progress = Progress("pinned experts", len(cfg.moe_layer_ids) * cfg.num_experts)
+    for m in range(len(cfg.moe_layer_ids)):
+        for e in range(cfg.num_experts):
+            store.put((m, e), pool[e])
+            progress.advance()
+        jax.block_until_ready([store.get((m, e)) for e in range(cfg.num_experts)])
+    progress.close()
+    return store
+
+
+def fit_collection(trace: RoutingTrace) -> EAMCollection:
+    layers, _, _ = trace.experts.shape
+    collection = EAMCollection(layers, trace.num_experts, capacity=max(len(trace.seq_lens), 1))
+    bounds = np.concatenate([[0], np.cumsum(trace.seq_lens)])
+    for s in range(len(trace.seq_lens)):
+        collection.add(eam_counts(trace.experts[:, bounds[s] : bounds[s + 1]], trace.num_experts))
+    return collection
+
+
+def run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch, mode="cached") -> dict:
+    """Warm-up sequence, then the measured ones; one engine, the cache warm across sequences."""
+    num_moe = len(cfg.moe_layer_ids)
+    collection = copy.deepcopy(collection)
+    try:
+        runner = expert_runner(
+            cfg, store, mode, budget,
+            make_policy(policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection),
+            0, reserved_kv_bytes(cfg, 1, 256),
+            prefetcher=None if prefetch == "none" else make_prefetcher(
+                prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection),
+            prefetch_per_layer=args.prefetch_per_layer, collection=collection,
+        )
+    except MoejaxError as err:
+        return {"budget": budget, "policy": policy, "prefetch": prefetch, "skipped": str(err)}
+    runner.replay = replay
+    engine = Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner))
+    config = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
+    prompt = list(range(1, args.prompt_len + 1))
+    decode_s = decode_steps = hits = activations = stall = moved = 0.0
+    used = issued = misses = 0
+    tpots = []
+    for n, start in enumerate(starts):
+        replay.start(start)
+        result = engine.generate([prompt], config)
+        if n == 0:
+            continue  # warm-up: compiles, fills the cache
+        total, prefill = result.stats["total"], result.stats["prefill"]
+        decode_s += result.timing.total_s - result.timing.ttft_s
+        decode_steps += result.timing.decode_steps
+        tpots.append(result.timing.tpot_s)
+        hits += total["hits"] - prefill["hits"]
+        activations += total["activations"] - prefill["activations"]
+        misses += total["misses"] - prefill["misses"]
+        used += total["prefetch_used"] - prefill["prefetch_used"]
+        issued += total["prefetch_issued"] - prefill["prefetch_issued"]
+        stall += total["stall_s"] - prefill["stall_s"]
+        moved += total["bytes_h2d"] - prefill["bytes_h2d"]
+    row = {
+        "mode": mode, "budget": budget, "policy": policy, "prefetch": prefetch, "capacity_experts": runner.cache.capacity,
+        "tokens_per_s": decode_steps / decode_s, "tpot_s": float(np.median(tpots)),
+        "hit_rate": hits / activations, "stall_s_per_token": stall / decode_steps,
+        "gb_per_token": moved / decode_steps / GB,
+        "prefetch_precision": used / issued if issued else None,
+        "prefetch_recall": used / (used + misses) if used + misses else None,
+        "decode_steps": int(decode_steps),
+    }
+    del engine, runner
+    gc.collect()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--card", default="deepseek-v2-lite-shape")
+    parser.add_argument("--traces", required=True, help="DeepSeek-V2-Lite routing (experts [26, T, 6], seq_lens)")
+    parser.add_argument("--fit-fraction", type=float, default=0.5, help="the first part of the sequences fits the collection")
+    parser.add_argument("--sequences", type=int, default=4, help="evaluation sequences measured per configuration")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--budgets", default="0.25,0.5")
+    parser.add_argument("--policies", default="lru,lfu,activation")
+    parser.add_argument("--prefetch", default="none,lookahead,trace")
+    parser.add_argument("--prefetch-per-layer", type=int, help="default: the model's top-k")
+    parser.add_argument("--lookahead-accuracy", type=float, required=True)
+    parser.add_argument("--compare-resident", action="store_true", help="also time resident and cached at budget 1.0")
+    parser.add_argument("--tiny", action="store_true", help="shrink every width (a CPU smoke run of this script)")
+    parser.add_argument("--out", default="bench_prefetch.json")
+    args = parser.parse_args()
+
+    cfg = load_card(args.card)
+    if args.tiny:
+        cfg = cfg.replace(vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, expert_intermediate_size=32,
+                          dense_intermediate_size=64, shared_expert_intermediate_size=64)
+    trace = load_routing(args.traces)
+    if trace.experts.shape[0] != len(cfg.moe_layer_ids) or trace.experts.shape[2] != cfg.top_k:
+        raise SystemExit(f"{args.traces}: routing {trace.experts.shape} does not match card {args.card}")
+    n_fit = int(len(trace.seq_lens) * args.fit_fraction)
+    fit, evaluate = trace.select(0, n_fit), trace.select(n_fit, len(trace.seq_lens))
+    collection = fit_collection(fit)
+    lookahead = simulate_lookahead(evaluate, args.lookahead_accuracy, seed=0)
+    replay = TraceReplay(evaluate.experts, lookahead)
+    bounds = np.concatenate([[0], np.cumsum(evaluate.seq_lens)])
+    needed = args.prompt_len + args.new_tokens - 1
+    starts = [int(bounds[s]) for s in range(len(evaluate.seq_lens)) if evaluate.seq_lens[s] >= needed][: args.sequences + 1]
+    print(f"{n_fit} sequences fit the collection; replaying {len(starts)} of the other {len(evaluate.seq_lens)}", flush=True)
+
+    device = jax.devices()[0]
+    start = time.perf_counter()
+    globals_, layers = random_dense_params(cfg)
+    store = build_store(cfg, device)
+    print(f"model built in {time.perf_counter() - start:.0f} s: {len(store)} experts, {store.total_bytes / GB:.1f} GB pinned", flush=True)
+
+    # The whole model on the GPU against the cache at budget 1.0, twice each, interleaved.
+    ceiling = []
+    if args.compare_resident:
+        on_device = HostExpertStore(device, store.expert_bytes, on_device=True)
+        for key in store.keys():
+            on_device.put(key, store.get(key))
+        for _ in range(2):
+            ceiling.append(run_config(cfg, globals_, layers, on_device, collection, replay, starts, args, None, "lru", "none", "resident"))
+            ceiling.append(run_config(cfg, globals_, layers, store, collection, replay, starts, args, "1.0", "lru", "none"))
+            print(ceiling[-2], ceiling[-1], flush=True)
+        del on_device
+        gc.collect()
+
+    rows = []
+    result = {
+        "environment": environment(), "card": args.card, "traces": str(args.traces),
+        "fit_sequences": n_fit, "measured_sequences": len(starts) - 1, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "lookahead_accuracy": args.lookahead_accuracy,
+        "expert_bytes": cfg.expert_bytes, "rows": rows, "resident_vs_cached_full": ceiling,
+    }
+    for budget in args.budgets.split(","):
+        for policy in args.policies.split(","):
+            for prefetch in args.prefetch.split(","):
+                row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch)
+                base = next((r for r in rows if r["budget"] == budget and r["policy"] == "lru" and r["prefetch"] == "none"), None)
+                if base and "tokens_per_s" in row and "tokens_per_s" in base:
+                    row["x_lru_none"] = row["tokens_per_s"] / base["tokens_per_s"]
+                rows.append(row)
+                print(row, flush=True)
+                write_json(args.out, result)  # after every row: a run cut short keeps what it measured
+    print_table([r for r in ceiling + rows if "tokens_per_s" in r], [
+        ("mode", "mode", "s"),
+        ("budget", "budget", "s"), ("policy", "policy", "s"), ("prefetch", "prefetch", "s"),
+        ("capacity_experts", "slots", "d"), ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"),
+        ("tpot_s", "TPOT s", ".4f"), ("hit_rate", "hit", ".3f"), ("stall_s_per_token", "stall s/tok", ".4f"),
+        ("gb_per_token", "GB/tok", ".3f"), ("prefetch_precision", "prec", ".2f"), ("prefetch_recall", "recall", ".2f"),
+    ])
+
+
+if __name__ == "__main__":
+    main()
