@@ -277,3 +277,22 @@ def test_recorded_lookahead_is_used_when_present():
     simulated = replay(trace, capacity_fraction=0.5, policy="lru", prefetch="lookahead", lookahead_accuracy=0.0)
     # Always-wrong guesses are used only when a later token needs them before they are evicted.
     assert simulated["lookahead_source"] == "simulated" and simulated["prefetch_precision"] < 0.5
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    trace = random_trace(8)
+    path = tmp_path / "routing.npz"
+    trace.save(path)
+    assert main(["lab", "--traces", str(path), "--capacity", "0.5", "--plot", str(tmp_path / "c.png")]) == 2
+    assert "--plot needs matplotlib: pip install 'moejax[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()
