@@ -264,3 +264,35 @@ def test_activation_policy_expected_next_use_by_hand():
     assert policy.victim([(0, 0), (0, 2)], now=0) == (0, 2)
     policy.on_layer(1)  # while layer 1 runs, layer 0 is next (d = 1) and layer 1 itself farthest (d = 2)
     np.testing.assert_allclose(policy.expected_next_use()[:, 0], [1 + 2 * 0.4 / 0.6, 2 + 2 * 0.75 / 0.25])
+
+
+def test_recorded_lookahead_is_used_when_present():
+    base = random_trace(6, layers=3, experts=8, seq_lens=(20,))
+    lookahead = np.full_like(base.experts, -1)
+    lookahead[1:] = base.experts[1:]  # a router that is always right one layer early
+    trace = RoutingTrace(base.experts, base.seq_lens, 8, lookahead=lookahead)
+    result = replay(trace, capacity_fraction=0.5, policy="lru", prefetch="lookahead")
+    assert result["lookahead_source"] == "recorded" and result["lookahead_accuracy"] is None
+    assert result["prefetch_precision"] == 1.0
+    simulated = replay(trace, capacity_fraction=0.5, policy="lru", prefetch="lookahead", lookahead_accuracy=0.0)
+    # Always-wrong guesses are used only when a later token needs them before they are evicted.
+    assert simulated["lookahead_source"] == "simulated" and simulated["prefetch_precision"] < 0.5
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    trace = random_trace(8)
+    path = tmp_path / "routing.npz"
+    trace.save(path)
+    assert main(["lab", "--traces", str(path), "--capacity", "0.5", "--plot", str(tmp_path / "c.png")]) == 2
+    assert "--plot needs matplotlib: pip install 'moejax[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "c.png").exists()

@@ -246,8 +246,9 @@ class ActivationPolicy(CachePolicy):
         return max(pool, key=lambda k: (scores[k], -k[0], -k[1]))
 
     def select_victim(self, resident, pinned, now):
-        self.expected_next_use()
-        key = divmod(int(np.argmax(self._masked)), self.num_experts)
+        if self._scores is None:
+            self.expected_next_use()
+        key = divmod(int(self._masked.argmax()), self.num_experts)
         if self._masked[key] > -np.inf and key not in pinned:
             return key
         return super().select_victim(resident, pinned, now)

@@ -149,7 +149,7 @@ class TracePrefetcher(Prefetcher):
             if source < 0 or source > self.token_layer:
                 continue
             counts = self.token_counts[source]
-            nz = np.flatnonzero(counts)
+            nz = counts.nonzero()[0]
             if not len(nz):
                 continue
             log_p = np.log(counts[nz] @ self.conditional[d - 1, layer, nz] / counts[nz].sum())
@@ -168,7 +168,7 @@ class TracePrefetcher(Prefetcher):
             if ahead == layer:
                 break
             p = self.probabilities(ahead)
-            likely = np.flatnonzero(p >= self.min_probability)
+            likely = (p >= self.min_probability).nonzero()[0]
             layers.append(np.full(len(likely), ahead))
             experts.append(likely)
             priorities.append(p[likely] * (1 - (t - 1) / self.horizon))

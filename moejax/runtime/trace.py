@@ -251,7 +251,7 @@ class EAMMatcher:
 
     def observe(self, layer: int, counts: np.ndarray) -> None:
         """Adds a step's token counts [E] of MoE layer `layer` to the running EAM."""
-        nz = np.flatnonzero(counts)
+        nz = counts.nonzero()[0]
         if not len(nz):
             return
         c = counts[nz].astype(np.float32)
