@@ -104,7 +104,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-sequences", help="A:B (default: the first half)")
     parser.add_argument("--eval-sequences", help="A:B (default: the second half)")
     parser.add_argument("--capacities", default="0.1,0.25,0.5")
-    parser.add_argument("--lookahead-accuracy", type=float, default=DEFAULT_LOOKAHEAD_ACCURACY)
+    parser.add_argument("--lookahead-accuracy", type=float,
+                        help=f"simulate lookahead at this accuracy (default: the trace's recorded lookahead, "
+                             f"else {DEFAULT_LOOKAHEAD_ACCURACY})")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("out/lab"))
     args = parser.parse_args(argv)

@@ -200,3 +200,14 @@ def test_trace_refuses_too_long_prompts_before_running(qwen, tmp_path, capsys):
 
     kept = prepare_prompts(moejax.load(qwen), read_prompts(prompts), prompts, limit - 4, max_prompt_tokens=4)
     assert kept == [([1, 2, 3], None), ([4, 5, 6, 7], None)]
+
+
+def test_trace_prefetcher_learns_from_finished_sequences(qwen):
+    """Without --traces the collection starts empty; each generation adds its sequences and the
+    prefetcher refits on them."""
+    engine = moejax.load(qwen, offload="cached", expert_budget="0.5", prefetch="trace")
+    runner = engine.executor.runner
+    assert len(runner.collection) == 0 and runner.prefetcher.matcher is None
+    engine.generate(random_prompts(engine.cfg.vocab_size, [6, 4], seed=9), max_new_tokens=3)
+    assert len(runner.collection) == 2 and runner.prefetcher.matcher is not None
+    assert runner.collection.transitions.sum() > 0

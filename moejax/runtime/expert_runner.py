@@ -96,9 +96,9 @@ class ExpertRunner:
         """A generation of `sequences` prompts (the first rows of a `batch`) begins; tasks: labels or None."""
         self.recorder.start(batch, sequences, tasks)
         task = next((t for t in (tasks or []) if t is not None), None)
-        for hook in (getattr(self.prefetcher, "on_sequence_start", None), getattr(self.cache.directory.policy, "on_sequence_start", None)):
-            if hook is not None:
-                hook(task)
+        self.cache.directory.policy.on_sequence_start(task)
+        if self.prefetcher is not None:
+            self.prefetcher.on_sequence_start(task)
 
     def end_sequences(self) -> None:
         """The generation is over: its sequences' activation matrices join the trace collection."""
@@ -128,9 +128,7 @@ class ExpertRunner:
             ids = jax.device_put(ids_host.astype(np.int32), self.device)
         self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)
         counts = expert_token_counts(ids_host, valid_rows, self.num_experts)
-        on_routing = getattr(self.cache.directory.policy, "on_routing", None)
-        if on_routing is not None:
-            on_routing(moe_layer, counts)
+        self.cache.directory.policy.on_routing(moe_layer, counts)
         needed = [int(e) for e in np.flatnonzero(counts)]
         cache = self.cache
         acc = self._zero_acc(moe_in.shape)

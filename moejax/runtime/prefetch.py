@@ -108,16 +108,24 @@ class TracePrefetcher(Prefetcher):
         self.horizon = max(1, min(horizon, num_layers - 1)) if num_layers > 1 else 1
         self.min_probability, self.sequence_weight = min_probability, sequence_weight
         self.usage = ExpertUsage(num_layers, num_experts, prior_tokens, decay)
-        self.matcher = EAMMatcher(collection, top_matches) if collection is not None and len(collection) else None
+        self.collection, self.top_matches = collection, top_matches
+        self.smoothing, self.use_transitions = smoothing, use_transitions
         self.uniform = np.full(num_experts, 1.0 / num_experts)
-        self.conditional = None
-        if use_transitions and collection is not None and collection.transitions.any():
-            smoothed = collection.transitions.astype(np.float64) + smoothing
-            self.conditional = smoothed / smoothed.sum(axis=3, keepdims=True)  # [depth, L, a, b]: P_d(b | a)
-            first = collection.transitions[0].sum(axis=1) + smoothing  # [L, E]; layer 0 has no d = 1 pairs
-            self.log_shares = np.log(first / first.sum(axis=1, keepdims=True))
+        self.refit()
         self.token_counts = np.zeros((num_layers, num_experts))
         self.token_layer = -1  # the token in flight has passed layers 0..token_layer
+
+    def refit(self) -> None:
+        """Rebuilds the matcher and the transition statistics from the collection (the engine calls
+        this after finished sequences joined it)."""
+        collection = self.collection
+        self.matcher = EAMMatcher(collection, self.top_matches) if collection is not None and len(collection) else None
+        self.conditional = None
+        if self.use_transitions and collection is not None and collection.transitions.any():
+            smoothed = collection.transitions.astype(np.float64) + self.smoothing
+            self.conditional = smoothed / smoothed.sum(axis=3, keepdims=True)  # [depth, L, a, b]: P_d(b | a)
+            first = collection.transitions[0].sum(axis=1) + self.smoothing  # [L, E]; layer 0 has no d = 1 pairs
+            self.log_shares = np.log(first / first.sum(axis=1, keepdims=True))
 
     def on_sequence_start(self, task=None):
         self.usage.reset()
