@@ -6,7 +6,9 @@ copies and compute ran one after the other. This probe times, with expert-sized 
   copy       N expert copies alone;
   before     copies issued, then the chain dispatched: time until the chain's result, until all;
   after      the chain dispatched, then the copies issued;
-  readback   copies issued, then a tiny jitted op whose result is read to the host (a routing readback).
+  readback   copies issued, then a tiny jitted op whose result is read to the host (a routing readback);
+             readback_behind_N: that wait with N expert copies in flight (N = 0, 1, 6, 24), and how long
+             the device_put call itself took.
 Prints one JSON object; times are medians in milliseconds.
 
   PYTHONPATH=. python scripts/probe_overlap.py --out $OUT/probe_overlap.json
@@ -85,6 +87,21 @@ def main() -> None:
         results.setdefault("_readback_wait", []).append((time.perf_counter() - start) * 1e3)
         jax.block_until_ready(copies)
 
+    def readback_behind(n: int):
+        """A tiny op + host readback issued behind n expert copies in flight: (wait ms, device_put call ms)."""
+        def trial():
+            start = time.perf_counter()
+            copies = jax.device_put(host[:n], on_device) if n else []
+            put = time.perf_counter()
+            np.asarray(tiny(x))
+            results.setdefault(f"_behind_{n}", []).append(((time.perf_counter() - put) * 1e3, (put - start) * 1e3))
+            jax.block_until_ready(copies)
+        median_ms(trial)
+        waits, calls = zip(*results.pop(f"_behind_{n}"))
+        return float(np.median(waits)), float(np.median(calls))
+
+    for n in (0, 1, 6, 24):
+        results[f"readback_behind_{n}_ms"], results[f"device_put_call_{n}_ms"] = readback_behind(n)
     results["before_total"] = median_ms(before)
     results["after_total"] = median_ms(after)
     results["readback_total"] = median_ms(readback)
