@@ -22,9 +22,9 @@ from moejax.runtime.expert_runner import MODES, ExpertRunner
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.policies import CachePolicy, make_policy
 from moejax.runtime.prefetch import Prefetcher, make_prefetcher
+from moejax.runtime.recorder import EAMS_FILE
 from moejax.runtime.seq2seq import Seq2SeqEngine
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
-from moejax.runtime.recorder import EAMS_FILE
 from moejax.runtime.trace import EAMCollection
 from moejax.tokenizer import load_tokenizer
 
