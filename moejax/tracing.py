@@ -4,8 +4,8 @@ Writes three files into the output directory, each atomically:
   eams.npz      the activation-matrix collection (one EAM [MoE layers, experts] per prompt, with its
                 task), which `--prefetch trace`, `--cache-policy activation` and `moejax lab --fit` read;
   routing.npz   per-token routing: experts [MoE layers, tokens, k] of all sequences concatenated, with
-                seq_lens and tasks (the layout `moejax lab --traces` replays), and for decoder models
-                the lookahead guess of every layer (the next MoE layer's router one layer early);
+                seq_lens and tasks (the layout `moejax lab --traces` replays), and the lookahead guess
+                of every layer (the next MoE layer's router one layer early);
   summary.json  counts, per-task expert usage, and the lookahead guess's accuracy.
 """
 
@@ -84,7 +84,7 @@ def trace_prompts(
     if executor.runner is None:
         raise MoejaxError(f"tracing needs the host-routed executor (got {executor.name})")
     runner = executor.runner
-    runner.record_lookahead = not hasattr(cfg, "encoder_layer_ids")  # decoder models: record the guess too
+    runner.record_lookahead = True  # the lookahead guess too, to measure it and replay it in the lab
     num_moe = len(cfg.moe_layer_ids)
     collection = EAMCollection(num_moe, cfg.num_experts, capacity=max(len(prompts), 1))
     experts, lookaheads, seq_lens, tasks = [], [], [], []

@@ -61,15 +61,26 @@ def test_every_prefetcher_and_policy_equals_resident(qwen):
                 assert 0 <= total["prefetch_precision"] <= 1 and 0 <= total["prefetch_recall"] <= 1
 
 
-def test_encoder_decoder_trace_prefetch_equals_resident(root):
-    _, _, ckpt = build_encdec(("switch_transformers", "basic"), root)
+@pytest.mark.parametrize("case", [("switch_transformers", "basic"), ("nllb-moe", "basic")])
+def test_encoder_decoder_prefetchers_equal_resident(root, case):
+    _, _, ckpt = build_encdec(case, root)
     resident = moejax.load(ckpt)
     sources = random_sources([7, 4], seed=2)
     expected = resident.generate(sources, max_new_tokens=NEW_TOKENS).tokens
-    engine = moejax.load(ckpt, offload="cached", expert_budget="0.5", cache_policy="activation", prefetch="trace")
-    for _ in range(2):
-        assert engine.generate(sources, max_new_tokens=NEW_TOKENS).tokens == expected
-    assert engine.executor.runner.collection is not None and len(engine.executor.runner.collection) == 4
+    for prefetch in ("lookahead", "trace"):
+        engine = moejax.load(ckpt, offload="cached", expert_budget="0.5", cache_policy="activation", prefetch=prefetch)
+        for _ in range(2):
+            result = engine.generate(sources, max_new_tokens=NEW_TOKENS)
+            assert result.tokens == expected, prefetch
+        assert result.stats["total"]["prefetch_issued"] > 0, prefetch
+        assert len(engine.executor.runner.collection) == 4
+    experts, lookahead = engine.executor.routing(0)
+    assert lookahead is None  # recorded only when asked for or used
+    engine.executor.runner.record_lookahead = True
+    engine.generate(sources, max_new_tokens=NEW_TOKENS)
+    experts, lookahead = engine.executor.routing(0)
+    assert lookahead.shape == experts.shape and (lookahead[0] == NO_PREDICTION).all()
+    assert (lookahead >= 0).any()
 
 
 def test_recorded_routing_and_eam_match_the_model(qwen):

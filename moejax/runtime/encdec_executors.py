@@ -150,6 +150,11 @@ class HostRoutedExecutor(DeviceRoutedExecutor):
         super().__init__(cfg, globals_, layers, [None] * cfg.num_layers, device or runner.device)
         self.runner = runner
         self.moe_index = {g: m for m, g in enumerate(cfg.moe_layer_ids)}
+        # The next MoE layer of the same stack (its router gives the lookahead prefetcher's guess).
+        self.next_moe = {}
+        for stack in (cfg.encoder_layer_ids, cfg.decoder_layer_ids):
+            moe = [g for g in stack if cfg.moe_layers[g]]
+            self.next_moe.update(zip(moe, moe[1:]))
 
     def _encoder_layer(self, g: int, x, context):
         if not self.cfg.moe_layers[g]:
@@ -158,7 +163,7 @@ class HostRoutedExecutor(DeviceRoutedExecutor):
         h, moe_in, weights, ids = fns.encoder_attend_and_route(
             self.cfg, **shape, params=self.layers[g], x=x, src_valid=context[0], bias=context[1], route_in=context[2]
         )
-        return self._experts_and_finish(g, h, moe_in, weights, ids), ids
+        return self._experts_and_finish(g, h, moe_in, weights, ids, context[2]), ids
 
     def _decoder_layer(self, g: int, y, kv_cache, context):
         if not self.cfg.moe_layers[g]:
@@ -168,13 +173,17 @@ class HostRoutedExecutor(DeviceRoutedExecutor):
             self.cfg, **shape, params=self.layers[g], y=y, kv_cache=kv_cache, positions=context[0],
             bias=context[1], cross_kv=context[2], src_valid=context[3], route_in=context[4],
         )
-        return self._experts_and_finish(g, h, moe_in, weights, ids), kv_cache, ids
+        return self._experts_and_finish(g, h, moe_in, weights, ids, context[4]), kv_cache, ids
 
-    def _experts_and_finish(self, g: int, h, moe_in, weights, ids):
+    def _experts_and_finish(self, g: int, h, moe_in, weights, ids, route_in):
         """Padding and dropped (token, expert) pairs carry id E, so every row may be passed as valid."""
         finish = functools.partial(fns.accumulate_and_finish, self.cfg, **fns.layer_shape(self.cfg, g),
                                    params=self.layers[g], h=h, moe_in=moe_in, weights=weights)
-        return self.runner.run(self.moe_index[g], moe_in, ids, weights, None, finish)
+        lookahead = None
+        if self.runner.wants_lookahead and g in self.next_moe:
+            nxt = self.next_moe[g]
+            lookahead = fns.lookahead_route(self.cfg, **fns.layer_shape(self.cfg, nxt), params=self.layers[nxt], h=h, route_in=route_in)
+        return self.runner.run(self.moe_index[g], moe_in, ids, weights, None, finish, lookahead)
 
     def reset_stats(self) -> None:
         self.runner.reset_stats()

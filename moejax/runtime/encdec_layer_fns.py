@@ -107,6 +107,12 @@ def decoder_attend_and_route(
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
+def lookahead_route(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, route_in):
+    """The next MoE layer's router (its params and shape) on this layer's residual h [B, T, D] -> ids [N, k]."""
+    return _layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in)[2]
+
+
+@functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
 def accumulate_and_finish(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, moe_in, ids, weights, expert_ids, experts, acc):
     """The last wave of experts (tuple of per-expert dicts, ids increasing) plus the residual: -> x [B, T, D]."""
     acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act)

@@ -65,8 +65,8 @@ def load(
     max_batch, max_seq_len: the largest KV cache to reserve device memory for when sizing the budget.
     routing: encoder-decoder models only: 'dropless' (default) or 'capacity' (transformers' token
         dropping); decoder families always route dropless.
-    prefetch: 'none', 'lookahead' (the next MoE layer's router on the current hidden state; decoder
-        models) or 'trace' (match the sequence's activations against a trace collection); 'cached' only.
+    prefetch: 'none', 'lookahead' (the next MoE layer's router on the current hidden state) or 'trace'
+        (match the sequence's activations against a trace collection); 'cached' only.
     prefetch_per_layer: most experts prefetched per MoE layer step (default: the model's top-k).
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
         trace prefetcher and the activation policy; without one they start empty and learn from the
@@ -92,8 +92,6 @@ def load(
     policy = make_policy(cache_policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection)
     if prefetch != "none" and offload != "cached":
         raise MoejaxError(f"--prefetch {prefetch} fills the expert cache: it needs --offload cached (not '{offload}')")
-    if prefetch == "lookahead" and seq2seq:
-        raise MoejaxError("--prefetch lookahead is implemented for decoder-only models; use --prefetch trace")
     prefetcher = None
     if prefetch != "none":
         prefetcher = make_prefetcher(prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection)
