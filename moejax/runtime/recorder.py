@@ -17,7 +17,7 @@ import numpy as np
 
 EAMS_FILE = "eams.npz"  # what `moejax trace --out DIR` writes: the activation-matrix collection
 ROUTING_FILE = "routing.npz"  # and the per-token routing trace
-NO_PREDICTION = -1  # lookahead rows nothing predicted (the first MoE layer, dense neighbours)
+NO_PREDICTION = -1  # in `lookahead`: nothing was predicted there (the first MoE layer of a stack)
 
 
 class RoutingRecorder:
