@@ -100,7 +100,7 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per layer step (default: top-k)")
     p.add_argument("--lookahead-accuracy", type=float,
                    help="simulate the lookahead router with this per-expert accuracy (default: the trace's recorded "
-                        "lookahead, else 0.8)")
+                        "lookahead, else 0.78)")
     p.add_argument("--expert-bytes", type=int, help="bytes of one expert, to report bytes moved")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -292,8 +292,8 @@ def cmd_trace(args) -> int:
     from moejax.runtime.engine import GenerationConfig
     from moejax.tracing import prepare_prompts, read_prompts, trace_prompts, write_traces
 
-    for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens or 1)):
-        if value < 1:
+    for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value is not None and value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
     prompts = read_prompts(args.prompts)[: args.limit]
     engine = load_engine(args)

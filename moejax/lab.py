@@ -31,7 +31,7 @@ from moejax.progress import Progress
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import CachePolicy, make_policy
 from moejax.runtime.prefetch import NoPrefetcher, make_prefetcher, prefetch_into
-from moejax.runtime.trace import EAMCollection, RoutingTrace
+from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts
 
 # The next MoE layer's router applied one layer early picked 78.3% of the experts it went on to use on
 # checkpoints/tiny-moe over ../shared/data/prompts/tasks.jsonl (`moejax trace`, summary.json).
@@ -84,14 +84,6 @@ def future_steps(trace: RoutingTrace) -> Iterator[tuple[int, list[int]]]:
             yield layer, [e for e in row if e < num_experts]
 
 
-def _token_counts(rows: np.ndarray, num_experts: int) -> np.ndarray:
-    """float [L, E]: token counts per layer of one token's rows [L, k] (ids >= num_experts and < 0 dropped)."""
-    num_layers = rows.shape[0]
-    keep = (rows >= 0) & (rows < num_experts)
-    flat = (np.arange(num_layers)[:, None] * num_experts + rows)[keep]
-    return np.bincount(flat, minlength=num_layers * num_experts).reshape(num_layers, num_experts).astype(np.float64)
-
-
 def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefetch: str = "none",
            prefetch_per_layer: int | None = None, collection: EAMCollection | None = None,
            lookahead_accuracy: float | None = None, expert_bytes: int | None = None, seed: int = 0,
@@ -131,8 +123,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         for t in range(offsets[s], offsets[s + 1]):
             rows = experts_by_token[t]
             needed_rows = [[e for e in row if e < num_experts] for row in rows.tolist()]
-            counts = _token_counts(rows, num_experts) if wants_counts else None
-            guesses = None if lookahead_by_token is None else _token_counts(lookahead_by_token[t], num_experts)
+            counts = eam_counts(rows[:, None], num_experts) if wants_counts else None  # [L, E] of this token
+            guesses = None if lookahead_by_token is None else eam_counts(lookahead_by_token[t][:, None], num_experts)
             for layer in range(num_layers):
                 if counts is not None:
                     cache_policy.on_routing(layer, counts[layer])
@@ -168,8 +160,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         "prefetch_issued": total.prefetch_issued,
         "prefetch_used": total.prefetch_used,
         "prefetch_wasted": total.prefetch_wasted,
-        "prefetch_precision": total.prefetch_used / total.prefetch_issued if total.prefetch_issued else 0.0,
-        "prefetch_recall": total.prefetch_used / (total.prefetch_used + total.misses) if total.prefetch_used + total.misses else 0.0,
+        "prefetch_precision": total.prefetch_precision,
+        "prefetch_recall": total.prefetch_recall,
         "experts_moved": moved,
         "collection_size": 0 if collection is None else len(collection),
         "replay_s": round(time.perf_counter() - start, 3),

@@ -22,7 +22,7 @@ from moejax.errors import MoejaxError
 from moejax.progress import Progress
 from moejax.runtime.engine import Engine, GenerationConfig
 from moejax.runtime.recorder import EAMS_FILE, NO_PREDICTION, ROUTING_FILE
-from moejax.runtime.trace import EAMCollection, RoutingTrace
+from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts
 
 SUMMARY_FILE = "summary.json"
 
@@ -99,7 +99,7 @@ def trace_prompts(
             lookaheads.append(lookahead)
             seq_lens.append(routed.shape[1])
             tasks.append(task)
-            collection.add(runner.recorder.eam(b), task, experts=routed)
+            collection.add(eam_counts(routed, cfg.num_experts), task, experts=routed)
         progress.advance(len(chunk))
     progress.close()
     lookahead = None

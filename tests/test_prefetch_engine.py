@@ -19,7 +19,7 @@ from moejax import checkpoint
 from moejax.cli import main as cli
 from moejax.errors import MoejaxError
 from moejax.runtime.recorder import EAMS_FILE, NO_PREDICTION, ROUTING_FILE, RoutingRecorder
-from moejax.runtime.trace import EAMCollection, load_routing
+from moejax.runtime.trace import EAMCollection, eam_counts, load_routing
 
 NEW_TOKENS = 6
 
@@ -93,7 +93,7 @@ def test_recorded_routing_and_eam_match_the_model(qwen):
         experts, lookahead = engine.executor.routing(b)
         # Every token fed: the prompt and all generated tokens but the last.
         assert experts.shape == (len(cfg.moe_layer_ids), len(prompt) + 3, cfg.top_k)
-        eam = engine.executor.runner.recorder.eam(b)
+        eam = eam_counts(experts, cfg.num_experts)
         hand = np.zeros_like(eam)
         for layer in range(experts.shape[0]):
             for token in experts[layer]:
@@ -116,7 +116,7 @@ def test_recorder_pads_layers_that_saw_fewer_tokens():
     experts, lookahead = recorder.routing(0)
     np.testing.assert_array_equal(experts[:, :, 0], [[1, 2], [3, 4]])
     assert lookahead is None
-    np.testing.assert_array_equal(recorder.eam(0), [[0, 1, 1, 0], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(eam_counts(experts, 4), [[0, 1, 1, 0], [0, 0, 0, 1]])
 
 
 def test_trace_command_writes_what_engine_and_lab_read(qwen, tmp_path, capsys):
@@ -207,6 +207,8 @@ def test_trace_refuses_too_long_prompts_before_running(qwen, tmp_path, capsys):
     assert cli([*args, "--max-new-tokens", str(limit - 4)]) == 2
     err = capsys.readouterr().err.strip()
     assert "prompt 2 has 6 tokens" in err and f"--max-prompt-tokens {4}" in err and not (tmp_path / "o").exists()
+    assert cli([*args, "--max-prompt-tokens", "0"]) == 2
+    assert "--max-prompt-tokens must be >= 1" in capsys.readouterr().err
     from moejax.tracing import prepare_prompts, read_prompts
 
     kept = prepare_prompts(moejax.load(qwen), read_prompts(prompts), prompts, limit - 4, max_prompt_tokens=4)

@@ -35,6 +35,18 @@ class DirectoryCounters:
     def hit_rate(self) -> float:
         return self.hits / self.activations if self.activations else 0.0
 
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of prefetched experts used before eviction."""
+        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Share of the accesses that would have missed without prefetching (used prefetches + misses)
+        that a prefetch covered."""
+        would_miss = self.prefetch_used + self.misses
+        return self.prefetch_used / would_miss if would_miss else 0.0
+
 
 class ExpertDirectory:
     def __init__(self, capacity: int, policy: CachePolicy, num_layers: int | None = None):

@@ -38,6 +38,7 @@ from moejax.runtime.policies import LRU, CachePolicy
 from moejax.runtime.recorder import RoutingRecorder, expert_token_counts
 from moejax.runtime.stats import cache_stats
 from moejax.runtime.store import HostExpertStore
+from moejax.runtime.trace import eam_counts
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
@@ -105,7 +106,8 @@ class ExpertRunner:
         self.recorder.stop()
         if self.collection is not None:
             for b in range(self.recorder.sequences):
-                self.collection.add(self.recorder.eam(b), self.recorder.tasks[b], experts=self.recorder.routing(b)[0])
+                experts, _ = self.recorder.routing(b)
+                self.collection.add(eam_counts(experts, self.num_experts), self.recorder.tasks[b], experts=experts)
             refit = getattr(self.prefetcher, "refit", None)
             if refit is not None:
                 refit()

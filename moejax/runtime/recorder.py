@@ -3,8 +3,8 @@
 The `ExpertRunner` hands every MoE layer step's routing (ids [N, k] with N = batch rows x tokens)
 to `RoutingRecorder.record`; the recorder keeps, for each real sequence of the batch, the experts of
 each of its tokens at each MoE layer, and optionally what the next MoE layer's router predicted
-one layer early (the lookahead prefetcher's guess). From that come the sequences' Expert
-Activation Matrices (token counts per MoE layer and expert) and per-token routing traces.
+one layer early (the lookahead prefetcher's guess): per-token routing traces, from which
+`trace.eam_counts` makes the sequences' Expert Activation Matrices.
 
 Padding rows and padding ids are dropped: an id >= num_experts marks a pair that went to no expert.
 Layers that saw different numbers of tokens (an encoder-decoder model's encoder and decoder layers)
@@ -69,15 +69,6 @@ class RoutingRecorder:
                 a = np.concatenate(steps)
                 lookahead[layer, : len(a)] = a
         return experts, lookahead
-
-    def eam(self, b: int) -> np.ndarray:
-        """Sequence b's Expert Activation Matrix: int32 [L, E], tokens routed to each expert."""
-        eam = np.zeros((self.num_moe_layers, self.num_experts), np.int32)
-        for layer, steps in enumerate(self._experts[b]):
-            for ids in steps:
-                ids = ids[ids < self.num_experts]
-                np.add.at(eam[layer], ids, 1)
-        return eam
 
 
 def expert_token_counts(ids: np.ndarray, valid_rows: np.ndarray | None, num_experts: int) -> np.ndarray:

@@ -11,20 +11,9 @@ from moejax.runtime.store import HostExpertStore
 
 def _layer_entry(directory: DirectoryCounters, transfers: TransferCounters) -> dict:
     entry = {**dataclasses.asdict(directory), **dataclasses.asdict(transfers)}
-    entry["hit_rate"] = directory.hit_rate
-    entry.update(prefetch_quality(directory))
+    for name in ("hit_rate", "prefetch_precision", "prefetch_recall"):
+        entry[name] = getattr(directory, name)
     return entry
-
-
-def prefetch_quality(counters: DirectoryCounters) -> dict[str, float]:
-    """precision: share of prefetched experts used before eviction; recall: share of the accesses that
-    would have missed without prefetching (used prefetches + misses) that a prefetch covered."""
-    used, issued = counters.prefetch_used, counters.prefetch_issued
-    would_miss = used + counters.misses
-    return {
-        "prefetch_precision": used / issued if issued else 0.0,
-        "prefetch_recall": used / would_miss if would_miss else 0.0,
-    }
 
 
 def cache_stats(mode: str, cache: ExpertCache, store: HostExpertStore, prefetch: str = "none") -> dict:
