@@ -157,3 +157,60 @@ def test_budget_parsing():
     assert parse("12GiB", 1) == 12 * 2**30
     assert parse("500MB", 1) == 500 * 10**6
     assert parse("2048", 1) == 2048
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_copy_experts_equals_device_put(monkeypatch, fast):
+    """The engine's copy call (jaxlib's batched copy, or jax.device_put where that is missing) gives
+    the same values, shapes and memory as jax.device_put, for gated and biased experts alike."""
+    import jax
+
+    from moejax.runtime import store as store_module
+
+    if not fast:
+        monkeypatch.setattr(store_module, "_batched_copy", None)
+    device = jax.devices()[0]
+    rng = np.random.default_rng(0)
+    experts = [
+        jax.device_put({"gate": rng.normal(size=(4, 6)).astype(np.float32), "up": rng.normal(size=(4, 6)).astype(np.float32),
+                        "down": rng.normal(size=(6, 4)).astype(np.float32)}, store_module.host_sharding(device)),
+        jax.device_put({"up": rng.normal(size=(4, 6)).astype(np.float32), "up_bias": rng.normal(size=6).astype(np.float32)},
+                       store_module.host_sharding(device)),
+    ]
+    target = store_module.device_sharding(device)
+    copies = store_module.copy_experts(experts, target)
+    reference = jax.device_put(experts, target)
+    assert store_module.copy_experts([], target) == []
+    for copy, ref in zip(copies, reference, strict=True):
+        assert list(copy) == list(ref)
+        for name in ref:
+            assert copy[name].aval == ref[name].aval and copy[name].sharding == ref[name].sharding
+            np.testing.assert_array_equal(np.asarray(copy[name]), np.asarray(ref[name]))
+            # Usable by a jitted function beside device arrays (the aval's memory space is the device's).
+            np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: a + b)(copy[name], ref[name])), 2 * np.asarray(ref[name]))
+
+
+def test_prefetch_copies_in_flight_are_capped(monkeypatch):
+    """At most `limit` prefetch copies are unfinished at once; finished ones make room again."""
+    import jax
+
+    from moejax.runtime import cache as cache_module
+    from moejax.runtime.cache import ExpertCache
+
+    class Copy:
+        done = False
+
+        def is_ready(self):
+            return Copy.done
+
+    monkeypatch.setattr(cache_module, "copy_experts", lambda experts, sharding: [{"w": Copy()} for _ in experts])
+    store = HostExpertStore(jax.devices()[0], expert_bytes=4)
+    for e in range(8):
+        store.put((1, e), {"w": np.zeros(1, np.float32)})
+    cache = ExpertCache(store, 8, make_policy("lru"))
+    keys = [(1, e) for e in range(8)]
+    assert cache.prefetch(keys, limit=2) == 2
+    assert cache.prefetch(keys, limit=2) == 0  # both still copying
+    Copy.done = True
+    assert cache.prefetch(keys, limit=2) == 2
+    assert cache.directory.total.prefetch_issued == 4

@@ -2,7 +2,7 @@
 
 An `ExpertCache` pairs an `ExpertDirectory` (which experts are resident, the policy, the
 hit/miss counters) with the device arrays of the resident experts and the host store they
-are copied from. Copies are `jax.device_put` calls, which return at once; the cache only
+are copied from. Copies (`store.copy_experts`) return at once; the cache only
 blocks when the compute is about to use an expert whose copy has not finished, and counts
 that wait as stall time.
 """
@@ -18,7 +18,7 @@ import jax
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import CachePolicy, ExpertKey
 from moejax.runtime.prefetch import select_prefetch
-from moejax.runtime.store import HostExpertStore, device_sharding
+from moejax.runtime.store import HostExpertStore, copy_experts, device_sharding
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class ExpertCache:
         self.sharding = device_sharding(self.device)
         self._arrays: dict[ExpertKey, dict] = {}
         self.transfers: dict[int, TransferCounters] = {}
+        self._prefetches_in_flight: list[tuple[ExpertKey, dict]] = []
 
     @property
     def capacity(self) -> int:
@@ -52,8 +53,10 @@ class ExpertCache:
         self.directory.total = type(self.directory.total)()
 
     def _copy(self, keys: Sequence[ExpertKey]) -> list[dict]:
-        """Issues one asynchronous host->device copy for all `keys`; returns their device arrays."""
-        return jax.device_put([self.store.get(k) for k in keys], self.sharding) if keys else []
+        """Issues one asynchronous host->device copy for all `keys`; returns their device arrays
+        (a store already on the device, resident mode, is used as it is)."""
+        experts = [self.store.get(k) for k in keys]
+        return experts if self.store.on_device else copy_experts(experts, self.sharding)
 
     def _place(self, keys: Sequence[ExpertKey], prefetch: bool) -> None:
         for key in keys:
@@ -75,9 +78,9 @@ class ExpertCache:
 
     def prefill(self, keys: Sequence[ExpertKey]) -> None:
         """Places `keys` without counting them (resident mode: the store already is on the device)."""
-        for key in keys:
+        for key, arrays in zip(keys, self._copy(keys), strict=True):
             self.directory.admit(key)
-            self._arrays[key] = jax.device_put(self.store.get(key), self.sharding)
+            self._arrays[key] = arrays
         self.directory.end_layer()
         self.reset_counters()
 
@@ -93,10 +96,17 @@ class ExpertCache:
     def prefetch(self, keys: Iterable[ExpertKey], limit: int) -> int:
         """Starts copying up to `limit` of `keys` (in order) that are not resident; returns how many.
 
-        Only unpinned experts can be evicted for them, so the layer in progress keeps its experts.
+        Only unpinned experts can be evicted for them, so the layer in progress keeps its experts. At
+        most `limit` prefetch copies are unfinished at any time: copies run one after another on the
+        link, so prefetches issued while it is backed up would only delay the next demand copies.
         """
-        chosen = select_prefetch(self.directory, keys, limit)
+        self._prefetches_in_flight = [
+            (key, arrays) for key, arrays in self._prefetches_in_flight
+            if self._arrays.get(key) is arrays and not all(a.is_ready() for a in arrays.values())
+        ]
+        chosen = select_prefetch(self.directory, keys, limit - len(self._prefetches_in_flight))
         self._place(chosen, prefetch=True)
+        self._prefetches_in_flight += [(key, self._arrays[key]) for key in chosen]
         return len(chosen)
 
     def ready(self, keys: Sequence[ExpertKey], layer: int) -> tuple[dict, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
@@ -22,6 +22,17 @@ from moejax.config import ModelConfig
 from moejax.errors import MoejaxError
 from moejax.progress import Progress
 from moejax.runtime.policies import ExpertKey
+
+try:  # jaxlib's batched copy, what jax.device_put ends in for committed arrays (see copy_experts)
+    from jax._src.interpreters.pxla import global_aval_to_result_handler as _result_handler
+    from jax._src.lib import xla_client as _xc
+
+    _batched_copy = _xc.batched_copy_array_to_devices_with_sharding
+    _ALWAYS_COPY = _xc.ArrayCopySemantics.ALWAYS_COPY
+except (ImportError, AttributeError):  # pragma: no cover - other jax versions
+    _batched_copy = None
+
+_HANDLERS: dict = {}  # (shape, dtype, sharding) -> wraps a copy as an array of the target memory
 
 
 PINNED_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
@@ -48,6 +59,43 @@ def host_sharding(device) -> SingleDeviceSharding:
 
 def device_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind="device")
+
+
+def copy_experts(experts: Sequence[dict], sharding: SingleDeviceSharding) -> list[dict]:
+    """Starts asynchronous copies of experts (dicts of committed single-device arrays) into
+    `sharding`'s memory, one call for all of them; returns the new dicts at once.
+
+    jax.device_put spends ~45 us of Python per array on checks that cannot fail here (same
+    device, same sharding, only the memory kind changes), and the engine issues copies on the
+    host's critical path, so the call goes straight to jaxlib's batched copy, which jax.device_put
+    itself ends in. Falls back to jax.device_put where jaxlib lacks that call.
+    """
+    global _batched_copy
+    if not experts:
+        return []
+    if _batched_copy is not None:
+        try:
+            return _copy_experts_fast(experts, sharding)
+        except (TypeError, AttributeError):  # pragma: no cover - this jax's private calls differ
+            _batched_copy = None
+    return jax.device_put(list(experts), sharding)
+
+
+def _copy_experts_fast(experts: Sequence[dict], sharding: SingleDeviceSharding) -> list[dict]:
+    arrays = [a for expert in experts for a in expert.values()]
+    devices = sharding._internal_device_list.addressable_device_list
+    copies = _batched_copy(arrays, [devices] * len(arrays), [sharding] * len(arrays), [_ALWAYS_COPY] * len(arrays))
+    # The copies keep their sources' abstract value, whose memory space is the host's; jax.device_put
+    # re-wraps them with the target's, as done here.
+    wrapped = iter([_handler(a.shape, a.dtype, sharding)(c) for a, c in zip(arrays, copies, strict=True)])
+    return [{name: next(wrapped) for name in expert} for expert in experts]
+
+
+def _handler(shape, dtype, sharding):
+    key = (shape, dtype, sharding)
+    if key not in _HANDLERS:
+        _HANDLERS[key] = _result_handler(jax.core.ShapedArray(shape, dtype), sharding, True)
+    return _HANDLERS[key]
 
 
 class HostExpertStore:
