@@ -73,15 +73,7 @@ class ExpertRunner:
             self.cache.prefill(sorted(store.keys()))
         else:
             self.cache = ExpertCache(store, num_experts, LRU())
-        self._device_ints: dict[tuple[int, ...], jax.Array] = {}
         self._zeros: dict[tuple[int, int], jax.Array] = {}
-
-    def _ids_on_device(self, ids: list[int]) -> jax.Array:
-        """Device int32 array of `ids`, kept for reuse (no host->device copy per layer once seen)."""
-        key = tuple(ids)
-        if key not in self._device_ints:
-            self._device_ints[key] = jax.device_put(np.asarray(ids, np.int32), self.device)
-        return self._device_ints[key]
 
     def _zero_acc(self, shape) -> jax.Array:
         if shape not in self._zeros:
@@ -91,7 +83,7 @@ class ExpertRunner:
     @property
     def wants_lookahead(self) -> bool:
         """Whether executors should pass the next MoE layer's routing of each layer's input."""
-        return self.record_lookahead or getattr(self.prefetcher, "name", None) == "lookahead"
+        return self.record_lookahead or getattr(self.prefetcher, "uses_lookahead", False)
 
     def start_sequences(self, batch: int, sequences: int, tasks=None) -> None:
         """A generation of `sequences` prompts (the first rows of a `batch`) begins; tasks: labels or None."""
@@ -127,7 +119,7 @@ class ExpertRunner:
         lookahead_host = None if lookahead is None else np.asarray(lookahead)
         if self.replay is not None:
             ids_host, lookahead_host = self.replay(moe_layer, ids_host, lookahead_host, valid_rows)
-            ids = jax.device_put(ids_host.astype(np.int32), self.device)
+            ids = ids_host.astype(np.int32)  # NumPy arguments travel with the jitted call, cheaper than a device_put
         self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)
         counts = expert_token_counts(ids_host, valid_rows, self.num_experts)
         self.cache.directory.policy.on_routing(moe_layer, counts)
@@ -143,7 +135,7 @@ class ExpertRunner:
             if n == len(waves) - 1:
                 self._prefetch(moe_layer, counts, lookahead_host, valid_rows)
             experts = cache.ready(keys, moe_layer)
-            expert_ids = self._ids_on_device(wave)
+            expert_ids = np.asarray(wave, np.int32)  # copied with the call (a device_put costs ~0.1 ms of host)
             if n < len(waves) - 1:
                 acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act)
             else:

@@ -49,20 +49,21 @@ def layer_device_routed(cfg: ModelConfig, moe: bool, window, params, experts, x,
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC, donate_argnames=("kv_cache",))
-def attend_and_route(cfg: ModelConfig, moe: bool, window, params, x, kv_cache, positions):
-    """First half of a MoE layer: -> (h [B, T, D], kv_cache, moe_in [N, D], weights [N, k], ids [N, k])."""
+def attend_and_route(cfg: ModelConfig, moe: bool, window, params, x, kv_cache, positions, next_params=None):
+    """First half of a MoE layer: -> (h [B, T, D], kv_cache, moe_in [N, D], weights [N, k], ids [N, k], lookahead).
+
+    With `next_params` (the next MoE layer's parameters), lookahead [N, k] int32 is that layer's router
+    applied to h, a guess of its routing for the lookahead prefetcher, computed in the same call (one
+    dispatch less per layer); else None.
+    """
     layer = DecoderLayer(cfg, moe, window)
     variables = {"params": params}
     h, kv_cache = layer.apply(variables, x, kv_cache, positions, method=DecoderLayer.attend)
     moe_in, weights, ids = layer.apply(variables, h, method=DecoderLayer.route)
-    return h, kv_cache, moe_in, weights, ids
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def lookahead_route(cfg: ModelConfig, next_params, h):
-    """The next MoE layer's router on this layer's residual h [B, T, D] -> ids [N, k] (a guess of its routing)."""
-    _, _, ids = DecoderLayer(cfg, True, None).apply({"params": next_params}, h, method=DecoderLayer.route)
-    return ids
+    lookahead = None
+    if next_params is not None:
+        _, _, lookahead = DecoderLayer(cfg, True, None).apply({"params": next_params}, h, method=DecoderLayer.route)
+    return h, kv_cache, moe_in, weights, ids, lookahead
 
 
 @functools.partial(jax.jit, static_argnames=("act",))
