@@ -96,7 +96,7 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--fit-sequences", help="use only sequences A:B of --fit")
     p.add_argument("--capacity", required=True, help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5")
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
-    p.add_argument("--prefetch", default="none", help="none | lookahead | trace")
+    p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead")
     p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per layer step (default: top-k)")
     p.add_argument("--lookahead-accuracy", type=float,
                    help="simulate the lookahead router with this per-expert accuracy (default: the trace's recorded "
@@ -111,7 +111,7 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", default="resident", help="resident | cached | on-demand | dense-offload (default resident)")
     p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
     p.add_argument("--cache-policy", default="lru", help="expert cache replacement policy: lru | lfu | fifo | lifo | activation")
-    p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace")
+    p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead")
     p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per MoE layer step (default: top-k)")
     p.add_argument("--traces", type=Path, help="activation matrices for --prefetch trace / --cache-policy activation "
                    "(eams.npz or the directory `moejax trace` wrote; default: learn from the run)")

@@ -103,7 +103,7 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
     cache_policy = make_policy(policy, num_layers=num_layers, num_experts=num_experts, collection=collection, future=future)
     prefetcher = make_prefetcher(prefetch, num_layers=num_layers, num_experts=num_experts, top_k=top_k, collection=collection)
     lookahead, lookahead_source = None, None
-    if prefetch == "lookahead":
+    if prefetcher.uses_lookahead:
         if trace.lookahead is not None and lookahead_accuracy is None:
             lookahead, lookahead_source = trace.lookahead, "recorded"
         else:

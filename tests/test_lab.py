@@ -218,6 +218,31 @@ def test_trace_prefetch_scores_on_repeated_sequences():
     assert result["hit_rate"] > plain["hit_rate"]
 
 
+def test_router_evidence_learns_how_good_the_guess_is():
+    """trace+lookahead: after guesses that always come true, a guessed expert is near certain and an
+    unguessed one unlikely; after guesses that never do, the guess lowers the probability."""
+    for accuracy, guessed_high in ((1.0, True), (0.0, False)):
+        trace = random_trace(6, layers=3, experts=16, k=2, seq_lens=(60,))
+        guesses = simulate_lookahead(trace, accuracy, seed=1)
+        prefetcher = make_prefetcher("trace+lookahead", num_layers=3, num_experts=16, top_k=2, collection=trace.collection())
+        plain = make_prefetcher("trace", num_layers=3, num_experts=16, top_k=2, collection=trace.collection())
+        for t in range(trace.experts.shape[1]):
+            for layer in range(3):
+                counts = np.bincount(trace.experts[layer, t], minlength=16)
+                ahead = np.bincount(guesses[layer + 1, t], minlength=16) if layer < 2 else None
+                prefetcher.observe(layer, counts, ahead)
+                plain.observe(layer, counts, ahead)
+        guessed = np.bincount(guesses[2, -1], minlength=16) > 0  # the guess of the last step (layer 1 -> 2)
+        prefetcher.observe(1, np.bincount(trace.experts[1, -1], minlength=16), guessed.astype(int))
+        plain.observe(1, np.bincount(trace.experts[1, -1], minlength=16), guessed.astype(int))
+        p, base = prefetcher.probabilities(2), plain.probabilities(2)
+        if guessed_high:
+            assert (p[guessed] > 0.9).all() and (p[~guessed] < 0.1).all()
+        else:
+            assert (p[guessed] < base[guessed]).all()
+        np.testing.assert_array_equal(plain.probabilities(1), prefetcher.probabilities(1))  # only the next layer
+
+
 def test_capacity_below_one_step_is_refused():
     with pytest.raises(MoejaxError, match="fewer than the 2 experts"):
         replay(random_trace(0), capacity_fraction=0.05, policy="lru")

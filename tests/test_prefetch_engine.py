@@ -42,7 +42,7 @@ def test_every_prefetcher_and_policy_equals_resident(qwen):
     expected = resident.generate(prompts, max_new_tokens=NEW_TOKENS).tokens
     expected_logits = resident.logits(prompts)
     minimum = str(resident.cfg.top_k * resident.cfg.expert_bytes)
-    for prefetch in ("none", "lookahead", "trace"):
+    for prefetch in ("none", "lookahead", "trace", "trace+lookahead"):
         for policy in ("lru", "lifo", "activation"):
             for budget in (minimum, "0.5"):
                 label = f"{prefetch} {policy} {budget}"
@@ -67,7 +67,7 @@ def test_encoder_decoder_prefetchers_equal_resident(root, case):
     resident = moejax.load(ckpt)
     sources = random_sources([7, 4], seed=2)
     expected = resident.generate(sources, max_new_tokens=NEW_TOKENS).tokens
-    for prefetch in ("lookahead", "trace"):
+    for prefetch in ("lookahead", "trace+lookahead", "trace"):  # trace last: its engine is checked below
         engine = moejax.load(ckpt, offload="cached", expert_budget="0.5", cache_policy="activation", prefetch=prefetch)
         for _ in range(2):
             result = engine.generate(sources, max_new_tokens=NEW_TOKENS)

@@ -65,8 +65,9 @@ def load(
     max_batch, max_seq_len: the largest KV cache to reserve device memory for when sizing the budget.
     routing: encoder-decoder models only: 'dropless' (default) or 'capacity' (transformers' token
         dropping); decoder families always route dropless.
-    prefetch: 'none', 'lookahead' (the next MoE layer's router on the current hidden state) or 'trace'
-        (match the sequence's activations against a trace collection); 'cached' only.
+    prefetch: 'none', 'lookahead' (the next MoE layer's router on the current hidden state), 'trace'
+        (match the sequence's activations against a trace collection) or 'trace+lookahead' (the trace
+        prediction, sharpened by the next router's guess); 'cached' only.
     prefetch_per_layer: most experts prefetched per MoE layer step (default: the model's top-k).
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
         trace prefetcher and the activation policy; without one they start empty and learn from the
@@ -130,7 +131,7 @@ def trace_collection(cfg, traces: str | Path | None, prefetch: str, cache_policy
             raise MoejaxError(f"{traces}: activation matrices of {found[0]} MoE layers x {found[1]} experts, "
                               f"but the model has {num_moe} x {cfg.num_experts}")
         return collection
-    if prefetch == "trace" or cache_policy == "activation":
+    if prefetch.startswith("trace") or cache_policy == "activation":
         return EAMCollection(num_moe, cfg.num_experts)
     return None
 

@@ -25,6 +25,7 @@ from moejax.runtime.trace import EAMCollection, EAMMatcher, ExpertUsage
 
 class Prefetcher:
     name = "base"
+    uses_lookahead = False  # whether `observe` reads the next MoE layer's router guess
 
     def on_sequence_start(self, task: str | None = None) -> None:
         """A new sequence (request) begins, with an optional task label."""
@@ -50,6 +51,7 @@ class LookaheadPrefetcher(Prefetcher):
     """
 
     name = "lookahead"
+    uses_lookahead = True
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
@@ -87,6 +89,11 @@ class TracePrefetcher(Prefetcher):
        with d0 the nearest layer, u the collection's shares of layer j, s' = s normalised to shares,
        w = `sequence_weight`; then p(j, e) = min(1, m(j) r(j, e) / sum_e r(j, e)) (m(j): experts per
        step). Without transitions, or for the next token's layers, p = s.
+    3. router evidence (`use_lookahead`, the prefetcher `trace+lookahead`): given the lookahead guess
+       (the next MoE layer's router applied one layer early), for the next layer only, p's odds are multiplied
+       by the likelihood ratio of the guess, P(g | used) / P(g | unused) for a guessed expert and
+       P(not g | used) / P(not g | unused) for the others, counted online from how earlier guesses
+       turned out (each of the four (guessed, used) cells starts at `guess_prior` pseudo-counts).
 
     Keys are ranked by priority(j, e) = p(j, e) * (1 - (t - 1) / horizon): nearer layers and likelier
     experts first; only experts with p >= `min_probability` are proposed (a prefetch evicts a cached
@@ -98,7 +105,7 @@ class TracePrefetcher(Prefetcher):
     def __init__(self, num_layers: int, num_experts: int, collection: EAMCollection | None = None,
                  horizon: int = 1, prior_tokens: float = 4.0, decay: float = 1.0, top_matches: int = 1,
                  min_probability: float = 0.02, sequence_weight: float = 0.5, smoothing: float = 0.1,
-                 use_transitions: bool = True):
+                 use_transitions: bool = True, use_lookahead: bool = False, guess_prior: float = 1.0):
         if collection is not None and (collection.num_layers, collection.num_experts) != (num_layers, num_experts):
             raise MoejaxError(
                 f"EAM collection is [{collection.num_layers}, {collection.num_experts}] but the model has "
@@ -114,6 +121,13 @@ class TracePrefetcher(Prefetcher):
         self.refit()
         self.token_counts = np.zeros((num_layers, num_experts))
         self.token_layer = -1  # the token in flight has passed layers 0..token_layer
+        self.uses_lookahead = use_lookahead
+        self.name = "trace+lookahead" if use_lookahead else "trace"
+        self.guess: np.ndarray | None = None  # bool [E]: the guess for layer token_layer + 1
+        self.guess_layer = -1
+        # Outcomes of earlier guesses, as pseudo-counts of (guessed, used) pairs: [[not g & unused, not g & used],
+        # [g & unused, g & used]]; the prior is a guess independent of use.
+        self.guess_outcomes = np.full((2, 2), guess_prior)
 
     def refit(self) -> None:
         """Rebuilds the matcher and the transition statistics from the collection (the engine calls
@@ -130,16 +144,33 @@ class TracePrefetcher(Prefetcher):
     def on_sequence_start(self, task=None):
         self.usage.reset()
         self.token_layer = -1
+        self.guess, self.guess_layer = None, -1
         if self.matcher is not None:
             self.matcher.reset()
 
     def observe(self, layer, counts, lookahead=None):
         counts = np.asarray(counts)
+        if self.guess is not None and self.guess_layer == layer:
+            used = counts > 0
+            np.add.at(self.guess_outcomes, (self.guess.astype(int), used.astype(int)), 1)
+        self.guess, self.guess_layer = None, -1
+        if self.uses_lookahead and lookahead is not None and layer + 1 < self.num_layers:
+            self.guess, self.guess_layer = np.asarray(lookahead) > 0, layer + 1
         self.usage.observe(layer, counts)
         self.token_counts[layer] = counts
         self.token_layer = layer
         if self.matcher is not None:
             self.matcher.observe(layer, counts)
+
+    def _with_guess(self, p: np.ndarray) -> np.ndarray:
+        """p [E] updated by the router's guess for the next layer (part 3 of the class docstring)."""
+        outcomes = self.guess_outcomes
+        given_used = outcomes[:, 1] / outcomes[:, 1].sum()  # P(g = 0 / 1 | used)
+        given_unused = outcomes[:, 0] / outcomes[:, 0].sum()
+        g = self.guess.astype(int)
+        p = np.clip(p, 1e-4, 1 - 1e-4)
+        odds = p / (1 - p) * given_used[g] / given_unused[g]
+        return odds / (1 + odds)
 
     def sequence_probabilities(self, layer: int) -> np.ndarray:
         """float [E]: s(layer, e), the sequence-level probability for the next visit of MoE layer `layer`."""
@@ -148,6 +179,11 @@ class TracePrefetcher(Prefetcher):
 
     def probabilities(self, layer: int) -> np.ndarray:
         """float [E]: p(layer, e) for the next visit of MoE layer `layer`."""
+        p = self._trace_probabilities(layer)
+        return self._with_guess(p) if self.guess is not None and layer == self.guess_layer else p
+
+    def _trace_probabilities(self, layer: int) -> np.ndarray:
+        """Parts 1 and 2 of the class docstring."""
         s = self.sequence_probabilities(layer)
         if self.conditional is None or layer <= self.token_layer:
             return s
@@ -186,7 +222,7 @@ class TracePrefetcher(Prefetcher):
         return list(zip(np.concatenate(layers)[order].tolist(), np.concatenate(experts)[order].tolist()))
 
 
-PREFETCHERS = ("none", "lookahead", "trace")
+PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
 
 
 def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
@@ -198,6 +234,10 @@ def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
         return LookaheadPrefetcher(num_layers)
     if name == "trace":
         return TracePrefetcher(num_layers, num_experts, collection)
+    if name == "trace+lookahead":
+        # The floor was chosen on DeepSeek-V2-Lite traces disjoint from the benchmark's (BENCHMARKS.md):
+        # the router evidence makes p sharp, and lower floors buy few hits for many more copies.
+        return TracePrefetcher(num_layers, num_experts, collection, use_lookahead=True, min_probability=0.2)
     raise MoejaxError(f"--prefetch '{name}' is not one of {', '.join(PREFETCHERS)}")
 
 
