@@ -38,7 +38,7 @@ from moejax.runtime.loading import expert_runner, reserved_kv_bytes
 from moejax.runtime.policies import make_policy
 from moejax.runtime.prefetch import make_prefetcher
 from moejax.runtime.store import HostExpertStore
-from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts, load_routing
+from moejax.runtime.trace import load_routing
 from scripts.benchlib import environment, print_table, random_dense_params, random_expert, write_json
 
 GB = 1e9
@@ -81,15 +81,6 @@ def build_store(cfg, device) -> HostExpertStore:
         jax.block_until_ready([store.get((m, e)) for e in range(cfg.num_experts)])
     progress.close()
     return store
-
-
-def fit_collection(trace: RoutingTrace) -> EAMCollection:
-    layers, _, _ = trace.experts.shape
-    collection = EAMCollection(layers, trace.num_experts, capacity=max(len(trace.seq_lens), 1))
-    bounds = np.concatenate([[0], np.cumsum(trace.seq_lens)])
-    for s in range(len(trace.seq_lens)):
-        collection.add(eam_counts(trace.experts[:, bounds[s] : bounds[s + 1]], trace.num_experts))
-    return collection
 
 
 def run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch, mode="cached") -> dict:
@@ -171,7 +162,7 @@ def main() -> None:
         raise SystemExit(f"{args.traces}: routing {trace.experts.shape} does not match card {args.card}")
     n_fit = int(len(trace.seq_lens) * args.fit_fraction)
     fit, evaluate = trace.select(0, n_fit), trace.select(n_fit, len(trace.seq_lens))
-    collection = fit_collection(fit)
+    collection = fit.collection()  # EAMs and the layer-to-layer transitions of the fit sequences
     lookahead = simulate_lookahead(evaluate, args.lookahead_accuracy, seed=0)
     replay = TraceReplay(evaluate.experts, lookahead)
     bounds = np.concatenate([[0], np.cumsum(evaluate.seq_lens)])

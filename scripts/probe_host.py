@@ -1,0 +1,171 @@
+"""Where does the host-routed decode spend its host time? (a diagnosis probe)
+
+Builds the bench_prefetch model (the `deepseek-v2-lite-shape` card, random weights) cut to its first
+--moe-layers MoE layers, replays DeepSeek-V2-Lite routing as bench_prefetch does, and for each
+configuration reports the decode TPOT, then profiles one more sequence: host seconds per token inside
+each jitted layer function's dispatch, and cProfile's top functions by own time. It also times the
+host side of one expert copy call, jax.device_put against `store.copy_experts`, and of a tiny jitted
+call (the floor every dispatch pays).
+
+  XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_host.py \\
+      --traces .data/traces/deepseek_v2_lite_prefill.npz --out $OUT/probe_host.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import jax
+import numpy as np
+
+from moejax.cards import load_card
+from moejax.lab import simulate_lookahead
+from moejax.runtime import layer_fns
+from moejax.runtime.engine import Engine, GenerationConfig
+from moejax.runtime.host_routed import HostRoutedExecutor
+from moejax.runtime.loading import expert_runner, reserved_kv_bytes
+from moejax.runtime.policies import make_policy
+from moejax.runtime.prefetch import make_prefetcher
+from moejax.runtime.store import HostExpertStore, copy_experts, device_sharding
+from moejax.runtime.trace import load_routing
+from scripts.bench_prefetch import TraceReplay, build_store
+from scripts.benchlib import environment, random_dense_params, write_json
+
+TIMED = ("embed", "head", "attend_and_route", "accumulate", "accumulate_and_finish", "layer_device_routed")
+
+
+class DispatchTimer:
+    """Wraps the jitted layer functions of `layer_fns` to sum the host seconds their calls take."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(TIMED, 0.0)
+        self.calls = dict.fromkeys(TIMED, 0)
+        self.originals = {name: getattr(layer_fns, name) for name in TIMED}
+
+    def __enter__(self):
+        for name, fn in self.originals.items():
+            setattr(layer_fns, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.originals.items():
+            setattr(layer_fns, name, fn)
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] += time.perf_counter() - start
+            self.calls[name] += 1
+            return out
+        return timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--traces", required=True)
+    parser.add_argument("--moe-layers", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--configs", default="resident:-:lru:none,cached:0.25:lru:none,cached:0.25:activation:lookahead")
+    parser.add_argument("--tiny", action="store_true", help="shrink every width (a CPU smoke run)")
+    parser.add_argument("--out", default="probe_host.json")
+    args = parser.parse_args()
+
+    card = load_card("deepseek-v2-lite-shape")
+    cfg = card.replace(num_layers=args.moe_layers + 1, moe_layers=card.moe_layers[: args.moe_layers + 1],
+                       sliding_windows=card.sliding_windows[: args.moe_layers + 1])
+    if args.tiny:
+        cfg = cfg.replace(vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, expert_intermediate_size=32,
+                          dense_intermediate_size=64, shared_expert_intermediate_size=64)
+    trace = load_routing(args.traces)
+    trace = type(trace)(experts=trace.experts[: args.moe_layers], seq_lens=trace.seq_lens, num_experts=trace.num_experts)
+    fit, evaluate = trace.select(0, 400), trace.select(400, 500)
+    collection = fit.collection()
+    replay = TraceReplay(evaluate.experts, simulate_lookahead(evaluate, 0.783, seed=0))
+    bounds = np.concatenate([[0], np.cumsum(evaluate.seq_lens)])
+    starts = [int(b) for b, n in zip(bounds, evaluate.seq_lens) if n >= 16 + args.new_tokens][:4]
+
+    device = jax.devices()[0]
+    globals_, layers = random_dense_params(cfg)
+    store = build_store(cfg, device)
+    result = {"environment": environment(), "moe_layers": args.moe_layers, "configs": []}
+
+    # The host side of one copy call of 6 experts (18 arrays), issued and not waited for.
+    keys = [(0, e) for e in range(6)]
+    target = device_sharding(device)
+    for name, copy in (("jax.device_put", lambda: jax.device_put([store.get(k) for k in keys], target)),
+                       ("copy_experts", lambda: copy_experts([store.get(k) for k in keys], target))):
+        times = []
+        for _ in range(12):
+            start = time.perf_counter()
+            out = copy()
+            times.append(time.perf_counter() - start)
+            jax.block_until_ready(out)
+        result[f"copy_call_ms_{name}"] = float(np.median(times[2:]) * 1e3)
+    print({k: v for k, v in result.items() if k.startswith("copy")}, flush=True)
+
+    # The floor of a jitted call's host time: one tiny op, with 1 and with 36 array arguments.
+    x = jax.device_put(np.ones((1, cfg.hidden_size), np.float32), device)
+    one = jax.jit(lambda a: a + 1)
+    many = jax.jit(lambda *args: args[0] + 1)
+    for name, call in (("1_arg", lambda: one(x)), ("36_args", lambda: many(*[x] * 36))):
+        jax.block_until_ready(call())
+        start = time.perf_counter()
+        for _ in range(200):
+            out = call()
+        result[f"dispatch_ms_{name}"] = (time.perf_counter() - start) / 200 * 1e3
+        jax.block_until_ready(out)
+    print({k: v for k, v in result.items() if k.startswith("dispatch")}, flush=True)
+
+    num_moe = args.moe_layers
+    for spec in args.configs.split(","):
+        mode, budget, policy, prefetch = spec.split(":")
+        source = store
+        if mode == "resident":
+            source = HostExpertStore(device, store.expert_bytes, on_device=True)
+            for key in store.keys():
+                source.put(key, store.get(key))
+        runner = expert_runner(
+            cfg, source, mode, None if budget == "-" else budget,
+            make_policy(policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection),
+            0, reserved_kv_bytes(cfg, 1, 256),
+            prefetcher=None if prefetch == "none" else make_prefetcher(
+                prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection),
+            collection=collection)
+        runner.replay = replay
+        engine = Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner))
+        config = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
+        prompt = list(range(1, 17))
+        tpots = []
+        for start in starts[:3]:
+            replay.start(start)
+            tpots.append(engine.generate([prompt], config).timing.tpot_s)
+        replay.start(starts[3])
+        profile = cProfile.Profile()
+        with DispatchTimer() as timer:
+            profile.enable()
+            profiled = engine.generate([prompt], config)
+            profile.disable()
+        steps = profiled.timing.decode_steps + 1
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        row = {
+            "config": spec, "tpot_ms": float(np.median(tpots[1:]) * 1e3), "tpot_ms_profiled": profiled.timing.tpot_s * 1e3,
+            "dispatch_ms_per_token": {k: v / steps * 1e3 for k, v in timer.seconds.items() if timer.calls[k]},
+            "calls_per_token": {k: v / steps for k, v in timer.calls.items() if v},
+            "stats": {k: profiled.stats["total"][k] for k in ("hit_rate", "stall_s", "bytes_h2d")},
+            "profile": text.getvalue(),
+        }
+        result["configs"].append(row)
+        print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+        print(row["profile"], flush=True)
+        write_json(args.out, result)
+        del engine, runner, source
+
+
+if __name__ == "__main__":
+    main()
