@@ -14,7 +14,7 @@ Per budget, policy and prefetcher: a warm-up sequence, then --sequences recorded
 evaluation part (the trace collection is fitted on other sequences), each a --prompt-len token
 prompt and --new-tokens decoded tokens, one engine for all of them (the cache stays warm).
 
-  XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/bench_prefetch.py \
+  XLA_CLIENT_MEM_FRACTION=0.95 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=40 PYTHONPATH=. python scripts/bench_prefetch.py \
       --traces .data/traces/deepseek_v2_lite_prefill.npz --out $OUT/bench_prefetch.json
 """
 
@@ -145,10 +145,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--budgets", default="0.25,0.5")
     parser.add_argument("--policies", default="lru,lfu,activation")
-    parser.add_argument("--prefetch", default="none,lookahead,trace")
+    parser.add_argument("--prefetch", default="none,lookahead,trace,trace+lookahead")
+    parser.add_argument("--configs", help="policy:prefetch pairs to run instead of every --policies x --prefetch pair")
     parser.add_argument("--prefetch-per-layer", type=int, help="default: the model's top-k")
     parser.add_argument("--lookahead-accuracy", type=float, required=True)
     parser.add_argument("--compare-resident", action="store_true", help="also time resident and cached at budget 1.0")
+    parser.add_argument("--resident-pairs", type=int, default=2, help="interleaved resident / cached 1.0 pairs of --compare-resident")
     parser.add_argument("--tiny", action="store_true", help="shrink every width (a CPU smoke run of this script)")
     parser.add_argument("--out", default="bench_prefetch.json")
     args = parser.parse_args()
@@ -182,7 +184,7 @@ def main() -> None:
         on_device = HostExpertStore(device, store.expert_bytes, on_device=True)
         for key in store.keys():
             on_device.put(key, store.get(key))
-        for _ in range(2):
+        for _ in range(args.resident_pairs):
             ceiling.append(run_config(cfg, globals_, layers, on_device, collection, replay, starts, args, None, "lru", "none", "resident"))
             ceiling.append(run_config(cfg, globals_, layers, store, collection, replay, starts, args, "1.0", "lru", "none"))
             print(ceiling[-2], ceiling[-1], flush=True)
@@ -196,16 +198,19 @@ def main() -> None:
         "new_tokens": args.new_tokens, "lookahead_accuracy": args.lookahead_accuracy,
         "expert_bytes": cfg.expert_bytes, "rows": rows, "resident_vs_cached_full": ceiling,
     }
+    if args.configs:
+        pairs = [tuple(pair.split(":")) for pair in args.configs.split(",")]
+    else:
+        pairs = [(policy, prefetch) for policy in args.policies.split(",") for prefetch in args.prefetch.split(",")]
     for budget in args.budgets.split(","):
-        for policy in args.policies.split(","):
-            for prefetch in args.prefetch.split(","):
-                row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch)
-                base = next((r for r in rows if r["budget"] == budget and r["policy"] == "lru" and r["prefetch"] == "none"), None)
-                if base and "tokens_per_s" in row and "tokens_per_s" in base:
-                    row["x_lru_none"] = row["tokens_per_s"] / base["tokens_per_s"]
-                rows.append(row)
-                print(row, flush=True)
-                write_json(args.out, result)  # after every row: a run cut short keeps what it measured
+        for policy, prefetch in pairs:
+            row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch)
+            base = next((r for r in rows if r["budget"] == budget and r["policy"] == "lru" and r["prefetch"] == "none"), None)
+            if base and "tokens_per_s" in row and "tokens_per_s" in base:
+                row["x_lru_none"] = row["tokens_per_s"] / base["tokens_per_s"]
+            rows.append(row)
+            print(row, flush=True)
+            write_json(args.out, result)  # after every row: a run cut short keeps what it measured
     print_table([r for r in ceiling + rows if "tokens_per_s" in r], [
         ("mode", "mode", "s"),
         ("budget", "budget", "s"), ("policy", "policy", "s"), ("prefetch", "prefetch", "s"),

@@ -120,7 +120,6 @@ class ExpertRunner:
         if self.replay is not None:
             ids_host, lookahead_host = self.replay(moe_layer, ids_host, lookahead_host, valid_rows)
             ids = ids_host.astype(np.int32)  # NumPy arguments travel with the jitted call, cheaper than a device_put
-        self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)
         counts = expert_token_counts(ids_host, valid_rows, self.num_experts)
         self.cache.directory.policy.on_routing(moe_layer, counts)
         needed = [int(e) for e in np.flatnonzero(counts)]
@@ -143,6 +142,7 @@ class ExpertRunner:
             cache.end_layer()
         if self.mode in ("on-demand", "dense-offload"):
             cache.clear()
+        self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)  # while the device computes
         return out
 
     def _prefetch(self, moe_layer: int, counts: np.ndarray, lookahead: np.ndarray | None, valid_rows) -> None:
