@@ -100,9 +100,11 @@ class ExpertCache:
         most `limit` prefetch copies are unfinished at any time: copies run one after another on the
         link, so prefetches issued while it is backed up would only delay the next demand copies.
         """
+        # An expert's arrays are issued in order in one copy call: its last one stands for all (the
+        # count only paces prefetching, so a rare early answer costs nothing but one copy's timing).
         self._prefetches_in_flight = [
             (key, arrays) for key, arrays in self._prefetches_in_flight
-            if self._arrays.get(key) is arrays and not all(a.is_ready() for a in arrays.values())
+            if self._arrays.get(key) is arrays and not arrays[next(reversed(arrays))].is_ready()
         ]
         chosen = select_prefetch(self.directory, keys, limit - len(self._prefetches_in_flight))
         self._place(chosen, prefetch=True)

@@ -179,11 +179,12 @@ class HostRoutedExecutor(DeviceRoutedExecutor):
         """Padding and dropped (token, expert) pairs carry id E, so every row may be passed as valid."""
         finish = functools.partial(fns.accumulate_and_finish, self.cfg, **fns.layer_shape(self.cfg, g),
                                    params=self.layers[g], h=h, moe_in=moe_in, weights=weights)
-        lookahead = None
+        routing = None
         if self.runner.wants_lookahead and g in self.next_moe:
             nxt = self.next_moe[g]
-            lookahead = fns.lookahead_route(self.cfg, **fns.layer_shape(self.cfg, nxt), params=self.layers[nxt], h=h, route_in=route_in)
-        return self.runner.run(self.moe_index[g], moe_in, ids, weights, None, finish, lookahead)
+            routing = fns.lookahead_route(self.cfg, **fns.layer_shape(self.cfg, nxt), params=self.layers[nxt],
+                                          h=h, route_in=route_in, ids=ids)
+        return self.runner.run(self.moe_index[g], moe_in, ids, weights, None, finish, routing)
 
     def reset_stats(self) -> None:
         self.runner.reset_stats()

@@ -107,9 +107,11 @@ def decoder_attend_and_route(
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
-def lookahead_route(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, route_in):
-    """The next MoE layer's router (its params and shape) on this layer's residual h [B, T, D] -> ids [N, k]."""
-    return _layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in)[2]
+def lookahead_route(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, route_in, ids):
+    """The next MoE layer's router (its params and shape) on this layer's residual h [B, T, D], after
+    this layer's ids [N, k]: -> routing [N, 2k]: ids, then the guess (read back as one array)."""
+    guess = _layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in)[2]
+    return jnp.concatenate([ids, guess], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)

@@ -104,19 +104,17 @@ class ExpertRunner:
             if refit is not None:
                 refit()
 
-    def run(self, moe_layer: int, moe_in, ids, weights, valid_rows: np.ndarray | None, finish: Finish, lookahead=None):
+    def run(self, moe_layer: int, moe_in, ids, weights, valid_rows: np.ndarray | None, finish: Finish, routing=None):
         """Routed experts of MoE layer `moe_layer`, then `finish`.
 
         moe_in [N, D]; ids [N, k] int32 and weights [N, k] f32 on the device; valid_rows: NumPy bool
         [N], the rows whose experts are needed (None: all rows; padding never needs experts);
-        lookahead [N, k] int32 on the device: the next MoE layer's router applied to this layer's
-        input (only when `wants_lookahead`).
+        routing: what the host reads instead of ids (one transfer; None: ids), int32 [N, k] ids or,
+        when `wants_lookahead`, [N, 2k]: ids, then the next MoE layer's router applied to this layer's input.
         """
-        ids.copy_to_host_async()
-        if lookahead is not None:
-            lookahead.copy_to_host_async()
-        ids_host = np.asarray(ids)
-        lookahead_host = None if lookahead is None else np.asarray(lookahead)
+        k = ids.shape[-1]
+        routing = np.asarray(ids if routing is None else routing)
+        ids_host, lookahead_host = routing[:, :k], (routing[:, k:] if routing.shape[-1] > k else None)
         if self.replay is not None:
             ids_host, lookahead_host = self.replay(moe_layer, ids_host, lookahead_host, valid_rows)
             ids = ids_host.astype(np.int32)  # NumPy arguments travel with the jitted call, cheaper than a device_put

@@ -40,10 +40,10 @@ class HostRoutedExecutor(Executor):
                 x, kv_caches[i], _ = layer_fns.layer_device_routed(*shape, self.layers[i], None, x, kv_caches[i], positions)
                 continue
             next_params = self.layers[self.next_moe[i]] if self.runner.wants_lookahead and i in self.next_moe else None
-            h, kv_caches[i], moe_in, weights, ids, lookahead = layer_fns.attend_and_route(
+            h, kv_caches[i], moe_in, weights, ids, routing = layer_fns.attend_and_route(
                 *shape, self.layers[i], x, kv_caches[i], positions, next_params)
             finish = functools.partial(layer_fns.accumulate_and_finish, *shape, self.layers[i], h, moe_in, weights=weights)
-            x = self.runner.run(self.moe_index[i], moe_in, ids, weights, rows_valid, finish, lookahead)
+            x = self.runner.run(self.moe_index[i], moe_in, ids, weights, rows_valid, finish, routing)
         return layer_fns.head(cfg, self.globals, x, select), kv_caches
 
     def reset_stats(self) -> None:

@@ -32,7 +32,7 @@ try:  # jaxlib's batched copy, what jax.device_put ends in for committed arrays 
 except (ImportError, AttributeError):  # pragma: no cover - other jax versions
     _batched_copy = None
 
-_HANDLERS: dict = {}  # (shape, dtype, sharding) -> wraps a copy as an array of the target memory
+_HANDLERS: dict = {}  # sharding -> {(shape, dtype): wraps a copy as an array of the target memory}
 
 
 PINNED_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
@@ -86,16 +86,17 @@ def _copy_experts_fast(experts: Sequence[dict], sharding: SingleDeviceSharding) 
     devices = sharding._internal_device_list.addressable_device_list
     copies = _batched_copy(arrays, [devices] * len(arrays), [sharding] * len(arrays), [_ALWAYS_COPY] * len(arrays))
     # The copies keep their sources' abstract value, whose memory space is the host's; jax.device_put
-    # re-wraps them with the target's, as done here.
-    wrapped = iter([_handler(a.shape, a.dtype, sharding)(c) for a, c in zip(arrays, copies, strict=True)])
+    # re-wraps them with the target's, as done here. Handlers are looked up by shape and dtype within
+    # the sharding's table (hashing a sharding per array cost ~5 us).
+    handlers = _HANDLERS.setdefault(sharding, {})
+    wrapped = []
+    for a, c in zip(arrays, copies, strict=True):
+        handler = handlers.get((a.shape, a.dtype))
+        if handler is None:
+            handler = handlers[(a.shape, a.dtype)] = _result_handler(jax.core.ShapedArray(a.shape, a.dtype), sharding, True)
+        wrapped.append(handler(c))
+    wrapped = iter(wrapped)
     return [{name: next(wrapped) for name in expert} for expert in experts]
-
-
-def _handler(shape, dtype, sharding):
-    key = (shape, dtype, sharding)
-    if key not in _HANDLERS:
-        _HANDLERS[key] = _result_handler(jax.core.ShapedArray(shape, dtype), sharding, True)
-    return _HANDLERS[key]
 
 
 class HostExpertStore:

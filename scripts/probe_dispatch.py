@@ -1,0 +1,153 @@
+"""What one MoE layer's jitted calls cost the host (a diagnosis probe, one layer of the bench_prefetch model).
+
+Times, with every expert resident and the device idle at each call (as in the host-routed decode):
+the host seconds of the `attend_and_route` and `accumulate_and_finish` calls, the routing readback
+(idle, and behind 0 / 6 / 18 expert copies in flight: the ids read back from the device against the
+routing the program writes to host memory), and a call's full round trip; counts the kernels (thunks) of each compiled function; and times a
+chain of K small matmuls to price one kernel launch. Run it under different XLA_FLAGS to compare.
+
+  XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_dispatch.py --out $OUT/probe_dispatch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.cards import load_card
+from moejax.models.decoder import kv_cache_shape
+from moejax.runtime import layer_fns
+from moejax.runtime.store import copy_experts, device_sharding, host_sharding
+from scripts.benchlib import environment, random_dense_params, random_expert, write_json
+
+
+def host_and_round_trip(call, repeats: int) -> dict:
+    """Median host seconds of call() and of call() + waiting for its result, in ms."""
+    jax.block_until_ready(call())
+    host, total = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = call()
+        mid = time.perf_counter()
+        jax.block_until_ready(out)
+        host.append(mid - start)
+        total.append(time.perf_counter() - start)
+    return {"host_ms": float(np.median(host) * 1e3), "round_trip_ms": float(np.median(total) * 1e3)}
+
+
+def kernel_count(jitted, *args, **kwargs) -> dict:
+    """Instructions of the compiled ENTRY computation by opcode (each fusion / custom call is a kernel)."""
+    text = jitted.lower(*args, **kwargs).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    entry = entry[: entry.index("\n}")]
+    ops: dict[str, int] = {}
+    for line in entry.splitlines()[1:]:
+        match = re.search(r"=\s*\S+\s+([a-z\-]+)\(", line)
+        if match:
+            ops[match.group(1)] = ops.get(match.group(1), 0) + 1
+    return ops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--out", default="probe_dispatch.json")
+    args = parser.parse_args()
+
+    card = load_card("deepseek-v2-lite-shape")
+    cfg = card.replace(num_layers=2, moe_layers=card.moe_layers[:2], sliding_windows=card.sliding_windows[:2])
+    _, layers = random_dense_params(cfg)
+    params, device = layers[1], jax.devices()[0]
+    experts = tuple(random_expert(cfg, jax.random.PRNGKey(e)) for e in range(cfg.top_k))
+    x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
+    kv = tuple(jnp.zeros(kv_cache_shape(cfg, 1, 256), cfg.dtype) for _ in range(2))
+    positions = jnp.zeros((1, 1), jnp.int32)
+    shape = (cfg, True, None)
+    result = {"environment": environment(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+    state = {"kv": kv}
+
+    def attend(all_outputs=False):
+        out = layer_fns.attend_and_route(*shape, params, x, state["kv"], positions)
+        state["kv"] = out[1]
+        return out if all_outputs else (out[0], *out[2:5])
+
+    h, moe_in, weights, ids = attend()
+    result["attend_and_route"] = host_and_round_trip(attend, args.repeats)
+
+    readback = []
+    for _ in range(args.repeats):
+        out = attend()
+        jax.block_until_ready(out)
+        out[3].copy_to_host_async()
+        start = time.perf_counter()
+        np.asarray(out[3])
+        readback.append(time.perf_counter() - start)
+    result["readback_idle_ms"] = float(np.median(readback) * 1e3)
+    dispatched = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        out = attend()
+        out[3].copy_to_host_async()
+        np.asarray(out[3])
+        dispatched.append(time.perf_counter() - start)
+    result["attend_then_readback_ms"] = float(np.median(dispatched) * 1e3)
+
+    # Reading the routing while prefetch copies are in flight on the link: the ids on the device, read
+    # back after the program, against the routing the program writes to pinned host memory itself.
+    pinned = [jax.device_put(random_expert(cfg, jax.random.PRNGKey(100 + e)), host_sharding(device)) for e in range(18)]
+    for in_flight in (0, 6, 18):
+        for variant, read in (("device_ids", 4), ("host_routing", 5)):
+            times = []
+            for _ in range(max(10, args.repeats // 4)):
+                copies = copy_experts(pinned[:in_flight], device_sharding(device))
+                start = time.perf_counter()
+                np.asarray(attend(all_outputs=True)[read])
+                times.append(time.perf_counter() - start)
+                jax.block_until_ready(copies)
+            result[f"attend_and_read_{variant}_ms_{in_flight}_copies"] = float(np.median(times) * 1e3)
+
+    expert_ids = np.arange(cfg.top_k, dtype=np.int32)
+    acc = jnp.zeros(moe_in.shape, jnp.float32)
+
+    def finish():
+        return layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, expert_ids, experts, acc)
+
+    result["accumulate_and_finish"] = host_and_round_trip(finish, args.repeats)
+    # The same experts stacked inside the call: 3 batched matmuls instead of 3 per expert.
+    @jax.jit
+    def stacked(moe_in, ids, weights, expert_ids, experts, acc):
+        gate, up, down = (jnp.stack([e[name] for e in experts]) for name in ("gate", "up", "down"))
+        hidden = jax.nn.silu(jnp.einsum("nd,edf->enf", moe_in, gate)) * jnp.einsum("nd,edf->enf", moe_in, up)
+        out = jnp.einsum("enf,efd->end", hidden, down).astype(jnp.float32)
+        chosen = jnp.sum(jnp.where(ids[None] == expert_ids[:, None, None], weights[None], 0.0), axis=-1)
+        for i in range(len(experts)):
+            acc = acc + chosen[i][:, None] * out[i]
+        return acc
+
+    result["stacked_experts"] = host_and_round_trip(lambda: stacked(moe_in, ids, weights, expert_ids, experts, acc), args.repeats)
+    result["kernels"] = {
+        "stacked_experts": kernel_count(stacked, moe_in, ids, weights, expert_ids, experts, acc),
+        "attend_and_route": kernel_count(layer_fns.attend_and_route, *shape, params, x, state["kv"], positions),
+        "accumulate_and_finish": kernel_count(
+            layer_fns.accumulate_and_finish, *shape, params, h, moe_in, ids, weights, expert_ids, experts, acc),
+    }
+
+    # The price of a kernel launch: K dependent tiny matmuls (each its own cuBLAS call).
+    w = jnp.eye(64, dtype=jnp.float32)
+    v = jnp.ones((1, 64), jnp.float32)
+    for k in (1, 10, 40):
+        chain = jax.jit(lambda v, w, k=k: [v := v @ w for _ in range(k)][-1])
+        result[f"matmul_chain_{k}"] = host_and_round_trip(lambda: chain(v, w), args.repeats)
+    print(result, flush=True)
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
