@@ -214,3 +214,29 @@ def test_prefetch_copies_in_flight_are_capped(monkeypatch):
     Copy.done = True
     assert cache.prefetch(keys, limit=2) == 2
     assert cache.directory.total.prefetch_issued == 4
+
+
+def test_routing_is_written_to_host_memory():
+    """attend_and_route hands the host its routing in pinned host memory: the ids, then, with the next
+    MoE layer's parameters, that layer's router on this layer's output (the lookahead guess)."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.cards import load_card
+    from moejax.models.decoder import DecoderLayer, empty_kv_caches, init_params
+    from moejax.runtime import layer_fns
+
+    card = load_card("deepseek-v2-lite-shape")
+    cfg = card.replace(num_layers=3, moe_layers=card.moe_layers[:3], sliding_windows=card.sliding_windows[:3], vocab_size=64,
+                       hidden_size=32, num_heads=2, num_kv_heads=2, head_dim=16, expert_intermediate_size=16,
+                       dense_intermediate_size=32, shared_expert_intermediate_size=32, dtype="float32")
+    _, layers, _ = init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 3, cfg.hidden_size))
+    positions = jnp.arange(3)[None]
+    alone = layer_fns.attend_and_route(cfg, True, None, layers[1], x, empty_kv_caches(cfg, 1, 8)[1], positions)
+    h, _, _, _, ids, routing = layer_fns.attend_and_route(cfg, True, None, layers[1], x, empty_kv_caches(cfg, 1, 8)[1],
+                                                          positions, layers[2])
+    assert alone[5].sharding.memory_kind == routing.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(np.asarray(alone[5]), np.asarray(ids))
+    _, _, guess = DecoderLayer(cfg, True, None).apply({"params": layers[2]}, h, method=DecoderLayer.route)
+    np.testing.assert_array_equal(np.asarray(routing), np.concatenate([np.asarray(ids), np.asarray(guess)], axis=-1))

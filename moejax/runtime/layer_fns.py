@@ -66,7 +66,13 @@ def attend_and_route(cfg: ModelConfig, moe: bool, window, params, x, kv_cache, p
     if next_params is not None:
         _, _, guess = DecoderLayer(cfg, True, None).apply({"params": next_params}, h, method=DecoderLayer.route)
         routing = jnp.concatenate([ids, guess], axis=-1)
-    return h, kv_cache, moe_in, weights, ids, jax.device_put(routing, jax.memory.Space.Host)
+    return h, kv_cache, moe_in, weights, ids, _to_host_memory(routing)
+
+
+def _to_host_memory(x):
+    """x placed in the host's pinned memory as the program's output, where the backend has that memory."""
+    kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
+    return jax.device_put(x, jax.memory.Space.Host) if "pinned_host" in kinds else x
 
 
 @functools.partial(jax.jit, static_argnames=("act",))
