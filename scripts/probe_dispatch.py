@@ -1,10 +1,12 @@
 """What one MoE layer's jitted calls cost the host (a diagnosis probe, one layer of the bench_prefetch model).
 
 Times, with every expert resident and the device idle at each call (as in the host-routed decode):
-the host seconds of the `attend_and_route` and `accumulate_and_finish` calls, the routing readback
-(idle, and behind 0 / 6 / 18 expert copies in flight: the ids read back from the device against the
-routing the program writes to host memory), and a call's full round trip; counts the kernels (thunks) of each compiled function; and times a
-chain of K small matmuls to price one kernel launch. Run it under different XLA_FLAGS to compare.
+the host seconds of the `attend_and_route` and `accumulate_and_finish` calls and their full round
+trips; the routing readback (idle, and behind 0 / 6 / 18 expert copies in flight: the ids read back
+from the device against the routing the program writes to host memory); a chain of K small matmuls,
+the price of one kernel launch; a layer's experts stacked into batched matmuls; a layer's finish
+fused with the next layer's attention and routing (one call) against the two calls. Counts the
+kernels (thunks) of each compiled function. Run it under different XLA_FLAGS to compare.
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_dispatch.py --out $OUT/probe_dispatch.json
 """
@@ -12,6 +14,7 @@ chain of K small matmuls to price one kernel launch. Run it under different XLA_
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import time
@@ -132,6 +135,25 @@ def main() -> None:
         return acc
 
     result["stacked_experts"] = host_and_round_trip(lambda: stacked(moe_in, ids, weights, expert_ids, experts, acc), args.repeats)
+    # The layer's finish and the next layer's attention and routing as one call, against two calls.
+    @functools.partial(jax.jit, donate_argnums=3)
+    def finish_then_attend(h, ids, experts, kv):
+        y = layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, expert_ids, experts, acc)
+        return layer_fns.attend_and_route(*shape, params, y, kv, positions)
+
+    def two_calls():
+        y = finish()
+        out = layer_fns.attend_and_route(*shape, params, y, state["kv"], positions)
+        state["kv"] = out[1]
+        return out
+
+    def one_call():
+        out = finish_then_attend(h, ids, experts, state["kv"])
+        state["kv"] = out[1]
+        return out
+
+    result["finish_then_attend_two_calls"] = host_and_round_trip(two_calls, args.repeats)
+    result["finish_then_attend_one_call"] = host_and_round_trip(one_call, args.repeats)
     result["kernels"] = {
         "stacked_experts": kernel_count(stacked, moe_in, ids, weights, expert_ids, experts, acc),
         "attend_and_route": kernel_count(layer_fns.attend_and_route, *shape, params, x, state["kv"], positions),
