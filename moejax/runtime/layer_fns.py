@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from moejax.config import ModelConfig
 from moejax.models.decoder import DecoderLayer, EmbedHead, forward_hidden
 from moejax.models.moe import accumulate_experts, device_routed_experts
+from moejax.runtime.store import has_pinned_host
 
 _LAYER_STATIC = ("cfg", "moe", "window")
 
@@ -72,8 +73,7 @@ def attend_and_route(cfg: ModelConfig, moe: bool, window, params, x, kv_cache, p
 
 def _to_host_memory(x):
     """x placed in the host's pinned memory as the program's output, where the backend has that memory."""
-    kinds = {memory.kind for memory in jax.devices()[0].addressable_memories()}
-    return jax.device_put(x, jax.memory.Space.Host) if "pinned_host" in kinds else x
+    return jax.device_put(x, jax.memory.Space.Host) if has_pinned_host(jax.devices()[0]) else x
 
 
 @functools.partial(jax.jit, static_argnames=("act",))

@@ -51,10 +51,14 @@ def size_pinned_pool(expert_bytes: int) -> None:
         os.environ[PINNED_LIMIT_VARIABLE] = str(max(1, math.ceil(expert_bytes * PINNED_MARGIN / 2**30) + 1))
 
 
+def has_pinned_host(device) -> bool:
+    """Whether `device` has a pinned host memory (GPU and CPU backends do)."""
+    return any(memory.kind == "pinned_host" for memory in device.addressable_memories())
+
+
 def host_sharding(device) -> SingleDeviceSharding:
     """Pinned host memory of `device` when it has it, else its default memory."""
-    kinds = {memory.kind for memory in device.addressable_memories()}
-    return SingleDeviceSharding(device, memory_kind="pinned_host" if "pinned_host" in kinds else None)
+    return SingleDeviceSharding(device, memory_kind="pinned_host" if has_pinned_host(device) else None)
 
 
 def device_sharding(device) -> SingleDeviceSharding:
