@@ -115,6 +115,32 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
                 jax.block_until_ready(copies)
             result[f"attend_and_read_{variant}_ms_{in_flight}_copies"] = float(np.median(times) * 1e3)
+    # The same bytes as one array per expert (gate, up and down packed): what a copy call and the
+    # routing read behind it cost per array; and copies issued after the attention call, not before.
+    packed = [{"packed": jax.device_put(jnp.concatenate([a.reshape(-1) for a in e.values()]), host_sharding(device))}
+              for e in pinned]
+    for name, sources in (("3_arrays", pinned), ("1_array", packed)):
+        for count in (6, 18):
+            issue, read = [], []
+            for _ in range(max(10, args.repeats // 4)):
+                start = time.perf_counter()
+                copies = copy_experts(sources[:count], device_sharding(device))
+                mid = time.perf_counter()
+                np.asarray(attend(all_outputs=True)[5])
+                read.append(time.perf_counter() - mid)
+                issue.append(mid - start)
+                jax.block_until_ready(copies)
+            result[f"copy_call_ms_{count}_experts_{name}"] = float(np.median(issue) * 1e3)
+            result[f"attend_and_read_host_routing_ms_behind_{count}_experts_{name}"] = float(np.median(read) * 1e3)
+        times = []
+        for _ in range(max(10, args.repeats // 4)):
+            start = time.perf_counter()
+            routing = attend(all_outputs=True)[5]
+            copies = copy_experts(sources[:6], device_sharding(device))
+            np.asarray(routing)
+            times.append(time.perf_counter() - start)
+            jax.block_until_ready(copies)
+        result[f"attend_copy_6_{name}_then_read_ms"] = float(np.median(times) * 1e3)
 
     expert_ids = np.arange(cfg.top_k, dtype=np.int32)
     acc = jnp.zeros(moe_in.shape, jnp.float32)

@@ -153,6 +153,7 @@ def main() -> None:
         steps = profiled.timing.decode_steps + 1
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(r"moejax|bench_prefetch", 35)
         row = {
             "config": spec, "tpot_ms": float(np.median(tpots[1:]) * 1e3), "tpot_ms_profiled": profiled.timing.tpot_s * 1e3,
             "dispatch_ms_per_token": {k: v / steps * 1e3 for k, v in timer.seconds.items() if timer.calls[k]},

@@ -116,8 +116,9 @@ def lookahead_route(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, rou
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
 def accumulate_and_finish(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, moe_in, ids, weights, expert_ids, experts, acc):
-    """The last wave of experts (tuple of per-expert dicts, ids increasing) plus the residual: -> x [B, T, D]."""
-    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act)
+    """The last wave of experts (tuple of per-expert dicts, ids increasing; top_k per batched matmul) plus the
+    residual: -> x [B, T, D]."""
+    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act, cfg.top_k)
     return _layer(cfg, is_decoder, moe, ffn_size, params, "finish", h, acc)
 
 

@@ -55,7 +55,7 @@ class ExpertRunner:
     def __init__(self, store: HostExpertStore, mode: str, num_experts: int, act: str,
                  capacity: int | None = None, policy: CachePolicy | None = None, *,
                  prefetcher=None, prefetch_per_layer: int = 0, collection=None,
-                 num_moe_layers: int | None = None, top_k: int = 1):
+                 num_moe_layers: int | None = None, top_k: int):
         """prefetcher: a `runtime.prefetch.Prefetcher` (cached mode only); collection: the
         `EAMCollection` it and the policy read, to which finished sequences are added."""
         assert mode in MODES, mode
@@ -63,6 +63,7 @@ class ExpertRunner:
         self.device = store.device
         self.prefetcher, self.prefetch_per_layer, self.collection = prefetcher, prefetch_per_layer, collection
         num_moe_layers = num_moe_layers or 1 + max((layer for layer, _ in store.keys()), default=0)
+        self.top_k = top_k  # experts per token: the chunk of the finish functions' batched matmuls
         self.recorder = RoutingRecorder(num_moe_layers, num_experts, top_k)
         self.replay: Replay | None = None
         self.record_lookahead = False  # record the lookahead guess even without the lookahead prefetcher
@@ -123,7 +124,10 @@ class ExpertRunner:
         needed = [int(e) for e in np.flatnonzero(counts)]
         cache = self.cache
         acc = self._zero_acc(moe_in.shape)
-        waves = [needed[j : j + cache.capacity] for j in range(0, len(needed), cache.capacity)] or [[]]
+        # Waves are whole chunks of top_k experts (the finish function's batched matmuls; capacity >= top_k),
+        # so every expert is computed alongside the same others in every mode.
+        wave = cache.capacity // self.top_k * self.top_k
+        waves = [needed[j : j + wave] for j in range(0, len(needed), wave)] or [[]]
         if self.mode == "dense-offload":
             chosen = set(needed)
             cache.stream([(moe_layer, e) for e in range(self.num_experts) if e not in chosen], moe_layer)
@@ -134,7 +138,7 @@ class ExpertRunner:
             experts = cache.ready(keys, moe_layer)
             expert_ids = np.asarray(wave, np.int32)  # copied with the call (a device_put costs ~0.1 ms of host)
             if n < len(waves) - 1:
-                acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act)
+                acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act, self.top_k)
             else:
                 out = finish(ids=ids, expert_ids=expert_ids, experts=experts, acc=acc)
             cache.end_layer()

@@ -21,6 +21,7 @@ from moejax.runtime.expert_runner import ExpertRunner
 class HostRoutedExecutor(Executor):
     def __init__(self, cfg: ModelConfig, globals_, layers, runner: ExpertRunner, device=None):
         super().__init__(cfg, globals_, device or runner.device)
+        assert runner.top_k == cfg.top_k, "the runner's waves are chunks of the model's top_k"
         self.runner, self.name = runner, runner.mode
         self.layers = jax.device_put(layers, self.device)
         self.moe_index = {layer: m for m, layer in enumerate(cfg.moe_layer_ids)}

@@ -76,16 +76,17 @@ def _to_host_memory(x):
     return jax.device_put(x, jax.memory.Space.Host) if has_pinned_host(jax.devices()[0]) else x
 
 
-@functools.partial(jax.jit, static_argnames=("act",))
-def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str):
-    """One wave of experts (a tuple of per-expert dicts, ids increasing) added into acc [N, D] f32."""
-    return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act)
+@functools.partial(jax.jit, static_argnames=("act", "chunk"))
+def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str, chunk: int):
+    """One wave of experts (a tuple of per-expert dicts, ids increasing, a multiple of `chunk` long unless
+    it is the last) added into acc [N, D] f32, `chunk` experts per batched matmul."""
+    return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
 def accumulate_and_finish(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc):
-    """The last wave of experts plus the shared expert and residual: -> x [B, T, D]."""
-    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act)
+    """The last wave of experts (top_k per batched matmul) plus the shared expert and residual: -> x [B, T, D]."""
+    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act, cfg.top_k)
     return DecoderLayer(cfg, moe, window).apply({"params": params}, h, moe_in, acc, method=DecoderLayer.finish)
 
 
