@@ -162,7 +162,7 @@ def test_budget_parsing():
 @pytest.mark.parametrize("fast", [True, False])
 def test_copy_experts_equals_device_put(monkeypatch, fast):
     """The engine's copy call (jaxlib's batched copy, or jax.device_put where that is missing) gives
-    the same values, shapes and memory as jax.device_put, for gated and biased experts alike."""
+    the same values, shapes and memory as jax.device_put, for buffers of any shape and dtype."""
     import jax
 
     from moejax.runtime import store as store_module
@@ -171,23 +171,51 @@ def test_copy_experts_equals_device_put(monkeypatch, fast):
         monkeypatch.setattr(store_module, "_batched_copy", None)
     device = jax.devices()[0]
     rng = np.random.default_rng(0)
-    experts = [
-        jax.device_put({"gate": rng.normal(size=(4, 6)).astype(np.float32), "up": rng.normal(size=(4, 6)).astype(np.float32),
-                        "down": rng.normal(size=(6, 4)).astype(np.float32)}, store_module.host_sharding(device)),
-        jax.device_put({"up": rng.normal(size=(4, 6)).astype(np.float32), "up_bias": rng.normal(size=6).astype(np.float32)},
-                       store_module.host_sharding(device)),
-    ]
+    experts = jax.device_put([rng.normal(size=60).astype(np.float32), rng.normal(size=(4, 6)).astype(np.float32),
+                              rng.integers(0, 255, 30).astype(np.uint8)], store_module.host_sharding(device))
     target = store_module.device_sharding(device)
     copies = store_module.copy_experts(experts, target)
     reference = jax.device_put(experts, target)
     assert store_module.copy_experts([], target) == []
     for copy, ref in zip(copies, reference, strict=True):
-        assert list(copy) == list(ref)
-        for name in ref:
-            assert copy[name].aval == ref[name].aval and copy[name].sharding == ref[name].sharding
-            np.testing.assert_array_equal(np.asarray(copy[name]), np.asarray(ref[name]))
-            # Usable by a jitted function beside device arrays (the aval's memory space is the device's).
-            np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: a + b)(copy[name], ref[name])), 2 * np.asarray(ref[name]))
+        assert copy.aval == ref.aval and copy.sharding == ref.sharding
+        np.testing.assert_array_equal(np.asarray(copy), np.asarray(ref))
+        # Usable by a jitted function beside device arrays (the aval's memory space is the device's).
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: a + b)(copy, ref)), 2 * np.asarray(ref))
+
+
+def test_expert_layout_packs_and_unpacks_any_weights():
+    """One buffer per expert: weights of one dtype in that dtype, mixed dtypes as bytes; unpacked
+    exactly, alone or stacked, in and out of jit; a store refuses an expert of another layout."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.errors import MoejaxError
+    from moejax.models.moe import ExpertLayout
+
+    rng = np.random.default_rng(1)
+    same = {"gate": rng.normal(size=(4, 6)).astype(np.float32), "up": rng.normal(size=(4, 6)).astype(np.float32),
+            "down": rng.normal(size=(6, 4)).astype(np.float32)}
+    mixed = {"up": rng.normal(size=(4, 6)).astype(jnp.bfloat16), "up_bias": rng.normal(size=6).astype(np.float32),
+             "down": rng.normal(size=(6, 4)).astype(jnp.bfloat16)}
+    for weights, dtype in ((same, "float32"), (mixed, "uint8")):
+        layout = ExpertLayout.of(weights)
+        buffer = layout.pack(weights)
+        assert layout.dtype == dtype and buffer.ndim == 1 and buffer.nbytes == sum(w.nbytes for w in weights.values())
+        for unpacked in (layout.unpack(buffer), jax.jit(layout.unpack)(buffer),
+                         {k: v[1] for k, v in jax.jit(layout.unpack)(jnp.stack([buffer, buffer])).items()}):
+            assert sorted(unpacked) == sorted(weights)
+            for name, w in weights.items():
+                assert unpacked[name].dtype == w.dtype
+                np.testing.assert_array_equal(np.asarray(unpacked[name]), w)
+    store = HostExpertStore(jax.devices()[0], expert_bytes=same["gate"].nbytes * 3)
+    store.put((0, 0), same)
+    with pytest.raises(MoejaxError, match=r"expert \(0, 1\): weights .* differ"):
+        store.put((0, 1), mixed)
+    store.put((1, 0), mixed)  # another layer may have another layout
+    on_device = store.subset(on_device=True)
+    assert on_device.layouts == store.layouts == {0: ExpertLayout.of(same), 1: ExpertLayout.of(mixed)}
+    assert on_device.get((0, 0)).sharding.memory_kind == "device"
 
 
 def test_prefetch_copies_in_flight_are_capped(monkeypatch):
@@ -203,7 +231,7 @@ def test_prefetch_copies_in_flight_are_capped(monkeypatch):
         def is_ready(self):
             return Copy.done
 
-    monkeypatch.setattr(cache_module, "copy_experts", lambda experts, sharding: [{"w": Copy()} for _ in experts])
+    monkeypatch.setattr(cache_module, "copy_experts", lambda experts, sharding: [Copy() for _ in experts])
     store = HostExpertStore(jax.devices()[0], expert_bytes=4)
     for e in range(8):
         store.put((1, e), {"w": np.zeros(1, np.float32)})

@@ -21,15 +21,62 @@ same sums as one pass.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moejax.models.layers import ACTIVATIONS
 
 EXPERT_WEIGHTS = ("gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """How one expert's weights sit in one flat buffer (the runtime moves and passes each expert as a
+    single array: one copy and one argument per expert, not one per weight).
+
+    entries: (name, shape, dtype) in buffer order; dtype: the buffer's, the weights' common dtype, or
+    uint8 holding their bytes when their dtypes differ. Hashable: a static argument of jitted functions.
+    """
+
+    entries: tuple[tuple[str, tuple[int, ...], str], ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, weights: dict) -> ExpertLayout:
+        entries = tuple((name, tuple(w.shape), str(np.dtype(w.dtype))) for name, w in sorted(weights.items()))
+        dtypes = {dtype for _, _, dtype in entries}
+        return cls(entries, dtypes.pop() if len(dtypes) == 1 else "uint8")
+
+    def matches(self, weights: dict) -> bool:
+        return ExpertLayout.of(weights) == self
+
+    def pack(self, weights: dict) -> np.ndarray:
+        """weights (NumPy or device arrays, this layout) -> one flat buffer (on the device where they all are)."""
+        parts = [weights[name] for name, _, _ in self.entries]
+        if self.dtype != "uint8" and all(isinstance(part, jax.Array) for part in parts):
+            return jnp.concatenate([part.reshape(-1) for part in parts])
+        parts = [np.asarray(part).reshape(-1) for part in parts]
+        if self.dtype == "uint8":
+            parts = [part.view(np.uint8) for part in parts]
+        return np.concatenate(parts)
+
+    def unpack(self, buffers) -> dict:
+        """buffers [..., S] (one or stacked experts) -> {name: [..., *shape]}, inside or outside jit."""
+        lead, out, offset = buffers.shape[:-1], {}, 0
+        for name, shape, dtype in self.entries:
+            itemsize = np.dtype(dtype).itemsize if self.dtype == "uint8" else 1
+            size = int(np.prod(shape, dtype=np.int64)) * itemsize
+            part = buffers[..., offset : offset + size]
+            if self.dtype == "uint8":
+                part = jax.lax.bitcast_convert_type(part.reshape(*lead, size // itemsize, itemsize), jnp.dtype(dtype))
+            out[name] = part.reshape(*lead, *shape)
+            offset += size
+        return out
 
 
 def route(router_logits, top_k: int, normalize: bool):
@@ -74,17 +121,20 @@ def stacked_expert_ffn(x, stacked: dict, act: str = "silu"):
     return out
 
 
-def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[dict], acc, act: str = "silu",
-                       chunk: int | None = None):
+def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence, acc, act: str = "silu",
+                       chunk: int | None = None, layout: ExpertLayout | None = None):
     """Adds the weighted outputs of the given experts into `acc`.
 
     x [N, D]; topk_ids [N, k] int32; topk_weights [N, k] f32; expert_ids [n] int32, the global id
     of each entry of `experts` in increasing order (ids that no token chose contribute zeros);
-    acc [N, D] f32. chunk: None runs one expert at a time; c runs c at a time as batched matmuls
-    (see the module docstring). Returns the new acc.
+    acc [N, D] f32. experts: per-expert dicts, or with `layout` per-expert flat buffers [S]. chunk:
+    None runs one expert at a time; c runs c at a time as batched matmuls (see the module
+    docstring). Returns the new acc.
     """
     if chunk is None:
         for i, expert in enumerate(experts):
+            if layout is not None:
+                expert = layout.unpack(expert)
             chosen = topk_ids == expert_ids[i]
             weight = jnp.sum(jnp.where(chosen, topk_weights, 0.0), axis=-1)
             acc = acc + weight[:, None] * expert_ffn(x, expert, act).astype(jnp.float32)
@@ -96,7 +146,10 @@ def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[
         if pad:  # repeats of the last expert under id -1, which no token chose: weight 0
             group += [group[-1]] * pad
             group_ids = jnp.concatenate([group_ids, jnp.full((pad,), -1, group_ids.dtype)])
-        stacked = {name: jnp.stack([expert[name] for expert in group]) for name in group[0]}
+        if layout is not None:
+            stacked = layout.unpack(jnp.stack(group))
+        else:
+            stacked = {name: jnp.stack([expert[name] for expert in group]) for name in group[0]}
         out = stacked_expert_ffn(x, stacked, act)
         chosen = topk_ids[None] == group_ids[:, None, None]  # [c, N, k]
         weight = jnp.sum(jnp.where(chosen, topk_weights[None], 0.0), axis=-1)  # [c, N]

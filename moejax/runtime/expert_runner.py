@@ -42,8 +42,8 @@ from moejax.runtime.trace import eam_counts
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
-# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n per-expert dicts, acc=[N, D] f32)
-# -> layer output, called with keywords.
+# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n flat expert buffers, acc=[N, D] f32,
+# layout=the layer's ExpertLayout in the store) -> layer output, called with keywords.
 Finish = Callable[..., jax.Array]
 
 # replay(moe_layer, ids [N, k], lookahead [N, k] or None, valid_rows [N] or None) -> (ids, lookahead):
@@ -124,6 +124,7 @@ class ExpertRunner:
         needed = [int(e) for e in np.flatnonzero(counts)]
         cache = self.cache
         acc = self._zero_acc(moe_in.shape)
+        layout = self.store.layouts[moe_layer]
         # Waves are whole chunks of top_k experts (the finish function's batched matmuls; capacity >= top_k),
         # so every expert is computed alongside the same others in every mode.
         wave = cache.capacity // self.top_k * self.top_k
@@ -138,9 +139,9 @@ class ExpertRunner:
             experts = cache.ready(keys, moe_layer)
             expert_ids = np.asarray(wave, np.int32)  # copied with the call (a device_put costs ~0.1 ms of host)
             if n < len(waves) - 1:
-                acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act, self.top_k)
+                acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act, self.top_k, layout)
             else:
-                out = finish(ids=ids, expert_ids=expert_ids, experts=experts, acc=acc)
+                out = finish(ids=ids, expert_ids=expert_ids, experts=experts, acc=acc, layout=layout)
             cache.end_layer()
         if self.mode in ("on-demand", "dense-offload"):
             cache.clear()

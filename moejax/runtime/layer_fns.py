@@ -3,8 +3,8 @@
 Static arguments are the config and the layer's shape (`moe`, `window`), never its index, so
 all layers alike share one compiled function per input shape. KV caches are donated and
 updated in place. Expert weights are always arguments: `accumulate` takes a tuple of
-per-expert dicts, so the runtime can pass whichever experts it holds on the device; a new
-tuple length compiles once and is then reused.
+flat expert buffers (`models.moe.ExpertLayout`, static), so the runtime can pass whichever experts
+it holds on the device; a new tuple length compiles once and is then reused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from moejax.config import ModelConfig
 from moejax.models.decoder import DecoderLayer, EmbedHead, forward_hidden
-from moejax.models.moe import accumulate_experts, device_routed_experts
+from moejax.models.moe import ExpertLayout, accumulate_experts, device_routed_experts
 from moejax.runtime.store import has_pinned_host
 
 _LAYER_STATIC = ("cfg", "moe", "window")
@@ -76,17 +76,19 @@ def _to_host_memory(x):
     return jax.device_put(x, jax.memory.Space.Host) if has_pinned_host(jax.devices()[0]) else x
 
 
-@functools.partial(jax.jit, static_argnames=("act", "chunk"))
-def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str, chunk: int):
-    """One wave of experts (a tuple of per-expert dicts, ids increasing, a multiple of `chunk` long unless
-    it is the last) added into acc [N, D] f32, `chunk` experts per batched matmul."""
-    return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act, chunk)
+@functools.partial(jax.jit, static_argnames=("act", "chunk", "layout"))
+def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str, chunk: int, layout: ExpertLayout):
+    """One wave of experts (a tuple of flat buffers of `layout`, ids increasing, a multiple of `chunk` long
+    unless it is the last) added into acc [N, D] f32, `chunk` experts per batched matmul."""
+    return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act, chunk, layout)
 
 
-@functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
-def accumulate_and_finish(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc):
-    """The last wave of experts (top_k per batched matmul) plus the shared expert and residual: -> x [B, T, D]."""
-    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act, cfg.top_k)
+@functools.partial(jax.jit, static_argnames=(*_LAYER_STATIC, "layout"))
+def accumulate_and_finish(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc,
+                          layout: ExpertLayout):
+    """The last wave of experts (flat buffers of `layout`, top_k per batched matmul) plus the shared
+    expert and residual: -> x [B, T, D]."""
+    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act, cfg.top_k, layout)
     return DecoderLayer(cfg, moe, window).apply({"params": params}, h, moe_in, acc, method=DecoderLayer.finish)
 
 
