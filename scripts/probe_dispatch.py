@@ -5,7 +5,8 @@ the host seconds of the `attend_and_route` and `accumulate_and_finish` calls and
 trips; the routing readback (idle, and behind 0 / 6 / 18 expert copies in flight: the ids read back
 from the device against the routing the program writes to host memory); copy calls and routing
 reads behind them with each expert one array (the engine's) or three; a chain of K small matmuls,
-the price of one kernel launch; a layer's experts one at a time against top_k at a time (batched
+the price of one kernel launch; calls whose argument buffers change from call to call (as in the
+engine) against calls on the same buffers; a layer's experts one at a time against top_k at a time (batched
 matmuls, the engine's); a layer's finish fused with the next layer's attention and routing (one
 call) against the two calls. Counts the kernels (thunks) of each compiled function. Run it under
 different XLA_FLAGS to compare.
@@ -155,6 +156,26 @@ def main() -> None:
         return layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, expert_ids, experts, acc, layout)
 
     result["accumulate_and_finish"] = host_and_round_trip(finish, args.repeats)
+    # As in the engine, where each call sees other buffers (each layer its parameters and KV cache, each
+    # step other experts): do calls cost the host more when their arguments' addresses change?
+    rotating_params = [jax.tree.map(jnp.copy, params) for _ in range(4)]
+    rotating_kv = [tuple(jnp.zeros_like(a) for a in kv) for _ in range(4)]
+    rotating_experts = [tuple(jnp.copy(e) for e in experts) for _ in range(4)]
+    turn = {"n": 0}
+
+    def attend_rotating():
+        n = turn["n"] = (turn["n"] + 1) % 4
+        out = layer_fns.attend_and_route(*shape, rotating_params[n], x, rotating_kv[n], positions)
+        rotating_kv[n] = out[1]
+        return out[0]
+
+    def finish_rotating():
+        n = turn["n"] = (turn["n"] + 1) % 4
+        return layer_fns.accumulate_and_finish(*shape, rotating_params[n], h, moe_in, ids, weights, expert_ids,
+                                               rotating_experts[n], acc, layout)
+
+    result["attend_and_route_rotating_buffers"] = host_and_round_trip(attend_rotating, args.repeats)
+    result["accumulate_and_finish_rotating_buffers"] = host_and_round_trip(finish_rotating, args.repeats)
     # The routed experts alone, one expert at a time (3 matmuls each) against top_k at a time (batched).
     per_expert = jax.jit(accumulate_experts, static_argnames=("act", "chunk", "layout"))
     experts_args = (moe_in, ids, weights, expert_ids, experts, acc)

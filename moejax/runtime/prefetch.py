@@ -151,8 +151,8 @@ class TracePrefetcher(Prefetcher):
     def observe(self, layer, counts, lookahead=None):
         counts = np.asarray(counts)
         if self.guess is not None and self.guess_layer == layer:
-            used = counts > 0
-            np.add.at(self.guess_outcomes, (self.guess.astype(int), used.astype(int)), 1)
+            cells = np.bincount(2 * self.guess + (counts > 0), minlength=4)  # (guessed, used) pairs, row-major
+            self.guess_outcomes += cells.reshape(2, 2)
         self.guess, self.guess_layer = None, -1
         if self.uses_lookahead and lookahead is not None and layer + 1 < self.num_layers:
             self.guess, self.guess_layer = np.asarray(lookahead) > 0, layer + 1
