@@ -88,6 +88,28 @@ def test_every_policy_and_budget_equals_resident(root):
     assert_all_equal_resident(("mixtral", "sliding_window"), root, every_policy_and_budget)
 
 
+def test_finish_fused_with_next_attention_equals_two_calls(root):
+    """One call per MoE layer (its experts' finish with the next layer's attention and routing) computes
+    what the two calls compute, to float32 rounding, with the lookahead guess too."""
+    _, _, ckpt = build(("mixtral", "sliding_window"), root)
+    cfg = checkpoint.load_config(ckpt)
+    store = HostExpertStore.from_checkpoint(ckpt, cfg, moejax.load(ckpt).executor.device)
+    prompts = random_prompts(cfg.vocab_size, [9, 3], seed=6)
+    results = []
+    for fuse in (True, False):
+        engine = offloaded_engine(ckpt, cfg, store, "cached", "0.5")
+        engine.executor.fuse_next_attention = fuse
+        engine.executor.runner.record_lookahead = True
+        generated = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        results.append((generated.tokens, engine.logits(prompts), engine.executor.routing(0)))
+    (tokens, logits, routing), (tokens_2, logits_2, routing_2) = results
+    assert tokens == tokens_2
+    for ours, ref in zip(logits, logits_2):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(routing, routing_2):
+        np.testing.assert_array_equal(ours, ref)
+
+
 def test_minimum_budget_streams_long_prefill_in_waves(root):
     """A prompt whose tokens need every expert of a layer runs through a 2-slot cache."""
     _, _, ckpt = build(("mixtral", "sliding_window"), root)

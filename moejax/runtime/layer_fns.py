@@ -92,6 +92,16 @@ def accumulate_and_finish(cfg: ModelConfig, moe: bool, window, params, h, moe_in
     return DecoderLayer(cfg, moe, window).apply({"params": params}, h, moe_in, acc, method=DecoderLayer.finish)
 
 
+@functools.partial(jax.jit, static_argnames=(*_LAYER_STATIC, "layout", "next_window"), donate_argnames=("next_kv_cache",))
+def finish_then_attend(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc,
+                       layout: ExpertLayout, next_window, next_params, next_kv_cache, positions, lookahead_params=None):
+    """`accumulate_and_finish` of a MoE layer, then `attend_and_route` of the next layer (also MoE) on its
+    output, as one program: one dispatch per MoE layer instead of two. -> the next layer's (h, kv_cache,
+    moe_in, weights, ids, routing); lookahead_params: the MoE layer after the next one's (see attend_and_route)."""
+    x = accumulate_and_finish(cfg, moe, window, params, h, moe_in, ids, weights, expert_ids, experts, acc, layout)
+    return attend_and_route(cfg, True, next_window, next_params, x, next_kv_cache, positions, lookahead_params)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv_caches",))
 def whole_model(cfg: ModelConfig, globals_, layers, experts, tokens, kv_caches, positions, select):
     """The whole model as one XLA program (the reference and upper bound)."""
