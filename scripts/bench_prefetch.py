@@ -99,7 +99,7 @@ def run_config(cfg, globals_, layers, store, collection, replay, starts, args, b
     except MoejaxError as err:
         return {"budget": budget, "policy": policy, "prefetch": prefetch, "skipped": str(err)}
     runner.replay = replay
-    engine = Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner, fuse_next_attention=not args.two_calls))
+    engine = Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner))
     config = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
     prompt = list(range(1, args.prompt_len + 1))
     decode_s = decode_steps = hits = activations = stall = moved = 0.0
@@ -151,8 +151,6 @@ def main() -> None:
     parser.add_argument("--lookahead-accuracy", type=float, required=True)
     parser.add_argument("--compare-resident", action="store_true", help="also time resident and cached at budget 1.0")
     parser.add_argument("--resident-pairs", type=int, default=2, help="interleaved resident / cached 1.0 pairs of --compare-resident")
-    parser.add_argument("--two-calls", action="store_true",
-                        help="a MoE layer's finish and the next layer's attention as two calls, not one (for comparison)")
     parser.add_argument("--tiny", action="store_true", help="shrink every width (a CPU smoke run of this script)")
     parser.add_argument("--out", default="bench_prefetch.json")
     args = parser.parse_args()
@@ -183,7 +181,9 @@ def main() -> None:
     # The whole model on the GPU against the cache at budget 1.0, twice each, interleaved.
     ceiling = []
     if args.compare_resident:
-        on_device = store.subset(on_device=True)
+        on_device = HostExpertStore(device, store.expert_bytes, on_device=True)
+        for key in store.keys():
+            on_device.put(key, store.get(key))
         for _ in range(args.resident_pairs):
             ceiling.append(run_config(cfg, globals_, layers, on_device, collection, replay, starts, args, None, "lru", "none", "resident"))
             ceiling.append(run_config(cfg, globals_, layers, store, collection, replay, starts, args, "1.0", "lru", "none"))
@@ -196,7 +196,7 @@ def main() -> None:
         "environment": environment(), "card": args.card, "traces": str(args.traces),
         "fit_sequences": n_fit, "measured_sequences": len(starts) - 1, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "lookahead_accuracy": args.lookahead_accuracy,
-        "expert_bytes": cfg.expert_bytes, "two_calls": args.two_calls, "rows": rows, "resident_vs_cached_full": ceiling,
+        "expert_bytes": cfg.expert_bytes, "rows": rows, "resident_vs_cached_full": ceiling,
     }
     if args.configs:
         pairs = [tuple(pair.split(":")) for pair in args.configs.split(",")]

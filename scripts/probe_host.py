@@ -126,7 +126,9 @@ def main() -> None:
         mode, budget, policy, prefetch = spec.split(":")
         source = store
         if mode == "resident":
-            source = store.subset(on_device=True)
+            source = HostExpertStore(device, store.expert_bytes, on_device=True)
+            for key in store.keys():
+                source.put(key, store.get(key))
         runner = expert_runner(
             cfg, source, mode, None if budget == "-" else budget,
             make_policy(policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection),

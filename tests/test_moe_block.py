@@ -73,39 +73,3 @@ def test_expert_ffn_is_gated_silu():
     gate = np.asarray(x) @ np.asarray(expert["gate"])
     expected = (gate / (1 + np.exp(-gate)) * (np.asarray(x) @ np.asarray(expert["up"]))) @ np.asarray(expert["down"])
     np.testing.assert_allclose(np.asarray(expert_ffn(x, expert)), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("tokens,top_k", [(1, 2), (9, 2), (17, 3)])
-def test_batched_chunks_equal_the_per_expert_loop_and_naive_moe(tokens, top_k):
-    """The fast path (experts `chunk` at a time as batched matmuls, the last chunk padded) against the slow twins."""
-    x, logits, stacked = random_layer(11, tokens)
-    weights, ids = route(logits, top_k, True)
-    used = sorted(set(np.asarray(ids).ravel().tolist()))
-    args = (x, ids, weights, jnp.asarray(used), _experts(stacked, used), jnp.zeros(x.shape))
-    loop = accumulate_experts(*args)
-    chunked = jax.jit(accumulate_experts, static_argnums=(6, 7))(*args, "silu", top_k)
-    np.testing.assert_allclose(np.asarray(chunked), np.asarray(loop), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(chunked), naive_moe(x, logits, stacked, top_k, True), rtol=1e-5, atol=1e-5)
-
-
-def test_plain_experts_with_biases_in_chunks_equal_the_loop():
-    x, logits, stacked = random_layer(12, 5)
-    plain = {"up": stacked["up"], "down": stacked["down"], "up_bias": stacked["up"][:, 0] * 0.5, "down_bias": stacked["down"][:, 0]}
-    weights, ids = route(logits, 2, False)
-    args = (x, ids, weights, jnp.arange(6), _experts(plain, range(6)), jnp.zeros(x.shape), "relu")
-    np.testing.assert_allclose(np.asarray(accumulate_experts(*args, chunk=4)), np.asarray(accumulate_experts(*args)), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("wave", [2, 4])
-def test_waves_of_whole_chunks_sum_exactly_like_one_pass(wave):
-    """Waves that are multiples of the chunk (as the runner makes them) give bit-identical sums, padding included."""
-    x, logits, stacked = random_layer(13, 9)
-    weights, ids = route(logits, 2, True)
-    used = [0, 1, 2, 3, 5]  # an odd count: the last chunk is padded (experts no token chose add zeros)
-    accumulate = jax.jit(accumulate_experts, static_argnums=(6, 7))
-    one_pass = accumulate(x, ids, weights, jnp.asarray(used), tuple(_experts(stacked, used)), jnp.zeros(x.shape), "silu", 2)
-    acc = jnp.zeros(x.shape)
-    for j in range(0, len(used), wave):
-        part = used[j : j + wave]
-        acc = accumulate(x, ids, weights, jnp.asarray(part), tuple(_experts(stacked, part)), acc, "silu", 2)
-    np.testing.assert_array_equal(np.asarray(acc), np.asarray(one_pass))

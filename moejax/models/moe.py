@@ -11,72 +11,19 @@ Determinism across execution strategies: every expert processes all N tokens of 
 (rows it was not chosen for get weight 0), and contributions are added into a float32
 accumulator in increasing expert-id order. Splitting a layer's experts into waves, choosing
 them on the host or gathering them on the device therefore yields the same sums.
-
-`accumulate_experts(..., chunk=c)` runs the experts c at a time as batched matmuls (one kernel per
-weight for c experts instead of one per expert: the host launches fewer kernels). Every chunk has
-exactly c experts (the last is padded with a repeat that gets weight 0), so an expert's output
-never depends on how many others were passed with it: waves that are multiples of c give the
-same sums as one pass.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moejax.models.layers import ACTIVATIONS
 
 EXPERT_WEIGHTS = ("gate", "up", "down")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertLayout:
-    """How one expert's weights sit in one flat buffer (the runtime moves and passes each expert as a
-    single array: one copy and one argument per expert, not one per weight).
-
-    entries: (name, shape, dtype) in buffer order; dtype: the buffer's, the weights' common dtype, or
-    uint8 holding their bytes when their dtypes differ. Hashable: a static argument of jitted functions.
-    """
-
-    entries: tuple[tuple[str, tuple[int, ...], str], ...]
-    dtype: str
-
-    @classmethod
-    def of(cls, weights: dict) -> ExpertLayout:
-        entries = tuple((name, tuple(w.shape), str(np.dtype(w.dtype))) for name, w in sorted(weights.items()))
-        dtypes = {dtype for _, _, dtype in entries}
-        return cls(entries, dtypes.pop() if len(dtypes) == 1 else "uint8")
-
-    def matches(self, weights: dict) -> bool:
-        return ExpertLayout.of(weights) == self
-
-    def pack(self, weights: dict) -> np.ndarray:
-        """weights (NumPy or device arrays, this layout) -> one flat buffer (on the device where they all are)."""
-        parts = [weights[name] for name, _, _ in self.entries]
-        if self.dtype != "uint8" and all(isinstance(part, jax.Array) for part in parts):
-            return jnp.concatenate([part.reshape(-1) for part in parts])
-        parts = [np.asarray(part).reshape(-1) for part in parts]
-        if self.dtype == "uint8":
-            parts = [part.view(np.uint8) for part in parts]
-        return np.concatenate(parts)
-
-    def unpack(self, buffers) -> dict:
-        """buffers [..., S] (one or stacked experts) -> {name: [..., *shape]}, inside or outside jit."""
-        lead, out, offset = buffers.shape[:-1], {}, 0
-        for name, shape, dtype in self.entries:
-            itemsize = np.dtype(dtype).itemsize if self.dtype == "uint8" else 1
-            size = int(np.prod(shape, dtype=np.int64)) * itemsize
-            part = buffers[..., offset : offset + size]
-            if self.dtype == "uint8":
-                part = jax.lax.bitcast_convert_type(part.reshape(*lead, size // itemsize, itemsize), jnp.dtype(dtype))
-            out[name] = part.reshape(*lead, *shape)
-            offset += size
-        return out
 
 
 def route(router_logits, top_k: int, normalize: bool):
@@ -106,55 +53,17 @@ def expert_ffn(x, expert: dict, act: str = "silu"):
     return out
 
 
-def stacked_expert_ffn(x, stacked: dict, act: str = "silu"):
-    """`expert_ffn` of c experts at once: x [N, D], stacked weights [c, ...] each -> [c, N, D] in x's dtype."""
-    if "gate" in stacked:
-        gate = jnp.einsum("nd,cdf->cnf", x, stacked["gate"])
-        hidden = ACTIVATIONS[act](gate) * jnp.einsum("nd,cdf->cnf", x, stacked["up"])
-        return jnp.einsum("cnf,cfd->cnd", hidden, stacked["down"])
-    hidden = jnp.einsum("nd,cdf->cnf", x, stacked["up"])
-    if "up_bias" in stacked:
-        hidden = hidden + stacked["up_bias"][:, None, :]
-    out = jnp.einsum("cnf,cfd->cnd", ACTIVATIONS[act](hidden), stacked["down"])
-    if "down_bias" in stacked:
-        out = out + stacked["down_bias"][:, None, :]
-    return out
-
-
-def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence, acc, act: str = "silu",
-                       chunk: int | None = None, layout: ExpertLayout | None = None):
+def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[dict], acc, act: str = "silu"):
     """Adds the weighted outputs of the given experts into `acc`.
 
     x [N, D]; topk_ids [N, k] int32; topk_weights [N, k] f32; expert_ids [n] int32, the global id
     of each entry of `experts` in increasing order (ids that no token chose contribute zeros);
-    acc [N, D] f32. experts: per-expert dicts, or with `layout` per-expert flat buffers [S]. chunk:
-    None runs one expert at a time; c runs c at a time as batched matmuls (see the module
-    docstring). Returns the new acc.
+    acc [N, D] f32. Returns the new acc.
     """
-    if chunk is None:
-        for i, expert in enumerate(experts):
-            if layout is not None:
-                expert = layout.unpack(expert)
-            chosen = topk_ids == expert_ids[i]
-            weight = jnp.sum(jnp.where(chosen, topk_weights, 0.0), axis=-1)
-            acc = acc + weight[:, None] * expert_ffn(x, expert, act).astype(jnp.float32)
-        return acc
-    for start in range(0, len(experts), chunk):
-        group = list(experts[start : start + chunk])
-        group_ids = expert_ids[start : start + chunk]
-        pad = chunk - len(group)
-        if pad:  # repeats of the last expert under id -1, which no token chose: weight 0
-            group += [group[-1]] * pad
-            group_ids = jnp.concatenate([group_ids, jnp.full((pad,), -1, group_ids.dtype)])
-        if layout is not None:
-            stacked = layout.unpack(jnp.stack(group))
-        else:
-            stacked = {name: jnp.stack([expert[name] for expert in group]) for name in group[0]}
-        out = stacked_expert_ffn(x, stacked, act)
-        chosen = topk_ids[None] == group_ids[:, None, None]  # [c, N, k]
-        weight = jnp.sum(jnp.where(chosen, topk_weights[None], 0.0), axis=-1)  # [c, N]
-        for i in range(chunk):
-            acc = acc + weight[i][:, None] * out[i].astype(jnp.float32)
+    for i, expert in enumerate(experts):
+        chosen = topk_ids == expert_ids[i]
+        weight = jnp.sum(jnp.where(chosen, topk_weights, 0.0), axis=-1)
+        acc = acc + weight[:, None] * expert_ffn(x, expert, act).astype(jnp.float32)
     return acc
 
 

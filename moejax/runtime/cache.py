@@ -35,9 +35,9 @@ class ExpertCache:
         self.store, self.device = store, store.device
         self.directory = ExpertDirectory(capacity, policy)
         self.sharding = device_sharding(self.device)
-        self._arrays: dict[ExpertKey, jax.Array] = {}  # each resident expert's flat buffer on the device
+        self._arrays: dict[ExpertKey, dict] = {}
         self.transfers: dict[int, TransferCounters] = {}
-        self._prefetches_in_flight: list[tuple[ExpertKey, jax.Array]] = []
+        self._prefetches_in_flight: list[tuple[ExpertKey, dict]] = []
 
     @property
     def capacity(self) -> int:
@@ -52,8 +52,8 @@ class ExpertCache:
         self.directory.per_layer.clear()
         self.directory.total = type(self.directory.total)()
 
-    def _copy(self, keys: Sequence[ExpertKey]) -> list[jax.Array]:
-        """Issues one asynchronous host->device copy for all `keys`; returns their device buffers
+    def _copy(self, keys: Sequence[ExpertKey]) -> list[dict]:
+        """Issues one asynchronous host->device copy for all `keys`; returns their device arrays
         (a store already on the device, resident mode, is used as it is)."""
         experts = [self.store.get(k) for k in keys]
         return experts if self.store.on_device else copy_experts(experts, self.sharding)
@@ -100,19 +100,21 @@ class ExpertCache:
         most `limit` prefetch copies are unfinished at any time: copies run one after another on the
         link, so prefetches issued while it is backed up would only delay the next demand copies.
         """
+        # An expert's arrays are issued in order in one copy call: its last one stands for all (the
+        # count only paces prefetching, so a rare early answer costs nothing but one copy's timing).
         self._prefetches_in_flight = [
-            (key, buffer) for key, buffer in self._prefetches_in_flight
-            if self._arrays.get(key) is buffer and not buffer.is_ready()
+            (key, arrays) for key, arrays in self._prefetches_in_flight
+            if self._arrays.get(key) is arrays and not arrays[next(reversed(arrays))].is_ready()
         ]
         chosen = select_prefetch(self.directory, keys, limit - len(self._prefetches_in_flight))
         self._place(chosen, prefetch=True)
         self._prefetches_in_flight += [(key, self._arrays[key]) for key in chosen]
         return len(chosen)
 
-    def ready(self, keys: Sequence[ExpertKey], layer: int) -> tuple[jax.Array, ...]:
-        """The device buffers of `keys`, after waiting for any copy still in flight (counted as stall)."""
+    def ready(self, keys: Sequence[ExpertKey], layer: int) -> tuple[dict, ...]:
+        """The device arrays of `keys`, after waiting for any copy still in flight (counted as stall)."""
         arrays = tuple(self._arrays[k] for k in keys)
-        pending = [a for a in arrays if not a.is_ready()]
+        pending = [a for expert in arrays for a in expert.values() if not a.is_ready()]
         if pending:
             start = time.perf_counter()
             jax.block_until_ready(pending)

@@ -42,8 +42,8 @@ from moejax.runtime.trace import eam_counts
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
-# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n flat expert buffers, acc=[N, D] f32,
-# layout=the layer's ExpertLayout in the store) -> layer output, called with keywords.
+# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n per-expert dicts, acc=[N, D] f32)
+# -> layer output, called with keywords.
 Finish = Callable[..., jax.Array]
 
 # replay(moe_layer, ids [N, k], lookahead [N, k] or None, valid_rows [N] or None) -> (ids, lookahead):
@@ -55,7 +55,7 @@ class ExpertRunner:
     def __init__(self, store: HostExpertStore, mode: str, num_experts: int, act: str,
                  capacity: int | None = None, policy: CachePolicy | None = None, *,
                  prefetcher=None, prefetch_per_layer: int = 0, collection=None,
-                 num_moe_layers: int | None = None, top_k: int):
+                 num_moe_layers: int | None = None, top_k: int = 1):
         """prefetcher: a `runtime.prefetch.Prefetcher` (cached mode only); collection: the
         `EAMCollection` it and the policy read, to which finished sequences are added."""
         assert mode in MODES, mode
@@ -63,7 +63,6 @@ class ExpertRunner:
         self.device = store.device
         self.prefetcher, self.prefetch_per_layer, self.collection = prefetcher, prefetch_per_layer, collection
         num_moe_layers = num_moe_layers or 1 + max((layer for layer, _ in store.keys()), default=0)
-        self.top_k = top_k  # experts per token: the chunk of the finish functions' batched matmuls
         self.recorder = RoutingRecorder(num_moe_layers, num_experts, top_k)
         self.replay: Replay | None = None
         self.record_lookahead = False  # record the lookahead guess even without the lookahead prefetcher
@@ -124,11 +123,7 @@ class ExpertRunner:
         needed = [int(e) for e in np.flatnonzero(counts)]
         cache = self.cache
         acc = self._zero_acc(moe_in.shape)
-        layout = self.store.layouts[moe_layer]
-        # Waves are whole chunks of top_k experts (the finish function's batched matmuls; capacity >= top_k),
-        # so every expert is computed alongside the same others in every mode.
-        wave = cache.capacity // self.top_k * self.top_k
-        waves = [needed[j : j + wave] for j in range(0, len(needed), wave)] or [[]]
+        waves = [needed[j : j + cache.capacity] for j in range(0, len(needed), cache.capacity)] or [[]]
         if self.mode == "dense-offload":
             chosen = set(needed)
             cache.stream([(moe_layer, e) for e in range(self.num_experts) if e not in chosen], moe_layer)
@@ -139,9 +134,9 @@ class ExpertRunner:
             experts = cache.ready(keys, moe_layer)
             expert_ids = np.asarray(wave, np.int32)  # copied with the call (a device_put costs ~0.1 ms of host)
             if n < len(waves) - 1:
-                acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act, self.top_k, layout)
+                acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act)
             else:
-                out = finish(ids=ids, expert_ids=expert_ids, experts=experts, acc=acc, layout=layout)
+                out = finish(ids=ids, expert_ids=expert_ids, experts=experts, acc=acc)
             cache.end_layer()
         if self.mode in ("on-demand", "dense-offload"):
             cache.clear()

@@ -3,8 +3,8 @@
 Static arguments are the config and the layer's shape (`moe`, `window`), never its index, so
 all layers alike share one compiled function per input shape. KV caches are donated and
 updated in place. Expert weights are always arguments: `accumulate` takes a tuple of
-flat expert buffers (`models.moe.ExpertLayout`, static), so the runtime can pass whichever experts
-it holds on the device; a new tuple length compiles once and is then reused.
+per-expert dicts, so the runtime can pass whichever experts it holds on the device; a new
+tuple length compiles once and is then reused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from moejax.config import ModelConfig
 from moejax.models.decoder import DecoderLayer, EmbedHead, forward_hidden
-from moejax.models.moe import ExpertLayout, accumulate_experts, device_routed_experts
+from moejax.models.moe import accumulate_experts, device_routed_experts
 from moejax.runtime.store import has_pinned_host
 
 _LAYER_STATIC = ("cfg", "moe", "window")
@@ -76,30 +76,17 @@ def _to_host_memory(x):
     return jax.device_put(x, jax.memory.Space.Host) if has_pinned_host(jax.devices()[0]) else x
 
 
-@functools.partial(jax.jit, static_argnames=("act", "chunk", "layout"))
-def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str, chunk: int, layout: ExpertLayout):
-    """One wave of experts (a tuple of flat buffers of `layout`, ids increasing, a multiple of `chunk` long
-    unless it is the last) added into acc [N, D] f32, `chunk` experts per batched matmul."""
-    return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act, chunk, layout)
+@functools.partial(jax.jit, static_argnames=("act",))
+def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str):
+    """One wave of experts (a tuple of per-expert dicts, ids increasing) added into acc [N, D] f32."""
+    return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act)
 
 
-@functools.partial(jax.jit, static_argnames=(*_LAYER_STATIC, "layout"))
-def accumulate_and_finish(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc,
-                          layout: ExpertLayout):
-    """The last wave of experts (flat buffers of `layout`, top_k per batched matmul) plus the shared
-    expert and residual: -> x [B, T, D]."""
-    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act, cfg.top_k, layout)
+@functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
+def accumulate_and_finish(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc):
+    """The last wave of experts plus the shared expert and residual: -> x [B, T, D]."""
+    acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act)
     return DecoderLayer(cfg, moe, window).apply({"params": params}, h, moe_in, acc, method=DecoderLayer.finish)
-
-
-@functools.partial(jax.jit, static_argnames=(*_LAYER_STATIC, "layout", "next_window"), donate_argnames=("next_kv_cache",))
-def finish_then_attend(cfg: ModelConfig, moe: bool, window, params, h, moe_in, ids, weights, expert_ids, experts, acc,
-                       layout: ExpertLayout, next_window, next_params, next_kv_cache, positions, lookahead_params=None):
-    """`accumulate_and_finish` of a MoE layer, then `attend_and_route` of the next layer (also MoE) on its
-    output, as one program: one dispatch per MoE layer instead of two. -> the next layer's (h, kv_cache,
-    moe_in, weights, ids, routing); lookahead_params: the MoE layer after the next one's (see attend_and_route)."""
-    x = accumulate_and_finish(cfg, moe, window, params, h, moe_in, ids, weights, expert_ids, experts, acc, layout)
-    return attend_and_route(cfg, True, next_window, next_params, x, next_kv_cache, positions, lookahead_params)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("kv_caches",))

@@ -4,10 +4,6 @@ On GPUs, arrays in the `pinned_host` memory kind copy to the device at ~50 GB/s 
 from NumPy (GUIDE.md section 3), so each expert is placed there as it is read from the
 checkpoint, and its NumPy copy is dropped at once: host RAM holds one copy of the experts.
 JAX's CPU backend has the same memory kinds, so the same path runs (and is tested) on CPU.
-
-Each expert is one flat buffer (`models.moe.ExpertLayout`: its weights back to back): a copy call
-and a jitted call cost the host per array (on the H200, 18 experts copy in 0.36 ms of host time as
-18 arrays against 0.89 ms as 54), and the compute unpacks the buffer for free inside its program.
 """
 
 from __future__ import annotations
@@ -18,12 +14,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
+import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from moejax import checkpoint
 from moejax.config import ModelConfig
 from moejax.errors import MoejaxError
-from moejax.models.moe import ExpertLayout
 from moejax.progress import Progress
 from moejax.runtime.policies import ExpertKey
 
@@ -69,9 +65,9 @@ def device_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind="device")
 
 
-def copy_experts(experts: Sequence[jax.Array], sharding: SingleDeviceSharding) -> list[jax.Array]:
-    """Starts asynchronous copies of experts (committed single-device arrays, one per expert) into
-    `sharding`'s memory, one call for all of them; returns the new arrays at once.
+def copy_experts(experts: Sequence[dict], sharding: SingleDeviceSharding) -> list[dict]:
+    """Starts asynchronous copies of experts (dicts of committed single-device arrays) into
+    `sharding`'s memory, one call for all of them; returns the new dicts at once.
 
     jax.device_put spends ~45 us of Python per array on checks that cannot fail here (same
     device, same sharding, only the memory kind changes), and the engine issues copies on the
@@ -89,10 +85,10 @@ def copy_experts(experts: Sequence[jax.Array], sharding: SingleDeviceSharding) -
     return jax.device_put(list(experts), sharding)
 
 
-def _copy_experts_fast(arrays: Sequence[jax.Array], sharding: SingleDeviceSharding) -> list[jax.Array]:
-    n = len(arrays)
+def _copy_experts_fast(experts: Sequence[dict], sharding: SingleDeviceSharding) -> list[dict]:
+    arrays = [a for expert in experts for a in expert.values()]
     devices = sharding._internal_device_list.addressable_device_list
-    copies = _batched_copy(arrays, [devices] * n, [sharding] * n, [_ALWAYS_COPY] * n)
+    copies = _batched_copy(arrays, [devices] * len(arrays), [sharding] * len(arrays), [_ALWAYS_COPY] * len(arrays))
     # The copies keep their sources' abstract value, whose memory space is the host's; jax.device_put
     # re-wraps them with the target's, as done here. Handlers are looked up by shape and dtype within
     # the sharding's table (hashing a sharding per array cost ~5 us).
@@ -103,13 +99,12 @@ def _copy_experts_fast(arrays: Sequence[jax.Array], sharding: SingleDeviceShardi
         if handler is None:
             handler = handlers[(a.shape, a.dtype)] = _result_handler(jax.core.ShapedArray(a.shape, a.dtype), sharding, True)
         wrapped.append(handler(c))
-    return wrapped
+    wrapped = iter(wrapped)
+    return [{name: next(wrapped) for name in expert} for expert in experts]
 
 
 class HostExpertStore:
-    """Expert weights by (moe_layer, expert) in host memory, each one flat buffer of its layer's layout
-    (`layouts[moe_layer]`, set by the layer's first expert; layers may differ, as NLLB-MoE's do);
-    `expert_bytes` is the size the cache budgets per expert.
+    """Expert weights by (moe_layer, expert) in host memory; `expert_bytes` is one expert's size.
 
     With `on_device=True` the "store" holds the experts in device memory instead (resident mode):
     staging from it is then free, and the same executor runs with no transfers.
@@ -119,8 +114,7 @@ class HostExpertStore:
         self.device, self.on_device = device, on_device
         self.sharding = device_sharding(device) if on_device else host_sharding(device)
         self.expert_bytes = expert_bytes
-        self.layouts: dict[int, ExpertLayout] = {}
-        self._experts: dict[ExpertKey, jax.Array] = {}
+        self._experts: dict[ExpertKey, dict] = {}
 
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self._experts
@@ -129,16 +123,9 @@ class HostExpertStore:
         return len(self._experts)
 
     def put(self, key: ExpertKey, weights: dict) -> None:
-        """Places one expert's weights (a dict of NumPy or device arrays) in the tier as one buffer."""
-        layout = self.layouts.setdefault(key[0], ExpertLayout.of(weights))
-        if not layout.matches(weights):
-            raise MoejaxError(f"expert {key}: weights {ExpertLayout.of(weights).entries} differ from the other experts' "
-                              f"of its layer {layout.entries}")
-        self._place(key, layout.pack(weights))
-
-    def _place(self, key: ExpertKey, buffer) -> None:
+        """Places one expert's arrays (NumPy or device arrays) in the host tier."""
         try:
-            self._experts[key] = jax.device_put(buffer, self.sharding)
+            self._experts[key] = jax.device_put(weights, self.sharding)
         except jax.errors.JaxRuntimeError as err:
             if "RESOURCE_EXHAUSTED" not in str(err):
                 raise
@@ -148,19 +135,8 @@ class HostExpertStore:
                 f"out of {where} memory after {len(self._experts)} experts ({self.total_bytes / 2**30:.1f} GiB): {advice}"
             ) from None
 
-    def get(self, key: ExpertKey) -> jax.Array:
-        """Expert `key`'s flat buffer [S] (`layouts[key[0]].unpack` gives its weights)."""
+    def get(self, key: ExpertKey) -> dict:
         return self._experts[key]
-
-    def subset(self, keys: Iterable[ExpertKey] | None = None, on_device: bool | None = None) -> HostExpertStore:
-        """A store of `keys` (default: all) with the same layout, in device memory or pinned host memory
-        (default: where this one is); buffers already there are shared, not copied."""
-        on_device = self.on_device if on_device is None else on_device
-        other = HostExpertStore(self.device, self.expert_bytes, on_device)
-        other.layouts = dict(self.layouts)
-        for key in self.keys() if keys is None else keys:
-            other._place(key, self._experts[key])
-        return other
 
     def keys(self) -> Iterable[ExpertKey]:
         return self._experts.keys()
@@ -184,7 +160,7 @@ class HostExpertStore:
         for m, layer in enumerate(moe_layers):
             for e in range(cfg.num_experts):
                 weights = load(layer, e)
-                store.put((m, e), weights)
+                store.put((m, e), {k: np.asarray(v) if not isinstance(v, jax.Array) else v for k, v in weights.items()})
                 progress.advance()
         progress.close()
         return store
