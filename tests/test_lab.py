@@ -243,6 +243,36 @@ def test_router_evidence_learns_how_good_the_guess_is():
         np.testing.assert_array_equal(plain.probabilities(1), prefetcher.probabilities(1))  # only the next layer
 
 
+def reference_token_probabilities(prefetcher, layer):
+    """Part 2 of TracePrefetcher's docstring, written out term by term in the log domain."""
+    collection, w = prefetcher.collection, prefetcher.sequence_weight
+    smoothed = collection.transitions + prefetcher.smoothing
+    first = collection.transitions[0].sum(axis=1) + prefetcher.smoothing
+    log_u = np.log(first[layer] / first[layer].sum())
+    s = prefetcher.sequence_probabilities(layer)
+    terms = []
+    for d in range(1, len(smoothed) + 1):
+        c = prefetcher.token_counts[layer - d] if 0 <= layer - d <= prefetcher.token_layer else np.zeros(0)
+        if c.sum() == 0:
+            continue
+        p_d = sum(c[a] * smoothed[d - 1, layer, a] / smoothed[d - 1, layer, a].sum() for a in range(len(c))) / c.sum()
+        terms.append(np.log(p_d))
+    log_r = terms[0] + sum(t - log_u for t in terms[1:]) + w * (np.log(s / s.sum()) - log_u)
+    r = np.exp(log_r)
+    return np.minimum(prefetcher.usage.experts_per_step(layer) * r / r.sum(), 1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_token_level_probabilities_equal_the_docstring_formula(seed):
+    trace = random_trace(seed, layers=5, experts=10, k=3, seq_lens=(30, 20))
+    prefetcher = make_prefetcher("trace", num_layers=5, num_experts=10, top_k=3, collection=trace.collection())
+    rng = np.random.default_rng(seed)
+    for layer in range(4):  # a token in flight that has passed layers 0..3, some of them with two rows
+        prefetcher.observe(layer, np.bincount(rng.integers(0, 10, size=3 * (1 + layer % 2)), minlength=10))
+        np.testing.assert_allclose(prefetcher.probabilities(layer + 1), reference_token_probabilities(prefetcher, layer + 1),
+                                   rtol=1e-9)
+
+
 def test_capacity_below_one_step_is_refused():
     with pytest.raises(MoejaxError, match="fewer than the 2 experts"):
         replay(random_trace(0), capacity_fraction=0.05, policy="lru")

@@ -120,6 +120,7 @@ class TracePrefetcher(Prefetcher):
         self.uniform = np.full(num_experts, 1.0 / num_experts)
         self.refit()
         self.token_counts = np.zeros((num_layers, num_experts))
+        self.token_used = np.zeros(num_layers, bool)  # whether the token in flight routed anything at each layer
         self.token_layer = -1  # the token in flight has passed layers 0..token_layer
         self.uses_lookahead = use_lookahead
         self.name = "trace+lookahead" if use_lookahead else "trace"
@@ -128,6 +129,7 @@ class TracePrefetcher(Prefetcher):
         # Outcomes of earlier guesses, as pseudo-counts of (guessed, used) pairs: [[not g & unused, not g & used],
         # [g & unused, g & used]]; the prior is a guess independent of use.
         self.guess_outcomes = np.full((2, 2), guess_prior)
+        self._guess_ratios: np.ndarray | None = None  # [2]: the likelihood ratios the outcomes give
 
     def refit(self) -> None:
         """Rebuilds the matcher and the transition statistics from the collection (the engine calls
@@ -139,7 +141,11 @@ class TracePrefetcher(Prefetcher):
             smoothed = collection.transitions.astype(np.float64) + self.smoothing
             self.conditional = smoothed / smoothed.sum(axis=3, keepdims=True)  # [depth, L, a, b]: P_d(b | a)
             first = collection.transitions[0].sum(axis=1) + self.smoothing  # [L, E]; layer 0 has no d = 1 pairs
-            self.log_shares = np.log(first / first.sum(axis=1, keepdims=True))
+            shares = first / first.sum(axis=1, keepdims=True)
+            # Part 2 as a product, its constant factors dropped (r is normalised): with n earlier layers,
+            # r = prod_d (c_i @ T_d[j]) * s^w * u^-(n - 1 + w); unshared[n - 1] = u^-(n - 1 + w), [depth, L, E].
+            sources = np.arange(1, len(self.conditional) + 1)[:, None, None]
+            self.unshared = shares[None] ** -(sources - 1 + self.sequence_weight)
 
     def on_sequence_start(self, task=None):
         self.usage.reset()
@@ -153,23 +159,27 @@ class TracePrefetcher(Prefetcher):
         if self.guess is not None and self.guess_layer == layer:
             cells = np.bincount(2 * self.guess + (counts > 0), minlength=4)  # (guessed, used) pairs, row-major
             self.guess_outcomes += cells.reshape(2, 2)
+            self._guess_ratios = None
         self.guess, self.guess_layer = None, -1
         if self.uses_lookahead and lookahead is not None and layer + 1 < self.num_layers:
-            self.guess, self.guess_layer = np.asarray(lookahead) > 0, layer + 1
+            self.guess, self.guess_layer = (np.asarray(lookahead) > 0).astype(np.int64), layer + 1
         self.usage.observe(layer, counts)
         self.token_counts[layer] = counts
+        self.token_used[layer] = counts.any()
         self.token_layer = layer
         if self.matcher is not None:
             self.matcher.observe(layer, counts)
 
     def _with_guess(self, p: np.ndarray) -> np.ndarray:
         """p [E] updated by the router's guess for the next layer (part 3 of the class docstring)."""
-        outcomes = self.guess_outcomes
-        given_used = outcomes[:, 1] / outcomes[:, 1].sum()  # P(g = 0 / 1 | used)
-        given_unused = outcomes[:, 0] / outcomes[:, 0].sum()
-        g = self.guess.astype(int)
-        p = np.clip(p, 1e-4, 1 - 1e-4)
-        odds = p / (1 - p) * given_used[g] / given_unused[g]
+        if self._guess_ratios is None:
+            (unguessed_unused, unguessed_used), (guessed_unused, guessed_used) = self.guess_outcomes.tolist()
+            used, unused = unguessed_used + guessed_used, unguessed_unused + guessed_unused
+            # P(g | used) / P(g | unused), for g = 0 (not guessed) and g = 1 (guessed)
+            self._guess_ratios = np.array([unguessed_used / used * unused / unguessed_unused,
+                                           guessed_used / used * unused / guessed_unused])
+        p = np.minimum(np.maximum(p, 1e-4), 1 - 1e-4)
+        odds = p / (1 - p) * self._guess_ratios[self.guess]
         return odds / (1 + odds)
 
     def sequence_probabilities(self, layer: int) -> np.ndarray:
@@ -187,25 +197,27 @@ class TracePrefetcher(Prefetcher):
         s = self.sequence_probabilities(layer)
         if self.conditional is None or layer <= self.token_layer:
             return s
-        log_r, first = None, True
-        for d in range(1, len(self.conditional) + 1):
+        r, sources = None, 0
+        for d in range(1, min(len(self.conditional), layer) + 1):
             source = layer - d
-            if source < 0 or source > self.token_layer:
+            if source > self.token_layer or not self.token_used[source]:
                 continue
-            counts = self.token_counts[source]
-            nz = counts.nonzero()[0]
-            if not len(nz):
-                continue
-            log_p = np.log(counts[nz] @ self.conditional[d - 1, layer, nz] / counts[nz].sum())
-            log_r = log_p if first else log_r + log_p - self.log_shares[layer]
-            first = False
-        if log_r is None:
+            evidence = self.token_counts[source] @ self.conditional[d - 1, layer]  # P_d up to a constant
+            r = evidence if r is None else r * evidence
+            sources += 1
+        if r is None:
             return s
-        log_r = log_r + self.sequence_weight * (np.log(s / s.sum()) - self.log_shares[layer])
-        r = np.exp(log_r - log_r.max())
-        return np.minimum(self.usage.experts_per_step(layer) * r / r.sum(), 1.0)
+        r *= s ** self.sequence_weight * self.unshared[sources - 1, layer]
+        return np.minimum(r * (self.usage.experts_per_step(layer) / r.sum()), 1.0)
 
     def predict(self, layer):
+        if self.horizon == 1:  # the usual case, without the merge of several layers below
+            ahead = (layer + 1) % self.num_layers
+            if ahead == layer:
+                return []
+            p = self.probabilities(ahead)
+            likely = (p >= self.min_probability).nonzero()[0]
+            return [(ahead, e) for e in likely[np.argsort(-p[likely], kind="stable")].tolist()]
         layers, experts, priorities = [], [], []
         for t in range(1, self.horizon + 1):
             ahead = (layer + t) % self.num_layers

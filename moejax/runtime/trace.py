@@ -269,9 +269,12 @@ class EAMMatcher:
     def _match(self) -> tuple[np.ndarray, np.ndarray]:
         if self._weights is None:
             sims = self.similarities()
-            best = np.argpartition(-sims, self.top - 1)[: self.top] if self.top < len(sims) else np.arange(len(sims))
-            weights = np.maximum(sims[best], 1e-6)
-            self._weights = best, weights / weights.sum()
+            if self.top == 1:
+                self._weights = np.array([sims.argmax()]), np.ones(1, np.float32)
+            else:
+                best = np.argpartition(-sims, self.top - 1)[: self.top] if self.top < len(sims) else np.arange(len(sims))
+                weights = np.maximum(sims[best], 1e-6)
+                self._weights = best, weights / weights.sum()
         return self._weights
 
     def predicted_shares(self, layer: int) -> np.ndarray | None:
@@ -281,6 +284,8 @@ class EAMMatcher:
         if self.sq_norm == 0.0:
             return self.mean_shares[layer]
         best, weights = self._match()
+        if self.top == 1:
+            return self.shares[best[0], layer]
         return weights @ self.shares[best, layer]
 
 
@@ -463,5 +468,6 @@ class ExpertUsage:
         """float [E]: p(layer, e), given the prior shares [E] of that layer."""
         m = self.experts_per_step(layer)
         weight = self.prior_tokens * m
-        q = (self.counts[layer] + weight * prior) / (self.counts[layer].sum() + weight)
-        return np.clip(m * q, 1e-4, 1.0)
+        counts = self.counts[layer]
+        q = (counts + weight * prior) / (counts.sum() + weight)
+        return np.minimum(np.maximum(m * q, 1e-4), 1.0)  # np.clip, without its Python wrapper's cost
