@@ -5,7 +5,9 @@ the host seconds of the `attend_and_route` and `accumulate_and_finish` calls and
 trips; the routing readback (idle, and behind 0 / 6 / 18 expert copies in flight: the ids read back
 from the device against the routing the program writes to host memory); a chain of K small matmuls,
 the price of one kernel launch; a layer's experts stacked into batched matmuls; a layer's finish
-fused with the next layer's attention and routing (one call) against the two calls. Counts the
+fused with the next layer's attention and routing (one call) against the two calls; the finish with
+the same experts every call against experts that moved (made on the device, or copied in as the cache
+does), and both calls chained as the engine makes them (each one's inputs still being computed). Counts the
 kernels (thunks) of each compiled function. Run it under different XLA_FLAGS to compare.
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_dispatch.py --out $OUT/probe_dispatch.json
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import re
 import time
@@ -123,6 +126,31 @@ def main() -> None:
         return layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, expert_ids, experts, acc)
 
     result["accumulate_and_finish"] = host_and_round_trip(finish, args.repeats)
+
+    # Does a call cost the host more when its buffers moved since the last call (XLA command buffers
+    # record addresses)? The experts cycle over 8 sets, made on the device or copied in by copy_experts
+    # as the cache does; then the engine's pattern, each call's inputs the outputs of the call before.
+    sets = [tuple(random_expert(cfg, jax.random.PRNGKey(1000 + 10 * s + e)) for e in range(cfg.top_k)) for s in range(8)]
+    copied = [tuple(copy_experts([jax.device_put(e, host_sharding(device)) for e in s], device_sharding(device)))
+              for s in sets]
+    for name, pool in (("same", [experts]), ("moved", sets), ("moved_copied", copied)):
+        cycle = itertools.cycle(pool)
+        result[f"accumulate_and_finish_{name}_experts"] = host_and_round_trip(
+            lambda cycle=cycle: layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, expert_ids, next(cycle), acc),
+            args.repeats)
+    for name, pool in (("made", sets), ("copied", copied)):
+        attend_ms, finish_ms, y = [], [], x
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            hh, state["kv"], mi, w, ii, routing = layer_fns.attend_and_route(*shape, params, y, state["kv"], positions)
+            attend_ms.append(time.perf_counter() - start)
+            np.asarray(routing)
+            start = time.perf_counter()
+            y = layer_fns.accumulate_and_finish(*shape, params, hh, mi, ii, w, expert_ids, pool[i % 8], acc)
+            finish_ms.append(time.perf_counter() - start)
+        jax.block_until_ready(y)
+        result[f"chained_host_ms_{name}_experts"] = {"attend_and_route": float(np.median(attend_ms[10:]) * 1e3),
+                                                     "accumulate_and_finish": float(np.median(finish_ms[10:]) * 1e3)}
     # The same experts stacked inside the call: 3 batched matmuls instead of 3 per expert.
     @jax.jit
     def stacked(moe_in, ids, weights, expert_ids, experts, acc):

@@ -2,8 +2,9 @@
 
 Builds the bench_prefetch model (the `deepseek-v2-lite-shape` card, random weights) cut to its first
 --moe-layers MoE layers, replays DeepSeek-V2-Lite routing as bench_prefetch does, and for each
-configuration reports the decode TPOT, then profiles one more sequence: host seconds per token inside
-each jitted layer function's dispatch, and cProfile's top functions by own time. It also times the
+configuration reports the decode TPOT, then the host milliseconds per token of each phase (the jitted
+layer functions' dispatch, the runner's cache, copy, prefetch and recording steps) in one more sequence,
+and cProfile's top functions by own time in another. It also times the
 host side of one expert copy call, jax.device_put against `store.copy_experts`, and of a tiny jitted
 call (the floor every dispatch pays).
 
@@ -24,7 +25,9 @@ import numpy as np
 
 from moejax.cards import load_card
 from moejax.lab import simulate_lookahead
-from moejax.runtime import layer_fns
+from moejax.runtime import cache as cache_module
+from moejax.runtime import expert_runner as expert_runner_module
+from moejax.runtime import layer_fns, prefetch, recorder
 from moejax.runtime.engine import Engine, GenerationConfig
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.loading import expert_runner, reserved_kv_bytes
@@ -35,33 +38,48 @@ from moejax.runtime.trace import load_routing
 from scripts.bench_prefetch import TraceReplay, build_store
 from scripts.benchlib import environment, random_dense_params, write_json
 
-TIMED = ("embed", "head", "attend_and_route", "accumulate", "accumulate_and_finish", "layer_device_routed")
+# What PhaseTimer times: (owner, attribute, label). Nested phases overlap: runner.run holds the ones below it.
+PHASES = [
+    *((layer_fns, name, name) for name in ("embed", "head", "attend_and_route", "accumulate", "accumulate_and_finish", "layer_device_routed")),
+    (expert_runner_module.ExpertRunner, "run", "runner.run (holds those below)"),
+    (expert_runner_module.ExpertRunner, "_prefetch", "runner._prefetch"),
+    (cache_module.ExpertCache, "begin_layer", "cache.begin_layer"),
+    (cache_module.ExpertCache, "prefetch", "cache.prefetch"),
+    (cache_module.ExpertCache, "ready", "cache.ready (stall included)"),
+    (cache_module, "copy_experts", "copy call"),
+    (prefetch.TracePrefetcher, "observe", "prefetcher.observe"),
+    (prefetch.TracePrefetcher, "predict", "prefetcher.predict"),
+    (recorder.RoutingRecorder, "record", "recorder.record"),
+    (TraceReplay, "__call__", "replay (benchmark only)"),
+]
 
 
-class DispatchTimer:
-    """Wraps the jitted layer functions of `layer_fns` to sum the host seconds their calls take."""
+class PhaseTimer:
+    """Wraps the PHASES (jitted layer functions and the runner's steps) to sum the host seconds their
+    calls take: cheaper than cProfile (one perf_counter pair a call), so the decode keeps its pace."""
 
     def __init__(self):
-        self.seconds = dict.fromkeys(TIMED, 0.0)
-        self.calls = dict.fromkeys(TIMED, 0)
-        self.originals = {name: getattr(layer_fns, name) for name in TIMED}
+        self.seconds = {label: 0.0 for _, _, label in PHASES}
+        self.calls = {label: 0 for _, _, label in PHASES}
+        self.originals = [(owner, name, getattr(owner, name)) for owner, name, _ in PHASES]
 
     def __enter__(self):
-        for name, fn in self.originals.items():
-            setattr(layer_fns, name, self._wrap(name, fn))
+        for (owner, name, fn), (_, _, label) in zip(self.originals, PHASES, strict=True):
+            setattr(owner, name, self._wrap(label, fn))
         return self
 
     def __exit__(self, *exc):
-        for name, fn in self.originals.items():
-            setattr(layer_fns, name, fn)
+        for owner, name, fn in self.originals:
+            setattr(owner, name, fn)
 
-    def _wrap(self, name, fn):
+    def _wrap(self, label, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.seconds[name] += time.perf_counter() - start
-            self.calls[name] += 1
-            return out
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+                self.calls[label] += 1
         return timed
 
 
@@ -87,7 +105,7 @@ def main() -> None:
     collection = fit.collection()
     replay = TraceReplay(evaluate.experts, simulate_lookahead(evaluate, 0.783, seed=0))
     bounds = np.concatenate([[0], np.cumsum(evaluate.seq_lens)])
-    starts = [int(b) for b, n in zip(bounds, evaluate.seq_lens) if n >= 16 + args.new_tokens][:4]
+    starts = [int(b) for b, n in zip(bounds, evaluate.seq_lens) if n >= 16 + args.new_tokens][:5]
 
     device = jax.devices()[0]
     globals_, layers = random_dense_params(cfg)
@@ -145,20 +163,23 @@ def main() -> None:
             replay.start(start)
             tpots.append(engine.generate([prompt], config).timing.tpot_s)
         replay.start(starts[3])
+        with PhaseTimer() as timer:  # one sequence with the phases timed, then one under cProfile
+            timed = engine.generate([prompt], config)
+        steps = timed.timing.decode_steps + 1
+        replay.start(starts[4])
         profile = cProfile.Profile()
-        with DispatchTimer() as timer:
-            profile.enable()
-            profiled = engine.generate([prompt], config)
-            profile.disable()
-        steps = profiled.timing.decode_steps + 1
+        profile.enable()
+        profiled = engine.generate([prompt], config)
+        profile.disable()
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(25)
         pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(r"moejax|bench_prefetch", 35)
         row = {
-            "config": spec, "tpot_ms": float(np.median(tpots[1:]) * 1e3), "tpot_ms_profiled": profiled.timing.tpot_s * 1e3,
-            "dispatch_ms_per_token": {k: v / steps * 1e3 for k, v in timer.seconds.items() if timer.calls[k]},
+            "config": spec, "tpot_ms": float(np.median(tpots[1:]) * 1e3), "tpot_ms_phases_timed": timed.timing.tpot_s * 1e3,
+            "tpot_ms_profiled": profiled.timing.tpot_s * 1e3,
+            "host_ms_per_token": {k: v / steps * 1e3 for k, v in timer.seconds.items() if timer.calls[k]},
             "calls_per_token": {k: v / steps for k, v in timer.calls.items() if v},
-            "stats": {k: profiled.stats["total"][k] for k in ("hit_rate", "stall_s", "bytes_h2d")},
+            "stats": {k: timed.stats["total"][k] for k in ("hit_rate", "stall_s", "bytes_h2d")},
             "profile": text.getvalue(),
         }
         result["configs"].append(row)
