@@ -7,7 +7,8 @@ from the device against the routing the program writes to host memory); a chain 
 the price of one kernel launch; a layer's experts stacked into batched matmuls; a layer's finish
 fused with the next layer's attention and routing (one call) against the two calls; the finish with
 the same experts every call against experts that moved (made on the device, or copied in as the cache
-does), and both calls chained as the engine makes them (each one's inputs still being computed). Counts the
+does), and both calls chained as the engine makes them (each one's inputs still being computed),
+without and with 0.5 ms of NumPy work between them, as the runner does between its calls. Counts the
 kernels (thunks) of each compiled function. Run it under different XLA_FLAGS to compare.
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_dispatch.py --out $OUT/probe_dispatch.json
@@ -138,16 +139,27 @@ def main() -> None:
         result[f"accumulate_and_finish_{name}_experts"] = host_and_round_trip(
             lambda cycle=cycle: layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, expert_ids, next(cycle), acc),
             args.repeats)
-    for name, pool in (("made", sets), ("copied", copied)):
+    # With host work between the calls, as the runner does (~0.5 ms of NumPy per layer step): does the
+    # dispatch itself get slower when its code and data have left the CPU caches?
+    scratch = np.zeros(64)
+
+    def host_work(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            np.flatnonzero(np.bincount(np.arange(6), minlength=64) + scratch)
+
+    for name, pool, busy in (("made", sets, 0.0), ("copied", copied, 0.0), ("copied_host_work", copied, 0.5e-3)):
         attend_ms, finish_ms, y = [], [], x
         for i in range(args.repeats):
             start = time.perf_counter()
             hh, state["kv"], mi, w, ii, routing = layer_fns.attend_and_route(*shape, params, y, state["kv"], positions)
             attend_ms.append(time.perf_counter() - start)
             np.asarray(routing)
+            host_work(busy)
             start = time.perf_counter()
             y = layer_fns.accumulate_and_finish(*shape, params, hh, mi, ii, w, expert_ids, pool[i % 8], acc)
             finish_ms.append(time.perf_counter() - start)
+            host_work(busy)
         jax.block_until_ready(y)
         result[f"chained_host_ms_{name}_experts"] = {"attend_and_route": float(np.median(attend_ms[10:]) * 1e3),
                                                      "accumulate_and_finish": float(np.median(finish_ms[10:]) * 1e3)}
