@@ -40,7 +40,8 @@ from scripts.benchlib import environment, random_dense_params, write_json
 
 # What PhaseTimer times: (owner, attribute, label). Nested phases overlap: runner.run holds the ones below it.
 PHASES = [
-    *((layer_fns, name, name) for name in ("embed", "head", "attend_and_route", "accumulate", "accumulate_and_finish", "layer_device_routed")),
+    *((layer_fns, name, name) for name in ("embed", "head", "attend_and_route", "accumulate", "accumulate_and_finish", "finish_and_attend",
+                                           "layer_device_routed")),
     (expert_runner_module.ExpertRunner, "run", "runner.run (holds those below)"),
     (expert_runner_module.ExpertRunner, "_prefetch", "runner._prefetch"),
     (cache_module.ExpertCache, "begin_layer", "cache.begin_layer"),

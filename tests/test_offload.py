@@ -240,3 +240,35 @@ def test_routing_is_written_to_host_memory():
     np.testing.assert_array_equal(np.asarray(alone[5]), np.asarray(ids))
     _, _, guess = DecoderLayer(cfg, True, None).apply({"params": layers[2]}, h, method=DecoderLayer.route)
     np.testing.assert_array_equal(np.asarray(routing), np.concatenate([np.asarray(ids), np.asarray(guess)], axis=-1))
+
+
+def test_finish_and_attend_equals_the_two_calls_it_joins():
+    """One program for a MoE layer's finish and the next MoE layer's attention and routing gives what
+    accumulate_and_finish then attend_and_route give, bit for bit, in bfloat16 (no excess precision
+    across the layer boundary)."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.cards import load_card
+    from moejax.models.decoder import empty_kv_caches, init_params
+    from moejax.runtime import layer_fns
+
+    card = load_card("deepseek-v2-lite-shape")
+    cfg = card.replace(num_layers=4, moe_layers=card.moe_layers[:4], sliding_windows=card.sliding_windows[:4], vocab_size=64,
+                       hidden_size=32, num_heads=2, num_kv_heads=2, head_dim=16, expert_intermediate_size=16,
+                       dense_intermediate_size=32, shared_expert_intermediate_size=32, dtype="bfloat16")
+    _, layers, experts = init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 3, cfg.hidden_size)).astype(jnp.bfloat16)
+    positions = jnp.arange(3)[None]
+    shape = (cfg, True, None)
+    h, _, moe_in, weights, ids, _ = layer_fns.attend_and_route(*shape, layers[1], x, empty_kv_caches(cfg, 1, 8)[1], positions)
+    expert_ids = np.unique(np.asarray(ids)).astype(np.int32)
+    chosen = tuple({name: w[e] for name, w in experts[1].items()} for e in expert_ids)
+    acc = jnp.zeros(moe_in.shape, jnp.float32)
+    y = layer_fns.accumulate_and_finish(*shape, layers[1], h, moe_in, ids, weights, expert_ids, chosen, acc)
+    separate = layer_fns.attend_and_route(*shape, layers[2], y, empty_kv_caches(cfg, 1, 8)[2], positions, layers[3])
+    joined = layer_fns.finish_and_attend(cfg, None, None, layers[1], h, moe_in, ids, weights, expert_ids, chosen, acc,
+                                         layers[2], empty_kv_caches(cfg, 1, 8)[2], positions, layers[3])
+    for a, b in zip(jax.tree_util.tree_leaves(separate), jax.tree_util.tree_leaves(joined), strict=True):
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
