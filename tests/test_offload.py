@@ -194,6 +194,7 @@ def test_prefetch_copies_in_flight_are_capped(monkeypatch):
     """At most `limit` prefetch copies are unfinished at once; finished ones make room again."""
     import jax
 
+    from moejax.models.moe import PackedExpert
     from moejax.runtime import cache as cache_module
     from moejax.runtime.cache import ExpertCache
 
@@ -203,7 +204,8 @@ def test_prefetch_copies_in_flight_are_capped(monkeypatch):
         def is_ready(self):
             return Copy.done
 
-    monkeypatch.setattr(cache_module, "copy_experts", lambda experts, sharding: [{"w": Copy()} for _ in experts])
+    monkeypatch.setattr(cache_module, "copy_experts",
+                        lambda experts, sharding: [PackedExpert(Copy(), expert.layout) for expert in experts])
     store = HostExpertStore(jax.devices()[0], expert_bytes=4)
     for e in range(8):
         store.put((1, e), {"w": np.zeros(1, np.float32)})
@@ -272,3 +274,41 @@ def test_finish_and_attend_equals_the_two_calls_it_joins():
     for a, b in zip(jax.tree_util.tree_leaves(separate), jax.tree_util.tree_leaves(joined), strict=True):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
 
+
+def test_packed_experts_compute_what_their_weights_do():
+    """A PackedExpert (one flat array) unpacks to its weights, and the expert accumulation gives the same
+    sums from packed experts as from dicts; the store packs what it is given and refuses mixed dtypes."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.models.moe import PackedExpert, accumulate_experts
+
+    rng = np.random.default_rng(0)
+    experts = [{"gate": rng.normal(size=(4, 6)), "up": rng.normal(size=(4, 6)), "down": rng.normal(size=(6, 4))},
+               {"up": rng.normal(size=(4, 6)), "up_bias": rng.normal(size=6), "down": rng.normal(size=(6, 4)),
+                "down_bias": rng.normal(size=4)}]
+    experts = [{name: w.astype(np.float32) for name, w in e.items()} for e in experts]
+    packed = [PackedExpert.pack(e) for e in experts]
+    for expert, p in zip(experts, packed, strict=True):
+        assert p.flat.shape == (sum(w.size for w in expert.values()),)
+        unpacked = p.unpack()
+        assert list(unpacked) == list(expert)
+        for name in expert:
+            np.testing.assert_array_equal(unpacked[name], expert[name])
+    x = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    ids = jnp.asarray([[0, 1], [1, 0], [0, 1]], jnp.int32)
+    weights = jnp.asarray(rng.random((3, 2)), jnp.float32)
+    acc = jnp.zeros((3, 4), jnp.float32)
+    run = jax.jit(accumulate_experts, static_argnames="act")
+    for first, second in ((experts[0], packed[0]), (experts[1], packed[1])):
+        expected = run(x, ids[:, :1], weights[:, :1], jnp.arange(1), (first,), acc, act="silu")
+        np.testing.assert_array_equal(run(x, ids[:, :1], weights[:, :1], jnp.arange(1), (second,), acc, act="silu"), expected)
+
+    store = HostExpertStore(jax.devices()[0], expert_bytes=4 * 72)
+    store.put((0, 0), experts[0])
+    store.put((0, 1), {name: jnp.asarray(w) for name, w in experts[0].items()})  # JAX arrays pack on their device
+    for e in (0, 1):
+        assert isinstance(store.get((0, e)), PackedExpert)
+        np.testing.assert_array_equal(np.asarray(store.get((0, e)).flat), packed[0].flat)
+    with pytest.raises(MoejaxError, match=r"expert \(0, 2\).*dtype"):
+        store.put((0, 2), {"up": np.zeros((4, 6), np.float32), "down": np.zeros((6, 4), np.float16)})

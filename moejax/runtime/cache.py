@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import jax
 
+from moejax.models.moe import PackedExpert
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import CachePolicy, ExpertKey
 from moejax.runtime.prefetch import select_prefetch
@@ -35,9 +36,9 @@ class ExpertCache:
         self.store, self.device = store, store.device
         self.directory = ExpertDirectory(capacity, policy)
         self.sharding = device_sharding(self.device)
-        self._arrays: dict[ExpertKey, dict] = {}
+        self._arrays: dict[ExpertKey, PackedExpert] = {}
         self.transfers: dict[int, TransferCounters] = {}
-        self._prefetches_in_flight: list[tuple[ExpertKey, dict]] = []
+        self._prefetches_in_flight: list[tuple[ExpertKey, PackedExpert]] = []
 
     @property
     def capacity(self) -> int:
@@ -52,7 +53,7 @@ class ExpertCache:
         self.directory.per_layer.clear()
         self.directory.total = type(self.directory.total)()
 
-    def _copy(self, keys: Sequence[ExpertKey]) -> list[dict]:
+    def _copy(self, keys: Sequence[ExpertKey]) -> list[PackedExpert]:
         """Issues one asynchronous host->device copy for all `keys`; returns their device arrays
         (a store already on the device, resident mode, is used as it is)."""
         experts = [self.store.get(k) for k in keys]
@@ -100,26 +101,24 @@ class ExpertCache:
         most `limit` prefetch copies are unfinished at any time: copies run one after another on the
         link, so prefetches issued while it is backed up would only delay the next demand copies.
         """
-        # An expert's arrays are issued in order in one copy call: its last one stands for all (the
-        # count only paces prefetching, so a rare early answer costs nothing but one copy's timing).
         self._prefetches_in_flight = [
-            (key, arrays) for key, arrays in self._prefetches_in_flight
-            if self._arrays.get(key) is arrays and not arrays[next(reversed(arrays))].is_ready()
+            (key, expert) for key, expert in self._prefetches_in_flight
+            if self._arrays.get(key) is expert and not expert.flat.is_ready()
         ]
         chosen = select_prefetch(self.directory, keys, limit - len(self._prefetches_in_flight))
         self._place(chosen, prefetch=True)
         self._prefetches_in_flight += [(key, self._arrays[key]) for key in chosen]
         return len(chosen)
 
-    def ready(self, keys: Sequence[ExpertKey], layer: int) -> tuple[dict, ...]:
-        """The device arrays of `keys`, after waiting for any copy still in flight (counted as stall)."""
-        arrays = tuple(self._arrays[k] for k in keys)
-        pending = [a for expert in arrays for a in expert.values() if not a.is_ready()]
+    def ready(self, keys: Sequence[ExpertKey], layer: int) -> tuple[PackedExpert, ...]:
+        """The experts `keys` on the device, after waiting for any copy still in flight (counted as stall)."""
+        experts = tuple(self._arrays[k] for k in keys)
+        pending = [expert.flat for expert in experts if not expert.flat.is_ready()]
         if pending:
             start = time.perf_counter()
             jax.block_until_ready(pending)
             self._counters(layer).stall_s += time.perf_counter() - start
-        return arrays
+        return experts
 
     def stream(self, keys: Sequence[ExpertKey], layer: int) -> None:
         """Copies experts to the device only to drop them (what layer-wise offloading moves), waiting for them."""

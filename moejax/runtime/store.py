@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from moejax import checkpoint
 from moejax.config import ModelConfig
 from moejax.errors import MoejaxError
+from moejax.models.moe import PackedExpert
 from moejax.progress import Progress
 from moejax.runtime.policies import ExpertKey
 
@@ -65,9 +67,9 @@ def device_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind="device")
 
 
-def copy_experts(experts: Sequence[dict], sharding: SingleDeviceSharding) -> list[dict]:
-    """Starts asynchronous copies of experts (dicts of committed single-device arrays) into
-    `sharding`'s memory, one call for all of them; returns the new dicts at once.
+def copy_experts(experts: Sequence, sharding: SingleDeviceSharding) -> list:
+    """Starts asynchronous copies of experts (PackedExperts or dicts of committed single-device
+    arrays) into `sharding`'s memory, one call for all of them; returns the copies at once.
 
     jax.device_put spends ~45 us of Python per array on checks that cannot fail here (same
     device, same sharding, only the memory kind changes), and the engine issues copies on the
@@ -85,8 +87,8 @@ def copy_experts(experts: Sequence[dict], sharding: SingleDeviceSharding) -> lis
     return jax.device_put(list(experts), sharding)
 
 
-def _copy_experts_fast(experts: Sequence[dict], sharding: SingleDeviceSharding) -> list[dict]:
-    arrays = [a for expert in experts for a in expert.values()]
+def _copy_experts_fast(experts: Sequence, sharding: SingleDeviceSharding) -> list:
+    arrays, structure = jax.tree_util.tree_flatten(list(experts))
     devices = sharding._internal_device_list.addressable_device_list
     copies = _batched_copy(arrays, [devices] * len(arrays), [sharding] * len(arrays), [_ALWAYS_COPY] * len(arrays))
     # The copies keep their sources' abstract value, whose memory space is the host's; jax.device_put
@@ -99,8 +101,22 @@ def _copy_experts_fast(experts: Sequence[dict], sharding: SingleDeviceSharding) 
         if handler is None:
             handler = handlers[(a.shape, a.dtype)] = _result_handler(jax.core.ShapedArray(a.shape, a.dtype), sharding, True)
         wrapped.append(handler(c))
-    wrapped = iter(wrapped)
-    return [{name: next(wrapped) for name in expert} for expert in experts]
+    return jax.tree_util.tree_unflatten(structure, wrapped)
+
+
+def pack(key: ExpertKey, weights) -> PackedExpert:
+    """Expert `key`'s weights packed into one flat array: where JAX arrays hold them, on their device
+    (no round trip through NumPy); a PackedExpert is returned as it is."""
+    if isinstance(weights, PackedExpert):
+        return weights
+    dtypes = {np.dtype(w.dtype) for w in weights.values()}
+    if len(dtypes) != 1:
+        raise MoejaxError(f"expert {key}: its weights {sorted(weights)} have different dtypes {sorted(map(str, dtypes))}: "
+                          "one expert's weights must share one dtype")
+    if all(isinstance(w, jax.Array) for w in weights.values()):
+        layout = tuple((name, tuple(w.shape)) for name, w in weights.items())
+        return PackedExpert(jnp.concatenate([w.reshape(-1) for w in weights.values()]), layout)
+    return PackedExpert.pack(weights)
 
 
 class HostExpertStore:
@@ -111,6 +127,7 @@ class HostExpertStore:
     """
 
     def __init__(self, device, expert_bytes: int, on_device: bool = False):
+        """Experts are added with `put` and read with `get` (a PackedExpert in the store's memory)."""
         self.device, self.on_device = device, on_device
         self.sharding = device_sharding(device) if on_device else host_sharding(device)
         self.expert_bytes = expert_bytes
@@ -122,10 +139,13 @@ class HostExpertStore:
     def __len__(self) -> int:
         return len(self._experts)
 
-    def put(self, key: ExpertKey, weights: dict) -> None:
-        """Places one expert's arrays (NumPy or device arrays) in the host tier."""
+    def put(self, key: ExpertKey, weights) -> None:
+        """Places one expert in the host tier, packed (a PackedExpert: one array, one copy per move).
+
+        weights: {name: NumPy or JAX array} of one dtype, or a PackedExpert.
+        """
         try:
-            self._experts[key] = jax.device_put(weights, self.sharding)
+            self._experts[key] = jax.device_put(pack(key, weights), self.sharding)
         except jax.errors.JaxRuntimeError as err:
             if "RESOURCE_EXHAUSTED" not in str(err):
                 raise
@@ -135,7 +155,7 @@ class HostExpertStore:
                 f"out of {where} memory after {len(self._experts)} experts ({self.total_bytes / 2**30:.1f} GiB): {advice}"
             ) from None
 
-    def get(self, key: ExpertKey) -> dict:
+    def get(self, key: ExpertKey) -> PackedExpert:
         return self._experts[key]
 
     def keys(self) -> Iterable[ExpertKey]:
@@ -160,7 +180,7 @@ class HostExpertStore:
         for m, layer in enumerate(moe_layers):
             for e in range(cfg.num_experts):
                 weights = load(layer, e)
-                store.put((m, e), {k: np.asarray(v) if not isinstance(v, jax.Array) else v for k, v in weights.items()})
+                store.put((m, e), weights)
                 progress.advance()
         progress.close()
         return store
