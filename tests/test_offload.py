@@ -191,7 +191,8 @@ def test_copy_experts_equals_device_put(monkeypatch, fast):
 
 
 def test_prefetch_copies_in_flight_are_capped(monkeypatch):
-    """At most `limit` prefetch copies are unfinished at once; finished ones make room again."""
+    """At most `limit` prefetch copies are unfinished at once; finished ones make room again; a
+    prediction given as a function is only made when there is room."""
     import jax
 
     from moejax.models.moe import PackedExpert
@@ -213,8 +214,11 @@ def test_prefetch_copies_in_flight_are_capped(monkeypatch):
     keys = [(1, e) for e in range(8)]
     assert cache.prefetch(keys, limit=2) == 2
     assert cache.prefetch(keys, limit=2) == 0  # both still copying
+    predictions = []
+    predict = lambda: predictions.append(1) or keys  # noqa: E731
+    assert cache.prefetch(predict, limit=2) == 0 and not predictions  # no room: nothing is predicted
     Copy.done = True
-    assert cache.prefetch(keys, limit=2) == 2
+    assert cache.prefetch(predict, limit=2) == 2 and len(predictions) == 1
     assert cache.directory.total.prefetch_issued == 4
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 
@@ -94,8 +94,11 @@ class ExpertCache:
         self._place(misses, prefetch=False)
         return sorted(hits + misses)
 
-    def prefetch(self, keys: Iterable[ExpertKey], limit: int) -> int:
+    def prefetch(self, keys: Iterable[ExpertKey] | Callable[[], Iterable[ExpertKey]], limit: int) -> int:
         """Starts copying up to `limit` of `keys` (in order) that are not resident; returns how many.
+
+        keys: the keys, or a function that returns them, called only when a copy can start (a
+        prediction costs the host ~0.1 ms, wasted when the link is already busy).
 
         Only unpinned experts can be evicted for them, so the layer in progress keeps its experts. At
         most `limit` prefetch copies are unfinished at any time: copies run one after another on the
@@ -105,7 +108,10 @@ class ExpertCache:
             (key, expert) for key, expert in self._prefetches_in_flight
             if self._arrays.get(key) is expert and not expert.flat.is_ready()
         ]
-        chosen = select_prefetch(self.directory, keys, limit - len(self._prefetches_in_flight))
+        room = limit - len(self._prefetches_in_flight)
+        if room <= 0:
+            return 0
+        chosen = select_prefetch(self.directory, keys() if callable(keys) else keys, room)
         self._place(chosen, prefetch=True)
         self._prefetches_in_flight += [(key, self._arrays[key]) for key in chosen]
         return len(chosen)

@@ -150,7 +150,7 @@ class ExpertRunner:
         ahead = None if lookahead is None else expert_token_counts(lookahead, valid_rows, self.num_experts)
         self.prefetcher.observe(moe_layer, counts, ahead)
         if self.mode == "cached" and self.prefetch_per_layer > 0:
-            self.cache.prefetch(self.prefetcher.predict(moe_layer), self.prefetch_per_layer)
+            self.cache.prefetch(lambda: self.prefetcher.predict(moe_layer), self.prefetch_per_layer)
 
     def reset_stats(self) -> None:
         self.cache.reset_counters()
