@@ -42,7 +42,7 @@ from moejax.runtime.trace import eam_counts
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
-# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n per-expert dicts, acc=[N, D] f32)
+# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n PackedExperts, acc=[N, D] f32)
 # -> layer output, called with keywords.
 Finish = Callable[..., jax.Array]
 

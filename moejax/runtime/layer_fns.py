@@ -3,8 +3,8 @@
 Static arguments are the config and the layer's shape (`moe`, `window`), never its index, so
 all layers alike share one compiled function per input shape. KV caches are donated and
 updated in place. Expert weights are always arguments: `accumulate` takes a tuple of
-per-expert dicts, so the runtime can pass whichever experts it holds on the device; a new
-tuple length compiles once and is then reused.
+per-expert dicts or PackedExperts (`models.moe`), so the runtime can pass whichever experts it
+holds on the device; a new tuple length compiles once and is then reused.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _to_host_memory(x):
 
 @functools.partial(jax.jit, static_argnames=("act",))
 def accumulate(moe_in, ids, weights, expert_ids, experts, acc, act: str):
-    """One wave of experts (a tuple of per-expert dicts, ids increasing) added into acc [N, D] f32."""
+    """One wave of experts (a tuple of per-expert dicts or PackedExperts, ids increasing) added into acc [N, D] f32."""
     return accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, act)
 
 
