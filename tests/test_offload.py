@@ -316,3 +316,29 @@ def test_packed_experts_compute_what_their_weights_do():
         np.testing.assert_array_equal(np.asarray(store.get((0, e)).flat), packed[0].flat)
     with pytest.raises(MoejaxError, match=r"expert \(0, 2\).*dtype"):
         store.put((0, 2), {"up": np.zeros((4, 6), np.float32), "down": np.zeros((6, 4), np.float16)})
+
+
+def test_expert_counts_are_padded_to_few_sizes_without_changing_sums():
+    """A wave of n experts runs as expert_bucket(n) (top_k, 2 top_k, 4 top_k, ..., capped at the expert
+    count) with copies of its last expert under id -1: the sums are bit-identical to the n experts alone."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.models.moe import PackedExpert, accumulate_experts
+    from moejax.runtime.buckets import expert_bucket
+
+    assert [expert_bucket(n, 6, 64) for n in (0, 1, 6, 7, 12, 13, 25, 48, 49, 64)] == [0, 6, 6, 12, 12, 24, 48, 48, 64, 64]
+    assert [expert_bucket(n, 1, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert expert_bucket(3, 2, 2) == 3  # never below the count
+
+    rng = np.random.default_rng(1)
+    experts = tuple(PackedExpert.pack({"gate": rng.normal(size=(8, 4)).astype(np.float32), "up": rng.normal(size=(8, 4)).astype(np.float32),
+                                       "down": rng.normal(size=(4, 8)).astype(np.float32)}) for _ in range(3))
+    x = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 3, size=(5, 2)), jnp.int32)
+    weights = jnp.asarray(rng.random((5, 2)), jnp.float32)
+    acc = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)
+    run = jax.jit(accumulate_experts, static_argnames="act")
+    alone = run(x, ids, weights, np.arange(3, dtype=np.int32), experts, acc, act="silu")
+    padded = run(x, ids, weights, np.array([0, 1, 2, -1, -1, -1], np.int32), experts + (experts[-1],) * 3, acc, act="silu")
+    np.testing.assert_array_equal(np.asarray(padded), np.asarray(alone))

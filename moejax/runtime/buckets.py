@@ -23,3 +23,15 @@ def prompt_bucket(length: int) -> int:
 def cache_bucket(length: int) -> int:
     """KV cache slots: 64, 128, 256, ... positions."""
     return next_power_of_two(length, 64)
+
+
+def expert_bucket(count: int, top_k: int, num_experts: int) -> int:
+    """Experts per expert-function call: top_k, 2 top_k, 4 top_k, ... (at most max(count, num_experts)).
+
+    Each distinct count compiles its own program (the experts are unrolled in it), so a prompt
+    whose layers use 37, 41, 44 ... distinct experts would compile one per count; padded to these
+    sizes it compiles a handful. A decode step of one sequence uses exactly top_k: no padding.
+    """
+    if count <= 0:
+        return count
+    return min(next_power_of_two(-(-count // top_k)) * top_k, max(count, num_experts))

@@ -8,7 +8,9 @@ to the expert function: `layer_fns.accumulate` for all waves but the last, `fini
 (which also completes the layer). A layer that needs more experts than the cache has slots
 streams them through in waves, in increasing expert order, which keeps the sums bit-identical
 to one pass; every mode calls the same compiled functions with the same shapes, so outputs are
-bit-identical across modes, budgets and policies.
+bit-identical across modes, budgets and policies. A wave's expert count is padded to a few sizes
+(`buckets.expert_bucket`) with zero-weight repeats of its last expert, so prompts do not compile a
+program for every count of distinct experts their layers happen to use.
 
 Prefetching (cached mode, `prefetcher` given): after a layer's demand copies are issued and before
 its compute is dispatched, the prefetcher sees the layer's routing and names experts of the layers
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.runtime import layer_fns
+from moejax.runtime.buckets import expert_bucket
 from moejax.runtime.cache import ExpertCache
 from moejax.runtime.policies import LRU, CachePolicy
 from moejax.runtime.recorder import RoutingRecorder, expert_token_counts
@@ -64,6 +67,7 @@ class ExpertRunner:
         self.prefetcher, self.prefetch_per_layer, self.collection = prefetcher, prefetch_per_layer, collection
         num_moe_layers = num_moe_layers or 1 + max((layer for layer, _ in store.keys()), default=0)
         self.recorder = RoutingRecorder(num_moe_layers, num_experts, top_k)
+        self.top_k = top_k
         self.replay: Replay | None = None
         self.record_lookahead = False  # record the lookahead guess even without the lookahead prefetcher
         if mode == "cached":
@@ -133,6 +137,7 @@ class ExpertRunner:
                 self._prefetch(moe_layer, counts, lookahead_host, valid_rows)
             experts = cache.ready(keys, moe_layer)
             expert_ids = np.asarray(wave, np.int32)  # copied with the call (a device_put costs ~0.1 ms of host)
+            experts, expert_ids = self._pad(experts, expert_ids)
             if n < len(waves) - 1:
                 acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act)
             else:
@@ -142,6 +147,14 @@ class ExpertRunner:
             cache.clear()
         self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)  # while the device computes
         return out
+
+    def _pad(self, experts: tuple, expert_ids: np.ndarray) -> tuple[tuple, np.ndarray]:
+        """Pads a wave to its `expert_bucket` size (fewer compiled programs) with copies of its last
+        expert under id -1, which no token chose: each adds exactly zero, after the real experts."""
+        pad = expert_bucket(len(experts), self.top_k, self.num_experts) - len(experts)
+        if pad <= 0:
+            return experts, expert_ids
+        return experts + (experts[-1],) * pad, np.concatenate([expert_ids, np.full(pad, -1, np.int32)])
 
     def _prefetch(self, moe_layer: int, counts: np.ndarray, lookahead: np.ndarray | None, valid_rows) -> None:
         """Shows the prefetcher this layer's routing and copies what it asks for (cached mode only)."""
