@@ -72,7 +72,7 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
 
     engines = {
-        "moejax host-routed": Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, ExpertRunner(store, "resident", cfg.num_experts, cfg.hidden_act))),
+        "moejax host-routed": Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, ExpertRunner(store, "resident", cfg.num_experts, cfg.hidden_act, top_k=cfg.top_k))),
         "moejax device-routed": Engine(cfg, DeviceRoutedExecutor(cfg, globals_, layers, per_layer, device)),
         "moejax whole-model": Engine(cfg, WholeModelExecutor(cfg, globals_, layers, per_layer, device)),
     }
