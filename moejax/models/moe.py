@@ -105,8 +105,8 @@ def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[
     """Adds the weighted outputs of the given experts into `acc`.
 
     x [N, D]; topk_ids [N, k] int32; topk_weights [N, k] f32; expert_ids [n] int32, the global id
-    of each entry of `experts` (dicts or PackedExperts) in increasing order (ids that no token chose contribute zeros);
-    acc [N, D] f32. Returns the new acc.
+    of each entry of `experts` (dicts or PackedExperts) in increasing order (ids that no token chose,
+    such as the runtime's padding id -1, contribute zeros); acc [N, D] f32. Returns the new acc.
     """
     for i, expert in enumerate(experts):
         chosen = topk_ids == expert_ids[i]

@@ -5,8 +5,8 @@ index, so all layers alike share one compiled function per input shape; decoder 
 donated and updated in place. Every MoE layer, encoder or decoder, runs through the same three
 steps a runtime can drive: `*_attend_and_route` (-> moe_in [N, D], weights [N, k] f32, ids [N, k]
 int32), `layer_fns.accumulate` (waves of experts given as a tuple of per-expert dicts or
-PackedExperts, ids increasing) and `accumulate_and_finish` (last wave + residual). `*_device_routed` run a whole layer
-with its stacked experts on the device (no host round trip).
+PackedExperts, ids increasing) and `accumulate_and_finish` (last wave + residual).
+`*_device_routed` run a whole layer with its stacked experts on the device (no host round trip).
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ def lookahead_route(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, rou
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
 def accumulate_and_finish(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, moe_in, ids, weights, expert_ids, experts, acc):
-    """The last wave of experts (tuple of per-expert dicts or PackedExperts, ids increasing) plus the residual: -> x [B, T, D]."""
+    """The last wave of experts (tuple of per-expert dicts or PackedExperts, ids increasing) plus the
+    residual: -> x [B, T, D]."""
     acc = accumulate_experts(moe_in, ids, weights, expert_ids, experts, acc, cfg.hidden_act)
     return _layer(cfg, is_decoder, moe, ffn_size, params, "finish", h, acc)
 
