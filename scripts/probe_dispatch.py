@@ -7,7 +7,8 @@ from the device against the routing the program writes to host memory); a chain 
 the price of one kernel launch; a layer's experts stacked into batched matmuls; a layer's finish
 fused with the next layer's attention and routing (one call) against the two calls; the finish with
 the same experts every call against experts that moved (made on the device, or copied in as the cache
-does), and both calls chained as the engine makes them (each one's inputs still being computed),
+does); the finish behind 0 / 6 / 18 expert copies in flight with NumPy arguments (which the call
+copies to the device) against device arrays; and both calls chained as the engine makes them (each one's inputs still being computed),
 without and with 0.5 ms of NumPy work between them, as the runner does between its calls. Counts the
 kernels (thunks) of each compiled function. Run it under different XLA_FLAGS to compare.
 
@@ -127,6 +128,23 @@ def main() -> None:
         return layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, expert_ids, experts, acc)
 
     result["accumulate_and_finish"] = host_and_round_trip(finish, args.repeats)
+
+    # The finish's host time with expert copies in flight (as trace prefetching leaves them when the
+    # finish is dispatched) and NumPy arguments, which the call must copy to the device itself (the
+    # engine passes expert_ids so; bench_prefetch's replay passes ids so too), against device arrays.
+    ids_numpy, expert_ids_device = np.asarray(ids), jax.device_put(expert_ids, device)
+    for in_flight in (0, 6, 18):
+        for variant, call_ids, call_expert_ids in (("device_args", ids, expert_ids_device),
+                                                   ("numpy_expert_ids", ids, expert_ids),
+                                                   ("numpy_ids_and_expert_ids", ids_numpy, expert_ids)):
+            times = []
+            for _ in range(max(10, args.repeats // 4)):
+                copies = copy_experts(pinned[:in_flight], device_sharding(device))
+                start = time.perf_counter()
+                out = layer_fns.accumulate_and_finish(*shape, params, h, moe_in, call_ids, weights, call_expert_ids, experts, acc)
+                times.append(time.perf_counter() - start)
+                jax.block_until_ready((out, copies))
+            result[f"finish_host_ms_{variant}_{in_flight}_copies"] = float(np.median(times) * 1e3)
 
     # Does a call cost the host more when its buffers moved since the last call (XLA command buffers
     # record addresses)? The experts cycle over 8 sets, made on the device or copied in by copy_experts
