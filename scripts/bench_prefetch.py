@@ -39,7 +39,7 @@ from moejax.runtime.policies import make_policy
 from moejax.runtime.prefetch import make_prefetcher
 from moejax.runtime.store import HostExpertStore
 from moejax.runtime.trace import load_routing
-from scripts.benchlib import environment, print_table, random_dense_params, random_expert, write_json
+from scripts.benchlib import environment, print_table, random_dense_params, random_expert, tiny_widths, write_json
 
 GB = 1e9
 
@@ -157,8 +157,7 @@ def main() -> None:
 
     cfg = load_card(args.card)
     if args.tiny:
-        cfg = cfg.replace(vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, expert_intermediate_size=32,
-                          dense_intermediate_size=64, shared_expert_intermediate_size=64)
+        cfg = tiny_widths(cfg)
     trace = load_routing(args.traces)
     if trace.experts.shape[0] != len(cfg.moe_layer_ids) or trace.experts.shape[2] != cfg.top_k:
         raise SystemExit(f"{args.traces}: routing {trace.experts.shape} does not match card {args.card}")

@@ -6,6 +6,7 @@ repository root with `PYTHONPATH=.`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -96,7 +97,27 @@ def environment() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "code": code_digest(),
     }
+
+
+def code_digest() -> str:
+    """The first 12 hex digits of a SHA-256 over the moejax package's and the scripts' Python files
+    (paths and contents): which code a result came from, where no current git history travels with
+    the files (the GPU machine's copy of the tree)."""
+    import moejax
+
+    digest = hashlib.sha256()
+    for root in (Path(moejax.__file__).resolve().parent, ROOT / "scripts"):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def tiny_widths(cfg):
+    """The same card with every width shrunk (the scripts' --tiny: a CPU smoke run)."""
+    return cfg.replace(vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, expert_intermediate_size=32,
+                       dense_intermediate_size=64, shared_expert_intermediate_size=64)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -36,7 +36,7 @@ from moejax.runtime.prefetch import make_prefetcher
 from moejax.runtime.store import HostExpertStore, copy_experts, device_sharding
 from moejax.runtime.trace import load_routing
 from scripts.bench_prefetch import TraceReplay, build_store
-from scripts.benchlib import environment, random_dense_params, write_json
+from scripts.benchlib import environment, random_dense_params, tiny_widths, write_json
 
 # What PhaseTimer times: (owner, attribute, label). Nested phases overlap: runner.run holds the ones below it.
 PHASES = [
@@ -98,8 +98,7 @@ def main() -> None:
     cfg = card.replace(num_layers=args.moe_layers + 1, moe_layers=card.moe_layers[: args.moe_layers + 1],
                        sliding_windows=card.sliding_windows[: args.moe_layers + 1])
     if args.tiny:
-        cfg = cfg.replace(vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, expert_intermediate_size=32,
-                          dense_intermediate_size=64, shared_expert_intermediate_size=64)
+        cfg = tiny_widths(cfg)
     trace = load_routing(args.traces)
     trace = type(trace)(experts=trace.experts[: args.moe_layers], seq_lens=trace.seq_lens, num_experts=trace.num_experts)
     fit, evaluate = trace.select(0, 400), trace.select(400, 500)
