@@ -53,13 +53,16 @@ class PackedExpert:
 
     @classmethod
     def pack(cls, weights: dict) -> "PackedExpert":
-        """weights: {name: NumPy array}, all of one dtype -> a PackedExpert holding a NumPy flat array."""
-        arrays = {name: np.asarray(w) for name, w in weights.items()}
-        dtypes = {a.dtype for a in arrays.values()}
+        """weights: {name: NumPy or JAX array}, all of one dtype -> a PackedExpert whose flat array is a
+        JAX array on their device when JAX arrays hold them all (no round trip through NumPy), else
+        NumPy. Raises ValueError when the dtypes differ."""
+        dtypes = {np.dtype(w.dtype) for w in weights.values()}
         if len(dtypes) != 1:
             raise ValueError(f"an expert's weights must share one dtype to be packed, got {sorted(map(str, dtypes))}")
-        layout = tuple((name, a.shape) for name, a in arrays.items())
-        return cls(np.concatenate([a.reshape(-1) for a in arrays.values()]), layout)
+        layout = tuple((name, tuple(w.shape)) for name, w in weights.items())
+        if all(isinstance(w, jax.Array) for w in weights.values()):
+            return cls(jnp.concatenate([w.reshape(-1) for w in weights.values()]), layout)
+        return cls(np.concatenate([np.asarray(w).reshape(-1) for w in weights.values()]), layout)
 
     def unpack(self) -> dict:
         """{name: array of its shape} (slices of `flat`)."""

@@ -58,7 +58,7 @@ class ExpertRunner:
     def __init__(self, store: HostExpertStore, mode: str, num_experts: int, act: str,
                  capacity: int | None = None, policy: CachePolicy | None = None, *,
                  prefetcher=None, prefetch_per_layer: int = 0, collection=None,
-                 num_moe_layers: int | None = None, top_k: int = 1):
+                 num_moe_layers: int | None = None, top_k: int):
         """prefetcher: a `runtime.prefetch.Prefetcher` (cached mode only); collection: the
         `EAMCollection` it and the policy read, to which finished sequences are added."""
         assert mode in MODES, mode

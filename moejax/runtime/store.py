@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from moejax import checkpoint
@@ -104,21 +102,6 @@ def _copy_experts_fast(experts: Sequence, sharding: SingleDeviceSharding) -> lis
     return jax.tree_util.tree_unflatten(structure, wrapped)
 
 
-def pack(key: ExpertKey, weights) -> PackedExpert:
-    """Expert `key`'s weights packed into one flat array: where JAX arrays hold them, on their device
-    (no round trip through NumPy); a PackedExpert is returned as it is."""
-    if isinstance(weights, PackedExpert):
-        return weights
-    dtypes = {np.dtype(w.dtype) for w in weights.values()}
-    if len(dtypes) != 1:
-        raise MoejaxError(f"expert {key}: its weights {sorted(weights)} have different dtypes {sorted(map(str, dtypes))}: "
-                          "one expert's weights must share one dtype")
-    if all(isinstance(w, jax.Array) for w in weights.values()):
-        layout = tuple((name, tuple(w.shape)) for name, w in weights.items())
-        return PackedExpert(jnp.concatenate([w.reshape(-1) for w in weights.values()]), layout)
-    return PackedExpert.pack(weights)
-
-
 class HostExpertStore:
     """Expert weights by (moe_layer, expert) in host memory; `expert_bytes` is one expert's size.
 
@@ -131,7 +114,7 @@ class HostExpertStore:
         self.device, self.on_device = device, on_device
         self.sharding = device_sharding(device) if on_device else host_sharding(device)
         self.expert_bytes = expert_bytes
-        self._experts: dict[ExpertKey, dict] = {}
+        self._experts: dict[ExpertKey, PackedExpert] = {}
 
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self._experts
@@ -144,8 +127,13 @@ class HostExpertStore:
 
         weights: {name: NumPy or JAX array} of one dtype, or a PackedExpert.
         """
+        if not isinstance(weights, PackedExpert):
+            try:
+                weights = PackedExpert.pack(weights)
+            except ValueError as err:
+                raise MoejaxError(f"expert {key}: its weights {sorted(weights)}: {err}") from None
         try:
-            self._experts[key] = jax.device_put(pack(key, weights), self.sharding)
+            self._experts[key] = jax.device_put(weights, self.sharding)
         except jax.errors.JaxRuntimeError as err:
             if "RESOURCE_EXHAUSTED" not in str(err):
                 raise
