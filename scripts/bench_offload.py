@@ -82,11 +82,7 @@ def build_store(cfg, device, reserve_bytes: int) -> tuple[HostExpertStore, int]:
 def sub_store(store: HostExpertStore, layers: int, on_device: bool) -> HostExpertStore:
     """The experts of the first `layers` layers: the same pinned arrays (device_put to the memory they
     are in is a no-op), or copies on the device."""
-    sub = HostExpertStore(store.device, store.expert_bytes, on_device)
-    for key in store.keys():
-        if key[0] < layers:
-            sub.put(key, store.get(key))
-    return sub
+    return store.subset([key for key in store.keys() if key[0] < layers], on_device)
 
 
 def run_config(cfg, globals_, layers, store, mode, budget, policy, prompts, new_tokens) -> dict:

@@ -180,9 +180,7 @@ def main() -> None:
     # The whole model on the GPU against the cache at budget 1.0, twice each, interleaved.
     ceiling = []
     if args.compare_resident:
-        on_device = HostExpertStore(device, store.expert_bytes, on_device=True)
-        for key in store.keys():
-            on_device.put(key, store.get(key))
+        on_device = store.subset(on_device=True)
         for _ in range(args.resident_pairs):
             ceiling.append(run_config(cfg, globals_, layers, on_device, collection, replay, starts, args, None, "lru", "none", "resident"))
             ceiling.append(run_config(cfg, globals_, layers, store, collection, replay, starts, args, "1.0", "lru", "none"))

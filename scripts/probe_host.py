@@ -33,7 +33,7 @@ from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.loading import expert_runner, reserved_kv_bytes
 from moejax.runtime.policies import make_policy
 from moejax.runtime.prefetch import make_prefetcher
-from moejax.runtime.store import HostExpertStore, copy_experts, device_sharding
+from moejax.runtime.store import copy_experts, device_sharding
 from moejax.runtime.trace import load_routing
 from scripts.bench_prefetch import TraceReplay, build_store
 from scripts.benchlib import environment, random_dense_params, tiny_widths, write_json
@@ -144,9 +144,7 @@ def main() -> None:
         mode, budget, policy, prefetch = spec.split(":")
         source = store
         if mode == "resident":
-            source = HostExpertStore(device, store.expert_bytes, on_device=True)
-            for key in store.keys():
-                source.put(key, store.get(key))
+            source = store.subset(on_device=True)
         runner = expert_runner(
             cfg, source, mode, None if budget == "-" else budget,
             make_policy(policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection),

@@ -342,3 +342,18 @@ def test_expert_counts_are_padded_to_few_sizes_without_changing_sums():
     alone = run(x, ids, weights, np.arange(3, dtype=np.int32), experts, acc, act="silu")
     padded = run(x, ids, weights, np.array([0, 1, 2, -1, -1, -1], np.int32), experts + (experts[-1],) * 3, acc, act="silu")
     np.testing.assert_array_equal(np.asarray(padded), np.asarray(alone))
+
+
+def test_store_subset_shares_or_moves_the_packed_experts():
+    """`subset` keeps the chosen keys, in the memory asked for, with the same values."""
+    import jax
+
+    store = HostExpertStore(jax.devices()[0], expert_bytes=4 * 6)
+    for e in range(3):
+        store.put((0, e), {"up": np.full((2, 3), e, np.float32)})
+    sub = store.subset([(0, 0), (0, 2)])
+    assert list(sub.keys()) == [(0, 0), (0, 2)] and not sub.on_device and sub.get((0, 2)) is not None
+    on_device = store.subset(on_device=True)
+    assert on_device.on_device and len(on_device) == 3
+    assert on_device.get((0, 1)).flat.sharding.memory_kind == "device"
+    np.testing.assert_array_equal(np.asarray(on_device.get((0, 1)).flat), np.full(6, 1, np.float32))

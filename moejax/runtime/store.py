@@ -149,6 +149,14 @@ class HostExpertStore:
     def keys(self) -> Iterable[ExpertKey]:
         return self._experts.keys()
 
+    def subset(self, keys: Iterable[ExpertKey] | None = None, on_device: bool | None = None) -> HostExpertStore:
+        """A store of `keys` (default: all) in device memory or pinned host memory (default: where this
+        one is); arrays already in that memory are shared, not copied."""
+        other = HostExpertStore(self.device, self.expert_bytes, self.on_device if on_device is None else on_device)
+        for key in self.keys() if keys is None else keys:
+            other.put(key, self._experts[key])
+        return other
+
     @property
     def total_bytes(self) -> int:
         return len(self._experts) * self.expert_bytes
