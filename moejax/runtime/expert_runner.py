@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.models.moe import ExpertWave
 from moejax.runtime import layer_fns
 from moejax.runtime.buckets import expert_bucket
 from moejax.runtime.cache import ExpertCache
@@ -45,13 +46,13 @@ from moejax.runtime.trace import eam_counts
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
-# finish(ids=[N, k] int32, expert_ids=[n] int32, experts=tuple of n PackedExperts, acc=[N, D] f32)
+# finish(ids=[N, k] int32, expert_ids=ExpertWave, experts=tuple of n PackedExperts, acc=[N, D] f32)
 # -> layer output, called with keywords.
 Finish = Callable[..., jax.Array]
 
-# replay(moe_layer, ids [N, k], lookahead [N, k] or None, valid_rows [N] or None) -> (ids, lookahead):
-# a benchmark-only routing override (scripts/bench_prefetch.py).
-Replay = Callable[..., tuple[np.ndarray, np.ndarray | None]]
+# replay(moe_layer, ids [N, k], lookahead [N, k] or None, valid_rows [N] or None) -> (ids, lookahead,
+# the same ids on the device or None): a benchmark-only routing override (scripts/bench_prefetch.py).
+Replay = Callable[..., tuple[np.ndarray, np.ndarray | None, jax.Array | None]]
 
 
 class ExpertRunner:
@@ -78,11 +79,29 @@ class ExpertRunner:
         else:
             self.cache = ExpertCache(store, num_experts, LRU())
         self._zeros: dict[tuple[int, int], jax.Array] = {}
+        self._wave_bounds: dict[int, jax.Array] = {}
+        self._valid: tuple[np.ndarray | None, jax.Array | None] = (None, None)
 
     def _zero_acc(self, shape) -> jax.Array:
         if shape not in self._zeros:
             self._zeros[shape] = jnp.zeros(shape, jnp.float32, device=self.device)
         return self._zeros[shape]
+
+    def _bounds(self, wave: int) -> jax.Array:
+        """The ranks of wave `wave`'s experts among the layer's, [start, stop) int32 [2], on the device."""
+        if wave not in self._wave_bounds:
+            capacity = self.cache.capacity
+            self._wave_bounds[wave] = jax.device_put(np.array([wave * capacity, (wave + 1) * capacity], np.int32), self.device)
+        return self._wave_bounds[wave]
+
+    def _valid_on_device(self, valid_rows: np.ndarray | None) -> jax.Array | None:
+        """valid_rows on the device, copied once per step (executors pass one array to all layers of a
+        step), or None when every row is valid."""
+        if valid_rows is None or valid_rows.all():
+            return None
+        if self._valid[0] is not valid_rows:
+            self._valid = (valid_rows, jax.device_put(valid_rows, self.device))
+        return self._valid[1]
 
     @property
     def wants_lookahead(self) -> bool:
@@ -120,14 +139,15 @@ class ExpertRunner:
         routing = np.asarray(ids if routing is None else routing)
         ids_host, lookahead_host = routing[:, :k], (routing[:, k:] if routing.shape[-1] > k else None)
         if self.replay is not None:
-            ids_host, lookahead_host = self.replay(moe_layer, ids_host, lookahead_host, valid_rows)
-            ids = ids_host.astype(np.int32)  # NumPy arguments travel with the jitted call, cheaper than a device_put
+            ids_host, lookahead_host, staged = self.replay(moe_layer, ids_host, lookahead_host, valid_rows)
+            ids = ids_host.astype(np.int32) if staged is None else staged
         counts = expert_token_counts(ids_host, valid_rows, self.num_experts)
         self.cache.directory.policy.on_routing(moe_layer, counts)
         needed = [int(e) for e in np.flatnonzero(counts)]
         cache = self.cache
         acc = self._zero_acc(moe_in.shape)
         waves = [needed[j : j + cache.capacity] for j in range(0, len(needed), cache.capacity)] or [[]]
+        valid = self._valid_on_device(valid_rows)
         if self.mode == "dense-offload":
             chosen = set(needed)
             cache.stream([(moe_layer, e) for e in range(self.num_experts) if e not in chosen], moe_layer)
@@ -135,9 +155,8 @@ class ExpertRunner:
             keys = cache.begin_layer(moe_layer, wave)
             if n == len(waves) - 1:
                 self._prefetch(moe_layer, counts, lookahead_host, valid_rows)
-            experts = cache.ready(keys, moe_layer)
-            expert_ids = np.asarray(wave, np.int32)  # copied with the call (a device_put costs ~0.1 ms of host)
-            experts, expert_ids = self._pad(experts, expert_ids)
+            experts = self._pad(cache.ready(keys, moe_layer))
+            expert_ids = ExpertWave(self._bounds(n), valid, self.num_experts)  # the program finds the ids
             if n < len(waves) - 1:
                 acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act)
             else:
@@ -148,13 +167,12 @@ class ExpertRunner:
         self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)  # while the device computes
         return out
 
-    def _pad(self, experts: tuple, expert_ids: np.ndarray) -> tuple[tuple, np.ndarray]:
+    def _pad(self, experts: tuple) -> tuple:
         """Pads a wave to its `expert_bucket` size (fewer compiled programs) with copies of its last
-        expert under id -1, which no token chose: each adds exactly zero, after the real experts."""
+        expert, which the `ExpertWave` names -1, an id no token chose: each adds exactly zero, after
+        the real experts."""
         pad = expert_bucket(len(experts), self.top_k, self.num_experts) - len(experts)
-        if pad <= 0:
-            return experts, expert_ids
-        return experts + (experts[-1],) * pad, np.concatenate([expert_ids, np.full(pad, -1, np.int32)])
+        return experts + (experts[-1],) * pad if pad > 0 else experts
 
     def _prefetch(self, moe_layer: int, counts: np.ndarray, lookahead: np.ndarray | None, valid_rows) -> None:
         """Shows the prefetcher this layer's routing and copies what it asks for (cached mode only)."""
