@@ -12,7 +12,9 @@ moejax's own trained model by `moejax trace`); its router still runs on the GPU,
 
 Per budget, policy and prefetcher: a warm-up sequence, then --sequences recorded sequences of the
 evaluation part (the trace collection is fitted on other sequences), each a --prompt-len token
-prompt and --new-tokens decoded tokens, one engine for all of them (the cache stays warm).
+prompt and --new-tokens decoded tokens, one engine for all of them (the cache stays warm). With
+--rounds R every configuration is measured R times, interleaved; the table gives medians over the
+rounds and the range of the speed-up over LRU/none of the same round.
 
   XLA_CLIENT_MEM_FRACTION=0.95 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=40 PYTHONPATH=. python scripts/bench_prefetch.py \
       --traces .data/traces/deepseek_v2_lite_prefill.npz --out $OUT/bench_prefetch.json
@@ -47,14 +49,30 @@ GB = 1e9
 class TraceReplay:
     """Benchmark-only routing override: at MoE layer m the valid rows of ids [N, k] become the
     recorded experts of the next tokens of a sequence, in order (the cursor moves at MoE layer 0),
-    and their lookahead guess [N, k] the simulated guess of layer m + 1 for the same tokens."""
+    and their lookahead guess [N, k] the simulated guess of layer m + 1 for the same tokens.
 
-    def __init__(self, experts: np.ndarray, lookahead: np.ndarray):
+    In a real run the ids the expert function reads are already on the device (the router made
+    them); replayed ids would be copied there with every call. Given `step_tokens` (a sequence's
+    steps take that many tokens each, every row valid) and the device, `start` copies the sequence's
+    replayed ids there before it runs, outside the timed decode, and the calls take them from there
+    as they would take the router's."""
+
+    def __init__(self, experts: np.ndarray, lookahead: np.ndarray, step_tokens: list[int] | None = None, device=None):
         self.experts, self.lookahead = experts, lookahead  # [L, T, k] each
+        self.step_tokens, self.device = step_tokens, device
         self.cursor = self.offset = 0
+        self.staged: dict[tuple[int, int, int], jax.Array] = {}  # (layer, first token, tokens) -> ids on the device
 
     def start(self, token: int) -> None:
         self.cursor = token
+        if self.step_tokens is None:
+            return
+        keys, offset = [], token
+        for n in self.step_tokens:
+            keys += [(layer, offset, n) for layer in range(len(self.experts))]
+            offset += n
+        arrays = [self.experts[layer, first : first + n].astype(np.int32) for layer, first, n in keys]
+        self.staged = dict(zip(keys, jax.device_put(arrays, self.device), strict=True))
 
     def __call__(self, layer: int, ids: np.ndarray, lookahead: np.ndarray | None, valid_rows: np.ndarray | None):
         rows = np.arange(len(ids)) if valid_rows is None else np.flatnonzero(valid_rows)
@@ -66,7 +84,8 @@ class TraceReplay:
         if lookahead is not None and layer + 1 < len(self.lookahead):
             lookahead = lookahead.copy()
             lookahead[rows] = self.lookahead[layer + 1, tokens]
-        return ids, lookahead
+        staged = self.staged.get((layer, self.offset, len(rows))) if len(rows) == len(ids) else None
+        return ids, lookahead, staged
 
 
 def build_store(cfg, device) -> HostExpertStore:
@@ -148,6 +167,7 @@ def main() -> None:
     parser.add_argument("--prefetch", default="none,lookahead,trace,trace+lookahead")
     parser.add_argument("--configs", help="policy:prefetch pairs to run instead of every --policies x --prefetch pair")
     parser.add_argument("--prefetch-per-layer", type=int, help="default: the model's top-k")
+    parser.add_argument("--rounds", type=int, default=1, help="times each configuration is measured, interleaved")
     parser.add_argument("--lookahead-accuracy", type=float, required=True)
     parser.add_argument("--compare-resident", action="store_true", help="also time resident and cached at budget 1.0")
     parser.add_argument("--resident-pairs", type=int, default=2, help="interleaved resident / cached 1.0 pairs of --compare-resident")
@@ -165,7 +185,8 @@ def main() -> None:
     fit, evaluate = trace.select(0, n_fit), trace.select(n_fit, len(trace.seq_lens))
     collection = fit.collection()  # EAMs and the layer-to-layer transitions of the fit sequences
     lookahead = simulate_lookahead(evaluate, args.lookahead_accuracy, seed=0)
-    replay = TraceReplay(evaluate.experts, lookahead)
+    steps = [args.prompt_len] + [1] * (args.new_tokens - 1)
+    replay = TraceReplay(evaluate.experts, lookahead, steps, jax.devices()[0])
     bounds = np.concatenate([[0], np.cumsum(evaluate.seq_lens)])
     needed = args.prompt_len + args.new_tokens - 1
     starts = [int(bounds[s]) for s in range(len(evaluate.seq_lens)) if evaluate.seq_lens[s] >= needed][: args.sequences + 1]
@@ -199,22 +220,49 @@ def main() -> None:
         pairs = [tuple(pair.split(":")) for pair in args.configs.split(",")]
     else:
         pairs = [(policy, prefetch) for policy in args.policies.split(",") for prefetch in args.prefetch.split(",")]
+    # Rounds interleave the configurations, and each one's speed-up is taken against LRU/none of the
+    # same round: the GPU machine's host speed drifts between runs by up to ~20% (BENCHMARKS.md).
     for budget in args.budgets.split(","):
-        for policy, prefetch in pairs:
-            row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch)
-            base = next((r for r in rows if r["budget"] == budget and r["policy"] == "lru" and r["prefetch"] == "none"), None)
-            if base and "tokens_per_s" in row and "tokens_per_s" in base:
-                row["x_lru_none"] = row["tokens_per_s"] / base["tokens_per_s"]
-            rows.append(row)
-            print(row, flush=True)
-            write_json(args.out, result)  # after every row: a run cut short keeps what it measured
-    print_table([r for r in ceiling + rows if "tokens_per_s" in r], [
+        for round_ in range(args.rounds):
+            for policy, prefetch in pairs:
+                row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch)
+                row["round"] = round_
+                base = next((r for r in rows if (r["budget"], r["policy"], r["prefetch"], r.get("round")) == (budget, "lru", "none", round_)), None)
+                if base and "tokens_per_s" in row and "tokens_per_s" in base:
+                    row["x_lru_none"] = row["tokens_per_s"] / base["tokens_per_s"]
+                rows.append(row)
+                print(row, flush=True)
+                write_json(args.out, result)  # after every row: a run cut short keeps what it measured
+    result["summary"] = summary = summarize([r for r in rows if "tokens_per_s" in r])
+    write_json(args.out, result)
+    print_table([r for r in ceiling + summary], [
         ("mode", "mode", "s"),
         ("budget", "budget", "s"), ("policy", "policy", "s"), ("prefetch", "prefetch", "s"),
         ("capacity_experts", "slots", "d"), ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"),
+        ("x_lru_none_min", "min x", ".2f"), ("x_lru_none_max", "max x", ".2f"),
         ("tpot_s", "TPOT s", ".4f"), ("hit_rate", "hit", ".3f"), ("stall_s_per_token", "stall s/tok", ".4f"),
         ("gb_per_token", "GB/tok", ".3f"), ("prefetch_precision", "prec", ".2f"), ("prefetch_recall", "recall", ".2f"),
     ])
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (budget, policy, prefetch): the median over rounds of each number, and the smallest
+    and largest paired speed-up over LRU/none."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["budget"], row["policy"], row["prefetch"]), []).append(row)
+    summary = []
+    for group in groups.values():
+        merged = {**group[0], "rounds": len(group)}
+        merged.pop("round", None)
+        for key, value in group[0].items():
+            if isinstance(value, float) and all(isinstance(r.get(key), float) for r in group):
+                merged[key] = float(np.median([r[key] for r in group]))
+        speedups = [r["x_lru_none"] for r in group if "x_lru_none" in r]
+        if speedups:
+            merged["x_lru_none_min"], merged["x_lru_none_max"] = min(speedups), max(speedups)
+        summary.append(merged)
+    return summary
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def main() -> None:
     trace = type(trace)(experts=trace.experts[: args.moe_layers], seq_lens=trace.seq_lens, num_experts=trace.num_experts)
     fit, evaluate = trace.select(0, 400), trace.select(400, 500)
     collection = fit.collection()
-    replay = TraceReplay(evaluate.experts, simulate_lookahead(evaluate, 0.783, seed=0))
+    replay = TraceReplay(evaluate.experts, simulate_lookahead(evaluate, 0.783, seed=0), [16] + [1] * (args.new_tokens - 1),
+                         jax.devices()[0])
     bounds = np.concatenate([[0], np.cumsum(evaluate.seq_lens)])
     starts = [int(b) for b, n in zip(bounds, evaluate.seq_lens) if n >= 16 + args.new_tokens][:5]
 

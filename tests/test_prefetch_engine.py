@@ -8,6 +8,7 @@ really replaces the routing.
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from hf_zoo import build, random_prompts
@@ -189,14 +190,19 @@ def test_benchmark_replay_overrides_routing(qwen):
     rng = np.random.default_rng(0)
     recorded = np.stack([np.stack([rng.choice(cfg.num_experts, cfg.top_k, replace=False) for _ in range(tokens)])
                          for _ in range(layers)]).astype(np.int16)
-    replay = TraceReplay(recorded, recorded)
-    engine.executor.runner.replay = replay
-    replay.start(10)
-    engine.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=5, ignore_eos=True)
-    experts, _ = engine.executor.routing(0)
-    np.testing.assert_array_equal(experts, recorded[:, 10 : 10 + 8 + 4])
-    stats = engine.executor.stats()["total"]
-    assert stats["prefetch_issued"] > 0
+    outputs = []
+    # Replayed ids copied with each call, then staged on the device before the run (the prompt's 8
+    # rows are padded to 16, so its step still copies them; the decode steps take the staged ids).
+    for replay in (TraceReplay(recorded, recorded), TraceReplay(recorded, recorded, [8] + [1] * 4, jax.devices()[0])):
+        engine.executor.runner.replay = replay
+        replay.start(10)
+        result = engine.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=5, ignore_eos=True)
+        experts, _ = engine.executor.routing(0)
+        np.testing.assert_array_equal(experts, recorded[:, 10 : 10 + 8 + 4])
+        assert engine.executor.stats()["total"]["prefetch_issued"] > 0
+        outputs.append(result.tokens)
+    assert len(replay.staged) == layers * 5
+    assert outputs[0] == outputs[1]
 
 
 def test_trace_refuses_too_long_prompts_before_running(qwen, tmp_path, capsys):
