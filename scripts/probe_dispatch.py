@@ -7,8 +7,9 @@ from the device against the routing the program writes to host memory); a chain 
 the price of one kernel launch; a layer's experts stacked into batched matmuls; a layer's finish
 fused with the next layer's attention and routing (one call) against the two calls; the finish with
 the same experts every call against experts that moved (made on the device, or copied in as the cache
-does); the finish behind 0 / 6 / 18 expert copies in flight with NumPy arguments (which the call
-copies to the device) against device arrays; and both calls chained as the engine makes them (each one's inputs still being computed),
+does); the finish with NumPy arguments (which the call copies to the device) against device arrays and
+an ExpertWave (ids found in the program), alone and behind 0 / 6 / 18 expert copies in flight; and
+both calls chained as the engine makes them (each one's inputs still being computed),
 without and with 0.5 ms of NumPy work between them, as the runner does between its calls. Counts the
 kernels (thunks) of each compiled function. Run it under different XLA_FLAGS to compare.
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from moejax.cards import load_card
 from moejax.models.decoder import kv_cache_shape
+from moejax.models.moe import ExpertWave
 from moejax.runtime import layer_fns
 from moejax.runtime.store import copy_experts, device_sharding, host_sharding
 from scripts.benchlib import environment, random_dense_params, random_expert, write_json
@@ -132,11 +134,17 @@ def main() -> None:
     # The finish's host time with expert copies in flight (as trace prefetching leaves them when the
     # finish is dispatched) and NumPy arguments, which the call must copy to the device itself (the
     # engine passes expert_ids so; bench_prefetch's replay passes ids so too), against device arrays.
+    # The engine's way: an ExpertWave, whose ids the program finds from the routing (no transfer).
     ids_numpy, expert_ids_device = np.asarray(ids), jax.device_put(expert_ids, device)
+    wave = ExpertWave(jax.device_put(np.array([0, cfg.num_experts], np.int32), device), None, cfg.num_experts)
+    variants = (("device_args", ids, expert_ids_device), ("numpy_expert_ids", ids, expert_ids),
+                ("numpy_ids_and_expert_ids", ids_numpy, expert_ids), ("expert_wave", ids, wave))
+    for variant, call_ids, call_expert_ids in variants:
+        result[f"finish_{variant}"] = host_and_round_trip(
+            lambda i=call_ids, e=call_expert_ids: layer_fns.accumulate_and_finish(*shape, params, h, moe_in, i, weights, e, experts, acc),
+            args.repeats)
     for in_flight in (0, 6, 18):
-        for variant, call_ids, call_expert_ids in (("device_args", ids, expert_ids_device),
-                                                   ("numpy_expert_ids", ids, expert_ids),
-                                                   ("numpy_ids_and_expert_ids", ids_numpy, expert_ids)):
+        for variant, call_ids, call_expert_ids in variants:
             times = []
             for _ in range(max(10, args.repeats // 4)):
                 copies = copy_experts(pinned[:in_flight], device_sharding(device))
