@@ -8,7 +8,8 @@ the price of one kernel launch; a layer's experts stacked into batched matmuls; 
 fused with the next layer's attention and routing (one call) against the two calls; the finish with
 the same experts every call against experts that moved (made on the device, or copied in as the cache
 does); the finish with NumPy arguments (which the call copies to the device) against device arrays and
-an ExpertWave (ids found in the program), alone and behind 0 / 6 / 18 expert copies in flight; and
+an ExpertWave (ids found in the program), alone and behind 0 / 6 / 18 expert copies in flight; the
+finish and the routing readback behind the same bytes in flight as 1, 6 or 36 copies; and
 both calls chained as the engine makes them (each one's inputs still being computed),
 without and with 0.5 ms of NumPy work between them, as the runner does between its calls. Counts the
 kernels (thunks) of each compiled function. Run it under different XLA_FLAGS to compare.
@@ -153,6 +154,27 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
                 jax.block_until_ready((out, copies))
             result[f"finish_host_ms_{variant}_{in_flight}_copies"] = float(np.median(times) * 1e3)
+
+    # Is it the number of copies in flight or their bytes? The same ~100 MB in flight as 1, 6 or 36
+    # copies, behind which the finish is dispatched and the routing read back.
+    total = 6 * cfg.expert_bytes
+    for count in (1, 6, 36):
+        chunks = [jax.device_put(np.full(total // count // 2, c, np.uint16), host_sharding(device)) for c in range(count)]
+        finish_times, read_times = [], []
+        for _ in range(max(10, args.repeats // 4)):
+            copies = copy_experts(chunks, device_sharding(device))
+            start = time.perf_counter()
+            out = layer_fns.accumulate_and_finish(*shape, params, h, moe_in, ids, weights, wave, experts, acc)
+            finish_times.append(time.perf_counter() - start)
+            jax.block_until_ready((out, copies))
+            copies = copy_experts(chunks, device_sharding(device))
+            start = time.perf_counter()
+            np.asarray(attend(all_outputs=True)[5])
+            read_times.append(time.perf_counter() - start)
+            jax.block_until_ready(copies)
+        result[f"behind_{count}_copies_of_{total // count >> 20}_MiB"] = {
+            "finish_host_ms": float(np.median(finish_times) * 1e3), "attend_and_read_ms": float(np.median(read_times) * 1e3)}
+        del chunks
 
     # Does a call cost the host more when its buffers moved since the last call (XLA command buffers
     # record addresses)? The experts cycle over 8 sets, made on the device or copied in by copy_experts
