@@ -111,8 +111,8 @@ class ExpertWave:
     The wave's experts are the distinct ids that valid rows chose, in increasing order, from rank
     `bounds[0]` up to (not including) `bounds[1]`; the slots after them hold -1. The host makes the
     same list from the routing it reads back. An id array built on the host would be one more
-    host->device transfer per call, queued behind the expert copies in flight: on the H200 that adds
-    0.15 ms of host time to a call, or 0.27 ms with 6 copies in flight (scripts/probe_dispatch.py).
+    host->device transfer per call, queued behind the expert copies in flight: on the H200 a layer's
+    finish then costs the host 0.43 ms against 0.29-0.32 (scripts/probe_dispatch.py).
 
     bounds: int32 [2] on the device; valid: bool [N] on the device, or None (every row valid);
     num_experts (static): ids outside [0, num_experts) are not experts (dropped pairs, padding).
