@@ -70,10 +70,15 @@ def test_encoder_decoder_prefetchers_equal_resident(root, case):
     expected = resident.generate(sources, max_new_tokens=NEW_TOKENS).tokens
     for prefetch in ("lookahead", "trace+lookahead", "trace"):  # trace last: its engine is checked below
         engine = moejax.load(ckpt, offload="cached", expert_budget="0.5", cache_policy="activation", prefetch=prefetch)
+        runner, read = engine.executor.runner, []
+        run = runner.run
+        runner.run = lambda *args: read.append(args[-1].sharding.memory_kind) or run(*args)
         for _ in range(2):
             result = engine.generate(sources, max_new_tokens=NEW_TOKENS)
             assert result.tokens == expected, prefetch
         assert result.stats["total"]["prefetch_issued"] > 0, prefetch
+        assert set(read) == {"pinned_host"}, prefetch  # the programs write the routing to host memory
+        del runner.run
         assert len(engine.executor.runner.collection) == 4
     experts, lookahead = engine.executor.routing(0)
     assert lookahead is None  # recorded only when asked for or used

@@ -160,26 +160,27 @@ class HostRoutedExecutor(DeviceRoutedExecutor):
         if not self.cfg.moe_layers[g]:
             return super()._encoder_layer(g, x, context)
         shape = fns.layer_shape(self.cfg, g)
-        h, moe_in, weights, ids = fns.encoder_attend_and_route(
+        h, moe_in, weights, ids, routing = fns.encoder_attend_and_route(
             self.cfg, **shape, params=self.layers[g], x=x, src_valid=context[0], bias=context[1], route_in=context[2]
         )
-        return self._experts_and_finish(g, h, moe_in, weights, ids, context[2]), ids
+        return self._experts_and_finish(g, h, moe_in, weights, ids, routing, context[2]), ids
 
     def _decoder_layer(self, g: int, y, kv_cache, context):
         if not self.cfg.moe_layers[g]:
             return super()._decoder_layer(g, y, kv_cache, context)
         shape = fns.layer_shape(self.cfg, g)
-        h, kv_cache, moe_in, weights, ids = fns.decoder_attend_and_route(
+        h, kv_cache, moe_in, weights, ids, routing = fns.decoder_attend_and_route(
             self.cfg, **shape, params=self.layers[g], y=y, kv_cache=kv_cache, positions=context[0],
             bias=context[1], cross_kv=context[2], src_valid=context[3], route_in=context[4],
         )
-        return self._experts_and_finish(g, h, moe_in, weights, ids, context[4]), kv_cache, ids
+        return self._experts_and_finish(g, h, moe_in, weights, ids, routing, context[4]), kv_cache, ids
 
-    def _experts_and_finish(self, g: int, h, moe_in, weights, ids, route_in):
-        """Padding and dropped (token, expert) pairs carry id E, so every row may be passed as valid."""
+    def _experts_and_finish(self, g: int, h, moe_in, weights, ids, routing, route_in):
+        """routing: the ids in host memory, what the runner reads (replaced by ids and the lookahead guess
+        when the runner wants it). Padding and dropped (token, expert) pairs carry id E, so every row
+        may be passed as valid."""
         finish = functools.partial(fns.accumulate_and_finish, self.cfg, **fns.layer_shape(self.cfg, g),
                                    params=self.layers[g], h=h, moe_in=moe_in, weights=weights)
-        routing = None
         if self.runner.wants_lookahead and g in self.next_moe:
             nxt = self.next_moe[g]
             routing = fns.lookahead_route(self.cfg, **fns.layer_shape(self.cfg, nxt), params=self.layers[nxt],

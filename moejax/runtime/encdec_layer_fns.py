@@ -4,7 +4,7 @@ Static arguments are the config and the layer's shape (`is_decoder`, `moe`, `ffn
 index, so all layers alike share one compiled function per input shape; decoder KV caches are
 donated and updated in place. Every MoE layer, encoder or decoder, runs through the same three
 steps a runtime can drive: `*_attend_and_route` (-> moe_in [N, D], weights [N, k] f32, ids [N, k]
-int32), `layer_fns.accumulate` (waves of experts given as a tuple of per-expert dicts or
+int32, and the ids again in pinned host memory, which the host reads), `layer_fns.accumulate` (waves of experts given as a tuple of per-expert dicts or
 PackedExperts, ids increasing) and `accumulate_and_finish` (last wave + residual).
 `*_device_routed` run a whole layer with its stacked experts on the device (no host round trip).
 """
@@ -20,6 +20,7 @@ from moejax.encdec_config import EncDecConfig
 from moejax.models import encdec
 from moejax.models.encdec import EncDecGlobals, EncDecLayer, RouteInputs
 from moejax.models.moe import accumulate_experts
+from moejax.runtime.layer_fns import to_host_memory
 
 _LAYER_STATIC = ("cfg", "is_decoder", "moe", "ffn_size")
 
@@ -91,27 +92,32 @@ def decoder_device_routed(
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
 def encoder_attend_and_route(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, x, src_valid, bias, route_in):
-    """First half of an encoder MoE layer: -> (h [B, S, D], moe_in [N, D], weights [N, k], ids [N, k])."""
+    """First half of an encoder MoE layer: -> (h [B, S, D], moe_in [N, D], weights [N, k], ids [N, k], routing):
+    routing, the ids in pinned host memory, is what the host reads (as `layer_fns.attend_and_route`'s)."""
     h = _layer(cfg, is_decoder, moe, ffn_size, params, "encoder_attend", x, src_valid, bias)
-    return (h, *_layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in))
+    moe_in, weights, ids = _layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in)
+    return h, moe_in, weights, ids, to_host_memory(ids)
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC, donate_argnames=("kv_cache",))
 def decoder_attend_and_route(
     cfg: EncDecConfig, is_decoder, moe, ffn_size, params, y, kv_cache, positions, bias, cross_kv, src_valid, route_in
 ):
-    """First half of a decoder MoE layer: -> (h [B, T, D], kv_cache, moe_in [N, D], weights [N, k], ids [N, k])."""
+    """First half of a decoder MoE layer: -> (h [B, T, D], kv_cache, moe_in [N, D], weights [N, k], ids [N, k],
+    routing): routing, the ids in pinned host memory, is what the host reads."""
     args = (y, kv_cache, positions, bias, cross_kv, src_valid)
     h, kv_cache = _layer(cfg, is_decoder, moe, ffn_size, params, "decoder_attend", *args)
-    return (h, kv_cache, *_layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in))
+    moe_in, weights, ids = _layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in)
+    return h, kv_cache, moe_in, weights, ids, to_host_memory(ids)
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)
 def lookahead_route(cfg: EncDecConfig, is_decoder, moe, ffn_size, params, h, route_in, ids):
     """The next MoE layer's router (its params and shape) on this layer's residual h [B, T, D], after
-    this layer's ids [N, k]: -> routing [N, 2k]: ids, then the guess (read back as one array)."""
+    this layer's ids [N, k]: -> routing [N, 2k] in pinned host memory: ids, then the guess (read back
+    as one array)."""
     guess = _layer(cfg, is_decoder, moe, ffn_size, params, "route", h, route_in)[2]
-    return jnp.concatenate([ids, guess], axis=-1)
+    return to_host_memory(jnp.concatenate([ids, guess], axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=_LAYER_STATIC)

@@ -72,11 +72,12 @@ def _attend_and_route(cfg: ModelConfig, moe: bool, window, params, x, kv_cache, 
     if next_params is not None:
         _, _, guess = DecoderLayer(cfg, True, None).apply({"params": next_params}, h, method=DecoderLayer.route)
         routing = jnp.concatenate([ids, guess], axis=-1)
-    return h, kv_cache, moe_in, weights, ids, _to_host_memory(routing)
+    return h, kv_cache, moe_in, weights, ids, to_host_memory(routing)
 
 
-def _to_host_memory(x):
-    """x placed in the host's pinned memory as the program's output, where the backend has that memory."""
+def to_host_memory(x):
+    """x placed in the host's pinned memory as the program's output, where the backend has that memory
+    (call inside a jitted function: what the host reads back, it then sees as soon as the program ends)."""
     return jax.device_put(x, jax.memory.Space.Host) if has_pinned_host(jax.devices()[0]) else x
 
 
