@@ -36,7 +36,7 @@ class ExpertCache:
         self.store, self.device = store, store.device
         self.directory = ExpertDirectory(capacity, policy)
         self.sharding = device_sharding(self.device)
-        self._arrays: dict[ExpertKey, PackedExpert] = {}
+        self._on_device: dict[ExpertKey, PackedExpert] = {}  # the resident experts' device arrays
         self.transfers: dict[int, TransferCounters] = {}
         self._prefetches_in_flight: list[tuple[ExpertKey, PackedExpert]] = []
 
@@ -62,13 +62,13 @@ class ExpertCache:
     def _place(self, keys: Sequence[ExpertKey], prefetch: bool) -> None:
         for key in keys:
             for victim in self.directory.admit(key, prefetch=prefetch):
-                del self._arrays[victim]
+                del self._on_device[victim]
             # Pinned until all of `keys` are placed, so they cannot evict each other.
             self.directory.pinned.add(key)
         if prefetch:
             self.directory.unpin(keys)
         for key, arrays in zip(keys, self._copy(keys), strict=True):
-            self._arrays[key] = arrays
+            self._on_device[key] = arrays
         for key in keys:
             counters = self._counters(key[0])
             counters.bytes_h2d += self.store.expert_bytes
@@ -81,7 +81,7 @@ class ExpertCache:
         """Places `keys` without counting them (resident mode: the store already is on the device)."""
         for key, arrays in zip(keys, self._copy(keys), strict=True):
             self.directory.admit(key)
-            self._arrays[key] = arrays
+            self._on_device[key] = arrays
         self.directory.end_layer()
         self.reset_counters()
 
@@ -106,19 +106,19 @@ class ExpertCache:
         """
         self._prefetches_in_flight = [
             (key, expert) for key, expert in self._prefetches_in_flight
-            if self._arrays.get(key) is expert and not expert.flat.is_ready()
+            if self._on_device.get(key) is expert and not expert.flat.is_ready()
         ]
         room = limit - len(self._prefetches_in_flight)
         if room <= 0:
             return 0
         chosen = select_prefetch(self.directory, keys() if callable(keys) else keys, room)
         self._place(chosen, prefetch=True)
-        self._prefetches_in_flight += [(key, self._arrays[key]) for key in chosen]
+        self._prefetches_in_flight += [(key, self._on_device[key]) for key in chosen]
         return len(chosen)
 
     def ready(self, keys: Sequence[ExpertKey], layer: int) -> tuple[PackedExpert, ...]:
         """The experts `keys` on the device, after waiting for any copy still in flight (counted as stall)."""
-        experts = tuple(self._arrays[k] for k in keys)
+        experts = tuple(self._on_device[k] for k in keys)
         pending = [expert.flat for expert in experts if not expert.flat.is_ready()]
         if pending:
             start = time.perf_counter()
@@ -143,4 +143,4 @@ class ExpertCache:
         """Drops every resident expert (on-demand and dense-offload modes keep nothing between layers)."""
         for key in list(self.directory.resident):
             self.directory.evict(key)
-        self._arrays.clear()
+        self._on_device.clear()
