@@ -4,9 +4,10 @@ Static arguments are the config and the layer's shape (`is_decoder`, `moe`, `ffn
 index, so all layers alike share one compiled function per input shape; decoder KV caches are
 donated and updated in place. Every MoE layer, encoder or decoder, runs through the same three
 steps a runtime can drive: `*_attend_and_route` (-> moe_in [N, D], weights [N, k] f32, ids [N, k]
-int32, and the ids again in pinned host memory, which the host reads), `layer_fns.accumulate` (waves of experts given as a tuple of per-expert dicts or
-PackedExperts, ids increasing) and `accumulate_and_finish` (last wave + residual).
-`*_device_routed` run a whole layer with its stacked experts on the device (no host round trip).
+int32, and the ids again in pinned host memory, which the host reads), `layer_fns.accumulate` (waves
+of experts given as a tuple of per-expert dicts or PackedExperts, ids increasing) and
+`accumulate_and_finish` (last wave + residual). `*_device_routed` run a whole layer with its stacked
+experts on the device (no host round trip).
 """
 
 from __future__ import annotations
