@@ -14,6 +14,8 @@ from pathlib import Path
 from moejax.errors import MoejaxError
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-moe"
+FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
+              "(default 0.02 for trace, 0.2 for trace+lookahead; higher: fewer, surer copies)")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -98,6 +100,7 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
     p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead")
     p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per layer step (default: top-k)")
+    p.add_argument("--prefetch-floor", type=float, help=FLOOR_HELP)
     p.add_argument("--lookahead-accuracy", type=float,
                    help="simulate the lookahead router with this per-expert accuracy (default: the trace's recorded "
                         "lookahead, else 0.78)")
@@ -113,6 +116,7 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", default="lru", help="expert cache replacement policy: lru | lfu | fifo | lifo | activation")
     p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead")
     p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per MoE layer step (default: top-k)")
+    p.add_argument("--prefetch-floor", type=float, help=FLOOR_HELP)
     p.add_argument("--traces", type=Path, help="activation matrices for --prefetch trace / --cache-policy activation "
                    "(eams.npz or the directory `moejax trace` wrote; default: learn from the run)")
 
@@ -130,6 +134,7 @@ def load_engine(args):
         routing=getattr(args, "routing", None),
         prefetch=args.prefetch,
         prefetch_per_layer=args.prefetch_per_layer,
+        prefetch_floor=args.prefetch_floor,
         traces=args.traces,
     )
 
@@ -267,7 +272,7 @@ def cmd_lab(args) -> int:
         collection = fit.select(*lab.parse_range(args.fit_sequences, fit.num_sequences, "--fit-sequences")).collection()
     results = [
         lab.replay(trace, capacity_fraction=c, policy=args.policy, prefetch=args.prefetch,
-                   prefetch_per_layer=args.prefetch_per_layer, collection=collection,
+                   prefetch_per_layer=args.prefetch_per_layer, prefetch_floor=args.prefetch_floor, collection=collection,
                    lookahead_accuracy=args.lookahead_accuracy, expert_bytes=args.expert_bytes, seed=args.seed,
                    show_progress=sys.stderr.isatty())
         for c in capacities

@@ -85,7 +85,8 @@ def future_steps(trace: RoutingTrace) -> Iterator[tuple[int, list[int]]]:
 
 
 def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefetch: str = "none",
-           prefetch_per_layer: int | None = None, collection: EAMCollection | None = None,
+           prefetch_per_layer: int | None = None, prefetch_floor: float | None = None,
+           collection: EAMCollection | None = None,
            lookahead_accuracy: float | None = None, expert_bytes: int | None = None, seed: int = 0,
            show_progress: bool = False) -> dict:
     """Replays `trace` once; returns the metrics as a JSON-ready dict (see the module docstring)."""
@@ -101,7 +102,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
     limit = 0 if prefetch == "none" else top_k if prefetch_per_layer is None else prefetch_per_layer
     future = future_steps(trace) if policy == "belady" else None
     cache_policy = make_policy(policy, num_layers=num_layers, num_experts=num_experts, collection=collection, future=future)
-    prefetcher = make_prefetcher(prefetch, num_layers=num_layers, num_experts=num_experts, top_k=top_k, collection=collection)
+    prefetcher = make_prefetcher(prefetch, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                                 collection=collection, floor=prefetch_floor)
     lookahead, lookahead_source = None, None
     if prefetcher.uses_lookahead:
         if trace.lookahead is not None and lookahead_accuracy is None:
@@ -157,6 +159,7 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         "hit_rate": total.hit_rate,
         "evictions": total.evictions,
         "prefetch_per_layer": limit,
+        "prefetch_floor": getattr(prefetcher, "min_probability", None),
         "prefetch_issued": total.prefetch_issued,
         "prefetch_used": total.prefetch_used,
         "prefetch_wasted": total.prefetch_wasted,

@@ -102,8 +102,10 @@ def build_store(cfg, device) -> HostExpertStore:
     return store
 
 
-def run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch, mode="cached") -> dict:
-    """Warm-up sequence, then the measured ones; one engine, the cache warm across sequences."""
+def run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch, mode="cached",
+               floor=None) -> dict:
+    """Warm-up sequence, then the measured ones; one engine, the cache warm across sequences. floor: the
+    trace prefetchers' `--prefetch-floor` (None: their default)."""
     num_moe = len(cfg.moe_layer_ids)
     collection = copy.deepcopy(collection)
     try:
@@ -112,11 +114,12 @@ def run_config(cfg, globals_, layers, store, collection, replay, starts, args, b
             make_policy(policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection),
             0, reserved_kv_bytes(cfg, 1, 256),
             prefetcher=None if prefetch == "none" else make_prefetcher(
-                prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection),
+                prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection,
+                floor=floor),
             prefetch_per_layer=args.prefetch_per_layer, collection=collection,
         )
     except MoejaxError as err:
-        return {"budget": budget, "policy": policy, "prefetch": prefetch, "skipped": str(err)}
+        return {"budget": budget, "policy": policy, "prefetch": prefetch, "prefetch_floor": floor, "skipped": str(err)}
     runner.replay = replay
     engine = Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner))
     config = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -141,7 +144,8 @@ def run_config(cfg, globals_, layers, store, collection, replay, starts, args, b
         stall += total["stall_s"] - prefill["stall_s"]
         moved += total["bytes_h2d"] - prefill["bytes_h2d"]
     row = {
-        "mode": mode, "budget": budget, "policy": policy, "prefetch": prefetch, "capacity_experts": runner.cache.capacity,
+        "mode": mode, "budget": budget, "policy": policy, "prefetch": prefetch,
+        "prefetch_floor": getattr(runner.prefetcher, "min_probability", None), "capacity_experts": runner.cache.capacity,
         "tokens_per_s": decode_steps / decode_s, "tpot_s": float(np.median(tpots)),
         "hit_rate": hits / activations, "stall_s_per_token": stall / decode_steps,
         "gb_per_token": moved / decode_steps / GB,
@@ -165,7 +169,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.25,0.5")
     parser.add_argument("--policies", default="lru,lfu,activation")
     parser.add_argument("--prefetch", default="none,lookahead,trace,trace+lookahead")
-    parser.add_argument("--configs", help="policy:prefetch pairs to run instead of every --policies x --prefetch pair")
+    parser.add_argument("--configs", help="policy:prefetch pairs to run instead of every --policies x --prefetch pair; "
+                        "policy:prefetch:floor sets a trace prefetcher's --prefetch-floor")
     parser.add_argument("--prefetch-per-layer", type=int, help="default: the model's top-k")
     parser.add_argument("--rounds", type=int, default=1, help="times each configuration is measured, interleaved")
     parser.add_argument("--lookahead-accuracy", type=float, required=True)
@@ -217,15 +222,16 @@ def main() -> None:
         "expert_bytes": cfg.expert_bytes, "rows": rows, "resident_vs_cached_full": ceiling,
     }
     if args.configs:
-        pairs = [tuple(pair.split(":")) for pair in args.configs.split(",")]
+        pairs = [(*pair.split(":"), None)[:3] for pair in args.configs.split(",")]
     else:
-        pairs = [(policy, prefetch) for policy in args.policies.split(",") for prefetch in args.prefetch.split(",")]
+        pairs = [(policy, prefetch, None) for policy in args.policies.split(",") for prefetch in args.prefetch.split(",")]
     # Rounds interleave the configurations, and each one's speed-up is taken against LRU/none of the
     # same round: the GPU machine's host speed drifts between runs by up to ~20% (BENCHMARKS.md).
     for budget in args.budgets.split(","):
         for round_ in range(args.rounds):
-            for policy, prefetch in pairs:
-                row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch)
+            for policy, prefetch, floor in pairs:
+                row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch,
+                                 floor=None if floor is None else float(floor))
                 row["round"] = round_
                 base = next((r for r in rows if (r["budget"], r["policy"], r["prefetch"], r.get("round")) == (budget, "lru", "none", round_)), None)
                 if base and "tokens_per_s" in row and "tokens_per_s" in base:
@@ -237,7 +243,7 @@ def main() -> None:
     write_json(args.out, result)
     print_table([r for r in ceiling + summary], [
         ("mode", "mode", "s"),
-        ("budget", "budget", "s"), ("policy", "policy", "s"), ("prefetch", "prefetch", "s"),
+        ("budget", "budget", "s"), ("policy", "policy", "s"), ("prefetch", "prefetch", "s"), ("prefetch_floor", "floor", ".2f"),
         ("capacity_experts", "slots", "d"), ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"),
         ("x_lru_none_min", "min x", ".2f"), ("x_lru_none_max", "max x", ".2f"),
         ("tpot_s", "TPOT s", ".4f"), ("hit_rate", "hit", ".3f"), ("stall_s_per_token", "stall s/tok", ".4f"),
@@ -246,11 +252,11 @@ def main() -> None:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """One row per (budget, policy, prefetch): the median over rounds of each number, and the smallest
-    and largest paired speed-up over LRU/none."""
+    """One row per (budget, policy, prefetch, floor): the median over rounds of each number, and the
+    smallest and largest paired speed-up over LRU/none."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["budget"], row["policy"], row["prefetch"]), []).append(row)
+        groups.setdefault((row["budget"], row["policy"], row["prefetch"], row.get("prefetch_floor")), []).append(row)
     summary = []
     for group in groups.values():
         merged = {**group[0], "rounds": len(group)}

@@ -161,6 +161,27 @@ def test_predict_never_returns_the_current_layer(name):
     assert predicted > 0 or name == "none"
 
 
+def test_prefetch_floor_keeps_only_likelier_experts():
+    trace = random_trace(2, layers=4, experts=8)
+    collection = trace.collection()
+    loose = make_prefetcher("trace", num_layers=4, num_experts=8, top_k=2, collection=collection, floor=0.0)
+    strict = make_prefetcher("trace", num_layers=4, num_experts=8, top_k=2, collection=collection, floor=0.3)
+    assert (loose.min_probability, strict.min_probability) == (0.0, 0.3)
+    for t in range(trace.experts.shape[1]):
+        for layer in range(4):
+            counts = np.bincount(trace.experts[layer, t], minlength=8)
+            for prefetcher in (loose, strict):
+                prefetcher.observe(layer, counts)
+            everything = loose.predict(layer)
+            p = loose.probabilities(everything[0][0])
+            # the strict list is the loose list cut where p falls below the floor
+            assert strict.predict(layer) == [key for key in everything if p[key[1]] >= 0.3]
+    with pytest.raises(MoejaxError, match="--prefetch-floor applies to --prefetch trace or trace\\+lookahead, not 'lookahead'"):
+        make_prefetcher("lookahead", num_layers=2, num_experts=4, top_k=1, floor=0.1)
+    with pytest.raises(MoejaxError, match="--prefetch-floor must be a probability in \\[0, 1\\], got 1.5"):
+        make_prefetcher("trace", num_layers=2, num_experts=4, top_k=1, floor=1.5)
+
+
 def test_unknown_prefetcher_lists_valid_names():
     with pytest.raises(MoejaxError, match="none, lookahead, trace"):
         make_prefetcher("oracle", num_layers=2, num_experts=4, top_k=1)
@@ -291,7 +312,9 @@ def test_cli_lab_json(tmp_path, capsys):
     assert main(args + ["--capacity", "0.25,0.5", "--prefetch-per-layer", "1"]) == 0
     many = json.loads(capsys.readouterr().out)["results"]
     assert [r["capacity_fraction"] for r in many] == [0.25, 0.5]
-    assert many[0]["prefetch_per_layer"] == 1
+    assert many[0]["prefetch_per_layer"] == 1 and many[0]["prefetch_floor"] == 0.02
+    assert main(args + ["--capacity", "0.25", "--prefetch-floor", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["prefetch_floor"] == 0.5
     assert main(["lab", "--traces", str(path), "--capacity", "0.5", "--policy", "lookahead-free", "--json"]) == 2
     assert "--policy 'lookahead-free' is not one of lru, lfu" in capsys.readouterr().err
 

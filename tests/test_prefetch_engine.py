@@ -147,6 +147,10 @@ def test_trace_command_writes_what_engine_and_lab_read(qwen, tmp_path, capsys):
                 "--expert-budget", "0.5", "--prefetch", "trace", "--traces", str(out), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["prefetch"] == "trace" and "prefetch_precision" in stats["total"]
+    assert cli(["generate", str(qwen), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--offload", "cached",
+                "--expert-budget", "0.5", "--prefetch", "trace+lookahead", "--prefetch-floor", "0.4", "--traces", str(out),
+                "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["prefetch"] == "trace+lookahead"
     assert cli(["lab", "--traces", str(out / ROUTING_FILE), "--fit", str(out / ROUTING_FILE), "--capacity", "0.5",
                 "--policy", "activation", "--prefetch", "trace", "--json"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)["hit_rate"] <= 1
@@ -159,6 +163,8 @@ def test_trace_command_writes_what_engine_and_lab_read(qwen, tmp_path, capsys):
         (["--offload", "on-demand", "--prefetch", "trace"], "needs --offload cached"),
         (["--offload", "cached", "--prefetch", "trace", "--prefetch-per-layer", "-1"], "--prefetch-per-layer"),
         (["--offload", "cached", "--cache-policy", "belady"], "lab only"),
+        (["--offload", "cached", "--prefetch-floor", "0.3"], "--prefetch-floor applies to --prefetch trace"),
+        (["--offload", "cached", "--prefetch", "trace", "--prefetch-floor", "2"], "--prefetch-floor must be a probability"),
         (["--offload", "cached", "--prefetch", "trace", "--traces", "/nonexistent/eams.npz"], "/nonexistent/eams.npz"),
     ],
 )

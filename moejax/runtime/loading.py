@@ -47,6 +47,7 @@ def load(
     routing: str | None = None,
     prefetch: str = "none",
     prefetch_per_layer: int | None = None,
+    prefetch_floor: float | None = None,
     traces: str | Path | None = None,
 ) -> Engine:
     """Loads a moejax checkpoint (an encoder-decoder one as a Seq2SeqEngine).
@@ -69,6 +70,8 @@ def load(
         (match the sequence's activations against a trace collection) or 'trace+lookahead' (the trace
         prediction, sharpened by the next router's guess); 'cached' only.
     prefetch_per_layer: most experts prefetched per MoE layer step (default: the model's top-k).
+    prefetch_floor: the trace prefetchers propose only experts whose probability of use is at least
+        this (default 0.02 for 'trace', 0.2 for 'trace+lookahead').
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
         trace prefetcher and the activation policy; without one they start empty and learn from the
         sequences this engine runs (they always do).
@@ -94,8 +97,9 @@ def load(
     if prefetch != "none" and offload != "cached":
         raise MoejaxError(f"--prefetch {prefetch} fills the expert cache: it needs --offload cached (not '{offload}')")
     prefetcher = None
-    if prefetch != "none":
-        prefetcher = make_prefetcher(prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection)
+    if prefetch != "none" or prefetch_floor is not None:
+        prefetcher = make_prefetcher(prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                                     collection=collection, floor=prefetch_floor)
     if prefetch_per_layer is not None and prefetch_per_layer < 0:
         raise MoejaxError(f"--prefetch-per-layer must be >= 0 (got {prefetch_per_layer})")
     if executor == "host-routed" and offload != "resident":

@@ -238,18 +238,28 @@ PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
 
 
 def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
-                    collection: EAMCollection | None = None) -> Prefetcher:
-    """A fresh prefetcher by name (`top_k` is the model's experts per token)."""
+                    collection: EAMCollection | None = None, floor: float | None = None) -> Prefetcher:
+    """A fresh prefetcher by name (`top_k` is the model's experts per token).
+
+    floor: the trace prefetchers propose only experts with p >= floor (`min_probability`; default
+    0.02 for `trace`, 0.2 for `trace+lookahead`): higher favours precision, lower recall.
+    """
+    if floor is not None:
+        if name not in ("trace", "trace+lookahead"):
+            raise MoejaxError(f"--prefetch-floor applies to --prefetch trace or trace+lookahead, not '{name}'")
+        if not 0 <= floor <= 1:
+            raise MoejaxError(f"--prefetch-floor must be a probability in [0, 1], got {floor}")
     if name == "none":
         return NoPrefetcher()
     if name == "lookahead":
         return LookaheadPrefetcher(num_layers)
     if name == "trace":
-        return TracePrefetcher(num_layers, num_experts, collection)
+        return TracePrefetcher(num_layers, num_experts, collection, min_probability=0.02 if floor is None else floor)
     if name == "trace+lookahead":
-        # The floor was chosen on DeepSeek-V2-Lite traces disjoint from the benchmark's (BENCHMARKS.md):
+        # The default floor was chosen on DeepSeek-V2-Lite traces disjoint from the benchmark's (BENCHMARKS.md):
         # the router evidence makes p sharp, and lower floors buy few hits for many more copies.
-        return TracePrefetcher(num_layers, num_experts, collection, use_lookahead=True, min_probability=0.2)
+        return TracePrefetcher(num_layers, num_experts, collection, use_lookahead=True,
+                               min_probability=0.2 if floor is None else floor)
     raise MoejaxError(f"--prefetch '{name}' is not one of {', '.join(PREFETCHERS)}")
 
 
