@@ -46,7 +46,7 @@ PHASES = [
     (expert_runner_module.ExpertRunner, "_prefetch", "runner._prefetch"),
     (cache_module.ExpertCache, "begin_layer", "cache.begin_layer"),
     (cache_module.ExpertCache, "prefetch", "cache.prefetch"),
-    (cache_module.ExpertCache, "ready", "cache.ready (stall included)"),
+    (cache_module.ExpertCache, "wait_for_copies", "cache.wait_for_copies (stall)"),
     (cache_module, "copy_experts", "copy call"),
     (prefetch.TracePrefetcher, "observe", "prefetcher.observe"),
     (prefetch.TracePrefetcher, "predict", "prefetcher.predict"),

@@ -190,14 +190,25 @@ def test_copy_experts_equals_device_put(monkeypatch, fast):
             np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, b: a + b)(copy[name], ref[name])), 2 * np.asarray(ref[name]))
 
 
-def test_prefetch_copies_in_flight_are_capped(monkeypatch):
-    """At most `limit` prefetch copies are unfinished at once; finished ones make room again; a
-    prediction given as a function is only made when there is room."""
+def cache_with_fake_copies(monkeypatch, copy_cls, layer: int, experts: int):
+    """An LRU ExpertCache with one slot per expert of one MoE layer, whose copies are `copy_cls()` objects."""
     import jax
 
     from moejax.models.moe import PackedExpert
     from moejax.runtime import cache as cache_module
     from moejax.runtime.cache import ExpertCache
+
+    monkeypatch.setattr(cache_module, "copy_experts",
+                        lambda weights, sharding: [PackedExpert(copy_cls(), expert.layout) for expert in weights])
+    store = HostExpertStore(jax.devices()[0], expert_bytes=4)
+    for e in range(experts):
+        store.put((layer, e), {"w": np.zeros(1, np.float32)})
+    return ExpertCache(store, experts, make_policy("lru"))
+
+
+def test_prefetch_copies_in_flight_are_capped(monkeypatch):
+    """At most `limit` prefetch copies are unfinished at once; finished ones make room again; a
+    prediction given as a function is only made when there is room."""
 
     class Copy:
         done = False
@@ -205,12 +216,7 @@ def test_prefetch_copies_in_flight_are_capped(monkeypatch):
         def is_ready(self):
             return Copy.done
 
-    monkeypatch.setattr(cache_module, "copy_experts",
-                        lambda experts, sharding: [PackedExpert(Copy(), expert.layout) for expert in experts])
-    store = HostExpertStore(jax.devices()[0], expert_bytes=4)
-    for e in range(8):
-        store.put((1, e), {"w": np.zeros(1, np.float32)})
-    cache = ExpertCache(store, 8, make_policy("lru"))
+    cache = cache_with_fake_copies(monkeypatch, Copy, layer=1, experts=8)
     keys = [(1, e) for e in range(8)]
     assert cache.prefetch(keys, limit=2) == 2
     assert cache.prefetch(keys, limit=2) == 0  # both still copying
@@ -220,6 +226,38 @@ def test_prefetch_copies_in_flight_are_capped(monkeypatch):
     Copy.done = True
     assert cache.prefetch(predict, limit=2) == 2 and len(predictions) == 1
     assert cache.directory.total.prefetch_issued == 4
+
+
+def test_experts_in_flight_are_given_out_at_once_and_waited_for_after(monkeypatch):
+    """`ExpertCache.experts` hands out experts whose copies are in flight without waiting (the device
+    waits for them); `wait_for_copies` then blocks on exactly those copies and counts the stall."""
+    waited = []
+
+    class Copy:
+        def __init__(self):
+            self.done = False
+
+        def is_ready(self):
+            return self.done
+
+        def block_until_ready(self):
+            waited.append(self)
+            self.done = True
+            return self
+
+    cache = cache_with_fake_copies(monkeypatch, Copy, layer=0, experts=4)
+    keys = cache.begin_layer(0, [0, 1])
+    given = cache.experts(keys)
+    assert [expert.flat.done for expert in given] == [False, False] and not waited  # nothing waited for yet
+    cache.end_layer()
+    cache.wait_for_copies(0)
+    assert waited == [expert.flat for expert in given] and cache.transfers[0].stall_s >= 0
+    cache.wait_for_copies(0)  # nothing left in flight: no second wait
+    assert len(waited) == 2
+    keys = cache.begin_layer(0, [0, 1])  # both resident and copied: nothing to wait for
+    cache.experts(keys)
+    cache.wait_for_copies(0)
+    assert len(waited) == 2
 
 
 def test_routing_is_written_to_host_memory():

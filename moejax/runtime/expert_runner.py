@@ -155,7 +155,7 @@ class ExpertRunner:
             keys = cache.begin_layer(moe_layer, wave)
             if n == len(waves) - 1:
                 self._prefetch(moe_layer, counts, lookahead_host, valid_rows)
-            experts = self._pad(cache.ready(keys, moe_layer))
+            experts = self._pad(cache.experts(keys))
             expert_ids = ExpertWave(self._bounds(n), valid, self.num_experts)  # the program finds the ids
             if n < len(waves) - 1:
                 acc = layer_fns.accumulate(moe_in, ids, weights, expert_ids, experts, acc, self.act)
@@ -165,6 +165,7 @@ class ExpertRunner:
         if self.mode in ("on-demand", "dense-offload"):
             cache.clear()
         self.recorder.record(moe_layer, ids_host, valid_rows, lookahead_host)  # while the device computes
+        cache.wait_for_copies(moe_layer)
         return out
 
     def _pad(self, experts: tuple) -> tuple:

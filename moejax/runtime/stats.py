@@ -21,7 +21,7 @@ def cache_stats(mode: str, cache: ExpertCache, store: HostExpertStore, prefetch:
 
     Keys: activations (distinct experts needed per layer step), hits, misses, hit_rate, evictions,
     prefetch_issued / prefetch_used / prefetch_wasted, prefetch_precision, prefetch_recall, bytes_h2d, demand_fetches, prefetch_fetches,
-    streamed, stall_s (seconds the compute waited for copies).
+    streamed, stall_s (seconds the host waited for copies its dispatched compute needed).
     """
     directory = cache.directory
     layers = sorted(set(directory.per_layer) | set(cache.transfers))
