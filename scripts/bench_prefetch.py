@@ -180,6 +180,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench_prefetch.json")
     args = parser.parse_args()
 
+    if args.configs:
+        pairs = [parse_config(config) for config in args.configs.split(",")]
+    else:
+        pairs = [(policy, prefetch, None) for policy in args.policies.split(",") for prefetch in args.prefetch.split(",")]
     cfg = load_card(args.card)
     if args.tiny:
         cfg = tiny_widths(cfg)
@@ -221,17 +225,13 @@ def main() -> None:
         "new_tokens": args.new_tokens, "lookahead_accuracy": args.lookahead_accuracy,
         "expert_bytes": cfg.expert_bytes, "rows": rows, "resident_vs_cached_full": ceiling,
     }
-    if args.configs:
-        pairs = [(*pair.split(":"), None)[:3] for pair in args.configs.split(",")]
-    else:
-        pairs = [(policy, prefetch, None) for policy in args.policies.split(",") for prefetch in args.prefetch.split(",")]
     # Rounds interleave the configurations, and each one's speed-up is taken against LRU/none of the
     # same round: the GPU machine's host speed drifts between runs by up to ~20% (BENCHMARKS.md).
     for budget in args.budgets.split(","):
         for round_ in range(args.rounds):
             for policy, prefetch, floor in pairs:
                 row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch,
-                                 floor=None if floor is None else float(floor))
+                                 floor=floor)
                 row["round"] = round_
                 base = next((r for r in rows if (r["budget"], r["policy"], r["prefetch"], r.get("round")) == (budget, "lru", "none", round_)), None)
                 if base and "tokens_per_s" in row and "tokens_per_s" in base:
@@ -249,6 +249,17 @@ def main() -> None:
         ("tpot_s", "TPOT s", ".4f"), ("hit_rate", "hit", ".3f"), ("stall_s_per_token", "stall s/tok", ".4f"),
         ("gb_per_token", "GB/tok", ".3f"), ("prefetch_precision", "prec", ".2f"), ("prefetch_recall", "recall", ".2f"),
     ])
+
+
+def parse_config(config: str) -> tuple[str, str, float | None]:
+    """'policy:prefetch' or 'policy:prefetch:floor' -> (policy, prefetch, floor or None)."""
+    fields = config.split(":")
+    try:
+        if len(fields) in (2, 3):
+            return fields[0], fields[1], float(fields[2]) if len(fields) == 3 else None
+    except ValueError:
+        pass
+    raise SystemExit(f"--configs: '{config}' is not policy:prefetch or policy:prefetch:floor (a number)")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
