@@ -1,2 +1,0 @@
-export XLA_CLIENT_MEM_FRACTION=0.95 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=40 PYTHONPATH=.
-timeout 570 python scripts/bench_prefetch.py --traces .data/traces/deepseek_v2_lite_prefill.npz --lookahead-accuracy 0.783 --sequences 3 --budgets 0.25 --rounds 3 --configs lru:none,activation:trace+lookahead,activation:trace+lookahead:0.3,activation:trace+lookahead:0.5 --out $OUT/floors.json 2>&1 | grep -v "pinned experts\|Warn" | cut -c1-400 | tail -20
