@@ -98,6 +98,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "code": code_digest(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. the autotuner's level changes speed and rounding
     }
 
 

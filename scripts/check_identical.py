@@ -3,7 +3,14 @@
 Loads a checkpoint (default: the shipped one) in every offloading mode, at the smallest cache budget
 (top_k experts: layers stream their experts through in waves) and at 25%, with each cache policy and
 prefetcher, and compares prompt logits and greedy tokens bit for bit against the resident engine.
-Prints one line per configuration; exits 1 if any differs.
+Prints one line per configuration (with the largest logit difference and whether the tokens match);
+exits 1 if any differs.
+
+On a GPU, XLA's autotuner picks each fused kernel's tiling by timing candidates, once per process,
+and a layer streamed in waves runs other programs (one per wave) than a layer done in one pass, so
+their rounding can differ in a process where the timings chose differently: on the H200 the wave
+budgets differed in 1 of 17 processes (18 of the 102 tuned fusions chose differently between 7
+processes). `XLA_FLAGS=--xla_gpu_autotune_level=0` fixes the choices (BENCHMARKS.md).
 
   PYTHONPATH=. python scripts/check_identical.py [--checkpoint DIR] [--out $OUT/check_identical.json]
 """
@@ -43,8 +50,11 @@ def main() -> int:
         tokens = engine.generate(PROMPTS, max_new_tokens=args.new_tokens, ignore_eos=True).tokens
         if reference is None:
             reference = logits, tokens
-        same = all(np.array_equal(a, b) for a, b in zip(logits, reference[0], strict=True)) and tokens == reference[1]
-        rows.append({**options, "identical": same})
+        logits_diff = max(float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32))))
+                          for a, b in zip(logits, reference[0], strict=True))
+        same_tokens = tokens == reference[1]
+        rows.append({**options, "identical": logits_diff == 0.0 and same_tokens, "logits_max_abs_diff": logits_diff,
+                     "tokens_identical": same_tokens})
         print(rows[-1], flush=True)
         del engine
     write_json(args.out, {"environment": environment(), "checkpoint": args.checkpoint, "configs": rows})
