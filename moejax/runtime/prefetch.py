@@ -68,6 +68,13 @@ class LookaheadPrefetcher(Prefetcher):
         return [(layer + 1, int(e)) for e in experts[order]]
 
 
+PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
+# The trace prefetchers' default probability floors. trace+lookahead's was chosen on DeepSeek-V2-Lite
+# traces disjoint from the benchmark's (BENCHMARKS.md): the router evidence makes p sharp, and lower
+# floors buy few hits for many more copies.
+DEFAULT_FLOORS = {"trace": 0.02, "trace+lookahead": 0.2}
+
+
 class TracePrefetcher(Prefetcher):
     """Trace-based prefetching: the running sequence's EAM matched against the collection (MoE-Infinity),
     sharpened by the experts the token in flight already chose.
@@ -104,7 +111,7 @@ class TracePrefetcher(Prefetcher):
 
     def __init__(self, num_layers: int, num_experts: int, collection: EAMCollection | None = None,
                  horizon: int = 1, prior_tokens: float = 4.0, decay: float = 1.0, top_matches: int = 1,
-                 min_probability: float = 0.02, sequence_weight: float = 0.5, smoothing: float = 0.1,
+                 min_probability: float = DEFAULT_FLOORS["trace"], sequence_weight: float = 0.5, smoothing: float = 0.1,
                  use_transitions: bool = True, use_lookahead: bool = False, guess_prior: float = 1.0):
         if collection is not None and (collection.num_layers, collection.num_experts) != (num_layers, num_experts):
             raise MoejaxError(
@@ -234,18 +241,15 @@ class TracePrefetcher(Prefetcher):
         return list(zip(np.concatenate(layers)[order].tolist(), np.concatenate(experts)[order].tolist()))
 
 
-PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
-
-
 def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
                     collection: EAMCollection | None = None, floor: float | None = None) -> Prefetcher:
     """A fresh prefetcher by name (`top_k` is the model's experts per token).
 
     floor: the trace prefetchers propose only experts with p >= floor (`min_probability`; default
-    0.02 for `trace`, 0.2 for `trace+lookahead`): higher favours precision, lower recall.
+    `DEFAULT_FLOORS`): higher favours precision, lower recall.
     """
     if floor is not None:
-        if name not in ("trace", "trace+lookahead"):
+        if name not in DEFAULT_FLOORS:
             raise MoejaxError(f"--prefetch-floor applies to --prefetch trace or trace+lookahead, not '{name}'")
         if not 0 <= floor <= 1:
             raise MoejaxError(f"--prefetch-floor must be a probability in [0, 1], got {floor}")
@@ -253,13 +257,9 @@ def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
         return NoPrefetcher()
     if name == "lookahead":
         return LookaheadPrefetcher(num_layers)
-    if name == "trace":
-        return TracePrefetcher(num_layers, num_experts, collection, min_probability=0.02 if floor is None else floor)
-    if name == "trace+lookahead":
-        # The default floor was chosen on DeepSeek-V2-Lite traces disjoint from the benchmark's (BENCHMARKS.md):
-        # the router evidence makes p sharp, and lower floors buy few hits for many more copies.
-        return TracePrefetcher(num_layers, num_experts, collection, use_lookahead=True,
-                               min_probability=0.2 if floor is None else floor)
+    if name in DEFAULT_FLOORS:
+        return TracePrefetcher(num_layers, num_experts, collection, use_lookahead=name == "trace+lookahead",
+                               min_probability=DEFAULT_FLOORS[name] if floor is None else floor)
     raise MoejaxError(f"--prefetch '{name}' is not one of {', '.join(PREFETCHERS)}")
 
 
