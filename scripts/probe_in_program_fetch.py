@@ -5,6 +5,9 @@ For a DeepSeek-V2-Lite-sized expert (2048 x 1408 bf16, x3: 17.3 MB) in a stack o
   A  dynamic_index of the host stack + device_put(Space.Device) in the program, then the expert's matvec;
   B  the same inside lax.cond(hit, slab slot, host fetch), missing and hitting;
   C  the matvec straight on the host-memory slice (JAX refuses it at trace time on CPU: mixed memory spaces);
+  D  lax.switch over 64 separate pinned-host expert arrays, the taken branch moving its array to the device;
+  L  a decode layer's routed part: top-6 experts, each from the slab when its slot table entry is >= 0,
+     else fetched from the host stack as in B, with 0, 3 and 6 of the 6 missing;
   R  reference: the expert already on the device (a slot of a device slab).
 Prints ms per call (median of 20, after warm-up) and whether each result equals R. A program that copied
 the whole 1.1 GB stack would take ~22 ms; one that copies the slice, ~0.35 ms at 50 GB/s.
@@ -53,6 +56,23 @@ def cond_fetch(slab, slot, stack, expert, x):
 
 
 @jax.jit
+def switch_fetch(experts, expert, x):
+    return lax.switch(expert, [lambda w=w: ffn(jax.device_put(w, jax.memory.Space.Device), x) for w in experts])
+
+
+@jax.jit
+def layer_step(slab, slots, stack, ids, weights, x):
+    """x [1, D] through experts ids [k] (weights [k]): each from slab[slots[id]] when that is >= 0, else from the host."""
+    out = jnp.zeros((1, F), jnp.float32)
+    for j in range(ids.shape[0]):
+        slot = slots[ids[j]]
+        y = lax.cond(slot >= 0, lambda: ffn(from_device(slab, jnp.maximum(slot, 0)), x),
+                     lambda: ffn(from_host(stack, ids[j]), x))
+        out = out + weights[j] * y.astype(jnp.float32)
+    return out
+
+
+@jax.jit
 def zero_copy(stack, expert, x):
     return ffn(lax.dynamic_index_in_dim(stack, expert, keepdims=False), x)
 
@@ -90,6 +110,22 @@ def main() -> None:
         out, line = timed(name, f, *args)
         same = None if out is None else bool(jnp.array_equal(out, expected))
         print(line, "" if out is None else f"equal={same}", flush=True)
+    experts = [jax.device_put(stack_np[e], on_host) for e in range(E)]
+    out, line = timed("D switch over host arrays", switch_fetch, experts, 2, x)
+    print(line, "" if out is None else f"equal={bool(jnp.array_equal(out, expected))}", flush=True)
+    del experts
+
+    ids = jnp.arange(6, dtype=jnp.int32) * 7  # experts 0, 7, ..., 35
+    weights = jnp.full((6,), 1 / 6, jnp.float32)
+    big_slab = jax.device_put(stack_np[np.asarray(ids)], on_device)  # slot j holds expert ids[j]
+    resident = None
+    for missing in (0, 3, 6):
+        slots = np.full(E, -1, np.int32)
+        slots[np.asarray(ids)[missing:]] = np.arange(missing, 6)
+        out, line = timed(f"L layer, {missing} of 6 missing", layer_step, big_slab, jnp.asarray(slots), stack_host, ids, weights, x)
+        resident = out if missing == 0 else resident
+        same = None if out is None or resident is None else bool(jnp.array_equal(out, resident))
+        print(line, "" if same is None else f"equal={same}", flush=True)
 
 
 if __name__ == "__main__":
