@@ -50,10 +50,11 @@ def main() -> int:
         tokens = engine.generate(PROMPTS, max_new_tokens=args.new_tokens, ignore_eos=True).tokens
         if reference is None:
             reference = logits, tokens
-        logits_diff = max(float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32))))
-                          for a, b in zip(logits, reference[0], strict=True))
+        pairs = list(zip(logits, reference[0], strict=True))
+        same_logits = all(np.array_equal(a, b) for a, b in pairs)
+        logits_diff = max(float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32)))) for a, b in pairs)
         same_tokens = tokens == reference[1]
-        rows.append({**options, "identical": logits_diff == 0.0 and same_tokens, "logits_max_abs_diff": logits_diff,
+        rows.append({**options, "identical": same_logits and same_tokens, "logits_max_abs_diff": logits_diff,
                      "tokens_identical": same_tokens})
         print(rows[-1], flush=True)
         del engine
