@@ -21,6 +21,7 @@ from moejax.runtime.prefetch import Prefetcher, TracePrefetcher
 from scripts import bench_prefetch
 
 RECORDED: list[list[ExpertKey]] = []  # per layer step of the last `record` run: the keys it predicted
+bench_prefetch_make_prefetcher = bench_prefetch.make_prefetcher  # the bench's own, before main() replaces it
 
 
 class RecordingPrefetcher(Prefetcher):
@@ -72,8 +73,6 @@ def make_prefetcher(name: str, **kwargs) -> Prefetcher:
         return FreePrefetcher()
     return bench_prefetch_make_prefetcher(name, **kwargs)
 
-
-bench_prefetch_make_prefetcher = bench_prefetch.make_prefetcher
 
 if __name__ == "__main__":
     bench_prefetch.make_prefetcher = make_prefetcher

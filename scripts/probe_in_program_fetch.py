@@ -50,9 +50,12 @@ def fetch(stack, expert, x):
     return ffn(from_host(stack, expert), x)
 
 
-@jax.jit
-def cond_fetch(slab, slot, stack, expert, x):
+def from_slab_or_host(slab, slot, stack, expert, x):
+    """ffn of `expert`: from slab[slot] when slot >= 0, else fetched from the host stack."""
     return lax.cond(slot >= 0, lambda: ffn(from_device(slab, jnp.maximum(slot, 0)), x), lambda: ffn(from_host(stack, expert), x))
+
+
+cond_fetch = jax.jit(from_slab_or_host)
 
 
 @jax.jit
@@ -65,10 +68,7 @@ def layer_step(slab, slots, stack, ids, weights, x):
     """x [1, D] through experts ids [k] (weights [k]): each from slab[slots[id]] when that is >= 0, else from the host."""
     out = jnp.zeros((1, F), jnp.float32)
     for j in range(ids.shape[0]):
-        slot = slots[ids[j]]
-        y = lax.cond(slot >= 0, lambda: ffn(from_device(slab, jnp.maximum(slot, 0)), x),
-                     lambda: ffn(from_host(stack, ids[j]), x))
-        out = out + weights[j] * y.astype(jnp.float32)
+        out = out + weights[j] * from_slab_or_host(slab, slots[ids[j]], stack, ids[j], x).astype(jnp.float32)
     return out
 
 
@@ -77,8 +77,9 @@ def zero_copy(stack, expert, x):
     return ffn(lax.dynamic_index_in_dim(stack, expert, keepdims=False), x)
 
 
-def timed(name, f, *args):
-    """(f's result or None, a line: median ms of 20 calls after a warm-up, or why f failed)."""
+def report(name, f, args, expected=None):
+    """Times f(*args) (median ms of 20 calls after a warm-up), prints it, with whether the result equals
+    `expected` when given, or why f failed; returns the result or None."""
     try:
         out = f(*args).block_until_ready()
         times = []
@@ -86,9 +87,12 @@ def timed(name, f, *args):
             start = time.perf_counter()
             f(*args).block_until_ready()
             times.append(time.perf_counter() - start)
-        return out, f"{name:28s} {1e3 * np.median(times):8.3f} ms"
     except Exception as err:  # noqa: BLE001 - a probe: report what XLA refuses
-        return None, f"{name:28s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        print(f"{name:28s} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+        return None
+    same = "" if expected is None else f" equal={bool(jnp.array_equal(out, expected))}"
+    print(f"{name:28s} {1e3 * np.median(times):8.3f} ms{same}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -101,31 +105,25 @@ def main() -> None:
     slab = jax.device_put(stack_np[:4], on_device)  # 4 cached experts
     x = jax.device_put(jnp.ones((1, D), jnp.bfloat16), on_device)
 
-    expected, line = timed("R device slot", reference, slab, 2, x)
-    print(line)
-    for name, f, args in [("A in-program fetch", fetch, (stack_host, 2, x)),
-                          ("B cond miss -> fetch", cond_fetch, (slab, -1, stack_host, 2, x)),
-                          ("B cond hit -> slab", cond_fetch, (slab, 2, stack_host, 2, x)),
-                          ("C zero-copy on host", zero_copy, (stack_host, 2, x))]:
-        out, line = timed(name, f, *args)
-        same = None if out is None else bool(jnp.array_equal(out, expected))
-        print(line, "" if out is None else f"equal={same}", flush=True)
+    expected = report("R device slot", reference, (slab, 2, x))
+    report("A in-program fetch", fetch, (stack_host, 2, x), expected)
+    report("B cond miss -> fetch", cond_fetch, (slab, -1, stack_host, 2, x), expected)
+    report("B cond hit -> slab", cond_fetch, (slab, 2, stack_host, 2, x), expected)
+    report("C zero-copy on host", zero_copy, (stack_host, 2, x), expected)
     experts = [jax.device_put(stack_np[e], on_host) for e in range(E)]
-    out, line = timed("D switch over host arrays", switch_fetch, experts, 2, x)
-    print(line, "" if out is None else f"equal={bool(jnp.array_equal(out, expected))}", flush=True)
+    report("D switch over host arrays", switch_fetch, (experts, 2, x), expected)
     del experts
 
-    ids = jnp.arange(6, dtype=jnp.int32) * 7  # experts 0, 7, ..., 35
+    ids = np.arange(6, dtype=np.int32) * 7  # experts 0, 7, ..., 35
     weights = jnp.full((6,), 1 / 6, jnp.float32)
-    big_slab = jax.device_put(stack_np[np.asarray(ids)], on_device)  # slot j holds expert ids[j]
-    resident = None
+    layer_slab = jax.device_put(stack_np[ids], on_device)  # slot j holds expert ids[j]
+    all_resident = None
     for missing in (0, 3, 6):
         slots = np.full(E, -1, np.int32)
-        slots[np.asarray(ids)[missing:]] = np.arange(missing, 6)
-        out, line = timed(f"L layer, {missing} of 6 missing", layer_step, big_slab, jnp.asarray(slots), stack_host, ids, weights, x)
-        resident = out if missing == 0 else resident
-        same = None if out is None or resident is None else bool(jnp.array_equal(out, resident))
-        print(line, "" if same is None else f"equal={same}", flush=True)
+        slots[ids[missing:]] = np.arange(missing, 6)
+        args = (layer_slab, jax.device_put(slots, on_device), stack_host, jax.device_put(ids, on_device), weights, x)
+        out = report(f"L layer, {missing} of 6 missing", layer_step, args, all_resident)
+        all_resident = out if missing == 0 else all_resident
 
 
 if __name__ == "__main__":
