@@ -10,6 +10,10 @@ be replayed, since the traces hold no hidden states: its guess is simulated from
 recorded experts, each right with probability --lookahead-accuracy (the accuracy measured on
 moejax's own trained model by `moejax trace`); its router still runs on the GPU, so its cost is real.
 
+Policy `belady` (Belady's MIN, offline optimal eviction) is told the replayed routing ahead of time;
+with `--lookahead-accuracy 1.0` its lookahead prefetch is a perfect next-layer prediction: together
+the ceiling of every online policy and prefetcher in this engine.
+
 Per budget, policy and prefetcher: a warm-up sequence, then --sequences recorded sequences of the
 evaluation part (the trace collection is fitted on other sequences), each a --prompt-len token
 prompt and --new-tokens decoded tokens, one engine for all of them (the cache stays warm). With
@@ -37,7 +41,7 @@ from moejax.progress import Progress
 from moejax.runtime.engine import Engine, GenerationConfig
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.loading import expert_runner, reserved_kv_bytes
-from moejax.runtime.policies import make_policy
+from moejax.runtime.policies import Belady, make_policy
 from moejax.runtime.prefetch import make_prefetcher
 from moejax.runtime.store import HostExpertStore
 from moejax.runtime.trace import load_routing
@@ -88,6 +92,20 @@ class TraceReplay:
         return ids, lookahead, staged
 
 
+def belady_future(replay: TraceReplay, starts: list[int], capacity: int):
+    """(MoE layer, experts needed) for every layer step the engine will run over the sequences
+    beginning at `starts` (warm-up included), a layer's experts in waves of at most `capacity` as
+    the engine runs them: Belady's future, so the bench can time the offline optimal eviction as the
+    ceiling of every online policy."""
+    for offset in starts:
+        for n in replay.step_tokens:
+            for layer in range(len(replay.experts)):
+                needed = np.unique(replay.experts[layer, offset : offset + n]).tolist()
+                for first in range(0, max(len(needed), 1), capacity):  # a step needing none is one empty wave
+                    yield layer, needed[first : first + capacity]
+            offset += n
+
+
 def build_store(cfg, device) -> HostExpertStore:
     """Pinned host experts for every MoE layer: copies of one layer's worth of random experts."""
     store = HostExpertStore(device, cfg.expert_bytes)
@@ -111,7 +129,10 @@ def run_config(cfg, globals_, layers, store, collection, replay, starts, args, b
     try:
         runner = expert_runner(
             cfg, store, mode, budget,
-            make_policy(policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection),
+            # Belady's future depends on the cache's capacity (a layer too big for it runs in waves):
+            # it replaces a placeholder policy once the cache exists, before the first step.
+            make_policy("lru" if policy == "belady" else policy, num_layers=num_moe, num_experts=cfg.num_experts,
+                        collection=collection),
             0, reserved_kv_bytes(cfg, 1, 256),
             prefetcher=None if prefetch == "none" else make_prefetcher(
                 prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection,
@@ -121,6 +142,8 @@ def run_config(cfg, globals_, layers, store, collection, replay, starts, args, b
     except MoejaxError as err:
         return {"budget": budget, "policy": policy, "prefetch": prefetch, "prefetch_floor": floor, "skipped": str(err)}
     runner.replay = replay
+    if policy == "belady":
+        runner.cache.directory.policy = Belady(belady_future(replay, starts, runner.cache.capacity))
     engine = Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner))
     config = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
     prompt = list(range(1, args.prompt_len + 1))

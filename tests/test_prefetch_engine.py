@@ -216,6 +216,36 @@ def test_benchmark_replay_overrides_routing(qwen):
     assert outputs[0] == outputs[1]
 
 
+def test_benchmark_belady_follows_the_engine_steps(qwen):
+    """scripts/bench_prefetch.py's ceiling: Belady's future built from the replay is exactly the
+    sequence of layer steps the engine runs (else Belady refuses), and it misses no more than LRU."""
+    from scripts.bench_prefetch import TraceReplay, belady_future
+
+    from moejax.runtime.policies import Belady
+
+    cfg = checkpoint.load_config(qwen)
+    rng = np.random.default_rng(1)
+    layers, tokens = len(cfg.moe_layer_ids), 60
+    recorded = np.stack([np.stack([rng.choice(cfg.num_experts, cfg.top_k, replace=False) for _ in range(tokens)])
+                         for _ in range(layers)]).astype(np.int16)
+    starts, prompt = [3, 20, 41], [1, 2, 3, 4, 5, 6, 7, 8]
+    outputs, misses = {}, {}
+    for policy in ("lru", "belady"):
+        engine = moejax.load(qwen, offload="cached", expert_budget="0.25", prefetch="lookahead")
+        runner = engine.executor.runner
+        replay = TraceReplay(recorded, recorded, [len(prompt)] + [1] * 4, jax.devices()[0])
+        runner.replay = replay
+        if policy == "belady":
+            runner.cache.directory.policy = Belady(belady_future(replay, starts, runner.cache.capacity))
+        outputs[policy] = []
+        for start in starts:
+            replay.start(start)
+            outputs[policy].append(engine.generate([prompt], max_new_tokens=5, ignore_eos=True).tokens)
+        misses[policy] = engine.executor.stats()["total"]["misses"]
+    assert outputs["belady"] == outputs["lru"]
+    assert misses["belady"] <= misses["lru"]
+
+
 def test_trace_refuses_too_long_prompts_before_running(qwen, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt_ids": [1, 2, 3]}\n{"prompt_ids": [4, 5, 6, 7, 8, 9]}\n')

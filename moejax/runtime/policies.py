@@ -306,7 +306,8 @@ POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (LRU, LFU, FI
 def make_policy(name: str, *, num_layers: int | None = None, num_experts: int | None = None,
                 collection=None, future=None) -> CachePolicy:
     """A fresh policy by name. activation needs num_layers and num_experts (collection optional);
-    belady needs `future`, the whole access sequence (so only the policy lab can run it)."""
+    belady needs `future`, the whole access sequence (so only the policy lab and benchmarks, which replay
+    known routing, can run it)."""
     if name not in POLICIES:
         raise MoejaxError(f"--cache-policy '{name}' is not one of {', '.join(POLICIES)}")
     if name == "activation":
