@@ -39,6 +39,7 @@ from moejax.errors import MoejaxError
 from moejax.lab import simulate_lookahead
 from moejax.progress import Progress
 from moejax.runtime.engine import Engine, GenerationConfig
+from moejax.runtime.expert_runner import split_waves
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.loading import expert_runner, reserved_kv_bytes
 from moejax.runtime.policies import Belady, make_policy
@@ -67,14 +68,16 @@ class TraceReplay:
         self.cursor = self.offset = 0
         self.staged: dict[tuple[int, int, int], jax.Array] = {}  # (layer, first token, tokens) -> ids on the device
 
+    def steps(self, token: int) -> list[tuple[int, int]]:
+        """(first token, tokens) of each step of the sequence that begins at `token`."""
+        firsts = token + np.concatenate([[0], np.cumsum(self.step_tokens)[:-1]])
+        return list(zip(firsts.tolist(), self.step_tokens, strict=True))
+
     def start(self, token: int) -> None:
         self.cursor = token
         if self.step_tokens is None:
             return
-        keys, offset = [], token
-        for n in self.step_tokens:
-            keys += [(layer, offset, n) for layer in range(len(self.experts))]
-            offset += n
+        keys = [(layer, first, n) for first, n in self.steps(token) for layer in range(len(self.experts))]
         arrays = [self.experts[layer, first : first + n].astype(np.int32) for layer, first, n in keys]
         self.staged = dict(zip(keys, jax.device_put(arrays, self.device), strict=True))
 
@@ -97,13 +100,11 @@ def belady_future(replay: TraceReplay, starts: list[int], capacity: int):
     beginning at `starts` (warm-up included), a layer's experts in waves of at most `capacity` as
     the engine runs them: Belady's future, so the bench can time the offline optimal eviction as the
     ceiling of every online policy."""
-    for offset in starts:
-        for n in replay.step_tokens:
+    for start in starts:
+        for first, n in replay.steps(start):
             for layer in range(len(replay.experts)):
-                needed = np.unique(replay.experts[layer, offset : offset + n]).tolist()
-                for first in range(0, max(len(needed), 1), capacity):  # a step needing none is one empty wave
-                    yield layer, needed[first : first + capacity]
-            offset += n
+                for wave in split_waves(np.unique(replay.experts[layer, first : first + n]).tolist(), capacity):
+                    yield layer, wave
 
 
 def build_store(cfg, device) -> HostExpertStore:

@@ -191,6 +191,13 @@ def test_bad_prompt_file_is_a_one_line_error(qwen, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def random_routing(cfg, tokens: int, seed: int) -> np.ndarray:
+    """int16 [MoE layers, tokens, top_k]: distinct random experts per token and layer, as a trace records them."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.stack([rng.choice(cfg.num_experts, cfg.top_k, replace=False) for _ in range(tokens)])
+                     for _ in cfg.moe_layer_ids]).astype(np.int16)
+
+
 def test_benchmark_replay_overrides_routing(qwen):
     """scripts/bench_prefetch.py's router override: the engine runs (and records) the replayed routing."""
     from scripts.bench_prefetch import TraceReplay
@@ -198,9 +205,7 @@ def test_benchmark_replay_overrides_routing(qwen):
     engine = moejax.load(qwen, offload="cached", expert_budget="0.5", prefetch="lookahead")
     cfg = engine.cfg
     layers, tokens = len(cfg.moe_layer_ids), 40
-    rng = np.random.default_rng(0)
-    recorded = np.stack([np.stack([rng.choice(cfg.num_experts, cfg.top_k, replace=False) for _ in range(tokens)])
-                         for _ in range(layers)]).astype(np.int16)
+    recorded = random_routing(cfg, tokens, seed=0)
     outputs = []
     # Replayed ids copied with each call, then staged on the device before the run (the prompt's 8
     # rows are padded to 16, so its step still copies them; the decode steps take the staged ids).
@@ -226,10 +231,7 @@ def test_benchmark_belady_follows_the_engine_steps(qwen, budget):
     from moejax.runtime.policies import Belady
 
     cfg = checkpoint.load_config(qwen)
-    rng = np.random.default_rng(1)
-    layers, tokens = len(cfg.moe_layer_ids), 60
-    recorded = np.stack([np.stack([rng.choice(cfg.num_experts, cfg.top_k, replace=False) for _ in range(tokens)])
-                         for _ in range(layers)]).astype(np.int16)
+    recorded = random_routing(cfg, tokens=60, seed=1)
     starts, prompt = [3, 20, 41], [1, 2, 3, 4, 5, 6, 7, 8]
     outputs, misses = {}, {}
     for policy in ("lru", "belady"):

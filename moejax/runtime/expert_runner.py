@@ -55,6 +55,12 @@ Finish = Callable[..., jax.Array]
 Replay = Callable[..., tuple[np.ndarray, np.ndarray | None, jax.Array | None]]
 
 
+def split_waves(needed: list[int], capacity: int) -> list[list[int]]:
+    """A layer step's experts in the waves the runner computes them in: `capacity` at a time, in
+    order (a step needing none is one empty wave)."""
+    return [needed[j : j + capacity] for j in range(0, len(needed), capacity)] or [[]]
+
+
 class ExpertRunner:
     def __init__(self, store: HostExpertStore, mode: str, num_experts: int, act: str,
                  capacity: int | None = None, policy: CachePolicy | None = None, *,
@@ -146,7 +152,7 @@ class ExpertRunner:
         needed = [int(e) for e in np.flatnonzero(counts)]
         cache = self.cache
         acc = self._zero_acc(moe_in.shape)
-        waves = [needed[j : j + cache.capacity] for j in range(0, len(needed), cache.capacity)] or [[]]
+        waves = split_waves(needed, cache.capacity)
         valid = self._valid_on_device(valid_rows)
         if self.mode == "dense-offload":
             chosen = set(needed)
