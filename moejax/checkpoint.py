@@ -10,17 +10,16 @@ Layout of a checkpoint directory:
                              moejax.models.moe for their plain expert kind)
     tokenizer.json ...       tokenizer files, when the source had them
 
-Writers build the whole directory under a temporary name and rename it at the end, so an
-interrupted or failed write never leaves a partial checkpoint behind.
+Writers build the whole directory under a temporary name and rename it at the end
+(moejax.outputs.atomic_directory), so an interrupted or failed write never leaves a partial
+checkpoint behind. Orbax's save and restore run to their end before Ctrl-C or SIGTERM takes effect:
+interrupted midway, its asynchronous machinery leaves threads and event loops behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ import numpy as np
 from moejax.config import ModelConfig, read_config_json
 from moejax.encdec_config import EncDecConfig, is_encdec_json
 from moejax.errors import MoejaxError
+from moejax.interrupts import uninterrupted
+from moejax.outputs import atomic_directory
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -55,7 +56,8 @@ def save_group(root: Path, group: tuple, tree: dict) -> None:
     """Writes one group (a nested dict of NumPy arrays)."""
     path = group_dir(root, group)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _checkpointer().save(path.absolute(), tree)
+    with uninterrupted():
+        _checkpointer().save(path.absolute(), tree)
 
 
 def load_group(root: Path, group: tuple) -> dict:
@@ -64,28 +66,18 @@ def load_group(root: Path, group: tuple) -> dict:
     if not path.is_dir():
         raise MoejaxError(f"{root}: checkpoint lacks {path.relative_to(root)}")
     try:
-        return _checkpointer().restore(path.absolute())
+        with uninterrupted():
+            return _checkpointer().restore(path.absolute())
     except Exception as err:  # orbax raises many types; the user needs the path
         raise MoejaxError(f"{path}: cannot read checkpoint group ({type(err).__name__}: {err})") from None
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary directory that becomes `out_dir` only if the block succeeds."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise MoejaxError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` looks like a moejax checkpoint directory (what `--overwrite` may replace)."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / "globals").is_dir()
+
+
+CHECKPOINT_OUTPUT = ("moejax checkpoint", is_checkpoint)
 
 
 def load_config(ckpt: Path) -> ModelConfig | EncDecConfig:
@@ -127,7 +119,7 @@ def save_checkpoint(
 ) -> None:
     """Writes a whole model held in memory (stacked experts per layer) as a checkpoint."""
     to_numpy = lambda tree: _map_arrays(tree, lambda a: np.asarray(a, dtype=cfg.np_dtype))  # noqa: E731
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, inputs=(tokenizer_dir,), replaceable=CHECKPOINT_OUTPUT) as tmp:
         save_group(tmp, ("globals",), to_numpy(globals_))
         for i, layer in enumerate(layers):
             save_group(tmp, ("layer", i), to_numpy(layer))

@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from moejax.errors import MoejaxError
+from moejax.interrupts import stop_like_ctrl_c
+from moejax.outputs import check_output, refuse_overlap
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-moe"
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated after each prompt")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--limit", type=int, help="trace only the first N prompts")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier trace in --out")
     p.add_argument("--max-prompt-tokens", type=int, help="keep the first N tokens of each prompt")
     add_offload_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -262,6 +266,8 @@ def cmd_lab(args) -> int:
         raise MoejaxError(f"--capacity must be fractions separated by commas, got {args.capacity!r}") from None
     from moejax.runtime.policies import POLICIES
 
+    if args.plot is not None:
+        refuse_overlap(args.plot, [args.traces, args.fit])
     if args.policy not in POLICIES:
         raise MoejaxError(f"--policy '{args.policy}' is not one of {', '.join(POLICIES)}")
     trace = load_routing(args.traces)
@@ -295,17 +301,19 @@ def cmd_lab(args) -> int:
 
 def cmd_trace(args) -> int:
     from moejax.runtime.engine import GenerationConfig
-    from moejax.tracing import prepare_prompts, read_prompts, trace_prompts, write_traces
+    from moejax.tracing import TRACE_OUTPUT, prepare_prompts, read_prompts, trace_prompts, write_traces
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens)):
         if value is not None and value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
+    inputs = (args.checkpoint, args.prompts, args.traces)
+    check_output(args.out, inputs, args.overwrite, TRACE_OUTPUT)
     prompts = read_prompts(args.prompts)[: args.limit]
     engine = load_engine(args)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     prompts = prepare_prompts(engine, prompts, args.prompts, args.max_new_tokens, args.max_prompt_tokens)
     trace, collection, summary = trace_prompts(engine, prompts, config, args.batch_size, show_progress=not args.quiet)
-    write_traces(args.out, trace, collection, summary)
+    write_traces(args.out, trace, collection, summary, args.overwrite, inputs)
     accuracy = summary.get("lookahead_accuracy")
     print(f"wrote {args.out}: {summary['sequences']} sequences, {summary['tokens']} tokens x {summary['moe_layers']} MoE layers"
           + ("" if accuracy is None else f"; lookahead guess accuracy {accuracy * 100:.1f}%"))
@@ -320,14 +328,16 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with stop_like_ctrl_c():  # SIGTERM and SIGHUP clean up as Ctrl-C does
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
     except MoejaxError as err:
         print(f"moejax: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("moejax: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print("moejax: interrupted" if signum == signal.SIGINT else f"moejax: stopped by {stop}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`moejax trace`: run a prompt file through the engine and keep the experts every token activated.
 
-Writes three files into the output directory, each atomically:
+Writes the output directory all at once (built under a temporary name, then renamed), with three files:
   eams.npz      the activation-matrix collection (one EAM [MoE layers, experts] per prompt, with its
                 task), which `--prefetch trace`, `--cache-policy activation` and `moejax lab --fit` read;
   routing.npz   per-token routing: experts [MoE layers, tokens, k] of all sequences concatenated, with
@@ -12,19 +12,20 @@ Writes three files into the output directory, each atomically:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from moejax.errors import MoejaxError
+from moejax.outputs import atomic_directory
 from moejax.progress import Progress
 from moejax.runtime.engine import Engine, GenerationConfig
 from moejax.runtime.recorder import EAMS_FILE, NO_PREDICTION, ROUTING_FILE
 from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts
 
 SUMMARY_FILE = "summary.json"
+TRACE_FILES = (EAMS_FILE, ROUTING_FILE, SUMMARY_FILE)
 
 
 def read_prompts(path: Path) -> list[tuple[str | list[int], str | None]]:
@@ -148,12 +149,21 @@ def summarize(trace: RoutingTrace, collection: EAMCollection) -> dict:
     return summary
 
 
-def write_traces(out_dir: Path, trace: RoutingTrace, collection: EAMCollection, summary: dict) -> None:
-    """Writes routing.npz, eams.npz and summary.json into out_dir, each by write-then-rename."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trace.save(out_dir / ROUTING_FILE)
-    collection.save(out_dir / EAMS_FILE)
-    tmp = out_dir / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, out_dir / SUMMARY_FILE)
+def is_trace_directory(path: Path) -> bool:
+    """Whether `path` holds only what `moejax trace` writes (what `--overwrite` may replace)."""
+    return Path(path).is_dir() and all(entry.name in TRACE_FILES for entry in Path(path).iterdir())
+
+
+TRACE_OUTPUT = ("trace directory", is_trace_directory)
+
+
+def write_traces(
+    out_dir: Path, trace: RoutingTrace, collection: EAMCollection, summary: dict, overwrite: bool = False, inputs=()
+) -> None:
+    """Writes routing.npz, eams.npz and summary.json as the directory `out_dir`, all at once: built under a
+    temporary name and renamed at the end. overwrite: replace an earlier trace directory; inputs: the
+    files the trace was made from (checkpoint, prompt file, traces), which `out_dir` may not touch."""
+    with atomic_directory(out_dir, overwrite, inputs, TRACE_OUTPUT) as tmp:
+        trace.save(tmp / ROUTING_FILE)
+        collection.save(tmp / EAMS_FILE)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tarfile
 import tempfile
@@ -32,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import moejax
-from moejax.checkpoint import save_checkpoint
+from moejax.checkpoint import CHECKPOINT_OUTPUT, save_checkpoint
 from moejax.config import ModelConfig
 from moejax.errors import MoejaxError
 from moejax.models.decoder import init_params, parameter_counts
+from moejax.outputs import atomic_file, check_output
 from moejax.progress import Progress
 from moejax.train.bpe import BOS_ID, EOS_ID, train_bpe_tokenizer, write_tokenizer_files
 from moejax.train.corpus import DEFAULT_CORPUS, pack, read_documents, split_documents, windows
@@ -111,24 +111,10 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def write_atomically(path: Path, write) -> None:
-    """Calls write(temporary path), then renames the result to `path`."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_tar(src_dir: Path, tar_path: Path) -> None:
     """A gzipped tar of src_dir (gzip mostly shrinks the headers and padding of its many small files)."""
-
-    def write(tmp):
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(src_dir, arcname=src_dir.name)
-
-    write_atomically(tar_path, write)
+    with atomic_file(tar_path) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        tar.add(src_dir, arcname=src_dir.name)
 
 
 def load_stats(load: np.ndarray) -> dict:
@@ -164,8 +150,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
     deadline = start + args.max_seconds - args.reserve_seconds
-    if args.checkpoint.exists() and not args.overwrite:
-        raise MoejaxError(f"{args.checkpoint}: already exists (pass --overwrite to replace it)")
+    check_output(args.checkpoint, args.corpus or DEFAULT_CORPUS, args.overwrite, CHECKPOINT_OUTPUT)
     log(f"devices: {jax.devices()}")
 
     docs = split_documents(read_documents(args.corpus or list(DEFAULT_CORPUS)))
@@ -232,7 +217,8 @@ def main(argv=None) -> int:
             "sample": {"prompt": SAMPLE_PROMPT, "greedy_text": sample.text[0]},
             "total_seconds": time.perf_counter() - start,
         }
-        write_atomically(args.artifacts / f"{name}.train.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+        with atomic_file(args.artifacts / f"{name}.train.json") as tmp:
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
         log(f"artifacts: {args.artifacts / (name + '.tar.gz')}, {args.artifacts / (name + '.train.json')}")
     log(f"done in {time.perf_counter() - start:.0f}s")
     return 0

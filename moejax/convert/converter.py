@@ -21,6 +21,7 @@ from moejax.convert.families.common import Target
 from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header, read_tensor
 from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError
+from moejax.outputs import atomic_directory, check_output
 from moejax.progress import Progress
 
 # Buffers some checkpoints carry that are recomputed from the config.
@@ -93,6 +94,7 @@ def validate(targets: dict[str, Target], tensors: dict[str, TensorInfo], cfg, ig
 def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bool = False, show_progress: bool = True):
     """Converts `hf_dir` into a moejax checkpoint at `out_dir`; returns its ModelConfig or EncDecConfig."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output(out_dir, [hf_dir], overwrite, checkpoint.CHECKPOINT_OUTPUT)
     cfg, targets = hf_model_config(hf_dir, dtype)
     tensors = index_tensors(hf_dir)
     fam = family(cfg.family)
@@ -107,7 +109,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
         groups[target.group].append(name)
     total_bytes = sum(tensors[n].nbytes for n in targets)
     progress = Progress("convert", total_bytes, unit="B", enabled=show_progress, stream=sys.stderr)
-    with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, [hf_dir], checkpoint.CHECKPOINT_OUTPUT) as tmp:
         for group, names in groups.items():
             tree: dict = {}
             for name in names:

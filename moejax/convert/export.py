@@ -21,7 +21,19 @@ from moejax.convert.families.common import common_hf_config
 from moejax.convert.safetensors_file import write_file
 from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError
+from moejax.outputs import atomic_directory, check_output
 from moejax.progress import Progress
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    """Whether `path` looks like a HF safetensors checkpoint (what `--overwrite` may replace)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    )
+
+
+HF_CHECKPOINT_OUTPUT = ("HF checkpoint", is_hf_checkpoint)
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -32,6 +44,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 def export(ckpt: Path, hf_dir: Path, overwrite: bool = False, show_progress: bool = True) -> ModelConfig:
     """Writes the checkpoint at `ckpt` as a HF checkpoint directory `hf_dir`; returns its ModelConfig."""
     ckpt, hf_dir = Path(ckpt), Path(hf_dir)
+    check_output(hf_dir, [ckpt], overwrite, HF_CHECKPOINT_OUTPUT)
     cfg = checkpoint.load_config(ckpt)
     if isinstance(cfg, EncDecConfig):
         raise MoejaxError(f"{ckpt}: exporting encoder-decoder checkpoints ({cfg.family}) is not supported")
@@ -56,7 +69,7 @@ def export(ckpt: Path, hf_dir: Path, overwrite: bool = False, show_progress: boo
         progress.advance(1)
     progress.close()
 
-    with checkpoint.atomic_directory(hf_dir, overwrite) as tmp:
+    with atomic_directory(hf_dir, overwrite, [ckpt], HF_CHECKPOINT_OUTPUT) as tmp:
         write_file(tmp / "model.safetensors", {name: tensors[name] for name in sorted(tensors)}, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=1) + "\n")
         checkpoint.copy_tokenizer_files(ckpt, tmp)

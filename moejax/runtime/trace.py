@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from moejax.errors import MoejaxError
+from moejax.outputs import atomic_file
 
 COLLECTION_FORMAT = 1
 ROUTING_FORMAT = 1
@@ -27,18 +27,10 @@ ROUTING_FORMAT = 1
 
 def write_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """Writes `arrays` to `path` as an uncompressed npz; the old file survives any failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
