@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("hf_dir", type=Path)
     p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it exists")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="most bytes of one safetensors file, e.g. 5GB (the default), 500MB, 2GiB")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("info", help="architecture, parameter counts and sizes of a checkpoint")
@@ -153,8 +155,11 @@ def cmd_convert(args) -> int:
 
 def cmd_export(args) -> int:
     from moejax.convert.export import export
+    from moejax.sizes import parse_size
 
-    cfg = export(args.checkpoint, args.hf_dir, overwrite=args.overwrite, show_progress=not args.quiet)
+    max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
+    cfg = export(args.checkpoint, args.hf_dir, overwrite=args.overwrite, show_progress=not args.quiet,
+                 max_shard_size=max_shard_size)
     print(f"wrote {args.hf_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype})")
     return 0
 

@@ -157,7 +157,7 @@ def slow(*args, **kwargs):
 setattr(owner, name, slow)
 sys.exit(main(sys.argv[2:]))
 """
-SLOWED = {"convert": "moejax.checkpoint:save_group", "export": "moejax.convert.export:write_file",
+SLOWED = {"convert": "moejax.checkpoint:save_group", "export": "moejax.convert.export:write_tensors",
           "trace": "moejax.runtime.trace:RoutingTrace.save"}
 
 

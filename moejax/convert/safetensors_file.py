@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 from moejax.errors import MoejaxError
+from moejax.outputs import atomic_file
 
 NUMPY_DTYPES = {
     "F64": np.dtype(np.float64),
@@ -34,6 +35,12 @@ NUMPY_DTYPES = {
 }
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # {"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}
+
+
+def tensor_bytes(dtype: np.dtype, shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +53,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return tensor_bytes(self.dtype, self.shape)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -100,37 +107,47 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
     return np.frombuffer(data, dtype=info.dtype).reshape(info.shape).copy()
 
 
-def write_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Writes tensors (in insertion order) atomically: to a temporary name, then renamed."""
-    path = Path(path)
+def write_tensors(
+    path: Path,
+    specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+    arrays: Iterable[np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes a safetensors file one tensor at a time, atomically (a temporary name, then renamed).
+
+    specs: (name, dtype, shape) of every tensor, in file order, from which the header is written
+    first; arrays: the tensors in that order, each checked against its spec. Only the array being
+    written is held, so `arrays` may read them lazily."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
     offset = 0
-    for name, array in tensors.items():
-        if array.dtype not in SAFETENSORS_DTYPES:
-            raise MoejaxError(f"cannot write tensor '{name}' of dtype {array.dtype} to safetensors")
-        header[name] = {
-            "dtype": SAFETENSORS_DTYPES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
+    for name, dtype, shape in specs:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise MoejaxError(f"cannot write tensor '{name}' of dtype {dtype} to safetensors")
+        nbytes = tensor_bytes(dtype, shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
-    os.replace(tmp, path)
+        for (name, dtype, shape), array in zip(specs, arrays, strict=True):
+            if array.dtype != dtype or array.shape != tuple(shape):
+                raise MoejaxError(f"tensor '{name}' is {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}")
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+
+
+def write_file(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors (in insertion order) atomically: to a temporary name, then renamed."""
+    write_tensors(path, [(name, array.dtype, array.shape) for name, array in tensors.items()], tensors.values(), metadata)
 
 
 def checkpoint_files(hf_dir: Path) -> list[Path]:
     """The safetensors files of a HF checkpoint: listed by model.safetensors.index.json, or the single file."""
     hf_dir = Path(hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
+    index = hf_dir / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -143,7 +160,7 @@ def checkpoint_files(hf_dir: Path) -> list[Path]:
         if missing:
             raise MoejaxError(f"{index}: lists missing shard(s) {', '.join(missing)}")
         return files
-    single = hf_dir / "model.safetensors"
+    single = hf_dir / SINGLE_FILE
     if single.is_file():
         return [single]
     raise MoejaxError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
