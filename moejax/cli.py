@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from moejax import SHIPPED_CHECKPOINT, __version__
 from moejax.errors import MoejaxError
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-moe"
+DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02 for trace, 0.2 for trace+lookahead; higher: fewer, surer copies)")
 
@@ -34,6 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moejax", description="Serve Mixture-of-Experts models on small GPUs.")
+    parser.add_argument("--version", action="version", version=f"moejax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a HuggingFace checkpoint (safetensors) to a moejax checkpoint")
