@@ -208,6 +208,7 @@ def _mib(n: int) -> str:
 def cmd_generate(args) -> int:
     from moejax import checkpoint
     from moejax.encdec_config import EncDecConfig
+    from moejax.runtime.compilation import on_first_compile
     from moejax.runtime.engine import GenerationConfig
     from moejax.runtime.sampling import SamplingParams
 
@@ -236,10 +237,11 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
     tasks = [args.task] * len(prompts)
-    if seq2seq:
-        result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id, tasks=tasks)
-    else:
-        result = engine.generate(prompts, config, tasks=tasks)
+    with on_first_compile(lambda: print("compiling...", file=sys.stderr, flush=True)):
+        if seq2seq:
+            result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id, tasks=tasks)
+        else:
+            result = engine.generate(prompts, config, tasks=tasks)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
@@ -249,7 +251,8 @@ def cmd_generate(args) -> int:
     from moejax.runtime.stats import summary_line
 
     t = result.timing
-    print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s "
+          f"(compilation apart: {t.compile_s:.2f} s)", file=sys.stderr)
     print(summary_line(result.stats, sum(len(tokens) for tokens in result.tokens)), file=sys.stderr)
     return 0
 

@@ -9,7 +9,6 @@ and each decoder layer's cross-attention K/V is computed once per batch.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 
 import jax
@@ -20,6 +19,7 @@ from moejax.errors import MoejaxError
 from moejax.models.capacity import capacity_for
 from moejax.models.encdec import RouteInputs
 from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
+from moejax.runtime.compilation import compile_seconds, run_clock
 from moejax.runtime.encdec_executors import EncDecExecutor, EncoderState
 from moejax.runtime.engine import Engine, GenerationConfig, GenerationResult, Prompt, _prefill_inputs, record_tokens
 from moejax.runtime.sampling import sample
@@ -114,6 +114,7 @@ class Seq2SeqEngine(Engine):
         `overrides` are GenerationConfig fields, e.g. `generate("Hi", max_new_tokens=8)`.
         """
         config = dataclasses.replace(config or GenerationConfig(), **overrides)
+        compile_start = compile_seconds()
         forced = self.forced_token(target_lang, forced_bos_id)
         ids = self.encode(sources)
         n = len(ids)
@@ -122,7 +123,7 @@ class Seq2SeqEngine(Engine):
 
         self.executor.reset_stats()
         self.executor.start_sequences(batch_bucket(n), n, tasks)
-        start = time.perf_counter()
+        start = run_clock()
         state, batch = self._encode_batch(ids)
         kv = self.executor.new_kv_caches(batch, cache_bucket(config.max_new_tokens))
         rows = np.arange(batch, dtype=np.int32)
@@ -133,7 +134,7 @@ class Seq2SeqEngine(Engine):
         reasons = ["length"] * n
         step_times = []
         for step in range(config.max_new_tokens):
-            step_start = time.perf_counter()
+            step_start = run_clock()
             route = self._route(~finished[:, None], real[:, None], n if self.cfg.capacity_group == "batch" else 1)
             positions = np.full((batch, 1), step, np.int32)
             logits, kv = self.executor.decode(inputs[:, None], kv, state, positions, route, np.zeros(batch, np.int32))
@@ -142,14 +143,13 @@ class Seq2SeqEngine(Engine):
             else:
                 next_tokens = np.asarray(sample(logits, key, step, rows, config.sampling))
             if step == 0:
-                ttft = time.perf_counter() - start
+                ttft = run_clock() - start
             else:
-                step_times.append(time.perf_counter() - step_start)
+                step_times.append(run_clock() - step_start)
             # Sequences already finished are fed the pad token, as transformers does.
             inputs = np.where(finished, self._pad_id, next_tokens).astype(np.int32)
             record_tokens(next_tokens, finished, generated, reasons, stops)
             if finished.all():
                 break
-        total = time.perf_counter() - start
         self.executor.end_sequences()
-        return self._result(generated, reasons, ttft, step_times, total)
+        return self._result(generated, reasons, ttft, step_times, compile_seconds() - compile_start)
