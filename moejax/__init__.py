@@ -2,7 +2,7 @@
 
     import moejax
     engine = moejax.load(moejax.SHIPPED_CHECKPOINT)
-    result = engine.generate("Once upon a time", max_new_tokens=32)
+    result = engine.generate("Once upon a time", max_new_tokens=32, temperature=0.8)
     print(result.text[0], result.timing.tpot_s)
 
 Heavy modules (JAX, Flax, orbax) load on first use, not at import.
