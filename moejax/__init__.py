@@ -1,8 +1,8 @@
 """moejax: serve Mixture-of-Experts language models on GPUs too small to hold them.
 
     import moejax
-    engine = moejax.load("checkpoints/tiny-moe")
-    result = engine.generate("Once upon a time", max_new_tokens=32)
+    engine = moejax.load(moejax.SHIPPED_CHECKPOINT)
+    result = engine.generate("Once upon a time", max_new_tokens=32, temperature=0.8)
     print(result.text[0], result.timing.tpot_s)
 
 Heavy modules (JAX, Flax, orbax) load on first use, not at import.
@@ -10,9 +10,13 @@ Heavy modules (JAX, Flax, orbax) load on first use, not at import.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# The small MoE shipped inside the package (package data): the CLI's default checkpoint.
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny-moe"
 
 if TYPE_CHECKING:
     from moejax.config import ModelConfig
@@ -33,7 +37,7 @@ _EXPORTS = {
     "MoejaxError": "moejax.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["SHIPPED_CHECKPOINT", "__version__"]
 
 
 def __getattr__(name: str):

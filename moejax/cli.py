@@ -12,11 +12,12 @@ import signal
 import sys
 from pathlib import Path
 
+from moejax import SHIPPED_CHECKPOINT, __version__
 from moejax.errors import MoejaxError
 from moejax.interrupts import stop_like_ctrl_c
 from moejax.outputs import check_output, refuse_overlap
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-moe"
+DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02 for trace, 0.2 for trace+lookahead; higher: fewer, surer copies)")
 
@@ -37,6 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moejax", description="Serve Mixture-of-Experts models on small GPUs.")
+    parser.add_argument("--version", action="version", version=f"moejax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a HuggingFace checkpoint (safetensors) to a moejax checkpoint")
@@ -215,6 +217,7 @@ def _mib(n: int) -> str:
 def cmd_generate(args) -> int:
     from moejax import checkpoint
     from moejax.encdec_config import EncDecConfig
+    from moejax.runtime.compilation import on_first_compile
     from moejax.runtime.engine import GenerationConfig
     from moejax.runtime.sampling import SamplingParams
 
@@ -243,10 +246,11 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
     tasks = [args.task] * len(prompts)
-    if seq2seq:
-        result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id, tasks=tasks)
-    else:
-        result = engine.generate(prompts, config, tasks=tasks)
+    with on_first_compile(lambda: print("compiling...", file=sys.stderr, flush=True)):
+        if seq2seq:
+            result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id, tasks=tasks)
+        else:
+            result = engine.generate(prompts, config, tasks=tasks)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
@@ -256,7 +260,8 @@ def cmd_generate(args) -> int:
     from moejax.runtime.stats import summary_line
 
     t = result.timing
-    print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s "
+          f"(compilation apart: {t.compile_s:.2f} s)", file=sys.stderr)
     print(summary_line(result.stats, sum(len(tokens) for tokens in result.tokens)), file=sys.stderr)
     return 0
 

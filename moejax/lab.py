@@ -34,7 +34,7 @@ from moejax.runtime.prefetch import NoPrefetcher, make_prefetcher, prefetch_into
 from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts
 
 # The next MoE layer's router applied one layer early picked 78.3% of the experts it went on to use on
-# checkpoints/tiny-moe over ../shared/data/prompts/tasks.jsonl (`moejax trace`, summary.json).
+# the shipped tiny-moe over ../shared/data/prompts/tasks.jsonl (`moejax trace`, summary.json).
 DEFAULT_LOOKAHEAD_ACCURACY = 0.78
 
 

@@ -25,14 +25,14 @@ import numpy as np
 
 import moejax
 from moejax.checkpoint import load_config
-from scripts.benchlib import ROOT, environment, write_json
+from scripts.benchlib import environment, write_json
 
 PROMPTS = ["Once upon a time there was a little", "The cat sat on the mat and looked at the"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "tiny-moe"))
+    parser.add_argument("--checkpoint", default=str(moejax.SHIPPED_CHECKPOINT))
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--out", default="check_identical.json")
     args = parser.parse_args()

@@ -39,7 +39,6 @@ from moejax.progress import Progress
 from moejax.runtime.sampling import SamplingParams
 from moejax.train.corpus import DEFAULT_CORPUS, pack, read_documents, split_documents, windows
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TASKS = "/work/shared/data/prompts/tasks.jsonl"
 SAMPLE_PROMPTS = [
     "The history of",
@@ -53,7 +52,7 @@ BATCH = 8
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, nargs="?", default=REPO / "checkpoints" / "tiny-moe")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=moejax.SHIPPED_CHECKPOINT)
     p.add_argument("--corpus", action="append", help=f"corpus paths as given to training (default: {' '.join(DEFAULT_CORPUS)})")
     p.add_argument("--tasks", default=DEFAULT_TASKS, help="JSON lines with 'task' and 'prompt'")
     p.add_argument("--ppl-tokens", type=int, default=12288, help="held-out tokens scored per corpus path (at most)")

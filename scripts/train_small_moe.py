@@ -1,4 +1,4 @@
-"""Trains the small Mixtral-style MoE shipped as checkpoints/tiny-moe, with moejax's own model code.
+"""Trains the small Mixtral-style MoE shipped as moejax/assets/tiny-moe, with moejax's own model code.
 
     PYTHONPATH=. python3 scripts/train_small_moe.py --max-seconds 450 \\
         --corpus .data/corpus --corpus .data/prompts/tasks.jsonl --corpus .data/python-docs \\
@@ -42,7 +42,6 @@ from moejax.train.corpus import DEFAULT_CORPUS, pack, read_documents, split_docu
 from moejax.train.objective import cast_params
 from moejax.train.step import learning_rate, make_eval_step, make_optimizer, make_train_step
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE_PROMPT = "The history of"
 
 
@@ -78,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--log-every", type=float, default=15.0, help="seconds between progress lines")
     train.add_argument("--seed", type=int, default=0)
     out = p.add_argument_group("output")
-    out.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "tiny-moe")
+    out.add_argument("--checkpoint", type=Path, default=moejax.SHIPPED_CHECKPOINT)
     out.add_argument("--overwrite", action="store_true", help="replace --checkpoint if it exists")
     out.add_argument("--max-mb", type=float, default=16.0, help="size limit of the checkpoint, in 10^6 bytes")
     out.add_argument("--artifacts", type=Path, help="also write <name>.tar.gz and <name>.train.json here")

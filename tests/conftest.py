@@ -6,6 +6,8 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# No persistent compilation cache in the user's home from tests (test_compilation sets its own).
+os.environ.setdefault("MOEJAX_COMPILATION_CACHE", "off")
 
 # The tests compile hundreds of tiny programs: LLVM's optimisations and XLA's fusion emitters
 # cost more time than they save (compilation is 3x faster without). XLA aborts on a flag it does

@@ -41,7 +41,7 @@ def test_generate_translates_text_with_target_language(root, capsys):
     assert code == 0
     result = json.loads(out)
     assert set(result) == {"tokens", "text", "finish_reasons", "timing", "stats"}
-    assert set(result["timing"]) == {"ttft_s", "tpot_s", "tokens_per_s", "total_s", "decode_steps"}
+    assert set(result["timing"]) == {"ttft_s", "tpot_s", "tokens_per_s", "total_s", "decode_steps", "compile_s"}
     sources = [[LANGS["eng_Latn"], 5, 17, 23, 42, 2], [LANGS["eng_Latn"], 8, 2]]  # the tokenizer's NLLB framing
     assert result["tokens"] == hf_generate(model, sources, 6, forced_bos_token_id=LANGS["fra_Latn"])
     assert all(t[0] == LANGS["fra_Latn"] for t in result["tokens"])

@@ -1,6 +1,5 @@
-"""The small MoE shipped in checkpoints/tiny-moe: loads, fits its size limit, generates text
-deterministically, and its execution paths agree. Skipped until the checkpoint exists (it is
-trained on a GPU by scripts/train_small_moe.py and committed)."""
+"""The small MoE shipped in the package (moejax/assets/tiny-moe, trained by scripts/train_small_moe.py):
+loads, fits its size limit, generates text deterministically, and its execution paths agree."""
 
 import json
 
@@ -8,27 +7,23 @@ import numpy as np
 import pytest
 
 import moejax
-from moejax.cli import DEFAULT_CHECKPOINT
+from moejax import SHIPPED_CHECKPOINT
 from moejax.cli import main as moejax_cli
 from moejax.runtime.sampling import SamplingParams
 
-pytestmark = pytest.mark.skipif(
-    not (DEFAULT_CHECKPOINT / "config.json").is_file(),
-    reason=f"{DEFAULT_CHECKPOINT} does not exist yet (train it with scripts/train_small_moe.py on a GPU)",
-)
 PROMPTS = ["The history of", "def add(a, b):"]
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return moejax.load(DEFAULT_CHECKPOINT)
+    return moejax.load(SHIPPED_CHECKPOINT)
 
 
 def test_shipped_checkpoint_is_a_small_moe_with_tokenizer(engine):
     cfg = engine.cfg
     assert cfg.family == "mixtral" and all(cfg.moe_layers) and cfg.num_experts >= 8 and cfg.top_k < cfg.num_experts
     assert engine.tokenizer is not None and cfg.eos_token_ids
-    size = sum(f.stat().st_size for f in DEFAULT_CHECKPOINT.rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in SHIPPED_CHECKPOINT.rglob("*") if f.is_file())
     assert size <= 16e6, f"{size / 1e6:.2f} MB"
 
 
@@ -45,8 +40,8 @@ def test_per_layer_and_whole_model_logits_agree_to_bfloat16_rounding(engine):
     # layer (measured on this checkpoint: max |diff| 1.15 for logits up to 15, mean 0.03-0.08), so
     # the paths agree to rounding, not bit for bit; float32 models agree to 1e-5
     # (test_decoder_reference). The device-routed per-layer executor is bit-identical here.
-    whole = moejax.load(DEFAULT_CHECKPOINT, executor="whole-model")
-    device_routed = moejax.load(DEFAULT_CHECKPOINT, executor="device-routed")
+    whole = moejax.load(SHIPPED_CHECKPOINT, executor="whole-model")
+    device_routed = moejax.load(SHIPPED_CHECKPOINT, executor="device-routed")
     for ours, ref, same in zip(engine.logits(PROMPTS), whole.logits(PROMPTS), device_routed.logits(PROMPTS)):
         assert float(np.abs(ours - ref).mean()) <= 0.01 * float(np.abs(ref).max())
         assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
@@ -65,6 +60,6 @@ def test_offloaded_and_resident_outputs_match(engine, capsys):
         assert moejax_cli(["generate", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "12", "--json", *extra]) == 0
         runs.append(json.loads(capsys.readouterr().out)["tokens"])
     assert runs[0] == runs[1]
-    offloaded = moejax.load(DEFAULT_CHECKPOINT, offload="cached", expert_budget="0.25")
+    offloaded = moejax.load(SHIPPED_CHECKPOINT, offload="cached", expert_budget="0.25")
     for ours, ref in zip(offloaded.logits(PROMPTS), engine.logits(PROMPTS)):
         np.testing.assert_array_equal(ours, ref)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import time
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 from moejax.config import ModelConfig
 from moejax.errors import MoejaxError
 from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
+from moejax.runtime.compilation import compile_seconds, run_clock
 from moejax.runtime.executors import Executor
 from moejax.runtime.sampling import SamplingParams, sample
 from moejax.tokenizer import Tokenizer
@@ -34,27 +35,71 @@ class GenerationConfig:
             raise MoejaxError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
 
 
+SAMPLING_KEYWORDS = tuple(field.name for field in dataclasses.fields(SamplingParams))
+
+
+def generation_config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    """`config` (default: GenerationConfig()) with `overrides` applied: GenerationConfig fields, or the
+    SamplingParams fields greedy, temperature, top_k, top_p (any of the last three samples, unless
+    greedy=True is given too, which is an error)."""
+    config = config or GenerationConfig()
+    sampling = {name: overrides.pop(name) for name in SAMPLING_KEYWORDS if name in overrides}
+    fields = [field.name for field in dataclasses.fields(GenerationConfig)]
+    unknown = [name for name in overrides if name not in fields]
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}: generation takes the GenerationConfig "
+                        f"fields ({', '.join(fields)}) and the sampling keywords ({', '.join(SAMPLING_KEYWORDS)})")
+    config = dataclasses.replace(config, **overrides)
+    if not sampling:
+        return config
+    filters = [name for name in SAMPLING_KEYWORDS if name != "greedy" and name in sampling]
+    if sampling.get("greedy") and filters:
+        raise MoejaxError(f"greedy=True takes the likeliest token and ignores {', '.join(filters)}: "
+                          "leave greedy out (or pass greedy=False) to sample")
+    sampling.setdefault("greedy", False)
+    return dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **sampling))
+
+
 @dataclasses.dataclass
 class Timing:
-    """Seconds. ttft: start to first new token on the host; tpot: median decode step."""
+    """Seconds, compilation apart. ttft_s: start to the first new token on the host; tpot_s: the
+    median decode step; tokens_per_s: new tokens / total_s; total_s: all steps, the first included;
+    compile_s: time spent making XLA programs (tracing, lowering, compiling, or loading them from the
+    persistent cache), which the other figures leave out: the call took about total_s + compile_s."""
 
     ttft_s: float
     tpot_s: float
     tokens_per_s: float
     total_s: float
     decode_steps: int
+    compile_s: float
 
     def to_json(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class GenerationResult:
-    tokens: list[list[int]]  # new token ids per prompt (a stop token, when reached, is the last)
+    """What `generate` returns; one entry per prompt, in order.
+
+    tokens: the new token ids (a stop token, when reached, is the last).
+    text: their decoded text, or None when the checkpoint has no tokenizer.
+    finish_reasons: 'stop' (a stop or EOS token came) or 'length' (max_new_tokens reached).
+    timing: speed figures in seconds, compilation apart (Timing).
+    stats: the expert runtime's counters: cache hits and misses, bytes copied to the device,
+        prefetches (`total`, `per_layer`, `prefill`; README, "Offloading experts").
+    """
+
+    tokens: list[list[int]]
     text: list[str] | None
-    finish_reasons: list[str]  # 'stop' or 'length'
+    finish_reasons: list[str]
     timing: Timing
     stats: dict[str, Any]
+
+    def __repr__(self) -> str:
+        outputs = ", ".join(_shortened(out) for out in (self.text if self.text is not None else self.tokens))
+        return (f"GenerationResult([{outputs}], finish_reasons={self.finish_reasons}, "
+                f"ttft {self.timing.ttft_s * 1e3:.1f} ms, tpot {self.timing.tpot_s * 1e3:.2f} ms)")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +109,16 @@ class GenerationResult:
             "timing": self.timing.to_json(),
             "stats": self.stats,
         }
+
+
+def _shortened(output: str | list[int], width: int = 60) -> str:
+    """The repr of one prompt's text or tokens, cut to about `width` characters."""
+    shown = repr(output)
+    if len(shown) <= width:
+        return shown
+    if isinstance(output, str):
+        return repr(output[: width - 5] + "...")
+    return repr(output[: width // 6])[:-1] + ", ...]"
 
 
 Prompt = str | Sequence[int]
@@ -137,10 +192,40 @@ class Engine:
         """Generates for a batch of prompts (text or token ids) of any lengths.
 
         tasks: an optional label per prompt (for the trace prefetcher and the recorded activation
-        matrices). `overrides` are GenerationConfig fields, e.g. `generate("Hi", max_new_tokens=8)`.
+        matrices). `overrides` are GenerationConfig fields or sampling keywords, e.g.
+        `generate("Hi", max_new_tokens=8, temperature=0.8, top_p=0.9)`.
         Afterwards `executor.routing(b)` gives prompt b's routing, token by token.
         """
-        config = dataclasses.replace(config or GenerationConfig(), **overrides)
+        return _finished(self._generation(prompts, config, tasks=tasks, **overrides))
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **kwargs) -> Iterator[str]:
+        """Generates for one prompt and yields its text as it grows: a piece per new token (held back
+        while it ends inside a multi-byte character). Keyword arguments: as for `generate`.
+
+            for piece in engine.stream("Once upon a time", max_new_tokens=32, temperature=0.8):
+                print(piece, end="", flush=True)
+        """
+        if self.tokenizer is None:
+            raise MoejaxError("stream() yields text but this checkpoint has no tokenizer.json: use generate()")
+        count = len(self.encode(prompt))
+        if count != 1:
+            raise MoejaxError(f"stream() takes one prompt, not {count}: generate() takes a batch")
+        shown = text = ""
+        for generated in self._generation(prompt, config, **kwargs):
+            text = self.tokenizer.decode(generated[0])
+            if text != shown and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+        if text != shown:
+            yield text[len(shown):]
+
+    def _generation(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *,
+                    tasks: Sequence[str | None] | None = None,
+                    **overrides) -> Generator[list[list[int]], None, GenerationResult]:
+        """`generate` a step at a time: yields the new tokens of every prompt after each step, and
+        returns the GenerationResult. Its times are the steps': what the caller does in between is not counted."""
+        config = generation_config(config, overrides)
+        compile_start = compile_seconds()
         ids = self.encode(prompts)
         n = len(ids)
         lengths = np.array([len(p) for p in ids] + [1] * (batch_bucket(n) - n), np.int32)
@@ -155,33 +240,44 @@ class Engine:
         generated: list[list[int]] = [[] for _ in range(n)]
         reasons = ["length"] * n
 
-        self.executor.reset_stats()
-        self.executor.start_sequences(batch, n, tasks)
-        start = time.perf_counter()
-        logits, kv = self.executor.step(tokens, kv, positions, valid, lengths - 1)
-        prefill_stats = self.executor.stats().get("total")
-        step_times = []
-        for step in range(config.max_new_tokens):
-            if step > 0:
-                step_start = time.perf_counter()
-                logits, kv = self.executor.step(
-                    next_tokens[:, None], kv, (lengths + step - 1)[:, None], ~finished[:, None], np.zeros(batch, np.int32)
-                )
-            next_tokens = np.asarray(sample(logits, key, step, row_ids, config.sampling))
-            if step == 0:
-                ttft = time.perf_counter() - start
-            else:
-                step_times.append(time.perf_counter() - step_start)
-            record_tokens(next_tokens, finished, generated, reasons, stops)
-            if finished.all():
-                break
-        total = time.perf_counter() - start
-        self.executor.end_sequences()
-        return self._result(generated, reasons, ttft, step_times, total, prefill_stats)
+        with self._sequences(batch, n, tasks):
+            start = run_clock()
+            logits, kv = self.executor.step(tokens, kv, positions, valid, lengths - 1)
+            prefill_stats = self.executor.stats().get("total")
+            step_times = []
+            for step in range(config.max_new_tokens):
+                if step > 0:
+                    step_start = run_clock()
+                    logits, kv = self.executor.step(
+                        next_tokens[:, None], kv, (lengths + step - 1)[:, None], ~finished[:, None], np.zeros(batch, np.int32)
+                    )
+                next_tokens = np.asarray(sample(logits, key, step, row_ids, config.sampling))
+                if step == 0:
+                    ttft = run_clock() - start
+                else:
+                    step_times.append(run_clock() - step_start)
+                record_tokens(next_tokens, finished, generated, reasons, stops)
+                yield generated
+                if finished.all():
+                    break
+        return self._result(generated, reasons, ttft, step_times, compile_seconds() - compile_start, prefill_stats)
 
-    def _result(self, generated: list[list[int]], reasons: list[str], ttft: float, step_times: list[float], total: float,
-                prefill_stats: dict | None = None) -> GenerationResult:
-        """The GenerationResult of a finished loop (times in seconds; prefill_stats: counters after the prompt)."""
+    @contextlib.contextmanager
+    def _sequences(self, batch: int, sequences: int, tasks: Sequence[str | None] | None) -> Iterator[None]:
+        """The executor's generation of `sequences` prompts in `batch` rows, with fresh counters; it ends
+        however the block is left (an error, a stream abandoned)."""
+        self.executor.reset_stats()
+        self.executor.start_sequences(batch, sequences, tasks)
+        try:
+            yield
+        finally:
+            self.executor.end_sequences()
+
+    def _result(self, generated: list[list[int]], reasons: list[str], ttft: float, step_times: list[float],
+                compile_s: float, prefill_stats: dict | None = None) -> GenerationResult:
+        """The GenerationResult of a finished loop (times in seconds, compilation apart; prefill_stats:
+        counters after the prompt)."""
+        total = ttft + sum(step_times)
         text = [self.tokenizer.decode(t) for t in generated] if self.tokenizer else None
         n_tokens = sum(len(t) for t in generated)
         timing = Timing(
@@ -190,11 +286,21 @@ class Engine:
             tokens_per_s=n_tokens / total if total > 0 else 0.0,
             total_s=total,
             decode_steps=len(step_times),
+            compile_s=compile_s,
         )
         stats = self.executor.stats()
         if prefill_stats is not None:
             stats["prefill"] = prefill_stats  # totals after the prompt; decode = total - prefill
         return GenerationResult(generated, text, reasons, timing, stats)
+
+
+def _finished(generation: Generator[Any, None, GenerationResult]) -> GenerationResult:
+    """Runs a `_generation` to its end; -> its result."""
+    while True:
+        try:
+            next(generation)
+        except StopIteration as done:
+            return done.value
 
 
 def record_tokens(next_tokens, finished, generated: list[list[int]], reasons: list[str], stops: set[int]) -> None:

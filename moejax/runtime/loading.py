@@ -14,6 +14,7 @@ from moejax.errors import MoejaxError
 from moejax.models.decoder import kv_cache_bytes
 from moejax.models.encdec import kv_cache_shape as encdec_kv_cache_shape
 from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
+from moejax.runtime.compilation import use_compilation_cache
 from moejax.runtime.engine import Engine
 from moejax.runtime.encdec_executors import EXECUTORS as ENCDEC_EXECUTORS
 from moejax.runtime.encdec_executors import HostRoutedExecutor as EncDecHostRoutedExecutor
@@ -75,7 +76,11 @@ def load(
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
         trace prefetcher and the activation policy; without one they start empty and learn from the
         sequences this engine runs (they always do).
+
+    Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
+    (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off').
     """
+    use_compilation_cache()
     path = Path(path)
     cfg = checkpoint.load_config(path)
     if offload not in MODES:

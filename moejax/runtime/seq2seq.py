@@ -8,9 +8,7 @@ and each decoder layer's cross-attention K/V is computed once per batch.
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import jax
 import numpy as np
@@ -20,8 +18,18 @@ from moejax.errors import MoejaxError
 from moejax.models.capacity import capacity_for
 from moejax.models.encdec import RouteInputs
 from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
+from moejax.runtime.compilation import compile_seconds, run_clock
 from moejax.runtime.encdec_executors import EncDecExecutor, EncoderState
-from moejax.runtime.engine import Engine, GenerationConfig, GenerationResult, Prompt, _prefill_inputs, record_tokens
+from moejax.runtime.engine import (
+    Engine,
+    GenerationConfig,
+    GenerationResult,
+    Prompt,
+    _finished,
+    _prefill_inputs,
+    generation_config,
+    record_tokens,
+)
 from moejax.runtime.sampling import sample
 
 
@@ -99,7 +107,16 @@ class Seq2SeqEngine(Engine):
         logits = np.asarray(logits)
         return [logits[b, : len(t)] for b, t in enumerate(targets)]
 
-    def generate(
+    def generate(self, sources: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *,
+                 target_lang: str | None = None, forced_bos_id: int | None = None, **kwargs) -> GenerationResult:
+        """Generates a target for each source (text or token ids) of any lengths.
+
+        target_lang (a language code of the tokenizer) or forced_bos_id forces the first target token.
+        Other keywords as for Engine.generate (`tasks`, GenerationConfig fields, sampling keywords).
+        """
+        return _finished(self._generation(sources, config, target_lang=target_lang, forced_bos_id=forced_bos_id, **kwargs))
+
+    def _generation(
         self,
         sources: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
@@ -108,48 +125,44 @@ class Seq2SeqEngine(Engine):
         forced_bos_id: int | None = None,
         tasks: Sequence[str | None] | None = None,
         **overrides,
-    ) -> GenerationResult:
-        """Generates a target for each source (text or token ids) of any lengths (tasks: as for Engine).
-
-        `overrides` are GenerationConfig fields, e.g. `generate("Hi", max_new_tokens=8)`.
-        """
-        config = dataclasses.replace(config or GenerationConfig(), **overrides)
+    ) -> Generator[list[list[int]], None, GenerationResult]:
+        """`generate` a step at a time, as Engine._generation."""
+        config = generation_config(config, overrides)
+        compile_start = compile_seconds()
         forced = self.forced_token(target_lang, forced_bos_id)
         ids = self.encode(sources)
         n = len(ids)
         stops = self.stop_ids(config)
         key = jax.random.PRNGKey(config.seed)
 
-        self.executor.reset_stats()
-        self.executor.start_sequences(batch_bucket(n), n, tasks)
-        start = time.perf_counter()
-        state, batch = self._encode_batch(ids)
-        kv = self.executor.new_kv_caches(batch, cache_bucket(config.max_new_tokens))
-        rows = np.arange(batch, dtype=np.int32)
-        real = rows < n
-        finished = ~real
-        inputs = np.full(batch, self.cfg.decoder_start_token_id, np.int32)
-        generated: list[list[int]] = [[] for _ in range(n)]
-        reasons = ["length"] * n
-        step_times = []
-        for step in range(config.max_new_tokens):
-            step_start = time.perf_counter()
-            route = self._route(~finished[:, None], real[:, None], n if self.cfg.capacity_group == "batch" else 1)
-            positions = np.full((batch, 1), step, np.int32)
-            logits, kv = self.executor.decode(inputs[:, None], kv, state, positions, route, np.zeros(batch, np.int32))
-            if step == 0 and forced is not None:
-                next_tokens = np.full(batch, forced, np.int32)
-            else:
-                next_tokens = np.asarray(sample(logits, key, step, rows, config.sampling))
-            if step == 0:
-                ttft = time.perf_counter() - start
-            else:
-                step_times.append(time.perf_counter() - step_start)
-            # Sequences already finished are fed the pad token, as transformers does.
-            inputs = np.where(finished, self._pad_id, next_tokens).astype(np.int32)
-            record_tokens(next_tokens, finished, generated, reasons, stops)
-            if finished.all():
-                break
-        total = time.perf_counter() - start
-        self.executor.end_sequences()
-        return self._result(generated, reasons, ttft, step_times, total)
+        with self._sequences(batch_bucket(n), n, tasks):
+            start = run_clock()
+            state, batch = self._encode_batch(ids)
+            kv = self.executor.new_kv_caches(batch, cache_bucket(config.max_new_tokens))
+            rows = np.arange(batch, dtype=np.int32)
+            real = rows < n
+            finished = ~real
+            inputs = np.full(batch, self.cfg.decoder_start_token_id, np.int32)
+            generated: list[list[int]] = [[] for _ in range(n)]
+            reasons = ["length"] * n
+            step_times = []
+            for step in range(config.max_new_tokens):
+                step_start = run_clock()
+                route = self._route(~finished[:, None], real[:, None], n if self.cfg.capacity_group == "batch" else 1)
+                positions = np.full((batch, 1), step, np.int32)
+                logits, kv = self.executor.decode(inputs[:, None], kv, state, positions, route, np.zeros(batch, np.int32))
+                if step == 0 and forced is not None:
+                    next_tokens = np.full(batch, forced, np.int32)
+                else:
+                    next_tokens = np.asarray(sample(logits, key, step, rows, config.sampling))
+                if step == 0:
+                    ttft = run_clock() - start
+                else:
+                    step_times.append(run_clock() - step_start)
+                # Sequences already finished are fed the pad token, as transformers does.
+                inputs = np.where(finished, self._pad_id, next_tokens).astype(np.int32)
+                record_tokens(next_tokens, finished, generated, reasons, stops)
+                yield generated
+                if finished.all():
+                    break
+        return self._result(generated, reasons, ttft, step_times, compile_seconds() - compile_start)
