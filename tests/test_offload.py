@@ -1,6 +1,7 @@
 """Offloading never changes results: every mode, budget and policy equals resident, bit for bit."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -232,6 +233,7 @@ def test_experts_in_flight_are_given_out_at_once_and_waited_for_after(monkeypatc
     """`ExpertCache.experts` hands out experts whose copies are in flight without waiting (the device
     waits for them); `wait_for_copies` then blocks on exactly those copies and counts the stall."""
     waited = []
+    copy_seconds = 0.02
 
     class Copy:
         def __init__(self):
@@ -242,6 +244,7 @@ def test_experts_in_flight_are_given_out_at_once_and_waited_for_after(monkeypatc
 
         def block_until_ready(self):
             waited.append(self)
+            time.sleep(copy_seconds)
             self.done = True
             return self
 
@@ -251,13 +254,15 @@ def test_experts_in_flight_are_given_out_at_once_and_waited_for_after(monkeypatc
     assert [expert.flat.done for expert in given] == [False, False] and not waited  # nothing waited for yet
     cache.end_layer()
     cache.wait_for_copies(0)
-    assert waited == [expert.flat for expert in given] and cache.transfers[0].stall_s >= 0
+    assert waited == [expert.flat for expert in given]
+    stall = cache.transfers[0].stall_s
+    assert 2 * copy_seconds <= stall < 2 * copy_seconds + 1.0  # the two copies waited for, nothing more
     cache.wait_for_copies(0)  # nothing left in flight: no second wait
     assert len(waited) == 2
     keys = cache.begin_layer(0, [0, 1])  # both resident and copied: nothing to wait for
     cache.experts(keys)
     cache.wait_for_copies(0)
-    assert len(waited) == 2
+    assert len(waited) == 2 and cache.transfers[0].stall_s == stall
 
 
 def test_routing_is_written_to_host_memory():
