@@ -162,3 +162,26 @@ def test_generate_missing_checkpoint(capsys, tmp_path):
 
 def test_unknown_command(capsys):
     one_line_error(capsys, ["serve-all"], "invalid choice", "'serve-all'")
+
+
+# -- files of the wrong kind ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["info"], ["generate"], ["export"]])
+def test_unconverted_hf_directory_says_to_convert(capsys, hf_dir, tmp_path, command):
+    argv = command + [hf_dir] + {"info": [], "generate": ["--prompt-ids", "1"], "export": [tmp_path / "out"]}[command[0]]
+    one_line_error(capsys, argv, f"{hf_dir}: a HuggingFace checkpoint (model_type 'qwen2_moe'), not a moejax one",
+                   f"moejax convert {hf_dir} OUT_DIR")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda config: {k: v for k, v in config.items() if k != "format_version"}, "no format_version: not a moejax checkpoint"),
+    (lambda config: {**config, "format_version": 2}, "checkpoint format_version 2 is not supported (expected 1)"),
+    (lambda config: {k: v for k, v in config.items() if k != "rope"}, "not a valid moejax config (KeyError: 'rope')"),
+])
+def test_bad_moejax_config_names_the_file(capsys, ckpt, tmp_path, edit, expected):
+    copy = tmp_path / "mj"
+    shutil.copytree(ckpt, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(edit(config)))
+    one_line_error(capsys, ["info", copy], f"{copy / 'config.json'}: {expected}")
