@@ -92,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_lab_parser(sub) -> None:
     p = sub.add_parser("lab", help="replay routing traces through cache policies and prefetchers (no model)")
-    p.add_argument("--traces", type=Path, required=True, help="routing trace (.npz): experts [layers, tokens, k] + seq_lens")
+    p.add_argument("--traces", type=Path, required=True,
+                   help="routing trace: routing.npz or the directory `moejax trace` wrote, or any .npz with "
+                        "experts [layers, tokens, k] and seq_lens")
     p.add_argument("--sequences", help="replay only sequences A:B of --traces")
-    p.add_argument("--fit", type=Path, help="trace to build the EAM collection from (default: none)")
+    p.add_argument("--fit", type=Path, help="routing trace to build the EAM collection from, as --traces (default: none)")
     p.add_argument("--fit-sequences", help="use only sequences A:B of --fit")
     p.add_argument("--capacity", required=True, help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5")
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")

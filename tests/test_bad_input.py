@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -185,3 +186,68 @@ def test_bad_moejax_config_names_the_file(capsys, ckpt, tmp_path, edit, expected
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps(edit(config)))
     one_line_error(capsys, ["info", copy], f"{copy / 'config.json'}: {expected}")
+
+
+# -- files of the wrong kind ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["info"], ["generate"], ["export"]])
+def test_unconverted_hf_directory_says_to_convert(capsys, hf_dir, tmp_path, command):
+    argv = command + [hf_dir] + {"info": [], "generate": ["--prompt-ids", "1"], "export": [tmp_path / "out"]}[command[0]]
+    one_line_error(capsys, argv, f"{hf_dir}: a HuggingFace checkpoint (model_type 'qwen2_moe'), not a moejax one",
+                   f"moejax convert {hf_dir} OUT_DIR")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda config: {k: v for k, v in config.items() if k != "format_version"}, "no format_version: not a moejax checkpoint"),
+    (lambda config: {**config, "format_version": 2}, "checkpoint format_version 2 is not supported (expected 1)"),
+    (lambda config: {k: v for k, v in config.items() if k != "rope"}, "not a valid moejax config (KeyError: 'rope')"),
+])
+def test_bad_moejax_config_names_the_file(capsys, ckpt, tmp_path, edit, expected):
+    copy = tmp_path / "mj"
+    shutil.copytree(ckpt, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(edit(config)))
+    one_line_error(capsys, ["info", copy], f"{copy / 'config.json'}: {expected}")
+
+
+def test_npz_that_is_no_archive_says_what_the_file_should_hold(capsys, tmp_path):
+    path = tmp_path / "not_really.npz"
+    path.write_text("hello\n")
+    line = one_line_error(capsys, ["lab", "--traces", path, "--capacity", "0.5"],
+                          f"{path}: not an .npz archive", "experts [MoE layers, tokens, k] and seq_lens [sequences]")
+    assert "pickle" not in line
+
+
+def test_npz_of_python_objects_is_not_unpickled(capsys, tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, experts=np.array([{"a": 1}], dtype=object), seq_lens=np.array([1]))
+    line = one_line_error(capsys, ["lab", "--traces", path, "--capacity", "0.5"], "holds Python objects, which moejax never loads")
+    assert "pickle" not in line
+
+
+@pytest.fixture(scope="module")
+def trace_dir(ckpt) -> Path:
+    """What `moejax trace` writes for two labelled prompts of token ids."""
+    prompts = ckpt.parent / "prompts.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 2, 3], "task": "math"}\n{"prompt_ids": [4, 5], "task": "code"}\n')
+    out = ckpt.parent / "traces"
+    assert main(["trace", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "2", "--quiet"]) == 0
+    return out
+
+
+def test_trace_directory_is_accepted_everywhere(capsys, ckpt, trace_dir):
+    assert main(["lab", "--traces", str(trace_dir), "--fit", str(trace_dir), "--capacity", "0.7", "--policy", "activation",
+                 "--prefetch", "trace", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["collection_size"] == 2
+    assert main(["generate", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--offload", "cached",
+                 "--expert-budget", "1", "--prefetch", "trace", "--traces", str(trace_dir), "--task", "code"]) == 0
+
+
+def test_trace_file_of_the_other_kind_names_the_one_wanted(capsys, ckpt, trace_dir):
+    for flag in ("--traces", "--fit"):
+        argv = ["lab", "--traces", trace_dir, "--capacity", "0.7", flag, trace_dir / "eams.npz"]
+        one_line_error(capsys, argv, f"{trace_dir / 'eams.npz'}: an EAM collection", "give routing.npz or the directory")
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1", "--offload", "cached", "--prefetch", "trace",
+                            "--traces", trace_dir / "routing.npz"],
+                   f"{trace_dir / 'routing.npz'}: a routing trace", "give eams.npz or the directory")

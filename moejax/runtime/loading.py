@@ -22,7 +22,6 @@ from moejax.runtime.expert_runner import MODES, ExpertRunner
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.policies import CachePolicy, make_policy
 from moejax.runtime.prefetch import Prefetcher, make_prefetcher
-from moejax.runtime.recorder import EAMS_FILE
 from moejax.runtime.seq2seq import Seq2SeqEngine
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
 from moejax.runtime.trace import EAMCollection
@@ -128,8 +127,7 @@ def trace_collection(cfg, traces: str | Path | None, prefetch: str, cache_policy
     empty (filled as sequences finish) when one of them is chosen; None when neither is."""
     num_moe = len(cfg.moe_layer_ids)
     if traces is not None:
-        path = Path(traces)
-        collection = EAMCollection.load(path / EAMS_FILE if path.is_dir() else path)
+        collection = EAMCollection.load(traces)
         found = (collection.num_layers, collection.num_experts)
         if found != (num_moe, cfg.num_experts):
             raise MoejaxError(f"{traces}: activation matrices of {found[0]} MoE layers x {found[1]} experts, "
