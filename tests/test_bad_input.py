@@ -379,6 +379,18 @@ def test_trace_of_one_prompt_says_one_sequence(capsys, ckpt, tmp_path):
     assert "1/1 " in captured.err and "prompts/" not in captured.err
 
 
+def test_special_token_outside_the_vocabulary_is_dropped_with_a_note(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "eos_token_id": [7, 50], "bos_token_id": 60}))
+    assert main(["convert", str(hf), str(tmp_path / "mj"), "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moejax: note:")]
+    assert notes == ["moejax: note: config.json: bos_token_id 60 is outside the vocabulary [0, 50): left out of the converted config",
+                     "moejax: note: config.json: eos_token_id 50 is outside the vocabulary [0, 50): left out of the converted config"]
+    saved = json.loads((tmp_path / "mj" / "config.json").read_text())
+    assert saved["eos_token_ids"] == [7] and saved["bos_token_id"] is None
+
+
 # -- the policy lab's plot --------------------------------------------------------------------------------
 
 def small_routing_file(tmp_path: Path) -> Path:
