@@ -86,7 +86,15 @@ def load_config(ckpt: Path) -> ModelConfig | EncDecConfig:
     if not ckpt.is_dir():
         raise MoejaxError(f"{ckpt}: no such checkpoint directory")
     data = read_config_json(ckpt / "config.json")
-    return EncDecConfig.from_json(data) if is_encdec_json(data) else ModelConfig.from_json(data)
+    if "format_version" not in data and "model_type" in data:
+        raise MoejaxError(f"{ckpt}: a HuggingFace checkpoint (model_type {data['model_type']!r}), not a moejax one: "
+                          f"convert it first with `moejax convert {ckpt} OUT_DIR`")
+    try:
+        return EncDecConfig.from_json(data) if is_encdec_json(data) else ModelConfig.from_json(data)
+    except MoejaxError as err:
+        raise MoejaxError(f"{ckpt / 'config.json'}: {str(err).removeprefix('config: ')}") from None
+    except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong type
+        raise MoejaxError(f"{ckpt / 'config.json'}: not a valid moejax config ({type(err).__name__}: {err})") from None
 
 
 def load_globals(ckpt: Path) -> dict:

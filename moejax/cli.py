@@ -1,23 +1,41 @@
-"""The `moejax` command: convert, export, info, generate, lab.
+"""The `moejax` command: convert, export, info, generate, trace, lab.
 
-Every user error ends in one line on stderr ("moejax: error: ...") and exit status 2.
+Every user error ends in one line on stderr ("moejax: error: ...") and exit status 2; the library's
+errors name its parameters (`expert_budget`), shown here as the flags that set them (`--expert-budget`).
+Notes the library logs (e.g. a budget capped at all experts) are lines "moejax: note: ..." on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from moejax import SHIPPED_CHECKPOINT, __version__
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, plural
 from moejax.interrupts import stop_like_ctrl_c
 from moejax.outputs import check_output, refuse_overlap
 
 DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
+# The flag that sets each parameter of the library's functions (moejax.load, GenerationConfig,
+# SamplingParams, lab.replay, ...), for the errors that name a parameter.
+FLAGS = {
+    "offload": "--offload", "expert_budget": "--expert-budget", "cache_policy": "--cache-policy",
+    "executor": "--executor", "routing": "--routing", "prefetch": "--prefetch",
+    "prefetch_per_layer": "--prefetch-per-layer", "prefetch_floor": "--prefetch-floor", "traces": "--traces",
+    "max_new_tokens": "--max-new-tokens", "greedy": "--greedy", "temperature": "--temperature", "top_k": "--top-k",
+    "top_p": "--top-p", "stop_token_ids": "--stop-ids", "target_lang": "--target-lang",
+    "forced_bos_id": "--forced-bos-id", "dtype": "--dtype", "max_prompt_tokens": "--max-prompt-tokens",
+    # lab.replay
+    "trace": "--traces", "collection": "--fit", "capacity_fraction": "--capacity", "policy": "--policy",
+    "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes",
+}
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02 for trace, 0.2 for trace+lookahead; higher: fewer, surer copies)")
 
@@ -89,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for eams.npz, routing.npz, summary.json")
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated after each prompt")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--limit", type=int, help="trace only the first N prompts")
+    p.add_argument("--limit", type=int, help="trace only the first N prompts (N >= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier trace in --out")
     p.add_argument("--max-prompt-tokens", type=int, help="keep the first N tokens of each prompt")
     add_offload_arguments(p)
@@ -100,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_lab_parser(sub) -> None:
     p = sub.add_parser("lab", help="replay routing traces through cache policies and prefetchers (no model)")
-    p.add_argument("--traces", type=Path, required=True, help="routing trace (.npz): experts [layers, tokens, k] + seq_lens")
+    p.add_argument("--traces", type=Path, required=True,
+                   help="routing trace: routing.npz or the directory `moejax trace` wrote, or any .npz with "
+                        "experts [layers, tokens, k] and seq_lens")
     p.add_argument("--sequences", help="replay only sequences A:B of --traces")
-    p.add_argument("--fit", type=Path, help="trace to build the EAM collection from (default: none)")
+    p.add_argument("--fit", type=Path, help="routing trace to build the EAM collection from, as --traces (default: none)")
     p.add_argument("--fit-sequences", help="use only sequences A:B of --fit")
     p.add_argument("--capacity", required=True, help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5")
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
@@ -112,16 +132,17 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--lookahead-accuracy", type=float,
                    help="simulate the lookahead router with this per-expert accuracy (default: the trace's recorded "
                         "lookahead, else 0.78)")
-    p.add_argument("--expert-bytes", type=int, help="bytes of one expert, to report bytes moved")
+    p.add_argument("--expert-bytes", type=int, help="bytes of one expert (> 0), to report bytes moved")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", type=Path, help="write a PNG of hit rate against capacity (needs matplotlib)")
+    p.add_argument("--plot", type=Path, help="also write a PNG of hit rate against capacity (needs matplotlib)")
 
 
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload", default="resident", help="resident | cached | on-demand | dense-offload (default resident)")
     p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
-    p.add_argument("--cache-policy", default="lru", help="expert cache replacement policy: lru | lfu | fifo | lifo | activation")
+    p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default) | lfu | fifo | "
+                   "lifo | activation")
     p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead")
     p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per MoE layer step (default: top-k)")
     p.add_argument("--prefetch-floor", type=float, help=FLOOR_HELP)
@@ -241,10 +262,17 @@ def cmd_generate(args) -> int:
     seq2seq = isinstance(checkpoint.load_config(args.checkpoint), EncDecConfig)
     if not seq2seq and (args.target_lang is not None or args.forced_bos_id is not None):
         raise MoejaxError("--target-lang and --forced-bos-id are for encoder-decoder models")
-    engine = load_engine(args)
     prompts = args.prompt_ids or args.prompt
     if not prompts:
         raise MoejaxError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.task is not None and not (args.prefetch.startswith("trace") or args.cache_policy == "activation"):
+        raise MoejaxError("--task labels the prompts for --prefetch trace / trace+lookahead and --cache-policy activation: "
+                          "give one of them, or leave --task out")
+    engine = load_engine(args)
+    if args.prompt and engine.tokenizer is None:
+        raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
+    if args.task is not None and args.traces is not None:
+        check_task(args.task, engine.executor.runner.collection, args.traces)
     tasks = [args.task] * len(prompts)
     with on_first_compile(lambda: print("compiling...", file=sys.stderr, flush=True)):
         if seq2seq:
@@ -266,6 +294,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def check_task(task: str, collection, traces: Path) -> None:
+    """Refuses a --task that the collection loaded from --traces does not know (it would match nothing)."""
+    known = sorted({t for t in collection.tasks if t is not None})
+    if task not in known:
+        raise MoejaxError(f"--task '{task}' is not a task of {traces}: "
+                          + (f"its tasks are {', '.join(known)}" if known else "its sequences carry no task labels"))
+
+
 def cmd_lab(args) -> int:
     from moejax import lab
     from moejax.runtime.trace import load_routing
@@ -274,12 +310,9 @@ def cmd_lab(args) -> int:
         capacities = [float(c) for c in args.capacity.split(",")]
     except ValueError:
         raise MoejaxError(f"--capacity must be fractions separated by commas, got {args.capacity!r}") from None
-    from moejax.runtime.policies import POLICIES
-
     if args.plot is not None:
         refuse_overlap(args.plot, [args.traces, args.fit])
-    if args.policy not in POLICIES:
-        raise MoejaxError(f"--policy '{args.policy}' is not one of {', '.join(POLICIES)}")
+        lab.check_plot_path(args.plot)
     trace = load_routing(args.traces)
     trace = trace.select(*lab.parse_range(args.sequences, trace.num_sequences, "--sequences"))
     collection = None
@@ -293,27 +326,33 @@ def cmd_lab(args) -> int:
                    show_progress=sys.stderr.isatty())
         for c in capacities
     ]
+    print_lab_results(results, args.json)
     if args.plot is not None:
         label = args.policy + ("" if args.prefetch == "none" else f" + {args.prefetch}")
         lab.plot_curves({label: [(r["capacity_fraction"], r["hit_rate"]) for r in results]}, args.plot, str(args.traces.name))
-    if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else {"results": results}))
-        return 0
+    return 0
+
+
+def print_lab_results(results: list[dict], as_json: bool) -> None:
+    """One JSON object (with several results, {"results": [...]}), or one line per result."""
+    if as_json:
+        print(json.dumps(results[0] if len(results) == 1 else {"results": results}), flush=True)
+        return
     for r in results:
         line = (f"{r['policy']}" + ("" if r["prefetch"] == "none" else f" + {r['prefetch']}")
-                + f", capacity {r['capacity_fraction']:g} ({r['capacity_experts']} experts): hit rate {r['hit_rate'] * 100:.1f}%"
-                + f", {r['experts_moved'] / max(r['tokens'], 1):.2f} experts moved/token")
+                + f", capacity {r['capacity_fraction']:g} ({plural(r['capacity_experts'], 'expert')}): "
+                + f"hit rate {r['hit_rate'] * 100:.1f}%, {r['experts_moved'] / max(r['tokens'], 1):.2f} experts moved/token")
         if r["prefetch"] != "none":
             line += f", prefetch precision {r['prefetch_precision'] * 100:.1f}% recall {r['prefetch_recall'] * 100:.1f}%"
-        print(line)
-    return 0
+        print(line, flush=True)
 
 
 def cmd_trace(args) -> int:
     from moejax.runtime.engine import GenerationConfig
     from moejax.tracing import TRACE_OUTPUT, prepare_prompts, read_prompts, trace_prompts, write_traces
 
-    for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens)):
+    for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens),
+                        ("--limit", args.limit)):
         if value is not None and value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
     inputs = (args.checkpoint, args.prompts, args.traces)
@@ -325,7 +364,8 @@ def cmd_trace(args) -> int:
     trace, collection, summary = trace_prompts(engine, prompts, config, args.batch_size, show_progress=not args.quiet)
     write_traces(args.out, trace, collection, summary, args.overwrite, inputs)
     accuracy = summary.get("lookahead_accuracy")
-    print(f"wrote {args.out}: {summary['sequences']} sequences, {summary['tokens']} tokens x {summary['moe_layers']} MoE layers"
+    print(f"wrote {args.out}: {plural(summary['sequences'], 'sequence')}, {plural(summary['tokens'], 'token')} x "
+          f"{plural(summary['moe_layers'], 'MoE layer')}"
           + ("" if accuracy is None else f"; lookahead guess accuracy {accuracy * 100:.1f}%"))
     return 0
 
@@ -335,14 +375,37 @@ COMMANDS = {
 }
 
 
+class _NoteHandler(logging.Handler):
+    """Prints the library's log records (warnings: notes for the user) as 'moejax: note: ...' on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"moejax: note: {record.getMessage()}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def notes_on_stderr() -> Iterator[None]:
+    """While the command runs, the library's notes go to stderr as 'moejax: note: ...' lines, and only
+    there (not also through a handler some dependency put on the root logger)."""
+    logger = logging.getLogger("moejax")
+    handler = _NoteHandler(logging.WARNING)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         with stop_like_ctrl_c():  # SIGTERM and SIGHUP clean up as Ctrl-C does
             args = build_parser().parse_args(argv)
-            return COMMANDS[args.command](args)
+            with notes_on_stderr():
+                return COMMANDS[args.command](args)
     except MoejaxError as err:
-        print(f"moejax: error: {err}", file=sys.stderr)
+        print(f"moejax: error: {err.render(FLAGS)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)

@@ -134,7 +134,8 @@ class ModelConfig:
         data = dict(data)
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
-            raise MoejaxError(f"checkpoint format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+            raise MoejaxError("no format_version: not a moejax checkpoint config" if version is None else
+                              f"checkpoint format_version {version!r} is not supported (expected {FORMAT_VERSION})")
         rope = data.pop("rope")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields

@@ -154,7 +154,8 @@ class EncDecConfig:
         data = dict(data)
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
-            raise MoejaxError(f"checkpoint format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+            raise MoejaxError("no format_version: not a moejax checkpoint config" if version is None else
+                              f"checkpoint format_version {version!r} is not supported (expected {FORMAT_VERSION})")
         if data.pop("kind", None) != KIND:
             raise MoejaxError(f"config: not an encoder-decoder config (kind is not '{KIND}')")
         fields = {f.name for f in dataclasses.fields(cls)}

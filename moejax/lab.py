@@ -20,16 +20,17 @@ experts_moved = misses + prefetches issued (times expert_bytes: bytes_moved).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.progress import Progress
 from moejax.runtime.directory import ExpertDirectory
-from moejax.runtime.policies import CachePolicy, make_policy
+from moejax.runtime.policies import POLICIES, CachePolicy, make_policy
 from moejax.runtime.prefetch import NoPrefetcher, make_prefetcher, prefetch_into
 from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts
 
@@ -41,13 +42,11 @@ DEFAULT_LOOKAHEAD_ACCURACY = 0.78
 def capacity_experts(trace: RoutingTrace, capacity_fraction: float) -> int:
     """Cache slots for a fraction of all (MoE layer, expert) pairs; at least one layer step's experts."""
     if not 0 < capacity_fraction <= 1:
-        raise MoejaxError(f"--capacity must be a fraction in (0, 1], got {capacity_fraction}")
+        raise ParameterError("{capacity_fraction} must be a fraction in (0, 1], got {value}", value=capacity_fraction)
     slots = int(round(capacity_fraction * trace.num_layers * trace.num_experts))
     if slots < trace.top_k:
-        raise MoejaxError(
-            f"--capacity {capacity_fraction} gives {slots} expert slots, fewer than the {trace.top_k} experts "
-            "one layer step may need"
-        )
+        raise ParameterError("{capacity_fraction} {value} gives {slots}, fewer than the {needed} one layer step may need",
+                             value=capacity_fraction, slots=plural(slots, "expert slot"), needed=plural(trace.top_k, "expert"))
     return slots
 
 
@@ -55,7 +54,7 @@ def simulate_lookahead(trace: RoutingTrace, accuracy: float, seed: int = 0) -> n
     """int16 [L, T, k]: each true expert of row l >= 1 kept with probability `accuracy`, else replaced by a
     random expert not among that token's true experts of layer l (seeded); row 0 is -1."""
     if not 0 <= accuracy <= 1:
-        raise MoejaxError(f"--lookahead-accuracy must be in [0, 1], got {accuracy}")
+        raise ParameterError("{lookahead_accuracy} must be in [0, 1], got {value}", value=accuracy)
     rng = np.random.default_rng(seed)
     experts = trace.experts.astype(np.int64)
     guess = experts.copy()
@@ -89,16 +88,22 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
            collection: EAMCollection | None = None,
            lookahead_accuracy: float | None = None, expert_bytes: int | None = None, seed: int = 0,
            show_progress: bool = False) -> dict:
-    """Replays `trace` once; returns the metrics as a JSON-ready dict (see the module docstring)."""
+    """Replays `trace` once; returns the metrics as a JSON-ready dict (see the module docstring).
+
+    Bad values raise ParameterError naming the parameter."""
     num_layers, num_experts, top_k = trace.num_layers, trace.num_experts, trace.top_k
     if collection is not None and (collection.num_layers, collection.num_experts) != (num_layers, num_experts):
-        raise MoejaxError(
-            f"--fit collection is [{collection.num_layers} layers, {collection.num_experts} experts] but --traces "
-            f"is [{num_layers}, {num_experts}]"
+        raise ParameterError(
+            "{collection} is [{found_layers} layers, {found_experts} experts] but {trace} is [{layers}, {experts}]",
+            found_layers=collection.num_layers, found_experts=collection.num_experts, layers=num_layers, experts=num_experts,
         )
+    if policy not in POLICIES:
+        raise ParameterError.not_one_of("policy", policy, POLICIES)
     capacity = capacity_experts(trace, capacity_fraction)
     if prefetch_per_layer is not None and prefetch_per_layer < 0:
-        raise MoejaxError(f"--prefetch-per-layer must be >= 0, got {prefetch_per_layer}")
+        raise ParameterError("{prefetch_per_layer} must be >= 0, got {value}", value=prefetch_per_layer)
+    if expert_bytes is not None and expert_bytes < 1:
+        raise ParameterError("{expert_bytes} must be a positive number of bytes, got {value}", value=expert_bytes)
     limit = 0 if prefetch == "none" else top_k if prefetch_per_layer is None else prefetch_per_layer
     future = future_steps(trace) if policy == "belady" else None
     cache_policy = make_policy(policy, num_layers=num_layers, num_experts=num_experts, collection=collection, future=future)
@@ -194,15 +199,35 @@ def parse_range(text: str | None, count: int, flag: str) -> tuple[int, int]:
     return start, stop
 
 
-def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "") -> None:
-    """Writes a PNG of hit rate against cache capacity, one line per label: points (capacity fraction, hit rate)."""
+def check_plot_path(path: str | Path) -> None:
+    """Refuses, before any work is done, a plot that could not be written: into a missing or unwritable
+    directory, over a directory, or without matplotlib."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise MoejaxError(f"{path}: cannot write the plot there: {folder} is not a directory")
+    if path.is_dir():
+        raise MoejaxError(f"{path}: cannot write the plot there: it is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MoejaxError(f"{path}: cannot write the plot there: {folder} is not writable")
+    _pyplot()
+
+
+def _pyplot():
+    """matplotlib.pyplot, drawing to files only (the Agg backend)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MoejaxError("--plot needs matplotlib: pip install 'moejax[plot]'") from None
+        raise MoejaxError("plotting needs matplotlib: pip install 'moejax[plot]'") from None
+    return plt
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str = "") -> None:
+    """Writes a PNG of hit rate against cache capacity, one line per label: points (capacity fraction, hit rate)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
         xs, ys = zip(*sorted(points))
@@ -215,6 +240,11 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], path: str | Path, 
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise MoejaxError(f"{path}: cannot write the plot ({err.strerror or err})") from None
+    finally:
+        plt.close(fig)

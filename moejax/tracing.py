@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.outputs import atomic_directory
 from moejax.progress import Progress
 from moejax.runtime.engine import Engine, GenerationConfig
@@ -50,25 +50,38 @@ def read_prompts(path: Path) -> list[tuple[str | list[int], str | None]]:
         if not (isinstance(prompt, str) or valid_ids) or not prompt:
             raise MoejaxError(f"{path}:{number}: 'prompt' must be non-empty text (or 'prompt_ids' a list of token ids)")
         task = record.get("task")
-        prompts.append((prompt, None if task is None else str(task)))
+        if task is not None and not isinstance(task, str):
+            raise MoejaxError(f"{path}:{number}: 'task' must be a string (a task label), got {json.dumps(task)}")
+        prompts.append((prompt, task))
     if not prompts:
         raise MoejaxError(f"{path}: no prompts")
     return prompts
 
 
 def prepare_prompts(engine: Engine, prompts, path: Path, max_new_tokens: int, max_prompt_tokens: int | None = None):
-    """Token ids of every prompt, checked before any work: each fits the model's positions with
-    `max_new_tokens` (after keeping its first `max_prompt_tokens` tokens, when given)."""
-    limit = engine.cfg.max_position_embeddings
+    """Token ids of every prompt, checked before any work: ids within the vocabulary, text only with a
+    tokenizer, and each fits the model's positions with `max_new_tokens` (after keeping its first
+    `max_prompt_tokens` tokens, when given). Prompts are numbered from 1 in the errors."""
+    limit, vocab = engine.cfg.max_position_embeddings, engine.cfg.vocab_size
     prepared = []
     for n, (prompt, task) in enumerate(prompts, 1):
-        try:
-            ids = engine.encode([prompt])[0][:max_prompt_tokens]
-        except MoejaxError as err:
-            raise MoejaxError(f"{path}: prompt {n}: {err}") from None
+        if isinstance(prompt, str):
+            if engine.tokenizer is None:
+                raise MoejaxError(f"{path}: prompt {n} is text, but the checkpoint has no tokenizer.json: give 'prompt_ids'")
+            ids = engine.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise MoejaxError(f"{path}: prompt {n} has no tokens")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise MoejaxError(f"{path}: prompt {n}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        ids = ids[:max_prompt_tokens]
         if len(ids) + max_new_tokens > limit:
-            raise MoejaxError(f"{path}: prompt {n} has {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds the "
-                              f"model's {limit} positions (pass --max-prompt-tokens {limit - max_new_tokens})")
+            raise ParameterError("{where}: prompt {n} has {tokens}; with {max_new} new tokens that exceeds the model's "
+                                 "{limit} positions (set {max_prompt_tokens} to {fit})", where=path, n=n,
+                                 tokens=plural(len(ids), "token"), max_new=max_new_tokens, limit=limit,
+                                 fit=limit - max_new_tokens)
         prepared.append((ids, task))
     return prepared
 
@@ -89,7 +102,7 @@ def trace_prompts(
     num_moe = len(cfg.moe_layer_ids)
     collection = EAMCollection(num_moe, cfg.num_experts, capacity=max(len(prompts), 1))
     experts, lookaheads, seq_lens, tasks = [], [], [], []
-    progress = Progress("trace", len(prompts), " prompts", enabled=show_progress)
+    progress = Progress("trace prompts", len(prompts), enabled=show_progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         chunk_tasks = [task for _, task in chunk]

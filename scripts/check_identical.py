@@ -38,7 +38,7 @@ def main() -> int:
     args = parser.parse_args()
 
     cfg = load_config(Path(args.checkpoint))
-    smallest = str(cfg.top_k * cfg.expert_bytes)  # in bytes: a fraction could round below top_k experts
+    smallest = f"{cfg.top_k * cfg.expert_bytes}B"  # in bytes: a fraction could round below top_k experts
     configs = [dict(offload="resident"), dict(offload="on-demand"), dict(offload="dense-offload")]
     for budget in (smallest, 0.25):
         for policy, prefetch in (("lru", "none"), ("lfu", "none"), ("activation", "lookahead"), ("activation", "trace+lookahead")):

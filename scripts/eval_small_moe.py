@@ -1,6 +1,6 @@
 """Quality of the shipped small MoE (or any moejax checkpoint trained by train_small_moe.py), on CPU.
 
-    PYTHONPATH=. python3 scripts/eval_small_moe.py [CKPT] [--corpus PATH ...] [--tasks tasks.jsonl]
+    PYTHONPATH=. python3 scripts/eval_small_moe.py [CKPT] --corpus PATH [--corpus PATH ...] --tasks tasks.jsonl
 
 Measures, and prints as Markdown tables:
 1. held-out perplexity and bits per byte on the test split of each corpus path (documents the
@@ -37,9 +37,8 @@ from moejax.errors import MoejaxError
 from moejax.models.decoder import empty_kv_caches, forward_with_router_logits, init_params
 from moejax.progress import Progress
 from moejax.runtime.sampling import SamplingParams
-from moejax.train.corpus import DEFAULT_CORPUS, pack, read_documents, split_documents, windows
+from moejax.train.corpus import pack, read_documents, split_documents, windows
 
-DEFAULT_TASKS = "/work/shared/data/prompts/tasks.jsonl"
 SAMPLE_PROMPTS = [
     "The history of",
     "In 1998, the band released",
@@ -53,8 +52,8 @@ BATCH = 8
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, nargs="?", default=moejax.SHIPPED_CHECKPOINT)
-    p.add_argument("--corpus", action="append", help=f"corpus paths as given to training (default: {' '.join(DEFAULT_CORPUS)})")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help="JSON lines with 'task' and 'prompt'")
+    p.add_argument("--corpus", action="append", required=True, help="corpus paths as given to training; repeatable")
+    p.add_argument("--tasks", required=True, type=Path, help="JSON lines with 'task' and 'prompt' (e.g. tasks.jsonl)")
     p.add_argument("--ppl-tokens", type=int, default=12288, help="held-out tokens scored per corpus path (at most)")
     p.add_argument("--prompts-per-task", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=40, help="tokens generated per sample")
@@ -266,7 +265,7 @@ def main(argv=None) -> int:
     tokenizer = hf_tokenizer(args.checkpoint)
     params = load_params(args.checkpoint, cfg)
     length = cfg.max_position_embeddings - 1
-    corpus = args.corpus or list(DEFAULT_CORPUS)
+    corpus = args.corpus
     prompts = task_prompts(args.tasks, args.prompts_per_task)
     progress = Progress("eval", len(corpus) + len(prompts) + 1, stream=sys.stderr)
 

@@ -38,7 +38,7 @@ from moejax.models.decoder import init_params, parameter_counts
 from moejax.outputs import atomic_file, check_output
 from moejax.progress import Progress
 from moejax.train.bpe import BOS_ID, EOS_ID, train_bpe_tokenizer, write_tokenizer_files
-from moejax.train.corpus import DEFAULT_CORPUS, pack, read_documents, split_documents, windows
+from moejax.train.corpus import pack, read_documents, split_documents, windows
 from moejax.train.objective import cast_params
 from moejax.train.step import learning_rate, make_eval_step, make_optimizer, make_train_step
 
@@ -48,8 +48,8 @@ SAMPLE_PROMPT = "The history of"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--corpus", action="append", help="file, directory or glob of text (.txt .rst .md .jsonl); "
-                      f"repeatable (default: {' '.join(DEFAULT_CORPUS)})")
+    data.add_argument("--corpus", action="append", required=True,
+                      help="file, directory or glob of text (.txt .rst .md .jsonl); repeatable")
     data.add_argument("--vocab-size", type=int, default=4096)
     model = p.add_argument_group("model (Mixtral family)")
     model.add_argument("--layers", type=int, default=8)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     check_output(args.checkpoint, args.corpus or DEFAULT_CORPUS, args.overwrite, CHECKPOINT_OUTPUT)
     log(f"devices: {jax.devices()}")
 
-    docs = split_documents(read_documents(args.corpus or list(DEFAULT_CORPUS)))
+    docs = split_documents(read_documents(args.corpus))
     tokenizer = train_bpe_tokenizer([d.text for d in docs["train"]], args.vocab_size)
     streams = {name: pack(tokenizer, split_docs, BOS_ID, EOS_ID) for name, split_docs in docs.items()}
     data_stats = {

@@ -1,15 +1,24 @@
 """Bad input through the CLI: one line on stderr, exit status 2, nothing half-written."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
 
-from moejax.cli import main
+import moejax
+from moejax.cli import FLAGS, build_parser, main
 from moejax.convert.safetensors_file import read_header, read_tensor, write_file
+from moejax.errors import ParameterError
+from moejax.lab import replay
+from moejax.runtime.budget import cache_capacity
+from moejax.runtime.engine import GenerationConfig
+from moejax.runtime.sampling import SamplingParams
+from moejax.runtime.trace import RoutingTrace
 
 SUPPORTED = "mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers"
 
@@ -162,3 +171,252 @@ def test_generate_missing_checkpoint(capsys, tmp_path):
 
 def test_unknown_command(capsys):
     one_line_error(capsys, ["serve-all"], "invalid choice", "'serve-all'")
+
+
+# -- library errors name the parameter, the CLI the flag ------------------------------------------
+
+def parameter_error(call) -> ParameterError:
+    with pytest.raises(ParameterError) as info:
+        call()
+    return info.value
+
+
+@pytest.mark.parametrize("call,parameter,argv,flag_message", [
+    (lambda ckpt: moejax.load(ckpt, offload="cached", expert_budget="2.0"), "expert_budget",
+     ["--offload", "cached", "--expert-budget", "2.0"], "--expert-budget '2.0': a bare number is a fraction"),
+    (lambda ckpt: moejax.load(ckpt, offload="on-demand", cache_policy="lfu"), "cache_policy",
+     ["--offload", "on-demand", "--cache-policy", "lfu"], "--cache-policy applies to --offload cached, not 'on-demand'"),
+    (lambda ckpt: GenerationConfig(max_new_tokens=0), "max_new_tokens",
+     ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (lambda ckpt: SamplingParams(greedy=False, temperature=0.0), "temperature",
+     ["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (lambda ckpt: moejax.load(ckpt).generate([1, 2], stop_token_ids=(50,)), "stop_token_ids",
+     ["--stop-ids", "3,50"], "--stop-ids: token id 50 is outside the vocabulary [0, 50)"),
+])
+def test_library_errors_name_the_parameter_and_the_cli_the_flag(capsys, ckpt, call, parameter, argv, flag_message):
+    err = parameter_error(lambda: call(ckpt))
+    assert parameter in err.parameters
+    assert str(err).startswith(parameter) and "--" not in str(err), str(err)
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", *argv], flag_message)
+
+
+def test_lab_replay_names_its_parameters_and_the_cli_its_flags(capsys, tmp_path):
+    trace = RoutingTrace(np.array([[[0, 1], [2, 3]]]), np.array([2]), num_experts=4)
+    err = parameter_error(lambda: replay(trace, capacity_fraction=0.5, policy="lru", expert_bytes=-5))
+    assert err.parameters == ("expert_bytes",) and str(err) == "expert_bytes must be a positive number of bytes, got -5"
+    err = parameter_error(lambda: replay(trace, capacity_fraction=1.5, policy="lru"))
+    assert str(err).startswith("capacity_fraction must be a fraction in (0, 1]")
+    trace.save(tmp_path / "routing.npz")
+    one_line_error(capsys, ["lab", "--traces", tmp_path / "routing.npz", "--capacity", "0.5", "--expert-bytes", "-5"],
+                   "--expert-bytes must be a positive number of bytes, got -5")
+    one_line_error(capsys, ["lab", "--traces", tmp_path / "routing.npz", "--capacity", "0.5", "--policy", "bogus"],
+                   "--policy 'bogus' is not one of lru, lfu, fifo, lifo, activation, belady")
+
+
+def test_every_flag_a_parameter_maps_to_exists():
+    options = {option for command in build_parser()._subparsers._group_actions[0].choices.values()
+               for action in command._actions for option in action.option_strings}
+    assert set(FLAGS.values()) <= options, set(FLAGS.values()) - options
+
+
+def test_a_value_with_braces_is_not_read_as_a_template():
+    err = ParameterError("{offload} {value!r} is not one of a, b", value="{x}")
+    assert str(err) == "offload '{x}' is not one of a, b"
+    assert err.render({"offload": "--offload"}) == "--offload '{x}' is not one of a, b"
+
+
+# -- expert budget ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget,expected", [
+    ("2.0", ["--expert-budget '2.0': a bare number is a fraction", "2.0GB", "2.0B for bytes"]),
+    ("1e30", ["--expert-budget '1e30': a bare number is a fraction"]),
+    ("1e400GB", ["--expert-budget '1e400GB' is too large to represent"]),
+    ("1e300TB", ["--expert-budget '1e300TB' is too large to represent"]),
+    ("1536B", ["holds 1 expert;", "one layer needs at least 2"]),
+])
+def test_expert_budget_that_means_nothing_sensible_is_refused(capsys, ckpt, budget, expected):
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", "--offload", "cached", "--expert-budget", budget],
+                   *expected)
+
+
+@pytest.mark.parametrize("budget", ["1TB", "1000000GiB"])
+def test_expert_budget_above_all_experts_is_capped_with_a_note(capsys, ckpt, budget):
+    argv = ["generate", ckpt, "--prompt-ids", "1,2", "--max-new-tokens", "2", "--offload", "cached", "--expert-budget", budget]
+    assert main([str(a) for a in argv + ["--json"]]) == 0
+    captured = capsys.readouterr()
+    stats = json.loads(captured.out)["stats"]
+    assert stats["capacity_experts"] == stats["host_experts"] == 3
+    notes = [line for line in captured.err.splitlines() if line.startswith("moejax: note:")]
+    assert len(notes) == 1 and "more than all 3 experts take" in notes[0] and "the cache holds all of them" in notes[0]
+    assert main([str(a) for a in argv]) == 0
+    assert "cached lru, 3 slots (all experts)" in capsys.readouterr().err
+
+
+def test_capped_budget_is_logged_by_the_library(caplog):
+    with caplog.at_level(logging.WARNING, logger="moejax"):
+        assert cache_capacity(10**12, 100, min_experts=2, max_experts=8, memory=None) == 8
+    assert ["the expert budget (1,000,000,000,000 bytes) is more than all 8 experts take (800 bytes): "
+            "the cache holds all of them"] == [r.getMessage() for r in caplog.records]
+
+
+# -- files of the wrong kind ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["info"], ["generate"], ["export"]])
+def test_unconverted_hf_directory_says_to_convert(capsys, hf_dir, tmp_path, command):
+    argv = command + [hf_dir] + {"info": [], "generate": ["--prompt-ids", "1"], "export": [tmp_path / "out"]}[command[0]]
+    one_line_error(capsys, argv, f"{hf_dir}: a HuggingFace checkpoint (model_type 'qwen2_moe'), not a moejax one",
+                   f"moejax convert {hf_dir} OUT_DIR")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda config: {k: v for k, v in config.items() if k != "format_version"}, "no format_version: not a moejax checkpoint"),
+    (lambda config: {**config, "format_version": 2}, "checkpoint format_version 2 is not supported (expected 1)"),
+    (lambda config: {k: v for k, v in config.items() if k != "rope"}, "not a valid moejax config (KeyError: 'rope')"),
+])
+def test_bad_moejax_config_names_the_file(capsys, ckpt, tmp_path, edit, expected):
+    copy = tmp_path / "mj"
+    shutil.copytree(ckpt, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(edit(config)))
+    one_line_error(capsys, ["info", copy], f"{copy / 'config.json'}: {expected}")
+
+
+def test_npz_that_is_no_archive_says_what_the_file_should_hold(capsys, tmp_path):
+    path = tmp_path / "not_really.npz"
+    path.write_text("hello\n")
+    line = one_line_error(capsys, ["lab", "--traces", path, "--capacity", "0.5"],
+                          f"{path}: not an .npz archive", "experts [MoE layers, tokens, k] and seq_lens [sequences]")
+    assert "pickle" not in line
+
+
+def test_npz_of_python_objects_is_not_unpickled(capsys, tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, experts=np.array([{"a": 1}], dtype=object), seq_lens=np.array([1]))
+    line = one_line_error(capsys, ["lab", "--traces", path, "--capacity", "0.5"], "holds Python objects, which moejax never loads")
+    assert "pickle" not in line
+
+
+@pytest.fixture(scope="module")
+def trace_dir(ckpt) -> Path:
+    """What `moejax trace` writes for two labelled prompts of token ids."""
+    prompts = ckpt.parent / "prompts.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 2, 3], "task": "math"}\n{"prompt_ids": [4, 5], "task": "code"}\n')
+    out = ckpt.parent / "traces"
+    assert main(["trace", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "2", "--quiet"]) == 0
+    return out
+
+
+def test_trace_directory_is_accepted_everywhere(capsys, ckpt, trace_dir):
+    assert main(["lab", "--traces", str(trace_dir), "--fit", str(trace_dir), "--capacity", "0.7", "--policy", "activation",
+                 "--prefetch", "trace", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["collection_size"] == 2
+    assert main(["generate", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--offload", "cached",
+                 "--expert-budget", "1", "--prefetch", "trace", "--traces", str(trace_dir), "--task", "code"]) == 0
+
+
+def test_trace_file_of_the_other_kind_names_the_one_wanted(capsys, ckpt, trace_dir):
+    for flag in ("--traces", "--fit"):
+        argv = ["lab", "--traces", trace_dir, "--capacity", "0.7", flag, trace_dir / "eams.npz"]
+        one_line_error(capsys, argv, f"{trace_dir / 'eams.npz'}: an EAM collection", "give routing.npz or the directory")
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1", "--offload", "cached", "--prefetch", "trace",
+                            "--traces", trace_dir / "routing.npz"],
+                   f"{trace_dir / 'routing.npz'}: a routing trace", "give eams.npz or the directory")
+
+
+# -- flags that were accepted without a word ------------------------------------------------------------
+
+@pytest.mark.parametrize("args,expected", [
+    (["--offload", "cached", "--cache-policy", "bogus"], ["--cache-policy 'bogus' is not one of lru, lfu, fifo, lifo, activation"]),
+    (["--offload", "cached", "--cache-policy", "belady"], ["is not one of lru, lfu, fifo, lifo, activation (belady needs the future"]),
+    (["--offload", "on-demand", "--cache-policy", "lru"], ["--cache-policy applies to --offload cached, not 'on-demand'"]),
+    (["--offload", "cached", "--prefetch-per-layer", "2"], ["--prefetch-per-layer applies to a prefetcher"]),
+    (["--offload", "cached", "--task", "code"], ["--task labels the prompts for --prefetch trace"]),
+])
+def test_options_that_would_be_ignored_are_refused(capsys, ckpt, args, expected):
+    line = one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", *args], *expected)
+    assert "activation, belady" not in line
+
+
+def test_traces_without_a_reader_are_refused(capsys, ckpt, trace_dir):
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1", "--offload", "cached", "--traces", trace_dir],
+                   "--traces feeds --prefetch trace / trace+lookahead and --cache-policy activation")
+
+
+def test_task_unknown_to_the_traces_is_refused(capsys, ckpt, trace_dir):
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1", "--offload", "cached", "--expert-budget", "1",
+                            "--cache-policy", "activation", "--traces", trace_dir, "--task", "nosuchtask"],
+                   f"--task 'nosuchtask' is not a task of {trace_dir}: its tasks are code, math")
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('{"prompt_ids": [1, 2], "task": 5}', ":1: 'task' must be a string (a task label), got 5"),
+    ('{"prompt_ids": [1, 99]}', ": prompt 1: token id 99 is outside the vocabulary [0, 50)"),
+])
+def test_bad_trace_prompt_lines(capsys, ckpt, tmp_path, line, expected):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(line + "\n")
+    text = one_line_error(capsys, ["trace", ckpt, "--prompts", prompts, "--out", tmp_path / "out"], f"{prompts}{expected}")
+    assert text.count("prompt ") <= 1, text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_trace_limit_must_be_positive(capsys, ckpt, tmp_path, limit):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [3]}\n')
+    one_line_error(capsys, ["trace", ckpt, "--prompts", prompts, "--out", tmp_path / "out", f"--limit={limit}"],
+                   f"--limit must be >= 1 (got {limit})")
+    assert not (tmp_path / "out").exists()
+
+
+def test_trace_of_one_prompt_says_one_sequence(capsys, ckpt, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt_ids": [1]}\n')
+    assert main(["trace", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--max-new-tokens", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith(": 1 sequence, 1 token x 1 MoE layer\n")
+    assert "1/1 " in captured.err and "prompts/" not in captured.err
+
+
+def test_special_token_outside_the_vocabulary_is_dropped_with_a_note(capsys, hf_dir, tmp_path):
+    hf = broken_copy(hf_dir, tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "eos_token_id": [7, 50], "bos_token_id": 60}))
+    assert main(["convert", str(hf), str(tmp_path / "mj"), "--quiet"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moejax: note:")]
+    assert notes == ["moejax: note: config.json: bos_token_id 60 is outside the vocabulary [0, 50): left out of the converted config",
+                     "moejax: note: config.json: eos_token_id 50 is outside the vocabulary [0, 50): left out of the converted config"]
+    saved = json.loads((tmp_path / "mj" / "config.json").read_text())
+    assert saved["eos_token_ids"] == [7] and saved["bos_token_id"] is None
+
+
+# -- the policy lab's plot --------------------------------------------------------------------------------
+
+def small_routing_file(tmp_path: Path) -> Path:
+    path = tmp_path / "routing.npz"
+    RoutingTrace(np.array([[[0, 1], [2, 3], [0, 2]]]), np.array([3]), num_experts=4).save(path)
+    return path
+
+
+@pytest.mark.parametrize("plot", ["missing/dir/p.png", "a_directory"])
+def test_unwritable_plot_is_refused_before_computing(capsys, tmp_path, plot):
+    (tmp_path / "a_directory").mkdir()
+    one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", "--plot", tmp_path / plot],
+                   f"{tmp_path / plot}: cannot write the plot there")
+    assert capsys.readouterr().out == ""
+
+
+def test_results_are_printed_before_the_plot_is_written(capsys, tmp_path, monkeypatch):
+    from moejax import lab
+
+    def fail(curves, path, title):
+        raise moejax.MoejaxError(f"{path}: cannot write the plot (No space left on device)")
+
+    monkeypatch.setattr(lab, "check_plot_path", lambda path: None)
+    monkeypatch.setattr(lab, "plot_curves", fail)
+    argv = ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5,1", "--plot", tmp_path / "p.png"]
+    one_line_error(capsys, argv, "cannot write the plot (No space left on device)")
+    assert main([str(a) for a in argv]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == ["lru, capacity 0.5 (2 experts)", "lru, capacity 1 (4 experts)"]

@@ -8,6 +8,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import moejax
 from moejax.cli import main
 
 VOCAB = 300
@@ -48,8 +49,12 @@ def run_json(capsys, argv) -> dict:
 
 
 def test_convert_copies_the_tokenizer(built):
-    _, ckpt, _ = built
-    assert (Path(ckpt) / "tokenizer.json").is_file()
+    """The checkpoint carries the source's tokenizer.json byte for byte, and the engine encodes with it."""
+    _, ckpt, tokenizer = built
+    source = Path(ckpt).parent / "hf" / "tokenizer.json"
+    assert (Path(ckpt) / "tokenizer.json").read_bytes() == source.read_bytes()
+    text = "once upon a time, the history"
+    assert moejax.load(ckpt).encode(text) == [tokenizer.encode(text).ids]
 
 
 def test_info_json_counts_match_transformers(capsys, built):

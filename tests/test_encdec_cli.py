@@ -62,7 +62,7 @@ def test_info_counts_the_parameters_transformers_has(root, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--prompt", "w5", "--target-lang", "xxx_Latn"], "unknown target language 'xxx_Latn'"),
+    (["--prompt", "w5", "--target-lang", "xxx_Latn"], "--target-lang 'xxx_Latn' is not a token of"),
     (["--max-new-tokens", "2"], "give --prompt TEXT or --prompt-ids"),
     (["--prompt-ids", "5,6", "--forced-bos-id", "101"], "--forced-bos-id 101 is outside the vocabulary"),
     (["--prompt-ids", "5,600"], "token id 600 is outside the vocabulary"),

@@ -105,7 +105,7 @@ def test_per_layer_paths_equal_whole_model(root):
     host = moejax.load(ckpt, routing="capacity")  # the default executor
     resident_cfg = host.cfg
     # The offloading runtime at its smallest cache: several waves per layer, every expert a copy.
-    offloaded = moejax.load(ckpt, routing="capacity", offload="cached", expert_budget=str(resident_cfg.top_k * resident_cfg.expert_bytes))
+    offloaded = moejax.load(ckpt, routing="capacity", offload="cached", expert_budget=f"{resident_cfg.top_k * resident_cfg.expert_bytes}B")
     sources = random_sources([10, 3], seed=5)
     targets = decoder_inputs(device, len(sources), seed=6)
     reference = whole.logits(sources, targets)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moejax.cli import main
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.lab import future_steps, replay, simulate_lookahead
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import POLICIES, make_policy
@@ -176,9 +176,9 @@ def test_prefetch_floor_keeps_only_likelier_experts():
             p = loose.probabilities(everything[0][0])
             # the strict list is the loose list cut where p falls below the floor
             assert strict.predict(layer) == [key for key in everything if p[key[1]] >= 0.3]
-    with pytest.raises(MoejaxError, match="--prefetch-floor applies to --prefetch trace or trace\\+lookahead, not 'lookahead'"):
+    with pytest.raises(ParameterError, match="^prefetch_floor applies to prefetch trace or trace\\+lookahead, not 'lookahead'"):
         make_prefetcher("lookahead", num_layers=2, num_experts=4, top_k=1, floor=0.1)
-    with pytest.raises(MoejaxError, match="--prefetch-floor must be a probability in \\[0, 1\\], got 1.5"):
+    with pytest.raises(ParameterError, match="^prefetch_floor must be a probability in \\[0, 1\\], got 1.5"):
         make_prefetcher("trace", num_layers=2, num_experts=4, top_k=1, floor=1.5)
 
 
@@ -372,5 +372,7 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch)
     path = tmp_path / "routing.npz"
     trace.save(path)
     assert main(["lab", "--traces", str(path), "--capacity", "0.5", "--plot", str(tmp_path / "c.png")]) == 2
-    assert "--plot needs matplotlib: pip install 'moejax[plot]'" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err == "moejax: error: plotting needs matplotlib: pip install 'moejax[plot]'\n"
+    assert captured.out == ""  # refused before the replay
     assert not (tmp_path / "c.png").exists()

@@ -1,6 +1,7 @@
 """Offloading never changes results: every mode, budget and policy equals resident, bit for bit."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from moejax.runtime import budget as budget_module
 from moejax.runtime.engine import Engine
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.loading import expert_runner
-from moejax.runtime.policies import POLICIES, make_policy
+from moejax.runtime.policies import ONLINE_POLICIES, make_policy
 from moejax.runtime.store import HostExpertStore
 
 NEW_TOKENS = 6
@@ -34,14 +35,14 @@ def offloaded_engine(ckpt, cfg, store, mode, budget=None, policy="lru"):
 
 def every_mode(cfg, store):
     """(mode, budget, policy): each mode, cached at the minimum budget and at half."""
-    minimum = str(cfg.top_k * store.expert_bytes)
+    minimum = f"{cfg.top_k * store.expert_bytes}B"
     return [("on-demand", None, "lru"), ("dense-offload", None, "lru"), ("cached", minimum, "lru"), ("cached", "0.5", "lifo")]
 
 
 def every_policy_and_budget(cfg, store):
     """Each engine policy (belady is lab only) at the minimum, a small, a middle and the full budget."""
-    budgets = (str(cfg.top_k * store.expert_bytes), "0.2", "0.5", "1.0")
-    return [("cached", budget, policy) for budget in budgets for policy in sorted(POLICIES) if policy != "belady"]
+    budgets = (f"{cfg.top_k * store.expert_bytes}B", "0.2", "0.5", "1.0")
+    return [("cached", budget, policy) for budget in budgets for policy in ONLINE_POLICIES]
 
 
 def check_counters(stats, cfg):
@@ -93,7 +94,7 @@ def test_minimum_budget_streams_long_prefill_in_waves(root):
     _, _, ckpt = build(("mixtral", "sliding_window"), root)
     resident = moejax.load(ckpt)
     prompt = random_prompts(resident.cfg.vocab_size, [40], seed=5)
-    tiny = moejax.load(ckpt, offload="cached", expert_budget=str(2 * resident.cfg.expert_bytes))
+    tiny = moejax.load(ckpt, offload="cached", expert_budget=f"{2 * resident.cfg.expert_bytes}B")
     assert tiny.executor.runner.cache.capacity == 2
     result = tiny.generate(prompt, max_new_tokens=4)
     assert result.tokens == resident.generate(prompt, max_new_tokens=4).tokens
@@ -128,7 +129,8 @@ def test_summary_line_on_stderr(root, capsys):
         (["--offload", "cached", "--expert-budget", "0"], "must be positive"),
         (["--offload", "cached", "--expert-budget", "lots"], "not a fraction"),
         (["--offload", "cached", "--expert-budget", "12 parsecs"], "not a fraction"),
-        (["--offload", "cached", "--expert-budget", "10"], "one layer needs at least 2"),
+        (["--offload", "cached", "--expert-budget", "10B"], "holds 0 experts; one layer needs at least 2"),
+        (["--offload", "cached", "--expert-budget", "10"], "a bare number is a fraction of all expert bytes, at most 1"),
         (["--offload", "swap"], "resident, cached, on-demand, dense-offload"),
         (["--offload", "cached", "--cache-policy", "random"], "lru, lfu, fifo, lifo"),
         (["--offload", "on-demand", "--expert-budget", "0.5"], "applies to --offload cached"),
@@ -144,10 +146,12 @@ def test_bad_offload_flags_are_one_line_errors(root, capsys, flags, message):
 
 def test_budget_above_device_memory_is_refused(root, monkeypatch):
     _, _, ckpt = build(("mixtral", "basic"), root)
-    fake = budget_module.DeviceMemory(limit=10_000_000, in_use=2_000_000, kv_cache=1_000_000, workspace=1_000_000)
+    # 50,000 bytes free: room for 2 of the 8 experts (18,432 bytes each), not for all of them.
+    fake = budget_module.DeviceMemory(limit=400_000, in_use=200_000, kv_cache=50_000, workspace=100_000)
     monkeypatch.setattr("moejax.runtime.loading.device_memory", lambda *args: fake)
     with pytest.raises(MoejaxError, match="more than the device holds"):
-        moejax.load(ckpt, offload="cached", expert_budget="1GiB")
+        moejax.load(ckpt, offload="cached", expert_budget="1GiB")  # capped at all experts, still too many
+    assert moejax.load(ckpt, offload="cached", expert_budget="36864B").executor.runner.cache.capacity == 2
 
 
 def test_budget_parsing():
@@ -156,7 +160,9 @@ def test_budget_parsing():
     assert parse(1.0, 4000) == 4000
     assert parse("12GiB", 1) == 12 * 2**30
     assert parse("500MB", 1) == 500 * 10**6
-    assert parse("2048", 1) == 2048
+    assert parse("2048B", 1) == 2048
+    with pytest.raises(MoejaxError, match="a bare number is a fraction"):
+        parse("2048", 1)
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -232,6 +238,7 @@ def test_experts_in_flight_are_given_out_at_once_and_waited_for_after(monkeypatc
     """`ExpertCache.experts` hands out experts whose copies are in flight without waiting (the device
     waits for them); `wait_for_copies` then blocks on exactly those copies and counts the stall."""
     waited = []
+    copy_seconds = 0.02
 
     class Copy:
         def __init__(self):
@@ -242,6 +249,7 @@ def test_experts_in_flight_are_given_out_at_once_and_waited_for_after(monkeypatc
 
         def block_until_ready(self):
             waited.append(self)
+            time.sleep(copy_seconds)
             self.done = True
             return self
 
@@ -251,13 +259,15 @@ def test_experts_in_flight_are_given_out_at_once_and_waited_for_after(monkeypatc
     assert [expert.flat.done for expert in given] == [False, False] and not waited  # nothing waited for yet
     cache.end_layer()
     cache.wait_for_copies(0)
-    assert waited == [expert.flat for expert in given] and cache.transfers[0].stall_s >= 0
+    assert waited == [expert.flat for expert in given]
+    stall = cache.transfers[0].stall_s
+    assert 2 * copy_seconds <= stall < 2 * copy_seconds + 1.0  # the two copies waited for, nothing more
     cache.wait_for_copies(0)  # nothing left in flight: no second wait
     assert len(waited) == 2
     keys = cache.begin_layer(0, [0, 1])  # both resident and copied: nothing to wait for
     cache.experts(keys)
     cache.wait_for_copies(0)
-    assert len(waited) == 2
+    assert len(waited) == 2 and cache.transfers[0].stall_s == stall
 
 
 def test_routing_is_written_to_host_memory():

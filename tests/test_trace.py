@@ -165,7 +165,7 @@ def test_deepseek_layout_is_read(tmp_path):
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"seq_lens": np.array([2])}, "missing experts"),
+        ({"seq_lens": np.array([2])}, "missing arrays experts"),
         ({"experts": np.zeros((2, 3), np.uint8), "seq_lens": np.array([3])}, r"experts must be non-empty integer \[layers"),
         ({"experts": np.zeros((2, 3, 1), np.uint8), "seq_lens": np.array([2])}, "seq_lens sum to 2 but experts has 3 tokens"),
         ({"experts": np.zeros((2, 3, 1), np.uint8), "seq_lens": np.array([3]),

@@ -20,7 +20,7 @@ from moejax.convert.families import family
 from moejax.convert.families.common import Target
 from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header, read_tensor
 from moejax.encdec_config import EncDecConfig
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.outputs import atomic_directory, check_output
 from moejax.progress import Progress
 
@@ -53,7 +53,7 @@ def hf_model_config(hf_dir: Path, dtype: str | None = None) -> tuple[ModelConfig
     hf = read_hf_config(hf_dir)
     fam = family(hf.get("model_type"))
     if dtype is not None and dtype not in DTYPES:
-        raise MoejaxError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        raise ParameterError.not_one_of("dtype", dtype, DTYPES)
     try:
         cfg = fam.config_from_hf(hf).replace(dtype=dtype or source_dtype(hf))
     except (TypeError, ValueError) as err:  # a field of the wrong type, e.g. "hidden_size": "big"

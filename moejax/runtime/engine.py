@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from moejax.config import ModelConfig
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
 from moejax.runtime.compilation import compile_seconds, run_clock
 from moejax.runtime.executors import Executor
@@ -32,7 +32,7 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise MoejaxError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+            raise ParameterError("{max_new_tokens} must be >= 1 (got {value})", value=self.max_new_tokens)
 
 
 SAMPLING_KEYWORDS = tuple(field.name for field in dataclasses.fields(SamplingParams))
@@ -141,7 +141,7 @@ class Engine:
         for n, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 if self.tokenizer is None:
-                    raise MoejaxError("this checkpoint has no tokenizer.json: pass token ids (--prompt-ids)")
+                    raise MoejaxError("this checkpoint has no tokenizer.json: give the prompts as token ids")
                 ids = self.tokenizer.encode(prompt)
             else:
                 ids = [int(t) for t in prompt]
@@ -183,6 +183,10 @@ class Engine:
 
     def stop_ids(self, config: GenerationConfig) -> set[int]:
         stops = set(config.stop_token_ids)
+        bad = [t for t in stops if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ParameterError("{stop_token_ids}: token id {token} is outside the vocabulary [0, {vocab})",
+                                 token=min(bad), vocab=self.cfg.vocab_size)
         if not config.ignore_eos:
             stops |= set(self.cfg.eos_token_ids)
         return stops

@@ -10,7 +10,7 @@ import numpy as np
 from moejax import checkpoint
 from moejax.config import ModelConfig
 from moejax.encdec_config import ROUTING_MODES, EncDecConfig
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.models.decoder import kv_cache_bytes
 from moejax.models.encdec import kv_cache_shape as encdec_kv_cache_shape
 from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
@@ -21,9 +21,8 @@ from moejax.runtime.encdec_executors import HostRoutedExecutor as EncDecHostRout
 from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
 from moejax.runtime.expert_runner import MODES, ExpertRunner
 from moejax.runtime.host_routed import HostRoutedExecutor
-from moejax.runtime.policies import CachePolicy, make_policy
-from moejax.runtime.prefetch import Prefetcher, make_prefetcher
-from moejax.runtime.recorder import EAMS_FILE
+from moejax.runtime.policies import ONLINE_POLICIES, CachePolicy, make_policy
+from moejax.runtime.prefetch import PREFETCHERS, Prefetcher, make_prefetcher
 from moejax.runtime.seq2seq import Seq2SeqEngine
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
 from moejax.runtime.trace import EAMCollection
@@ -39,7 +38,7 @@ def load(
     *,
     offload: str = "resident",
     expert_budget: str | float | None = None,
-    cache_policy: str = "lru",
+    cache_policy: str | None = None,
     executor: str = "host-routed",
     max_batch: int = 8,
     max_seq_len: int = 4096,
@@ -59,7 +58,7 @@ def load(
         bit-identical across modes, budgets and policies.
     expert_budget: GPU memory for the expert cache, a fraction of all expert bytes (0.25) or a
         size ('12GiB'); 'cached' only (default 0.25).
-    cache_policy: replacement policy of the cache (lru, lfu, fifo, lifo, ...).
+    cache_policy: replacement policy of the cache: lru (default), lfu, fifo, lifo or activation; 'cached' only.
     executor: 'host-routed' (per-layer, routing read back to the host: every offloading mode),
         'device-routed' (per-layer, routing on the device, no round trip; resident only) or
         'whole-model' (one program, the reference; resident only). The last two equal the first
@@ -70,12 +69,14 @@ def load(
     prefetch: 'none', 'lookahead' (the next MoE layer's router on the current hidden state), 'trace'
         (match the sequence's activations against a trace collection) or 'trace+lookahead' (the trace
         prediction, sharpened by the next router's guess); 'cached' only.
-    prefetch_per_layer: most experts prefetched per MoE layer step (default: the model's top-k).
+    prefetch_per_layer: most experts prefetched per MoE layer step (default: the model's top-k); with a prefetcher only.
     prefetch_floor: the trace prefetchers propose only experts whose probability of use is at least
         this (default 0.02 for 'trace', 0.2 for 'trace+lookahead').
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
-        trace prefetcher and the activation policy; without one they start empty and learn from the
-        sequences this engine runs (they always do).
+        trace prefetcher and the activation policy (only they read it); without one they start empty and
+        learn from the sequences this engine runs (they always do).
+
+    Bad values raise ParameterError naming the parameter.
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off').
@@ -83,30 +84,21 @@ def load(
     use_compilation_cache()
     path = Path(path)
     cfg = checkpoint.load_config(path)
-    if offload not in MODES:
-        raise MoejaxError(f"--offload '{offload}' is not one of {', '.join(MODES)}")
-    if executor not in EXECUTORS:
-        raise MoejaxError(f"--executor '{executor}' is not one of {', '.join(EXECUTORS)}")
-    if executor != "host-routed" and offload != "resident":
-        raise MoejaxError(f"--executor {executor} keeps every expert on the device: it needs --offload resident")
-    if expert_budget is not None and offload != "cached":
-        raise MoejaxError(f"--expert-budget applies to --offload cached, not '{offload}'")
+    check_offload_options(offload, executor, expert_budget, cache_policy, prefetch, prefetch_per_layer)
+    cache_policy = cache_policy or "lru"
     seq2seq = isinstance(cfg, EncDecConfig)
     if seq2seq:
         cfg = with_routing(cfg, routing)
     elif routing not in (None, "dropless"):
-        raise MoejaxError(f"--routing {routing}: {cfg.family} routing is always dropless (capacity is for encoder-decoder models)")
+        raise ParameterError("{routing} {routing_value!r}: {family} routing is always dropless (capacity is for "
+                             "encoder-decoder models)", routing_value=routing, family=cfg.family)
     collection = trace_collection(cfg, traces, prefetch, cache_policy)
     num_moe = len(cfg.moe_layer_ids)
     policy = make_policy(cache_policy, num_layers=num_moe, num_experts=cfg.num_experts, collection=collection)
-    if prefetch != "none" and offload != "cached":
-        raise MoejaxError(f"--prefetch {prefetch} fills the expert cache: it needs --offload cached (not '{offload}')")
     prefetcher = None
     if prefetch != "none" or prefetch_floor is not None:
         prefetcher = make_prefetcher(prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k,
                                      collection=collection, floor=prefetch_floor)
-    if prefetch_per_layer is not None and prefetch_per_layer < 0:
-        raise MoejaxError(f"--prefetch-per-layer must be >= 0 (got {prefetch_per_layer})")
     if executor == "host-routed" and offload != "resident":
         size_pinned_pool(len(cfg.moe_layer_ids) * cfg.num_experts * cfg.expert_bytes)
     device = device or jax.devices()[0]
@@ -128,28 +120,57 @@ def load(
     return engine_cls(cfg, executor_cls(cfg, globals_, layers, runner), load_tokenizer(path), path)
 
 
+def check_offload_options(offload: str, executor: str, expert_budget, cache_policy: str | None, prefetch: str,
+                          prefetch_per_layer: int | None) -> None:
+    """Refuses an unknown mode, executor or policy, and an option the chosen mode would ignore."""
+    if offload not in MODES:
+        raise ParameterError.not_one_of("offload", offload, MODES)
+    if executor not in EXECUTORS:
+        raise ParameterError.not_one_of("executor", executor, EXECUTORS)
+    if executor != "host-routed" and offload != "resident":
+        raise ParameterError("{executor} {name!r} keeps every expert on the device: it needs {offload} resident",
+                             name=executor)
+    if prefetch not in PREFETCHERS:
+        raise ParameterError.not_one_of("prefetch", prefetch, PREFETCHERS)
+    if cache_policy is not None and cache_policy not in ONLINE_POLICIES:
+        hint = " (belady needs the future: it runs in the policy lab only)" if cache_policy == "belady" else ""
+        raise ParameterError.not_one_of("cache_policy", cache_policy, ONLINE_POLICIES, hint)
+    for parameter, value in (("expert_budget", expert_budget), ("cache_policy", cache_policy)):
+        if value is not None and offload != "cached":
+            raise ParameterError("{" + parameter + "} applies to {offload} cached, not {mode!r}", mode=offload)
+    if prefetch != "none" and offload != "cached":
+        raise ParameterError("{prefetch} {name!r} fills the expert cache: it needs {offload} cached (not {mode!r})",
+                             name=prefetch, mode=offload)
+    if prefetch_per_layer is not None:
+        if prefetch == "none":
+            raise ParameterError("{prefetch_per_layer} applies to a prefetcher: give {prefetch} too")
+        if prefetch_per_layer < 0:
+            raise ParameterError("{prefetch_per_layer} must be >= 0 (got {value})", value=prefetch_per_layer)
+
+
 def trace_collection(cfg, traces: str | Path | None, prefetch: str, cache_policy: str) -> EAMCollection | None:
     """The collection the trace prefetcher and the activation policy read: loaded from `traces`, or
     empty (filled as sequences finish) when one of them is chosen; None when neither is."""
     num_moe = len(cfg.moe_layer_ids)
+    reader = prefetch.startswith("trace") or cache_policy == "activation"
     if traces is not None:
-        path = Path(traces)
-        collection = EAMCollection.load(path / EAMS_FILE if path.is_dir() else path)
+        if not reader:
+            raise ParameterError("{traces} feeds {prefetch} trace / trace+lookahead and {cache_policy} activation: "
+                                 "give one of them, or leave {traces} out")
+        collection = EAMCollection.load(traces)
         found = (collection.num_layers, collection.num_experts)
         if found != (num_moe, cfg.num_experts):
             raise MoejaxError(f"{traces}: activation matrices of {found[0]} MoE layers x {found[1]} experts, "
                               f"but the model has {num_moe} x {cfg.num_experts}")
         return collection
-    if prefetch.startswith("trace") or cache_policy == "activation":
-        return EAMCollection(num_moe, cfg.num_experts)
-    return None
+    return EAMCollection(num_moe, cfg.num_experts) if reader else None
 
 
 def with_routing(cfg: EncDecConfig, routing: str | None) -> EncDecConfig:
     if routing is None:
         return cfg
     if routing not in ROUTING_MODES:
-        raise MoejaxError(f"--routing '{routing}' is not one of {', '.join(ROUTING_MODES)}")
+        raise ParameterError.not_one_of("routing", routing, ROUTING_MODES)
     return cfg.replace(routing=routing)
 
 
@@ -184,7 +205,7 @@ def expert_runner(
     if offload == "cached":
         budget = parse_budget(DEFAULT_BUDGET if expert_budget is None else expert_budget, store.total_bytes)
         memory = device_memory(store.device, kv_bytes, dense_bytes_to_place)
-        capacity = cache_capacity(budget, store.expert_bytes, cfg.top_k, memory)
+        capacity = cache_capacity(budget, store.expert_bytes, cfg.top_k, len(store), memory)
     return ExpertRunner(
         store, offload, cfg.num_experts, cfg.hidden_act, capacity, policy, prefetcher=prefetcher,
         prefetch_per_layer=cfg.top_k if prefetch_per_layer is None else prefetch_per_layer, collection=collection,

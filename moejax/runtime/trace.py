@@ -20,6 +20,7 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 from moejax.outputs import atomic_file
+from moejax.runtime.recorder import EAMS_FILE, ROUTING_FILE
 
 COLLECTION_FORMAT = 1
 ROUTING_FORMAT = 1
@@ -33,16 +34,36 @@ def write_npz_atomic(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
         os.fsync(f.fileno())
 
 
-def read_npz(path: str | Path, what: str) -> dict[str, np.ndarray]:
-    """All arrays of an npz file; MoejaxError naming the file if it is missing or not a readable npz."""
+# What each kind of trace file holds, for the errors that refuse a file of another kind.
+COLLECTION_CONTENTS = (f"an EAM collection holds eams [sequences, MoE layers, experts] and their tasks, like the "
+                       f"{EAMS_FILE} that `moejax trace` writes")
+ROUTING_CONTENTS = (f"a routing trace holds experts [MoE layers, tokens, k] and seq_lens [sequences], like the "
+                    f"{ROUTING_FILE} that `moejax trace` writes")
+
+
+def trace_file(path: str | Path, file_name: str) -> Path:
+    """`path`, or `path / file_name` when `path` is a directory (the one `moejax trace --out` wrote)."""
+    path = Path(path)
+    return path / file_name if path.is_dir() else path
+
+
+def read_npz(path: str | Path, what: str, contents: str) -> dict[str, np.ndarray]:
+    """All arrays of an npz file; MoejaxError naming the file and what it should hold (`contents`) if it
+    is missing or not a readable npz. Pickled objects are never loaded."""
     path = Path(path)
     if not path.is_file():
         raise MoejaxError(f"{path}: no such {what} file")
     try:
+        if not zipfile.is_zipfile(path):
+            raise MoejaxError(f"{path}: not an .npz archive; {contents}")
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise MoejaxError(f"{path}: not a readable {what} (.npz) file ({type(err).__name__}: {err})") from None
+    except ValueError as err:
+        if "allow_pickle" in str(err):  # an object array, which only unpickling could read
+            raise MoejaxError(f"{path}: holds Python objects, which moejax never loads; {contents}") from None
+        raise MoejaxError(f"{path}: not a readable {what} ({err}); {contents}") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise MoejaxError(f"{path}: not a readable {what} ({type(err).__name__}: {err}); {contents}") from None
 
 
 def eam_counts(experts: np.ndarray, num_experts: int, valid: np.ndarray | None = None) -> np.ndarray:
@@ -184,10 +205,15 @@ class EAMCollection:
 
     @classmethod
     def load(cls, path: str | Path) -> EAMCollection:
-        arrays = read_npz(path, "EAM collection")
+        """Reads a collection file (eams.npz), or the eams.npz of a directory `moejax trace` wrote."""
+        path = trace_file(path, EAMS_FILE)
+        arrays = read_npz(path, "EAM collection", COLLECTION_CONTENTS)
+        if "eams" not in arrays and {"experts", "seq_lens"} <= set(arrays):
+            raise MoejaxError(f"{path}: a routing trace (like {ROUTING_FILE}), not the EAM collection wanted here: "
+                              f"give {EAMS_FILE} or the directory `moejax trace` wrote")
         missing = [k for k in ("format", "eams", "capacity", "tasks", "has_task", "transitions") if k not in arrays]
         if missing:
-            raise MoejaxError(f"{path}: not an EAM collection (missing arrays: {', '.join(missing)})")
+            raise MoejaxError(f"{path}: not an EAM collection, missing arrays {', '.join(missing)}; {COLLECTION_CONTENTS}")
         if int(arrays["format"]) != COLLECTION_FORMAT:
             raise MoejaxError(f"{path}: EAM collection format {int(arrays['format'])}, expected {COLLECTION_FORMAT}")
         eams, tasks, has_task = arrays["eams"], arrays["tasks"], arrays["has_task"]
@@ -387,16 +413,21 @@ def _check_routing(where, experts, seq_lens, num_experts, tasks, lookahead) -> N
 
 
 def load_routing(path: str | Path) -> RoutingTrace:
-    """Reads a routing trace: moejax's own files, or any npz with `experts` [L, T, k] and `seq_lens` [S].
+    """Reads a routing trace: moejax's own files (routing.npz, or the directory `moejax trace` wrote),
+    or any npz with `experts` [L, T, k] and `seq_lens` [S].
 
     Without a `num_experts` array, the number of experts is the largest id + 1 rounded up to a multiple
     of 4 (expert counts of real MoE models are: 8, 16, 60, 64, 128, 160, 256, ...); experts never
     routed to only enlarge the denominator of a capacity fraction.
     """
-    arrays = read_npz(path, "routing trace")
+    path = trace_file(path, ROUTING_FILE)
+    arrays = read_npz(path, "routing trace", ROUTING_CONTENTS)
     missing = [k for k in ("experts", "seq_lens") if k not in arrays]
+    if missing and "eams" in arrays:
+        raise MoejaxError(f"{path}: an EAM collection (like {EAMS_FILE}), not the routing trace wanted here: "
+                          f"give {ROUTING_FILE} or the directory `moejax trace` wrote")
     if missing:
-        raise MoejaxError(f"{path}: a routing trace needs arrays experts [layers, tokens, k] and seq_lens; missing {', '.join(missing)}")
+        raise MoejaxError(f"{path}: not a routing trace, missing arrays {', '.join(missing)}; {ROUTING_CONTENTS}")
     experts, seq_lens = arrays["experts"], arrays["seq_lens"]
     if experts.ndim != 3 or not np.issubdtype(experts.dtype, np.integer) or not experts.size:
         raise MoejaxError(f"{path}: experts must be non-empty integer [layers, tokens, k], got {experts.dtype} {experts.shape}")

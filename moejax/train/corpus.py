@@ -20,8 +20,6 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 
-# The development machines' shared data (shared/data/README.md): the scripts' default corpus.
-DEFAULT_CORPUS = ("/work/shared/data/corpus/*.txt", "/work/shared/data/prompts/tasks.jsonl")
 TEXT_SUFFIXES = (".txt", ".rst", ".md", ".jsonl", ".py")
 SPLITS = ("train", "valid", "test")
 TEST_PERCENT = 4  # checksum % 100 below this: test (held out for evaluation scripts)

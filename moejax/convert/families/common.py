@@ -8,6 +8,7 @@ transposed to moejax's [in, out].
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from moejax.config import ModelConfig, RopeConfig
@@ -16,6 +17,7 @@ from moejax.models.layers import ACTIVATIONS
 from moejax.models.rope import SUPPORTED_SCALING
 
 GLOBALS = ("globals",)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +62,16 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     return RopeConfig(theta=theta, scaling_type=kind, scaling=scaling if kind != "default" else ())
 
 
-def eos_ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+def special_token_ids(hf: dict[str, Any], name: str, vocab: int) -> tuple[int, ...]:
+    """The ids config.json gives for `name` (an id, a list of ids or null) that lie in the vocabulary;
+    others are left out with a note (some configs name ids beyond their embedding table)."""
+    value = hf.get(name)
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    dropped = [v for v in values if not _in_vocab(v, vocab)]
+    if dropped:
+        log.warning(f"config.json: {name} {', '.join(map(repr, dropped))} is outside the vocabulary [0, {vocab}): "
+                    "left out of the converted config")
+    return tuple(v for v in values if _in_vocab(v, vocab))
 
 
 def common_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
@@ -87,9 +95,9 @@ def common_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         hidden_act=act,
-        bos_token_id=hf.get("bos_token_id") if _in_vocab(hf.get("bos_token_id"), vocab) else None,
-        eos_token_ids=tuple(i for i in eos_ids(hf.get("eos_token_id")) if _in_vocab(i, vocab)),
-        pad_token_id=hf.get("pad_token_id") if _in_vocab(hf.get("pad_token_id"), vocab) else None,
+        bos_token_id=next(iter(special_token_ids(hf, "bos_token_id", vocab)), None),
+        eos_token_ids=special_token_ids(hf, "eos_token_id", vocab),
+        pad_token_id=next(iter(special_token_ids(hf, "pad_token_id", vocab)), None),
     )
 
 

@@ -31,12 +31,6 @@ def require_float32_router(hf: dict[str, Any]) -> None:
         raise MoejaxError(f"config.json: router_dtype '{hf['router_dtype']}' is not supported (only float32)")
 
 
-def eos_ids(hf: dict[str, Any], vocab: int) -> tuple[int, ...]:
-    value = hf.get("eos_token_id")
-    values = value if isinstance(value, list) else [value]
-    return tuple(int(v) for v in values if isinstance(v, int) and 0 <= v < vocab)
-
-
 def token_id(hf: dict[str, Any], name: str, default: int, model_type: str, vocab: int) -> int:
     value = hf.get(name, default)
     if not isinstance(value, int) or not 0 <= value < vocab:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from moejax.convert.families.common import GLOBALS, Target
+from moejax.convert.families.common import GLOBALS, Target, special_token_ids
 from moejax.convert.families.encdec_common import (
     activation,
     attention_targets,
-    eos_ids,
     ffn_targets,
     norm_targets,
     positive_int,
@@ -92,7 +91,7 @@ def config_from_hf(hf: dict[str, Any]) -> EncDecConfig:
         route_padding_tokens=bool(hf.get("router_ignore_padding_tokens", False)),
         decoder_start_token_id=token_id(hf, "decoder_start_token_id", 2, MODEL_TYPE, vocab),
         pad_token_id=token_id(hf, "pad_token_id", 1, MODEL_TYPE, vocab),
-        eos_token_ids=eos_ids(hf, vocab),
+        eos_token_ids=special_token_ids(hf, "eos_token_id", vocab),
         max_position_embeddings=int(hf.get("max_position_embeddings", 1024)),
     )
 

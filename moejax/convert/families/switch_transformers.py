@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moejax.convert.families.common import GLOBALS, Target
+from moejax.convert.families.common import GLOBALS, Target, special_token_ids
 from moejax.convert.families.encdec_common import (
     activation,
     attention_targets,
-    eos_ids,
     ffn_targets,
     norm_targets,
     positive_int,
@@ -81,7 +80,7 @@ def config_from_hf(hf: dict[str, Any]) -> EncDecConfig:
         route_padding_tokens=True,
         decoder_start_token_id=token_id(hf, "decoder_start_token_id", None, MODEL_TYPE, vocab),
         pad_token_id=token_id(hf, "pad_token_id", 0, MODEL_TYPE, vocab),
-        eos_token_ids=eos_ids(hf, vocab),
+        eos_token_ids=special_token_ids(hf, "eos_token_id", vocab),
     )
 
 
