@@ -76,10 +76,12 @@ class Attention(nn.Module):
     window: int | None
 
     @nn.compact
-    def __call__(self, x, kv_cache, positions):
+    def __call__(self, x, kv_cache, positions, slot_ids=None, attend_len: int | None = None):
         """x [B, T, D]; kv_cache (k, v) each [B, S, KV, head_dim]; positions [B, T] int32.
 
         Writes this call's keys and values at their positions and returns (out [B, T, D], kv_cache).
+        With `slot_ids` (int32 [B]) the cache has one row per engine slot ([slots, S, KV, head_dim]): row b
+        of x reads and writes cache row slot_ids[b], attending over its first `attend_len` (static) positions.
         """
         cfg = self.cfg
         dtype = param_dtype(cfg)
@@ -109,17 +111,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         k_cache, v_cache = kv_cache
-        rows = jnp.arange(batch)[:, None]
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
+        rows = (jnp.arange(batch) if slot_ids is None else slot_ids)[:, None]
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        k_seen, v_seen = k_cache, v_cache
+        if slot_ids is not None:
+            k_seen, v_seen = k_cache[slot_ids, :attend_len], v_cache[slot_ids, :attend_len]
 
         groups = heads // kv_heads
         q = q.reshape(batch, length, kv_heads, groups, head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_seen, preferred_element_type=jnp.float32)
         scores = scores * (head_dim**-0.5)
-        mask = attention_mask(positions, k_cache.shape[1], self.window)[:, None, None]
+        mask = attention_mask(positions, k_seen.shape[1], self.window)[:, None, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache).reshape(batch, length, heads * head_dim)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v_seen).reshape(batch, length, heads * head_dim)
         out = proj(x.shape[-1], "o_proj", cfg.o_bias)(out)
         return out, (k_cache, v_cache)

@@ -198,3 +198,42 @@ def device_routed_experts(x, topk_ids, topk_weights, experts, act: str = "silu")
 
 def _expert_f32(x, expert: dict, act: str):
     return expert_ffn(x, expert, act).astype(jnp.float32)
+
+
+def batched_expert_ffn(x, experts: dict, act: str = "silu"):
+    """U experts on all rows at once: x [N, D], experts {name: [U, ...]} (the per-expert weights of
+    `expert_ffn`, stacked) -> [U, N, D] in x's dtype. Each expert's product has the same shape whatever U
+    is, so a row's result does not depend on how many experts ran beside it."""
+    xs = jnp.broadcast_to(x, (experts["down"].shape[0],) + x.shape)
+    if "gate" in experts:
+        gate = jnp.einsum("und,udf->unf", xs, experts["gate"])
+        hidden = ACTIVATIONS[act](gate) * jnp.einsum("und,udf->unf", xs, experts["up"])
+        return jnp.einsum("unf,ufd->und", hidden, experts["down"])
+    hidden = jnp.einsum("und,udf->unf", xs, experts["up"])
+    if "up_bias" in experts:
+        hidden = hidden + experts["up_bias"][:, None, :]
+    out = jnp.einsum("unf,ufd->und", ACTIVATIONS[act](hidden), experts["down"])
+    if "down_bias" in experts:
+        out = out + experts["down_bias"][:, None, :]
+    return out
+
+
+def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu"):
+    """The routed-expert output [N, D] f32, reading only the chosen experts' weights out of a slab.
+
+    x [N, D]; topk_ids [N, k] int32; topk_weights [N, k] f32; distinct int32 [U]: the distinct chosen
+    experts, increasing (entries not chosen by any row, such as padding, contribute zeros); slots
+    int32 [U]: where each sits in `slab` ({name: [S, ...]}; -1: anywhere, its weight is 0).
+    The chosen experts' weights are gathered (one copy, [U, ...]), run on all rows, and each row's
+    contributions are added into a float32 accumulator in increasing expert order, one after another:
+    a row's sum does not depend on the other rows' experts, on U or on the slots, so every offload mode,
+    budget and policy gives the same bits.
+    """
+    chosen = {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
+    outputs = batched_expert_ffn(x, chosen, act)
+    acc = jnp.zeros(x.shape, jnp.float32)
+    for u in range(distinct.shape[0]):
+        weight = jnp.sum(jnp.where(topk_ids == distinct[u], topk_weights, 0.0), axis=-1)
+        # where: a slot of padding may hold anything (never NaN into a row that did not choose it)
+        acc = acc + jnp.where(weight[:, None] != 0, weight[:, None] * outputs[u].astype(jnp.float32), 0.0)
+    return acc

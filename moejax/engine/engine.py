@@ -1,0 +1,445 @@
+"""The step-level engine: sequences in KV slots, `prefill` / `decode` / `release`, and `generate` as a loop.
+
+The engine owns the device state (weights, the expert cache and slab, the KV caches of `slots` sequences
+allocated once, the per-slot `SlotState`) and threads it through the step programs
+(`engine.decoder_programs`), donating it to each. A decode step's input tokens and positions live on
+the device, so the host dispatches the next step before it reads the last one's tokens: `decode` keeps
+one step in flight ahead of the tokens it returns, and reads each step's tokens and routing after the
+fact, for the caller, the statistics, the routing record and the host-side expert manager.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.engine import decoder_programs as programs
+from moejax.engine.results import GenerationConfig, GenerationResult, Timing, record_token
+from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
+from moejax.errors import MoejaxError
+from moejax.offload import device_cache as dc
+from moejax.offload.manager import OffloadManager, StepInputs
+from moejax.offload.stats import cache_stats
+from moejax.runtime.buckets import next_power_of_two
+
+PIPELINE_DEPTH = 2  # decode steps dispatched ahead of the tokens returned (the one being read + one more)
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """Host bookkeeping of one occupied slot."""
+
+    epoch: int  # tells a slot's sequences apart: a step's token for an older one is dropped
+    length: int  # tokens in the KV cache once every dispatched step has run
+    limit: int | None  # most decode tokens to dispatch (None: until the slot's KV cache is full)
+    task: str | None
+    dispatched: int = 0
+    queue: collections.deque = dataclasses.field(default_factory=collections.deque)
+    routing: list = dataclasses.field(default_factory=list)  # [L, n, k] per step, n real tokens
+    guesses: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Step:
+    rows: list[tuple[int, int]]  # (slot, epoch) per row; padding rows absent
+    tokens: jax.Array
+    routing: jax.Array
+    guesses: jax.Array | None
+    resident: jax.Array
+
+
+class Engine:
+    """A decoder-only MoE model ready to generate; built by `moejax.load`.
+
+    Step API: `prefill(slot, token_ids, sampling)` puts a prompt in a free slot and returns its first new
+    token; `decode()` returns the next token of every occupied slot; `release(slot)` frees it. A slot's
+    tokens do not depend on what the other slots hold. `generate` and `stream` are loops over them.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, manager: OffloadManager | None, spec: programs.ProgramSpec,
+                 *, cache: dc.CacheState, slab: dict, host: tuple, slots: int, max_seq_len: int, device,
+                 tokenizer=None, path: Path | None = None, prefill_chunk: int = 512, expert_bytes: int = 0,
+                 stats_info: dict | None = None):
+        self.cfg, self.params, self.spec, self.manager = cfg, params, spec, manager
+        self.cache, self.slab, self.host = cache, slab, host
+        self.slots, self.max_seq_len, self.device = slots, max_seq_len, device
+        self.tokenizer, self.path = tokenizer, path
+        self.expert_bytes, self.stats_info = expert_bytes, stats_info or {}
+        capacity = cache.num_slots if spec.mode == "cached" else None
+        self.max_rows = slots if capacity is None or capacity >= programs.distinct_size(cfg, slots) else max(1, capacity // cfg.top_k)
+        per_chunk = prefill_chunk if capacity is None or capacity >= cfg.num_experts else max(1, capacity // cfg.top_k)
+        self.prefill_chunk = max(1, per_chunk)
+        self.kv = _new_kv(cfg, slots + 1, max_seq_len, device)
+        self.state: SlotState = new_slot_state(slots, device)
+        self._sequences: dict[int, _Sequence] = {}
+        self._epochs = [0] * slots
+        self._inflight: collections.deque[_Step] = collections.deque()
+        self._finished: list[tuple[np.ndarray, np.ndarray | None]] = []  # routing of released sequences, in order
+        self._compiled: dict = {}
+        self.compile_s = 0.0
+        self.on_compile: Callable[[str], None] | None = None  # told before each compilation (the CLI prints it)
+        self.host_wait_s = 0.0
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        """Validated token ids, one list per prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if not prompts:
+            raise MoejaxError("no prompts given")
+        out = []
+        for n, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise MoejaxError("this checkpoint has no tokenizer.json: pass token ids")
+                ids = self.tokenizer.encode(prompt)
+            else:
+                ids = [int(t) for t in prompt]
+            out.append(self._checked(ids, f"prompt {n}"))
+        return out
+
+    def _checked(self, ids: list[int], what: str) -> list[int]:
+        if not ids:
+            raise MoejaxError(f"{what} is empty")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise MoejaxError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(ids) >= self.max_seq_len:
+            raise MoejaxError(f"{what} has {len(ids)} tokens; this engine holds {self.max_seq_len} per sequence "
+                              f"(max_seq_len), one of them for a new token")
+        return ids
+
+    # -- programs ----------------------------------------------------------------------------------
+    def _program(self, kind: str, static: dict, args: tuple):
+        """The compiled program for (kind, static arguments), compiling it on first use (timed as compile_s)."""
+        key = (kind, tuple(sorted(static.items())), tuple(a is None for a in args))  # optional inputs change the program
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            if self.on_compile is not None:
+                self.on_compile(f"compiling {kind} {', '.join(f'{k}={v}' for k, v in static.items() if k != 'spec')}")
+            start = time.perf_counter()
+            function = programs.decode_step if kind == "decode" else programs.prefill_chunk
+            compiled = self._compiled[key] = function.lower(*args, **static).compile()
+            self.compile_s += time.perf_counter() - start
+        return compiled
+
+    def _expert_args(self, inputs):
+        return (self.cache, self.slab, self.host, inputs.staged_keys, inputs.priorities)
+
+    def _inputs(self):
+        return self.manager.next_inputs() if self.manager is not None else _NO_INPUTS
+
+    def _attend_len(self, longest: int) -> int:
+        return min(next_power_of_two(longest, 64), self.max_seq_len)
+
+    # -- the step API ------------------------------------------------------------------------------
+    def prefill(self, slot: int, token_ids: Sequence[int], sampling: SamplingParams | None = None, *,
+                task: str | None = None, max_new_tokens: int | None = None) -> int:
+        """Puts a prompt in free slot `slot` and returns its first new token (None sampling: greedy).
+
+        task: a label for the trace collection; max_new_tokens: stop dispatching decode steps for this slot
+        after that many tokens (the first included), so no step is spent past it.
+        """
+        if not 0 <= slot < self.slots:
+            raise MoejaxError(f"slot {slot} is not one of this engine's slots 0..{self.slots - 1}")
+        if slot in self._sequences:
+            raise MoejaxError(f"slot {slot} is busy: release it first")
+        ids = self._checked([int(t) for t in token_ids], "prompt")
+        sampling = sampling or SamplingParams()
+        self.state = _begin_slot(self.state, jnp.int32(slot), *sampling_row(sampling))
+        self._epochs[slot] += 1
+        sequence = _Sequence(self._epochs[slot], len(ids), None if max_new_tokens is None else max_new_tokens - 1, task)
+        if self.manager is not None and not self._sequences:
+            self.manager.start_sequence(task)
+        routing, token = [], None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start : start + self.prefill_chunk]
+            size = min(next_power_of_two(len(chunk), 16), self.prefill_chunk)
+            tokens = np.zeros(size, np.int32)
+            tokens[: len(chunk)] = chunk
+            final = start + len(chunk) == len(ids)
+            inputs = self._inputs()
+            args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
+                    jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final))
+            static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=False)
+            token, ids_used, guesses, resident, self.cache, self.slab, self.kv, self.state, _ = \
+                self._program("prefill", static, args)(*args)
+            routing.append((np.asarray(ids_used)[:, : len(chunk)], None if guesses is None else np.asarray(guesses)[:, : len(chunk)]))
+            self._observe(routing[-1][0], np.asarray(resident))
+        sequence.routing += [r for r, _ in routing]
+        sequence.guesses += [g for _, g in routing if g is not None]
+        self._sequences[slot] = sequence
+        return int(token)
+
+    def decode(self) -> dict[int, int]:
+        """The next token of every occupied slot: {slot: token} (empty when no slot is occupied)."""
+        wanting = lambda: [s for s, q in self._sequences.items() if not q.queue and self._can_dispatch(q)]  # noqa: E731
+        while wanting() or any(not q.queue and self._in_flight(s) for s, q in self._sequences.items()):
+            while len(self._inflight) < PIPELINE_DEPTH and self._dispatchable():
+                self._dispatch()
+            if not self._inflight:
+                break
+            self._read(self._inflight.popleft())
+        while len(self._inflight) < PIPELINE_DEPTH and self._dispatchable():
+            self._dispatch()  # the GPU computes the next step while the caller uses these tokens
+        return {s: q.queue.popleft() for s, q in self._sequences.items() if q.queue}
+
+    def release(self, slot: int) -> None:
+        """Frees slot `slot`; its sequence's routing joins the record and the trace collection."""
+        sequence = self._sequences.pop(slot, None)
+        if sequence is None:
+            raise MoejaxError(f"slot {slot} holds no sequence")
+        experts = _concat(sequence.routing, self.cfg.top_k)
+        guesses = _concat(sequence.guesses, self.cfg.top_k) if sequence.guesses else None
+        self._finished.append((experts, guesses))
+        if self.manager is not None:
+            self.manager.end_sequence(experts, sequence.task)
+
+    @property
+    def occupied(self) -> list[int]:
+        return sorted(self._sequences)
+
+    def _can_dispatch(self, sequence: _Sequence) -> bool:
+        under_limit = sequence.limit is None or sequence.dispatched < sequence.limit
+        return under_limit and sequence.length < self.max_seq_len
+
+    def _in_flight(self, slot: int) -> bool:
+        return any(s == slot for step in self._inflight for s, _ in step.rows)
+
+    def _dispatchable(self) -> bool:
+        return any(self._can_dispatch(q) for q in self._sequences.values())
+
+    def _dispatch(self) -> None:
+        ready = [s for s, q in self._sequences.items() if self._can_dispatch(q)]
+        ready.sort(key=lambda s: (len(self._sequences[s].queue), s))
+        chosen = sorted(ready[: self.max_rows])
+        rows = next_power_of_two(len(chosen))
+        slot_ids = np.full(rows, self.slots, np.int32)  # padding rows use the scratch slot
+        slot_ids[: len(chosen)] = chosen
+        active = np.arange(rows) < len(chosen)
+        longest = max(self._sequences[s].length for s in chosen) + 1
+        inputs = self._inputs()
+        args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active)
+        static = dict(spec=self.spec, attend_len=self._attend_len(longest))
+        tokens, routing, guesses, resident, self.cache, self.slab, self.kv, self.state = \
+            self._program("decode", static, args)(*args)
+        for array in (tokens, routing, guesses, resident):
+            if array is not None:
+                array.copy_to_host_async()
+        rows_info = []
+        for s in chosen:
+            sequence = self._sequences[s]
+            sequence.length += 1
+            sequence.dispatched += 1
+            rows_info.append((s, sequence.epoch))
+        self._inflight.append(_Step(rows_info, tokens, routing, guesses, resident))
+
+    def _read(self, step: _Step) -> None:
+        start = time.perf_counter()
+        tokens = np.asarray(step.tokens)
+        self.host_wait_s += time.perf_counter() - start
+        routing = np.asarray(step.routing)
+        guesses = None if step.guesses is None else np.asarray(step.guesses)
+        for row, (slot, epoch) in enumerate(step.rows):
+            sequence = self._sequences.get(slot)
+            if sequence is None or sequence.epoch != epoch:
+                continue  # released since the step was dispatched
+            sequence.queue.append(int(tokens[row]))
+            sequence.routing.append(routing[:, row : row + 1])
+            if guesses is not None:
+                sequence.guesses.append(guesses[:, row : row + 1])
+        self._observe(routing[:, : len(step.rows)], np.asarray(step.resident))
+
+    def _observe(self, routing: np.ndarray, resident: np.ndarray) -> None:
+        """Hands a finished step's routing [L, n, k] (real tokens) to the host-side manager."""
+        if self.manager is None:
+            return
+        E = self.cfg.num_experts
+        flat = routing.reshape(routing.shape[0], -1)
+        counts = np.stack([np.bincount(row[(row >= 0) & (row < E)], minlength=E)[:E] for row in flat])
+        self.manager.observe(counts, resident)
+
+    def finish_pending(self) -> None:
+        """Waits for the steps in flight and drops their tokens (the slots they were for are gone)."""
+        while self._inflight:
+            self._read(self._inflight.popleft())
+
+    # -- loops over the step API -------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *,
+                 tasks: Sequence[str | None] | None = None, **overrides) -> GenerationResult:
+        """Generates for prompts (text or token ids) of any lengths, as many at once as there are slots.
+
+        `overrides` are GenerationConfig fields or SamplingParams fields, e.g.
+        `generate("Hi", max_new_tokens=8, temperature=0.8)`. Afterwards `routing(b)` gives prompt b's routing.
+        """
+        config = GenerationConfig.with_overrides(config, overrides)
+        ids = self.encode(prompts)
+        for n, prompt in enumerate(ids):
+            if len(prompt) + config.max_new_tokens > self.max_seq_len:
+                raise MoejaxError(f"prompt {n}: {len(prompt)} tokens + {config.max_new_tokens} new tokens exceed the "
+                                  f"engine's {self.max_seq_len} positions per sequence (max_seq_len)")
+        tasks = list(tasks) if tasks is not None else [None] * len(ids)
+        if self._sequences:
+            raise MoejaxError("generate needs every slot free: release the slots in use first")
+        self.reset_stats()
+        stops = self.stop_ids(config)
+        generated: list[list[int]] = [[] for _ in ids]
+        reasons = ["length"] * len(ids)
+        owner: dict[int, int] = {}  # slot -> prompt
+        waiting = collections.deque(range(len(ids)))
+        self._finished.clear()
+        finished_order: list[int] = []
+        compile_before = self.compile_s
+        start = time.perf_counter()
+        ttft, step_times = None, []
+
+        def admit() -> None:
+            nonlocal ttft
+            while waiting and len(owner) < self.max_rows:
+                b = waiting.popleft()
+                slot = min(set(range(self.slots)) - set(owner))
+                sampling = dataclasses.replace(config.sampling, seed=(config.seed * 65537 + b) % 2**32)
+                token = self.prefill(slot, ids[b], sampling, task=tasks[b], max_new_tokens=config.max_new_tokens)
+                if ttft is None:
+                    ttft = time.perf_counter() - start - (self.compile_s - compile_before)
+                owner[slot] = b
+                accept(slot, token)
+
+        def accept(slot: int, token: int) -> None:
+            b = owner[slot]
+            done, reason = record_token(generated[b], token, stops, config.max_new_tokens)
+            if done:
+                reasons[b] = reason
+                self.release(slot)
+                finished_order.append(b)
+                del owner[slot]
+
+        admit()
+        while owner or waiting:
+            step_start, compiled = time.perf_counter(), self.compile_s
+            produced = self.decode()
+            if produced:
+                step_times.append(time.perf_counter() - step_start - (self.compile_s - compiled))
+            for slot, token in produced.items():
+                if slot in owner:
+                    accept(slot, token)
+            admit()
+        self.finish_pending()
+        compile_s = self.compile_s - compile_before
+        total = time.perf_counter() - start - compile_s
+        by_prompt = {b: self._finished[n] for n, b in enumerate(finished_order)}
+        self._last_routing = [by_prompt[b] for b in range(len(ids))]
+        n_tokens = sum(len(t) for t in generated)
+        timing = Timing(ttft_s=ttft or 0.0, tpot_s=float(np.median(step_times)) if step_times else 0.0,
+                        tokens_per_s=n_tokens / total if total > 0 else 0.0, total_s=total,
+                        decode_steps=len(step_times), compile_s=compile_s)
+        text = [self.tokenizer.decode(t) for t in generated] if self.tokenizer else None
+        return GenerationResult(generated, text, reasons, timing, self.stats())
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, *, task: str | None = None,
+               **overrides) -> Iterator[int]:
+        """Yields one prompt's new tokens as they are generated (a stop token, when reached, is the last)."""
+        config = GenerationConfig.with_overrides(config, overrides)
+        ids = self.encode(prompt)[0]
+        if len(ids) + config.max_new_tokens > self.max_seq_len:
+            raise MoejaxError(f"prompt: {len(ids)} tokens + {config.max_new_tokens} new tokens exceed the engine's "
+                              f"{self.max_seq_len} positions per sequence (max_seq_len)")
+        free = sorted(set(range(self.slots)) - set(self._sequences))
+        if not free:
+            raise MoejaxError("stream needs a free slot")
+        slot, stops, tokens = free[0], self.stop_ids(config), []
+        sampling = dataclasses.replace(config.sampling, seed=config.seed % 2**32)
+        token = self.prefill(slot, ids, sampling, task=task, max_new_tokens=config.max_new_tokens)
+        try:
+            while True:
+                done, _ = record_token(tokens, token, stops, config.max_new_tokens)
+                yield token
+                if done:
+                    return
+                token = self.decode()[slot]
+        finally:
+            if slot in self._sequences:
+                self.release(slot)
+
+    def logits(self, prompts: Prompt | Sequence[Prompt]) -> list[np.ndarray]:
+        """Full-sequence logits [len_i, V] float32 per prompt (each prefilled alone in a free slot)."""
+        ids = self.encode(prompts)
+        free = sorted(set(range(self.slots)) - set(self._sequences))
+        if not free:
+            raise MoejaxError("logits needs a free slot")
+        slot, out = free[0], []
+        for prompt in ids:
+            self.state = _begin_slot(self.state, jnp.int32(slot), *sampling_row(SamplingParams()))
+            rows = []
+            for start in range(0, len(prompt), self.prefill_chunk):
+                chunk = prompt[start : start + self.prefill_chunk]
+                size = min(next_power_of_two(len(chunk), 16), self.prefill_chunk)
+                tokens = np.zeros(size, np.int32)
+                tokens[: len(chunk)] = chunk
+                inputs = self._inputs()
+                args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
+                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True))
+                static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=True)
+                _, _, _, _, self.cache, self.slab, self.kv, self.state, logits = self._program("prefill", static, args)(*args)
+                rows.append(np.asarray(logits)[: len(chunk)])
+            out.append(np.concatenate(rows))
+        return out
+
+    def routing(self, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prompt b of the last `generate`: its experts int16 [MoE layers, T, k] (prompt and new tokens, in
+        order) and, with the lookahead prefetcher, what each layer's router guessed one layer early (the
+        first MoE layer: -1) or None."""
+        routing = getattr(self, "_last_routing", None)
+        if routing is None or not 0 <= b < len(routing):
+            raise MoejaxError(f"no routing recorded for prompt {b}: run generate first")
+        return routing[b]
+
+    def stop_ids(self, config: GenerationConfig) -> set[int]:
+        stops = set(config.stop_token_ids)
+        if not config.ignore_eos:
+            stops |= set(self.cfg.eos_token_ids)
+        return stops
+
+    # -- statistics --------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.cache = dc.reset_counters(self.cache)
+        self.host_wait_s = 0.0
+
+    def stats(self) -> dict:
+        """Counters since the last reset: see `offload.stats.cache_stats`."""
+        return cache_stats(self.spec, np.asarray(self.cache.counters), self.expert_bytes, self.cache.num_slots,
+                           self.manager, self.host_wait_s, self.stats_info)
+
+
+_NO_INPUTS = StepInputs()
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _begin_slot(state: SlotState, slot, temperature, top_k, top_p, seed) -> SlotState:
+    """A slot's row reset for a new sequence with these sampling parameters."""
+    return state.replace(length=state.length.at[slot].set(0), sampled=state.sampled.at[slot].set(0),
+                         temperature=state.temperature.at[slot].set(temperature), top_k=state.top_k.at[slot].set(top_k),
+                         top_p=state.top_p.at[slot].set(top_p), seed=state.seed.at[slot].set(jnp.uint32(seed)))
+
+
+def _new_kv(cfg: ModelConfig, rows: int, length: int, device):
+    """Per layer (k, v) [rows, length, KV heads, head_dim], each its own buffer (they are donated)."""
+    shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, cfg.dtype, device=device)  # noqa: E731
+    return [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+
+
+def _concat(parts: list[np.ndarray], top_k: int) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, 0, top_k), np.int16)
+    return np.concatenate(parts, axis=1).astype(np.int16)

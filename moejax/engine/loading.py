@@ -1,0 +1,148 @@
+"""`moejax.load`: a checkpoint directory -> an Engine, with its experts where the `OffloadConfig` says."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from moejax import checkpoint
+from moejax.config import ModelConfig
+from moejax.engine import decoder_programs as programs
+from moejax.engine.engine import Engine
+from moejax.errors import MoejaxError
+from moejax.models.decoder import kv_cache_bytes
+from moejax.offload import device_cache as dc
+from moejax.offload.config import OffloadConfig
+from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_sharding, size_pinned_pool
+from moejax.offload.manager import OffloadManager
+from moejax.progress import Progress
+from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
+from moejax.runtime.recorder import EAMS_FILE
+from moejax.runtime.trace import EAMCollection
+from moejax.tokenizer import load_tokenizer
+
+COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer"
+# Step programs branch on the device (a loop over a step's misses): with conditionals and loops captured in
+# CUDA graphs, the GPU evaluates their conditions itself; without, the host waits on each (BENCHMARKS.md).
+COMMAND_BUFFER_TYPES = "+CONDITIONAL,+WHILE"
+
+
+def prepare_backend(expert_bytes: int | None = None) -> None:
+    """Settings that take effect only before JAX starts its GPU backend, unless the user set them: the
+    pinned host pool sized for `expert_bytes` of experts, and device-side loops and conditionals."""
+    if expert_bytes:
+        size_pinned_pool(expert_bytes)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if COMMAND_BUFFER_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {COMMAND_BUFFER_FLAG}={COMMAND_BUFFER_TYPES}".strip()
+
+
+def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: int = 4, max_seq_len: int = 2048,
+         prefill_chunk: int = 512, device=None, show_progress: bool = False, **offload_options):
+    """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
+
+    offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
+        other fields as keywords: `load(path, "cached", expert_budget="12GiB", cache_policy="lfu")`.
+    slots: sequences held at once (KV caches of slots x max_seq_len positions, allocated at load).
+    prefill_chunk: most prompt tokens one prefill program takes (longer prompts run in chunks).
+    """
+    path = Path(path)
+    cfg = checkpoint.load_config(path)
+    if not isinstance(cfg, ModelConfig):
+        from moejax.runtime.loading import load as load_encdec
+
+        if isinstance(offload, OffloadConfig):
+            offload_options = {**{k: getattr(offload, k) for k in ("expert_budget", "cache_policy", "prefetch",
+                               "prefetch_per_layer", "prefetch_floor", "traces")}, **offload_options}
+            offload = offload.mode
+        offload_options.pop("prefetch_per_step", None)
+        return load_encdec(path, offload=offload, device=device, show_progress=show_progress, **offload_options)
+    config = offload if isinstance(offload, OffloadConfig) else OffloadConfig(offload, **offload_options)
+    if isinstance(offload, OffloadConfig) and offload_options:
+        raise MoejaxError(f"give the offload options in the OffloadConfig, not also as {sorted(offload_options)}")
+    for name, value, least in (("slots", slots, 1), ("max_seq_len", max_seq_len, 2), ("prefill_chunk", prefill_chunk, 1)):
+        if value < least:
+            raise MoejaxError(f"{name} must be >= {least} (got {value})")
+    max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
+    num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
+    prepare_backend(num_moe * E * cfg.expert_bytes if config.mode != "resident" else None)
+    collection = trace_collection(cfg, config.traces) if config.mode == "cached" else None
+    if config.traces is not None and config.mode != "cached":
+        raise MoejaxError(f"traces applies to offload='cached', not '{config.mode}'")
+    device = device or jax.devices()[0]
+    globals_ = checkpoint.load_globals(path)
+    layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
+    params = jax.device_put({"globals": globals_, "layers": layers}, jax.sharding.SingleDeviceSharding(device))
+    expert_bytes = cfg.expert_bytes
+    stacks = _expert_stacks(path, cfg, show_progress)
+    manager, host, info = None, (), {}
+    if config.mode == "resident":
+        slab = empty_slab(_shapes(cfg), num_moe * E, device)
+        for m, stack in enumerate(stacks):
+            slab = _write_layer(slab, jax.device_put(stack, jax.sharding.SingleDeviceSharding(device)), m * E)
+        cache = dc.empty_state(num_moe, E, 1)
+    else:
+        sharding = host_sharding(device)
+        host = tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(stacks))
+        info["host_experts"] = num_moe * E
+        cache, slab = dc.empty_state(num_moe, E, 1), {}
+        if config.mode == "cached":
+            capacity = _capacity(cfg, config, device, slots, max_seq_len, prefill_chunk)
+            cache, slab = dc.empty_state(num_moe, E, capacity), empty_slab(_shapes(cfg), capacity, device)
+            manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.cache_policy, prefetch=config.prefetch,
+                                     staged_per_step=2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step,
+                                     prefetch_floor=config.prefetch_floor, collection=collection, device=device)
+    lookahead = 0
+    if manager is not None and manager.lookahead:
+        lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
+    spec = programs.ProgramSpec(cfg, config.mode, manager.device_policy if manager is not None else "lru", lookahead)
+    cache = jax.device_put(cache, jax.sharding.SingleDeviceSharding(device))
+    return Engine(cfg, params, manager, spec, cache=cache, slab=slab, host=host, slots=slots, max_seq_len=max_seq_len,
+                  device=device, tokenizer=load_tokenizer(path), path=path, prefill_chunk=prefill_chunk,
+                  expert_bytes=expert_bytes, stats_info=info)
+
+
+def _shapes(cfg: ModelConfig) -> dict:
+    from moejax.models.decoder import expert_shapes
+
+    return {name: (shape, np.dtype(cfg.np_dtype)) for name, shape in expert_shapes(cfg).items()}
+
+
+def _expert_stacks(path: Path, cfg: ModelConfig, show_progress: bool) -> Iterator[dict]:
+    """Each MoE layer's experts as NumPy stacks {name: [E, ...]}, one layer at a time."""
+    progress = Progress("load experts", len(cfg.moe_layer_ids) * cfg.num_experts, enabled=show_progress)
+    for layer in cfg.moe_layer_ids:
+        experts = []
+        for e in range(cfg.num_experts):
+            experts.append(checkpoint.load_expert(path, layer, e))
+            progress.advance()
+        yield {name: np.stack([np.asarray(x[name], cfg.np_dtype) for x in experts]) for name in experts[0]}
+    progress.close()
+
+
+def _capacity(cfg: ModelConfig, config: OffloadConfig, device, slots: int, max_seq_len: int, prefill_chunk: int) -> int:
+    """Expert slots for the budget: at least one token's experts, at most every expert, within device memory
+    (next to the dense weights, the KV caches and a prefill's gathered experts)."""
+    total = len(cfg.moe_layer_ids) * cfg.num_experts
+    budget = parse_budget(config.budget, total * cfg.expert_bytes)
+    workspace = programs.distinct_size(cfg, prefill_chunk) * cfg.expert_bytes
+    memory = device_memory(device, kv_cache_bytes(cfg, slots + 1, max_seq_len) + workspace)
+    return min(cache_capacity(budget, cfg.expert_bytes, cfg.top_k, memory), total)
+
+
+def trace_collection(cfg: ModelConfig, traces: str | Path | None) -> EAMCollection | None:
+    """The collection the trace prefetcher and the activation policy start from (`traces`: eams.npz or the
+    directory `moejax trace` wrote), or None (they start empty)."""
+    if traces is None:
+        return None
+    path = Path(traces)
+    collection = EAMCollection.load(path / EAMS_FILE if path.is_dir() else path)
+    found, want = (collection.num_layers, collection.num_experts), (len(cfg.moe_layer_ids), cfg.num_experts)
+    if found != want:
+        raise MoejaxError(f"{traces}: activation matrices of {found[0]} MoE layers x {found[1]} experts, "
+                          f"but the model has {want[0]} x {want[1]}")
+    return collection

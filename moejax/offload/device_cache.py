@@ -1,0 +1,244 @@
+"""The expert cache's bookkeeping as pure JAX: which (MoE layer, expert) sits in which slot, and the
+replacement policy, updated inside the engine's step programs (and replayed by the policy lab).
+
+A key is `layer * E + expert`. `CacheState` holds the slot table (key -> slot), each slot's key and
+the per-slot numbers the policies rank by, and per-layer counters. The engine pairs it with a slab
+of expert weights (`offload.slab`): `access` calls `move(slab, expert, slot)` for every miss, in a
+loop whose trip count is the number of misses, so a step that hits everywhere moves nothing.
+
+Per MoE layer step (one call of `access`): the distinct experts the step needs, in increasing order,
+each take one tick of the clock; hits are pinned first (a layer never evicts what it uses), then
+each miss evicts the policy's victim among unpinned slots (empty slots first, lowest index first)
+and is pinned in turn. Prefetches (`install`) admit experts the same way, marked as prefetched: a
+prefetched expert counts as used at its first hit and as wasted if evicted before one.
+
+Policies (static names), each the victim with the smallest score, ties to the lowest slot:
+  lru        last use
+  lfu        uses since insertion, then last use
+  fifo       insertion order
+  lifo       reverse insertion order
+  priority   a score per key from the host, `Priorities`: the activation-aware policy's expected
+             next use and, where the future is known (lab, benchmarks), Belady's next use; the
+             largest expected next use is evicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Per MoE layer: distinct experts needed per step (activations), hits, misses, evictions, prefetches admitted
+# (issued; of which `prefetch_staged` came from the host's staging), used and wasted, and experts copied only to
+# be streamed past (dense-offload).
+COUNTERS = ("activations", "hits", "misses", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted",
+            "prefetch_staged", "streamed")
+(ACTIVATIONS, HITS, MISSES, EVICTIONS, PREFETCH_ISSUED, PREFETCH_USED, PREFETCH_WASTED, PREFETCH_STAGED,
+ STREAMED) = range(len(COUNTERS))
+DEVICE_POLICIES = ("lru", "lfu", "fifo", "lifo", "priority")
+
+
+@flax.struct.dataclass
+class CacheState:
+    """The cache of S slots over L MoE layers of E experts (all int32 unless stated)."""
+
+    table: jax.Array  # [L * E]: slot of each key, -1 when not resident
+    slot_key: jax.Array  # [S]: key of each slot, -1 when empty
+    last_use: jax.Array  # [S]: clock tick of the last access (or of the prefetch)
+    uses: jax.Array  # [S]: accesses since insertion
+    inserted: jax.Array  # [S]: insertion order
+    prefetched: jax.Array  # bool [S]: admitted by a prefetch and not used since
+    clock: jax.Array  # []: accesses so far
+    inserts: jax.Array  # []: insertions so far
+    counters: jax.Array  # [L, len(COUNTERS)]
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_key.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.counters.shape[0]
+
+
+@flax.struct.dataclass
+class Priorities:
+    """Host-given eviction scores for the `priority` policy, float32 [L, E] each: the expected next use
+    of a key (larger: evicted sooner) while a layer before its own runs (`ahead`) and while its own
+    layer or a later one runs (`behind`)."""
+
+    ahead: jax.Array
+    behind: jax.Array
+
+
+def empty_state(num_layers: int, num_experts: int, num_slots: int) -> CacheState:
+    """A cache with every slot empty (each field its own buffer: the state is donated to step programs)."""
+    slots = lambda: jnp.zeros(num_slots, jnp.int32)  # noqa: E731
+    return CacheState(
+        table=jnp.full(num_layers * num_experts, -1, jnp.int32), slot_key=jnp.full(num_slots, -1, jnp.int32),
+        last_use=slots(), uses=slots(), inserted=slots(), prefetched=jnp.zeros(num_slots, bool),
+        clock=jnp.int32(0), inserts=jnp.int32(0), counters=jnp.zeros((num_layers, len(COUNTERS)), jnp.int32))
+
+
+def full_state(num_layers: int, num_experts: int) -> CacheState:
+    """A cache of L * E slots holding every key in its own slot (slot = key): the resident mode."""
+    state = empty_state(num_layers, num_experts, num_layers * num_experts)
+    keys = jnp.arange(num_layers * num_experts, dtype=jnp.int32)
+    return state.replace(table=keys, slot_key=keys)
+
+
+def reset_counters(state: CacheState) -> CacheState:
+    return state.replace(counters=jnp.zeros_like(state.counters))
+
+
+def _count(counters, layer, column, amount):
+    return counters.at[layer, column].add(amount.astype(jnp.int32))
+
+
+def victim(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
+    """The slot to fill next: an empty one if any (lowest index), else the policy's choice among unpinned
+    slots. pinned: bool [S]. Callers make sure some slot is unpinned."""
+    key = jnp.maximum(state.slot_key, 0)
+    if policy == "priority":
+        ahead = priorities.ahead.reshape(-1)[key]
+        behind = priorities.behind.reshape(-1)[key]
+        primary = -jnp.where(key // num_experts > layer, ahead, behind)
+        secondary = None
+    elif policy == "lru":
+        primary, secondary = state.last_use, None
+    elif policy == "lfu":
+        primary, secondary = state.uses, state.last_use
+    elif policy == "fifo":
+        primary, secondary = state.inserted, None
+    elif policy == "lifo":
+        primary, secondary = -state.inserted, None
+    else:
+        raise ValueError(f"unknown device cache policy {policy!r}")
+    lowest = jnp.finfo(primary.dtype).min if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo(primary.dtype).min
+    highest = jnp.finfo(primary.dtype).max if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo(primary.dtype).max
+    primary = jnp.where(state.slot_key < 0, lowest, primary)
+    primary = jnp.where(pinned, highest, primary)
+    if secondary is None:
+        return jnp.argmin(primary).astype(jnp.int32)
+    tied = primary == jnp.min(primary)
+    return jnp.argmin(jnp.where(tied, secondary, jnp.iinfo(secondary.dtype).max)).astype(jnp.int32)
+
+
+def _admit(state: CacheState, pinned, key, tick, prefetch: bool, policy: str, priorities, layer, num_experts: int,
+           staged: bool = False):
+    """Puts `key` into the victim's slot: -> (state, pinned, slot)."""
+    slot = victim(state, pinned, policy, priorities, layer, num_experts)
+    old = state.slot_key[slot]
+    evicting = old >= 0
+    old_layer = jnp.maximum(old, 0) // num_experts
+    counters = _count(state.counters, old_layer, EVICTIONS, evicting)
+    counters = _count(counters, old_layer, PREFETCH_WASTED, evicting & state.prefetched[slot])
+    if prefetch:
+        counters = _count(counters, key // num_experts, PREFETCH_ISSUED, jnp.bool_(True))
+    if staged:
+        counters = _count(counters, key // num_experts, PREFETCH_STAGED, jnp.bool_(True))
+    table = state.table.at[jnp.where(evicting, old, state.table.shape[0])].set(-1, mode="drop").at[key].set(slot)
+    state = state.replace(
+        table=table, slot_key=state.slot_key.at[slot].set(key), last_use=state.last_use.at[slot].set(tick),
+        uses=state.uses.at[slot].set(0 if prefetch else 1), inserted=state.inserted.at[slot].set(state.inserts),
+        prefetched=state.prefetched.at[slot].set(prefetch), inserts=state.inserts + 1, counters=counters)
+    return state, pinned.at[slot].set(True), slot
+
+
+Move = Callable[[object, jax.Array, jax.Array], object]  # (slab, expert, slot) -> slab with expert in slot
+
+
+def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, priorities: Priorities | None = None,
+           move: Move | None = None, slab=None, pinned=None):
+    """One MoE layer step needing `experts` (int32 [U]: distinct, increasing, padded with num_experts).
+
+    Counts hits and misses, admits the misses (calling `move` for each, in increasing expert order)
+    and returns (state, slab, slots int32 [U]: each expert's slot, -1 for padding, pinned bool [S]:
+    the slots this step uses, for `install` after it).
+    """
+    E, S = num_experts, state.num_slots
+    real = experts < E
+    keys = layer * E + jnp.where(real, experts, 0)
+    slots = jnp.where(real, state.table[keys], -1)
+    hit = real & (slots >= 0)
+    miss = real & ~hit
+    ticks = state.clock + jnp.cumsum(real.astype(jnp.int32))  # one tick per access, in expert order
+    hit_slots = jnp.where(hit, slots, S)  # S: out of range, dropped
+    used_prefetch = hit & state.prefetched[jnp.maximum(slots, 0)]
+    counters = _count(state.counters, layer, ACTIVATIONS, real.sum())
+    counters = _count(counters, layer, HITS, hit.sum())
+    counters = _count(counters, layer, MISSES, miss.sum())
+    counters = _count(counters, layer, PREFETCH_USED, used_prefetch.sum())
+    state = state.replace(
+        last_use=state.last_use.at[hit_slots].set(ticks, mode="drop"), uses=state.uses.at[hit_slots].add(1, mode="drop"),
+        prefetched=state.prefetched.at[hit_slots].set(False, mode="drop"), counters=counters)
+    pinned = (jnp.zeros(S, bool) if pinned is None else pinned).at[hit_slots].set(True, mode="drop")
+    order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
+
+    def admit_miss(i, carry):
+        state, pinned, slots, slab = carry
+        j = order[i]
+        state, pinned, slot = _admit(state, pinned, keys[j], ticks[j], False, policy, priorities, layer, E)
+        if move is not None:
+            slab = move(slab, experts[j], slot)
+        return state, pinned, slots.at[j].set(slot), slab
+
+    state, pinned, slots, slab = lax.fori_loop(0, miss.sum(), admit_miss, (state, pinned, slots, slab))
+    return state.replace(clock=state.clock + real.sum()), slab, slots, pinned
+
+
+def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, priorities: Priorities | None = None,
+            pinned=None, move: Callable | None = None, slab=None, limit: int | None = None, staged: bool = False):
+    """Prefetches: admits the keys (int32 [P], in order; -1 or a repeat: nothing) that are not resident,
+    at most `limit`, while unpinned slots remain, evicting only unpinned slots. `layer`: the MoE layer in
+    progress (the priority policy's reference point). move(slab, i, slot) puts keys[i]'s weights in
+    `slot`; staged: the keys come from the host's staging (counted as `prefetch_staged` too).
+    -> (state, slab, pinned)."""
+    S, P = state.num_slots, keys.shape[0]
+    pinned = jnp.zeros(S, bool) if pinned is None else pinned
+    valid = keys >= 0
+    safe = jnp.maximum(keys, 0)
+    first = jnp.argmax(keys[None, :] == keys[:, None], axis=1) == jnp.arange(P)  # first occurrence of each key
+    needed = valid & first & (state.table[safe] < 0)
+    count = jnp.minimum(needed.sum(), (~pinned).sum())
+    if limit is not None:
+        count = jnp.minimum(count, limit)
+    order = jnp.argsort(~needed, stable=True)
+
+    def admit_one(i, carry):
+        state, pinned, slab = carry
+        j = order[i]
+        state, pinned, slot = _admit(state, pinned, safe[j], state.clock, True, policy, priorities, layer, num_experts,
+                                     staged)
+        if move is not None:
+            slab = move(slab, j, slot)
+        return state, pinned, slab
+
+    state, pinned, slab = lax.fori_loop(0, count, admit_one, (state, pinned, slab))
+    return state, slab, pinned
+
+
+def distinct_experts(ids, valid_rows, num_experts: int, size: int):
+    """The distinct experts chosen by valid rows: ids int32 [N, k], valid_rows bool [N] or None ->
+    int32 [size], increasing, padded with num_experts (size >= the most that can occur)."""
+    keep = (ids >= 0) & (ids < num_experts)
+    if valid_rows is not None:
+        keep = keep & valid_rows[:, None]
+    flat = jnp.where(keep, ids, num_experts).reshape(-1)
+    if flat.shape[0] == size and ids.shape[0] == 1:  # one row of top-k: already distinct
+        return jnp.sort(flat)
+    return jnp.unique(flat, size=size, fill_value=num_experts)
+
+
+def guessed_keys(guess_ids, valid_rows, layer, num_experts: int, limit: int):
+    """Keys of MoE layer `layer` that a router guess picked for valid rows, most rows first (ties: lower
+    expert), at most `limit`: guess_ids int32 [N, k] -> int32 [limit], -1 past the guessed ones."""
+    keep = (guess_ids >= 0) & (guess_ids < num_experts)
+    if valid_rows is not None:
+        keep = keep & valid_rows[:, None]
+    counts = jnp.zeros(num_experts, jnp.int32).at[jnp.where(keep, guess_ids, num_experts)].add(1, mode="drop")
+    top, experts = lax.top_k(counts, limit)  # stable: equal counts keep increasing expert order
+    return jnp.where(top > 0, layer * num_experts + experts, -1).astype(jnp.int32)

@@ -1,0 +1,145 @@
+"""Where expert weights live: per-MoE-layer stacks in pinned host memory, and the device slab of slots.
+
+The host tier keeps, for each MoE layer m and weight name, one array [E, ...] in pinned host memory
+(`jax.memory` kind `pinned_host`), which copies to the device at link speed and from which a step
+program fetches one expert by index (`fetch_expert`), moving only that expert's bytes. The device tier
+is a slab {name: [S, ...]} of S slots addressed by the cache's slot table (`offload.device_cache`);
+in the resident mode the slab holds every expert, expert e of MoE layer m in slot m * E + e.
+JAX's CPU backend has the same memory kinds, so the same code runs (and is tested) on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import SingleDeviceSharding
+
+from moejax.errors import MoejaxError
+from moejax.progress import Progress
+
+PINNED_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_MARGIN = 1.03
+
+Stack = dict  # {weight name: array [E or S, ...]}
+
+
+def size_pinned_pool(expert_bytes: int) -> None:
+    """Sizes XLA's pinned host pool for `expert_bytes` of experts, unless the user set it.
+
+    XLA caps pinned host memory at 64 GB by default, and its pool grows in doubling regions that
+    stay page-locked, so a store of ~70 GB could lock ~100 GB of RAM. A limit just above the
+    experts' size lifts the cap and bounds the overshoot. It only takes effect if set before JAX
+    starts its GPU backend (the CLI always does).
+    """
+    if PINNED_LIMIT_VARIABLE not in os.environ:
+        os.environ[PINNED_LIMIT_VARIABLE] = str(max(1, math.ceil(expert_bytes * PINNED_MARGIN / 2**30) + 1))
+
+
+def has_pinned_host(device) -> bool:
+    """Whether `device` has a pinned host memory (GPU and CPU backends do)."""
+    return any(memory.kind == "pinned_host" for memory in device.addressable_memories())
+
+
+def host_sharding(device) -> SingleDeviceSharding:
+    """Pinned host memory of `device` when it has it, else its default memory."""
+    return SingleDeviceSharding(device, memory_kind="pinned_host" if has_pinned_host(device) else None)
+
+
+def fetch_expert(stack: Stack, expert) -> Stack:
+    """Inside a step program: expert `expert` (traced int) of a host stack, moved to the device."""
+    return {name: jax.device_put(lax.dynamic_index_in_dim(w, expert, keepdims=False), jax.memory.Space.Device)
+            for name, w in stack.items()}
+
+
+def write_slot(slab: Stack, slot, expert: Stack) -> Stack:
+    """Inside a step program: `expert`'s weights written into slot `slot` of the slab (in place once donated)."""
+    return {name: lax.dynamic_update_index_in_dim(slab[name], expert[name].astype(slab[name].dtype), slot, 0)
+            for name in slab}
+
+
+class HostExperts:
+    """Every MoE layer's routed experts, as one stack per layer: `layers[m]` = {name: [E, ...]}.
+
+    on_device=False: pinned host memory (the offloading modes); True: device memory (what the resident
+    slab is built from, then dropped).
+    """
+
+    def __init__(self, layers: list[Stack], expert_bytes: int):
+        self.layers, self.expert_bytes = layers, expert_bytes
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.layers[0].values())).shape[0]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_layers * self.num_experts * self.expert_bytes
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{name: (one expert's shape, dtype)}."""
+        return {name: (tuple(w.shape[1:]), w.dtype) for name, w in self.layers[0].items()}
+
+    @classmethod
+    def from_loader(cls, load: Callable[[int, int], dict], moe_layers: Sequence[int], num_experts: int, device,
+                    on_device: bool = False, show_progress: bool = False) -> HostExperts:
+        """Reads every expert with `load(layer, expert) -> {name: NumPy array}`, one MoE layer at a time,
+        and places each layer's stacks in pinned host memory (or the device)."""
+        sharding = SingleDeviceSharding(device) if on_device else host_sharding(device)
+        progress = Progress("load experts", len(moe_layers) * num_experts, enabled=show_progress)
+        layers, expert_bytes = [], None
+        for layer in moe_layers:
+            experts = []
+            for e in range(num_experts):
+                experts.append(load(layer, e))
+                progress.advance()
+            names = list(experts[0])
+            stack = {name: np.stack([np.asarray(x[name]) for x in experts]) for name in names}
+            dtypes = {w.dtype for w in stack.values()}
+            if len(dtypes) != 1:
+                raise MoejaxError(f"experts of layer {layer}: weights of different dtypes {sorted(map(str, dtypes))}")
+            expert_bytes = sum(w[0].nbytes for w in stack.values())
+            layers.append(_place(stack, sharding, len(layers), on_device))
+        progress.close()
+        return cls(layers, expert_bytes or 0)
+
+
+def _place(stack: Stack, sharding, count: int, on_device: bool) -> Stack:
+    try:
+        return jax.device_put(stack, sharding)
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        where, advice = ("device", "use an offloading mode (offload='cached')") if on_device else (
+            "pinned host", f"set {PINNED_LIMIT_VARIABLE} (in GB) before JAX starts, or free host RAM")
+        raise MoejaxError(f"out of {where} memory after {count} MoE layers of experts: {advice}") from None
+
+
+def empty_slab(shapes: dict, num_slots: int, device) -> Stack:
+    """A device slab of `num_slots` zeroed slots; shapes: {name: (one expert's shape, dtype)}. Each weight is
+    its own buffer (the slab is donated to step programs)."""
+    return {n: jnp.zeros((num_slots,) + s, d, device=device) for n, (s, d) in shapes.items()}
+
+
+def resident_slab(experts: HostExperts, device) -> Stack:
+    """A device slab with every expert, expert e of MoE layer m in slot m * E + e (layers copied one at a time
+    into a slab allocated once)."""
+    slab = empty_slab(experts.shapes(), experts.num_layers * experts.num_experts, device)
+    for m, layer in enumerate(experts.layers):
+        slab = _write_layer(slab, jax.device_put(layer, SingleDeviceSharding(device)), m * experts.num_experts)
+    return slab
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_layer(slab: Stack, layer: Stack, start) -> Stack:
+    return {name: lax.dynamic_update_slice_in_dim(slab[name], layer[name], start, 0) for name in slab}

@@ -1,0 +1,170 @@
+"""The host side of the expert cache: learns from each step's routing after the step, and prepares the
+next steps' inputs — the priority policy's scores and the trace prefetcher's picks, which the next step
+fetches when it begins.
+
+Nothing here runs inside a step: the engine hands the manager a step's routing once the step is done
+(`observe`), and takes `next_inputs()` when it dispatches a later one, so the device never waits for it.
+The policy lab drives the same manager with the same schedule (`offload.replay`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from moejax.errors import MoejaxError
+from moejax.offload import device_cache as dc
+from moejax.runtime.prefetch import DEFAULT_FLOORS, make_prefetcher
+from moejax.runtime.trace import EAMCollection, ExpertUsage
+
+# The policies a user picks, and the device policy each runs as ("activation" is the priority policy with
+# the activation-aware scores; "belady" too, with scores from the known future: lab and benchmarks only).
+POLICIES = {"lru": "lru", "lfu": "lfu", "fifo": "fifo", "lifo": "lifo", "activation": "priority"}
+PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """What the host gives a step (device arrays or None): keys int32 [P] to prefetch when it begins (-1:
+    none) and the priority policy's scores."""
+
+    staged_keys: jax.Array | None = None
+    priorities: dc.Priorities | None = None
+
+
+class ActivationScores:
+    """The activation-aware policy's scores: the expected number of MoE layer steps until each expert's
+    next use, from activation frequency and layer position.
+
+    If every visit of layer l uses expert e with probability p(l, e), a resident expert is next needed
+    d(l) + L (1 - p) / p layer steps ahead, d(l) = ((l - c - 1) mod L) + 1 while layer c runs. The device
+    evicts the largest; dropping the -c common to every key leaves `ahead` = l + L (1 - p) / p for keys of
+    layers after c and `behind` = ahead + L for the others. p is `trace.ExpertUsage`: the running
+    sequences' token counts (older steps weighted down by `decay`), smoothed towards the collection's mean
+    expert shares (of the sequence's task, when labelled) worth `prior_tokens` tokens.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, collection: EAMCollection | None = None,
+                 prior_tokens: float = 4.0, decay: float = 0.9):
+        self.num_layers, self.num_experts, self.collection = num_layers, num_experts, collection
+        self.usage = ExpertUsage(num_layers, num_experts, prior_tokens, decay)
+        self.start_sequence(None)
+
+    def start_sequence(self, task: str | None) -> None:
+        collection = self.collection
+        if collection is None or not len(collection):
+            self.prior = np.full((self.num_layers, self.num_experts), 1.0 / self.num_experts)
+        else:
+            eams = collection.eams
+            if task is not None and task in collection.tasks:
+                eams = eams[[t == task for t in collection.tasks]]
+            self.prior = (eams / np.maximum(eams.sum(axis=2, keepdims=True), 1)).mean(axis=0)
+        self.usage.reset()
+
+    def observe(self, counts: np.ndarray) -> None:
+        """Token counts [L, E] of one step."""
+        for layer in range(self.num_layers):
+            self.usage.observe(layer, counts[layer])
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ahead, behind) float32 [L, E]."""
+        p = np.stack([self.usage.probabilities(layer, self.prior[layer]) for layer in range(self.num_layers)])
+        ahead = np.arange(self.num_layers)[:, None] + self.num_layers * (1 - p) / p
+        return ahead.astype(np.float32), (ahead + self.num_layers).astype(np.float32)
+
+
+class OffloadManager:
+    """Host-side decisions for a cached engine (and the lab's replay of one).
+
+    policy: a name of `POLICIES`; prefetch: a name of `PREFETCHERS`; staged_per_step: most experts the
+    trace prefetchers stage per step; collection: the EAM collection the trace prefetcher and the
+    activation scores read, to which finished sequences are added; device: where inputs go (None: the
+    default device).
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, policy: str = "lru", prefetch: str = "none",
+                 staged_per_step: int = 0, prefetch_floor: float | None = None, collection: EAMCollection | None = None,
+                 device=None):
+        if policy not in POLICIES:
+            raise MoejaxError(f"cache_policy '{policy}' is not one of {', '.join(POLICIES)}")
+        if prefetch not in PREFETCHERS:
+            raise MoejaxError(f"prefetch '{prefetch}' is not one of {', '.join(PREFETCHERS)}")
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.policy, self.prefetch = policy, prefetch
+        self.collection = collection
+        if collection is None and (policy == "activation" or prefetch.startswith("trace")):
+            self.collection = EAMCollection(num_layers, num_experts)
+        self.scores = ActivationScores(num_layers, num_experts, self.collection) if policy == "activation" else None
+        self.prefetcher = None
+        if prefetch.startswith("trace"):
+            self.prefetcher = make_prefetcher("trace", num_layers=num_layers, num_experts=num_experts, top_k=top_k,
+                                              collection=self.collection,
+                                              floor=DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor)
+        self.staged_per_step = staged_per_step if self.prefetcher is not None else 0
+        self.device = device or jax.devices()[0]
+        self._pending: StepInputs = StepInputs()
+
+    @property
+    def device_policy(self) -> str:
+        return POLICIES[self.policy]
+
+    @property
+    def lookahead(self) -> bool:
+        return self.prefetch in ("lookahead", "trace+lookahead")
+
+    def start_sequence(self, task: str | None = None) -> None:
+        if self.scores is not None:
+            self.scores.start_sequence(task)
+        if self.prefetcher is not None:
+            self.prefetcher.on_sequence_start(task)
+        self._pending = StepInputs(priorities=self._priorities())
+
+    def end_sequence(self, experts: np.ndarray, task: str | None = None) -> None:
+        """A finished sequence's routing [L, T, k] joins the collection."""
+        if self.collection is None or experts.shape[1] == 0:
+            return
+        from moejax.runtime.trace import eam_counts
+
+        self.collection.add(eam_counts(experts, self.num_experts), task, experts=experts)
+        if self.prefetcher is not None:
+            self.prefetcher.refit()
+
+    def observe(self, counts: np.ndarray, resident: np.ndarray) -> None:
+        """A finished step: token counts [L, E] per MoE layer and expert, resident bool [L * E] after it.
+        Prepares the inputs of the next step dispatched."""
+        if self.scores is not None:
+            self.scores.observe(counts)
+        staged_keys = None
+        if self.prefetcher is not None:
+            for layer in range(self.num_layers):
+                self.prefetcher.observe(layer, counts[layer])
+            keys = self._predicted(resident)
+            if keys:
+                padded = np.full(self.staged_per_step, -1, np.int32)
+                padded[: len(keys)] = keys
+                staged_keys = self._put(padded)
+        self._pending = StepInputs(staged_keys, self._priorities())
+
+    def _predicted(self, resident: np.ndarray) -> list[int]:
+        """Keys to stage: the prefetcher's probabilities of use for the next token, best first, not resident."""
+        floor = self.prefetcher.min_probability
+        probabilities = np.stack([self.prefetcher.sequence_probabilities(layer) for layer in range(self.num_layers)])
+        flat = np.where(resident.reshape(-1), 0.0, probabilities.reshape(-1))
+        order = np.argsort(-flat, kind="stable")[: self.staged_per_step]
+        return [int(k) for k in order if flat[k] >= floor and flat[k] > 0]
+
+    def _put(self, tree):
+        return jax.device_put(tree, jax.sharding.SingleDeviceSharding(self.device))
+
+    def _priorities(self):
+        if self.scores is None:
+            return None
+        return self._put(dc.Priorities(*self.scores.tables()))
+
+    def next_inputs(self) -> StepInputs:
+        """The inputs for the next step dispatched (staged prefetches are handed out once)."""
+        inputs = self._pending
+        self._pending = dataclasses.replace(inputs, staged_keys=None)
+        return inputs

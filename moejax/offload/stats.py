@@ -1,0 +1,59 @@
+"""Runtime statistics of the expert cache as plain dicts (for `--json`) and a one-line summary (for logs)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moejax.offload.device_cache import COUNTERS
+
+
+def _entry(row: np.ndarray, expert_bytes: int) -> dict:
+    entry = {name: int(value) for name, value in zip(COUNTERS, row, strict=True)}
+    moved = entry["misses"] + entry["prefetch_issued"] + entry["streamed"]
+    entry["bytes_h2d"] = moved * expert_bytes
+    entry["hit_rate"] = entry["hits"] / entry["activations"] if entry["activations"] else 0.0
+    issued, used = entry["prefetch_issued"], entry["prefetch_used"]
+    entry["prefetch_precision"] = used / issued if issued else 0.0
+    entry["prefetch_recall"] = used / (used + entry["misses"]) if used + entry["misses"] else 0.0
+    return entry
+
+
+def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, manager=None, host_wait_s: float = 0.0,
+                info: dict | None = None) -> dict:
+    """Totals and per-MoE-layer counters since the last reset, from the device counters [L, len(COUNTERS)].
+
+    Per entry: activations (distinct experts needed per layer step), hits, misses, hit_rate, evictions,
+    prefetch_issued / prefetch_used / prefetch_wasted (prefetch_staged: issued from the host's picks),
+    prefetch_precision (used / issued), prefetch_recall (used / (used + misses)), streamed (dense-offload:
+    experts copied without being used) and bytes_h2d (everything the step programs moved from the host).
+    host_wait_s: seconds the host waited for step results (the device was busy: computing or moving experts).
+    """
+    cached = spec.mode == "cached"
+    return {
+        "mode": spec.mode,
+        "policy": (manager.policy if manager is not None else spec.policy) if cached else None,
+        "capacity_experts": num_slots if cached else None,
+        "prefetch": manager.prefetch if cached and manager is not None else "none",
+        "expert_bytes": expert_bytes,
+        **(info or {}),
+        "host_wait_s": host_wait_s,
+        "total": _entry(counters.sum(axis=0), expert_bytes),
+        "per_layer": [{"moe_layer": m, **_entry(row, expert_bytes)} for m, row in enumerate(counters)],
+    }
+
+
+def summary_line(stats: dict, new_tokens: int) -> str:
+    """E.g. 'cached lru, 12 slots, prefetch none: hit rate 63.2% (...), 1.23 GB host->GPU (45.6 MB/token)'."""
+    total = stats["total"]
+    head = stats["mode"]
+    if stats["mode"] == "cached":
+        head += f" {stats['policy']}, {stats['capacity_experts']} slots, prefetch {stats['prefetch']}"
+    if stats["mode"] == "resident":
+        return f"resident: all experts on the device, no transfers (hit rate {total['hit_rate'] * 100:.0f}%)"
+    per_token = total["bytes_h2d"] / max(new_tokens, 1)
+    line = (f"{head}: hit rate {total['hit_rate'] * 100:.1f}% ({total['hits']}/{total['activations']}), "
+            f"{total['bytes_h2d'] / 1e9:.3f} GB host->GPU ({per_token / 1e6:.2f} MB/token)")
+    if total["prefetch_issued"]:
+        line += (f", prefetch {total['prefetch_issued']} issued / {total['prefetch_used']} used "
+                 f"(precision {total['prefetch_precision'] * 100:.0f}%, recall {total['prefetch_recall'] * 100:.0f}%)")
+    return line
