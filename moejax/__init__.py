@@ -20,18 +20,21 @@ SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny-moe"
 
 if TYPE_CHECKING:
     from moejax.config import ModelConfig
+    from moejax.engine.engine import Engine
+    from moejax.engine.loading import load
+    from moejax.engine.results import GenerationConfig, GenerationResult
+    from moejax.engine.slots import SamplingParams
     from moejax.errors import MoejaxError
-    from moejax.runtime.engine import Engine, GenerationConfig, GenerationResult
-    from moejax.runtime.loading import load
-    from moejax.runtime.sampling import SamplingParams
+    from moejax.offload.config import OffloadConfig
     from moejax.runtime.seq2seq import Seq2SeqEngine
 
 _EXPORTS = {
-    "load": "moejax.runtime.loading",
-    "Engine": "moejax.runtime.engine",
-    "GenerationConfig": "moejax.runtime.engine",
-    "GenerationResult": "moejax.runtime.engine",
-    "SamplingParams": "moejax.runtime.sampling",
+    "load": "moejax.engine.loading",
+    "Engine": "moejax.engine.engine",
+    "GenerationConfig": "moejax.engine.results",
+    "GenerationResult": "moejax.engine.results",
+    "SamplingParams": "moejax.engine.slots",
+    "OffloadConfig": "moejax.offload.config",
     "Seq2SeqEngine": "moejax.runtime.seq2seq",
     "ModelConfig": "moejax.config",
     "MoejaxError": "moejax.errors",

@@ -27,8 +27,9 @@ DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 # SamplingParams, lab.replay, ...), for the errors that name a parameter.
 FLAGS = {
     "offload": "--offload", "expert_budget": "--expert-budget", "cache_policy": "--cache-policy",
-    "executor": "--executor", "routing": "--routing", "prefetch": "--prefetch",
-    "prefetch_per_layer": "--prefetch-per-layer", "prefetch_floor": "--prefetch-floor", "traces": "--traces",
+    "routing": "--routing", "prefetch": "--prefetch",
+    "prefetch_per_layer": "--prefetch-per-layer", "prefetch_per_step": "--prefetch-per-step",
+    "prefetch_floor": "--prefetch-floor", "traces": "--traces",
     "max_new_tokens": "--max-new-tokens", "greedy": "--greedy", "temperature": "--temperature", "top_k": "--top-k",
     "top_p": "--top-p", "stop_token_ids": "--stop-ids", "target_lang": "--target-lang",
     "forced_bos_id": "--forced-bos-id", "dtype": "--dtype", "max_prompt_tokens": "--max-prompt-tokens",
@@ -92,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-ids", type=_token_ids, default=[], help="extra stop token ids, comma-separated")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS tokens")
-    p.add_argument("--executor", default="host-routed",
-                   help="host-routed (default; every offload mode) | device-routed | whole-model (resident only)")
     add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
     p.add_argument("--task", help="a task label for the prompts (the trace prefetcher prefers traces of that task)")
@@ -144,14 +143,17 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default) | lfu | fifo | "
                    "lifo | activation")
     p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead")
-    p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per MoE layer step (default: top-k)")
+    p.add_argument("--prefetch-per-layer", type=int,
+                   help="lookahead prefetchers: most experts fetched per MoE layer step (default: top-k)")
+    p.add_argument("--prefetch-per-step", type=int,
+                   help="trace prefetchers: most experts fetched when a step begins (default: 2 x top-k)")
     p.add_argument("--prefetch-floor", type=float, help=FLOOR_HELP)
     p.add_argument("--traces", type=Path, help="activation matrices for --prefetch trace / --cache-policy activation "
                    "(eams.npz or the directory `moejax trace` wrote; default: learn from the run)")
 
 
-def load_engine(args):
-    """An Engine for the checkpoint and offloading flags of `args`."""
+def load_engine(args, slots: int = 1):
+    """An Engine for the checkpoint and offloading flags of `args`, holding `slots` sequences at once."""
     import moejax
 
     return moejax.load(
@@ -159,10 +161,11 @@ def load_engine(args):
         offload=args.offload,
         expert_budget=args.expert_budget,
         cache_policy=args.cache_policy,
-        executor=getattr(args, "executor", "host-routed"),
         routing=getattr(args, "routing", None),
+        slots=slots,
         prefetch=args.prefetch,
         prefetch_per_layer=args.prefetch_per_layer,
+        prefetch_per_step=args.prefetch_per_step,
         prefetch_floor=args.prefetch_floor,
         traces=args.traces,
     )
@@ -238,9 +241,9 @@ def _mib(n: int) -> str:
 def cmd_generate(args) -> int:
     from moejax import checkpoint
     from moejax.encdec_config import EncDecConfig
-    from moejax.runtime.compilation import on_first_compile
-    from moejax.runtime.engine import GenerationConfig
-    from moejax.runtime.sampling import SamplingParams
+    from moejax.engine.compilation import on_first_compile
+    from moejax.engine.results import GenerationConfig
+    from moejax.engine.slots import SamplingParams
 
     if not args.checkpoint.exists():
         raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")
@@ -268,11 +271,11 @@ def cmd_generate(args) -> int:
     if args.task is not None and not (args.prefetch.startswith("trace") or args.cache_policy == "activation"):
         raise MoejaxError("--task labels the prompts for --prefetch trace / trace+lookahead and --cache-policy activation: "
                           "give one of them, or leave --task out")
-    engine = load_engine(args)
+    engine = load_engine(args, slots=len(prompts))
     if args.prompt and engine.tokenizer is None:
         raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
     if args.task is not None and args.traces is not None:
-        check_task(args.task, engine.executor.runner.collection, args.traces)
+        check_task(args.task, engine.collection, args.traces)
     tasks = [args.task] * len(prompts)
     with on_first_compile(lambda: print("compiling...", file=sys.stderr, flush=True)):
         if seq2seq:
@@ -285,7 +288,7 @@ def cmd_generate(args) -> int:
     for i, tokens in enumerate(result.tokens):
         shown = result.text[i] if result.text is not None else ",".join(map(str, tokens))
         print(f"[{i}] {shown}")
-    from moejax.runtime.stats import summary_line
+    from moejax.offload.stats import summary_line
 
     t = result.timing
     print(f"ttft {t.ttft_s * 1e3:.1f} ms, tpot {t.tpot_s * 1e3:.2f} ms, {t.tokens_per_s:.1f} tokens/s "
@@ -304,7 +307,7 @@ def check_task(task: str, collection, traces: Path) -> None:
 
 def cmd_lab(args) -> int:
     from moejax import lab
-    from moejax.runtime.trace import load_routing
+    from moejax.routing.traces import load_routing
 
     try:
         capacities = [float(c) for c in args.capacity.split(",")]
@@ -348,7 +351,7 @@ def print_lab_results(results: list[dict], as_json: bool) -> None:
 
 
 def cmd_trace(args) -> int:
-    from moejax.runtime.engine import GenerationConfig
+    from moejax.engine.results import GenerationConfig
     from moejax.tracing import TRACE_OUTPUT, prepare_prompts, read_prompts, trace_prompts, write_traces
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens),
@@ -358,7 +361,7 @@ def cmd_trace(args) -> int:
     inputs = (args.checkpoint, args.prompts, args.traces)
     check_output(args.out, inputs, args.overwrite, TRACE_OUTPUT)
     prompts = read_prompts(args.prompts)[: args.limit]
-    engine = load_engine(args)
+    engine = load_engine(args, slots=args.batch_size)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     prompts = prepare_prompts(engine, prompts, args.prompts, args.max_new_tokens, args.max_prompt_tokens)
     trace, collection, summary = trace_prompts(engine, prompts, config, args.batch_size, show_progress=not args.quiet)

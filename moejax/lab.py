@@ -31,8 +31,10 @@ from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.progress import Progress
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import POLICIES, CachePolicy, make_policy
-from moejax.runtime.prefetch import NoPrefetcher, make_prefetcher, prefetch_into
-from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts
+from moejax.routing.prefetchers import NoPrefetcher, make_prefetcher
+from moejax.runtime.prefetch import prefetch_into
+from moejax.routing.eams import EAMCollection, eam_counts
+from moejax.routing.traces import RoutingTrace
 
 # The next MoE layer's router applied one layer early picked 78.3% of the experts it went on to use on
 # the shipped tiny-moe over ../shared/data/prompts/tasks.jsonl (`moejax trace`, summary.json).

@@ -20,9 +20,11 @@ import numpy as np
 from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.outputs import atomic_directory
 from moejax.progress import Progress
-from moejax.runtime.engine import Engine, GenerationConfig
-from moejax.runtime.recorder import EAMS_FILE, NO_PREDICTION, ROUTING_FILE
-from moejax.runtime.trace import EAMCollection, RoutingTrace, eam_counts
+from moejax.engine.engine import Engine
+from moejax.engine.results import GenerationConfig
+from moejax.routing.eams import EAMCollection, eam_counts
+from moejax.routing.files import EAMS_FILE, ROUTING_FILE
+from moejax.routing.traces import NO_PREDICTION, RoutingTrace
 
 SUMMARY_FILE = "summary.json"
 TRACE_FILES = (EAMS_FILE, ROUTING_FILE, SUMMARY_FILE)
@@ -62,7 +64,7 @@ def prepare_prompts(engine: Engine, prompts, path: Path, max_new_tokens: int, ma
     """Token ids of every prompt, checked before any work: ids within the vocabulary, text only with a
     tokenizer, and each fits the model's positions with `max_new_tokens` (after keeping its first
     `max_prompt_tokens` tokens, when given). Prompts are numbered from 1 in the errors."""
-    limit, vocab = engine.cfg.max_position_embeddings, engine.cfg.vocab_size
+    limit, vocab = getattr(engine, "max_seq_len", engine.cfg.max_position_embeddings), engine.cfg.vocab_size
     prepared = []
     for n, (prompt, task) in enumerate(prompts, 1):
         if isinstance(prompt, str):
@@ -94,11 +96,13 @@ def trace_prompts(
     show_progress: bool = True,
 ) -> tuple[RoutingTrace, EAMCollection, dict]:
     """Generates for every prompt and returns (routing trace, EAM collection, summary)."""
-    cfg, executor = engine.cfg, engine.executor
-    if executor.runner is None:
-        raise MoejaxError(f"tracing needs the host-routed executor (got {executor.name})")
-    runner = executor.runner
-    runner.record_lookahead = True  # the lookahead guess too, to measure it and replay it in the lab
+    cfg = engine.cfg
+    if hasattr(engine, "record_guesses"):
+        engine.record_guesses()  # the lookahead guess too, to measure it and replay it in the lab
+        routing = engine.routing
+    else:  # an encoder-decoder model, on the host-routed engine until it moves to the step engine
+        engine.executor.runner.record_lookahead = True
+        routing = engine.executor.routing
     num_moe = len(cfg.moe_layer_ids)
     collection = EAMCollection(num_moe, cfg.num_experts, capacity=max(len(prompts), 1))
     experts, lookaheads, seq_lens, tasks = [], [], [], []
@@ -108,7 +112,7 @@ def trace_prompts(
         chunk_tasks = [task for _, task in chunk]
         engine.generate([p for p, _ in chunk], config, tasks=chunk_tasks)
         for b, task in enumerate(chunk_tasks):
-            routed, lookahead = executor.routing(b)
+            routed, lookahead = routing(b)
             experts.append(routed)
             lookaheads.append(lookahead)
             seq_lens.append(routed.shape[1])

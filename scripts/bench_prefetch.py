@@ -43,9 +43,9 @@ from moejax.runtime.expert_runner import split_waves
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.loading import expert_runner, reserved_kv_bytes
 from moejax.runtime.policies import Belady, make_policy
-from moejax.runtime.prefetch import make_prefetcher
+from moejax.routing.prefetchers import make_prefetcher
 from moejax.runtime.store import HostExpertStore
-from moejax.runtime.trace import load_routing
+from moejax.routing.traces import load_routing
 from scripts.benchlib import environment, print_table, random_dense_params, random_expert, tiny_widths, write_json
 
 GB = 1e9

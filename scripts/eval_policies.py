@@ -29,7 +29,7 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 from moejax.lab import DEFAULT_LOOKAHEAD_ACCURACY, parse_range, plot_curves, replay
-from moejax.runtime.trace import load_routing
+from moejax.routing.traces import load_routing
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "deepseek_v2_lite_prefill.npz"
 

@@ -17,7 +17,7 @@ prediction off the host (or making it free) can gain end to end.
 from __future__ import annotations
 
 from moejax.runtime.policies import ExpertKey
-from moejax.runtime.prefetch import Prefetcher, TracePrefetcher
+from moejax.routing.prefetchers import Prefetcher, TracePrefetcher
 from scripts import bench_prefetch
 
 RECORDED: list[list[ExpertKey]] = []  # per layer step of the last `record` run: the keys it predicted

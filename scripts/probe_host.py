@@ -32,9 +32,9 @@ from moejax.runtime.engine import Engine, GenerationConfig
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.loading import expert_runner, reserved_kv_bytes
 from moejax.runtime.policies import make_policy
-from moejax.runtime.prefetch import make_prefetcher
+from moejax.routing.prefetchers import make_prefetcher
 from moejax.runtime.store import copy_experts, device_sharding
-from moejax.runtime.trace import load_routing
+from moejax.routing.traces import load_routing
 from scripts.bench_prefetch import TraceReplay, build_store
 from scripts.benchlib import environment, random_dense_params, tiny_widths, write_json
 

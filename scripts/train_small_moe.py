@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
     deadline = start + args.max_seconds - args.reserve_seconds
-    check_output(args.checkpoint, args.corpus or DEFAULT_CORPUS, args.overwrite, CHECKPOINT_OUTPUT)
+    check_output(args.checkpoint, args.corpus, args.overwrite, CHECKPOINT_OUTPUT)
     log(f"devices: {jax.devices()}")
 
     docs = split_documents(read_documents(args.corpus))

@@ -18,7 +18,7 @@ from moejax.lab import replay
 from moejax.runtime.budget import cache_capacity
 from moejax.runtime.engine import GenerationConfig
 from moejax.runtime.sampling import SamplingParams
-from moejax.runtime.trace import RoutingTrace
+from moejax.routing.traces import RoutingTrace
 
 SUPPORTED = "mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers"
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from moejax.errors import MoejaxError
-from moejax.runtime.compilation import CACHE_ENV, compile_seconds, on_first_compile, use_compilation_cache
+from moejax.engine.compilation import CACHE_ENV, compile_seconds, on_first_compile, use_compilation_cache
 
 REPO = Path(__file__).resolve().parent.parent
 TRACE_EVENT, BACKEND_EVENT = "/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration"

@@ -10,8 +10,9 @@ from moejax.errors import MoejaxError, ParameterError
 from moejax.lab import future_steps, replay, simulate_lookahead
 from moejax.runtime.directory import ExpertDirectory
 from moejax.runtime.policies import POLICIES, make_policy
-from moejax.runtime.prefetch import PREFETCHERS, make_prefetcher, prefetch_into
-from moejax.runtime.trace import RoutingTrace
+from moejax.routing.prefetchers import PREFETCHERS, make_prefetcher
+from moejax.runtime.prefetch import prefetch_into
+from moejax.routing.traces import RoutingTrace
 
 NEVER = float("inf")
 

@@ -20,7 +20,8 @@ from hf_zoo import build, random_prompts
 from moejax import checkpoint
 from moejax.cli import main as cli
 from moejax.interrupts import Terminated, stop_like_ctrl_c, uninterrupted
-from moejax.runtime.trace import EAMCollection, RoutingTrace
+from moejax.routing.eams import EAMCollection
+from moejax.routing.traces import RoutingTrace
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,7 +159,7 @@ setattr(owner, name, slow)
 sys.exit(main(sys.argv[2:]))
 """
 SLOWED = {"convert": "moejax.checkpoint:save_group", "export": "moejax.convert.export:write_tensors",
-          "trace": "moejax.runtime.trace:RoutingTrace.save"}
+          "trace": "moejax.routing.traces:RoutingTrace.save"}
 
 
 def first_line(process: subprocess.Popen, timeout_s: float = 300) -> str:

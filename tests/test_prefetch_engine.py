@@ -19,8 +19,10 @@ import moejax
 from moejax import checkpoint
 from moejax.cli import main as cli
 from moejax.errors import MoejaxError
-from moejax.runtime.recorder import EAMS_FILE, NO_PREDICTION, ROUTING_FILE, RoutingRecorder
-from moejax.runtime.trace import EAMCollection, eam_counts, load_routing
+from moejax.routing.files import EAMS_FILE, ROUTING_FILE
+from moejax.runtime.recorder import NO_PREDICTION, RoutingRecorder
+from moejax.routing.eams import EAMCollection, eam_counts
+from moejax.routing.traces import load_routing
 
 NEW_TOKENS = 6
 

@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 
 from moejax.errors import MoejaxError
-from moejax.runtime import trace as trace_mod
-from moejax.runtime.trace import (
-    EAMCollection,
-    EAMMatcher,
-    RoutingTrace,
-    eam_counts,
-    layer_transitions,
-    load_routing,
-)
+from moejax.routing import traces as trace_mod
+from moejax.routing.eams import EAMCollection, EAMMatcher, eam_counts, layer_transitions
+from moejax.routing.traces import RoutingTrace, load_routing
 
 
 def test_eam_counts_equal_a_hand_count():
@@ -187,6 +181,6 @@ def test_save_writes_atomically_in_the_same_directory(tmp_path, monkeypatch):
         seen.append((os.path.dirname(src), os.path.dirname(dst)))
         real_replace(src, dst)
 
-    monkeypatch.setattr(trace_mod.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     RoutingTrace(np.zeros((1, 2, 1), np.int16), np.array([2]), 4).save(tmp_path / "r.npz")
     assert seen == [(str(tmp_path), str(tmp_path))]

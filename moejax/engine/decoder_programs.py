@@ -48,10 +48,44 @@ class ProgramSpec:
     mode: str
     policy: str = "lru"  # a device cache policy (`device_cache.DEVICE_POLICIES`)
     lookahead: int = 0  # experts fetched per MoE layer from the next router's guess (cached mode)
+    guesses: bool = False  # return the next router's guesses even without the lookahead (for traces)
+
+    @property
+    def computes_guesses(self) -> bool:
+        return self.guesses or (self.lookahead > 0 and self.mode == "cached")
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return layer_segments(self.cfg)
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return self.cfg.moe_layer_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Consecutive layers of one kind (MoE or dense, one attention window): one `lax.scan` in a step, over
+    parameters and KV caches stacked on a leading axis of `count`."""
+
+    start: int  # its first layer
+    count: int
+    moe: bool
+    window: int | None
+    first_moe: int  # the MoE index of its first layer (MoE segments)
+
+
+def layer_segments(cfg: ModelConfig) -> tuple[Segment, ...]:
+    """The model's layers as runs of one kind, in order."""
+    segments, moe_seen = [], 0
+    for i in range(cfg.num_layers):
+        kind = (cfg.moe_layers[i], cfg.sliding_windows[i])
+        if segments and (segments[-1].moe, segments[-1].window) == kind:
+            segments[-1] = dataclasses.replace(segments[-1], count=segments[-1].count + 1)
+        else:
+            segments.append(Segment(i, 1, kind[0], kind[1], moe_seen))
+        moe_seen += kind[0]
+    return tuple(segments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +107,14 @@ def distinct_size(cfg: ModelConfig, tokens: int) -> int:
     return min(tokens * cfg.top_k, cfg.num_experts)
 
 
-def _routed(spec: ProgramSpec, m: int, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
-    """MoE layer m's routed output [N, D] f32, through the mode's expert source: -> (output, experts)."""
-    cfg, E = spec.cfg, spec.cfg.num_experts
+def _host_layer(host: tuple, m, make):
+    """make(host[m]) for a traced MoE layer index m (a switch over the layers' host stacks)."""
+    return lax.switch(m, [lambda stack=stack: make(stack) for stack in host])
+
+
+def _routed(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
+    """MoE layer m's (traced) routed output [N, D] f32, through the mode's expert source: -> (output, experts)."""
+    cfg, E, L = spec.cfg, spec.cfg.num_experts, len(spec.moe_layers)
     distinct = dc.distinct_experts(ids, valid_rows, E, distinct_size(cfg, ids.shape[0]))
     cache, slab = experts.cache, experts.slab
     if spec.mode == "resident":
@@ -84,26 +123,28 @@ def _routed(spec: ProgramSpec, m: int, experts: ExpertInputs, moe_in, ids, weigh
         counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
         cache = cache.replace(counters=dc._count(counters, m, dc.HITS, real.sum()))
     elif spec.mode == "cached":
-        host = experts.host[m]
-        move = lambda slab, expert, slot: write_slot(slab, slot, fetch_expert(host, expert))  # noqa: E731
+        host = experts.host
+        move = lambda slab, e, slot: write_slot(slab, slot, _host_layer(host, m, lambda h: fetch_expert(h, e)))  # noqa: E731
         cache, slab, slots, pinned = dc.access(cache, m, distinct, policy=spec.policy, num_experts=E,
                                                priorities=experts.priorities, move=move, slab=slab)
-        if guess is not None:
-            ahead = experts.host[m + 1]
-            keys = dc.guessed_keys(guess, valid_rows, m + 1, E, spec.lookahead)
-            move_guess = lambda slab, i, slot: write_slot(slab, slot, fetch_expert(ahead, keys[i] % E))  # noqa: E731
+        if guess is not None and spec.lookahead:
+            following = jnp.minimum(m + 1, L - 1)
+            keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
+            move_guess = lambda slab, i, slot: write_slot(  # noqa: E731
+                slab, slot, _host_layer(host, following, lambda h: fetch_expert(h, keys[i] % E)))
             cache, slab, _ = dc.install(cache, keys, policy=spec.policy, num_experts=E, layer=m,
                                         priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab)
     else:
-        host = experts.host[m]
         real = distinct < E
         if spec.mode == "dense-offload":  # the whole layer crosses the link; compute reads what it chose
-            scratch = fetch_all(host)
+            scratch = _host_layer(experts.host, m, fetch_all)
             slots = jnp.where(real, distinct, -1)
             cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, E - real.sum()))
         else:  # on-demand: the chosen experts only, one fetch each
-            scratch = {name: jnp.zeros((distinct.shape[0],) + w.shape[1:], w.dtype) for name, w in host.items()}
-            scratch = lax.fori_loop(0, real.sum(), lambda j, s: write_slot(s, j, fetch_expert(host, distinct[j])), scratch)
+            shapes = {name: w.shape[1:] + (w.dtype,) for name, w in experts.host[0].items()}
+            scratch = {name: jnp.zeros((distinct.shape[0],) + s[:-1], s[-1]) for name, s in shapes.items()}
+            fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
+            scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
         cache = cache.replace(counters=dc._count(counters, m, dc.MISSES, real.sum()))
@@ -133,38 +174,53 @@ def _install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
 def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, kv_caches, tokens, positions, slot_ids, valid):
     """All layers on tokens [R, T] of slots slot_ids [R] at positions [R, T] (valid [R, T]: real tokens).
 
+    params: {'globals', 'segments': stacked layer parameters per segment, 'next_router': per MoE segment,
+    the next MoE layer's post_norm and router for each of its layers (the last MoE layer: its own, unused)};
+    kv_caches: per segment (k, v) [count, slots + 1, S, KV, head_dim].
     -> (hidden [R, T, D] before the final norm, experts, kv_caches, routing int32 [MoE layers, R * T, k],
-    guesses int32 [MoE layers, R * T, k] (what the lookahead router picked for the next MoE layer; -1
-    where none) or None).
+    guesses int32 [MoE layers, R * T, k] (row m: what MoE layer m + 1's router picked from layer m's input;
+    the last row: -1) or None).
     """
     cfg = spec.cfg
     experts = _install_staged(spec, experts)
     x = EmbedHead(cfg).apply({"params": params["globals"]}, tokens, method=EmbedHead.embed_tokens)
     valid_rows = valid.reshape(-1)
-    kv_caches = list(kv_caches)
-    routing, guesses = [], []
-    moe_ids = spec.moe_layers
-    for i in range(cfg.num_layers):
-        layer = DecoderLayer(cfg, cfg.moe_layers[i], cfg.sliding_windows[i])
-        variables = {"params": params["layers"][i]}
-        h, kv_caches[i] = layer.apply(variables, x, kv_caches[i], positions, slot_ids, attend_len, method=DecoderLayer.attend)
-        if not cfg.moe_layers[i]:
-            x = layer.apply(variables, h, method=DecoderLayer.dense_mlp)
+    kv_caches, routing, guesses = list(kv_caches), [], []
+    attend = functools.partial(DecoderLayer.attend, positions=positions, slot_ids=slot_ids, attend_len=attend_len)
+    for s, segment in enumerate(spec.segments):
+        layer = DecoderLayer(cfg, segment.moe, segment.window)
+        if not segment.moe:
+            def dense(carry, xs, layer=layer):
+                x, kv = carry
+                p, i = xs
+                h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
+                return (layer.apply({"params": p}, h, method=DecoderLayer.dense_mlp), kv), None
+
+            (x, kv_caches[s]), _ = lax.scan(dense, (x, kv_caches[s]), (params["segments"][s], jnp.arange(segment.count)))
             continue
-        m = moe_ids.index(i)
-        moe_in, weights, ids = layer.apply(variables, h, method=DecoderLayer.route)
-        guess = None
-        if spec.lookahead and spec.mode == "cached" and m + 1 < len(moe_ids):
-            following = DecoderLayer(cfg, True, None)
-            _, _, guess = following.apply({"params": params["layers"][moe_ids[m + 1]]}, h, method=DecoderLayer.route)
-        routed, experts = _routed(spec, m, experts, moe_in, ids, weights, valid_rows, guess)
-        x = layer.apply(variables, h, moe_in, routed, method=DecoderLayer.finish)
-        # Keeps XLA from fusing across layers, where it could skip rounding x to its dtype.
-        x = lax.optimization_barrier(x)
+
+        def moe(carry, xs, layer=layer, segment=segment):
+            x, kv, cache, slab = carry
+            p, following, i = xs
+            h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
+            moe_in, weights, ids = layer.apply({"params": p}, h, method=DecoderLayer.route)
+            guess = None
+            if spec.computes_guesses:
+                _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
+            m = segment.first_moe + i
+            routed, out = _routed(spec, m, dataclasses.replace(experts, cache=cache, slab=slab), moe_in, ids, weights,
+                                  valid_rows, guess)
+            x = layer.apply({"params": p}, h, moe_in, routed, method=DecoderLayer.finish)
+            guess = jnp.full_like(ids, -1) if guess is None else jnp.where(m + 1 < len(spec.moe_layers), guess, -1)
+            return (x, kv, out.cache, out.slab), (ids, guess)
+
+        xs = (params["segments"][s], params["next_router"][s], jnp.arange(segment.count))
+        (x, kv_caches[s], cache, slab), (ids, guess) = lax.scan(moe, (x, kv_caches[s], experts.cache, experts.slab), xs)
+        experts = dataclasses.replace(experts, cache=cache, slab=slab)
         routing.append(ids)
-        guesses.append(guess if guess is not None else jnp.full_like(ids, -1))
-    has_guesses = bool(spec.lookahead) and spec.mode == "cached"
-    return x, experts, kv_caches, jnp.stack(routing), (jnp.stack(guesses) if has_guesses else None)
+        guesses.append(guess)
+    return (x, experts, kv_caches, jnp.concatenate(routing),
+            jnp.concatenate(guesses) if spec.computes_guesses else None)
 
 
 def _logits(cfg: ModelConfig, params, x):

@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -23,9 +23,10 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine import decoder_programs as programs
-from moejax.engine.results import GenerationConfig, GenerationResult, Timing, record_token
+from moejax.engine.compilation import compile_seconds, run_clock
+from moejax.engine.results import GenerationConfig, GenerationResult, Timing, generation_config, record_token
 from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager, StepInputs
 from moejax.offload.stats import cache_stats
@@ -86,8 +87,6 @@ class Engine:
         self._inflight: collections.deque[_Step] = collections.deque()
         self._finished: list[tuple[np.ndarray, np.ndarray | None]] = []  # routing of released sequences, in order
         self._compiled: dict = {}
-        self.compile_s = 0.0
-        self.on_compile: Callable[[str], None] | None = None  # told before each compilation (the CLI prints it)
         self.host_wait_s = 0.0
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -121,16 +120,13 @@ class Engine:
 
     # -- programs ----------------------------------------------------------------------------------
     def _program(self, kind: str, static: dict, args: tuple):
-        """The compiled program for (kind, static arguments), compiling it on first use (timed as compile_s)."""
+        """The compiled program for (kind, static arguments), compiled on first use (ahead of time: a call of
+        a compiled program checks less than a jitted function's)."""
         key = (kind, tuple(sorted(static.items())), tuple(a is None for a in args))  # optional inputs change the program
         compiled = self._compiled.get(key)
         if compiled is None:
-            if self.on_compile is not None:
-                self.on_compile(f"compiling {kind} {', '.join(f'{k}={v}' for k, v in static.items() if k != 'spec')}")
-            start = time.perf_counter()
             function = programs.decode_step if kind == "decode" else programs.prefill_chunk
             compiled = self._compiled[key] = function.lower(*args, **static).compile()
-            self.compile_s += time.perf_counter() - start
         return compiled
 
     def _expert_args(self, inputs):
@@ -277,99 +273,116 @@ class Engine:
     # -- loops over the step API -------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *,
                  tasks: Sequence[str | None] | None = None, **overrides) -> GenerationResult:
-        """Generates for prompts (text or token ids) of any lengths, as many at once as there are slots.
+        """Generates for prompts (text or token ids) of any lengths, as many at a time as there are slots.
 
-        `overrides` are GenerationConfig fields or SamplingParams fields, e.g.
-        `generate("Hi", max_new_tokens=8, temperature=0.8)`. Afterwards `routing(b)` gives prompt b's routing.
+        tasks: an optional label per prompt (for the trace prefetcher and the recorded activation matrices).
+        `overrides` are GenerationConfig fields or sampling keywords, e.g.
+        `generate("Hi", max_new_tokens=8, temperature=0.8, top_p=0.9)`. Afterwards `routing(b)` gives
+        prompt b's routing, token by token.
         """
-        config = GenerationConfig.with_overrides(config, overrides)
+        generation = self._generation(prompts, config, tasks=tasks, **overrides)
+        while True:
+            try:
+                next(generation)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **kwargs) -> Iterator[str]:
+        """Generates for one prompt and yields its text as it grows: a piece per new token (held back while
+        it ends inside a multi-byte character). Keyword arguments: as for `generate`.
+
+            for piece in engine.stream("Once upon a time", max_new_tokens=32, temperature=0.8):
+                print(piece, end="", flush=True)
+        """
+        if self.tokenizer is None:
+            raise MoejaxError("stream() yields text but this checkpoint has no tokenizer.json: use generate()")
+        count = len(self.encode(prompt))
+        if count != 1:
+            raise MoejaxError(f"stream() takes one prompt, not {count}: generate() takes a batch")
+        shown = text = ""
+        for generated in self._generation(prompt, config, **kwargs):
+            text = self.tokenizer.decode(generated[0])
+            if text != shown and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+        if text != shown:
+            yield text[len(shown):]
+
+    def _generation(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *,
+                    tasks: Sequence[str | None] | None = None, **overrides) -> Generator[list[list[int]], None, GenerationResult]:
+        """`generate` a step at a time: yields every prompt's new tokens after each step and returns the
+        GenerationResult. Its times are the steps', compilation apart: what the caller does in between is
+        not counted. However it is left (an error, a stream abandoned), its slots are released."""
+        config = generation_config(config, overrides)
+        compile_start = compile_seconds()
         ids = self.encode(prompts)
         for n, prompt in enumerate(ids):
             if len(prompt) + config.max_new_tokens > self.max_seq_len:
                 raise MoejaxError(f"prompt {n}: {len(prompt)} tokens + {config.max_new_tokens} new tokens exceed the "
                                   f"engine's {self.max_seq_len} positions per sequence (max_seq_len)")
         tasks = list(tasks) if tasks is not None else [None] * len(ids)
-        if self._sequences:
-            raise MoejaxError("generate needs every slot free: release the slots in use first")
-        self.reset_stats()
         stops = self.stop_ids(config)
+        if self._sequences:
+            raise MoejaxError(f"generate needs every slot free, but slots {self.occupied} hold sequences: release them")
+        self.reset_stats()
+        self._finished.clear()
         generated: list[list[int]] = [[] for _ in ids]
         reasons = ["length"] * len(ids)
         owner: dict[int, int] = {}  # slot -> prompt
         waiting = collections.deque(range(len(ids)))
-        self._finished.clear()
         finished_order: list[int] = []
-        compile_before = self.compile_s
-        start = time.perf_counter()
-        ttft, step_times = None, []
-
-        def admit() -> None:
-            nonlocal ttft
-            while waiting and len(owner) < self.max_rows:
-                b = waiting.popleft()
-                slot = min(set(range(self.slots)) - set(owner))
-                sampling = dataclasses.replace(config.sampling, seed=(config.seed * 65537 + b) % 2**32)
-                token = self.prefill(slot, ids[b], sampling, task=tasks[b], max_new_tokens=config.max_new_tokens)
-                if ttft is None:
-                    ttft = time.perf_counter() - start - (self.compile_s - compile_before)
-                owner[slot] = b
-                accept(slot, token)
+        step_times: list[float] = []
+        clock = lambda: run_clock() - start  # noqa: E731
 
         def accept(slot: int, token: int) -> None:
             b = owner[slot]
-            done, reason = record_token(generated[b], token, stops, config.max_new_tokens)
-            if done:
+            reason = record_token(generated[b], token, stops, config.max_new_tokens)
+            if reason is not None:
                 reasons[b] = reason
                 self.release(slot)
                 finished_order.append(b)
                 del owner[slot]
 
-        admit()
-        while owner or waiting:
-            step_start, compiled = time.perf_counter(), self.compile_s
-            produced = self.decode()
-            if produced:
-                step_times.append(time.perf_counter() - step_start - (self.compile_s - compiled))
-            for slot, token in produced.items():
-                if slot in owner:
-                    accept(slot, token)
+        def admit() -> None:
+            while waiting and len(owner) < self.max_rows:
+                b = waiting.popleft()
+                slot = min(set(range(self.slots)) - set(owner))
+                sampling = dataclasses.replace(config.sampling, seed=(config.seed * 65537 + b) % 2**32)
+                token = self.prefill(slot, ids[b], sampling, task=tasks[b], max_new_tokens=config.max_new_tokens)
+                owner[slot] = b
+                accept(slot, token)
+
+        start = run_clock()
+        try:
             admit()
-        self.finish_pending()
-        compile_s = self.compile_s - compile_before
-        total = time.perf_counter() - start - compile_s
+            ttft = clock()
+            prefill_stats = self.stats()["total"]
+            yield generated
+            while owner or waiting:
+                step_start = run_clock()
+                produced = self.decode()
+                step_times.append(run_clock() - step_start)
+                for slot, token in produced.items():
+                    if slot in owner:
+                        accept(slot, token)
+                admit()
+                yield generated
+            total = clock()
+        finally:
+            for slot in list(owner):
+                self.release(slot)
+                finished_order.append(owner.pop(slot))
+            self.finish_pending()
         by_prompt = {b: self._finished[n] for n, b in enumerate(finished_order)}
         self._last_routing = [by_prompt[b] for b in range(len(ids))]
         n_tokens = sum(len(t) for t in generated)
-        timing = Timing(ttft_s=ttft or 0.0, tpot_s=float(np.median(step_times)) if step_times else 0.0,
-                        tokens_per_s=n_tokens / total if total > 0 else 0.0, total_s=total,
-                        decode_steps=len(step_times), compile_s=compile_s)
+        timing = Timing(ttft_s=ttft, tpot_s=float(np.median(step_times)) if step_times else 0.0,
+                        tokens_per_s=n_tokens / total if total > 0 else 0.0, total_s=total, decode_steps=len(step_times),
+                        compile_s=compile_seconds() - compile_start)
         text = [self.tokenizer.decode(t) for t in generated] if self.tokenizer else None
-        return GenerationResult(generated, text, reasons, timing, self.stats())
-
-    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, *, task: str | None = None,
-               **overrides) -> Iterator[int]:
-        """Yields one prompt's new tokens as they are generated (a stop token, when reached, is the last)."""
-        config = GenerationConfig.with_overrides(config, overrides)
-        ids = self.encode(prompt)[0]
-        if len(ids) + config.max_new_tokens > self.max_seq_len:
-            raise MoejaxError(f"prompt: {len(ids)} tokens + {config.max_new_tokens} new tokens exceed the engine's "
-                              f"{self.max_seq_len} positions per sequence (max_seq_len)")
-        free = sorted(set(range(self.slots)) - set(self._sequences))
-        if not free:
-            raise MoejaxError("stream needs a free slot")
-        slot, stops, tokens = free[0], self.stop_ids(config), []
-        sampling = dataclasses.replace(config.sampling, seed=config.seed % 2**32)
-        token = self.prefill(slot, ids, sampling, task=task, max_new_tokens=config.max_new_tokens)
-        try:
-            while True:
-                done, _ = record_token(tokens, token, stops, config.max_new_tokens)
-                yield token
-                if done:
-                    return
-                token = self.decode()[slot]
-        finally:
-            if slot in self._sequences:
-                self.release(slot)
+        stats = self.stats()
+        stats["prefill"] = prefill_stats  # totals after the prompts first admitted; decode = total - prefill
+        return GenerationResult(generated, text, reasons, timing, stats)
 
     def logits(self, prompts: Prompt | Sequence[Prompt]) -> list[np.ndarray]:
         """Full-sequence logits [len_i, V] float32 per prompt (each prefilled alone in a free slot)."""
@@ -397,15 +410,34 @@ class Engine:
 
     def routing(self, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Prompt b of the last `generate`: its experts int16 [MoE layers, T, k] (prompt and new tokens, in
-        order) and, with the lookahead prefetcher, what each layer's router guessed one layer early (the
-        first MoE layer: -1) or None."""
+        order) and, when the engine computes them (the lookahead prefetcher, or `record_guesses`), what the
+        router of each MoE layer picked one layer early (-1 for the first MoE layer), else None."""
         routing = getattr(self, "_last_routing", None)
         if routing is None or not 0 <= b < len(routing):
             raise MoejaxError(f"no routing recorded for prompt {b}: run generate first")
-        return routing[b]
+        experts, guesses = routing[b]
+        if guesses is None:
+            return experts, None
+        lookahead = np.full_like(experts, -1)
+        lookahead[1:] = guesses[:-1]  # row m of the guesses is made at layer m, for layer m + 1
+        return experts, lookahead
+
+    def record_guesses(self) -> None:
+        """Makes the steps also compute each MoE layer's guess of the next one's routing (for `routing`),
+        prefetching or not."""
+        self.spec = dataclasses.replace(self.spec, guesses=True)
+
+    @property
+    def collection(self):
+        """The EAM collection the trace prefetcher and the activation policy read (None without them)."""
+        return self.manager.collection if self.manager is not None else None
 
     def stop_ids(self, config: GenerationConfig) -> set[int]:
         stops = set(config.stop_token_ids)
+        bad = [t for t in stops if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ParameterError("{stop_token_ids}: token id {token} is outside the vocabulary [0, {vocab})",
+                                 token=min(bad), vocab=self.cfg.vocab_size)
         if not config.ignore_eos:
             stops |= set(self.cfg.eos_token_ids)
         return stops
@@ -433,10 +465,12 @@ def _begin_slot(state: SlotState, slot, temperature, top_k, top_p, seed) -> Slot
 
 
 def _new_kv(cfg: ModelConfig, rows: int, length: int, device):
-    """Per layer (k, v) [rows, length, KV heads, head_dim], each its own buffer (they are donated)."""
-    shape = (rows, length, cfg.num_kv_heads, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, cfg.dtype, device=device)  # noqa: E731
-    return [(zeros(), zeros()) for _ in range(cfg.num_layers)]
+    """Per layer segment (k, v) [its layers, rows, length, KV heads, head_dim], each its own buffer (they are
+    donated)."""
+    def zeros(count):
+        return jnp.zeros((count, rows, length, cfg.num_kv_heads, cfg.head_dim), cfg.dtype, device=device)
+
+    return [(zeros(segment.count), zeros(segment.count)) for segment in programs.layer_segments(cfg)]
 
 
 def _concat(parts: list[np.ndarray], top_k: int) -> np.ndarray:

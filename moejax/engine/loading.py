@@ -13,7 +13,8 @@ from moejax import checkpoint
 from moejax.config import ModelConfig
 from moejax.engine import decoder_programs as programs
 from moejax.engine.engine import Engine
-from moejax.errors import MoejaxError
+from moejax.engine.compilation import use_compilation_cache
+from moejax.errors import MoejaxError, ParameterError
 from moejax.models.decoder import kv_cache_bytes
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
@@ -21,8 +22,7 @@ from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
 from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
-from moejax.runtime.recorder import EAMS_FILE
-from moejax.runtime.trace import EAMCollection
+from moejax.routing.eams import EAMCollection
 from moejax.tokenizer import load_tokenizer
 
 COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer"
@@ -42,41 +42,49 @@ def prepare_backend(expert_bytes: int | None = None) -> None:
 
 
 def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: int = 4, max_seq_len: int = 2048,
-         prefill_chunk: int = 512, device=None, show_progress: bool = False, **offload_options):
+         prefill_chunk: int = 512, device=None, show_progress: bool = False, routing: str | None = None,
+         **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
         other fields as keywords: `load(path, "cached", expert_budget="12GiB", cache_policy="lfu")`.
     slots: sequences held at once (KV caches of slots x max_seq_len positions, allocated at load).
     prefill_chunk: most prompt tokens one prefill program takes (longer prompts run in chunks).
+    routing: encoder-decoder models: 'dropless' (default) or 'capacity' (transformers' token dropping);
+        decoder families always route dropless.
+
+    Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
+    (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
+    ParameterError naming the parameter.
     """
+    use_compilation_cache()
     path = Path(path)
     cfg = checkpoint.load_config(path)
+    if isinstance(offload, OffloadConfig) and offload_options:
+        raise ParameterError("give the offload options in {offload} (an OffloadConfig), not also as {names}",
+                             names=", ".join(sorted(offload_options)))
+    config = offload if isinstance(offload, OffloadConfig) else OffloadConfig(offload, **offload_options)
     if not isinstance(cfg, ModelConfig):
         from moejax.runtime.loading import load as load_encdec
 
-        if isinstance(offload, OffloadConfig):
-            offload_options = {**{k: getattr(offload, k) for k in ("expert_budget", "cache_policy", "prefetch",
-                               "prefetch_per_layer", "prefetch_floor", "traces")}, **offload_options}
-            offload = offload.mode
-        offload_options.pop("prefetch_per_step", None)
-        return load_encdec(path, offload=offload, device=device, show_progress=show_progress, **offload_options)
-    config = offload if isinstance(offload, OffloadConfig) else OffloadConfig(offload, **offload_options)
-    if isinstance(offload, OffloadConfig) and offload_options:
-        raise MoejaxError(f"give the offload options in the OffloadConfig, not also as {sorted(offload_options)}")
+        options = {k: getattr(config, k) for k in ("expert_budget", "cache_policy", "prefetch", "prefetch_per_layer",
+                                                     "prefetch_floor", "traces")}
+        return load_encdec(path, offload=config.mode, device=device, show_progress=show_progress, routing=routing,
+                           **options)
+    if routing not in (None, "dropless"):
+        raise ParameterError("{routing} {routing_value!r}: {family} routing is always dropless (capacity is for "
+                             "encoder-decoder models)", routing_value=routing, family=cfg.family)
     for name, value, least in (("slots", slots, 1), ("max_seq_len", max_seq_len, 2), ("prefill_chunk", prefill_chunk, 1)):
         if value < least:
-            raise MoejaxError(f"{name} must be >= {least} (got {value})")
+            raise ParameterError("{" + name + "} must be >= {least} (got {value})", least=least, value=value)
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
     prepare_backend(num_moe * E * cfg.expert_bytes if config.mode != "resident" else None)
-    collection = trace_collection(cfg, config.traces) if config.mode == "cached" else None
-    if config.traces is not None and config.mode != "cached":
-        raise MoejaxError(f"traces applies to offload='cached', not '{config.mode}'")
+    collection = trace_collection(cfg, config.traces)
     device = device or jax.devices()[0]
-    globals_ = checkpoint.load_globals(path)
-    layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
-    params = jax.device_put({"globals": globals_, "layers": layers}, jax.sharding.SingleDeviceSharding(device))
+    params = jax.device_put(stacked_params(cfg, checkpoint.load_globals(path),
+                                           [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]),
+                            jax.sharding.SingleDeviceSharding(device))
     expert_bytes = cfg.expert_bytes
     stacks = _expert_stacks(path, cfg, show_progress)
     manager, host, info = None, (), {}
@@ -93,7 +101,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         if config.mode == "cached":
             capacity = _capacity(cfg, config, device, slots, max_seq_len, prefill_chunk)
             cache, slab = dc.empty_state(num_moe, E, capacity), empty_slab(_shapes(cfg), capacity, device)
-            manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.cache_policy, prefetch=config.prefetch,
+            manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.policy, prefetch=config.prefetch,
                                      staged_per_step=2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step,
                                      prefetch_floor=config.prefetch_floor, collection=collection, device=device)
     lookahead = 0
@@ -104,6 +112,22 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     return Engine(cfg, params, manager, spec, cache=cache, slab=slab, host=host, slots=slots, max_seq_len=max_seq_len,
                   device=device, tokenizer=load_tokenizer(path), path=path, prefill_chunk=prefill_chunk,
                   expert_bytes=expert_bytes, stats_info=info)
+
+
+def stacked_params(cfg: ModelConfig, globals_: dict, layers: list[dict]) -> dict:
+    """The step programs' parameters (`decoder_programs.forward`): each segment's layers stacked, and per MoE
+    segment the post_norm and router of the MoE layer after each of its layers (the last MoE layer's own)."""
+    stack = lambda trees: jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *trees)  # noqa: E731
+    moe_ids = cfg.moe_layer_ids
+    segments, following = [], []
+    for segment in programs.layer_segments(cfg):
+        segments.append(stack(layers[segment.start : segment.start + segment.count]))
+        if not segment.moe:
+            following.append(None)
+            continue
+        after = [moe_ids[min(m + 1, len(moe_ids) - 1)] for m in range(segment.first_moe, segment.first_moe + segment.count)]
+        following.append(stack([{name: layers[j][name] for name in ("post_norm", "router")} for j in after]))
+    return {"globals": globals_, "segments": segments, "next_router": following}
 
 
 def _shapes(cfg: ModelConfig) -> dict:
@@ -131,7 +155,7 @@ def _capacity(cfg: ModelConfig, config: OffloadConfig, device, slots: int, max_s
     budget = parse_budget(config.budget, total * cfg.expert_bytes)
     workspace = programs.distinct_size(cfg, prefill_chunk) * cfg.expert_bytes
     memory = device_memory(device, kv_cache_bytes(cfg, slots + 1, max_seq_len) + workspace)
-    return min(cache_capacity(budget, cfg.expert_bytes, cfg.top_k, memory), total)
+    return cache_capacity(budget, cfg.expert_bytes, cfg.top_k, total, memory)
 
 
 def trace_collection(cfg: ModelConfig, traces: str | Path | None) -> EAMCollection | None:
@@ -139,8 +163,7 @@ def trace_collection(cfg: ModelConfig, traces: str | Path | None) -> EAMCollecti
     directory `moejax trace` wrote), or None (they start empty)."""
     if traces is None:
         return None
-    path = Path(traces)
-    collection = EAMCollection.load(path / EAMS_FILE if path.is_dir() else path)
+    collection = EAMCollection.load(traces)
     found, want = (collection.num_layers, collection.num_experts), (len(cfg.moe_layer_ids), cfg.num_experts)
     if found != want:
         raise MoejaxError(f"{traces}: activation matrices of {found[0]} MoE layers x {found[1]} experts, "

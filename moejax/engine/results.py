@@ -1,4 +1,4 @@
-"""What generation takes and gives: `GenerationConfig`, `Timing`, `GenerationResult`."""
+"""What generation takes and gives: `GenerationConfig` (with the sampling keywords), `Timing`, `GenerationResult`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ import dataclasses
 from typing import Any
 
 from moejax.engine.slots import SamplingParams
-from moejax.errors import MoejaxError
-
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "seed")
+from moejax.errors import MoejaxError, ParameterError
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate. `stop_token_ids` stop in addition to the model's EOS tokens (unless ignore_eos);
-    prompt b samples from seed (seed, b)."""
+    """How to generate. `stop_token_ids` stop in addition to the model's EOS tokens."""
 
     max_new_tokens: int = 32
     sampling: SamplingParams = SamplingParams()
@@ -24,37 +21,47 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise MoejaxError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+            raise ParameterError("{max_new_tokens} must be >= 1 (got {value})", value=self.max_new_tokens)
 
-    @classmethod
-    def with_overrides(cls, config: GenerationConfig | None, overrides: dict) -> GenerationConfig:
-        """`config` (default: the defaults) with fields replaced by `overrides`: GenerationConfig fields or
-        SamplingParams fields (temperature, top_k, top_p, greedy; a temperature alone means sampling)."""
-        config = config or cls()
-        sampling = {k: overrides.pop(k) for k in list(overrides) if k in SAMPLING_FIELDS}
-        if sampling:
-            if "greedy" not in sampling and "temperature" in sampling:
-                sampling["greedy"] = False
-            config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **sampling))
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise MoejaxError(f"unknown generation options {unknown}: use GenerationConfig fields or {list(SAMPLING_FIELDS)}")
-        if "stop_token_ids" in overrides:
-            overrides["stop_token_ids"] = tuple(overrides["stop_token_ids"])
-        return dataclasses.replace(config, **overrides)
+
+SAMPLING_KEYWORDS = tuple(field.name for field in dataclasses.fields(SamplingParams) if field.name != "seed")
+
+
+def generation_config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    """`config` (default: GenerationConfig()) with `overrides` applied: GenerationConfig fields, or the
+    SamplingParams fields greedy, temperature, top_k, top_p (any of the last three samples, unless
+    greedy=True is given too, which is an error)."""
+    config = config or GenerationConfig()
+    sampling = {name: overrides.pop(name) for name in SAMPLING_KEYWORDS if name in overrides}
+    fields = [field.name for field in dataclasses.fields(GenerationConfig)]
+    unknown = [name for name in overrides if name not in fields]
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}: generation takes the GenerationConfig "
+                        f"fields ({', '.join(fields)}) and the sampling keywords ({', '.join(SAMPLING_KEYWORDS)})")
+    config = dataclasses.replace(config, **overrides)
+    if not sampling:
+        return config
+    filters = [name for name in SAMPLING_KEYWORDS if name != "greedy" and name in sampling]
+    if sampling.get("greedy") and filters:
+        raise MoejaxError(f"greedy=True takes the likeliest token and ignores {', '.join(filters)}: "
+                          "leave greedy out (or pass greedy=False) to sample")
+    sampling.setdefault("greedy", False)
+    return dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **sampling))
 
 
 @dataclasses.dataclass
 class Timing:
-    """Seconds, compilation excluded: ttft from the start to the first new token on the host, tpot the
-    median decode step, tokens_per_s over the whole run; compile_s the compilation the run waited for."""
+    """Seconds, compilation apart. ttft_s: start to the first new token on the host; tpot_s: the
+    median decode step; tokens_per_s: new tokens / total_s; total_s: all steps, the first included;
+    compile_s: time spent making XLA programs (tracing, lowering, compiling, or loading them from the
+    persistent cache), which the other figures leave out: the call took about total_s + compile_s."""
 
     ttft_s: float
     tpot_s: float
     tokens_per_s: float
     total_s: float
     decode_steps: int
-    compile_s: float = 0.0
+    compile_s: float
 
     def to_json(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -62,9 +69,15 @@ class Timing:
 
 @dataclasses.dataclass(repr=False)
 class GenerationResult:
-    """The outcome of `generate`: new token ids per prompt (a stop token, when reached, is the last),
-    their text (None without a tokenizer), why each stopped ('stop' or 'length'), timing and the
-    engine's statistics (`offload.stats.cache_stats`)."""
+    """What `generate` returns; one entry per prompt, in order.
+
+    tokens: the new token ids (a stop token, when reached, is the last).
+    text: their decoded text, or None when the checkpoint has no tokenizer.
+    finish_reasons: 'stop' (a stop or EOS token came) or 'length' (max_new_tokens reached).
+    timing: speed figures in seconds, compilation apart (Timing).
+    stats: the expert runtime's counters: cache hits and misses, bytes copied to the device,
+        prefetches (`total`, `per_layer`, `prefill`; README, "Offloading experts").
+    """
 
     tokens: list[list[int]]
     text: list[str] | None
@@ -73,20 +86,33 @@ class GenerationResult:
     stats: dict[str, Any]
 
     def __repr__(self) -> str:
-        total = self.stats.get("total", {})
-        return (f"GenerationResult({len(self.tokens)} prompts, {sum(map(len, self.tokens))} new tokens, "
-                f"{self.timing.tokens_per_s:.1f} tokens/s, hit rate {total.get('hit_rate', 1.0):.3f})")
+        outputs = ", ".join(_shortened(out) for out in (self.text if self.text is not None else self.tokens))
+        return (f"GenerationResult([{outputs}], finish_reasons={self.finish_reasons}, "
+                f"ttft {self.timing.ttft_s * 1e3:.1f} ms, tpot {self.timing.tpot_s * 1e3:.2f} ms)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "text": self.text, "finish_reasons": self.finish_reasons,
-                "timing": self.timing.to_json(), "stats": self.stats}
+        return {
+            "tokens": self.tokens,
+            "text": self.text,
+            "finish_reasons": self.finish_reasons,
+            "timing": self.timing.to_json(),
+            "stats": self.stats,
+        }
 
 
-def record_token(generated: list[int], token: int, stops: set[int], max_new_tokens: int) -> tuple[bool, str | None]:
-    """Appends `token`; -> (whether the sequence is done, 'stop' or 'length' when it is)."""
+def _shortened(output: str | list[int], width: int = 60) -> str:
+    """The repr of one prompt's text or tokens, cut to about `width` characters."""
+    shown = repr(output)
+    if len(shown) <= width:
+        return shown
+    if isinstance(output, str):
+        return repr(output[: width - 5] + "...")
+    return repr(output[: width // 6])[:-1] + ", ...]"
+
+
+def record_token(generated: list[int], token: int, stops: set[int], max_new_tokens: int) -> str | None:
+    """Appends `token` to a sequence's new tokens; -> why the sequence is done ('stop' or 'length'), or None."""
     generated.append(token)
     if token in stops:
-        return True, "stop"
-    if len(generated) >= max_new_tokens:
-        return True, "length"
-    return False, None
+        return "stop"
+    return "length" if len(generated) >= max_new_tokens else None

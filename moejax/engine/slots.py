@@ -14,13 +14,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moejax.errors import MoejaxError
+from moejax.errors import ParameterError
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How a sequence picks its tokens: greedy (argmax) or sampled at `temperature` among the `top_k`
-    likeliest tokens (0: all) within the `top_p` probability mass (1.0: all), from `seed`."""
+    """How a sequence picks its tokens: greedy (argmax; the rest is ignored) or sampled at `temperature`
+    among the `top_k` likeliest tokens (0: all) within the `top_p` probability mass (1.0: all), from the
+    random stream of `seed`."""
 
     greedy: bool = True
     temperature: float = 1.0
@@ -30,11 +31,12 @@ class SamplingParams:
 
     def __post_init__(self):
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise MoejaxError(f"temperature must be a finite number > 0 (got {self.temperature}); use greedy=True instead of 0")
+            raise ParameterError("{temperature} must be a finite number > 0 (got {value}); for argmax decoding use "
+                                 "{greedy} instead of 0", value=self.temperature)
         if self.top_k < 0:
-            raise MoejaxError(f"top_k must be >= 0 (got {self.top_k})")
+            raise ParameterError("{top_k} must be >= 0 (got {value})", value=self.top_k)
         if not 0 < self.top_p <= 1:
-            raise MoejaxError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise ParameterError("{top_p} must be in (0, 1] (got {value})", value=self.top_p)
 
 
 @flax.struct.dataclass

@@ -48,10 +48,10 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(cfg.dense_intermediate_size, cfg.hidden_act, dtype)
 
-    def attend(self, x, kv_cache, positions, slot_ids=None, attend_len: int | None = None):
-        """Residual stream after attention: x [B, T, D] -> (h [B, T, D], kv_cache) (slot_ids, attend_len: see
-        `layers.Attention`)."""
-        out, kv_cache = self.attn(self.input_norm(x), kv_cache, positions, slot_ids, attend_len)
+    def attend(self, x, kv_cache, positions, slot_ids=None, attend_len: int | None = None, layer_index=None):
+        """Residual stream after attention: x [B, T, D] -> (h [B, T, D], kv_cache) (slot_ids, attend_len,
+        layer_index: see `layers.Attention`)."""
+        out, kv_cache = self.attn(self.input_norm(x), kv_cache, positions, slot_ids, attend_len, layer_index)
         return x + out, kv_cache
 
     def router_logits(self, h):

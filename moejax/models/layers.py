@@ -76,12 +76,14 @@ class Attention(nn.Module):
     window: int | None
 
     @nn.compact
-    def __call__(self, x, kv_cache, positions, slot_ids=None, attend_len: int | None = None):
+    def __call__(self, x, kv_cache, positions, slot_ids=None, attend_len: int | None = None, layer_index=None):
         """x [B, T, D]; kv_cache (k, v) each [B, S, KV, head_dim]; positions [B, T] int32.
 
         Writes this call's keys and values at their positions and returns (out [B, T, D], kv_cache).
         With `slot_ids` (int32 [B]) the cache has one row per engine slot ([slots, S, KV, head_dim]): row b
-        of x reads and writes cache row slot_ids[b], attending over its first `attend_len` (static) positions.
+        of x reads and writes cache row slot_ids[b], attending over its first `attend_len` (static) positions;
+        with `layer_index` too, the cache holds several layers ([layers, slots, S, KV, head_dim]) and this
+        call uses layer `layer_index`'s.
         """
         cfg = self.cfg
         dtype = param_dtype(cfg)
@@ -112,11 +114,13 @@ class Attention(nn.Module):
 
         k_cache, v_cache = kv_cache
         rows = (jnp.arange(batch) if slot_ids is None else slot_ids)[:, None]
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
+        k_cache = k_cache.at[where].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[where].set(v.astype(v_cache.dtype), mode="drop")
         k_seen, v_seen = k_cache, v_cache
         if slot_ids is not None:
-            k_seen, v_seen = k_cache[slot_ids, :attend_len], v_cache[slot_ids, :attend_len]
+            seen = (slot_ids, slice(None, attend_len)) if layer_index is None else (layer_index, slot_ids, slice(None, attend_len))
+            k_seen, v_seen = k_cache[seen], v_cache[seen]
 
         groups = heads // kv_heads
         q = q.reshape(batch, length, kv_heads, groups, head_dim)

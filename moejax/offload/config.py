@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from moejax.errors import MoejaxError
+from moejax.errors import ParameterError
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 CACHE_POLICIES = ("lru", "lfu", "fifo", "lifo", "activation")
@@ -23,8 +23,8 @@ class OffloadConfig:
         across modes, budgets, policies and prefetchers.
     expert_budget: GPU memory for the cache ('cached' only; default 0.25): a fraction of all expert bytes
         (a number <= 1) or a size with a unit ('12GiB', '500MB').
-    cache_policy: 'lru', 'lfu', 'fifo', 'lifo' or 'activation' (evicts the expert whose next use is
-        expected farthest away, from activation frequency and layer position).
+    cache_policy: 'lru' (None: the default), 'lfu', 'fifo', 'lifo' or 'activation' (evicts the expert whose
+        next use is expected farthest away, from activation frequency and layer position).
     prefetch: 'none', 'lookahead' (the next MoE layer's router applied one layer early; its guessed experts
         are fetched right away), 'trace' (the host matches the running sequences' activations against a
         trace collection and the next step fetches the likeliest experts when it begins) or
@@ -39,7 +39,7 @@ class OffloadConfig:
 
     mode: str = "resident"
     expert_budget: str | float | None = None
-    cache_policy: str = "lru"
+    cache_policy: str | None = None
     prefetch: str = "none"
     prefetch_per_layer: int | None = None
     prefetch_per_step: int | None = None
@@ -48,25 +48,45 @@ class OffloadConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise MoejaxError(f"offload '{self.mode}' is not one of {', '.join(MODES)}")
-        if self.cache_policy not in CACHE_POLICIES:
-            raise MoejaxError(f"cache_policy '{self.cache_policy}' is not one of {', '.join(CACHE_POLICIES)}")
+            raise ParameterError.not_one_of("offload", self.mode, MODES)
         if self.prefetch not in PREFETCHERS:
-            raise MoejaxError(f"prefetch '{self.prefetch}' is not one of {', '.join(PREFETCHERS)}")
-        cached_only = {"expert_budget": self.expert_budget is not None, "cache_policy": self.cache_policy != "lru",
-                       "prefetch": self.prefetch != "none"}
-        for name, given in cached_only.items():
-            if given and self.mode != "cached":
-                raise MoejaxError(f"{name} applies to offload='cached', not '{self.mode}'")
-        for name in ("prefetch_per_layer", "prefetch_per_step"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise MoejaxError(f"{name} must be >= 0 (got {value})")
+            raise ParameterError.not_one_of("prefetch", self.prefetch, PREFETCHERS)
+        if self.cache_policy is not None and self.cache_policy not in CACHE_POLICIES:
+            hint = " (belady needs the future: it runs in the policy lab only)" if self.cache_policy == "belady" else ""
+            raise ParameterError.not_one_of("cache_policy", self.cache_policy, CACHE_POLICIES, hint)
+        for parameter, value in (("expert_budget", self.expert_budget), ("cache_policy", self.cache_policy)):
+            if value is not None and self.mode != "cached":
+                raise ParameterError("{" + parameter + "} applies to {offload} cached, not {mode!r}", mode=self.mode)
+        if self.prefetch != "none" and self.mode != "cached":
+            raise ParameterError("{prefetch} {name!r} fills the expert cache: it needs {offload} cached (not {mode!r})",
+                                 name=self.prefetch, mode=self.mode)
+        for parameter, value, reader in (("prefetch_per_layer", self.prefetch_per_layer, "lookahead"),
+                                         ("prefetch_per_step", self.prefetch_per_step, "trace")):
+            if value is None:
+                continue
+            if reader not in self.prefetch:
+                raise ParameterError("{" + parameter + "} applies to {prefetch} " + reader + " or trace+lookahead, not {name!r}",
+                                     name=self.prefetch)
+            if value < 0:
+                raise ParameterError("{" + parameter + "} must be >= 0 (got {value})", value=value)
         if self.prefetch_floor is not None:
             if not self.prefetch.startswith("trace"):
-                raise MoejaxError(f"prefetch_floor applies to prefetch='trace' or 'trace+lookahead', not '{self.prefetch}'")
+                raise ParameterError("{prefetch_floor} applies to {prefetch} trace or trace+lookahead, not {name!r}",
+                                     name=self.prefetch)
             if not 0 <= self.prefetch_floor <= 1:
-                raise MoejaxError(f"prefetch_floor must be a probability in [0, 1] (got {self.prefetch_floor})")
+                raise ParameterError("{prefetch_floor} must be a probability in [0, 1], got {floor}", floor=self.prefetch_floor)
+        if self.traces is not None and not self.reads_traces:
+            raise ParameterError("{traces} feeds {prefetch} trace / trace+lookahead and {cache_policy} activation: "
+                                 "give one of them, or leave {traces} out")
+
+    @property
+    def policy(self) -> str:
+        return self.cache_policy or "lru"
+
+    @property
+    def reads_traces(self) -> bool:
+        """Whether the trace prefetcher or the activation policy runs (what an EAM collection feeds)."""
+        return self.prefetch.startswith("trace") or self.cache_policy == "activation"
 
     @property
     def budget(self) -> str | float:

@@ -16,8 +16,9 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 from moejax.offload import device_cache as dc
-from moejax.runtime.prefetch import DEFAULT_FLOORS, make_prefetcher
-from moejax.runtime.trace import EAMCollection, ExpertUsage
+from moejax.routing.prefetchers import DEFAULT_FLOORS, make_prefetcher
+from moejax.routing.eams import EAMCollection
+from moejax.routing.usage import ExpertUsage
 
 # The policies a user picks, and the device policy each runs as ("activation" is the priority policy with
 # the activation-aware scores; "belady" too, with scores from the known future: lab and benchmarks only).
@@ -125,7 +126,7 @@ class OffloadManager:
         """A finished sequence's routing [L, T, k] joins the collection."""
         if self.collection is None or experts.shape[1] == 0:
             return
-        from moejax.runtime.trace import eam_counts
+        from moejax.routing.eams import eam_counts
 
         self.collection.add(eam_counts(experts, self.num_experts), task, experts=experts)
         if self.prefetcher is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moejax.errors import plural
 from moejax.offload.device_cache import COUNTERS
 
 
@@ -44,15 +45,20 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
 
 def summary_line(stats: dict, new_tokens: int) -> str:
     """E.g. 'cached lru, 12 slots, prefetch none: hit rate 63.2% (...), 1.23 GB host->GPU (45.6 MB/token)'."""
-    total = stats["total"]
+    total = stats.get("total")
+    if total is None or stats.get("mode") == "resident":
+        return "resident: all experts on the device, no transfers"
     head = stats["mode"]
     if stats["mode"] == "cached":
-        head += f" {stats['policy']}, {stats['capacity_experts']} slots, prefetch {stats['prefetch']}"
-    if stats["mode"] == "resident":
-        return f"resident: all experts on the device, no transfers (hit rate {total['hit_rate'] * 100:.0f}%)"
+        slots = plural(stats["capacity_experts"], "slot")
+        if stats["capacity_experts"] >= stats["host_experts"]:
+            slots += " (all experts)"
+        head += f" {stats['policy']}, {slots}, prefetch {stats.get('prefetch', 'none')}"
     per_token = total["bytes_h2d"] / max(new_tokens, 1)
     line = (f"{head}: hit rate {total['hit_rate'] * 100:.1f}% ({total['hits']}/{total['activations']}), "
             f"{total['bytes_h2d'] / 1e9:.3f} GB host->GPU ({per_token / 1e6:.2f} MB/token)")
+    if "stall_s" in total:  # the host-routed engine of encoder-decoder models
+        line += f", stall {total['stall_s']:.3f} s"
     if total["prefetch_issued"]:
         line += (f", prefetch {total['prefetch_issued']} issued / {total['prefetch_used']} used "
                  f"(precision {total['prefetch_precision'] * 100:.0f}%, recall {total['prefetch_recall'] * 100:.0f}%)")

@@ -42,7 +42,7 @@ from moejax.runtime.policies import LRU, CachePolicy
 from moejax.runtime.recorder import RoutingRecorder, expert_token_counts
 from moejax.runtime.stats import cache_stats
 from moejax.runtime.store import HostExpertStore
-from moejax.runtime.trace import eam_counts
+from moejax.routing.eams import eam_counts
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 

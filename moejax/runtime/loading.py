@@ -14,7 +14,7 @@ from moejax.errors import MoejaxError, ParameterError
 from moejax.models.decoder import kv_cache_bytes
 from moejax.models.encdec import kv_cache_shape as encdec_kv_cache_shape
 from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
-from moejax.runtime.compilation import use_compilation_cache
+from moejax.engine.compilation import use_compilation_cache
 from moejax.runtime.engine import Engine
 from moejax.runtime.encdec_executors import EXECUTORS as ENCDEC_EXECUTORS
 from moejax.runtime.encdec_executors import HostRoutedExecutor as EncDecHostRoutedExecutor
@@ -22,10 +22,10 @@ from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
 from moejax.runtime.expert_runner import MODES, ExpertRunner
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.policies import ONLINE_POLICIES, CachePolicy, make_policy
-from moejax.runtime.prefetch import PREFETCHERS, Prefetcher, make_prefetcher
+from moejax.routing.prefetchers import PREFETCHERS, Prefetcher, make_prefetcher
 from moejax.runtime.seq2seq import Seq2SeqEngine
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
-from moejax.runtime.trace import EAMCollection
+from moejax.routing.eams import EAMCollection
 from moejax.tokenizer import load_tokenizer
 
 EXECUTORS = ("host-routed", "device-routed", "whole-model")

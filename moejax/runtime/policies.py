@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence, Set
 import numpy as np
 
 from moejax.errors import MoejaxError
-from moejax.runtime.trace import ExpertUsage
+from moejax.routing.usage import ExpertUsage
 
 ExpertKey = tuple[int, int]
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-EAMS_FILE = "eams.npz"  # what `moejax trace --out DIR` writes: the activation-matrix collection
-ROUTING_FILE = "routing.npz"  # and the per-token routing trace
-NO_PREDICTION = -1  # in `lookahead`: nothing was predicted there (the first MoE layer of a stack)
+from moejax.routing.traces import NO_PREDICTION
+
 
 
 class RoutingRecorder:

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-from moejax.errors import ParameterError
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """greedy=True ignores the rest. top_k=0 and top_p=1.0 disable those filters."""
-
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ParameterError("{temperature} must be a finite number > 0 (got {value}); for argmax decoding use "
-                                 "{greedy} instead of 0", value=self.temperature)
-        if self.top_k < 0:
-            raise ParameterError("{top_k} must be >= 0 (got {value})", value=self.top_k)
-        if not 0 < self.top_p <= 1:
-            raise ParameterError("{top_p} must be in (0, 1] (got {value})", value=self.top_p)
+from moejax.engine.slots import SamplingParams
 
 
 def filter_logits(logits, top_k: int, top_p: float):

@@ -18,7 +18,7 @@ from moejax.errors import MoejaxError, ParameterError
 from moejax.models.capacity import capacity_for
 from moejax.models.encdec import RouteInputs
 from moejax.runtime.buckets import batch_bucket, cache_bucket, prompt_bucket
-from moejax.runtime.compilation import compile_seconds, run_clock
+from moejax.engine.compilation import compile_seconds, run_clock
 from moejax.runtime.encdec_executors import EncDecExecutor, EncoderState
 from moejax.runtime.engine import (
     Engine,
@@ -41,6 +41,12 @@ class Seq2SeqEngine(Engine):
 
     cfg: EncDecConfig
     executor: EncDecExecutor
+
+    @property
+    def collection(self):
+        """The EAM collection the trace prefetcher and the activation policy read (None without them)."""
+        runner = self.executor.runner
+        return runner.collection if runner is not None else None
 
     # -- inputs -------------------------------------------------------------------------
     def forced_token(self, target_lang: str | None = None, forced_bos_id: int | None = None) -> int | None:
