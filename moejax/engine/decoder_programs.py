@@ -171,8 +171,13 @@ def _install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
     return dataclasses.replace(experts, cache=cache, slab=slab, staged_keys=None)
 
 
-def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, kv_caches, tokens, positions, slot_ids, valid):
+def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, kv_caches, tokens, positions, slot_ids, valid,
+            forced_ids=None):
     """All layers on tokens [R, T] of slots slot_ids [R] at positions [R, T] (valid [R, T]: real tokens).
+
+    forced_ids: None, or int32 [MoE layers, R * T, k]: the experts every MoE layer uses instead of its router's
+    choice (weighted by the router's probabilities of them, renormalised): replays known routing through the
+    real engine (benchmarks).
 
     params: {'globals', 'segments': stacked layer parameters per segment, 'next_router': per MoE segment,
     the next MoE layer's post_norm and router for each of its layers (the last MoE layer: its own, unused)};
@@ -204,6 +209,11 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
             p, following, i = xs
             h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
             moe_in, weights, ids = layer.apply({"params": p}, h, method=DecoderLayer.route)
+            if forced_ids is not None:
+                ids = forced_ids[segment.first_moe + i]
+                _, logits = layer.apply({"params": p}, h, method=DecoderLayer.router_logits)
+                weights = jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32)), ids, axis=-1)
+                weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
             guess = None
             if spec.computes_guesses:
                 _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
@@ -236,11 +246,12 @@ DONATED = ("cache", "slab", "kv_caches", "state")
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "attend_len"), donate_argnames=DONATED)
-def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, state: SlotState, slot_ids, active, *,
-                spec: ProgramSpec, attend_len: int):
+def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, state: SlotState, slot_ids, active,
+                forced_ids=None, *, spec: ProgramSpec, attend_len: int):
     """One token for each row: slot_ids int32 [R] (the scratch slot for padding rows), active bool [R].
 
-    cache, slab, host, staged_keys, priorities: the fields of `ExpertInputs`. -> (tokens int32 [R], routing,
+    cache, slab, host, staged_keys, priorities: the fields of `ExpertInputs`; forced_ids: see `forward`.
+    -> (tokens int32 [R], routing,
     guesses, resident bool [L * E] after the step, cache, slab, kv_caches, state). Each active slot's last
     token is fed at its length; its new token and length are written back.
     """
@@ -248,7 +259,7 @@ def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, s
     tokens = state.last_token[slot_ids][:, None]
     positions = state.length[slot_ids][:, None]
     x, experts, kv_caches, routing, guesses = forward(spec, attend_len, params, experts, kv_caches, tokens, positions,
-                                                      slot_ids, active[:, None])
+                                                      slot_ids, active[:, None], forced_ids)
     new = _sample(state, slot_ids, _logits(spec.cfg, params, x[:, 0]))
     state = state.replace(
         last_token=state.last_token.at[slot_ids].set(jnp.where(active, new, state.last_token[slot_ids])),
@@ -259,7 +270,7 @@ def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, s
 
 @functools.partial(jax.jit, static_argnames=("spec", "attend_len", "want_logits"), donate_argnames=DONATED)
 def prefill_chunk(params, cache, slab, host, staged_keys, priorities, kv_caches, state: SlotState, slot, tokens, start,
-                  count, final, *, spec: ProgramSpec, attend_len: int, want_logits: bool = False):
+                  count, final, forced_ids=None, *, spec: ProgramSpec, attend_len: int, want_logits: bool = False):
     """Prompt tokens [T] (the first `count` real) of slot `slot` at positions start.. .
 
     -> (token int32: sampled from the last real token's logits, routing, guesses, resident, cache, slab,
@@ -273,7 +284,7 @@ def prefill_chunk(params, cache, slab, host, staged_keys, priorities, kv_caches,
     valid = (jnp.arange(T) < count)[None]
     slot_ids = slot[None]
     x, experts, kv_caches, routing, guesses = forward(spec, attend_len, params, experts, kv_caches, tokens[None],
-                                                      positions, slot_ids, valid)
+                                                      positions, slot_ids, valid, forced_ids)
     last = lax.dynamic_index_in_dim(x[0], count - 1, keepdims=True)
     token = _sample(state, slot_ids, _logits(spec.cfg, params, last))[0]
     state = state.replace(last_token=state.last_token.at[slot].set(token), length=state.length.at[slot].set(start + count),

@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import functools
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -88,6 +88,9 @@ class Engine:
         self._finished: list[tuple[np.ndarray, np.ndarray | None]] = []  # routing of released sequences, in order
         self._compiled: dict = {}
         self.host_wait_s = 0.0
+        # Benchmarks replay known routing through the engine: override(slots [rows] (-1: padding), positions
+        # int [rows, T]) -> the experts int32 [MoE layers, rows * T, k] each MoE layer uses instead of its router's.
+        self.routing_override: Callable[[list[int], np.ndarray], np.ndarray] | None = None
 
     # -- inputs ------------------------------------------------------------------------------------
     def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
@@ -122,7 +125,9 @@ class Engine:
     def _program(self, kind: str, static: dict, args: tuple):
         """The compiled program for (kind, static arguments), compiled on first use (ahead of time: a call of
         a compiled program checks less than a jitted function's)."""
-        key = (kind, tuple(sorted(static.items())), tuple(a is None for a in args))  # optional inputs change the program
+        # Optional inputs and the rows or tokens of a step change the program.
+        key = (kind, tuple(sorted(static.items())), tuple(a is None for a in args),
+               tuple(np.shape(a) for a in args if isinstance(a, np.ndarray)))
         compiled = self._compiled.get(key)
         if compiled is None:
             function = programs.decode_step if kind == "decode" else programs.prefill_chunk
@@ -134,6 +139,12 @@ class Engine:
 
     def _inputs(self):
         return self.manager.next_inputs() if self.manager is not None else _NO_INPUTS
+
+    def _forced(self, slots: list[int], positions: np.ndarray):
+        """The routing_override's experts for a step (on the device), or None."""
+        if self.routing_override is None:
+            return None
+        return jax.device_put(np.asarray(self.routing_override(slots, positions), np.int32), self.device)
 
     def _attend_len(self, longest: int) -> int:
         return min(next_power_of_two(longest, 64), self.max_seq_len)
@@ -165,8 +176,9 @@ class Engine:
             tokens[: len(chunk)] = chunk
             final = start + len(chunk) == len(ids)
             inputs = self._inputs()
+            forced = self._forced([slot], start + np.arange(size)[None])
             args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
-                    jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final))
+                    jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
             static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=False)
             token, ids_used, guesses, resident, self.cache, self.slab, self.kv, self.state, _ = \
                 self._program("prefill", static, args)(*args)
@@ -225,7 +237,9 @@ class Engine:
         active = np.arange(rows) < len(chosen)
         longest = max(self._sequences[s].length for s in chosen) + 1
         inputs = self._inputs()
-        args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active)
+        forced = self._forced([int(s) if a else -1 for s, a in zip(slot_ids, active)],
+                              np.array([[self._sequences[s].length] if a else [0] for s, a in zip(slot_ids, active)]))
+        args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active, forced)
         static = dict(spec=self.spec, attend_len=self._attend_len(longest))
         tokens, routing, guesses, resident, self.cache, self.slab, self.kv, self.state = \
             self._program("decode", static, args)(*args)
@@ -401,7 +415,7 @@ class Engine:
                 tokens[: len(chunk)] = chunk
                 inputs = self._inputs()
                 args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
-                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True))
+                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True), None)
                 static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=True)
                 _, _, _, _, self.cache, self.slab, self.kv, self.state, logits = self._program("prefill", static, args)(*args)
                 rows.append(np.asarray(logits)[: len(chunk)])

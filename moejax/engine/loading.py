@@ -70,7 +70,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         options = {k: getattr(config, k) for k in ("expert_budget", "cache_policy", "prefetch", "prefetch_per_layer",
                                                      "prefetch_floor", "traces")}
         return load_encdec(path, offload=config.mode, device=device, show_progress=show_progress, routing=routing,
-                           **options)
+                           max_batch=slots, max_seq_len=max_seq_len, **options)
     if routing not in (None, "dropless"):
         raise ParameterError("{routing} {routing_value!r}: {family} routing is always dropless (capacity is for "
                              "encoder-decoder models)", routing_value=routing, family=cfg.family)
