@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
@@ -74,44 +74,55 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     if routing not in (None, "dropless"):
         raise ParameterError("{routing} {routing_value!r}: {family} routing is always dropless (capacity is for "
                              "encoder-decoder models)", routing_value=routing, family=cfg.family)
+    num_moe = len(cfg.moe_layer_ids)
+    prepare_backend(num_moe * cfg.num_experts * cfg.expert_bytes if config.mode != "resident" else None)
+    globals_ = checkpoint.load_globals(path)
+    layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
+    return build_engine(cfg, globals_, layers, _expert_stacks(path, cfg, show_progress), config, slots=slots,
+                        max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, device=device,
+                        tokenizer=load_tokenizer(path), path=path)
+
+
+def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
+                 config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, prefill_chunk: int = 512,
+                 device=None, tokenizer=None, path: Path | None = None) -> Engine:
+    """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
+    and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
+    made on the device)."""
     for name, value, least in (("slots", slots, 1), ("max_seq_len", max_seq_len, 2), ("prefill_chunk", prefill_chunk, 1)):
         if value < least:
             raise ParameterError("{" + name + "} must be >= {least} (got {value})", least=least, value=value)
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
-    prepare_backend(num_moe * E * cfg.expert_bytes if config.mode != "resident" else None)
     collection = trace_collection(cfg, config.traces)
     device = device or jax.devices()[0]
-    params = jax.device_put(stacked_params(cfg, checkpoint.load_globals(path),
-                                           [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]),
-                            jax.sharding.SingleDeviceSharding(device))
-    expert_bytes = cfg.expert_bytes
-    stacks = _expert_stacks(path, cfg, show_progress)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    params = jax.device_put(stacked_params(cfg, globals_, layers), on_device)
     manager, host, info = None, (), {}
     if config.mode == "resident":
         slab = empty_slab(_shapes(cfg), num_moe * E, device)
-        for m, stack in enumerate(stacks):
-            slab = _write_layer(slab, jax.device_put(stack, jax.sharding.SingleDeviceSharding(device)), m * E)
+        for m, stack in enumerate(expert_stacks):
+            slab = _write_layer(slab, jax.device_put(stack, on_device), m * E)
         cache = dc.empty_state(num_moe, E, 1)
     else:
         sharding = host_sharding(device)
-        host = tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(stacks))
+        host = tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(expert_stacks))
         info["host_experts"] = num_moe * E
         cache, slab = dc.empty_state(num_moe, E, 1), {}
         if config.mode == "cached":
             capacity = _capacity(cfg, config, device, slots, max_seq_len, prefill_chunk)
             cache, slab = dc.empty_state(num_moe, E, capacity), empty_slab(_shapes(cfg), capacity, device)
+            staged = 2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step
             manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.policy, prefetch=config.prefetch,
-                                     staged_per_step=2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step,
-                                     prefetch_floor=config.prefetch_floor, collection=collection, device=device)
+                                     staged_per_step=staged, prefetch_floor=config.prefetch_floor, collection=collection,
+                                     device=device)
     lookahead = 0
     if manager is not None and manager.lookahead:
         lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
     spec = programs.ProgramSpec(cfg, config.mode, manager.device_policy if manager is not None else "lru", lookahead)
-    cache = jax.device_put(cache, jax.sharding.SingleDeviceSharding(device))
-    return Engine(cfg, params, manager, spec, cache=cache, slab=slab, host=host, slots=slots, max_seq_len=max_seq_len,
-                  device=device, tokenizer=load_tokenizer(path), path=path, prefill_chunk=prefill_chunk,
-                  expert_bytes=expert_bytes, stats_info=info)
+    return Engine(cfg, params, manager, spec, cache=jax.device_put(cache, on_device), slab=slab, host=host, slots=slots,
+                  max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
+                  expert_bytes=cfg.expert_bytes, stats_info=info)
 
 
 def stacked_params(cfg: ModelConfig, globals_: dict, layers: list[dict]) -> dict:
