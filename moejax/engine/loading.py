@@ -85,10 +85,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
 
 def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
                  config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, prefill_chunk: int = 512,
-                 device=None, tokenizer=None, path: Path | None = None) -> Engine:
+                 device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
-    made on the device)."""
+    made on the device). unroll_layers: see `ProgramSpec` (default: on GPUs, not on the CPU)."""
     for name, value, least in (("slots", slots, 1), ("max_seq_len", max_seq_len, 2), ("prefill_chunk", prefill_chunk, 1)):
         if value < least:
             raise ParameterError("{" + name + "} must be >= {least} (got {value})", least=least, value=value)
@@ -119,7 +119,10 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     lookahead = 0
     if manager is not None and manager.lookahead:
         lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
-    spec = programs.ProgramSpec(cfg, config.mode, manager.device_policy if manager is not None else "lru", lookahead)
+    if unroll_layers is None:
+        unroll_layers = device.platform != "cpu"
+    spec = programs.ProgramSpec(cfg, config.mode, manager.device_policy if manager is not None else "lru", lookahead,
+                                unroll_layers=unroll_layers)
     return Engine(cfg, params, manager, spec, cache=jax.device_put(cache, on_device), slab=slab, host=host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
                   expert_bytes=cfg.expert_bytes, stats_info=info)

@@ -1,0 +1,71 @@
+"""A quick look at the step engine on a random-weight model: compile seconds, TTFT and TPOT per configuration.
+
+Builds the model of a card (random bf16 weights made on the device, layer by layer) once per offload
+configuration and generates greedily from a random prompt; prints one JSON line per configuration. For
+checking a change on the GPU before the full benchmarks (scripts/gpu_session.sh).
+
+  PYTHONPATH=. python scripts/probe_engine.py --card deepseek-v2-lite-shape --configs resident,cached:0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from moejax.engine.loading import prepare_backend
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--card", default="deepseek-v2-lite-shape")
+    parser.add_argument("--layers", type=int, help="fewer layers of the card's pattern")
+    parser.add_argument("--configs", default="resident,cached:0.25", help="mode[:budget[:policy[:prefetch]]],...")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scan-layers", action="store_true", help="a loop over layers instead of unrolled layers")
+    args = parser.parse_args()
+    prepare_backend()  # before JAX starts its backend
+
+    import jax
+    import numpy as np
+
+    from moejax.cards import load_card
+    from moejax.engine.loading import build_engine
+    from moejax.models.decoder import init_params
+    from moejax.offload.config import OffloadConfig
+
+    cfg = load_card(args.card, num_layers=args.layers)
+    globals_, layers, experts = init_params(cfg, jax.random.PRNGKey(0))
+    stacks = [e for e in experts if e is not None]
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    print(json.dumps({"devices": str(jax.devices()), "card": args.card, "layers": cfg.num_layers}), flush=True)
+    for spec in args.configs.split(","):
+        mode, *rest = spec.split(":")
+        options = {}
+        if rest:
+            options["expert_budget"] = rest[0]
+        if len(rest) > 1:
+            options["cache_policy"] = rest[1]
+        if len(rest) > 2:
+            options["prefetch"] = rest[2]
+        start = time.perf_counter()
+        engine = build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig(mode, **options), slots=1,
+                              max_seq_len=args.prompt_len + args.new_tokens + 16, unroll_layers=not args.scan_layers)
+        built = time.perf_counter() - start
+        runs = [engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True) for _ in range(args.repeats + 1)]
+        last = runs[-1]
+        total = last.stats["total"]
+        print(json.dumps({
+            "config": spec, "build_s": round(built, 1), "compile_s": round(runs[0].timing.compile_s, 1),
+            "ttft_ms": round(last.timing.ttft_s * 1e3, 2), "tpot_ms": round(last.timing.tpot_s * 1e3, 3),
+            "tokens_per_s": round(last.timing.tokens_per_s, 1), "hit_rate": round(total["hit_rate"], 3),
+            "GB_per_token": round(total["bytes_h2d"] / 1e9 / max(1, sum(map(len, last.tokens))), 3),
+            "host_wait_s": round(last.stats["host_wait_s"], 3), "same_tokens": runs[1].tokens == last.tokens,
+        }), flush=True)
+        del engine
+
+
+if __name__ == "__main__":
+    main()
