@@ -98,54 +98,72 @@ def _count(counters, layer, column, amount):
     return counters.at[layer, column].add(amount.astype(jnp.int32))
 
 
-def victim(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
-    """The slot to fill next: an empty one if any (lowest index), else the policy's choice among unpinned
-    slots. pinned: bool [S]. Callers make sure some slot is unpinned."""
+def victim_order(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
+    """Every slot, in the order admissions take them: empty slots first (lowest index first), then the
+    policy's victims among unpinned slots (ties: lowest index), pinned slots last. pinned: bool [S]."""
     key = jnp.maximum(state.slot_key, 0)
+    secondary = jnp.zeros_like(state.slot_key)
     if policy == "priority":
         ahead = priorities.ahead.reshape(-1)[key]
         behind = priorities.behind.reshape(-1)[key]
         primary = -jnp.where(key // num_experts > layer, ahead, behind)
-        secondary = None
     elif policy == "lru":
-        primary, secondary = state.last_use, None
+        primary = state.last_use
     elif policy == "lfu":
         primary, secondary = state.uses, state.last_use
     elif policy == "fifo":
-        primary, secondary = state.inserted, None
+        primary = state.inserted
     elif policy == "lifo":
-        primary, secondary = -state.inserted, None
+        primary = -state.inserted
     else:
         raise ValueError(f"unknown device cache policy {policy!r}")
-    lowest = jnp.finfo(primary.dtype).min if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo(primary.dtype).min
-    highest = jnp.finfo(primary.dtype).max if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo(primary.dtype).max
-    primary = jnp.where(state.slot_key < 0, lowest, primary)
-    primary = jnp.where(pinned, highest, primary)
-    if secondary is None:
-        return jnp.argmin(primary).astype(jnp.int32)
-    tied = primary == jnp.min(primary)
-    return jnp.argmin(jnp.where(tied, secondary, jnp.iinfo(secondary.dtype).max)).astype(jnp.int32)
+    info = jnp.finfo if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo
+    primary = jnp.where(state.slot_key < 0, info(primary.dtype).min, primary)
+    primary = jnp.where(pinned, info(primary.dtype).max, primary)
+    index = jnp.arange(state.num_slots, dtype=jnp.int32)
+    return lax.sort((primary, secondary, index), num_keys=3)[2]
 
 
-def _admit(state: CacheState, pinned, key, tick, prefetch: bool, policy: str, priorities, layer, num_experts: int,
-           staged: bool = False):
-    """Puts `key` into the victim's slot: -> (state, pinned, slot)."""
-    slot = victim(state, pinned, policy, priorities, layer, num_experts)
-    old = state.slot_key[slot]
+def _admit(state: CacheState, pinned, keys, take, ticks, prefetch: bool, policy: str, priorities, layer,
+           num_experts: int, staged: bool = False):
+    """Admits keys[j] for every j where take[j], in order of j, each into the next slot of `victim_order`
+    (what admitting them one at a time would do: an admitted slot is pinned, and no other slot's rank
+    changes). keys, ticks int32 [U], take bool [U]. -> (state, pinned, slots int32 [U]: each key's new slot,
+    S where not taken)."""
+    S, LE = state.num_slots, state.table.shape[0]
+    order = victim_order(state, pinned, policy, priorities, layer, num_experts)
+    rank = jnp.cumsum(take.astype(jnp.int32)) - 1
+    slots = jnp.where(take, order[jnp.clip(rank, 0, S - 1)], S)
+    held = jnp.minimum(slots, S - 1)
+    old = jnp.where(take, state.slot_key[held], -1)
     evicting = old >= 0
     old_layer = jnp.maximum(old, 0) // num_experts
-    counters = _count(state.counters, old_layer, EVICTIONS, evicting)
-    counters = _count(counters, old_layer, PREFETCH_WASTED, evicting & state.prefetched[slot])
+    counters = state.counters.at[old_layer, EVICTIONS].add(evicting.astype(jnp.int32))
+    counters = counters.at[old_layer, PREFETCH_WASTED].add((evicting & state.prefetched[held]).astype(jnp.int32))
+    key_layer = jnp.maximum(keys, 0) // num_experts
     if prefetch:
-        counters = _count(counters, key // num_experts, PREFETCH_ISSUED, jnp.bool_(True))
+        counters = counters.at[key_layer, PREFETCH_ISSUED].add(take.astype(jnp.int32))
     if staged:
-        counters = _count(counters, key // num_experts, PREFETCH_STAGED, jnp.bool_(True))
-    table = state.table.at[jnp.where(evicting, old, state.table.shape[0])].set(-1, mode="drop").at[key].set(slot)
+        counters = counters.at[key_layer, PREFETCH_STAGED].add(take.astype(jnp.int32))
+    table = state.table.at[jnp.where(evicting, old, LE)].set(-1, mode="drop")
+    table = table.at[jnp.where(take, keys, LE)].set(slots, mode="drop")
     state = state.replace(
-        table=table, slot_key=state.slot_key.at[slot].set(key), last_use=state.last_use.at[slot].set(tick),
-        uses=state.uses.at[slot].set(0 if prefetch else 1), inserted=state.inserted.at[slot].set(state.inserts),
-        prefetched=state.prefetched.at[slot].set(prefetch), inserts=state.inserts + 1, counters=counters)
-    return state, pinned.at[slot].set(True), slot
+        table=table, slot_key=state.slot_key.at[slots].set(keys, mode="drop"),
+        last_use=state.last_use.at[slots].set(ticks, mode="drop"),
+        uses=state.uses.at[slots].set(0 if prefetch else 1, mode="drop"),
+        inserted=state.inserted.at[slots].set(state.inserts + rank, mode="drop"),
+        prefetched=state.prefetched.at[slots].set(prefetch, mode="drop"),
+        inserts=state.inserts + take.sum(), counters=counters)
+    return state, pinned.at[slots].set(True, mode="drop"), slots
+
+
+def _moves(take, move: Callable | None, slab):
+    """slab after move(slab, j) for every j where take[j], in order (a loop that runs once per taken entry,
+    so a step that admits nothing moves nothing)."""
+    if move is None:
+        return slab
+    order = jnp.argsort(~take, stable=True)
+    return lax.fori_loop(0, take.sum(), lambda i, slab: move(slab, order[i]), slab)
 
 
 Move = Callable[[object, jax.Array, jax.Array], object]  # (slab, expert, slot) -> slab with expert in slot
@@ -176,17 +194,9 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
         last_use=state.last_use.at[hit_slots].set(ticks, mode="drop"), uses=state.uses.at[hit_slots].add(1, mode="drop"),
         prefetched=state.prefetched.at[hit_slots].set(False, mode="drop"), counters=counters)
     pinned = (jnp.zeros(S, bool) if pinned is None else pinned).at[hit_slots].set(True, mode="drop")
-    order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
-
-    def admit_miss(i, carry):
-        state, pinned, slots, slab = carry
-        j = order[i]
-        state, pinned, slot = _admit(state, pinned, keys[j], ticks[j], False, policy, priorities, layer, E)
-        if move is not None:
-            slab = move(slab, experts[j], slot)
-        return state, pinned, slots.at[j].set(slot), slab
-
-    state, pinned, slots, slab = lax.fori_loop(0, miss.sum(), admit_miss, (state, pinned, slots, slab))
+    state, pinned, admitted = _admit(state, pinned, keys, miss, ticks, False, policy, priorities, layer, E)
+    slots = jnp.where(miss, admitted, slots)
+    slab = _moves(miss, None if move is None else lambda slab, j: move(slab, experts[j], slots[j]), slab)
     return state.replace(clock=state.clock + real.sum()), slab, slots, pinned
 
 
@@ -206,18 +216,10 @@ def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, pr
     count = jnp.minimum(needed.sum(), (~pinned).sum())
     if limit is not None:
         count = jnp.minimum(count, limit)
-    order = jnp.argsort(~needed, stable=True)
-
-    def admit_one(i, carry):
-        state, pinned, slab = carry
-        j = order[i]
-        state, pinned, slot = _admit(state, pinned, safe[j], state.clock, True, policy, priorities, layer, num_experts,
-                                     staged)
-        if move is not None:
-            slab = move(slab, j, slot)
-        return state, pinned, slab
-
-    state, pinned, slab = lax.fori_loop(0, count, admit_one, (state, pinned, slab))
+    take = needed & (jnp.cumsum(needed.astype(jnp.int32)) <= count)
+    ticks = jnp.full(P, state.clock, jnp.int32)
+    state, pinned, slots = _admit(state, pinned, safe, take, ticks, True, policy, priorities, layer, num_experts, staged)
+    slab = _moves(take, None if move is None else lambda slab, j: move(slab, j, slots[j]), slab)
     return state, slab, pinned
 
 
