@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from moejax.config import ModelConfig, read_config_json
-from moejax.encdec_config import EncDecConfig, is_encdec_json
+from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError
+from moejax.models.registry import kind_of_json
 from moejax.interrupts import uninterrupted
 from moejax.outputs import atomic_directory
 
@@ -90,7 +91,7 @@ def load_config(ckpt: Path) -> ModelConfig | EncDecConfig:
         raise MoejaxError(f"{ckpt}: a HuggingFace checkpoint (model_type {data['model_type']!r}), not a moejax one: "
                           f"convert it first with `moejax convert {ckpt} OUT_DIR`")
     try:
-        return EncDecConfig.from_json(data) if is_encdec_json(data) else ModelConfig.from_json(data)
+        return kind_of_json(data).from_json(data)
     except MoejaxError as err:
         raise MoejaxError(f"{ckpt / 'config.json'}: {str(err).removeprefix('config: ')}") from None
     except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong type

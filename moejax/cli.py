@@ -195,39 +195,17 @@ def cmd_export(args) -> int:
 
 def cmd_info(args) -> int:
     from moejax import checkpoint
-    from moejax.encdec_config import EncDecConfig
-    from moejax.models.decoder import parameter_counts
+    from moejax.models.registry import kind_of
 
     cfg = checkpoint.load_config(args.checkpoint)
-    if isinstance(cfg, EncDecConfig):
-        return _encdec_info(args.checkpoint, cfg, args.json)
-    counts = parameter_counts(cfg)
+    kind = kind_of(cfg)
+    counts = kind.parameter_counts(cfg)
     if args.json:
         print(json.dumps({"config": cfg.to_json(), "parameters": counts}))
         return 0
-    moe = sum(cfg.moe_layers)
-    print(f"{args.checkpoint}: {cfg.family}, {cfg.dtype}")
-    print(f"  layers {cfg.num_layers} ({moe} MoE), hidden {cfg.hidden_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}")
-    print(f"  experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.expert_intermediate_size}"
-          + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""))
-    print(f"  parameters: total {counts['total']:,}, dense {counts['dense']:,}, experts {counts['experts']:,}, active/token {counts['active_per_token']:,}")
-    print(f"  bytes: dense {_gib(counts['dense_bytes'])}, one expert {_mib(counts['one_expert_bytes'])}, all experts {_gib(counts['all_experts_bytes'])}")
-    return 0
-
-
-def _encdec_info(path: Path, cfg, as_json: bool) -> int:
-    from moejax.models.encdec import parameter_counts
-
-    counts = parameter_counts(cfg)
-    if as_json:
-        print(json.dumps({"config": cfg.to_json(), "parameters": counts}))
-        return 0
-    n_moe = lambda ids: sum(cfg.moe_layers[g] for g in ids)  # noqa: E731
-    print(f"{path}: {cfg.family} (encoder-decoder), {cfg.dtype}")
-    print(f"  encoder {cfg.num_encoder_layers} layers ({n_moe(cfg.encoder_layer_ids)} MoE), decoder {cfg.num_decoder_layers} "
-          f"({n_moe(cfg.decoder_layer_ids)} MoE), hidden {cfg.hidden_size}, heads {cfg.num_heads} (dim {cfg.head_dim}), vocab {cfg.vocab_size}")
-    print(f"  experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.encoder_ffn_size}/{cfg.decoder_ffn_size} "
-          f"(encoder/decoder), {cfg.routing} routing")
+    print(f"{args.checkpoint}: {cfg.family}" + (" (encoder-decoder)" if kind.encoder_decoder else "") + f", {cfg.dtype}")
+    for line in kind.describe(cfg):
+        print(f"  {line}")
     print(f"  parameters: total {counts['total']:,}, dense {counts['dense']:,}, experts {counts['experts']:,}, active/token {counts['active_per_token']:,}")
     print(f"  bytes: dense {_gib(counts['dense_bytes'])}, one expert {_mib(counts['one_expert_bytes'])}, all experts {_gib(counts['all_experts_bytes'])}")
     return 0
@@ -243,8 +221,8 @@ def _mib(n: int) -> str:
 
 def cmd_generate(args) -> int:
     from moejax import checkpoint
-    from moejax.encdec_config import EncDecConfig
     from moejax.engine.compilation import on_first_compile
+    from moejax.models.registry import kind_of
     from moejax.engine.results import GenerationConfig
     from moejax.engine.slots import SamplingParams
 
@@ -265,7 +243,7 @@ def cmd_generate(args) -> int:
         stop_token_ids=tuple(args.stop_ids),
         ignore_eos=args.ignore_eos,
     )
-    seq2seq = isinstance(checkpoint.load_config(args.checkpoint), EncDecConfig)
+    seq2seq = kind_of(checkpoint.load_config(args.checkpoint)).encoder_decoder
     if not seq2seq and (args.target_lang is not None or args.forced_bos_id is not None):
         raise MoejaxError("--target-lang and --forced-bos-id are for encoder-decoder models")
     prompts = args.prompt_ids or args.prompt

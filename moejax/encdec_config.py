@@ -173,7 +173,3 @@ class EncDecConfig:
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
-
-def is_encdec_json(data: dict[str, Any]) -> bool:
-    """Whether a moejax config.json describes an encoder-decoder model."""
-    return data.get("kind") == KIND

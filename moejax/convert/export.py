@@ -23,7 +23,7 @@ from moejax.config import ModelConfig
 from moejax.convert.families import family
 from moejax.convert.families.common import Target, common_hf_config
 from moejax.convert.safetensors_file import INDEX_FILE, SINGLE_FILE, tensor_bytes, write_tensors
-from moejax.encdec_config import EncDecConfig
+from moejax.models.registry import kind_of
 from moejax.errors import MoejaxError
 from moejax.outputs import atomic_directory, check_output
 from moejax.progress import Progress
@@ -78,7 +78,7 @@ def export(
     max_shard_bytes = parse_size(max_shard_size, "max_shard_size")
     check_output(hf_dir, [ckpt], overwrite, HF_CHECKPOINT_OUTPUT)
     cfg = checkpoint.load_config(ckpt)
-    if isinstance(cfg, EncDecConfig):
+    if kind_of(cfg).encoder_decoder:
         raise MoejaxError(f"{ckpt}: exporting encoder-decoder checkpoints ({cfg.family}) is not supported")
     targets = family(cfg.family).tensor_map(cfg)
     names_by_group: dict[tuple, list[str]] = defaultdict(list)

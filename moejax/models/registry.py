@@ -1,0 +1,76 @@
+"""The model kinds moejax runs, and the one place that tells them apart.
+
+A kind says how its moejax config.json is recognised and parsed, how to count its parameters, how
+`moejax info` describes it, whether the source is a prompt or a source sentence (encoder-decoder), and
+which engine serves it. Code that must treat kinds differently asks `kind_of(cfg)` (or
+`kind_of_json(data)`) instead of testing config classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from moejax.config import ModelConfig
+from moejax.encdec_config import KIND as ENCDEC, EncDecConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    name: str  # 'decoder' or 'encdec', as config.json's "kind" (absent: decoder)
+    config_class: type
+    encoder_decoder: bool  # the prompt is a source to translate/transform, not a prefix to continue
+    parameter_counts: Callable[[Any], dict]  # cfg -> counts and bytes (models.*.parameter_counts)
+    describe: Callable[[Any], list[str]]  # cfg -> the lines of `moejax info` after the first
+
+    def from_json(self, data: dict):
+        return self.config_class.from_json(data)
+
+
+def _decoder_counts(cfg: ModelConfig) -> dict:
+    from moejax.models.decoder import parameter_counts
+
+    return parameter_counts(cfg)
+
+
+def _encdec_counts(cfg: EncDecConfig) -> dict:
+    from moejax.models.encdec import parameter_counts
+
+    return parameter_counts(cfg)
+
+
+def _describe_decoder(cfg: ModelConfig) -> list[str]:
+    moe = sum(cfg.moe_layers)
+    return [
+        f"layers {cfg.num_layers} ({moe} MoE), hidden {cfg.hidden_size}, heads {cfg.num_heads} "
+        f"(kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}",
+        f"experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.expert_intermediate_size}"
+        + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""),
+    ]
+
+
+def _describe_encdec(cfg: EncDecConfig) -> list[str]:
+    n_moe = lambda ids: sum(cfg.moe_layers[g] for g in ids)  # noqa: E731
+    return [
+        f"encoder {cfg.num_encoder_layers} layers ({n_moe(cfg.encoder_layer_ids)} MoE), decoder {cfg.num_decoder_layers} "
+        f"({n_moe(cfg.decoder_layer_ids)} MoE), hidden {cfg.hidden_size}, heads {cfg.num_heads} (dim {cfg.head_dim}), "
+        f"vocab {cfg.vocab_size}",
+        f"experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.encoder_ffn_size}/{cfg.decoder_ffn_size} "
+        f"(encoder/decoder), {cfg.routing} routing",
+    ]
+
+
+DECODER = ModelKind("decoder", ModelConfig, False, _decoder_counts, _describe_decoder)
+ENCODER_DECODER = ModelKind(ENCDEC, EncDecConfig, True, _encdec_counts, _describe_encdec)
+KINDS = (DECODER, ENCODER_DECODER)
+
+
+def kind_of_json(data: dict) -> ModelKind:
+    """The kind a moejax config.json describes (its "kind" field; absent: decoder)."""
+    return ENCODER_DECODER if data.get("kind") == ENCDEC else DECODER
+
+
+def kind_of(cfg) -> ModelKind:
+    """The kind of a parsed config."""
+    return next(kind for kind in KINDS if isinstance(cfg, kind.config_class))
