@@ -30,6 +30,7 @@ FLAGS = {
     "routing": "--routing", "prefetch": "--prefetch",
     "prefetch_per_layer": "--prefetch-per-layer", "prefetch_per_step": "--prefetch-per-step",
     "prefetch_floor": "--prefetch-floor", "traces": "--traces", "max_seq_len": "--max-seq-len",
+    "prefill_chunk": "--prefill-chunk", "slots": "the number of prompts (--batch-size for trace)",
     "max_new_tokens": "--max-new-tokens", "greedy": "--greedy", "temperature": "--temperature", "top_k": "--top-k",
     "top_p": "--top-p", "stop_token_ids": "--stop-ids", "target_lang": "--target-lang",
     "forced_bos_id": "--forced-bos-id", "dtype": "--dtype", "max_prompt_tokens": "--max-prompt-tokens",
@@ -140,6 +141,8 @@ def add_lab_parser(sub) -> None:
 def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="positions of each sequence's KV cache: prompt + new tokens (default 2048, at most the model's)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="most prompt tokens one step prefills (default 512; a cache budget must hold their experts)")
     p.add_argument("--offload", default="resident", help="resident | cached | on-demand | dense-offload (default resident)")
     p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
     p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default) | lfu | fifo | "
@@ -166,6 +169,7 @@ def load_engine(args, slots: int = 1):
         routing=getattr(args, "routing", None),
         slots=slots,
         max_seq_len=args.max_seq_len,
+        prefill_chunk=args.prefill_chunk,
         prefetch=args.prefetch,
         prefetch_per_layer=args.prefetch_per_layer,
         prefetch_per_step=args.prefetch_per_step,

@@ -76,10 +76,7 @@ class Engine:
         self.slots, self.max_seq_len, self.device = slots, max_seq_len, device
         self.tokenizer, self.path = tokenizer, path
         self.expert_bytes, self.stats_info = expert_bytes, stats_info or {}
-        capacity = cache.num_slots if spec.mode == "cached" else None
-        self.max_rows = slots if capacity is None or capacity >= programs.distinct_size(cfg, slots) else max(1, capacity // cfg.top_k)
-        per_chunk = prefill_chunk if capacity is None or capacity >= cfg.num_experts else max(1, capacity // cfg.top_k)
-        self.prefill_chunk = max(1, per_chunk)
+        self.prefill_chunk = prefill_chunk
         self.kv = _new_kv(cfg, slots + 1, max_seq_len, device)
         self.state: SlotState = new_slot_state(slots, device)
         self._sequences: dict[int, _Sequence] = {}
@@ -230,7 +227,7 @@ class Engine:
     def _dispatch(self) -> None:
         ready = [s for s, q in self._sequences.items() if self._can_dispatch(q)]
         ready.sort(key=lambda s: (len(self._sequences[s].queue), s))
-        chosen = sorted(ready[: self.max_rows])
+        chosen = sorted(ready)
         rows = next_power_of_two(len(chosen))
         slot_ids = np.full(rows, self.slots, np.int32)  # padding rows use the scratch slot
         slot_ids[: len(chosen)] = chosen
@@ -358,7 +355,7 @@ class Engine:
                 del owner[slot]
 
         def admit() -> None:
-            while waiting and len(owner) < self.max_rows:
+            while waiting and len(owner) < self.slots:
                 b = waiting.popleft()
                 slot = min(set(range(self.slots)) - set(owner))
                 sampling = dataclasses.replace(config.sampling, seed=(config.seed * 65537 + b) % 2**32)

@@ -14,7 +14,7 @@ from moejax.config import ModelConfig
 from moejax.engine import decoder_programs as programs
 from moejax.engine.engine import Engine
 from moejax.engine.compilation import use_compilation_cache
-from moejax.errors import MoejaxError, ParameterError
+from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.models.decoder import kv_cache_bytes
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
@@ -163,13 +163,22 @@ def _expert_stacks(path: Path, cfg: ModelConfig, show_progress: bool) -> Iterato
 
 
 def _capacity(cfg: ModelConfig, config: OffloadConfig, device, slots: int, max_seq_len: int, prefill_chunk: int) -> int:
-    """Expert slots for the budget: at least one token's experts, at most every expert, within device memory
-    (next to the dense weights, the KV caches and a prefill's gathered experts)."""
+    """Expert slots for the budget: at least the experts one step can use at once (a prompt chunk's, or one
+    token of every slot's: usually one layer's worth), at most every expert, within device memory (next to
+    the dense weights, the KV caches and a step's gathered experts). Steps are the same at every budget, so
+    outputs are too."""
     total = len(cfg.moe_layer_ids) * cfg.num_experts
     budget = parse_budget(config.budget, total * cfg.expert_bytes)
-    workspace = programs.distinct_size(cfg, prefill_chunk) * cfg.expert_bytes
-    memory = device_memory(device, kv_cache_bytes(cfg, slots + 1, max_seq_len) + workspace)
-    return cache_capacity(budget, cfg.expert_bytes, cfg.top_k, total, memory)
+    step_experts = programs.distinct_size(cfg, max(prefill_chunk, slots))
+    if min(budget // cfg.expert_bytes, total) < step_experts:
+        raise ParameterError(
+            "{expert_budget} of {budget:,} bytes holds {holds}, but a step of this engine can need {need} at once "
+            "(a prompt chunk of {chunk} tokens, or one token of {rows} sequences; minimum budget {minimum:,} bytes): "
+            "give a larger budget, or a smaller {prefill_chunk} and {slots}", budget=budget,
+            holds=plural(budget // cfg.expert_bytes, "expert"), need=step_experts, chunk=prefill_chunk, rows=slots,
+            minimum=step_experts * cfg.expert_bytes)
+    memory = device_memory(device, kv_cache_bytes(cfg, slots + 1, max_seq_len) + step_experts * cfg.expert_bytes)
+    return cache_capacity(budget, cfg.expert_bytes, step_experts, total, memory)
 
 
 def trace_collection(cfg: ModelConfig, traces: str | Path | None) -> EAMCollection | None:

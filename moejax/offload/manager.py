@@ -105,7 +105,7 @@ class OffloadManager:
                                               floor=DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor)
         self.staged_per_step = staged_per_step if self.prefetcher is not None else 0
         self.device = device or jax.devices()[0]
-        self._pending: StepInputs = StepInputs()
+        self._pending = StepInputs(priorities=self._priorities())  # what a step before any sequence gets
 
     @property
     def device_policy(self) -> str:

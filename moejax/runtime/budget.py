@@ -92,7 +92,7 @@ def cache_capacity(budget_bytes: int, expert_bytes: int, min_experts: int, max_e
         )
     if capacity < min_experts:
         raise ParameterError(
-            "{expert_budget} of {budget:,} bytes holds {holds}; one layer needs at least {min_experts} at once "
+            "{expert_budget} of {budget:,} bytes holds {holds}; a step can need {min_experts} at once "
             "(minimum budget {minimum:,} bytes)",
             budget=budget_bytes, holds=plural(capacity, "expert"), min_experts=min_experts,
             minimum=min_experts * expert_bytes,
