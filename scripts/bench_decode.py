@@ -147,7 +147,7 @@ def main() -> None:
     peer = {}
     mixtral_layers = next((layers for card, layers in models if card == "mixtral-8x7b"), None)
     if not args.skip_peer and mixtral_layers:
-        peer = run_peer(["scripts/peers/hf_mixtral.py", "--mode", "resident", "--layers", str(mixtral_layers),
+        peer = run_peer("scripts/peers/hf_mixtral.py", ["--mode", "resident", "--layers", str(mixtral_layers),
                          "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                          "--repeats", str(args.repeats)], timeout=min(args.peer_timeout, budget.left()))
         print("peer:", json.dumps(peer), flush=True)

@@ -101,7 +101,7 @@ def main() -> None:
     # The peer first, in its own process, before JAX takes the GPU's memory.
     peer = {}
     if not args.skip_peer:
-        peer = run_peer(["scripts/peers/hf_mixtral.py", "--mode", "offload", "--gpu-expert-fraction", args.budgets,
+        peer = run_peer("scripts/peers/hf_mixtral.py", ["--mode", "offload", "--gpu-expert-fraction", args.budgets,
                          "--layers", str(cfg.num_layers), "--prompt-len", str(args.prompt_len),
                          "--new-tokens", str(args.peer_new_tokens)], timeout=min(args.peer_timeout, budget.left()))
         print("peer:", json.dumps(peer), flush=True)

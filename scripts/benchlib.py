@@ -242,12 +242,12 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
 
 
-def run_peer(args: list[str], timeout: float) -> dict:
-    """Runs a peer script in its own process group (torch and JAX must not share the GPU: call it before JAX
-    starts its backend) and returns its JSON, or {'error': ...}. Past `timeout` seconds the whole group is
-    killed (the offload peer runs a process per fraction)."""
+def run_peer(script: str, args: list[str], timeout: float) -> dict:
+    """Runs a peer script (a path in the repository) in its own process group (torch and JAX must not share the
+    GPU: call it before JAX starts its backend) and returns its JSON, or {'error': ...}. Past `timeout` seconds
+    the whole group is killed (the offload peer runs a process per fraction)."""
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"peer-{os.getpid()}-{time.time_ns()}.json"
-    cmd = [sys.executable, *args, "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / script), *args, "--out", str(out)]
     print("peer:", " ".join(cmd), flush=True)
     process = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     try:
