@@ -1,106 +1,206 @@
-"""Decode speed with every weight on the GPU: moejax's executors against transformers.
+"""Decode speed with every weight on the GPU (batch 1): the moejax engine against the whole-model
+program, transformers and the HBM floor.
 
-Mixtral-8x7B dimensions with fewer layers (so the model and the peer fit), random bf16
-weights, batch 1, a random prompt, greedy decoding of a fixed number of tokens:
+Random bf16 weights made on the device (`jax.random`, layer by layer) and handed to
+`engine.loading.build_engine`; a random prompt, greedy decoding of a fixed number of tokens; TTFT and
+TPOT are medians over --repeats runs after a warm-up (compilation excluded). Per model (--models,
+`card[:layers]`):
 
-  moejax host-routed    the per-layer engine of every offloading mode (resident: no transfers)
-  moejax device-routed  per-layer, routing resolved on the GPU (no host round trip)
-  moejax whole-model    the whole model as one XLA program (the upper bound)
-  transformers          generate() (default fused experts, eager experts) and a forward loop
+  moejax engine   the v2 step engine, resident mode (fused prefill / decode step programs)
+  whole-model     `models.decoder.forward` jitted with a KV cache, one program per token, experts as
+                  separate buffers run through `lax.switch` (the reference; --reference-models)
+  transformers    generate() with the default and the eager experts, and a forward loop
+                  (scripts/peers/hf_mixtral.py, Mixtral only, run first in its own process)
+  HBM floor       bytes one token must read (non-expert weights but the embedding table, lm_head,
+                  top_k experts per MoE layer, the KV cache) / the measured HBM bandwidth
 
-  PYTHONPATH=. python scripts/bench_decode.py --layers 8 --out $OUT/bench_decode.json
+The tokens of the engine and the whole-model program are compared (informative: different programs
+round bf16 differently, so greedy paths may part after some tokens).
+
+  XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/bench_decode.py --out $OUT/bench_decode.json
+  PYTHONPATH=. python scripts/bench_decode.py --dims tiny --skip-peer --out /tmp/decode.json   # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import json
-from pathlib import Path
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from moejax.runtime.engine import Engine, GenerationConfig
-from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
-from moejax.runtime.expert_runner import ExpertRunner
-from moejax.runtime.host_routed import HostRoutedExecutor
-from moejax.runtime.store import HostExpertStore
+from moejax.models.decoder import empty_kv_caches, forward
 from scripts.benchlib import (
-    environment, median, model_config, print_table, random_dense_params, random_expert, run_peer, write_json,
+    GB, Budget, active_bytes_per_token, build_random_engine, environment, hbm_bandwidth, median, model_config,
+    print_table, random_dense_params, random_expert_stacks, run_peer, start_backend, time_generate, write_json,
 )
 
+DEFAULT_MODELS = "mixtral-8x7b:8,deepseek-v2-lite-shape,qwen3-30b-a3b"
 
-def time_engine(engine: Engine, prompt: list[int], new_tokens: int, repeats: int) -> dict:
-    config = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate([prompt], config)  # compile every shape
-    runs = [engine.generate([prompt], config) for _ in range(repeats)]
-    assert all(len(r.tokens[0]) == new_tokens for r in runs)
-    return {
-        "ttft_s": median([r.timing.ttft_s for r in runs]),
-        "tpot_s": median([r.timing.tpot_s for r in runs]),
-        "tokens": runs[0].tokens[0],
-    }
+
+def parse_models(text: str) -> list[tuple[str, int | None]]:
+    """'card[:layers],...' -> [(card, layers or None)]."""
+    models = []
+    for item in text.split(","):
+        card, _, layers = item.partition(":")
+        if layers and not layers.isdigit():
+            raise SystemExit(f"--models: '{item}' is not card or card:layers")
+        models.append((card, int(layers) if layers else None))
+    return models
+
+
+def whole_model(cfg, dense, stacks, prompt: list[int], new_tokens: int, repeats: int, max_len: int) -> dict:
+    """The reference: `models.decoder.forward` jitted over the whole model with a KV cache of `max_len`
+    positions, one program call per token (greedy argmax inside it), its token left on the device for the
+    next call; like the engine, the host reads each token after dispatching the next step. Experts: each a
+    separate buffer (sliced out of `stacks`), as `device_routed_experts` reads them in place."""
+    globals_, layers = dense
+    per_layer, experts = iter(stacks), []
+    for moe in cfg.moe_layers:
+        stack = next(per_layer) if moe else None
+        experts.append(None if stack is None else tuple({n: w[e] for n, w in stack.items()} for e in range(cfg.num_experts)))
+
+    @functools.partial(jax.jit, donate_argnums=(4,))
+    def step(globals_, layers, experts, tokens, kv_caches, positions):
+        logits, kv_caches = forward(cfg, globals_, layers, experts, tokens, kv_caches, positions)
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None], kv_caches
+
+    def run():
+        kv = empty_kv_caches(cfg, 1, max_len)
+        start = time.perf_counter()
+        token, kv = step(globals_, layers, experts, np.asarray([prompt], np.int32), kv,
+                         np.arange(len(prompt), dtype=np.int32)[None])
+        tokens = [int(token[0, 0])]
+        ttft = time.perf_counter() - start
+        times, last, previous = [], time.perf_counter(), None
+
+        def read(token):
+            nonlocal last
+            tokens.append(int(token[0, 0]))
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+
+        for i in range(new_tokens - 1):
+            token, kv = step(globals_, layers, experts, token, kv, np.full((1, 1), len(prompt) + i, np.int32))
+            token.copy_to_host_async()
+            if previous is not None:
+                read(previous)
+            previous = token
+        if previous is not None:
+            read(previous)
+        return ttft, median(times), tokens
+
+    run()  # compiles
+    runs = [run() for _ in range(repeats)]
+    return {"ttft_s": median([r[0] for r in runs]), "tpot_s": median([r[1] for r in runs]), "tokens": runs[0][2]}
+
+
+def bench_model(card: str, layers: int | None, args, bandwidth: float, reference: bool) -> list[dict]:
+    """Rows of one model: the engine, the whole-model program if asked, the HBM floor."""
+    cfg = model_config(card, layers, args.dims == "tiny")
+    name = f"{card} ({cfg.num_layers} layers)"
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    max_len = min(-(-(args.prompt_len + args.new_tokens) // 64) * 64, cfg.max_position_embeddings)
+    dense = random_dense_params(cfg)
+    # The whole-model program needs every expert twice (its own buffers beside the engine's slab): keep the
+    # stacks only then; otherwise the engine's slab is filled one layer at a time.
+    stacks = list(random_expert_stacks(cfg)) if reference else random_expert_stacks(cfg)
+    engine = build_random_engine(cfg, "resident", dense, stacks, max_seq_len=max_len, prefill_chunk=args.prompt_len)
+    rows = [{"model": name, "engine": "moejax engine", **time_generate(engine, prompt, args.new_tokens, args.repeats)}]
+    del engine
+    gc.collect()
+    if reference:
+        rows.append({"model": name, "engine": "moejax whole-model",
+                     **whole_model(cfg, dense, stacks, prompt, args.new_tokens, args.repeats, max_len)})
+        rows[0]["tokens_equal_whole_model"] = rows[0]["tokens"] == rows[1]["tokens"]
+        del stacks
+        gc.collect()
+    floor = active_bytes_per_token(cfg, args.prompt_len + args.new_tokens // 2)
+    rows.append({"model": name, "engine": "HBM floor", "tpot_s": floor["total_bytes"] / bandwidth, **floor})
+    jax.clear_caches()
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="card[:layers],... (default: %(default)s)")
+    parser.add_argument("--reference-models", default="mixtral-8x7b", help="cards also run as the whole-model program")
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dims", default="mixtral-8x7b", choices=("mixtral-8x7b", "tiny"), help="tiny: CPU smoke run")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
     parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--peer-json", help="reuse the peer results of an earlier run (bench_decode JSON's peer_raw)")
+    parser.add_argument("--peer-timeout", type=float, default=90)
+    parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: models that would not fit are skipped")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
+    budget = Budget(args.time_budget)
+    models = parse_models(args.models)
+    references = set(args.reference_models.split(",")) if args.reference_models else set()
 
-    # The peer first, in its own process, before JAX takes the GPU's memory.
-    peer = json.loads(Path(args.peer_json).read_text())["peer_raw"] if args.peer_json else {} if args.skip_peer else run_peer(
-        ["scripts/peers/hf_mixtral.py", "--mode", "resident", "--layers", str(args.layers), "--prompt-len",
-         str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)], timeout=900)
+    # The peer first, in its own process, before JAX takes the GPU's memory (Mixtral dims only).
+    peer = {}
+    mixtral_layers = next((layers for card, layers in models if card == "mixtral-8x7b"), None)
+    if not args.skip_peer and mixtral_layers:
+        peer = run_peer("scripts/peers/hf_mixtral.py", ["--mode", "resident", "--layers", str(mixtral_layers),
+                         "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                         "--repeats", str(args.repeats)], timeout=min(args.peer_timeout, budget.left()))
+        print("peer:", json.dumps(peer), flush=True)
+    start_backend(smoke=args.dims == "tiny")
+    bandwidth = hbm_bandwidth(64 << 20 if args.dims == "tiny" else 1 << 30)
+    print(f"HBM bandwidth (elementwise bf16, read + write): {bandwidth / GB:.0f} GB/s", flush=True)
 
-    cfg = model_config(args.dims, args.layers)
-    device = jax.devices()[0]
-    globals_, layers = random_dense_params(cfg)
-    store = HostExpertStore(device, cfg.expert_bytes, on_device=True)
-    per_layer = []  # the same device arrays, as each layer's tuple of experts
-    for layer in range(cfg.num_layers):
-        experts = tuple(random_expert(cfg, jax.random.PRNGKey(1000 * layer + e)) for e in range(cfg.num_experts))
-        for e, weights in enumerate(experts):
-            store.put((layer, e), weights)
-        per_layer.append(experts)
-    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    result = {"environment": environment(), "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "repeats": args.repeats, "hbm_bandwidth_bytes_per_s": bandwidth, "peer_raw": peer, "rows": []}
+    rows = result["rows"]
+    configs = [model_config(card, layers, args.dims == "tiny") for card, layers in models]
+    seconds_per_layer = 0.0  # of the last model run: the next one needs about as much per layer
+    for (card, layers), cfg in zip(models, configs, strict=True):
+        label = f"{card}:{cfg.num_layers}"
+        if not budget.allows(seconds_per_layer * cfg.num_layers, label):
+            result.setdefault("skipped", []).append(label)
+            continue
+        start = time.monotonic()
+        model_rows = bench_model(card, layers, args, bandwidth, card in references)
+        if card == "mixtral-8x7b":
+            for variant, timing in peer.items():
+                if isinstance(timing, dict) and "tpot_s" in timing:
+                    model_rows.append({"model": model_rows[0]["model"], "engine": f"transformers {variant}", **timing})
+        add_ratios(model_rows)
+        rows += model_rows
+        for row in model_rows:
+            print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+        write_json(args.out, {**result, "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]})
+        if card not in references:  # the whole-model program's compilations make a model slower than the next
+            seconds_per_layer = (time.monotonic() - start) / cfg.num_layers
+    print(f"\nbatch 1, random bf16 weights, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
+          f"HBM {bandwidth / GB:.0f} GB/s")
+    print_table(rows, [("model", "model", "s"), ("engine", "engine", "s"), ("ttft_ms", "TTFT ms", ".1f"),
+                       ("tpot_ms", "TPOT ms", ".3f"), ("x_whole_model", "x whole-model", ".3f"),
+                       ("x_best_transformers", "x best transformers", ".3f"), ("x_floor", "x HBM floor", ".2f")])
 
-    engines = {
-        "moejax host-routed": Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, ExpertRunner(store, "resident", cfg.num_experts, cfg.hidden_act, top_k=cfg.top_k))),
-        "moejax device-routed": Engine(cfg, DeviceRoutedExecutor(cfg, globals_, layers, per_layer, device)),
-        "moejax whole-model": Engine(cfg, WholeModelExecutor(cfg, globals_, layers, per_layer, device)),
-    }
-    results = {name: time_engine(engine, prompt, args.new_tokens, args.repeats) for name, engine in engines.items()}
-    for name, timing in peer.items():
-        if isinstance(timing, dict) and "tpot_s" in timing:
-            results[f"transformers {name}"] = timing
 
-    whole = results["moejax whole-model"]["tpot_s"]
-    best_peer = min((r["tpot_s"] for n, r in results.items() if n.startswith("transformers")), default=None)
-    rows = []
-    for name, r in results.items():
-        rows.append({
-            "name": name, "ttft_ms": r["ttft_s"] * 1e3, "tpot_ms": r["tpot_s"] * 1e3,
-            "vs_whole": r["tpot_s"] / whole, "vs_best_hf": r["tpot_s"] / best_peer if best_peer else None,
-        })
-    tokens_agree = results["moejax host-routed"]["tokens"] == results["moejax whole-model"]["tokens"]
-    write_json(args.out, {
-        "environment": environment(),
-        "model": {"architecture": "Mixtral-8x7B dims", "layers": cfg.num_layers, "dtype": cfg.dtype,
-                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1},
-        "results": {k: {kk: vv for kk, vv in v.items() if kk != "tokens"} for k, v in results.items()},
-        "rows": rows, "peer_raw": peer, "host_routed_tokens_equal_whole_model": tokens_agree,
-    })
-    print(f"\nMixtral-8x7B dims, {cfg.num_layers} layers, bf16, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print(f"host-routed tokens == whole-model tokens: {tokens_agree}")
-    print_table(rows, [("name", "engine", "s"), ("ttft_ms", "TTFT ms", ".1f"), ("tpot_ms", "TPOT ms", ".2f"),
-                       ("vs_whole", "x whole-model", ".3f"), ("vs_best_hf", "x best transformers", ".3f")])
+def add_ratios(rows: list[dict]) -> None:
+    """ms figures and each row's TPOT over the whole-model program's, the best transformers path's and the
+    HBM floor's, where those rows exist."""
+    tpot = {row["engine"]: row["tpot_s"] for row in rows}
+    peers = [t for name, t in tpot.items() if name.startswith("transformers")]
+    for row in rows:
+        row["tpot_ms"] = row["tpot_s"] * 1e3
+        if "ttft_s" in row:
+            row["ttft_ms"] = row["ttft_s"] * 1e3
+        if row["engine"] == "HBM floor":
+            continue
+        if "moejax whole-model" in tpot:
+            row["x_whole_model"] = row["tpot_s"] / tpot["moejax whole-model"]
+        if peers:
+            row["x_best_transformers"] = row["tpot_s"] / min(peers)
+        row["x_floor"] = row["tpot_s"] / tpot["HBM floor"]
 
 
 if __name__ == "__main__":

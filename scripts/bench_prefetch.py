@@ -1,309 +1,374 @@
-"""Prefetching and caching on real routing: DeepSeek-V2-Lite's recorded routing replayed through a
-random-weight model of its MoE shape, with experts in pinned host memory.
+"""Caching and prefetching on real routing: DeepSeek-V2-Lite's recorded routing replayed through the
+engine's real step programs with a random-weight model of its shape, experts in pinned host memory, a
+GPU cache of --budget.
 
-BENCHMARK-ONLY ROUTER OVERRIDE: the model computes its own routing (random weights route randomly),
-then `TraceReplay` replaces the chosen experts with those DeepSeek-V2-Lite chose for the same token
-position of a recorded sequence, so the cache and the prefetchers see real routing with real expert
-sizes (64 experts of 2048 x 1408 per MoE layer, top-6, 26 MoE layers). Combination weights stay the
-model's. The lookahead prefetcher's guess (the next layer's router applied one layer early) cannot
-be replayed, since the traces hold no hidden states: its guess is simulated from the next layer's
-recorded experts, each right with probability --lookahead-accuracy (the accuracy measured on
-moejax's own trained model by `moejax trace`); its router still runs on the GPU, so its cost is real.
+BENCHMARK-ONLY ROUTING OVERRIDE (`RoutingReplay`, through `Engine.routing_override`): each slot is
+assigned a recorded sequence, and every MoE layer uses, for a token at position p, the experts that
+DeepSeek-V2-Lite chose for that sequence's token p (combination weights: the random router's
+probabilities of them, renormalised). So the cache, the policies and the trace prefetcher see real
+routing with real expert sizes (26 MoE layers of 64 experts of 2048 x 1408, top-6).
 
-Policy `belady` (Belady's MIN, offline optimal eviction) is told the replayed routing ahead of time;
-with `--lookahead-accuracy 1.0` its lookahead prefetch is a perfect next-layer prediction: together
-the ceiling of every online policy and prefetcher in this engine.
+The lookahead prefetcher's guess (the next MoE layer's router applied one layer early) is computed in
+the step program from the hidden state and cannot be replayed: the traces hold no hidden states, and
+the engine has no hook to force it. The lookahead rows therefore run on the random model's own router
+guesses (random experts: low precision), which measures the lookahead's cost in the engine, not its
+benefit on real routing; the lab (`moejax lab`) simulates that.
 
-Per budget, policy and prefetcher: a warm-up sequence, then --sequences recorded sequences of the
-evaluation part (the trace collection is fitted on other sequences), each a --prompt-len token
-prompt and --new-tokens decoded tokens, one engine for all of them (the cache stays warm). With
---rounds R every configuration is measured R times, interleaved; the table gives medians over the
-rounds and the range of the speed-up over LRU/none of the same round.
+Per configuration (--configs policy/prefetch): one engine, a warm-up sequence (compiles, fills the
+cache) then --sequences recorded sequences of the evaluation part (the trace collection of the activation
+policy and the trace prefetcher is fitted on the other part), each a --prompt-len token prompt and
+--new-tokens decoded tokens; decode figures only. Per row: tokens/s, x LRU/none, hit rate, GB moved per
+token, the link floor per token (those bytes / the pinned host -> GPU bandwidth, measured with
+expert-sized copies) and the time per token over it, prefetch precision and recall, and the bytes over
+Belady's.
 
-  XLA_CLIENT_MEM_FRACTION=0.95 XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=40 PYTHONPATH=. python scripts/bench_prefetch.py \
+Belady (Belady's MIN, the offline optimal eviction for demand fetching) runs in the lab, on the same
+steps as the engine (the same sequences, prompt chunks and decode steps, the same capacity, the engine's
+own cache code `offload.device_cache`): as the priority policy told, before each step, every key's next
+use from the known future (`belady_priorities`). The lab's LRU on the same steps is checked against the
+engine's LRU/none counters (`lab_matches_engine`): a check that the replay maps what the engine runs.
+
+TTFT (--ttft-prompt tokens, on the LRU/none engine after its decode figures, the cache emptied before
+each prompt): against the link floor of the experts the prompt uses (the distinct (layer, expert) pairs of
+its routing x expert bytes / bandwidth). --time-budget skips what would not fit, the last configurations
+first.
+
+  XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/bench_prefetch.py \\
       --traces .data/traces/deepseek_v2_lite_prefill.npz --out $OUT/bench_prefetch.json
+  PYTHONPATH=. python scripts/bench_prefetch.py --dims tiny --traces .data/traces/deepseek_v2_lite_prefill.npz \\
+      --new-tokens 8 --sequences 1 --ttft-prompt 64 --out /tmp/prefetch.json   # CPU smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import functools
 import gc
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from moejax.cards import load_card
-from moejax.errors import MoejaxError
-from moejax.lab import simulate_lookahead
-from moejax.progress import Progress
-from moejax.runtime.engine import Engine, GenerationConfig
-from moejax.runtime.expert_runner import split_waves
-from moejax.runtime.host_routed import HostRoutedExecutor
-from moejax.runtime.loading import expert_runner, reserved_kv_bytes
-from moejax.runtime.policies import Belady, make_policy
-from moejax.routing.prefetchers import make_prefetcher
-from moejax.runtime.store import HostExpertStore
-from moejax.routing.traces import load_routing
-from scripts.benchlib import environment, print_table, random_dense_params, random_expert, tiny_widths, write_json
+from moejax.offload import device_cache as dc
+from moejax.routing.traces import RoutingTrace, load_routing
+from scripts.benchlib import (
+    GB, Budget, build_random_engine, decode_stats, environment, model_config, pinned_bandwidth, pinned_stacks,
+    print_table, random_dense_params, start_backend, write_json,
+)
 
-GB = 1e9
+# The most telling first: a time budget skips the last ones. TTFT runs on the lru/none engine, after its decode.
+DEFAULT_CONFIGS = "lru/none,activation/trace+lookahead,activation/none,activation/trace,lru/lookahead"
+NEVER = 1e9  # Belady's next use of a key the future never needs again
 
 
-class TraceReplay:
-    """Benchmark-only routing override: at MoE layer m the valid rows of ids [N, k] become the
-    recorded experts of the next tokens of a sequence, in order (the cursor moves at MoE layer 0),
-    and their lookahead guess [N, k] the simulated guess of layer m + 1 for the same tokens.
+class RoutingReplay:
+    """Benchmark-only routing override (`Engine.routing_override`): slot s replays recorded sequence
+    `assigned[s]` of `trace`: a token at position p uses, at every MoE layer, the experts the sequence's token
+    p chose. Padding rows (slot -1) and positions past the recording get experts 0..k-1: they are never valid
+    tokens of a step, so nothing is fetched or computed for them."""
 
-    In a real run the ids the expert function reads are already on the device (the router made
-    them); replayed ids would be copied there with every call. Given `step_tokens` (a sequence's
-    steps take that many tokens each, every row valid) and the device, `start` copies the sequence's
-    replayed ids there before it runs, outside the timed decode, and the calls take them from there
-    as they would take the router's."""
+    def __init__(self, trace: RoutingTrace):
+        self.experts = trace.experts  # [L, T, k]
+        self.offsets, self.lengths = trace.offsets(), trace.seq_lens
+        self.assigned: dict[int, int] = {}
 
-    def __init__(self, experts: np.ndarray, lookahead: np.ndarray, step_tokens: list[int] | None = None, device=None):
-        self.experts, self.lookahead = experts, lookahead  # [L, T, k] each
-        self.step_tokens, self.device = step_tokens, device
-        self.cursor = self.offset = 0
-        self.staged: dict[tuple[int, int, int], jax.Array] = {}  # (layer, first token, tokens) -> ids on the device
+    def assign(self, slot: int, sequence: int) -> None:
+        self.assigned[slot] = sequence
 
-    def steps(self, token: int) -> list[tuple[int, int]]:
-        """(first token, tokens) of each step of the sequence that begins at `token`."""
-        firsts = token + np.concatenate([[0], np.cumsum(self.step_tokens)[:-1]])
-        return list(zip(firsts.tolist(), self.step_tokens, strict=True))
-
-    def start(self, token: int) -> None:
-        self.cursor = token
-        if self.step_tokens is None:
-            return
-        keys = [(layer, first, n) for first, n in self.steps(token) for layer in range(len(self.experts))]
-        arrays = [self.experts[layer, first : first + n].astype(np.int32) for layer, first, n in keys]
-        self.staged = dict(zip(keys, jax.device_put(arrays, self.device), strict=True))
-
-    def __call__(self, layer: int, ids: np.ndarray, lookahead: np.ndarray | None, valid_rows: np.ndarray | None):
-        rows = np.arange(len(ids)) if valid_rows is None else np.flatnonzero(valid_rows)
-        if layer == 0:
-            self.offset, self.cursor = self.cursor, self.cursor + len(rows)
-        tokens = slice(self.offset, self.offset + len(rows))
-        ids = ids.copy()
-        ids[rows] = self.experts[layer, tokens]
-        if lookahead is not None and layer + 1 < len(self.lookahead):
-            lookahead = lookahead.copy()
-            lookahead[rows] = self.lookahead[layer + 1, tokens]
-        staged = self.staged.get((layer, self.offset, len(rows))) if len(rows) == len(ids) else None
-        return ids, lookahead, staged
+    def __call__(self, slots: list[int], positions: np.ndarray) -> np.ndarray:
+        """slots [rows] (-1: padding), positions int [rows, T] -> experts int32 [L, rows * T, k]."""
+        L, _, k = self.experts.shape
+        rows, T = positions.shape
+        out = np.broadcast_to(np.arange(k, dtype=np.int32), (L, rows * T, k)).copy()
+        for row, slot in enumerate(slots):
+            if slot < 0:
+                continue
+            sequence = self.assigned[slot]
+            recorded = np.flatnonzero(positions[row] < self.lengths[sequence])
+            out[:, row * T + recorded] = self.experts[:, self.offsets[sequence] + positions[row, recorded]]
+        return out
 
 
-def belady_future(replay: TraceReplay, starts: list[int], capacity: int):
-    """(MoE layer, experts needed) for every layer step the engine will run over the sequences
-    beginning at `starts` (warm-up included), a layer's experts in waves of at most `capacity` as
-    the engine runs them: Belady's future, so the bench can time the offline optimal eviction as the
-    ceiling of every online policy."""
-    for start in starts:
-        for first, n in replay.steps(start):
-            for layer in range(len(replay.experts)):
-                for wave in split_waves(np.unique(replay.experts[layer, first : first + n]).tolist(), capacity):
-                    yield layer, wave
+def engine_steps(trace: RoutingTrace, sequences: list[int], prompt_len: int, new_tokens: int, prefill_chunk: int):
+    """What the engine's `generate` runs, per sequence, for one prompt of `prompt_len` tokens and `new_tokens`
+    new ones: [(sequence, kind 'prefill' | 'decode', experts [L, T, k])], the prompt in chunks of at most
+    `prefill_chunk` tokens, then one step per decoded token after the first."""
+    steps = []
+    for s in sequences:
+        start = int(trace.offsets()[s])
+        for chunk in range(0, prompt_len, prefill_chunk):
+            stop = min(chunk + prefill_chunk, prompt_len)
+            steps.append((s, "prefill", trace.experts[:, start + chunk : start + stop]))
+        for position in range(prompt_len, prompt_len + new_tokens - 1):
+            steps.append((s, "decode", trace.experts[:, start + position : start + position + 1]))
+    return steps
 
 
-def build_store(cfg, device) -> HostExpertStore:
-    """Pinned host experts for every MoE layer: copies of one layer's worth of random experts."""
-    store = HostExpertStore(device, cfg.expert_bytes)
-    pool = [random_expert(cfg, jax.random.PRNGKey(e)) for e in range(cfg.num_experts)]
-    progress = Progress("pinned experts", len(cfg.moe_layer_ids) * cfg.num_experts)
-    for m in range(len(cfg.moe_layer_ids)):
-        for e in range(cfg.num_experts):
-            store.put((m, e), pool[e])
-            progress.advance()
-        jax.block_until_ready([store.get((m, e)) for e in range(cfg.num_experts)])
-    progress.close()
-    return store
+def used_keys(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """bool [L, E]: the (layer, expert) pairs a step's experts [L, T, k] use."""
+    used = np.zeros((experts.shape[0], num_experts), bool)
+    for layer, rows in enumerate(experts):
+        used[layer, rows[rows < num_experts]] = True
+    return used
 
 
-def run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch, mode="cached",
-               floor=None) -> dict:
-    """Warm-up sequence, then the measured ones; one engine, the cache warm across sequences. floor: the
-    trace prefetchers' `--prefetch-floor` (None: their default)."""
-    num_moe = len(cfg.moe_layer_ids)
-    collection = copy.deepcopy(collection)
-    try:
-        runner = expert_runner(
-            cfg, store, mode, budget,
-            # Belady's future depends on the cache's capacity (a layer too big for it runs in waves):
-            # it replaces a placeholder policy once the cache exists, before the first step.
-            make_policy("lru" if policy == "belady" else policy, num_layers=num_moe, num_experts=cfg.num_experts,
-                        collection=collection),
-            0, reserved_kv_bytes(cfg, 1, 256),
-            prefetcher=None if prefetch == "none" else make_prefetcher(
-                prefetch, num_layers=num_moe, num_experts=cfg.num_experts, top_k=cfg.top_k, collection=collection,
-                floor=floor),
-            prefetch_per_layer=args.prefetch_per_layer, collection=collection,
-        )
-    except MoejaxError as err:
-        return {"budget": budget, "policy": policy, "prefetch": prefetch, "prefetch_floor": floor, "skipped": str(err)}
-    runner.replay = replay
-    if policy == "belady":
-        runner.cache.directory.policy = Belady(belady_future(replay, starts, runner.cache.capacity))
-    engine = Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner))
-    config = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
-    prompt = list(range(1, args.prompt_len + 1))
-    decode_s = decode_steps = hits = activations = stall = moved = 0.0
-    used = issued = misses = 0
-    tpots = []
-    for n, start in enumerate(starts):
-        replay.start(start)
-        result = engine.generate([prompt], config)
+def belady_priorities(steps: list[np.ndarray], num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Belady's MIN as the device cache's priority tables (`device_cache.Priorities`), per step: while MoE layer
+    c of step t runs, key (l, e) is next needed (s - t) L + l - c layer steps ahead, s its first step using it
+    (s >= t for l > c, s > t otherwise). The victim is the largest; dropping the -c common to every key gives
+    ahead[t] = (s_from_t - t) L + l and behind[t] = (s_after_t - t) L + l (NEVER where no such step exists).
+    steps: each step's experts [L, T, k] -> (ahead, behind) float32 [steps, L, E]."""
+    L = steps[0].shape[0]
+    used = np.stack([used_keys(experts, num_experts) for experts in steps])  # [S, L, E]
+    index = np.arange(len(steps))[:, None, None]
+    first = np.full((len(steps) + 1, L, num_experts), np.inf)  # first[t]: first step >= t using the key
+    for t in range(len(steps) - 1, -1, -1):
+        first[t] = np.where(used[t], t, first[t + 1])
+    layer = np.arange(L)[None, :, None]
+
+    def distance(next_step):
+        return np.where(np.isinf(next_step), NEVER, (next_step - index) * L + layer).astype(np.float32)
+
+    return distance(first[:-1]), distance(first[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("policy", "num_experts"))
+def cache_steps(state: dc.CacheState, ids, ahead, behind, *, policy: str, num_experts: int):
+    """The lab: steps of known routing through the engine's cache code, without a model or prefetching (what
+    a step program does to the cache per MoE layer: `access` of the distinct experts of its valid tokens).
+    ids int32 [S, L, T, k]; ahead, behind float32 [S, L, E] (the priority policy's tables per step).
+    -> (state, counters int32 [S, L, len(COUNTERS)] after each step)."""
+    size = min(ids.shape[2] * ids.shape[3], num_experts)
+
+    def step(state, xs):
+        step_ids, priorities = xs[0], dc.Priorities(xs[1], xs[2])
+
+        def layer(state, layer_xs):
+            m, layer_ids = layer_xs
+            distinct = dc.distinct_experts(layer_ids, None, num_experts, size)
+            state, _, _, _ = dc.access(state, m, distinct, policy=policy, num_experts=num_experts, priorities=priorities)
+            return state, None
+
+        state, _ = lax.scan(layer, state, (jnp.arange(step_ids.shape[0]), step_ids))
+        return state, state.counters
+
+    return lax.scan(step, state, (ids, ahead, behind))
+
+
+def lab_replay(steps, capacity: int, num_experts: int, policy: str, device) -> np.ndarray:
+    """Counters int64 [steps, L, len(COUNTERS)] each step added (lru: the engine's LRU; belady: the priority
+    policy with `belady_priorities`), the cache starting empty. Runs of like steps go in one call."""
+    experts = [e for _, _, e in steps]
+    L = experts[0].shape[0]
+    ahead, behind = belady_priorities(experts, num_experts) if policy == "belady" else (
+        np.zeros((len(steps), L, num_experts), np.float32),) * 2
+    state = jax.device_put(dc.empty_state(L, num_experts, capacity), device)
+    after, start = [], 0
+    while start < len(steps):
+        stop = start + 1
+        while stop < len(steps) and experts[stop].shape == experts[start].shape:
+            stop += 1
+        ids = jax.device_put(np.stack(experts[start:stop]).astype(np.int32), device)
+        state, counters = cache_steps(state, ids, jax.device_put(ahead[start:stop], device),
+                                      jax.device_put(behind[start:stop], device),
+                                      policy="priority" if policy == "belady" else policy, num_experts=num_experts)
+        after.append(np.asarray(counters, np.int64))
+        start = stop
+    after = np.concatenate(after)
+    return np.diff(after, axis=0, prepend=np.zeros_like(after[:1]))
+
+
+def lab_row(steps, added: np.ndarray, measured: set[int], expert_bytes: int) -> dict:
+    """Decode totals of the measured sequences from per-step counters."""
+    keep = [i for i, (s, kind, _) in enumerate(steps) if kind == "decode" and s in measured]
+    total = dict(zip(dc.COUNTERS, added[keep].sum(axis=(0, 1)).tolist(), strict=True))
+    moved = total["misses"] + total["prefetch_issued"]
+    return {"decode_steps": len(keep), "activations": total["activations"], "hits": total["hits"],
+            "misses": total["misses"], "hit_rate": total["hits"] / max(total["activations"], 1),
+            "bytes_per_token": moved * expert_bytes / len(keep)}
+
+
+def cached_engine(cfg, dense, stacks, replay: RoutingReplay, args, policy: str, prefetch: str, traces: Path):
+    """A cached engine at --budget replaying `replay`'s routing (`traces`: the fit sequences' collection, for the
+    activation policy and the trace prefetcher)."""
+    options = {"traces": traces} if policy == "activation" or prefetch.startswith("trace") else {}
+    engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=args.max_seq_len, expert_budget=args.budget,
+                                 cache_policy=policy, prefetch=prefetch, prefill_chunk=max(args.ttft_prompt, args.prompt_len),
+                                 **options)
+    engine.routing_override = replay
+    return engine
+
+
+def measure_decode(engine, replay: RoutingReplay, sequences: list[int], prompt: list[int], new_tokens: int) -> dict:
+    """The engine's decode figures over the sequences (the first a warm-up: compiles, fills the cache)."""
+    totals, seconds, tpots = {}, 0.0, []
+    for n, sequence in enumerate(sequences):
+        replay.assign(0, sequence)
+        result = engine.generate([prompt], max_new_tokens=new_tokens, ignore_eos=True)
         if n == 0:
-            continue  # warm-up: compiles, fills the cache
-        total, prefill = result.stats["total"], result.stats["prefill"]
-        decode_s += result.timing.total_s - result.timing.ttft_s
-        decode_steps += result.timing.decode_steps
+            continue
+        for key, value in decode_stats(result).items():
+            totals[key] = totals.get(key, 0) + value
+        seconds += result.timing.total_s - result.timing.ttft_s
         tpots.append(result.timing.tpot_s)
-        hits += total["hits"] - prefill["hits"]
-        activations += total["activations"] - prefill["activations"]
-        misses += total["misses"] - prefill["misses"]
-        used += total["prefetch_used"] - prefill["prefetch_used"]
-        issued += total["prefetch_issued"] - prefill["prefetch_issued"]
-        stall += total["stall_s"] - prefill["stall_s"]
-        moved += total["bytes_h2d"] - prefill["bytes_h2d"]
-    row = {
-        "mode": mode, "budget": budget, "policy": policy, "prefetch": prefetch,
-        "prefetch_floor": getattr(runner.prefetcher, "min_probability", None), "capacity_experts": runner.cache.capacity,
-        "tokens_per_s": decode_steps / decode_s, "tpot_s": float(np.median(tpots)),
-        "hit_rate": hits / activations, "stall_s_per_token": stall / decode_steps,
-        "gb_per_token": moved / decode_steps / GB,
-        "prefetch_precision": used / issued if issued else None,
-        "prefetch_recall": used / (used + misses) if used + misses else None,
-        "decode_steps": int(decode_steps),
+    steps, moved, used = totals["steps"], totals["bytes_h2d"], totals["prefetch_used"]
+    return {
+        "policy": engine.manager.policy, "prefetch": engine.manager.prefetch, "capacity_experts": engine.cache.num_slots,
+        "tokens_per_s": steps / seconds, "s_per_token": seconds / steps, "tpot_s": float(np.median(tpots)),
+        "hit_rate": totals["hits"] / totals["activations"], "misses": totals["misses"],
+        "bytes_per_token": moved / steps, "gb_per_token": moved / steps / GB,
+        "prefetch_precision": used / totals["prefetch_issued"] if totals["prefetch_issued"] else None,
+        "prefetch_recall": used / (used + totals["misses"]) if used + totals["misses"] else None,
+        "decode_steps": steps,
     }
-    del engine, runner
-    gc.collect()
-    return row
+
+
+def add_ratios(row: dict, bandwidth: float, lru: dict | None, belady: dict) -> None:
+    """The row's link floor per token (its bytes / bandwidth), its time per token over it, its bytes over
+    Belady's and its tokens/s over LRU/none's."""
+    row["link_floor_s"] = row["bytes_per_token"] / bandwidth
+    if "s_per_token" in row:
+        row["x_link_floor"] = row["s_per_token"] / row["link_floor_s"] if row["link_floor_s"] else None
+        row["x_lru_none"] = row["tokens_per_s"] / lru["tokens_per_s"] if lru else None
+    row["x_belady_bytes"] = row["bytes_per_token"] / belady["bytes_per_token"] if belady["bytes_per_token"] else None
+
+
+def time_to_first_token(engine, replay: RoutingReplay, trace: RoutingTrace, sequences: list[int], prompt_len: int,
+                        bandwidth: float) -> dict:
+    """TTFT of a `prompt_len` token prompt, the cache emptied before each (the first sequence a warm-up),
+    against the link floor of the experts the prompt uses."""
+    cfg = engine.cfg
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, prompt_len).tolist()
+    runs = []
+    for n, sequence in enumerate(sequences):
+        replay.assign(0, sequence)
+        engine.cache = jax.device_put(dc.empty_state(len(cfg.moe_layer_ids), cfg.num_experts, engine.cache.num_slots),
+                                      engine.device)
+        result = engine.generate([prompt], max_new_tokens=1, ignore_eos=True)
+        start = int(trace.offsets()[sequence])
+        used = int(used_keys(trace.experts[:, start : start + prompt_len], cfg.num_experts).sum())
+        floor = used * cfg.expert_bytes / bandwidth
+        if n:
+            runs.append({"sequence": sequence, "ttft_s": result.timing.ttft_s, "experts_used": used,
+                         "bytes_moved": result.stats["total"]["bytes_h2d"], "link_floor_s": floor,
+                         "x_link_floor": result.timing.ttft_s / floor})
+    return {"prompt_len": prompt_len, "policy": engine.manager.policy, "prefetch": engine.manager.prefetch, "runs": runs,
+            "ttft_s": float(np.median([r["ttft_s"] for r in runs])),
+            "link_floor_s": float(np.median([r["link_floor_s"] for r in runs])),
+            "x_link_floor": float(np.median([r["x_link_floor"] for r in runs]))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--card", default="deepseek-v2-lite-shape")
+    parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
     parser.add_argument("--traces", required=True, help="DeepSeek-V2-Lite routing (experts [26, T, 6], seq_lens)")
     parser.add_argument("--fit-fraction", type=float, default=0.5, help="the first part of the sequences fits the collection")
-    parser.add_argument("--sequences", type=int, default=4, help="evaluation sequences measured per configuration")
+    parser.add_argument("--budget", default="0.25")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="policy/prefetch,... (default: %(default)s)")
+    parser.add_argument("--sequences", type=int, default=3, help="measured sequences per configuration (after a warm-up one)")
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--budgets", default="0.25,0.5")
-    parser.add_argument("--policies", default="lru,lfu,activation")
-    parser.add_argument("--prefetch", default="none,lookahead,trace,trace+lookahead")
-    parser.add_argument("--configs", help="policy:prefetch pairs to run instead of every --policies x --prefetch pair; "
-                        "policy:prefetch:floor sets a trace prefetcher's --prefetch-floor")
-    parser.add_argument("--prefetch-per-layer", type=int, help="default: the model's top-k")
-    parser.add_argument("--rounds", type=int, default=1, help="times each configuration is measured, interleaved")
-    parser.add_argument("--lookahead-accuracy", type=float, required=True)
-    parser.add_argument("--compare-resident", action="store_true", help="also time resident and cached at budget 1.0")
-    parser.add_argument("--resident-pairs", type=int, default=2, help="interleaved resident / cached 1.0 pairs of --compare-resident")
-    parser.add_argument("--tiny", action="store_true", help="shrink every width (a CPU smoke run of this script)")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--ttft-prompt", type=int, default=512, help="0: no TTFT part")
+    parser.add_argument("--ttft-repeats", type=int, default=2)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
     parser.add_argument("--out", default="bench_prefetch.json")
     args = parser.parse_args()
-
-    if args.configs:
-        pairs = [parse_config(config) for config in args.configs.split(",")]
-    else:
-        pairs = [(policy, prefetch, None) for policy in args.policies.split(",") for prefetch in args.prefetch.split(",")]
-    cfg = load_card(args.card)
-    if args.tiny:
-        cfg = tiny_widths(cfg)
+    budget = Budget(args.time_budget)
+    configs = [tuple(config.split("/")) for config in args.configs.split(",")]
+    if any(len(config) != 2 for config in configs):
+        raise SystemExit(f"--configs: '{args.configs}' is not policy/prefetch,...")
+    cfg = model_config(args.card, None, args.dims == "tiny")
     trace = load_routing(args.traces)
-    if trace.experts.shape[0] != len(cfg.moe_layer_ids) or trace.experts.shape[2] != cfg.top_k:
-        raise SystemExit(f"{args.traces}: routing {trace.experts.shape} does not match card {args.card}")
-    n_fit = int(len(trace.seq_lens) * args.fit_fraction)
-    fit, evaluate = trace.select(0, n_fit), trace.select(n_fit, len(trace.seq_lens))
-    collection = fit.collection()  # EAMs and the layer-to-layer transitions of the fit sequences
-    lookahead = simulate_lookahead(evaluate, args.lookahead_accuracy, seed=0)
-    steps = [args.prompt_len] + [1] * (args.new_tokens - 1)
-    replay = TraceReplay(evaluate.experts, lookahead, steps, jax.devices()[0])
-    bounds = np.concatenate([[0], np.cumsum(evaluate.seq_lens)])
+    if args.dims == "tiny":  # the smoke model's first MoE layers replay the recorded first layers
+        trace = RoutingTrace(trace.experts[: len(cfg.moe_layer_ids)], trace.seq_lens, trace.num_experts)
+    if (trace.num_layers, trace.num_experts, trace.top_k) != (len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k):
+        raise SystemExit(f"{args.traces}: routing of {trace.num_layers} MoE layers x {trace.num_experts} experts, "
+                         f"top-{trace.top_k}, does not match card {args.card}")
+    n_fit = int(trace.num_sequences * args.fit_fraction)
+    evaluate = list(range(n_fit, trace.num_sequences))
     needed = args.prompt_len + args.new_tokens - 1
-    starts = [int(bounds[s]) for s in range(len(evaluate.seq_lens)) if evaluate.seq_lens[s] >= needed][: args.sequences + 1]
-    print(f"{n_fit} sequences fit the collection; replaying {len(starts)} of the other {len(evaluate.seq_lens)}", flush=True)
+    sequences = [s for s in evaluate if trace.seq_lens[s] >= needed][: args.sequences + 1]
+    long_ones = [s for s in evaluate if trace.seq_lens[s] >= args.ttft_prompt][: args.ttft_repeats + 1]
+    if len(sequences) < 2:
+        raise SystemExit(f"{args.traces}: fewer than 2 evaluation sequences of {needed} tokens")
+    print(f"{n_fit} sequences fit the collection; replaying {sequences} (the first a warm-up)", flush=True)
 
+    start_backend(len(cfg.moe_layer_ids) * (cfg.num_experts + 1) * cfg.expert_bytes, smoke=args.dims == "tiny")
     device = jax.devices()[0]
-    start = time.perf_counter()
-    globals_, layers = random_dense_params(cfg)
-    store = build_store(cfg, device)
-    print(f"model built in {time.perf_counter() - start:.0f} s: {len(store)} experts, {store.total_bytes / GB:.1f} GB pinned", flush=True)
+    bandwidth = pinned_bandwidth(cfg, device)
+    print(f"pinned host -> GPU: {bandwidth / GB:.1f} GB/s", flush=True)
+    start = time.monotonic()
+    dense = random_dense_params(cfg)
+    stacks = pinned_stacks(cfg, device)
+    print(f"model built in {time.monotonic() - start:.0f} s", flush=True)
+    replay = RoutingReplay(trace)
+    cpu = jax.devices("cpu")[0]  # the lab's device
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    workdir = tempfile.TemporaryDirectory()
+    eams = Path(workdir.name) / "eams.npz"
+    trace.select(0, n_fit).collection().save(eams)  # EAMs and layer-to-layer transitions of the fit sequences
 
-    # The whole model on the GPU against the cache at budget 1.0, twice each, interleaved.
-    ceiling = []
-    if args.compare_resident:
-        on_device = store.subset(on_device=True)
-        for _ in range(args.resident_pairs):
-            ceiling.append(run_config(cfg, globals_, layers, on_device, collection, replay, starts, args, None, "lru", "none", "resident"))
-            ceiling.append(run_config(cfg, globals_, layers, store, collection, replay, starts, args, "1.0", "lru", "none"))
-            print(ceiling[-2], ceiling[-1], flush=True)
-        del on_device
-        gc.collect()
-
-    rows = []
-    result = {
-        "environment": environment(), "card": args.card, "traces": str(args.traces),
-        "fit_sequences": n_fit, "measured_sequences": len(starts) - 1, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "lookahead_accuracy": args.lookahead_accuracy,
-        "expert_bytes": cfg.expert_bytes, "rows": rows, "resident_vs_cached_full": ceiling,
+    rows, result = [], {
+        "environment": environment(), "card": args.card, "dims": args.dims, "traces": str(args.traces),
+        "budget": args.budget, "fit_sequences": n_fit, "sequences": sequences, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "expert_bytes": cfg.expert_bytes, "bandwidth_bytes_per_s": bandwidth,
+        "lookahead_guesses": "the random model's router (not replayable)",
     }
-    # Rounds interleave the configurations, and each one's speed-up is taken against LRU/none of the
-    # same round: the GPU machine's host speed drifts between runs by up to ~20% (BENCHMARKS.md).
-    for budget in args.budgets.split(","):
-        for round_ in range(args.rounds):
-            for policy, prefetch, floor in pairs:
-                row = run_config(cfg, globals_, layers, store, collection, replay, starts, args, budget, policy, prefetch,
-                                 floor=floor)
-                row["round"] = round_
-                base = next((r for r in rows if (r["budget"], r["policy"], r["prefetch"], r.get("round")) == (budget, "lru", "none", round_)), None)
-                if base and "tokens_per_s" in row and "tokens_per_s" in base:
-                    row["x_lru_none"] = row["tokens_per_s"] / base["tokens_per_s"]
-                rows.append(row)
-                print(row, flush=True)
-                write_json(args.out, result)  # after every row: a run cut short keeps what it measured
-    result["summary"] = summary = summarize([r for r in rows if "tokens_per_s" in r])
-    write_json(args.out, result)
-    print_table([r for r in ceiling + summary], [
-        ("mode", "mode", "s"),
-        ("budget", "budget", "s"), ("policy", "policy", "s"), ("prefetch", "prefetch", "s"), ("prefetch_floor", "floor", ".2f"),
-        ("capacity_experts", "slots", "d"), ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"),
-        ("x_lru_none_min", "min x", ".2f"), ("x_lru_none_max", "max x", ".2f"),
-        ("tpot_s", "TPOT s", ".4f"), ("hit_rate", "hit", ".3f"), ("stall_s_per_token", "stall s/tok", ".4f"),
-        ("gb_per_token", "GB/tok", ".3f"), ("prefetch_precision", "prec", ".2f"), ("prefetch_recall", "recall", ".2f"),
-    ])
+    result["rows"] = rows
+    lru, need = None, 0.0
+    for policy, prefetch in configs:
+        if not budget.allows(need, f"{policy}/{prefetch}"):
+            result.setdefault("skipped", []).append(f"{policy}/{prefetch}")
+            continue
+        start = time.monotonic()
+        engine = cached_engine(cfg, dense, stacks, replay, args, policy, prefetch, eams)
+        row = measure_decode(engine, replay, sequences, prompt, args.new_tokens)
+        if "lab" not in result:  # Belady and LRU on the same steps, at the engine's capacity
+            steps = engine_steps(trace, sequences, args.prompt_len, args.new_tokens, engine.prefill_chunk)
+            result["lab"] = {name: lab_row(steps, lab_replay(steps, engine.cache.num_slots, cfg.num_experts, name, cpu),
+                                           set(sequences[1:]), cfg.expert_bytes) for name in ("lru", "belady")}
+            belady = {"policy": "belady (lab)", "prefetch": "none", "capacity_experts": engine.cache.num_slots,
+                      **result["lab"]["belady"], "gb_per_token": result["lab"]["belady"]["bytes_per_token"] / GB}
+        if (policy, prefetch) == ("lru", "none"):
+            lru = row
+            result["lab_matches_engine"] = result["lab"]["lru"]["misses"] == row["misses"]
+        add_ratios(row, bandwidth, lru, belady)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_json(args.out, result)
+        need = time.monotonic() - start
+        if row is lru and args.ttft_prompt and len(long_ones) >= 2 and budget.allows(need, f"TTFT ({args.ttft_prompt} tokens)"):
+            result["ttft"] = time_to_first_token(engine, replay, trace, long_ones, args.ttft_prompt, bandwidth)
+            print(json.dumps(result["ttft"]), flush=True)
+            write_json(args.out, result)
+        del engine
+        gc.collect()
+    if "lab" in result:
+        add_ratios(belady, bandwidth, lru, belady)
+        rows.append(belady)
+        write_json(args.out, result)
+    workdir.cleanup()
 
-
-def parse_config(config: str) -> tuple[str, str, float | None]:
-    """'policy:prefetch' or 'policy:prefetch:floor' -> (policy, prefetch, floor or None)."""
-    fields = config.split(":")
-    try:
-        if len(fields) in (2, 3):
-            return fields[0], fields[1], float(fields[2]) if len(fields) == 3 else None
-    except ValueError:
-        pass
-    raise SystemExit(f"--configs: '{config}' is not policy:prefetch or policy:prefetch:floor (a number)")
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """One row per (budget, policy, prefetch, floor): the median over rounds of each number, and the
-    smallest and largest paired speed-up over LRU/none."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["budget"], row["policy"], row["prefetch"], row.get("prefetch_floor")), []).append(row)
-    summary = []
-    for group in groups.values():
-        merged = {**group[0], "rounds": len(group)}
-        merged.pop("round", None)
-        for key, value in group[0].items():
-            if isinstance(value, float) and all(isinstance(r.get(key), float) for r in group):
-                merged[key] = float(np.median([r[key] for r in group]))
-        speedups = [r["x_lru_none"] for r in group if "x_lru_none" in r]
-        if speedups:
-            merged["x_lru_none_min"], merged["x_lru_none_max"] = min(speedups), max(speedups)
-        summary.append(merged)
-    return summary
+    print(f"\n{args.card} ({args.dims}), real routing replayed, budget {args.budget}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens x {len(sequences) - 1} sequences; pinned host -> GPU {bandwidth / GB:.1f} GB/s; "
+          f"lookahead guesses: the random router's; lab LRU == engine LRU: {result.get('lab_matches_engine')}")
+    print_table(rows, [
+        ("policy", "policy", "s"), ("prefetch", "prefetch", "s"), ("capacity_experts", "slots", "d"),
+        ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"), ("s_per_token", "s/token", ".4f"),
+        ("hit_rate", "hit", ".3f"), ("gb_per_token", "GB/tok", ".3f"), ("link_floor_s", "link floor s", ".4f"),
+        ("x_link_floor", "x link floor", ".2f"), ("x_belady_bytes", "x Belady bytes", ".2f"),
+        ("prefetch_precision", "prec", ".2f"), ("prefetch_recall", "recall", ".2f")])
+    if "ttft" in result:
+        ttft = result["ttft"]
+        print(f"TTFT, {ttft['prompt_len']}-token prompt, LRU at {args.budget}, empty cache: {ttft['ttft_s']:.3f} s; link floor "
+              f"of the experts it uses {ttft['link_floor_s']:.3f} s; {ttft['x_link_floor']:.2f}x")
 
 
 if __name__ == "__main__":

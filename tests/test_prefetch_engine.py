@@ -2,13 +2,12 @@
 
 Outputs never change: every prefetcher with every policy gives the resident model's tokens and
 logits bit for bit. The recorder's routing and activation matrices match what the model routed,
-`moejax trace` writes files the engine and the lab read back, and the benchmark's routing replay
-really replaces the routing.
+and `moejax trace` writes files the engine and the lab read back (the benchmark's routing replay:
+tests/test_bench_scripts.py).
 """
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from hf_zoo import build, random_prompts
@@ -191,66 +190,6 @@ def test_bad_prompt_file_is_a_one_line_error(qwen, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert f"{bad}:2" in err and "\n" not in err
     assert not (tmp_path / "o").exists()
-
-
-def random_routing(cfg, tokens: int, seed: int) -> np.ndarray:
-    """int16 [MoE layers, tokens, top_k]: distinct random experts per token and layer, as a trace records them."""
-    rng = np.random.default_rng(seed)
-    return np.stack([np.stack([rng.choice(cfg.num_experts, cfg.top_k, replace=False) for _ in range(tokens)])
-                     for _ in cfg.moe_layer_ids]).astype(np.int16)
-
-
-def test_benchmark_replay_overrides_routing(qwen):
-    """scripts/bench_prefetch.py's router override: the engine runs (and records) the replayed routing."""
-    from scripts.bench_prefetch import TraceReplay
-
-    engine = moejax.load(qwen, offload="cached", expert_budget="0.5", prefetch="lookahead")
-    cfg = engine.cfg
-    layers, tokens = len(cfg.moe_layer_ids), 40
-    recorded = random_routing(cfg, tokens, seed=0)
-    outputs = []
-    # Replayed ids copied with each call, then staged on the device before the run (the prompt's 8
-    # rows are padded to 16, so its step still copies them; the decode steps take the staged ids).
-    for replay in (TraceReplay(recorded, recorded), TraceReplay(recorded, recorded, [8] + [1] * 4, jax.devices()[0])):
-        engine.executor.runner.replay = replay
-        replay.start(10)
-        result = engine.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=5, ignore_eos=True)
-        experts, _ = engine.executor.routing(0)
-        np.testing.assert_array_equal(experts, recorded[:, 10 : 10 + 8 + 4])
-        assert engine.executor.stats()["total"]["prefetch_issued"] > 0
-        outputs.append(result.tokens)
-    assert len(replay.staged) == layers * 5
-    assert outputs[0] == outputs[1]
-
-
-@pytest.mark.parametrize("budget", ["0.25", "0.5"])  # 2 slots: layers in waves; 5 slots: one pass
-def test_benchmark_belady_follows_the_engine_steps(qwen, budget):
-    """scripts/bench_prefetch.py's ceiling: Belady's future built from the replay is exactly the
-    sequence of layer steps the engine runs, waves included (else Belady refuses), and over the
-    whole run it misses no more than LRU (demand fetching, where Belady's MIN is optimal)."""
-    from scripts.bench_prefetch import TraceReplay, belady_future
-
-    from moejax.runtime.policies import Belady
-
-    cfg = checkpoint.load_config(qwen)
-    recorded = random_routing(cfg, tokens=60, seed=1)
-    starts, prompt = [3, 20, 41], [1, 2, 3, 4, 5, 6, 7, 8]
-    outputs, misses = {}, {}
-    for policy in ("lru", "belady"):
-        engine = moejax.load(qwen, offload="cached", expert_budget=budget)
-        runner = engine.executor.runner
-        replay = TraceReplay(recorded, recorded, [len(prompt)] + [1] * 4, jax.devices()[0])
-        runner.replay = replay
-        if policy == "belady":
-            runner.cache.directory.policy = Belady(belady_future(replay, starts, runner.cache.capacity))
-        outputs[policy], misses[policy] = [], 0
-        for start in starts:
-            replay.start(start)
-            result = engine.generate([prompt], max_new_tokens=5, ignore_eos=True)
-            outputs[policy].append(result.tokens)
-            misses[policy] += result.stats["total"]["misses"]
-    assert outputs["belady"] == outputs["lru"]
-    assert misses["belady"] <= misses["lru"], misses
 
 
 def test_trace_refuses_too_long_prompts_before_running(qwen, tmp_path, capsys):

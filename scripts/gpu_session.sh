@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of issue 20 in one device call (under 9 minutes), from the repository root:
+#
+#   scripts/gpu_session.sh                   # all parts: check decode offload prefetch
+#   scripts/gpu_session.sh offload prefetch  # some of them (each may then get more time: OFFLOAD_S=300 ...)
+#   SMOKE=1 scripts/gpu_session.sh           # toy sizes on the CPU, no peers: a check of this script
+#
+# Parts run in order of risk, the riskiest last, so a timeout loses the least. Each has a hard limit
+# (`timeout`, seconds: CHECK_S, DECODE_S, OFFLOAD_S, PREFETCH_S) and a time budget 20 s shorter within
+# which the script starts a model or configuration only if it expects it to fit; every script writes
+# its JSON after each row. Writes under $OUT: check_identical.json, bench_decode.json,
+# bench_offload.json, bench_prefetch.json and session.log (everything printed); prints each part's
+# table again at the end. The prefetch part needs .data/traces/deepseek_v2_lite_prefill.npz (carry .data).
+set -u
+cd "$(dirname "$0")/.."
+export XLA_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1 PYTHONPATH=.
+export XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=${XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB:-40}  # pinned pool: 29 GB of experts at most
+export MOEJAX_COMPILATION_CACHE=${MOEJAX_COMPILATION_CACHE:-$PWD/.bench/jax-cache}  # kept while the machine stays warm
+OUT=${OUT:-out}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+TRACES=${TRACES:-.data/traces/deepseek_v2_lite_prefill.npz}
+CHECK_ARGS=() DECODE_ARGS=() OFFLOAD_ARGS=() PREFETCH_ARGS=()
+if [ "${SMOKE:-}" = 1 ]; then
+    : "${CHECK_S:=180}" "${DECODE_S:=180}" "${OFFLOAD_S:=180}" "${PREFETCH_S:=180}"
+    CHECK_ARGS=(--quick)
+    DECODE_ARGS=(--dims tiny --skip-peer --prompt-len 16 --new-tokens 8)
+    OFFLOAD_ARGS=(--dims tiny --skip-peer --prompt-len 16 --new-tokens 8 --dense-offload-tokens 4)
+    PREFETCH_ARGS=(--dims tiny --new-tokens 8 --sequences 1 --ttft-prompt 64)
+fi
+CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-140} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160}
+mkdir -p "$OUT"
+LOGS=$(mktemp -d)
+trap 'rm -rf "$LOGS"' EXIT
+PARTS=${*:-check decode offload prefetch}
+for name in $PARTS; do
+    case $name in check | decode | offload | prefetch) ;; *) echo "unknown part '$name' (parts: check decode offload prefetch)"; exit 2 ;; esac
+done
+
+part() {  # part NAME LIMIT SCRIPT ARGS...
+    local name=$1 limit=$2 script=$3 start=$SECONDS status
+    shift 3
+    echo "=== $name: $script (limit ${limit} s) $(date +%T)"
+    timeout -k 5 "$limit" "$PYTHON" "$script" --time-budget $((limit - 20)) "$@" 2>&1 | tee "$LOGS/$name.log"
+    status=${PIPESTATUS[0]}
+    echo "=== $name: exit status $status after $((SECONDS - start)) s$([ "$status" = 124 ] && echo ' (timed out)')"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    for name in $PARTS; do
+        case $name in
+            check) part check "$CHECK_S" scripts/check_identical.py --out "$OUT/check_identical.json" "${CHECK_ARGS[@]}" ;;
+            decode) part decode "$DECODE_S" scripts/bench_decode.py --out "$OUT/bench_decode.json" "${DECODE_ARGS[@]}" ;;
+            offload) part offload "$OFFLOAD_S" scripts/bench_offload.py --out "$OUT/bench_offload.json" "${OFFLOAD_ARGS[@]}" ;;
+            prefetch) part prefetch "$PREFETCH_S" scripts/bench_prefetch.py --traces "$TRACES" --out "$OUT/bench_prefetch.json" \
+                "${PREFETCH_ARGS[@]}" ;;
+        esac
+    done
+} 2>&1 | tee "$OUT/session.log"
+
+echo
+echo "=== tables"
+for name in $PARTS; do
+    [ -f "$LOGS/$name.log" ] || continue
+    echo "--- $name"
+    # Each script's table is what it prints after its last empty line.
+    awk 'BEGIN { n = 0 } /^$/ { n = NR } { line[NR] = $0 } END { for (i = n + 1; i <= NR; i++) print line[i] }' "$LOGS/$name.log"
+done

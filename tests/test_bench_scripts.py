@@ -1,0 +1,106 @@
+"""The benchmark scripts' logic that decides what their numbers mean: the routing replay (which recorded token
+each slot and position runs), the lab's count of the same steps (LRU and Belady), and the floors."""
+
+import jax
+import numpy as np
+import pytest
+
+from moejax.models.decoder import kv_cache_bytes
+from moejax.routing.traces import RoutingTrace
+from moejax.runtime.directory import ExpertDirectory
+from moejax.runtime.policies import Belady
+from scripts.bench_offload import add_floor
+from scripts.bench_prefetch import RoutingReplay, engine_steps, lab_replay
+from scripts.benchlib import (
+    active_bytes_per_token, build_random_engine, decode_stats, model_config, pinned_stacks, random_dense_params,
+)
+
+
+def random_trace(num_layers: int, num_experts: int, top_k: int, seq_lens: list[int], seed: int) -> RoutingTrace:
+    """Distinct random experts per token and layer, as a trace records them."""
+    rng = np.random.default_rng(seed)
+    experts = np.stack([np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(sum(seq_lens))])
+                        for _ in range(num_layers)])
+    return RoutingTrace(experts, np.array(seq_lens), num_experts)
+
+
+def test_replay_maps_each_slot_to_its_sequence_and_position():
+    trace = random_trace(num_layers=2, num_experts=8, top_k=2, seq_lens=[3, 5], seed=0)
+    replay = RoutingReplay(trace)
+    replay.assign(0, 1)
+    replay.assign(2, 0)
+    out = replay([0, -1, 2], np.array([[1, 2, 7], [0, 0, 0], [0, 1, 2]]))
+    assert out.shape == (2, 9, 2) and out.dtype == np.int32
+    filler = np.array([0, 1])
+    np.testing.assert_array_equal(out[:, 0:2], trace.experts[:, [3 + 1, 3 + 2]])  # sequence 1 starts at token 3
+    np.testing.assert_array_equal(out[:, 2], np.broadcast_to(filler, (2, 2)))  # position 7: past its 5 tokens
+    np.testing.assert_array_equal(out[:, 3:6], np.broadcast_to(filler, (2, 3, 2)))  # padding row
+    np.testing.assert_array_equal(out[:, 6:9], trace.experts[:, 0:3])
+
+
+def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
+    """The engine records exactly the replayed routing, and the lab's LRU over `engine_steps` (prompt chunks
+    included: 25% of 2 x 64 experts makes chunks of 5 tokens) misses exactly as often as the engine."""
+    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[20, 25, 30], seed=1)
+    engine = build_random_engine(cfg, "cached", random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0]),
+                                 max_seq_len=64, expert_budget="0.25")
+    assert engine.prefill_chunk < 12
+    replay = RoutingReplay(trace)
+    engine.routing_override = replay
+    prompt, new_tokens, sequences, misses = list(range(1, 13)), 6, [2, 0, 1], []
+    for sequence in sequences:
+        replay.assign(0, sequence)
+        result = engine.generate([prompt], max_new_tokens=new_tokens, ignore_eos=True)
+        start = trace.offsets()[sequence]
+        np.testing.assert_array_equal(engine.routing(0)[0], trace.experts[:, start : start + len(prompt) + new_tokens - 1])
+        misses.append((result.stats["total"]["misses"], decode_stats(result)["misses"]))
+    steps = engine_steps(trace, sequences, len(prompt), new_tokens, engine.prefill_chunk)
+    added = lab_replay(steps, engine.cache.num_slots, cfg.num_experts, "lru", jax.devices()[0])
+    for sequence, (total, decode) in zip(sequences, misses, strict=True):
+        mine = [i for i, (s, _, _) in enumerate(steps) if s == sequence]
+        decoding = [i for i in mine if steps[i][1] == "decode"]
+        assert added[mine, :, 2].sum() == total and added[decoding, :, 2].sum() == decode  # column 2: misses
+    assert sum(total for total, _ in misses) > 0
+
+
+@pytest.mark.parametrize("capacity", [4, 6])
+def test_belady_priorities_miss_as_belady(capacity):
+    """The lab's Belady (the device cache's priority policy told each step's next uses) misses as often as the
+    slow, obviously-right Belady (Python `ExpertDirectory` + `policies.Belady`), and less than LRU."""
+    num_layers, num_experts = 3, 8
+    trace = random_trace(num_layers, num_experts, top_k=2, seq_lens=[44], seed=capacity)
+    steps = engine_steps(trace, [0], prompt_len=4, new_tokens=41, prefill_chunk=2)  # 2 steps of 2 tokens, then 40 of 1
+    device = jax.devices()[0]
+    belady = lab_replay(steps, capacity, num_experts, "belady", device)[..., 2].sum()
+    lru = lab_replay(steps, capacity, num_experts, "lru", device)[..., 2].sum()
+    needed = [(layer, sorted(set(experts[layer].ravel().tolist()))) for _, _, experts in steps for layer in range(num_layers)]
+    directory = ExpertDirectory(capacity, Belady(needed), num_layers)
+    for layer, experts in needed:
+        _, missed = directory.begin_layer(layer, experts)
+        for key in missed:
+            directory.admit(key)
+        directory.end_layer()
+    assert belady == directory.total.misses < lru
+
+
+def test_active_bytes_are_the_weights_a_token_reads():
+    """Every non-expert weight but the embedding table, top_k experts per MoE layer and the KV cache, counted
+    from the arrays themselves (a dense first layer, a shared expert)."""
+    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    globals_, layers = random_dense_params(cfg)
+    weights = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((globals_, layers)))
+    embedding = globals_["embed"]["embedding"].nbytes
+    expected = weights - embedding + len(cfg.moe_layer_ids) * cfg.top_k * cfg.expert_bytes + kv_cache_bytes(cfg, 1, 40)
+    assert active_bytes_per_token(cfg, context=40)["total_bytes"] == expected
+
+
+def test_offload_floor_is_the_slower_of_link_and_compute():
+    resident = {"decode_s_per_token": 0.01, "ttft_s": 0.2}
+    link_bound = {"decode_bytes_per_token": 2e9, "prefill_bytes": 1e9, "decode_s_per_token": 0.05, "ttft_s": 0.1}
+    add_floor(link_bound, resident, bandwidth=1e11)
+    assert link_bound["floor_s_per_token"] == pytest.approx(0.02) and link_bound["x_floor"] == pytest.approx(2.5)
+    assert link_bound["floor_ttft_s"] == pytest.approx(0.2)  # the prompt's 10 ms of link is under its compute
+    compute_bound = {"decode_bytes_per_token": 1e8, "prefill_bytes": 0, "decode_s_per_token": 0.011, "ttft_s": 0.2}
+    add_floor(compute_bound, resident, bandwidth=1e11)
+    assert compute_bound["floor_s_per_token"] == pytest.approx(0.01) and compute_bound["x_floor"] == pytest.approx(1.1)
