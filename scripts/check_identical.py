@@ -1,7 +1,7 @@
 """Offloading never changes results, checked on the machine it runs on (the GPU's kernels are not the CPU's).
 
 Loads a checkpoint (default: the shipped one) in every offloading mode, and in cached mode at the smallest
-budget (one step's top_k experts: prompts run in chunks of one token's experts) and at 25%, with every cache
+budget (the experts one step can need: one layer's, with the default prompt chunk) and at 25%, with every cache
 policy and every prefetcher, and compares prompt logits and greedy tokens bit for bit against the resident
 engine. Prints one line per configuration (the largest logit difference, whether the tokens match); exits 1
 if any differs or fails. --time-budget skips the configurations that would not fit (listed as skipped).
@@ -54,7 +54,7 @@ def main() -> int:
     start_backend(smoke=args.quick)
 
     cfg = load_config(args.checkpoint)
-    smallest = f"{cfg.top_k * cfg.expert_bytes}B"  # in bytes: a fraction could round below top_k experts
+    smallest = f"{cfg.num_experts * cfg.expert_bytes}B"  # in bytes: a fraction could round below one layer's experts
     result = {"environment": None, "checkpoint": args.checkpoint, "new_tokens": args.new_tokens, "configs": []}
     rows, reference, need = result["configs"], None, 0.0
     for options in configurations(smallest, args.quick):

@@ -40,12 +40,12 @@ def test_replay_maps_each_slot_to_its_sequence_and_position():
 
 def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
     """The engine records exactly the replayed routing, and the lab's LRU over `engine_steps` (prompt chunks
-    included: 25% of 2 x 64 experts makes chunks of 5 tokens) misses exactly as often as the engine."""
+    of 5 tokens included: up to 30 of the 32 experts a 25% budget of 2 x 64 holds) misses exactly as often as
+    the engine."""
     cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
     trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[20, 25, 30], seed=1)
     engine = build_random_engine(cfg, "cached", random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0]),
-                                 max_seq_len=64, expert_budget="0.25")
-    assert engine.prefill_chunk < 12
+                                 max_seq_len=64, prefill_chunk=5, expert_budget="0.25")
     replay = RoutingReplay(trace)
     engine.routing_override = replay
     prompt, new_tokens, sequences, misses = list(range(1, 13)), 6, [2, 0, 1], []
