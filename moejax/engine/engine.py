@@ -67,6 +67,9 @@ class Engine:
     tokens do not depend on what the other slots hold. `generate` and `stream` are loops over them.
     """
 
+    # The step programs by kind (a subclass for another model kind names its own, and may add kinds).
+    step_programs = {"decode": programs.decode_step, "prefill": programs.prefill_chunk}
+
     def __init__(self, cfg: ModelConfig, params, manager: OffloadManager | None, spec: programs.ProgramSpec,
                  *, cache: dc.CacheState, slab: dict, host: tuple, slots: int, max_seq_len: int, device,
                  tokenizer=None, path: Path | None = None, prefill_chunk: int = 512, expert_bytes: int = 0,
@@ -77,7 +80,7 @@ class Engine:
         self.tokenizer, self.path = tokenizer, path
         self.expert_bytes, self.stats_info = expert_bytes, stats_info or {}
         self.prefill_chunk = prefill_chunk
-        self.kv = _new_kv(cfg, slots + 1, max_seq_len, device)
+        self.kv = self._new_kv_caches()
         self.state: SlotState = new_slot_state(slots, device)
         self._sequences: dict[int, _Sequence] = {}
         self._epochs = [0] * slots
@@ -113,10 +116,13 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise MoejaxError(f"{what}: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        self._check_length(ids, what)
+        return ids
+
+    def _check_length(self, ids: list[int], what: str) -> None:
         if len(ids) >= self.max_seq_len:
             raise MoejaxError(f"{what} has {len(ids)} tokens; this engine holds {self.max_seq_len} per sequence "
                               f"(max_seq_len), one of them for a new token")
-        return ids
 
     # -- programs ----------------------------------------------------------------------------------
     def _program(self, kind: str, static: dict, args: tuple):
@@ -127,9 +133,16 @@ class Engine:
                tuple(np.shape(a) for a in args if isinstance(a, np.ndarray)))
         compiled = self._compiled.get(key)
         if compiled is None:
-            function = programs.decode_step if kind == "decode" else programs.prefill_chunk
-            compiled = self._compiled[key] = function.lower(*args, **static).compile()
+            compiled = self._compiled[key] = self.step_programs[kind].lower(*args, **static).compile()
         return compiled
+
+    def _new_kv_caches(self):
+        """The KV caches of every slot and the scratch slot, allocated once (donated to each step)."""
+        return _new_kv(self.cfg, self.slots + 1, self.max_seq_len, self.device)
+
+    def _step_static(self, slots: list[int]) -> dict:
+        """Static arguments of a decode step over `slots` besides its spec and attention length (none here)."""
+        return {}
 
     def _expert_args(self, inputs):
         return (self.cache, self.slab, self.host, inputs.staged_keys, inputs.priorities)
@@ -154,17 +167,8 @@ class Engine:
         task: a label for the trace collection; max_new_tokens: stop dispatching decode steps for this slot
         after that many tokens (the first included), so no step is spent past it.
         """
-        if not 0 <= slot < self.slots:
-            raise MoejaxError(f"slot {slot} is not one of this engine's slots 0..{self.slots - 1}")
-        if slot in self._sequences:
-            raise MoejaxError(f"slot {slot} is busy: release it first")
         ids = self._checked([int(t) for t in token_ids], "prompt")
-        sampling = sampling or SamplingParams()
-        self.state = _begin_slot(self.state, jnp.int32(slot), *sampling_row(sampling))
-        self._epochs[slot] += 1
-        sequence = _Sequence(self._epochs[slot], len(ids), None if max_new_tokens is None else max_new_tokens - 1, task)
-        if self.manager is not None and not self._sequences:
-            self.manager.start_sequence(task)
+        sequence = self._begin(slot, sampling, len(ids), task, max_new_tokens)
         routing, token = [], None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start : start + self.prefill_chunk]
@@ -185,6 +189,20 @@ class Engine:
         sequence.guesses += [g for _, g in routing if g is not None]
         self._sequences[slot] = sequence
         return int(token)
+
+    def _begin(self, slot: int, sampling: SamplingParams | None, length: int, task: str | None,
+               max_new_tokens: int | None) -> _Sequence:
+        """Claims free slot `slot` for a new sequence whose KV cache will hold `length` tokens after its prefill:
+        resets its state row with these sampling parameters -> the host bookkeeping (registered by the caller)."""
+        if not 0 <= slot < self.slots:
+            raise MoejaxError(f"slot {slot} is not one of this engine's slots 0..{self.slots - 1}")
+        if slot in self._sequences:
+            raise MoejaxError(f"slot {slot} is busy: release it first")
+        self.state = _begin_slot(self.state, jnp.int32(slot), *sampling_row(sampling or SamplingParams()))
+        self._epochs[slot] += 1
+        if self.manager is not None and not self._sequences:
+            self.manager.start_sequence(task)
+        return _Sequence(self._epochs[slot], length, None if max_new_tokens is None else max_new_tokens - 1, task)
 
     def decode(self) -> dict[int, int]:
         """The next token of every occupied slot: {slot: token} (empty when no slot is occupied)."""
@@ -237,7 +255,7 @@ class Engine:
         forced = self._forced([int(s) if a else -1 for s, a in zip(slot_ids, active)],
                               np.array([[self._sequences[s].length] if a else [0] for s, a in zip(slot_ids, active)]))
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active, forced)
-        static = dict(spec=self.spec, attend_len=self._attend_len(longest))
+        static = dict(spec=self.spec, attend_len=self._attend_len(longest), **self._step_static(chosen))
         tokens, routing, guesses, resident, self.cache, self.slab, self.kv, self.state = \
             self._program("decode", static, args)(*args)
         for array in (tokens, routing, guesses, resident):
@@ -320,17 +338,17 @@ class Engine:
             yield text[len(shown):]
 
     def _generation(self, prompts: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, *,
-                    tasks: Sequence[str | None] | None = None, **overrides) -> Generator[list[list[int]], None, GenerationResult]:
+                    tasks: Sequence[str | None] | None = None, prefill_options: dict | None = None,
+                    **overrides) -> Generator[list[list[int]], None, GenerationResult]:
         """`generate` a step at a time: yields every prompt's new tokens after each step and returns the
         GenerationResult. Its times are the steps', compilation apart: what the caller does in between is
-        not counted. However it is left (an error, a stream abandoned), its slots are released."""
+        not counted. However it is left (an error, a stream abandoned), its slots are released.
+        prefill_options: more keywords for every `prefill` (a subclass's)."""
         config = generation_config(config, overrides)
         compile_start = compile_seconds()
         ids = self.encode(prompts)
         for n, prompt in enumerate(ids):
-            if len(prompt) + config.max_new_tokens > self.max_seq_len:
-                raise MoejaxError(f"prompt {n}: {len(prompt)} tokens + {config.max_new_tokens} new tokens exceed the "
-                                  f"engine's {self.max_seq_len} positions per sequence (max_seq_len)")
+            self._check_room(n, prompt, config.max_new_tokens)
         tasks = list(tasks) if tasks is not None else [None] * len(ids)
         stops = self.stop_ids(config)
         if self._sequences:
@@ -359,7 +377,8 @@ class Engine:
                 b = waiting.popleft()
                 slot = min(set(range(self.slots)) - set(owner))
                 sampling = dataclasses.replace(config.sampling, seed=(config.seed * 65537 + b) % 2**32)
-                token = self.prefill(slot, ids[b], sampling, task=tasks[b], max_new_tokens=config.max_new_tokens)
+                token = self.prefill(slot, ids[b], sampling, task=tasks[b], max_new_tokens=config.max_new_tokens,
+                                     **(prefill_options or {}))
                 owner[slot] = b
                 accept(slot, token)
 
@@ -394,6 +413,12 @@ class Engine:
         stats = self.stats()
         stats["prefill"] = prefill_stats  # totals after the prompts first admitted; decode = total - prefill
         return GenerationResult(generated, text, reasons, timing, stats)
+
+    def _check_room(self, n: int, prompt: list[int], max_new_tokens: int) -> None:
+        """Refuses prompt n when its sequence would not fit a slot."""
+        if len(prompt) + max_new_tokens > self.max_seq_len:
+            raise MoejaxError(f"prompt {n}: {len(prompt)} tokens + {max_new_tokens} new tokens exceed the "
+                              f"engine's {self.max_seq_len} positions per sequence (max_seq_len)")
 
     def logits(self, prompts: Prompt | Sequence[Prompt]) -> list[np.ndarray]:
         """Full-sequence logits [len_i, V] float32 per prompt (each prefilled alone in a free slot)."""
