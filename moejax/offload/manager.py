@@ -65,9 +65,10 @@ class ActivationScores:
         self.usage.reset()
 
     def observe(self, counts: np.ndarray) -> None:
-        """Token counts [L, E] of one step."""
+        """Token counts [L, E] of one step (a layer without any did not run in it)."""
         for layer in range(self.num_layers):
-            self.usage.observe(layer, counts[layer])
+            if counts[layer].any():
+                self.usage.observe(layer, counts[layer])
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """(ahead, behind) float32 [L, E]."""
@@ -134,13 +135,15 @@ class OffloadManager:
 
     def observe(self, counts: np.ndarray, resident: np.ndarray) -> None:
         """A finished step: token counts [L, E] per MoE layer and expert, resident bool [L * E] after it.
-        Prepares the inputs of the next step dispatched."""
+        Prepares the inputs of the next step dispatched. Layers without tokens did not run in the step (an
+        encoder-decoder model's encoder during decode steps, its decoder while encoding): not observed."""
         if self.scores is not None:
             self.scores.observe(counts)
         staged_keys = None
         if self.prefetcher is not None:
             for layer in range(self.num_layers):
-                self.prefetcher.observe(layer, counts[layer])
+                if counts[layer].any():
+                    self.prefetcher.observe(layer, counts[layer])
             keys = self._predicted(resident)
             if keys:
                 padded = np.full(self.staged_per_step, -1, np.int32)
