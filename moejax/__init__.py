@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from moejax.engine.slots import SamplingParams
     from moejax.errors import MoejaxError
     from moejax.offload.config import OffloadConfig
-    from moejax.runtime.seq2seq import Seq2SeqEngine
+    from moejax.engine.seq2seq import Seq2SeqEngine
 
 _EXPORTS = {
     "load": "moejax.engine.loading",
@@ -35,7 +35,7 @@ _EXPORTS = {
     "GenerationResult": "moejax.engine.results",
     "SamplingParams": "moejax.engine.slots",
     "OffloadConfig": "moejax.offload.config",
-    "Seq2SeqEngine": "moejax.runtime.seq2seq",
+    "Seq2SeqEngine": "moejax.engine.seq2seq",
     "ModelConfig": "moejax.config",
     "MoejaxError": "moejax.errors",
 }

@@ -189,7 +189,7 @@ def test_random_model_of_a_card_saves_loads_and_generates(tmp_path):
              "encoder_ffn_dim": 24, "decoder_ffn_dim": 24, "num_experts": 4, "encoder_sparse_step": 2, "decoder_sparse_step": 2}
     cfg = nllb_moe.config_from_hf(small)
     checkpoint.save_checkpoint(tmp_path / "ckpt", cfg, *encdec.init_params(cfg, jax.random.PRNGKey(0)))
-    engine = moejax.load(tmp_path / "ckpt", executor="whole-model")
+    engine = moejax.load(tmp_path / "ckpt")
     assert engine.cfg == cfg
     result = engine.generate([[5, 6, 7]], max_new_tokens=3, ignore_eos=True)
     assert len(result.tokens[0]) == 3

@@ -1,20 +1,26 @@
 """Encoder-decoder families against transformers on the same weights (float32, CPU).
 
-Cases whose transformers config drops tokens at these sizes (small expert capacity) are compared
-in capacity routing; the others in the default dropless routing (transformers drops nothing there).
-The comparisons run the device-routed executor; `test_per_layer_paths_equal_whole_model` shows the
-host-routed one (the default) and the whole-model programs give the same results.
+Cases whose transformers config drops tokens at these sizes (small expert capacity) are compared in
+capacity routing; the others in the default dropless routing (transformers drops nothing there). The
+engine routes each sequence as its own capacity group, so it is compared with transformers run on each
+source alone (in dropless routing that is also what a padded batch gives). The engine's step programs are
+compared with the whole-model reference functions of `models.encdec` too.
 """
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_zoo import assert_logits_close
 from hf_zoo_encdec import CASES, LANGS, build, case_id, hf_forward, hf_generate, random_sources
 
 import moejax
-from moejax.runtime.buckets import batch_bucket
+from moejax import checkpoint
+from moejax.models import encdec
+from moejax.models.capacity import capacity_for
 
-EXECUTOR = "device-routed"
 DROPPING = {("switch_transformers", "untied"), ("nllb-moe", "untied"), ("nllb-moe", "capacity")}
 
 
@@ -32,13 +38,11 @@ def decoder_inputs(engine, n: int, length: int = 7, seed: int = 9):
 
 
 def dropped_pairs(engine, sources) -> int:
-    """(token, expert) pairs of real source tokens that the encoder's MoE layers dropped in the last call."""
-    cfg, batch, total = engine.cfg, batch_bucket(len(sources)), 0
-    for g in cfg.moe_layer_ids:
-        if not cfg.is_decoder_layer(g):
-            ids = np.asarray(engine.executor.last_routing[g]).reshape(batch, -1, cfg.top_k)
-            total += sum(int((ids[b, : len(s)] == cfg.num_experts).sum()) for b, s in enumerate(sources))
-    return total
+    """(token, expert) pairs of the sources that the encoder's MoE layers dropped (routed to id E)."""
+    engine.generate(sources, max_new_tokens=1)
+    cfg = engine.cfg
+    encoder = [m for m, g in enumerate(cfg.moe_layer_ids) if not cfg.is_decoder_layer(g)]
+    return sum(int((engine.routing(b)[0][encoder, : len(s)] == cfg.num_experts).sum()) for b, s in enumerate(sources))
 
 
 @pytest.fixture(scope="module")
@@ -49,73 +53,80 @@ def root(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_outputs_and_greedy_tokens_match_transformers(case, root):
     model, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt, routing=routing(case), executor=EXECUTOR)
+    engine = moejax.load(ckpt, routing=routing(case), slots=2)
     sources = random_sources([13, 1])
     targets = decoder_inputs(engine, len(sources))
-    enc_ref, logits_ref = hf_forward(model, sources, targets)
-    for ours, ref in zip(engine.encoder_outputs(sources), enc_ref, strict=True):
-        assert_logits_close(ours, ref)
-    logits = engine.logits(sources, targets)
-    for ours, ref in zip(logits, logits_ref, strict=True):
-        assert_logits_close(ours, ref)
+    encoded, logits = engine.encoder_outputs(sources), engine.logits(sources, targets)
+    for source, target, ours_enc, ours in zip(sources, targets, encoded, logits, strict=True):
+        enc_ref, logits_ref = hf_forward(model, [source], [target])
+        assert_logits_close(ours_enc, enc_ref[0])
+        assert_logits_close(ours, logits_ref[0])
     if case in DROPPING:
         assert dropped_pairs(engine, sources) > 0
 
     sources = random_sources([9, 4], seed=1)
     ours = engine.generate(sources, max_new_tokens=20, ignore_eos=True, forced_bos_id=forced(case)).tokens
-    assert ours == hf_generate(model, sources, 20, forced_bos_token_id=forced(case))
+    assert ours == [hf_generate(model, [s], 20, forced_bos_token_id=forced(case))[0] for s in sources]
 
 
-def test_stopped_rows_match_transformers(root):
-    """A row that stops early is fed the pad token afterwards; with capacity shared by the batch
-    (NLLB) that changes the other rows' routing, exactly as in transformers."""
+def test_stop_token_ends_a_target_as_in_transformers(root):
     case = ("nllb-moe", "capacity")
     model, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt, routing="capacity", executor=EXECUTOR)
+    engine = moejax.load(ckpt, routing="capacity", slots=2)
     sources = random_sources([9, 4], seed=4)
-    stop = hf_generate(model, sources, 12, forced_bos_token_id=forced(case))[0][2]
-    expected = hf_generate(model, sources, 12, eos_token_id=stop, forced_bos_token_id=forced(case))
+    stop = hf_generate(model, sources[:1], 12, forced_bos_token_id=forced(case))[0][2]
+    expected = [hf_generate(model, [s], 12, eos_token_id=stop, forced_bos_token_id=forced(case))[0] for s in sources]
     result = engine.generate(sources, max_new_tokens=12, stop_token_ids=(stop,), ignore_eos=True, forced_bos_id=forced(case))
     assert result.tokens == expected
     assert result.finish_reasons[0] == "stop" and len(result.tokens[0]) < 12
 
 
 @pytest.mark.parametrize("case", [("switch_transformers", "basic"), ("nllb-moe", "basic")], ids=case_id)
-def test_padded_batch_equals_each_source_alone(case, root):
-    _, _, ckpt = build(case, root)
-    engine = moejax.load(ckpt, executor=EXECUTOR)
+def test_padded_batch_in_transformers_equals_each_source_alone(case, root):
+    """Dropless routing: what the engine computes per source is transformers' padded batch too."""
+    model, _, ckpt = build(case, root)
+    engine = moejax.load(ckpt, slots=2)
     sources = random_sources([11, 2], seed=2)
-    batched = engine.generate(sources, max_new_tokens=8, ignore_eos=True, forced_bos_id=forced(case))
+    ours = engine.generate(sources, max_new_tokens=8, ignore_eos=True, forced_bos_id=forced(case)).tokens
+    assert ours == hf_generate(model, sources, 8, forced_bos_token_id=forced(case))
     targets = decoder_inputs(engine, len(sources), seed=3)
-    batched_logits = engine.logits(sources, targets)
-    for i, source in enumerate(sources):
-        alone = engine.generate([source], max_new_tokens=8, ignore_eos=True, forced_bos_id=forced(case))
-        assert alone.tokens[0] == batched.tokens[i]
-        assert_logits_close(engine.logits([source], [targets[i]])[0], batched_logits[i], rel=1e-5)
+    for ours, ref in zip(engine.logits(sources, targets), hf_forward(model, sources, targets)[1], strict=True):
+        assert_logits_close(ours, ref)
 
 
-def test_per_layer_paths_equal_whole_model(root):
-    """Device-routed per-layer calls, host-routed expert waves and the whole-model programs agree
-    (in capacity routing, so dropped pairs flow through every path). The executors are
-    family-agnostic; this case has dense and MoE layers in both stacks."""
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_logits(cfg, globals_, layers, experts, source, target):
+    """The whole-model functions of `models.encdec` on one source and one teacher-forced target."""
+    def route_in(tokens):
+        ones = jnp.ones(tokens.shape, bool)
+        return encdec.RouteInputs(ones, ones, jnp.int32(capacity_for(cfg, tokens.shape[1])))
+
+    enc_out, _ = encdec.encode(cfg, globals_, layers, experts, source, jnp.ones(source.shape, bool), route_in(source))
+    cross = encdec.cross_keys_values(cfg, layers, enc_out)
+    positions = jnp.arange(target.shape[1], dtype=jnp.int32)[None]
+    caches = [(jnp.zeros(encdec.kv_cache_shape(cfg, 1, target.shape[1]), cfg.dtype),) * 2 for _ in cfg.decoder_layer_ids]
+    y, _, _ = encdec.decode(cfg, globals_, layers, experts, target, positions, caches, cross, jnp.ones(source.shape, bool),
+                            route_in(target))
+    return encdec.apply_globals(cfg, globals_, "logits", y)[0]
+
+
+def test_step_programs_equal_the_whole_model_reference(root):
+    """In capacity routing, so dropped pairs flow through every path; this case has dense and MoE layers in
+    both stacks. The smallest cache (one layer's experts) changes no bit."""
     case = ("switch_transformers", "untied")
     _, _, ckpt = build(case, root)
-    device = moejax.load(ckpt, routing="capacity", executor="device-routed")
-    whole = moejax.load(ckpt, routing="capacity", executor="whole-model")
-    host = moejax.load(ckpt, routing="capacity")  # the default executor
-    resident_cfg = host.cfg
-    # The offloading runtime at its smallest cache: several waves per layer, every expert a copy.
-    offloaded = moejax.load(ckpt, routing="capacity", offload="cached", expert_budget=f"{resident_cfg.top_k * resident_cfg.expert_bytes}B")
+    resident = moejax.load(ckpt, routing="capacity", slots=1)
+    cfg = resident.cfg
+    smallest = moejax.load(ckpt, routing="capacity", slots=1, offload="cached",
+                           expert_budget=f"{cfg.num_experts * cfg.expert_bytes}B")
+    weights = (checkpoint.load_globals(ckpt), [checkpoint.load_layer(ckpt, g) for g in range(cfg.num_layers)],
+               [checkpoint.load_stacked_experts(ckpt, cfg, g) if cfg.moe_layers[g] else None for g in range(cfg.num_layers)])
     sources = random_sources([10, 3], seed=5)
-    targets = decoder_inputs(device, len(sources), seed=6)
-    reference = whole.logits(sources, targets)
-    for engine in (device, host, offloaded):
-        for a, b in zip(engine.logits(sources, targets), reference, strict=True):
-            assert_logits_close(a, b, rel=1e-5)
-    for a, b in zip(offloaded.logits(sources, targets), host.logits(sources, targets), strict=True):
-        np.testing.assert_array_equal(a, b)  # offloading changes nothing, bit for bit
-    tokens = whole.generate(sources, max_new_tokens=10, ignore_eos=True, forced_bos_id=forced(case)).tokens
-    for engine in (device, host, offloaded):
-        assert engine.generate(sources, max_new_tokens=10, ignore_eos=True, forced_bos_id=forced(case)).tokens == tokens
-    stats = offloaded.generate(sources, max_new_tokens=4, forced_bos_id=forced(case)).stats["total"]
-    assert stats["misses"] > 0 and stats["hits"] + stats["misses"] == stats["activations"]
+    targets = decoder_inputs(resident, len(sources), seed=6)
+    ours = resident.logits(sources, targets)
+    for source, target, logits in zip(sources, targets, ours, strict=True):
+        reference = _reference_logits(cfg, *weights, jnp.asarray([source]), jnp.asarray([target]))
+        assert_logits_close(logits, np.asarray(reference), rel=1e-5)
+    for a, b in zip(smallest.logits(sources, targets), ours, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert smallest.stats()["capacity_experts"] == cfg.num_experts < len(cfg.moe_layer_ids) * cfg.num_experts

@@ -11,8 +11,6 @@ import json
 import numpy as np
 import pytest
 from hf_zoo import build, random_prompts
-from hf_zoo_encdec import build as build_encdec
-from hf_zoo_encdec import random_sources
 
 import moejax
 from moejax import checkpoint
@@ -61,33 +59,6 @@ def test_every_prefetcher_and_policy_equals_resident(qwen):
                 if prefetch != "none" and budget == "0.5":
                     assert total["prefetch_issued"] > 0, label
                 assert 0 <= total["prefetch_precision"] <= 1 and 0 <= total["prefetch_recall"] <= 1
-
-
-@pytest.mark.parametrize("case", [("switch_transformers", "basic"), ("nllb-moe", "basic")])
-def test_encoder_decoder_prefetchers_equal_resident(root, case):
-    _, _, ckpt = build_encdec(case, root)
-    resident = moejax.load(ckpt)
-    sources = random_sources([7, 4], seed=2)
-    expected = resident.generate(sources, max_new_tokens=NEW_TOKENS).tokens
-    for prefetch in ("lookahead", "trace+lookahead", "trace"):  # trace last: its engine is checked below
-        engine = moejax.load(ckpt, offload="cached", expert_budget="0.5", cache_policy="activation", prefetch=prefetch)
-        runner, read = engine.executor.runner, []
-        run = runner.run
-        runner.run = lambda *args: read.append(args[-1].sharding.memory_kind) or run(*args)
-        for _ in range(2):
-            result = engine.generate(sources, max_new_tokens=NEW_TOKENS)
-            assert result.tokens == expected, prefetch
-        assert result.stats["total"]["prefetch_issued"] > 0, prefetch
-        assert set(read) == {"pinned_host"}, prefetch  # the programs write the routing to host memory
-        del runner.run
-        assert len(engine.executor.runner.collection) == 4
-    experts, lookahead = engine.executor.routing(0)
-    assert lookahead is None  # recorded only when asked for or used
-    engine.executor.runner.record_lookahead = True
-    engine.generate(sources, max_new_tokens=NEW_TOKENS)
-    experts, lookahead = engine.executor.routing(0)
-    assert lookahead.shape == experts.shape and (lookahead[0] == NO_PREDICTION).all()
-    assert (lookahead >= 0).any()
 
 
 def test_recorded_routing_and_eam_match_the_model(qwen):

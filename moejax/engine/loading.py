@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -11,11 +12,16 @@ import numpy as np
 
 from moejax import checkpoint
 from moejax.config import ModelConfig
+from moejax.encdec_config import ROUTING_MODES, EncDecConfig
 from moejax.engine import decoder_programs as programs
+from moejax.engine import encdec_programs
 from moejax.engine.engine import Engine
+from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.models.decoder import kv_cache_bytes
+from moejax.models.encdec import expert_shapes as encdec_expert_shapes
+from moejax.models.registry import kind_of
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
 from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_sharding, size_pinned_pool
@@ -48,8 +54,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
         other fields as keywords: `load(path, "cached", expert_budget="12GiB", cache_policy="lfu")`.
-    slots: sequences held at once (KV caches of slots x max_seq_len positions, allocated at load).
-    prefill_chunk: most prompt tokens one prefill program takes (longer prompts run in chunks).
+    slots: sequences held at once (KV caches of slots x max_seq_len positions, allocated at load; an
+        encoder-decoder model's sources and targets hold max_seq_len tokens each).
+    prefill_chunk: most prompt tokens one prefill program takes (longer prompts run in chunks; decoder
+        models: an encoder-decoder model encodes a source in one program).
     routing: encoder-decoder models: 'dropless' (default) or 'capacity' (transformers' token dropping);
         decoder families always route dropless.
 
@@ -64,23 +72,32 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         raise ParameterError("give the offload options in {offload} (an OffloadConfig), not also as {names}",
                              names=", ".join(sorted(offload_options)))
     config = offload if isinstance(offload, OffloadConfig) else OffloadConfig(offload, **offload_options)
-    if not isinstance(cfg, ModelConfig):
-        from moejax.runtime.loading import load as load_encdec
-
-        options = {k: getattr(config, k) for k in ("expert_budget", "cache_policy", "prefetch", "prefetch_per_layer",
-                                                     "prefetch_floor", "traces")}
-        return load_encdec(path, offload=config.mode, device=device, show_progress=show_progress, routing=routing,
-                           max_batch=slots, max_seq_len=max_seq_len, **options)
-    if routing not in (None, "dropless"):
-        raise ParameterError("{routing} {routing_value!r}: {family} routing is always dropless (capacity is for "
-                             "encoder-decoder models)", routing_value=routing, family=cfg.family)
+    cfg = with_routing(cfg, routing)
     num_moe = len(cfg.moe_layer_ids)
     prepare_backend(num_moe * cfg.num_experts * cfg.expert_bytes if config.mode != "resident" else None)
     globals_ = checkpoint.load_globals(path)
     layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
-    return build_engine(cfg, globals_, layers, _expert_stacks(path, cfg, show_progress), config, slots=slots,
-                        max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, device=device,
-                        tokenizer=load_tokenizer(path), path=path)
+    stacks = _expert_stacks(path, cfg, show_progress)
+    if kind_of(cfg).encoder_decoder:
+        return build_seq2seq_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
+                                    device=device, tokenizer=load_tokenizer(path), path=path)
+    return build_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
+                        prefill_chunk=prefill_chunk, device=device, tokenizer=load_tokenizer(path), path=path)
+
+
+def with_routing(cfg: ModelConfig | EncDecConfig, routing: str | None) -> ModelConfig | EncDecConfig:
+    """cfg with the `routing` parameter applied: encoder-decoder models route dropless or with capacity,
+    decoder families always dropless."""
+    if routing is None:
+        return cfg
+    if not kind_of(cfg).encoder_decoder:
+        if routing != "dropless":
+            raise ParameterError("{routing} {routing_value!r}: {family} routing is always dropless (capacity is for "
+                                 "encoder-decoder models)", routing_value=routing, family=cfg.family)
+        return cfg
+    if routing not in ROUTING_MODES:
+        raise ParameterError.not_one_of("routing", routing, ROUTING_MODES)
+    return cfg.replace(routing=routing)
 
 
 def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
@@ -89,18 +106,86 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
     made on the device). unroll_layers: see `ProgramSpec` (default: on GPUs, not on the CPU)."""
-    for name, value, least in (("slots", slots, 1), ("max_seq_len", max_seq_len, 2), ("prefill_chunk", prefill_chunk, 1)):
+    _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
+    max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
+    device = device or jax.devices()[0]
+    step_experts = programs.distinct_size(cfg, max(prefill_chunk, slots))
+    need = ("a prompt chunk of {chunk} tokens, or one token of {rows} sequences; minimum budget {minimum:,} bytes): "
+            "give a larger budget, or a smaller {prefill_chunk} and {slots}")
+    experts = place_experts(cfg, config, expert_stacks, _shapes(cfg), device, step_experts,
+                            kv_cache_bytes(cfg, slots + 1, max_seq_len), need, chunk=prefill_chunk, rows=slots)
+    spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
+                                unroll_layers=device.platform != "cpu" if unroll_layers is None else unroll_layers)
+    return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),
+                  experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
+                  max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
+                  expert_bytes=cfg.expert_bytes, stats_info=experts.info)
+
+
+def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
+                         config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, device=None, tokenizer=None,
+                         path: Path | None = None, unroll_layers: bool | None = None) -> Seq2SeqEngine:
+    """`build_engine` for an encoder-decoder model: a Seq2SeqEngine whose sources and targets hold up to
+    max_seq_len tokens each (`engine.encdec_programs` describes its programs and where its experts live)."""
+    _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2))
+    device = device or jax.devices()[0]
+    largest = max(cfg.moe_layer_ids, key=cfg.ffn_size)
+    shapes = {name: (shape, np.dtype(cfg.np_dtype)) for name, shape in encdec_expert_shapes(cfg, largest).items()}
+    step_experts = programs.distinct_size(cfg, max(max_seq_len, slots))
+    decoder_kv = 2 * 2 * cfg.num_decoder_layers * (slots + 1) * max_seq_len * cfg.inner_size * cfg.dtype_bytes
+    need = ("a source of {tokens} tokens, or one token of {rows} sequences; minimum budget {minimum:,} bytes): "
+            "give a larger budget, or a smaller {max_seq_len} and {slots}")
+    experts = place_experts(cfg, config, (_padded(stack, shapes) for stack in expert_stacks), shapes, device,
+                            step_experts, decoder_kv, need, tokens=max_seq_len, rows=slots)
+    # One capacity group per sequence: a sequence's tokens do not depend on the other slots (encdec_programs).
+    spec = encdec_programs.Seq2SeqSpec(cfg.replace(capacity_group="sequence"), config.mode, experts.policy,
+                                       experts.lookahead,
+                                       unroll_layers=device.platform != "cpu" if unroll_layers is None else unroll_layers)
+    params = jax.device_put(encdec_programs.program_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device))
+    return Seq2SeqEngine(cfg, params, experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host,
+                         slots=slots, max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path,
+                         expert_bytes=cfg.expert_bytes, stats_info=experts.info)
+
+
+def _check_sizes(**sizes: tuple[int, int]) -> None:
+    """sizes: {parameter: (value, least allowed)}."""
+    for name, (value, least) in sizes.items():
         if value < least:
             raise ParameterError("{" + name + "} must be >= {least} (got {value})", least=least, value=value)
-    max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
+
+
+def _padded(stack: dict, shapes: dict) -> dict:
+    """A layer's stacked experts {name: [E, ...]} zero-padded to one expert's `shapes` {name: (shape, dtype)}."""
+    if all(w.shape[1:] == shapes[name][0] for name, w in stack.items()):
+        return stack
+    return {name: np.pad(w, [(0, 0)] + [(0, want - have) for have, want in zip(w.shape[1:], shapes[name][0], strict=True)])
+            for name, w in stack.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedExperts:
+    """Where `place_experts` put the routed experts, and the host-side manager of a cached engine."""
+
+    cache: dc.CacheState
+    slab: dict
+    host: tuple
+    manager: OffloadManager | None
+    policy: str  # the device cache policy
+    lookahead: int  # experts the lookahead fetches per MoE layer step
+    info: dict  # for the statistics
+
+
+def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert_stacks: Iterable[dict], shapes: dict,
+                  device, step_experts: int, kv_bytes: int, need: str, **need_values) -> PlacedExperts:
+    """Puts every MoE layer's expert stacks ({name: [E, ...]}, one layer at a time) where `config` says: a device
+    slab of them all (resident), or pinned host memory, with a cache of the budget's slots in cached mode (see
+    `_capacity`: step_experts, kv_bytes, need). shapes: one expert's {name: (shape, dtype)}."""
     num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
     collection = trace_collection(cfg, config.traces)
-    device = device or jax.devices()[0]
     on_device = jax.sharding.SingleDeviceSharding(device)
-    params = jax.device_put(stacked_params(cfg, globals_, layers), on_device)
     manager, host, info = None, (), {}
     if config.mode == "resident":
-        slab = empty_slab(_shapes(cfg), num_moe * E, device)
+        slab = empty_slab(shapes, num_moe * E, device)
         for m, stack in enumerate(expert_stacks):
             slab = _write_layer(slab, jax.device_put(stack, on_device), m * E)
         cache = dc.empty_state(num_moe, E, 1)
@@ -110,8 +195,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         info["host_experts"] = num_moe * E
         cache, slab = dc.empty_state(num_moe, E, 1), {}
         if config.mode == "cached":
-            capacity = _capacity(cfg, config, device, slots, max_seq_len, prefill_chunk)
-            cache, slab = dc.empty_state(num_moe, E, capacity), empty_slab(_shapes(cfg), capacity, device)
+            capacity = _capacity(cfg, config, device, step_experts, kv_bytes, need, **need_values)
+            cache, slab = dc.empty_state(num_moe, E, capacity), empty_slab(shapes, capacity, device)
             staged = 2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step
             manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.policy, prefetch=config.prefetch,
                                      staged_per_step=staged, prefetch_floor=config.prefetch_floor, collection=collection,
@@ -119,13 +204,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     lookahead = 0
     if manager is not None and manager.lookahead:
         lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
-    if unroll_layers is None:
-        unroll_layers = device.platform != "cpu"
-    spec = programs.ProgramSpec(cfg, config.mode, manager.device_policy if manager is not None else "lru", lookahead,
-                                unroll_layers=unroll_layers)
-    return Engine(cfg, params, manager, spec, cache=jax.device_put(cache, on_device), slab=slab, host=host, slots=slots,
-                  max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
-                  expert_bytes=cfg.expert_bytes, stats_info=info)
+    return PlacedExperts(jax.device_put(cache, on_device), slab, host, manager,
+                         manager.device_policy if manager is not None else "lru", lookahead, info)
 
 
 def stacked_params(cfg: ModelConfig, globals_: dict, layers: list[dict]) -> dict:
@@ -162,26 +242,24 @@ def _expert_stacks(path: Path, cfg: ModelConfig, show_progress: bool) -> Iterato
     progress.close()
 
 
-def _capacity(cfg: ModelConfig, config: OffloadConfig, device, slots: int, max_seq_len: int, prefill_chunk: int) -> int:
-    """Expert slots for the budget: at least the experts one step can use at once (a prompt chunk's, or one
-    token of every slot's: usually one layer's worth), at most every expert, within device memory (next to
-    the dense weights, the KV caches and a step's gathered experts). Steps are the same at every budget, so
-    outputs are too."""
+def _capacity(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, device, step_experts: int, kv_bytes: int, need: str,
+              **need_values) -> int:
+    """Expert slots for the budget: at least the experts one step can use at once (`step_experts`: usually one
+    layer's worth; `need`, a ParameterError template with `need_values`, says what makes a step need them), at
+    most every expert, within device memory (next to the dense weights, `kv_bytes` of KV caches and a step's
+    gathered experts). Steps are the same at every budget, so outputs are too."""
     total = len(cfg.moe_layer_ids) * cfg.num_experts
     budget = parse_budget(config.budget, total * cfg.expert_bytes)
-    step_experts = programs.distinct_size(cfg, max(prefill_chunk, slots))
     if min(budget // cfg.expert_bytes, total) < step_experts:
         raise ParameterError(
-            "{expert_budget} of {budget:,} bytes holds {holds}, but a step of this engine can need {need} at once "
-            "(a prompt chunk of {chunk} tokens, or one token of {rows} sequences; minimum budget {minimum:,} bytes): "
-            "give a larger budget, or a smaller {prefill_chunk} and {slots}", budget=budget,
-            holds=plural(budget // cfg.expert_bytes, "expert"), need=step_experts, chunk=prefill_chunk, rows=slots,
-            minimum=step_experts * cfg.expert_bytes)
-    memory = device_memory(device, kv_cache_bytes(cfg, slots + 1, max_seq_len) + step_experts * cfg.expert_bytes)
+            "{expert_budget} of {budget:,} bytes holds {holds}, but a step of this engine can need {need} at once (" + need,
+            budget=budget, holds=plural(budget // cfg.expert_bytes, "expert"), need=step_experts,
+            minimum=step_experts * cfg.expert_bytes, **need_values)
+    memory = device_memory(device, kv_bytes + step_experts * cfg.expert_bytes)
     return cache_capacity(budget, cfg.expert_bytes, step_experts, total, memory)
 
 
-def trace_collection(cfg: ModelConfig, traces: str | Path | None) -> EAMCollection | None:
+def trace_collection(cfg: ModelConfig | EncDecConfig, traces: str | Path | None) -> EAMCollection | None:
     """The collection the trace prefetcher and the activation policy start from (`traces`: eams.npz or the
     directory `moejax trace` wrote), or None (they start empty)."""
     if traces is None:

@@ -145,17 +145,28 @@ class EncDecLayer(nn.Module):
         """The cross-attention K/V of this decoder layer: enc_out [B, S, D] -> (k, v) [B, S, H, hd]."""
         return self.cross_attn.keys_values(enc_out)
 
-    def decoder_attend(self, y, kv_cache, positions, bias, cross_kv, src_valid):
+    def decoder_attend(self, y, kv_cache, positions, bias, cross_kv, src_valid, slot_ids=None, attend_len=None,
+                       layer_index=None):
         """Causal self-attention (writing this call's K/V into the cache at `positions`), then
-        cross-attention: y [B, T, D]; kv_cache (k, v) [B, L, H, hd]; positions [B, T] int32."""
+        cross-attention: y [B, T, D]; kv_cache (k, v) [B, L, H, hd]; positions [B, T] int32;
+        cross_kv (k, v) [B, S, H, hd]; src_valid [B, S] bool.
+
+        With `slot_ids` (int32 [B]) the cache holds the engine's slots and layers, [layers, slots, L, H, hd]:
+        row b writes and reads layer `layer_index`'s cache row slot_ids[b], attending over its first
+        `attend_len` (static) positions (as `layers.Attention`)."""
         normed = self.self_norm(y)
         k, v = self.self_attn.keys_values(normed)
         k_cache, v_cache = kv_cache
-        rows = jnp.arange(y.shape[0])[:, None]
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
-        mask = attention_mask(positions, k_cache.shape[1], None)
-        h = y + self.self_attn(normed, k_cache, v_cache, mask, bias)
+        rows = (jnp.arange(y.shape[0]) if slot_ids is None else slot_ids)[:, None]
+        where = (rows, positions) if slot_ids is None else (layer_index, rows, positions)
+        k_cache = k_cache.at[where].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[where].set(v.astype(v_cache.dtype), mode="drop")
+        k_seen, v_seen = k_cache, v_cache
+        if slot_ids is not None:
+            seen = (layer_index, slot_ids, slice(None, attend_len))
+            k_seen, v_seen = k_cache[seen], v_cache[seen]
+        mask = attention_mask(positions, k_seen.shape[1], None)
+        h = y + self.self_attn(normed, k_seen, v_seen, mask, bias)
         cross_k, cross_v = cross_kv
         h = h + self.cross_attn(self.cross_norm(h), cross_k, cross_v, src_valid[:, None, :], None)
         return h, (k_cache, v_cache)
