@@ -57,8 +57,6 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     per_token = total["bytes_h2d"] / max(new_tokens, 1)
     line = (f"{head}: hit rate {total['hit_rate'] * 100:.1f}% ({total['hits']}/{total['activations']}), "
             f"{total['bytes_h2d'] / 1e9:.3f} GB host->GPU ({per_token / 1e6:.2f} MB/token)")
-    if "stall_s" in total:  # the host-routed engine of encoder-decoder models
-        line += f", stall {total['stall_s']:.3f} s"
     if total["prefetch_issued"]:
         line += (f", prefetch {total['prefetch_issued']} issued / {total['prefetch_used']} used "
                  f"(precision {total['prefetch_precision'] * 100:.0f}%, recall {total['prefetch_recall'] * 100:.0f}%)")

@@ -1,7 +1,7 @@
 """The routed-expert step of a MoE layer, through the expert cache, for every model kind and mode.
 
-Model executors (decoder-only: `runtime.host_routed`; encoder-decoder: `runtime.encdec_executors`)
-run a layer's dense part on the device, then call `ExpertRunner.run` with its routing and a
+The model executor (`runtime.host_routed`)
+runs a layer's dense part on the device, then calls `ExpertRunner.run` with its routing and a
 `finish` function. The runner reads the routing back, looks the distinct chosen experts up in
 the GPU cache, starts copying the misses, and passes the device arrays of exactly those experts
 to the expert function: `layer_fns.accumulate` for all waves but the last, `finish` for the last

@@ -9,21 +9,18 @@ import numpy as np
 
 from moejax import checkpoint
 from moejax.config import ModelConfig
-from moejax.encdec_config import ROUTING_MODES, EncDecConfig
+from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError, ParameterError
 from moejax.models.decoder import kv_cache_bytes
 from moejax.models.encdec import kv_cache_shape as encdec_kv_cache_shape
 from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
 from moejax.engine.compilation import use_compilation_cache
 from moejax.runtime.engine import Engine
-from moejax.runtime.encdec_executors import EXECUTORS as ENCDEC_EXECUTORS
-from moejax.runtime.encdec_executors import HostRoutedExecutor as EncDecHostRoutedExecutor
 from moejax.runtime.executors import DeviceRoutedExecutor, WholeModelExecutor
 from moejax.runtime.expert_runner import MODES, ExpertRunner
 from moejax.runtime.host_routed import HostRoutedExecutor
 from moejax.runtime.policies import ONLINE_POLICIES, CachePolicy, make_policy
 from moejax.routing.prefetchers import PREFETCHERS, Prefetcher, make_prefetcher
-from moejax.runtime.seq2seq import Seq2SeqEngine
 from moejax.runtime.store import HostExpertStore, size_pinned_pool
 from moejax.routing.eams import EAMCollection
 from moejax.tokenizer import load_tokenizer
@@ -50,7 +47,7 @@ def load(
     prefetch_floor: float | None = None,
     traces: str | Path | None = None,
 ) -> Engine:
-    """Loads a moejax checkpoint (an encoder-decoder one as a Seq2SeqEngine).
+    """Loads a decoder-only moejax checkpoint (encoder-decoder ones load with `moejax.load`, the step engine).
 
     offload: 'resident' (all experts on the device), 'cached' (experts in pinned host memory and a
         GPU cache of `expert_budget`), 'on-demand' (each layer's experts fetched every time) or
@@ -86,10 +83,9 @@ def load(
     cfg = checkpoint.load_config(path)
     check_offload_options(offload, executor, expert_budget, cache_policy, prefetch, prefetch_per_layer)
     cache_policy = cache_policy or "lru"
-    seq2seq = isinstance(cfg, EncDecConfig)
-    if seq2seq:
-        cfg = with_routing(cfg, routing)
-    elif routing not in (None, "dropless"):
+    if isinstance(cfg, EncDecConfig):
+        raise MoejaxError(f"{path}: an encoder-decoder checkpoint: load it with moejax.load")
+    if routing not in (None, "dropless"):
         raise ParameterError("{routing} {routing_value!r}: {family} routing is always dropless (capacity is for "
                              "encoder-decoder models)", routing_value=routing, family=cfg.family)
     collection = trace_collection(cfg, traces, prefetch, cache_policy)
@@ -104,20 +100,17 @@ def load(
     device = device or jax.devices()[0]
     globals_ = checkpoint.load_globals(path)
     layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
-    engine_cls = Seq2SeqEngine if seq2seq else Engine
     if executor != "host-routed":
         experts = [
             tuple(checkpoint.load_expert(path, i, e) for e in range(cfg.num_experts)) if cfg.moe_layers[i] else None
             for i in range(cfg.num_layers)
         ]
-        executor_cls = (ENCDEC_EXECUTORS if seq2seq else DECODER_EXECUTORS)[executor]
-        return engine_cls(cfg, executor_cls(cfg, globals_, layers, experts, device), load_tokenizer(path), path)
+        return Engine(cfg, DECODER_EXECUTORS[executor](cfg, globals_, layers, experts, device), load_tokenizer(path), path)
     store = HostExpertStore.from_checkpoint(path, cfg, device, on_device=offload == "resident", show_progress=show_progress)
     kv_bytes = reserved_kv_bytes(cfg, max_batch, min(max_seq_len, cfg.max_position_embeddings))
     runner = expert_runner(cfg, store, offload, expert_budget, policy, dense_bytes(globals_, layers), kv_bytes,
                            prefetcher=prefetcher, prefetch_per_layer=prefetch_per_layer, collection=collection)
-    executor_cls = EncDecHostRoutedExecutor if seq2seq else HostRoutedExecutor
-    return engine_cls(cfg, executor_cls(cfg, globals_, layers, runner), load_tokenizer(path), path)
+    return Engine(cfg, HostRoutedExecutor(cfg, globals_, layers, runner), load_tokenizer(path), path)
 
 
 def check_offload_options(offload: str, executor: str, expert_budget, cache_policy: str | None, prefetch: str,
@@ -164,14 +157,6 @@ def trace_collection(cfg, traces: str | Path | None, prefetch: str, cache_policy
                               f"but the model has {num_moe} x {cfg.num_experts}")
         return collection
     return EAMCollection(num_moe, cfg.num_experts) if reader else None
-
-
-def with_routing(cfg: EncDecConfig, routing: str | None) -> EncDecConfig:
-    if routing is None:
-        return cfg
-    if routing not in ROUTING_MODES:
-        raise ParameterError.not_one_of("routing", routing, ROUTING_MODES)
-    return cfg.replace(routing=routing)
 
 
 def dense_bytes(globals_, layers) -> int:
