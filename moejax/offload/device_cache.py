@@ -98,9 +98,10 @@ def _count(counters, layer, column, amount):
     return counters.at[layer, column].add(amount.astype(jnp.int32))
 
 
-def victim(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
-    """The slot to fill next: an empty one if any (lowest index), else the policy's choice among unpinned
-    slots. pinned: bool [S]. Callers make sure some slot is unpinned."""
+def _ranks(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
+    """Each slot's eviction rank (primary [S], secondary [S] or None, and the primary of a slot that may not
+    be filled): the policy fills the slot of the smallest primary, ties to the smallest secondary, then to
+    the lowest slot. Empty slots come first, pinned ones never."""
     key = jnp.maximum(state.slot_key, 0)
     if policy == "priority":
         ahead = priorities.ahead.reshape(-1)[key]
@@ -117,35 +118,73 @@ def victim(state: CacheState, pinned, policy: str, priorities: Priorities | None
         primary, secondary = -state.inserted, None
     else:
         raise ValueError(f"unknown device cache policy {policy!r}")
-    lowest = jnp.finfo(primary.dtype).min if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo(primary.dtype).min
-    highest = jnp.finfo(primary.dtype).max if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo(primary.dtype).max
+    info = jnp.finfo if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo
+    lowest, highest = info(primary.dtype).min, info(primary.dtype).max
     primary = jnp.where(state.slot_key < 0, lowest, primary)
-    primary = jnp.where(pinned, highest, primary)
+    return jnp.where(pinned, highest, primary), secondary, highest
+
+
+def _first(primary, secondary):
+    """The lowest slot of the smallest rank."""
+    if jnp.issubdtype(primary.dtype, jnp.floating):  # finite ranks: min reductions, not argmin's slower NaN-aware one
+        slots = jnp.arange(primary.shape[0], dtype=jnp.int32)
+        return jnp.min(jnp.where(primary == jnp.min(primary), slots, primary.shape[0]))
     if secondary is None:
         return jnp.argmin(primary).astype(jnp.int32)
     tied = primary == jnp.min(primary)
     return jnp.argmin(jnp.where(tied, secondary, jnp.iinfo(secondary.dtype).max)).astype(jnp.int32)
 
 
-def _admit(state: CacheState, pinned, key, tick, prefetch: bool, policy: str, priorities, layer, num_experts: int,
+def _fill(state: CacheState, pinned, count, size: int, policy: str, priorities, layer, num_experts: int,
+          each=None, slab=None):
+    """The slots the next `count` admissions fill, in order: each the policy's victim among the slots neither
+    pinned nor filled before it (the ranks of the others do not change meanwhile). -> (int32 [size], S past
+    `count`; slab). each(slab, i, slot) -> slab runs for each (the move of the i-th key's weights).
+    Callers make sure `count` slots are unpinned."""
+    primary, secondary, highest = _ranks(state, pinned, policy, priorities, layer, num_experts)
+
+    def pick(i, carry):
+        primary, slots, slab = carry
+        slot = _first(primary, secondary)
+        if each is not None:
+            slab = each(slab, i, slot)
+        return primary.at[slot].set(highest), slots.at[i].set(slot), slab
+
+    empty = jnp.full(size, state.num_slots, jnp.int32)
+    _, slots, slab = lax.fori_loop(0, count, pick, (primary, empty, slab))
+    return slots, slab
+
+
+def _admit(state: CacheState, pinned, keys, slots, count, ticks, *, prefetch: bool, num_experts: int,
            staged: bool = False):
-    """Puts `key` into the victim's slot: -> (state, pinned, slot)."""
-    slot = victim(state, pinned, policy, priorities, layer, num_experts)
-    old = state.slot_key[slot]
+    """Puts keys[i] (int32 [n]) into slots[i] for i < count, evicting what they held; ticks [n]: their last
+    use. -> (state, pinned)."""
+    S, n = state.num_slots, keys.shape[0]
+    admitted = jnp.arange(n) < count
+    slots = jnp.where(admitted, slots, S)  # S: out of range, dropped
+    safe = jnp.minimum(slots, S - 1)
+    old = jnp.where(admitted, state.slot_key[safe], -1)
     evicting = old >= 0
-    old_layer = jnp.maximum(old, 0) // num_experts
-    counters = _count(state.counters, old_layer, EVICTIONS, evicting)
-    counters = _count(counters, old_layer, PREFETCH_WASTED, evicting & state.prefetched[slot])
+    old_layer, new_layer = jnp.maximum(old, 0) // num_experts, keys // num_experts
+    counts = [(old_layer, EVICTIONS, evicting), (old_layer, PREFETCH_WASTED, evicting & state.prefetched[safe])]
     if prefetch:
-        counters = _count(counters, key // num_experts, PREFETCH_ISSUED, jnp.bool_(True))
+        counts.append((new_layer, PREFETCH_ISSUED, admitted))
     if staged:
-        counters = _count(counters, key // num_experts, PREFETCH_STAGED, jnp.bool_(True))
-    table = state.table.at[jnp.where(evicting, old, state.table.shape[0])].set(-1, mode="drop").at[key].set(slot)
+        counts.append((new_layer, PREFETCH_STAGED, admitted))
+    rows, columns, amounts = zip(*counts, strict=True)
+    counters = state.counters.at[jnp.concatenate(rows), jnp.repeat(jnp.asarray(columns), n)].add(
+        jnp.concatenate(amounts).astype(jnp.int32))
+    nowhere = state.table.shape[0]
+    table = state.table.at[jnp.concatenate([jnp.where(evicting, old, nowhere), jnp.where(admitted, keys, nowhere)])].set(
+        jnp.concatenate([jnp.full(n, -1, jnp.int32), slots]), mode="drop")  # an evicted key is never an admitted one
     state = state.replace(
-        table=table, slot_key=state.slot_key.at[slot].set(key), last_use=state.last_use.at[slot].set(tick),
-        uses=state.uses.at[slot].set(0 if prefetch else 1), inserted=state.inserted.at[slot].set(state.inserts),
-        prefetched=state.prefetched.at[slot].set(prefetch), inserts=state.inserts + 1, counters=counters)
-    return state, pinned.at[slot].set(True), slot
+        table=table, slot_key=state.slot_key.at[slots].set(keys, mode="drop"),
+        last_use=state.last_use.at[slots].set(ticks, mode="drop"),
+        uses=state.uses.at[slots].set(0 if prefetch else 1, mode="drop"),
+        inserted=state.inserted.at[slots].set(state.inserts + jnp.arange(n, dtype=jnp.int32), mode="drop"),
+        prefetched=state.prefetched.at[slots].set(prefetch, mode="drop"), inserts=state.inserts + count,
+        counters=counters)
+    return state, pinned.at[slots].set(True, mode="drop")
 
 
 Move = Callable[[object, jax.Array, jax.Array], object]  # (slab, expert, slot) -> slab with expert in slot
@@ -159,7 +198,7 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     and returns (state, slab, slots int32 [U]: each expert's slot, -1 for padding, pinned bool [S]:
     the slots this step uses, for `install` after it).
     """
-    E, S = num_experts, state.num_slots
+    E, S, U = num_experts, state.num_slots, experts.shape[0]
     real = experts < E
     keys = layer * E + jnp.where(real, experts, 0)
     slots = jnp.where(real, state.table[keys], -1)
@@ -168,25 +207,18 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     ticks = state.clock + jnp.cumsum(real.astype(jnp.int32))  # one tick per access, in expert order
     hit_slots = jnp.where(hit, slots, S)  # S: out of range, dropped
     used_prefetch = hit & state.prefetched[jnp.maximum(slots, 0)]
-    counters = _count(state.counters, layer, ACTIVATIONS, real.sum())
-    counters = _count(counters, layer, HITS, hit.sum())
-    counters = _count(counters, layer, MISSES, miss.sum())
-    counters = _count(counters, layer, PREFETCH_USED, used_prefetch.sum())
+    counters = state.counters.at[layer, jnp.asarray([ACTIVATIONS, HITS, MISSES, PREFETCH_USED])].add(
+        jnp.stack([real.sum(), hit.sum(), miss.sum(), used_prefetch.sum()]).astype(jnp.int32))
     state = state.replace(
         last_use=state.last_use.at[hit_slots].set(ticks, mode="drop"), uses=state.uses.at[hit_slots].add(1, mode="drop"),
         prefetched=state.prefetched.at[hit_slots].set(False, mode="drop"), counters=counters)
     pinned = (jnp.zeros(S, bool) if pinned is None else pinned).at[hit_slots].set(True, mode="drop")
     order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
-
-    def admit_miss(i, carry):
-        state, pinned, slots, slab = carry
-        j = order[i]
-        state, pinned, slot = _admit(state, pinned, keys[j], ticks[j], False, policy, priorities, layer, E)
-        if move is not None:
-            slab = move(slab, experts[j], slot)
-        return state, pinned, slots.at[j].set(slot), slab
-
-    state, pinned, slots, slab = lax.fori_loop(0, miss.sum(), admit_miss, (state, pinned, slots, slab))
+    count = miss.sum()
+    each = None if move is None else (lambda slab, i, slot: move(slab, experts[order[i]], slot))
+    filled, slab = _fill(state, pinned, count, U, policy, priorities, layer, E, each, slab)
+    state, pinned = _admit(state, pinned, keys[order], filled, count, ticks[order], prefetch=False, num_experts=E)
+    slots = slots.at[order].set(jnp.where(jnp.arange(U) < count, filled, slots[order]))
     return state.replace(clock=state.clock + real.sum()), slab, slots, pinned
 
 
@@ -207,17 +239,10 @@ def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, pr
     if limit is not None:
         count = jnp.minimum(count, limit)
     order = jnp.argsort(~needed, stable=True)
-
-    def admit_one(i, carry):
-        state, pinned, slab = carry
-        j = order[i]
-        state, pinned, slot = _admit(state, pinned, safe[j], state.clock, True, policy, priorities, layer, num_experts,
-                                     staged)
-        if move is not None:
-            slab = move(slab, j, slot)
-        return state, pinned, slab
-
-    state, pinned, slab = lax.fori_loop(0, count, admit_one, (state, pinned, slab))
+    each = None if move is None else (lambda slab, i, slot: move(slab, order[i], slot))
+    filled, slab = _fill(state, pinned, count, P, policy, priorities, layer, num_experts, each, slab)
+    state, pinned = _admit(state, pinned, safe[order], filled, count, jnp.full(P, state.clock), prefetch=True,
+                           num_experts=num_experts, staged=staged)
     return state, slab, pinned
 
 

@@ -66,12 +66,11 @@ class ActivationScores:
 
     def observe(self, counts: np.ndarray) -> None:
         """Token counts [L, E] of one step."""
-        for layer in range(self.num_layers):
-            self.usage.observe(layer, counts[layer])
+        self.usage.observe_step(counts)
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """(ahead, behind) float32 [L, E]."""
-        p = np.stack([self.usage.probabilities(layer, self.prior[layer]) for layer in range(self.num_layers)])
+        p = self.usage.all_probabilities(self.prior)
         ahead = np.arange(self.num_layers)[:, None] + self.num_layers * (1 - p) / p
         return ahead.astype(np.float32), (ahead + self.num_layers).astype(np.float32)
 
@@ -115,6 +114,12 @@ class OffloadManager:
     def lookahead(self) -> bool:
         return self.prefetch in ("lookahead", "trace+lookahead")
 
+    @property
+    def learns(self) -> bool:
+        """Whether steps' inputs depend on the routing observed (activation scores, trace prefetcher): if
+        not, steps can run without the manager (`offload.replay.Replayer.run`)."""
+        return self.scores is not None or self.prefetcher is not None
+
     def start_sequence(self, task: str | None = None) -> None:
         if self.scores is not None:
             self.scores.start_sequence(task)
@@ -128,7 +133,9 @@ class OffloadManager:
             return
         from moejax.routing.eams import eam_counts
 
-        self.collection.add(eam_counts(experts, self.num_experts), task, experts=experts)
+        # The layer transitions (costly to count) feed only the trace prefetcher.
+        self.collection.add(eam_counts(experts, self.num_experts), task,
+                            experts=experts if self.prefetcher is not None else None)
         if self.prefetcher is not None:
             self.prefetcher.refit()
 
