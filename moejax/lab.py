@@ -133,9 +133,9 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
     prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else np.minimum(trace.seq_lens, 1)
     chunk = prefill_chunk_tokens(capacity, num_experts, top_k)
     bounds = schedule(trace.seq_lens, prompt_lens, chunk)
-    future = BeladyFuture(experts, bounds, num_experts) if policy == "belady" else None
     progress = Progress("replay", experts.shape[1], "tok", enabled=show_progress)
     start = time.perf_counter()
+    future = BeladyFuture(experts, bounds, num_experts) if policy == "belady" else None
     replayer = Replayer(num_layers, num_experts, capacity, manager, lookahead=lookahead, prefill_chunk=chunk, future=future)
     if manager.learns:
         offsets = trace.offsets()

@@ -155,13 +155,24 @@ def _fill(state: CacheState, pinned, count, size: int, policy: str, priorities, 
     return slots, slab
 
 
+def _at(slots, num_slots: int):
+    """bool [S, n]: slot s is slots[i] (entries outside [0, S) match none). Updates of a few slots are made as
+    `where`s over this mask rather than scatters: fewer, fusable operations."""
+    return jnp.arange(num_slots, dtype=jnp.int32)[:, None] == slots[None, :]
+
+
+def _put(at, values, old):
+    """old [S] with slot s set to values[i] where at[s, i] (each slot matched at most once)."""
+    return jnp.where(at.any(axis=1), jnp.sum(jnp.where(at, values, 0), axis=1).astype(old.dtype), old)
+
+
 def _admit(state: CacheState, pinned, keys, slots, count, ticks, *, prefetch: bool, num_experts: int,
            staged: bool = False):
     """Puts keys[i] (int32 [n]) into slots[i] for i < count, evicting what they held; ticks [n]: their last
     use. -> (state, pinned)."""
     S, n = state.num_slots, keys.shape[0]
     admitted = jnp.arange(n) < count
-    slots = jnp.where(admitted, slots, S)  # S: out of range, dropped
+    slots = jnp.where(admitted, slots, S)  # S: no slot
     safe = jnp.minimum(slots, S - 1)
     old = jnp.where(admitted, state.slot_key[safe], -1)
     evicting = old >= 0
@@ -177,14 +188,14 @@ def _admit(state: CacheState, pinned, keys, slots, count, ticks, *, prefetch: bo
     nowhere = state.table.shape[0]
     table = state.table.at[jnp.concatenate([jnp.where(evicting, old, nowhere), jnp.where(admitted, keys, nowhere)])].set(
         jnp.concatenate([jnp.full(n, -1, jnp.int32), slots]), mode="drop")  # an evicted key is never an admitted one
+    at = _at(slots, S)
+    filled = at.any(axis=1)
     state = state.replace(
-        table=table, slot_key=state.slot_key.at[slots].set(keys, mode="drop"),
-        last_use=state.last_use.at[slots].set(ticks, mode="drop"),
-        uses=state.uses.at[slots].set(0 if prefetch else 1, mode="drop"),
-        inserted=state.inserted.at[slots].set(state.inserts + jnp.arange(n, dtype=jnp.int32), mode="drop"),
-        prefetched=state.prefetched.at[slots].set(prefetch, mode="drop"), inserts=state.inserts + count,
-        counters=counters)
-    return state, pinned.at[slots].set(True, mode="drop")
+        table=table, slot_key=_put(at, keys, state.slot_key), last_use=_put(at, ticks, state.last_use),
+        uses=jnp.where(filled, 0 if prefetch else 1, state.uses),
+        inserted=_put(at, state.inserts + jnp.arange(n, dtype=jnp.int32), state.inserted),
+        prefetched=jnp.where(filled, prefetch, state.prefetched), inserts=state.inserts + count, counters=counters)
+    return state, pinned | filled
 
 
 Move = Callable[[object, jax.Array, jax.Array], object]  # (slab, expert, slot) -> slab with expert in slot
@@ -205,14 +216,14 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     hit = real & (slots >= 0)
     miss = real & ~hit
     ticks = state.clock + jnp.cumsum(real.astype(jnp.int32))  # one tick per access, in expert order
-    hit_slots = jnp.where(hit, slots, S)  # S: out of range, dropped
+    at_hit = _at(jnp.where(hit, slots, S), S)
+    used = at_hit.any(axis=1)
     used_prefetch = hit & state.prefetched[jnp.maximum(slots, 0)]
     counters = state.counters.at[layer, jnp.asarray([ACTIVATIONS, HITS, MISSES, PREFETCH_USED])].add(
         jnp.stack([real.sum(), hit.sum(), miss.sum(), used_prefetch.sum()]).astype(jnp.int32))
-    state = state.replace(
-        last_use=state.last_use.at[hit_slots].set(ticks, mode="drop"), uses=state.uses.at[hit_slots].add(1, mode="drop"),
-        prefetched=state.prefetched.at[hit_slots].set(False, mode="drop"), counters=counters)
-    pinned = (jnp.zeros(S, bool) if pinned is None else pinned).at[hit_slots].set(True, mode="drop")
+    state = state.replace(last_use=_put(at_hit, ticks, state.last_use), uses=state.uses + used,
+                          prefetched=state.prefetched & ~used, counters=counters)
+    pinned = used if pinned is None else pinned | used
     order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
     count = miss.sum()
     each = None if move is None else (lambda slab, i, slot: move(slab, experts[order[i]], slot))
@@ -233,7 +244,8 @@ def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, pr
     pinned = jnp.zeros(S, bool) if pinned is None else pinned
     valid = keys >= 0
     safe = jnp.maximum(keys, 0)
-    first = jnp.argmax(keys[None, :] == keys[:, None], axis=1) == jnp.arange(P)  # first occurrence of each key
+    earlier = jnp.arange(P)[None, :] < jnp.arange(P)[:, None]
+    first = ~jnp.any((keys[None, :] == keys[:, None]) & earlier, axis=1)  # first occurrence of each key
     needed = valid & first & (state.table[safe] < 0)
     count = jnp.minimum(needed.sum(), (~pinned).sum())
     if limit is not None:
@@ -264,6 +276,11 @@ def guessed_keys(guess_ids, valid_rows, layer, num_experts: int, limit: int):
     keep = (guess_ids >= 0) & (guess_ids < num_experts)
     if valid_rows is not None:
         keep = keep & valid_rows[:, None]
-    counts = jnp.zeros(num_experts, jnp.int32).at[jnp.where(keep, guess_ids, num_experts)].add(1, mode="drop")
-    top, experts = lax.top_k(counts, limit)  # stable: equal counts keep increasing expert order
-    return jnp.where(top > 0, layer * num_experts + experts, -1).astype(jnp.int32)
+    experts = jnp.arange(num_experts, dtype=jnp.int32)
+    counts = jnp.sum((jnp.where(keep, guess_ids, -1).reshape(-1)[None, :] == experts[:, None]), axis=1)  # [E]
+    # Each expert's place in the order (more rows first, then the lower expert), by comparisons: no sort.
+    before = (counts[None, :] > counts[:, None]) | ((counts[None, :] == counts[:, None]) & (experts[None, :] < experts[:, None]))
+    place = jnp.sum(before, axis=1)
+    chosen = place[None, :] == jnp.arange(limit)[:, None]  # [limit, E]: the expert in each place
+    picked = jnp.sum(jnp.where(chosen, experts, 0), axis=1)
+    return jnp.where(jnp.sum(jnp.where(chosen, counts, 0), axis=1) > 0, layer * num_experts + picked, -1).astype(jnp.int32)

@@ -189,20 +189,14 @@ class Replayer:
         self.state = jax.device_put(dc.empty_state(num_layers, num_experts, capacity), manager.device)
         self.steps_done = 0
 
-    def _priorities(self, count: int | None):
-        """Belady's tables of the next `count` steps (None: of the next step, fields [L, E])."""
-        tables = self.future.tables(self.steps_done, 1 if count is None else count)
-        if count is None:
-            tables = dc.Priorities(tables.ahead[0], tables.behind[0])
-        return jax.device_put(tables, self.manager.device)
-
     def _dispatch(self, ids: np.ndarray, guesses: np.ndarray | None, staged_keys, priorities) -> None:
         """One step of ids [L, n, k] (guesses [L, n, k] or None); n > 1 is padded as the engine pads a prompt chunk."""
         n = ids.shape[1]
         size = n if n == 1 else min(next_power_of_two(n, 16), max(n, self.prefill_chunk))
         guess = None if guesses is None or not self.lookahead else _padded(guesses, 1, size, -1).astype(np.int32)
         if self.future is not None:
-            priorities = self._priorities(None)
+            tables = self.future.tables(self.steps_done, 1)
+            priorities = jax.device_put(dc.Priorities(tables.ahead[0], tables.behind[0]), self.manager.device)
         self.state = replay_step(self.state, _padded(ids, 1, size, self.num_experts).astype(np.int32), guess,
                                  staged_keys, priorities, policy=self.policy, num_experts=self.num_experts,
                                  lookahead=self.lookahead)
