@@ -12,8 +12,9 @@ manager's activation scores) and belady (Belady's MIN: the `priority` policy wit
 future, `offload.replay.BeladyFuture`). Prefetchers as in the engine: `lookahead` installs up to
 `prefetch_per_layer` of the next layer's guessed experts after each layer (the trace's recorded guess, or a
 simulated one); `trace` stages up to `prefetch_per_step` of the manager's picks, fetched when the next step
-begins; `trace+lookahead` both. Without the activation policy or a trace prefetcher nothing goes from the
-host to the steps, and the replay runs many steps per call.
+begins; `trace+lookahead` both. Only the trace prefetchers read the cache after each step (they stage
+experts that are not resident), so only they need one call per step; otherwise the replay runs many steps
+per call.
 
 Metrics: hit_rate = hits / activations (activations: distinct experts needed per layer step; a
 prefetched expert that is used counts as a hit); prefetch_precision = used / issued;

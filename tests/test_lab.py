@@ -13,7 +13,7 @@ from moejax.errors import MoejaxError, ParameterError
 from moejax.lab import POLICIES, replay, simulate_lookahead
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager
-from moejax.offload.replay import BeladyFuture, Replayer, schedule
+from moejax.offload.replay import BeladyFuture, Replayer, prefill_chunk_tokens, schedule
 from moejax.routing.prefetchers import PREFETCHERS, make_prefetcher
 from moejax.routing.traces import RoutingTrace, load_routing
 from moejax.runtime.policies import Belady
@@ -395,3 +395,37 @@ def test_prompt_lens_are_saved_selected_and_checked(tmp_path):
     np.savez(tmp_path / "bad.npz", experts=trace.experts, seq_lens=trace.seq_lens, prompt_lens=np.array([1.5, 2, 1]))
     with pytest.raises(MoejaxError, match="bad.npz: prompt_lens must be integers"):
         load_routing(tmp_path / "bad.npz")
+
+
+def test_schedule_chunks_prompts_as_the_engine():
+    """Prompts in chunks of at most prefill_chunk tokens (fewer when the cache holds less than a layer's
+    experts), then a step per token; Replayer.run refuses a manager whose inputs depend on the steps."""
+    assert schedule(np.array([10, 3]), np.array([7, 1]), 3).tolist() == [0, 3, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert schedule(np.array([2]), np.array([0]), 3).tolist() == [0, 1, 2]
+    assert [prefill_chunk_tokens(c, 64, 6) for c in (64, 63, 12, 5)] == [512, 10, 2, 1]
+    manager = OffloadManager(2, 4, 1, policy="activation", device=jax.devices("cpu")[0])
+    with pytest.raises(ValueError, match="replay with `sequence`"):
+        Replayer(2, 4, 2, manager).run(np.zeros((2, 1, 1), np.int32), np.array([0, 1]))
+
+
+class ReadsResidency(OffloadManager):
+    """A manager that claims to read what is resident: the Replayer dispatches its steps one by one."""
+
+    reads_residency = True
+
+
+@pytest.mark.parametrize("prefetch", ["none", "lookahead"])
+def test_planned_steps_equal_steps_one_by_one(prefetch):
+    """The activation policy's inputs need only the routing: the Replayer takes them all, then scans the
+    steps; the counters are those of dispatching each step when the engine would."""
+    trace = random_trace(12, layers=3, experts=8, k=2, seq_lens=(11, 7))
+    guesses = np.concatenate([trace.experts[1:], np.full_like(trace.experts[:1], -1)])
+    counters = []
+    for kind in (OffloadManager, ReadsResidency):
+        manager = kind(3, 8, 2, policy="activation", prefetch=prefetch, device=jax.devices("cpu")[0])
+        replayer = Replayer(3, 8, 9, manager, lookahead=2 if prefetch == "lookahead" else 0)
+        for prompt_len, tokens in ((4, slice(0, 11)), (1, slice(11, 18))):
+            replayer.sequence(trace.experts[:, tokens], prompt_len, guesses[:, tokens])
+        counters.append(replayer.counters())
+    np.testing.assert_array_equal(*counters)
+    assert counters[0][:, dc.EVICTIONS].sum() > 10

@@ -115,6 +115,11 @@ class OffloadManager:
         return self.prefetch in ("lookahead", "trace+lookahead")
 
     @property
+    def reads_residency(self) -> bool:
+        """Whether `observe` reads what is resident (the trace prefetcher stages only experts that are not)."""
+        return self.prefetcher is not None
+
+    @property
     def learns(self) -> bool:
         """Whether steps' inputs depend on the routing observed (activation scores, trace prefetcher): if
         not, steps can run without the manager (`offload.replay.Replayer.run`)."""
@@ -140,8 +145,8 @@ class OffloadManager:
             self.prefetcher.refit()
 
     def observe(self, counts: np.ndarray, resident: np.ndarray) -> None:
-        """A finished step: token counts [L, E] per MoE layer and expert, resident bool [L * E] after it.
-        Prepares the inputs of the next step dispatched."""
+        """A finished step: token counts [L, E] per MoE layer and expert, resident bool [L * E] after it (None
+        when not `reads_residency`). Prepares the inputs of the next step dispatched."""
         if self.scores is not None:
             self.scores.observe(counts)
         staged_keys = None

@@ -7,11 +7,12 @@ experts the next layer's router guessed (`install`). A sequence runs as the engi
 prompt (`sequence_steps`): the prompt in chunks of at most `prefill_chunk` tokens, a step each, then one step
 per new token.
 
-`Replayer` drives steps and the host-side `OffloadManager` on the engine's schedule, one jitted call per step
-(`replay_step`); when the manager gives steps nothing (lru, lfu, fifo, lifo or Belady, without the trace
-prefetcher), `Replayer.run` replays up to SCAN_STEPS single-token steps per call (`replay_steps`, a
-`lax.scan`). Belady's MIN runs as the `priority` policy with tables from the known future (`BeladyFuture`).
-All of it runs on the JAX backend of the manager's device (the CPU in the lab).
+`Replayer` drives steps and the host-side `OffloadManager` on the engine's schedule. With the trace prefetcher,
+which reads what is resident after each step, that is one jitted call per step (`replay_step`); otherwise the
+steps' inputs depend on the routing alone (the activation scores) or on nothing (lru, lfu, fifo, lifo, Belady),
+and up to SCAN_STEPS single-token steps go in one call (`replay_steps`, a `lax.scan`). Belady's MIN runs as the
+`priority` policy with tables from the known future (`BeladyFuture`). All of it runs on the JAX backend of the
+manager's device (the CPU in the lab).
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ def _step(state: dc.CacheState, ids, guess_ids, staged_keys, priorities, *, poli
 
 @functools.partial(jax.jit, static_argnames=("policy", "num_experts", "lookahead"), donate_argnums=(0,))
 def replay_step(state: dc.CacheState, ids, guess_ids, staged_keys, priorities, *, policy: str, num_experts: int,
-                lookahead: int = 0) -> dc.CacheState:
+                lookahead: int = 0) -> tuple[dc.CacheState, jax.Array]:
     """One step: ids int32 [L, N, k] (each MoE layer's choices for the step's N tokens; ids outside [0, E) are
     none), guess_ids int32 [L, N, k] or None (row m: MoE layer m + 1's router applied one layer early),
-    staged_keys int32 [P] or None, priorities (the `priority` policy's, fields [L, E]) or None. -> state."""
-    return _step(state, ids, guess_ids, staged_keys, priorities, policy=policy, num_experts=num_experts,
-                 lookahead=lookahead)
+    staged_keys int32 [P] or None, priorities (the `priority` policy's, fields [L, E]) or None.
+    -> (state, resident bool [L * E] after the step), as the engine's steps return them."""
+    state = _step(state, ids, guess_ids, staged_keys, priorities, policy=policy, num_experts=num_experts,
+                  lookahead=lookahead)
+    return state, state.table >= 0
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "num_experts", "lookahead"), donate_argnums=(0,))
@@ -102,7 +105,10 @@ def prefill_chunk_tokens(capacity: int, num_experts: int, top_k: int, requested:
     return max(1, requested if capacity >= num_experts else capacity // top_k)
 
 
-def _padded(array: np.ndarray, axis: int, size: int, fill: int) -> np.ndarray:
+def _padded(array: np.ndarray, axis: int, size: int, fill) -> np.ndarray:
+    """`array` padded with `fill` to `size` along `axis`."""
+    if array.shape[axis] == size:
+        return array
     pad = [(0, 0)] * array.ndim
     pad[axis] = (0, size - array.shape[axis])
     return np.pad(array, pad, constant_values=fill)
@@ -174,7 +180,7 @@ class Replayer:
     chunks are each read (their routing handed to the manager) before the next is dispatched; decode step 1
     takes the manager's inputs after the prompt, step 2 the same scores (the staged keys go once), and step
     t >= 3 is dispatched after step t - 2 is read and before step t - 1 is. `run` replays steps when the
-    manager gives them nothing (`manager.learns` false), many per call.
+    manager gives them nothing (`manager.learns` false).
 
     lookahead: experts installed per MoE layer from the next layer's guess (the engine's
     `prefetch_per_layer`; 0: none); future: Belady's tables for the steps this replayer runs, in order,
@@ -189,41 +195,55 @@ class Replayer:
         self.state = jax.device_put(dc.empty_state(num_layers, num_experts, capacity), manager.device)
         self.steps_done = 0
 
-    def _dispatch(self, ids: np.ndarray, guesses: np.ndarray | None, staged_keys, priorities) -> None:
-        """One step of ids [L, n, k] (guesses [L, n, k] or None); n > 1 is padded as the engine pads a prompt chunk."""
+    def _dispatch(self, ids: np.ndarray, guesses: np.ndarray | None, staged_keys, priorities) -> jax.Array:
+        """One step of ids [L, n, k] (guesses [L, n, k] or None); n > 1 is padded as the engine pads a prompt chunk.
+        -> resident bool [L * E] after it (on the device: read when the step is observed)."""
         n = ids.shape[1]
         size = n if n == 1 else min(next_power_of_two(n, 16), max(n, self.prefill_chunk))
-        guess = None if guesses is None or not self.lookahead else _padded(guesses, 1, size, -1).astype(np.int32)
+        guess = None if guesses is None or not self.lookahead else _padded(np.asarray(guesses, np.int32), 1, size, -1)
         if self.future is not None:
             tables = self.future.tables(self.steps_done, 1)
             priorities = jax.device_put(dc.Priorities(tables.ahead[0], tables.behind[0]), self.manager.device)
-        self.state = replay_step(self.state, _padded(ids, 1, size, self.num_experts).astype(np.int32), guess,
-                                 staged_keys, priorities, policy=self.policy, num_experts=self.num_experts,
-                                 lookahead=self.lookahead)
+        self.state, resident = replay_step(self.state, _padded(np.asarray(ids, np.int32), 1, size, self.num_experts),
+                                           guess, staged_keys, priorities, policy=self.policy,
+                                           num_experts=self.num_experts, lookahead=self.lookahead)
         self.steps_done += 1
+        return resident
 
-    def _observe(self, ids: np.ndarray, resident: np.ndarray) -> None:
-        """Hands the manager a step's token counts [L, E] (of ids [L, n, k]) and what was resident after it."""
+    def _observe(self, ids: np.ndarray, resident) -> None:
+        """Hands the manager a step's token counts [L, E] (of ids [L, n, k]) and what was resident after it
+        (None for a manager that does not read it)."""
         L, E = self.num_layers, self.num_experts
         ids = ids.reshape(L, -1)
         flat = (np.arange(L)[:, None] * (E + 1) + np.where((ids >= 0) & (ids < E), ids, E)).reshape(-1)
         counts = np.bincount(flat, minlength=L * (E + 1)).reshape(L, E + 1)[:, :E]
-        self.manager.observe(counts, resident)
+        self.manager.observe(counts, None if resident is None else np.asarray(resident))
 
     def sequence(self, experts: np.ndarray, prompt_len: int, guesses: np.ndarray | None = None, task: str | None = None) -> None:
         """experts int [L, T, k]: a sequence's routing (its first `prompt_len` tokens the prompt, then one token
         per decode step); guesses [L, T, k]: what each MoE layer's router guessed for the next one (row m: for
-        layer m + 1; None: no lookahead); task: its label for the manager's collection."""
+        layer m + 1; None: no lookahead); task: its label for the manager's collection.
+
+        A manager that does not read what is resident (no trace prefetcher) gives each step inputs that the
+        routing alone decides: they are all taken first, on the same schedule, and the steps then run many
+        per call."""
         self.manager.start_sequence(task)
+        plan = not self.manager.reads_residency
+        steps = sequence_steps(experts.shape[1], prompt_len, self.prefill_chunk)
+        planned = []  # with `plan`: each step's priorities
         in_flight = []  # decode steps dispatched and not yet read: (routing, resident after)
-        for start, stop in sequence_steps(experts.shape[1], prompt_len, self.prefill_chunk):
+        for start, stop in steps:
             decode = start >= prompt_len
             if decode and len(in_flight) == PIPELINE_DEPTH:
                 self._observe(*in_flight.pop(0))
             inputs = self.manager.next_inputs()
-            self._dispatch(experts[:, start:stop], None if guesses is None else guesses[:, start:stop], inputs.staged_keys,
-                           inputs.priorities)
-            step = (experts[:, start:stop], np.asarray(self.state.table) >= 0)
+            if plan:
+                planned.append(inputs.priorities)
+                resident = None
+            else:
+                resident = self._dispatch(experts[:, start:stop], None if guesses is None else guesses[:, start:stop],
+                                          inputs.staged_keys, inputs.priorities)
+            step = (experts[:, start:stop], resident)
             if decode:
                 in_flight.append(step)
             else:
@@ -231,42 +251,60 @@ class Replayer:
         for step in in_flight:
             self._observe(*step)
         self.manager.end_sequence(np.asarray(experts), task)
+        if plan:
+            bounds = np.asarray([0] + [stop for _, stop in steps])
+            self._steps(experts, bounds, guesses, None if self.manager.scores is None else planned)
 
     def run(self, experts: np.ndarray, bounds: np.ndarray, guesses: np.ndarray | None = None,
             advance: Callable[[int], None] | None = None) -> None:
         """Steps bounds[i]:bounds[i + 1] of routing experts [L, T, k] (guesses as for `sequence`), in order,
-        without the manager, which must give steps nothing. Runs of single-token steps go SCAN_STEPS per call
-        (the last call of a run padded to a power of two with steps that change nothing); `advance(tokens)`
-        is told the progress."""
+        without the manager, which must give steps nothing; `advance(tokens)` is told the progress."""
         if self.manager.learns:
             raise ValueError("Replayer.run: the manager's inputs depend on the steps: replay with `sequence`")
+        self._steps(experts, bounds, guesses, None, advance)
+
+    def _steps(self, experts: np.ndarray, bounds: np.ndarray, guesses: np.ndarray | None, priorities: list | None,
+               advance: Callable[[int], None] | None = None) -> None:
+        """Steps bounds[i]:bounds[i + 1] with nothing staged and priorities[i] (None: none, or Belady's): runs
+        of single-token steps go SCAN_STEPS per call (the last call of a run padded to a power of two with
+        steps that change nothing), longer ones one call each."""
         sizes = np.diff(bounds)
         i = 0
         while i < len(sizes):
             if sizes[i] > 1:
                 lo, hi = bounds[i], bounds[i + 1]
-                self._dispatch(experts[:, lo:hi], None if guesses is None else guesses[:, lo:hi], None, None)
+                self._dispatch(experts[:, lo:hi], None if guesses is None else guesses[:, lo:hi], None,
+                               None if priorities is None else priorities[i])
                 count = 1
             else:
                 count = 1 + int(np.argmin(np.append(sizes[i + 1 : i + SCAN_STEPS] == 1, False)))
-                self._scan(experts, guesses, int(bounds[i]), count)
+                self._scan(experts, guesses, int(bounds[i]), count, None if priorities is None else priorities[i : i + count])
             if advance is not None:
                 advance(int(bounds[i + count] - bounds[i]))
             i += count
 
-    def _scan(self, experts: np.ndarray, guesses: np.ndarray | None, first_token: int, count: int) -> None:
-        """`count` single-token steps, one per token from `first_token`."""
+    def _scan(self, experts: np.ndarray, guesses: np.ndarray | None, first_token: int, count: int,
+              priorities: list | None) -> None:
+        """`count` single-token steps, one per token from `first_token`, with priorities [count] (or None)."""
         size = min(next_power_of_two(count, 8), SCAN_STEPS)
         tokens = slice(first_token, first_token + count)
-        as_steps = lambda a, fill: _padded(np.swapaxes(a[:, tokens], 0, 1)[:, :, None, :], 0, size, fill)  # noqa: E731
-        ids = jnp.asarray(as_steps(experts, self.num_experts), jnp.int32)
-        guess = None if guesses is None or not self.lookahead else jnp.asarray(as_steps(guesses, -1), jnp.int32)
-        priorities = None
+
+        def as_steps(routing: np.ndarray, fill: int) -> np.ndarray:  # [L, T, k] -> the steps' [size, L, 1, k]
+            return _padded(np.asarray(np.swapaxes(routing[:, tokens], 0, 1)[:, :, None, :], np.int32), 0, size, fill)
+
+        def as_tables(ahead: np.ndarray, behind: np.ndarray) -> dc.Priorities:  # [count, L, E] -> [size, L, E]
+            return jax.device_put(dc.Priorities(_padded(ahead, 0, size, 0), _padded(behind, 0, size, 0)), self.manager.device)
+
+        ids = as_steps(experts, self.num_experts)
+        guess = None if guesses is None or not self.lookahead else as_steps(guesses, -1)
+        tables = None
         if self.future is not None:
-            tables = self.future.tables(self.steps_done, count)
-            priorities = jax.device_put(dc.Priorities(*(_padded(t, 0, size, 0) for t in (tables.ahead, tables.behind))),
-                                        self.manager.device)
-        self.state = replay_steps(self.state, ids, guess, priorities, policy=self.policy, num_experts=self.num_experts,
+            future = self.future.tables(self.steps_done, count)
+            tables = as_tables(future.ahead, future.behind)
+        elif priorities is not None:
+            tables = as_tables(np.stack([np.asarray(p.ahead) for p in priorities]),
+                               np.stack([np.asarray(p.behind) for p in priorities]))
+        self.state = replay_steps(self.state, ids, guess, tables, policy=self.policy, num_experts=self.num_experts,
                                   lookahead=self.lookahead)
         self.steps_done += count
 
