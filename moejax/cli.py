@@ -127,7 +127,10 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--capacity", required=True, help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5")
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
     p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead")
-    p.add_argument("--prefetch-per-layer", type=int, help="most experts prefetched per layer step (default: top-k)")
+    p.add_argument("--prefetch-per-layer", type=int,
+                   help="lookahead prefetchers: most experts fetched per MoE layer step (default: top-k)")
+    p.add_argument("--prefetch-per-step", type=int,
+                   help="trace prefetchers: most experts fetched when a step begins (default: 2 x top-k)")
     p.add_argument("--prefetch-floor", type=float, help=FLOOR_HELP)
     p.add_argument("--lookahead-accuracy", type=float,
                    help="simulate the lookahead router with this per-expert accuracy (default: the trace's recorded "
@@ -309,7 +312,8 @@ def cmd_lab(args) -> int:
         collection = fit.select(*lab.parse_range(args.fit_sequences, fit.num_sequences, "--fit-sequences")).collection()
     results = [
         lab.replay(trace, capacity_fraction=c, policy=args.policy, prefetch=args.prefetch,
-                   prefetch_per_layer=args.prefetch_per_layer, prefetch_floor=args.prefetch_floor, collection=collection,
+                   prefetch_per_layer=args.prefetch_per_layer, prefetch_per_step=args.prefetch_per_step,
+                   prefetch_floor=args.prefetch_floor, collection=collection,
                    lookahead_accuracy=args.lookahead_accuracy, expert_bytes=args.expert_bytes, seed=args.seed,
                    show_progress=sys.stderr.isatty())
         for c in capacities

@@ -1,16 +1,20 @@
-"""The policy lab: replays routing traces through the engine's cache policies and prefetchers, with no model.
+"""The policy lab: replays routing traces through the engine's expert cache, with no model.
 
-A replay walks the trace in decode order, token by token and, within a token, MoE layer by MoE
-layer, through the real `ExpertDirectory` (one cache shared by all layers, as in the engine) and
-the same policy and prefetcher objects the engine uses. Per layer step:
+The replay runs the engine's own cache code, `offload.device_cache` driven by `offload.replay` (on the CPU
+backend), and its host side, `offload.manager.OffloadManager`: one cache shared by all MoE layers, the same
+policies, prefetchers and schedule, so its counts are the engine's on the same routing. The sequences run
+one after the other as the engine's `generate` runs them: a trace that records prompt lengths
+(`prompt_lens`) replays each prompt as one step (in chunks, as the engine), then one step per new token;
+without them every token is its own step, the first as a one-token prompt (decode order).
 
-  policy.on_routing(l, counts) -> directory.begin_layer(l, experts) -> admit the misses
-  -> prefetcher.observe(l, counts, lookahead) -> prefetch_into(directory, prefetcher.predict(l), N)
-  -> directory.end_layer()
-
-A prefetch issued at layer l for a later layer counts as arrived when that layer runs, but at most
-N experts are prefetched per layer step (default: the model's top-k), so what scores is the
-quality of the prediction, not the volume of copies.
+Policies: lru, lfu, fifo, lifo (the device's counters), activation (the `priority` policy with the
+manager's activation scores) and belady (Belady's MIN: the `priority` policy with tables from the known
+future, `offload.replay.BeladyFuture`). Prefetchers as in the engine: `lookahead` installs up to
+`prefetch_per_layer` of the next layer's guessed experts after each layer (the trace's recorded guess, or a
+simulated one); `trace` stages up to `prefetch_per_step` of the manager's picks, fetched when the next step
+begins; `trace+lookahead` both. Only the trace prefetchers read the cache after each step (they stage
+experts that are not resident), so only they need one call per step; otherwise the replay runs many steps
+per call.
 
 Metrics: hit_rate = hits / activations (activations: distinct experts needed per layer step; a
 prefetched expert that is used counts as a hit); prefetch_precision = used / issued;
@@ -20,21 +24,24 @@ experts_moved = misses + prefetches issued (times expert_bytes: bytes_moved).
 
 from __future__ import annotations
 
+import copy
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from moejax.errors import MoejaxError, ParameterError, plural
+from moejax.offload import device_cache as dc
+from moejax.offload.config import OffloadConfig
+from moejax.offload.manager import OffloadManager
+from moejax.offload.replay import BeladyFuture, Replayer, prefill_chunk_tokens, schedule
 from moejax.progress import Progress
-from moejax.runtime.directory import ExpertDirectory
-from moejax.runtime.policies import POLICIES, CachePolicy, make_policy
-from moejax.routing.prefetchers import NoPrefetcher, make_prefetcher
-from moejax.runtime.prefetch import prefetch_into
-from moejax.routing.eams import EAMCollection, eam_counts
+from moejax.routing.eams import EAMCollection
 from moejax.routing.traces import RoutingTrace
+
+POLICIES = ("lru", "lfu", "fifo", "lifo", "activation", "belady")
 
 # The next MoE layer's router applied one layer early picked 78.3% of the experts it went on to use on
 # the shipped tiny-moe over ../shared/data/prompts/tasks.jsonl (`moejax trace`, summary.json).
@@ -77,22 +84,24 @@ def _row0_unused(guess: np.ndarray) -> np.ndarray:
     return guess.astype(np.int16)
 
 
-def future_steps(trace: RoutingTrace) -> Iterator[tuple[int, list[int]]]:
-    """(MoE layer, experts needed) for every layer step of the replay, in order (Belady's future)."""
-    num_experts = trace.num_experts
-    for token in np.swapaxes(trace.experts, 0, 1):
-        for layer, row in enumerate(token.tolist()):
-            yield layer, [e for e in row if e < num_experts]
+def distinct_rows(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """int32 [L, T, k]: each token's experts at each layer with repeats (which a router never picks, but a
+    hand-made file may hold) replaced by num_experts (none), as the engine counts a token's expert once."""
+    ids = np.sort(experts.astype(np.int32), axis=-1)
+    ids[..., 1:][ids[..., 1:] == ids[..., :-1]] = num_experts
+    return ids
 
 
 def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefetch: str = "none",
-           prefetch_per_layer: int | None = None, prefetch_floor: float | None = None,
-           collection: EAMCollection | None = None,
+           prefetch_per_layer: int | None = None, prefetch_per_step: int | None = None,
+           prefetch_floor: float | None = None, collection: EAMCollection | None = None,
            lookahead_accuracy: float | None = None, expert_bytes: int | None = None, seed: int = 0,
            show_progress: bool = False) -> dict:
     """Replays `trace` once; returns the metrics as a JSON-ready dict (see the module docstring).
 
-    Bad values raise ParameterError naming the parameter."""
+    collection: the EAM collection the activation policy and the trace prefetcher start from (copied: the
+    replayed sequences join the copy, as they would join the engine's). Bad values raise ParameterError
+    naming the parameter."""
     num_layers, num_experts, top_k = trace.num_layers, trace.num_experts, trace.top_k
     if collection is not None and (collection.num_layers, collection.num_experts) != (num_layers, num_experts):
         raise ParameterError(
@@ -101,55 +110,47 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         )
     if policy not in POLICIES:
         raise ParameterError.not_one_of("policy", policy, POLICIES)
+    OffloadConfig(mode="cached", cache_policy=None if policy == "belady" else policy, prefetch=prefetch,
+                  prefetch_per_layer=prefetch_per_layer, prefetch_per_step=prefetch_per_step,
+                  prefetch_floor=prefetch_floor)  # the engine's checks of the prefetch options
     capacity = capacity_experts(trace, capacity_fraction)
-    if prefetch_per_layer is not None and prefetch_per_layer < 0:
-        raise ParameterError("{prefetch_per_layer} must be >= 0, got {value}", value=prefetch_per_layer)
     if expert_bytes is not None and expert_bytes < 1:
         raise ParameterError("{expert_bytes} must be a positive number of bytes, got {value}", value=expert_bytes)
-    limit = 0 if prefetch == "none" else top_k if prefetch_per_layer is None else prefetch_per_layer
-    future = future_steps(trace) if policy == "belady" else None
-    cache_policy = make_policy(policy, num_layers=num_layers, num_experts=num_experts, collection=collection, future=future)
-    prefetcher = make_prefetcher(prefetch, num_layers=num_layers, num_experts=num_experts, top_k=top_k,
-                                 collection=collection, floor=prefetch_floor)
-    lookahead, lookahead_source = None, None
-    if prefetcher.uses_lookahead:
+    cpu = jax.devices("cpu")[0]
+    manager = OffloadManager(
+        num_layers, num_experts, top_k, policy="lru" if policy == "belady" else policy, prefetch=prefetch,
+        staged_per_step=2 * top_k if prefetch_per_step is None else prefetch_per_step, prefetch_floor=prefetch_floor,
+        collection=copy.deepcopy(collection), device=cpu)
+    lookahead = (top_k if prefetch_per_layer is None else prefetch_per_layer) if manager.lookahead else 0
+    guesses, lookahead_source = None, None
+    if manager.lookahead:
         if trace.lookahead is not None and lookahead_accuracy is None:
-            lookahead, lookahead_source = trace.lookahead, "recorded"
+            recorded, lookahead_source = trace.lookahead, "recorded"
         else:
             lookahead_accuracy = DEFAULT_LOOKAHEAD_ACCURACY if lookahead_accuracy is None else lookahead_accuracy
-            lookahead, lookahead_source = simulate_lookahead(trace, lookahead_accuracy, seed), "simulated"
-    directory = ExpertDirectory(capacity, cache_policy, num_layers)
-    wants_counts = type(cache_policy).on_routing is not CachePolicy.on_routing or not isinstance(prefetcher, NoPrefetcher)
-    experts_by_token = np.swapaxes(trace.experts, 0, 1)  # [T, L, k]
-    lookahead_by_token = None if lookahead is None else np.swapaxes(lookahead, 0, 1)
-    offsets = trace.offsets()
-    progress = Progress("replay", len(experts_by_token), "tok", enabled=show_progress)
+            recorded, lookahead_source = simulate_lookahead(trace, lookahead_accuracy, seed), "simulated"
+        guesses = np.concatenate([recorded[1:], np.full_like(recorded[:1], -1)]).astype(np.int32)  # row m: layer m + 1's
+    experts = distinct_rows(trace.experts, num_experts)
+    prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else np.minimum(trace.seq_lens, 1)
+    chunk = prefill_chunk_tokens(capacity, num_experts, top_k)
+    bounds = schedule(trace.seq_lens, prompt_lens, chunk)
+    progress = Progress("replay", experts.shape[1], "tok", enabled=show_progress)
     start = time.perf_counter()
-    for s in range(trace.num_sequences):
-        task = None if trace.tasks is None else trace.tasks[s]
-        cache_policy.on_sequence_start(task)
-        prefetcher.on_sequence_start(task)
-        for t in range(offsets[s], offsets[s + 1]):
-            rows = experts_by_token[t]
-            needed_rows = [[e for e in row if e < num_experts] for row in rows.tolist()]
-            counts = eam_counts(rows[:, None], num_experts) if wants_counts else None  # [L, E] of this token
-            guesses = None if lookahead_by_token is None else eam_counts(lookahead_by_token[t][:, None], num_experts)
-            for layer in range(num_layers):
-                if counts is not None:
-                    cache_policy.on_routing(layer, counts[layer])
-                _, misses = directory.begin_layer(layer, needed_rows[layer])
-                for key in misses:
-                    directory.admit(key)
-                if counts is not None:
-                    ahead = guesses[layer + 1] if guesses is not None and layer + 1 < num_layers else None
-                    prefetcher.observe(layer, counts[layer], ahead)
-                    if limit:
-                        prefetch_into(directory, prefetcher.predict(layer), limit)
-                directory.end_layer()
-        progress.advance(offsets[s + 1] - offsets[s])
+    future = BeladyFuture(experts, bounds, num_experts) if policy == "belady" else None
+    replayer = Replayer(num_layers, num_experts, capacity, manager, lookahead=lookahead, prefill_chunk=chunk, future=future)
+    if manager.learns:
+        offsets = trace.offsets()
+        for s in range(trace.num_sequences):
+            tokens = slice(int(offsets[s]), int(offsets[s + 1]))
+            replayer.sequence(experts[:, tokens], int(prompt_lens[s]), None if guesses is None else guesses[:, tokens],
+                              None if trace.tasks is None else trace.tasks[s])
+            progress.advance(int(trace.seq_lens[s]))
+    else:
+        replayer.run(experts, bounds, guesses, advance=progress.advance)
+    total = dict(zip(dc.COUNTERS, replayer.counters().sum(axis=0).tolist(), strict=True))
     progress.close()
-    total = directory.total
-    moved = total.misses + total.prefetch_issued
+    hits, misses, used, issued = total["hits"], total["misses"], total["prefetch_used"], total["prefetch_issued"]
+    moved = misses + issued
     result = {
         "policy": policy,
         "prefetch": prefetch,
@@ -160,18 +161,21 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         "top_k": top_k,
         "sequences": trace.num_sequences,
         "tokens": int(trace.seq_lens.sum()),
-        "activations": total.activations,
-        "hits": total.hits,
-        "misses": total.misses,
-        "hit_rate": total.hit_rate,
-        "evictions": total.evictions,
-        "prefetch_per_layer": limit,
-        "prefetch_floor": getattr(prefetcher, "min_probability", None),
-        "prefetch_issued": total.prefetch_issued,
-        "prefetch_used": total.prefetch_used,
-        "prefetch_wasted": total.prefetch_wasted,
-        "prefetch_precision": total.prefetch_precision,
-        "prefetch_recall": total.prefetch_recall,
+        "steps": len(bounds) - 1,
+        "activations": total["activations"],
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / total["activations"] if total["activations"] else 0.0,
+        "evictions": total["evictions"],
+        "prefetch_per_layer": lookahead,
+        "prefetch_per_step": manager.staged_per_step,
+        "prefetch_floor": None if manager.prefetcher is None else manager.prefetcher.min_probability,
+        "prefetch_issued": issued,
+        "prefetch_staged": total["prefetch_staged"],
+        "prefetch_used": used,
+        "prefetch_wasted": total["prefetch_wasted"],
+        "prefetch_precision": used / issued if issued else 0.0,
+        "prefetch_recall": used / (used + misses) if used + misses else 0.0,
         "experts_moved": moved,
         "collection_size": 0 if collection is None else len(collection),
         "replay_s": round(time.perf_counter() - start, 3),

@@ -4,8 +4,8 @@ Writes the output directory all at once (built under a temporary name, then rena
   eams.npz      the activation-matrix collection (one EAM [MoE layers, experts] per prompt, with its
                 task), which `--prefetch trace`, `--cache-policy activation` and `moejax lab --fit` read;
   routing.npz   per-token routing: experts [MoE layers, tokens, k] of all sequences concatenated, with
-                seq_lens and tasks (the layout `moejax lab --traces` replays), and the lookahead guess
-                of every layer (the next MoE layer's router one layer early);
+                seq_lens, prompt_lens (decoder-only models) and tasks (the layout `moejax lab --traces`
+                replays), and the lookahead guess of every layer (the next MoE layer's router one layer early);
   summary.json  counts, per-task expert usage, and the lookahead guess's accuracy.
 """
 
@@ -97,7 +97,8 @@ def trace_prompts(
 ) -> tuple[RoutingTrace, EAMCollection, dict]:
     """Generates for every prompt and returns (routing trace, EAM collection, summary)."""
     cfg = engine.cfg
-    if hasattr(engine, "record_guesses"):
+    decoder_only = hasattr(engine, "record_guesses")
+    if decoder_only:
         engine.record_guesses()  # the lookahead guess too, to measure it and replay it in the lab
         routing = engine.routing
     else:  # an encoder-decoder model, on the host-routed engine until it moves to the step engine
@@ -105,7 +106,7 @@ def trace_prompts(
         routing = engine.executor.routing
     num_moe = len(cfg.moe_layer_ids)
     collection = EAMCollection(num_moe, cfg.num_experts, capacity=max(len(prompts), 1))
-    experts, lookaheads, seq_lens, tasks = [], [], [], []
+    experts, lookaheads, seq_lens, prompt_lens, tasks = [], [], [], [], []
     progress = Progress("trace prompts", len(prompts), enabled=show_progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -116,6 +117,7 @@ def trace_prompts(
             experts.append(routed)
             lookaheads.append(lookahead)
             seq_lens.append(routed.shape[1])
+            prompt_lens.append(len(chunk[b][0]))
             tasks.append(task)
             collection.add(eam_counts(routed, cfg.num_experts), task, experts=routed)
         progress.advance(len(chunk))
@@ -125,7 +127,7 @@ def trace_prompts(
         lookahead = np.concatenate(lookaheads, axis=1)
     trace = RoutingTrace(
         experts=np.concatenate(experts, axis=1), seq_lens=np.asarray(seq_lens, np.int64), num_experts=cfg.num_experts,
-        tasks=tasks, lookahead=lookahead,
+        tasks=tasks, lookahead=lookahead, prompt_lens=np.asarray(prompt_lens, np.int64) if decoder_only else None,
     )
     return trace, collection, summarize(trace, collection)
 

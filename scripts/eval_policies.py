@@ -1,13 +1,16 @@
 """Cache policies and prefetchers on real routing traces: hit rate against cache capacity (the policy lab).
 
-Fits the EAM collection on one part of the sequences and replays another part, decode order, one
-cache shared by all MoE layers, at most top-k prefetches per layer step (see moejax/lab.py):
+Fits the EAM collection on one part of the sequences and replays another part through the engine's own
+cache code on the CPU (moejax/lab.py: decode order when the trace records no prompt lengths, one cache
+shared by all MoE layers, the engine's prefetch limits and schedule):
 
   LRU, LFU, LIFO, activation          demand fetching only
-  activation + trace                   trace prefetcher (EAM match + the collection's layer transitions)
-  activation + trace (EAM only)        the same, from a collection without transitions (MoE-Infinity's EAM match alone)
+  LRU / activation + trace             trace prefetcher: the manager stages the likeliest experts of the
+                                       next token (EAM match), fetched when the next step begins
   LRU / activation + lookahead         next layer's router one layer early, simulated at --lookahead-accuracy
+  activation + trace+lookahead         both
   Belady                               offline optimal eviction (the bound for demand fetching)
+  Belady + lookahead                   the same with the lookahead's installs
 
 Writes <out>/eval_policies.json and eval_policies.md (and eval_policies.png with matplotlib).
 
@@ -33,17 +36,19 @@ from moejax.routing.traces import load_routing
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "deepseek_v2_lite_prefill.npz"
 
-# label, policy, prefetch, collection ("full" | "eam-only")
+# label, policy, prefetch
 CONFIGS = [
-    ("LRU", "lru", "none", "full"),
-    ("LFU", "lfu", "none", "full"),
-    ("LIFO", "lifo", "none", "full"),
-    ("activation", "activation", "none", "full"),
-    ("activation + trace", "activation", "trace", "full"),
-    ("activation + trace (EAM only)", "activation", "trace", "eam-only"),
-    ("LRU + lookahead", "lru", "lookahead", "full"),
-    ("activation + lookahead", "activation", "lookahead", "full"),
-    ("Belady", "belady", "none", "full"),
+    ("LRU", "lru", "none"),
+    ("LFU", "lfu", "none"),
+    ("LIFO", "lifo", "none"),
+    ("activation", "activation", "none"),
+    ("LRU + trace", "lru", "trace"),
+    ("activation + trace", "activation", "trace"),
+    ("LRU + lookahead", "lru", "lookahead"),
+    ("activation + lookahead", "activation", "lookahead"),
+    ("activation + trace+lookahead", "activation", "trace+lookahead"),
+    ("Belady", "belady", "none"),
+    ("Belady + lookahead", "belady", "lookahead"),
 ]
 
 _state: dict = {}
@@ -51,17 +56,14 @@ _state: dict = {}
 
 def _setup(traces: str, fit_range: tuple[int, int], eval_range: tuple[int, int]) -> None:
     trace = load_routing(traces)
-    full = trace.select(*fit_range).collection()
-    eam_only = trace.select(*fit_range).collection()
-    eam_only.transitions[:] = 0
-    _state.update(eval=trace.select(*eval_range), collections={"full": full, "eam-only": eam_only})
+    _state.update(eval=trace.select(*eval_range), collection=trace.select(*fit_range).collection())
 
 
 def _run(job: tuple) -> dict:
-    (label, policy, prefetch, collection), capacity, lookahead_accuracy = job
+    (label, policy, prefetch), capacity, lookahead_accuracy = job
     result = replay(
         _state["eval"], capacity_fraction=capacity, policy=policy, prefetch=prefetch,
-        collection=_state["collections"][collection], lookahead_accuracy=lookahead_accuracy,
+        collection=_state["collection"], lookahead_accuracy=lookahead_accuracy,
     )
     print(f"  {label:32s} {capacity:4.2f}  hit rate {result['hit_rate'] * 100:5.1f}%  ({result['replay_s']:.0f} s)",
           file=sys.stderr, flush=True)

@@ -1,18 +1,22 @@
-"""The policy lab against brute-force references, Belady as an upper bound, prefetcher rules, the CLI."""
+"""The policy lab: against brute-force references and the Python twin, against `offload.replay.Replayer`
+driven by hand, Belady as an upper bound, prompt steps, prefetcher rules, the CLI."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
+import reference_cache
 
 from moejax.cli import main
 from moejax.errors import MoejaxError, ParameterError
-from moejax.lab import future_steps, replay, simulate_lookahead
-from moejax.runtime.directory import ExpertDirectory
-from moejax.runtime.policies import POLICIES, make_policy
+from moejax.lab import POLICIES, replay, simulate_lookahead
+from moejax.offload import device_cache as dc
+from moejax.offload.manager import OffloadManager
+from moejax.offload.replay import BeladyFuture, Replayer, prefill_chunk_tokens, schedule
 from moejax.routing.prefetchers import PREFETCHERS, make_prefetcher
-from moejax.runtime.prefetch import prefetch_into
-from moejax.routing.traces import RoutingTrace
+from moejax.routing.traces import RoutingTrace, load_routing
+from moejax.runtime.policies import Belady
 
 NEVER = float("inf")
 
@@ -31,8 +35,10 @@ def random_trace(seed, layers=3, experts=6, k=2, seq_lens=(7, 5, 9), skew=1.5):
 
 
 def steps(trace):
-    """[(step, layer, sorted distinct experts)] in decode order."""
-    return [(i, layer, sorted(set(experts))) for i, (layer, experts) in enumerate(future_steps(trace))]
+    """[(step, layer, sorted distinct experts)] in decode order (every layer step of every token)."""
+    by_token = np.swapaxes(trace.experts, 0, 1)
+    rows = by_token.reshape(-1, trace.top_k).tolist()
+    return [(i, i % trace.num_layers, sorted({e for e in row if e < trace.num_experts})) for i, row in enumerate(rows)]
 
 
 def reference_lru_hits(trace, capacity):
@@ -97,53 +103,6 @@ def test_belady_bounds_every_policy(seed):
             assert replay(trace, capacity_fraction=fraction, policy=policy)["hits"] <= best, (policy, fraction)
 
 
-class CheckedPolicy:
-    """Wraps a policy; at every eviction, its fast `select_victim` must equal its `victim` definition."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.checked = 0
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def select_victim(self, resident, pinned, now):
-        candidates = sorted(k for k in resident if k not in pinned)
-        expected = self.inner.victim(candidates, now) if candidates else None
-        got = self.inner.select_victim(resident, pinned, now)
-        assert got == expected
-        self.checked += 1
-        return got
-
-
-@pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_fast_victim_selection_equals_the_definition(policy):
-    trace = random_trace(7, layers=3, experts=8, seq_lens=(10, 10))
-    future = future_steps(trace)
-    inner = make_policy(policy, num_layers=3, num_experts=8, future=future)
-    checked = CheckedPolicy(inner)
-    directory = ExpertDirectory(6, checked)
-    prefetcher = make_prefetcher("trace", num_layers=3, num_experts=8, top_k=2)
-    for _, layer, experts in steps(trace):
-        counts = np.bincount(experts, minlength=8)
-        inner.on_routing(layer, counts)
-        _, misses = directory.begin_layer(layer, experts)
-        for key in misses:
-            directory.admit(key)
-        if policy != "belady":  # prefetches change Belady's view of nothing, but keep its replay pure
-            prefetcher.observe(layer, counts)
-            prefetch_into(directory, prefetcher.predict(layer), 2)
-        directory.end_layer()
-    assert checked.checked > 20
-
-
-def test_belady_is_lab_only():
-    with pytest.raises(MoejaxError, match="belady needs the future access sequence: lab only"):
-        make_policy("belady")
-    with pytest.raises(MoejaxError, match="needs the number of MoE layers"):
-        make_policy("activation")
-
-
 @pytest.mark.parametrize("name", PREFETCHERS)
 def test_predict_never_returns_the_current_layer(name):
     trace = random_trace(1, layers=4, experts=8)
@@ -188,22 +147,6 @@ def test_unknown_prefetcher_lists_valid_names():
         make_prefetcher("oracle", num_layers=2, num_experts=4, top_k=1)
 
 
-def test_prefetch_never_evicts_pinned_experts():
-    directory = ExpertDirectory(4, make_policy("lru"))
-    for expert in (0, 1):  # cached from an earlier layer step
-        directory.admit((1, expert), prefetch=True)
-    _, misses = directory.begin_layer(0, [2, 3])
-    for key in misses:
-        directory.admit(key)
-    admitted = prefetch_into(directory, [(1, 0), (1, 5), (1, 6), (1, 7)], limit=3)
-    # (1, 0) is resident; only (1, 0) and (1, 1) are evictable, and each admitted key is pinned until all are placed.
-    assert admitted == [(1, 5), (1, 6)]
-    assert {(0, 2), (0, 3)} <= directory.resident
-    assert directory.resident == {(0, 2), (0, 3), (1, 5), (1, 6)}
-    directory.end_layer()
-    assert prefetch_into(directory, [(1, 7)], limit=0) == []
-
-
 def test_lookahead_simulation_accuracy():
     trace = random_trace(2, layers=3, experts=16, k=3, seq_lens=(200,))
     exact = simulate_lookahead(trace, 1.0)
@@ -234,10 +177,11 @@ def test_trace_prefetch_scores_on_repeated_sequences():
     base = random_trace(4, layers=4, experts=12, k=2, seq_lens=(40,))
     repeated = RoutingTrace(np.concatenate([base.experts] * 2, axis=1), np.array([40, 40]), 12)
     collection = base.collection()
-    result = replay(repeated, capacity_fraction=0.25, policy="activation", prefetch="trace", collection=collection)
-    plain = replay(repeated, capacity_fraction=0.25, policy="activation", collection=collection)
-    assert result["prefetch_precision"] > 0.2
-    assert result["hit_rate"] > plain["hit_rate"]
+    result = replay(repeated, capacity_fraction=0.25, policy="lru", prefetch="trace", collection=collection)
+    plain = replay(repeated, capacity_fraction=0.25, policy="lru", collection=collection)
+    assert result["prefetch_precision"] > 0.4
+    assert result["hit_rate"] > plain["hit_rate"] + 0.05
+    assert len(collection) == 1  # the replay's sequences joined a copy
 
 
 def test_router_evidence_learns_how_good_the_guess_is():
@@ -310,14 +254,17 @@ def test_cli_lab_json(tmp_path, capsys):
     one = json.loads(capsys.readouterr().out)
     assert {"hit_rate", "prefetch_precision", "prefetch_recall"} <= set(one)
     assert one["sequences"] == 2 and one["collection_size"] == 2 and one["tokens"] == 12
-    assert main(args + ["--capacity", "0.25,0.5", "--prefetch-per-layer", "1"]) == 0
+    assert main(args + ["--capacity", "0.25,0.5", "--prefetch-per-step", "1"]) == 0
     many = json.loads(capsys.readouterr().out)["results"]
     assert [r["capacity_fraction"] for r in many] == [0.25, 0.5]
-    assert many[0]["prefetch_per_layer"] == 1 and many[0]["prefetch_floor"] == 0.02
+    assert many[0]["prefetch_per_step"] == 1 and many[0]["prefetch_floor"] == 0.02
+    assert many[0]["prefetch_issued"] == many[0]["prefetch_staged"] <= many[0]["steps"]
     assert main(args + ["--capacity", "0.25", "--prefetch-floor", "0.5"]) == 0
     assert json.loads(capsys.readouterr().out)["prefetch_floor"] == 0.5
     assert main(["lab", "--traces", str(path), "--capacity", "0.5", "--policy", "lookahead-free", "--json"]) == 2
     assert "--policy 'lookahead-free' is not one of lru, lfu" in capsys.readouterr().err
+    assert main(args + ["--capacity", "0.25", "--prefetch-per-layer", "1"]) == 2
+    assert "--prefetch-per-layer applies to --prefetch lookahead or trace+lookahead, not 'trace'" in capsys.readouterr().err
 
 
 def test_cli_lab_corrupt_npz_is_one_line_exit_2(tmp_path, capsys):
@@ -326,23 +273,6 @@ def test_cli_lab_corrupt_npz_is_one_line_exit_2(tmp_path, capsys):
     assert main(["lab", "--traces", str(path), "--capacity", "0.25", "--json"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "broken.npz" in err and err.startswith("moejax: error:")
-
-
-def test_activation_policy_expected_next_use_by_hand():
-    from moejax.runtime.policies import ActivationPolicy
-
-    policy = ActivationPolicy(2, 4, decay=1.0)  # no collection: uniform prior 1/4, weight 4 tokens
-    policy.on_routing(0, np.array([1, 1, 0, 0]))  # m(0) = 2 experts per step
-    policy.on_layer(0)
-    scores = policy.expected_next_use()
-    # Layer 0: q = (c + 4*2*0.25) / (2 + 4*2), p = 2q: 0.6 for experts 0, 1 and 0.4 for 2, 3; d(0) = 2.
-    np.testing.assert_allclose(scores[0], [2 + 2 * 0.4 / 0.6] * 2 + [2 + 2 * 0.6 / 0.4] * 2)
-    # Layer 1 (no step yet): m = 1, p = 0.25, d(1) = 1.
-    np.testing.assert_allclose(scores[1], [1 + 2 * 0.75 / 0.25] * 4)
-    assert policy.victim([(0, 2), (1, 3), (0, 0)], now=0) == (1, 3)
-    assert policy.victim([(0, 0), (0, 2)], now=0) == (0, 2)
-    policy.on_layer(1)  # while layer 1 runs, layer 0 is next (d = 1) and layer 1 itself farthest (d = 2)
-    np.testing.assert_allclose(policy.expected_next_use()[:, 0], [1 + 2 * 0.4 / 0.6, 2 + 2 * 0.75 / 0.25])
 
 
 def test_recorded_lookahead_is_used_when_present():
@@ -377,3 +307,125 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch)
     assert captured.err == "moejax: error: plotting needs matplotlib: pip install 'moejax[plot]'\n"
     assert captured.out == ""  # refused before the replay
     assert not (tmp_path / "c.png").exists()
+
+
+def by_hand(trace, *, policy, prefetch="none", capacity, guesses=None, collection=None):
+    """The counters [L, C] of a Replayer driven sequence by sequence, as the engine's `generate` runs them."""
+    L, E, k = trace.num_layers, trace.num_experts, trace.top_k
+    manager = OffloadManager(L, E, k, policy="lru" if policy == "belady" else policy, prefetch=prefetch,
+                             staged_per_step=2 * k, collection=collection, device=jax.devices("cpu")[0])
+    prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else np.minimum(trace.seq_lens, 1)
+    future = None
+    if policy == "belady":
+        future = BeladyFuture(trace.experts, schedule(trace.seq_lens, prompt_lens, 512), E)
+    replayer = Replayer(L, E, capacity, manager, lookahead=k if manager.lookahead else 0, future=future)
+    offsets = trace.offsets()
+    for s in range(trace.num_sequences):
+        tokens = slice(offsets[s], offsets[s + 1])
+        replayer.sequence(trace.experts[:, tokens], int(prompt_lens[s]), None if guesses is None else guesses[:, tokens])
+    return replayer.counters()
+
+
+def with_prompts(trace, prompt_lens):
+    return RoutingTrace(trace.experts, trace.seq_lens, trace.num_experts, lookahead=trace.lookahead, prompt_lens=prompt_lens)
+
+
+@pytest.mark.parametrize("policy,prefetch", [
+    ("lru", "none"), ("lfu", "lookahead"), ("fifo", "none"), ("lifo", "lookahead"), ("belady", "none"),
+    ("belady", "lookahead"), ("activation", "none"), ("lru", "trace"), ("activation", "trace+lookahead"),
+])
+def test_lab_equals_the_replayer_driven_by_hand(policy, prefetch):
+    """The lab (many steps per call when the manager gives steps nothing) counts what the Replayer counts
+    step by step on the engine's schedule, in decode order and with prompts as steps."""
+    base = random_trace(11, layers=3, experts=8, k=2, seq_lens=(9, 14, 6))
+    lookahead = np.full_like(base.experts, -1)
+    lookahead[1:] = np.where(np.arange(base.experts.shape[1])[:, None] % 3 == 0, 7 - base.experts[1:], base.experts[1:])
+    for prompt_lens in (None, np.array([4, 9, 1])):
+        trace = RoutingTrace(base.experts, base.seq_lens, 8, lookahead=lookahead, prompt_lens=prompt_lens)
+        result = replay(trace, capacity_fraction=0.4, policy=policy, prefetch=prefetch)
+        guesses = np.concatenate([lookahead[1:], np.full_like(lookahead[:1], -1)])  # row m: the guess for layer m + 1
+        counters = by_hand(trace, policy=policy, prefetch=prefetch, capacity=result["capacity_experts"], guesses=guesses)
+        for name in ("activations", "hits", "misses", "evictions", "prefetch_issued", "prefetch_used", "prefetch_wasted"):
+            assert result[name] == counters[:, dc.COUNTERS.index(name)].sum(), (name, prompt_lens)
+        assert result["steps"] == (29 if prompt_lens is None else 29 - (4 + 9 + 1) + 3)  # a prompt is one step
+        if prefetch != "none":
+            assert result["prefetch_issued"] > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lab_belady_equals_python_belady(seed):
+    """Belady as the device's priority policy hits what the Python Belady hits, token by token and with
+    prompts as single steps."""
+    trace = random_trace(seed, layers=3, experts=8, k=2, seq_lens=(12, 7, 10))
+    for prompt_lens in (None, np.array([5, 1, 10])):
+        trace = with_prompts(trace, prompt_lens)
+        lens = np.minimum(trace.seq_lens, 1) if prompt_lens is None else prompt_lens
+        bounds = schedule(trace.seq_lens, lens, 512)
+        steps = [reference_cache.Step(trace.experts[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        for fraction in (0.4, 0.6):
+            result = replay(trace, capacity_fraction=fraction, policy="belady")
+            python = reference_cache.replay(steps, capacity=result["capacity_experts"],
+                                            policy=Belady(reference_cache.layer_steps(steps, 3, 8)), num_layers=3, num_experts=8)
+            assert result["hits"] == python.total.hits and result["misses"] == python.total.misses, (prompt_lens, fraction)
+
+
+def test_a_prompt_is_one_step():
+    """With prompt lengths, the prompt's layer steps need the distinct experts of all its tokens at once."""
+    trace = random_trace(3, layers=2, experts=8, k=2, seq_lens=(10, 6))
+    prompted = with_prompts(trace, np.array([10, 2]))
+    result = replay(prompted, capacity_fraction=1.0, policy="lru")
+    prompt_activations = sum(len(np.unique(trace.experts[m, :10])) + len(np.unique(trace.experts[m, 10:12])) for m in range(2))
+    assert result["steps"] == 2 + 4
+    assert result["activations"] == prompt_activations + 4 * 2 * 2
+    assert result["misses"] == len(np.unique(trace.experts[0])) + len(np.unique(trace.experts[1]))  # cold misses only
+    assert replay(trace, capacity_fraction=1.0, policy="lru")["activations"] == 16 * 2 * 2
+
+
+def test_prompt_lens_are_saved_selected_and_checked(tmp_path):
+    trace = with_prompts(random_trace(4), np.array([3, 5, 1]))
+    trace.save(tmp_path / "routing.npz")
+    loaded = load_routing(tmp_path)
+    np.testing.assert_array_equal(loaded.prompt_lens, [3, 5, 1])
+    np.testing.assert_array_equal(loaded.select(1, 3).prompt_lens, [5, 1])
+    assert load_routing(tmp_path).select(0, 1).prompt_lens.dtype == np.int64
+    with pytest.raises(MoejaxError, match="prompt_lens must be within 0..seq_lens"):
+        with_prompts(trace, np.array([3, 6, 1]))  # the second sequence has 5 tokens
+    with pytest.raises(MoejaxError, match="prompt_lens must be integers \\[3\\] like seq_lens"):
+        with_prompts(trace, np.array([3, 5]))
+    np.savez(tmp_path / "bad.npz", experts=trace.experts, seq_lens=trace.seq_lens, prompt_lens=np.array([1.5, 2, 1]))
+    with pytest.raises(MoejaxError, match="bad.npz: prompt_lens must be integers"):
+        load_routing(tmp_path / "bad.npz")
+
+
+def test_schedule_chunks_prompts_as_the_engine():
+    """Prompts in chunks of at most prefill_chunk tokens (fewer when the cache holds less than a layer's
+    experts), then a step per token; Replayer.run refuses a manager whose inputs depend on the steps."""
+    assert schedule(np.array([10, 3]), np.array([7, 1]), 3).tolist() == [0, 3, 6, 7, 8, 9, 10, 11, 12, 13]
+    assert schedule(np.array([2]), np.array([0]), 3).tolist() == [0, 1, 2]
+    assert [prefill_chunk_tokens(c, 64, 6) for c in (64, 63, 12, 5)] == [512, 10, 2, 1]
+    manager = OffloadManager(2, 4, 1, policy="activation", device=jax.devices("cpu")[0])
+    with pytest.raises(ValueError, match="replay with `sequence`"):
+        Replayer(2, 4, 2, manager).run(np.zeros((2, 1, 1), np.int32), np.array([0, 1]))
+
+
+class ReadsResidency(OffloadManager):
+    """A manager that claims to read what is resident: the Replayer dispatches its steps one by one."""
+
+    reads_residency = True
+
+
+@pytest.mark.parametrize("prefetch", ["none", "lookahead"])
+def test_planned_steps_equal_steps_one_by_one(prefetch):
+    """The activation policy's inputs need only the routing: the Replayer takes them all, then scans the
+    steps; the counters are those of dispatching each step when the engine would."""
+    trace = random_trace(12, layers=3, experts=8, k=2, seq_lens=(11, 7))
+    guesses = np.concatenate([trace.experts[1:], np.full_like(trace.experts[:1], -1)])
+    counters = []
+    for kind in (OffloadManager, ReadsResidency):
+        manager = kind(3, 8, 2, policy="activation", prefetch=prefetch, device=jax.devices("cpu")[0])
+        replayer = Replayer(3, 8, 9, manager, lookahead=2 if prefetch == "lookahead" else 0)
+        for prompt_len, tokens in ((4, slice(0, 11)), (1, slice(11, 18))):
+            replayer.sequence(trace.experts[:, tokens], prompt_len, guesses[:, tokens])
+        counters.append(replayer.counters())
+    np.testing.assert_array_equal(*counters)
+    assert counters[0][:, dc.EVICTIONS].sum() > 10

@@ -1,10 +1,15 @@
-"""Eviction order of each cache policy against hand-computed sequences, and directory counters."""
+"""The Python cache policies and directory (the host-routed engine's, and the device cache's twins in the
+tests): eviction order against hand-computed sequences, fast victim selection against the definition,
+pinning and prefetch counters."""
 
+import numpy as np
 import pytest
 
 from moejax.errors import MoejaxError
+from moejax.routing.prefetchers import make_prefetcher
 from moejax.runtime.directory import ExpertDirectory
-from moejax.runtime.policies import make_policy
+from moejax.runtime.policies import POLICIES, make_policy
+from moejax.runtime.prefetch import prefetch_into
 
 # Capacity 2, one layer, one expert per step: 1, 2, 1 (hit), 3, 2, 4.
 # Worked by hand: which expert each miss evicts (None while there is room).
@@ -64,3 +69,91 @@ def test_prefetch_used_and_wasted_are_counted():
 def test_unknown_policy_lists_valid_names():
     with pytest.raises(MoejaxError, match="lru, lfu, fifo, lifo"):
         make_policy("random")
+
+
+class CheckedPolicy:
+    """Wraps a policy; at every eviction, its fast `select_victim` must equal its `victim` definition."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.checked = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def select_victim(self, resident, pinned, now):
+        candidates = sorted(k for k in resident if k not in pinned)
+        expected = self.inner.victim(candidates, now) if candidates else None
+        got = self.inner.select_victim(resident, pinned, now)
+        assert got == expected
+        self.checked += 1
+        return got
+
+
+def random_layer_steps(seed: int, layers: int, experts: int, k: int, tokens: int) -> list[tuple[int, list[int]]]:
+    """(MoE layer, distinct experts) of every layer step of `tokens` tokens, Zipf-like, in decode order."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, experts + 1) ** 1.5
+    perms = [rng.permutation(experts) for _ in range(layers)]
+    return [(m, sorted(perms[m][rng.choice(experts, size=k, replace=False, p=weights / weights.sum())].tolist()))
+            for _ in range(tokens) for m in range(layers)]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_fast_victim_selection_equals_the_definition(policy):
+    future = random_layer_steps(7, layers=3, experts=8, k=2, tokens=20)
+    inner = make_policy(policy, num_layers=3, num_experts=8, future=future)
+    checked = CheckedPolicy(inner)
+    directory = ExpertDirectory(6, checked)
+    prefetcher = make_prefetcher("trace", num_layers=3, num_experts=8, top_k=2)
+    for layer, experts in future:
+        counts = np.bincount(experts, minlength=8)
+        inner.on_routing(layer, counts)
+        _, misses = directory.begin_layer(layer, experts)
+        for key in misses:
+            directory.admit(key)
+        if policy != "belady":  # prefetches change Belady's view of nothing, but keep its replay pure
+            prefetcher.observe(layer, counts)
+            prefetch_into(directory, prefetcher.predict(layer), 2)
+        directory.end_layer()
+    assert checked.checked > 20
+
+
+def test_belady_is_lab_only():
+    with pytest.raises(MoejaxError, match="belady needs the future access sequence: lab only"):
+        make_policy("belady")
+    with pytest.raises(MoejaxError, match="needs the number of MoE layers"):
+        make_policy("activation")
+
+
+def test_prefetch_never_evicts_pinned_experts():
+    directory = ExpertDirectory(4, make_policy("lru"))
+    for expert in (0, 1):  # cached from an earlier layer step
+        directory.admit((1, expert), prefetch=True)
+    _, misses = directory.begin_layer(0, [2, 3])
+    for key in misses:
+        directory.admit(key)
+    admitted = prefetch_into(directory, [(1, 0), (1, 5), (1, 6), (1, 7)], limit=3)
+    # (1, 0) is resident; only (1, 0) and (1, 1) are evictable, and each admitted key is pinned until all are placed.
+    assert admitted == [(1, 5), (1, 6)]
+    assert {(0, 2), (0, 3)} <= directory.resident
+    assert directory.resident == {(0, 2), (0, 3), (1, 5), (1, 6)}
+    directory.end_layer()
+    assert prefetch_into(directory, [(1, 7)], limit=0) == []
+
+
+def test_activation_policy_expected_next_use_by_hand():
+    from moejax.runtime.policies import ActivationPolicy
+
+    policy = ActivationPolicy(2, 4, decay=1.0)  # no collection: uniform prior 1/4, weight 4 tokens
+    policy.on_routing(0, np.array([1, 1, 0, 0]))  # m(0) = 2 experts per step
+    policy.on_layer(0)
+    scores = policy.expected_next_use()
+    # Layer 0: q = (c + 4*2*0.25) / (2 + 4*2), p = 2q: 0.6 for experts 0, 1 and 0.4 for 2, 3; d(0) = 2.
+    np.testing.assert_allclose(scores[0], [2 + 2 * 0.4 / 0.6] * 2 + [2 + 2 * 0.6 / 0.4] * 2)
+    # Layer 1 (no step yet): m = 1, p = 0.25, d(1) = 1.
+    np.testing.assert_allclose(scores[1], [1 + 2 * 0.75 / 0.25] * 4)
+    assert policy.victim([(0, 2), (1, 3), (0, 0)], now=0) == (1, 3)
+    assert policy.victim([(0, 0), (0, 2)], now=0) == (0, 2)
+    policy.on_layer(1)  # while layer 1 runs, layer 0 is next (d = 1) and layer 1 itself farthest (d = 2)
+    np.testing.assert_allclose(policy.expected_next_use()[:, 0], [1 + 2 * 0.4 / 0.6, 2 + 2 * 0.75 / 0.25])

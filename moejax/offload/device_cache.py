@@ -98,72 +98,104 @@ def _count(counters, layer, column, amount):
     return counters.at[layer, column].add(amount.astype(jnp.int32))
 
 
-def victim_order(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
-    """Every slot, in the order admissions take them: empty slots first (lowest index first), then the
-    policy's victims among unpinned slots (ties: lowest index), pinned slots last. pinned: bool [S]."""
+def _ranks(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
+    """Each slot's eviction rank (primary [S], secondary [S] or None, and the primary of a slot that may not
+    be filled): the policy fills the slot of the smallest primary, ties to the smallest secondary, then to
+    the lowest slot. Empty slots come first, pinned ones never."""
     key = jnp.maximum(state.slot_key, 0)
-    secondary = jnp.zeros_like(state.slot_key)
     if policy == "priority":
         ahead = priorities.ahead.reshape(-1)[key]
         behind = priorities.behind.reshape(-1)[key]
         primary = -jnp.where(key // num_experts > layer, ahead, behind)
+        secondary = None
     elif policy == "lru":
-        primary = state.last_use
+        primary, secondary = state.last_use, None
     elif policy == "lfu":
         primary, secondary = state.uses, state.last_use
     elif policy == "fifo":
-        primary = state.inserted
+        primary, secondary = state.inserted, None
     elif policy == "lifo":
-        primary = -state.inserted
+        primary, secondary = -state.inserted, None
     else:
         raise ValueError(f"unknown device cache policy {policy!r}")
     info = jnp.finfo if jnp.issubdtype(primary.dtype, jnp.floating) else jnp.iinfo
-    primary = jnp.where(state.slot_key < 0, info(primary.dtype).min, primary)
-    primary = jnp.where(pinned, info(primary.dtype).max, primary)
-    index = jnp.arange(state.num_slots, dtype=jnp.int32)
-    return lax.sort((primary, secondary, index), num_keys=3)[2]
+    lowest, highest = info(primary.dtype).min, info(primary.dtype).max
+    primary = jnp.where(state.slot_key < 0, lowest, primary)
+    return jnp.where(pinned, highest, primary), secondary, highest
 
 
-def _admit(state: CacheState, pinned, keys, take, ticks, prefetch: bool, policy: str, priorities, layer,
-           num_experts: int, staged: bool = False):
-    """Admits keys[j] for every j where take[j], in order of j, each into the next slot of `victim_order`
-    (what admitting them one at a time would do: an admitted slot is pinned, and no other slot's rank
-    changes). keys, ticks int32 [U], take bool [U]. -> (state, pinned, slots int32 [U]: each key's new slot,
-    S where not taken)."""
-    S, LE = state.num_slots, state.table.shape[0]
-    order = victim_order(state, pinned, policy, priorities, layer, num_experts)
-    rank = jnp.cumsum(take.astype(jnp.int32)) - 1
-    slots = jnp.where(take, order[jnp.clip(rank, 0, S - 1)], S)
-    held = jnp.minimum(slots, S - 1)
-    old = jnp.where(take, state.slot_key[held], -1)
+def _first(primary, secondary):
+    """The lowest slot of the smallest rank."""
+    if jnp.issubdtype(primary.dtype, jnp.floating):  # finite ranks: min reductions, not argmin's slower NaN-aware one
+        slots = jnp.arange(primary.shape[0], dtype=jnp.int32)
+        return jnp.min(jnp.where(primary == jnp.min(primary), slots, primary.shape[0]))
+    if secondary is None:
+        return jnp.argmin(primary).astype(jnp.int32)
+    tied = primary == jnp.min(primary)
+    return jnp.argmin(jnp.where(tied, secondary, jnp.iinfo(secondary.dtype).max)).astype(jnp.int32)
+
+
+def _fill(state: CacheState, pinned, count, size: int, policy: str, priorities, layer, num_experts: int,
+          each=None, slab=None):
+    """The slots the next `count` admissions fill, in order: each the policy's victim among the slots neither
+    pinned nor filled before it (the ranks of the others do not change meanwhile). -> (int32 [size], S past
+    `count`; slab). each(slab, i, slot) -> slab runs for each (the move of the i-th key's weights).
+    Callers make sure `count` slots are unpinned."""
+    primary, secondary, highest = _ranks(state, pinned, policy, priorities, layer, num_experts)
+
+    def pick(i, carry):
+        primary, slots, slab = carry
+        slot = _first(primary, secondary)
+        if each is not None:
+            slab = each(slab, i, slot)
+        return primary.at[slot].set(highest), slots.at[i].set(slot), slab
+
+    empty = jnp.full(size, state.num_slots, jnp.int32)
+    _, slots, slab = lax.fori_loop(0, count, pick, (primary, empty, slab))
+    return slots, slab
+
+
+def _at(slots, num_slots: int):
+    """bool [S, n]: slot s is slots[i] (entries outside [0, S) match none). Updates of a few slots are made as
+    `where`s over this mask rather than scatters: fewer, fusable operations."""
+    return jnp.arange(num_slots, dtype=jnp.int32)[:, None] == slots[None, :]
+
+
+def _put(at, values, old):
+    """old [S] with slot s set to values[i] where at[s, i] (each slot matched at most once)."""
+    return jnp.where(at.any(axis=1), jnp.sum(jnp.where(at, values, 0), axis=1).astype(old.dtype), old)
+
+
+def _admit(state: CacheState, pinned, keys, slots, count, ticks, *, prefetch: bool, num_experts: int,
+           staged: bool = False):
+    """Puts keys[i] (int32 [n]) into slots[i] for i < count, evicting what they held; ticks [n]: their last
+    use. -> (state, pinned)."""
+    S, n = state.num_slots, keys.shape[0]
+    admitted = jnp.arange(n) < count
+    slots = jnp.where(admitted, slots, S)  # S: no slot
+    safe = jnp.minimum(slots, S - 1)
+    old = jnp.where(admitted, state.slot_key[safe], -1)
     evicting = old >= 0
-    old_layer = jnp.maximum(old, 0) // num_experts
-    counters = state.counters.at[old_layer, EVICTIONS].add(evicting.astype(jnp.int32))
-    counters = counters.at[old_layer, PREFETCH_WASTED].add((evicting & state.prefetched[held]).astype(jnp.int32))
-    key_layer = jnp.maximum(keys, 0) // num_experts
+    old_layer, new_layer = jnp.maximum(old, 0) // num_experts, keys // num_experts
+    counts = [(old_layer, EVICTIONS, evicting), (old_layer, PREFETCH_WASTED, evicting & state.prefetched[safe])]
     if prefetch:
-        counters = counters.at[key_layer, PREFETCH_ISSUED].add(take.astype(jnp.int32))
+        counts.append((new_layer, PREFETCH_ISSUED, admitted))
     if staged:
-        counters = counters.at[key_layer, PREFETCH_STAGED].add(take.astype(jnp.int32))
-    table = state.table.at[jnp.where(evicting, old, LE)].set(-1, mode="drop")
-    table = table.at[jnp.where(take, keys, LE)].set(slots, mode="drop")
+        counts.append((new_layer, PREFETCH_STAGED, admitted))
+    rows, columns, amounts = zip(*counts, strict=True)
+    counters = state.counters.at[jnp.concatenate(rows), jnp.repeat(jnp.asarray(columns), n)].add(
+        jnp.concatenate(amounts).astype(jnp.int32))
+    nowhere = state.table.shape[0]
+    table = state.table.at[jnp.concatenate([jnp.where(evicting, old, nowhere), jnp.where(admitted, keys, nowhere)])].set(
+        jnp.concatenate([jnp.full(n, -1, jnp.int32), slots]), mode="drop")  # an evicted key is never an admitted one
+    at = _at(slots, S)
+    filled = at.any(axis=1)
     state = state.replace(
-        table=table, slot_key=state.slot_key.at[slots].set(keys, mode="drop"),
-        last_use=state.last_use.at[slots].set(ticks, mode="drop"),
-        uses=state.uses.at[slots].set(0 if prefetch else 1, mode="drop"),
-        inserted=state.inserted.at[slots].set(state.inserts + rank, mode="drop"),
-        prefetched=state.prefetched.at[slots].set(prefetch, mode="drop"),
-        inserts=state.inserts + take.sum(), counters=counters)
-    return state, pinned.at[slots].set(True, mode="drop"), slots
-
-
-def _moves(take, move: Callable | None, slab):
-    """slab after move(slab, j) for every j where take[j], in order (a loop that runs once per taken entry,
-    so a step that admits nothing moves nothing)."""
-    if move is None:
-        return slab
-    order = jnp.argsort(~take, stable=True)
-    return lax.fori_loop(0, take.sum(), lambda i, slab: move(slab, order[i]), slab)
+        table=table, slot_key=_put(at, keys, state.slot_key), last_use=_put(at, ticks, state.last_use),
+        uses=jnp.where(filled, 0 if prefetch else 1, state.uses),
+        inserted=_put(at, state.inserts + jnp.arange(n, dtype=jnp.int32), state.inserted),
+        prefetched=jnp.where(filled, prefetch, state.prefetched), inserts=state.inserts + count, counters=counters)
+    return state, pinned | filled
 
 
 Move = Callable[[object, jax.Array, jax.Array], object]  # (slab, expert, slot) -> slab with expert in slot
@@ -177,26 +209,27 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     and returns (state, slab, slots int32 [U]: each expert's slot, -1 for padding, pinned bool [S]:
     the slots this step uses, for `install` after it).
     """
-    E, S = num_experts, state.num_slots
+    E, S, U = num_experts, state.num_slots, experts.shape[0]
     real = experts < E
     keys = layer * E + jnp.where(real, experts, 0)
     slots = jnp.where(real, state.table[keys], -1)
     hit = real & (slots >= 0)
     miss = real & ~hit
     ticks = state.clock + jnp.cumsum(real.astype(jnp.int32))  # one tick per access, in expert order
-    hit_slots = jnp.where(hit, slots, S)  # S: out of range, dropped
+    at_hit = _at(jnp.where(hit, slots, S), S)
+    used = at_hit.any(axis=1)
     used_prefetch = hit & state.prefetched[jnp.maximum(slots, 0)]
-    counters = _count(state.counters, layer, ACTIVATIONS, real.sum())
-    counters = _count(counters, layer, HITS, hit.sum())
-    counters = _count(counters, layer, MISSES, miss.sum())
-    counters = _count(counters, layer, PREFETCH_USED, used_prefetch.sum())
-    state = state.replace(
-        last_use=state.last_use.at[hit_slots].set(ticks, mode="drop"), uses=state.uses.at[hit_slots].add(1, mode="drop"),
-        prefetched=state.prefetched.at[hit_slots].set(False, mode="drop"), counters=counters)
-    pinned = (jnp.zeros(S, bool) if pinned is None else pinned).at[hit_slots].set(True, mode="drop")
-    state, pinned, admitted = _admit(state, pinned, keys, miss, ticks, False, policy, priorities, layer, E)
-    slots = jnp.where(miss, admitted, slots)
-    slab = _moves(miss, None if move is None else lambda slab, j: move(slab, experts[j], slots[j]), slab)
+    counters = state.counters.at[layer, jnp.asarray([ACTIVATIONS, HITS, MISSES, PREFETCH_USED])].add(
+        jnp.stack([real.sum(), hit.sum(), miss.sum(), used_prefetch.sum()]).astype(jnp.int32))
+    state = state.replace(last_use=_put(at_hit, ticks, state.last_use), uses=state.uses + used,
+                          prefetched=state.prefetched & ~used, counters=counters)
+    pinned = used if pinned is None else pinned | used
+    order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
+    count = miss.sum()
+    each = None if move is None else (lambda slab, i, slot: move(slab, experts[order[i]], slot))
+    filled, slab = _fill(state, pinned, count, U, policy, priorities, layer, E, each, slab)
+    state, pinned = _admit(state, pinned, keys[order], filled, count, ticks[order], prefetch=False, num_experts=E)
+    slots = slots.at[order].set(jnp.where(jnp.arange(U) < count, filled, slots[order]))
     return state.replace(clock=state.clock + real.sum()), slab, slots, pinned
 
 
@@ -211,15 +244,17 @@ def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, pr
     pinned = jnp.zeros(S, bool) if pinned is None else pinned
     valid = keys >= 0
     safe = jnp.maximum(keys, 0)
-    first = jnp.argmax(keys[None, :] == keys[:, None], axis=1) == jnp.arange(P)  # first occurrence of each key
+    earlier = jnp.arange(P)[None, :] < jnp.arange(P)[:, None]
+    first = ~jnp.any((keys[None, :] == keys[:, None]) & earlier, axis=1)  # first occurrence of each key
     needed = valid & first & (state.table[safe] < 0)
     count = jnp.minimum(needed.sum(), (~pinned).sum())
     if limit is not None:
         count = jnp.minimum(count, limit)
-    take = needed & (jnp.cumsum(needed.astype(jnp.int32)) <= count)
-    ticks = jnp.full(P, state.clock, jnp.int32)
-    state, pinned, slots = _admit(state, pinned, safe, take, ticks, True, policy, priorities, layer, num_experts, staged)
-    slab = _moves(take, None if move is None else lambda slab, j: move(slab, j, slots[j]), slab)
+    order = jnp.argsort(~needed, stable=True)
+    each = None if move is None else (lambda slab, i, slot: move(slab, order[i], slot))
+    filled, slab = _fill(state, pinned, count, P, policy, priorities, layer, num_experts, each, slab)
+    state, pinned = _admit(state, pinned, safe[order], filled, count, jnp.full(P, state.clock), prefetch=True,
+                           num_experts=num_experts, staged=staged)
     return state, slab, pinned
 
 
@@ -241,6 +276,11 @@ def guessed_keys(guess_ids, valid_rows, layer, num_experts: int, limit: int):
     keep = (guess_ids >= 0) & (guess_ids < num_experts)
     if valid_rows is not None:
         keep = keep & valid_rows[:, None]
-    counts = jnp.zeros(num_experts, jnp.int32).at[jnp.where(keep, guess_ids, num_experts)].add(1, mode="drop")
-    top, experts = lax.top_k(counts, limit)  # stable: equal counts keep increasing expert order
-    return jnp.where(top > 0, layer * num_experts + experts, -1).astype(jnp.int32)
+    experts = jnp.arange(num_experts, dtype=jnp.int32)
+    counts = jnp.sum((jnp.where(keep, guess_ids, -1).reshape(-1)[None, :] == experts[:, None]), axis=1)  # [E]
+    # Each expert's place in the order (more rows first, then the lower expert), by comparisons: no sort.
+    before = (counts[None, :] > counts[:, None]) | ((counts[None, :] == counts[:, None]) & (experts[None, :] < experts[:, None]))
+    place = jnp.sum(before, axis=1)
+    chosen = place[None, :] == jnp.arange(limit)[:, None]  # [limit, E]: the expert in each place
+    picked = jnp.sum(jnp.where(chosen, experts, 0), axis=1)
+    return jnp.where(jnp.sum(jnp.where(chosen, counts, 0), axis=1) > 0, layer * num_experts + picked, -1).astype(jnp.int32)

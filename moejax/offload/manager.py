@@ -65,14 +65,12 @@ class ActivationScores:
         self.usage.reset()
 
     def observe(self, counts: np.ndarray) -> None:
-        """Token counts [L, E] of one step (a layer without any did not run in it)."""
-        for layer in range(self.num_layers):
-            if counts[layer].any():
-                self.usage.observe(layer, counts[layer])
+        """Token counts [L, E] of one step (a layer without any did not run in it: not observed)."""
+        self.usage.observe_step(counts)
 
     def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """(ahead, behind) float32 [L, E]."""
-        p = np.stack([self.usage.probabilities(layer, self.prior[layer]) for layer in range(self.num_layers)])
+        p = self.usage.all_probabilities(self.prior)
         ahead = np.arange(self.num_layers)[:, None] + self.num_layers * (1 - p) / p
         return ahead.astype(np.float32), (ahead + self.num_layers).astype(np.float32)
 
@@ -116,6 +114,17 @@ class OffloadManager:
     def lookahead(self) -> bool:
         return self.prefetch in ("lookahead", "trace+lookahead")
 
+    @property
+    def reads_residency(self) -> bool:
+        """Whether `observe` reads what is resident (the trace prefetcher stages only experts that are not)."""
+        return self.prefetcher is not None
+
+    @property
+    def learns(self) -> bool:
+        """Whether steps' inputs depend on the routing observed (activation scores, trace prefetcher): if
+        not, steps can run without the manager (`offload.replay.Replayer.run`)."""
+        return self.scores is not None or self.prefetcher is not None
+
     def start_sequence(self, task: str | None = None) -> None:
         if self.scores is not None:
             self.scores.start_sequence(task)
@@ -129,14 +138,17 @@ class OffloadManager:
             return
         from moejax.routing.eams import eam_counts
 
-        self.collection.add(eam_counts(experts, self.num_experts), task, experts=experts)
+        # The layer transitions (costly to count) feed only the trace prefetcher.
+        self.collection.add(eam_counts(experts, self.num_experts), task,
+                            experts=experts if self.prefetcher is not None else None)
         if self.prefetcher is not None:
             self.prefetcher.refit()
 
     def observe(self, counts: np.ndarray, resident: np.ndarray) -> None:
-        """A finished step: token counts [L, E] per MoE layer and expert, resident bool [L * E] after it.
-        Prepares the inputs of the next step dispatched. Layers without tokens did not run in the step (an
-        encoder-decoder model's encoder during decode steps, its decoder while encoding): not observed."""
+        """A finished step: token counts [L, E] per MoE layer and expert, resident bool [L * E] after it (None
+        when not `reads_residency`). Prepares the inputs of the next step dispatched. Layers without tokens did
+        not run in the step (an encoder-decoder model's encoder during decode steps, its decoder while
+        encoding): not observed."""
         if self.scores is not None:
             self.scores.observe(counts)
         staged_keys = None

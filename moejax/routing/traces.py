@@ -22,7 +22,8 @@ class RoutingTrace:
     experts: int16 [L, T, k] experts each token chose at each MoE layer (ids >= num_experts: dropped);
     seq_lens: int64 [S] tokens per sequence, summing to T; tasks: a label per sequence, or None;
     lookahead: int16 [L, T, k] or None: row l holds the experts MoE layer l's router picked when
-    applied to MoE layer l-1's input (one layer early); row 0 is unused (-1).
+    applied to MoE layer l-1's input (one layer early); row 0 is unused (-1); prompt_lens: int64 [S] or
+    None: how many of each sequence's tokens were its prompt (the rest were generated one per step).
     """
 
     experts: np.ndarray
@@ -30,15 +31,19 @@ class RoutingTrace:
     num_experts: int
     tasks: list[str | None] | None = None
     lookahead: np.ndarray | None = None
+    prompt_lens: np.ndarray | None = None
 
     def __post_init__(self):
         self.experts = np.asarray(self.experts)
         self.seq_lens = np.asarray(self.seq_lens)
-        _check_routing("routing trace", self.experts, self.seq_lens, self.num_experts, self.tasks, self.lookahead)
+        _check_routing("routing trace", self.experts, self.seq_lens, self.num_experts, self.tasks, self.lookahead,
+                       self.prompt_lens)
         self.experts = self.experts.astype(np.int16)
         self.seq_lens = self.seq_lens.astype(np.int64)
         if self.lookahead is not None:
             self.lookahead = np.asarray(self.lookahead).astype(np.int16)
+        if self.prompt_lens is not None:
+            self.prompt_lens = np.asarray(self.prompt_lens).astype(np.int64)
 
     @property
     def num_layers(self) -> int:
@@ -68,6 +73,7 @@ class RoutingTrace:
             num_experts=self.num_experts,
             tasks=None if self.tasks is None else self.tasks[start:stop],
             lookahead=None if self.lookahead is None else self.lookahead[:, tokens],
+            prompt_lens=None if self.prompt_lens is None else self.prompt_lens[start:stop],
         )
 
     def sequence_eams(self) -> np.ndarray:
@@ -98,10 +104,12 @@ class RoutingTrace:
             arrays["has_task"] = np.array([t is not None for t in self.tasks], bool).reshape(self.num_sequences)
         if self.lookahead is not None:
             arrays["lookahead"] = self.lookahead
+        if self.prompt_lens is not None:
+            arrays["prompt_lens"] = self.prompt_lens
         write_npz_atomic(path, arrays)
 
 
-def _check_routing(where, experts, seq_lens, num_experts, tasks, lookahead) -> None:
+def _check_routing(where, experts, seq_lens, num_experts, tasks, lookahead, prompt_lens) -> None:
     if experts.ndim != 3 or not np.issubdtype(experts.dtype, np.integer):
         raise MoejaxError(f"{where}: experts must be integer [layers, tokens, k], got {experts.dtype} {experts.shape}")
     if experts.shape[0] < 1 or experts.shape[2] < 1:
@@ -118,11 +126,19 @@ def _check_routing(where, experts, seq_lens, num_experts, tasks, lookahead) -> N
         raise MoejaxError(f"{where}: {len(tasks)} task labels for {len(seq_lens)} sequences")
     if lookahead is not None and np.shape(lookahead) != experts.shape:
         raise MoejaxError(f"{where}: lookahead must have the shape of experts {experts.shape}, got {np.shape(lookahead)}")
+    if prompt_lens is not None:
+        prompt_lens = np.asarray(prompt_lens)
+        if prompt_lens.shape != seq_lens.shape or not np.issubdtype(prompt_lens.dtype, np.integer):
+            raise MoejaxError(f"{where}: prompt_lens must be integers [{len(seq_lens)}] like seq_lens, got "
+                              f"{prompt_lens.dtype} {prompt_lens.shape}")
+        if ((prompt_lens < 0) | (prompt_lens > seq_lens)).any():
+            raise MoejaxError(f"{where}: prompt_lens must be within 0..seq_lens (a prompt is part of its sequence)")
 
 
 def load_routing(path: str | Path) -> RoutingTrace:
     """Reads a routing trace: moejax's own files (routing.npz, or the directory `moejax trace` wrote),
-    or any npz with `experts` [L, T, k] and `seq_lens` [S].
+    or any npz with `experts` [L, T, k] and `seq_lens` [S] (optional: `num_experts`, `tasks`, `lookahead`,
+    `prompt_lens`).
 
     Without a `num_experts` array, the number of experts is the largest id + 1 rounded up to a multiple
     of 4 (expert counts of real MoE models are: 8, 16, 60, 64, 128, 160, 256, ...); experts never
@@ -153,6 +169,6 @@ def load_routing(path: str | Path) -> RoutingTrace:
             raise MoejaxError(f"{path}: tasks must be [{len(seq_lens)}] like seq_lens, got {labels.shape}")
         tasks = [str(t) if keep else None for t, keep in zip(labels, labelled, strict=True)]
     try:
-        return RoutingTrace(experts, seq_lens, num_experts, tasks, arrays.get("lookahead"))
+        return RoutingTrace(experts, seq_lens, num_experts, tasks, arrays.get("lookahead"), arrays.get("prompt_lens"))
     except MoejaxError as err:
         raise MoejaxError(f"{path}: {str(err).removeprefix('routing trace: ')}") from None

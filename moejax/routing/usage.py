@@ -37,14 +37,31 @@ class ExpertUsage:
         self.step_experts[layer] += np.count_nonzero(counts)
         self.steps[layer] += 1
 
+    def observe_step(self, counts: np.ndarray) -> None:
+        """Adds the token counts [L, E] of one step of every MoE layer that ran in it (had tokens), as `observe` of
+        each such layer."""
+        ran = counts.any(axis=1)
+        if self.decay != 1.0:
+            self.counts[ran] *= self.decay
+        self.counts += counts
+        self.step_experts += np.count_nonzero(counts, axis=1)
+        self.steps += ran
+
     def experts_per_step(self, layer: int) -> float:
         """m(layer): experts a step of MoE layer `layer` uses, on average (1 before any step)."""
         return self.step_experts[layer] / self.steps[layer] if self.steps[layer] else 1.0
 
     def probabilities(self, layer: int, prior: np.ndarray) -> np.ndarray:
         """float [E]: p(layer, e), given the prior shares [E] of that layer."""
-        m = self.experts_per_step(layer)
+        return self._probabilities(self.counts[layer], self.experts_per_step(layer), prior)
+
+    def all_probabilities(self, prior: np.ndarray) -> np.ndarray:
+        """float [L, E]: p(l, e) of every layer, given the prior shares [L, E]."""
+        m = np.where(self.steps > 0, self.step_experts / np.maximum(self.steps, 1), 1.0)[:, None]
+        return self._probabilities(self.counts, m, prior)
+
+    def _probabilities(self, counts: np.ndarray, m, prior: np.ndarray) -> np.ndarray:
+        """The class docstring's p, of counts [..., E] with m [..., 1] (or a number)."""
         weight = self.prior_tokens * m
-        counts = self.counts[layer]
-        q = (counts + weight * prior) / (counts.sum() + weight)
+        q = (counts + weight * prior) / (counts.sum(axis=-1, keepdims=True) + weight)
         return np.minimum(np.maximum(m * q, 1e-4), 1.0)  # np.clip, without its Python wrapper's cost
