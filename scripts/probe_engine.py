@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--scan-layers", action="store_true", help="a loop over layers instead of unrolled layers")
+    parser.add_argument("--unroll-layers", action="store_true", help="every layer in the program, no loop over layers")
     args = parser.parse_args()
     prepare_backend()  # before JAX starts its backend
 
@@ -52,7 +52,7 @@ def main() -> None:
             options["prefetch"] = rest[2]
         start = time.perf_counter()
         engine = build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig(mode, **options), slots=1,
-                              max_seq_len=args.prompt_len + args.new_tokens + 16, unroll_layers=not args.scan_layers)
+                              max_seq_len=args.prompt_len + args.new_tokens + 16, unroll_layers=args.unroll_layers)
         built = time.perf_counter() - start
         runs = [engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True) for _ in range(args.repeats + 1)]
         last = runs[-1]

@@ -49,9 +49,9 @@ class ProgramSpec:
     policy: str = "lru"  # a device cache policy (`device_cache.DEVICE_POLICIES`)
     lookahead: int = 0  # experts fetched per MoE layer from the next router's guess (cached mode)
     guesses: bool = False  # return the next router's guesses even without the lookahead (for traces)
-    # Unroll each segment's layer scan: no loop over layers in the program. On the GPU a loop's every
-    # iteration cost the host a round trip (DeepSeek-V2-Lite's shape decoded at 13.2 ms/token scanned);
-    # on the CPU, unrolled programs take ~4x longer to compile.
+    # Unroll each segment's layer scan: no loop over layers in the program, one copy of the layer per layer.
+    # On the H200, Mixtral-8x7B's shape with 8 layers decoded at 6.7 ms/token unrolled against 7.1 scanned,
+    # but a 27-layer model took minutes to compile unrolled against ~20 s scanned (BENCHMARKS.md).
     unroll_layers: bool = False
 
     @property

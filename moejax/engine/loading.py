@@ -49,7 +49,7 @@ def prepare_backend(expert_bytes: int | None = None) -> None:
 
 def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: int = 4, max_seq_len: int = 2048,
          prefill_chunk: int = 512, device=None, show_progress: bool = False, routing: str | None = None,
-         **offload_options):
+         unroll_layers: bool = False, **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -60,6 +60,8 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         models: an encoder-decoder model encodes a source in one program).
     routing: encoder-decoder models: 'dropless' (default) or 'capacity' (transformers' token dropping);
         decoder families always route dropless.
+    unroll_layers: compile every layer into the step program instead of a loop over each run of like layers
+        (a little faster per token, much slower to compile for deep models; BENCHMARKS.md).
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -80,9 +82,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     stacks = _expert_stacks(path, cfg, show_progress)
     if kind_of(cfg).encoder_decoder:
         return build_seq2seq_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
-                                    device=device, tokenizer=load_tokenizer(path), path=path)
+                                    device=device, tokenizer=load_tokenizer(path), path=path, unroll_layers=unroll_layers)
     return build_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
-                        prefill_chunk=prefill_chunk, device=device, tokenizer=load_tokenizer(path), path=path)
+                        prefill_chunk=prefill_chunk, device=device, tokenizer=load_tokenizer(path), path=path,
+                        unroll_layers=unroll_layers)
 
 
 def with_routing(cfg: ModelConfig | EncDecConfig, routing: str | None) -> ModelConfig | EncDecConfig:
@@ -105,7 +108,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
-    made on the device). unroll_layers: see `ProgramSpec` (default: on GPUs, not on the CPU)."""
+    made on the device). unroll_layers: see `ProgramSpec` (default: no)."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
@@ -115,7 +118,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     experts = place_experts(cfg, config, expert_stacks, _shapes(cfg), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, chunk=prefill_chunk, rows=slots)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
-                                unroll_layers=device.platform != "cpu" if unroll_layers is None else unroll_layers)
+                                unroll_layers=bool(unroll_layers))
     return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
@@ -140,7 +143,7 @@ def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], 
     # One capacity group per sequence: a sequence's tokens do not depend on the other slots (encdec_programs).
     spec = encdec_programs.Seq2SeqSpec(cfg.replace(capacity_group="sequence"), config.mode, experts.policy,
                                        experts.lookahead,
-                                       unroll_layers=device.platform != "cpu" if unroll_layers is None else unroll_layers)
+                                       unroll_layers=bool(unroll_layers))
     params = jax.device_put(encdec_programs.program_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device))
     return Seq2SeqEngine(cfg, params, experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host,
                          slots=slots, max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path,
