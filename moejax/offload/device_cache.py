@@ -91,7 +91,9 @@ def full_state(num_layers: int, num_experts: int) -> CacheState:
 
 
 def reset_counters(state: CacheState) -> CacheState:
-    return state.replace(counters=jnp.zeros_like(state.counters))
+    """Zero counters; prefetches admitted before stay in their slots but are no longer marked, so that counts
+    since a reset never call used or wasted a prefetch issued before it (used + wasted <= issued)."""
+    return state.replace(counters=jnp.zeros_like(state.counters), prefetched=jnp.zeros_like(state.prefetched))
 
 
 def _count(counters, layer, column, amount):
