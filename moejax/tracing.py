@@ -65,6 +65,9 @@ def prepare_prompts(engine: Engine, prompts, path: Path, max_new_tokens: int, ma
     tokenizer, and each fits the model's positions with `max_new_tokens` (after keeping its first
     `max_prompt_tokens` tokens, when given). Prompts are numbered from 1 in the errors."""
     limit, vocab = getattr(engine, "max_seq_len", engine.cfg.max_position_embeddings), engine.cfg.vocab_size
+    if max_new_tokens >= limit:
+        raise ParameterError("{max_new_tokens} {max_new} leaves no room for a prompt in a sequence's {limit} positions "
+                             "({max_seq_len})", max_new=max_new_tokens, limit=limit)
     prepared = []
     for n, (prompt, task) in enumerate(prompts, 1):
         if isinstance(prompt, str):
@@ -163,7 +166,7 @@ def summarize(trace: RoutingTrace, collection: EAMCollection) -> dict:
         "top_k": int(trace.experts.shape[2]),
         "task_expert_share": usage,
     }
-    if trace.lookahead is not None:
+    if trace.lookahead is not None and (trace.lookahead != NO_PREDICTION).any():  # one MoE layer: nothing to guess
         summary["lookahead_accuracy"] = lookahead_accuracy(trace.experts, trace.lookahead, trace.num_experts)
     return summary
 
