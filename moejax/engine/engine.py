@@ -26,7 +26,7 @@ from moejax.engine import decoder_programs as programs
 from moejax.engine.compilation import compile_seconds, run_clock
 from moejax.engine.results import GenerationConfig, GenerationResult, Timing, generation_config, record_token
 from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
-from moejax.errors import MoejaxError, ParameterError
+from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager, StepInputs
 from moejax.offload.stats import cache_stats
@@ -350,6 +350,9 @@ class Engine:
         for n, prompt in enumerate(ids):
             self._check_room(n, prompt, config.max_new_tokens)
         tasks = list(tasks) if tasks is not None else [None] * len(ids)
+        if len(tasks) != len(ids):
+            raise ParameterError("{tasks} gives {labels} for {prompts}", labels=plural(len(tasks), "label"),
+                                 prompts=plural(len(ids), "prompt"))
         stops = self.stop_ids(config)
         if self._sequences:
             raise MoejaxError(f"generate needs every slot free, but slots {self.occupied} hold sequences: release them")
