@@ -1,8 +1,11 @@
 """Tests run on JAX's CPU backend; several host devices are available for multi-device logic."""
 
+import gc
 import os
 import subprocess
 import sys
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,3 +24,18 @@ if "XLA_FLAGS" not in os.environ:
     )
     if probe.returncode == 0:
         os.environ["XLA_FLAGS"] = FAST_COMPILE_FLAGS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def free_compiled_programs(request):
+    """Frees a finished module's compiled programs: its cached engines (module-level functions with
+    `cache_clear`) and JAX's caches. XLA:CPU maps each step program's code into hundreds of memory regions,
+    and Linux allows a process 65,530 (vm.max_map_count): a suite that keeps them all crashes in XLA."""
+    yield
+    for value in vars(request.module).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
