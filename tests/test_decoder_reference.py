@@ -1,21 +1,28 @@
-"""Decoder-only families against transformers on the same weights (float32, CPU).
+"""Decoder-only families against transformers on the same weights (float32, CPU), and the step engine
+against the whole-model program.
 
-Every batch here has 3 prompts (batch bucket 4) or 1, and all fit one prompt and one cache
-bucket, so each config compiles few programs: compilation dominates these tests' time.
+Every engine is loaded once per checkpoint and mode and every prompt fits one prefill bucket (16 tokens),
+so each engine compiles few programs: compilation dominates these tests' time. The offloaded engine is the
+cached mode at its smallest budget (one layer's experts: every layer's step evicts), with prompts in chunks
+of 5 tokens (attention across chunks and sliding windows) and 2 slots (the third prompt waits).
 
-Paths that must agree up to float32 rounding (a batch against its prompts alone, per-layer
-against whole-model) differ only in how XLA orders the sums of differently shaped matmuls:
-they are compared to 1e-5 of the logits' scale, 10x tighter than against transformers.
+Paths that must agree up to float32 rounding (the engine against the whole-model program) differ only in
+how XLA orders the sums of differently shaped matmuls: they are compared to 1e-5 of the logits' scale,
+10x tighter than against transformers.
 """
 
 import functools
 
+import numpy as np
 import pytest
 from hf_zoo import CASES, assert_logits_close, build, case_id, hf_greedy, hf_logits, random_prompts
+from whole_model import whole_model_greedy, whole_model_logits
 
 import moejax
+from moejax import checkpoint
 
 SAME_PATH_REL = 1e-5
+MODES = ["resident", "chunked-smallest-cache"]
 
 
 @pytest.fixture(scope="module")
@@ -24,32 +31,41 @@ def root(tmp_path_factory):
 
 
 @functools.lru_cache(maxsize=None)
-def load(ckpt, executor="host-routed"):
-    """One engine per checkpoint and executor: engines keep no state between calls."""
-    return moejax.load(ckpt, executor=executor)
+def load(ckpt, mode="resident"):
+    """One engine per checkpoint and mode: what an engine keeps between calls never changes its outputs."""
+    if mode == "resident":
+        return moejax.load(ckpt)
+    cfg = checkpoint.load_config(ckpt)
+    engine = moejax.load(ckpt, "cached", expert_budget=f"{cfg.num_experts * cfg.expert_bytes}B", prefill_chunk=5, slots=2)
+    assert engine.cache.num_slots == cfg.num_experts
+    return engine
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_logits_match_transformers(case, root):
+def test_logits_match_transformers(case, root, mode):
     model, _, ckpt = build(case, root)
-    engine = load(ckpt)
+    engine = load(ckpt, mode)
     prompts = random_prompts(engine.cfg.vocab_size, [13, 7, 1])
-    for prompt, ours in zip(prompts, engine.logits(prompts)):
+    for prompt, ours in zip(prompts, engine.logits(prompts), strict=True):
         assert_logits_close(ours, hf_logits(model, prompt))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_greedy_tokens_match_transformers(case, root):
+def test_greedy_tokens_match_transformers(case, root, mode):
     model, _, ckpt = build(case, root)
-    engine = load(ckpt)
+    engine = load(ckpt, mode)
     prompts = random_prompts(engine.cfg.vocab_size, [9, 4, 12], seed=1)
     result = engine.generate(prompts, max_new_tokens=20)
-    for prompt, tokens in zip(prompts, result.tokens):
+    for prompt, tokens in zip(prompts, result.tokens, strict=True):
         assert tokens == hf_greedy(model, prompt, 20)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_padded_batch_equals_each_prompt_alone(case, root):
+    """Prompts decoded together (a padded 4-row step) give each prompt's tokens alone (1-row steps), and a
+    prompt's logits do not depend on what its slot held before (stale positions stay hidden)."""
     _, _, ckpt = build(case, root)
     engine = load(ckpt)
     prompts = random_prompts(engine.cfg.vocab_size, [11, 2, 6], seed=2)
@@ -57,22 +73,16 @@ def test_padded_batch_equals_each_prompt_alone(case, root):
     batched_logits = engine.logits(prompts)
     for i, prompt in enumerate(prompts):
         assert engine.generate([prompt], max_new_tokens=8).tokens[0] == batched.tokens[i]
-        assert_logits_close(engine.logits([prompt])[0], batched_logits[i], rel=SAME_PATH_REL)
+        np.testing.assert_array_equal(engine.logits([prompt])[0], batched_logits[i])
 
 
-# The whole-model program for every config; the device-routed per-layer executor (its switch over
-# experts is also checked against a naive loop in test_moe_block) for one config per family.
-EXECUTOR_CASES = [(case, "whole-model") for case in CASES] + [
-    (case, "device-routed") for case in CASES if case == next(c for c in CASES if c[0] == case[0])
-]
-
-
-@pytest.mark.parametrize("case,executor", EXECUTOR_CASES, ids=lambda v: case_id(v) if isinstance(v, tuple) else v)
-def test_per_layer_path_equals_whole_model(case, root, executor):
-    """The per-layer engine (host-routed) against the whole-model and device-routed programs."""
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_engine_equals_whole_model_program(case, root):
+    """The step engine (layer runs scanned, experts gathered from the slab, KV slots) against the whole-model
+    program on the same checkpoint: logits to float32 rounding, the same greedy tokens."""
     _, _, ckpt = build(case, root)
-    layered, other = load(ckpt), load(ckpt, executor)
-    prompts = random_prompts(layered.cfg.vocab_size, [10, 3, 14], seed=3)
-    for a, b in zip(layered.logits(prompts), other.logits(prompts)):
-        assert_logits_close(a, b, rel=SAME_PATH_REL)
-    assert layered.generate(prompts, max_new_tokens=12).tokens == other.generate(prompts, max_new_tokens=12).tokens
+    engine = load(ckpt)
+    prompts = random_prompts(engine.cfg.vocab_size, [10, 3, 14], seed=3)
+    for ours, ref in zip(engine.logits(prompts), whole_model_logits(ckpt, prompts), strict=True):
+        assert_logits_close(ours, ref, rel=SAME_PATH_REL)
+    assert engine.generate(prompts, max_new_tokens=12).tokens == whole_model_greedy(ckpt, prompts, 12)

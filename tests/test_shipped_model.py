@@ -1,15 +1,16 @@
 """The small MoE shipped in the package (moejax/assets/tiny-moe, trained by scripts/train_small_moe.py):
-loads, fits its size limit, generates text deterministically, and its execution paths agree."""
+loads, fits its size limit, generates text deterministically, and the engine agrees with the whole-model
+program and with itself offloaded."""
 
 import json
 
 import numpy as np
 import pytest
+from whole_model import whole_model_logits
 
 import moejax
-from moejax import SHIPPED_CHECKPOINT
+from moejax import SHIPPED_CHECKPOINT, SamplingParams
 from moejax.cli import main as moejax_cli
-from moejax.runtime.sampling import SamplingParams
 
 PROMPTS = ["The history of", "def add(a, b):"]
 
@@ -35,17 +36,14 @@ def test_sampled_generation_is_deterministic_with_a_seed(engine):
     assert all(text.strip() for text in first.text)
 
 
-def test_per_layer_and_whole_model_logits_agree_to_bfloat16_rounding(engine):
-    # One XLA program fuses across layers and rounds bfloat16 differently from one program per
-    # layer (measured on this checkpoint: max |diff| 1.15 for logits up to 15, mean 0.03-0.08), so
-    # the paths agree to rounding, not bit for bit; float32 models agree to 1e-5
-    # (test_decoder_reference). The device-routed per-layer executor is bit-identical here.
-    whole = moejax.load(SHIPPED_CHECKPOINT, executor="whole-model")
-    device_routed = moejax.load(SHIPPED_CHECKPOINT, executor="device-routed")
-    for ours, ref, same in zip(engine.logits(PROMPTS), whole.logits(PROMPTS), device_routed.logits(PROMPTS)):
+def test_engine_and_whole_model_logits_agree_to_bfloat16_rounding(engine):
+    # The whole-model program fuses other ops and rounds bfloat16 differently from the step programs (measured
+    # on this checkpoint: max |diff| 1.16 for logits up to 15, mean 0.02-0.09), so the paths agree to rounding,
+    # not bit for bit; float32 models agree to 1e-5 (test_decoder_reference).
+    prompts = engine.encode(PROMPTS)
+    for ours, ref in zip(engine.logits(prompts), whole_model_logits(SHIPPED_CHECKPOINT, prompts), strict=True):
         assert float(np.abs(ours - ref).mean()) <= 0.01 * float(np.abs(ref).max())
         assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.9
-        np.testing.assert_allclose(same, ours, rtol=0.01, atol=0.05)
 
 
 def test_cli_generates_from_the_default_checkpoint(capsys):
