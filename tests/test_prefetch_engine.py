@@ -1,9 +1,8 @@
-"""Prefetching, activation-aware caching and routing recording in the engine.
+"""Prefetching, the trace collection and routing records in the engine.
 
-Outputs never change: every prefetcher with every policy gives the resident model's tokens and
-logits bit for bit. The recorder's routing and activation matrices match what the model routed,
-and `moejax trace` writes files the engine and the lab read back (the benchmark's routing replay:
-tests/test_bench_scripts.py).
+The engine records what each MoE layer routed (the benchmark's replacement of it: tests/test_bench_scripts.py),
+`moejax trace` writes files the engine and the lab read back, and the trace prefetcher learns from
+the sequences it sees. That outputs never change with any prefetcher and policy is test_offload's.
 """
 
 import json
@@ -11,17 +10,14 @@ import json
 import numpy as np
 import pytest
 from hf_zoo import build, random_prompts
+from whole_model import whole_model_routing
 
 import moejax
-from moejax import checkpoint
 from moejax.cli import main as cli
-from moejax.errors import MoejaxError
-from moejax.routing.files import EAMS_FILE, ROUTING_FILE
-from moejax.runtime.recorder import NO_PREDICTION, RoutingRecorder
+from moejax.errors import MoejaxError, ParameterError
 from moejax.routing.eams import EAMCollection, eam_counts
-from moejax.routing.traces import load_routing
-
-NEW_TOKENS = 6
+from moejax.routing.files import EAMS_FILE, ROUTING_FILE
+from moejax.routing.traces import NO_PREDICTION, load_routing
 
 
 @pytest.fixture(scope="module")
@@ -36,41 +32,22 @@ def qwen(root):
     return ckpt
 
 
-def test_every_prefetcher_and_policy_equals_resident(qwen):
-    resident = moejax.load(qwen)
-    prompts = random_prompts(resident.cfg.vocab_size, [9, 3, 5], seed=4)
-    expected = resident.generate(prompts, max_new_tokens=NEW_TOKENS).tokens
-    expected_logits = resident.logits(prompts)
-    minimum = f"{resident.cfg.top_k * resident.cfg.expert_bytes}B"
-    for prefetch in ("none", "lookahead", "trace", "trace+lookahead"):
-        for policy in ("lru", "lifo", "activation"):
-            for budget in (minimum, "0.5"):
-                label = f"{prefetch} {policy} {budget}"
-                engine = moejax.load(qwen, offload="cached", expert_budget=budget, cache_policy=policy, prefetch=prefetch)
-                for _ in range(2):  # the second run uses what the first taught the collection
-                    result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
-                    assert result.tokens == expected, label
-                for ours, ref in zip(engine.logits(prompts), expected_logits, strict=True):
-                    np.testing.assert_array_equal(ours, ref, err_msg=label)
-                total = result.stats["total"]
-                assert total["hits"] + total["misses"] == total["activations"]
-                assert total["prefetch_used"] + total["prefetch_wasted"] <= total["prefetch_issued"]
-                assert total["bytes_h2d"] == (total["misses"] + total["prefetch_fetches"]) * result.stats["expert_bytes"]
-                if prefetch != "none" and budget == "0.5":
-                    assert total["prefetch_issued"] > 0, label
-                assert 0 <= total["prefetch_precision"] <= 1 and 0 <= total["prefetch_recall"] <= 1
-
-
 def test_recorded_routing_and_eam_match_the_model(qwen):
-    engine = moejax.load(qwen)
+    """engine.routing(b): every token fed (the prompt and all new tokens but the last), the experts the model's
+    routers pick (the whole-model program's), the next MoE layer's guess once asked for, the same for a
+    sequence decoded alone or beside others; its activation matrix counts them."""
+    engine = moejax.load(qwen)  # its own engine: record_guesses changes what its programs compute
     cfg = engine.cfg
     prompts = random_prompts(cfg.vocab_size, [6, 3], seed=1)
-    engine.executor.runner.record_lookahead = True
-    engine.generate(prompts, max_new_tokens=4)
-    for b, prompt in enumerate(prompts):
-        experts, lookahead = engine.executor.routing(b)
-        # Every token fed: the prompt and all generated tokens but the last.
-        assert experts.shape == (len(cfg.moe_layer_ids), len(prompt) + 3, cfg.top_k)
+    result = engine.generate(prompts, max_new_tokens=4)
+    assert engine.routing(0)[1] is None  # no guesses unless asked for
+    engine.record_guesses()
+    assert engine.generate(prompts, max_new_tokens=4).tokens == result.tokens
+    fed = [prompt + tokens[:-1] for prompt, tokens in zip(prompts, result.tokens, strict=True)]
+    for b, (sequence, routed) in enumerate(zip(fed, whole_model_routing(qwen, fed), strict=True)):
+        experts, lookahead = engine.routing(b)
+        assert experts.shape == (len(cfg.moe_layer_ids), len(sequence), cfg.top_k)
+        np.testing.assert_array_equal(np.sort(experts, axis=-1), np.sort(routed, axis=-1))
         eam = eam_counts(experts, cfg.num_experts)
         hand = np.zeros_like(eam)
         for layer in range(experts.shape[0]):
@@ -78,23 +55,15 @@ def test_recorded_routing_and_eam_match_the_model(qwen):
                 for e in token:
                     hand[layer, e] += 1
         np.testing.assert_array_equal(eam, hand)
+        assert lookahead.shape == experts.shape
         assert (lookahead[0] == NO_PREDICTION).all() and (lookahead[1:] >= 0).all()
     # Each sequence's routing equals its routing alone (the padded batch changes nothing).
     engine.generate(prompts[1:], max_new_tokens=4)
-    alone, _ = engine.executor.routing(0)
+    alone, _ = engine.routing(0)
     engine.generate(prompts, max_new_tokens=4)
-    np.testing.assert_array_equal(engine.executor.routing(1)[0], alone)
-
-
-def test_recorder_pads_layers_that_saw_fewer_tokens():
-    recorder = RoutingRecorder(num_moe_layers=2, num_experts=4, top_k=1)
-    recorder.start(batch=2, sequences=1)
-    recorder.record(0, np.array([[1], [2], [0], [4]]), np.array([True, True, False, False]))  # 2 rows x 2 tokens
-    recorder.record(1, np.array([[3], [4]]), None)  # 2 rows x 1 token; row 1 is padding (id 4)
-    experts, lookahead = recorder.routing(0)
-    np.testing.assert_array_equal(experts[:, :, 0], [[1, 2], [3, 4]])
-    assert lookahead is None
-    np.testing.assert_array_equal(eam_counts(experts, 4), [[0, 1, 1, 0], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(engine.routing(1)[0], alone)
+    with pytest.raises(MoejaxError, match="no routing recorded for prompt 2: run generate first"):
+        engine.routing(2)
 
 
 def test_trace_command_writes_what_engine_and_lab_read(qwen, tmp_path, capsys):
@@ -133,7 +102,12 @@ def test_trace_command_writes_what_engine_and_lab_read(qwen, tmp_path, capsys):
     [
         (["--offload", "cached", "--prefetch", "oracle"], "none, lookahead, trace"),
         (["--offload", "on-demand", "--prefetch", "trace"], "needs --offload cached"),
-        (["--offload", "cached", "--prefetch", "trace", "--prefetch-per-layer", "-1"], "--prefetch-per-layer"),
+        (["--offload", "cached", "--prefetch", "lookahead", "--prefetch-per-layer", "-1"], "--prefetch-per-layer must be >= 0"),
+        (["--offload", "cached", "--prefetch", "trace", "--prefetch-per-layer", "2"],
+         "--prefetch-per-layer applies to --prefetch lookahead or trace+lookahead, not 'trace'"),
+        (["--offload", "cached", "--prefetch", "trace", "--prefetch-per-step", "-1"], "--prefetch-per-step must be >= 0"),
+        (["--offload", "cached", "--prefetch", "lookahead", "--prefetch-per-step", "2"],
+         "--prefetch-per-step applies to --prefetch trace or trace+lookahead, not 'lookahead'"),
         (["--offload", "cached", "--cache-policy", "belady"], "lab only"),
         (["--offload", "cached", "--prefetch-floor", "0.3"], "--prefetch-floor applies to --prefetch trace"),
         (["--offload", "cached", "--prefetch", "trace", "--prefetch-floor", "2"], "--prefetch-floor must be a probability"),
@@ -166,25 +140,32 @@ def test_bad_prompt_file_is_a_one_line_error(qwen, tmp_path, capsys):
 def test_trace_refuses_too_long_prompts_before_running(qwen, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt_ids": [1, 2, 3]}\n{"prompt_ids": [4, 5, 6, 7, 8, 9]}\n')
-    limit = checkpoint.load_config(qwen).max_position_embeddings
-    args = ["trace", str(qwen), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--quiet"]
+    limit = 64
+    args = ["trace", str(qwen), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--quiet", "--max-seq-len", str(limit)]
     assert cli([*args, "--max-new-tokens", str(limit - 4)]) == 2
     err = capsys.readouterr().err.strip()
     assert "prompt 2 has 6 tokens" in err and "set --max-prompt-tokens to 4" in err and not (tmp_path / "o").exists()
+    assert cli([*args, "--max-new-tokens", str(limit)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--max-new-tokens 64 leaves no room for a prompt in a sequence's 64 positions (--max-seq-len)" in err
     assert cli([*args, "--max-prompt-tokens", "0"]) == 2
     assert "--max-prompt-tokens must be >= 1" in capsys.readouterr().err
     from moejax.tracing import prepare_prompts, read_prompts
 
-    kept = prepare_prompts(moejax.load(qwen), read_prompts(prompts), prompts, limit - 4, max_prompt_tokens=4)
+    kept = prepare_prompts(moejax.load(qwen, max_seq_len=limit), read_prompts(prompts), prompts, limit - 4, max_prompt_tokens=4)
     assert kept == [([1, 2, 3], None), ([4, 5, 6, 7], None)]
 
 
 def test_trace_prefetcher_learns_from_finished_sequences(qwen):
-    """Without --traces the collection starts empty; each generation adds its sequences and the
-    prefetcher refits on them."""
+    """Without traces the collection starts empty; each generation adds its sequences, with their task labels,
+    and the prefetcher refits on them."""
     engine = moejax.load(qwen, offload="cached", expert_budget="0.5", prefetch="trace")
-    runner = engine.executor.runner
-    assert len(runner.collection) == 0 and runner.prefetcher.matcher is None
-    engine.generate(random_prompts(engine.cfg.vocab_size, [6, 4], seed=9), max_new_tokens=3)
-    assert len(runner.collection) == 2 and runner.prefetcher.matcher is not None
-    assert runner.collection.transitions.sum() > 0
+    prefetcher = engine.manager.prefetcher
+    assert len(engine.collection) == 0 and prefetcher.matcher is None
+    prompts = random_prompts(engine.cfg.vocab_size, [6, 4], seed=9)
+    engine.generate(prompts, max_new_tokens=3, tasks=["math", "code"])
+    assert len(engine.collection) == 2 and prefetcher.matcher is not None
+    assert sorted(engine.collection.tasks) == ["code", "math"]
+    assert engine.collection.transitions.sum() > 0
+    with pytest.raises(ParameterError, match="^tasks gives 1 label for 2 prompts$"):
+        engine.generate(prompts, max_new_tokens=3, tasks=["math"])

@@ -59,14 +59,13 @@ def test_stream_holds_back_a_character_split_over_tokens(engine, monkeypatch):
     assert list(engine.stream(PROMPT)) == ["é"]
 
 
-def test_a_stream_left_early_ends_its_sequence():
-    engine = moejax.load(moejax.SHIPPED_CHECKPOINT, offload="cached", expert_budget=0.5, prefetch="trace")
-    stream = engine.stream(PROMPT, max_new_tokens=16)
+def test_a_stream_left_early_ends_its_sequence(engine):
+    offloaded = moejax.load(moejax.SHIPPED_CHECKPOINT, offload="cached", expert_budget=0.5, prefetch="trace")
+    stream = offloaded.stream(PROMPT, max_new_tokens=16)
     next(stream)
     stream.close()
-    runner = engine.executor.runner
-    assert not runner.recorder.active and len(runner.collection) == 1  # its activations were kept
-    assert engine.generate(PROMPT, max_new_tokens=4).tokens == moejax.load(moejax.SHIPPED_CHECKPOINT).generate(PROMPT, max_new_tokens=4).tokens
+    assert offloaded.occupied == [] and len(offloaded.collection) == 1  # its slot is free, its activations kept
+    assert offloaded.generate(PROMPT, max_new_tokens=4).tokens == engine.generate(PROMPT, max_new_tokens=4).tokens
 
 
 def test_generation_result_is_documented_and_its_repr_is_short(engine):
