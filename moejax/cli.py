@@ -39,7 +39,7 @@ FLAGS = {
     "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes",
 }
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
-              "(default 0.02 for trace, 0.2 for trace+lookahead; higher: fewer, surer copies)")
+              "(default 0.02; higher: fewer, surer copies)")
 
 
 def _token_ids(text: str) -> list[int]:
@@ -294,7 +294,7 @@ def check_task(task: str, collection, traces: Path) -> None:
 
 
 def cmd_lab(args) -> int:
-    from moejax import lab
+    from moejax.tools import lab
     from moejax.routing.traces import load_routing
 
     try:
@@ -341,7 +341,7 @@ def print_lab_results(results: list[dict], as_json: bool) -> None:
 
 def cmd_trace(args) -> int:
     from moejax.engine.results import GenerationConfig
-    from moejax.tracing import TRACE_OUTPUT, prepare_prompts, read_prompts, trace_prompts, write_traces
+    from moejax.tools.tracing import TRACE_OUTPUT, prepare_prompts, read_prompts, trace_prompts, write_traces
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-prompt-tokens", args.max_prompt_tokens),
                         ("--limit", args.limit)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from moejax.errors import MoejaxError
-from moejax.runtime.budget import UNITS
+from moejax.offload.budget import UNITS
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*$")
 EXAMPLES = "e.g. 5GB, 500MB, 2GiB"

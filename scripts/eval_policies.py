@@ -1,7 +1,7 @@
 """Cache policies and prefetchers on real routing traces: hit rate against cache capacity (the policy lab).
 
 Fits the EAM collection on one part of the sequences and replays another part through the engine's own
-cache code on the CPU (moejax/lab.py: decode order when the trace records no prompt lengths, one cache
+cache code on the CPU (moejax/tools/lab.py: decode order when the trace records no prompt lengths, one cache
 shared by all MoE layers, the engine's prefetch limits and schedule):
 
   LRU, LFU, LIFO, activation          demand fetching only
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from moejax.errors import MoejaxError
-from moejax.lab import DEFAULT_LOOKAHEAD_ACCURACY, parse_range, plot_curves, replay
+from moejax.tools.lab import DEFAULT_LOOKAHEAD_ACCURACY, parse_range, plot_curves, replay
 from moejax.routing.traces import load_routing
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "deepseek_v2_lite_prefill.npz"

@@ -36,7 +36,7 @@ from moejax.config import ModelConfig
 from moejax.errors import MoejaxError
 from moejax.models.decoder import empty_kv_caches, forward_with_router_logits, init_params
 from moejax.progress import Progress
-from moejax.runtime.sampling import SamplingParams
+from moejax.engine.slots import SamplingParams
 from moejax.train.corpus import pack, read_documents, split_documents, windows
 
 SAMPLE_PROMPTS = [

@@ -16,9 +16,9 @@ import dataclasses
 
 import numpy as np
 
-from moejax.runtime.directory import ExpertDirectory
-from moejax.runtime.policies import FIFO, LFU, LIFO, LRU, Belady
-from moejax.runtime.prefetch import prefetch_into
+from reference_directory import ExpertDirectory
+from reference_policies import FIFO, LFU, LIFO, LRU, Belady
+from reference_prefetch import prefetch_into
 
 
 @dataclasses.dataclass

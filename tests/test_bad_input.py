@@ -15,8 +15,8 @@ import moejax
 from moejax.cli import FLAGS, build_parser, main
 from moejax.convert.safetensors_file import read_header, read_tensor, write_file
 from moejax.errors import ParameterError
-from moejax.lab import replay
-from moejax.runtime.budget import cache_capacity
+from moejax.tools.lab import replay
+from moejax.offload.budget import cache_capacity
 from moejax.engine.results import GenerationConfig
 from moejax.engine.slots import SamplingParams
 from moejax.routing.traces import RoutingTrace
@@ -414,7 +414,7 @@ def test_unwritable_plot_is_refused_before_computing(capsys, tmp_path, plot):
 
 
 def test_results_are_printed_before_the_plot_is_written(capsys, tmp_path, monkeypatch):
-    from moejax import lab
+    from moejax.tools import lab
 
     def fail(curves, path, title):
         raise moejax.MoejaxError(f"{path}: cannot write the plot (No space left on device)")

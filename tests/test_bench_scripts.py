@@ -7,8 +7,8 @@ import pytest
 
 from moejax.models.decoder import kv_cache_bytes
 from moejax.routing.traces import RoutingTrace
-from moejax.runtime.directory import ExpertDirectory
-from moejax.runtime.policies import Belady
+from reference_directory import ExpertDirectory
+from reference_policies import Belady
 from scripts.bench_offload import add_floor
 from scripts.bench_prefetch import RoutingReplay, engine_steps, lab_replay
 from scripts.benchlib import (

@@ -10,7 +10,7 @@ import reference_cache
 
 from moejax.offload import device_cache as dc
 from moejax.offload.replay import BeladyFuture, replay_step
-from moejax.runtime.policies import Belady
+from reference_policies import Belady
 
 LAYERS, EXPERTS = 3, 8
 TOKENS = 3  # most tokens per step (steps of 1..TOKENS tokens, padded with none)

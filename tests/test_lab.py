@@ -10,13 +10,13 @@ import reference_cache
 
 from moejax.cli import main
 from moejax.errors import MoejaxError, ParameterError
-from moejax.lab import POLICIES, replay, simulate_lookahead
+from moejax.tools.lab import POLICIES, replay, simulate_lookahead
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager
 from moejax.offload.replay import BeladyFuture, Replayer, prefill_chunk_tokens, schedule
 from moejax.routing.prefetchers import PREFETCHERS, make_prefetcher
 from moejax.routing.traces import RoutingTrace, load_routing
-from moejax.runtime.policies import Belady
+from reference_policies import Belady
 
 NEVER = float("inf")
 

@@ -21,7 +21,7 @@ from moejax.offload import device_cache as dc
 from moejax.offload.device_cache import COUNTERS
 from moejax.offload.manager import OffloadManager
 from moejax.offload.replay import Replayer
-from moejax.runtime import budget as budget_module
+from moejax.offload import budget as budget_module
 
 NEW_TOKENS = 6
 SAMPLING = dict(temperature=0.9, top_k=20, seed=3)

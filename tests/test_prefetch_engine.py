@@ -150,7 +150,7 @@ def test_trace_refuses_too_long_prompts_before_running(qwen, tmp_path, capsys):
     assert "--max-new-tokens 64 leaves no room for a prompt in a sequence's 64 positions (--max-seq-len)" in err
     assert cli([*args, "--max-prompt-tokens", "0"]) == 2
     assert "--max-prompt-tokens must be >= 1" in capsys.readouterr().err
-    from moejax.tracing import prepare_prompts, read_prompts
+    from moejax.tools.tracing import prepare_prompts, read_prompts
 
     kept = prepare_prompts(moejax.load(qwen, max_seq_len=limit), read_prompts(prompts), prompts, limit - 4, max_prompt_tokens=4)
     assert kept == [([1, 2, 3], None), ([4, 5, 6, 7], None)]

@@ -30,7 +30,7 @@ from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager, StepInputs
 from moejax.offload.stats import cache_stats
-from moejax.runtime.buckets import next_power_of_two
+from moejax.engine.buckets import next_power_of_two
 
 PIPELINE_DEPTH = 2  # decode steps dispatched ahead of the tokens returned (the one being read + one more)
 Prompt = str | Sequence[int]

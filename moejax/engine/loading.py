@@ -27,7 +27,7 @@ from moejax.offload.config import OffloadConfig
 from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_sharding, size_pinned_pool
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
-from moejax.runtime.budget import cache_capacity, device_memory, parse_budget
+from moejax.offload.budget import cache_capacity, device_memory, parse_budget
 from moejax.routing.eams import EAMCollection
 from moejax.tokenizer import load_tokenizer
 

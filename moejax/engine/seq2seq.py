@@ -21,7 +21,7 @@ from moejax.engine.results import GenerationConfig, GenerationResult
 from moejax.engine.slots import SamplingParams
 from moejax.errors import MoejaxError, ParameterError
 from moejax.models.capacity import capacity_for
-from moejax.runtime.buckets import next_power_of_two
+from moejax.engine.buckets import next_power_of_two
 
 
 class Seq2SeqEngine(Engine):

@@ -27,7 +27,7 @@ from jax import lax
 
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager
-from moejax.runtime.buckets import next_power_of_two
+from moejax.engine.buckets import next_power_of_two
 
 SCAN_STEPS = 256  # most single-token steps per `replay_steps` call (and Belady's tables per block)
 PIPELINE_DEPTH = 2  # decode steps in flight, as in the engine: step t is dispatched before step t - 1 is read

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from moejax.errors import MoejaxError
-from moejax.runtime.policies import CachePolicy, ExpertKey
+from reference_policies import CachePolicy, ExpertKey
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
-"""Cache replacement policies for experts, behind one small interface.
+"""The slow, obviously-right twins of the device cache's policies (`moejax.offload.device_cache`): cache
+replacement policies as Python objects, one decision at a time (the engine of issues 2-4 ran them).
 
-The same policy objects serve the engine's GPU expert cache and the policy lab's trace replay.
-A key is (moe_layer, expert). The directory (`runtime.directory`) tells the policy about
+A key is (moe_layer, expert). The directory (`reference_directory`) tells the policy about
 every access, insertion and eviction in order, and asks it for a victim among the resident,
 unpinned experts. `now` is the directory's logical clock (one tick per access).
 
@@ -21,7 +21,6 @@ from collections.abc import Iterable, Sequence, Set
 import numpy as np
 
 from moejax.errors import MoejaxError
-from moejax.routing.usage import ExpertUsage
 
 ExpertKey = tuple[int, int]
 
@@ -149,111 +148,6 @@ class LIFO(FIFO):
         self.set_rank(key, (-self.order,))
 
 
-class ActivationPolicy(CachePolicy):
-    """Activation-aware eviction: evicts the expert whose next use is expected farthest away.
-
-    While MoE layer c runs, a resident expert (l, e) is next needed, at the earliest, d(l) layer
-    steps ahead, d(l) = ((l - c - 1) mod L) + 1 (1 for the next layer, L for layer c itself). If
-    each later visit of layer l uses e with probability p(l, e), independently, the expected
-    number of layer steps until its next use is
-
-        T(l, e) = d(l) + L * (1 - p) / p,
-
-    and the policy evicts the largest T (ties: the lowest (layer, expert)), sparing experts used or
-    inserted in the step in progress unless nothing else can go: activation frequency
-    and layer position in one quantity, an estimate of Belady's next-use time. p is
-    `trace.ExpertUsage`: the running sequence's token counts (from `on_routing`, recency-weighted
-    by `decay`) smoothed towards a prior worth `prior_tokens` tokens: the mean per-layer expert
-    shares of the collection's EAMs (of those with the sequence's task label, when there are
-    some), or uniform without a collection.
-    """
-
-    name = "activation"
-
-    def __init__(self, num_layers: int, num_experts: int, collection=None, prior_tokens: float = 4.0,
-                 decay: float = 0.9):
-        self.num_layers, self.num_experts = num_layers, num_experts
-        self.collection = collection
-        self.usage = ExpertUsage(num_layers, num_experts, prior_tokens, decay)
-        self.resident = np.zeros((num_layers, num_experts), bool)
-        self.layer = 0
-        self._fresh: list[ExpertKey] = []  # used or inserted in the step in progress
-        self.on_sequence_start()
-
-    def _prior(self, task: str | None) -> np.ndarray:
-        collection = self.collection
-        if collection is None or not len(collection):
-            return np.full((self.num_layers, self.num_experts), 1.0 / self.num_experts)
-        eams = collection.eams
-        if task is not None and task in collection.tasks:
-            eams = eams[[t == task for t in collection.tasks]]
-        shares = eams / np.maximum(eams.sum(axis=2, keepdims=True), 1)
-        return shares.mean(axis=0)
-
-    def on_sequence_start(self, task=None):
-        self.prior = self._prior(task)
-        self.usage.reset()
-        self.rest = np.empty((self.num_layers, self.num_experts))  # L * (1 - p) / p
-        for layer in range(self.num_layers):
-            self._update_row(layer)
-        self._scores = None
-
-    def _update_row(self, layer: int) -> None:
-        p = self.usage.probabilities(layer, self.prior[layer])
-        self.rest[layer] = self.num_layers * (1 - p) / p
-
-    def on_routing(self, layer, counts):
-        self.usage.observe(layer, counts)
-        self._update_row(layer)
-        self._scores = None
-
-    def on_layer(self, layer):
-        self.layer = layer
-        self._scores = None
-        self._fresh = []
-
-    def on_access(self, key, now, hit):
-        self._protect(key)
-
-    def on_insert(self, key, now):
-        self.resident[key] = True
-        self._protect(key)
-
-    def _protect(self, key: ExpertKey) -> None:
-        self._fresh.append(key)
-        if self._scores is not None:
-            self._masked[key] = -np.inf
-
-    def on_evict(self, key):
-        self.resident[key] = False
-        if self._scores is not None:
-            self._masked[key] = -np.inf
-
-    def expected_next_use(self) -> np.ndarray:
-        """float [L, E]: T(l, e) in layer steps, given the layer in progress."""
-        if self._scores is None:
-            distance = (np.arange(self.num_layers) - self.layer - 1) % self.num_layers + 1
-            self._scores = self.rest + distance[:, None]
-            self._masked = np.where(self.resident, self._scores, -np.inf)
-            for key in self._fresh:
-                self._masked[key] = -np.inf
-        return self._scores
-
-    def victim(self, candidates, now):
-        scores = self.expected_next_use()
-        fresh = set(self._fresh)
-        pool = [k for k in candidates if k not in fresh] or candidates
-        return max(pool, key=lambda k: (scores[k], -k[0], -k[1]))
-
-    def select_victim(self, resident, pinned, now):
-        if self._scores is None:
-            self.expected_next_use()
-        key = divmod(int(self._masked.argmax()), self.num_experts)
-        if self._masked[key] > -np.inf and key not in pinned:
-            return key
-        return super().select_victim(resident, pinned, now)
-
-
 class Belady(RankedPolicy):
     """Belady's MIN: evicts the expert whose next use is farthest in the future (ties: the largest key).
 
@@ -300,22 +194,15 @@ class Belady(RankedPolicy):
         self._update(key)
 
 
-POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, LIFO, ActivationPolicy, Belady)}
+POLICIES: dict[str, type[CachePolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, LIFO, Belady)}
 # What an engine can run: every policy but belady, which needs the whole future access sequence.
 ONLINE_POLICIES = tuple(name for name, cls in POLICIES.items() if cls is not Belady)
 
 
-def make_policy(name: str, *, num_layers: int | None = None, num_experts: int | None = None,
-                collection=None, future=None) -> CachePolicy:
-    """A fresh policy by name. activation needs num_layers and num_experts (collection optional);
-    belady needs `future`, the whole access sequence (so only the policy lab and benchmarks, which replay
-    known routing, can run it)."""
+def make_policy(name: str, *, future=None) -> CachePolicy:
+    """A fresh policy by name; belady needs `future`, the whole access sequence."""
     if name not in POLICIES:
         raise MoejaxError(f"cache policy '{name}' is not one of {', '.join(POLICIES)}")
-    if name == "activation":
-        if num_layers is None or num_experts is None:
-            raise MoejaxError("the activation cache policy needs the number of MoE layers and experts")
-        return ActivationPolicy(num_layers, num_experts, collection)
     if name == "belady":
         if future is None:
             raise MoejaxError("belady needs the future access sequence: lab only")

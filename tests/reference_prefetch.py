@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from moejax.runtime.directory import ExpertDirectory
-from moejax.runtime.policies import ExpertKey
+from reference_directory import ExpertDirectory
+from reference_policies import ExpertKey
 
 
 def select_prefetch(directory: ExpertDirectory, keys: Iterable[ExpertKey], limit: int) -> list[ExpertKey]:
