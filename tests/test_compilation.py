@@ -97,6 +97,9 @@ def test_a_second_run_loads_its_programs_from_the_cache_and_timings_leave_compil
     assert "compiling..." in err and len(list(cache.iterdir())) > 0
     # Before compile time was taken out, the one decode step of this run took about half of it.
     assert timing["decode_steps"] == 1 and timing["compile_s"] > 5 * max(timing["tpot_s"], timing["ttft_s"])
+    programs = sorted(cache.iterdir())
     second, _ = _generate_in_a_fresh_process(cache, tmp_path)
     assert second["tokens"] == first["tokens"]
-    assert second["timing"]["compile_s"] < 0.5 * timing["compile_s"]
+    assert sorted(cache.iterdir()) == programs  # every program came from the cache: none was compiled anew
+    # Tracing and lowering still run, so on a busy 2-core machine only "less" is certain, not "half".
+    assert second["timing"]["compile_s"] < timing["compile_s"]
