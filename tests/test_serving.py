@@ -17,7 +17,7 @@ from hf_zoo import build, random_prompts
 
 import moejax
 from moejax import SamplingParams, checkpoint
-from moejax.errors import ParameterError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.serving import scheduler as sched
 from moejax.serving.loop import ServingLoop
 from moejax.serving.requests import SLO, QueueFull, Request, RequestRefused, ShuttingDown
@@ -74,6 +74,34 @@ class Log:
                 assert self.cond.wait(deadline - time.monotonic()), f"{request_id}: no {count} tokens in time"
 
 
+def test_prefill_a_chunk_at_a_time(ckpt):
+    """begin_prefill + prefill_step: a 20-token prompt in 3 chunks of 8, its first token after the last; a slot
+    mid-prefill is busy, takes no decode rows, and can be released."""
+    engine = load(ckpt)
+    prompt, other = random_prompts(engine.cfg.vocab_size, [20, 5], seed=2)
+    expected = solo(engine, prompt, 3)
+    first_other = engine.prefill(0, other)
+    engine.begin_prefill(1, prompt)
+    with pytest.raises(MoejaxError, match="slot 1 is busy"):
+        engine.begin_prefill(1, prompt)
+    assert engine.prefilling == [1] and engine.occupied == [0]
+    assert [engine.prefill_step(1), engine.prefill_step(1)] == [None, None]
+    assert list(engine.decode()) == [0]  # the slot mid-prefill takes no decode row
+    tokens = [engine.prefill_step(1)]
+    tokens += [engine.decode()[1] for _ in range(2)]
+    assert tokens == expected and engine.prefilling == [] and first_other is not None
+    engine.release(1)
+    engine.begin_prefill(1, prompt)
+    engine.prefill_step(1)
+    engine.release(1)  # mid-prefill
+    with pytest.raises(MoejaxError, match="slot 1 has no prompt being prefilled"):
+        engine.prefill_step(1)
+    with pytest.raises(ParameterError, match="sampled must be >= 0"):
+        engine.begin_prefill(1, prompt, sampled=-1)
+    engine.release(0)
+    assert engine.occupied == engine.prefilling == []
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_requests_get_their_solo_tokens_batched_and_arriving_at_different_times(ckpt, mode):
     """Five requests (greedy and seeded, one with a 30-token prompt prefilled in 4 chunks) through 4 slots:
@@ -103,6 +131,31 @@ def test_requests_get_their_solo_tokens_batched_and_arriving_at_different_times(
     first_long = next(i for i, (r, _, _) in enumerate(log.events) if r == requests[2].id)
     between = [r for r, _, _ in log.events[start:first_long]]
     assert between.count(requests[0].id) >= 3 and between.count(requests[1].id) >= 3
+
+
+@pytest.mark.parametrize("mode", ["on-demand", "dense-offload", "activation-trace"])
+def test_every_offload_mode_serves_the_resident_tokens(ckpt, mode):
+    """Offloading changes no token through the loop: batched requests in every mode (the smallest cache with
+    the activation policy and the trace prefetcher, whose collection gives the slo scheduler expert profiles)
+    get the resident engine's solo tokens."""
+    resident = load(ckpt)
+    prompts = random_prompts(resident.cfg.vocab_size, [5, 12, 7], seed=9)
+    sampling = [None, SEEDED, None]
+    expected = [solo(resident, p, 6, s) for p, s in zip(prompts, sampling, strict=True)]
+    options = dict(slots=SLOTS, max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK)
+    if mode == "activation-trace":
+        cfg = resident.cfg
+        engine = moejax.load(ckpt, "cached", expert_budget=f"{cfg.num_experts * cfg.expert_bytes}B",
+                             cache_policy="activation", prefetch="trace", **options)
+    else:
+        engine = moejax.load(ckpt, mode, **options)
+    with ServingLoop(engine, scheduler="slo") as loop:
+        for _ in range(2):  # the second round runs with what the first taught the trace collection
+            handles = [loop.submit(Request(p, max_tokens=6, sampling=s, task="t")) for p, s in zip(prompts, sampling,
+                                                                                                   strict=True)]
+            assert [list(h.result(timeout=60).token_ids) for h in handles] == expected
+    stats = loop.metrics()["engine"]
+    assert stats["mode"] == ("cached" if mode == "activation-trace" else mode) and stats["bytes_h2d"] > 0
 
 
 def test_text_stream_holds_back_possible_stop_strings_and_partial_characters():

@@ -76,6 +76,7 @@ class Engine:
     Step API: `prefill(slot, token_ids, sampling)` puts a prompt in a free slot and returns its first new
     token; `decode()` returns the next token of every occupied slot; `release(slot)` frees it. A slot's
     tokens do not depend on what the other slots hold. `generate` and `stream` are loops over them.
+    `begin_prefill` + `prefill_step` run `prefill` a chunk at a time (a serving loop decodes in between).
     """
 
     # The step programs by kind (a subclass for another model kind names its own, and may add kinds).
@@ -181,8 +182,12 @@ class Engine:
         """
         self.begin_prefill(slot, token_ids, sampling, task=task, max_new_tokens=max_new_tokens)
         token = None
-        while token is None:
-            token = self.prefill_step(slot)
+        try:
+            while token is None:
+                token = self.prefill_step(slot)
+        except BaseException:
+            self._prefills.pop(slot, None)  # the slot stays free, as before the call
+            raise
         return token
 
     def begin_prefill(self, slot: int, token_ids: Sequence[int], sampling: SamplingParams | None = None, *,

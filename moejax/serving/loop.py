@@ -211,7 +211,7 @@ class ServingLoop:
             self._cond.notify_all()
         if self._thread is None and self._waiting:
             self.start()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():  # (an on_output may call it)
             self._thread.join(timeout)
 
     def metrics(self) -> dict:
@@ -358,9 +358,9 @@ class ServingLoop:
         for victim in self.scheduler.preempt(entries(waiting), entries(running), free, now, self._times):
             self._preempt(running.pop(id(victim))[1])
             free += 1
-        order = self.scheduler.order(entries(waiting), entries(running), now, self._times)
-        for entry in order[:max(free, 0)]:
-            self._admit(waiting[id(entry)][1])
+        if free > 0:
+            for entry in self.scheduler.order(entries(waiting), entries(running), now, self._times)[:free]:
+                self._admit(waiting[id(entry)][1])
 
     def _admit(self, job: _Job) -> None:
         request, engine = job.request, self.engine
@@ -484,8 +484,8 @@ class ServingLoop:
         last = Output(request.id, () if token is None else (token,), piece, reason, error, **times)
         text = job.text.sent if job.text is not None else None
         job.handle._result = Output(request.id, tuple(job.ids), text, reason, error, **times)
-        job.handle._done.set()
         self._emit(job, last)
+        job.handle._done.set()
 
     def _emit(self, job: _Job, output: Output) -> None:
         job.handle._outputs.put(output)
