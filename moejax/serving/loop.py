@@ -182,7 +182,7 @@ class ServingLoop:
                     raise QueueFull(f"{len(self._waiting)} requests wait already (max_queue {self.max_queue})",
                                     retry_after_s=self._retry_after_s())
                 now = time.monotonic()
-                reason = self.scheduler.refusal(self._entry_of_new(request), self._entries(self._waiting),
+                reason = self.scheduler.refusal(self._entry(request), self._entries(self._waiting),
                                                 self._entries(self._running.values()), self.max_batch, now,
                                                 self._times)
                 if reason is not None:
@@ -277,20 +277,17 @@ class ServingLoop:
         return max(min(remaining, default=1) * times.decode_step_s, times.decode_step_s)
 
     # -- scheduler views -------------------------------------------------------------------------------
-    def _entry(self, job: _Job) -> Entry:
-        request = job.request
-        return Entry(id=request.id, arrival=request.arrival, prefill_tokens=len(request.prompt_ids) + len(job.ids),
-                     max_tokens=request.max_tokens, generated=len(job.ids), task=request.task, slo=request.slo,
-                     first_token_at=job.first_token_at, profile=self._profiles.get(request.task, self._profiles.get(None)),
-                     preemptions=job.preemptions)
+    def _entry(self, request: Request, job: _Job | None = None) -> Entry:
+        """The scheduler's view of a request (job: its state in the loop, None for a new one)."""
+        sent = len(job.ids) if job is not None else 0
+        return Entry(id=request.id, arrival=request.arrival, prefill_tokens=len(request.prompt_ids) + sent,
+                     max_tokens=request.max_tokens, generated=sent, task=request.task, slo=request.slo,
+                     first_token_at=job.first_token_at if job is not None else None,
+                     profile=self._profiles.get(request.task, self._profiles.get(None)),
+                     preemptions=job.preemptions if job is not None else 0)
 
     def _entries(self, jobs) -> list[Entry]:
-        return [self._entry(job) for job in jobs]
-
-    def _entry_of_new(self, request: Request) -> Entry:
-        return Entry(id=request.id, arrival=request.arrival, prefill_tokens=len(request.prompt_ids),
-                     max_tokens=request.max_tokens, task=request.task, slo=request.slo,
-                     profile=self._profiles.get(request.task, self._profiles.get(None)))
+        return [self._entry(job.request, job) for job in jobs]
 
     # -- the loop's thread -----------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -351,16 +348,17 @@ class ServingLoop:
             return
         now = time.monotonic()
         with self._cond:
-            waiting = {id(e): (e, job) for job in self._waiting for e in [self._entry(job)]}
-            running = {id(e): (e, job) for job in self._running.values() for e in [self._entry(job)]}
-        entries = lambda table: [e for e, _ in table.values()]  # noqa: E731
+            queued, held = list(self._waiting), list(self._running.values())
+        waiting, running = self._entries(queued), self._entries(held)
+        job_of = {id(entry): job for entry, job in zip([*waiting, *running], [*queued, *held], strict=True)}
         free = self.max_batch - len(running)
-        for victim in self.scheduler.preempt(entries(waiting), entries(running), free, now, self._times):
-            self._preempt(running.pop(id(victim))[1])
+        for victim in self.scheduler.preempt(waiting, running, free, now, self._times):
+            self._preempt(job_of[id(victim)])
+            running.remove(victim)
             free += 1
         if free > 0:
-            for entry in self.scheduler.order(entries(waiting), entries(running), now, self._times)[:free]:
-                self._admit(waiting[id(entry)][1])
+            for entry in self.scheduler.order(waiting, running, now, self._times)[:free]:
+                self._admit(job_of[id(entry)])
 
     def _admit(self, job: _Job) -> None:
         request, engine = job.request, self.engine
