@@ -224,6 +224,13 @@ def test_stop_strings_stop_ids_max_tokens_and_cancel(ckpt, monkeypatch):
         assert list(cancelled.token_ids) == alone[: len(cancelled.token_ids)]
         assert queued.result(timeout=60).token_ids == () and queued.result().finish_reason == "cancelled"
         assert loop.metrics()["requests"]["finished"]["cancelled"] == 2
+
+        def hang_up(output):  # a front end whose client is gone
+            if output.token_ids:
+                raise ConnectionError("client went away")
+
+        gone = loop.submit(Request(prompt, max_tokens=40), hang_up).result(timeout=60)
+        assert gone.finish_reason == "cancelled" and len(gone.token_ids) < 40
     assert engine.occupied == []
 
 
@@ -234,6 +241,13 @@ def test_shutdown_drains_or_cancels(ckpt):
     handles = [loop.submit(Request(p, max_tokens=4)) for p in prompts]
     loop.shutdown(drain=True, timeout=120)
     assert [len(h.result(timeout=0).token_ids) for h in handles] == [4] * 6  # nothing lost or cut short
+    metrics = loop.metrics()
+    assert (metrics["prompt_tokens"], metrics["generated_tokens"]) == (sum(map(len, prompts)), 24)
+    assert metrics["requests"]["finished"]["length"] == 6 and metrics["queue_depth"] == metrics["running"] == 0
+    for name, count in (("ttft_s", 6), ("tpot_s", 6)):
+        buckets = metrics[name]["buckets"]
+        assert buckets[-1] == ["+Inf", count] == ["+Inf", metrics[name]["count"]], name
+        assert [c for _, c in buckets] == sorted(c for _, c in buckets) and metrics[name]["sum"] > 0
     with pytest.raises(ShuttingDown):
         loop.submit(Request(prompts[0]))
     loop = ServingLoop(engine, max_batch=2).start()
