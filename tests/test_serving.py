@@ -415,8 +415,14 @@ def test_admission_control_refuses_what_cannot_meet_its_ttft():
     assert reason is not None and reason.startswith("slo.ttft_s 1 s cannot be met")
     assert scheduler.refusal(tight, [], running, 3, now, TIMES) is None  # a free slot
     assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), [], running, 2, now, TIMES) is None
-    queue = [entry(f"q{i}", arrival=99.0, slo=SLO(ttft_s=1.2)) for i in range(2)]  # urgent: ahead of it
+    # Due before it, and each holding a slot until it ends (its TPOT objective leaves no time to be preempted):
+    queue = [entry(f"q{i}", arrival=99.0, slo=SLO(ttft_s=1.2, tpot_s=0.01)) for i in range(2)]
     assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), queue, running, 2, now, TIMES) is not None
+    preemptible_queue = [entry(f"q{i}", arrival=99.0, slo=SLO(ttft_s=1.2)) for i in range(2)]  # hold only to a token
+    assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), preemptible_queue, running, 2, now,
+                             TIMES) is None
+    later = [entry(f"l{i}", arrival=99.0, slo=SLO(ttft_s=9.0, tpot_s=0.01)) for i in range(2)]  # due after it
+    assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), later, running, 2, now, TIMES) is None
     assert scheduler.refusal(tight, [], running, 2, now, None) is None  # nothing measured yet
     assert sched.Scheduler().refusal(tight, queue, running, 2, now, TIMES) is None  # fcfs admits all
     preemptible = [entry("p", arrival=90.0, first_token_at=91.0, generated=5)]  # no TPOT objective

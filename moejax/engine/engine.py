@@ -30,7 +30,7 @@ from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager, StepInputs
 from moejax.offload.stats import cache_stats
-from moejax.engine.buckets import next_power_of_two
+from moejax.engine.buckets import next_power_of_two, prefill_chunk_size
 
 PIPELINE_DEPTH = 2  # decode steps dispatched ahead of the tokens returned (the one being read + one more)
 Prompt = str | Sequence[int]
@@ -211,7 +211,7 @@ class Engine:
             raise MoejaxError(f"slot {slot} has no prompt being prefilled: begin_prefill first")
         ids, start = prefill.ids, prefill.done
         chunk = ids[start : start + self.prefill_chunk]
-        size = min(next_power_of_two(len(chunk), 16), self.prefill_chunk)
+        size = prefill_chunk_size(len(chunk), self.prefill_chunk)
         tokens = np.zeros(size, np.int32)
         tokens[: len(chunk)] = chunk
         final = start + len(chunk) == len(ids)
@@ -493,7 +493,7 @@ class Engine:
             rows = []
             for start in range(0, len(prompt), self.prefill_chunk):
                 chunk = prompt[start : start + self.prefill_chunk]
-                size = min(next_power_of_two(len(chunk), 16), self.prefill_chunk)
+                size = prefill_chunk_size(len(chunk), self.prefill_chunk)
                 tokens = np.zeros(size, np.int32)
                 tokens[: len(chunk)] = chunk
                 inputs = self._inputs()

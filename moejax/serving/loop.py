@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 
+from moejax.engine.buckets import prefill_chunk_size
 from moejax.engine.compilation import run_clock
 from moejax.engine.engine import Engine
 from moejax.engine.slots import SamplingParams
@@ -323,10 +324,25 @@ class ServingLoop:
         """One turn: ends cancelled requests, schedules, prefills a chunk's worth, runs a decode step."""
         self._end_cancelled()
         self._schedule()
-        self._prefill()
-        self._decode()
+        start = run_clock()
+        positions = self._prefill()
+        decoded = self._decode()
+        self._measure(run_clock() - start, positions, decoded)
         self._refresh_profiles()
         self._refresh_stats()
+
+    def _measure(self, seconds: float, positions: int, decoded: bool) -> None:
+        """Learns the step times from a turn's seconds (compilation apart): a turn of one decode step gives the
+        decode step's; with prefill chunks, what is left of it gives the seconds per prefilled position.
+        (Turns, not engine calls, are timed: a call that reads results also waits for the steps before.)"""
+        if decoded and not positions:
+            self._decode_s = _smoothed(self._decode_s, seconds)
+        elif positions and (self._decode_s is not None or not decoded):
+            spent = seconds - (self._decode_s if decoded else 0.0)
+            self._prefill_token_s = _smoothed(self._prefill_token_s, max(spent, 0.0) / positions)
+        if self._decode_s is not None and self._prefill_token_s is not None:
+            with self._cond:
+                self._times = StepTimes(self._decode_s, self._prefill_token_s, self.engine.prefill_chunk)
 
     def _end_cancelled(self) -> None:
         with self._cond:
@@ -388,40 +404,39 @@ class ServingLoop:
         job.slot, job.prefill_left = None, 0
         job.preemptions += 1
 
-    def _prefill(self) -> None:
-        """Prompt chunks of the admitted requests, oldest first, up to `prefill_chunk` tokens in all."""
-        budget = self.engine.prefill_chunk
+    def _prefill(self) -> int:
+        """Prompt chunks of the admitted requests, oldest first, up to `prefill_chunk` tokens in all -> the
+        positions they computed (chunks are padded)."""
+        budget, positions, size = self.engine.prefill_chunk, 0, self.engine.prefill_chunk
         for job in sorted((j for j in self._running.values() if j.prefill_left), key=lambda j: j.order):
             while job.prefill_left and budget > 0:
-                chunk = min(job.prefill_left, self.engine.prefill_chunk)
-                start = run_clock()
+                chunk = min(job.prefill_left, size)
                 try:
                     token = self.engine.prefill_step(job.slot)
                 except Exception as err:  # noqa: BLE001
                     self._engine_error(err, [job])
-                    return
-                self._prefill_token_s = _smoothed(self._prefill_token_s, (run_clock() - start) / chunk)
+                    return 0
                 job.prefill_left -= chunk
                 budget -= chunk
+                positions += prefill_chunk_size(chunk, size)
                 if token is not None:
                     self._deliver(job, token)
+        return positions
 
-    def _decode(self) -> None:
+    def _decode(self) -> bool:
+        """A decode step of every decoding request -> whether one ran."""
         if not self.engine.occupied:
-            return
-        start = run_clock()
+            return False
         try:
             produced = self.engine.decode()
         except Exception as err:  # noqa: BLE001
             self._engine_error(err, [job for job in self._running.values() if not job.prefill_left])
-            return
-        self._decode_s = _smoothed(self._decode_s, run_clock() - start)
-        with self._cond:
-            self._times = StepTimes(self._decode_s, self._prefill_token_s or 0.0, self.engine.prefill_chunk)
+            return False
         for slot, token in produced.items():
             job = self._running.get(slot)
             if job is not None:
                 self._deliver(job, token)
+        return True
 
     def _engine_error(self, err: Exception, jobs: list[_Job]) -> None:
         """An engine call failed: its requests end with 'error'; if the engine's state was lost with it (its

@@ -14,25 +14,29 @@ functions over them, so it can be checked on synthetic request sets without an e
         trace collection's expert profile of its task; zero without a collection); last, requests that
         already missed their deadline, oldest first. An urgent request that no slot frees for in time
         preempts the running request with the most slack. A request whose TTFT objective cannot be met
-        even so, behind the requests ordered before it, is refused.
+        even so (`ttft_estimate_s`: behind the queued requests due before it, and the running requests
+        that cannot be preempted) is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import math
 
 import numpy as np
 
+from moejax.engine.buckets import padded_prompt_tokens
 from moejax.errors import ParameterError
 from moejax.serving.requests import SLO
 
 
 @dataclasses.dataclass(frozen=True)
 class StepTimes:
-    """The engine's measured speed: seconds per decode step of the running batch and per prompt token
-    prefilled, and the prompt tokens per prefill chunk (a decode step of the batch runs after each chunk)."""
+    """The engine's measured speed: seconds per decode step of the running batch and per position a prefill
+    chunk computes (chunks are padded: `engine.buckets.padded_prompt_tokens`), and the prompt tokens per chunk
+    (a decode step of the running batch follows each chunk)."""
 
     decode_step_s: float
     prefill_token_s: float
@@ -88,7 +92,8 @@ def prefill_s(entry: Entry, times: StepTimes, batch_running: bool) -> float:
     """Seconds until the request's first token (next token, resumed) once admitted: its prompt tokens, and a
     decode step of the running batch after each chunk when there is one."""
     chunks = math.ceil(entry.prefill_tokens / times.prefill_chunk)
-    return entry.prefill_tokens * times.prefill_token_s + (chunks * times.decode_step_s if batch_running else 0.0)
+    positions = padded_prompt_tokens(entry.prefill_tokens, times.prefill_chunk)
+    return positions * times.prefill_token_s + (chunks * times.decode_step_s if batch_running else 0.0)
 
 
 def remaining_service_s(entry: Entry, expected_tokens: float, times: StepTimes, prefilled: bool) -> float:
@@ -200,6 +205,33 @@ def preemption_victim(entry: Entry, running: list[Entry], now: float, times: Ste
     return victim if victim_slack > pause else None
 
 
+def slot_hold_s(entry: Entry, now: float, times: StepTimes, lengths: TaskLengths, max_preemptions: int,
+                prefilled: bool) -> float:
+    """Seconds a request keeps its slot from an urgent one: until its first (next) token, and then until it
+    ends unless it may be preempted (it has time to spare and gave its slot up fewer than max_preemptions
+    times)."""
+    to_first = 0.0 if prefilled else prefill_s(entry, times, True)
+    expected = lengths.expected(entry)
+    started = dataclasses.replace(entry, first_token_at=entry.first_token_at or now + to_first,
+                                  generated=max(entry.generated, 1))
+    if entry.preemptions < max_preemptions and running_slack_s(started, now + to_first, expected, times) > 0:
+        return to_first
+    return remaining_service_s(entry, expected, times, prefilled)
+
+
+def ttft_estimate_s(entry: Entry, waiting: list[Entry], running: list[Entry], slots: int, now: float,
+                    times: StepTimes, lengths: TaskLengths, max_preemptions: int) -> float:
+    """Expected seconds from a new request's arrival to its first token under the `slo` policy: it waits for
+    the queued requests due no later than it (earliest deadline first) and for the running ones, each holding
+    its slot as long as `slot_hold_s` says, then for its prefill."""
+    due = deadline(entry)
+    ahead = sorted((w for w in waiting if deadline(w) <= due), key=deadline)
+    hold = functools.partial(slot_hold_s, now=now, times=times, lengths=lengths, max_preemptions=max_preemptions)
+    busy = [hold(r, prefilled=r.first_token_at is not None) for r in running]
+    delay = start_delay_s([hold(a, prefilled=False) for a in ahead], busy, slots)
+    return now - entry.arrival + delay + prefill_s(entry, times, bool(running))
+
+
 # -- the policies ----------------------------------------------------------------------------------
 class Scheduler:
     """First come, first served (the interface every policy implements)."""
@@ -269,21 +301,12 @@ class SLOScheduler(Scheduler):
     def refusal(self, entry, waiting, running, slots, now, times):
         if entry.slo.ttft_s is None or (times is None and self.fixed_times is None):
             return None
-        times = self._times(times)
-        order = self.order([*waiting, entry], running, now, times)
-        ahead = order[: order.index(entry)]
-        if preemption_victim(entry, running, now, times, self.lengths, self.max_preemptions) is not None and not ahead:
-            delay = 0.0
-        else:
-            busy = [remaining_service_s(r, self.lengths.expected(r), times, prefilled=r.first_token_at is not None)
-                    for r in running]
-            delay = start_delay_s([remaining_service_s(a, self.lengths.expected(a), times, prefilled=False) for a in ahead],
-                                  busy, slots)
-        expected = now - entry.arrival + delay + prefill_s(entry, times, bool(running))
+        expected = ttft_estimate_s(entry, waiting, running, slots, now, self._times(times), self.lengths,
+                                   self.max_preemptions)
         if expected <= entry.slo.ttft_s:
             return None
-        return (f"slo.ttft_s {entry.slo.ttft_s:g} s cannot be met: about {expected:.3g} s to the first token behind "
-                f"{len(ahead)} queued and {len(running)} running requests")
+        return (f"slo.ttft_s {entry.slo.ttft_s:g} s cannot be met: about {expected:.3g} s to the first token with "
+                f"{len(waiting)} requests queued and {len(running)} running")
 
     def finished(self, task, output_tokens):
         self.lengths.observe(task, output_tokens)
