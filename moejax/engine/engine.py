@@ -30,7 +30,7 @@ from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.offload import device_cache as dc
 from moejax.offload.manager import OffloadManager, StepInputs
 from moejax.offload.stats import cache_stats
-from moejax.engine.buckets import next_power_of_two
+from moejax.engine.buckets import next_power_of_two, prefill_chunk_size
 
 PIPELINE_DEPTH = 2  # decode steps dispatched ahead of the tokens returned (the one being read + one more)
 Prompt = str | Sequence[int]
@@ -51,6 +51,17 @@ class _Sequence:
 
 
 @dataclasses.dataclass
+class _Prefill:
+    """A prompt being prefilled a chunk at a time: its ids, how many are done, tokens drawn before (a resumed
+    sequence's)."""
+
+    sequence: _Sequence
+    ids: list[int]
+    sampled: int
+    done: int = 0
+
+
+@dataclasses.dataclass
 class _Step:
     rows: list[tuple[int, int]]  # (slot, epoch) per row; padding rows absent
     tokens: jax.Array
@@ -65,6 +76,7 @@ class Engine:
     Step API: `prefill(slot, token_ids, sampling)` puts a prompt in a free slot and returns its first new
     token; `decode()` returns the next token of every occupied slot; `release(slot)` frees it. A slot's
     tokens do not depend on what the other slots hold. `generate` and `stream` are loops over them.
+    `begin_prefill` + `prefill_step` run `prefill` a chunk at a time (a serving loop decodes in between).
     """
 
     # The step programs by kind (a subclass for another model kind names its own, and may add kinds).
@@ -82,7 +94,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.kv = self._new_kv_caches()
         self.state: SlotState = new_slot_state(slots, device)
-        self._sequences: dict[int, _Sequence] = {}
+        self._sequences: dict[int, _Sequence] = {}  # slots in the decode steps
+        self._prefills: dict[int, _Prefill] = {}  # slots whose prompt is being prefilled
         self._epochs = [0] * slots
         self._inflight: collections.deque[_Step] = collections.deque()
         self._finished: list[tuple[np.ndarray, np.ndarray | None]] = []  # routing of released sequences, in order
@@ -167,28 +180,68 @@ class Engine:
         task: a label for the trace collection; max_new_tokens: stop dispatching decode steps for this slot
         after that many tokens (the first included), so no step is spent past it.
         """
+        self.begin_prefill(slot, token_ids, sampling, task=task, max_new_tokens=max_new_tokens)
+        token = None
+        try:
+            while token is None:
+                token = self.prefill_step(slot)
+        except BaseException:
+            self._prefills.pop(slot, None)  # the slot stays free, as before the call
+            raise
+        return token
+
+    def begin_prefill(self, slot: int, token_ids: Sequence[int], sampling: SamplingParams | None = None, *,
+                      task: str | None = None, max_new_tokens: int | None = None, sampled: int = 0) -> None:
+        """Claims free slot `slot` for a prompt that `prefill_step(slot)` then computes a chunk at a time (a
+        serving loop interleaves the chunks with decode steps of the other slots); arguments as for `prefill`.
+        sampled: tokens this sequence already drew (it resumes: token_ids are its prompt and those tokens),
+        so its next token draws the random number it would have drawn without the interruption.
+        Until its last chunk has run, the slot takes no part in decode steps."""
         ids = self._checked([int(t) for t in token_ids], "prompt")
+        if sampled < 0:
+            raise ParameterError("{sampled} must be >= 0 (got {value})", value=sampled)
         sequence = self._begin(slot, sampling, len(ids), task, max_new_tokens)
-        routing, token = [], None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start : start + self.prefill_chunk]
-            size = min(next_power_of_two(len(chunk), 16), self.prefill_chunk)
-            tokens = np.zeros(size, np.int32)
-            tokens[: len(chunk)] = chunk
-            final = start + len(chunk) == len(ids)
-            inputs = self._inputs()
-            forced = self._forced([slot], start + np.arange(size)[None])
-            args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
-                    jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
-            static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=False)
-            token, ids_used, guesses, resident, self.cache, self.slab, self.kv, self.state, _ = \
-                self._program("prefill", static, args)(*args)
-            routing.append((np.asarray(ids_used)[:, : len(chunk)], None if guesses is None else np.asarray(guesses)[:, : len(chunk)]))
-            self._observe(routing[-1][0], np.asarray(resident))
-        sequence.routing += [r for r, _ in routing]
-        sequence.guesses += [g for _, g in routing if g is not None]
+        self._prefills[slot] = _Prefill(sequence, ids, sampled)
+
+    def prefill_step(self, slot: int) -> int | None:
+        """Runs the next chunk of the prompt begun in slot `slot`: -> its first new token after the last chunk
+        (the slot then joins the decode steps), else None."""
+        prefill = self._prefills.get(slot)
+        if prefill is None:
+            raise MoejaxError(f"slot {slot} has no prompt being prefilled: begin_prefill first")
+        ids, start = prefill.ids, prefill.done
+        chunk = ids[start : start + self.prefill_chunk]
+        size = prefill_chunk_size(len(chunk), self.prefill_chunk)
+        tokens = np.zeros(size, np.int32)
+        tokens[: len(chunk)] = chunk
+        final = start + len(chunk) == len(ids)
+        if final and prefill.sampled:  # the chunk program draws at the slot's index and sets it to 1
+            self.state = _set_sampled(self.state, jnp.int32(slot), jnp.int32(prefill.sampled))
+        inputs = self._inputs()
+        forced = self._forced([slot], start + np.arange(size)[None])
+        args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
+                jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
+        static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=False)
+        token, ids_used, guesses, resident, self.cache, self.slab, self.kv, self.state, _ = \
+            self._program("prefill", static, args)(*args)
+        prefill.done += len(chunk)
+        sequence = prefill.sequence
+        sequence.routing.append(np.asarray(ids_used)[:, : len(chunk)])
+        if guesses is not None:
+            sequence.guesses.append(np.asarray(guesses)[:, : len(chunk)])
+        self._observe(sequence.routing[-1], np.asarray(resident))
+        if not final:
+            return None
+        if prefill.sampled:
+            self.state = _set_sampled(self.state, jnp.int32(slot), jnp.int32(prefill.sampled + 1))
+        del self._prefills[slot]
         self._sequences[slot] = sequence
         return int(token)
+
+    @property
+    def prefilling(self) -> list[int]:
+        """Slots whose prompt `prefill_step` has not finished."""
+        return sorted(self._prefills)
 
     def _begin(self, slot: int, sampling: SamplingParams | None, length: int, task: str | None,
                max_new_tokens: int | None) -> _Sequence:
@@ -196,11 +249,11 @@ class Engine:
         resets its state row with these sampling parameters -> the host bookkeeping (registered by the caller)."""
         if not 0 <= slot < self.slots:
             raise MoejaxError(f"slot {slot} is not one of this engine's slots 0..{self.slots - 1}")
-        if slot in self._sequences:
+        if slot in self._sequences or slot in self._prefills:
             raise MoejaxError(f"slot {slot} is busy: release it first")
         self.state = _begin_slot(self.state, jnp.int32(slot), *sampling_row(sampling or SamplingParams()))
         self._epochs[slot] += 1
-        if self.manager is not None and not self._sequences:
+        if self.manager is not None and not self._sequences and not self._prefills:
             self.manager.start_sequence(task)
         return _Sequence(self._epochs[slot], length, None if max_new_tokens is None else max_new_tokens - 1, task)
 
@@ -217,14 +270,18 @@ class Engine:
             self._dispatch()  # the GPU computes the next step while the caller uses these tokens
         return {s: q.queue.popleft() for s, q in self._sequences.items() if q.queue}
 
-    def release(self, slot: int) -> None:
-        """Frees slot `slot`; its sequence's routing joins the record and the trace collection."""
-        sequence = self._sequences.pop(slot, None)
+    def release(self, slot: int, keep_routing: bool = True) -> None:
+        """Frees slot `slot` (its prompt may be mid-prefill); its sequence's routing joins the trace collection
+        and, with keep_routing, the record `routing(b)` reads after `generate` (a serving loop, which never
+        reads it, passes False so that it does not grow)."""
+        prefill = self._prefills.pop(slot, None)
+        sequence = prefill.sequence if prefill is not None else self._sequences.pop(slot, None)
         if sequence is None:
             raise MoejaxError(f"slot {slot} holds no sequence")
         experts = _concat(sequence.routing, self.cfg.top_k)
-        guesses = _concat(sequence.guesses, self.cfg.top_k) if sequence.guesses else None
-        self._finished.append((experts, guesses))
+        if keep_routing:
+            guesses = _concat(sequence.guesses, self.cfg.top_k) if sequence.guesses else None
+            self._finished.append((experts, guesses))
         if self.manager is not None:
             self.manager.end_sequence(experts, sequence.task)
 
@@ -354,8 +411,9 @@ class Engine:
             raise ParameterError("{tasks} gives {labels} for {prompts}", labels=plural(len(tasks), "label"),
                                  prompts=plural(len(ids), "prompt"))
         stops = self.stop_ids(config)
-        if self._sequences:
-            raise MoejaxError(f"generate needs every slot free, but slots {self.occupied} hold sequences: release them")
+        if self._sequences or self._prefills:
+            busy = sorted([*self._sequences, *self._prefills])
+            raise MoejaxError(f"generate needs every slot free, but slots {busy} hold sequences: release them")
         self.reset_stats()
         self._finished.clear()
         generated: list[list[int]] = [[] for _ in ids]
@@ -426,7 +484,7 @@ class Engine:
     def logits(self, prompts: Prompt | Sequence[Prompt]) -> list[np.ndarray]:
         """Full-sequence logits [len_i, V] float32 per prompt (each prefilled alone in a free slot)."""
         ids = self.encode(prompts)
-        free = sorted(set(range(self.slots)) - set(self._sequences))
+        free = sorted(set(range(self.slots)) - set(self._sequences) - set(self._prefills))
         if not free:
             raise MoejaxError("logits needs a free slot")
         slot, out = free[0], []
@@ -435,7 +493,7 @@ class Engine:
             rows = []
             for start in range(0, len(prompt), self.prefill_chunk):
                 chunk = prompt[start : start + self.prefill_chunk]
-                size = min(next_power_of_two(len(chunk), 16), self.prefill_chunk)
+                size = prefill_chunk_size(len(chunk), self.prefill_chunk)
                 tokens = np.zeros(size, np.int32)
                 tokens[: len(chunk)] = chunk
                 inputs = self._inputs()
@@ -501,6 +559,12 @@ def _begin_slot(state: SlotState, slot, temperature, top_k, top_p, seed) -> Slot
     return state.replace(length=state.length.at[slot].set(0), sampled=state.sampled.at[slot].set(0),
                          temperature=state.temperature.at[slot].set(temperature), top_k=state.top_k.at[slot].set(top_k),
                          top_p=state.top_p.at[slot].set(top_p), seed=state.seed.at[slot].set(jnp.uint32(seed)))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _set_sampled(state: SlotState, slot, count) -> SlotState:
+    """A slot's count of tokens drawn (the index of its next random number) set to `count`."""
+    return state.replace(sampled=state.sampled.at[slot].set(count))
 
 
 def _new_kv(cfg: ModelConfig, rows: int, length: int, device):

@@ -1,0 +1,449 @@
+"""The serving loop (continuous batching over the step API) and its scheduling policies.
+
+A request's tokens are those it gets alone through the step API (`solo`, the obviously-right twin), whatever
+else the loop runs beside it, whenever it arrives, however its prompt is chunked, and after a preemption.
+Engines of 4 slots with prompts prefilled 8 tokens a chunk: resident and the smallest cache (one layer's
+experts shared by every slot). The policies' math is checked on synthetic request sets.
+"""
+
+import functools
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+from hf_zoo import build, random_prompts
+
+import moejax
+from moejax import SamplingParams, checkpoint
+from moejax.errors import MoejaxError, ParameterError
+from moejax.serving import scheduler as sched
+from moejax.serving.loop import ServingLoop
+from moejax.serving.requests import SLO, QueueFull, Request, RequestRefused, ShuttingDown
+from moejax.serving.scheduler import Entry, SLOScheduler, StepTimes, TaskLengths
+from moejax.serving.text import TextStream, first_stop, held_back
+
+SLOTS, MAX_SEQ_LEN, CHUNK = 4, 64, 8
+MODES = ["resident", "smallest-cache"]
+SEEDED = SamplingParams(greedy=False, temperature=0.9, top_k=20, seed=7)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build(("mixtral", "basic"), tmp_path_factory.mktemp("serving"))[2]
+
+
+@functools.lru_cache(maxsize=None)
+def load(ckpt, mode="resident"):
+    options = dict(slots=SLOTS, max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK)
+    if mode == "resident":
+        return moejax.load(ckpt, **options)
+    cfg = checkpoint.load_config(ckpt)
+    return moejax.load(ckpt, "cached", expert_budget=f"{cfg.num_experts * cfg.expert_bytes}B", **options)
+
+
+def solo(engine, prompt, tokens: int, sampling=None) -> list[int]:
+    """A prompt's first `tokens` tokens with the engine to itself (the step API, no loop)."""
+    out = [engine.prefill(0, prompt, sampling)]
+    while len(out) < tokens:
+        out.append(engine.decode()[0])
+    engine.release(0)
+    return out
+
+
+class Log:
+    """Every Output of a loop in the order the loop sent them (on_output runs on the loop's thread)."""
+
+    def __init__(self):
+        self.events, self.cond = [], threading.Condition()
+
+    def __call__(self, output):
+        with self.cond:
+            self.events.append((output.request_id, output.token_ids, output.finish_reason))
+            self.cond.notify_all()
+
+    def mark(self, label: str):
+        with self.cond:
+            self.events.append((label, (), None))
+
+    def wait_tokens(self, request_id: str, count: int, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while sum(len(t) for r, t, _ in self.events if r == request_id) < count:
+                assert self.cond.wait(deadline - time.monotonic()), f"{request_id}: no {count} tokens in time"
+
+
+def test_prefill_a_chunk_at_a_time(ckpt):
+    """begin_prefill + prefill_step: a 20-token prompt in 3 chunks of 8, its first token after the last; a slot
+    mid-prefill is busy, takes no decode rows, and can be released."""
+    engine = load(ckpt)
+    prompt, other = random_prompts(engine.cfg.vocab_size, [20, 5], seed=2)
+    expected = solo(engine, prompt, 3)
+    first_other = engine.prefill(0, other)
+    engine.begin_prefill(1, prompt)
+    with pytest.raises(MoejaxError, match="slot 1 is busy"):
+        engine.begin_prefill(1, prompt)
+    assert engine.prefilling == [1] and engine.occupied == [0]
+    assert [engine.prefill_step(1), engine.prefill_step(1)] == [None, None]
+    assert list(engine.decode()) == [0]  # the slot mid-prefill takes no decode row
+    tokens = [engine.prefill_step(1)]
+    tokens += [engine.decode()[1] for _ in range(2)]
+    assert tokens == expected and engine.prefilling == [] and first_other is not None
+    engine.release(1)
+    engine.begin_prefill(1, prompt)
+    engine.prefill_step(1)
+    engine.release(1)  # mid-prefill
+    with pytest.raises(MoejaxError, match="slot 1 has no prompt being prefilled"):
+        engine.prefill_step(1)
+    with pytest.raises(ParameterError, match="sampled must be >= 0"):
+        engine.begin_prefill(1, prompt, sampled=-1)
+    engine.release(0)
+    assert engine.occupied == engine.prefilling == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_requests_get_their_solo_tokens_batched_and_arriving_at_different_times(ckpt, mode):
+    """Five requests (greedy and seeded, one with a 30-token prompt prefilled in 4 chunks) through 4 slots:
+    the last waits for a free one, two arrive while others decode. Each gets its solo tokens; the long
+    prompt's chunks run between decode steps of the running requests, which keep producing tokens."""
+    engine = load(ckpt, mode)
+    prompts = random_prompts(engine.cfg.vocab_size, [9, 5, 30, 6, 11], seed=3)
+    sampling = [None, SEEDED, SamplingParams(greedy=False, temperature=1.2, top_p=0.9, seed=8), None, SEEDED]
+    lengths = [12, 12, 6, 9, 7]
+    expected = [solo(engine, p, n, s) for p, n, s in zip(prompts, lengths, sampling, strict=True)]
+    requests = [Request(p, max_tokens=n, sampling=s, ignore_eos=True) for p, n, s in zip(prompts, lengths, sampling,
+                                                                                         strict=True)]
+    log = Log()
+    with ServingLoop(engine, max_batch=SLOTS) as loop:
+        handles = [loop.submit(r, log) for r in requests[:2]]
+        log.wait_tokens(requests[0].id, 3)
+        log.mark("long prompt submitted")
+        handles += [loop.submit(r, log) for r in requests[2:]]
+        results = [h.result(timeout=120) for h in handles]
+        assert loop.metrics()["running"] == 0
+    assert engine.occupied == [] and engine.prefilling == []
+    for n, result in enumerate(results):
+        assert (list(result.token_ids), result.finish_reason) == (expected[n], "length"), n
+    streamed = [t for r, tokens, _ in log.events if r == requests[1].id for t in tokens]
+    assert streamed == expected[1]  # one Output per token, the last with the finish reason
+    start = log.events.index(("long prompt submitted", (), None))
+    first_long = next(i for i, (r, _, _) in enumerate(log.events) if r == requests[2].id)
+    between = [r for r, _, _ in log.events[start:first_long]]
+    assert between.count(requests[0].id) >= 3 and between.count(requests[1].id) >= 3
+
+
+@pytest.mark.parametrize("mode", ["on-demand", "dense-offload", "activation-trace"])
+def test_every_offload_mode_serves_the_resident_tokens(ckpt, mode):
+    """Offloading changes no token through the loop: batched requests in every mode (the smallest cache with
+    the activation policy and the trace prefetcher, whose collection gives the slo scheduler expert profiles)
+    get the resident engine's solo tokens."""
+    resident = load(ckpt)
+    prompts = random_prompts(resident.cfg.vocab_size, [5, 12, 7], seed=9)
+    sampling = [None, SEEDED, None]
+    expected = [solo(resident, p, 6, s) for p, s in zip(prompts, sampling, strict=True)]
+    options = dict(slots=SLOTS, max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK)
+    if mode == "activation-trace":
+        cfg = resident.cfg
+        engine = moejax.load(ckpt, "cached", expert_budget=f"{cfg.num_experts * cfg.expert_bytes}B",
+                             cache_policy="activation", prefetch="trace", **options)
+    else:
+        engine = moejax.load(ckpt, mode, **options)
+    with ServingLoop(engine, scheduler="slo") as loop:
+        for _ in range(2):  # the second round runs with what the first taught the trace collection
+            handles = [loop.submit(Request(p, max_tokens=6, sampling=s, task="t")) for p, s in zip(prompts, sampling,
+                                                                                                   strict=True)]
+            assert [list(h.result(timeout=60).token_ids) for h in handles] == expected
+    stats = loop.metrics()["engine"]
+    assert stats["mode"] == ("cached" if mode == "activation-trace" else mode) and stats["bytes_h2d"] > 0
+
+
+def test_text_stream_holds_back_possible_stop_strings_and_partial_characters():
+    pieces = {1: "ab", 2: "c", 3: "\ufffd", 4: "d", 5: "e"}
+
+    class Tokens:  # token 3 then 4 decode to one character "é"; alone, 3 is an incomplete one
+        def decode(self, ids):
+            return "".join(pieces[t] for t in ids).replace("\ufffdd", "é")
+
+    stream = TextStream(Tokens(), stop=("cé!", "xyz"))
+    assert stream.add(1) == ("ab", False)
+    assert stream.add(2) == ("", False)  # "c" may begin "cé!"
+    assert stream.add(3) == ("", False)  # an incomplete character
+    assert stream.add(4) == ("", False)  # "cé" may still become "cé!"
+    assert stream.add(5) == ("cée", False)
+    assert stream.flush() == "" and stream.sent == "abcée"
+    stopping = TextStream(Tokens(), stop=("ce", "bc"))
+    assert stopping.add(1) == ("a", False)
+    assert stopping.add(2) == ("", True) and stopping.sent == "a"  # "abc" holds "bc": text ends before it
+    assert first_stop("xx--yy--", ("--", "yy")) == 2 and first_stop("abc", ("d",)) is None
+    assert held_back("hello wor", ("world",)) == 3 and held_back("hello", ("world",)) == 0
+
+
+def test_stop_strings_stop_ids_max_tokens_and_cancel(ckpt, monkeypatch):
+    """A stop string ends the text before it (held back while it might be one); a stop token id ends the
+    tokens with it; max_tokens cuts; a cancelled running request frees its slot for the next one, and a
+    cancelled waiting one never runs."""
+    engine = load(ckpt)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    class Letters:
+        def decode(self, ids):
+            return "".join(letters[t % 26] for t in ids)
+
+    monkeypatch.setattr(engine, "tokenizer", Letters())
+    prompt = random_prompts(engine.cfg.vocab_size, [7], seed=5)[0]
+    alone = solo(engine, prompt, 20)
+    text = Letters().decode(alone)
+    stop = text[6:8]
+    cut = first_stop(text, (stop,))
+    stop_id = alone[4]
+    first_id = alone.index(stop_id)
+    with ServingLoop(engine, max_batch=1) as loop:
+        by_string = loop.submit(Request(prompt, max_tokens=20, stop=(stop, "zzzz")))
+        pieces = "".join(o.text for o in by_string)
+        by_id = loop.submit(Request(prompt, max_tokens=20, stop_token_ids=(stop_id,)))
+        by_length = loop.submit(Request(prompt, max_tokens=3))
+        results = [h.result(timeout=60) for h in (by_string, by_id, by_length)]
+    assert (results[0].text, results[0].finish_reason, pieces) == (text[:cut], "stop", text[:cut])
+    assert list(results[0].token_ids) == alone[: cut + len(stop)]
+    assert (list(results[1].token_ids), results[1].finish_reason) == (alone[: first_id + 1], "stop")
+    assert results[1].text == text[:first_id]  # the stop token's text is not part of the output
+    assert (list(results[2].token_ids), results[2].text, results[2].finish_reason) == (alone[:3], text[:3], "length")
+
+    log = Log()
+    with ServingLoop(engine, max_batch=1) as loop:
+        long = loop.submit(Request(prompt, max_tokens=40), log)
+        queued = loop.submit(Request(prompt, max_tokens=40))
+        log.wait_tokens(long.request.id, 2)
+        queued.cancel()
+        long.cancel()
+        after = loop.submit(Request(prompt, max_tokens=5))
+        assert list(after.result(timeout=60).token_ids) == alone[:5]  # it got the freed slot
+        cancelled = long.result(timeout=60)
+        assert cancelled.finish_reason == "cancelled" and 2 <= len(cancelled.token_ids) < 40
+        assert list(cancelled.token_ids) == alone[: len(cancelled.token_ids)]
+        assert queued.result(timeout=60).token_ids == () and queued.result().finish_reason == "cancelled"
+        assert loop.metrics()["requests"]["finished"]["cancelled"] == 2
+
+        def hang_up(output):  # a front end whose client is gone
+            if output.token_ids:
+                raise ConnectionError("client went away")
+
+        gone = loop.submit(Request(prompt, max_tokens=40), hang_up).result(timeout=60)
+        assert gone.finish_reason == "cancelled" and len(gone.token_ids) < 40
+    assert engine.occupied == []
+
+
+def test_shutdown_drains_or_cancels(ckpt):
+    engine = load(ckpt)
+    prompts = random_prompts(engine.cfg.vocab_size, [4, 6, 5, 8, 3, 7], seed=6)
+    loop = ServingLoop(engine, max_batch=2).start()
+    handles = [loop.submit(Request(p, max_tokens=4)) for p in prompts]
+    loop.shutdown(drain=True, timeout=120)
+    assert [len(h.result(timeout=0).token_ids) for h in handles] == [4] * 6  # nothing lost or cut short
+    metrics = loop.metrics()
+    assert (metrics["prompt_tokens"], metrics["generated_tokens"]) == (sum(map(len, prompts)), 24)
+    assert metrics["requests"]["finished"]["length"] == 6 and metrics["queue_depth"] == metrics["running"] == 0
+    for name, count in (("ttft_s", 6), ("tpot_s", 6)):
+        buckets = metrics[name]["buckets"]
+        assert buckets[-1] == ["+Inf", count] == ["+Inf", metrics[name]["count"]], name
+        assert [c for _, c in buckets] == sorted(c for _, c in buckets) and metrics[name]["sum"] > 0
+    with pytest.raises(ShuttingDown):
+        loop.submit(Request(prompts[0]))
+    loop = ServingLoop(engine, max_batch=2).start()
+    handles = [loop.submit(Request(p, max_tokens=30)) for p in prompts]
+    loop.shutdown(drain=False, timeout=120)
+    assert {h.result(timeout=0).finish_reason for h in handles} == {"cancelled"}
+    assert engine.occupied == []
+
+
+def test_queue_full_and_refused_requests_name_the_field(ckpt):
+    engine = load(ckpt)
+    vocab = engine.cfg.vocab_size
+    loop = ServingLoop(engine, max_queue=2)  # not started: nothing leaves the queue
+    queued = [loop.submit(Request([1, 2, 3])) for _ in range(2)]
+    with pytest.raises(QueueFull) as full:
+        loop.submit(Request([1, 2, 3]))
+    assert full.value.retry_after_s > 0
+    cases = {"prompt": Request([1, vocab]), "max_tokens": Request([1] * 40, max_tokens=25),
+             "stop_token_ids": Request([1], stop_token_ids=(-1,)), "stop": Request([1], stop=("x",))}
+    for field, request in cases.items():
+        with pytest.raises(RequestRefused) as refused:
+            loop.submit(request)
+        assert refused.value.field == field, str(refused.value)
+    with pytest.raises(RequestRefused, match=r"prompt has 64 tokens; this engine holds 64") as refused:
+        loop.submit(Request([1] * MAX_SEQ_LEN, max_tokens=1))
+    assert refused.value.field == "prompt"
+    metrics = loop.metrics()
+    assert (metrics["requests"]["refused"], metrics["requests"]["queue_full"], metrics["queue_depth"]) == (5, 1, 2)
+    loop.shutdown(drain=False, timeout=60)
+    assert {h.result(timeout=0).finish_reason for h in queued} == {"cancelled"}
+    for bad in (dict(max_batch=0), dict(max_batch=SLOTS + 1), dict(max_queue=0), dict(scheduler="lifo")):
+        with pytest.raises(ParameterError, match=next(iter(bad))):
+            ServingLoop(engine, **bad)
+
+
+def test_an_engine_error_fails_its_requests_and_the_loop_serves_on(ckpt, monkeypatch):
+    """An exception while prefilling one prompt ends only that request with 'error'; one in a decode step ends
+    the requests in it; the loop then serves the next ones with their solo tokens."""
+    engine = load(ckpt)
+    good, bad = random_prompts(engine.cfg.vocab_size, [6, 9], seed=7)
+    expected = solo(engine, good, 6)
+    prompts = {}
+    begin, step, decode = engine.begin_prefill, engine.prefill_step, engine.decode
+
+    def recording_begin(slot, ids, *args, **kwargs):
+        prompts[slot] = list(ids)
+        return begin(slot, ids, *args, **kwargs)
+
+    def failing_step(slot):
+        if prompts[slot] == bad:
+            raise RuntimeError("injected prefill failure")
+        return step(slot)
+
+    monkeypatch.setattr(engine, "begin_prefill", recording_begin)
+    monkeypatch.setattr(engine, "prefill_step", failing_step)
+    with ServingLoop(engine) as loop:
+        handles = [loop.submit(Request(p, max_tokens=6)) for p in (good, bad, good)]
+        results = [h.result(timeout=60) for h in handles]
+        assert [r.finish_reason for r in results] == ["length", "error", "length"]
+        assert results[1].error == "injected prefill failure"
+        assert list(results[0].token_ids) == list(results[2].token_ids) == expected
+
+        calls = []
+
+        def failing_decode():
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected decode failure")
+            return decode()
+
+        monkeypatch.setattr(engine, "decode", failing_decode)
+        handles = [loop.submit(Request(good, max_tokens=6)) for _ in range(2)]
+        assert {(h.result(timeout=60).finish_reason, h.result().error) for h in handles} == {
+            ("error", "injected decode failure")}
+        assert list(loop.submit(Request(good, max_tokens=6)).result(timeout=60).token_ids) == expected
+        assert loop.metrics()["requests"]["finished"]["error"] == 3
+    assert engine.occupied == []
+
+
+@pytest.mark.parametrize("sampling", [None, SEEDED], ids=["greedy", "seeded"])
+def test_slo_preemption_continues_identically(ckpt, sampling):
+    """With one slot, an urgent request (its TTFT objective due before the running request would end, at the
+    fixed step times given) preempts the running one, which later re-prefills its prompt and sent tokens and
+    goes on with exactly the tokens it would have produced uninterrupted."""
+    engine = load(ckpt)
+    long_prompt, urgent_prompt = random_prompts(engine.cfg.vocab_size, [7, 9], seed=8)
+    expected = solo(engine, long_prompt, 20, sampling), solo(engine, urgent_prompt, 4)
+    scheduler = SLOScheduler(times=StepTimes(decode_step_s=1.0, prefill_token_s=1e-3, prefill_chunk=CHUNK))
+    log = Log()
+    with ServingLoop(engine, scheduler=scheduler, max_batch=1) as loop:
+        running = loop.submit(Request(long_prompt, max_tokens=20, sampling=sampling), log)
+        log.wait_tokens(running.request.id, 3)
+        urgent = loop.submit(Request(urgent_prompt, max_tokens=4, slo=SLO(ttft_s=10.0)), log)
+        results = running.result(timeout=60), urgent.result(timeout=60)
+        assert loop.metrics()["requests"]["preempted"] == 1
+    assert [list(r.token_ids) for r in results] == list(expected)
+    order = [r for r, _, _ in log.events]
+    assert order.index(urgent.request.id) < len(order) - 1 - order[::-1].index(running.request.id)
+    assert [t for r, tokens, _ in log.events if r == running.request.id for t in tokens] == expected[0]
+
+
+# -- the policies on synthetic request sets ----------------------------------------------------------------
+TIMES = StepTimes(decode_step_s=0.1, prefill_token_s=0.001, prefill_chunk=100)
+
+
+def entry(name, arrival=0.0, prompt=10, max_tokens=50, **kwargs):
+    return Entry(id=name, arrival=arrival, prefill_tokens=prompt, max_tokens=max_tokens, **kwargs)
+
+
+def test_task_lengths_and_profiles():
+    lengths = TaskLengths(default=40)
+    assert lengths.expected(entry("a", max_tokens=30)) == 30 and lengths.expected(entry("a", task="x")) == 40
+    for n in (4, 8):
+        lengths.observe("x", n)
+    assert lengths.mean("x") == 6 and lengths.expected(entry("a", task="x", generated=9)) == 10
+    eams = np.array([[[3, 1, 0, 0]], [[1, 3, 0, 0]], [[0, 0, 2, 2]]])  # 3 sequences, 1 layer, 4 experts, top-1
+    profiles = sched.task_profiles(eams, ["x", "x", "y"], top_k=1)
+    np.testing.assert_allclose(profiles["x"], [[0.5, 0.5, 0, 0]])
+    np.testing.assert_allclose(profiles["y"], [[0, 0, 0.5, 0.5]])
+    np.testing.assert_allclose(profiles[None], [[1 / 3, 1 / 3, 1 / 6, 1 / 6]])
+    assert sched.unshared_fraction(profiles["x"], [profiles["x"]]) == pytest.approx(0.5)
+    assert sched.unshared_fraction(profiles["y"], [profiles["x"]]) == 1.0
+    assert sched.unshared_fraction(None, [profiles["x"]]) == 0.0 and sched.unshared_fraction(profiles["x"], []) == 1.0
+
+
+def test_start_delay_simulates_slots_freeing():
+    assert sched.start_delay_s([], [5.0, 1.0], slots=3) == 0.0  # a free slot
+    assert sched.start_delay_s([], [5.0, 1.0], slots=2) == 1.0
+    assert sched.start_delay_s([2.0], [5.0, 1.0], slots=2) == 3.0  # behind one that takes the first free slot
+    assert sched.start_delay_s([2.0, 2.0], [5.0, 1.0], slots=2) == 5.0
+
+
+def test_slo_order_by_slack_then_cost_with_aging_and_expert_sharing():
+    lengths = TaskLengths(default=50)
+    lengths.observe("short", 5)
+    now = 100.0
+    urgent = entry("urgent", arrival=99.0, slo=SLO(ttft_s=1.5))  # slack 0.5 - prefill 0.11
+    later = entry("later", arrival=99.5, slo=SLO(ttft_s=30.0))
+    short = entry("short", arrival=99.5, task="short")
+    plain = entry("plain", arrival=99.0)
+    missed = entry("missed", arrival=90.0, slo=SLO(ttft_s=1.0))
+    order = sched.slo_order([plain, missed, short, later, urgent], [], now, TIMES, lengths, urgent_s=1.0)
+    assert [e.id for e in order] == ["urgent", "short", "plain", "later", "missed"]
+    old = entry("old", arrival=0.0)  # waited 100 s: its response ratio beats a short job's
+    assert [e.id for e in sched.slo_order([short, old], [], now, TIMES, lengths, 1.0)] == ["old", "short"]
+    assert [e.id for e in SLOScheduler().order([short, old], [], now, TIMES)] == ["old", "short"]
+    assert [e.id for e in sched.Scheduler().order([short, old, plain], [], now, None)] == ["old", "plain", "short"]
+
+    x, y = np.array([[0.5, 0.5, 0, 0]]), np.array([[0, 0, 0.5, 0.5]])
+    running = [entry("r", profile=x, first_token_at=99.0, generated=3)]
+    same = entry("same", arrival=99.0, profile=x)
+    other = entry("other", arrival=99.0, profile=y)
+    assert [e.id for e in sched.slo_order([other, same], running, now, TIMES, lengths, 1.0)] == ["same", "other"]
+    unloaded = [e.id for e in sched.slo_order([other, same], running, now, TIMES, lengths, 1.0, load_weight=0.0)]
+    assert unloaded == ["other", "same"]  # equal costs: the given order stays
+
+
+def test_admission_control_refuses_what_cannot_meet_its_ttft():
+    scheduler = SLOScheduler(default_output_tokens=20)
+    now = 100.0
+    running = [entry(f"r{i}", arrival=90.0, first_token_at=91.0, generated=5, slo=SLO(tpot_s=0.2)) for i in range(2)]
+    # Each running request holds its slot ~1.5 s more (15 tokens of 0.1 s): a 1 s TTFT cannot be met in 2 slots.
+    tight = entry("tight", arrival=now, slo=SLO(ttft_s=1.0))
+    reason = scheduler.refusal(tight, [], running, 2, now, TIMES)
+    assert reason is not None and reason.startswith("slo.ttft_s 1 s cannot be met")
+    assert scheduler.refusal(tight, [], running, 3, now, TIMES) is None  # a free slot
+    assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), [], running, 2, now, TIMES) is None
+    # Due before it, and each holding a slot until it ends (its TPOT objective leaves no time to be preempted):
+    queue = [entry(f"q{i}", arrival=99.0, slo=SLO(ttft_s=1.2, tpot_s=0.01)) for i in range(2)]
+    assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), queue, running, 2, now, TIMES) is not None
+    preemptible_queue = [entry(f"q{i}", arrival=99.0, slo=SLO(ttft_s=1.2)) for i in range(2)]  # hold only to a token
+    assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), preemptible_queue, running, 2, now,
+                             TIMES) is None
+    later = [entry(f"l{i}", arrival=99.0, slo=SLO(ttft_s=9.0, tpot_s=0.01)) for i in range(2)]  # due after it
+    assert scheduler.refusal(entry("loose", arrival=now, slo=SLO(ttft_s=2.0)), later, running, 2, now, TIMES) is None
+    assert scheduler.refusal(tight, [], running, 2, now, None) is None  # nothing measured yet
+    assert sched.Scheduler().refusal(tight, queue, running, 2, now, TIMES) is None  # fcfs admits all
+    preemptible = [entry("p", arrival=90.0, first_token_at=91.0, generated=5)]  # no TPOT objective
+    assert scheduler.refusal(tight, [], preemptible, 1, now, TIMES) is None  # it may take p's slot
+
+
+def test_preemption_picks_the_running_request_with_most_slack():
+    lengths = TaskLengths(default=50)
+    now = 100.0
+    urgent = entry("urgent", arrival=99.5, slo=SLO(ttft_s=2.0))  # 1.39 s of slack
+    tight = entry("tight", arrival=90, first_token_at=91.0, generated=5, slo=SLO(tpot_s=0.2))
+    free = entry("free", arrival=95, first_token_at=96.0, generated=5)
+    victim = sched.preemption_victim(urgent, [tight, free], now, TIMES, lengths)
+    assert victim is free
+    assert sched.preemption_victim(urgent, [tight], now, TIMES, lengths) is None  # tight has no time to spare
+    ending = entry("ending", arrival=95, first_token_at=96.0, generated=5, max_tokens=8)  # done in 0.3 s
+    assert sched.preemption_victim(urgent, [ending, free], now, TIMES, lengths) is None  # wait for it instead
+    assert sched.preemption_victim(urgent, [entry("f", first_token_at=96.0, generated=5, preemptions=1)], now, TIMES,
+                                   lengths) is None
+    assert sched.preemption_victim(entry("calm", arrival=now), [free], now, TIMES, lengths) is None  # no deadline
+    assert math.isinf(sched.running_slack_s(free, now, 50, TIMES))
+    scheduler = SLOScheduler()
+    assert scheduler.preempt([urgent], [tight, free], 0, now, TIMES) == [free]
+    assert scheduler.preempt([urgent], [tight, free], 1, now, TIMES) == []  # a slot is free
