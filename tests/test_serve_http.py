@@ -23,10 +23,12 @@ import pytest
 
 import moejax
 from moejax.cli import main as moejax_cli
-from moejax.serving.http.api import ApiError
+from moejax.engine.slots import SamplingParams
+from moejax.serving.http.api import DEFAULT_COMPLETION_TOKENS, ApiError, chat_request, completion_request
 from moejax.serving.http.app import build_app, listen, url, uvicorn_server
 from moejax.serving.http.chat import ChatTemplate
 from moejax.serving.loop import ServingLoop
+from moejax.serving.requests import SLO, Request
 from moejax.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +58,13 @@ class Served:
     def post(self, path: str, body, **kwargs) -> httpx.Response:
         content = body if isinstance(body, (bytes, str)) else json.dumps(body)
         return httpx.post(f"{self.base}{path}", content=content, timeout=TIMEOUT_S, **kwargs)
+
+    def metrics(self) -> dict:
+        """/metrics as {sample with its labels: value}."""
+        response = httpx.get(f"{self.base}/metrics", timeout=TIMEOUT_S)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        samples = (line.rsplit(" ", 1) for line in response.text.splitlines() if line and not line.startswith("#"))
+        return {name: float(value) for name, value in samples}
 
     def finished(self, request_id: str) -> str:
         """The server's log line of a finished request (waits for it, bounded)."""
@@ -190,21 +199,38 @@ def test_the_openai_client_sees_errors_as_its_exceptions(served):
         client.embeddings.create(model=MODEL, input="x")
 
 
+def test_the_request_fields_reach_the_loop_as_asked():
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": 4,
+            "seed": 11, "stop": ["\n\n", "END"], "ignore_eos": True, "task": "code", "slo": {"ttft_s": 0.5}, "user": "x",
+            "stream": True, "stream_options": {"include_usage": True}}
+    asked = completion_request(body, model=MODEL, tokenizer=None, context=CONTEXT, request_id="cmpl-1")
+    assert asked.stream and asked.include_usage
+    assert asked.request == Request((5, 6, 7), max_tokens=9, sampling=SamplingParams(False, 0.5, 4, 0.9, 11),
+                                    stop=("\n\n", "END"), ignore_eos=True, task="code", slo=SLO(ttft_s=0.5), id="cmpl-1",
+                                    arrival=asked.request.arrival)
+    greedy = completion_request({"model": MODEL, "prompt": [5], "temperature": 0, "stop": "x"}, model=MODEL,
+                                tokenizer=None, context=CONTEXT, request_id="cmpl-2")
+    assert greedy.request.sampling is None and greedy.request.stop == ("x",) and not greedy.stream
+    assert greedy.request.max_tokens == DEFAULT_COMPLETION_TOKENS
+    chat = chat_request({"model": MODEL, "max_tokens": 5, "max_completion_tokens": 7}, [5, 6], model=MODEL,
+                        context=CONTEXT, request_id="chatcmpl-1")
+    assert chat.request.max_tokens == 7 and chat.fields["max_tokens"] == "max_completion_tokens"
+    assert chat_request({"model": MODEL}, [5, 6], model=MODEL, context=CONTEXT,
+                        request_id="chatcmpl-2").request.max_tokens == CONTEXT - 2  # the rest of the context
+
+
 def test_models_health_and_metrics(served):
     assert [m.id for m in served.client().models.list()] == [MODEL]
     assert httpx.get(f"{served.base}/health").json() == {"status": "ok"}
-    served.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 3})
-    metrics = httpx.get(f"{served.base}/metrics")
-    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    values = {}
-    for line in metrics.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    assert values['moejax_requests_total{outcome="length"}'] >= 1
-    assert values["moejax_generation_tokens_total"] >= 3 and values["moejax_prompt_tokens_total"] >= 1
-    assert values["moejax_time_to_first_token_seconds_count"] >= 1
-    assert values["moejax_time_per_output_token_seconds_count"] >= 1
+    before = served.metrics()
+    served.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    served.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 0})
+    values = served.metrics()
+    grown = {name: values[name] - before.get(name, 0) for name in values}
+    assert grown['moejax_requests_total{outcome="length"}'] == 1 and grown['moejax_requests_total{outcome="refused"}'] == 1
+    assert grown["moejax_generation_tokens_total"] == 3
+    assert grown["moejax_prompt_tokens_total"] == len(served.engine.tokenizer.encode(PROMPT))
+    assert grown["moejax_time_to_first_token_seconds_count"] == 1 == grown["moejax_time_per_output_token_seconds_count"]
     for name in ("moejax_queue_depth", "moejax_running_requests", "moejax_expert_cache_hit_rate",
                  "moejax_expert_bytes_moved_total", "moejax_stall_seconds_total", "moejax_prefetch_precision"):
         assert name in values
@@ -255,9 +281,9 @@ def test_a_client_that_disconnects_mid_stream_has_its_request_cancelled(served):
     assert line.endswith("cancelled"), line
     assert int(re.search(r"\+ (\d+) new tokens", line).group(1)) < CONTEXT - 10
     deadline = time.monotonic() + TIMEOUT_S
-    while served.loop.metrics()["running"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert served.loop.metrics()["running"] == 0  # its slot is free
+    while served.metrics()["moejax_running_requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.metrics()["moejax_running_requests"] == 0  # its slot is free
 
 
 def test_an_engine_error_fails_that_request_and_the_server_keeps_serving(served, monkeypatch):
@@ -316,7 +342,7 @@ def test_concurrent_streaming_clients_each_get_a_whole_answer_or_a_clean_error(s
     assert grown < 64 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB"
 
 
-def test_sigterm_lets_the_streams_in_flight_finish_then_exits_0():
+def test_sigterm_lets_the_requests_in_flight_finish_then_exits_0():
     process = subprocess.Popen(
         [sys.executable, "-m", "moejax", "serve", "--port", "0", "--max-seq-len", str(CONTEXT), "--max-batch", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -325,24 +351,36 @@ def test_sigterm_lets_the_streams_in_flight_finish_then_exits_0():
         first = process.stderr.readline() if ready else ""
         found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", first)
         assert found, first + (process.stderr.read() if process.poll() is not None else "")
-        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True,
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
-        events, after_signal = [], 0
-        with httpx.stream("POST", f"{found.group(1)}/v1/completions", json=body, timeout=TIMEOUT_S) as response:
-            for line in response.iter_lines():
-                if not line:
-                    continue
-                events.append(line)
-                if len(events) == 1:
-                    process.send_signal(signal.SIGTERM)
-                else:
-                    after_signal += 1
-        assert events[-1] == "data: [DONE]" and after_signal > 1
-        assert json.loads(events[-2][len("data: "):])["usage"]["completion_tokens"] == 48
-        assert json.loads(events[-3][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        admitted, streaming, signalled = [threading.Event() for _ in range(3)], threading.Event(), threading.Event()
+        events = [[], [], []]  # per request: (sent after the signal, event); more requests than --max-batch
+
+        def stream(n: int) -> None:
+            with httpx.stream("POST", f"{found.group(1)}/v1/completions", json=body, timeout=TIMEOUT_S) as response:
+                admitted[n].set()  # a stream's headers come once the request is admitted
+                for line in response.iter_lines():
+                    if line:
+                        events[n].append((signalled.is_set(), line))
+                        streaming.set()
+
+        clients = [threading.Thread(target=stream, args=(n,)) for n in range(3)]
+        for client in clients:
+            client.start()
+        assert all(event.wait(TIMEOUT_S) for event in admitted) and streaming.wait(TIMEOUT_S)
+        signalled.set()
+        process.send_signal(signal.SIGTERM)
+        for client in clients:
+            client.join(TIMEOUT_S)
+        for sent in events:
+            lines = [line for _, line in sent]
+            assert lines[-1] == "data: [DONE]", lines
+            assert json.loads(lines[-2][len("data: "):])["usage"]["completion_tokens"] == 24
+            assert json.loads(lines[-3][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        assert sum(after for sent in events for after, _ in sent) > 3  # the streams went on after the signal
         assert process.wait(TIMEOUT_S) == 0
         log = process.stderr.read()
-        assert re.search(r"cmpl-\w+ /v1/completions: \d+ prompt \+ 48 new tokens, ttft [\d.]+ ms, length", log), log
+        assert len(re.findall(r"cmpl-\w+ /v1/completions: \d+ prompt \+ 24 new tokens, ttft [\d.]+ ms, length", log)) == 3, log
     finally:
         if process.poll() is None:
             process.kill()

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.serving.http import api
 from moejax.serving.http.chat import ChatTemplate, checked_messages
 from moejax.serving.http.metrics import CONTENT_TYPE, ServerMetrics
@@ -64,7 +64,10 @@ def build_app(loop, tokenizer, model: str, *, context: int, chat_template: ChatT
         Route("/health", frontend.health),
         Route("/metrics", frontend.metrics_text),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    app.state.loop = loop
+    return app
 
 
 class _Frontend:
@@ -133,6 +136,8 @@ class _Frontend:
             return self.loop.submit(asked.request, on_output), outputs
         except RequestRefused as err:
             raise api.bad_field(api.api_field(err.field, asked.fields), str(err)) from None
+        except ParameterError as err:  # a Request value the loop checks
+            raise api.bad_field(api.api_field(err.parameters[0], asked.fields), err.render(asked.fields)) from None
         except QueueFull as err:
             raise api.ApiError(429, str(err), code="queue_full", kind="rate_limit_error",
                                headers={"Retry-After": str(max(1, math.ceil(err.retry_after_s)))}) from None
@@ -207,6 +212,12 @@ async def _http_error(http_request, exc: HTTPException):
     return JSONResponse(err.body(), exc.status_code, headers=exc.headers)
 
 
+async def _internal_error(http_request, exc: Exception):
+    """A bug of the server as an OpenAI error object (uvicorn logs the traceback)."""
+    err = api.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+    return JSONResponse(err.body(), 500)
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A socket listening on host:port (port 0: a free port); raises OSError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -244,5 +255,7 @@ def run(app: Starlette, sock: socket.socket) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if server.force_exit:  # a second Ctrl-C skips the application's shutdown: cancel what is left
+            app.state.loop.shutdown(drain=False)
     if not server.started:
         raise MoejaxError("the server did not start (see the error above)")
