@@ -24,6 +24,7 @@ import pytest
 import moejax
 from moejax.cli import main as moejax_cli
 from moejax.engine.slots import SamplingParams
+from moejax.errors import MoejaxError
 from moejax.serving.http.api import DEFAULT_COMPLETION_TOKENS, ApiError, chat_request, completion_request
 from moejax.serving.http.app import build_app, listen, url, uvicorn_server
 from moejax.serving.http.chat import ChatTemplate
@@ -414,3 +415,9 @@ def test_a_checkpoint_chat_template_is_rendered_and_tokenized_as_written(tmp_pat
         chat.prompt_ids([{"role": "system", "content": "x"}])
     assert refused.value.param == "messages"
     assert ChatTemplate.from_checkpoint(moejax.SHIPPED_CHECKPOINT, tokenizer).template is None  # the plain one
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}}))
+    (tmp_path / "chat_template.jinja").write_text(template)  # newer HF checkpoints keep it in its own file
+    assert ChatTemplate.from_checkpoint(tmp_path, tokenizer).prompt_ids(messages) == ids
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(MoejaxError, match="chat_template.jinja: its chat_template does not parse"):
+        ChatTemplate.from_checkpoint(tmp_path, tokenizer)

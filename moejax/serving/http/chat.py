@@ -1,6 +1,7 @@
 """Chat messages -> prompt token ids: the checkpoint's chat template, else a plain one.
 
-A checkpoint's `tokenizer_config.json` may hold a Jinja `chat_template`, as HF tokenizers ship them. It is
+A checkpoint may have a Jinja chat template, as HF tokenizers ship them: `chat_template` in its
+`tokenizer_config.json`, or the file `chat_template.jinja` (which `moejax convert` copies too). It is
 rendered in Jinja's sandbox with `messages`, `add_generation_prompt=True`, `bos_token` and `eos_token`, and
 its text is tokenized without adding special tokens (the template writes them). Without one, the plain
 template writes a line "<role>: <content>" per message and then "assistant:", and the text is tokenized as
@@ -64,19 +65,20 @@ class ChatTemplate:
 
     @classmethod
     def from_checkpoint(cls, path: Path, tokenizer) -> ChatTemplate:
-        """The chat template of the checkpoint at `path` (its tokenizer_config.json), else the plain one."""
-        config_path = Path(path) / "tokenizer_config.json"
-        if not config_path.is_file():
-            return cls(tokenizer)
+        """The chat template of the checkpoint at `path`, else the plain one."""
+        config_path, template_path = Path(path) / "tokenizer_config.json", Path(path) / "chat_template.jinja"
         try:
-            config = json.loads(config_path.read_text())
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            template = config.get("chat_template")
+            if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+                template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+            source = config_path
+            if not isinstance(template, str) and template_path.is_file():
+                template, source = template_path.read_text(), template_path
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MoejaxError(f"{config_path}: cannot read it ({err})") from None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+            raise MoejaxError(f"{path}: cannot read its chat template ({err})") from None
         special = {name: _token_text(config.get(name)) for name in ("bos_token", "eos_token")}
-        return cls(tokenizer, template if isinstance(template, str) else None, special, str(config_path))
+        return cls(tokenizer, template if isinstance(template, str) else None, special, str(source))
 
     @property
     def kind(self) -> str:
