@@ -91,7 +91,7 @@ class _Frontend:
         return JSONResponse({"status": "ok"})
 
     async def metrics_text(self, http_request):
-        return Response(self.metrics.text(), media_type=CONTENT_TYPE)
+        return Response(await asyncio.to_thread(self.metrics.text), media_type=CONTENT_TYPE)  # the loop's lock
 
     async def _answer(self, http_request, chat: bool):
         endpoint = http_request.url.path
