@@ -31,7 +31,8 @@ from moejax.models.registry import kind_of_json
 from moejax.interrupts import uninterrupted
 from moejax.outputs import atomic_directory
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
 
 
 def _checkpointer():

@@ -1,4 +1,4 @@
-"""The `moejax` command: convert, export, info, generate, trace, lab.
+"""The `moejax` command: convert, export, info, generate, trace, lab, serve.
 
 Every user error ends in one line on stderr ("moejax: error: ...") and exit status 2; the library's
 errors name its parameters (`expert_budget`), shown here as the flags that set them (`--expert-budget`).
@@ -37,6 +37,8 @@ FLAGS = {
     # lab.replay
     "trace": "--traces", "collection": "--fit", "capacity_fraction": "--capacity", "policy": "--policy",
     "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes",
+    # serving.ServingLoop
+    "scheduler": "--scheduler", "max_queue": "--max-queue", "max_batch": "--max-batch",
 }
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02; higher: fewer, surer copies)")
@@ -113,7 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_offload_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_lab_parser(sub)
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP with an OpenAI-compatible API (needs moejax[serve])")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT, help="(default: the shipped tiny-moe)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: a free one)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests running at once: the engine's KV slots (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more are answered 429 (default 64)")
+    p.add_argument("--scheduler", choices=("fcfs", "slo"), default="fcfs",
+                   help="admission order: fcfs (first come, first served) or slo (by deadline slack and task)")
+    add_offload_arguments(p)
 
 
 def add_lab_parser(sub) -> None:
@@ -362,8 +377,40 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from moejax.serving.http import require_serve_extra
+
+    require_serve_extra()
+    from moejax.serving.http.app import build_app, listen, run, url
+    from moejax.serving.http.chat import ChatTemplate
+    from moejax.serving.loop import ServingLoop
+
+    if not args.checkpoint.exists():
+        raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise MoejaxError(f"{flag} must be >= 1 (got {value})")
+    if not 0 <= args.port <= 65535:
+        raise MoejaxError(f"--port must be in 0..65535 (got {args.port})")
+    try:  # before loading, so a port in use is reported at once
+        sock = listen(args.host, args.port)
+    except OSError as err:
+        raise MoejaxError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
+    with sock:
+        engine = load_engine(args, slots=args.max_batch)
+        template = ChatTemplate.from_checkpoint(args.checkpoint, engine.tokenizer)
+        loop = ServingLoop(engine, scheduler=args.scheduler, max_queue=args.max_queue, max_batch=args.max_batch)
+        model = args.checkpoint.resolve().name
+        app = build_app(loop, engine.tokenizer, model, context=engine.max_seq_len, chat_template=template)
+        print(f"moejax: serving {model} at {url(sock)}/v1 ({template.kind} chat template); SIGTERM or Ctrl-C stops "
+              "it once the requests in flight are done", file=sys.stderr, flush=True)
+        run(app, sock)
+    return 0
+
+
 COMMANDS = {
     "convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate, "trace": cmd_trace, "lab": cmd_lab,
+    "serve": cmd_serve,
 }
 
 
