@@ -156,6 +156,7 @@ class ServingLoop:
         with self._cond:
             if self._thread is None:
                 self.engine.reset_stats()
+                self._refresh_stats(force=True)  # metrics() has the engine's keys from the start
                 self._thread = threading.Thread(target=self._serve, name="moejax-serving", daemon=True)
                 self._thread.start()
         return self

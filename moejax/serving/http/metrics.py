@@ -17,12 +17,12 @@ LOOP_METRICS = (
     ("moejax_queue_depth", "gauge", "Requests waiting for a slot.", ("queue_depth",)),
     ("moejax_running_requests", "gauge", "Requests in the running batch.", ("running",)),
     ("moejax_expert_cache_hit_rate", "gauge", "Expert cache hits / expert activations since the server started.",
-     ("engine", "total", "hit_rate")),
-    ("moejax_expert_bytes_moved", "counter", "Expert bytes copied host to device.", ("engine", "total", "bytes_h2d")),
+     ("engine", "hit_rate")),
+    ("moejax_expert_bytes_moved", "counter", "Expert bytes copied host to device.", ("engine", "bytes_h2d")),
     ("moejax_stall_seconds", "counter", "Seconds the host waited for step results (the device computing or moving experts).",
      ("engine", "host_wait_s")),
     ("moejax_prefetch_precision", "gauge", "Prefetched experts used / prefetched (0 without prefetching).",
-     ("engine", "total", "prefetch_precision")),
+     ("engine", "prefetch_precision")),
 )
 # Outcomes besides the finish reasons: refused (400), queue_full (429), shutting_down (503).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
