@@ -153,6 +153,7 @@ def test_slo_accounting_by_hand():
     # TPOTs 0.05, 0.2, 0.5: p99 at rank 1.98, 0.2 + 0.98 x 0.3.
     assert s["tpot_p50_s"] == pytest.approx(0.2) and s["tpot_p99_s"] == pytest.approx(0.494)
     assert s["duration_s"] == pytest.approx(4.1)  # fast@4's last token
+    assert s["arrival_rps"] == pytest.approx(5 / 4)
     assert s["goodput_rps"] == pytest.approx(2 / 4.1) and s["goodput_tokens_per_s"] == pytest.approx(4 / 4.1)
     assert s["output_tokens_per_s"] == pytest.approx(11 / 4.1)
     assert records[0].as_dict()["slo_met"] is True and records[0].as_dict()["slo_ttft_s"] == 0.2

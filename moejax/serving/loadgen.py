@@ -262,8 +262,9 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def summarize(records: Sequence[RequestRecord]) -> dict:
     """Counts by outcome; SLO attainment (% of ALL requests that finished complete within both SLOs: a
     refused, failed, cancelled or unfinished request counts as missed); p50/p99 TTFT and TPOT over the
-    requests that have them; over the run's duration (from 0 to its last finish or arrival): goodput (SLO-
-    meeting requests/s and their output tokens/s) and output tokens/s of all requests."""
+    requests that have them; the arrival rate (requests / the last arrival time); over the run's duration
+    (from 0 to its last finish or arrival): goodput (SLO-meeting requests/s and their output tokens/s) and
+    output tokens/s of all requests."""
     n = len(records)
     duration = max([r.finish_s or 0.0 for r in records] + [r.arrival_s for r in records] + [0.0])
     outcomes: dict[str, int] = {}
@@ -273,6 +274,7 @@ def summarize(records: Sequence[RequestRecord]) -> dict:
     ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
     tpots = [r.tpot_s for r in records if r.tpot_s is not None]
     rate = lambda amount: amount / duration if duration > 0 else None  # noqa: E731
+    last_arrival = max([r.arrival_s for r in records], default=0.0)
     return {
         "requests": n, "outcomes": outcomes,
         "completed": sum(r.outcome in COMPLETED for r in records),
@@ -280,7 +282,7 @@ def summarize(records: Sequence[RequestRecord]) -> dict:
         "slo_met": len(met), "attainment_pct": 100.0 * len(met) / n if n else None,
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
         "tpot_p50_s": percentile(tpots, 50), "tpot_p99_s": percentile(tpots, 99),
-        "duration_s": duration, "offered_rps": rate(n),
+        "duration_s": duration, "arrival_rps": n / last_arrival if last_arrival > 0 else None,
         "goodput_rps": rate(len(met)), "goodput_tokens_per_s": rate(sum(r.tokens for r in met)),
         "output_tokens_per_s": rate(sum(r.tokens for r in records)),
     }
