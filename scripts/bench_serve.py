@@ -72,6 +72,8 @@ from scripts.benchlib import (
 PARTS = ("throughput", "gating", "slo")
 TINY_MOE = "tiny-moe"
 DEFAULT_TASK_MIX = ROOT.parent / "shared" / "data" / "prompts" / "tasks.jsonl"
+# The most telling first (where fcfs misses), cheapest too (the arrivals come fast): a time budget skips the last.
+DEFAULT_LOADS = "32x,16x,8x,4x,2x"
 THROUGHPUT_COLUMNS = [
     ("batch", "batch", "d"), ("tokens_per_s", "tok/s", ".1f"), ("x_batch1", "x batch 1", ".2f"),
     ("step_s", "step s", ".4f"), ("experts_needed_per_step", "experts needed/step", ".1f"),
@@ -136,7 +138,7 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
                          f"(--prompt-len + --new-tokens - 1), fewer than 2 x the largest batch {batches[-1]}")
     device = jax.devices()[0]
     bandwidth = pinned_bandwidth(cfg, device)
-    print(f"pinned host -> device: {bandwidth / GB:.1f} GB/s", flush=True)
+    print(f"pinned host -> device: {bandwidth / GB:.2f} GB/s", flush=True)
     start = time.monotonic()
     engine = build_random_engine(cfg, "cached", random_dense_params(cfg), pinned_stacks(cfg, device), slots=batches[-1],
                                  max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len,
@@ -197,16 +199,17 @@ def gating_part(module, gating_args, args, budget: Budget, out: dict, save) -> N
 
 # -- slo ----------------------------------------------------------------------------------------------------
 def parse_loads(text: str) -> list[str]:
+    """--loads: requests/s or 'Nx' (N x the unloaded service rate), comma-separated."""
     loads = [item.strip() for item in text.split(",") if item.strip()]
     for load in loads:
         try:
             value = float(load[:-1] if load.endswith("x") else load)
         except ValueError:
-            raise SystemExit(f"--loads: '{load}' is not requests/s or a multiple 'Nx' of the service rate") from None
+            raise argparse.ArgumentTypeError(f"'{load}' is not requests/s or a multiple 'Nx' of the service rate") from None
         if not value > 0:
-            raise SystemExit(f"--loads: '{load}' must be > 0")
+            raise argparse.ArgumentTypeError(f"'{load}' must be > 0")
     if not loads:
-        raise SystemExit("--loads is empty")
+        raise argparse.ArgumentTypeError("no load given")
     return loads
 
 
@@ -377,10 +380,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--slo-layers", type=int, default=4, help="layers of a card's random model")
     g.add_argument("--tiny-offload", default="resident", choices=("resident", "cached"), help="tiny-moe's mode (cached: at --budget)")
     g.add_argument("--schedulers", type=names, default=["fcfs", "slo"])
-    g.add_argument("--loads", type=parse_loads, default=parse_loads("1x,2x,4x,8x"),
-                   help="requests/s, or 'Nx': N x the unloaded service rate (default: %(default)s)")
-    g.add_argument("--requests", type=int, default=48, help="requests per run")
-    g.add_argument("--max-run-s", type=float, default=30.0, help="arrivals of a run end after this many seconds")
+    g.add_argument("--loads", type=parse_loads, default=parse_loads(DEFAULT_LOADS),
+                   help=f"requests/s, or 'Nx': N x the unloaded service rate, run in this order (default: {DEFAULT_LOADS})")
+    g.add_argument("--requests", type=int, default=40, help="requests per run")
+    g.add_argument("--max-run-s", type=float, default=15.0, help="arrivals of a run end after this many seconds")
     g.add_argument("--slots", type=int, default=16)
     g.add_argument("--max-batch", type=int, default=None)
     g.add_argument("--max-queue", type=int, default=256)
@@ -388,7 +391,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=128)
     g.add_argument("--max-prompt", type=int, default=256, help="prompts are cut to this many tokens")
     g.add_argument("--min-tokens", type=int, default=4)
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--calibration-per-task", type=int, default=2)
     g.add_argument("--ttft-slo-factor", type=float, default=loadgen.DEFAULT_TTFT_FACTOR)
     g.add_argument("--tpot-slo-factor", type=float, default=loadgen.DEFAULT_TPOT_FACTOR)
@@ -478,7 +481,7 @@ def print_tables(out: dict) -> None:
         t = out["throughput"]
         print(f"throughput: {t['card']}, budget {t['budget']} ({t['capacity_experts']} expert slots), real routing "
               f"replayed, prompt {t['prompt_len']}, {t['new_tokens'] - 1} decode steps; pinned host -> device "
-              f"{t['bandwidth_bytes_per_s'] / GB:.1f} GB/s")
+              f"{t['bandwidth_bytes_per_s'] / GB:.2f} GB/s")
         print_table(t["rows"], THROUGHPUT_COLUMNS)
     if out.get("gating", {}).get("rows"):
         rows = out["gating"]["rows"]
