@@ -464,6 +464,18 @@ def main() -> None:
         raise SystemExit(f"failed parts: {', '.join(failed)}")
 
 
+def slo_verdicts(rows: list[dict]) -> list[str]:
+    """Per model and load where fcfs misses >= 30% of its SLOs: slo's attainment against fcfs's (the issue asks
+    for >= 20 points more at such a load)."""
+    lines = []
+    for (model, load), fcfs in {(r["model"], r["load"]): r for r in rows if r["scheduler"] == "fcfs"}.items():
+        slo = next((r for r in rows if (r["model"], r["load"], r["scheduler"]) == (model, load, "slo")), None)
+        if slo is not None and fcfs["attainment_pct"] <= 70:
+            lines.append(f"{model} at {load}: fcfs meets {fcfs['attainment_pct']:.0f}% of SLOs, slo "
+                         f"{slo['attainment_pct']:.0f}% ({slo['attainment_pct'] - fcfs['attainment_pct']:+.0f} points)")
+    return lines
+
+
 def numeric(rows: list[dict], key: str) -> bool:
     """Whether a column holds numbers, floats among them (printed to 4 significant digits)."""
     values = [r[key] for r in rows if r.get(key) is not None]
@@ -483,6 +495,10 @@ def print_tables(out: dict) -> None:
               f"replayed, prompt {t['prompt_len']}, {t['new_tokens'] - 1} decode steps; pinned host -> device "
               f"{t['bandwidth_bytes_per_s'] / GB:.2f} GB/s")
         print_table(t["rows"], THROUGHPUT_COLUMNS)
+        largest = t["rows"][-1] if t["rows"] else None
+        if largest and largest["x_batch1"] is not None and largest["x_link_floor"] is not None:
+            print(f"batch {largest['batch']}: {largest['x_batch1']:.2f}x batch 1's tokens/s (issue: >= 6x at 64), step "
+                  f"{largest['x_link_floor']:.2f}x its link floor (issue: <= 1.25x)")
     if out.get("gating", {}).get("rows"):
         rows = out["gating"]["rows"]
         print("gating: dynamic gating vs capacity padding (scripts/bench_gating.py)")
@@ -494,6 +510,8 @@ def print_tables(out: dict) -> None:
             print(f"slo: {model}, {info['slots']} slots, unloaded service rate {info['service_rate_rps']:.2f} req/s; "
                   f"SLOs {s['ttft_slo_factor']}x unloaded TTFT, {s['tpot_slo_factor']}x unloaded TPOT per task")
         print_table(s["rows"], SLO_COLUMNS)
+        for line in slo_verdicts(s["rows"]):
+            print(line)
         if s.get("plot"):
             print(f"plot: {s['plot']}")
 

@@ -17,7 +17,7 @@ from reference_directory import ExpertDirectory
 from reference_policies import Belady
 from scripts.bench_offload import add_floor
 from scripts.bench_prefetch import RoutingReplay, engine_steps, lab_replay
-from scripts.bench_serve import gating_part
+from scripts.bench_serve import gating_part, slo_verdicts
 from scripts.benchlib import (
     active_bytes_per_token, build_random_engine, decode_stats, model_config, pinned_stacks, random_dense_params,
 )
@@ -151,3 +151,10 @@ def test_bench_serve_reports_a_missing_gating_module(capsys):
     gating_part(None, None, None, None, out, lambda: saved.append(dict(out)))
     assert out["gating"]["error"] == "scripts/bench_gating.py is missing: part not run" and saved
     assert "bench_gating.py is missing" in capsys.readouterr().out
+
+
+def test_slo_verdicts_compare_the_schedulers_where_fcfs_misses_30_percent():
+    row = lambda scheduler, load, pct: {"model": "m", "scheduler": scheduler, "load": load, "attainment_pct": pct}  # noqa: E731
+    rows = [row("fcfs", "2x", 90.0), row("slo", "2x", 95.0), row("fcfs", "8x", 60.0), row("slo", "8x", 85.0),
+            row("fcfs", "16x", 10.0)]
+    assert slo_verdicts(rows) == ["m at 8x: fcfs meets 60% of SLOs, slo 85% (+25 points)"]
