@@ -22,7 +22,8 @@ slo         Per model of --slo-models (tiny-moe: the shipped model, `moejax.SHIP
                (after one per task as a warm-up): each task's unloaded TTFT, TPOT and latency. The SLOs
                of a task: TTFT --ttft-slo-factor x its unloaded TTFT, TPOT --tpot-slo-factor x its
                unloaded TPOT (`loadgen.slos_from_calibration`).
-            2. a warm-up burst of 2 x --slots requests at once (compiles the batched step programs).
+            2. a warm-up run (fcfs) of --warmup-requests Poisson arrivals at the largest of --loads, on
+               other prompts: it compiles the batched step programs the measured runs use.
             3. per offered load of --loads (requests/s; 'Nx': N x the unloaded service rate, 1 / the mean
                of the tasks' unloaded latencies) and per scheduler of --schedulers: --requests Poisson
                arrivals (the same ones for every scheduler at a load; at most --max-run-s of them) with
@@ -259,12 +260,14 @@ def slo_part(args, budget: Budget, out: dict, save) -> None:
         encode = lambda text, vocab=vocab: [t % vocab for t in tokenizer.encode(text)]  # noqa: E731
         calibration_arrivals = loadgen.calibration_arrivals(mix, args.calibration_per_task, args.seed, encode, **shape)
         per_task = {a.task: a for a in calibration_arrivals}
-        burst = loadgen.draw_arrivals(mix, 1e6, seed=args.seed + 1, count=2 * args.slots, encode=encode, **shape)
 
         def prepare(submit):
             loadgen.calibrate(submit, list(per_task.values()), **run_options)  # compiles the batch-1 programs
             calibration = loadgen.calibrate(submit, calibration_arrivals, **run_options)
-            loadgen.run_load(submit, burst, **run_options)  # compiles the batched ones
+            busiest = max(load_rps(load, loadgen.service_rate(calibration)) for load in args.loads)
+            warm_up = loadgen.draw_arrivals(mix, busiest, seed=args.seed + 1, count=args.warmup_requests, encode=encode,
+                                            **shape)
+            loadgen.run_load(submit, warm_up, **run_options)  # compiles the batched ones
             return calibration
 
         calibration, _ = serve(engine, "fcfs", args, prepare)
@@ -393,6 +396,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--min-tokens", type=int, default=4)
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--calibration-per-task", type=int, default=2)
+    g.add_argument("--warmup-requests", type=int, default=48, help="requests of the warm-up run")
     g.add_argument("--ttft-slo-factor", type=float, default=loadgen.DEFAULT_TTFT_FACTOR)
     g.add_argument("--tpot-slo-factor", type=float, default=loadgen.DEFAULT_TPOT_FACTOR)
     g.add_argument("--drain-timeout", type=float, default=60.0, help="seconds a run may take past its last arrival")

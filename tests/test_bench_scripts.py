@@ -127,7 +127,7 @@ def test_bench_serve_smoke(tmp_path):
         [sys.executable, "scripts/bench_serve.py", "--dims", "tiny", "--parts", "throughput,slo", "--traces",
          str(tmp_path / "routing.npz"), "--task-mix", str(tmp_path / "tasks.jsonl"), "--budget", "0.5", "--batches", "1,2",
          "--prompt-len", "4", "--new-tokens", "4", "--slo-models", "tiny-moe", "--slots", "2", "--loads", "4x,50",
-         "--requests", "3", "--calibration-per-task", "1", "--serve-max-seq-len", "64", "--prefill-chunk", "16",
+         "--requests", "3", "--calibration-per-task", "1", "--warmup-requests", "4", "--serve-max-seq-len", "64", "--prefill-chunk", "16",
          "--max-prompt", "16", "--max-tokens", "6", "--out", str(out)],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
