@@ -4,7 +4,7 @@ attainment under a Poisson load. `--parts throughput,gating,slo` (default all, i
 
 throughput  The DeepSeek-V2-Lite shape (random weights) at an expert budget of --budget, experts in pinned
             host memory, DeepSeek-V2-Lite's recorded routing replayed (`bench_prefetch.RoutingReplay`
-            through `Engine.routing_override`: slot s replays recorded sequence s). Per batch of
+            through `Engine.routing_override`: each slot replays a recorded sequence of its own). Per batch of
             --batches: the engine's step API directly (no serving loop: what the batch does to a step),
             B prompts of --prompt-len random tokens prefilled, then --new-tokens - 1 decode steps of all
             B; a warm-up pass on other sequences first (compiles, fills the cache). Per row: output
@@ -40,8 +40,7 @@ slo         Per model of --slo-models (tiny-moe: the shipped model, `moejax.SHIP
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/bench_serve.py \\
       --traces .data/traces/deepseek_v2_lite_prefill.npz --task-mix .data/prompts/tasks.jsonl --out $OUT/bench_serve.json
-  PYTHONPATH=. python scripts/bench_serve.py --dims tiny --parts throughput,slo --traces TRACES --task-mix TASKS \\
-      --budget 0.5 --batches 1,4 --new-tokens 6 --slots 4 --requests 6 --out /tmp/serve.json   # CPU smoke run
+  SMOKE=1 TASKS=../shared/data/prompts/tasks.jsonl scripts/gpu_session.sh serve   # CPU smoke run (its arguments)
 """
 
 from __future__ import annotations
@@ -326,10 +325,11 @@ def plot_slo(rows: list[dict], path: Path) -> str | None:
             mine = sorted((r for r in rows if r["model"] == model and r["scheduler"] == scheduler),
                           key=lambda r: r["offered_rps"])
             x = [r["offered_rps"] for r in mine]
+            values = lambda key: [np.nan if r[key] is None else r[key] for r in mine]  # noqa: E731  (None: no request had it)
             for ax, metric in zip(axes_row[:2], ("ttft", "tpot")):
-                line, = ax.plot(x, [r[f"{metric}_p50_s"] for r in mine], "o-", label=f"{scheduler} p50")
-                ax.plot(x, [r[f"{metric}_p99_s"] for r in mine], "s--", color=line.get_color(), label=f"{scheduler} p99")
-            axes_row[2].plot(x, [r["attainment_pct"] for r in mine], "o-", label=scheduler)
+                line, = ax.plot(x, values(f"{metric}_p50_s"), "o-", label=f"{scheduler} p50")
+                ax.plot(x, values(f"{metric}_p99_s"), "s--", color=line.get_color(), label=f"{scheduler} p99")
+            axes_row[2].plot(x, values("attainment_pct"), "o-", label=scheduler)
         for ax, title in zip(axes_row, ("TTFT (s)", "TPOT (s)", "SLO attainment (%)")):
             ax.set_title(f"{model}: {title}")
             ax.set_xlabel("offered load (requests/s)")
