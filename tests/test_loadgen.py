@@ -40,8 +40,8 @@ class FakeLoop:
     """Serves every request alone at once: its first token `ttft` after submission, then one every `tpot`
     (delays by task); tasks in `refuse` raise that exception; tasks in `stuck` never finish."""
 
-    def __init__(self, time: VirtualTime, delays: dict, refuse: dict = {}, stuck: tuple = ()):
-        self.time, self.delays, self.refuse, self.stuck = time, delays, refuse, stuck
+    def __init__(self, time: VirtualTime, delays: dict, refuse: dict | None = None, stuck: tuple = ()):
+        self.time, self.delays, self.refuse, self.stuck = time, delays, refuse or {}, stuck
         self.cancelled = []
 
     def submit(self, request, on_output):
