@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of issue 20 in one device call (under 9 minutes), from the repository root:
 #
-#   scripts/gpu_session.sh                   # all parts: check decode offload prefetch
+#   scripts/gpu_session.sh                   # the default parts: check decode offload prefetch
 #   scripts/gpu_session.sh offload prefetch  # some of them (each may then get more time: OFFLOAD_S=300 ...)
 #   SMOKE=1 scripts/gpu_session.sh           # toy sizes on the CPU, no peers: a check of this script
+#   scripts/gpu_session.sh serve             # issue 21's serving benchmark, a call of its own (not a default part)
+#   SERVE_PARTS=slo scripts/gpu_session.sh serve   # some of its parts (throughput,gating,slo)
 #
 # Parts run in order of risk, the riskiest last, so a timeout loses the least. Each has a hard limit
-# (`timeout`, seconds: CHECK_S, DECODE_S, OFFLOAD_S, PREFETCH_S) and a time budget 20 s shorter within
+# (`timeout`, seconds: CHECK_S, DECODE_S, OFFLOAD_S, PREFETCH_S, SERVE_S) and a time budget 20 s shorter within
 # which the script starts a model or configuration only if it expects it to fit; every script writes
 # its JSON after each row. Writes under $OUT: check_identical.json, bench_decode.json,
-# bench_offload.json, bench_prefetch.json and session.log (everything printed); prints each part's
-# table again at the end. The prefetch part needs .data/traces/deepseek_v2_lite_prefill.npz (carry .data).
+# bench_offload.json, bench_prefetch.json, bench_serve.json (+ .png, the SLO plot) and session.log
+# (everything printed); prints each part's table again at the end. The prefetch and serve parts need
+# .data/traces/deepseek_v2_lite_prefill.npz, serve also the task mix .data/prompts/tasks.jsonl (a copy of
+# ../shared/data/prompts/tasks.jsonl; .data is not in git: carry it). The serve part is long (a model per
+# part of it, compiled at several batch sizes): run it alone, in a call of its own.
 set -u
 cd "$(dirname "$0")/.."
 export XLA_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -19,21 +24,25 @@ export MOEJAX_COMPILATION_CACHE=${MOEJAX_COMPILATION_CACHE:-$PWD/.bench/jax-cach
 OUT=${OUT:-out}
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 TRACES=${TRACES:-.data/traces/deepseek_v2_lite_prefill.npz}
-CHECK_ARGS=() DECODE_ARGS=() OFFLOAD_ARGS=() PREFETCH_ARGS=()
+TASKS=${TASKS:-.data/prompts/tasks.jsonl}
+SERVE_PARTS=${SERVE_PARTS:-throughput,gating,slo}
+CHECK_ARGS=() DECODE_ARGS=() OFFLOAD_ARGS=() PREFETCH_ARGS=() SERVE_ARGS=()
 if [ "${SMOKE:-}" = 1 ]; then
-    : "${CHECK_S:=180}" "${DECODE_S:=180}" "${OFFLOAD_S:=180}" "${PREFETCH_S:=180}"
+    : "${CHECK_S:=180}" "${DECODE_S:=180}" "${OFFLOAD_S:=180}" "${PREFETCH_S:=180}" "${SERVE_S:=240}"
     CHECK_ARGS=(--quick)
     DECODE_ARGS=(--dims tiny --skip-peer --prompt-len 16 --new-tokens 8)
     OFFLOAD_ARGS=(--dims tiny --skip-peer --prompt-len 16 --new-tokens 8 --dense-offload-tokens 4)
     PREFETCH_ARGS=(--dims tiny --new-tokens 8 --sequences 1 --ttft-prompt 64)
+    SERVE_ARGS=(--dims tiny --budget 0.5 --batches 1,4 --new-tokens 6 --slots 4 --requests 6 --loads 8x,2x
+                --max-prompt 32 --max-tokens 8 --serve-max-seq-len 128 --prefill-chunk 32 --calibration-per-task 1 --warmup-requests 8)
 fi
-CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-140} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160}
+CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-140} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160} SERVE_S=${SERVE_S:-540}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
 PARTS=${*:-check decode offload prefetch}
 for name in $PARTS; do
-    case $name in check | decode | offload | prefetch) ;; *) echo "unknown part '$name' (parts: check decode offload prefetch)"; exit 2 ;; esac
+    case $name in check | decode | offload | prefetch | serve) ;; *) echo "unknown part '$name' (parts: check decode offload prefetch serve)"; exit 2 ;; esac
 done
 
 part() {  # part NAME LIMIT SCRIPT ARGS...
@@ -54,6 +63,8 @@ part() {  # part NAME LIMIT SCRIPT ARGS...
             offload) part offload "$OFFLOAD_S" scripts/bench_offload.py --out "$OUT/bench_offload.json" "${OFFLOAD_ARGS[@]}" ;;
             prefetch) part prefetch "$PREFETCH_S" scripts/bench_prefetch.py --traces "$TRACES" --out "$OUT/bench_prefetch.json" \
                 "${PREFETCH_ARGS[@]}" ;;
+            serve) part serve "$SERVE_S" scripts/bench_serve.py --parts "$SERVE_PARTS" --traces "$TRACES" --task-mix "$TASKS" \
+                --out "$OUT/bench_serve.json" "${SERVE_ARGS[@]}" ;;
         esac
     done
 } 2>&1 | tee "$OUT/session.log"

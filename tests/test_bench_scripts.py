@@ -1,6 +1,12 @@
 """The benchmark scripts' logic that decides what their numbers mean: the routing replay (which recorded token
 each slot and position runs), the lab's count of the same steps (LRU and Belady), and the floors."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +17,7 @@ from reference_directory import ExpertDirectory
 from reference_policies import Belady
 from scripts.bench_offload import add_floor
 from scripts.bench_prefetch import RoutingReplay, engine_steps, lab_replay
+from scripts.bench_serve import gating_part, slo_verdicts
 from scripts.benchlib import (
     active_bytes_per_token, build_random_engine, decode_stats, model_config, pinned_stacks, random_dense_params,
 )
@@ -104,3 +111,50 @@ def test_offload_floor_is_the_slower_of_link_and_compute():
     compute_bound = {"decode_bytes_per_token": 1e8, "prefill_bytes": 0, "decode_s_per_token": 0.011, "ttft_s": 0.2}
     add_floor(compute_bound, resident, bandwidth=1e11)
     assert compute_bound["floor_s_per_token"] == pytest.approx(0.01) and compute_bound["x_floor"] == pytest.approx(1.1)
+
+
+def test_bench_serve_smoke(tmp_path):
+    """scripts/bench_serve.py --dims tiny, throughput and slo parts, on a random routing trace and a task mix of
+    two tasks: every row is there, batch 1's ratio is 1, each load ran both schedulers on the same requests."""
+    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[12] * 8, seed=2).save(tmp_path / "routing.npz")
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(line) + "\n" for line in [
+        {"task": "short", "prompt": "What is two and two?", "reference": "four"},
+        {"task": "long", "prompt": "Tell a story about a cat.", "reference": "Once upon a time a cat sat on a mat and slept."}]))
+    out = tmp_path / "serve.json"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_serve.py", "--dims", "tiny", "--parts", "throughput,slo", "--traces",
+         str(tmp_path / "routing.npz"), "--task-mix", str(tmp_path / "tasks.jsonl"), "--budget", "0.5", "--batches", "1,2",
+         "--prompt-len", "4", "--new-tokens", "4", "--slo-models", "tiny-moe", "--slots", "2", "--loads", "4x,50",
+         "--requests", "3", "--calibration-per-task", "1", "--warmup-requests", "4", "--serve-max-seq-len", "64", "--prefill-chunk", "16",
+         "--max-prompt", "16", "--max-tokens", "6", "--out", str(out)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    throughput = result["throughput"]["rows"]
+    assert [r["batch"] for r in throughput] == [1, 2] and throughput[0]["x_batch1"] == 1.0
+    assert all(r["link_floor_s"] > 0 and r["experts_needed_per_step"] >= r["experts_moved_per_step"] for r in throughput)
+    rows = result["slo"]["rows"]
+    assert [(r["scheduler"], r["load"]) for r in rows] == [("fcfs", "4x"), ("slo", "4x"), ("fcfs", "50"), ("slo", "50")]
+    assert rows[2]["offered_rps"] == 50 and all(r["requests"] == 3 and 0 <= r["attainment_pct"] <= 100 for r in rows)
+    runs = result["slo"]["models"]["tiny-moe"]["runs"]
+    assert [x["arrival_s"] for x in runs[0]["records"]] != [x["arrival_s"] for x in runs[2]["records"]]
+    assert [x["task"] for x in runs[0]["records"]] == [x["task"] for x in runs[1]["records"]]
+    assert set(result["slo"]["models"]["tiny-moe"]["slos"]) == {"short", "long"}
+    assert result["slo"]["plot"] is None or Path(result["slo"]["plot"]).stat().st_size > 0  # None without matplotlib
+    assert "SLO %" in done.stdout.split("\n\n")[-1]  # the tables come last, after one empty line
+
+
+def test_bench_serve_reports_a_missing_gating_module(capsys):
+    out, saved = {}, []
+    gating_part(None, None, None, None, out, lambda: saved.append(dict(out)))
+    assert out["gating"]["error"] == "scripts/bench_gating.py is missing: part not run" and saved
+    assert "bench_gating.py is missing" in capsys.readouterr().out
+
+
+def test_slo_verdicts_compare_the_schedulers_where_fcfs_misses_30_percent():
+    row = lambda scheduler, load, pct: {"model": "m", "scheduler": scheduler, "load": load, "attainment_pct": pct}  # noqa: E731
+    rows = [row("fcfs", "2x", 90.0), row("slo", "2x", 95.0), row("fcfs", "8x", 60.0), row("slo", "8x", 85.0),
+            row("fcfs", "16x", 10.0)]
+    assert slo_verdicts(rows) == ["m at 8x: fcfs meets 60% of SLOs, slo 85% (+25 points)"]
