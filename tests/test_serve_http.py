@@ -240,13 +240,13 @@ def test_models_health_and_metrics(served):
 
 def test_a_full_queue_is_a_429_with_retry_after(served, monkeypatch):
     gate = threading.Event()
-    prefill = served.engine.prefill
+    begin_prefill = served.engine.begin_prefill
 
     def held_prefill(*args, **kwargs):
         gate.wait(TIMEOUT_S)
-        return prefill(*args, **kwargs)
+        return begin_prefill(*args, **kwargs)
 
-    monkeypatch.setattr(served.engine, "prefill", held_prefill)
+    monkeypatch.setattr(served.engine, "begin_prefill", held_prefill)
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     streams, refused = [], None
     with httpx.Client(base_url=served.base, timeout=TIMEOUT_S) as client:
@@ -289,14 +289,14 @@ def test_a_client_that_disconnects_mid_stream_has_its_request_cancelled(served):
 
 def test_an_engine_error_fails_that_request_and_the_server_keeps_serving(served, monkeypatch):
     poisoned = [7, 7, 7]
-    prefill = served.engine.prefill
+    begin_prefill = served.engine.begin_prefill
 
     def failing_prefill(slot, token_ids, *args, **kwargs):
         if list(token_ids) == poisoned:
             raise RuntimeError("injected fault")
-        return prefill(slot, token_ids, *args, **kwargs)
+        return begin_prefill(slot, token_ids, *args, **kwargs)
 
-    monkeypatch.setattr(served.engine, "prefill", failing_prefill)
+    monkeypatch.setattr(served.engine, "begin_prefill", failing_prefill)
     response = served.post("/v1/completions", {"model": MODEL, "prompt": poisoned, "max_tokens": 4})
     assert response.status_code == 500, response.text
     error = response.json()["error"]

@@ -165,3 +165,11 @@ def test_generate_runs_more_prompts_than_slots(ckpt):
     sampled = dict(max_new_tokens=8, temperature=0.9, top_k=20, seed=4, stop_token_ids=(stop,))
     one_at_a_time = load(ckpt, slots=1).generate(prompts, **sampled)
     assert engine.generate(prompts, **sampled).tokens == one_at_a_time.tokens
+
+
+def test_any_uint32_seed_samples(ckpt):
+    """Seeds up to 2**32 - 1 (a server draws them at random) sample; before, one over 2**31 overflowed int32."""
+    engine = load(ckpt)
+    for seed in (2**31, 2**32 - 1):
+        sampling = SamplingParams(greedy=False, temperature=0.9, seed=seed)
+        assert solo(engine, [1, 2, 3], 2, sampling) == solo(engine, [1, 2, 3], 2, sampling)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 import flax.struct
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -59,9 +60,11 @@ def new_slot_state(slots: int, device) -> SlotState:
                      jnp.ones(n, jnp.float32, device=device), zeros(jnp.uint32), zeros(jnp.int32))
 
 
-def sampling_row(params: SamplingParams) -> tuple[float, int, float, int]:
+def sampling_row(params: SamplingParams) -> tuple:
     """(temperature, top_k, top_p, seed) as the slot state stores them (temperature 0: greedy)."""
-    return (0.0 if params.greedy else params.temperature, params.top_k, params.top_p, params.seed % 2**32)
+    # numpy scalars: a Python int seed over 2**31 would overflow a jitted function's default int32
+    return (np.float32(0.0 if params.greedy else params.temperature), np.int32(params.top_k),
+            np.float32(params.top_p), np.uint32(params.seed % 2**32))
 
 
 def _filtered(logits, top_k, top_p):
