@@ -104,3 +104,45 @@ def test_offload_floor_is_the_slower_of_link_and_compute():
     compute_bound = {"decode_bytes_per_token": 1e8, "prefill_bytes": 0, "decode_s_per_token": 0.011, "ttft_s": 0.2}
     add_floor(compute_bound, resident, bandwidth=1e11)
     assert compute_bound["floor_s_per_token"] == pytest.approx(0.01) and compute_bound["x_floor"] == pytest.approx(1.1)
+
+
+def test_largest_fitting_doubles_then_bisects():
+    from scripts.bench_gating import largest_fitting
+
+    tried = []
+
+    def under(limit):
+        def fits(n):
+            tried.append(n)
+            return n <= limit
+        return fits
+
+    found = largest_fitting(under(37), 1000)
+    assert 37 - 37 // 16 <= found <= 37 and tried[:6] == [1, 2, 4, 8, 16, 32] and max(tried) == 64
+    assert largest_fitting(under(10**9), 100) == 100 and largest_fitting(under(0), 100) == 0
+
+
+def test_gating_bench_smoke_run():
+    """The gating part on a tiny Mixtral shape: a row per compute and batch, the computes agree on the layers'
+    output, capacity computes fewer expert rows and drops at most what a capacity factor of 1 can, and each
+    largest batch fits the memory the search was given."""
+    import argparse
+
+    from scripts.bench_gating import Bench, add_arguments, moe_shape, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--dims", "tiny", "--gating-models", "mixtral-8x7b", "--gating-rows", "1,8",
+                              "--capacity-factor", "1", "--memory-gb", "0.001", "--gating-max-rows", "8"])
+    rows = run(args)
+    batch = {(r["compute"], r["rows"]): r for r in rows if r["kind"] == "batch"}
+    assert set(batch) == {(c, n) for c in ("union", "grouped", "capacity") for n in (1, 8)}
+    assert all(r["tokens_per_s"] > 0 for r in batch.values())
+    assert batch["capacity", 8]["expert_rows_per_layer"] < batch["union", 8]["expert_rows_per_layer"]
+    assert batch["grouped", 1]["dropped_fraction"] == 0 and batch["capacity", 8]["dropped_fraction"] < 1
+    largest = [r for r in rows if r["kind"] == "max-batch"]
+    assert len(largest) == 3 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
+    bench = Bench(moe_shape("mixtral-8x7b", tiny=True), 2, args, repeats=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 64)).astype(bench.shape.dtype)
+    union, grouped = (np.asarray(bench.compiled(how, 8)(bench.params, x)[0], np.float32) for how in ("union", "grouped"))
+    np.testing.assert_allclose(grouped, union, rtol=0.02, atol=0.02)  # bf16 rows, rounded in other shapes

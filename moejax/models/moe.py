@@ -331,10 +331,11 @@ def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act:
 
     Arguments as `experts_from_slab`; valid_rows bool [N] or None: rows whose pairs are computed (the others
     get zeros). The (row, choice) pairs are sorted by expert into blocks of `block_rows` (static) rows, each
-    expert's pairs padded to whole blocks (`grouped_blocks`), and a loop over the blocks in use runs each
-    block's expert on its rows, reading the expert's weights straight from the slab: about N x k + U x
-    block_rows expert rows instead of union's U x N, and no gathered copy of the weights. Each row then adds
-    its experts' outputs in increasing expert order, as `experts_from_slab` does.
+    expert's pairs padded to whole blocks (`grouped_blocks`), the chosen experts' weights gathered once
+    ([U, ...], as union gathers them: a loop reading the slab itself would copy the whole slab into its state),
+    and a loop over the blocks in use runs each block's expert on its rows: about N x k + U x block_rows expert
+    rows instead of union's U x N. Each row then adds its experts' outputs in increasing expert order, as
+    `experts_from_slab` does.
 
     Every expert product has the one shape [block_rows, D] whatever the batch, so a row's result does not
     depend on the other rows or on N where the backend rounds a matmul's rows alike at one shape (XLA:CPU
@@ -350,11 +351,11 @@ def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act:
     first = (ends - blocks)[jnp.minimum(member, U - 1)]
     dest = jnp.where(computed, first * block_rows + place, num_blocks * block_rows)
     owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"), U - 1)
-    block_slots = jnp.maximum(slots[owner], 0)
+    chosen = {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
     rows_in = _pair_rows(x, dest, num_blocks * block_rows)
 
     def run_block(b, rows_out):
-        expert = {name: lax.dynamic_index_in_dim(w, block_slots[b], keepdims=False) for name, w in slab.items()}
+        expert = {name: lax.dynamic_index_in_dim(w, owner[b], keepdims=False) for name, w in chosen.items()}
         rows = lax.dynamic_slice_in_dim(rows_in, b * block_rows, block_rows)
         return lax.dynamic_update_slice_in_dim(rows_out, expert_ffn(rows, expert, act), b * block_rows, axis=0)
 
