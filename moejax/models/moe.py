@@ -12,6 +12,12 @@ Determinism across execution strategies: every expert processes all N tokens of 
 (rows it was not chosen for get weight 0), and contributions are added into a float32
 accumulator in increasing expert-id order. Splitting a layer's experts into waves, choosing
 them on the host or gathering them on the device therefore yields the same sums.
+
+A step's expert compute (`routed_experts`): 'union' (`experts_from_slab`: every row through every
+expert the step uses), 'grouped' (`grouped_experts`: dropless dynamic gating, each expert on exactly
+its rows, in fixed-size blocks) or 'capacity' (`capacity_experts`: every expert padded to a static
+capacity, the pairs past it dropped; approximate). Grouped and capacity add each row's experts in
+the same order as union.
 """
 
 from __future__ import annotations
@@ -229,6 +235,11 @@ def batched_expert_ffn(x, experts: dict, act: str = "silu"):
     return out
 
 
+def gathered(slab: dict, slots) -> dict:
+    """The experts at `slots` int32 [U] of a slab {name: [S, ...]} as one copy {name: [U, ...]} (slot -1: slot 0's)."""
+    return {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
+
+
 def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu"):
     """The routed-expert output [N, D] f32, reading only the chosen experts' weights out of a slab.
 
@@ -240,8 +251,7 @@ def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, ac
     a row's sum does not depend on the other rows' experts, on U or on the slots, so every offload mode,
     budget and policy gives the same bits.
     """
-    chosen = {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
-    outputs = batched_expert_ffn(x, chosen, act)
+    outputs = batched_expert_ffn(x, gathered(slab, slots), act)
     acc = jnp.zeros(x.shape, jnp.float32)
     for u in range(distinct.shape[0]):
         weight = jnp.sum(jnp.where(topk_ids == distinct[u], topk_weights, 0.0), axis=-1)
@@ -351,7 +361,7 @@ def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act:
     first = (ends - blocks)[jnp.minimum(member, U - 1)]
     dest = jnp.where(computed, first * block_rows + place, num_blocks * block_rows)
     owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"), U - 1)
-    chosen = {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
+    chosen = gathered(slab, slots)
     rows_in = _pair_rows(x, dest, num_blocks * block_rows)
 
     def run_block(b, rows_out):
@@ -375,6 +385,5 @@ def capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, cap
     computed = (member < U) & (place < capacity)
     dest = jnp.where(computed, member * capacity + place, U * capacity)
     rows_in = _pair_rows(x, dest, U * capacity).reshape(U, capacity, x.shape[1])
-    chosen = {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
-    rows_out = batched_expert_ffn(rows_in, chosen, act).reshape(U * capacity, x.shape[1])
+    rows_out = batched_expert_ffn(rows_in, gathered(slab, slots), act).reshape(U * capacity, x.shape[1])
     return _combine(topk_ids, topk_weights, _pair_outputs(rows_out, dest), computed)
