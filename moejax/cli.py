@@ -160,7 +160,8 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "(eams.npz or the directory `moejax trace` wrote; default: learn from the run)")
     p.add_argument("--expert-compute", default="auto",
                    help="how a step computes its experts: auto (default: union for few tokens, grouped for many) | union | "
-                   "grouped (dropless dynamic gating) | capacity (static capacity factor 2: APPROXIMATE, drops tokens)")
+                   "grouped (dropless dynamic gating) | ragged (the same via lax.ragged_dot) | capacity (static capacity factor 2: "
+                   "APPROXIMATE, drops tokens)")
 
 
 def load_engine(args, slots: int = 1):

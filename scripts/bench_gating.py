@@ -6,6 +6,7 @@ Per model (`--gating-models`: Switch-base-128, NLLB-MoE, Mixtral-8x7B, DeepSeek-
 per expert compute (`--gating-computes`):
   union      every token row through every expert the call uses (the engine's compute for few rows)
   grouped    dropless dynamic gating: each expert computes exactly its (token, choice) pairs, in blocks
+  ragged     the same pairs through XLA's grouped matmul (`lax.ragged_dot`), no padding
   capacity   static capacity-factor gating: every used expert padded to C = ceil(factor x N x k / E) token slots,
              the pairs past them dropped (approximate: its rows report the fraction dropped)
 one program runs `--layers` MoE layers (router, top-k, gating, experts, residual; experts [E, ...] per layer,
@@ -45,11 +46,11 @@ from moejax.offload.device_cache import distinct_experts
 from scripts.benchlib import GB, environment, median, print_table, start_backend, write_json
 
 DEFAULT_MODELS = "switch-base-128,nllb-moe-54b,mixtral-8x7b,deepseek-v2-lite-shape"
-COMPUTES = ("union", "grouped", "capacity")
+COMPUTES = ("union", "grouped", "ragged", "capacity")
 DEFAULT_ROWS = "1,8,64,256,1024"
 TINY_ROWS = "1,8"
 TINY_MEMORY_GB = 0.01
-TINY_MAX_ROWS = 64
+TINY_MAX_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,8 @@ def expert_rows(shape: MoEShape, how: str, rows: int, capacity_factor: float, bl
         return union * rows
     if how == "grouped":
         return grouped_blocks(rows, shape.top_k, union, block_rows) * block_rows
+    if how == "ragged":
+        return rows * shape.top_k
     return union * capacity_slots(capacity_factor, rows, shape.top_k, shape.experts)
 
 
@@ -209,8 +212,13 @@ def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int)
     best = {}
     for how in computes:
         largest = largest_fitting(lambda n, how=how: bench.fits(how, n, memory), limit)
-        best[how] = {"kind": "max-batch", "memory_bytes": memory, "at_row_limit": largest == limit,
-                     **(bench.row(how, largest) if largest else {"model": bench.shape.name, "compute": how, "rows": 0})}
+        best[how] = {"kind": "max-batch", "model": bench.shape.name, "compute": how, "rows": largest,
+                     "memory_bytes": memory, "at_row_limit": largest == limit}
+        try:
+            if largest:
+                best[how].update(bench.row(how, largest))
+        except jax.errors.JaxRuntimeError as err:  # --memory-gb beyond what the device can give: say so, go on
+            best[how]["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         print(json.dumps(best[how]), flush=True)
     if best.get("capacity", {}).get("tokens_per_s"):
         for row in best.values():

@@ -1,5 +1,5 @@
-"""Expert compute (issue 21 item 2): grouped (dropless dynamic gating) and capacity (static capacity gating)
-against naive per-expert loops and against union; capacity drops exactly the pairs past capacity; through the
+"""Expert compute (issue 21 item 2): grouped and ragged (dropless dynamic gating) and capacity (static capacity
+gating) against naive per-expert loops and against union; capacity drops exactly the pairs past capacity; through the
 engine, grouped is exact and capacity labelled approximate.
 
 Bit for bit where the design promises it: grouped computes every expert product as a block of one shape
@@ -22,7 +22,7 @@ from moejax.cli import FLAGS
 from moejax.errors import ParameterError
 from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import (
-    capacity_experts, experts_from_slab, grouped_blocks, grouped_experts, resolve_expert_compute, route,
+    capacity_experts, experts_from_slab, grouped_blocks, grouped_experts, ragged_experts, resolve_expert_compute, route,
 )
 from moejax.offload.device_cache import distinct_experts
 from moejax.offload.stats import summary_line
@@ -72,7 +72,7 @@ CASES = [(1, 8, 2, 64, False), (6, 6, 3, 2, False), (37, 8, 2, 8, False), (130, 
 
 
 @pytest.mark.parametrize("rows,experts,top_k,block_rows,plain", CASES)
-def test_grouped_equals_naive_loop_and_union(rows, experts, top_k, block_rows, plain):
+def test_grouped_and_ragged_equal_naive_loop_and_union(rows, experts, top_k, block_rows, plain):
     x, ids, weights, slab = random_layer(rows, rows, experts, top_k, plain=plain)
     act = "relu" if plain else "silu"
     distinct, slots = union_of(ids, experts)
@@ -83,6 +83,8 @@ def test_grouped_equals_naive_loop_and_union(rows, experts, top_k, block_rows, p
     union = jax.jit(experts_from_slab, static_argnames="act")(x, ids, weights, distinct, slots, slab, act)
     # Not bitwise: union's products have `rows` rows, grouped's block_rows, and XLA:CPU rounds them differently.
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(union), rtol=1e-6, atol=1e-6)
+    ragged = jax.jit(ragged_experts, static_argnames="act")(x, ids, weights, distinct, slots, slab, act)
+    np.testing.assert_allclose(np.asarray(ragged), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows,experts,top_k,block_rows,plain", CASES[1:])
@@ -168,8 +170,19 @@ def test_capacity_engine_is_labelled_and_with_room_equals_union(ckpt):
     assert (routing == cfg.num_experts).any()
 
 
+def test_ragged_engine_in_cached_mode_is_union_to_the_last_bits(ckpt):
+    union = moejax.load(ckpt, expert_compute="union", slots=2, max_seq_len=32)
+    cfg = union.cfg
+    ragged = moejax.load(ckpt, "cached", expert_budget=f"{cfg.num_experts * cfg.expert_bytes}B", expert_compute="ragged",
+                         slots=2, max_seq_len=32)
+    prompts = random_prompts(cfg.vocab_size, [9, 5], seed=3)
+    for ours, ref in zip(ragged.logits(prompts), union.logits(prompts), strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ragged.generate(prompts, max_new_tokens=3).tokens == union.generate(prompts, max_new_tokens=3).tokens
+
+
 def test_expert_compute_errors_name_the_parameter():
-    with pytest.raises(ParameterError, match="expert_compute 'dense' is not one of auto, union, grouped, capacity"):
+    with pytest.raises(ParameterError, match="expert_compute 'dense' is not one of auto, union, grouped, ragged, capacity"):
         moejax.load(moejax.SHIPPED_CHECKPOINT, expert_compute="dense")
     with pytest.raises(ParameterError, match="capacity_factor applies to expert_compute 'capacity', not 'grouped'"):
         moejax.load(moejax.SHIPPED_CHECKPOINT, expert_compute="grouped", capacity_factor=1.0)

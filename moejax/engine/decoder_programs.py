@@ -20,6 +20,7 @@ N token rows, from the same slab in every mode (`models.moe`):
              each row adding its own in increasing expert order;
   grouped    dropless dynamic gating (Huang et al.): (row, choice) pairs sorted by expert into fixed-size
              blocks, each expert computing exactly its pairs (about N x k expert rows), added as union adds;
+  ragged     the same sorted pairs through XLA's grouped matmul (`lax.ragged_dot`), no padding;
   capacity   static capacity-factor gating, the padded baseline: every distinct expert gets
              C = ceil(capacity_factor x N x k / E) token slots, pairs past them dropped from the routing
              (`models.capacity.drop_over_capacity`) before the cache sees it. Approximate: a row's output

@@ -66,9 +66,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         (a little faster per token, much slower to compile for deep models; BENCHMARKS.md).
     expert_compute: how a step computes its routed experts (`engine.decoder_programs`): 'union' (each row
         through every expert the step uses), 'grouped' (dropless dynamic gating: each expert computes exactly
-        its tokens), 'capacity' (static capacity-factor gating, APPROXIMATE: tokens past an expert's capacity
-        are dropped, so outputs depend on the other sequences of a step) or 'auto' (the default: union for
-        steps of few tokens, grouped for many; provisional until measured on the GPU).
+        its tokens, in blocks), 'ragged' (the same through `lax.ragged_dot`), 'capacity' (static capacity-factor
+        gating, APPROXIMATE: tokens past an expert's capacity are dropped, so outputs depend on the other
+        sequences of a step) or 'auto' (the default: union for steps of few tokens, grouped for many;
+        provisional until measured on the GPU).
     capacity_factor: expert_compute 'capacity' only: capacity = ceil(capacity_factor x tokens x top_k /
         experts) per expert and step (default `models.moe.CAPACITY_FACTOR`).
 

@@ -36,7 +36,7 @@ from moejax.models.layers import ACTIVATIONS
 
 EXPERT_WEIGHTS = ("gate", "up", "down")
 # How a step computes its routed experts (see `routed_experts`); 'auto' picks by the call's rows.
-EXPERT_COMPUTES = ("auto", "union", "grouped", "capacity")
+EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity")
 # Provisional, chosen on the CPU for logic only (not speed): 'auto' computes 'grouped' from this many token
 # rows up, in blocks of GROUPED_BLOCK_ROWS rows. To be set from scripts/bench_gating.py on the GPU.
 GROUPED_FROM_ROWS = 64
@@ -271,18 +271,20 @@ def resolve_expert_compute(expert_compute: str, rows: int) -> str:
 
 def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *,
                    valid_rows=None, capacity: int | None = None, block_rows: int = GROUPED_BLOCK_ROWS):
-    """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped' or 'capacity'; see
-    `experts_from_slab`, `grouped_experts`, `capacity_experts` for the arguments). Union and grouped are
-    exact and add each row's experts alike; capacity computes `capacity` token slots per expert and leaves
-    out the pairs past them (approximate)."""
+    """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped', 'ragged' or
+    'capacity'; see `experts_from_slab`, `grouped_experts`, `ragged_experts`, `capacity_experts` for the
+    arguments). Union, grouped and ragged are exact and add each row's experts alike; capacity computes
+    `capacity` token slots per expert and leaves out the pairs past them (approximate)."""
     if how == "union":
         return experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab, act)
     if how == "grouped":
         return grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab, act, valid_rows=valid_rows,
                                block_rows=block_rows)
+    if how == "ragged":
+        return ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab, act, valid_rows=valid_rows)
     if how == "capacity":
         return capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab, capacity, act, valid_rows=valid_rows)
-    raise ValueError(f"expert compute {how!r} is not one of union, grouped, capacity")
+    raise ValueError(f"expert compute {how!r} is not one of union, grouped, ragged, capacity")
 
 
 def _union_queues(topk_ids, topk_weights, distinct, valid_rows):
@@ -371,6 +373,29 @@ def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act:
 
     rows_out = lax.fori_loop(0, ends[-1], run_block, jnp.zeros_like(rows_in))
     return _combine(topk_ids, topk_weights, _pair_outputs(rows_out, dest), computed)
+
+
+def ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *, valid_rows=None):
+    """Dropless dynamic gating through `jax.lax.ragged_dot`: the N x k pairs sorted by expert, no padding, each
+    matmul of the FFN one grouped matmul over the gathered chosen experts ([U, ...]) with the experts' pair counts
+    as group sizes; each row then adds its experts' outputs as `experts_from_slab` does. The same math as
+    `grouped_experts` with XLA's grouped matmul instead of blocks (XLA:CPU lowers it to a masked dense matmul
+    per expert, so it is for measuring on the GPU). Arguments as `grouped_experts`. -> [N, D] f32."""
+    (N, k), U = topk_ids.shape, distinct.shape[0]
+    member, place = _union_queues(topk_ids, topk_weights, distinct, valid_rows)
+    counts = jnp.zeros(U + 1, jnp.int32).at[member.reshape(-1)].add(1)[:U]
+    computed = member < U
+    dest = jnp.where(computed, (jnp.cumsum(counts) - counts)[jnp.minimum(member, U - 1)] + place, N * k)
+    rows = _pair_rows(x, dest, N * k)  # sorted by expert; the pairs not computed last, outside every group
+    experts = gathered(slab, slots)
+    grouped = lambda a, name: lax.ragged_dot(a, experts[name], counts)  # noqa: E731
+    if "gate" in experts:
+        out = grouped(ACTIVATIONS[act](grouped(rows, "gate")) * grouped(rows, "up"), "down")
+    else:
+        group = jnp.minimum(jnp.searchsorted(jnp.cumsum(counts), jnp.arange(N * k), side="right"), U - 1)
+        bias = lambda name: experts[name][group] if name in experts else 0  # noqa: E731
+        out = grouped(ACTIVATIONS[act](grouped(rows, "up") + bias("up_bias")), "down") + bias("down_bias")
+    return _combine(topk_ids, topk_weights, _pair_outputs(out, dest), computed)
 
 
 def capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, capacity: int, act: str = "silu", *,
