@@ -3,8 +3,8 @@
 Loads a checkpoint (default: the shipped one) in every offloading mode, and in cached mode at the smallest
 budget (the experts one step can need: one layer's, with the default prompt chunk) and at 25%, with every cache
 policy and every prefetcher, and compares prompt logits and greedy tokens bit for bit against the resident
-engine (all computing their experts as --expert-compute says). Prints one line per configuration (the largest logit difference, whether the tokens match); exits 1
-if any differs or fails. --time-budget skips the configurations that would not fit (listed as skipped).
+engine (all computing their experts as --expert-compute says). Prints one line per configuration (the largest
+logit difference, whether the tokens match); exits 1 if any differs or fails. --time-budget skips the configurations that would not fit (listed as skipped).
 
   PYTHONPATH=. python scripts/check_identical.py --out $OUT/check_identical.json
   PYTHONPATH=. python scripts/check_identical.py --quick --out /tmp/check.json   # CPU smoke run

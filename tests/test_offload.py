@@ -109,8 +109,8 @@ def test_every_mode_equals_resident(case, root):
 
 def test_grouped_compute_is_exact_in_every_mode(root):
     """Grouped expert compute (dropless dynamic gating) in every mode equals the resident engine that also computes
-    grouped, bit for bit (logits; cached: also tokens, greedy and sampled); and it generates union's tokens (its logits differ from union's in the last bits: blocks
-    of other row counts round differently on XLA:CPU)."""
+    grouped, bit for bit (logits; cached: also tokens, greedy and sampled); and it generates union's tokens (its
+    logits differ from union's in the last bits: blocks of other row counts round differently on XLA:CPU)."""
     _, _, ckpt = build(MATRIX_CASE, root)
     resident = load(ckpt)
     prompts = random_prompts(resident.cfg.vocab_size, [9, 3, 5], seed=4)

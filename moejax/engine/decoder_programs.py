@@ -172,11 +172,14 @@ def _routed(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, v
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
         cache = cache.replace(counters=dc._count(counters, m, dc.MISSES, real.sum()))
-        return _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows), dataclasses.replace(experts, cache=cache)
-    return _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows), dataclasses.replace(experts, cache=cache, slab=slab)
+        out = _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows)
+        return out, dataclasses.replace(experts, cache=cache)
+    out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
+    return out, dataclasses.replace(experts, cache=cache, slab=slab)
 
 
 def _compute(spec: ProgramSpec, moe_in, ids, weights, distinct, slots, slab, valid_rows):
+    """The routed-expert output [N, D] f32 as the spec's expert compute makes it for the call's N rows."""
     rows = ids.shape[0]
     return routed_experts(resolve_expert_compute(spec.expert_compute, rows), moe_in, ids, weights, distinct, slots, slab,
                           spec.cfg.hidden_act, valid_rows=valid_rows, capacity=spec.capacity(rows))

@@ -298,7 +298,8 @@ def _union_queues(topk_ids, topk_weights, distinct, valid_rows):
     if valid_rows is not None:
         computed = computed & valid_rows[:, None]
     member = jnp.where(computed, index, U).astype(jnp.int32)
-    places = queue_positions([member[None, :, j] for j in range(member.shape[1])], jnp.ones((1,) + member.shape[:1], bool), U)
+    everyone = jnp.ones((1, member.shape[0]), bool)
+    places = queue_positions([member[None, :, j] for j in range(member.shape[1])], everyone, U)
     return member, jnp.stack([p[0] for p in places], axis=-1).astype(jnp.int32)
 
 
@@ -319,7 +320,8 @@ def _pair_rows(x, dest, total: int):
     """x [N, D] laid out in `total` rows: pair (n, j) at row dest[n, j] (dest >= total: nowhere); rows no
     pair takes are zeros. -> [total, D]."""
     N, k = dest.shape
-    rows = jnp.full((total,), N, jnp.int32).at[dest.reshape(-1)].set(jnp.repeat(jnp.arange(N, dtype=jnp.int32), k), mode="drop")
+    pair_row = jnp.repeat(jnp.arange(N, dtype=jnp.int32), k)
+    rows = jnp.full((total,), N, jnp.int32).at[dest.reshape(-1)].set(pair_row, mode="drop")
     return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[rows]
 
 
