@@ -27,7 +27,7 @@ DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 # SamplingParams, lab.replay, ...), for the errors that name a parameter.
 FLAGS = {
     "offload": "--offload", "expert_budget": "--expert-budget", "cache_policy": "--cache-policy",
-    "routing": "--routing", "prefetch": "--prefetch",
+    "routing": "--routing", "prefetch": "--prefetch", "expert_compute": "--expert-compute",
     "prefetch_per_layer": "--prefetch-per-layer", "prefetch_per_step": "--prefetch-per-step",
     "prefetch_floor": "--prefetch-floor", "traces": "--traces", "max_seq_len": "--max-seq-len",
     "prefill_chunk": "--prefill-chunk", "slots": "the number of prompts (--batch-size for trace)",
@@ -173,6 +173,10 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-floor", type=float, help=FLOOR_HELP)
     p.add_argument("--traces", type=Path, help="activation matrices for --prefetch trace / --cache-policy activation "
                    "(eams.npz or the directory `moejax trace` wrote; default: learn from the run)")
+    p.add_argument("--expert-compute", default="auto",
+                   help="how a step computes its experts: auto (default: union for few tokens, grouped for many) | union | "
+                   "grouped (dropless dynamic gating) | ragged (the same via lax.ragged_dot) | capacity (static capacity factor 2: "
+                   "APPROXIMATE, drops tokens)")
 
 
 def load_engine(args, slots: int = 1):
@@ -193,6 +197,7 @@ def load_engine(args, slots: int = 1):
         prefetch_per_step=args.prefetch_per_step,
         prefetch_floor=args.prefetch_floor,
         traces=args.traces,
+        expert_compute=args.expert_compute,
     )
 
 

@@ -429,8 +429,9 @@ def checked_args(p: argparse.ArgumentParser):
     gating_args = None
     if module is not None:
         sub = argparse.ArgumentParser(prog="bench_serve.py (gating part)", allow_abbrev=False)
-        module.add_arguments(sub)
+        module.add_arguments(sub, shared=False)
         gating_args, rest = sub.parse_known_args(rest)
+        gating_args.dims, gating_args.layers = args.dims, getattr(args, "layers", None)  # this script's own
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}"
                 + ("" if module is not None else " (the gating part's options need scripts/bench_gating.py and --parts gating)"))

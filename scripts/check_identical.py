@@ -3,8 +3,8 @@
 Loads a checkpoint (default: the shipped one) in every offloading mode, and in cached mode at the smallest
 budget (the experts one step can need: one layer's, with the default prompt chunk) and at 25%, with every cache
 policy and every prefetcher, and compares prompt logits and greedy tokens bit for bit against the resident
-engine. Prints one line per configuration (the largest logit difference, whether the tokens match); exits 1
-if any differs or fails. --time-budget skips the configurations that would not fit (listed as skipped).
+engine (all computing their experts as --expert-compute says). Prints one line per configuration (the largest
+logit difference, whether the tokens match); exits 1 if any differs or fails. --time-budget skips the configurations that would not fit (listed as skipped).
 
   PYTHONPATH=. python scripts/check_identical.py --out $OUT/check_identical.json
   PYTHONPATH=. python scripts/check_identical.py --quick --out /tmp/check.json   # CPU smoke run
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=str(moejax.SHIPPED_CHECKPOINT))
     parser.add_argument("--new-tokens", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="three configurations (CPU smoke run)")
+    parser.add_argument("--expert-compute", default="auto", help="every configuration's (union, grouped; default auto)")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
     parser.add_argument("--out", default="check_identical.json")
     args = parser.parse_args()
@@ -55,7 +56,8 @@ def main() -> int:
 
     cfg = load_config(args.checkpoint)
     smallest = f"{cfg.num_experts * cfg.expert_bytes}B"  # in bytes: a fraction could round below one layer's experts
-    result = {"environment": None, "checkpoint": args.checkpoint, "new_tokens": args.new_tokens, "configs": []}
+    result = {"environment": None, "checkpoint": args.checkpoint, "new_tokens": args.new_tokens,
+              "expert_compute": args.expert_compute, "configs": []}
     rows, reference, need = result["configs"], None, 0.0
     for options in configurations(smallest, args.quick):
         if reference is not None and not budget.allows(need, str(options)):
@@ -63,7 +65,7 @@ def main() -> int:
             continue
         start = time.monotonic()
         try:
-            engine = moejax.load(args.checkpoint, **options)
+            engine = moejax.load(args.checkpoint, expert_compute=args.expert_compute, **options)
             logits = [np.asarray(x) for x in engine.logits(PROMPTS)]
             tokens = engine.generate(PROMPTS, max_new_tokens=args.new_tokens, ignore_eos=True).tokens
             del engine

@@ -158,3 +158,46 @@ def test_slo_verdicts_compare_the_schedulers_where_fcfs_misses_30_percent():
     rows = [row("fcfs", "2x", 90.0), row("slo", "2x", 95.0), row("fcfs", "8x", 60.0), row("slo", "8x", 85.0),
             row("fcfs", "16x", 10.0)]
     assert slo_verdicts(rows) == ["m at 8x: fcfs meets 60% of SLOs, slo 85% (+25 points)"]
+
+def test_largest_fitting_doubles_then_bisects():
+    from scripts.bench_gating import largest_fitting
+
+    tried = []
+
+    def under(limit):
+        def fits(n):
+            tried.append(n)
+            return n <= limit
+        return fits
+
+    found = largest_fitting(under(37), 1000)
+    assert 37 - 37 // 16 <= found <= 37 and tried[:6] == [1, 2, 4, 8, 16, 32] and max(tried) == 64
+    assert largest_fitting(under(10**9), 100) == 100 and largest_fitting(under(0), 100) == 0
+
+
+def test_gating_bench_smoke_run():
+    """The gating part on a tiny Mixtral shape: a row per compute and batch, the computes agree on the layers'
+    output, capacity computes fewer expert rows and drops at most what a capacity factor of 1 can, and each
+    largest batch fits the memory the search was given."""
+    import argparse
+
+    from scripts.bench_gating import Bench, add_arguments, moe_shape, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--dims", "tiny", "--gating-models", "mixtral-8x7b", "--gating-rows", "1,8",
+                              "--capacity-factor", "1", "--memory-gb", "0.001", "--gating-max-rows", "8"])
+    rows = run(args)
+    batch = {(r["compute"], r["rows"]): r for r in rows if r["kind"] == "batch"}
+    assert set(batch) == {(c, n) for c in ("union", "grouped", "ragged", "capacity") for n in (1, 8)}
+    assert all(r["tokens_per_s"] > 0 for r in batch.values())
+    assert batch["capacity", 8]["expert_rows_per_layer"] < batch["union", 8]["expert_rows_per_layer"]
+    assert batch["grouped", 1]["dropped_fraction"] == 0 and batch["capacity", 8]["dropped_fraction"] < 1
+    largest = [r for r in rows if r["kind"] == "max-batch"]
+    assert len(largest) == 4 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
+    bench = Bench(moe_shape("mixtral-8x7b", tiny=True), 2, args, repeats=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 64)).astype(bench.shape.dtype)
+    union, *dropless = (np.asarray(bench.compiled(how, 8)(bench.params, x)[0], np.float32)
+                        for how in ("union", "grouped", "ragged"))
+    for out in dropless:
+        np.testing.assert_allclose(out, union, rtol=0.02, atol=0.02)  # bf16 rows, rounded in other shapes

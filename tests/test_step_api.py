@@ -2,8 +2,9 @@
 tokens alone, whatever the other slots hold and whatever order they are filled and released in; `generate`
 runs more prompts than slots by making them wait for a free one.
 
-Engines of 4 slots: resident (a decode step takes every occupied slot: 1, 2 or 4 rows) and the smallest
-cache (one layer's experts, shared by all slots: every step evicts).
+Engines of 4 slots: resident (a decode step takes every occupied slot: 1, 2 or 4 rows), the smallest
+cache (one layer's experts, shared by all slots: every step evicts), and the smallest cache computing its
+experts grouped (dropless dynamic gating: each expert computes exactly its tokens).
 """
 
 import collections
@@ -17,7 +18,7 @@ from moejax import SamplingParams, checkpoint
 from moejax.errors import MoejaxError
 
 SLOTS, MAX_SEQ_LEN = 4, 64
-MODES = ["resident", "smallest-cache"]
+MODES = ["resident", "smallest-cache", "smallest-cache-grouped"]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,9 @@ def load(ckpt, mode="resident", slots=SLOTS):
     if mode == "resident":
         return moejax.load(ckpt, slots=slots, max_seq_len=MAX_SEQ_LEN)
     cfg = checkpoint.load_config(ckpt)
+    compute = "grouped" if mode.endswith("grouped") else "auto"
     return moejax.load(ckpt, "cached", expert_budget=f"{cfg.num_experts * cfg.expert_bytes}B", slots=slots,
-                       max_seq_len=MAX_SEQ_LEN)
+                       max_seq_len=MAX_SEQ_LEN, expert_compute=compute)
 
 
 def solo(engine, prompt, decodes: int, sampling=None, slot: int = 0) -> list[int]:

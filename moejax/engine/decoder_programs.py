@@ -2,7 +2,7 @@
 
 Everything a step needs happens inside its program: each MoE layer routes, looks its experts up in the
 device cache (`offload.device_cache`), fetches the misses from the pinned-host stacks into the slab,
-computes exactly the chosen experts (`models.moe.experts_from_slab`) and goes on; the last layer's
+computes exactly the chosen experts (`models.moe.routed_experts`) and goes on; the last layer's
 logits are sampled on the device and the slot state advances. The host dispatches steps back to back
 and reads a step's tokens and routing afterwards.
 
@@ -13,6 +13,19 @@ Modes (`ProgramSpec.mode`, static):
   on-demand      no cache: each step fetches the experts it uses into a scratch slab;
   dense-offload  every expert of every MoE layer fetched at each step (what layer-wise offloading moves).
 All modes compute with the same function on the same gathered weights, so outputs are bit-identical.
+
+Expert compute (`ProgramSpec.expert_compute`, static): how a MoE layer runs its chosen experts on the step's
+N token rows, from the same slab in every mode (`models.moe`):
+  union      the step's distinct experts gathered once, every row through each of them ([U, N] expert rows),
+             each row adding its own in increasing expert order;
+  grouped    dropless dynamic gating (Huang et al.): (row, choice) pairs sorted by expert into fixed-size
+             blocks, each expert computing exactly its pairs (about N x k expert rows), added as union adds;
+  ragged     the same sorted pairs through XLA's grouped matmul (`lax.ragged_dot`), no padding;
+  capacity   static capacity-factor gating, the padded baseline: every distinct expert gets
+             C = ceil(capacity_factor x N x k / E) token slots, pairs past them dropped from the routing
+             (`models.capacity.drop_over_capacity`) before the cache sees it. Approximate: a row's output
+             depends on the other rows;
+  auto       union below `moe.GROUPED_FROM_ROWS` rows, grouped from there (provisional, not yet measured on a GPU).
 
 Prefetching (cached mode): `lookahead` applies the next MoE layer's router to this layer's output of
 attention and fetches up to that many of its guessed experts right away (in the program, after this
@@ -33,7 +46,8 @@ from jax import lax
 from moejax.config import ModelConfig
 from moejax.engine.slots import SlotState, sample_rows
 from moejax.models.decoder import DecoderLayer, EmbedHead
-from moejax.models.moe import experts_from_slab
+from moejax.models.capacity import capacity_slots, drop_over_capacity
+from moejax.models.moe import CAPACITY_FACTOR, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
 from moejax.offload.expert_stacks import fetch_expert, write_slot
 
@@ -53,6 +67,12 @@ class ProgramSpec:
     # On the H200, Mixtral-8x7B's shape with 8 layers decoded at 6.7 ms/token unrolled against 7.1 scanned,
     # but a 27-layer model took minutes to compile unrolled against ~20 s scanned (BENCHMARKS.md).
     unroll_layers: bool = False
+    expert_compute: str = "auto"  # `models.moe.EXPERT_COMPUTES`; see the module docstring
+    capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
+
+    def capacity(self, rows: int) -> int:
+        """Token slots per expert of static capacity gating on a call of `rows` token rows."""
+        return capacity_slots(self.capacity_factor, rows, self.cfg.top_k, self.cfg.num_experts)
 
     @property
     def computes_guesses(self) -> bool:
@@ -152,10 +172,26 @@ def _routed(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, v
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
         cache = cache.replace(counters=dc._count(counters, m, dc.MISSES, real.sum()))
-        out = experts_from_slab(moe_in, ids, weights, distinct, slots, scratch, cfg.hidden_act)
+        out = _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows)
         return out, dataclasses.replace(experts, cache=cache)
-    out = experts_from_slab(moe_in, ids, weights, distinct, slots, slab, cfg.hidden_act)
+    out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
     return out, dataclasses.replace(experts, cache=cache, slab=slab)
+
+
+def _compute(spec: ProgramSpec, moe_in, ids, weights, distinct, slots, slab, valid_rows):
+    """The routed-expert output [N, D] f32 as the spec's expert compute makes it for the call's N rows."""
+    rows = ids.shape[0]
+    return routed_experts(resolve_expert_compute(spec.expert_compute, rows), moe_in, ids, weights, distinct, slots, slab,
+                          spec.cfg.hidden_act, valid_rows=valid_rows, capacity=spec.capacity(rows))
+
+
+def gate(spec: ProgramSpec, ids, weights, valid_rows):
+    """A MoE layer's routing as the step uses it: under static capacity gating the pairs of valid rows past their
+    expert's capacity are dropped (id E, weight 0), so neither the cache nor the routing record sees them;
+    otherwise unchanged. ids int32 [N, k], weights f32 [N, k], valid_rows bool [N] -> (ids, weights)."""
+    if spec.expert_compute != "capacity":
+        return ids, weights
+    return drop_over_capacity(ids, weights, valid_rows, spec.capacity(ids.shape[0]), spec.cfg.num_experts)
 
 
 def fetch_all(host: dict) -> dict:
@@ -219,6 +255,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
                 _, logits = layer.apply({"params": p}, h, method=DecoderLayer.router_logits)
                 weights = jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32)), ids, axis=-1)
                 weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+            ids, weights = gate(spec, ids, weights, valid_rows)
             guess = None
             if spec.computes_guesses:
                 _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)

@@ -37,7 +37,7 @@ import numpy as np
 from jax import lax
 
 from moejax.encdec_config import EncDecConfig
-from moejax.engine.decoder_programs import ExpertInputs, ProgramSpec, _install_staged, _routed, _sample
+from moejax.engine.decoder_programs import ExpertInputs, ProgramSpec, _install_staged, _routed, _sample, gate
 from moejax.engine.slots import SlotState
 from moejax.models.capacity import capacity_for
 from moejax.models.encdec import EncDecLayer, RouteInputs, apply_globals
@@ -172,6 +172,7 @@ def _run_stack(spec: Seq2SeqSpec, decoder: bool, params, experts: ExpertInputs, 
                     continue
                 m = segment.first_moe + i * segment.moe_per_unit + sum(segment.unit[:j])
                 moe_in, weights, ids = layer.apply({"params": p[j]}, h, route_in, method=EncDecLayer.route)
+                ids, weights = gate(spec, ids, weights, valid_rows)
                 guess = None
                 if spec.computes_guesses:  # the next MoE layer of this stack's router, one layer early
                     _, _, guess = layer.apply({"params": following[j]}, h, route_in, method=EncDecLayer.route)

@@ -21,6 +21,7 @@ from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.models.decoder import kv_cache_bytes
 from moejax.models.encdec import expert_shapes as encdec_expert_shapes
+from moejax.models.moe import EXPERT_COMPUTES
 from moejax.models.registry import kind_of
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
@@ -49,7 +50,8 @@ def prepare_backend(expert_bytes: int | None = None) -> None:
 
 def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: int = 4, max_seq_len: int = 2048,
          prefill_chunk: int = 512, device=None, show_progress: bool = False, routing: str | None = None,
-         unroll_layers: bool = False, **offload_options):
+         unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
+         **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -62,6 +64,14 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         decoder families always route dropless.
     unroll_layers: compile every layer into the step program instead of a loop over each run of like layers
         (a little faster per token, much slower to compile for deep models; BENCHMARKS.md).
+    expert_compute: how a step computes its routed experts (`engine.decoder_programs`): 'union' (each row
+        through every expert the step uses), 'grouped' (dropless dynamic gating: each expert computes exactly
+        its tokens, in blocks), 'ragged' (the same through `lax.ragged_dot`), 'capacity' (static capacity-factor
+        gating, APPROXIMATE: tokens past an expert's capacity are dropped, so outputs depend on the other
+        sequences of a step) or 'auto' (the default: union for steps of few tokens, grouped for many;
+        provisional until measured on the GPU).
+    capacity_factor: expert_compute 'capacity' only: capacity = ceil(capacity_factor x tokens x top_k /
+        experts) per expert and step (default `models.moe.CAPACITY_FACTOR`).
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -75,6 +85,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
                              names=", ".join(sorted(offload_options)))
     config = offload if isinstance(offload, OffloadConfig) else OffloadConfig(offload, **offload_options)
     cfg = with_routing(cfg, routing)
+    compute = expert_compute_options(expert_compute, capacity_factor)
     num_moe = len(cfg.moe_layer_ids)
     prepare_backend(num_moe * cfg.num_experts * cfg.expert_bytes if config.mode != "resident" else None)
     globals_ = checkpoint.load_globals(path)
@@ -82,10 +93,24 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     stacks = _expert_stacks(path, cfg, show_progress)
     if kind_of(cfg).encoder_decoder:
         return build_seq2seq_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
-                                    device=device, tokenizer=load_tokenizer(path), path=path, unroll_layers=unroll_layers)
+                                    device=device, tokenizer=load_tokenizer(path), path=path, unroll_layers=unroll_layers,
+                                    **compute)
     return build_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
                         prefill_chunk=prefill_chunk, device=device, tokenizer=load_tokenizer(path), path=path,
-                        unroll_layers=unroll_layers)
+                        unroll_layers=unroll_layers, **compute)
+
+
+def expert_compute_options(expert_compute: str, capacity_factor: float | None) -> dict:
+    """The `expert_compute` and `capacity_factor` parameters checked, as ProgramSpec fields."""
+    if expert_compute not in EXPERT_COMPUTES:
+        raise ParameterError.not_one_of("expert_compute", expert_compute, EXPERT_COMPUTES)
+    if capacity_factor is None:
+        return {"expert_compute": expert_compute}
+    if expert_compute != "capacity":
+        raise ParameterError("{capacity_factor} applies to {expert_compute} 'capacity', not {value!r}", value=expert_compute)
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+        raise ParameterError("{capacity_factor} must be > 0 (got {value})", value=capacity_factor)
+    return {"expert_compute": expert_compute, "capacity_factor": float(capacity_factor)}
 
 
 def with_routing(cfg: ModelConfig | EncDecConfig, routing: str | None) -> ModelConfig | EncDecConfig:
@@ -105,10 +130,12 @@ def with_routing(cfg: ModelConfig | EncDecConfig, routing: str | None) -> ModelC
 
 def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
                  config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, prefill_chunk: int = 512,
-                 device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None) -> Engine:
+                 device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
+                 **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
-    made on the device). unroll_layers: see `ProgramSpec` (default: no)."""
+    made on the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and
+    `capacity_factor` (see `load`)."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
@@ -118,7 +145,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     experts = place_experts(cfg, config, expert_stacks, _shapes(cfg), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, chunk=prefill_chunk, rows=slots)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
-                                unroll_layers=bool(unroll_layers))
+                                unroll_layers=bool(unroll_layers), **compute)
     return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
@@ -127,7 +154,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
 
 def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
                          config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, device=None, tokenizer=None,
-                         path: Path | None = None, unroll_layers: bool | None = None) -> Seq2SeqEngine:
+                         path: Path | None = None, unroll_layers: bool | None = None, **compute) -> Seq2SeqEngine:
     """`build_engine` for an encoder-decoder model: a Seq2SeqEngine whose sources and targets hold up to
     max_seq_len tokens each (`engine.encdec_programs` describes its programs and where its experts live)."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2))
@@ -143,7 +170,7 @@ def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], 
     # One capacity group per sequence: a sequence's tokens do not depend on the other slots (encdec_programs).
     spec = encdec_programs.Seq2SeqSpec(cfg.replace(capacity_group="sequence"), config.mode, experts.policy,
                                        experts.lookahead,
-                                       unroll_layers=bool(unroll_layers))
+                                       unroll_layers=bool(unroll_layers), **compute)
     params = jax.device_put(encdec_programs.program_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device))
     return Seq2SeqEngine(cfg, params, experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host,
                          slots=slots, max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path,

@@ -12,6 +12,12 @@ Determinism across execution strategies: every expert processes all N tokens of 
 (rows it was not chosen for get weight 0), and contributions are added into a float32
 accumulator in increasing expert-id order. Splitting a layer's experts into waves, choosing
 them on the host or gathering them on the device therefore yields the same sums.
+
+A step's expert compute (`routed_experts`): 'union' (`experts_from_slab`: every row through every
+expert the step uses), 'grouped' (`grouped_experts`: dropless dynamic gating, each expert on exactly
+its rows, in fixed-size blocks) or 'capacity' (`capacity_experts`: every expert padded to a static
+capacity, the pairs past it dropped; approximate). Grouped and capacity add each row's experts in
+the same order as union.
 """
 
 from __future__ import annotations
@@ -23,10 +29,20 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from moejax.models.capacity import queue_positions
 from moejax.models.layers import ACTIVATIONS
 
 EXPERT_WEIGHTS = ("gate", "up", "down")
+# How a step computes its routed experts (see `routed_experts`); 'auto' picks by the call's rows.
+EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity")
+# Provisional, chosen on the CPU for logic only (not speed): 'auto' computes 'grouped' from this many token
+# rows up, in blocks of GROUPED_BLOCK_ROWS rows. To be set from scripts/bench_gating.py on the GPU.
+GROUPED_FROM_ROWS = 64
+GROUPED_BLOCK_ROWS = 64
+# Static capacity gating's default capacity factor (C = ceil(factor x N x k / E) token slots per expert).
+CAPACITY_FACTOR = 2.0
 
 
 def route(router_logits, top_k: int, normalize: bool):
@@ -201,10 +217,11 @@ def _expert_f32(x, expert: dict, act: str):
 
 
 def batched_expert_ffn(x, experts: dict, act: str = "silu"):
-    """U experts on all rows at once: x [N, D], experts {name: [U, ...]} (the per-expert weights of
-    `expert_ffn`, stacked) -> [U, N, D] in x's dtype. Each expert's product has the same shape whatever U
-    is, so a row's result does not depend on how many experts ran beside it."""
-    xs = jnp.broadcast_to(x, (experts["down"].shape[0],) + x.shape)
+    """U experts at once: x [N, D] (every expert on all rows) or [U, N, D] (each expert on its own rows),
+    experts {name: [U, ...]} (the per-expert weights of `expert_ffn`, stacked) -> [U, N, D] in x's dtype.
+    Each expert's product has the same shape whatever U is, so a row's result does not depend on how many
+    experts ran beside it."""
+    xs = x if x.ndim == 3 else jnp.broadcast_to(x, (experts["down"].shape[0],) + x.shape)
     if "gate" in experts:
         gate = jnp.einsum("und,udf->unf", xs, experts["gate"])
         hidden = ACTIVATIONS[act](gate) * jnp.einsum("und,udf->unf", xs, experts["up"])
@@ -218,6 +235,11 @@ def batched_expert_ffn(x, experts: dict, act: str = "silu"):
     return out
 
 
+def gathered(slab: dict, slots) -> dict:
+    """The experts at `slots` int32 [U] of a slab {name: [S, ...]} as one copy {name: [U, ...]} (slot -1: slot 0's)."""
+    return {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
+
+
 def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu"):
     """The routed-expert output [N, D] f32, reading only the chosen experts' weights out of a slab.
 
@@ -229,11 +251,166 @@ def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, ac
     a row's sum does not depend on the other rows' experts, on U or on the slots, so every offload mode,
     budget and policy gives the same bits.
     """
-    chosen = {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
-    outputs = batched_expert_ffn(x, chosen, act)
+    outputs = batched_expert_ffn(x, gathered(slab, slots), act)
     acc = jnp.zeros(x.shape, jnp.float32)
     for u in range(distinct.shape[0]):
         weight = jnp.sum(jnp.where(topk_ids == distinct[u], topk_weights, 0.0), axis=-1)
         # where: a slot of padding may hold anything (never NaN into a row that did not choose it)
         acc = acc + jnp.where(weight[:, None] != 0, weight[:, None] * outputs[u].astype(jnp.float32), 0.0)
     return acc
+
+
+def resolve_expert_compute(expert_compute: str, rows: int) -> str:
+    """The expert compute a call of `rows` token rows runs: 'auto' is 'union' below GROUPED_FROM_ROWS rows
+    (one token's or a small batch's step is bound by reading the experts, which union reads once each),
+    'grouped' from there (union would compute U x rows expert rows where the tokens need rows x k)."""
+    if expert_compute != "auto":
+        return expert_compute
+    return "grouped" if rows >= GROUPED_FROM_ROWS else "union"
+
+
+def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *,
+                   valid_rows=None, capacity: int | None = None, block_rows: int = GROUPED_BLOCK_ROWS):
+    """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped', 'ragged' or
+    'capacity'; see `experts_from_slab`, `grouped_experts`, `ragged_experts`, `capacity_experts` for the
+    arguments). Union, grouped and ragged are exact and add each row's experts alike; capacity computes
+    `capacity` token slots per expert and leaves out the pairs past them (approximate)."""
+    if how == "union":
+        return experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab, act)
+    if how == "grouped":
+        return grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab, act, valid_rows=valid_rows,
+                               block_rows=block_rows)
+    if how == "ragged":
+        return ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab, act, valid_rows=valid_rows)
+    if how == "capacity":
+        return capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab, capacity, act, valid_rows=valid_rows)
+    raise ValueError(f"expert compute {how!r} is not one of union, grouped, ragged, capacity")
+
+
+def _union_queues(topk_ids, topk_weights, distinct, valid_rows):
+    """Where each (row, choice) pair goes among the distinct experts: -> (member int32 [N, k]: the index in
+    `distinct` of its expert, U for pairs not computed (weight 0, as dropped pairs have, or an invalid row),
+    place int32 [N, k]: its 0-based place among its expert's pairs, first choices in row order, then second
+    choices, ...)."""
+    U = distinct.shape[0]
+    index = jnp.clip(jnp.searchsorted(distinct, topk_ids), 0, U - 1)
+    computed = (distinct[index] == topk_ids) & (topk_weights != 0)
+    if valid_rows is not None:
+        computed = computed & valid_rows[:, None]
+    member = jnp.where(computed, index, U).astype(jnp.int32)
+    everyone = jnp.ones((1, member.shape[0]), bool)
+    places = queue_positions([member[None, :, j] for j in range(member.shape[1])], everyone, U)
+    return member, jnp.stack([p[0] for p in places], axis=-1).astype(jnp.int32)
+
+
+def _combine(topk_ids, topk_weights, pair_outputs, computed):
+    """Each row's weighted expert outputs added into a float32 accumulator in increasing expert order, as
+    `experts_from_slab` adds them: pair_outputs [N, k, D], computed bool [N, k] -> [N, D] f32."""
+    order = jnp.argsort(jnp.where(computed, topk_ids, jnp.iinfo(jnp.int32).max), axis=-1, stable=True)
+    take = lambda a: jnp.take_along_axis(a, order if a.ndim == 2 else order[..., None], axis=1)  # noqa: E731
+    weights, outputs, computed = take(topk_weights), take(pair_outputs), take(computed)
+    acc = jnp.zeros((pair_outputs.shape[0], pair_outputs.shape[2]), jnp.float32)
+    for j in range(topk_ids.shape[1]):
+        weight = jnp.where(computed[:, j], weights[:, j], 0.0)[:, None]
+        acc = acc + jnp.where(weight != 0, weight * outputs[:, j].astype(jnp.float32), 0.0)
+    return acc
+
+
+def _pair_rows(x, dest, total: int):
+    """x [N, D] laid out in `total` rows: pair (n, j) at row dest[n, j] (dest >= total: nowhere); rows no
+    pair takes are zeros. -> [total, D]."""
+    N, k = dest.shape
+    pair_row = jnp.repeat(jnp.arange(N, dtype=jnp.int32), k)
+    rows = jnp.full((total,), N, jnp.int32).at[dest.reshape(-1)].set(pair_row, mode="drop")
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[rows]
+
+
+def _pair_outputs(rows_out, dest):
+    """The output row of each pair: rows_out [total, D], dest int32 [N, k] (>= total: none, zeros) -> [N, k, D]."""
+    padded = jnp.concatenate([rows_out, jnp.zeros((1, rows_out.shape[1]), rows_out.dtype)])
+    return padded[jnp.minimum(dest, rows_out.shape[0])]
+
+
+def grouped_blocks(rows: int, top_k: int, union: int, block_rows: int = GROUPED_BLOCK_ROWS) -> int:
+    """Blocks of `block_rows` rows that `grouped_experts` lays out for `rows` token rows of top_k choices among
+    `union` distinct experts: the most the pairs can fill when each expert's pairs are padded to whole blocks
+    (every expert's last block cut short), and never more than every expert taking every row."""
+    pairs = rows * top_k
+    return min((pairs + min(union, pairs) * (block_rows - 1)) // block_rows, union * math.ceil(rows / block_rows))
+
+
+def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *, valid_rows=None,
+                    block_rows: int = GROUPED_BLOCK_ROWS):
+    """Dropless dynamic gating: the routed-expert output [N, D] f32, each expert computing exactly its pairs.
+
+    Arguments as `experts_from_slab`; valid_rows bool [N] or None: rows whose pairs are computed (the others
+    get zeros). The (row, choice) pairs are sorted by expert into blocks of `block_rows` (static) rows, each
+    expert's pairs padded to whole blocks (`grouped_blocks`), the chosen experts' weights gathered once
+    ([U, ...], as union gathers them: a loop reading the slab itself would copy the whole slab into its state),
+    and a loop over the blocks in use runs each block's expert on its rows: about N x k + U x block_rows expert
+    rows instead of union's U x N. Each row then adds its experts' outputs in increasing expert order, as
+    `experts_from_slab` does.
+
+    Every expert product has the one shape [block_rows, D] whatever the batch, so a row's result does not
+    depend on the other rows or on N where the backend rounds a matmul's rows alike at one shape (XLA:CPU
+    does, tests/test_gating.py); union's products have N rows, and XLA:CPU rounds them differently per N.
+    """
+    (N, k), U = topk_ids.shape, distinct.shape[0]
+    num_blocks = grouped_blocks(N, k, U, block_rows)
+    member, place = _union_queues(topk_ids, topk_weights, distinct, valid_rows)
+    counts = jnp.zeros(U + 1, jnp.int32).at[member.reshape(-1)].add(1)[:U]
+    blocks = (counts + block_rows - 1) // block_rows
+    ends = jnp.cumsum(blocks)
+    computed = member < U
+    first = (ends - blocks)[jnp.minimum(member, U - 1)]
+    dest = jnp.where(computed, first * block_rows + place, num_blocks * block_rows)
+    owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"), U - 1)
+    chosen = gathered(slab, slots)
+    rows_in = _pair_rows(x, dest, num_blocks * block_rows)
+
+    def run_block(b, rows_out):
+        expert = {name: lax.dynamic_index_in_dim(w, owner[b], keepdims=False) for name, w in chosen.items()}
+        rows = lax.dynamic_slice_in_dim(rows_in, b * block_rows, block_rows)
+        return lax.dynamic_update_slice_in_dim(rows_out, expert_ffn(rows, expert, act), b * block_rows, axis=0)
+
+    rows_out = lax.fori_loop(0, ends[-1], run_block, jnp.zeros_like(rows_in))
+    return _combine(topk_ids, topk_weights, _pair_outputs(rows_out, dest), computed)
+
+
+def ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *, valid_rows=None):
+    """Dropless dynamic gating through `jax.lax.ragged_dot`: the N x k pairs sorted by expert, no padding, each
+    matmul of the FFN one grouped matmul over the gathered chosen experts ([U, ...]) with the experts' pair counts
+    as group sizes; each row then adds its experts' outputs as `experts_from_slab` does. The same math as
+    `grouped_experts` with XLA's grouped matmul instead of blocks (XLA:CPU lowers it to a masked dense matmul
+    per expert, so it is for measuring on the GPU). Arguments as `grouped_experts`. -> [N, D] f32."""
+    (N, k), U = topk_ids.shape, distinct.shape[0]
+    member, place = _union_queues(topk_ids, topk_weights, distinct, valid_rows)
+    counts = jnp.zeros(U + 1, jnp.int32).at[member.reshape(-1)].add(1)[:U]
+    computed = member < U
+    dest = jnp.where(computed, (jnp.cumsum(counts) - counts)[jnp.minimum(member, U - 1)] + place, N * k)
+    rows = _pair_rows(x, dest, N * k)  # sorted by expert; the pairs not computed last, outside every group
+    experts = gathered(slab, slots)
+    grouped = lambda a, name: lax.ragged_dot(a, experts[name], counts)  # noqa: E731
+    if "gate" in experts:
+        out = grouped(ACTIVATIONS[act](grouped(rows, "gate")) * grouped(rows, "up"), "down")
+    else:
+        group = jnp.minimum(jnp.searchsorted(jnp.cumsum(counts), jnp.arange(N * k), side="right"), U - 1)
+        bias = lambda name: experts[name][group] if name in experts else 0  # noqa: E731
+        out = grouped(ACTIVATIONS[act](grouped(rows, "up") + bias("up_bias")), "down") + bias("down_bias")
+    return _combine(topk_ids, topk_weights, _pair_outputs(out, dest), computed)
+
+
+def capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, capacity: int, act: str = "silu", *,
+                     valid_rows=None):
+    """Static capacity gating's expert compute: every distinct expert gets `capacity` (static) token slots,
+    filled in queue order (`_union_queues`), the unfilled ones padding it computes all the same, and the pairs
+    past them get nothing (approximate; `models.capacity.drop_over_capacity` drops them from the routing first,
+    so the cache fetches no expert for them). The chosen experts' weights are gathered once ([U, ...]) and run
+    as one batched matmul over [U, capacity] rows. Arguments as `grouped_experts`. -> [N, D] f32."""
+    U = distinct.shape[0]
+    member, place = _union_queues(topk_ids, topk_weights, distinct, valid_rows)
+    computed = (member < U) & (place < capacity)
+    dest = jnp.where(computed, member * capacity + place, U * capacity)
+    rows_in = _pair_rows(x, dest, U * capacity).reshape(U, capacity, x.shape[1])
+    rows_out = batched_expert_ffn(rows_in, gathered(slab, slots), act).reshape(U * capacity, x.shape[1])
+    return _combine(topk_ids, topk_weights, _pair_outputs(rows_out, dest), computed)

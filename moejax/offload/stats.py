@@ -28,6 +28,8 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
     prefetch_precision (used / issued), prefetch_recall (used / (used + misses)), streamed (dense-offload:
     experts copied without being used) and bytes_h2d (everything the step programs moved from the host).
     host_wait_s: seconds the host waited for step results (the device was busy: computing or moving experts).
+    expert_compute: the spec's (`engine.decoder_programs`), with its capacity_factor where it is 'capacity'
+    (approximate).
     """
     cached = spec.mode == "cached"
     return {
@@ -36,6 +38,8 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
         "capacity_experts": num_slots if cached else None,
         "prefetch": manager.prefetch if cached and manager is not None else "none",
         "expert_bytes": expert_bytes,
+        "expert_compute": spec.expert_compute,
+        **({"capacity_factor": spec.capacity_factor} if spec.expert_compute == "capacity" else {}),
         **(info or {}),
         "host_wait_s": host_wait_s,
         "total": _entry(counters.sum(axis=0), expert_bytes),
@@ -44,7 +48,16 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
 
 
 def summary_line(stats: dict, new_tokens: int) -> str:
-    """E.g. 'cached lru, 12 slots, prefetch none: hit rate 63.2% (...), 1.23 GB host->GPU (45.6 MB/token)'."""
+    """E.g. 'cached lru, 12 slots, prefetch none: hit rate 63.2% (...), 1.23 GB host->GPU (45.6 MB/token)', and
+    under static capacity gating a warning that tokens over capacity were dropped."""
+    line = _offload_line(stats, new_tokens)
+    if stats.get("expert_compute") == "capacity":
+        line += (f"; expert compute capacity (factor {stats['capacity_factor']:g}): approximate, "
+                 "tokens over an expert's capacity dropped")
+    return line
+
+
+def _offload_line(stats: dict, new_tokens: int) -> str:
     total = stats.get("total")
     if total is None or stats.get("mode") == "resident":
         return "resident: all experts on the device, no transfers"
