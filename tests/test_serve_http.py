@@ -31,6 +31,7 @@ from moejax.serving.http.chat import ChatTemplate
 from moejax.serving.loop import ServingLoop
 from moejax.serving.requests import SLO, Request
 from moejax.tokenizer import load_tokenizer
+from test_python_api import SERVER_URL, readme_python_blocks
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-moe"
@@ -421,3 +422,11 @@ def test_a_checkpoint_chat_template_is_rendered_and_tokenized_as_written(tmp_pat
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(MoejaxError, match="chat_template.jinja: its chat_template does not parse"):
         ChatTemplate.from_checkpoint(tmp_path, tokenizer)
+
+
+def test_the_readme_client_examples_run_against_the_server(served, capsys):
+    blocks = [block for block in readme_python_blocks() if SERVER_URL in block]
+    assert blocks
+    for block in blocks:
+        exec(compile(block.replace(SERVER_URL, served.base), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
