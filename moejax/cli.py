@@ -36,7 +36,7 @@ FLAGS = {
     "forced_bos_id": "--forced-bos-id", "dtype": "--dtype", "max_prompt_tokens": "--max-prompt-tokens",
     # lab.replay
     "trace": "--traces", "collection": "--fit", "capacity_fraction": "--capacity", "policy": "--policy",
-    "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes",
+    "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes", "predicted": "--predictor",
 }
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02; higher: fewer, surer copies)")
@@ -113,7 +113,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_offload_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_lab_parser(sub)
+    add_train_predictor_parser(sub)
     return parser
+
+
+def add_train_predictor_parser(sub) -> None:
+    from moejax.predictors.sida import TrainingConfig
+
+    defaults = TrainingConfig()
+    p = sub.add_parser("train-predictor", help="learn to predict the experts tokens (sida) or requests (emoe) use")
+    p.add_argument("--kind", required=True, help="sida (per token) | emoe (per request) | frequency | token-table")
+    p.add_argument("--traces", type=Path, nargs="+", required=True,
+                   help="routing traces with their tokens: directories `moejax trace` wrote, or NAME.npz (experts "
+                        "[layers, tokens, k] + seq_lens) with NAME_tokens.json beside it")
+    p.add_argument("--sequences", help="train only on sequences A:B of the traces (together)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the predictor to")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier predictor in --out")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--context", type=int, default=defaults.context, help="tokens the encoder reads at once")
+    p.add_argument("--hidden", type=int, default=defaults.hidden, help="LSTM units per direction")
+    p.add_argument("--layers", type=int, default=defaults.layers, help="stacked LSTMs")
+    p.add_argument("--causal", action="store_true", help="read only earlier tokens (default: the whole window, as "
+                   "a prompt is known before its prefill)")
+    p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="tokens per optimiser step")
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--validation", type=float, default=defaults.validation,
+                   help="share of the sequences held out to pick the best epoch (the last ones)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def add_lab_parser(sub) -> None:
@@ -124,9 +151,12 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--sequences", help="replay only sequences A:B of --traces")
     p.add_argument("--fit", type=Path, help="routing trace to build the EAM collection from, as --traces (default: none)")
     p.add_argument("--fit-sequences", help="use only sequences A:B of --fit")
-    p.add_argument("--capacity", required=True, help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5")
+    p.add_argument("--capacity", help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5 "
+                   "(required unless --predictor only measures a predictor)")
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
-    p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead")
+    p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead | predictor")
+    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`): report its top-k "
+                   "recall and precision on --traces (which need their tokens), and prefetch with it (--prefetch predictor)")
     p.add_argument("--prefetch-per-layer", type=int,
                    help="lookahead prefetchers: most experts fetched per MoE layer step (default: top-k)")
     p.add_argument("--prefetch-per-step", type=int,
@@ -297,13 +327,32 @@ def cmd_lab(args) -> int:
     from moejax.tools import lab
     from moejax.routing.traces import load_routing
 
+    if args.capacity is None and args.predictor is None:
+        raise MoejaxError("give --capacity (or --predictor to measure a predictor)")
+    if args.prefetch == "predictor" and args.predictor is None:
+        raise MoejaxError("--prefetch predictor needs --predictor DIR")
     try:
-        capacities = [float(c) for c in args.capacity.split(",")]
+        capacities = [] if args.capacity is None else [float(c) for c in args.capacity.split(",")]
     except ValueError:
         raise MoejaxError(f"--capacity must be fractions separated by commas, got {args.capacity!r}") from None
     if args.plot is not None:
         refuse_overlap(args.plot, [args.traces, args.fit])
         lab.check_plot_path(args.plot)
+    quality, predicted = {}, None
+    if args.predictor is not None:
+        from moejax.predictors import store
+        from moejax.predictors.data import load_trace_data
+        from moejax.predictors.quality import top_k_quality
+
+        predictor = store.load(args.predictor)
+        data = load_trace_data(args.traces)
+        data = data.select(*lab.parse_range(args.sequences, data.trace.num_sequences, "--sequences"))
+        quality = top_k_quality(predictor, data, show_progress=sys.stderr.isatty())
+        if args.prefetch == "predictor":
+            predicted = lab.predictor_probabilities(predictor, data, show_progress=sys.stderr.isatty())
+        if not capacities:
+            print_predictor_quality(quality, args.json)
+            return 0
     trace = load_routing(args.traces)
     trace = trace.select(*lab.parse_range(args.sequences, trace.num_sequences, "--sequences"))
     collection = None
@@ -315,7 +364,7 @@ def cmd_lab(args) -> int:
                    prefetch_per_layer=args.prefetch_per_layer, prefetch_per_step=args.prefetch_per_step,
                    prefetch_floor=args.prefetch_floor, collection=collection,
                    lookahead_accuracy=args.lookahead_accuracy, expert_bytes=args.expert_bytes, seed=args.seed,
-                   show_progress=sys.stderr.isatty())
+                   predicted=predicted, show_progress=sys.stderr.isatty()) | quality
         for c in capacities
     ]
     print_lab_results(results, args.json)
@@ -323,6 +372,17 @@ def cmd_lab(args) -> int:
         label = args.policy + ("" if args.prefetch == "none" else f" + {args.prefetch}")
         lab.plot_curves({label: [(r["capacity_fraction"], r["hit_rate"]) for r in results]}, args.plot, str(args.traces.name))
     return 0
+
+
+def print_predictor_quality(quality: dict, as_json: bool) -> None:
+    """One JSON object, or a line with the means and a line per MoE layer."""
+    if as_json:
+        print(json.dumps(quality), flush=True)
+        return
+    print(f"{quality['predictor']} predictor, top-{quality['k']} over {plural(quality['tokens'], 'token')}: recall "
+          f"{quality['predictor_recall']:.3f}, precision {quality['predictor_precision']:.3f} (mean over MoE layers)")
+    for layer, (r, p) in enumerate(zip(quality["per_layer_recall"], quality["per_layer_precision"], strict=True)):
+        print(f"  MoE layer {layer}: recall {r:.3f}, precision {p:.3f}")
 
 
 def print_lab_results(results: list[dict], as_json: bool) -> None:
@@ -362,7 +422,31 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_train_predictor(args) -> int:
+    from moejax.predictors.sida import TrainingConfig
+    from moejax.predictors.training import train_predictor
+
+    for flag, value in (("--epochs", args.epochs), ("--context", args.context), ("--hidden", args.hidden),
+                        ("--layers", args.layers), ("--batch-tokens", args.batch_tokens)):
+        if value < 1:
+            raise MoejaxError(f"{flag} must be >= 1 (got {value})")
+    if not 0 <= args.validation < 1 or not args.learning_rate > 0:
+        raise MoejaxError("--validation must be in [0, 1) and --learning-rate positive")
+    config = TrainingConfig(epochs=args.epochs, context=args.context, hidden=args.hidden, layers=args.layers,
+                            causal=args.causal, batch_tokens=args.batch_tokens, learning_rate=args.learning_rate,
+                            validation=args.validation, seed=args.seed)
+    summary = train_predictor(args.kind, args.traces, args.out, sequences=args.sequences, config=config,
+                              overwrite=args.overwrite, show_progress=not args.quiet)
+    last = summary.get("epochs", [{}])[-1] if summary.get("epochs") else {}
+    best = max((e.get("validation_recall", 0.0) for e in summary.get("epochs", [])), default=None)
+    print(f"wrote {args.out}: {args.kind} predictor" + (f", {plural(len(summary['epochs']), 'epoch')}, loss {last['loss']}"
+                                                       if last else "")
+          + (f", best validation top-k recall {best:.3f}" if best else ""))
+    return 0
+
+
 COMMANDS = {
+    "train-predictor": cmd_train_predictor,
     "convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate, "trace": cmd_trace, "lab": cmd_lab,
 }
 

@@ -23,7 +23,7 @@ from moejax.routing.usage import ExpertUsage
 # The policies a user picks, and the device policy each runs as ("activation" is the priority policy with
 # the activation-aware scores; "belady" too, with scores from the known future: lab and benchmarks only).
 POLICIES = {"lru": "lru", "lfu": "lfu", "fifo": "fifo", "lifo": "lifo", "activation": "priority"}
-PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
+PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead", "predictor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,8 @@ class OffloadManager:
     """Host-side decisions for a cached engine (and the lab's replay of one).
 
     policy: a name of `POLICIES`; prefetch: a name of `PREFETCHERS`; staged_per_step: most experts the
-    trace prefetchers stage per step; collection: the EAM collection the trace prefetcher and the
+    trace prefetchers and the predictor stage per step (the predictor: the likeliest experts of the next
+    step's tokens, from the per-token probabilities given to `start_sequence`, that are not resident); collection: the EAM collection the trace prefetcher and the
     activation scores read, to which finished sequences are added; device: where inputs go (None: the
     default device).
     """
@@ -102,7 +103,10 @@ class OffloadManager:
             self.prefetcher = make_prefetcher("trace", num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                                               collection=self.collection,
                                               floor=DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor)
-        self.staged_per_step = staged_per_step if self.prefetcher is not None else 0
+        self.staged_per_step = staged_per_step if self.prefetcher is not None or prefetch == "predictor" else 0
+        self.predictor_floor = DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor
+        self.predicted: np.ndarray | None = None  # the sequence's per-token probabilities [T, L, E] (predictor)
+        self._resident: np.ndarray | None = None
         self.device = device or jax.devices()[0]
         self._pending = StepInputs(priorities=self._priorities())  # what a step before any sequence gets
 
@@ -116,16 +120,20 @@ class OffloadManager:
 
     @property
     def reads_residency(self) -> bool:
-        """Whether `observe` reads what is resident (the trace prefetcher stages only experts that are not)."""
-        return self.prefetcher is not None
+        """Whether `observe` reads what is resident (the trace prefetcher and the predictor stage only experts
+        that are not)."""
+        return self.prefetcher is not None or self.prefetch == "predictor"
 
     @property
     def learns(self) -> bool:
         """Whether steps' inputs depend on the routing observed (activation scores, trace prefetcher): if
         not, steps can run without the manager (`offload.replay.Replayer.run`)."""
-        return self.scores is not None or self.prefetcher is not None
+        return self.scores is not None or self.reads_residency
 
-    def start_sequence(self, task: str | None = None) -> None:
+    def start_sequence(self, task: str | None = None, predicted: np.ndarray | None = None) -> None:
+        """A new sequence; predicted: its tokens' expert probabilities [T, L, E] (`predictors.base.Predictor`),
+        which the predictor prefetcher stages from."""
+        self.predicted, self._resident = predicted, None
         if self.scores is not None:
             self.scores.start_sequence(task)
         if self.prefetcher is not None:
@@ -151,6 +159,7 @@ class OffloadManager:
         encoding): not observed."""
         if self.scores is not None:
             self.scores.observe(counts)
+        self._resident = resident
         staged_keys = None
         if self.prefetcher is not None:
             for layer in range(self.num_layers):
@@ -179,8 +188,28 @@ class OffloadManager:
             return None
         return self._put(dc.Priorities(*self.scores.tables()))
 
-    def next_inputs(self) -> StepInputs:
-        """The inputs for the next step dispatched (staged prefetches are handed out once)."""
+    def next_inputs(self, tokens: tuple[int, int] | None = None) -> StepInputs:
+        """The inputs for the next step dispatched (staged prefetches are handed out once); tokens: the
+        positions [start, stop) of the sequence's tokens it runs (the predictor stages their experts)."""
         inputs = self._pending
         self._pending = dataclasses.replace(inputs, staged_keys=None)
+        if self.predicted is not None and tokens is not None:
+            inputs = dataclasses.replace(inputs, staged_keys=self._predicted_keys(*tokens))
         return inputs
+
+    def _predicted_keys(self, start: int, stop: int):
+        """The predictor's staged keys for tokens [start, stop): the likeliest experts of any of them (at least
+        `predictor_floor`), not resident after the last step read, best first (None: none)."""
+        span = np.minimum(self.predicted[start:stop], 1 - 1e-6)
+        if not len(span):
+            return None
+        flat = (1.0 - np.exp(np.log1p(-span).sum(axis=0))).reshape(-1)  # some token of the step uses it
+        if self._resident is not None:
+            flat = np.where(self._resident.reshape(-1), 0.0, flat)
+        order = np.argsort(-flat, kind="stable")[: self.staged_per_step]
+        keys = [int(k) for k in order if flat[k] >= self.predictor_floor and flat[k] > 0]
+        if not keys:
+            return None
+        padded = np.full(self.staged_per_step, -1, np.int32)
+        padded[: len(keys)] = keys
+        return self._put(padded)
