@@ -155,8 +155,9 @@ def add_lab_parser(sub) -> None:
                    "(required unless --predictor only measures a predictor)")
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
     p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead | predictor")
-    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`): report its top-k "
-                   "recall and precision on --traces (which need their tokens), and prefetch with it (--prefetch predictor)")
+    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`), or 'lookahead' (the "
+                   "trace's recorded guess): report its top-k recall and precision on --traces (which need their "
+                   "tokens), and prefetch with it (--prefetch predictor)")
     p.add_argument("--prefetch-per-layer", type=int,
                    help="lookahead prefetchers: most experts fetched per MoE layer step (default: top-k)")
     p.add_argument("--prefetch-per-step", type=int,
@@ -344,9 +345,9 @@ def cmd_lab(args) -> int:
         from moejax.predictors.data import load_trace_data
         from moejax.predictors.quality import top_k_quality
 
-        predictor = store.load(args.predictor)
         data = load_trace_data(args.traces)
         data = data.select(*lab.parse_range(args.sequences, data.trace.num_sequences, "--sequences"))
+        predictor = lab.named_predictor(str(args.predictor), data) or store.load(args.predictor)
         quality = top_k_quality(predictor, data, show_progress=sys.stderr.isatty())
         if args.prefetch == "predictor":
             predicted = lab.predictor_probabilities(predictor, data, show_progress=sys.stderr.isatty())

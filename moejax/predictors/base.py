@@ -204,11 +204,15 @@ def _array(arrays: dict[str, np.ndarray], name: str, shape: tuple) -> np.ndarray
     return arrays[name].astype(np.float32)
 
 
-def known_token_probabilities(predictor: Predictor, tokens: list[str], prompt_len: int) -> np.ndarray:
+def known_token_probabilities(predictor: Predictor, tokens: list[str], prompt_len: int, experts: np.ndarray | None = None,
+                              lookahead: np.ndarray | None = None) -> np.ndarray:
     """float32 [T, L, E]: each token's probabilities from the tokens known before the step that runs it:
     the whole prompt for its tokens (a prompt is known entirely before its prefill), and for a generated
     token t only the tokens before it (t itself is sampled by the step before), whose last prediction
-    stands for t's. A prompt has at least one token."""
+    stands for t's. A prompt has at least one token. The predictors that read the recorded routing
+    (experts, lookahead [L, T, k]) read it as `predict` says."""
+    if predictor.reads_routing:
+        return predictor.predict(tokens, experts, lookahead)
     prompt_len = max(prompt_len, 1)
     rows = [predictor.predict(tokens[:prompt_len])]
     rows += [predictor.predict(tokens[:t])[-1:] for t in range(prompt_len, len(tokens))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.predictors.base import Predictor, used_mask
+from moejax.predictors.base import Predictor, known_token_probabilities, used_mask
 from moejax.predictors.data import TraceData
 from moejax.progress import Progress
 
@@ -14,15 +14,20 @@ def top_k_quality(predictor: Predictor, data: TraceData, k: int | None = None, s
 
     recall(l) = hits / experts used at layer l, precision(l) = hits / (k * tokens that used any there),
     summed over all tokens of `data`; k defaults to the trace's experts per token. Returns a JSON-ready
-    dict: predictor_recall, predictor_precision (means over MoE layers), their per-layer lists, k, tokens."""
+    dict: predictor_recall, predictor_precision (means over MoE layers), their per-layer lists, k, tokens.
+
+    Each token is predicted from what is known before its step runs (`known_token_probabilities`: the whole
+    prompt, then the tokens before a generated one; a trace without prompt lengths is all prompt), or, for
+    the predictors that read the recorded routing, from that (earlier tokens' experts, its lookahead guess)."""
     trace = data.trace
+    prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else trace.seq_lens
     k = trace.top_k if k is None else k
     hits = np.zeros(trace.num_layers)
     used_total = np.zeros(trace.num_layers)
     routed = np.zeros(trace.num_layers)
     progress = Progress(f"evaluate {predictor.name}", trace.num_sequences, enabled=show_progress)
-    for tokens, experts, _, lookahead in data.sequences():
-        probabilities = predictor.predict(tokens, experts, lookahead)  # [T, L, E]
+    for s, (tokens, experts, _, lookahead) in enumerate(data.sequences()):
+        probabilities = known_token_probabilities(predictor, tokens, int(prompt_lens[s]), experts, lookahead)
         top = np.argpartition(-probabilities, k - 1, axis=-1)[..., :k]
         used = used_mask(experts, trace.num_experts)
         hits += np.take_along_axis(used, top, axis=-1).sum(axis=(0, 2))

@@ -200,6 +200,19 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
     return result
 
 
+def named_predictor(name: str, data):
+    """The baseline predictor `name` reads from the trace itself ('lookahead': its recorded guess, the first
+    MoE layer falling back to the trace's own expert frequency), fitted on `data`; None for any other name
+    (a predictor directory)."""
+    from moejax.predictors.base import LookaheadPredictor
+
+    if name != LookaheadPredictor.name or Path(name).exists():
+        return None
+    predictor = LookaheadPredictor(data.trace.num_layers, data.trace.num_experts, data.trace.top_k)
+    predictor.fit(data)
+    return predictor
+
+
 def predictor_probabilities(predictor, data, show_progress: bool = False) -> list[np.ndarray]:
     """Per sequence of `data` (`predictors.data.TraceData`), the probabilities [T_s, L, E] the predictor gives
     its tokens before their steps run (`predictors.base.known_token_probabilities`): the prompt whole, then
@@ -211,8 +224,8 @@ def predictor_probabilities(predictor, data, show_progress: bool = False) -> lis
     prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else trace.seq_lens
     progress = Progress("predict", trace.num_sequences, enabled=show_progress)
     out = []
-    for s, tokens in enumerate(data.tokens):
-        out.append(known_token_probabilities(predictor, tokens, int(prompt_lens[s])))
+    for s, (tokens, experts, _, lookahead) in enumerate(data.sequences()):
+        out.append(known_token_probabilities(predictor, tokens, int(prompt_lens[s]), experts, lookahead))
         progress.advance()
     progress.close()
     return out

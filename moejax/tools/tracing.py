@@ -4,8 +4,9 @@ Writes the output directory all at once (built under a temporary name, then rena
   eams.npz      the activation-matrix collection (one EAM [MoE layers, experts] per prompt, with its
                 task), which `--prefetch trace`, `--cache-policy activation` and `moejax lab --fit` read;
   routing.npz   per-token routing: experts [MoE layers, tokens, k] of all sequences concatenated, with
-                seq_lens, prompt_lens (decoder-only models) and tasks (the layout `moejax lab --traces`
-                replays), and the lookahead guess of every layer (the next MoE layer's router one layer early);
+                seq_lens, prompt_lens and token_ids (decoder-only models) and tasks (the layout `moejax lab
+                --traces` replays, and `moejax train-predictor` learns from), and the lookahead guess of
+                every layer (the next MoE layer's router one layer early);
   summary.json  counts, per-task expert usage, and the lookahead guess's accuracy.
 """
 
@@ -109,14 +110,17 @@ def trace_prompts(
         routing = engine.executor.routing
     num_moe = len(cfg.moe_layer_ids)
     collection = EAMCollection(num_moe, cfg.num_experts, capacity=max(len(prompts), 1))
-    experts, lookaheads, seq_lens, prompt_lens, tasks = [], [], [], [], []
+    experts, lookaheads, seq_lens, prompt_lens, tasks, token_ids = [], [], [], [], [], []
     progress = Progress("trace prompts", len(prompts), enabled=show_progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         chunk_tasks = [task for _, task in chunk]
-        engine.generate([p for p, _ in chunk], config, tasks=chunk_tasks)
+        result = engine.generate([p for p, _ in chunk], config, tasks=chunk_tasks)
         for b, task in enumerate(chunk_tasks):
             routed, lookahead = routing(b)
+            if decoder_only:  # the routed tokens: the prompt, then the new tokens fed back (not the last one)
+                prompt_ids = engine.encode(chunk[b][0])[0]
+                token_ids.append(np.asarray(prompt_ids + result.tokens[b], np.int32)[: routed.shape[1]])
             experts.append(routed)
             lookaheads.append(lookahead)
             seq_lens.append(routed.shape[1])
@@ -131,6 +135,7 @@ def trace_prompts(
     trace = RoutingTrace(
         experts=np.concatenate(experts, axis=1), seq_lens=np.asarray(seq_lens, np.int64), num_experts=cfg.num_experts,
         tasks=tasks, lookahead=lookahead, prompt_lens=np.asarray(prompt_lens, np.int64) if decoder_only else None,
+        token_ids=np.concatenate(token_ids) if decoder_only else None,
     )
     return trace, collection, summarize(trace, collection)
 

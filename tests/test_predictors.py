@@ -1,0 +1,185 @@
+"""Expert predictors: a learned one picks up a synthetic routing rule that needs context (the token-id table
+cannot), baselines against hand counts, save/load round trips, damaged directories refused, the
+`train-predictor` CLI end to end with the lab's quality report and predictor prefetching."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from moejax.cli import main
+from moejax.errors import MoejaxError
+from moejax.offload.manager import OffloadManager
+from moejax.predictors import store
+from moejax.predictors.base import FrequencyPredictor, TokenTablePredictor, known_token_probabilities
+from moejax.predictors.data import TraceData, load_trace_data
+from moejax.predictors.quality import top_k_quality
+from moejax.predictors.sida import SiDAPredictor, TrainingConfig
+from moejax.routing.traces import RoutingTrace
+
+LAYERS, EXPERTS, K = 3, 8, 2
+
+
+def rule_data(seed, sequences):
+    """Token w{a} after w{b} uses experts (a + b (l + 1)) mod 8 and the one l + 1 further at MoE layer l: the
+    token alone does not decide them, the previous token does too (b = 0 at a sequence's start)."""
+    rng = np.random.default_rng(seed)
+    routing, tokens = [], []
+    for _ in range(sequences):
+        ids = rng.integers(0, 10, int(rng.integers(6, 24)))
+        prev = np.concatenate([[0], ids[:-1]])
+        first = [(ids + prev * (layer + 1)) % EXPERTS for layer in range(LAYERS)]
+        routing.append(np.stack([np.stack([f, (f + layer + 1) % EXPERTS], -1) for layer, f in enumerate(first)]))
+        tokens.append([f"w{i}" for i in ids])
+    trace = RoutingTrace(np.concatenate(routing, 1), np.array([len(t) for t in tokens]), EXPERTS)
+    return TraceData(trace, tokens, f"rule-{seed}")
+
+
+def write_external(data, path):
+    """The external layout: NAME.npz (experts, seq_lens) + NAME_tokens.json."""
+    np.savez(path, experts=data.trace.experts.astype(np.uint8), seq_lens=data.trace.seq_lens)
+    path.with_name(f"{path.stem}_tokens.json").write_text(json.dumps(data.tokens))
+
+
+TINY = dict(embed=16, hidden=32, context=32, batch_tokens=256, ngram_buckets=0, dropout=0.0, causal=True)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    predictor = SiDAPredictor(LAYERS, EXPERTS, K, TrainingConfig(epochs=25, learning_rate=2e-2, **TINY))
+    summary = predictor.fit(rule_data(0, 80))
+    return predictor, summary
+
+
+def test_sida_learns_a_rule_the_token_table_cannot(trained):
+    predictor, summary = trained
+    held_out = rule_data(1, 20)
+    table = TokenTablePredictor(LAYERS, EXPERTS, K)
+    table.fit(rule_data(0, 80))
+    learned, baseline = top_k_quality(predictor, held_out), top_k_quality(table, held_out)
+    assert learned["predictor_recall"] > 0.9, summary
+    assert baseline["predictor_recall"] < 0.6
+    assert min(learned["per_layer_recall"]) > max(baseline["per_layer_recall"])
+    assert summary["validation_sequences"] == 8 and len(summary["epochs"]) == 25
+
+
+def test_baselines_against_hand_counts():
+    trace = RoutingTrace(np.array([[[0, 1], [0, 2], [3, 1]]]), np.array([3]), 4)
+    data = TraceData(trace, [["a", "b", "a"]])
+    frequency = FrequencyPredictor(1, 4, 2)
+    frequency.fit(data)
+    np.testing.assert_allclose(frequency.predict(["z"])[0, 0], [2 / 3, 2 / 3, 1 / 3, 1 / 3])
+    table = TokenTablePredictor(1, 4, 2, prior_tokens=0.0)
+    table.fit(data)
+    np.testing.assert_allclose(table.predict(["a", "z"])[:, 0], [[0.5, 1, 0, 0.5], [2 / 3, 2 / 3, 1 / 3, 1 / 3]])
+    quality = top_k_quality(table, data)
+    assert quality["predictor_recall"] == pytest.approx(5 / 6)  # the second "a" ties 0 and 3 at 0.5: 0 wins
+
+
+def test_generated_tokens_are_predicted_from_earlier_tokens_only(trained):
+    predictor, _ = trained
+    tokens = ["w1", "w2", "w3", "w4"]
+    out = known_token_probabilities(predictor, tokens, 2)
+    np.testing.assert_allclose(out[:2], predictor.predict(tokens[:2]), atol=1e-6)
+    np.testing.assert_allclose(out[2], predictor.predict(tokens[:2])[-1], atol=1e-6)  # w3 unknown when its step is due
+    np.testing.assert_allclose(out[3], predictor.predict(tokens[:3])[-1], atol=1e-6)
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    predictor, summary = trained
+    store.save(predictor, tmp_path / "p", summary)
+    loaded = store.load(tmp_path / "p")
+    tokens = ["w3", "w1", "unseen", "w7"]
+    np.testing.assert_array_equal(loaded.predict(tokens), predictor.predict(tokens))
+    assert loaded.summary["epochs"] == summary["epochs"]
+    table = TokenTablePredictor(LAYERS, EXPERTS, K)
+    table.fit(rule_data(0, 10))
+    store.save(table, tmp_path / "t")
+    np.testing.assert_array_equal(store.load(tmp_path / "t").predict(tokens), table.predict(tokens))
+    with pytest.raises(MoejaxError, match="already exists"):
+        store.save(table, tmp_path / "t")
+
+
+def _damage(directory, how):
+    settings = directory / store.SETTINGS_FILE
+    document = json.loads(settings.read_text())
+    if how == "no settings":
+        settings.unlink()
+    elif how == "bad json":
+        settings.write_text("{not json")
+    elif how == "unknown kind":
+        settings.write_text(json.dumps({**document, "kind": "oracle"}))
+    elif how == "truncated weights":
+        data = (directory / store.ARRAYS_FILE).read_bytes()
+        (directory / store.ARRAYS_FILE).write_bytes(data[: len(data) // 2])
+    elif how == "missing weights":
+        arrays = dict(np.load(directory / store.ARRAYS_FILE))
+        arrays.pop(sorted(arrays)[0])
+        np.savez(directory / store.ARRAYS_FILE, **arrays)
+    elif how == "wrong shape":
+        document["settings"]["config"]["hidden"] = 24
+        settings.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no settings", "not a predictor directory"), ("bad json", "damaged predictor settings"),
+    ("unknown kind", "unknown predictor kind 'oracle'"), ("truncated weights", "arrays.npz"),
+    ("missing weights", "damaged predictor \\(missing weights"), ("wrong shape", "damaged predictor \\(weights .* shape"),
+])
+def test_damaged_directory_is_refused(trained, tmp_path, how, message):
+    store.save(trained[0], tmp_path / "p")
+    _damage(tmp_path / "p", how)
+    with pytest.raises(MoejaxError, match=message):
+        store.load(tmp_path / "p")
+
+
+def test_missing_directory_and_tokens_are_named(tmp_path):
+    with pytest.raises(MoejaxError, match="no such predictor directory"):
+        store.load(tmp_path / "nothing")
+    data = rule_data(2, 3)
+    write_external(data, tmp_path / "t.npz")
+    (tmp_path / "t_tokens.json").write_text(json.dumps(data.tokens[:2]))
+    with pytest.raises(MoejaxError, match="2 token sequences for 3 routed ones"):
+        load_trace_data(tmp_path / "t.npz")
+    (tmp_path / "t_tokens.json").unlink()
+    with pytest.raises(MoejaxError, match="t_tokens.json"):
+        load_trace_data(tmp_path / "t.npz")
+
+
+def test_manager_stages_the_predicted_experts_not_resident():
+    manager = OffloadManager(2, 4, 1, prefetch="predictor", staged_per_step=2, prefetch_floor=0.1, device=None)
+    predicted = np.zeros((3, 2, 4), np.float32)
+    predicted[1, 0, 2], predicted[1, 1, 3], predicted[2, 1, 1], predicted[1, 0, 0] = 0.9, 0.8, 0.5, 0.05
+    manager.start_sequence(None, predicted)
+    assert np.asarray(manager.next_inputs((1, 3)).staged_keys).tolist() == [2, 7]  # 1 * 4 + 3 and 0 * 4 + 2
+    resident = np.zeros(8, bool)
+    resident[2] = True
+    manager.observe(np.zeros((2, 4), np.int64), resident)
+    assert np.asarray(manager.next_inputs((1, 3)).staged_keys).tolist() == [7, 5]
+    assert manager.next_inputs((0, 1)).staged_keys is None  # nothing above the floor
+
+
+def test_train_predictor_cli_and_lab(tmp_path, capsys):
+    write_external(rule_data(0, 30), tmp_path / "rule.npz")
+    argv = ["train-predictor", "--kind", "sida", "--traces", str(tmp_path / "rule.npz"), "--out", str(tmp_path / "p"),
+            "--epochs", "1", "--hidden", "8", "--context", "16", "--sequences", ":20", "--quiet"]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p" / "predictor.json").read_text())["summary"]["train_sequences"] == 18
+    assert main(argv) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    lab = ["lab", "--traces", str(tmp_path / "rule.npz"), "--sequences", "20:", "--predictor", str(tmp_path / "p"), "--json"]
+    assert main(lab) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == int(rule_data(0, 30).trace.seq_lens[20:].sum())
+    assert len(report["per_layer_recall"]) == LAYERS and 0 <= report["predictor_precision"] <= 1
+    assert main(lab + ["--capacity", "0.5", "--prefetch", "predictor", "--expert-bytes", "10"]) == 0
+    replayed = json.loads(capsys.readouterr().out)
+    assert replayed["prefetch"] == "predictor" and replayed["prefetch_issued"] > 0
+    assert replayed["predictor_recall"] == report["predictor_recall"]
+    shutil.rmtree(tmp_path / "p")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "predictor.json").write_text("[]")
+    assert main(lab) == 2
+    assert "not a predictor of format" in capsys.readouterr().err
