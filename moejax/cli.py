@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
     p.add_argument("--task", help="a task label for the prompts (the trace prefetcher prefers traces of that task)")
+    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`, on this model's "
+                   "traces) run ahead of the steps on a host thread: --prefetch predictor fetches its experts early")
     seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
     seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
@@ -290,7 +292,16 @@ def cmd_generate(args) -> int:
     if args.task is not None and not (args.prefetch.startswith("trace") or args.cache_policy == "activation"):
         raise MoejaxError("--task labels the prompts for --prefetch trace / trace+lookahead and --cache-policy activation: "
                           "give one of them, or leave --task out")
+    if (args.predictor is None) != (args.prefetch != "predictor"):
+        raise MoejaxError("--prefetch predictor and --predictor DIR go together")
+    predictor = None
+    if args.predictor is not None:
+        from moejax.predictors import store
+
+        predictor = store.load(args.predictor)
     engine = load_engine(args, slots=len(prompts))
+    if predictor is not None:
+        engine.use_predictor(predictor)
     if args.prompt and engine.tokenizer is None:
         raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
     if args.task is not None and args.traces is not None:
@@ -301,6 +312,7 @@ def cmd_generate(args) -> int:
             result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id, tasks=tasks)
         else:
             result = engine.generate(prompts, config, tasks=tasks)
+    engine.close()
     if args.json:
         print(json.dumps(result.to_json()))
         return 0

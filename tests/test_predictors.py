@@ -183,3 +183,37 @@ def test_train_predictor_cli_and_lab(tmp_path, capsys):
     (tmp_path / "p" / "predictor.json").write_text("[]")
     assert main(lab) == 2
     assert "not a predictor of format" in capsys.readouterr().err
+
+
+def test_run_ahead_never_changes_outputs_and_stops_cleanly():
+    import time
+
+    import moejax
+
+    engine = moejax.load(moejax.SHIPPED_CHECKPOINT, "cached", expert_budget=0.3, prefetch="predictor", slots=2,
+                         max_seq_len=64, prefill_chunk=16)
+    cfg = engine.cfg
+    layers, experts = len(cfg.moe_layer_ids), cfg.num_experts
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, cfg.vocab_size, 300)
+    routing = rng.integers(0, experts, (layers, 300, cfg.top_k))  # any routing: only the plumbing is tested here
+    data = TraceData(RoutingTrace(routing, np.array([100, 200]), experts), [[str(t) for t in ids[:100]],
+                                                                            [str(t) for t in ids[100:]]])
+    predictor = SiDAPredictor(layers, experts, cfg.top_k, TrainingConfig(epochs=1, validation=0.0, **TINY))
+    predictor.fit(data)
+    prompts = [ids[:20].tolist(), ids[40:47].tolist()]
+    exact = engine.generate(prompts, max_new_tokens=12)  # no predictor attached yet: nothing staged
+    assert exact.stats["total"]["prefetch_issued"] == 0
+    engine.use_predictor(predictor)
+    run_ahead = engine.manager.run_ahead
+    for _ in range(3):
+        assert engine.generate(prompts, max_new_tokens=12).tokens == exact.tokens
+    deadline = time.monotonic() + 30
+    while run_ahead.predicted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_ahead.predicted > 0 and run_ahead.error is None
+    engine.close()
+    assert not run_ahead.alive
+    assert engine.generate(prompts, max_new_tokens=12).tokens == exact.tokens  # usable without the thread
+    with pytest.raises(MoejaxError, match="MoE layers"):
+        engine.use_predictor(SiDAPredictor(layers + 1, experts, cfg.top_k))

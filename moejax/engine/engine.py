@@ -147,8 +147,8 @@ class Engine:
     def _expert_args(self, inputs):
         return (self.cache, self.slab, self.host, inputs.staged_keys, inputs.priorities)
 
-    def _inputs(self):
-        return self.manager.next_inputs() if self.manager is not None else _NO_INPUTS
+    def _inputs(self, tokens: tuple[int, int] | None = None, owners: list | None = None):
+        return self.manager.next_inputs(tokens, owners) if self.manager is not None else _NO_INPUTS
 
     def _forced(self, slots: list[int], positions: np.ndarray):
         """The routing_override's experts for a step (on the device), or None."""
@@ -169,6 +169,9 @@ class Engine:
         """
         ids = self._checked([int(t) for t in token_ids], "prompt")
         sequence = self._begin(slot, sampling, len(ids), task, max_new_tokens)
+        owner = (slot, sequence.epoch)
+        if self.manager is not None:
+            self.manager.expect_prompt(owner, ids)
         routing, token = [], None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start : start + self.prefill_chunk]
@@ -176,7 +179,7 @@ class Engine:
             tokens = np.zeros(size, np.int32)
             tokens[: len(chunk)] = chunk
             final = start + len(chunk) == len(ids)
-            inputs = self._inputs()
+            inputs = self._inputs((start, start + len(chunk)), [owner])
             forced = self._forced([slot], start + np.arange(size)[None])
             args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
                     jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
@@ -226,6 +229,7 @@ class Engine:
         guesses = _concat(sequence.guesses, self.cfg.top_k) if sequence.guesses else None
         self._finished.append((experts, guesses))
         if self.manager is not None:
+            self.manager.forget((slot, sequence.epoch))
             self.manager.end_sequence(experts, sequence.task)
 
     @property
@@ -251,7 +255,7 @@ class Engine:
         slot_ids[: len(chosen)] = chosen
         active = np.arange(rows) < len(chosen)
         longest = max(self._sequences[s].length for s in chosen) + 1
-        inputs = self._inputs()
+        inputs = self._inputs(owners=[(s, self._sequences[s].epoch) for s in chosen])
         forced = self._forced([int(s) if a else -1 for s, a in zip(slot_ids, active)],
                               np.array([[self._sequences[s].length] if a else [0] for s, a in zip(slot_ids, active)]))
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active, forced)
@@ -280,6 +284,8 @@ class Engine:
             if sequence is None or sequence.epoch != epoch:
                 continue  # released since the step was dispatched
             sequence.queue.append(int(tokens[row]))
+            if self.manager is not None:
+                self.manager.extend((slot, epoch), int(tokens[row]))
             sequence.routing.append(routing[:, row : row + 1])
             if guesses is not None:
                 sequence.guesses.append(guesses[:, row : row + 1])
@@ -460,6 +466,28 @@ class Engine:
         lookahead = np.full_like(experts, -1)
         lookahead[1:] = guesses[:-1]  # row m of the guesses is made at layer m, for layer m + 1
         return experts, lookahead
+
+    def use_predictor(self, predictor) -> None:
+        """Runs `predictor` (`moejax.predictors`, trained on this model's traces) on a host thread ahead of
+        the steps: the experts it predicts for a step's tokens are fetched when the step begins (offload
+        'cached' with prefetch 'predictor'). Lossless: outputs do not change. `close()` stops the thread."""
+        from moejax.predictors.run_ahead import RunAhead
+
+        if self.manager is None or self.manager.prefetch != "predictor":
+            raise ParameterError("a predictor prefetches with {offload} cached and {prefetch} predictor")
+        shape = (len(self.cfg.moe_layer_ids), self.cfg.num_experts)
+        if (predictor.num_layers, predictor.num_experts) != shape:
+            raise ParameterError("{predicted} is for {layers} MoE layers of {experts} experts, the model has {shape}",
+                                 layers=predictor.num_layers, experts=predictor.num_experts,
+                                 shape=f"{shape[0]} of {shape[1]}")
+        self.manager.close()
+        self.manager.run_ahead = RunAhead(predictor)
+
+    def close(self) -> None:
+        """Stops the engine's helper threads (the run-ahead predictor); the engine stays usable without them."""
+        if self.manager is not None:
+            self.manager.close()
+            self.manager.run_ahead = None
 
     def record_guesses(self) -> None:
         """Makes the steps also compute each MoE layer's guess of the next one's routing (for `routing`),

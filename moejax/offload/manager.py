@@ -16,6 +16,7 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 from moejax.offload import device_cache as dc
+from moejax.predictors.run_ahead import NEXT, PROMPT
 from moejax.routing.prefetchers import DEFAULT_FLOORS, make_prefetcher
 from moejax.routing.eams import EAMCollection
 from moejax.routing.usage import ExpertUsage
@@ -107,6 +108,9 @@ class OffloadManager:
         self.predictor_floor = DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor
         self.predicted: np.ndarray | None = None  # the sequence's per-token probabilities [T, L, E] (predictor)
         self._resident: np.ndarray | None = None
+        self.run_ahead = None  # predictors.run_ahead.RunAhead: the engine's prediction thread (predictor)
+        self._prompts: dict = {}  # owner -> the run-ahead's prediction of its prompt [T, L, E]
+        self._tokens: dict = {}  # owner -> its token ids so far
         self.device = device or jax.devices()[0]
         self._pending = StepInputs(priorities=self._priorities())  # what a step before any sequence gets
 
@@ -188,19 +192,63 @@ class OffloadManager:
             return None
         return self._put(dc.Priorities(*self.scores.tables()))
 
-    def next_inputs(self, tokens: tuple[int, int] | None = None) -> StepInputs:
-        """The inputs for the next step dispatched (staged prefetches are handed out once); tokens: the
-        positions [start, stop) of the sequence's tokens it runs (the predictor stages their experts)."""
+    # -- the engine's run-ahead predictor (prefetch 'predictor'); owners name sequences ------------------
+    def expect_prompt(self, owner, token_ids) -> None:
+        """A prompt about to be prefilled (or admitted: the earlier, the likelier its prediction is ready)."""
+        if self.run_ahead is not None:
+            self._tokens[owner] = list(token_ids)
+            self.run_ahead.submit(owner, PROMPT, token_ids)
+
+    def extend(self, owner, token: int) -> None:
+        """A new token of `owner`'s sequence: predict the experts of the step after the one it feeds."""
+        if self.run_ahead is not None and owner in self._tokens:
+            self._tokens[owner].append(token)
+            self.run_ahead.submit(owner, NEXT, self._tokens[owner])
+
+    def forget(self, owner) -> None:
+        self._prompts.pop(owner, None)
+        self._tokens.pop(owner, None)
+        if self.run_ahead is not None:
+            self.run_ahead.forget(owner)
+
+    def close(self) -> None:
+        """Stops the run-ahead thread (if any) and waits for it."""
+        if self.run_ahead is not None:
+            self.run_ahead.close()
+
+    def _run_ahead_rows(self, owners, tokens: tuple[int, int] | None) -> np.ndarray | None:
+        """The finished predictions [n, L, E] for a step: prompt rows [start, stop) of the one owner of a
+        prefill chunk (`tokens`), or the next token of each owner of a decode step; None if none is ready."""
+        if tokens is not None:
+            owner = owners[0]
+            if owner not in self._prompts:
+                ready = self.run_ahead.take(owner, PROMPT)
+                if ready is None:
+                    return None
+                self._prompts[owner] = ready
+            return self._prompts[owner][tokens[0] : tokens[1]]
+        rows = [r for r in (self.run_ahead.take(owner, NEXT) for owner in owners) if r is not None]
+        return np.concatenate(rows) if rows else None
+
+    def next_inputs(self, tokens: tuple[int, int] | None = None, owners=None) -> StepInputs:
+        """The inputs for the next step dispatched (staged prefetches are handed out once). For the predictor:
+        tokens, the positions [start, stop) of the sequence's tokens a prompt step runs (the lab's sequence, or
+        the one of `owners`); owners, the sequences of an engine step (the run-ahead's finished predictions)."""
         inputs = self._pending
         self._pending = dataclasses.replace(inputs, staged_keys=None)
+        rows = None
         if self.predicted is not None and tokens is not None:
-            inputs = dataclasses.replace(inputs, staged_keys=self._predicted_keys(*tokens))
+            rows = self.predicted[tokens[0] : tokens[1]]
+        elif self.run_ahead is not None and owners:
+            rows = self._run_ahead_rows(owners, tokens)
+        if rows is not None:
+            inputs = dataclasses.replace(inputs, staged_keys=self._predicted_keys(rows))
         return inputs
 
-    def _predicted_keys(self, start: int, stop: int):
-        """The predictor's staged keys for tokens [start, stop): the likeliest experts of any of them (at least
-        `predictor_floor`), not resident after the last step read, best first (None: none)."""
-        span = np.minimum(self.predicted[start:stop], 1 - 1e-6)
+    def _predicted_keys(self, rows: np.ndarray):
+        """The predictor's staged keys for a step's tokens' probabilities [n, L, E]: the likeliest experts of
+        any of them (at least `predictor_floor`), not resident after the last step read, best first (None: none)."""
+        span = np.minimum(rows, 1 - 1e-6)
         if not len(span):
             return None
         flat = (1.0 - np.exp(np.log1p(-span).sum(axis=0))).reshape(-1)  # some token of the step uses it

@@ -53,10 +53,10 @@ class TrainingConfig:
     layers: int = 1
     causal: bool = False
     context: int = 128
-    min_count: int = 2
+    min_count: int = 1
     epochs: int = 8
-    batch_tokens: int = 4096
-    learning_rate: float = 3e-3
+    batch_tokens: int = 512
+    learning_rate: float = 5e-3
     weight_decay: float = 1e-4
     dropout: float = 0.2
     validation: float = 0.1
