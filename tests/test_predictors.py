@@ -12,7 +12,8 @@ from moejax.cli import main
 from moejax.errors import MoejaxError
 from moejax.offload.manager import OffloadManager
 from moejax.predictors import store
-from moejax.predictors.base import FrequencyPredictor, TokenTablePredictor, known_token_probabilities
+from moejax.predictors.approximate import PredictedRouting, perplexity
+from moejax.predictors.base import FrequencyPredictor, Predictor, TokenTablePredictor, known_token_probabilities
 from moejax.predictors.data import TraceData, load_trace_data
 from moejax.predictors.quality import top_k_quality
 from moejax.predictors.sida import SiDAPredictor, TrainingConfig
@@ -185,9 +186,10 @@ def test_train_predictor_cli_and_lab(tmp_path, capsys):
     assert "not a predictor of format" in capsys.readouterr().err
 
 
-def test_run_ahead_never_changes_outputs_and_stops_cleanly():
-    import time
-
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model with a cached expert budget and the predictor prefetcher, and a tiny SiDA predictor
+    for its shape trained on random routing (only the plumbing is tested with it)."""
     import moejax
 
     engine = moejax.load(moejax.SHIPPED_CHECKPOINT, "cached", expert_budget=0.3, prefetch="predictor", slots=2,
@@ -196,12 +198,19 @@ def test_run_ahead_never_changes_outputs_and_stops_cleanly():
     layers, experts = len(cfg.moe_layer_ids), cfg.num_experts
     rng = np.random.default_rng(3)
     ids = rng.integers(0, cfg.vocab_size, 300)
-    routing = rng.integers(0, experts, (layers, 300, cfg.top_k))  # any routing: only the plumbing is tested here
+    routing = rng.integers(0, experts, (layers, 300, cfg.top_k))
     data = TraceData(RoutingTrace(routing, np.array([100, 200]), experts), [[str(t) for t in ids[:100]],
                                                                             [str(t) for t in ids[100:]]])
     predictor = SiDAPredictor(layers, experts, cfg.top_k, TrainingConfig(epochs=1, validation=0.0, **TINY))
     predictor.fit(data)
-    prompts = [ids[:20].tolist(), ids[40:47].tolist()]
+    return engine, predictor, [ids[:20].tolist(), ids[40:47].tolist()]
+
+
+def test_run_ahead_never_changes_outputs_and_stops_cleanly(shipped):
+    import time
+
+    engine, predictor, prompts = shipped
+    cfg = engine.cfg
     exact = engine.generate(prompts, max_new_tokens=12)  # no predictor attached yet: nothing staged
     assert exact.stats["total"]["prefetch_issued"] == 0
     engine.use_predictor(predictor)
@@ -216,4 +225,36 @@ def test_run_ahead_never_changes_outputs_and_stops_cleanly():
     assert not run_ahead.alive
     assert engine.generate(prompts, max_new_tokens=12).tokens == exact.tokens  # usable without the thread
     with pytest.raises(MoejaxError, match="MoE layers"):
-        engine.use_predictor(SiDAPredictor(layers + 1, experts, cfg.top_k))
+        engine.use_predictor(SiDAPredictor(len(cfg.moe_layer_ids) + 1, cfg.num_experts, cfg.top_k))
+
+
+class _Oracle(Predictor):
+    """Probability 1 for the experts the model itself routed each token of a known prompt to."""
+
+    def __init__(self, routed: dict, num_layers, num_experts, top_k):
+        super().__init__(num_layers, num_experts, top_k)
+        self.routed = routed
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        chosen = self.routed[tuple(tokens)]  # [L, T, k]
+        out = np.zeros((len(tokens), self.num_layers, self.num_experts), np.float32)
+        out[np.arange(len(tokens))[None, :, None], np.arange(self.num_layers)[:, None, None], chosen] = 1.0
+        return out
+
+
+def test_predicted_routing_is_exact_with_the_true_experts_and_approximate_otherwise(shipped):
+    engine, _, prompts = shipped
+    cfg = engine.cfg
+    routed = {}
+    for prompt in prompts:
+        engine.generate([prompt], max_new_tokens=1)
+        routed[tuple(str(t) for t in prompt)] = engine.routing(0)[0]
+    exact = perplexity(engine, prompts)
+    oracle = PredictedRouting(_Oracle(routed, len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k), cfg.top_k)
+    assert perplexity(engine, prompts, oracle) == pytest.approx(exact, rel=1e-4)
+    assert engine.routing_override is None
+    frequency = FrequencyPredictor(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k)
+    frequency.probabilities = np.linspace(1, 0, cfg.num_experts, dtype=np.float32)[None].repeat(len(cfg.moe_layer_ids), 0)
+    fixed = PredictedRouting(frequency, cfg.top_k, budget=0.25)
+    assert perplexity(engine, prompts, fixed) != pytest.approx(exact, rel=1e-3)
+    assert fixed.saved == [pytest.approx(1 - cfg.top_k / cfg.num_experts)] * len(prompts)  # the same 2 of 16

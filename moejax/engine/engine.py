@@ -445,8 +445,9 @@ class Engine:
                 tokens = np.zeros(size, np.int32)
                 tokens[: len(chunk)] = chunk
                 inputs = self._inputs()
+                forced = self._forced([slot], start + np.arange(size)[None])
                 args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
-                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True), None)
+                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True), forced)
                 static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=True)
                 _, _, _, _, self.cache, self.slab, self.kv, self.state, logits = self._program("prefill", static, args)(*args)
                 rows.append(np.asarray(logits)[: len(chunk)])
