@@ -36,7 +36,9 @@ FLAGS = {
     "forced_bos_id": "--forced-bos-id", "dtype": "--dtype", "max_prompt_tokens": "--max-prompt-tokens",
     # lab.replay
     "trace": "--traces", "collection": "--fit", "capacity_fraction": "--capacity", "policy": "--policy",
-    "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes", "predicted": "--predictor",
+    "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes",
+    # predictors
+    "predicted": "--predictor", "predict_every": "--predict-every",
 }
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02; higher: fewer, surer copies)")
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="a task label for the prompts (the trace prefetcher prefers traces of that task)")
     p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`, on this model's "
                    "traces) run ahead of the steps on a host thread: --prefetch predictor fetches its experts early")
+    p.add_argument("--predict-every", type=int, default=1,
+                   help="an emoe (per-request) predictor runs for one prompt in N; the others reuse its prediction")
     seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
     seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
@@ -301,7 +305,7 @@ def cmd_generate(args) -> int:
         predictor = store.load(args.predictor)
     engine = load_engine(args, slots=len(prompts))
     if predictor is not None:
-        engine.use_predictor(predictor)
+        engine.use_predictor(predictor, args.predict_every)
     if args.prompt and engine.tokenizer is None:
         raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
     if args.task is not None and args.traces is not None:

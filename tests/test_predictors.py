@@ -258,3 +258,48 @@ def test_predicted_routing_is_exact_with_the_true_experts_and_approximate_otherw
     fixed = PredictedRouting(frequency, cfg.top_k, budget=0.25)
     assert perplexity(engine, prompts, fixed) != pytest.approx(exact, rel=1e-3)
     assert fixed.saved == [pytest.approx(1 - cfg.top_k / cfg.num_experts)] * len(prompts)  # the same 2 of 16
+
+
+class _Counting(Predictor):
+    """A per-request predictor that counts its calls; its prediction is the call number."""
+
+    per = "request"
+
+    def __init__(self):
+        super().__init__(1, 2, 1)
+        self.calls = 0
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        self.calls += 1
+        return np.full((len(tokens), 1, 2), self.calls, np.float32)
+
+
+def test_run_ahead_reuses_a_request_prediction_for_predict_every_prompts():
+    import time
+
+    from moejax.errors import ParameterError
+    from moejax.predictors.run_ahead import PROMPT, RunAhead
+
+    predictor = _Counting()
+    run_ahead = RunAhead(predictor, predict_every=2)
+
+    def ready(owner):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            result = run_ahead.take(owner, PROMPT)
+            if result is not None:
+                return result
+            time.sleep(0.01)
+        raise AssertionError("no prediction")
+
+    seen = []
+    for owner, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):
+        run_ahead.submit(owner, PROMPT, prompt)
+        result = ready(owner)
+        assert result.shape == (len(prompt), 1, 2)
+        seen.append(int(result[0, 0, 0]))
+    assert seen == [1, 1, 2] and predictor.calls == 2
+    run_ahead.close()
+    assert not run_ahead.alive
+    with pytest.raises(ParameterError, match="per-request"):
+        RunAhead(FrequencyPredictor(1, 2, 1), predict_every=3)

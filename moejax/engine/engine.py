@@ -468,10 +468,11 @@ class Engine:
         lookahead[1:] = guesses[:-1]  # row m of the guesses is made at layer m, for layer m + 1
         return experts, lookahead
 
-    def use_predictor(self, predictor) -> None:
+    def use_predictor(self, predictor, predict_every: int = 1) -> None:
         """Runs `predictor` (`moejax.predictors`, trained on this model's traces) on a host thread ahead of
         the steps: the experts it predicts for a step's tokens are fetched when the step begins (offload
-        'cached' with prefetch 'predictor'). Lossless: outputs do not change. `close()` stops the thread."""
+        'cached' with prefetch 'predictor'). Lossless: outputs do not change. `close()` stops the thread.
+        predict_every: a per-request (emoe) predictor runs for one prompt in this many (`RunAhead`)."""
         from moejax.predictors.run_ahead import RunAhead
 
         if self.manager is None or self.manager.prefetch != "predictor":
@@ -481,8 +482,9 @@ class Engine:
             raise ParameterError("{predicted} is for {layers} MoE layers of {experts} experts, the model has {shape}",
                                  layers=predictor.num_layers, experts=predictor.num_experts,
                                  shape=f"{shape[0]} of {shape[1]}")
+        run_ahead = RunAhead(predictor, predict_every)
         self.manager.close()
-        self.manager.run_ahead = RunAhead(predictor)
+        self.manager.run_ahead = run_ahead
 
     def close(self) -> None:
         """Stops the engine's helper threads (the run-ahead predictor); the engine stays usable without them."""

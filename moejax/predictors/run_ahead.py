@@ -8,6 +8,10 @@ is not known yet, so the last known token's prediction stands for it). When the 
 takes whatever prediction is finished (`take`, which never blocks): a prediction still being computed is
 simply not used. Predictions only choose experts to copy early, so outputs never depend on them.
 
+A per-request predictor (eMoE) predicts a prompt as a whole, every prompt token alike; with
+`predict_every` N it runs for one prompt in N and the others reuse its last prediction (eMoE's saving: the
+prediction changes little between consecutive requests of one workload).
+
 The predictor runs on the CPU backend, beside the engine's device.
 """
 
@@ -18,6 +22,7 @@ import threading
 import jax
 import numpy as np
 
+from moejax.errors import ParameterError
 from moejax.predictors.base import Predictor
 
 PROMPT, NEXT = "prompt", "next"  # what a job predicts: every prompt token, or the token after the last one
@@ -28,8 +33,15 @@ class RunAhead:
     uses (slot, epoch)); a newer job for a key replaces an older one not yet started or still running.
     `close` stops the thread and waits for it."""
 
-    def __init__(self, predictor: Predictor):
-        self.predictor = predictor
+    def __init__(self, predictor: Predictor, predict_every: int = 1):
+        if predict_every < 1:
+            raise ParameterError("{predict_every} must be >= 1 (got {value})", value=predict_every)
+        if predict_every > 1 and predictor.per != "request":
+            raise ParameterError("{predict_every} reuses per-request predictions (an emoe predictor), not {kind}'s",
+                                 kind=predictor.name)
+        self.predictor, self.predict_every = predictor, predict_every
+        self._request: np.ndarray | None = None  # the last per-request prediction [L, E] (predict_every > 1)
+        self._reused = 0  # prompts that reused it since it was made
         self._lock = threading.Condition()
         self._jobs: dict[tuple, list[str]] = {}  # waiting, in submission order
         self._wanted: dict[tuple, int] = {}  # key -> number of its latest submission (older results are dropped)
@@ -49,6 +61,11 @@ class RunAhead:
         key = (owner, kind)
         with self._lock:
             if self._closed:
+                return
+            if kind == PROMPT and self._request is not None and self._reused < self.predict_every - 1:
+                self._reused += 1
+                self._wanted[key] = self._wanted.get(key, 0) + 1
+                self._ready[key] = np.broadcast_to(self._request, (len(token_ids), *self._request.shape))
                 return
             self._jobs.pop(key, None)
             self._jobs[key] = self.strings(token_ids)
@@ -101,6 +118,8 @@ class RunAhead:
             if key[1] == NEXT:
                 probabilities = probabilities[-1:]
             with self._lock:
+                if key[1] == PROMPT and self.predict_every > 1 and len(probabilities):
+                    self._request, self._reused = probabilities[0], 0
                 if self._wanted.get(key) == number:  # neither superseded nor forgotten while it ran
                     self._ready[key] = probabilities
                     self.predicted += 1
