@@ -221,6 +221,7 @@ def test_run_ahead_never_changes_outputs_and_stops_cleanly(shipped):
     while run_ahead.predicted == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert run_ahead.predicted > 0 and run_ahead.error is None
+    assert run_ahead.used > 0  # some finished prediction reached a step
     engine.close()
     assert not run_ahead.alive
     assert engine.generate(prompts, max_new_tokens=12).tokens == exact.tokens  # usable without the thread

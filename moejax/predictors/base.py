@@ -64,6 +64,9 @@ class Predictor:
         `experts`, and token t's lookahead guess)."""
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """Does the one-time work of `predict` (compilation) ahead of the first real call."""
+
     def predict_request(self, tokens: list[str]) -> np.ndarray:
         """float32 [L, E]: the probability that some token of the request uses each expert."""
         return request_probabilities(self.predict(tokens)).astype(np.float32)

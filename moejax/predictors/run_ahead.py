@@ -17,6 +17,7 @@ The predictor runs on the CPU backend, beside the engine's device.
 
 from __future__ import annotations
 
+import atexit
 import threading
 
 import jax
@@ -30,8 +31,9 @@ PROMPT, NEXT = "prompt", "next"  # what a job predicts: every prompt token, or t
 
 class RunAhead:
     """The prediction thread of one engine. Jobs are keyed (owner, kind), owner naming a sequence (the engine
-    uses (slot, epoch)); a newer job for a key replaces an older one not yet started or still running.
-    `close` stops the thread and waits for it."""
+    uses (slot, epoch)); a newer job for a key replaces an older one not yet started, and its result the
+    older result when it is done (until then the older one, computed from fewer tokens, is what `take`
+    gives). `close` stops the thread and waits for it."""
 
     def __init__(self, predictor: Predictor, predict_every: int = 1):
         if predict_every < 1:
@@ -44,13 +46,14 @@ class RunAhead:
         self._reused = 0  # prompts that reused it since it was made
         self._lock = threading.Condition()
         self._jobs: dict[tuple, list[str]] = {}  # waiting, in submission order
-        self._wanted: dict[tuple, int] = {}  # key -> number of its latest submission (older results are dropped)
+        self._live: set[tuple] = set()  # keys submitted and not forgotten
         self._ready: dict[tuple, np.ndarray] = {}
         self._closed = False
         self.predicted = self.used = 0  # predictions finished and taken
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="moejax-run-ahead", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # a thread inside JAX when the interpreter exits aborts the process
 
     @staticmethod
     def strings(token_ids) -> list[str]:
@@ -64,13 +67,12 @@ class RunAhead:
                 return
             if kind == PROMPT and self._request is not None and self._reused < self.predict_every - 1:
                 self._reused += 1
-                self._wanted[key] = self._wanted.get(key, 0) + 1
+                self._live.add(key)
                 self._ready[key] = np.broadcast_to(self._request, (len(token_ids), *self._request.shape))
                 return
             self._jobs.pop(key, None)
             self._jobs[key] = self.strings(token_ids)
-            self._wanted[key] = self._wanted.get(key, 0) + 1
-            self._ready.pop(key, None)
+            self._live.add(key)
             self._lock.notify()
 
     def take(self, owner, kind: str) -> np.ndarray | None:
@@ -83,11 +85,13 @@ class RunAhead:
     def forget(self, owner) -> None:
         """Drops a finished sequence's waiting jobs and results (a running one's result is dropped when done)."""
         with self._lock:
-            for table in (self._jobs, self._wanted, self._ready):
+            for table in (self._jobs, self._ready):
                 for key in [k for k in table if k[0] == owner]:
                     del table[key]
+            self._live = {k for k in self._live if k[0] != owner}
 
     def close(self, timeout: float | None = 10.0) -> None:
+        atexit.unregister(self.close)
         with self._lock:
             self._closed = True
             self._jobs.clear()
@@ -100,6 +104,13 @@ class RunAhead:
 
     def _work(self) -> None:
         cpu = jax.devices("cpu")[0]
+        try:
+            with jax.default_device(cpu):
+                self.predictor.warm_up()  # compiles now, while the engine compiles its own programs
+        except Exception as err:  # noqa: BLE001 - as below
+            with self._lock:
+                self.error, self._closed = err, True
+            return
         while True:
             with self._lock:
                 while not self._jobs and not self._closed:
@@ -107,7 +118,7 @@ class RunAhead:
                 if self._closed:
                     return
                 key = next(iter(self._jobs))
-                tokens, number = self._jobs.pop(key), self._wanted[key]
+                tokens = self._jobs.pop(key)
             try:
                 with jax.default_device(cpu):
                     probabilities = self.predictor.predict(tokens)
@@ -120,6 +131,6 @@ class RunAhead:
             with self._lock:
                 if key[1] == PROMPT and self.predict_every > 1 and len(probabilities):
                     self._request, self._reused = probabilities[0], 0
-                if self._wanted.get(key) == number:  # neither superseded nor forgotten while it ran
+                if key in self._live:  # not forgotten while it ran; a newer job for it only refreshes it
                     self._ready[key] = probabilities
                     self.predicted += 1

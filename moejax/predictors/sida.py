@@ -306,6 +306,15 @@ class SiDAPredictor(Predictor):
             raise MoejaxError(f"the {self.name} predictor is not trained: fit or load it first")
         return self.network
 
+    def warm_up(self):
+        """Compiles prediction for every padded window length (16, 32, ... up to `context`)."""
+        length = 16
+        while True:
+            self.predict(["warm-up"] * min(length, self.config.context))
+            if length >= self.config.context:
+                return
+            length *= 2
+
     def predict(self, tokens, experts=None, lookahead=None):
         shares = self._trained().token_shares(self.vocab.ids(tokens), self.vocab.grams(tokens))
         return np.minimum(shares * self.top_k, 1.0)
