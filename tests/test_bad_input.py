@@ -19,7 +19,7 @@ from moejax.tools.lab import replay
 from moejax.offload.budget import cache_capacity
 from moejax.engine.results import GenerationConfig
 from moejax.engine.slots import SamplingParams
-from moejax.routing.traces import RoutingTrace
+from moejax.routing.traces import RoutingTrace, load_routing
 
 SUPPORTED = "mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers"
 
@@ -318,6 +318,10 @@ def test_trace_directory_is_accepted_everywhere(capsys, ckpt, trace_dir):
     assert json.loads(capsys.readouterr().out)["collection_size"] == 2
     assert main(["generate", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--offload", "cached",
                  "--expert-budget", "1", "--prefetch", "trace", "--traces", str(trace_dir), "--task", "code"]) == 0
+    routed = load_routing(trace_dir)  # the fed tokens' ids: prompt, then the new tokens but the last
+    assert routed.seq_lens.tolist() == [4, 3] and routed.token_ids[[0, 1, 2, 4, 5]].tolist() == [1, 2, 3, 4, 5]
+    assert main(["train-predictor", "--kind", "token-table", "--traces", str(trace_dir), "--out",
+                 str(trace_dir.parent / "table"), "--quiet"]) == 0
 
 
 def test_trace_file_of_the_other_kind_names_the_one_wanted(capsys, ckpt, trace_dir):

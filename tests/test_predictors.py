@@ -304,3 +304,31 @@ def test_run_ahead_reuses_a_request_prediction_for_predict_every_prompts():
     assert not run_ahead.alive
     with pytest.raises(ParameterError, match="per-request"):
         RunAhead(FrequencyPredictor(1, 2, 1), predict_every=3)
+
+
+def test_distillation_targets_are_the_truncated_router_distribution():
+    predictor = SiDAPredictor(1, 4, 2)
+    experts = np.array([[[0, 3], [2, 4]]])  # [L, T, k]; 4: a dropped slot
+    probs = np.array([[[0.3, 0.1], [0.5, 0.2]]], np.float32)
+    ids, weights = predictor._targets(experts, probs)
+    assert ids.tolist() == [[[0, 3]], [[2, 0]]]
+    np.testing.assert_allclose(weights, [[[0.75, 0.25]], [[1.0, 0.0]]])
+    _, hard = predictor._targets(experts, None)
+    np.testing.assert_allclose(hard, [[[0.5, 0.5]], [[1.0, 0.0]]])
+
+
+def test_trace_matcher_reads_only_earlier_tokens():
+    from moejax.predictors.base import TraceMatcherPredictor
+
+    data = rule_data(4, 6)
+    matcher = TraceMatcherPredictor(LAYERS, EXPERTS, K)
+    matcher.fit(data)
+    tokens, experts, _, _ = next(data.sequences())
+    out = matcher.predict(tokens, experts)
+    assert out.shape == (len(tokens), LAYERS, EXPERTS)
+    changed = experts.copy()
+    changed[:, 3:] = (changed[:, 3:] + 1) % EXPERTS
+    np.testing.assert_array_equal(matcher.predict(tokens, changed)[:4], out[:4])  # token 3 reads tokens 0-2 only
+    assert not np.array_equal(matcher.predict(tokens, changed)[4:], out[4:])
+    with pytest.raises(MoejaxError, match="give experts"):
+        matcher.predict(tokens)
