@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
     seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
-    seq2seq.add_argument("--routing", choices=("dropless", "capacity"), help="capacity: transformers' token dropping")
+    seq2seq.add_argument("--routing", choices=("dropless", "capacity", "predicted"),
+                         help="capacity: transformers' token dropping; predicted (decoder models, with --predictor): "
+                              "APPROXIMATE, the predictor's experts replace the routers' (SiDA)")
     p = sub.add_parser("trace", help="record the experts every token of a prompt file activates")
     p.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT, help="(default: the shipped tiny-moe)")
     p.add_argument("--prompts", type=Path, required=True, help="JSONL: one object a line with 'prompt' (or 'prompt_ids') and optional 'task'")
@@ -206,7 +208,7 @@ def load_engine(args, slots: int = 1):
         offload=args.offload,
         expert_budget=args.expert_budget,
         cache_policy=args.cache_policy,
-        routing=getattr(args, "routing", None),
+        routing=None if getattr(args, "routing", None) == "predicted" else getattr(args, "routing", None),
         slots=slots,
         max_seq_len=args.max_seq_len,
         prefill_chunk=args.prefill_chunk,
@@ -296,16 +298,25 @@ def cmd_generate(args) -> int:
     if args.task is not None and not (args.prefetch.startswith("trace") or args.cache_policy == "activation"):
         raise MoejaxError("--task labels the prompts for --prefetch trace / trace+lookahead and --cache-policy activation: "
                           "give one of them, or leave --task out")
-    if (args.predictor is None) != (args.prefetch != "predictor"):
-        raise MoejaxError("--prefetch predictor and --predictor DIR go together")
+    predicted_routing = args.routing == "predicted"
+    if (args.predictor is None) != (args.prefetch != "predictor" and not predicted_routing):
+        raise MoejaxError("--predictor DIR goes with --prefetch predictor or --routing predicted")
+    if predicted_routing and seq2seq:
+        raise MoejaxError("--routing predicted is for decoder models")
     predictor = None
     if args.predictor is not None:
         from moejax.predictors import store
 
         predictor = store.load(args.predictor)
     engine = load_engine(args, slots=len(prompts))
-    if predictor is not None:
+    if predictor is not None and args.prefetch == "predictor":
         engine.use_predictor(predictor, args.predict_every)
+    if predicted_routing:
+        from moejax.predictors.approximate import PredictedRouting
+
+        engine.routing_override = PredictedRouting(predictor, engine.cfg.top_k)
+        print("moejax: note: --routing predicted is approximate: the predictor's experts replace the routers', "
+              "so the output can differ from the model's", file=sys.stderr)
     if args.prompt and engine.tokenizer is None:
         raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
     if args.task is not None and args.traces is not None:
@@ -318,7 +329,7 @@ def cmd_generate(args) -> int:
             result = engine.generate(prompts, config, tasks=tasks)
     engine.close()
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result.to_json() | ({"routing": "predicted (approximate)"} if predicted_routing else {})))
         return 0
     for i, tokens in enumerate(result.tokens):
         shown = result.text[i] if result.text is not None else ",".join(map(str, tokens))

@@ -237,8 +237,11 @@ class _Oracle(Predictor):
         self.routed = routed
 
     def predict(self, tokens, experts=None, lookahead=None):
-        chosen = self.routed[tuple(tokens)]  # [L, T, k]
         out = np.zeros((len(tokens), self.num_layers, self.num_experts), np.float32)
+        if tuple(tokens) not in self.routed:  # a sequence it does not know: experts 0..k-1
+            out[..., : self.top_k] = 1.0
+            return out
+        chosen = self.routed[tuple(tokens)]  # [L, T, k]
         out[np.arange(len(tokens))[None, :, None], np.arange(self.num_layers)[:, None, None], chosen] = 1.0
         return out
 
@@ -259,6 +262,16 @@ def test_predicted_routing_is_exact_with_the_true_experts_and_approximate_otherw
     fixed = PredictedRouting(frequency, cfg.top_k, budget=0.25)
     assert perplexity(engine, prompts, fixed) != pytest.approx(exact, rel=1e-3)
     assert fixed.saved == [pytest.approx(1 - cfg.top_k / cfg.num_experts)] * len(prompts)  # the same 2 of 16
+    # In generation: the prompt's routing is the model's, so the first token is exact; later tokens follow
+    # the tokens the host has read; the engine tells the override every token.
+    exact_run = engine.generate(prompts[:1], max_new_tokens=4)
+    engine.routing_override = oracle
+    try:
+        approximate = engine.generate(prompts[:1], max_new_tokens=4)
+    finally:
+        engine.routing_override = None
+    assert approximate.tokens[0][0] == exact_run.tokens[0][0]
+    assert oracle._sequences[0]["tokens"] == [str(t) for t in prompts[0] + approximate.tokens[0]]
 
 
 class _Counting(Predictor):

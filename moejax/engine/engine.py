@@ -172,6 +172,8 @@ class Engine:
         owner = (slot, sequence.epoch)
         if self.manager is not None:
             self.manager.expect_prompt(owner, ids)
+        if hasattr(self.routing_override, "prompt"):  # an override that follows sequences (predicted routing)
+            self.routing_override.prompt(ids, slot)
         routing, token = [], None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = ids[start : start + self.prefill_chunk]
@@ -191,6 +193,7 @@ class Engine:
         sequence.routing += [r for r, _ in routing]
         sequence.guesses += [g for _, g in routing if g is not None]
         self._sequences[slot] = sequence
+        self._follow(slot, sequence.epoch, int(token))
         return int(token)
 
     def _begin(self, slot: int, sampling: SamplingParams | None, length: int, task: str | None,
@@ -284,12 +287,18 @@ class Engine:
             if sequence is None or sequence.epoch != epoch:
                 continue  # released since the step was dispatched
             sequence.queue.append(int(tokens[row]))
-            if self.manager is not None:
-                self.manager.extend((slot, epoch), int(tokens[row]))
+            self._follow(slot, epoch, int(tokens[row]))
             sequence.routing.append(routing[:, row : row + 1])
             if guesses is not None:
                 sequence.guesses.append(guesses[:, row : row + 1])
         self._observe(routing[:, : len(step.rows)], np.asarray(step.resident))
+
+    def _follow(self, slot: int, epoch: int, token: int) -> None:
+        """A sequence's new token, for the predictors that follow it (run-ahead, predicted routing)."""
+        if self.manager is not None:
+            self.manager.extend((slot, epoch), token)
+        if hasattr(self.routing_override, "extend"):
+            self.routing_override.extend(slot, token)
 
     def _observe(self, routing: np.ndarray, resident: np.ndarray) -> None:
         """Hands a finished step's routing [L, n, k] (real tokens) to the host-side manager."""
