@@ -179,6 +179,11 @@ def test_train_predictor_cli_and_lab(tmp_path, capsys):
     replayed = json.loads(capsys.readouterr().out)
     assert replayed["prefetch"] == "predictor" and replayed["prefetch_issued"] > 0
     assert replayed["predictor_recall"] == report["predictor_recall"]
+    write_external(rule_data(5, 3), tmp_path / "other.npz")
+    data = load_trace_data(tmp_path / "other.npz")
+    data.trace.num_experts = EXPERTS + 4  # another model's routing
+    with pytest.raises(MoejaxError, match="12 experts, but the sida predictor is for 3 of 8"):
+        top_k_quality(store.load(tmp_path / "p"), data)
     shutil.rmtree(tmp_path / "p")
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "predictor.json").write_text("[]")

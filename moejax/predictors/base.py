@@ -78,11 +78,12 @@ class Predictor:
     def load_state(self, settings: dict, arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
 
-    def _check_fits(self, data: TraceData) -> None:
+    def check_fits(self, data: TraceData) -> None:
+        """MoejaxError unless `data` is routing of a model of this predictor's MoE layers and experts."""
         trace = data.trace
         if (trace.num_layers, trace.num_experts) != (self.num_layers, self.num_experts):
             raise MoejaxError(f"{data.source}: {trace.num_layers} MoE layers of {trace.num_experts} experts, but the "
-                              f"predictor is for {self.num_layers} of {self.num_experts}")
+                              f"{self.name} predictor is for {self.num_layers} of {self.num_experts}")
 
 
 class FrequencyPredictor(Predictor):
@@ -91,7 +92,7 @@ class FrequencyPredictor(Predictor):
     name = "frequency"
 
     def fit(self, data, show_progress=False):
-        self._check_fits(data)
+        self.check_fits(data)
         used = used_mask(data.trace.experts, self.num_experts).sum(axis=0, dtype=np.float64)  # [L, E]
         self.probabilities = (used / max(data.trace.experts.shape[1], 1)).astype(np.float32)
         return {"tokens": int(data.trace.experts.shape[1])}
@@ -117,7 +118,7 @@ class TokenTablePredictor(Predictor):
         self.prior_tokens = prior_tokens
 
     def fit(self, data, show_progress=False):
-        self._check_fits(data)
+        self.check_fits(data)
         self.vocab = sorted({t for seq in data.tokens for t in seq})
         index = {t: i for i, t in enumerate(self.vocab)}
         ids = np.array([index[t] for seq in data.tokens for t in seq], np.int64)
@@ -160,7 +161,7 @@ class TraceMatcherPredictor(Predictor):
     reads_routing = True
 
     def fit(self, data, show_progress=False):
-        self._check_fits(data)
+        self.check_fits(data)
         self.collection = data.trace.collection(capacity=max(data.trace.num_sequences, 1))
         return {"sequences": len(self.collection)}
 

@@ -19,6 +19,7 @@ def top_k_quality(predictor: Predictor, data: TraceData, k: int | None = None, s
     Each token is predicted from what is known before its step runs (`known_token_probabilities`: the whole
     prompt, then the tokens before a generated one; a trace without prompt lengths is all prompt), or, for
     the predictors that read the recorded routing, from that (earlier tokens' experts, its lookahead guess)."""
+    predictor.check_fits(data)
     trace = data.trace
     prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else trace.seq_lens
     k = trace.top_k if k is None else k

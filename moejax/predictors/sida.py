@@ -219,7 +219,7 @@ class SiDAPredictor(Predictor):
         summary: sizes, and per epoch the mean loss and the validation top-k recall."""
         from moejax.predictors.quality import top_k_quality
 
-        self._check_fits(data)
+        self.check_fits(data)
         c = self.config
         if not 0 <= c.validation < 1:
             raise MoejaxError(f"the validation share must be in [0, 1), got {c.validation}")

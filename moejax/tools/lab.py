@@ -220,6 +220,7 @@ def predictor_probabilities(predictor, data, show_progress: bool = False) -> lis
     (a prefill trace)."""
     from moejax.predictors.base import known_token_probabilities
 
+    predictor.check_fits(data)
     trace = data.trace
     prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else trace.seq_lens
     progress = Progress("predict", trace.num_sequences, enabled=show_progress)
