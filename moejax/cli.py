@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="trace only the first N prompts (N >= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier trace in --out")
     p.add_argument("--max-prompt-tokens", type=int, help="keep the first N tokens of each prompt")
+    p.add_argument("--router-probs", action="store_true",
+                   help="also record the router's probability of each chosen expert (for `train-predictor`'s "
+                        "distillation): a teacher-forced whole-model pass afterwards, with every expert in memory")
     add_offload_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_lab_parser(sub)
@@ -442,6 +445,12 @@ def cmd_trace(args) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     prompts = prepare_prompts(engine, prompts, args.prompts, args.max_new_tokens, args.max_prompt_tokens)
     trace, collection, summary = trace_prompts(engine, prompts, config, args.batch_size, show_progress=not args.quiet)
+    if args.router_probs:
+        from moejax.tools.tracing import router_probabilities
+
+        if trace.token_ids is None:
+            raise MoejaxError("--router-probs is for decoder models")
+        trace.router_probs = router_probabilities(args.checkpoint, trace.token_ids, trace.seq_lens, trace.experts)
     write_traces(args.out, trace, collection, summary, args.overwrite, inputs)
     accuracy = summary.get("lookahead_accuracy")
     print(f"wrote {args.out}: {plural(summary['sequences'], 'sequence')}, {plural(summary['tokens'], 'token')} x "
