@@ -16,6 +16,7 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 from moejax.offload import device_cache as dc
+from moejax.predictors.base import request_probabilities
 from moejax.predictors.run_ahead import NEXT, PROMPT
 from moejax.routing.prefetchers import DEFAULT_FLOORS, make_prefetcher
 from moejax.routing.eams import EAMCollection
@@ -81,8 +82,9 @@ class OffloadManager:
 
     policy: a name of `POLICIES`; prefetch: a name of `PREFETCHERS`; staged_per_step: most experts the
     trace prefetchers and the predictor stage per step (the predictor: the likeliest experts of the next
-    step's tokens, from the per-token probabilities given to `start_sequence`, that are not resident); collection: the EAM collection the trace prefetcher and the
-    activation scores read, to which finished sequences are added; device: where inputs go (None: the
+    step's tokens that are not resident, from the per-token probabilities given to `start_sequence` in the
+    lab, from the run-ahead thread in the engine); collection: the EAM collection the trace prefetcher and
+    the activation scores read, to which finished sequences are added; device: where inputs go (None: the
     default device).
     """
 
@@ -194,7 +196,7 @@ class OffloadManager:
 
     # -- the engine's run-ahead predictor (prefetch 'predictor'); owners name sequences ------------------
     def expect_prompt(self, owner, token_ids) -> None:
-        """A prompt about to be prefilled (or admitted: the earlier, the likelier its prediction is ready)."""
+        """A prompt about to be prefilled: the run-ahead starts predicting its experts."""
         if self.run_ahead is not None:
             self._tokens[owner] = list(token_ids)
             self.run_ahead.submit(owner, PROMPT, token_ids)
@@ -248,10 +250,9 @@ class OffloadManager:
     def _predicted_keys(self, rows: np.ndarray):
         """The predictor's staged keys for a step's tokens' probabilities [n, L, E]: the likeliest experts of
         any of them (at least `predictor_floor`), not resident after the last step read, best first (None: none)."""
-        span = np.minimum(rows, 1 - 1e-6)
-        if not len(span):
+        if not len(rows):
             return None
-        flat = (1.0 - np.exp(np.log1p(-span).sum(axis=0))).reshape(-1)  # some token of the step uses it
+        flat = request_probabilities(rows).reshape(-1)  # some token of the step uses it
         if self._resident is not None:
             flat = np.where(self._resident.reshape(-1), 0.0, flat)
         order = np.argsort(-flat, kind="stable")[: self.staged_per_step]
