@@ -39,6 +39,8 @@ FLAGS = {
     "lookahead_accuracy": "--lookahead-accuracy", "expert_bytes": "--expert-bytes",
     # serving.ServingLoop
     "scheduler": "--scheduler", "max_queue": "--max-queue", "max_batch": "--max-batch",
+    # predictors
+    "predicted": "--predictor", "predict_every": "--predict-every",
 }
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02; higher: fewer, surer copies)")
@@ -99,10 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
     p.add_argument("--task", help="a task label for the prompts (the trace prefetcher prefers traces of that task)")
+    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`, on this model's "
+                   "traces) run ahead of the steps on a host thread: --prefetch predictor fetches its experts early")
+    p.add_argument("--predict-every", type=int, default=1,
+                   help="an emoe (per-request) predictor runs for one prompt in N; the others reuse its prediction")
     seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
     seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
-    seq2seq.add_argument("--routing", choices=("dropless", "capacity"), help="capacity: transformers' token dropping")
+    seq2seq.add_argument("--routing", choices=("dropless", "capacity", "predicted"),
+                         help="capacity: transformers' token dropping; predicted (decoder models, with --predictor): "
+                              "APPROXIMATE, the predictor's experts replace the routers' (SiDA)")
     p = sub.add_parser("trace", help="record the experts every token of a prompt file activates")
     p.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT, help="(default: the shipped tiny-moe)")
     p.add_argument("--prompts", type=Path, required=True, help="JSONL: one object a line with 'prompt' (or 'prompt_ids') and optional 'task'")
@@ -112,10 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="trace only the first N prompts (N >= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier trace in --out")
     p.add_argument("--max-prompt-tokens", type=int, help="keep the first N tokens of each prompt")
+    p.add_argument("--router-probs", action="store_true",
+                   help="also record the router's probability of each chosen expert (for `train-predictor`'s "
+                        "distillation): a teacher-forced whole-model pass afterwards, with every expert in memory")
     add_offload_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_lab_parser(sub)
     add_serve_parser(sub)
+    add_train_predictor_parser(sub)
     return parser
 
 
@@ -131,6 +143,32 @@ def add_serve_parser(sub) -> None:
     add_offload_arguments(p)
 
 
+def add_train_predictor_parser(sub) -> None:
+    from moejax.predictors.sida import TrainingConfig
+
+    defaults = TrainingConfig()
+    p = sub.add_parser("train-predictor", help="learn to predict the experts tokens (sida) or requests (emoe) use")
+    p.add_argument("--kind", required=True, help="sida (per token) | emoe (per request) | frequency | token-table")
+    p.add_argument("--traces", type=Path, nargs="+", required=True,
+                   help="routing traces with their tokens: directories `moejax trace` wrote, or NAME.npz (experts "
+                        "[layers, tokens, k] + seq_lens) with NAME_tokens.json beside it")
+    p.add_argument("--sequences", help="train only on sequences A:B of the traces (together)")
+    p.add_argument("--out", type=Path, required=True, help="directory to write the predictor to")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier predictor in --out")
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--context", type=int, default=defaults.context, help="tokens the encoder reads at once")
+    p.add_argument("--hidden", type=int, default=defaults.hidden, help="LSTM units per direction")
+    p.add_argument("--layers", type=int, default=defaults.layers, help="stacked LSTMs")
+    p.add_argument("--causal", action="store_true", help="read only earlier tokens (default: the whole window, as "
+                   "a prompt is known before its prefill)")
+    p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="tokens per optimiser step")
+    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--validation", type=float, default=defaults.validation,
+                   help="share of the sequences held out to pick the best epoch (the last ones)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def add_lab_parser(sub) -> None:
     p = sub.add_parser("lab", help="replay routing traces through cache policies and prefetchers (no model)")
     p.add_argument("--traces", type=Path, required=True,
@@ -139,9 +177,13 @@ def add_lab_parser(sub) -> None:
     p.add_argument("--sequences", help="replay only sequences A:B of --traces")
     p.add_argument("--fit", type=Path, help="routing trace to build the EAM collection from, as --traces (default: none)")
     p.add_argument("--fit-sequences", help="use only sequences A:B of --fit")
-    p.add_argument("--capacity", required=True, help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5")
+    p.add_argument("--capacity", help="cache size as fractions of all (layer, expert) pairs: 0.25 or 0.1,0.25,0.5 "
+                   "(required unless --predictor only measures a predictor)")
     p.add_argument("--policy", default="lru", help="lru | lfu | fifo | lifo | activation | belady")
-    p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead")
+    p.add_argument("--prefetch", default="none", help="none | lookahead | trace | trace+lookahead | predictor")
+    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`), or 'lookahead' (the "
+                   "trace's recorded guess): report its top-k recall and precision on --traces (which need their "
+                   "tokens), and prefetch with it (--prefetch predictor)")
     p.add_argument("--prefetch-per-layer", type=int,
                    help="lookahead prefetchers: most experts fetched per MoE layer step (default: top-k)")
     p.add_argument("--prefetch-per-step", type=int,
@@ -188,7 +230,7 @@ def load_engine(args, slots: int = 1):
         offload=args.offload,
         expert_budget=args.expert_budget,
         cache_policy=args.cache_policy,
-        routing=getattr(args, "routing", None),
+        routing=None if getattr(args, "routing", None) == "predicted" else getattr(args, "routing", None),
         slots=slots,
         max_seq_len=args.max_seq_len,
         prefill_chunk=args.prefill_chunk,
@@ -279,7 +321,25 @@ def cmd_generate(args) -> int:
     if args.task is not None and not (args.prefetch.startswith("trace") or args.cache_policy == "activation"):
         raise MoejaxError("--task labels the prompts for --prefetch trace / trace+lookahead and --cache-policy activation: "
                           "give one of them, or leave --task out")
+    predicted_routing = args.routing == "predicted"
+    if (args.predictor is None) != (args.prefetch != "predictor" and not predicted_routing):
+        raise MoejaxError("--predictor DIR goes with --prefetch predictor or --routing predicted")
+    if predicted_routing and seq2seq:
+        raise MoejaxError("--routing predicted is for decoder models")
+    predictor = None
+    if args.predictor is not None:
+        from moejax.predictors import store
+
+        predictor = store.load(args.predictor)
     engine = load_engine(args, slots=len(prompts))
+    if predictor is not None and args.prefetch == "predictor":
+        engine.use_predictor(predictor, args.predict_every)
+    if predicted_routing:
+        from moejax.predictors.approximate import PredictedRouting
+
+        engine.routing_override = PredictedRouting(predictor, engine.cfg.top_k)
+        print("moejax: note: --routing predicted is approximate: the predictor's experts replace the routers', "
+              "so the output can differ from the model's", file=sys.stderr)
     if args.prompt and engine.tokenizer is None:
         raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
     if args.task is not None and args.traces is not None:
@@ -290,8 +350,9 @@ def cmd_generate(args) -> int:
             result = engine.generate(prompts, config, target_lang=args.target_lang, forced_bos_id=args.forced_bos_id, tasks=tasks)
         else:
             result = engine.generate(prompts, config, tasks=tasks)
+    engine.close()
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result.to_json() | ({"routing": "predicted (approximate)"} if predicted_routing else {})))
         return 0
     for i, tokens in enumerate(result.tokens):
         shown = result.text[i] if result.text is not None else ",".join(map(str, tokens))
@@ -317,13 +378,32 @@ def cmd_lab(args) -> int:
     from moejax.tools import lab
     from moejax.routing.traces import load_routing
 
+    if args.capacity is None and args.predictor is None:
+        raise MoejaxError("give --capacity (or --predictor to measure a predictor)")
+    if args.prefetch == "predictor" and args.predictor is None:
+        raise MoejaxError("--prefetch predictor needs --predictor DIR")
     try:
-        capacities = [float(c) for c in args.capacity.split(",")]
+        capacities = [] if args.capacity is None else [float(c) for c in args.capacity.split(",")]
     except ValueError:
         raise MoejaxError(f"--capacity must be fractions separated by commas, got {args.capacity!r}") from None
     if args.plot is not None:
         refuse_overlap(args.plot, [args.traces, args.fit])
         lab.check_plot_path(args.plot)
+    quality, predicted = {}, None
+    if args.predictor is not None:
+        from moejax.predictors import store
+        from moejax.predictors.data import load_trace_data
+        from moejax.predictors.quality import top_k_quality
+
+        data = load_trace_data(args.traces)
+        data = data.select(*lab.parse_range(args.sequences, data.trace.num_sequences, "--sequences"))
+        predictor = lab.named_predictor(str(args.predictor), data) or store.load(args.predictor)
+        quality = top_k_quality(predictor, data, show_progress=sys.stderr.isatty())
+        if args.prefetch == "predictor":
+            predicted = lab.predictor_probabilities(predictor, data, show_progress=sys.stderr.isatty())
+        if not capacities:
+            print_predictor_quality(quality, args.json)
+            return 0
     trace = load_routing(args.traces)
     trace = trace.select(*lab.parse_range(args.sequences, trace.num_sequences, "--sequences"))
     collection = None
@@ -335,7 +415,7 @@ def cmd_lab(args) -> int:
                    prefetch_per_layer=args.prefetch_per_layer, prefetch_per_step=args.prefetch_per_step,
                    prefetch_floor=args.prefetch_floor, collection=collection,
                    lookahead_accuracy=args.lookahead_accuracy, expert_bytes=args.expert_bytes, seed=args.seed,
-                   show_progress=sys.stderr.isatty())
+                   predicted=predicted, show_progress=sys.stderr.isatty()) | quality
         for c in capacities
     ]
     print_lab_results(results, args.json)
@@ -343,6 +423,17 @@ def cmd_lab(args) -> int:
         label = args.policy + ("" if args.prefetch == "none" else f" + {args.prefetch}")
         lab.plot_curves({label: [(r["capacity_fraction"], r["hit_rate"]) for r in results]}, args.plot, str(args.traces.name))
     return 0
+
+
+def print_predictor_quality(quality: dict, as_json: bool) -> None:
+    """One JSON object, or a line with the means and a line per MoE layer."""
+    if as_json:
+        print(json.dumps(quality), flush=True)
+        return
+    print(f"{quality['predictor']} predictor, top-{quality['k']} over {plural(quality['tokens'], 'token')}: recall "
+          f"{quality['predictor_recall']:.3f}, precision {quality['predictor_precision']:.3f} (mean over MoE layers)")
+    for layer, (r, p) in enumerate(zip(quality["per_layer_recall"], quality["per_layer_precision"], strict=True)):
+        print(f"  MoE layer {layer}: recall {r:.3f}, precision {p:.3f}")
 
 
 def print_lab_results(results: list[dict], as_json: bool) -> None:
@@ -374,6 +465,12 @@ def cmd_trace(args) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     prompts = prepare_prompts(engine, prompts, args.prompts, args.max_new_tokens, args.max_prompt_tokens)
     trace, collection, summary = trace_prompts(engine, prompts, config, args.batch_size, show_progress=not args.quiet)
+    if args.router_probs:
+        from moejax.tools.tracing import router_probabilities
+
+        if trace.token_ids is None:
+            raise MoejaxError("--router-probs is for decoder models")
+        trace.router_probs = router_probabilities(args.checkpoint, trace.token_ids, trace.seq_lens, trace.experts)
     write_traces(args.out, trace, collection, summary, args.overwrite, inputs)
     accuracy = summary.get("lookahead_accuracy")
     print(f"wrote {args.out}: {plural(summary['sequences'], 'sequence')}, {plural(summary['tokens'], 'token')} x "
@@ -413,7 +510,31 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train_predictor(args) -> int:
+    from moejax.predictors.sida import TrainingConfig
+    from moejax.predictors.training import train_predictor
+
+    for flag, value in (("--epochs", args.epochs), ("--context", args.context), ("--hidden", args.hidden),
+                        ("--layers", args.layers), ("--batch-tokens", args.batch_tokens)):
+        if value < 1:
+            raise MoejaxError(f"{flag} must be >= 1 (got {value})")
+    if not 0 <= args.validation < 1 or not args.learning_rate > 0:
+        raise MoejaxError("--validation must be in [0, 1) and --learning-rate positive")
+    config = TrainingConfig(epochs=args.epochs, context=args.context, hidden=args.hidden, layers=args.layers,
+                            causal=args.causal, batch_tokens=args.batch_tokens, learning_rate=args.learning_rate,
+                            validation=args.validation, seed=args.seed)
+    summary = train_predictor(args.kind, args.traces, args.out, sequences=args.sequences, config=config,
+                              overwrite=args.overwrite, show_progress=not args.quiet)
+    last = summary.get("epochs", [{}])[-1] if summary.get("epochs") else {}
+    best = max((e.get("validation_recall", 0.0) for e in summary.get("epochs", [])), default=None)
+    print(f"wrote {args.out}: {args.kind} predictor" + (f", {plural(len(summary['epochs']), 'epoch')}, loss {last['loss']}"
+                                                       if last else "")
+          + (f", best validation top-k recall {best:.3f}" if best else ""))
+    return 0
+
+
 COMMANDS = {
+    "train-predictor": cmd_train_predictor,
     "convert": cmd_convert, "export": cmd_export, "info": cmd_info, "generate": cmd_generate, "trace": cmd_trace, "lab": cmd_lab,
     "serve": cmd_serve,
 }

@@ -19,7 +19,7 @@ from moejax.tools.lab import replay
 from moejax.offload.budget import cache_capacity
 from moejax.engine.results import GenerationConfig
 from moejax.engine.slots import SamplingParams
-from moejax.routing.traces import RoutingTrace
+from moejax.routing.traces import RoutingTrace, load_routing
 
 SUPPORTED = "mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers"
 
@@ -308,7 +308,8 @@ def trace_dir(ckpt) -> Path:
     prompts = ckpt.parent / "prompts.jsonl"
     prompts.write_text('{"prompt_ids": [1, 2, 3], "task": "math"}\n{"prompt_ids": [4, 5], "task": "code"}\n')
     out = ckpt.parent / "traces"
-    assert main(["trace", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "2", "--quiet"]) == 0
+    assert main(["trace", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "2", "--quiet",
+                 "--router-probs"]) == 0
     return out
 
 
@@ -318,6 +319,16 @@ def test_trace_directory_is_accepted_everywhere(capsys, ckpt, trace_dir):
     assert json.loads(capsys.readouterr().out)["collection_size"] == 2
     assert main(["generate", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "2", "--offload", "cached",
                  "--expert-budget", "1", "--prefetch", "trace", "--traces", str(trace_dir), "--task", "code"]) == 0
+    routed = load_routing(trace_dir)  # the fed tokens' ids: prompt, then the new tokens but the last
+    assert routed.seq_lens.tolist() == [4, 3] and routed.token_ids[[0, 1, 2, 4, 5]].tolist() == [1, 2, 3, 4, 5]
+    probs = routed.router_probs  # the chosen experts' router probabilities: the top-k of a softmax
+    assert probs.shape == routed.experts.shape and (probs > 0).all() and (probs.sum(-1) <= 1 + 1e-5).all()
+    assert (np.diff(probs, axis=-1) <= 1e-6).all()  # in the router's order, likeliest first
+    assert (probs.sum(-1) * routed.num_experts >= routed.top_k - 1e-4).all()  # the top k of E hold at least k / E
+    out = trace_dir.parent / "sida"
+    assert main(["train-predictor", "--kind", "sida", "--traces", str(trace_dir), "--out", str(out), "--epochs", "1",
+                 "--hidden", "8", "--context", "16", "--validation", "0", "--quiet"]) == 0
+    assert json.loads((out / "predictor.json").read_text())["summary"]["soft_labels"]  # distilled from router_probs
 
 
 def test_trace_file_of_the_other_kind_names_the_one_wanted(capsys, ckpt, trace_dir):

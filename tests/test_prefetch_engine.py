@@ -107,7 +107,7 @@ def test_trace_command_writes_what_engine_and_lab_read(qwen, tmp_path, capsys):
          "--prefetch-per-layer applies to --prefetch lookahead or trace+lookahead, not 'trace'"),
         (["--offload", "cached", "--prefetch", "trace", "--prefetch-per-step", "-1"], "--prefetch-per-step must be >= 0"),
         (["--offload", "cached", "--prefetch", "lookahead", "--prefetch-per-step", "2"],
-         "--prefetch-per-step applies to --prefetch trace or trace+lookahead, not 'lookahead'"),
+         "--prefetch-per-step applies to --prefetch trace, trace+lookahead or predictor, not 'lookahead'"),
         (["--offload", "cached", "--cache-policy", "belady"], "lab only"),
         (["--offload", "cached", "--prefetch-floor", "0.3"], "--prefetch-floor applies to --prefetch trace"),
         (["--offload", "cached", "--prefetch", "trace", "--prefetch-floor", "2"], "--prefetch-floor must be a probability"),

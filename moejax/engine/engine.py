@@ -160,8 +160,8 @@ class Engine:
     def _expert_args(self, inputs):
         return (self.cache, self.slab, self.host, inputs.staged_keys, inputs.priorities)
 
-    def _inputs(self):
-        return self.manager.next_inputs() if self.manager is not None else _NO_INPUTS
+    def _inputs(self, tokens: tuple[int, int] | None = None, owners: list | None = None):
+        return self.manager.next_inputs(tokens, owners) if self.manager is not None else _NO_INPUTS
 
     def _forced(self, slots: list[int], positions: np.ndarray):
         """The routing_override's experts for a step (on the device), or None."""
@@ -201,6 +201,10 @@ class Engine:
         if sampled < 0:
             raise ParameterError("{sampled} must be >= 0 (got {value})", value=sampled)
         sequence = self._begin(slot, sampling, len(ids), task, max_new_tokens)
+        if self.manager is not None:
+            self.manager.expect_prompt((slot, sequence.epoch), ids)
+        if hasattr(self.routing_override, "prompt"):  # an override that follows sequences (predicted routing)
+            self.routing_override.prompt(ids, slot)
         self._prefills[slot] = _Prefill(sequence, ids, sampled)
 
     def prefill_step(self, slot: int) -> int | None:
@@ -217,7 +221,7 @@ class Engine:
         final = start + len(chunk) == len(ids)
         if final and prefill.sampled:  # the chunk program draws at the slot's index and sets it to 1
             self.state = _set_sampled(self.state, jnp.int32(slot), jnp.int32(prefill.sampled))
-        inputs = self._inputs()
+        inputs = self._inputs((start, start + len(chunk)), [(slot, prefill.sequence.epoch)])
         forced = self._forced([slot], start + np.arange(size)[None])
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
                 jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
@@ -236,6 +240,7 @@ class Engine:
             self.state = _set_sampled(self.state, jnp.int32(slot), jnp.int32(prefill.sampled + 1))
         del self._prefills[slot]
         self._sequences[slot] = sequence
+        self._follow(slot, sequence.epoch, int(token))
         return int(token)
 
     @property
@@ -283,6 +288,7 @@ class Engine:
             guesses = _concat(sequence.guesses, self.cfg.top_k) if sequence.guesses else None
             self._finished.append((experts, guesses))
         if self.manager is not None:
+            self.manager.forget((slot, sequence.epoch))
             self.manager.end_sequence(experts, sequence.task)
 
     @property
@@ -308,7 +314,7 @@ class Engine:
         slot_ids[: len(chosen)] = chosen
         active = np.arange(rows) < len(chosen)
         longest = max(self._sequences[s].length for s in chosen) + 1
-        inputs = self._inputs()
+        inputs = self._inputs(owners=[(s, self._sequences[s].epoch) for s in chosen])
         forced = self._forced([int(s) if a else -1 for s, a in zip(slot_ids, active)],
                               np.array([[self._sequences[s].length] if a else [0] for s, a in zip(slot_ids, active)]))
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active, forced)
@@ -337,10 +343,18 @@ class Engine:
             if sequence is None or sequence.epoch != epoch:
                 continue  # released since the step was dispatched
             sequence.queue.append(int(tokens[row]))
+            self._follow(slot, epoch, int(tokens[row]))
             sequence.routing.append(routing[:, row : row + 1])
             if guesses is not None:
                 sequence.guesses.append(guesses[:, row : row + 1])
         self._observe(routing[:, : len(step.rows)], np.asarray(step.resident))
+
+    def _follow(self, slot: int, epoch: int, token: int) -> None:
+        """A sequence's new token, for the predictors that follow it (run-ahead, predicted routing)."""
+        if self.manager is not None:
+            self.manager.extend((slot, epoch), token)
+        if hasattr(self.routing_override, "extend"):
+            self.routing_override.extend(slot, token)
 
     def _observe(self, routing: np.ndarray, resident: np.ndarray) -> None:
         """Hands a finished step's routing [L, n, k] (real tokens) to the host-side manager."""
@@ -497,8 +511,9 @@ class Engine:
                 tokens = np.zeros(size, np.int32)
                 tokens[: len(chunk)] = chunk
                 inputs = self._inputs()
+                forced = self._forced([slot], start + np.arange(size)[None])
                 args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
-                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True), None)
+                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True), forced)
                 static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=True)
                 _, _, _, _, self.cache, self.slab, self.kv, self.state, logits = self._program("prefill", static, args)(*args)
                 rows.append(np.asarray(logits)[: len(chunk)])
@@ -518,6 +533,30 @@ class Engine:
         lookahead = np.full_like(experts, -1)
         lookahead[1:] = guesses[:-1]  # row m of the guesses is made at layer m, for layer m + 1
         return experts, lookahead
+
+    def use_predictor(self, predictor, predict_every: int = 1) -> None:
+        """Runs `predictor` (`moejax.predictors`, trained on this model's traces) on a host thread ahead of
+        the steps: the experts it predicts for a step's tokens are fetched when the step begins (offload
+        'cached' with prefetch 'predictor'). Lossless: outputs do not change. `close()` stops the thread.
+        predict_every: a per-request (emoe) predictor runs for one prompt in this many (`RunAhead`)."""
+        from moejax.predictors.run_ahead import RunAhead
+
+        if self.manager is None or self.manager.prefetch != "predictor":
+            raise ParameterError("a predictor prefetches with {offload} cached and {prefetch} predictor")
+        shape = (len(self.cfg.moe_layer_ids), self.cfg.num_experts)
+        if (predictor.num_layers, predictor.num_experts) != shape:
+            raise ParameterError("{predicted} is for {layers} MoE layers of {experts} experts, the model has {shape}",
+                                 layers=predictor.num_layers, experts=predictor.num_experts,
+                                 shape=f"{shape[0]} of {shape[1]}")
+        run_ahead = RunAhead(predictor, predict_every)
+        self.manager.close()
+        self.manager.run_ahead = run_ahead
+
+    def close(self) -> None:
+        """Stops the engine's helper threads (the run-ahead predictor); the engine stays usable without them."""
+        if self.manager is not None:
+            self.manager.close()
+            self.manager.run_ahead = None
 
     def record_guesses(self) -> None:
         """Makes the steps also compute each MoE layer's guess of the next one's routing (for `routing`),

@@ -9,7 +9,8 @@ from moejax.errors import ParameterError
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 CACHE_POLICIES = ("lru", "lfu", "fifo", "lifo", "activation")
-PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
+PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead", "predictor")
+STEP_PREFETCHERS = ("trace", "trace+lookahead", "predictor")  # stage experts when a step begins
 DEFAULT_BUDGET = "0.25"
 
 
@@ -27,12 +28,13 @@ class OffloadConfig:
         next use is expected farthest away, from activation frequency and layer position).
     prefetch: 'none', 'lookahead' (the next MoE layer's router applied one layer early; its guessed experts
         are fetched right away), 'trace' (the host matches the running sequences' activations against a
-        trace collection and the next step fetches the likeliest experts when it begins) or
-        'trace+lookahead'.
+        trace collection and the next step fetches the likeliest experts when it begins),
+        'trace+lookahead', or 'predictor' (a learned predictor, `Engine.use_predictor`, predicts on a host
+        thread the experts of the next steps' tokens; they are fetched when the step begins).
     prefetch_per_layer: most experts the lookahead fetches per MoE layer step (default: the model's top-k).
-    prefetch_per_step: most experts the trace prefetcher fetches per step (default: 2 x top-k).
-    prefetch_floor: the trace prefetcher proposes only experts whose probability of use is at least this
-        (default 0.02).
+    prefetch_per_step: most experts the trace prefetcher or the predictor fetches per step (default: 2 x top-k).
+    prefetch_floor: the trace prefetcher and the predictor propose only experts whose probability of use
+        is at least this (default 0.02).
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
         trace prefetcher and the activation policy; without one they learn from the sequences run.
     """
@@ -60,18 +62,19 @@ class OffloadConfig:
         if self.prefetch != "none" and self.mode != "cached":
             raise ParameterError("{prefetch} {name!r} fills the expert cache: it needs {offload} cached (not {mode!r})",
                                  name=self.prefetch, mode=self.mode)
-        for parameter, value, reader in (("prefetch_per_layer", self.prefetch_per_layer, "lookahead"),
-                                         ("prefetch_per_step", self.prefetch_per_step, "trace")):
+        for parameter, value, readers in (("prefetch_per_layer", self.prefetch_per_layer, ("lookahead", "trace+lookahead")),
+                                          ("prefetch_per_step", self.prefetch_per_step, STEP_PREFETCHERS)):
             if value is None:
                 continue
-            if reader not in self.prefetch:
-                raise ParameterError("{" + parameter + "} applies to {prefetch} " + reader + " or trace+lookahead, not {name!r}",
+            if self.prefetch not in readers:
+                raise ParameterError("{" + parameter + "} applies to {prefetch} " + ", ".join(readers[:-1]) + " or "
+                                     + readers[-1] + ", not {name!r}",
                                      name=self.prefetch)
             if value < 0:
                 raise ParameterError("{" + parameter + "} must be >= 0 (got {value})", value=value)
         if self.prefetch_floor is not None:
-            if not self.prefetch.startswith("trace"):
-                raise ParameterError("{prefetch_floor} applies to {prefetch} trace or trace+lookahead, not {name!r}",
+            if self.prefetch not in STEP_PREFETCHERS:
+                raise ParameterError("{prefetch_floor} applies to {prefetch} trace, trace+lookahead or predictor, not {name!r}",
                                      name=self.prefetch)
             if not 0 <= self.prefetch_floor <= 1:
                 raise ParameterError("{prefetch_floor} must be a probability in [0, 1], got {floor}", floor=self.prefetch_floor)

@@ -16,6 +16,8 @@ import numpy as np
 
 from moejax.errors import MoejaxError
 from moejax.offload import device_cache as dc
+from moejax.predictors.base import request_probabilities
+from moejax.predictors.run_ahead import NEXT, PROMPT
 from moejax.routing.prefetchers import DEFAULT_FLOORS, make_prefetcher
 from moejax.routing.eams import EAMCollection
 from moejax.routing.usage import ExpertUsage
@@ -23,7 +25,7 @@ from moejax.routing.usage import ExpertUsage
 # The policies a user picks, and the device policy each runs as ("activation" is the priority policy with
 # the activation-aware scores; "belady" too, with scores from the known future: lab and benchmarks only).
 POLICIES = {"lru": "lru", "lfu": "lfu", "fifo": "fifo", "lifo": "lifo", "activation": "priority"}
-PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead")
+PREFETCHERS = ("none", "lookahead", "trace", "trace+lookahead", "predictor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +81,10 @@ class OffloadManager:
     """Host-side decisions for a cached engine (and the lab's replay of one).
 
     policy: a name of `POLICIES`; prefetch: a name of `PREFETCHERS`; staged_per_step: most experts the
-    trace prefetchers stage per step; collection: the EAM collection the trace prefetcher and the
-    activation scores read, to which finished sequences are added; device: where inputs go (None: the
+    trace prefetchers and the predictor stage per step (the predictor: the likeliest experts of the next
+    step's tokens that are not resident, from the per-token probabilities given to `start_sequence` in the
+    lab, from the run-ahead thread in the engine); collection: the EAM collection the trace prefetcher and
+    the activation scores read, to which finished sequences are added; device: where inputs go (None: the
     default device).
     """
 
@@ -102,7 +106,13 @@ class OffloadManager:
             self.prefetcher = make_prefetcher("trace", num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                                               collection=self.collection,
                                               floor=DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor)
-        self.staged_per_step = staged_per_step if self.prefetcher is not None else 0
+        self.staged_per_step = staged_per_step if self.prefetcher is not None or prefetch == "predictor" else 0
+        self.predictor_floor = DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor
+        self.predicted: np.ndarray | None = None  # the sequence's per-token probabilities [T, L, E] (predictor)
+        self._resident: np.ndarray | None = None
+        self.run_ahead = None  # predictors.run_ahead.RunAhead: the engine's prediction thread (predictor)
+        self._prompts: dict = {}  # owner -> the run-ahead's prediction of its prompt [T, L, E]
+        self._tokens: dict = {}  # owner -> its token ids so far
         self.device = device or jax.devices()[0]
         self._pending = StepInputs(priorities=self._priorities())  # what a step before any sequence gets
 
@@ -116,16 +126,20 @@ class OffloadManager:
 
     @property
     def reads_residency(self) -> bool:
-        """Whether `observe` reads what is resident (the trace prefetcher stages only experts that are not)."""
-        return self.prefetcher is not None
+        """Whether `observe` reads what is resident (the trace prefetcher and the predictor stage only experts
+        that are not)."""
+        return self.prefetcher is not None or self.prefetch == "predictor"
 
     @property
     def learns(self) -> bool:
         """Whether steps' inputs depend on the routing observed (activation scores, trace prefetcher): if
         not, steps can run without the manager (`offload.replay.Replayer.run`)."""
-        return self.scores is not None or self.prefetcher is not None
+        return self.scores is not None or self.reads_residency
 
-    def start_sequence(self, task: str | None = None) -> None:
+    def start_sequence(self, task: str | None = None, predicted: np.ndarray | None = None) -> None:
+        """A new sequence; predicted: its tokens' expert probabilities [T, L, E] (`predictors.base.Predictor`),
+        which the predictor prefetcher stages from."""
+        self.predicted, self._resident = predicted, None
         if self.scores is not None:
             self.scores.start_sequence(task)
         if self.prefetcher is not None:
@@ -151,6 +165,7 @@ class OffloadManager:
         encoding): not observed."""
         if self.scores is not None:
             self.scores.observe(counts)
+        self._resident = resident
         staged_keys = None
         if self.prefetcher is not None:
             for layer in range(self.num_layers):
@@ -179,8 +194,71 @@ class OffloadManager:
             return None
         return self._put(dc.Priorities(*self.scores.tables()))
 
-    def next_inputs(self) -> StepInputs:
-        """The inputs for the next step dispatched (staged prefetches are handed out once)."""
+    # -- the engine's run-ahead predictor (prefetch 'predictor'); owners name sequences ------------------
+    def expect_prompt(self, owner, token_ids) -> None:
+        """A prompt about to be prefilled: the run-ahead starts predicting its experts."""
+        if self.run_ahead is not None:
+            self._tokens[owner] = list(token_ids)
+            self.run_ahead.submit(owner, PROMPT, token_ids)
+
+    def extend(self, owner, token: int) -> None:
+        """A new token of `owner`'s sequence: predict the experts of the step after the one it feeds."""
+        if self.run_ahead is not None and owner in self._tokens:
+            self._tokens[owner].append(token)
+            self.run_ahead.submit(owner, NEXT, self._tokens[owner])
+
+    def forget(self, owner) -> None:
+        self._prompts.pop(owner, None)
+        self._tokens.pop(owner, None)
+        if self.run_ahead is not None:
+            self.run_ahead.forget(owner)
+
+    def close(self) -> None:
+        """Stops the run-ahead thread (if any) and waits for it."""
+        if self.run_ahead is not None:
+            self.run_ahead.close()
+
+    def _run_ahead_rows(self, owners, tokens: tuple[int, int] | None) -> np.ndarray | None:
+        """The finished predictions [n, L, E] for a step: prompt rows [start, stop) of the one owner of a
+        prefill chunk (`tokens`), or the next token of each owner of a decode step; None if none is ready."""
+        if tokens is not None:
+            owner = owners[0]
+            if owner not in self._prompts:
+                ready = self.run_ahead.take(owner, PROMPT)
+                if ready is None:
+                    return None
+                self._prompts[owner] = ready
+            return self._prompts[owner][tokens[0] : tokens[1]]
+        rows = [r for r in (self.run_ahead.take(owner, NEXT) for owner in owners) if r is not None]
+        return np.concatenate(rows) if rows else None
+
+    def next_inputs(self, tokens: tuple[int, int] | None = None, owners=None) -> StepInputs:
+        """The inputs for the next step dispatched (staged prefetches are handed out once). For the predictor:
+        tokens, the positions [start, stop) of the sequence's tokens a prompt step runs (the lab's sequence, or
+        the one of `owners`); owners, the sequences of an engine step (the run-ahead's finished predictions)."""
         inputs = self._pending
         self._pending = dataclasses.replace(inputs, staged_keys=None)
+        rows = None
+        if self.predicted is not None and tokens is not None:
+            rows = self.predicted[tokens[0] : tokens[1]]
+        elif self.run_ahead is not None and owners:
+            rows = self._run_ahead_rows(owners, tokens)
+        if rows is not None:
+            inputs = dataclasses.replace(inputs, staged_keys=self._predicted_keys(rows))
         return inputs
+
+    def _predicted_keys(self, rows: np.ndarray):
+        """The predictor's staged keys for a step's tokens' probabilities [n, L, E]: the likeliest experts of
+        any of them (at least `predictor_floor`), not resident after the last step read, best first (None: none)."""
+        if not len(rows):
+            return None
+        flat = request_probabilities(rows).reshape(-1)  # some token of the step uses it
+        if self._resident is not None:
+            flat = np.where(self._resident.reshape(-1), 0.0, flat)
+        order = np.argsort(-flat, kind="stable")[: self.staged_per_step]
+        keys = [int(k) for k in order if flat[k] >= self.predictor_floor and flat[k] > 0]
+        if not keys:
+            return None
+        padded = np.full(self.staged_per_step, -1, np.int32)
+        padded[: len(keys)] = keys
+        return self._put(padded)

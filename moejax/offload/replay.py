@@ -219,15 +219,17 @@ class Replayer:
         counts = np.bincount(flat, minlength=L * (E + 1)).reshape(L, E + 1)[:, :E]
         self.manager.observe(counts, None if resident is None else np.asarray(resident))
 
-    def sequence(self, experts: np.ndarray, prompt_len: int, guesses: np.ndarray | None = None, task: str | None = None) -> None:
+    def sequence(self, experts: np.ndarray, prompt_len: int, guesses: np.ndarray | None = None, task: str | None = None,
+                 predicted: np.ndarray | None = None) -> None:
         """experts int [L, T, k]: a sequence's routing (its first `prompt_len` tokens the prompt, then one token
         per decode step); guesses [L, T, k]: what each MoE layer's router guessed for the next one (row m: for
-        layer m + 1; None: no lookahead); task: its label for the manager's collection.
+        layer m + 1; None: no lookahead); task: its label for the manager's collection; predicted: the
+        predictor's probabilities [T, L, E] for the manager's predictor prefetcher.
 
         A manager that does not read what is resident (no trace prefetcher) gives each step inputs that the
         routing alone decides: they are all taken first, on the same schedule, and the steps then run many
         per call."""
-        self.manager.start_sequence(task)
+        self.manager.start_sequence(task, predicted)
         plan = not self.manager.reads_residency
         steps = sequence_steps(experts.shape[1], prompt_len, self.prefill_chunk)
         planned = []  # with `plan`: each step's priorities
@@ -236,7 +238,7 @@ class Replayer:
             decode = start >= prompt_len
             if decode and len(in_flight) == PIPELINE_DEPTH:
                 self._observe(*in_flight.pop(0))
-            inputs = self.manager.next_inputs()
+            inputs = self.manager.next_inputs((start, stop))
             if plan:
                 planned.append(inputs.priorities)
                 resident = None

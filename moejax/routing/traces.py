@@ -23,7 +23,9 @@ class RoutingTrace:
     seq_lens: int64 [S] tokens per sequence, summing to T; tasks: a label per sequence, or None;
     lookahead: int16 [L, T, k] or None: row l holds the experts MoE layer l's router picked when
     applied to MoE layer l-1's input (one layer early); row 0 is unused (-1); prompt_lens: int64 [S] or
-    None: how many of each sequence's tokens were its prompt (the rest were generated one per step).
+    None: how many of each sequence's tokens were its prompt (the rest were generated one per step);
+    token_ids: int32 [T] or None: each token's id; router_probs: float32 [L, T, k] or None: the router's
+    probability (softmax over all experts) of each chosen expert, the soft labels the predictors distil.
     """
 
     experts: np.ndarray
@@ -32,6 +34,8 @@ class RoutingTrace:
     tasks: list[str | None] | None = None
     lookahead: np.ndarray | None = None
     prompt_lens: np.ndarray | None = None
+    token_ids: np.ndarray | None = None
+    router_probs: np.ndarray | None = None
 
     def __post_init__(self):
         self.experts = np.asarray(self.experts)
@@ -44,6 +48,18 @@ class RoutingTrace:
             self.lookahead = np.asarray(self.lookahead).astype(np.int16)
         if self.prompt_lens is not None:
             self.prompt_lens = np.asarray(self.prompt_lens).astype(np.int64)
+        if self.token_ids is not None:
+            self.token_ids = np.asarray(self.token_ids)
+            if self.token_ids.shape != self.experts.shape[1:2] or not np.issubdtype(self.token_ids.dtype, np.integer):
+                raise MoejaxError(f"routing trace: token_ids must be integers [{self.experts.shape[1]}], got "
+                                  f"{self.token_ids.dtype} {self.token_ids.shape}")
+            self.token_ids = self.token_ids.astype(np.int32)
+        if self.router_probs is not None:
+            self.router_probs = np.asarray(self.router_probs)
+            if self.router_probs.shape != self.experts.shape or not np.issubdtype(self.router_probs.dtype, np.floating):
+                raise MoejaxError(f"routing trace: router_probs must be floats shaped like experts {self.experts.shape}, "
+                                  f"got {self.router_probs.dtype} {self.router_probs.shape}")
+            self.router_probs = self.router_probs.astype(np.float32)
 
     @property
     def num_layers(self) -> int:
@@ -74,6 +90,8 @@ class RoutingTrace:
             tasks=None if self.tasks is None else self.tasks[start:stop],
             lookahead=None if self.lookahead is None else self.lookahead[:, tokens],
             prompt_lens=None if self.prompt_lens is None else self.prompt_lens[start:stop],
+            token_ids=None if self.token_ids is None else self.token_ids[tokens],
+            router_probs=None if self.router_probs is None else self.router_probs[:, tokens],
         )
 
     def sequence_eams(self) -> np.ndarray:
@@ -106,6 +124,10 @@ class RoutingTrace:
             arrays["lookahead"] = self.lookahead
         if self.prompt_lens is not None:
             arrays["prompt_lens"] = self.prompt_lens
+        if self.token_ids is not None:
+            arrays["token_ids"] = self.token_ids
+        if self.router_probs is not None:
+            arrays["router_probs"] = self.router_probs
         write_npz_atomic(path, arrays)
 
 
@@ -138,7 +160,7 @@ def _check_routing(where, experts, seq_lens, num_experts, tasks, lookahead, prom
 def load_routing(path: str | Path) -> RoutingTrace:
     """Reads a routing trace: moejax's own files (routing.npz, or the directory `moejax trace` wrote),
     or any npz with `experts` [L, T, k] and `seq_lens` [S] (optional: `num_experts`, `tasks`, `lookahead`,
-    `prompt_lens`).
+    `prompt_lens`, `token_ids`, `router_probs`).
 
     Without a `num_experts` array, the number of experts is the largest id + 1 rounded up to a multiple
     of 4 (expert counts of real MoE models are: 8, 16, 60, 64, 128, 160, 256, ...); experts never
@@ -169,6 +191,7 @@ def load_routing(path: str | Path) -> RoutingTrace:
             raise MoejaxError(f"{path}: tasks must be [{len(seq_lens)}] like seq_lens, got {labels.shape}")
         tasks = [str(t) if keep else None for t, keep in zip(labels, labelled, strict=True)]
     try:
-        return RoutingTrace(experts, seq_lens, num_experts, tasks, arrays.get("lookahead"), arrays.get("prompt_lens"))
+        return RoutingTrace(experts, seq_lens, num_experts, tasks, arrays.get("lookahead"), arrays.get("prompt_lens"),
+                            arrays.get("token_ids"), arrays.get("router_probs"))
     except MoejaxError as err:
         raise MoejaxError(f"{path}: {str(err).removeprefix('routing trace: ')}") from None

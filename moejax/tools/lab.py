@@ -96,8 +96,12 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
            prefetch_per_layer: int | None = None, prefetch_per_step: int | None = None,
            prefetch_floor: float | None = None, collection: EAMCollection | None = None,
            lookahead_accuracy: float | None = None, expert_bytes: int | None = None, seed: int = 0,
-           show_progress: bool = False) -> dict:
+           predicted: list[np.ndarray] | None = None, show_progress: bool = False) -> dict:
     """Replays `trace` once; returns the metrics as a JSON-ready dict (see the module docstring).
+
+    predicted: for `prefetch` "predictor", each sequence's per-token expert probabilities [T_s, L, E]
+    (`predictor_probabilities`); the predictor stages up to `prefetch_per_step` of the next step's
+    likeliest experts when it begins.
 
     collection: the EAM collection the activation policy and the trace prefetcher start from (copied: the
     replayed sequences join the copy, as they would join the engine's). Bad values raise ParameterError
@@ -110,9 +114,15 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         )
     if policy not in POLICIES:
         raise ParameterError.not_one_of("policy", policy, POLICIES)
-    OffloadConfig(mode="cached", cache_policy=None if policy == "belady" else policy, prefetch=prefetch,
-                  prefetch_per_layer=prefetch_per_layer, prefetch_per_step=prefetch_per_step,
-                  prefetch_floor=prefetch_floor)  # the engine's checks of the prefetch options
+    if prefetch == "predictor":
+        if predicted is None:
+            raise ParameterError("{prefetch} predictor needs a predictor ({predicted})")
+        if prefetch_per_layer is not None:
+            raise ParameterError("{prefetch_per_layer} applies to the lookahead prefetchers, not the predictor")
+    else:
+        OffloadConfig(mode="cached", cache_policy=None if policy == "belady" else policy, prefetch=prefetch,
+                      prefetch_per_layer=prefetch_per_layer, prefetch_per_step=prefetch_per_step,
+                      prefetch_floor=prefetch_floor)  # the engine's checks of the prefetch options
     capacity = capacity_experts(trace, capacity_fraction)
     if expert_bytes is not None and expert_bytes < 1:
         raise ParameterError("{expert_bytes} must be a positive number of bytes, got {value}", value=expert_bytes)
@@ -143,7 +153,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         for s in range(trace.num_sequences):
             tokens = slice(int(offsets[s]), int(offsets[s + 1]))
             replayer.sequence(experts[:, tokens], int(prompt_lens[s]), None if guesses is None else guesses[:, tokens],
-                              None if trace.tasks is None else trace.tasks[s])
+                              None if trace.tasks is None else trace.tasks[s],
+                              None if prefetch != "predictor" else predicted[s])
             progress.advance(int(trace.seq_lens[s]))
     else:
         replayer.run(experts, bounds, guesses, advance=progress.advance)
@@ -169,7 +180,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         "evictions": total["evictions"],
         "prefetch_per_layer": lookahead,
         "prefetch_per_step": manager.staged_per_step,
-        "prefetch_floor": None if manager.prefetcher is None else manager.prefetcher.min_probability,
+        "prefetch_floor": (manager.predictor_floor if prefetch == "predictor" else
+                           None if manager.prefetcher is None else manager.prefetcher.min_probability),
         "prefetch_issued": issued,
         "prefetch_staged": total["prefetch_staged"],
         "prefetch_used": used,
@@ -186,6 +198,38 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         result["lookahead_source"] = lookahead_source
         result["lookahead_accuracy"] = lookahead_accuracy
     return result
+
+
+def named_predictor(name: str, data):
+    """The baseline predictor `name` reads from the trace itself ('lookahead': its recorded guess, the first
+    MoE layer falling back to the trace's own expert frequency), fitted on `data`; None for any other name
+    (a predictor directory)."""
+    from moejax.predictors.base import LookaheadPredictor
+
+    if name != LookaheadPredictor.name or Path(name).exists():
+        return None
+    predictor = LookaheadPredictor(data.trace.num_layers, data.trace.num_experts, data.trace.top_k)
+    predictor.fit(data)
+    return predictor
+
+
+def predictor_probabilities(predictor, data, show_progress: bool = False) -> list[np.ndarray]:
+    """Per sequence of `data` (`predictors.data.TraceData`), the probabilities [T_s, L, E] the predictor gives
+    its tokens before their steps run (`predictors.base.known_token_probabilities`): the prompt whole, then
+    each generated token from the tokens before it. A trace without prompt lengths is a prompt throughout
+    (a prefill trace)."""
+    from moejax.predictors.base import known_token_probabilities
+
+    predictor.check_fits(data)
+    trace = data.trace
+    prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else trace.seq_lens
+    progress = Progress("predict", trace.num_sequences, enabled=show_progress)
+    out = []
+    for s, (tokens, experts, _, lookahead) in enumerate(data.sequences()):
+        out.append(known_token_probabilities(predictor, tokens, int(prompt_lens[s]), experts, lookahead))
+        progress.advance()
+    progress.close()
+    return out
 
 
 def parse_range(text: str | None, count: int, flag: str) -> tuple[int, int]:

@@ -4,8 +4,10 @@ Writes the output directory all at once (built under a temporary name, then rena
   eams.npz      the activation-matrix collection (one EAM [MoE layers, experts] per prompt, with its
                 task), which `--prefetch trace`, `--cache-policy activation` and `moejax lab --fit` read;
   routing.npz   per-token routing: experts [MoE layers, tokens, k] of all sequences concatenated, with
-                seq_lens, prompt_lens (decoder-only models) and tasks (the layout `moejax lab --traces`
-                replays), and the lookahead guess of every layer (the next MoE layer's router one layer early);
+                seq_lens, prompt_lens and token_ids (decoder-only models) and tasks (the layout `moejax lab
+                --traces` replays, and `moejax train-predictor` learns from), and the lookahead guess of
+                every layer (the next MoE layer's router one layer early); with `--router-probs`, the
+                router's probability of every chosen expert (router_probs, for distillation);
   summary.json  counts, per-task expert usage, and the lookahead guess's accuracy.
 """
 
@@ -109,14 +111,17 @@ def trace_prompts(
         routing = engine.executor.routing
     num_moe = len(cfg.moe_layer_ids)
     collection = EAMCollection(num_moe, cfg.num_experts, capacity=max(len(prompts), 1))
-    experts, lookaheads, seq_lens, prompt_lens, tasks = [], [], [], [], []
+    experts, lookaheads, seq_lens, prompt_lens, tasks, token_ids = [], [], [], [], [], []
     progress = Progress("trace prompts", len(prompts), enabled=show_progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         chunk_tasks = [task for _, task in chunk]
-        engine.generate([p for p, _ in chunk], config, tasks=chunk_tasks)
+        result = engine.generate([p for p, _ in chunk], config, tasks=chunk_tasks)
         for b, task in enumerate(chunk_tasks):
             routed, lookahead = routing(b)
+            if decoder_only:  # the routed tokens: the prompt, then the new tokens fed back (not the last one)
+                prompt_ids = engine.encode(chunk[b][0])[0]
+                token_ids.append(np.asarray(prompt_ids + result.tokens[b], np.int32)[: routed.shape[1]])
             experts.append(routed)
             lookaheads.append(lookahead)
             seq_lens.append(routed.shape[1])
@@ -131,8 +136,47 @@ def trace_prompts(
     trace = RoutingTrace(
         experts=np.concatenate(experts, axis=1), seq_lens=np.asarray(seq_lens, np.int64), num_experts=cfg.num_experts,
         tasks=tasks, lookahead=lookahead, prompt_lens=np.asarray(prompt_lens, np.int64) if decoder_only else None,
+        token_ids=np.concatenate(token_ids) if decoder_only else None,
     )
     return trace, collection, summarize(trace, collection)
+
+
+def router_probabilities(checkpoint_path: Path, token_ids: np.ndarray, seq_lens: np.ndarray,
+                         experts: np.ndarray) -> np.ndarray:
+    """float32 [L, T, k]: the router's probability (softmax over all experts) of each expert in `experts`
+    [L, T, k] (ids >= num_experts: 0), from a teacher-forced pass of the whole-model program over each
+    sequence's tokens (`token_ids` [T], sequences of `seq_lens`). Every expert is loaded: for models that fit
+    in memory (the step programs return only the chosen ids, not their weights)."""
+    import jax
+
+    from moejax import checkpoint
+    from moejax.engine.buckets import next_power_of_two
+    from moejax.models.decoder import empty_kv_caches, forward_with_router_logits
+
+    cfg = checkpoint.load_config(checkpoint_path)
+    weights = jax.device_put((checkpoint.load_globals(checkpoint_path),
+                              [checkpoint.load_layer(checkpoint_path, i) for i in range(cfg.num_layers)],
+                              [checkpoint.load_stacked_experts(checkpoint_path, cfg, i) if cfg.moe_layers[i] else None
+                               for i in range(cfg.num_layers)]))
+
+    @jax.jit
+    def softmax_routers(weights, tokens):
+        positions = jax.numpy.arange(tokens.shape[1], dtype=np.int32)[None]
+        _, _, logits = forward_with_router_logits(cfg, *weights, tokens, empty_kv_caches(cfg, 1, tokens.shape[1]),
+                                                  positions)
+        return jax.numpy.stack([jax.nn.softmax(x.astype(np.float32), axis=-1) for x in logits])  # [L, T, E]
+
+    out = np.zeros(experts.shape, np.float32)
+    start = 0
+    for length in seq_lens.tolist():
+        tokens = np.zeros((1, next_power_of_two(max(length, 1), 16)), np.int32)
+        tokens[0, :length] = token_ids[start : start + length]
+        probs = np.asarray(softmax_routers(weights, tokens))[:, :length]
+        ids = experts[:, start : start + length].astype(np.int64)
+        valid = ids < cfg.num_experts
+        out[:, start : start + length] = np.where(valid, np.take_along_axis(probs, np.where(valid, ids, 0), -1), 0.0)
+        start += length
+    return out
 
 
 def lookahead_accuracy(experts: np.ndarray, lookahead: np.ndarray, num_experts: int) -> float:

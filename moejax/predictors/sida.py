@@ -1,0 +1,435 @@
+"""SiDA's learned per-token expert predictor (Flax + optax), and eMoE's per-request one on the same encoder.
+
+The network (`RoutingNet`): token embeddings [T, embed] (the predictor's vocabulary; strings it never saw,
+and rare ones in training, share id 0), an LSTM over them, `hidden` units per direction, then one
+dense layer to logits [T, MoE layers, experts]. Bidirectional (the default) reads the whole window: right
+for a prompt, which is known entirely before its prefill runs; `causal` reads only the tokens so far,
+as decoding must (token t's prediction is ready when token t is). Sequences are cut into windows of
+`context` tokens, in training and prediction alike.
+
+Training (`fit`): per (token, MoE layer), a softmax over the experts is fitted by cross-entropy to the
+teacher's distribution truncated to the experts it chose: the router's probabilities of its top-k
+renormalised (knowledge distillation), where the trace recorded them, else uniform over the chosen
+experts (hard labels). Adam with weight decay; the sequences split into training and validation (the
+last `validation` share of them); the epoch with the best validation top-k recall is kept.
+
+`EMoEPredictor` pools the encoder over the prompt (mean over its tokens) and predicts, per MoE layer, the
+share of the request's routing each expert gets (cross-entropy to the request's shares).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import zlib
+from collections import Counter
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moejax.errors import MoejaxError
+from moejax.predictors.base import Predictor, request_probabilities, used_mask
+from moejax.predictors.data import TraceData
+from moejax.progress import Progress
+
+UNKNOWN = 0  # the id of strings outside the vocabulary
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """embed, hidden: widths; layers: stacked LSTMs; causal: read only earlier tokens; context: window
+    length in tokens; min_count: occurrences a string needs to join the vocabulary; epochs; batch_tokens:
+    tokens per optimiser step (windows padded); learning_rate; weight_decay; dropout of the encoder's
+    output in training; validation: share of the sequences held out; seed; ngram_buckets: hashed
+    character n-gram embeddings added to each token's (0: none), which give strings outside the
+    vocabulary their spelling."""
+
+    embed: int = 128
+    hidden: int = 256
+    layers: int = 1
+    causal: bool = False
+    context: int = 128
+    min_count: int = 1
+    epochs: int = 8
+    batch_tokens: int = 512
+    learning_rate: float = 5e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.2
+    validation: float = 0.1
+    seed: int = 0
+    ngram_buckets: int = 1 << 14
+
+
+class RoutingNet(nn.Module):
+    """ids int32 [B, W], grams int32 [B, W, G] (0: none), lengths int32 [B] -> encoded [B, W, features]
+    (`encode`) -> logits [B, W, L, E]."""
+
+    vocab_size: int
+    ngram_buckets: int
+    num_layers: int
+    num_experts: int
+    embed: int
+    hidden: int
+    layers: int
+    causal: bool
+
+    def setup(self):
+        self.embedding = nn.Embed(self.vocab_size, self.embed)
+        self.grams = nn.Embed(self.ngram_buckets + 1, self.embed) if self.ngram_buckets else None
+        cells = [nn.RNN(nn.OptimizedLSTMCell(self.hidden)) for _ in range(self.layers)]
+        if self.causal:
+            self.encoders = cells
+        else:
+            backward = [nn.RNN(nn.OptimizedLSTMCell(self.hidden), reverse=True, keep_order=True)
+                        for _ in range(self.layers)]
+            self.encoders = [nn.Bidirectional(f, b) for f, b in zip(cells, backward, strict=True)]
+        self.head = nn.Dense(self.num_layers * self.num_experts)
+
+    def encode(self, ids, grams, lengths):
+        x = self.embedding(ids)
+        if self.grams is not None:
+            present = (grams > 0)[..., None]
+            x = x + (self.grams(grams) * present).sum(-2) / jnp.maximum(present.sum(-2), 1)
+        features = [x]
+        for encoder in self.encoders:
+            x = encoder(x, seq_lengths=lengths)
+        features.append(x)
+        return jnp.concatenate(features, axis=-1)
+
+    def logits(self, features):
+        return self.head(features).reshape(*features.shape[:-1], self.num_layers, self.num_experts)
+
+    def __call__(self, ids, grams, lengths):
+        return self.logits(self.encode(ids, grams, lengths))
+
+    def pooled(self, ids, grams, lengths):
+        """logits [B, L, E] of the mean of each window's encoded tokens."""
+        return self.logits(_mean_over_tokens(self.encode(ids, grams, lengths), lengths))
+
+
+def _mean_over_tokens(features, lengths):
+    """features [B, W, F] -> [B, F], the mean over each row's first `lengths` tokens."""
+    mask = (jnp.arange(features.shape[1])[None] < lengths[:, None])[..., None]
+    return (features * mask).sum(1) / jnp.maximum(mask.sum(1), 1)
+
+
+MAX_GRAMS = 24  # character n-grams kept per token (the first ones: a long token's beginning says the most)
+
+
+class Vocabulary:
+    """Token strings -> ids 1..n (UNKNOWN = 0 for the rest), and each string's hashed character 2-, 3- and
+    4-grams (ids 1..buckets, 0: none) [MAX_GRAMS]."""
+
+    def __init__(self, strings: list[str], ngram_buckets: int = 0):
+        self.strings = list(strings)
+        self.index = {s: i + 1 for i, s in enumerate(self.strings)}
+        self.ngram_buckets = ngram_buckets
+        self._grams: dict[str, np.ndarray] = {}
+
+    def grams(self, tokens: list[str]) -> np.ndarray:
+        """int32 [T, MAX_GRAMS]."""
+        out = np.zeros((len(tokens), MAX_GRAMS), np.int32)
+        if not self.ngram_buckets:
+            return out
+        for t, token in enumerate(tokens):
+            row = self._grams.get(token)
+            if row is None:
+                text = f"\x02{token}\x03".encode()
+                hashes = [zlib.crc32(text[i : i + n]) % self.ngram_buckets + 1
+                          for n in (2, 3, 4) for i in range(len(text) - n + 1)][:MAX_GRAMS]
+                row = self._grams[token] = np.array(hashes, np.int32)
+            out[t, : len(row)] = row
+        return out
+
+    @classmethod
+    def build(cls, sequences: list[list[str]], min_count: int, ngram_buckets: int) -> Vocabulary:
+        counts = Counter(t for seq in sequences for t in seq)
+        return cls(sorted(s for s, c in counts.items() if c >= min_count), ngram_buckets)
+
+    def __len__(self) -> int:
+        return len(self.strings) + 1
+
+    def ids(self, tokens: list[str]) -> np.ndarray:
+        return np.array([self.index.get(t, UNKNOWN) for t in tokens], np.int32)
+
+
+def _windows(length: int, context: int) -> list[tuple[int, int]]:
+    return [(start, min(start + context, length)) for start in range(0, length, context)]
+
+
+def _bucket(length: int, context: int) -> int:
+    """Padded window length: the next power of two >= 16, at most `context` (few compiled shapes)."""
+    size = 16
+    while size < length:
+        size *= 2
+    return min(size, context) if length <= context else length
+
+
+class _Network:
+    """A RoutingNet with its parameters: jitted prediction, a window at a time."""
+
+    def __init__(self, net: RoutingNet, params, context: int):
+        self.net, self.params, self.context = net, params, context
+        self._tokens = jax.jit(lambda params, *inputs: jax.nn.softmax(net.apply({"params": params}, *inputs)))
+        self._pooled = jax.jit(lambda params, *inputs: jax.nn.softmax(
+            net.apply({"params": params}, *inputs, method=RoutingNet.pooled)))
+
+    @staticmethod
+    def _window(ids: np.ndarray, grams: np.ndarray, start: int, stop: int, context: int):
+        size = _bucket(stop - start, context)
+        window, window_grams = np.zeros((1, size), np.int32), np.zeros((1, size, MAX_GRAMS), np.int32)
+        window[0, : stop - start], window_grams[0, : stop - start] = ids[start:stop], grams[start:stop]
+        return window, window_grams, np.array([stop - start], np.int32)
+
+    def token_shares(self, ids: np.ndarray, grams: np.ndarray) -> np.ndarray:
+        """float32 [T, L, E]: the softmax over experts of each (token, layer)."""
+        out = [np.asarray(self._tokens(self.params, *self._window(ids, grams, start, stop, self.context))[0, : stop - start])
+               for start, stop in _windows(len(ids), self.context)]
+        if not out:
+            return np.zeros((0, self.net.num_layers, self.net.num_experts), np.float32)
+        return np.concatenate(out)
+
+    def request_shares(self, ids: np.ndarray, grams: np.ndarray) -> np.ndarray:
+        """float32 [L, E]: the predicted share of each layer's routing per expert, from the first window."""
+        stop = min(len(ids), self.context)
+        return np.asarray(self._pooled(self.params, *self._window(ids, grams, 0, stop, self.context))[0])
+
+
+class SiDAPredictor(Predictor):
+    """SiDA's per-token predictor (module docstring)."""
+
+    name = "sida"
+
+    def __init__(self, num_layers, num_experts, top_k, config: TrainingConfig | None = None):
+        super().__init__(num_layers, num_experts, top_k)
+        self.config = config or TrainingConfig()
+        self.network: _Network | None = None
+
+    def _net(self) -> RoutingNet:
+        c = self.config
+        return RoutingNet(len(self.vocab), c.ngram_buckets, self.num_layers, self.num_experts, c.embed, c.hidden,
+                          c.layers, c.causal)
+
+    def fit(self, data: TraceData, show_progress: bool = False) -> dict:
+        """Trains on `data` (the last `config.validation` share of its sequences held out); returns the
+        summary: sizes, and per epoch the mean loss and the validation top-k recall."""
+        from moejax.predictors.quality import top_k_quality
+
+        self.check_fits(data)
+        c = self.config
+        if not 0 <= c.validation < 1:
+            raise MoejaxError(f"the validation share must be in [0, 1), got {c.validation}")
+        if min(c.epochs, c.context, c.batch_tokens, c.embed, c.hidden, c.layers, c.min_count) < 1:
+            raise MoejaxError("epochs, context, batch tokens, widths, layers and min count must all be >= 1")
+        count = data.trace.num_sequences
+        held = int(round(c.validation * count))
+        train, valid = data.select(0, count - held), data.select(count - held, count)
+        if not train.trace.num_sequences or not train.trace.experts.shape[1]:
+            raise MoejaxError(f"{data.source}: no training tokens left after holding out {held} sequences for validation")
+        self.vocab = Vocabulary.build(train.tokens, c.min_count, c.ngram_buckets)
+        batches = self._examples(train)
+        net = self._net()
+        key = jax.random.PRNGKey(c.seed)
+        params = net.init(key, *_example_inputs())["params"]
+        optimizer = optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.epochs * len(batches)),
+                                weight_decay=c.weight_decay)
+        opt_state = optimizer.init(params)
+        step = jax.jit(_train_step(functools.partial(self._batch_loss, net, c.dropout), optimizer))
+        self.network = _Network(net, params, c.context)
+        rng = np.random.default_rng(c.seed)
+        best, history = None, []
+        tokens = sum(int(b["lengths"].sum()) for b in batches)
+        progress = Progress(f"train {self.name}", c.epochs * tokens, "tok", enabled=show_progress)
+        start = time.perf_counter()
+        for epoch in range(c.epochs):
+            losses = []
+            for b in rng.permutation(len(batches)):
+                key, drop = jax.random.split(key)
+                params, opt_state, loss = step(params, opt_state, batches[b], drop)
+                losses.append(float(loss))
+                progress.advance(int(batches[b]["lengths"].sum()),
+                                 note=f"epoch {epoch + 1}/{c.epochs} loss {np.mean(losses):.3f}")
+            self.network.params = params
+            record = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4)}
+            if valid.trace.num_sequences:
+                record["validation_recall"] = round(top_k_quality(self, valid)["predictor_recall"], 4)
+                if best is None or record["validation_recall"] > best[0]:
+                    best = (record["validation_recall"], params)
+            history.append(record)
+        progress.close()
+        if best is not None:
+            self.network.params = best[1]
+        return {"train_sequences": train.trace.num_sequences, "validation_sequences": valid.trace.num_sequences,
+                "vocabulary": len(self.vocab), "soft_labels": data.soft_labels, "epochs": history,
+                "train_s": round(time.perf_counter() - start, 1)}
+
+    @staticmethod
+    def _batch_loss(net: RoutingNet, dropout: float, params, batch: dict, key):
+        """Mean over tokens of the cross-entropy of each layer's softmax over experts against the truncated
+        teacher: batch["experts"] int32 [B, W, L, k] with batch["weights"] [B, W, L, k] (rows sum to 1)."""
+        features = _dropped(net.apply({"params": params}, batch["ids"], batch["grams"], batch["lengths"],
+                                      method=RoutingNet.encode), dropout, key)
+        logp = jax.nn.log_softmax(net.apply({"params": params}, features, method=RoutingNet.logits), axis=-1)
+        per_token = -(jnp.take_along_axis(logp, batch["experts"], axis=-1) * batch["weights"]).sum(axis=(-1, -2))
+        mask = jnp.arange(per_token.shape[1])[None] < batch["lengths"][:, None]
+        return jnp.where(mask, per_token, 0.0).sum() / jnp.maximum(mask.sum(), 1)
+
+    def _examples(self, data: TraceData) -> list[dict]:
+        """Batches of windows of one padded length W: ids [B, W], grams [B, W, G], lengths [B], experts and
+        weights [B, W, L, k]."""
+        windows = []
+        for tokens, experts, probs, _ in data.sequences():
+            ids, grams = self.vocab.ids(tokens), self.vocab.grams(tokens)
+            targets, weights = self._targets(experts, probs)
+            for start, stop in _windows(len(ids), self.config.context):
+                windows.append({"ids": ids[start:stop], "grams": grams[start:stop], "experts": targets[start:stop],
+                                "weights": weights[start:stop]})
+        return _batched(windows, self.config)
+
+    def _targets(self, experts: np.ndarray, probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(experts int32 [T, L, k], weights [T, L, k]): the truncated teacher of each (token, layer)."""
+        experts = np.asarray(experts).transpose(1, 0, 2).astype(np.int64)
+        valid = (experts >= 0) & (experts < self.num_experts)
+        if probs is None:
+            weights = valid.astype(np.float32)
+        else:
+            weights = np.where(valid, np.asarray(probs).transpose(1, 0, 2), 0.0).astype(np.float32)
+        weights /= np.maximum(weights.sum(-1, keepdims=True), 1e-9)
+        return np.where(valid, experts, 0).astype(np.int32), weights
+
+    def _trained(self) -> _Network:
+        if self.network is None:
+            raise MoejaxError(f"the {self.name} predictor is not trained: fit or load it first")
+        return self.network
+
+    def warm_up(self):
+        """Compiles prediction for every padded window length (16, 32, ... up to `context`)."""
+        length = 16
+        while True:
+            self.predict(["warm-up"] * min(length, self.config.context))
+            if length >= self.config.context:
+                return
+            length *= 2
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        shares = self._trained().token_shares(self.vocab.ids(tokens), self.vocab.grams(tokens))
+        return np.minimum(shares * self.top_k, 1.0)
+
+    def state(self):
+        flat = {_name(path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(self._trained().params)[0]}
+        return {"config": dataclasses.asdict(self.config), "vocabulary": self.vocab.strings}, flat
+
+    def load_state(self, settings, arrays):
+        try:
+            self.config = TrainingConfig(**settings["config"])
+        except TypeError as err:
+            raise MoejaxError(f"bad training settings ({err})") from None
+        self.vocab = Vocabulary(list(settings["vocabulary"]), self.config.ngram_buckets)
+        net = self._net()
+        template = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), *_example_inputs())["params"])
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+        values = []
+        for path, leaf in leaves:
+            name = _name(path)
+            if name not in arrays:
+                raise MoejaxError(f"missing weights {name}")
+            if arrays[name].shape != leaf.shape:
+                raise MoejaxError(f"weights {name} have shape {arrays[name].shape}, expected {leaf.shape}")
+            values.append(jnp.asarray(arrays[name], leaf.dtype))
+        self.network = _Network(net, jax.tree_util.tree_unflatten(treedef, values), self.config.context)
+
+
+class EMoEPredictor(SiDAPredictor):
+    """eMoE's per-request predictor: from the prompt (its first `context` tokens), each MoE layer's share of
+    the request's routing per expert (module docstring). `predict` gives every token k times the shares."""
+
+    name = "emoe"
+    per = "request"
+
+    @staticmethod
+    def _batch_loss(net: RoutingNet, dropout: float, params, batch: dict, key):
+        """Mean over requests of the cross-entropy of each layer's softmax against batch["shares"] [B, L, E]."""
+        features = _dropped(net.apply({"params": params}, batch["ids"], batch["grams"], batch["lengths"],
+                                      method=RoutingNet.encode), dropout, key)
+        pooled = _mean_over_tokens(features, batch["lengths"])
+        logp = jax.nn.log_softmax(net.apply({"params": params}, pooled, method=RoutingNet.logits), axis=-1)
+        return -(logp * batch["shares"]).sum(axis=(-1, -2)).mean()
+
+    def _examples(self, data: TraceData) -> list[dict]:
+        """Batches of prompts of one padded length W: ids [B, W], grams [B, W, G], lengths [B], shares [B, L, E]."""
+        prompts = []
+        prompt_lens = data.trace.prompt_lens
+        for s, (tokens, experts, _, _) in enumerate(data.sequences()):
+            prompt = tokens[: min(self.config.context, len(tokens) if prompt_lens is None else int(prompt_lens[s]))]
+            used = used_mask(experts, self.num_experts).sum(axis=0, dtype=np.float32)  # [L, E]
+            prompts.append({"ids": self.vocab.ids(prompt), "grams": self.vocab.grams(prompt),
+                            "shares": used / np.maximum(used.sum(-1, keepdims=True), 1)})
+        return _batched([p for p in prompts if len(p["ids"])], self.config, per_example=("shares",))
+
+    def request_shares(self, tokens: list[str]) -> np.ndarray:
+        """float32 [L, E]: the predicted share of each layer's routing per expert."""
+        return self._trained().request_shares(self.vocab.ids(tokens), self.vocab.grams(tokens))
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        if not tokens:
+            return np.zeros((0, self.num_layers, self.num_experts), np.float32)
+        per_token = np.minimum(self.request_shares(tokens) * self.top_k, 1.0)
+        return np.broadcast_to(per_token, (len(tokens), *per_token.shape)).copy()
+
+    def predict_request(self, tokens):
+        return request_probabilities(self.predict(tokens)[:1].repeat(len(tokens), 0)).astype(np.float32)
+
+
+def _batched(examples: list[dict], config: TrainingConfig, per_example: tuple[str, ...] = ()) -> list[dict]:
+    """Examples (dicts of arrays whose first axis is tokens, "ids" among them, except those named in
+    `per_example`) grouped by padded length (`_bucket`), about `config.batch_tokens` tokens a batch, with
+    "lengths" [B]."""
+    by_size: dict[int, list[dict]] = {}
+    for example in examples:
+        by_size.setdefault(_bucket(len(example["ids"]), config.context), []).append(example)
+    batches = []
+    for size, group in sorted(by_size.items()):
+        rows = max(1, config.batch_tokens // size)
+        for first in range(0, len(group), rows):
+            chunk = group[first : first + rows]
+            batch = {"lengths": np.array([len(e["ids"]) for e in chunk], np.int32)}
+            for name, value in chunk[0].items():
+                per_token = name not in per_example
+                shape = (len(chunk), size, *value.shape[1:]) if per_token else (len(chunk), *value.shape)
+                batch[name] = np.zeros(shape, value.dtype)
+                for r, e in enumerate(chunk):
+                    if per_token:
+                        batch[name][r, : len(e[name])] = e[name]
+                    else:
+                        batch[name][r] = e[name]
+            batches.append(batch)
+    return batches
+
+
+def _dropped(features, rate: float, key):
+    keep = jax.random.bernoulli(key, 1 - rate, features.shape)
+    return jnp.where(keep, features / (1 - rate), 0.0)
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _example_inputs():
+    return np.zeros((1, 16), np.int32), np.zeros((1, 16, MAX_GRAMS), np.int32), np.array([16], np.int32)
+
+
+def _train_step(batch_loss, optimizer):
+    """One optimiser step: (params, opt_state, batch, key) -> (params, opt_state, loss); batch_loss(params,
+    batch, key) -> the mean loss."""
+
+    def step(params, opt_state, batch, key):
+        loss, grads = jax.value_and_grad(batch_loss)(params, batch, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step

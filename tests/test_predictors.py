@@ -1,0 +1,352 @@
+"""Expert predictors: a learned one picks up a synthetic routing rule that needs context (the token-id table
+cannot), baselines against hand counts, save/load round trips, damaged directories refused, the
+`train-predictor` CLI end to end with the lab's quality report and predictor prefetching."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from moejax.cli import main
+from moejax.errors import MoejaxError
+from moejax.offload.manager import OffloadManager
+from moejax.predictors import store
+from moejax.predictors.approximate import PredictedRouting, perplexity
+from moejax.predictors.base import FrequencyPredictor, Predictor, TokenTablePredictor, known_token_probabilities
+from moejax.predictors.data import TraceData, load_trace_data
+from moejax.predictors.quality import top_k_quality
+from moejax.predictors.sida import SiDAPredictor, TrainingConfig
+from moejax.routing.traces import RoutingTrace
+
+LAYERS, EXPERTS, K = 3, 8, 2
+
+
+def rule_data(seed, sequences):
+    """Token w{a} after w{b} uses experts (a + b (l + 1)) mod 8 and the one l + 1 further at MoE layer l: the
+    token alone does not decide them, the previous token does too (b = 0 at a sequence's start)."""
+    rng = np.random.default_rng(seed)
+    routing, tokens = [], []
+    for _ in range(sequences):
+        ids = rng.integers(0, 10, int(rng.integers(6, 24)))
+        prev = np.concatenate([[0], ids[:-1]])
+        first = [(ids + prev * (layer + 1)) % EXPERTS for layer in range(LAYERS)]
+        routing.append(np.stack([np.stack([f, (f + layer + 1) % EXPERTS], -1) for layer, f in enumerate(first)]))
+        tokens.append([f"w{i}" for i in ids])
+    trace = RoutingTrace(np.concatenate(routing, 1), np.array([len(t) for t in tokens]), EXPERTS)
+    return TraceData(trace, tokens, f"rule-{seed}")
+
+
+def write_external(data, path):
+    """The external layout: NAME.npz (experts, seq_lens) + NAME_tokens.json."""
+    np.savez(path, experts=data.trace.experts.astype(np.uint8), seq_lens=data.trace.seq_lens)
+    path.with_name(f"{path.stem}_tokens.json").write_text(json.dumps(data.tokens))
+
+
+TINY = dict(embed=16, hidden=32, context=32, batch_tokens=256, ngram_buckets=0, dropout=0.0, causal=True)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    predictor = SiDAPredictor(LAYERS, EXPERTS, K, TrainingConfig(epochs=25, learning_rate=2e-2, **TINY))
+    summary = predictor.fit(rule_data(0, 80))
+    return predictor, summary
+
+
+def test_sida_learns_a_rule_the_token_table_cannot(trained):
+    predictor, summary = trained
+    held_out = rule_data(1, 20)
+    table = TokenTablePredictor(LAYERS, EXPERTS, K)
+    table.fit(rule_data(0, 80))
+    learned, baseline = top_k_quality(predictor, held_out), top_k_quality(table, held_out)
+    assert learned["predictor_recall"] > 0.9, summary
+    assert baseline["predictor_recall"] < 0.6
+    assert min(learned["per_layer_recall"]) > max(baseline["per_layer_recall"])
+    assert summary["validation_sequences"] == 8 and len(summary["epochs"]) == 25
+
+
+def test_baselines_against_hand_counts():
+    trace = RoutingTrace(np.array([[[0, 1], [0, 2], [3, 1]]]), np.array([3]), 4)
+    data = TraceData(trace, [["a", "b", "a"]])
+    frequency = FrequencyPredictor(1, 4, 2)
+    frequency.fit(data)
+    np.testing.assert_allclose(frequency.predict(["z"])[0, 0], [2 / 3, 2 / 3, 1 / 3, 1 / 3])
+    table = TokenTablePredictor(1, 4, 2, prior_tokens=0.0)
+    table.fit(data)
+    np.testing.assert_allclose(table.predict(["a", "z"])[:, 0], [[0.5, 1, 0, 0.5], [2 / 3, 2 / 3, 1 / 3, 1 / 3]])
+    quality = top_k_quality(table, data)
+    assert quality["predictor_recall"] == pytest.approx(5 / 6)  # the second "a" ties 0 and 3 at 0.5: 0 wins
+
+
+def test_generated_tokens_are_predicted_from_earlier_tokens_only(trained):
+    predictor, _ = trained
+    tokens = ["w1", "w2", "w3", "w4"]
+    out = known_token_probabilities(predictor, tokens, 2)
+    np.testing.assert_allclose(out[:2], predictor.predict(tokens[:2]), atol=1e-6)
+    np.testing.assert_allclose(out[2], predictor.predict(tokens[:2])[-1], atol=1e-6)  # w3 unknown when its step is due
+    np.testing.assert_allclose(out[3], predictor.predict(tokens[:3])[-1], atol=1e-6)
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    predictor, summary = trained
+    store.save(predictor, tmp_path / "p", summary)
+    loaded = store.load(tmp_path / "p")
+    tokens = ["w3", "w1", "unseen", "w7"]
+    np.testing.assert_array_equal(loaded.predict(tokens), predictor.predict(tokens))
+    assert loaded.summary["epochs"] == summary["epochs"]
+    table = TokenTablePredictor(LAYERS, EXPERTS, K)
+    table.fit(rule_data(0, 10))
+    store.save(table, tmp_path / "t")
+    np.testing.assert_array_equal(store.load(tmp_path / "t").predict(tokens), table.predict(tokens))
+    with pytest.raises(MoejaxError, match="already exists"):
+        store.save(table, tmp_path / "t")
+
+
+def _damage(directory, how):
+    settings = directory / store.SETTINGS_FILE
+    document = json.loads(settings.read_text())
+    if how == "no settings":
+        settings.unlink()
+    elif how == "bad json":
+        settings.write_text("{not json")
+    elif how == "unknown kind":
+        settings.write_text(json.dumps({**document, "kind": "oracle"}))
+    elif how == "truncated weights":
+        data = (directory / store.ARRAYS_FILE).read_bytes()
+        (directory / store.ARRAYS_FILE).write_bytes(data[: len(data) // 2])
+    elif how == "missing weights":
+        arrays = dict(np.load(directory / store.ARRAYS_FILE))
+        arrays.pop(sorted(arrays)[0])
+        np.savez(directory / store.ARRAYS_FILE, **arrays)
+    elif how == "wrong shape":
+        document["settings"]["config"]["hidden"] = 24
+        settings.write_text(json.dumps(document))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no settings", "not a predictor directory"), ("bad json", "damaged predictor settings"),
+    ("unknown kind", "unknown predictor kind 'oracle'"), ("truncated weights", "arrays.npz"),
+    ("missing weights", "damaged predictor \\(missing weights"), ("wrong shape", "damaged predictor \\(weights .* shape"),
+])
+def test_damaged_directory_is_refused(trained, tmp_path, how, message):
+    store.save(trained[0], tmp_path / "p")
+    _damage(tmp_path / "p", how)
+    with pytest.raises(MoejaxError, match=message):
+        store.load(tmp_path / "p")
+
+
+def test_missing_directory_and_tokens_are_named(tmp_path):
+    with pytest.raises(MoejaxError, match="no such predictor directory"):
+        store.load(tmp_path / "nothing")
+    data = rule_data(2, 3)
+    write_external(data, tmp_path / "t.npz")
+    (tmp_path / "t_tokens.json").write_text(json.dumps(data.tokens[:2]))
+    with pytest.raises(MoejaxError, match="2 token sequences for 3 routed ones"):
+        load_trace_data(tmp_path / "t.npz")
+    (tmp_path / "t_tokens.json").unlink()
+    with pytest.raises(MoejaxError, match="t_tokens.json"):
+        load_trace_data(tmp_path / "t.npz")
+
+
+def test_manager_stages_the_predicted_experts_not_resident():
+    manager = OffloadManager(2, 4, 1, prefetch="predictor", staged_per_step=2, prefetch_floor=0.1, device=None)
+    predicted = np.zeros((3, 2, 4), np.float32)
+    predicted[1, 0, 2], predicted[1, 1, 3], predicted[2, 1, 1], predicted[1, 0, 0] = 0.9, 0.8, 0.5, 0.05
+    manager.start_sequence(None, predicted)
+    assert np.asarray(manager.next_inputs((1, 3)).staged_keys).tolist() == [2, 7]  # 1 * 4 + 3 and 0 * 4 + 2
+    resident = np.zeros(8, bool)
+    resident[2] = True
+    manager.observe(np.zeros((2, 4), np.int64), resident)
+    assert np.asarray(manager.next_inputs((1, 3)).staged_keys).tolist() == [7, 5]
+    assert manager.next_inputs((0, 1)).staged_keys is None  # nothing above the floor
+
+
+def test_train_predictor_cli_and_lab(tmp_path, capsys):
+    write_external(rule_data(0, 30), tmp_path / "rule.npz")
+    argv = ["train-predictor", "--kind", "sida", "--traces", str(tmp_path / "rule.npz"), "--out", str(tmp_path / "p"),
+            "--epochs", "1", "--hidden", "8", "--context", "16", "--sequences", ":20", "--quiet"]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p" / "predictor.json").read_text())["summary"]["train_sequences"] == 18
+    assert main(argv) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+    lab = ["lab", "--traces", str(tmp_path / "rule.npz"), "--sequences", "20:", "--predictor", str(tmp_path / "p"), "--json"]
+    assert main(lab) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == int(rule_data(0, 30).trace.seq_lens[20:].sum())
+    assert len(report["per_layer_recall"]) == LAYERS and 0 <= report["predictor_precision"] <= 1
+    assert main(lab + ["--capacity", "0.5", "--prefetch", "predictor", "--expert-bytes", "10"]) == 0
+    replayed = json.loads(capsys.readouterr().out)
+    assert replayed["prefetch"] == "predictor" and replayed["prefetch_issued"] > 0
+    assert replayed["predictor_recall"] == report["predictor_recall"]
+    write_external(rule_data(5, 3), tmp_path / "other.npz")
+    data = load_trace_data(tmp_path / "other.npz")
+    data.trace.num_experts = EXPERTS + 4  # another model's routing
+    with pytest.raises(MoejaxError, match="12 experts, but the sida predictor is for 3 of 8"):
+        top_k_quality(store.load(tmp_path / "p"), data)
+    shutil.rmtree(tmp_path / "p")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "predictor.json").write_text("[]")
+    assert main(lab) == 2
+    assert "not a predictor of format" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped model with a cached expert budget and the predictor prefetcher, and a tiny SiDA predictor
+    for its shape trained on random routing (only the plumbing is tested with it)."""
+    import moejax
+
+    engine = moejax.load(moejax.SHIPPED_CHECKPOINT, "cached", expert_budget=0.3, prefetch="predictor", slots=2,
+                         max_seq_len=64, prefill_chunk=16)
+    cfg = engine.cfg
+    layers, experts = len(cfg.moe_layer_ids), cfg.num_experts
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, cfg.vocab_size, 300)
+    routing = rng.integers(0, experts, (layers, 300, cfg.top_k))
+    data = TraceData(RoutingTrace(routing, np.array([100, 200]), experts), [[str(t) for t in ids[:100]],
+                                                                            [str(t) for t in ids[100:]]])
+    predictor = SiDAPredictor(layers, experts, cfg.top_k, TrainingConfig(epochs=1, validation=0.0, **TINY))
+    predictor.fit(data)
+    return engine, predictor, [ids[:20].tolist(), ids[40:47].tolist()]
+
+
+def test_run_ahead_never_changes_outputs_and_stops_cleanly(shipped):
+    import time
+
+    engine, predictor, prompts = shipped
+    cfg = engine.cfg
+    exact = engine.generate(prompts, max_new_tokens=12)  # no predictor attached yet: nothing staged
+    assert exact.stats["total"]["prefetch_issued"] == 0
+    engine.use_predictor(predictor)
+    run_ahead = engine.manager.run_ahead
+    for _ in range(3):
+        assert engine.generate(prompts, max_new_tokens=12).tokens == exact.tokens
+    deadline = time.monotonic() + 30
+    while run_ahead.predicted == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_ahead.predicted > 0 and run_ahead.error is None
+    assert run_ahead.used > 0  # some finished prediction reached a step
+    engine.close()
+    assert not run_ahead.alive
+    assert engine.generate(prompts, max_new_tokens=12).tokens == exact.tokens  # usable without the thread
+    with pytest.raises(MoejaxError, match="MoE layers"):
+        engine.use_predictor(SiDAPredictor(len(cfg.moe_layer_ids) + 1, cfg.num_experts, cfg.top_k))
+
+
+class _Oracle(Predictor):
+    """Probability 1 for the experts the model itself routed each token of a known prompt to."""
+
+    def __init__(self, routed: dict, num_layers, num_experts, top_k):
+        super().__init__(num_layers, num_experts, top_k)
+        self.routed = routed
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        out = np.zeros((len(tokens), self.num_layers, self.num_experts), np.float32)
+        if tuple(tokens) not in self.routed:  # a sequence it does not know: experts 0..k-1
+            out[..., : self.top_k] = 1.0
+            return out
+        chosen = self.routed[tuple(tokens)]  # [L, T, k]
+        out[np.arange(len(tokens))[None, :, None], np.arange(self.num_layers)[:, None, None], chosen] = 1.0
+        return out
+
+
+def test_predicted_routing_is_exact_with_the_true_experts_and_approximate_otherwise(shipped):
+    engine, _, prompts = shipped
+    cfg = engine.cfg
+    routed = {}
+    for prompt in prompts:
+        engine.generate([prompt], max_new_tokens=1)
+        routed[tuple(str(t) for t in prompt)] = engine.routing(0)[0]
+    exact = perplexity(engine, prompts)
+    oracle = PredictedRouting(_Oracle(routed, len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k), cfg.top_k)
+    assert perplexity(engine, prompts, oracle) == pytest.approx(exact, rel=1e-4)
+    assert engine.routing_override is None
+    frequency = FrequencyPredictor(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k)
+    frequency.probabilities = np.linspace(1, 0, cfg.num_experts, dtype=np.float32)[None].repeat(len(cfg.moe_layer_ids), 0)
+    fixed = PredictedRouting(frequency, cfg.top_k, budget=0.25)
+    assert perplexity(engine, prompts, fixed) != pytest.approx(exact, rel=1e-3)
+    assert fixed.saved == [pytest.approx(1 - cfg.top_k / cfg.num_experts)] * len(prompts)  # the same 2 of 16
+    # In generation: the prompt's routing is the model's, so the first token is exact; later tokens follow
+    # the tokens the host has read; the engine tells the override every token.
+    exact_run = engine.generate(prompts[:1], max_new_tokens=4)
+    engine.routing_override = oracle
+    try:
+        approximate = engine.generate(prompts[:1], max_new_tokens=4)
+    finally:
+        engine.routing_override = None
+    assert approximate.tokens[0][0] == exact_run.tokens[0][0]
+    assert oracle._sequences[0]["tokens"] == [str(t) for t in prompts[0] + approximate.tokens[0]]
+
+
+class _Counting(Predictor):
+    """A per-request predictor that counts its calls; its prediction is the call number."""
+
+    per = "request"
+
+    def __init__(self):
+        super().__init__(1, 2, 1)
+        self.calls = 0
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        self.calls += 1
+        return np.full((len(tokens), 1, 2), self.calls, np.float32)
+
+
+def test_run_ahead_reuses_a_request_prediction_for_predict_every_prompts():
+    import time
+
+    from moejax.errors import ParameterError
+    from moejax.predictors.run_ahead import PROMPT, RunAhead
+
+    predictor = _Counting()
+    run_ahead = RunAhead(predictor, predict_every=2)
+
+    def ready(owner):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            result = run_ahead.take(owner, PROMPT)
+            if result is not None:
+                return result
+            time.sleep(0.01)
+        raise AssertionError("no prediction")
+
+    seen = []
+    for owner, prompt in enumerate([[1, 2], [3], [4, 5, 6]]):
+        run_ahead.submit(owner, PROMPT, prompt)
+        result = ready(owner)
+        assert result.shape == (len(prompt), 1, 2)
+        seen.append(int(result[0, 0, 0]))
+    assert seen == [1, 1, 2] and predictor.calls == 2
+    run_ahead.close()
+    assert not run_ahead.alive
+    with pytest.raises(ParameterError, match="per-request"):
+        RunAhead(FrequencyPredictor(1, 2, 1), predict_every=3)
+
+
+def test_distillation_targets_are_the_truncated_router_distribution():
+    predictor = SiDAPredictor(1, 4, 2)
+    experts = np.array([[[0, 3], [2, 4]]])  # [L, T, k]; 4: a dropped slot
+    probs = np.array([[[0.3, 0.1], [0.5, 0.2]]], np.float32)
+    ids, weights = predictor._targets(experts, probs)
+    assert ids.tolist() == [[[0, 3]], [[2, 0]]]
+    np.testing.assert_allclose(weights, [[[0.75, 0.25]], [[1.0, 0.0]]])
+    _, hard = predictor._targets(experts, None)
+    np.testing.assert_allclose(hard, [[[0.5, 0.5]], [[1.0, 0.0]]])
+
+
+def test_trace_matcher_reads_only_earlier_tokens():
+    from moejax.predictors.base import TraceMatcherPredictor
+
+    data = rule_data(4, 6)
+    matcher = TraceMatcherPredictor(LAYERS, EXPERTS, K)
+    matcher.fit(data)
+    tokens, experts, _, _ = next(data.sequences())
+    out = matcher.predict(tokens, experts)
+    assert out.shape == (len(tokens), LAYERS, EXPERTS)
+    changed = experts.copy()
+    changed[:, 3:] = (changed[:, 3:] + 1) % EXPERTS
+    np.testing.assert_array_equal(matcher.predict(tokens, changed)[:4], out[:4])  # token 3 reads tokens 0-2 only
+    assert not np.array_equal(matcher.predict(tokens, changed)[4:], out[4:])
+    with pytest.raises(MoejaxError, match="give experts"):
+        matcher.predict(tokens)
