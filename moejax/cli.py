@@ -101,10 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_offload_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with tokens, text, timing and stats")
     p.add_argument("--task", help="a task label for the prompts (the trace prefetcher prefers traces of that task)")
-    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`, on this model's "
-                   "traces) run ahead of the steps on a host thread: --prefetch predictor fetches its experts early")
-    p.add_argument("--predict-every", type=int, default=1,
-                   help="an emoe (per-request) predictor runs for one prompt in N; the others reuse its prediction")
     seq2seq = p.add_argument_group("encoder-decoder models (the prompt is the source)")
     seq2seq.add_argument("--target-lang", help="force this language code (a tokenizer token, e.g. fra_Latn) as first token")
     seq2seq.add_argument("--forced-bos-id", type=int, help="force this token id as the first target token")
@@ -207,7 +203,8 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
     p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default) | lfu | fifo | "
                    "lifo | activation")
-    p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead")
+    p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead | "
+                   "predictor (with --predictor)")
     p.add_argument("--prefetch-per-layer", type=int,
                    help="lookahead prefetchers: most experts fetched per MoE layer step (default: top-k)")
     p.add_argument("--prefetch-per-step", type=int,
@@ -215,17 +212,34 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-floor", type=float, help=FLOOR_HELP)
     p.add_argument("--traces", type=Path, help="activation matrices for --prefetch trace / --cache-policy activation "
                    "(eams.npz or the directory `moejax trace` wrote; default: learn from the run)")
+    p.add_argument("--predictor", type=Path, help="a predictor directory (`moejax train-predictor`, on this model's "
+                   "traces) run ahead of the steps on a host thread: --prefetch predictor fetches its experts early")
+    p.add_argument("--predict-every", type=int, default=1,
+                   help="an emoe (per-request) predictor runs for one prompt in N; the others reuse its prediction")
     p.add_argument("--expert-compute", default="auto",
                    help="how a step computes its experts: auto (default: union for few tokens, grouped for many) | union | "
                    "grouped (dropless dynamic gating) | ragged (the same via lax.ragged_dot) | capacity (static capacity factor 2: "
                    "APPROXIMATE, drops tokens)")
 
 
-def load_engine(args, slots: int = 1):
-    """An Engine for the checkpoint and offloading flags of `args`, holding `slots` sequences at once."""
+def load_predictor(args, approximate_routing: bool = False):
+    """The predictor of --predictor (None without it), which goes with --prefetch predictor (or, for
+    generate, --routing predicted)."""
+    if (args.predictor is None) != (args.prefetch != "predictor" and not approximate_routing):
+        raise MoejaxError("--predictor DIR goes with --prefetch predictor" + (" or --routing predicted" if approximate_routing else ""))
+    if args.predictor is None:
+        return None
+    from moejax.predictors import store
+
+    return store.load(args.predictor)
+
+
+def load_engine(args, slots: int = 1, predictor=None):
+    """An Engine for the checkpoint and offloading flags of `args`, holding `slots` sequences at once; with
+    --prefetch predictor, `predictor` runs ahead of its steps."""
     import moejax
 
-    return moejax.load(
+    engine = moejax.load(
         args.checkpoint,
         offload=args.offload,
         expert_budget=args.expert_budget,
@@ -241,6 +255,9 @@ def load_engine(args, slots: int = 1):
         traces=args.traces,
         expert_compute=args.expert_compute,
     )
+    if predictor is not None and args.prefetch == "predictor":
+        engine.use_predictor(predictor, args.predict_every)
+    return engine
 
 
 def cmd_convert(args) -> int:
@@ -322,18 +339,10 @@ def cmd_generate(args) -> int:
         raise MoejaxError("--task labels the prompts for --prefetch trace / trace+lookahead and --cache-policy activation: "
                           "give one of them, or leave --task out")
     predicted_routing = args.routing == "predicted"
-    if (args.predictor is None) != (args.prefetch != "predictor" and not predicted_routing):
-        raise MoejaxError("--predictor DIR goes with --prefetch predictor or --routing predicted")
     if predicted_routing and seq2seq:
         raise MoejaxError("--routing predicted is for decoder models")
-    predictor = None
-    if args.predictor is not None:
-        from moejax.predictors import store
-
-        predictor = store.load(args.predictor)
-    engine = load_engine(args, slots=len(prompts))
-    if predictor is not None and args.prefetch == "predictor":
-        engine.use_predictor(predictor, args.predict_every)
+    predictor = load_predictor(args, approximate_routing=predicted_routing)
+    engine = load_engine(args, slots=len(prompts), predictor=predictor)
     if predicted_routing:
         from moejax.predictors.approximate import PredictedRouting
 
@@ -461,7 +470,7 @@ def cmd_trace(args) -> int:
     inputs = (args.checkpoint, args.prompts, args.traces)
     check_output(args.out, inputs, args.overwrite, TRACE_OUTPUT)
     prompts = read_prompts(args.prompts)[: args.limit]
-    engine = load_engine(args, slots=args.batch_size)
+    engine = load_engine(args, slots=args.batch_size, predictor=load_predictor(args))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     prompts = prepare_prompts(engine, prompts, args.prompts, args.max_new_tokens, args.max_prompt_tokens)
     trace, collection, summary = trace_prompts(engine, prompts, config, args.batch_size, show_progress=not args.quiet)
@@ -498,8 +507,9 @@ def cmd_serve(args) -> int:
         sock = listen(args.host, args.port)
     except OSError as err:
         raise MoejaxError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
+    predictor = load_predictor(args)
     with sock:
-        engine = load_engine(args, slots=args.max_batch)
+        engine = load_engine(args, slots=args.max_batch, predictor=predictor)
         template = ChatTemplate.from_checkpoint(args.checkpoint, engine.tokenizer)
         loop = ServingLoop(engine, scheduler=args.scheduler, max_queue=args.max_queue, max_batch=args.max_batch)
         model = args.checkpoint.resolve().name

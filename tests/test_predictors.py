@@ -234,6 +234,24 @@ def test_run_ahead_never_changes_outputs_and_stops_cleanly(shipped):
         engine.use_predictor(SiDAPredictor(len(cfg.moe_layer_ids) + 1, cfg.num_experts, cfg.top_k))
 
 
+def test_the_serving_loop_with_a_run_ahead_predictor_gives_the_exact_tokens(shipped, capsys):
+    from moejax.cli import main as moejax_cli
+    from moejax.serving.loop import ServingLoop
+    from moejax.serving.requests import Request
+
+    engine, predictor, prompts = shipped
+    exact = engine.generate(prompts, max_new_tokens=8).tokens
+    engine.use_predictor(predictor)
+    try:
+        with ServingLoop(engine) as loop:
+            handles = [loop.submit(Request(prompt, max_tokens=8)) for prompt in prompts]
+            assert [list(h.result(timeout=120).token_ids) for h in handles] == exact
+    finally:
+        engine.close()
+    assert moejax_cli(["serve", "--port", "0", "--predictor", "somewhere"]) == 2  # moejax serve, as generate
+    assert "--predictor DIR goes with --prefetch predictor" in capsys.readouterr().err
+
+
 class _Oracle(Predictor):
     """Probability 1 for the experts the model itself routed each token of a known prompt to."""
 
