@@ -136,6 +136,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more are answered 429 (default 64)")
     p.add_argument("--scheduler", choices=("fcfs", "slo"), default="fcfs",
                    help="admission order: fcfs (first come, first served) or slo (by deadline slack and task)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="start serving at once; the first requests then wait for their programs to compile")
     add_offload_arguments(p)
 
 
@@ -494,6 +496,7 @@ def cmd_serve(args) -> int:
     require_serve_extra()
     from moejax.serving.http.app import build_app, listen, run, url
     from moejax.serving.http.chat import ChatTemplate
+    from moejax.engine.compilation import on_first_compile
     from moejax.serving.loop import ServingLoop
 
     if not args.checkpoint.exists():
@@ -512,6 +515,10 @@ def cmd_serve(args) -> int:
         engine = load_engine(args, slots=args.max_batch, predictor=predictor)
         template = ChatTemplate.from_checkpoint(args.checkpoint, engine.tokenizer)
         loop = ServingLoop(engine, scheduler=args.scheduler, max_queue=args.max_queue, max_batch=args.max_batch)
+        if not args.no_warmup:
+            with on_first_compile(lambda: print("moejax: compiling the first programs (--no-warmup skips this)...",
+                                                file=sys.stderr, flush=True)):
+                engine.warm_up()
         model = args.checkpoint.resolve().name
         app = build_app(loop, engine.tokenizer, model, context=engine.max_seq_len, chat_template=template)
         print(f"moejax: serving {model} at {url(sock)}/v1 ({template.kind} chat template); SIGTERM or Ctrl-C stops "

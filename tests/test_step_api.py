@@ -175,3 +175,22 @@ def test_any_uint32_seed_samples(ckpt):
     for seed in (2**31, 2**32 - 1):
         sampling = SamplingParams(greedy=False, temperature=0.9, seed=seed)
         assert solo(engine, [1, 2, 3], 2, sampling) == solo(engine, [1, 2, 3], 2, sampling)
+
+
+def test_warm_up_compiles_every_decode_row_count_and_leaves_nothing_behind(ckpt):
+    """What `moejax serve` runs before it listens: afterwards a batch of any size up to the slots compiles no
+    decode step, the statistics are zero, the trace collection holds nothing, and tokens are unchanged."""
+    engine = moejax.load(ckpt, "cached", expert_budget=0.5, cache_policy="activation", slots=3, max_seq_len=MAX_SEQ_LEN)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    engine.warm_up()
+    programs = set(engine._compiled)
+    assert len([key for key in programs if key[0] == "decode"]) == 3  # rows 1, 2 and 4 (for 3 slots)
+    assert engine.stats()["total"]["activations"] == 0 and len(engine.collection) == 0 and engine.occupied == []
+    warm = engine.generate(prompts, max_new_tokens=4)
+    assert set(engine._compiled) == programs  # nothing compiled on the way
+    cold = moejax.load(ckpt, "cached", expert_budget=0.5, cache_policy="activation", slots=3,
+                       max_seq_len=MAX_SEQ_LEN).generate(prompts, max_new_tokens=4)
+    assert warm.tokens == cold.tokens
+    engine.prefill(0, [1, 2])
+    with pytest.raises(MoejaxError, match=r"warm_up needs every slot free, but slots \[0\] hold sequences"):
+        engine.warm_up()

@@ -275,10 +275,10 @@ class Engine:
             self._dispatch()  # the GPU computes the next step while the caller uses these tokens
         return {s: q.queue.popleft() for s, q in self._sequences.items() if q.queue}
 
-    def release(self, slot: int, keep_routing: bool = True) -> None:
+    def release(self, slot: int, keep_routing: bool = True, learn: bool = True) -> None:
         """Frees slot `slot` (its prompt may be mid-prefill); its sequence's routing joins the trace collection
-        and, with keep_routing, the record `routing(b)` reads after `generate` (a serving loop, which never
-        reads it, passes False so that it does not grow)."""
+        (unless not `learn`) and, with keep_routing, the record `routing(b)` reads after `generate` (a serving
+        loop, which never reads it, passes False so that it does not grow)."""
         prefill = self._prefills.pop(slot, None)
         sequence = prefill.sequence if prefill is not None else self._sequences.pop(slot, None)
         if sequence is None:
@@ -289,7 +289,27 @@ class Engine:
             self._finished.append((experts, guesses))
         if self.manager is not None:
             self.manager.forget((slot, sequence.epoch))
-            self.manager.end_sequence(experts, sequence.task)
+            if learn:
+                self.manager.end_sequence(experts, sequence.task)
+
+    def warm_up(self, prompt_tokens: int = 16) -> None:
+        """Compiles the programs a server meets first by running them on a dummy prompt: the prefill of a
+        prompt of up to `prompt_tokens` tokens and a decode step of every power-of-two row count up to
+        `slots` (longer prompts and sequences still compile their own on first use). Every slot must be
+        free; the dummy sequences leave nothing behind: not in the trace collection, not in the statistics."""
+        if self._sequences or self._prefills:
+            raise MoejaxError(f"warm_up needs every slot free, but slots {sorted({*self._sequences, *self._prefills})} "
+                              "hold sequences")
+        prompt = [0] * max(1, min(prompt_tokens, self.max_seq_len - self.slots - 2))
+        try:
+            for slot in range(self.slots):  # a decode step over 1, 2, ..., slots rows
+                self.prefill(slot, prompt)
+                self.decode()
+        finally:
+            for slot in self.occupied:
+                self.release(slot, keep_routing=False, learn=False)
+            self.finish_pending()
+            self.reset_stats()
 
     @property
     def occupied(self) -> list[int]:
