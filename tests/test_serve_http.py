@@ -349,9 +349,12 @@ def test_sigterm_lets_the_requests_in_flight_finish_then_exits_0():
         [sys.executable, "-m", "moejax", "serve", "--port", "0", "--max-seq-len", str(CONTEXT), "--max-batch", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        ready, _, _ = select.select([process.stderr], [], [], 300)
-        first = process.stderr.readline() if ready else ""
-        found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", first)
+        first, found, deadline = "", None, time.monotonic() + 300
+        while found is None and process.poll() is None and time.monotonic() < deadline:  # a warm-up line comes first
+            ready, _, _ = select.select([process.stderr], [], [], max(deadline - time.monotonic(), 0))
+            line = process.stderr.readline() if ready else ""
+            first += line
+            found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
         assert found, first + (process.stderr.read() if process.poll() is not None else "")
         body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
