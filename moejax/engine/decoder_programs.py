@@ -136,7 +136,7 @@ def _host_layer(host: tuple, m, make):
     return lax.switch(m, [lambda stack=stack: make(stack) for stack in host])
 
 
-def _routed(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
+def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
     """MoE layer m's (traced) routed output [N, D] f32, through the mode's expert source: -> (output, experts)."""
     cfg, E, L = spec.cfg, spec.cfg.num_experts, len(spec.moe_layers)
     distinct = dc.distinct_experts(ids, valid_rows, E, distinct_size(cfg, ids.shape[0]))
@@ -199,7 +199,7 @@ def fetch_all(host: dict) -> dict:
     return {name: jax.device_put(w, jax.memory.Space.Device) for name, w in host.items()}
 
 
-def _install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
+def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
     """Fetches the host's picks (any MoE layer: a switch over the layers' host stacks) before the first layer."""
     if experts.staged_keys is None:
         return experts
@@ -227,7 +227,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
     the last row: -1) or None).
     """
     cfg = spec.cfg
-    experts = _install_staged(spec, experts)
+    experts = install_staged(spec, experts)
     x = EmbedHead(cfg).apply({"params": params["globals"]}, tokens, method=EmbedHead.embed_tokens)
     valid_rows = valid.reshape(-1)
     kv_caches, routing, guesses = list(kv_caches), [], []
@@ -260,7 +260,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
             if spec.computes_guesses:
                 _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
             m = segment.first_moe + i
-            routed, out = _routed(spec, m, dataclasses.replace(experts, cache=cache, slab=slab), moe_in, ids, weights,
+            routed, out = routed_moe(spec, m, dataclasses.replace(experts, cache=cache, slab=slab), moe_in, ids, weights,
                                   valid_rows, guess)
             x = layer.apply({"params": p}, h, moe_in, routed, method=DecoderLayer.finish)
             guess = jnp.full_like(ids, -1) if guess is None else jnp.where(m + 1 < len(spec.moe_layers), guess, -1)
@@ -280,7 +280,7 @@ def _logits(cfg: ModelConfig, params, x):
     return EmbedHead(cfg).apply({"params": params["globals"]}, x, method=EmbedHead.logits)
 
 
-def _sample(state: SlotState, rows, logits):
+def sample_next(state: SlotState, rows, logits):
     return sample_rows(logits, state.temperature[rows], state.top_k[rows], state.top_p[rows], state.seed[rows],
                        state.sampled[rows])
 
@@ -303,7 +303,7 @@ def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, s
     positions = state.length[slot_ids][:, None]
     x, experts, kv_caches, routing, guesses = forward(spec, attend_len, params, experts, kv_caches, tokens, positions,
                                                       slot_ids, active[:, None], forced_ids)
-    new = _sample(state, slot_ids, _logits(spec.cfg, params, x[:, 0]))
+    new = sample_next(state, slot_ids, _logits(spec.cfg, params, x[:, 0]))
     state = state.replace(
         last_token=state.last_token.at[slot_ids].set(jnp.where(active, new, state.last_token[slot_ids])),
         length=state.length.at[slot_ids].add(active.astype(jnp.int32)),
@@ -329,7 +329,7 @@ def prefill_chunk(params, cache, slab, host, staged_keys, priorities, kv_caches,
     x, experts, kv_caches, routing, guesses = forward(spec, attend_len, params, experts, kv_caches, tokens[None],
                                                       positions, slot_ids, valid, forced_ids)
     last = lax.dynamic_index_in_dim(x[0], count - 1, keepdims=True)
-    token = _sample(state, slot_ids, _logits(spec.cfg, params, last))[0]
+    token = sample_next(state, slot_ids, _logits(spec.cfg, params, last))[0]
     state = state.replace(last_token=state.last_token.at[slot].set(token), length=state.length.at[slot].set(start + count),
                           sampled=state.sampled.at[slot].set(final.astype(jnp.int32)))
     logits = _logits(spec.cfg, params, x[0]) if want_logits else None

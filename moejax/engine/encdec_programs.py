@@ -1,7 +1,7 @@
 """The step programs of encoder-decoder models (Switch Transformers, NLLB-MoE): the encoder on one source,
 a chunk of one target's decoder tokens, and a decode step over slots.
 
-As for decoder models (`engine.decoder_programs`, whose per-MoE-layer expert path `_routed` every MoE
+As for decoder models (`engine.decoder_programs`, whose per-MoE-layer expert path `routed_moe` every MoE
 layer here runs), everything a step needs happens inside its program: routing (dropless, or transformers'
 capacity routing), the device cache lookup, the fetch of missed experts from the pinned-host stacks, the
 expert compute and the sampling. The encoder and the decoder share one expert cache, slab and set of host
@@ -37,7 +37,7 @@ import numpy as np
 from jax import lax
 
 from moejax.encdec_config import EncDecConfig
-from moejax.engine.decoder_programs import ExpertInputs, ProgramSpec, _install_staged, _routed, _sample, gate
+from moejax.engine.decoder_programs import ExpertInputs, ProgramSpec, gate, install_staged, routed_moe, sample_next
 from moejax.engine.slots import SlotState
 from moejax.models.capacity import capacity_for
 from moejax.models.encdec import EncDecLayer, RouteInputs, apply_globals
@@ -177,7 +177,7 @@ def _run_stack(spec: Seq2SeqSpec, decoder: bool, params, experts: ExpertInputs, 
                 if spec.computes_guesses:  # the next MoE layer of this stack's router, one layer early
                     _, _, guess = layer.apply({"params": following[j]}, h, route_in, method=EncDecLayer.route)
                     guess = jnp.where(m < own[-1], guess, -1)
-                routed, used = _routed(spec, m, used, moe_in, ids, weights, valid_rows, guess)
+                routed, used = routed_moe(spec, m, used, moe_in, ids, weights, valid_rows, guess)
                 x = layer.apply({"params": p[j]}, h, routed, method=EncDecLayer.finish)
                 ids_out.append(ids)
                 guesses_out.append(jnp.full_like(ids, -1) if guess is None else guess)
@@ -210,7 +210,7 @@ def _decoder(spec: Seq2SeqSpec, attend_len: int, source_len: int, params, expert
     attending over the first `attend_len` positions of the self-attention caches and the first `source_len`
     of the cross-attention ones. -> (hidden [R, T, D] before the final norm, experts, kv_caches, routing, guesses)."""
     cfg, glob = spec.cfg, params["globals"]
-    experts = _install_staged(spec, experts)
+    experts = install_staged(spec, experts)
     y = apply_globals(cfg, glob, "embed_target", tokens, positions)
     bias = apply_globals(cfg, glob, "decoder_bias", positions, attend_len)
     src_valid = jnp.arange(source_len)[None] < kv_caches["source_length"][slot_ids][:, None]
@@ -243,7 +243,7 @@ def encode_source(params, cache, slab, host, staged_keys, priorities, kv_caches,
     cache, slab, kv_caches, the encoder's output [S, D] after its final norm or None).
     """
     cfg, glob = spec.cfg, params["globals"]
-    experts = _install_staged(spec, ExpertInputs(cache, slab, host, staged_keys, priorities))
+    experts = install_staged(spec, ExpertInputs(cache, slab, host, staged_keys, priorities))
     S = tokens.shape[0]
     valid = (jnp.arange(S) < count)[None]
     x = apply_globals(cfg, glob, "embed_source", tokens[None])
@@ -289,7 +289,7 @@ def decoder_chunk(params, cache, slab, host, staged_keys, priorities, kv_caches,
     y, experts, kv_caches, routing, guesses = _decoder(spec, attend_len, source_len, params, experts, kv_caches,
                                                        tokens[None], positions, slot_ids, valid, capacity)
     last = lax.dynamic_index_in_dim(y[0], count - 1, keepdims=True)
-    sampled = _sample(state, slot_ids, apply_globals(spec.cfg, params["globals"], "logits", last))[0]
+    sampled = sample_next(state, slot_ids, apply_globals(spec.cfg, params["globals"], "logits", last))[0]
     token = jnp.where(forced_token >= 0, forced_token, sampled)
     state = state.replace(last_token=state.last_token.at[slot].set(token), length=state.length.at[slot].set(start + count),
                           sampled=state.sampled.at[slot].set(1))
@@ -312,7 +312,7 @@ def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, s
     capacity = jnp.int32(capacity_for(spec.cfg, 1))
     y, experts, kv_caches, routing, guesses = _decoder(spec, attend_len, source_len, params, experts, kv_caches, tokens,
                                                        positions, slot_ids, active[:, None], capacity)
-    new = _sample(state, slot_ids, apply_globals(spec.cfg, params["globals"], "logits", y[:, 0]))
+    new = sample_next(state, slot_ids, apply_globals(spec.cfg, params["globals"], "logits", y[:, 0]))
     state = state.replace(
         last_token=state.last_token.at[slot_ids].set(jnp.where(active, new, state.last_token[slot_ids])),
         length=state.length.at[slot_ids].add(active.astype(jnp.int32)),
