@@ -23,7 +23,6 @@ never stop on their own) a request generates exactly that many tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from moejax.errors import MoejaxError, ParameterError
+from moejax.jsonl import json_objects
 from moejax.serving.requests import SLO, Output, QueueFull, Request, RequestRefused, ShuttingDown
 
 Submit = Callable[[Request, Callable[[Output], None]], object]
@@ -59,20 +59,8 @@ class Arrival:
 def read_task_mix(path: str | Path) -> list[TaskPrompt]:
     """The prompts of a task-mix JSONL file (see the module docstring); one-line errors name file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise MoejaxError(f"{path}: cannot read the task mix ({err.strerror or err})") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MoejaxError(f"{path}:{n}: not JSON ({err.msg})") from None
-        if not isinstance(item, dict):
-            raise MoejaxError(f"{path}:{n}: a line must be a JSON object")
+    for n, item in json_objects(path, "the task mix"):
         for field in ("task", "prompt"):
             if not isinstance(item.get(field), str) or not item[field]:
                 raise MoejaxError(f"{path}:{n}: '{field}' must be a non-empty string")

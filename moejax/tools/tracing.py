@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moejax.errors import MoejaxError, ParameterError, plural
+from moejax.jsonl import json_objects
 from moejax.outputs import atomic_directory
 from moejax.progress import Progress
 from moejax.engine.engine import Engine
@@ -35,20 +36,8 @@ TRACE_FILES = (EAMS_FILE, ROUTING_FILE, SUMMARY_FILE)
 def read_prompts(path: Path) -> list[tuple[str | list[int], str | None]]:
     """(prompt, task) pairs of a JSONL file: one object a line with `prompt` (text) or `prompt_ids`
     (token ids) and an optional `task`."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as err:
-        raise MoejaxError(f"{path}: cannot read the prompt file ({err.strerror})") from None
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MoejaxError(f"{path}:{number}: not a JSON object ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise MoejaxError(f"{path}:{number}: expected a JSON object with 'prompt'")
+    for number, record in json_objects(path, "the prompt file"):
         prompt = record.get("prompt_ids", record.get("prompt"))
         valid_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
         if not (isinstance(prompt, str) or valid_ids) or not prompt:
