@@ -214,25 +214,17 @@ class Engine:
         if prefill is None:
             raise MoejaxError(f"slot {slot} has no prompt being prefilled: begin_prefill first")
         ids, start = prefill.ids, prefill.done
-        chunk = ids[start : start + self.prefill_chunk]
-        size = prefill_chunk_size(len(chunk), self.prefill_chunk)
-        tokens = np.zeros(size, np.int32)
-        tokens[: len(chunk)] = chunk
-        final = start + len(chunk) == len(ids)
+        end = min(start + self.prefill_chunk, len(ids))
+        final = end == len(ids)
         if final and prefill.sampled:  # the chunk program draws at the slot's index and sets it to 1
             self.state = _set_sampled(self.state, jnp.int32(slot), jnp.int32(prefill.sampled))
-        inputs = self._inputs((start, start + len(chunk)), [(slot, prefill.sequence.epoch)])
-        forced = self._forced([slot], start + np.arange(size)[None])
-        args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
-                jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
-        static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=False)
-        token, ids_used, guesses, resident, self.cache, self.slab, self.kv, self.state, _ = \
-            self._program("prefill", static, args)(*args)
-        prefill.done += len(chunk)
+        inputs = self._inputs((start, end), [(slot, prefill.sequence.epoch)])
+        token, ids_used, guesses, resident, _ = self._run_chunk(slot, ids[start:end], start, final, False, inputs)
+        prefill.done = end
         sequence = prefill.sequence
-        sequence.routing.append(np.asarray(ids_used)[:, : len(chunk)])
+        sequence.routing.append(np.asarray(ids_used)[:, : end - start])
         if guesses is not None:
-            sequence.guesses.append(np.asarray(guesses)[:, : len(chunk)])
+            sequence.guesses.append(np.asarray(guesses)[:, : end - start])
         self._observe(sequence.routing[-1], np.asarray(resident))
         if not final:
             return None
@@ -242,6 +234,21 @@ class Engine:
         self._sequences[slot] = sequence
         self._follow(slot, sequence.epoch, int(token))
         return int(token)
+
+    def _run_chunk(self, slot: int, chunk: list[int], start: int, final: bool, want_logits: bool, inputs):
+        """Runs prompt tokens `chunk` (at most prefill_chunk) at positions start.. of slot `slot` through the
+        prefill program (padded to its size bucket), updating the device state -> (token, experts, guesses,
+        resident, logits): the program's outputs, padded."""
+        size = prefill_chunk_size(len(chunk), self.prefill_chunk)
+        tokens = np.zeros(size, np.int32)
+        tokens[: len(chunk)] = chunk
+        forced = self._forced([slot], start + np.arange(size)[None])
+        args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
+                jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
+        static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=want_logits)
+        token, experts, guesses, resident, self.cache, self.slab, self.kv, self.state, logits = \
+            self._program("prefill", static, args)(*args)
+        return token, experts, guesses, resident, logits
 
     @property
     def prefilling(self) -> list[int]:
@@ -527,15 +534,7 @@ class Engine:
             rows = []
             for start in range(0, len(prompt), self.prefill_chunk):
                 chunk = prompt[start : start + self.prefill_chunk]
-                size = prefill_chunk_size(len(chunk), self.prefill_chunk)
-                tokens = np.zeros(size, np.int32)
-                tokens[: len(chunk)] = chunk
-                inputs = self._inputs()
-                forced = self._forced([slot], start + np.arange(size)[None])
-                args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
-                        jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(True), forced)
-                static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=True)
-                _, _, _, _, self.cache, self.slab, self.kv, self.state, logits = self._program("prefill", static, args)(*args)
+                logits = self._run_chunk(slot, chunk, start, True, True, self._inputs())[-1]
                 rows.append(np.asarray(logits)[: len(chunk)])
             out.append(np.concatenate(rows))
         return out
