@@ -1,15 +1,17 @@
-"""Decoder-only MoE transformer shared by Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+"""Decoder-only MoE transformer shared by Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss.
 
 Families differ only through `ModelConfig` fields (biases, q/k norms, shared expert,
-sliding windows, dense layers). A model's weights are three pytrees:
+sliding windows, dense layers, attention sinks, the router's bias and softmax, the experts'
+activation). A model's weights are three pytrees:
 
 - `globals`: {'embed': {'embedding': [V, D]}, 'final_norm': {'weight': [D]},
   'lm_head': {'kernel': [D, V]}} (no lm_head when embeddings are tied);
 - `layers[i]`: the Flax params of `decoder_layer(cfg, i)`: norms, attention, router,
   shared expert or dense MLP, everything except routed experts;
 - `experts[i]`: layer i's routed experts, a tuple of E per-expert dicts {'gate': [D, F],
-  'up': [D, F], 'down': [F, D]} or one stacked dict with a leading [E] axis on each, or None
-  for a dense layer. The runtime may hold them elsewhere.
+  'up': [D, F], 'down': [F, D]} (with `expert_bias` also 'gate_bias' [F], 'up_bias' [F],
+  'down_bias' [D]) or one stacked dict with a leading [E] axis on each, or None for a dense
+  layer. The runtime may hold them elsewhere.
 
 A layer runs as `attend` (norm, attention, KV update), `route` (norm, router, top-k), the
 expert accumulation (`models.moe`), and `finish` (shared expert, residual), so a runtime
