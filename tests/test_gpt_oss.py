@@ -98,6 +98,7 @@ def test_offloading_is_bit_identical_to_resident(root):
 
 def test_info_counts_the_expert_biases(root, capsys):
     model, _, ckpt = build(CASE, root)
+    capsys.readouterr()  # the build's own output
     assert main(["info", str(ckpt), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     d, f = model.config.hidden_size, model.config.intermediate_size
@@ -107,6 +108,11 @@ def test_info_counts_the_expert_biases(root, capsys):
     assert params["one_expert_bytes"] == 4 * params["one_expert"]
     assert params["active_per_token"] == params["dense"] + 2 * 2 * params["one_expert"]  # 2 layers, top-2
     assert info["config"]["attention_sinks"] and info["config"]["sliding_windows"] == [4, None]
+    assert main(["info", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    for shown in ("gpt_oss", "sliding window 4 on 1 layers, attention sinks", "top-2, expert FFN 24, expert biases, "
+                  "clamped SwiGLU (alpha 1.702, limit 7.0)", f"active/token {params['active_per_token']:,}"):
+        assert shown in text, (shown, text)
 
 
 # --- MXFP4 -------------------------------------------------------------------------------------------------------
