@@ -65,6 +65,12 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    attention_sinks: bool = False  # a learned logit per head that joins each softmax's denominator (gpt-oss)
+    router_bias: bool = False
+    softmax_after_topk: bool = False  # routing weights: softmax over the top-k logits only (gpt-oss)
+    expert_bias: bool = False  # routed experts carry 'gate_bias' [F], 'up_bias' [F] and 'down_bias' [D]
+    swiglu_limit: float | None = None  # set: experts use gpt-oss's clamped SwiGLU (see models.moe.ClampedSwiGLU)
+    swiglu_alpha: float = 1.702
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -109,8 +115,9 @@ class ModelConfig:
 
     @property
     def expert_params(self) -> int:
-        """Parameters of one routed expert (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.expert_intermediate_size
+        """Parameters of one routed expert (gate, up and down projections, and their biases if any)."""
+        biases = 2 * self.expert_intermediate_size + self.hidden_size if self.expert_bias else 0
+        return 3 * self.hidden_size * self.expert_intermediate_size + biases
 
     @property
     def expert_bytes(self) -> int:

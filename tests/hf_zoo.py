@@ -79,6 +79,18 @@ ZOO = {
                                                 rope_parameters={"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0,
                                                                  "original_max_position_embeddings": 64}),
     },
+    "gpt_oss": {
+        # gpt-oss's own layout and rope (yarn, factor 32, untruncated) with a window shorter than the prompts.
+        "alternating_window": lambda: T.GptOssConfig(**COMMON, head_dim=8, num_hidden_layers=2, num_local_experts=4,
+                                                     num_experts_per_tok=2, intermediate_size=24, sliding_window=4),
+        # A binding clamp (limit below the projections' spread), another alpha, no attention biases, top-3,
+        # default rope, a full layer first and two sliding layers of another window.
+        "clamped_top3": lambda: T.GptOssConfig(**COMMON, head_dim=16, num_hidden_layers=3, num_local_experts=5,
+                                               num_experts_per_tok=3, intermediate_size=16, swiglu_limit=0.3,
+                                               swiglu_alpha=1.1, attention_bias=False, sliding_window=3,
+                                               layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                                               rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
+    },
 }
 
 CASES = [(family, name) for family, configs in ZOO.items() for name in configs]
@@ -103,11 +115,14 @@ def _build(family: str, name: str, root: str):
 
 def randomize_biases_and_norms(model) -> None:
     """transformers initialises biases to 0 and norm weights to 1, which would hide a bias or a
-    norm applied to the wrong axis; random values do not."""
+    norm applied to the wrong axis; random values do not. Attention sinks (gpt-oss) get logits of
+    the scores' size, so that they take a clear share of the attention."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_proj_bias")):
                 param.normal_(0.0, INIT_STD)
+            elif name.endswith(".sinks"):
+                param.normal_(0.0, 1.0)
             elif "norm" in name:
                 param.normal_(1.0, 0.2)
 

@@ -54,6 +54,8 @@ def test_every_family_has_zoo_configs():
         ("qwen3_moe", {"num_experts": 0}, "not a MoE model"),
         ("olmoe", {"head_dim": 16}, "head_dim \\* num_attention_heads == hidden_size"),
         ("olmoe", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'dynamic'"),
+        ("gpt_oss", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": None}, "sliding window is None"),
+        ("gpt_oss", {"quantization_config": {"quant_method": "fp8"}}, "quant_method 'fp8' is not supported"),
     ],
 )
 def test_unsupported_config_fields_are_named(model_type, fields, message):
@@ -80,6 +82,8 @@ ROPE_CASES = {
                     "original_max_position_embeddings": 4096, "beta_fast": 16.0, "beta_slow": 2.0},
     "yarn_untruncated_attention_factor": {"rope_type": "yarn", "factor": 2.0, "attention_factor": 0.9,
                                           "original_max_position_embeddings": 128, "truncate": False},
+    "yarn_gpt_oss": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 4096},
 }
 
 

@@ -102,12 +102,13 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
         cfg, targets, ignored = fam.resolve_tensors(cfg, tensors)
     else:
         ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    validate(targets, tensors, cfg, ignored)
+    fused = fam.fused_experts(cfg, tensors) if hasattr(fam, "fused_experts") else None
+    validate(targets, tensors, cfg, ignored | (fused.tensor_names if fused else set()))
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():
         groups[target.group].append(name)
-    total_bytes = sum(tensors[n].nbytes for n in targets)
+    total_bytes = sum(tensors[n].nbytes for n in targets) + (fused.nbytes if fused else 0)
     progress = Progress("convert", total_bytes, unit="B", enabled=show_progress, stream=sys.stderr)
     with atomic_directory(out_dir, overwrite, [hf_dir], checkpoint.CHECKPOINT_OUTPUT) as tmp:
         for group, names in groups.items():
@@ -120,6 +121,9 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
                 _set_path(tree, target.path, np.ascontiguousarray(array.astype(cfg.np_dtype)))
                 progress.advance(tensors[name].nbytes)
             checkpoint.save_group(tmp, group, tree)
+        for group, tree, nbytes in fused.groups(cfg.np_dtype) if fused else ():
+            checkpoint.save_group(tmp, group, tree)
+            progress.advance(nbytes)
         cfg.save(tmp / "config.json")
         checkpoint.copy_tokenizer_files(hf_dir, tmp)
     progress.close()

@@ -80,6 +80,8 @@ def export(
     cfg = checkpoint.load_config(ckpt)
     if kind_of(cfg).encoder_decoder:
         raise MoejaxError(f"{ckpt}: exporting encoder-decoder checkpoints ({cfg.family}) is not supported")
+    if hasattr(family(cfg.family), "fused_experts"):
+        raise MoejaxError(f"{ckpt}: exporting {cfg.family} checkpoints (fused expert tensors) is not supported")
     targets = family(cfg.family).tensor_map(cfg)
     names_by_group: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():

@@ -99,12 +99,27 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
     """Reads one tensor from disk (a fresh array, not a view of a mapping)."""
+    return _read_array(info, info.offset, info.shape)
+
+
+def read_entry(info: TensorInfo, index: int) -> np.ndarray:
+    """Entry `index` of a tensor's first axis, reading only its bytes (one expert of a fused expert tensor)."""
+    count = info.shape[0]
+    if not 0 <= index < count:
+        raise IndexError(f"tensor '{info.name}' has {count} entries, not {index}")
+    shape = info.shape[1:]
+    return _read_array(info, info.offset + index * tensor_bytes(info.dtype, shape), shape)
+
+
+def _read_array(info: TensorInfo, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The array of `shape` (info's dtype) at absolute byte `offset` of info's file."""
+    nbytes = tensor_bytes(info.dtype, shape)
     with open(info.file, "rb") as f:
-        f.seek(info.offset)
-        data = f.read(info.nbytes)
-    if len(data) != info.nbytes:
+        f.seek(offset)
+        data = f.read(nbytes)
+    if len(data) != nbytes:
         raise MoejaxError(f"{info.file}: truncated while reading tensor '{info.name}'")
-    return np.frombuffer(data, dtype=info.dtype).reshape(info.shape).copy()
+    return np.frombuffer(data, dtype=info.dtype).reshape(shape).copy()
 
 
 def write_tensors(

@@ -45,7 +45,7 @@ from jax import lax
 
 from moejax.config import ModelConfig
 from moejax.engine.slots import SlotState, sample_rows
-from moejax.models.decoder import DecoderLayer, EmbedHead
+from moejax.models.decoder import DecoderLayer, EmbedHead, expert_activation
 from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
@@ -182,7 +182,7 @@ def _compute(spec: ProgramSpec, moe_in, ids, weights, distinct, slots, slab, val
     """The routed-expert output [N, D] f32 as the spec's expert compute makes it for the call's N rows."""
     rows = ids.shape[0]
     return routed_experts(resolve_expert_compute(spec.expert_compute, rows), moe_in, ids, weights, distinct, slots, slab,
-                          spec.cfg.hidden_act, valid_rows=valid_rows, capacity=spec.capacity(rows))
+                          expert_activation(spec.cfg), valid_rows=valid_rows, capacity=spec.capacity(rows))
 
 
 def gate(spec: ProgramSpec, ids, weights, valid_rows):

@@ -1,15 +1,17 @@
-"""Decoder-only MoE transformer shared by Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+"""Decoder-only MoE transformer shared by Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and gpt-oss.
 
 Families differ only through `ModelConfig` fields (biases, q/k norms, shared expert,
-sliding windows, dense layers). A model's weights are three pytrees:
+sliding windows, dense layers, attention sinks, the router's bias and softmax, the experts'
+activation). A model's weights are three pytrees:
 
 - `globals`: {'embed': {'embedding': [V, D]}, 'final_norm': {'weight': [D]},
   'lm_head': {'kernel': [D, V]}} (no lm_head when embeddings are tied);
 - `layers[i]`: the Flax params of `decoder_layer(cfg, i)`: norms, attention, router,
   shared expert or dense MLP, everything except routed experts;
 - `experts[i]`: layer i's routed experts, a tuple of E per-expert dicts {'gate': [D, F],
-  'up': [D, F], 'down': [F, D]} or one stacked dict with a leading [E] axis on each, or None
-  for a dense layer. The runtime may hold them elsewhere.
+  'up': [D, F], 'down': [F, D]} (with `expert_bias` also 'gate_bias' [F], 'up_bias' [F],
+  'down_bias' [D]) or one stacked dict with a leading [E] axis on each, or None for a dense
+  layer. The runtime may hold them elsewhere.
 
 A layer runs as `attend` (norm, attention, KV update), `route` (norm, router, top-k), the
 expert accumulation (`models.moe`), and `finish` (shared expert, residual), so a runtime
@@ -25,7 +27,7 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.models.layers import Attention, GatedMLP, RMSNorm, param_dtype
-from moejax.models.moe import EXPERT_WEIGHTS, device_routed_experts, route
+from moejax.models.moe import ClampedSwiGLU, device_routed_experts, route
 
 
 class DecoderLayer(nn.Module):
@@ -41,7 +43,7 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, self.window)
         self.post_norm = RMSNorm(cfg.rms_norm_eps, dtype)
         if self.moe:
-            self.router = nn.Dense(cfg.num_experts, use_bias=False, param_dtype=dtype)
+            self.router = nn.Dense(cfg.num_experts, use_bias=cfg.router_bias, param_dtype=dtype)
             if cfg.has_shared_expert:
                 self.shared_expert = GatedMLP(cfg.shared_expert_intermediate_size, cfg.hidden_act, dtype)
                 self.shared_expert_gate = nn.Dense(1, use_bias=False, param_dtype=dtype)
@@ -62,7 +64,7 @@ class DecoderLayer(nn.Module):
     def route(self, h):
         """MoE input and routing: h [B, T, D] -> (moe_in [N, D], weights [N, k] f32, ids [N, k] int32)."""
         moe_in, logits = self.router_logits(h)
-        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
+        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob, self.cfg.softmax_after_topk)
         return moe_in, weights, ids
 
     def finish(self, h, moe_in, routed):
@@ -88,12 +90,18 @@ class DecoderLayer(nn.Module):
         if not self.moe:
             return self.dense_mlp(h), kv_cache, None
         moe_in, logits = self.router_logits(h)
-        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob)
+        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob, self.cfg.softmax_after_topk)
         if experts is None:
             routed = jnp.zeros(moe_in.shape, jnp.float32)
         else:
-            routed = device_routed_experts(moe_in, ids, weights, experts, self.cfg.hidden_act)
+            routed = device_routed_experts(moe_in, ids, weights, experts, expert_activation(self.cfg))
         return self.finish(h, moe_in, routed), kv_cache, logits
+
+
+def expert_activation(cfg: ModelConfig):
+    """What the routed experts apply to their gate and up projections (`models.moe.gated_activation`): the
+    activation's name, or gpt-oss's clamped SwiGLU."""
+    return cfg.hidden_act if cfg.swiglu_limit is None else ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit)
 
 
 def decoder_layer(cfg: ModelConfig, i: int) -> DecoderLayer:
@@ -179,16 +187,17 @@ def normal_init(params, key, std: float, dtype):
 def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Shape of each weight of one routed expert."""
     d, f = cfg.hidden_size, cfg.expert_intermediate_size
-    return {"gate": (d, f), "up": (d, f), "down": (f, d)}
+    biases = {"gate_bias": (f,), "up_bias": (f,), "down_bias": (d,)} if cfg.expert_bias else {}
+    return {"gate": (d, f), "up": (d, f), "down": (f, d), **biases}
 
 
 def random_experts(cfg: ModelConfig, key, std: float = 0.02) -> dict:
     """One layer's stacked experts drawn from normal(0, std) in the model dtype."""
     shapes = expert_shapes(cfg)
-    keys = jax.random.split(key, len(EXPERT_WEIGHTS))
+    keys = jax.random.split(key, len(shapes))
     return {
-        name: (jax.random.normal(k, (cfg.num_experts, *shapes[name]), jnp.float32) * std).astype(cfg.dtype)
-        for name, k in zip(EXPERT_WEIGHTS, keys, strict=True)
+        name: (jax.random.normal(k, (cfg.num_experts, *shape), jnp.float32) * std).astype(cfg.dtype)
+        for (name, shape), k in zip(shapes.items(), keys, strict=True)
     }
 
 

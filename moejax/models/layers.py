@@ -69,8 +69,18 @@ def attention_mask(q_positions, kv_length: int, window: int | None):
     return allowed
 
 
+def softmax_with_sinks(scores, sinks):
+    """Softmax over the last axis of scores [B, KV, G, T, S] f32 whose denominator also holds exp(sink) of each
+    head (sinks [KV, G]): attention that may put weight on no position at all (gpt-oss)."""
+    sink = sinks.astype(jnp.float32)[None, :, :, None, None]
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    weights = jnp.exp(scores - top)
+    return weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings and an in-place KV cache update."""
+    """Grouped-query self-attention with rotary embeddings and an in-place KV cache update (and, with
+    `cfg.attention_sinks`, a learned sink logit per head: param 'sinks' [heads])."""
 
     cfg: ModelConfig
     window: int | None
@@ -128,7 +138,11 @@ class Attention(nn.Module):
         scores = scores * (head_dim**-0.5)
         mask = attention_mask(positions, k_seen.shape[1], self.window)[:, None, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        if cfg.attention_sinks:
+            sinks = self.param("sinks", nn.initializers.zeros, (heads,), dtype)
+            probs = softmax_with_sinks(scores, sinks.reshape(kv_heads, groups)).astype(x.dtype)
+        else:
+            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_seen).reshape(batch, length, heads * head_dim)
         out = proj(x.shape[-1], "o_proj", cfg.o_bias)(out)
         return out, (k_cache, v_cache)

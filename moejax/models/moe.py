@@ -4,8 +4,9 @@ Expert weights are always arguments, never module parameters, so a runtime can h
 expert computation whichever experts it has on the device. One expert's weights are a dict
 of arrays whose names give its kind (see `expert_ffn`): gated {'gate': [D, F], 'up': [D, F],
 'down': [F, D]} (decoder families) or plain {'up': [D, F], 'down': [F, D]}, optionally with
-'up_bias' [F] and 'down_bias' [D] (Switch Transformers, NLLB-MoE); a layer's stacked experts
-have a leading [E] axis on each. The offloading runtime keeps each expert as a `PackedExpert` (all its
+'up_bias' [F] and 'down_bias' [D] (Switch Transformers, NLLB-MoE) and, when gated, 'gate_bias' [F]
+(gpt-oss); a layer's stacked experts have a leading [E] axis on each. The activation `act` is a name
+of `layers.ACTIVATIONS` or a `ClampedSwiGLU` (gpt-oss), which combines gate and up itself. The offloading runtime keeps each expert as a `PackedExpert` (all its
 weights in one flat array, so one copy moves it); the functions here accept either form.
 
 Determinism across execution strategies: every expert processes all N tokens of the call
@@ -22,6 +23,7 @@ the same order as union.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -34,7 +36,6 @@ from jax import lax
 from moejax.models.capacity import queue_positions
 from moejax.models.layers import ACTIVATIONS
 
-EXPERT_WEIGHTS = ("gate", "up", "down")
 # How a step computes its routed experts (see `routed_experts`); 'auto' picks by the call's rows.
 EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity")
 # Provisional, chosen on the CPU for logic only (not speed): 'auto' computes 'grouped' from this many token
@@ -45,8 +46,14 @@ GROUPED_BLOCK_ROWS = 64
 CAPACITY_FACTOR = 2.0
 
 
-def route(router_logits, top_k: int, normalize: bool):
-    """Softmax over experts, then top-k. router_logits [N, E] -> (weights [N, k] f32, ids [N, k] int32)."""
+def route(router_logits, top_k: int, normalize: bool, softmax_after_topk: bool = False):
+    """Softmax over experts, then top-k. router_logits [N, E] -> (weights [N, k] f32, ids [N, k] int32).
+
+    softmax_after_topk (gpt-oss): top-k of the logits, then a softmax over those k only (in exact arithmetic
+    the renormalised softmax over all experts; rounded as gpt-oss rounds it)."""
+    if softmax_after_topk:
+        top, ids = jax.lax.top_k(router_logits.astype(jnp.float32), top_k)
+        return jax.nn.softmax(top, axis=-1), ids.astype(jnp.int32)
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
     weights, ids = jax.lax.top_k(probs, top_k)
     if normalize:
@@ -102,22 +109,47 @@ def expert_weights(expert) -> dict:
     return expert.unpack() if isinstance(expert, PackedExpert) else expert
 
 
-def expert_ffn(x, expert: dict, act: str = "silu"):
+@dataclasses.dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation of the gate and up projections: the gate clamped above at `limit`, up
+    clamped to [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate). Hashable, so it can stand
+    where an activation name does in a static argument."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate, up):
+        gate = jnp.minimum(gate, self.limit)
+        up = jnp.clip(up, -self.limit, self.limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
+
+
+def gated_activation(gate, up, act):
+    """The hidden units of a gated FFN from its gate and up projections: act(gate) * up, or a ClampedSwiGLU's."""
+    if isinstance(act, ClampedSwiGLU):
+        return act(gate, up)
+    return ACTIVATIONS[act](gate) * up
+
+
+def _biased(h, bias):
+    """h [..., n] plus bias [n] (one expert) or [U, n] (U experts, h [U, rows, n]); h itself when bias is None."""
+    if bias is None:
+        return h
+    return h + (bias[:, None, :] if h.ndim == 3 else bias)
+
+
+def expert_ffn(x, expert: dict, act="silu"):
     """One expert on all rows: x [N, D] -> [N, D] in x's dtype.
 
-    Gated (has 'gate'): act(x @ gate) * (x @ up) @ down. Plain: act(x @ up + up_bias) @ down +
-    down_bias, each bias only where the expert has it.
+    Gated (has 'gate'): gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias.
+    Plain: act(x @ up + up_bias) @ down + down_bias. Each bias only where the expert has it.
     """
+    up = _biased(x @ expert["up"], expert.get("up_bias"))
     if "gate" in expert:
-        hidden = ACTIVATIONS[act](x @ expert["gate"]) * (x @ expert["up"])
-        return hidden @ expert["down"]
-    hidden = x @ expert["up"]
-    if "up_bias" in expert:
-        hidden = hidden + expert["up_bias"]
-    out = ACTIVATIONS[act](hidden) @ expert["down"]
-    if "down_bias" in expert:
-        out = out + expert["down_bias"]
-    return out
+        hidden = gated_activation(_biased(x @ expert["gate"], expert.get("gate_bias")), up, act)
+    else:
+        hidden = ACTIVATIONS[act](up)
+    return _biased(hidden @ expert["down"], expert.get("down_bias"))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -158,7 +190,7 @@ class ExpertWave:
         return cls(*children, num_experts)
 
 
-def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[dict], acc, act: str = "silu"):
+def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[dict], acc, act="silu"):
     """Adds the weighted outputs of the given experts into `acc`.
 
     x [N, D]; topk_ids [N, k] int32; topk_weights [N, k] f32; expert_ids [n] int32, the global id
@@ -187,7 +219,7 @@ def expert_list(experts) -> list[dict]:
     return list(experts)
 
 
-def device_routed_experts(x, topk_ids, topk_weights, experts, act: str = "silu"):
+def device_routed_experts(x, topk_ids, topk_weights, experts, act="silu"):
     """The routed-expert output [N, D] f32 with routing resolved on the device (no host round trip).
 
     `experts`: the layer's experts, a sequence of per-expert dicts (separate buffers: each is read in
@@ -216,23 +248,19 @@ def _expert_f32(x, expert: dict, act: str):
     return expert_ffn(x, expert, act).astype(jnp.float32)
 
 
-def batched_expert_ffn(x, experts: dict, act: str = "silu"):
+def batched_expert_ffn(x, experts: dict, act="silu"):
     """U experts at once: x [N, D] (every expert on all rows) or [U, N, D] (each expert on its own rows),
     experts {name: [U, ...]} (the per-expert weights of `expert_ffn`, stacked) -> [U, N, D] in x's dtype.
     Each expert's product has the same shape whatever U is, so a row's result does not depend on how many
     experts ran beside it."""
     xs = x if x.ndim == 3 else jnp.broadcast_to(x, (experts["down"].shape[0],) + x.shape)
+    up = _biased(jnp.einsum("und,udf->unf", xs, experts["up"]), experts.get("up_bias"))
     if "gate" in experts:
-        gate = jnp.einsum("und,udf->unf", xs, experts["gate"])
-        hidden = ACTIVATIONS[act](gate) * jnp.einsum("und,udf->unf", xs, experts["up"])
-        return jnp.einsum("unf,ufd->und", hidden, experts["down"])
-    hidden = jnp.einsum("und,udf->unf", xs, experts["up"])
-    if "up_bias" in experts:
-        hidden = hidden + experts["up_bias"][:, None, :]
-    out = jnp.einsum("unf,ufd->und", ACTIVATIONS[act](hidden), experts["down"])
-    if "down_bias" in experts:
-        out = out + experts["down_bias"][:, None, :]
-    return out
+        gate = _biased(jnp.einsum("und,udf->unf", xs, experts["gate"]), experts.get("gate_bias"))
+        hidden = gated_activation(gate, up, act)
+    else:
+        hidden = ACTIVATIONS[act](up)
+    return _biased(jnp.einsum("unf,ufd->und", hidden, experts["down"]), experts.get("down_bias"))
 
 
 def gathered(slab: dict, slots) -> dict:
@@ -240,7 +268,7 @@ def gathered(slab: dict, slots) -> dict:
     return {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
 
 
-def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu"):
+def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu"):
     """The routed-expert output [N, D] f32, reading only the chosen experts' weights out of a slab.
 
     x [N, D]; topk_ids [N, k] int32; topk_weights [N, k] f32; distinct int32 [U]: the distinct chosen
@@ -269,7 +297,7 @@ def resolve_expert_compute(expert_compute: str, rows: int) -> str:
     return "grouped" if rows >= GROUPED_FROM_ROWS else "union"
 
 
-def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *,
+def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *,
                    valid_rows=None, capacity: int | None = None, block_rows: int = GROUPED_BLOCK_ROWS):
     """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped', 'ragged' or
     'capacity'; see `experts_from_slab`, `grouped_experts`, `ragged_experts`, `capacity_experts` for the
@@ -339,7 +367,7 @@ def grouped_blocks(rows: int, top_k: int, union: int, block_rows: int = GROUPED_
     return min((pairs + min(union, pairs) * (block_rows - 1)) // block_rows, union * math.ceil(rows / block_rows))
 
 
-def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *, valid_rows=None,
+def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *, valid_rows=None,
                     block_rows: int = GROUPED_BLOCK_ROWS):
     """Dropless dynamic gating: the routed-expert output [N, D] f32, each expert computing exactly its pairs.
 
@@ -377,7 +405,7 @@ def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act:
     return _combine(topk_ids, topk_weights, _pair_outputs(rows_out, dest), computed)
 
 
-def ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: str = "silu", *, valid_rows=None):
+def ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *, valid_rows=None):
     """Dropless dynamic gating through `jax.lax.ragged_dot`: the N x k pairs sorted by expert, no padding, each
     matmul of the FFN one grouped matmul over the gathered chosen experts ([U, ...]) with the experts' pair counts
     as group sizes; each row then adds its experts' outputs as `experts_from_slab` does. The same math as
@@ -391,16 +419,18 @@ def ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act: 
     rows = _pair_rows(x, dest, N * k)  # sorted by expert; the pairs not computed last, outside every group
     experts = gathered(slab, slots)
     grouped = lambda a, name: lax.ragged_dot(a, experts[name], counts)  # noqa: E731
+    group = jnp.minimum(jnp.searchsorted(jnp.cumsum(counts), jnp.arange(N * k), side="right"), U - 1)
+    bias = lambda name: experts[name][group] if name in experts else None  # noqa: E731
+    up = _biased(grouped(rows, "up"), bias("up_bias"))
     if "gate" in experts:
-        out = grouped(ACTIVATIONS[act](grouped(rows, "gate")) * grouped(rows, "up"), "down")
+        hidden = gated_activation(_biased(grouped(rows, "gate"), bias("gate_bias")), up, act)
     else:
-        group = jnp.minimum(jnp.searchsorted(jnp.cumsum(counts), jnp.arange(N * k), side="right"), U - 1)
-        bias = lambda name: experts[name][group] if name in experts else 0  # noqa: E731
-        out = grouped(ACTIVATIONS[act](grouped(rows, "up") + bias("up_bias")), "down") + bias("down_bias")
+        hidden = ACTIVATIONS[act](up)
+    out = _biased(grouped(hidden, "down"), bias("down_bias"))
     return _combine(topk_ids, topk_weights, _pair_outputs(out, dest), computed)
 
 
-def capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, capacity: int, act: str = "silu", *,
+def capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, capacity: int, act="silu", *,
                      valid_rows=None):
     """Static capacity gating's expert compute: every distinct expert gets `capacity` (static) token slots,
     filled in queue order (`_union_queues`), the unfilled ones padding it computes all the same, and the pairs

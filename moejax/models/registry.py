@@ -42,11 +42,17 @@ def _encdec_counts(cfg: EncDecConfig) -> dict:
 
 def _describe_decoder(cfg: ModelConfig) -> list[str]:
     moe = sum(cfg.moe_layers)
+    windows = sorted({w for w in cfg.sliding_windows if w is not None})
+    windowed = sum(w is not None for w in cfg.sliding_windows)
     return [
         f"layers {cfg.num_layers} ({moe} MoE), hidden {cfg.hidden_size}, heads {cfg.num_heads} "
-        f"(kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}",
+        f"(kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}"
+        + (f", sliding window {'/'.join(map(str, windows))} on {windowed} layers" if windows else "")
+        + (", attention sinks" if cfg.attention_sinks else ""),
         f"experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.expert_intermediate_size}"
-        + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""),
+        + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else "")
+        + (", expert biases" if cfg.expert_bias else "")
+        + (f", clamped SwiGLU (alpha {cfg.swiglu_alpha}, limit {cfg.swiglu_limit})" if cfg.swiglu_limit is not None else ""),
     ]
 
 

@@ -4,17 +4,21 @@ Each family module provides `MODEL_TYPE`, `config_from_hf(hf_config) -> ModelCon
 `tensor_map(cfg) -> {hf_name: Target}` and `hf_config(cfg)` (its own config.json fields).
 Encoder-decoder families return an `EncDecConfig` and provide `resolve_tensors(cfg, tensors) ->
 (cfg, tensor map, ignored names)`, which settles tied embedding tables from the checkpoint itself.
+Families whose experts are fused tensors (gpt-oss) leave them out of the tensor map and provide
+`fused_experts(cfg, tensors)`: an object with `tensor_names`, `nbytes` and `groups(dtype)`, which
+yields each expert's group (see `gpt_oss.FusedExperts`).
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from moejax.convert.families import mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers
+from moejax.convert.families import gpt_oss, mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers
 from moejax.errors import MoejaxError
 
 FAMILIES: dict[str, ModuleType] = {
-    module.MODEL_TYPE: module for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, switch_transformers, nllb_moe)
+    module.MODEL_TYPE: module
+    for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, switch_transformers, nllb_moe, gpt_oss)
 }
 
 

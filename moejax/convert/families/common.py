@@ -145,6 +145,21 @@ def sparse_layer_fields(cfg: ModelConfig) -> dict[str, Any]:
     return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, moe in enumerate(cfg.moe_layers) if not moe]}
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(layer_types, window, num_layers: int, why: str = "") -> tuple[int | None, ...]:
+    """Per-layer sliding windows from config.json `layer_types` (one of LAYER_TYPES per layer) and the window
+    the sliding layers share; `why` ends the error about a missing window."""
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers or not set(layer_types) <= set(LAYER_TYPES):
+        raise MoejaxError(
+            f"config.json: layer_types must list {num_layers} of {', '.join(LAYER_TYPES)} (got {layer_types!r})"
+        )
+    if "sliding_attention" in layer_types and not (isinstance(window, int) and window >= 1):
+        raise MoejaxError(f"config.json: layer_types has sliding_attention layers but the sliding window is {window!r}{why}")
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
 def single_window(cfg: ModelConfig) -> int | None:
     """The one sliding window all windowed layers share (for configs with a single window field)."""
     windows = {w for w in cfg.sliding_windows if w is not None}

@@ -11,7 +11,9 @@ from moejax.convert.families.common import (
     check_exportable,
     common_fields,
     decoder_tensor_map,
+    LAYER_TYPES,
     gated_mlp_map,
+    layer_windows,
     require,
     single_window,
     sparse_layer_fields,
@@ -20,7 +22,6 @@ from moejax.convert.families.common import (
 from moejax.errors import MoejaxError
 
 MODEL_TYPE = "qwen2_moe"
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
@@ -32,16 +33,7 @@ def sliding_windows(hf: dict[str, Any], num_layers: int) -> tuple[int | None, ..
     if layer_types is None:
         below = int(hf.get("max_window_layers", 28))
         layer_types = [LAYER_TYPES[bool(use and i % 2 == 0 and i < below)] for i in range(num_layers)]
-    if len(layer_types) != num_layers or not set(layer_types) <= set(LAYER_TYPES):
-        raise MoejaxError(
-            f"config.json: layer_types must list {num_layers} of {', '.join(LAYER_TYPES)} (got {layer_types!r})"
-        )
-    if "sliding_attention" in layer_types and not (isinstance(window, int) and window >= 1):
-        raise MoejaxError(
-            f"config.json: layer_types has sliding_attention layers but the sliding window is {window!r} "
-            f"(use_sliding_window={use})"
-        )
-    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    return layer_windows(layer_types, window, num_layers, f" (use_sliding_window={use})")
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
