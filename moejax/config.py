@@ -12,6 +12,8 @@ from moejax.errors import MoejaxError
 DTYPES = ("bfloat16", "float16", "float32")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# The ModelConfig fields that are keyword arguments of `models.moe.route`.
+ROUTER_FIELDS = ("scoring_func", "topk_method", "n_group", "topk_group", "routed_scaling_factor")
 FORMAT_VERSION = 1
 
 
@@ -128,11 +130,15 @@ class ModelConfig:
         """The dims of each head that rope rotates (the first ones; the rest pass through)."""
         return int(self.head_dim * self.partial_rotary_factor)
 
+    @classmethod
+    def router_defaults(cls) -> dict[str, Any]:
+        """`router_options` of the default router (softmax, greedy top-k, no scaling)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name in ROUTER_FIELDS}
+
     @property
     def router_options(self) -> dict[str, Any]:
         """The keyword arguments of `models.moe.route` this config sets (all but the correction bias)."""
-        return dict(scoring_func=self.scoring_func, topk_method=self.topk_method, n_group=self.n_group,
-                    topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor)
+        return {name: getattr(self, name) for name in ROUTER_FIELDS}
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

@@ -117,7 +117,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
                 array = read_tensor(tensors[name])
                 if target.transpose:
                     array = array.T
-                _set_path(tree, target.path, np.ascontiguousarray(array.astype(cfg.np_dtype)))
+                _set_path(tree, target.path, np.ascontiguousarray(array.astype(target.dtype(cfg))))
                 progress.advance(tensors[name].nbytes)
             checkpoint.save_group(tmp, group, tree)
         cfg.save(tmp / "config.json")

@@ -47,7 +47,17 @@ def _describe_decoder(cfg: ModelConfig) -> list[str]:
         f"(kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}",
         f"experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.expert_intermediate_size}"
         + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""),
-    ]
+    ] + _describe_router(cfg)
+
+
+def _describe_router(cfg: ModelConfig) -> list[str]:
+    """A line on the router, for routers other than the softmax top-k of most families."""
+    if cfg.router_options == ModelConfig.router_defaults() and not cfg.router_correction_bias:
+        return []
+    groups = f" within the best {cfg.topk_group} of {cfg.n_group} groups" if cfg.topk_method != "greedy" else ""
+    return [f"router: {cfg.scoring_func} scores, {cfg.topk_method} top-{cfg.top_k}{groups}"
+            + (", correction bias for selection" if cfg.router_correction_bias else "")
+            + f", weights {'renormalised, ' if cfg.norm_topk_prob else ''}x {cfg.routed_scaling_factor:g}"]
 
 
 def _describe_encdec(cfg: EncDecConfig) -> list[str]:
