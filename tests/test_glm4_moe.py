@@ -11,6 +11,7 @@ import torch
 import transformers as T
 from hf_zoo import build, hf_logits, random_prompts
 from safetensors.numpy import load_file, save_file
+from test_bad_input import assert_convert_fails
 
 from moejax import checkpoint
 from moejax.cli import main as moejax_cli
@@ -67,3 +68,17 @@ def test_export_loads_in_transformers_with_the_same_logits(built, tmp_path):
     assert type(exported).__name__ == "Glm4MoeForCausalLM"
     prompt = random_prompts(model.config.vocab_size, [9])[0]
     np.testing.assert_array_equal(hf_logits(exported, prompt), hf_logits(model, prompt))
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"topk_method": "beam"}, "topk_method 'beam' is not supported"),
+    ({"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported"),
+    ({"n_group": 3}, "n_group 3 must divide num_experts 8"),
+])
+def test_unsupported_router_fields_are_one_line_errors(built, tmp_path, capsys, fields, expected):
+    _, hf_dir, _ = built
+    broken = tmp_path / "hf"
+    shutil.copytree(hf_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, **fields}))
+    assert_convert_fails(capsys, broken, tmp_path, expected)
