@@ -115,3 +115,41 @@ def test_router_fields_round_trip_through_json():
                          "routed_scaling_factor": 2.5, "router_correction_bias": True, "shared_expert_gate": False,
                          "partial_rotary_factor": 0.5})
     assert ModelConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3"])
+def test_route_equals_transformers_deepseek_routers(model_type):
+    """DeepSeek-V2's softmax router with group-limited greedy top-k and DeepSeek-V3's sigmoid router with its
+    correction bias and group top-2 scores, as transformers runs them (the converters map their configs here)."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=16,
+                  num_experts_per_tok=3, n_group=4, topk_group=2,
+                  routed_scaling_factor=2.5)
+    if model_type == "deepseek_v2":
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter as Router
+
+        config = T.DeepseekV2Config(**common, topk_method="group_limited_greedy")
+        options = dict(normalize=False, topk_method="group_limited_greedy")
+    else:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as Router
+
+        config = T.DeepseekV3Config(**common, norm_topk_prob=True)
+        options = dict(normalize=True, scoring_func="sigmoid", topk_method="noaux_tc")
+    router = Router(config)
+    with torch.no_grad():
+        router.weight.normal_(0.0, 0.5)
+        bias = getattr(router, "e_score_correction_bias", None)
+        if bias is not None:
+            bias.normal_(0.0, 0.3)
+        hidden = torch.randn(64, 16)
+        _, ref_weights, ref_ids = router(hidden)
+    logits = hidden.numpy() @ router.weight.detach().numpy().T
+    weights, ids = route(jnp.asarray(logits), 3, options.pop("normalize"), **options, n_group=4, topk_group=2,
+                         routed_scaling_factor=2.5, correction_bias=None if bias is None else jnp.asarray(bias.numpy()))
+    order = np.argsort(ref_ids.numpy(), axis=1)
+    np.testing.assert_array_equal(np.sort(np.asarray(ids), axis=1), np.take_along_axis(ref_ids.numpy(), order, 1))
+    ours = np.take_along_axis(np.asarray(weights), np.argsort(np.asarray(ids), axis=1), 1)
+    np.testing.assert_allclose(ours, np.take_along_axis(ref_weights.numpy(), order, 1), rtol=1e-5)
