@@ -13,6 +13,7 @@ from hf_zoo import build, hf_logits, random_prompts
 from safetensors.numpy import load_file, save_file
 from test_bad_input import assert_convert_fails
 
+import moejax
 from moejax import checkpoint
 from moejax.cli import main as moejax_cli
 
@@ -41,7 +42,7 @@ def test_info_figures_equal_transformers(built, capsys):
 
 def test_multi_token_prediction_layers_are_skipped_and_the_bias_stays_float32(built, tmp_path, capsys):
     """A checkpoint with an MTP layer past the last (as GLM-4.5's) converts to the same weights, with a note; in
-    bfloat16 the router's correction bias stays float32 (bf16 would round the biases that decide the choice)."""
+    bfloat16 the router (weight and correction bias) stays float32, as transformers keeps it, and the engine runs."""
     _, hf_dir, ckpt = built
     with_mtp = tmp_path / "with-mtp"
     shutil.copytree(hf_dir, with_mtp)
@@ -57,7 +58,9 @@ def test_multi_token_prediction_layers_are_skipped_and_the_bias_stays_float32(bu
     ours, theirs = checkpoint.load_layer(out, 1), checkpoint.load_layer(ckpt, 1)
     assert ours["router"]["e_score_correction_bias"].dtype == np.float32
     np.testing.assert_array_equal(ours["router"]["e_score_correction_bias"], theirs["router"]["e_score_correction_bias"])
-    assert ours["router"]["kernel"].dtype == cfg.np_dtype
+    np.testing.assert_array_equal(ours["router"]["kernel"], theirs["router"]["kernel"])
+    assert ours["attn"]["q_proj"]["kernel"].dtype == cfg.np_dtype
+    assert len(moejax.load(out).generate([[1, 2, 3]], max_new_tokens=2).tokens[0]) == 2
 
 
 def test_export_loads_in_transformers_with_the_same_logits(built, tmp_path):

@@ -7,6 +7,7 @@ one ungated shared expert of n_shared_experts x moe_intermediate_size per MoE la
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from moejax.config import ModelConfig
@@ -77,11 +78,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def tensor_map(cfg: ModelConfig) -> dict[str, Target]:
-    """The common decoder tensors plus each MoE layer's router correction bias (kept in float32, as transformers
-    keeps it) and shared expert."""
+    """The common decoder tensors plus each MoE layer's router correction bias and shared expert. The router's
+    weight and bias stay float32 in every dtype, as transformers keeps them (its router runs in float32: a bfloat16
+    router would round the scores that choose the experts)."""
     d, out = cfg.hidden_size, decoder_tensor_map(cfg)
     for i in cfg.moe_layer_ids:
         group, pre = ("layer", i), f"model.layers.{i}.mlp"
+        out[f"{pre}.gate.weight"] = dataclasses.replace(out[f"{pre}.gate.weight"], keep_float32=True)
         out[f"{pre}.gate.e_score_correction_bias"] = Target(group, ("router", "e_score_correction_bias"),
                                                             (cfg.num_experts,), keep_float32=True)
         out.update(gated_mlp_map(f"{pre}.shared_experts", group, ("shared_expert",), d, cfg.shared_expert_intermediate_size))
