@@ -10,6 +10,10 @@ from typing import Any
 from moejax.errors import MoejaxError
 
 DTYPES = ("bfloat16", "float16", "float32")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# The ModelConfig fields that are keyword arguments of `models.moe.route`.
+ROUTER_FIELDS = ("scoring_func", "topk_method", "n_group", "topk_group", "routed_scaling_factor", "softmax_after_topk")
 FORMAT_VERSION = 1
 
 
@@ -75,6 +79,15 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     dtype: str = "float32"
+    # The router (see `models.moe.route`): expert scores, how the top-k are chosen, and the weights' scale.
+    scoring_func: str = "softmax"  # 'softmax' | 'sigmoid'
+    topk_method: str = "greedy"  # 'greedy' | 'group_limited_greedy' (groups by max score) | 'noaux_tc' (by top-2 sum)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_correction_bias: bool = False  # each MoE router has e_score_correction_bias [E] (selection only)
+    shared_expert_gate: bool = True  # the shared expert's output goes through a sigmoid gate (Qwen2-MoE)
+    partial_rotary_factor: float = 1.0  # rope rotates the first head_dim x factor dims of each head
 
     def __post_init__(self):
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
@@ -92,6 +105,50 @@ class ModelConfig:
             raise MoejaxError(f"config: top_k {self.top_k} must be in [1, num_experts={self.num_experts}]")
         if self.qk_norm not in ("none", "head", "full"):
             raise MoejaxError(f"config: qk_norm '{self.qk_norm}' is not one of none, head, full")
+        self._check_router()
+        if not (0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0):
+            raise MoejaxError(f"config: partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and leave "
+                              f"an even number of rotated dims of head_dim {self.head_dim}")
+
+    def _check_router(self):
+        if self.scoring_func not in SCORING_FUNCS:
+            raise MoejaxError(f"config: scoring_func '{self.scoring_func}' is not one of {', '.join(SCORING_FUNCS)}")
+        if self.topk_method not in TOPK_METHODS:
+            raise MoejaxError(f"config: topk_method '{self.topk_method}' is not one of {', '.join(TOPK_METHODS)}")
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and 0 < self.routed_scaling_factor < float("inf")):
+            raise MoejaxError(f"config: routed_scaling_factor {self.routed_scaling_factor!r} must be a positive number")
+        if self.softmax_after_topk and (self.scoring_func, self.topk_method, self.router_correction_bias,
+                                        self.routed_scaling_factor) != ("softmax", "greedy", False, 1.0):
+            raise MoejaxError("config: softmax_after_topk (gpt-oss) takes the plain greedy softmax router: no scoring_func, "
+                              "topk_method, routed_scaling_factor or router_correction_bias besides")
+        if self.topk_method == "greedy":
+            return
+        if not (isinstance(self.n_group, int) and self.n_group >= 1 and self.num_experts % self.n_group == 0):
+            raise MoejaxError(f"config: n_group {self.n_group!r} must divide num_experts {self.num_experts}")
+        if not (isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group):
+            raise MoejaxError(f"config: topk_group {self.topk_group!r} must be in [1, n_group={self.n_group}]")
+        group_size = self.num_experts // self.n_group
+        if self.top_k > self.topk_group * group_size:
+            raise MoejaxError(f"config: top_k {self.top_k} is more than the {self.topk_group} kept group(s) of "
+                              f"{group_size} experts hold (topk_group)")
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and group_size < 2:
+            raise MoejaxError(f"config: n_group {self.n_group} leaves {group_size} expert per group; topk_method "
+                              "noaux_tc scores a group by its 2 best")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head that rope rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def router_defaults(cls) -> dict[str, Any]:
+        """`router_options` of the default router (softmax, greedy top-k, no scaling)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name in ROUTER_FIELDS}
+
+    @property
+    def router_options(self) -> dict[str, Any]:
+        """The keyword arguments of `models.moe.route` this config sets (all but the correction bias)."""
+        return {name: getattr(self, name) for name in ROUTER_FIELDS}
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

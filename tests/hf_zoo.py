@@ -91,6 +91,21 @@ ZOO = {
                                                layer_types=["full_attention", "sliding_attention", "sliding_attention"],
                                                rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     },
+    "glm4_moe": {
+        # GLM-4.5's shape: a dense first layer, q/k norms, q/k/v biases, 4 groups of 2 experts (top-3 within the
+        # best 2 groups), two shared experts' width, half the head rotated, weights scaled by 2.5.
+        "qk_norm_groups": lambda: T.Glm4MoeConfig(**COMMON, head_dim=16, num_hidden_layers=3, n_routed_experts=8,
+                                                  num_experts_per_tok=3, moe_intermediate_size=16, intermediate_size=40,
+                                                  n_shared_experts=2, first_k_dense_replace=1, n_group=4, topk_group=2,
+                                                  routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True),
+        # GLM-4.5-Air's: no q/k norm, one group; here every layer MoE, top-k weights not renormalised, a quarter of
+        # the head rotated, tied embeddings.
+        "air_all_moe_tied": lambda: T.Glm4MoeConfig(**COMMON, num_hidden_layers=2, n_routed_experts=6, num_experts_per_tok=2,
+                                                    moe_intermediate_size=24, intermediate_size=24, first_k_dense_replace=0,
+                                                    norm_topk_prob=False, tie_word_embeddings=True,
+                                                    rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                                     "partial_rotary_factor": 0.25}),
+    },
 }
 
 CASES = [(family, name) for family, configs in ZOO.items() for name in configs]
@@ -125,6 +140,9 @@ def randomize_biases_and_norms(model) -> None:
                 param.normal_(0.0, 1.0)
             elif "norm" in name:
                 param.normal_(1.0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the router's selection bias (DeepSeek-V3, GLM-4.5)
+                buffer.normal_(0.0, INIT_STD)
 
 
 def build(case, root: Path):

@@ -56,6 +56,13 @@ def test_every_family_has_zoo_configs():
         ("olmoe", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'dynamic'"),
         ("gpt_oss", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": None}, "sliding window is None"),
         ("gpt_oss", {"quantization_config": {"quant_method": "fp8"}}, "quant_method 'fp8' is not supported"),
+        ("glm4_moe", {"first_k_dense_replace": 2}, r"first_k_dense_replace must be an integer in \[0, 2\)"),
+        ("glm4_moe", {"n_shared_experts": 0}, "n_shared_experts must be an integer >= 1"),
+        ("glm4_moe", {"topk_method": "group_limited_greedy"}, "glm4_moe topk_method 'group_limited_greedy' is not supported"),
+        ("glm4_moe", {"scoring_func": "softmax"}, "glm4_moe scoring_func 'softmax' is not supported"),
+        ("glm4_moe", {"n_group": 3}, "config: n_group 3 must divide num_experts 8"),
+        ("glm4_moe", {"topk_group": 5}, r"config: topk_group 5 must be in \[1, n_group=4\]"),
+        ("glm4_moe", {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.1}}, "partial_rotary_factor 0.1"),
     ],
 )
 def test_unsupported_config_fields_are_named(model_type, fields, message):

@@ -28,8 +28,10 @@ SAMPLING = dict(temperature=0.9, top_k=20, seed=3)
 # The policy matrix's model: 3 MoE layers of 6 experts (18 in all), top-2.
 MATRIX_CASE = ("mixtral", "sliding_window")
 # Every mode on models of other layer structures: top-1 with tied embeddings; dense and MoE layers alternating
-# (shared experts, top-3 of 4); a dense layer between two MoE layers (the lookahead guesses across it).
-MODE_CASES = [("mixtral", "top1_mha_tied"), ("qwen2_moe", "sparse_step_yarn"), ("qwen3_moe", "dense_bias_window")]
+# (shared experts, top-3 of 4); a dense layer between two MoE layers (the lookahead guesses across it); the
+# group-limited sigmoid router with its correction bias (the lookahead guesses with it too).
+MODE_CASES = [("mixtral", "top1_mha_tied"), ("qwen2_moe", "sparse_step_yarn"), ("qwen3_moe", "dense_bias_window"),
+              ("glm4_moe", "qk_norm_groups")]
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,10 @@ def _logits(cfg, weights, tokens):
 def _routing(cfg, weights, tokens):
     _, _, router_logits = forward_with_router_logits(cfg, *weights, tokens, empty_kv_caches(cfg, *tokens.shape),
                                                      _positions(tokens))
-    return [route(logits, cfg.top_k, cfg.norm_topk_prob)[1] for logits in router_logits]
+    routers = [weights[1][i]["router"] for i in cfg.moe_layer_ids]
+    return [route(logits, cfg.top_k, cfg.norm_topk_prob, **cfg.router_options,
+                  correction_bias=router.get("e_score_correction_bias"))[1]
+            for logits, router in zip(router_logits, routers, strict=True)]
 
 
 def _padded(sequences: list[list[int]]) -> np.ndarray:

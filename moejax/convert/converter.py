@@ -2,7 +2,8 @@
 
 Every tensor name, shape and file is validated from the safetensors headers before anything
 is written; then groups (globals, each layer's dense weights, each expert) are read, cast and
-saved one by one, so peak memory is about one group, never a second copy of the model.
+saved one by one, so peak memory is about one group, never a second copy of the model. FP8 checkpoints
+with block scales are dequantized tensor by tensor as they are read (`convert.fp8`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from moejax import checkpoint
 from moejax.config import DTYPES, ModelConfig
 from moejax.convert.families import family
 from moejax.convert.families.common import Target
-from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header, read_tensor
+from moejax.convert.fp8 import block_fp8_format, read_weight, scale_tensors
+from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header
 from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError, ParameterError
 from moejax.outputs import atomic_directory, check_output
@@ -103,7 +105,8 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
     else:
         ignored = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     fused = fam.fused_experts(cfg, tensors) if hasattr(fam, "fused_experts") else None
-    validate(targets, tensors, cfg, ignored | (fused.tensor_names if fused else set()))
+    fp8 = block_fp8_format(read_hf_config(hf_dir))
+    validate(targets, tensors, cfg, ignored | (fused.tensor_names if fused else set()) | scale_tensors(fp8, targets, tensors))
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():
@@ -115,10 +118,10 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
             tree: dict = {}
             for name in names:
                 target = targets[name]
-                array = read_tensor(tensors[name])
+                array = read_weight(tensors, name, fp8)
                 if target.transpose:
                     array = array.T
-                _set_path(tree, target.path, np.ascontiguousarray(array.astype(cfg.np_dtype)))
+                _set_path(tree, target.path, np.ascontiguousarray(array.astype(target.dtype(cfg))))
                 progress.advance(tensors[name].nbytes)
             checkpoint.save_group(tmp, group, tree)
         for group, tree, nbytes in fused.groups(cfg.np_dtype) if fused else ():

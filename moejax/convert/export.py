@@ -87,7 +87,8 @@ def export(
     for name, target in targets.items():
         names_by_group[target.group].append(name)
     # Group by group, so that every group is read once however the shards cut the list.
-    sizes = {name: tensor_bytes(cfg.np_dtype, targets[name].shape) for names in names_by_group.values() for name in names}
+    sizes = {name: tensor_bytes(targets[name].dtype(cfg), targets[name].shape)
+             for names in names_by_group.values() for name in names}
     shards = plan_shards(sizes, max_shard_bytes)
     files = shard_file_names(len(shards))
 
@@ -95,7 +96,7 @@ def export(
     tensors = _stream_tensors(ckpt, cfg, targets, list(sizes), progress)
     with atomic_directory(hf_dir, overwrite, [ckpt], HF_CHECKPOINT_OUTPUT) as tmp:
         for file, names in zip(files, shards, strict=True):
-            specs = [(name, cfg.np_dtype, targets[name].hf_shape) for name in names]
+            specs = [(name, targets[name].dtype(cfg), targets[name].hf_shape) for name in names]
             write_tensors(tmp / file, specs, (next(tensors) for _ in names), {"format": "pt"})
         if len(shards) > 1:
             weight_map = {name: file for file, names in zip(files, shards, strict=True) for name in names}
@@ -123,8 +124,8 @@ def _stream_tensors(
         where = f"{checkpoint.group_dir(ckpt, group)}: '{'/'.join(target.path)}'"
         if array.shape != target.shape:
             raise MoejaxError(f"{where} has shape {list(array.shape)}, config.json implies {list(target.shape)}")
-        if array.dtype != cfg.np_dtype:
-            raise MoejaxError(f"{where} has dtype {array.dtype}, config.json says {cfg.dtype}")
+        if array.dtype != target.dtype(cfg):
+            raise MoejaxError(f"{where} has dtype {array.dtype}, config.json implies {target.dtype(cfg)}")
         progress.advance(array.nbytes)
         yield np.ascontiguousarray(array.T if target.transpose else array)
 

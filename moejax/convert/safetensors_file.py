@@ -21,6 +21,7 @@ import numpy as np
 from moejax.errors import MoejaxError
 from moejax.outputs import atomic_file
 
+FP8_E4M3 = np.dtype(jnp.float8_e4m3fn)
 NUMPY_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -32,6 +33,7 @@ NUMPY_DTYPES = {
     "I8": np.dtype(np.int8),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": FP8_E4M3,
 }
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024

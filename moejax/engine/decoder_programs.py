@@ -47,7 +47,7 @@ from moejax.config import ModelConfig
 from moejax.engine.slots import SlotState, sample_rows
 from moejax.models.decoder import DecoderLayer, EmbedHead, expert_activation
 from moejax.models.capacity import capacity_slots, drop_over_capacity
-from moejax.models.moe import CAPACITY_FACTOR, resolve_expert_compute, routed_experts
+from moejax.models.moe import CAPACITY_FACTOR, forced_weights, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
 from moejax.offload.expert_stacks import fetch_expert, write_slot
 
@@ -216,7 +216,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
     """All layers on tokens [R, T] of slots slot_ids [R] at positions [R, T] (valid [R, T]: real tokens).
 
     forced_ids: None, or int32 [MoE layers, R * T, k]: the experts every MoE layer uses instead of its router's
-    choice (weighted by the router's probabilities of them, renormalised): replays known routing through the
+    choice (weighted by their router scores, renormalised, `moe.forced_weights`): replays known routing through the
     real engine (benchmarks).
 
     params: {'globals', 'segments': stacked layer parameters per segment, 'next_router': per MoE segment,
@@ -253,8 +253,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
             if forced_ids is not None:
                 ids = forced_ids[segment.first_moe + i]
                 _, logits = layer.apply({"params": p}, h, method=DecoderLayer.router_logits)
-                weights = jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32)), ids, axis=-1)
-                weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+                weights = forced_weights(logits, ids, cfg.scoring_func, cfg.routed_scaling_factor)
             ids, weights = gate(spec, ids, weights, valid_rows)
             guess = None
             if spec.computes_guesses:

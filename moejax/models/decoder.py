@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import ModelConfig
-from moejax.models.layers import Attention, GatedMLP, RMSNorm, param_dtype
+from moejax.models.layers import Attention, GatedMLP, RMSNorm, Router, param_dtype
 from moejax.models.moe import ClampedSwiGLU, device_routed_experts, route
 
 
@@ -43,9 +43,10 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, self.window)
         self.post_norm = RMSNorm(cfg.rms_norm_eps, dtype)
         if self.moe:
-            self.router = nn.Dense(cfg.num_experts, use_bias=cfg.router_bias, param_dtype=dtype)
+            self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.router_correction_bias, dtype, cfg.router_bias)
             if cfg.has_shared_expert:
                 self.shared_expert = GatedMLP(cfg.shared_expert_intermediate_size, cfg.hidden_act, dtype)
+            if cfg.has_shared_expert and cfg.shared_expert_gate:
                 self.shared_expert_gate = nn.Dense(1, use_bias=False, param_dtype=dtype)
         else:
             self.mlp = GatedMLP(cfg.dense_intermediate_size, cfg.hidden_act, dtype)
@@ -64,15 +65,21 @@ class DecoderLayer(nn.Module):
     def route(self, h):
         """MoE input and routing: h [B, T, D] -> (moe_in [N, D], weights [N, k] f32, ids [N, k] int32)."""
         moe_in, logits = self.router_logits(h)
-        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob, self.cfg.softmax_after_topk)
+        weights, ids = self.choose(logits)
         return moe_in, weights, ids
+
+    def choose(self, logits):
+        """The configured router (`moe.route`) on logits [N, E] -> (weights [N, k] f32, ids [N, k] int32)."""
+        cfg = self.cfg
+        return route(logits, cfg.top_k, cfg.norm_topk_prob, **cfg.router_options, correction_bias=self.router.bias())
 
     def finish(self, h, moe_in, routed):
         """Adds the routed output (acc [N, D] f32) and the shared expert to the residual h [B, T, D]."""
         out = routed.astype(h.dtype)
-        if self.cfg.has_shared_expert:
-            gate = jax.nn.sigmoid(self.shared_expert_gate(moe_in))
-            out = out + gate * self.shared_expert(moe_in)
+        if self.cfg.has_shared_expert and self.cfg.shared_expert_gate:
+            out = out + jax.nn.sigmoid(self.shared_expert_gate(moe_in)) * self.shared_expert(moe_in)
+        elif self.cfg.has_shared_expert:
+            out = out + self.shared_expert(moe_in)
         return h + out.reshape(h.shape)
 
     def dense_mlp(self, h):
@@ -90,7 +97,7 @@ class DecoderLayer(nn.Module):
         if not self.moe:
             return self.dense_mlp(h), kv_cache, None
         moe_in, logits = self.router_logits(h)
-        weights, ids = route(logits, self.cfg.top_k, self.cfg.norm_topk_prob, self.cfg.softmax_after_topk)
+        weights, ids = self.choose(logits)
         if experts is None:
             routed = jnp.zeros(moe_in.shape, jnp.float32)
         else:
@@ -237,9 +244,16 @@ def forward_with_router_logits(cfg: ModelConfig, globals_, layers, experts, toke
     return EmbedHead(cfg).apply({"params": globals_}, x, method=EmbedHead.logits), kv_caches, router_logits
 
 
+def _parameter_sizes(tree) -> list[int]:
+    """The element count of each leaf but the routers' correction biases (transformers holds them as buffers, and
+    published parameter counts leave them out)."""
+    return [int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if str(getattr(path[-1], "key", "")) != "e_score_correction_bias"]
+
+
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts and bytes, from the shapes the modules create (no weights built)."""
-    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    count = lambda tree: sum(_parameter_sizes(tree))  # noqa: E731
     tokens = jnp.zeros((1, 1), jnp.int32)
     kv = (jnp.zeros(kv_cache_shape(cfg, 1, 1), cfg.dtype),) * 2
     positions = jnp.zeros((1, 1), jnp.int32)

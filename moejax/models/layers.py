@@ -40,6 +40,34 @@ class RMSNorm(nn.Module):
         return weight * normed.astype(x.dtype)
 
 
+class Router(nn.Module):
+    """Router logits: x [N, D] -> [N, E] (x @ kernel [D, E], + bias [E] with `logit_bias`, gpt-oss). With
+    `correction_bias` it also holds e_score_correction_bias [E] float32, added to the scores for choosing experts
+    only (`moe.route`)."""
+
+    hidden_size: int
+    num_experts: int
+    correction_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    logit_bias: bool = False
+
+    def setup(self):
+        self.kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.hidden_size, self.num_experts), self.dtype)
+        if self.logit_bias:
+            self.logit_bias_param = self.param("bias", nn.initializers.zeros, (self.num_experts,), self.dtype)
+        if self.correction_bias:
+            self.e_score_correction_bias = self.param("e_score_correction_bias", nn.initializers.zeros,
+                                                      (self.num_experts,), jnp.float32)
+
+    def __call__(self, x):
+        logits = x @ self.kernel
+        return logits + self.logit_bias_param if self.logit_bias else logits
+
+    def bias(self):
+        """The correction bias [E], or None."""
+        return self.e_score_correction_bias if self.correction_bias else None
+
+
 class GatedMLP(nn.Module):
     """act(x @ gate) * (x @ up) @ down: the dense MLP and the shared expert."""
 
@@ -118,7 +146,7 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.rms_norm_eps, dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dtype, name="k_norm")(k)
 
-        inv_freq, scaling = inverse_frequencies(cfg.rope, head_dim, cfg.max_position_embeddings)
+        inv_freq, scaling = inverse_frequencies(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
         cos, sin = rope_cos_sin(positions, inv_freq, scaling, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 

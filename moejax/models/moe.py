@@ -46,19 +46,73 @@ GROUPED_BLOCK_ROWS = 64
 CAPACITY_FACTOR = 2.0
 
 
-def route(router_logits, top_k: int, normalize: bool, softmax_after_topk: bool = False):
-    """Softmax over experts, then top-k. router_logits [N, E] -> (weights [N, k] f32, ids [N, k] int32).
+def router_scores(router_logits, scoring_func: str = "softmax"):
+    """Each expert's score: router_logits [N, E] -> float32 [N, E], softmax over experts or a sigmoid each."""
+    logits = router_logits.astype(jnp.float32)
+    if scoring_func == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    if scoring_func == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    raise ValueError(f"scoring_func {scoring_func!r} is not one of softmax, sigmoid")
 
-    softmax_after_topk (gpt-oss): top-k of the logits, then a softmax over those k only (in exact arithmetic
-    the renormalised softmax over all experts; rounded as gpt-oss rounds it)."""
+
+def route(router_logits, top_k: int, normalize: bool, *, scoring_func: str = "softmax", topk_method: str = "greedy",
+          n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0, softmax_after_topk: bool = False,
+          correction_bias=None):
+    """The router: router_logits [N, E] -> (weights [N, k] f32, ids [N, k] int32).
+
+    Scores are `router_scores`; the experts are chosen on the scores plus `correction_bias` [E] (when given:
+    DeepSeek-V3's e_score_correction_bias, for selection only). 'greedy' takes the k best of all experts; the
+    group methods split the E experts into n_group groups of consecutive ids, keep the topk_group best groups
+    (scored by their best expert, 'group_limited_greedy' (DeepSeek-V2), or by the sum of their best two,
+    'noaux_tc' (DeepSeek-V3, GLM-4.5)) and take the k best experts inside them. The weights are the chosen
+    experts' scores without the bias, divided by their sum when `normalize`, times routed_scaling_factor.
+
+    softmax_after_topk (gpt-oss): the k best logits, then a softmax over those k only (in exact arithmetic the
+    renormalised softmax over all experts; rounded as gpt-oss rounds it).
+    """
     if softmax_after_topk:
         top, ids = jax.lax.top_k(router_logits.astype(jnp.float32), top_k)
         return jax.nn.softmax(top, axis=-1), ids.astype(jnp.int32)
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    weights, ids = jax.lax.top_k(probs, top_k)
+    scores = router_scores(router_logits, scoring_func)
+    choice = scores if correction_bias is None else scores + correction_bias.astype(jnp.float32)
+    if topk_method != "greedy" and n_group > 1:
+        choice = _keep_best_groups(choice, topk_method, n_group, topk_group)
+    elif topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ValueError(f"topk_method {topk_method!r} is not one of greedy, group_limited_greedy, noaux_tc")
+    if correction_bias is None:
+        weights, ids = jax.lax.top_k(choice, top_k)
+    else:
+        _, ids = jax.lax.top_k(choice, top_k)
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if routed_scaling_factor != 1.0:
+        weights = weights * jnp.float32(routed_scaling_factor)
     return weights, ids.astype(jnp.int32)
+
+
+def _keep_best_groups(choice, topk_method: str, n_group: int, topk_group: int):
+    """choice [N, E] with every expert outside the topk_group best of n_group groups set to -inf."""
+    N, E = choice.shape
+    grouped = choice.reshape(N, n_group, E // n_group)
+    if topk_method == "group_limited_greedy":
+        group_scores = jnp.max(grouped, axis=-1)
+    elif topk_method == "noaux_tc":
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+    else:
+        raise ValueError(f"topk_method {topk_method!r} is not one of greedy, group_limited_greedy, noaux_tc")
+    _, best = jax.lax.top_k(group_scores, topk_group)
+    kept = jnp.any(best[:, :, None] == jnp.arange(n_group)[None, None, :], axis=1)  # [N, n_group]
+    return jnp.where(kept[:, :, None], grouped, -jnp.inf).reshape(N, E)
+
+
+def forced_weights(router_logits, ids, scoring_func: str = "softmax", routed_scaling_factor: float = 1.0):
+    """The weights [N, k] f32 of experts chosen elsewhere (ids [N, k]): their router scores, renormalised, times
+    routed_scaling_factor (replayed routing, see `engine.decoder_programs.forward`)."""
+    weights = jnp.take_along_axis(router_scores(router_logits, scoring_func), ids, axis=-1)
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights * jnp.float32(routed_scaling_factor) if routed_scaling_factor != 1.0 else weights
 
 
 @jax.tree_util.register_pytree_node_class

@@ -53,7 +53,19 @@ def _describe_decoder(cfg: ModelConfig) -> list[str]:
         + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else "")
         + (", expert biases" if cfg.expert_bias else "")
         + (f", clamped SwiGLU (alpha {cfg.swiglu_alpha}, limit {cfg.swiglu_limit})" if cfg.swiglu_limit is not None else ""),
-    ]
+    ] + _describe_router(cfg)
+
+
+def _describe_router(cfg: ModelConfig) -> list[str]:
+    """A line on the router, for routers other than the softmax top-k of most families."""
+    if cfg.router_options == ModelConfig.router_defaults() and not cfg.router_correction_bias:
+        return []
+    if cfg.softmax_after_topk:
+        return [f"router: softmax over the top-{cfg.top_k} logits"]
+    groups = f" within the best {cfg.topk_group} of {cfg.n_group} groups" if cfg.topk_method != "greedy" else ""
+    return [f"router: {cfg.scoring_func} scores, {cfg.topk_method} top-{cfg.top_k}{groups}"
+            + (", correction bias for selection" if cfg.router_correction_bias else "")
+            + f", weights {'renormalised, ' if cfg.norm_topk_prob else ''}x {cfg.routed_scaling_factor:g}"]
 
 
 def _describe_encdec(cfg: EncDecConfig) -> list[str]:

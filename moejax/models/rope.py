@@ -86,7 +86,11 @@ def rope_cos_sin(positions, inv_freq, attention_scaling: float, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, head_dim]; cos, sin [B, T, head_dim] (rotate-half convention)."""
+    """x [B, T, heads, head_dim]; cos, sin [B, T, rotary_dim] (rotary_dim <= head_dim): the first rotary_dim dims
+    of each head are rotated (rotate-half convention within them), the others pass through (partial rotary)."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

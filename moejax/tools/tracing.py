@@ -132,15 +132,16 @@ def trace_prompts(
 
 def router_probabilities(checkpoint_path: Path, token_ids: np.ndarray, seq_lens: np.ndarray,
                          experts: np.ndarray) -> np.ndarray:
-    """float32 [L, T, k]: the router's probability (softmax over all experts) of each expert in `experts`
-    [L, T, k] (ids >= num_experts: 0), from a teacher-forced pass of the whole-model program over each
-    sequence's tokens (`token_ids` [T], sequences of `seq_lens`). Every expert is loaded: for models that fit
+    """float32 [L, T, k]: the router's score (`moe.router_scores`: softmax over all experts, or a sigmoid) of
+    each expert in `experts` [L, T, k] (ids >= num_experts: 0), from a teacher-forced pass of the whole-model
+    program over each sequence's tokens (`token_ids` [T], sequences of `seq_lens`). Every expert is loaded: for models that fit
     in memory (the step programs return only the chosen ids, not their weights)."""
     import jax
 
     from moejax import checkpoint
     from moejax.engine.buckets import next_power_of_two
     from moejax.models.decoder import empty_kv_caches, forward_with_router_logits
+    from moejax.models.moe import router_scores
 
     cfg = checkpoint.load_config(checkpoint_path)
     weights = jax.device_put((checkpoint.load_globals(checkpoint_path),
@@ -149,18 +150,18 @@ def router_probabilities(checkpoint_path: Path, token_ids: np.ndarray, seq_lens:
                                for i in range(cfg.num_layers)]))
 
     @jax.jit
-    def softmax_routers(weights, tokens):
+    def scored_routers(weights, tokens):
         positions = jax.numpy.arange(tokens.shape[1], dtype=np.int32)[None]
         _, _, logits = forward_with_router_logits(cfg, *weights, tokens, empty_kv_caches(cfg, 1, tokens.shape[1]),
                                                   positions)
-        return jax.numpy.stack([jax.nn.softmax(x.astype(np.float32), axis=-1) for x in logits])  # [L, T, E]
+        return jax.numpy.stack([router_scores(x, cfg.scoring_func) for x in logits])  # [L, T, E]
 
     out = np.zeros(experts.shape, np.float32)
     start = 0
     for length in seq_lens.tolist():
         tokens = np.zeros((1, next_power_of_two(max(length, 1), 16)), np.int32)
         tokens[0, :length] = token_ids[start : start + length]
-        probs = np.asarray(softmax_routers(weights, tokens))[:, :length]
+        probs = np.asarray(scored_routers(weights, tokens))[:, :length]
         ids = experts[:, start : start + length].astype(np.int64)
         valid = ids < cfg.num_experts
         out[:, start : start + length] = np.where(valid, np.take_along_axis(probs, np.where(valid, ids, 0), -1), 0.0)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from moejax.convert.families import gpt_oss, mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers
+from moejax.convert.families import (
+    glm4_moe, gpt_oss, mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers,
+)
 from moejax.errors import MoejaxError
 
 FAMILIES: dict[str, ModuleType] = {
     module.MODEL_TYPE: module
-    for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, switch_transformers, nllb_moe, gpt_oss)
+    for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, gpt_oss, switch_transformers, nllb_moe)
 }
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import logging
 from typing import Any
 
+import numpy as np
+
 from moejax.config import ModelConfig, RopeConfig
 from moejax.errors import MoejaxError
 from moejax.models.layers import ACTIVATIONS
@@ -26,10 +28,15 @@ class Target:
     path: tuple[str, ...]
     shape: tuple[int, ...]  # moejax shape (after transposition)
     transpose: bool = False
+    keep_float32: bool = False  # stored in float32 whatever the model's dtype (e.g. a router's correction bias)
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
         return tuple(reversed(self.shape)) if self.transpose else self.shape
+
+    def dtype(self, cfg: ModelConfig):
+        """The NumPy dtype this tensor has in a moejax checkpoint of `cfg`."""
+        return np.dtype(np.float32) if self.keep_float32 else np.dtype(cfg.np_dtype)
 
 
 def require(hf: dict[str, Any], name: str, model_type: str):
@@ -239,6 +246,19 @@ def feed_forward_map(cfg: ModelConfig, i: int) -> dict[str, Target]:
         f"{prefix}.gate.weight": Target(group, ("router", "kernel"), (d, cfg.num_experts), True),
         **experts_map(cfg, i, f"{prefix}.experts"),
     }
+
+
+def tensors_past_last_layer(cfg: ModelConfig, tensors) -> set[str]:
+    """Names of the tensors of layers past the model's last (`model.layers.{i}.*`, i >= num_layers): the
+    multi-token-prediction layers GLM-4.5 and DeepSeek-V3 checkpoints carry, which moejax does not run. Logs a note
+    when there are any."""
+    past = {name for name in tensors if name.startswith("model.layers.")
+            and name.split(".")[2].isdigit() and int(name.split(".")[2]) >= cfg.num_layers}
+    if past:
+        layers = sorted({int(name.split(".")[2]) for name in past})
+        log.warning(f"skipping layer(s) {', '.join(map(str, layers))} ({len(past)} tensors): multi-token-prediction "
+                    f"layers past the model's {cfg.num_layers}, not used for decoding")
+    return past
 
 
 def decoder_tensor_map(cfg: ModelConfig) -> dict[str, Target]:
