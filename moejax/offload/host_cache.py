@@ -1,0 +1,272 @@
+"""The pinned host cache between the disk tier (`offload.expert_files`) and the device cache: three tiers,
+disk -> host -> device, for models whose experts exceed host memory (`host_budget`, `--host-budget`).
+
+`HostCache` keeps `num_slots` experts in one page-aligned host buffer, any MoE layer's in any slot (one LRU over
+all layers, so a skewed layer takes the room it needs), with a table key -> slot (key = MoE layer x E + expert).
+A background thread reads experts ahead of use (`prefetch`: the device prefetcher's staged picks for the next
+step, and the experts used most, by decayed token counts, that are not held): the host tier looks one step
+further ahead than the device tier.
+
+The step programs read the host tier through `TieredHost.fetch`, a host callback: a hit copies the slot out;
+a miss (the expert is neither held nor arriving) reads it from disk right there, so a step never computes
+with an expert it does not have and results are exact at every host budget. The cost of that miss path is
+the device waiting for the disk (counted as `stall_s`, with `disk_misses`), plus, on every fetch through the
+tier, a host round trip and a copy from unpinned host memory instead of the DMA from pinned stacks.
+
+A read that fails its checks (missing file, wrong size, CRC-32) inside a step is recorded rather than raised
+through XLA (a traceback from deep inside JAX): the step gets zeros for that expert, and the engine raises
+the recorded one-line error (`raise_failure`) when it reads the step, before any of its tokens is returned.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import jax
+import numpy as np
+
+from moejax.errors import MoejaxError
+from moejax.offload.expert_files import ExpertFiles, aligned_buffer
+
+USAGE_DECAY = 0.9  # per step, for the usage scores the host prefetcher ranks by
+
+
+class HostCache:
+    """`num_slots` experts of `files` in host memory. Thread-safe: the step programs' callbacks and the prefetch
+    thread share it. `get` returns an expert's weights (copies); `prefetch` queues reads."""
+
+    def __init__(self, files: ExpertFiles, num_slots: int, prefetch_per_step: int = 0):
+        if num_slots < 1:
+            raise MoejaxError("the host cache needs at least one slot")
+        self.files, self.num_slots, self.prefetch_per_step = files, num_slots, prefetch_per_step
+        self.num_experts = files.num_experts
+        self.num_keys = files.num_layers * files.num_experts
+        self._buffer = aligned_buffer(num_slots * files.file_bytes)
+        self._lock = threading.Condition()
+        self._ready: collections.OrderedDict[int, int] = collections.OrderedDict()  # key -> slot, least recent first
+        self._loading: dict[int, int] = {}  # key -> slot being read into
+        self._owner = np.full(num_slots, -1, np.int64)  # slot -> key (ready or loading), -1: free
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._unused_prefetches: set[int] = set()
+        self.scores = np.zeros(self.num_keys)  # decayed token counts per key
+        self._queue: list[int] = []
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.failure: MoejaxError | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.counts = dict(gets=0, host_hits=0, disk_misses=0, prefetch_waits=0, disk_reads=0, prefetch_reads=0,
+                           prefetch_used=0, evictions=0)
+        self.bytes_read = 0
+        self.disk_read_s = self.stall_s = 0.0
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def _slot_view(self, slot: int) -> memoryview:
+        size = self.files.file_bytes
+        return memoryview(self._buffer)[slot * size : (slot + 1) * size]
+
+    def get(self, layer: int, expert: int) -> dict:
+        """Expert `expert` of MoE layer `layer` as {name: array} (copies, safe to keep): from its slot, after
+        waiting for its prefetch if one is reading it, or read from disk now (a stall)."""
+        key = layer * self.num_experts + expert
+        start = time.perf_counter()
+        with self._lock:
+            self.counts["gets"] += 1
+            waited = False
+            while key in self._loading:
+                waited = True
+                self._lock.wait()
+            if key in self._ready:
+                self._count_hit(key, waited, start)
+                return self._copy_out(self._ready[key])
+            self.counts["disk_misses"] += 1
+            slot = self._reserve(key)
+        try:
+            return self._read(key, slot)
+        finally:
+            with self._lock:
+                self.stall_s += time.perf_counter() - start
+
+    def _count_hit(self, key: int, waited: bool, start: float) -> None:
+        self._ready.move_to_end(key)
+        if waited:
+            self.counts["prefetch_waits"] += 1
+            self.stall_s += time.perf_counter() - start
+        else:
+            self.counts["host_hits"] += 1
+        if key in self._unused_prefetches:
+            self._unused_prefetches.discard(key)
+            self.counts["prefetch_used"] += 1
+
+    def _copy_out(self, slot: int) -> dict:
+        data = bytes(self._slot_view(slot)[: self.files.expert_bytes])
+        return {name: np.array(w) for name, w in self.files.unpack(data).items()}
+
+    def _reserve(self, key: int) -> int:
+        """A slot for `key` (lock held): a free one, else the least recently used ready expert's. Waits while
+        every slot is being read into."""
+        while not self._free and not self._ready:
+            self._lock.wait()
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim, slot = self._ready.popitem(last=False)
+            self._unused_prefetches.discard(victim)
+            self.counts["evictions"] += 1
+        self._loading[key] = slot
+        self._owner[slot] = key
+        return slot
+
+    def _read(self, key: int, slot: int, prefetch: bool = False) -> dict | None:
+        """Reads `key` into its reserved `slot` (lock not held) -> its weights (copied before another thread can
+        evict it), or None for a prefetch. On failure the slot is freed and the error raised."""
+        layer, expert = divmod(key, self.num_experts)
+        start = time.perf_counter()
+        try:
+            self.files.read_into(layer, expert, self._slot_view(slot))
+        except BaseException:
+            with self._lock:
+                del self._loading[key]
+                self._owner[slot] = -1
+                self._free.append(slot)
+                self._lock.notify_all()
+            raise
+        with self._lock:
+            self.disk_read_s += time.perf_counter() - start
+            self.bytes_read += self.files.file_bytes
+            self.counts["prefetch_reads" if prefetch else "disk_reads"] += 1
+            del self._loading[key]
+            self._ready[key] = slot
+            self._lock.notify_all()
+            if prefetch:
+                self._unused_prefetches.add(key)
+                return None
+            return self._copy_out(slot)
+
+    # -- prefetching ---------------------------------------------------------------------------------
+    def observe(self, counts: np.ndarray, staged_keys=None) -> None:
+        """After a step: its token counts [L, E] update the usage scores; queues the device prefetcher's staged keys
+        for the next step (int [P], -1: none), then the most used experts not held, up to `prefetch_per_step`."""
+        self.scores = USAGE_DECAY * self.scores + counts.reshape(-1)
+        if not self.prefetch_per_step:
+            return
+        wanted = [int(k) for k in (() if staged_keys is None else np.asarray(staged_keys).reshape(-1)) if k >= 0]
+        with self._lock:
+            held = set(self._ready) | set(self._loading)
+        for key in np.argsort(-self.scores, kind="stable"):
+            if len(wanted) >= self.prefetch_per_step or self.scores[key] <= 0:
+                break
+            if int(key) not in held and int(key) not in wanted:
+                wanted.append(int(key))
+        self.prefetch(wanted[: self.prefetch_per_step])
+
+    def prefetch(self, keys: list[int]) -> None:
+        """Queues reads of `keys` (replacing the reads queued before and not begun), best first."""
+        with self._lock:
+            self._queue = [k for k in keys if k not in self._ready and k not in self._loading]
+            if self._queue and self._thread is None:
+                self._thread = threading.Thread(target=self._prefetch_loop, name="moejax-host-prefetch", daemon=True)
+                self._thread.start()
+            self._lock.notify_all()
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                key = self._queue.pop(0)
+                if key in self._ready or key in self._loading or not self._worth_a_slot(key):
+                    continue
+                slot = self._reserve(key)
+            try:
+                self._read(key, slot, prefetch=True)
+            except MoejaxError:
+                pass  # a bad file is reported by the step that needs it (its read is repeated there)
+
+    def _worth_a_slot(self, key: int) -> bool:
+        """A prefetch takes a free slot, or evicts the least recently used expert only if that one is used less."""
+        if self._free:
+            return True
+        if not self._ready:
+            return False
+        victim = next(iter(self._ready))
+        return self.scores[victim] < self.scores[key]
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # -- state ---------------------------------------------------------------------------------------
+    def held(self) -> set[int]:
+        """Keys whose weights are in a slot."""
+        with self._lock:
+            return set(self._ready)
+
+    def check_invariants(self) -> None:
+        """Raises AssertionError unless every slot holds at most one key, every key at most one slot, and the
+        tables agree (tests)."""
+        with self._lock:
+            slots = list(self._ready.values()) + list(self._loading.values())
+            assert len(slots) == len(set(slots)), "a slot holds two experts"
+            assert not set(self._ready) & set(self._loading), "an expert both ready and loading"
+            assert sorted(slots + self._free) == list(range(self.num_slots)), "slots lost or duplicated"
+            for key, slot in list(self._ready.items()) + list(self._loading.items()):
+                assert self._owner[slot] == key, f"slot {slot} owned by {self._owner[slot]}, table says {key}"
+            assert all(self._owner[s] == -1 for s in self._free), "a free slot has an owner"
+
+    def stats(self) -> dict:
+        """Counters since the last reset: gets (expert fetches through the tier), host_hits, disk_misses (read from
+        disk while a step waited), prefetch_waits (the step waited for a prefetch already reading it),
+        host_hit_rate, disk_reads / prefetch_reads / prefetch_used, evictions, bytes_read_disk (all reads),
+        disk_read_s (seconds reading, both threads), stall_s (seconds steps waited on the disk)."""
+        with self._lock:
+            counts = dict(self.counts)
+            gets = counts["gets"]
+            return {"host_slots": self.num_slots, "host_bytes": self.num_slots * self.files.file_bytes, **counts,
+                    "host_hit_rate": counts["host_hits"] / gets if gets else 0.0,
+                    "bytes_read_disk": self.bytes_read, "disk_read_s": self.disk_read_s, "stall_s": self.stall_s,
+                    "expert_dir": str(self.files.root)}
+
+
+@jax.tree_util.register_pytree_node_class
+class TieredHost:
+    """What the step programs take as `host` when experts live on disk: no arrays (a pytree without leaves whose
+    identity is part of the programs' signature), and `fetch`, the host callback into `cache`."""
+
+    def __init__(self, cache: HostCache):
+        self.cache = cache
+        self.shapes = cache.files.shapes
+
+    def tree_flatten(self):
+        return (), self
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return aux
+
+    def fetch(self, layer, expert) -> dict:
+        """Inside a step program: expert `expert` of MoE layer `layer` (traced ints) on the device."""
+        result = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in self.shapes.items()}
+        return jax.pure_callback(self._get, result, layer, expert)
+
+    def _get(self, layer, expert) -> dict:
+        try:
+            return self.cache.get(int(layer), int(expert))
+        except MoejaxError as err:
+            self.cache.failure = self.cache.failure or err
+            return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.shapes.items()}
+
+    def raise_failure(self) -> None:
+        """Raises the first failed read since the last call (see the module's docstring)."""
+        failure, self.cache.failure = self.cache.failure, None
+        if failure is not None:
+            raise failure
