@@ -21,10 +21,14 @@ the recorded one-line error (`raise_failure`) when it reads the step, before any
 from __future__ import annotations
 
 import collections
+import functools
+import itertools
 import threading
 import time
+import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax.errors import MoejaxError
@@ -237,36 +241,49 @@ class HostCache:
                     "expert_dir": str(self.files.root)}
 
 
+_CACHES: weakref.WeakValueDictionary[int, HostCache] = weakref.WeakValueDictionary()  # what a tier id names
+_TIER_IDS = itertools.count(1)
+
+
 @jax.tree_util.register_pytree_node_class
 class TieredHost:
-    """What the step programs take as `host` when experts live on disk: no arrays (a pytree without leaves whose
-    identity is part of the programs' signature), and `fetch`, the host callback into `cache`."""
+    """What the step programs take as `host` when experts live on disk: one leaf, the id of `cache` (int32), and
+    `fetch`, the host callback that reads the cache the id names. The programs depend only on the experts'
+    shapes, so engines of one model share them whatever their host cache."""
 
     def __init__(self, cache: HostCache):
-        self.cache = cache
-        self.shapes = cache.files.shapes
+        self.cache, self.shapes = cache, cache.files.shapes
+        self.tier_id = next(_TIER_IDS)
+        _CACHES[self.tier_id] = cache
 
     def tree_flatten(self):
-        return (), self
+        return (self.tier_id,), tuple((name, shape, dtype) for name, (shape, dtype) in self.shapes.items())
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return aux
+        """Inside a program: the tier without its cache (the callback finds it by id)."""
+        tier = object.__new__(cls)
+        tier.cache, tier.shapes = None, {name: (shape, dtype) for name, shape, dtype in aux}
+        (tier.tier_id,) = children
+        return tier
 
     def fetch(self, layer, expert) -> dict:
         """Inside a step program: expert `expert` of MoE layer `layer` (traced ints) on the device."""
         result = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in self.shapes.items()}
-        return jax.pure_callback(self._get, result, layer, expert)
-
-    def _get(self, layer, expert) -> dict:
-        try:
-            return self.cache.get(int(layer), int(expert))
-        except MoejaxError as err:
-            self.cache.failure = self.cache.failure or err
-            return {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.shapes.items()}
+        return jax.pure_callback(functools.partial(_get, self.shapes), result, jnp.asarray(self.tier_id, jnp.int32),
+                                 layer, expert)
 
     def raise_failure(self) -> None:
         """Raises the first failed read since the last call (see the module's docstring)."""
         failure, self.cache.failure = self.cache.failure, None
         if failure is not None:
             raise failure
+
+
+def _get(shapes: dict, tier_id, layer, expert) -> dict:
+    cache = _CACHES[int(tier_id)]
+    try:
+        return cache.get(int(layer), int(expert))
+    except MoejaxError as err:
+        cache.failure = cache.failure or err
+        return {name: np.zeros(shape, dtype) for name, (shape, dtype) in shapes.items()}
