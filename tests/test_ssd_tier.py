@@ -73,11 +73,12 @@ def test_prefetchers_through_the_host_tier_change_no_token(model):
     """The lookahead (fetches inside the step) and the trace prefetcher (staged keys, which the host tier also
     reads ahead) see the same outputs."""
     _, _, prompts, _, (greedy, _, _) = model
-    for prefetch in ("lookahead", "trace"):
-        engine = tiered(model, "0.3", prefetch=prefetch)
-        assert engine.generate(prompts, max_new_tokens=NEW_TOKENS).tokens == greedy, prefetch
-        engine.host.cache.check_invariants()
-        engine.close()
+    engine = tiered(model, "0.3", prefetch="trace+lookahead")
+    result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+    assert result.tokens == greedy
+    assert result.stats["total"]["prefetch_issued"] > 0 and result.stats["host_tier"]["prefetch_reads"] > 0
+    engine.host.cache.check_invariants()
+    engine.close()
 
 
 @pytest.fixture
@@ -201,3 +202,29 @@ def test_generate_json_reports_the_host_tier(model, capsys):
     assert rc == 0
     assert tier["host_slots"] == int(0.25 * 18 * files.expert_bytes) // files.file_bytes
     assert tier["gets"] > 0 and tier["expert_dir"] == str(default_dir)
+
+
+def test_bench_sizes_the_model_from_ram_and_the_disk():
+    from scripts.bench_ssd import DISK_SPARE, card, plan
+    from moejax.offload.expert_files import padded
+
+    layer = card(1, True).num_experts * padded(card(1, True).expert_bytes)
+    cfg, ram, emulated = plan(True, ram=10 * layer, ratio=1.5, free_disk=100 * layer)
+    assert not emulated and ram == 10 * layer and len(cfg.moe_layer_ids) == 15
+    cfg, ram, emulated = plan(True, ram=100 * layer, ratio=1.5, free_disk=20 * layer)  # the disk holds 18 layers
+    assert emulated and len(cfg.moe_layer_ids) == int(DISK_SPARE * 20) and ram == int(18 * layer / 1.5)
+
+
+def test_bench_smoke(tmp_path, monkeypatch):
+    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters."""
+    from scripts import bench_ssd
+
+    out = tmp_path / "bench_ssd.json"
+    monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
+                                     "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out)])
+    bench_ssd.main()
+    data = json.loads(out.read_text())
+    row = data["rows"][0]
+    assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
+    assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
+    assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0

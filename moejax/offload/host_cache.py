@@ -80,7 +80,9 @@ class HostCache:
         with self._lock:
             self.counts["gets"] += 1
             waited = False
-            while key in self._loading:
+            # Waits while another thread reads `key`, or while every slot is being read into; the lock is let go
+            # while waiting, so everything is checked again after.
+            while key in self._loading or (key not in self._ready and not self._free and not self._ready):
                 waited = True
                 self._lock.wait()
             if key in self._ready:
@@ -110,10 +112,8 @@ class HostCache:
         return {name: np.array(w) for name, w in self.files.unpack(data).items()}
 
     def _reserve(self, key: int) -> int:
-        """A slot for `key` (lock held): a free one, else the least recently used ready expert's. Waits while
-        every slot is being read into."""
-        while not self._free and not self._ready:
-            self._lock.wait()
+        """A slot for `key` (lock held; a slot is free or holds a ready expert): a free one, else the least
+        recently used ready expert's."""
         if self._free:
             slot = self._free.pop()
         else:
@@ -229,7 +229,7 @@ class HostCache:
 
     def stats(self) -> dict:
         """Counters since the last reset: gets (expert fetches through the tier), host_hits, disk_misses (read from
-        disk while a step waited), prefetch_waits (the step waited for a prefetch already reading it),
+        disk while a step waited), prefetch_waits (the step waited for a read under way),
         host_hit_rate, disk_reads / prefetch_reads / prefetch_used, evictions, bytes_read_disk (all reads),
         disk_read_s (seconds reading, both threads), stall_s (seconds steps waited on the disk)."""
         with self._lock:
