@@ -1,4 +1,4 @@
-"""The disk tier: every routed expert as one plain file, read with one large sequential read.
+"""The disk tier: every routed expert as one plain file, read front to back in large requests.
 
 Layout of an expert directory (by default `expert_files/` inside the checkpoint; `moejax.load` writes it from
 the checkpoint's orbax groups the first time a `host_budget` asks for it):
@@ -9,10 +9,11 @@ the checkpoint's orbax groups the first time a `host_budget` asks for it):
                              zero-padded to a multiple of 4096 bytes
 
 Why plain files rather than the checkpoint's orbax groups or tensorstore chunks: an expert is needed whole,
-and one file per expert makes that one sequential read of its exact bytes into a page-aligned host slot
+and one file per expert makes that a sequential read of its exact bytes into a page-aligned host slot
 (`O_DIRECT`, so the page cache neither holds a second copy of the model nor hides the disk's speed), with
-no chunk index, codec or asynchronous runtime between the disk and the slot; orbax's restore of one expert
-group costs milliseconds of metadata and thread work before its first byte.
+no chunk index, codec or asynchronous runtime between the disk and the slot. Orbax's restore of one expert
+group pays for metadata, tensorstore and threads before its first byte: 7.4 ms per expert of the shipped
+model (73 KB) on the CPU, against 0.43 ms to read and check its file here.
 
 Checks: the manifest is validated and every file's size checked when the directory is opened (a missing or
 short file is refused before any step runs); each read's CRC-32 (zlib, of the unpadded bytes, computed when
@@ -21,11 +22,13 @@ the file is written) is verified as the bytes arrive, before they enter the host
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
 import zlib
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,8 @@ from moejax.progress import Progress
 
 FORMAT = "moejax-expert-files/1"
 ALIGN = 4096  # O_DIRECT needs reads of whole blocks into aligned memory
+CHUNK = 16 * 2**20  # bytes per read request (a multiple of ALIGN)
+READERS = 4  # read requests in flight
 MANIFEST = "manifest.json"
 
 
@@ -136,26 +141,32 @@ class ExpertFiles:
     def read_into(self, layer: int, expert: int, buffer, verify: bool = True) -> None:
         """Reads the expert's file into `buffer` (page-aligned, at least `file_bytes`; `aligned_buffer`) and verifies
         its CRC-32 (verify=False: the raw read, for measuring the disk). Raises MoejaxError naming the file if it is
-        missing, short or corrupt."""
+        missing, short or corrupt.
+
+        The file is read in CHUNK-byte requests, READERS of them in flight (an SSD needs several outstanding
+        requests to reach its bandwidth), and the checksum runs over each chunk as it arrives, while the later
+        ones are still being read."""
         path = expert_path(self.root, layer, expert)
         view = memoryview(buffer)[: self.file_bytes]
         try:
             fd = _open_direct(path)
         except FileNotFoundError:
             raise MoejaxError(f"{path}: expert file missing (MoE layer {layer}, expert {expert})") from None
+        offsets = range(0, self.file_bytes, CHUNK)
+        pending = [_readers().submit(_read_fully, fd, view[start : start + CHUNK], start) for start in offsets]
         try:
-            done = 0
-            while done < self.file_bytes:
-                n = os.preadv(fd, [view[done:]], done)
-                if n == 0:
-                    break
-                done += n
+            done, checksum = 0, 0
+            for start, request in zip(offsets, pending, strict=True):
+                done += request.result()
+                if verify and start < self.expert_bytes:
+                    checksum = zlib.crc32(view[start : min(start + CHUNK, self.expert_bytes)], checksum)
         finally:
+            futures.wait(pending)
             os.close(fd)
         if done != self.file_bytes:
             raise MoejaxError(f"{path}: expert file has {done:,} bytes, expected {self.file_bytes:,} "
                               f"(MoE layer {layer}, expert {expert}): truncated")
-        if verify and zlib.crc32(view[: self.expert_bytes]) != self.checksums[layer, expert]:
+        if verify and checksum != self.checksums[layer, expert]:
             raise MoejaxError(f"{path}: expert file fails its CRC-32 check (MoE layer {layer}, expert {expert}): "
                               "corrupt; delete the expert directory to rebuild it")
 
@@ -169,6 +180,22 @@ class ExpertFiles:
             out[name] = flat[offset : offset + size].view(dtype).reshape(shape)
             offset += size
         return out
+
+
+@functools.cache
+def _readers() -> futures.ThreadPoolExecutor:
+    return futures.ThreadPoolExecutor(READERS, thread_name_prefix="moejax-disk")
+
+
+def _read_fully(fd: int, view: memoryview, offset: int) -> int:
+    """Reads len(view) bytes of `fd` at `offset` into `view` (fewer at the end of the file) -> bytes read."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
 
 
 def _open_direct(path: Path) -> int:

@@ -108,8 +108,8 @@ class HostCache:
             self.counts["prefetch_used"] += 1
 
     def _copy_out(self, slot: int) -> dict:
-        data = bytes(self._slot_view(slot)[: self.files.expert_bytes])
-        return {name: np.array(w) for name, w in self.files.unpack(data).items()}
+        """The slot's expert as arrays over one private copy of its bytes (the slot may be refilled after)."""
+        return self.files.unpack(np.array(np.frombuffer(self._slot_view(slot), np.uint8)[: self.files.expert_bytes]))
 
     def _reserve(self, key: int) -> int:
         """A slot for `key` (lock held; a slot is free or holds a ready expert): a free one, else the least
