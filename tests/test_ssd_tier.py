@@ -228,3 +228,9 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
     assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
     assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0
+
+
+def test_unwritable_expert_dir_is_named(model, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ParameterError, match=r"expert_dir.*a_file/experts: cannot write the expert files"):
+        tiered(model, "0.5", expert_dir=tmp_path / "a_file" / "experts")

@@ -38,7 +38,11 @@ def checkpoint_tier(path: Path, cfg: ModelConfig, shapes: dict, host_budget: str
     root = Path(expert_dir) if expert_dir is not None else Path(path) / DEFAULT_DIR
     moe_layers = cfg.moe_layer_ids
     if not root.exists():
-        write_expert_files(root, shapes, len(moe_layers), cfg.num_experts,
-                           lambda m, e: checkpoint.load_expert(path, moe_layers[m], e), show_progress)
+        try:
+            write_expert_files(root, shapes, len(moe_layers), cfg.num_experts,
+                               lambda m, e: checkpoint.load_expert(path, moe_layers[m], e), show_progress)
+        except OSError as err:
+            raise ParameterError("{expert_dir} {root}: cannot write the expert files ({error}); give a writable "
+                                 "directory", root=str(root), error=err.strerror or err) from None
     files = ExpertFiles(root, shapes, len(moe_layers), cfg.num_experts)
     return open_tier(files, host_budget, cfg.top_k * len(moe_layers))
