@@ -117,6 +117,27 @@ def test_tier_moves_never_lose_or_duplicate_an_expert(small_files):
         assert counts["host_hits"] + counts["disk_misses"] + counts["prefetch_waits"] == counts["gets"]
 
 
+def test_lent_arrays_never_change_under_their_holder(small_files):
+    """What `get` returns is a view of its slot: held, the slot is not refilled (other reads go past the cache when
+    no slot is free); dropped, the slot is evictable again."""
+    files, weights = small_files
+    cache = HostCache(files, 2)
+    held = cache.get(0, 0)
+    with pytest.raises(ValueError):
+        held["gate"][0, 0] = 1.0  # read-only
+    for m, e in [(1, 1), (2, 2), (1, 3), (0, 4), (2, 0)]:
+        cache.get(m, e)
+        cache.check_invariants()
+    for name, w in weights[0, 0].items():
+        np.testing.assert_array_equal(held[name], w)
+    both = [cache.get(1, 1), cache.get(2, 2)]  # the free slot and... past the cache (every slot lent)
+    assert cache.stats()["uncached_reads"] >= 1
+    del held, both
+    cache.get(1, 4)
+    assert cache.stats()["evictions"] >= 1 and (1 * 5 + 4) in cache.held()
+    cache.check_invariants()
+
+
 def test_concurrent_reads_return_their_own_experts(small_files):
     files, weights = small_files
     cache, errors = HostCache(files, 2), []

@@ -7,11 +7,12 @@ A background thread reads experts ahead of use (`prefetch`: the device prefetche
 step, and the experts used most, by decayed token counts, that are not held): the host tier looks one step
 further ahead than the device tier.
 
-The step programs read the host tier through `TieredHost.fetch`, a host callback: a hit copies the slot out;
-a miss (the expert is neither held nor arriving) reads it from disk right there, so a step never computes
+The step programs read the host tier through `TieredHost.fetch`, a host callback: a hit hands the runtime the
+slot's bytes (no copy; see `HostCache`); a miss (the expert is neither held nor arriving) reads it from disk
+right there into a slot, so a step never computes
 with an expert it does not have and results are exact at every host budget. The cost of that miss path is
 the device waiting for the disk (counted as `stall_s`, with `disk_misses`), plus, on every fetch through the
-tier, a host round trip and a copy from unpinned host memory instead of the DMA from pinned stacks.
+tier, a host round trip and the runtime's copy from unpinned host memory instead of the DMA from pinned stacks.
 
 A read that fails its checks (missing file, wrong size, CRC-32) inside a step is recorded rather than raised
 through XLA (a traceback from deep inside JAX): the step gets zeros for that expert, and the engine raises
@@ -39,7 +40,9 @@ USAGE_DECAY = 0.9  # per step, for the usage scores the host prefetcher ranks by
 
 class HostCache:
     """`num_slots` experts of `files` in host memory. Thread-safe: the step programs' callbacks and the prefetch
-    thread share it. `get` returns an expert's weights (copies); `prefetch` queues reads."""
+    thread share it. `get` returns an expert's weights as read-only arrays over its slot (no copy): a slot is not
+    refilled while an array lent from it is alive (a finalizer per array gives it back), so what a reader holds
+    never changes under it, however the runtime that receives it copies or keeps it. `prefetch` queues reads."""
 
     def __init__(self, files: ExpertFiles, num_slots: int, prefetch_per_step: int = 0):
         if num_slots < 1:
@@ -48,7 +51,8 @@ class HostCache:
         self.num_experts = files.num_experts
         self.num_keys = files.num_layers * files.num_experts
         self._buffer = aligned_buffer(num_slots * files.file_bytes)
-        self._lock = threading.Condition()
+        self._lock = threading.Condition(threading.RLock())  # re-entrant: a lent array's finalizer may run under it
+        self._lent = np.zeros(num_slots, np.int64)  # arrays lent over each slot and still alive
         self._ready: collections.OrderedDict[int, int] = collections.OrderedDict()  # key -> slot, least recent first
         self._loading: dict[int, int] = {}  # key -> slot being read into
         self._owner = np.full(num_slots, -1, np.int64)  # slot -> key (ready or loading), -1: free
@@ -63,7 +67,7 @@ class HostCache:
 
     def reset_stats(self) -> None:
         self.counts = dict(gets=0, host_hits=0, disk_misses=0, prefetch_waits=0, disk_reads=0, prefetch_reads=0,
-                           prefetch_used=0, evictions=0)
+                           prefetch_used=0, evictions=0, uncached_reads=0)
         self.bytes_read = 0
         self.disk_read_s = self.stall_s = 0.0
 
@@ -73,25 +77,24 @@ class HostCache:
         return memoryview(self._buffer)[slot * size : (slot + 1) * size]
 
     def get(self, layer: int, expert: int) -> dict:
-        """Expert `expert` of MoE layer `layer` as {name: array} (copies, safe to keep): from its slot, after
-        waiting for its prefetch if one is reading it, or read from disk now (a stall)."""
+        """Expert `expert` of MoE layer `layer` as read-only {name: array}: from its slot, after waiting for the
+        read under way if another thread is reading it, or read from disk now (a stall) into a slot, or past the
+        cache when every slot is lent or being read into."""
         key = layer * self.num_experts + expert
         start = time.perf_counter()
         with self._lock:
             self.counts["gets"] += 1
             waited = False
-            # Waits while another thread reads `key`, or while every slot is being read into; the lock is let go
-            # while waiting, so everything is checked again after.
-            while key in self._loading or (key not in self._ready and not self._free and not self._ready):
+            while key in self._loading:
                 waited = True
                 self._lock.wait()
             if key in self._ready:
                 self._count_hit(key, waited, start)
-                return self._copy_out(self._ready[key])
+                return self._lend(self._ready[key])
             self.counts["disk_misses"] += 1
             slot = self._reserve(key)
         try:
-            return self._read(key, slot)
+            return self._read_uncached(key) if slot is None else self._read(key, slot)
         finally:
             with self._lock:
                 self.stall_s += time.perf_counter() - start
@@ -107,17 +110,34 @@ class HostCache:
             self._unused_prefetches.discard(key)
             self.counts["prefetch_used"] += 1
 
-    def _copy_out(self, slot: int) -> dict:
-        """The slot's expert as arrays over one private copy of its bytes (the slot may be refilled after)."""
-        return self.files.unpack(np.array(np.frombuffer(self._slot_view(slot), np.uint8)[: self.files.expert_bytes]))
+    def _lend(self, slot: int) -> dict:
+        """The slot's expert as read-only arrays over the slot (lock held); the slot counts them until they die."""
+        weights = self.files.unpack(self._slot_view(slot))
+        for w in weights.values():
+            w.flags.writeable = False
+            self._lent[slot] += 1
+            weakref.finalize(w, self._give_back, slot)
+        return weights
 
-    def _reserve(self, key: int) -> int:
-        """A slot for `key` (lock held; a slot is free or holds a ready expert): a free one, else the least
-        recently used ready expert's."""
+    def _give_back(self, slot: int) -> None:
+        with self._lock:
+            self._lent[slot] -= 1
+            self._lock.notify_all()
+
+    def _victim(self) -> int | None:
+        """The least recently used ready expert whose slot is not lent (lock held), or None."""
+        return next((key for key, slot in self._ready.items() if not self._lent[slot]), None)
+
+    def _reserve(self, key: int) -> int | None:
+        """A slot for `key` (lock held): a free one, else the least recently used ready expert's that is not lent;
+        None if there is none."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim, slot = self._ready.popitem(last=False)
+            victim = self._victim()
+            if victim is None:
+                return None
+            slot = self._ready.pop(victim)
             self._unused_prefetches.discard(victim)
             self.counts["evictions"] += 1
         self._loading[key] = slot
@@ -125,7 +145,7 @@ class HostCache:
         return slot
 
     def _read(self, key: int, slot: int, prefetch: bool = False) -> dict | None:
-        """Reads `key` into its reserved `slot` (lock not held) -> its weights (copied before another thread can
+        """Reads `key` into its reserved `slot` (lock not held) -> its weights (lent before another thread can
         evict it), or None for a prefetch. On failure the slot is freed and the error raised."""
         layer, expert = divmod(key, self.num_experts)
         start = time.perf_counter()
@@ -148,7 +168,19 @@ class HostCache:
             if prefetch:
                 self._unused_prefetches.add(key)
                 return None
-            return self._copy_out(slot)
+            return self._lend(slot)
+
+    def _read_uncached(self, key: int) -> dict:
+        """Reads `key` into a buffer of its own, not cached (every slot is lent or being read into)."""
+        layer, expert = divmod(key, self.num_experts)
+        buffer, start = aligned_buffer(self.files.file_bytes), time.perf_counter()
+        self.files.read_into(layer, expert, buffer)
+        with self._lock:
+            self.disk_read_s += time.perf_counter() - start
+            self.bytes_read += self.files.file_bytes
+            self.counts["disk_reads"] += 1
+            self.counts["uncached_reads"] += 1
+        return self.files.unpack(buffer)
 
     # -- prefetching ---------------------------------------------------------------------------------
     def observe(self, counts: np.ndarray, staged_keys=None) -> None:
@@ -193,13 +225,12 @@ class HostCache:
                 pass  # a bad file is reported by the step that needs it (its read is repeated there)
 
     def _worth_a_slot(self, key: int) -> bool:
-        """A prefetch takes a free slot, or evicts the least recently used expert only if that one is used less."""
+        """A prefetch takes a free slot, or evicts the least recently used expert not lent only if that one is used
+        less."""
         if self._free:
             return True
-        if not self._ready:
-            return False
-        victim = next(iter(self._ready))
-        return self.scores[victim] < self.scores[key]
+        victim = self._victim()
+        return victim is not None and self.scores[victim] < self.scores[key]
 
     def close(self) -> None:
         with self._lock:
@@ -226,11 +257,14 @@ class HostCache:
             for key, slot in list(self._ready.items()) + list(self._loading.items()):
                 assert self._owner[slot] == key, f"slot {slot} owned by {self._owner[slot]}, table says {key}"
             assert all(self._owner[s] == -1 for s in self._free), "a free slot has an owner"
+            assert (self._lent >= 0).all(), "a slot given back more often than lent"
+            assert not any(self._lent[s] for s in self._free + list(self._loading.values())), "a lent slot refilled"
 
     def stats(self) -> dict:
         """Counters since the last reset: gets (expert fetches through the tier), host_hits, disk_misses (read from
         disk while a step waited), prefetch_waits (the step waited for a read under way),
-        host_hit_rate, disk_reads / prefetch_reads / prefetch_used, evictions, bytes_read_disk (all reads),
+        host_hit_rate, disk_reads / prefetch_reads / prefetch_used, evictions, uncached_reads (disk reads past the
+        cache: every slot was lent or being read into), bytes_read_disk (all reads),
         disk_read_s (seconds reading, both threads), stall_s (seconds steps waited on the disk)."""
         with self._lock:
             counts = dict(self.counts)
