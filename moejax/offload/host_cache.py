@@ -1,16 +1,18 @@
-"""The pinned host cache between the disk tier (`offload.expert_files`) and the device cache: three tiers,
+"""The host cache between the disk tier (`offload.expert_files`) and the device cache: three tiers,
 disk -> host -> device, for models whose experts exceed host memory (`host_budget`, `--host-budget`).
 
-`HostCache` keeps `num_slots` experts in one page-aligned host buffer, any MoE layer's in any slot (one LRU over
+`HostCache` keeps `num_slots` experts in one page-aligned host buffer, any MoE layer's in any slot (one pool for
 all layers, so a skewed layer takes the room it needs), with a table key -> slot (key = MoE layer x E + expert).
+It evicts the expert used least by decayed token counts, not the least recently used: the GPU cache's misses
+cycle through the layers, a loop larger than the host cache, on which LRU evicts exactly what comes next.
 A background thread reads experts ahead of use (`prefetch`: the device prefetcher's staged picks for the next
 step, and the experts used most, by decayed token counts, that are not held): the host tier looks one step
 further ahead than the device tier.
 
 The step programs read the host tier through `TieredHost.fetch`, a host callback: a hit hands the runtime the
 slot's bytes (no copy; see `HostCache`); a miss (the expert is neither held nor arriving) reads it from disk
-right there into a slot, so a step never computes
-with an expert it does not have and results are exact at every host budget. The cost of that miss path is
+right there into a slot, so a step never computes with an expert it does not have and results are exact at
+every host budget. The buffer is plain (not page-locked) memory, which the runtime copies from. The cost of that miss path is
 the device waiting for the disk (counted as `stall_s`, with `disk_misses`), plus, on every fetch through the
 tier, a host round trip and the runtime's copy from unpinned host memory instead of the DMA from pinned stacks.
 
@@ -125,12 +127,13 @@ class HostCache:
             self._lock.notify_all()
 
     def _victim(self) -> int | None:
-        """The least recently used ready expert whose slot is not lent (lock held), or None."""
-        return next((key for key, slot in self._ready.items() if not self._lent[slot]), None)
+        """The ready expert used least (decayed token counts; the least recently used of equals) whose slot is not
+        lent (lock held), or None."""
+        candidates = [key for key, slot in self._ready.items() if not self._lent[slot]]
+        return min(candidates, key=lambda key: self.scores[key]) if candidates else None
 
     def _reserve(self, key: int) -> int | None:
-        """A slot for `key` (lock held): a free one, else the least recently used ready expert's that is not lent;
-        None if there is none."""
+        """A slot for `key` (lock held): a free one, else `_victim`'s; None if there is neither."""
         if self._free:
             slot = self._free.pop()
         else:
@@ -225,8 +228,7 @@ class HostCache:
                 pass  # a bad file is reported by the step that needs it (its read is repeated there)
 
     def _worth_a_slot(self, key: int) -> bool:
-        """A prefetch takes a free slot, or evicts the least recently used expert not lent only if that one is used
-        less."""
+        """A prefetch takes a free slot, or evicts `_victim` only if that one is used less."""
         if self._free:
             return True
         victim = self._victim()
