@@ -27,6 +27,7 @@ DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 # SamplingParams, lab.replay, ...), for the errors that name a parameter.
 FLAGS = {
     "offload": "--offload", "expert_budget": "--expert-budget", "cache_policy": "--cache-policy",
+    "host_budget": "--host-budget", "expert_dir": "--expert-dir",
     "routing": "--routing", "prefetch": "--prefetch", "expert_compute": "--expert-compute",
     "prefetch_per_layer": "--prefetch-per-layer", "prefetch_per_step": "--prefetch-per-step",
     "prefetch_floor": "--prefetch-floor", "traces": "--traces", "max_seq_len": "--max-seq-len",
@@ -203,6 +204,10 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    help="most prompt tokens one step prefills (default 512; a cache budget must hold their experts)")
     p.add_argument("--offload", default="resident", help="resident | cached | on-demand | dense-offload (default resident)")
     p.add_argument("--expert-budget", help="GPU memory for cached experts: a fraction of all expert bytes (0.25) or a size (12GiB)")
+    p.add_argument("--host-budget", help="--offload cached: host memory for experts, a fraction of all expert bytes or a "
+                   "size; the rest stays on local disk (--expert-dir) under a host cache of this size (default: all in host)")
+    p.add_argument("--expert-dir", type=Path, help="--host-budget: the directory of per-expert files (default: "
+                   "expert_files/ in the checkpoint, written from it on first use)")
     p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default) | lfu | fifo | "
                    "lifo | activation")
     p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead | "
@@ -245,6 +250,8 @@ def load_engine(args, slots: int = 1, predictor=None):
         args.checkpoint,
         offload=args.offload,
         expert_budget=args.expert_budget,
+        host_budget=args.host_budget,
+        expert_dir=args.expert_dir,
         cache_policy=args.cache_policy,
         routing=None if getattr(args, "routing", None) == "predicted" else getattr(args, "routing", None),
         slots=slots,

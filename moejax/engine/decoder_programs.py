@@ -50,6 +50,7 @@ from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, forced_weights, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
 from moejax.offload.expert_stacks import fetch_expert, write_slot
+from moejax.offload.host_cache import TieredHost
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
@@ -136,6 +137,14 @@ def _host_layer(host: tuple, m, make):
     return lax.switch(m, [lambda stack=stack: make(stack) for stack in host])
 
 
+def host_expert(host, m, e) -> dict:
+    """Expert e of MoE layer m (traced ints) from the host tier, on the device: from the layers' pinned stacks, or
+    through the disk-backed host cache (`offload.host_cache.TieredHost`)."""
+    if isinstance(host, TieredHost):
+        return host.fetch(m, e)
+    return _host_layer(host, m, lambda h: fetch_expert(h, e))
+
+
 def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
     """MoE layer m's (traced) routed output [N, D] f32, through the mode's expert source: -> (output, experts)."""
     cfg, E, L = spec.cfg, spec.cfg.num_experts, len(spec.moe_layers)
@@ -148,14 +157,13 @@ def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights
         cache = cache.replace(counters=dc._count(counters, m, dc.HITS, real.sum()))
     elif spec.mode == "cached":
         host = experts.host
-        move = lambda slab, e, slot: write_slot(slab, slot, _host_layer(host, m, lambda h: fetch_expert(h, e)))  # noqa: E731
+        move = lambda slab, e, slot: write_slot(slab, slot, host_expert(host, m, e))  # noqa: E731
         cache, slab, slots, pinned = dc.access(cache, m, distinct, policy=spec.policy, num_experts=E,
                                                priorities=experts.priorities, move=move, slab=slab)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
-            move_guess = lambda slab, i, slot: write_slot(  # noqa: E731
-                slab, slot, _host_layer(host, following, lambda h: fetch_expert(h, keys[i] % E)))
+            move_guess = lambda slab, i, slot: write_slot(slab, slot, host_expert(host, following, keys[i] % E))  # noqa: E731
             cache, slab, _ = dc.install(cache, keys, policy=spec.policy, num_experts=E, layer=m,
                                         priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab)
     else:
@@ -204,8 +212,7 @@ def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
     if experts.staged_keys is None:
         return experts
     keys, E = experts.staged_keys, spec.cfg.num_experts
-    fetchers = [lambda e, stack=stack: fetch_expert(stack, e) for stack in experts.host]
-    move = lambda slab, i, slot: write_slot(slab, slot, lax.switch(keys[i] // E, fetchers, keys[i] % E))  # noqa: E731
+    move = lambda slab, i, slot: write_slot(slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))  # noqa: E731
     cache, slab, _ = dc.install(experts.cache, keys, policy=spec.policy, num_experts=E, layer=-1,
                                 priorities=experts.priorities, move=move, slab=experts.slab, staged=True)
     return dataclasses.replace(experts, cache=cache, slab=slab, staged_keys=None)

@@ -28,6 +28,7 @@ from moejax.engine.results import GenerationConfig, GenerationResult, Timing, ge
 from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
 from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.offload import device_cache as dc
+from moejax.offload.host_cache import TieredHost
 from moejax.offload.manager import OffloadManager, StepInputs
 from moejax.offload.stats import cache_stats
 from moejax.engine.buckets import next_power_of_two, prefill_chunk_size
@@ -384,13 +385,19 @@ class Engine:
             self.routing_override.extend(slot, token)
 
     def _observe(self, routing: np.ndarray, resident: np.ndarray) -> None:
-        """Hands a finished step's routing [L, n, k] (real tokens) to the host-side manager."""
+        """Hands a finished step's routing [L, n, k] (real tokens) to the host-side manager (and the disk tier's
+        host cache, after raising a failed expert read of the step)."""
+        tier = self.host if isinstance(self.host, TieredHost) else None
+        if tier is not None:
+            tier.raise_failure()
         if self.manager is None:
             return
         E = self.cfg.num_experts
         flat = routing.reshape(routing.shape[0], -1)
         counts = np.stack([np.bincount(row[(row >= 0) & (row < E)], minlength=E)[:E] for row in flat])
         self.manager.observe(counts, resident)
+        if tier is not None:
+            tier.cache.observe(counts, self.manager.staged_next)
 
     def finish_pending(self) -> None:
         """Waits for the steps in flight and drops their tokens (the slots they were for are gone)."""
@@ -536,6 +543,8 @@ class Engine:
                 chunk = prompt[start : start + self.prefill_chunk]
                 logits = self._run_chunk(slot, chunk, start, True, True, self._inputs())[-1]
                 rows.append(np.asarray(logits)[: len(chunk)])
+                if isinstance(self.host, TieredHost):
+                    self.host.raise_failure()
             out.append(np.concatenate(rows))
         return out
 
@@ -576,6 +585,8 @@ class Engine:
         if self.manager is not None:
             self.manager.close()
             self.manager.run_ahead = None
+        if isinstance(self.host, TieredHost):
+            self.host.cache.close()
 
     def record_guesses(self) -> None:
         """Makes the steps also compute each MoE layer's guess of the next one's routing (for `routing`),
@@ -601,11 +612,16 @@ class Engine:
     def reset_stats(self) -> None:
         self.cache = dc.reset_counters(self.cache)
         self.host_wait_s = 0.0
+        if isinstance(self.host, TieredHost):
+            self.host.cache.reset_stats()
 
     def stats(self) -> dict:
         """Counters since the last reset: see `offload.stats.cache_stats`."""
-        return cache_stats(self.spec, np.asarray(self.cache.counters), self.expert_bytes, self.cache.num_slots,
-                           self.manager, self.host_wait_s, self.stats_info)
+        stats = cache_stats(self.spec, np.asarray(self.cache.counters), self.expert_bytes, self.cache.num_slots,
+                            self.manager, self.host_wait_s, self.stats_info)
+        if isinstance(self.host, TieredHost):
+            stats["host_tier"] = self.host.cache.stats()
+        return stats
 
 
 _NO_INPUTS = StepInputs()

@@ -29,6 +29,7 @@ from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
 from moejax.offload.budget import cache_capacity, device_memory, parse_budget
+from moejax.offload.disk_tier import checkpoint_tier
 from moejax.routing.eams import EAMCollection
 from moejax.tokenizer import load_tokenizer
 
@@ -87,17 +88,23 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     cfg = with_routing(cfg, routing)
     compute = expert_compute_options(expert_compute, capacity_factor)
     num_moe = len(cfg.moe_layer_ids)
-    prepare_backend(num_moe * cfg.num_experts * cfg.expert_bytes if config.mode != "resident" else None)
+    host_tier = None
+    if config.host_budget is not None:
+        if kind_of(cfg).encoder_decoder:
+            raise ParameterError("{host_budget}: the disk tier serves decoder-only models, not {family}", family=cfg.family)
+        host_tier = checkpoint_tier(path, cfg, _shapes(cfg), config.host_budget, config.expert_dir, show_progress)
+    pinned = config.mode != "resident" and host_tier is None
+    prepare_backend(num_moe * cfg.num_experts * cfg.expert_bytes if pinned else None)
     globals_ = checkpoint.load_globals(path)
     layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
-    stacks = _expert_stacks(path, cfg, show_progress)
+    stacks = () if host_tier is not None else _expert_stacks(path, cfg, show_progress)
     if kind_of(cfg).encoder_decoder:
         return build_seq2seq_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
                                     device=device, tokenizer=load_tokenizer(path), path=path, unroll_layers=unroll_layers,
                                     **compute)
     return build_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
                         prefill_chunk=prefill_chunk, device=device, tokenizer=load_tokenizer(path), path=path,
-                        unroll_layers=unroll_layers, **compute)
+                        unroll_layers=unroll_layers, host_tier=host_tier, **compute)
 
 
 def expert_compute_options(expert_compute: str, capacity_factor: float | None) -> dict:
@@ -131,11 +138,12 @@ def with_routing(cfg: ModelConfig | EncDecConfig, routing: str | None) -> ModelC
 def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
                  config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, prefill_chunk: int = 512,
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
-                 **compute) -> Engine:
+                 host_tier=None, **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
     made on the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and
-    `capacity_factor` (see `load`)."""
+    `capacity_factor` (see `load`); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts
+    instead of `expert_stacks` (cached mode)."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
@@ -143,7 +151,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     need = ("a prompt chunk of {chunk} tokens, or one token of {rows} sequences; minimum budget {minimum:,} bytes): "
             "give a larger budget, or a smaller {prefill_chunk} and {slots}")
     experts = place_experts(cfg, config, expert_stacks, _shapes(cfg), device, step_experts,
-                            kv_cache_bytes(cfg, slots + 1, max_seq_len), need, chunk=prefill_chunk, rows=slots)
+                            kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier, chunk=prefill_chunk,
+                            rows=slots)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), **compute)
     return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),
@@ -206,10 +215,11 @@ class PlacedExperts:
 
 
 def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert_stacks: Iterable[dict], shapes: dict,
-                  device, step_experts: int, kv_bytes: int, need: str, **need_values) -> PlacedExperts:
+                  device, step_experts: int, kv_bytes: int, need: str, host_tier=None, **need_values) -> PlacedExperts:
     """Puts every MoE layer's expert stacks ({name: [E, ...]}, one layer at a time) where `config` says: a device
-    slab of them all (resident), or pinned host memory, with a cache of the budget's slots in cached mode (see
-    `_capacity`: step_experts, kv_bytes, need). shapes: one expert's {name: (shape, dtype)}."""
+    slab of them all (resident), or pinned host memory (or `host_tier`, the disk tier, instead), with a cache of
+    the budget's slots in cached mode (see `_capacity`: step_experts, kv_bytes, need). shapes: one expert's
+    {name: (shape, dtype)}."""
     num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
     collection = trace_collection(cfg, config.traces)
     on_device = jax.sharding.SingleDeviceSharding(device)
@@ -221,7 +231,7 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
         cache = dc.empty_state(num_moe, E, 1)
     else:
         sharding = host_sharding(device)
-        host = tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(expert_stacks))
+        host = host_tier or tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(expert_stacks))
         info["host_experts"] = num_moe * E
         cache, slab = dc.empty_state(num_moe, E, 1), {}
         if config.mode == "cached":

@@ -21,26 +21,27 @@ WORKSPACE_FRACTION = 0.05
 MIN_WORKSPACE_BYTES = 512 * 2**20
 
 
-def parse_budget(text: str | float | int, all_expert_bytes: int) -> int:
-    """Bytes of GPU memory for experts: a fraction of all expert bytes ('0.25') or a size ('12GiB', '500MB').
+def parse_budget(text: str | float | int, all_expert_bytes: int, parameter: str = "expert_budget") -> int:
+    """Bytes of memory for experts: a fraction of all expert bytes ('0.25') or a size ('12GiB', '500MB').
 
     A bare number is a fraction, so it must be <= 1; sizes carry a unit ('2GB', or '2048B' for bytes).
+    parameter: the one errors name (`expert_budget`, `host_budget`).
     """
     match = _BUDGET.match(str(text))
     if not match or match.group(2).lower() not in UNITS:
-        raise ParameterError("{expert_budget} {text!r} is not a fraction of expert bytes (e.g. 0.25) or a size "
+        raise ParameterError("{" + parameter + "} {text!r} is not a fraction of expert bytes (e.g. 0.25) or a size "
                              "(e.g. 12GiB, 500MB)", text=str(text))
     value, unit = float(match.group(1)), match.group(2).lower()
     if value <= 0:
-        raise ParameterError("{expert_budget} must be positive (got {text!r})", text=str(text))
+        raise ParameterError("{" + parameter + "} must be positive (got {text!r})", text=str(text))
     if unit == "":
         if value > 1:
-            raise ParameterError("{expert_budget} {text!r}: a bare number is a fraction of all expert bytes, at most 1; "
+            raise ParameterError("{" + parameter + "} {text!r}: a bare number is a fraction of all expert bytes, at most 1; "
                                  "give a size with its unit (e.g. {text}GB, or {text}B for bytes)", text=str(text).strip())
         return int(value * all_expert_bytes)
     size = value * UNITS[unit]
     if not math.isfinite(size):
-        raise ParameterError("{expert_budget} {text!r} is too large to represent", text=str(text))
+        raise ParameterError("{" + parameter + "} {text!r} is too large to represent", text=str(text))
     return int(size)
 
 

@@ -37,6 +37,11 @@ class OffloadConfig:
         is at least this (default 0.02).
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
         trace prefetcher and the activation policy; without one they learn from the sequences run.
+    host_budget: host memory for experts ('cached' only; default: all of them, in pinned host memory): a
+        fraction of all expert bytes or a size, like `expert_budget`. With it, the experts stay on local disk
+        (`expert_dir`) under a host cache of this size (`offload.host_cache`; outputs unchanged).
+    expert_dir: the disk tier's directory of per-expert files (`offload.expert_files`; default
+        `expert_files/` in the checkpoint, written from it on first use).
     """
 
     mode: str = "resident"
@@ -47,6 +52,8 @@ class OffloadConfig:
     prefetch_per_step: int | None = None
     prefetch_floor: float | None = None
     traces: str | Path | None = None
+    host_budget: str | float | None = None
+    expert_dir: str | Path | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -56,7 +63,10 @@ class OffloadConfig:
         if self.cache_policy is not None and self.cache_policy not in CACHE_POLICIES:
             hint = " (belady needs the future: it runs in the policy lab only)" if self.cache_policy == "belady" else ""
             raise ParameterError.not_one_of("cache_policy", self.cache_policy, CACHE_POLICIES, hint)
-        for parameter, value in (("expert_budget", self.expert_budget), ("cache_policy", self.cache_policy)):
+        if self.expert_dir is not None and self.host_budget is None:
+            raise ParameterError("{expert_dir} is the disk tier under {host_budget}: give {host_budget} too")
+        for parameter, value in (("expert_budget", self.expert_budget), ("cache_policy", self.cache_policy),
+                                 ("host_budget", self.host_budget)):
             if value is not None and self.mode != "cached":
                 raise ParameterError("{" + parameter + "} applies to {offload} cached, not {mode!r}", mode=self.mode)
         if self.prefetch != "none" and self.mode != "cached":

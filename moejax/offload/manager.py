@@ -178,6 +178,11 @@ class OffloadManager:
                 staged_keys = self._put(padded)
         self._pending = StepInputs(staged_keys, self._priorities())
 
+    @property
+    def staged_next(self) -> jax.Array | None:
+        """The keys the next step dispatched stages when it begins (int32 [P], -1: none), or None."""
+        return self._pending.staged_keys
+
     def _predicted(self, resident: np.ndarray) -> list[int]:
         """Keys to stage: the prefetcher's probabilities of use for the next token, best first, not resident."""
         floor = self.prefetcher.min_probability

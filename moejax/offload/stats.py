@@ -51,6 +51,11 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     """E.g. 'cached lru, 12 slots, prefetch none: hit rate 63.2% (...), 1.23 GB host->GPU (45.6 MB/token)', and
     under static capacity gating a warning that tokens over capacity were dropped."""
     line = _offload_line(stats, new_tokens)
+    tier = stats.get("host_tier")
+    if tier is not None:
+        line += (f"; host tier {tier['host_slots']} slots: hit rate {tier['host_hit_rate'] * 100:.1f}%, "
+                 f"{tier['bytes_read_disk'] / 1e9:.3f} GB from disk in {tier['disk_read_s']:.2f} s, "
+                 f"steps stalled {tier['stall_s']:.2f} s")
     if stats.get("expert_compute") == "capacity":
         line += (f"; expert compute capacity (factor {stats['capacity_factor']:g}): approximate, "
                  "tokens over an expert's capacity dropped")

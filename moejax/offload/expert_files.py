@@ -1,0 +1,209 @@
+"""The disk tier: every routed expert as one plain file, read front to back in large requests.
+
+Layout of an expert directory (by default `expert_files/` inside the checkpoint; `moejax.load` writes it from
+the checkpoint's orbax groups the first time a `host_budget` asks for it):
+
+    manifest.json            format, weight names / shapes / dtypes, MoE layers x experts, the file size, and
+                             each expert's CRC-32
+    L003/E0007.bin           MoE layer 3's expert 7: its weights' raw bytes back to back (manifest order),
+                             zero-padded to a multiple of 4096 bytes
+
+Why plain files rather than the checkpoint's orbax groups or tensorstore chunks: an expert is needed whole,
+and one file per expert makes that a sequential read of its exact bytes into a page-aligned host slot
+(`O_DIRECT`, so the page cache neither holds a second copy of the model nor hides the disk's speed), with
+no chunk index, codec or asynchronous runtime between the disk and the slot. Orbax's restore of one expert
+group pays for metadata, tensorstore and threads before its first byte: 7.4 ms per expert of the shipped
+model (73 KB) on the CPU, against 0.43 ms to read and check its file here.
+
+Checks: the manifest is validated and every file's size checked when the directory is opened (a missing or
+short file is refused before any step runs); each read's CRC-32 (zlib, of the unpadded bytes, computed when
+the file is written) is verified as the bytes arrive, before they enter the host cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import mmap
+import os
+import zlib
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+
+from moejax.errors import MoejaxError
+from moejax.outputs import atomic_directory
+from moejax.progress import Progress
+
+FORMAT = "moejax-expert-files/1"
+ALIGN = 4096  # O_DIRECT needs reads of whole blocks into aligned memory
+CHUNK = 16 * 2**20  # bytes per read request (a multiple of ALIGN)
+READERS = 4  # read requests in flight
+MANIFEST = "manifest.json"
+
+
+def padded(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """Anonymous page-aligned memory of `size` bytes (what O_DIRECT reads into)."""
+    return mmap.mmap(-1, max(size, ALIGN))
+
+
+def expert_path(root: Path, layer: int, expert: int) -> Path:
+    """File of expert `expert` of MoE layer `layer` (MoE layer index, not the model's layer number)."""
+    return Path(root) / f"L{layer:03d}" / f"E{expert:04d}.bin"
+
+
+def write_expert_files(root: Path, shapes: dict, num_layers: int, num_experts: int,
+                       load: Callable[[int, int], dict], show_progress: bool = False) -> None:
+    """Writes the directory (under a temporary name, renamed at the end) from `load(moe_layer, expert) ->
+    {name: array}` called one expert at a time, so a model larger than host memory passes through.
+    shapes: {name: (one expert's shape, dtype)} in file order."""
+    names = list(shapes)
+    expert_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
+    checksums = []
+    progress = Progress("write expert files", num_layers * num_experts, enabled=show_progress)
+    with atomic_directory(Path(root)) as tmp:
+        for m in range(num_layers):
+            (tmp / f"L{m:03d}").mkdir()
+            row = []
+            for e in range(num_experts):
+                weights = load(m, e)
+                parts = []
+                for name in names:
+                    shape, dtype = shapes[name]
+                    w = np.ascontiguousarray(np.asarray(weights[name]), dtype=np.dtype(dtype))
+                    if w.shape != tuple(shape):
+                        raise MoejaxError(f"expert {e} of MoE layer {m}: {name} has shape {w.shape}, expected {tuple(shape)}")
+                    parts.append(w.reshape(-1).view(np.uint8))
+                data = np.concatenate(parts)
+                row.append(zlib.crc32(data))
+                with open(expert_path(tmp, m, e), "wb") as f:
+                    f.write(data.tobytes())
+                    f.write(bytes(padded(expert_bytes) - expert_bytes))
+                progress.advance()
+            checksums.append(row)
+        manifest = {"format": FORMAT, "num_layers": num_layers, "num_experts": num_experts,
+                    "expert_bytes": expert_bytes, "file_bytes": padded(expert_bytes),
+                    "weights": [{"name": n, "shape": list(shapes[n][0]), "dtype": np.dtype(shapes[n][1]).name} for n in names],
+                    "crc32": checksums}
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
+    progress.close()
+
+
+class ExpertFiles:
+    """An expert directory opened for reading: `read_into(layer, expert, buffer)`.
+
+    Opening checks the manifest against the model (`shapes`: {name: (shape, dtype)}, layers, experts) and that
+    every expert file exists with its size: a mismatch or a missing file is a MoejaxError naming it.
+    """
+
+    def __init__(self, root: Path, shapes: dict, num_layers: int, num_experts: int):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise MoejaxError(f"{manifest_path}: expert directory has no manifest (delete the directory to rebuild it)") from None
+        except (OSError, ValueError) as err:
+            raise MoejaxError(f"{manifest_path}: unreadable manifest ({err})") from None
+        want = {"format": FORMAT, "num_layers": num_layers, "num_experts": num_experts,
+                "weights": [{"name": n, "shape": list(s), "dtype": np.dtype(d).name} for n, (s, d) in shapes.items()]}
+        for field, value in want.items():
+            if manifest.get(field) != value:
+                raise MoejaxError(f"{manifest_path}: {field} is {manifest.get(field)!r}, the model needs {value!r} "
+                                  "(an expert directory of another model or format: delete it to rebuild it)")
+        self.names = [w["name"] for w in manifest["weights"]]
+        self.shapes = {n: (tuple(s), np.dtype(d)) for n, (s, d) in shapes.items()}
+        self.expert_bytes, self.file_bytes = int(manifest["expert_bytes"]), int(manifest["file_bytes"])
+        self.checksums = np.asarray(manifest["crc32"], np.int64)
+        if self.checksums.shape != (num_layers, num_experts) or self.file_bytes != padded(self.expert_bytes):
+            raise MoejaxError(f"{manifest_path}: checksums or sizes do not match {num_layers} MoE layers x {num_experts} experts")
+        self.num_layers, self.num_experts = num_layers, num_experts
+        for m in range(num_layers):
+            for e in range(num_experts):
+                self._check_size(m, e)
+
+    def _check_size(self, layer: int, expert: int) -> None:
+        path = expert_path(self.root, layer, expert)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise MoejaxError(f"{path}: expert file missing (MoE layer {layer}, expert {expert})") from None
+        if size != self.file_bytes:
+            raise MoejaxError(f"{path}: expert file has {size:,} bytes, expected {self.file_bytes:,} "
+                              f"(MoE layer {layer}, expert {expert}): truncated or corrupt")
+
+    def read_into(self, layer: int, expert: int, buffer, verify: bool = True) -> None:
+        """Reads the expert's file into `buffer` (page-aligned, at least `file_bytes`; `aligned_buffer`) and verifies
+        its CRC-32 (verify=False: the raw read, for measuring the disk). Raises MoejaxError naming the file if it is
+        missing, short or corrupt.
+
+        The file is read in CHUNK-byte requests, READERS of them in flight (an SSD needs several outstanding
+        requests to reach its bandwidth), and the checksum runs over each chunk as it arrives, while the later
+        ones are still being read."""
+        path = expert_path(self.root, layer, expert)
+        view = memoryview(buffer)[: self.file_bytes]
+        try:
+            fd = _open_direct(path)
+        except FileNotFoundError:
+            raise MoejaxError(f"{path}: expert file missing (MoE layer {layer}, expert {expert})") from None
+        offsets = range(0, self.file_bytes, CHUNK)
+        pending = [_readers().submit(_read_fully, fd, view[start : start + CHUNK], start) for start in offsets]
+        try:
+            done, checksum = 0, 0
+            for start, request in zip(offsets, pending, strict=True):
+                done += request.result()
+                if verify and start < self.expert_bytes:
+                    checksum = zlib.crc32(view[start : min(start + CHUNK, self.expert_bytes)], checksum)
+        finally:
+            futures.wait(pending)
+            os.close(fd)
+        if done != self.file_bytes:
+            raise MoejaxError(f"{path}: expert file has {done:,} bytes, expected {self.file_bytes:,} "
+                              f"(MoE layer {layer}, expert {expert}): truncated")
+        if verify and checksum != self.checksums[layer, expert]:
+            raise MoejaxError(f"{path}: expert file fails its CRC-32 check (MoE layer {layer}, expert {expert}): "
+                              "corrupt; delete the expert directory to rebuild it")
+
+    def unpack(self, data) -> dict:
+        """An expert's bytes (unpadded or padded) -> {name: array view} in `shapes`."""
+        out, offset = {}, 0
+        flat = np.frombuffer(data, np.uint8)
+        for name in self.names:
+            shape, dtype = self.shapes[name]
+            size = int(np.prod(shape)) * dtype.itemsize
+            out[name] = flat[offset : offset + size].view(dtype).reshape(shape)
+            offset += size
+        return out
+
+
+@functools.cache
+def _readers() -> futures.ThreadPoolExecutor:
+    return futures.ThreadPoolExecutor(READERS, thread_name_prefix="moejax-disk")
+
+
+def _read_fully(fd: int, view: memoryview, offset: int) -> int:
+    """Reads len(view) bytes of `fd` at `offset` into `view` (fewer at the end of the file) -> bytes read."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _open_direct(path: Path) -> int:
+    """A read-only descriptor that bypasses the page cache (O_DIRECT), or a buffered one on a filesystem without
+    O_DIRECT (tmpfs): its reads may then come from the page cache."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError as err:
+        if err.errno != 22:  # EINVAL: the filesystem has no O_DIRECT
+            raise
+        return os.open(path, os.O_RDONLY)

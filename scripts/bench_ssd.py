@@ -1,0 +1,211 @@
+"""The SSD tier on a model larger than host memory (issue 24): decode through disk -> host cache -> GPU cache,
+against the disk's own sequential read bandwidth measured in the same run.
+
+Sizes come from the machine at run time: the model (Mixtral-8x7B's expert shape, 8 experts top-2, as many layers
+as it takes) has `--ratio` (1.5) x the host's RAM of experts (MemTotal, or the cgroup's limit if lower; x
+`--scale`, for a CPU smoke run at tiny sizes with `--dims tiny`), and the host cache `--host-shares` of RAM. When
+the disk cannot hold that many bytes (the expert files and 10% to spare), the model shrinks to what it can hold
+and RAM is emulated: the host cache is sized as if RAM were model / ratio; the JSON says so (`ram_emulated`).
+Reads bypass the page cache (O_DIRECT, `offload.expert_files`), so the disk is really read either way.
+
+The floor: the bytes the run read from disk / the disk's bandwidth, measured first by reading expert files the
+same way the tier does (one file at a time, O_DIRECT, so neither the page cache nor earlier writes serve them),
+without and with the CRC-32 check the tier applies (`disk_gb_s`, `checked_gb_s`). `x_floor` = the run's time
+(prompt and decode, compilation excluded) over the floor; the issue's target is <= 1.3.
+
+    PYTHONPATH=. python scripts/bench_ssd.py --out out/bench_ssd.json            # GPU: sizes from the machine
+    PYTHONPATH=. python scripts/bench_ssd.py --dims tiny --scale 2e-5 --out /tmp/ssd.json   # CPU smoke run
+
+The expert files go to --dir (default .bench/ssd_experts) and are kept for the next run of the same sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from moejax.offload.config import OffloadConfig
+from moejax.offload.disk_tier import open_tier
+from moejax.offload.expert_files import MANIFEST, ExpertFiles, aligned_buffer, padded, write_expert_files
+from moejax.cards import load_card
+from moejax.engine.loading import build_engine
+from moejax.models.decoder import expert_shapes
+from scripts.benchlib import (
+    GB, Budget, environment, print_table, random_dense_params, random_expert_stacks, start_backend, tiny_widths,
+    write_json,
+)
+
+DISK_SPARE = 0.9  # the expert files take at most this share of the disk's free bytes
+
+
+def host_ram_bytes() -> int:
+    """The host's RAM: MemTotal, or the cgroup's memory limit where it is lower."""
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def card(layers: int, tiny: bool):
+    """Mixtral-8x7B's card with `layers` layers (tiny: every width shrunk)."""
+    cfg = load_card("mixtral-8x7b", num_layers=layers)
+    return tiny_widths(cfg) if tiny else cfg
+
+
+def plan(tiny: bool, ram: int, ratio: float, free_disk: int):
+    """(config with the MoE layers for ratio x ram of experts, ram used for sizing, whether it is emulated)."""
+    cfg = card(1, tiny)
+    layer_bytes = cfg.num_experts * padded(cfg.expert_bytes)
+    target = ratio * ram
+    emulated = target > DISK_SPARE * free_disk
+    if emulated:
+        target = DISK_SPARE * free_disk
+    layers = max(2, math.ceil(target / layer_bytes))
+    if emulated:
+        layers = max(2, int(target // layer_bytes))
+        ram = int(layers * layer_bytes / ratio)
+    return card(layers, tiny), ram, emulated
+
+
+def ensure_files(root: Path, cfg) -> ExpertFiles:
+    """The model's expert files of random weights (normal(0, 0.02), made on the device a layer at a time), written
+    unless `root` holds them for these sizes already."""
+    shapes = {name: (shape, np.dtype(cfg.np_dtype)) for name, shape in expert_shapes(cfg).items()}
+    moe = len(cfg.moe_layer_ids)
+    try:
+        return ExpertFiles(root, shapes, moe, cfg.num_experts)
+    except Exception as err:  # absent or of other sizes: written anew
+        if (root / MANIFEST).exists():
+            print(f"rewriting {root}: {err}", flush=True)
+            shutil.rmtree(root)
+    stacks, layer = random_expert_stacks(cfg), {}
+
+    def load(m: int, e: int) -> dict:
+        if layer.get("m") != m:
+            layer.update(m=m, stack={name: np.asarray(w) for name, w in next(stacks).items()})
+        return {name: w[e] for name, w in layer["stack"].items()}
+
+    start = time.monotonic()
+    write_expert_files(root, shapes, moe, cfg.num_experts, load, show_progress=True)
+    total = moe * cfg.num_experts * padded(cfg.expert_bytes)
+    print(f"wrote {total / GB:.3g} GB of expert files in {time.monotonic() - start:.0f} s", flush=True)
+    return ExpertFiles(root, shapes, moe, cfg.num_experts)
+
+
+def disk_bandwidth(files: ExpertFiles, max_bytes: float, verify: bool) -> float:
+    """Bytes/s reading expert files one at a time as the tier does (O_DIRECT), up to `max_bytes`, from the last
+    layer backwards (the engine's first steps read the first layers: these are the least likely in any cache)."""
+    buffer, done = aligned_buffer(files.file_bytes), 0
+    start = time.perf_counter()
+    for m in range(files.num_layers - 1, -1, -1):
+        for e in range(files.num_experts):
+            files.read_into(m, e, buffer, verify=verify)
+            done += files.file_bytes
+            if done >= max_bytes:
+                return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start)
+
+
+def run(cfg, dense, files: ExpertFiles, host_bytes: int, args) -> dict:
+    """One engine with a host cache of `host_bytes`: a warm-up generate, then the timed one."""
+    total = files.num_layers * files.num_experts * files.file_bytes
+    tier = open_tier(files, f"{host_bytes}B", cfg.top_k * files.num_layers)
+    step_need = cfg.num_experts  # a prompt step of prompt_len >= E / top_k tokens can use a whole layer
+    gpu_experts = max(int(args.expert_budget * files.num_layers * files.num_experts), step_need)
+    config = OffloadConfig("cached", expert_budget=f"{gpu_experts * cfg.expert_bytes}B", host_budget=f"{host_bytes}B")
+    engine = build_engine(cfg, *dense, (), config, slots=1, max_seq_len=args.prompt_len + args.new_tokens + 8,
+                          prefill_chunk=args.prompt_len, host_tier=tier)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    engine.generate([prompt], max_new_tokens=2, ignore_eos=True)
+    engine.reset_stats()
+    result = engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True)
+    stats = result.stats
+    tier_stats, timing = stats["host_tier"], result.timing
+    engine.close()
+    return {
+        "host_gb": host_bytes / GB, "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
+        "gpu_experts": gpu_experts, "gpu_hit_rate": stats["total"]["hit_rate"], "host_hit_rate": tier_stats["host_hit_rate"],
+        "disk_gb": tier_stats["bytes_read_disk"] / GB, "disk_read_s": tier_stats["disk_read_s"],
+        "stall_s": tier_stats["stall_s"], "ttft_s": timing.ttft_s, "tpot_s": timing.tpot_s, "total_s": timing.total_s,
+        "tokens_per_s": timing.tokens_per_s, "new_tokens": args.new_tokens, "host_tier": tier_stats,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
+    parser.add_argument("--scale", type=float, default=1.0, help="sizes as if RAM were this share of it (smoke runs)")
+    parser.add_argument("--ram-gib", type=float, help="the host RAM to size against (default: the machine's)")
+    parser.add_argument("--ratio", type=float, default=1.5, help="experts / RAM")
+    parser.add_argument("--host-shares", default="0.5", help="host cache sizes, shares of RAM (comma-separated)")
+    parser.add_argument("--expert-budget", type=float, default=0.1,
+                        help="the GPU cache, a share of the experts (default 0.1; at least the one layer a prompt step needs)")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--bandwidth-gb", type=float, default=4.0, help="GB read to measure the disk")
+    parser.add_argument("--dir", type=Path, default=Path(".bench/ssd_experts"), help="where the expert files go")
+    parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: host shares that would not fit are skipped")
+    parser.add_argument("--out", default="bench_ssd.json")
+    args = parser.parse_args()
+    budget = Budget(args.time_budget)
+    tiny = args.dims == "tiny"
+    machine_ram = host_ram_bytes()
+    ram = int((args.ram_gib * 2**30 if args.ram_gib else machine_ram) * args.scale)
+    args.dir.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.dir.parent).free + (_size(args.dir) if args.dir.exists() else 0)
+    cfg, ram, emulated = plan(tiny, ram, args.ratio, free)
+    start_backend(None, smoke=tiny)
+    files = ensure_files(args.dir, cfg)
+    total = files.num_layers * files.num_experts * files.file_bytes
+    print(f"{total / GB:.3g} GB of experts ({len(cfg.moe_layer_ids)} MoE layers x {cfg.num_experts}) = {args.ratio} x "
+          f"{ram / GB:.3g} GB of RAM{' (emulated: the disk holds no more)' if emulated else ''}", flush=True)
+    raw = disk_bandwidth(files, args.bandwidth_gb * GB, verify=False)
+    checked = disk_bandwidth(files, args.bandwidth_gb * GB, verify=True)
+    print(f"disk: {raw / GB:.3g} GB/s sequential (O_DIRECT), {checked / GB:.3g} GB/s with the CRC-32 check", flush=True)
+    out = {"environment": environment(), "machine_ram_gb": machine_ram / GB, "ram_gb": ram / GB, "ram_emulated": emulated,
+           "experts_gb": total / GB, "moe_layers": len(cfg.moe_layer_ids), "expert_mb": files.expert_bytes / 1e6,
+           "disk_gb_s": raw / GB, "checked_gb_s": checked / GB, "page_cache": "bypassed (O_DIRECT)", "rows": []}
+    dense = random_dense_params(cfg)
+    last = 0.0
+    for share in (float(s) for s in args.host_shares.split(",")):
+        if not budget.allows(2 * last, f"host share {share}"):
+            continue
+        start = time.monotonic()
+        row = {"host_share_of_ram": share, **run(cfg, dense, files, int(share * ram), args)}
+        row["floor_s"] = row["disk_gb"] * GB / raw
+        row["x_floor"] = row["total_s"] / row["floor_s"] if row["floor_s"] else None
+        out["rows"].append(row)
+        write_json(Path(args.out), out)
+        last = time.monotonic() - start
+        gc.collect()
+        jax.clear_caches()
+    print()
+    print(f"SSD tier: {total / GB:.3g} GB of experts, {ram / GB:.3g} GB RAM{' (emulated)' if emulated else ''}, "
+          f"disk {raw / GB:.3g} GB/s (checked {checked / GB:.3g})")
+    print_table(out["rows"], [("host_share_of_ram", "host/RAM", ".2f"), ("host_share_of_experts", "host/experts", ".2f"),
+                              ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),
+                              ("disk_gb", "disk GB", ".3g"), ("stall_s", "stall s", ".2f"), ("total_s", "time s", ".2f"),
+                              ("floor_s", "floor s", ".2f"), ("x_floor", "x floor", ".2f"),
+                              ("tokens_per_s", "tok/s", ".2f")])
+
+
+def _size(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,257 @@
+"""The SSD tier (`host_budget`): outputs equal the all-resident engine's at every host budget, the host cache's
+tables stay consistent under any sequence of reads and prefetches, and bad expert files are refused by name.
+
+One tiny model (3 MoE layers x 6 experts, top-2) and one device budget (a layer's 6 experts, the least a prompt
+step needs), so every host budget runs the same compiled programs.
+"""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from hf_zoo import build, random_prompts
+
+import moejax
+from moejax.cli import main as cli
+from moejax.errors import MoejaxError, ParameterError
+from moejax.offload.expert_files import ExpertFiles, expert_path, write_expert_files
+from moejax.offload.host_cache import HostCache
+
+NEW_TOKENS = 5
+SAMPLING = dict(temperature=0.9, top_k=20, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(checkpoint, its expert directory, prompts, device budget, resident (greedy, sampled, logits))."""
+    root = tmp_path_factory.mktemp("ssd")
+    ckpt = build(("mixtral", "sliding_window"), root)[2]
+    resident = moejax.load(ckpt)
+    prompts = random_prompts(resident.cfg.vocab_size, (7, 3), seed=5)
+    reference = (resident.generate(prompts, max_new_tokens=NEW_TOKENS).tokens,
+                 resident.generate(prompts, max_new_tokens=NEW_TOKENS, **SAMPLING).tokens, resident.logits(prompts))
+    device_budget = f"{resident.cfg.num_experts * resident.cfg.expert_bytes}B"
+    return ckpt, root / "experts", prompts, device_budget, reference
+
+
+def tiered(model, host_budget, expert_dir=None, **options):
+    ckpt, default_dir, _, device_budget, _ = model
+    return moejax.load(ckpt, "cached", expert_budget=device_budget, host_budget=host_budget,
+                       expert_dir=expert_dir or default_dir, **options)
+
+
+def experts(engine, count: int) -> str:
+    """A host budget of `count` experts (files are padded to 4 KiB)."""
+    return f"{count * engine.host.cache.files.file_bytes}B"
+
+
+def test_outputs_equal_resident_at_every_host_budget(model):
+    _, _, prompts, _, (greedy, sampled, logits) = model
+    engine = tiered(model, "1.0")  # writes the expert directory; every expert fits the host cache
+    for slots in (18, 5, 1):
+        engine.close()
+        engine = tiered(model, experts(engine, slots))
+        assert engine.host.cache.num_slots == slots
+        result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        assert result.tokens == greedy, slots
+        assert engine.generate(prompts, max_new_tokens=NEW_TOKENS, **SAMPLING).tokens == sampled, slots
+        for ours, ref in zip(engine.logits(prompts), logits, strict=True):
+            np.testing.assert_array_equal(ours, ref, err_msg=str(slots))
+        tier = result.stats["host_tier"]
+        device_misses = result.stats["total"]["misses"]
+        assert tier["gets"] == device_misses > 0  # every device miss goes through the host tier
+        assert tier["host_hits"] + tier["disk_misses"] + tier["prefetch_waits"] == tier["gets"]
+        assert tier["bytes_read_disk"] == (tier["disk_reads"] + tier["prefetch_reads"]) * engine.host.cache.files.file_bytes
+        if slots == 1:
+            assert tier["disk_misses"] > device_misses / 2 and tier["stall_s"] > 0
+        engine.host.cache.check_invariants()
+    engine.close()
+
+
+def test_prefetchers_through_the_host_tier_change_no_token(model):
+    """The lookahead (fetches inside the step) and the trace prefetcher (staged keys, which the host tier also
+    reads ahead) see the same outputs."""
+    _, _, prompts, _, (greedy, _, _) = model
+    engine = tiered(model, "0.3", prefetch="trace+lookahead")
+    result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+    assert result.tokens == greedy
+    assert result.stats["total"]["prefetch_issued"] > 0 and result.stats["host_tier"]["prefetch_reads"] > 0
+    engine.host.cache.check_invariants()
+    engine.close()
+
+
+@pytest.fixture
+def small_files(tmp_path):
+    """An expert directory of 3 layers x 5 experts of random weights, and the weights."""
+    shapes = {"gate": ((4, 8), np.dtype(np.float32)), "down": ((8, 4), np.dtype(np.float32))}
+    rng = np.random.default_rng(0)
+    weights = {(m, e): {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
+               for m in range(3) for e in range(5)}
+    write_expert_files(tmp_path / "ef", shapes, 3, 5, lambda m, e: weights[m, e])
+    return ExpertFiles(tmp_path / "ef", shapes, 3, 5), weights
+
+
+def test_tier_moves_never_lose_or_duplicate_an_expert(small_files):
+    """Random reads and prefetches (the prefetch thread running meanwhile): after each, the tables agree, and every
+    read returns exactly the expert asked for."""
+    files, weights = small_files
+    rng = np.random.default_rng(1)
+    for slots in (1, 2, 7):
+        cache = HostCache(files, slots, prefetch_per_step=3)
+        for _ in range(150):
+            op = rng.integers(3)
+            if op == 0:
+                cache.prefetch([int(k) for k in rng.integers(0, 15, size=rng.integers(1, 5))])
+            elif op == 1:
+                cache.observe(rng.integers(0, 3, size=(3, 5)), rng.integers(-1, 15, size=2))
+            else:
+                m, e = int(rng.integers(3)), int(rng.integers(5))
+                got = cache.get(m, e)
+                for name, w in weights[m, e].items():
+                    np.testing.assert_array_equal(got[name], w)
+            cache.check_invariants()
+            assert len(cache.held()) <= slots
+        cache.close()
+        counts = cache.stats()
+        assert counts["host_hits"] + counts["disk_misses"] + counts["prefetch_waits"] == counts["gets"]
+
+
+def test_lent_arrays_never_change_under_their_holder(small_files):
+    """What `get` returns is a view of its slot: held, the slot is not refilled (other reads go past the cache when
+    no slot is free); dropped, the slot is evictable again."""
+    files, weights = small_files
+    cache = HostCache(files, 2)
+    held = cache.get(0, 0)
+    with pytest.raises(ValueError):
+        held["gate"][0, 0] = 1.0  # read-only
+    for m, e in [(1, 1), (2, 2), (1, 3), (0, 4), (2, 0)]:
+        cache.get(m, e)
+        cache.check_invariants()
+    for name, w in weights[0, 0].items():
+        np.testing.assert_array_equal(held[name], w)
+    both = [cache.get(1, 1), cache.get(2, 2)]  # the free slot and... past the cache (every slot lent)
+    assert cache.stats()["uncached_reads"] >= 1
+    del held, both
+    cache.get(1, 4)
+    assert cache.stats()["evictions"] >= 1 and (1 * 5 + 4) in cache.held()
+    cache.check_invariants()
+
+
+def test_concurrent_reads_return_their_own_experts(small_files):
+    files, weights = small_files
+    cache, errors = HostCache(files, 2), []
+
+    def reader(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(60):
+            m, e = int(rng.integers(3)), int(rng.integers(5))
+            if not np.array_equal(cache.get(m, e)["gate"], weights[m, e]["gate"]):
+                errors.append((m, e))
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache.check_invariants()
+    assert not errors
+
+
+def test_bad_expert_files_are_refused_by_name(small_files, tmp_path):
+    files, _ = small_files
+    shapes, root = files.shapes, files.root
+    victim = expert_path(root, 1, 2)
+    data = bytearray(victim.read_bytes())
+    data[5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(MoejaxError, match=r"E0002\.bin: expert file fails its CRC-32 check \(MoE layer 1, expert 2\)"):
+        HostCache(files, 2).get(1, 2)
+    victim.write_bytes(bytes(data[:-1]))
+    with pytest.raises(MoejaxError, match=r"E0002\.bin: expert file has .* bytes, expected"):
+        ExpertFiles(root, shapes, 3, 5)
+    victim.unlink()
+    with pytest.raises(MoejaxError, match=r"L001/E0002\.bin: expert file missing"):
+        ExpertFiles(root, shapes, 3, 5)
+    with pytest.raises(MoejaxError, match="num_experts is 5, the model needs 6"):
+        ExpertFiles(root, shapes, 3, 6)
+    with pytest.raises(MoejaxError, match="has no manifest"):
+        ExpertFiles(tmp_path, shapes, 3, 5)
+
+
+def test_corrupt_file_in_a_step_is_one_clear_error(model, tmp_path):
+    """A file corrupted after loading (same size: only its checksum can tell) fails the step that reads it with
+    the error naming it, not a traceback from inside the step program."""
+    ckpt, default_dir, prompts, _, _ = model
+    copy = tmp_path / "experts"
+    tiered(model, "1.0", expert_dir=copy).close()
+    with pytest.raises(ParameterError, match="holds no expert"):
+        tiered(model, "1B", expert_dir=copy)
+    engine = tiered(model, "0.2", expert_dir=copy)
+    files = engine.host.cache.files
+    for m in range(files.num_layers):
+        for e in range(files.num_experts):
+            path = expert_path(copy, m, e)
+            data = bytearray(path.read_bytes())
+            data[0] ^= 0xFF
+            path.write_bytes(bytes(data))
+    with pytest.raises(MoejaxError, match=r"E0\d+\.bin: expert file fails its CRC-32 check"):
+        engine.generate(prompts, max_new_tokens=2)
+    engine.close()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--offload", "cached", "--host-budget", "lots"], "--host-budget 'lots' is not a fraction"),
+    (["--offload", "resident", "--host-budget", "0.5"], "--host-budget applies to --offload cached"),
+    (["--offload", "cached", "--expert-dir", "x"], "--expert-dir is the disk tier under --host-budget"),
+])
+def test_bad_host_budget_flags(model, capsys, flags, expected):
+    assert cli(["generate", str(model[0]), "--prompt-ids", "1,2", "--max-new-tokens", "1", *flags]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert expected in err[-1] and len(err) == 1
+
+
+def test_generate_json_reports_the_host_tier(model, capsys):
+    ckpt, default_dir, prompts, device_budget, _ = model
+    probe = tiered(model, "1.0")  # the expert directory exists
+    probe.close()
+    files = probe.host.cache.files
+    rc = cli(["generate", str(ckpt), "--prompt-ids", ",".join(map(str, prompts[0])), "--max-new-tokens", str(NEW_TOKENS),
+              "--offload", "cached", "--expert-budget", device_budget, "--host-budget", "0.25", "--expert-dir",
+              str(default_dir), "--json"])
+    tier = json.loads(capsys.readouterr().out)["stats"]["host_tier"]
+    assert rc == 0
+    assert tier["host_slots"] == int(0.25 * 18 * files.expert_bytes) // files.file_bytes
+    assert tier["gets"] > 0 and tier["expert_dir"] == str(default_dir)
+
+
+def test_bench_sizes_the_model_from_ram_and_the_disk():
+    from scripts.bench_ssd import DISK_SPARE, card, plan
+    from moejax.offload.expert_files import padded
+
+    layer = card(1, True).num_experts * padded(card(1, True).expert_bytes)
+    cfg, ram, emulated = plan(True, ram=10 * layer, ratio=1.5, free_disk=100 * layer)
+    assert not emulated and ram == 10 * layer and len(cfg.moe_layer_ids) == 15
+    cfg, ram, emulated = plan(True, ram=100 * layer, ratio=1.5, free_disk=20 * layer)  # the disk holds 18 layers
+    assert emulated and len(cfg.moe_layer_ids) == int(DISK_SPARE * 20) and ram == int(18 * layer / 1.5)
+
+
+def test_bench_smoke(tmp_path, monkeypatch):
+    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters."""
+    from scripts import bench_ssd
+
+    out = tmp_path / "bench_ssd.json"
+    monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
+                                     "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out)])
+    bench_ssd.main()
+    data = json.loads(out.read_text())
+    row = data["rows"][0]
+    assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
+    assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
+    assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0
+
+
+def test_unwritable_expert_dir_is_named(model, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ParameterError, match=r"expert_dir.*a_file/experts: cannot write the expert files"):
+        tiered(model, "0.5", expert_dir=tmp_path / "a_file" / "experts")
