@@ -56,6 +56,7 @@ class ModelConfig:
     dense_intermediate_size: int = 0
     norm_topk_prob: bool = True
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True  # a sigmoid gate scales the shared expert (Qwen2-MoE); DeepSeek's has none
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # 'none' | 'head' (per head, Qwen3) | 'full' (whole projection, OLMoE)
@@ -69,6 +70,13 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     dtype: str = "float32"
+    # Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: see models/mla.py. head_dim is then
+    # qk_nope_head_dim + qk_rope_head_dim (the query/key head) and num_kv_heads equals num_heads.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: a plain query projection
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self):
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
@@ -86,6 +94,18 @@ class ModelConfig:
             raise MoejaxError(f"config: top_k {self.top_k} must be in [1, num_experts={self.num_experts}]")
         if self.qk_norm not in ("none", "head", "full"):
             raise MoejaxError(f"config: qk_norm '{self.qk_norm}' is not one of none, head, full")
+        if self.is_mla and (self.head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim or self.qk_rope_head_dim % 2
+                            or self.v_head_dim < 1):
+            raise MoejaxError(
+                f"config: latent attention needs head_dim == qk_nope_head_dim + qk_rope_head_dim, an even "
+                f"qk_rope_head_dim and v_head_dim >= 1 (got {self.head_dim}, {self.qk_nope_head_dim}, "
+                f"{self.qk_rope_head_dim}, {self.v_head_dim})"
+            )
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention: the KV cache holds a compressed latent, not per-head keys and values."""
+        return self.kv_lora_rank > 0
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from moejax.cards import load_card
 from moejax.engine.compilation import use_compilation_cache
 from moejax.engine.loading import build_engine, prepare_backend
 from moejax.models.decoder import (
-    EmbedHead, decoder_layer, kv_cache_bytes, kv_cache_shape, normal_init, parameter_counts, random_experts,
+    EmbedHead, decoder_layer, empty_kv_caches, kv_cache_bytes, normal_init, parameter_counts, random_experts,
 )
 from moejax.models.layers import param_dtype
 from moejax.offload.config import OffloadConfig
@@ -75,7 +75,7 @@ def random_dense_params(cfg, seed: int = 0, std: float = 0.02):
     norm weights one, biases zero (`models.decoder.normal_init`)."""
     dtype = param_dtype(cfg)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    kv = (jnp.zeros(kv_cache_shape(cfg, 1, 1), dtype),) * 2
+    kv = empty_kv_caches(cfg, 1, 1)[0]
     x = jnp.zeros((1, 1, cfg.hidden_size), dtype)
     positions = jnp.zeros((1, 1), jnp.int32)
     keys = jax.random.split(jax.random.PRNGKey(seed), cfg.num_layers + 1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from hf_zoo import CASES, ZOO, case_id
+from hf_zoo import CASES, ZOO, case_id, hf_model
 
 from moejax.convert.families import FAMILIES, family
 from moejax.convert.families.common import common_hf_config
@@ -33,7 +33,7 @@ def test_hf_config_round_trips_through_transformers(case):
 def test_parameter_counts_equal_transformers(case):
     cfg = moejax_config(case)
     with torch.device("meta"):
-        model = T.AutoModelForCausalLM.from_config(ZOO[case[0]][case[1]]())
+        model = hf_model(ZOO[case[0]][case[1]]())
     assert parameter_counts(cfg)["total"] == model.num_parameters()
 
 

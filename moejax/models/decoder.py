@@ -25,6 +25,7 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.models.layers import Attention, GatedMLP, RMSNorm, param_dtype
+from moejax.models.mla import LatentAttention, latent_cache_shapes
 from moejax.models.moe import EXPERT_WEIGHTS, device_routed_experts, route
 
 
@@ -38,12 +39,13 @@ class DecoderLayer(nn.Module):
     def setup(self):
         cfg, dtype = self.cfg, param_dtype(self.cfg)
         self.input_norm = RMSNorm(cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, self.window)
+        self.attn = (LatentAttention if cfg.is_mla else Attention)(cfg, self.window)
         self.post_norm = RMSNorm(cfg.rms_norm_eps, dtype)
         if self.moe:
             self.router = nn.Dense(cfg.num_experts, use_bias=False, param_dtype=dtype)
             if cfg.has_shared_expert:
                 self.shared_expert = GatedMLP(cfg.shared_expert_intermediate_size, cfg.hidden_act, dtype)
+            if cfg.has_shared_expert and cfg.shared_expert_gated:
                 self.shared_expert_gate = nn.Dense(1, use_bias=False, param_dtype=dtype)
         else:
             self.mlp = GatedMLP(cfg.dense_intermediate_size, cfg.hidden_act, dtype)
@@ -69,8 +71,8 @@ class DecoderLayer(nn.Module):
         """Adds the routed output (acc [N, D] f32) and the shared expert to the residual h [B, T, D]."""
         out = routed.astype(h.dtype)
         if self.cfg.has_shared_expert:
-            gate = jax.nn.sigmoid(self.shared_expert_gate(moe_in))
-            out = out + gate * self.shared_expert(moe_in)
+            shared = self.shared_expert(moe_in)
+            out = out + (jax.nn.sigmoid(self.shared_expert_gate(moe_in)) * shared if self.cfg.shared_expert_gated else shared)
         return h + out.reshape(h.shape)
 
     def dense_mlp(self, h):
@@ -127,19 +129,31 @@ class EmbedHead(nn.Module):
         return self.logits(self.embed_tokens(tokens))
 
 
-def kv_cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
-    """Shape of one layer's K (and V) cache: [B, S, KV, head_dim]."""
-    return (batch, length, cfg.num_kv_heads, cfg.head_dim)
+def kv_cache_shapes(cfg: ModelConfig, batch: int, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of one layer's cache pair: K and V [B, S, KV, head_dim] each, or for latent attention
+    (latent [B, S, kv_lora_rank], rotated key [B, S, qk_rope_head_dim]) (`models.mla`)."""
+    if cfg.is_mla:
+        return latent_cache_shapes(cfg, batch, length)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return shape, shape
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
-    """Bytes of all layers' K and V caches for `batch` rows of `length` positions."""
-    return 2 * cfg.num_layers * int(np.prod(kv_cache_shape(cfg, batch, length))) * cfg.dtype_bytes
+    """Bytes of all layers' KV caches for `batch` rows of `length` positions."""
+    return cfg.num_layers * sum(int(np.prod(s)) for s in kv_cache_shapes(cfg, batch, length)) * cfg.dtype_bytes
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> dict[str, int]:
+    """KV cache bytes of one token over all layers as held ('cached') and as full per-head keys and
+    values ('full_heads'); they differ for latent attention."""
+    v_dim = cfg.v_head_dim if cfg.is_mla else cfg.head_dim
+    full = cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + v_dim) * cfg.dtype_bytes
+    return {"cached": kv_cache_bytes(cfg, 1, 1), "full_heads": full}
 
 
 def empty_kv_caches(cfg: ModelConfig, batch: int, length: int):
-    shape = kv_cache_shape(cfg, batch, length)
-    return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers)]
+    k_shape, v_shape = kv_cache_shapes(cfg, batch, length)
+    return [(jnp.zeros(k_shape, cfg.dtype), jnp.zeros(v_shape, cfg.dtype)) for _ in range(cfg.num_layers)]
 
 
 def init_params(cfg: ModelConfig, key, std: float = 0.02):
@@ -232,7 +246,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts and bytes, from the shapes the modules create (no weights built)."""
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
     tokens = jnp.zeros((1, 1), jnp.int32)
-    kv = (jnp.zeros(kv_cache_shape(cfg, 1, 1), cfg.dtype),) * 2
+    kv = empty_kv_caches(cfg, 1, 1)[0]
     positions = jnp.zeros((1, 1), jnp.int32)
     x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
     key = jax.random.PRNGKey(0)
