@@ -54,6 +54,13 @@ def test_every_family_has_zoo_configs():
         ("qwen3_moe", {"num_experts": 0}, "not a MoE model"),
         ("olmoe", {"head_dim": 16}, "head_dim \\* num_attention_heads == hidden_size"),
         ("olmoe", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "rope type 'dynamic'"),
+        ("deepseek_v2", {"topk_method": "group_limited_greedy"}, "deepseek_v2 topk_method='group_limited_greedy'"),
+        ("deepseek_v2", {"routed_scaling_factor": 16.0}, "deepseek_v2 routed_scaling_factor=16.0"),
+        ("deepseek_v2", {"scoring_func": "sigmoid"}, "deepseek_v2 scoring_func='sigmoid'"),
+        ("deepseek_v2", {"attention_bias": True}, "attention_bias=true"),
+        ("deepseek_v2", {"moe_layer_freq": 0}, "moe_layer_freq must be an integer >= 1"),
+        ("deepseek_v2", {"first_k_dense_replace": 2}, "deepseek_v2 has no MoE layer"),
+        ("deepseek_v2", {"qk_rope_head_dim": 5}, "qk_rope_head_dim must be even"),
     ],
 )
 def test_unsupported_config_fields_are_named(model_type, fields, message):

@@ -47,6 +47,9 @@ def _describe_decoder(cfg: ModelConfig) -> list[str]:
         f"(kv {cfg.num_kv_heads}, dim {cfg.head_dim}), vocab {cfg.vocab_size}",
         f"experts {cfg.num_experts} per MoE layer, top-{cfg.top_k}, expert FFN {cfg.expert_intermediate_size}"
         + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""),
+        *([f"latent attention: q latent {cfg.q_lora_rank or 'none'}, kv latent {cfg.kv_lora_rank} + rope key "
+           f"{cfg.qk_rope_head_dim}, head dims qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, v {cfg.v_head_dim}"]
+          if cfg.is_mla else []),
     ]
 
 

@@ -1,0 +1,68 @@
+"""DeepSeek-V2 (multi-head latent attention) beyond the zoo's parity with transformers (test_decoder_reference):
+the engine's KV cache holds the compressed latent, offloading changes no bit, and `moejax info` and the
+statistics report the cache's bytes per token against full per-head keys and values."""
+
+import json
+
+import numpy as np
+import pytest
+from hf_zoo import build, random_prompts
+
+import moejax
+from moejax.cli import main as cli
+
+LATENT_CASE = ("deepseek_v2", "q_lora_yarn_layer_freq")  # 4 layers, 1 MoE
+OFFLOAD_CASE = ("deepseek_v2", "lite_dense_first")  # 3 layers, 2 MoE layers of 5 experts
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("deepseek")
+
+
+def bytes_per_token(hf) -> tuple[int, int]:
+    """(latent cache, full keys and values) bytes of one token over all layers, float32, from the HF config."""
+    latent = hf.num_hidden_layers * (hf.kv_lora_rank + hf.qk_rope_head_dim) * 4
+    full = hf.num_hidden_layers * hf.num_attention_heads * (hf.qk_nope_head_dim + hf.qk_rope_head_dim + hf.v_head_dim) * 4
+    return latent, full
+
+
+def test_kv_cache_holds_the_compressed_latent_and_stats_say_so(root):
+    model, _, ckpt = build(LATENT_CASE, root)
+    hf = model.config
+    engine = moejax.load(ckpt, slots=2, max_seq_len=32)
+    assert sum(latent.shape[0] for latent, _ in engine.kv) == hf.num_hidden_layers
+    for latent, rope_key in engine.kv:
+        assert latent.shape[1:] == (3, 32, hf.kv_lora_rank) and rope_key.shape[1:] == (3, 32, hf.qk_rope_head_dim)
+    latent, full = bytes_per_token(hf)
+    stats = engine.generate([[5, 6, 7]], max_new_tokens=2).stats
+    assert stats["kv_cache"] == {"bytes": 3 * 32 * latent, "latent": True, "bytes_per_token": latent,
+                                 "full_heads_bytes_per_token": full}
+
+
+def test_info_reports_latent_cache_bytes_per_token(root, capsys):
+    model, _, ckpt = build(LATENT_CASE, root)
+    latent, full = bytes_per_token(model.config)
+    capsys.readouterr()
+    assert cli(["info", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "latent attention: q latent 20, kv latent 12 + rope key 8, head dims qk 6+8, v 10" in out
+    assert f"KV cache per token: {latent:,} B (compressed latent; full heads {full:,} B, {full / latent:.1f}x)" in out
+    assert cli(["info", str(ckpt), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == {"cached": latent, "full_heads": full}
+
+
+def test_offloading_equals_resident_bit_for_bit(root):
+    _, _, ckpt = build(OFFLOAD_CASE, root)
+    resident = moejax.load(ckpt, slots=2)
+    prompts = random_prompts(resident.cfg.vocab_size, [9, 3, 5], seed=4)
+    tokens, logits = resident.generate(prompts, max_new_tokens=6).tokens, resident.logits(prompts)
+    one_layer = f"{resident.cfg.num_experts * resident.cfg.expert_bytes}B"
+    for mode, options in (("on-demand", {}), ("cached", {"expert_budget": one_layer})):
+        engine = moejax.load(ckpt, mode, slots=2, **options)
+        result = engine.generate(prompts, max_new_tokens=6)
+        assert result.tokens == tokens, mode
+        if mode == "cached":
+            assert result.stats["capacity_experts"] == resident.cfg.num_experts and result.stats["total"]["evictions"] > 0
+        for ours, ref in zip(engine.logits(prompts), logits, strict=True):
+            np.testing.assert_array_equal(ours, ref, err_msg=mode)
