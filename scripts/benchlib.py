@@ -64,9 +64,11 @@ def model_config(card: str, num_layers: int | None, tiny: bool):
 
 def tiny_widths(cfg):
     """The same card with every width shrunk (the scripts' `--dims tiny`: a CPU smoke run)."""
+    latent = dict(kv_lora_rank=16, q_lora_rank=16 if cfg.q_lora_rank else 0, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=16) if cfg.is_mla else {}
     return cfg.replace(vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, expert_intermediate_size=32,
                        dense_intermediate_size=64 if cfg.dense_intermediate_size else 0,
-                       shared_expert_intermediate_size=64 if cfg.shared_expert_intermediate_size else 0)
+                       shared_expert_intermediate_size=64 if cfg.shared_expert_intermediate_size else 0, **latent)
 
 
 # -- random weights, made on the device -------------------------------------------------------------------
