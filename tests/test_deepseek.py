@@ -66,3 +66,15 @@ def test_offloading_equals_resident_bit_for_bit(root):
             assert result.stats["capacity_experts"] == resident.cfg.num_experts and result.stats["total"]["evictions"] > 0
         for ours, ref in zip(engine.logits(prompts), logits, strict=True):
             np.testing.assert_array_equal(ours, ref, err_msg=mode)
+
+
+def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(root):
+    import torch
+    import transformers as T
+    from hf_zoo import hf_logits
+
+    model, _, ckpt = build(OFFLOAD_CASE, root)
+    assert cli(["export", str(ckpt), str(root / "exported"), "--quiet"]) == 0
+    exported = T.AutoModelForCausalLM.from_pretrained(root / "exported", attn_implementation="eager", dtype=torch.float32)
+    ids = random_prompts(model.config.vocab_size, [7])[0]
+    np.testing.assert_array_equal(hf_logits(exported.eval(), ids), hf_logits(model, ids))

@@ -22,9 +22,17 @@ def exported(cfg) -> dict:
     return {**common_hf_config(cfg), **family(cfg.family).hf_config(cfg)}
 
 
+# transformers' DeepseekV2 ignores moe_layer_freq: export refuses what it would load wrongly.
+NOT_EXPORTABLE = {("deepseek_v2", "q_lora_yarn_layer_freq"): "transformers ignores moe_layer_freq"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_hf_config_round_trips_through_transformers(case):
     cfg = moejax_config(case)
+    if case in NOT_EXPORTABLE:
+        with pytest.raises(MoejaxError, match=NOT_EXPORTABLE[case]):
+            exported(cfg)
+        return
     hf = T.AutoConfig.for_model(**exported(cfg)).to_dict()
     assert family(hf["model_type"]).config_from_hf(hf) == cfg
 

@@ -146,12 +146,13 @@ def tensor_map(cfg: ModelConfig) -> dict[str, Target]:
 
 
 def moe_layer_fields(cfg: ModelConfig) -> dict[str, int]:
-    """first_k_dense_replace and moe_layer_freq that give cfg.moe_layers (export)."""
+    """first_k_dense_replace giving cfg.moe_layers (export). transformers' DeepseekV2 ignores moe_layer_freq, so a
+    model with dense layers after its first MoE layer is refused rather than exported to load wrongly."""
     first = cfg.moe_layers.index(True)
-    for freq in range(1, cfg.num_layers + 1):
-        if cfg.moe_layers == tuple(i >= first and i % freq == 0 for i in range(cfg.num_layers)):
-            return {"first_k_dense_replace": first, "moe_layer_freq": freq}
-    raise MoejaxError(f"a {cfg.family} config.json cannot express MoE layers {list(cfg.moe_layers)}")
+    if not all(cfg.moe_layers[first:]):
+        raise MoejaxError(f"a {cfg.family} config.json for transformers cannot express MoE layers "
+                          f"{[i for i, moe in enumerate(cfg.moe_layers) if moe]} (transformers ignores moe_layer_freq)")
+    return {"first_k_dense_replace": first}
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
