@@ -78,3 +78,48 @@ def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(root):
     exported = T.AutoModelForCausalLM.from_pretrained(root / "exported", attn_implementation="eager", dtype=torch.float32)
     ids = random_prompts(model.config.vocab_size, [7])[0]
     np.testing.assert_array_equal(hf_logits(exported.eval(), ids), hf_logits(model, ids))
+
+
+def tiny_v3_config():
+    import transformers as T
+
+    return T.DeepseekV3Config(vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                              num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=40, n_routed_experts=8,
+                              num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16, n_shared_experts=1,
+                              q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+
+
+def test_deepseek_v3_router_is_refused_by_its_field():
+    from moejax.convert.families import family
+    from moejax.errors import MoejaxError
+
+    with pytest.raises(MoejaxError, match="deepseek_v3 scoring_func='sigmoid' is not supported yet"):
+        family("deepseek_v3").config_from_hf(tiny_v3_config().to_dict())
+    with pytest.raises(MoejaxError, match="deepseek_v3 routed_scaling_factor=2.5"):
+        family("deepseek_v3").config_from_hf({**tiny_v3_config().to_dict(), "scoring_func": "softmax",
+                                              "topk_method": "greedy"})
+
+
+def test_deepseek_v3_tensors_are_mapped_and_multi_token_prediction_skipped(tmp_path, caplog):
+    """Every tensor of a transformers DeepseekV3 checkpoint has its target but the router's selection bias (its
+    router is not supported yet), and tensors of a multi-token-prediction layer after the last are skipped."""
+    import torch
+    import transformers as T
+    from safetensors.torch import load_file, save_file
+
+    from moejax.config import ModelConfig
+    from moejax.convert.converter import index_tensors, validate
+    from moejax.convert.families import deepseek_v2, deepseek_v3
+
+    config = tiny_v3_config()
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    mtp = {"model.layers.3.eh_proj.weight": torch.zeros(32, 64), "model.layers.3.self_attn.kv_b_proj.weight": torch.zeros(4, 4)}
+    save_file({**load_file(tmp_path / "model.safetensors"), **mtp}, tmp_path / "model.safetensors")
+    cfg = ModelConfig(**deepseek_v2.deepseek_fields(config.to_dict(), "deepseek_v3"))
+    tensors = index_tensors(tmp_path)
+    with caplog.at_level("WARNING"):
+        cfg, targets, ignored = deepseek_v3.resolve_tensors(cfg, tensors)
+    assert ignored == set(mtp) and "skipping 2 multi-token-prediction tensors of layer(s) 3" in caplog.text
+    router_bias = {name for name in tensors if name.endswith("e_score_correction_bias")}
+    assert len(router_bias) == 2
+    validate(targets, tensors, cfg, ignored | router_bias)

@@ -45,10 +45,14 @@ def test_parameter_counts_equal_transformers(case):
     assert parameter_counts(cfg)["total"] == model.num_parameters()
 
 
+# Families whose converter refuses every config until their router is supported (tested in test_deepseek.py).
+ROUTER_PENDING = {"deepseek_v3"}
+
+
 def test_every_family_has_zoo_configs():
     from hf_zoo_encdec import ZOO as ENCDEC_ZOO
 
-    assert set(ZOO) | set(ENCDEC_ZOO) == set(FAMILIES)
+    assert set(ZOO) | set(ENCDEC_ZOO) | ROUTER_PENDING == set(FAMILIES)
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from moejax.convert.families import deepseek_v2, mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers
+from moejax.convert.families import deepseek_v2, deepseek_v3, mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers
 from moejax.errors import MoejaxError
 
 FAMILIES: dict[str, ModuleType] = {
-    module.MODEL_TYPE: module for module in (deepseek_v2, mixtral, qwen2_moe, qwen3_moe, olmoe, switch_transformers, nllb_moe)
+    module.MODEL_TYPE: module for module in (deepseek_v2, deepseek_v3, mixtral, qwen2_moe, qwen3_moe, olmoe, switch_transformers, nllb_moe)
 }
 
 
