@@ -123,3 +123,30 @@ def test_deepseek_v3_tensors_are_mapped_and_multi_token_prediction_skipped(tmp_p
     router_bias = {name for name in tensors if name.endswith("e_score_correction_bias")}
     assert len(router_bias) == 2
     validate(targets, tensors, cfg, ignored | router_bias)
+
+
+@pytest.mark.parametrize("case", [LATENT_CASE, OFFLOAD_CASE], ids=lambda case: case[1])
+def test_absorbed_attention_equals_expanded(root, case):
+    """The decode form (kv_b_proj folded into query and output) against the expanded latents, on a converted
+    layer's weights, a cache of 9 earlier positions and one new token per row: the same output and cache."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax import checkpoint
+    from moejax.models.decoder import empty_kv_caches
+    from moejax.models.mla import LatentAttention
+
+    _, _, ckpt = build(case, root)
+    cfg = checkpoint.load_config(ckpt)
+    params = {"params": checkpoint.load_layer(ckpt, 0)["attn"]}
+    rng = np.random.default_rng(0)
+    history = jnp.asarray(rng.normal(size=(2, 9, cfg.hidden_size)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
+    expanded, absorbed = LatentAttention(cfg, None, absorb=False), LatentAttention(cfg, None, absorb=True)
+    _, cache = expanded.apply(params, history, empty_kv_caches(cfg, 2, 12)[0], positions)
+    x = jnp.asarray(rng.normal(size=(2, 1, cfg.hidden_size)), jnp.float32)
+    step = jnp.array([[9], [10]], jnp.int32)
+    (out_e, cache_e), (out_a, cache_a) = (jax.jit(m.apply)(params, x, cache, step) for m in (expanded, absorbed))
+    np.testing.assert_allclose(np.asarray(out_a), np.asarray(out_e), rtol=1e-5, atol=1e-5 * float(jnp.abs(out_e).max()))
+    for a, e in zip(cache_a, cache_e, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

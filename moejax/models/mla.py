@@ -3,8 +3,11 @@
 Per token the cache holds the normed KV latent c [kv_lora_rank] and the rotated key part k_rope
 [qk_rope_head_dim] that all heads share: (kv_lora_rank + qk_rope_head_dim) elements per layer, against
 num_heads * (qk_head_dim + v_head_dim) for full keys and values. Each call expands the latents it attends
-over into per-head keys and values through kv_b_proj (the plain form; absorbing kv_b_proj into the query and
-output projections would avoid the expansion).
+over into per-head keys and values through kv_b_proj (`expanded`), or, for calls of one query token per row
+(decode), folds kv_b_proj into the query and the output instead (`absorbed`): per head h the scores
+q_nope_h . (c Wk_h) are (Wk_h q_nope_h) . c and the output sum_s p_s (c_s Wv_h) is (sum_s p_s c_s) Wv_h, so
+attention runs over the latents themselves and nothing of size S x heads is made. The two differ by float
+rounding only (tests/test_deepseek.py holds them together).
 
 For head h: k_h = [c @ Wk_h, k_rope], v_h = c @ Wv_h, q_h = [q_nope_h, rope(q_rope_h)], scores scaled by
 qk_head_dim^-0.5 times YaRN's mscale(factor, mscale_all_dim)^2 when the rope is scaled.
@@ -43,10 +46,15 @@ def latent_cache_shapes(cfg: ModelConfig, batch: int, length: int) -> tuple[tupl
 
 
 class LatentAttention(nn.Module):
-    """MLA with the call signature of `layers.Attention`; the cache pair is (latent, rotated key)."""
+    """MLA with the call signature of `layers.Attention`; the cache pair is (latent, rotated key).
+
+    absorb: fold kv_b_proj into the query and output (True), expand the latents (False), or absorb exactly when
+    each row has one query token (None).
+    """
 
     cfg: ModelConfig
     window: int | None
+    absorb: bool | None = None
 
     @nn.compact
     def __call__(self, x, kv_cache, positions, slot_ids=None, attend_len: int | None = None, layer_index=None):
@@ -86,13 +94,35 @@ class LatentAttention(nn.Module):
             seen = (slot_ids, slice(None, attend_len)) if layer_index is None else (layer_index, slot_ids, slice(None, attend_len))
             latent_seen, rope_seen = latent_cache[seen], rope_cache[seen]
 
-        kv = proj(heads * (nope + v_dim), "kv_b_proj")(latent_seen).reshape(batch, -1, heads, nope + v_dim)
-        k_nope, v = kv[..., :nope], kv[..., nope:]
-        scores = jnp.einsum("bthd,bshd->bhts", q[..., :nope], k_nope, preferred_element_type=jnp.float32)
+        kv_b = Kernel((cfg.kv_lora_rank, heads * (nope + v_dim)), dtype, name="kv_b_proj")().reshape(
+            cfg.kv_lora_rank, heads, nope + v_dim)
+        w_k, w_v = kv_b[..., :nope], kv_b[..., nope:]
+        absorb = length == 1 if self.absorb is None else self.absorb
+        if absorb:
+            q_latent = jnp.einsum("bthd,rhd->bthr", q[..., :nope], w_k)
+            scores = jnp.einsum("bthr,bsr->bhts", q_latent, latent_seen, preferred_element_type=jnp.float32)
+        else:
+            k_nope = jnp.einsum("bsr,rhd->bshd", latent_seen, w_k)
+            scores = jnp.einsum("bthd,bshd->bhts", q[..., :nope], k_nope, preferred_element_type=jnp.float32)
         scores += jnp.einsum("bthd,bsd->bhts", q_rope, rope_seen, preferred_element_type=jnp.float32)
         scores = scores * softmax_scale(cfg)
         mask = attention_mask(positions, latent_seen.shape[1], self.window)[:, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(batch, length, heads * v_dim)
+        if absorb:
+            out = jnp.einsum("bthr,rhd->bthd", jnp.einsum("bhts,bsr->bthr", probs, latent_seen), w_v)
+        else:
+            out = jnp.einsum("bhts,bshd->bthd", probs, jnp.einsum("bsr,rhd->bshd", latent_seen, w_v))
+        out = out.reshape(batch, length, heads * v_dim)
         return proj(x.shape[-1], "o_proj")(out), (latent_cache, rope_cache)
+
+
+class Kernel(nn.Module):
+    """A bare [in, out] weight stored as a Dense layer's ('kernel'), for use in pieces."""
+
+    shape: tuple[int, int]
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.lecun_normal(), self.shape, self.dtype)
