@@ -86,6 +86,8 @@ def test_export_refuses_what_the_family_cannot_express():
     cfg = moejax_config(("qwen3_moe", "basic_head_dim"))
     with pytest.raises(MoejaxError, match="cannot express o_bias=True"):
         family("qwen3_moe").hf_config(cfg.replace(o_bias=True))
+    with pytest.raises(MoejaxError, match="cannot express shared_expert_gated=False"):
+        family("qwen2_moe").hf_config(moejax_config(("qwen2_moe", "basic")).replace(shared_expert_gated=False))
     with pytest.raises(MoejaxError, match="several"):
         family("qwen2_moe").hf_config(moejax_config(("qwen2_moe", "basic")).replace(sliding_windows=(3, 4)))
 
