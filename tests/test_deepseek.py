@@ -150,3 +150,26 @@ def test_absorbed_attention_equals_expanded(root, case):
     np.testing.assert_allclose(np.asarray(out_a), np.asarray(out_e), rtol=1e-5, atol=1e-5 * float(jnp.abs(out_e).max()))
     for a, e in zip(cache_a, cache_e, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+# DeepSeek-V2-Lite's config.json as published (deepseek-ai/DeepSeek-V2-Lite), written out here.
+PUBLISHED_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "aux_loss_alpha": 0.001,
+    "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+    "model_type": "deepseek_v2", "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+    "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+    "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_theta": 10000, "routed_scaling_factor": 1.0,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "scoring_func": "softmax", "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy",
+    "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+
+
+def test_published_v2_lite_config_converts_to_its_card():
+    from moejax.cards import load_card
+    from moejax.convert.families import family
+
+    assert family("deepseek_v2").config_from_hf(PUBLISHED_V2_LITE).replace(dtype="bfloat16") == load_card("deepseek-v2-lite")
