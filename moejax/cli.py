@@ -290,19 +290,24 @@ def cmd_export(args) -> int:
 
 def cmd_info(args) -> int:
     from moejax import checkpoint
+    from moejax.models.decoder import kv_bytes_per_token
     from moejax.models.registry import kind_of
 
     cfg = checkpoint.load_config(args.checkpoint)
     kind = kind_of(cfg)
     counts = kind.parameter_counts(cfg)
+    kv = None if kind.encoder_decoder else kv_bytes_per_token(cfg)
     if args.json:
-        print(json.dumps({"config": cfg.to_json(), "parameters": counts}))
+        print(json.dumps({"config": cfg.to_json(), "parameters": counts, **({"kv_cache_bytes_per_token": kv} if kv else {})}))
         return 0
     print(f"{args.checkpoint}: {cfg.family}" + (" (encoder-decoder)" if kind.encoder_decoder else "") + f", {cfg.dtype}")
     for line in kind.describe(cfg):
         print(f"  {line}")
     print(f"  parameters: total {counts['total']:,}, dense {counts['dense']:,}, experts {counts['experts']:,}, active/token {counts['active_per_token']:,}")
     print(f"  bytes: dense {_gib(counts['dense_bytes'])}, one expert {_mib(counts['one_expert_bytes'])}, all experts {_gib(counts['all_experts_bytes'])}")
+    if kv:
+        print(f"  KV cache per token: {kv['cached']:,} B" + (f" (compressed latent; full heads {kv['full_heads']:,} B, "
+                                                             f"{kv['full_heads'] / kv['cached']:.1f}x)" if cfg.is_mla else ""))
     return 0
 
 

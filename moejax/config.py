@@ -88,6 +88,13 @@ class ModelConfig:
     router_correction_bias: bool = False  # each MoE router has e_score_correction_bias [E] (selection only)
     shared_expert_gate: bool = True  # the shared expert's output goes through a sigmoid gate (Qwen2-MoE)
     partial_rotary_factor: float = 1.0  # rope rotates the first head_dim x factor dims of each head
+    # Multi-head latent attention (DeepSeek-V2/V3) when kv_lora_rank > 0: see models/mla.py. head_dim is then
+    # qk_nope_head_dim + qk_rope_head_dim (the query/key head) and num_kv_heads equals num_heads.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: a plain query projection
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self):
         if len(self.moe_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
@@ -109,6 +116,13 @@ class ModelConfig:
         if not (0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0):
             raise MoejaxError(f"config: partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and leave "
                               f"an even number of rotated dims of head_dim {self.head_dim}")
+        if self.is_mla and (self.head_dim != self.qk_nope_head_dim + self.qk_rope_head_dim or self.qk_rope_head_dim % 2
+                            or self.v_head_dim < 1):
+            raise MoejaxError(
+                f"config: latent attention needs head_dim == qk_nope_head_dim + qk_rope_head_dim, an even "
+                f"qk_rope_head_dim and v_head_dim >= 1 (got {self.head_dim}, {self.qk_nope_head_dim}, "
+                f"{self.qk_rope_head_dim}, {self.v_head_dim})"
+            )
 
     def _check_router(self):
         if self.scoring_func not in SCORING_FUNCS:
@@ -149,6 +163,12 @@ class ModelConfig:
     def router_options(self) -> dict[str, Any]:
         """The keyword arguments of `models.moe.route` this config sets (all but the correction bias)."""
         return {name: getattr(self, name) for name in ROUTER_FIELDS}
+
+
+    @property
+    def is_mla(self) -> bool:
+        """Multi-head latent attention: the KV cache holds a compressed latent, not per-head keys and values."""
+        return self.kv_lora_rank > 0
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

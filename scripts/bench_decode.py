@@ -39,7 +39,7 @@ from scripts.benchlib import (
     print_table, random_dense_params, random_expert_stacks, run_peer, start_backend, time_generate, write_json,
 )
 
-DEFAULT_MODELS = "mixtral-8x7b:8,deepseek-v2-lite-shape,qwen3-30b-a3b"
+DEFAULT_MODELS = "mixtral-8x7b:8,deepseek-v2-lite,qwen3-30b-a3b"
 
 
 def parse_models(text: str) -> list[tuple[str, int | None]]:

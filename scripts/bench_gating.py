@@ -45,7 +45,7 @@ from moejax.models.moe import CAPACITY_FACTOR, GROUPED_BLOCK_ROWS, grouped_block
 from moejax.offload.device_cache import distinct_experts
 from scripts.benchlib import GB, environment, median, print_table, start_backend, write_json
 
-DEFAULT_MODELS = "switch-base-128,nllb-moe-54b,mixtral-8x7b,deepseek-v2-lite-shape"
+DEFAULT_MODELS = "switch-base-128,nllb-moe-54b,mixtral-8x7b,deepseek-v2-lite"
 COMPUTES = ("union", "grouped", "ragged", "capacity")
 DEFAULT_ROWS = "1,8,64,256,1024"
 TINY_ROWS = "1,8"

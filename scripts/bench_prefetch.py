@@ -265,7 +265,7 @@ def time_to_first_token(engine, replay: RoutingReplay, trace: RoutingTrace, sequ
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--card", default="deepseek-v2-lite-shape")
+    parser.add_argument("--card", default="deepseek-v2-lite")
     parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
     parser.add_argument("--traces", required=True, help="DeepSeek-V2-Lite routing (experts [26, T, 6], seq_lens)")
     parser.add_argument("--fit-fraction", type=float, default=0.5, help="the first part of the sequences fits the collection")

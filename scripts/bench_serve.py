@@ -2,7 +2,7 @@
 attainment under a Poisson load. `--parts throughput,gating,slo` (default all, in that order); one JSON
 (--out, written after every row) and the parts' tables, printed last.
 
-throughput  The DeepSeek-V2-Lite shape (random weights) at an expert budget of --budget, experts in pinned
+throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of --budget, experts in pinned
             host memory, DeepSeek-V2-Lite's recorded routing replayed (`bench_prefetch.RoutingReplay`
             through `Engine.routing_override`: each slot replays a recorded sequence of its own). Per batch of
             --batches: the engine's step API directly (no serving loop: what the batch does to a step),
@@ -371,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds: what would not fit is skipped")
     p.add_argument("--out", type=Path, default=Path("bench_serve.json"))
     g = p.add_argument_group("throughput")
-    g.add_argument("--card", default="deepseek-v2-lite-shape")
+    g.add_argument("--card", default="deepseek-v2-lite")
     g.add_argument("--traces", help="the card's recorded routing (experts [L, T, k], seq_lens), e.g. "
                                     ".data/traces/deepseek_v2_lite_prefill.npz")
     g.add_argument("--batches", type=int_list, default=[1, 4, 16, 64])

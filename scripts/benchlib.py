@@ -26,7 +26,7 @@ from moejax.cards import load_card
 from moejax.engine.compilation import use_compilation_cache
 from moejax.engine.loading import build_engine, prepare_backend
 from moejax.models.decoder import (
-    EmbedHead, decoder_layer, kv_cache_bytes, kv_cache_shape, normal_init, parameter_counts, random_experts,
+    EmbedHead, decoder_layer, empty_kv_caches, kv_cache_bytes, normal_init, parameter_counts, random_experts,
 )
 from moejax.models.layers import param_dtype
 from moejax.offload.config import OffloadConfig
@@ -64,9 +64,11 @@ def model_config(card: str, num_layers: int | None, tiny: bool):
 
 def tiny_widths(cfg):
     """The same card with every width shrunk (the scripts' `--dims tiny`: a CPU smoke run)."""
+    latent = dict(kv_lora_rank=16, q_lora_rank=16 if cfg.q_lora_rank else 0, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=16) if cfg.is_mla else {}
     return cfg.replace(vocab_size=512, hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, expert_intermediate_size=32,
                        dense_intermediate_size=64 if cfg.dense_intermediate_size else 0,
-                       shared_expert_intermediate_size=64 if cfg.shared_expert_intermediate_size else 0)
+                       shared_expert_intermediate_size=64 if cfg.shared_expert_intermediate_size else 0, **latent)
 
 
 # -- random weights, made on the device -------------------------------------------------------------------
@@ -75,7 +77,7 @@ def random_dense_params(cfg, seed: int = 0, std: float = 0.02):
     norm weights one, biases zero (`models.decoder.normal_init`)."""
     dtype = param_dtype(cfg)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    kv = (jnp.zeros(kv_cache_shape(cfg, 1, 1), dtype),) * 2
+    kv = empty_kv_caches(cfg, 1, 1)[0]
     x = jnp.zeros((1, 1, cfg.hidden_size), dtype)
     positions = jnp.zeros((1, 1), jnp.int32)
     keys = jax.random.split(jax.random.PRNGKey(seed), cfg.num_layers + 1)

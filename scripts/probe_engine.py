@@ -4,7 +4,7 @@ Builds the model of a card (random bf16 weights made on the device, layer by lay
 configuration and generates greedily from a random prompt; prints one JSON line per configuration. For
 checking a change on the GPU before the full benchmarks (scripts/gpu_session.sh).
 
-  PYTHONPATH=. python scripts/probe_engine.py --card deepseek-v2-lite-shape --configs resident,cached:0.25
+  PYTHONPATH=. python scripts/probe_engine.py --card deepseek-v2-lite --configs resident,cached:0.25
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from moejax.engine.loading import prepare_backend
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--card", default="deepseek-v2-lite-shape")
+    parser.add_argument("--card", default="deepseek-v2-lite")
     parser.add_argument("--layers", type=int, help="fewer layers of the card's pattern")
     parser.add_argument("--configs", default="resident,cached:0.25", help="mode[:budget[:policy[:prefetch]]],...")
     parser.add_argument("--prompt-len", type=int, default=128)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers as T
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2MLP
 
 from moejax.cli import main as moejax_cli
 
@@ -106,9 +107,40 @@ ZOO = {
                                                     rope_parameters={"rope_type": "default", "rope_theta": 500.0,
                                                                      "partial_rotary_factor": 0.25}),
     },
+    # Multi-head latent attention (transformers needs num_key_value_heads == num_attention_heads for it).
+    "deepseek_v2": {
+        "lite_dense_first": lambda: T.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=3,
+                                                        first_k_dense_replace=1, intermediate_size=40, n_routed_experts=5,
+                                                        num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                                                        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                                                        qk_rope_head_dim=4, v_head_dim=6, rms_norm_eps=1e-5),
+        # Layers 0 (first_k_dense_replace), 1 and 3 (moe_layer_freq) dense; see `hf_model`.
+        "q_lora_yarn_layer_freq": lambda: T.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=4,
+                                                             first_k_dense_replace=1, moe_layer_freq=2, intermediate_size=24,
+                                                             n_routed_experts=4, num_experts_per_tok=3,
+                                                             moe_intermediate_size=16, n_shared_experts=1, q_lora_rank=20,
+                                                             kv_lora_rank=12, qk_nope_head_dim=6, qk_rope_head_dim=8,
+                                                             v_head_dim=10, max_position_embeddings=256,
+                                                             rope_parameters={"rope_type": "yarn", "rope_theta": 100.0,
+                                                                              "factor": 4.0, "mscale": 0.9,
+                                                                              "original_max_position_embeddings": 64,
+                                                                              "mscale_all_dim": 0.6}),
+    },
 }
 
 CASES = [(family, name) for family, configs in ZOO.items() for name in configs]
+
+
+def hf_model(config):
+    """The transformers model of a zoo config (random weights). transformers' DeepseekV2 ignores `moe_layer_freq`,
+    which DeepSeek's reference code applies (layer i has experts iff i >= first_k_dense_replace and
+    i % moe_layer_freq == 0): those layers get a dense MLP here, as the reference code builds them."""
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    freq = getattr(config, "moe_layer_freq", 1)
+    for i, layer in enumerate(model.model.layers if freq > 1 else ()):
+        if i >= config.first_k_dense_replace and i % freq:
+            layer.mlp = DeepseekV2MLP(config)
+    return model
 
 
 def case_id(case) -> str:
@@ -119,7 +151,7 @@ def case_id(case) -> str:
 def _build(family: str, name: str, root: str):
     torch.manual_seed(1234)
     config = ZOO[family][name]()
-    model = T.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = hf_model(config).eval()
     randomize_biases_and_norms(model)
     hf_dir = Path(root) / f"{family}-{name}-hf"
     model.save_pretrained(hf_dir)

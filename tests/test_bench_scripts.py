@@ -49,7 +49,7 @@ def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
     """The engine records exactly the replayed routing, and the lab's LRU over `engine_steps` (prompt chunks
     of 5 tokens included: up to 30 of the 32 experts a 25% budget of 2 x 64 holds) misses exactly as often as
     the engine."""
-    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    cfg = model_config("deepseek-v2-lite", None, tiny=True)
     trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[20, 25, 30], seed=1)
     engine = build_random_engine(cfg, "cached", random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0]),
                                  max_seq_len=64, prefill_chunk=5, expert_budget="0.25")
@@ -94,7 +94,7 @@ def test_belady_priorities_miss_as_belady(capacity):
 def test_active_bytes_are_the_weights_a_token_reads():
     """Every non-expert weight but the embedding table, top_k experts per MoE layer and the KV cache, counted
     from the arrays themselves (a dense first layer, a shared expert)."""
-    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    cfg = model_config("deepseek-v2-lite", None, tiny=True)
     globals_, layers = random_dense_params(cfg)
     weights = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves((globals_, layers)))
     embedding = globals_["embed"]["embedding"].nbytes
@@ -116,7 +116,7 @@ def test_offload_floor_is_the_slower_of_link_and_compute():
 def test_bench_serve_smoke(tmp_path):
     """scripts/bench_serve.py --dims tiny, throughput and slo parts, on a random routing trace and a task mix of
     two tasks: every row is there, batch 1's ratio is 1, each load ran both schedulers on the same requests."""
-    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    cfg = model_config("deepseek-v2-lite", None, tiny=True)
     random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[12] * 8, seed=2).save(tmp_path / "routing.npz")
     (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(line) + "\n" for line in [
         {"task": "short", "prompt": "What is two and two?", "reference": "four"},

@@ -27,6 +27,7 @@ from moejax.engine.compilation import compile_seconds, run_clock
 from moejax.engine.results import GenerationConfig, GenerationResult, Timing, generation_config, record_token
 from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
 from moejax.errors import MoejaxError, ParameterError, plural
+from moejax.models.decoder import kv_cache_shapes
 from moejax.offload import device_cache as dc
 from moejax.offload.host_cache import TieredHost
 from moejax.offload.manager import OffloadManager, StepInputs
@@ -642,12 +643,13 @@ def _set_sampled(state: SlotState, slot, count) -> SlotState:
 
 
 def _new_kv(cfg: ModelConfig, rows: int, length: int, device):
-    """Per layer segment (k, v) [its layers, rows, length, KV heads, head_dim], each its own buffer (they are
-    donated)."""
-    def zeros(count):
-        return jnp.zeros((count, rows, length, cfg.num_kv_heads, cfg.head_dim), cfg.dtype, device=device)
+    """Per layer segment (k, v) [its layers, rows, length, KV heads, head_dim] (latent attention: its
+    `models.decoder.kv_cache_shapes` pair with a leading layers axis), each its own buffer (they are donated)."""
+    def zeros(count, shape):
+        return jnp.zeros((count, *shape), cfg.dtype, device=device)
 
-    return [(zeros(segment.count), zeros(segment.count)) for segment in programs.layer_segments(cfg)]
+    shapes = kv_cache_shapes(cfg, rows, length)
+    return [tuple(zeros(segment.count, shape) for shape in shapes) for segment in programs.layer_segments(cfg)]
 
 
 def _concat(parts: list[np.ndarray], top_k: int) -> np.ndarray:

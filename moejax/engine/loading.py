@@ -19,7 +19,7 @@ from moejax.engine.engine import Engine
 from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, plural
-from moejax.models.decoder import kv_cache_bytes
+from moejax.models.decoder import kv_bytes_per_token, kv_cache_bytes
 from moejax.models.encdec import expert_shapes as encdec_expert_shapes
 from moejax.models.moe import EXPERT_COMPUTES
 from moejax.models.registry import kind_of
@@ -158,7 +158,14 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
-                  expert_bytes=cfg.expert_bytes, stats_info=experts.info)
+                  expert_bytes=cfg.expert_bytes, stats_info={**experts.info, "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
+
+
+def _kv_cache_info(cfg: ModelConfig, slots: int, max_seq_len: int) -> dict:
+    """The KV cache the engine holds (slots + 1 rows of max_seq_len positions), for the statistics."""
+    per_token = kv_bytes_per_token(cfg)
+    return {"bytes": kv_cache_bytes(cfg, slots + 1, max_seq_len), "latent": cfg.is_mla,
+            "bytes_per_token": per_token["cached"], "full_heads_bytes_per_token": per_token["full_heads"]}
 
 
 def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],

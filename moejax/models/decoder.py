@@ -27,6 +27,7 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.models.layers import Attention, GatedMLP, RMSNorm, Router, param_dtype
+from moejax.models.mla import LatentAttention, latent_cache_shapes
 from moejax.models.moe import ClampedSwiGLU, device_routed_experts, route
 
 
@@ -40,7 +41,7 @@ class DecoderLayer(nn.Module):
     def setup(self):
         cfg, dtype = self.cfg, param_dtype(self.cfg)
         self.input_norm = RMSNorm(cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, self.window)
+        self.attn = (LatentAttention if cfg.is_mla else Attention)(cfg, self.window)
         self.post_norm = RMSNorm(cfg.rms_norm_eps, dtype)
         if self.moe:
             self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.router_correction_bias, dtype, cfg.router_bias)
@@ -142,19 +143,31 @@ class EmbedHead(nn.Module):
         return self.logits(self.embed_tokens(tokens))
 
 
-def kv_cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int]:
-    """Shape of one layer's K (and V) cache: [B, S, KV, head_dim]."""
-    return (batch, length, cfg.num_kv_heads, cfg.head_dim)
+def kv_cache_shapes(cfg: ModelConfig, batch: int, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of one layer's cache pair: K and V [B, S, KV, head_dim] each, or for latent attention
+    (latent [B, S, kv_lora_rank], rotated key [B, S, qk_rope_head_dim]) (`models.mla`)."""
+    if cfg.is_mla:
+        return latent_cache_shapes(cfg, batch, length)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return shape, shape
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
-    """Bytes of all layers' K and V caches for `batch` rows of `length` positions."""
-    return 2 * cfg.num_layers * int(np.prod(kv_cache_shape(cfg, batch, length))) * cfg.dtype_bytes
+    """Bytes of all layers' KV caches for `batch` rows of `length` positions."""
+    return cfg.num_layers * sum(int(np.prod(s)) for s in kv_cache_shapes(cfg, batch, length)) * cfg.dtype_bytes
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> dict[str, int]:
+    """KV cache bytes of one token over all layers as held ('cached') and as full per-head keys and
+    values ('full_heads'); they differ for latent attention."""
+    v_dim = cfg.v_head_dim if cfg.is_mla else cfg.head_dim
+    full = cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + v_dim) * cfg.dtype_bytes
+    return {"cached": kv_cache_bytes(cfg, 1, 1), "full_heads": full}
 
 
 def empty_kv_caches(cfg: ModelConfig, batch: int, length: int):
-    shape = kv_cache_shape(cfg, batch, length)
-    return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)) for _ in range(cfg.num_layers)]
+    k_shape, v_shape = kv_cache_shapes(cfg, batch, length)
+    return [(jnp.zeros(k_shape, cfg.dtype), jnp.zeros(v_shape, cfg.dtype)) for _ in range(cfg.num_layers)]
 
 
 def init_params(cfg: ModelConfig, key, std: float = 0.02):
@@ -255,7 +268,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts and bytes, from the shapes the modules create (no weights built)."""
     count = lambda tree: sum(_parameter_sizes(tree))  # noqa: E731
     tokens = jnp.zeros((1, 1), jnp.int32)
-    kv = (jnp.zeros(kv_cache_shape(cfg, 1, 1), cfg.dtype),) * 2
+    kv = empty_kv_caches(cfg, 1, 1)[0]
     positions = jnp.zeros((1, 1), jnp.int32)
     x = jnp.zeros((1, 1, cfg.hidden_size), cfg.dtype)
     key = jax.random.PRNGKey(0)

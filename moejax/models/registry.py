@@ -53,6 +53,9 @@ def _describe_decoder(cfg: ModelConfig) -> list[str]:
         + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else "")
         + (", expert biases" if cfg.expert_bias else "")
         + (f", clamped SwiGLU (alpha {cfg.swiglu_alpha}, limit {cfg.swiglu_limit})" if cfg.swiglu_limit is not None else ""),
+        *([f"latent attention: q latent {cfg.q_lora_rank or 'none'}, kv latent {cfg.kv_lora_rank} + rope key "
+           f"{cfg.qk_rope_head_dim}, head dims qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, v {cfg.v_head_dim}"]
+          if cfg.is_mla else []),
     ] + _describe_router(cfg)
 
 

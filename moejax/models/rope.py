@@ -94,3 +94,17 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def apply_rope_interleaved(x, positions, inv_freq, attention_scaling: float):
+    """Rotary embedding on adjacent pairs (x[2i], x[2i+1]) (DeepSeek's convention), in float32.
+
+    x [B, T, heads, dim]; positions [B, T] int32; inv_freq [dim // 2] -> same shape and dtype as x.
+    """
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    cos = (jnp.cos(angles) * attention_scaling)[:, :, None, :]
+    sin = (jnp.sin(angles) * attention_scaling)[:, :, None, :]
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)

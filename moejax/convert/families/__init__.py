@@ -14,13 +14,14 @@ from __future__ import annotations
 from types import ModuleType
 
 from moejax.convert.families import (
-    glm4_moe, gpt_oss, mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers,
+    deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mixtral, nllb_moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers,
 )
 from moejax.errors import MoejaxError
 
 FAMILIES: dict[str, ModuleType] = {
     module.MODEL_TYPE: module
-    for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, gpt_oss, switch_transformers, nllb_moe)
+    for module in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, switch_transformers,
+                   nllb_moe)
 }
 
 

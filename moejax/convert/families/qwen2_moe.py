@@ -62,7 +62,7 @@ def tensor_map(cfg: ModelConfig) -> dict[str, Target]:
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """The config.json transformers needs to load this model (export)."""
-    check_exportable(cfg, o_bias=False, qk_norm="none", clip_qkv=None, has_shared_expert=True)
+    check_exportable(cfg, o_bias=False, qk_norm="none", clip_qkv=None, has_shared_expert=True, shared_expert_gate=True)
     window = single_window(cfg)
     return {
         "architectures": ["Qwen2MoeForCausalLM"],
