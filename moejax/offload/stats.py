@@ -54,6 +54,8 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     if stats.get("expert_compute") == "capacity":
         line += (f"; expert compute capacity (factor {stats['capacity_factor']:g}): approximate, "
                  "tokens over an expert's capacity dropped")
+    if stats.get("expert_format_approximate"):
+        line += f"; experts {stats['expert_format']}: approximate"
     return line
 
 
