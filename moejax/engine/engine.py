@@ -601,11 +601,16 @@ class Engine:
     def reset_stats(self) -> None:
         self.cache = dc.reset_counters(self.cache)
         self.host_wait_s = 0.0
+        if self.spec.cpu_experts is not None:
+            self.spec.cpu_experts.reset()
 
     def stats(self) -> dict:
         """Counters since the last reset: see `offload.stats.cache_stats`."""
-        return cache_stats(self.spec, np.asarray(self.cache.counters), self.expert_bytes, self.cache.num_slots,
-                           self.manager, self.host_wait_s, self.stats_info)
+        stats = cache_stats(self.spec, np.asarray(self.cache.counters), self.expert_bytes, self.cache.num_slots,
+                            self.manager, self.host_wait_s, self.stats_info)
+        if self.spec.cpu_experts is not None:  # missed experts computed on the host
+            stats["cpu_experts"] = self.spec.cpu_experts.stats()
+        return stats
 
 
 _NO_INPUTS = StepInputs()

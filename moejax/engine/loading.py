@@ -25,6 +25,7 @@ from moejax.models.moe import EXPERT_COMPUTES
 from moejax.models.registry import kind_of
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
+from moejax.offload.cpu_experts import check_option as check_cpu_experts, host_experts, keeping
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
 from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_sharding, size_pinned_pool
 from moejax.offload.manager import OffloadManager
@@ -52,7 +53,7 @@ def prepare_backend(expert_bytes: int | None = None) -> None:
 def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: int = 4, max_seq_len: int = 2048,
          prefill_chunk: int = 512, device=None, show_progress: bool = False, routing: str | None = None,
          unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
-         expert_format: str | None = None, **offload_options):
+         expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -77,6 +78,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         models): 'bf16', or APPROXIMATE compact 'int8' / 'int4' (weight-only, per-group scales,
         `models.quantized`; dequantized inside the expert compute); default: as the checkpoint stores them
         (its dtype, or the compact format `moejax convert --expert-format` wrote).
+    cpu_experts: 'auto' (offload 'cached', decoder models): a missed expert routed few tokens is computed on the
+        host from host memory instead of copied, where the cost model says it is faster (`offload.cpu_experts`;
+        equal up to float rounding); 'off' (the default): every miss is copied. cpu_cost: that cost model
+        (`cpu_experts.CostModel`), default measured at load.
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -93,9 +98,12 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     compute = expert_compute_options(expert_compute, capacity_factor)
     fmt = resolve_format(expert_format, stored_format(path, cfg.dtype), kind_of(cfg).encoder_decoder)
     num_moe = len(cfg.moe_layer_ids)
+    check_cpu_experts(cpu_experts, config.mode)
+    if kind_of(cfg).encoder_decoder and cpu_experts != "off":
+        raise ParameterError("{cpu_experts} {value!r}: encoder-decoder models copy every missed expert", value=cpu_experts)
     if not kind_of(cfg).encoder_decoder:
         fmt.check(_shapes(cfg))
-        compute["expert_format"] = fmt
+        compute.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
     expert_bytes = fmt.expert_bytes(_shapes(cfg)) if fmt.approximate else cfg.expert_bytes
     prepare_backend(num_moe * cfg.num_experts * expert_bytes if config.mode != "resident" else None)
     globals_ = checkpoint.load_globals(path)
@@ -141,12 +149,13 @@ def with_routing(cfg: ModelConfig | EncDecConfig, routing: str | None) -> ModelC
 def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
                  config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, prefill_chunk: int = 512,
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
-                 expert_format: ExpertFormat | None = None, **compute) -> Engine:
+                 expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
+                 **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
     made on the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and
     `capacity_factor` (see `load`); expert_format: the format the experts are kept in (default: as given),
-    stacks not yet in it converted (quantized) as they come."""
+    stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost: see `load`."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
@@ -158,9 +167,16 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         fmt.check(_shapes(cfg))
         expert_stacks = (fmt.convert(stack, f"{path or 'experts'}: MoE layer {m}") for m, stack in enumerate(expert_stacks))
     expert_bytes = fmt.expert_bytes(_shapes(cfg))
+    check_cpu_experts(cpu_experts, config.mode)
+    kept = [] if cpu_experts == "auto" else None
+    if kept is not None:
+        expert_stacks = keeping(expert_stacks, kept)
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, chunk=prefill_chunk, rows=slots,
                             expert_bytes=expert_bytes)
+    if kept is not None:
+        compute["cpu_experts"] = host_experts(kept, cfg.hidden_act, experts.host[0], expert_bytes, cpu_cost,
+                                              cfg.top_k * max(prefill_chunk, slots), fmt.float_dtype)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), **compute)
     return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),

@@ -58,13 +58,14 @@ def quantize(weight: np.ndarray, fmt: str, scale_dtype, group_size: int = GROUP_
     return codes, scales
 
 
-def dequantize(codes, scales):
-    """(codes, scales) as `quantize` made them (NumPy or JAX) -> weight [..., I, O] in scales' dtype (JAX)."""
-    codes, scales = jnp.asarray(codes), jnp.asarray(scales)
-    if codes.dtype == jnp.uint8:  # int4, two per byte along I
-        low = (codes & 15).astype(jnp.int8) - 8
-        high = (codes >> 4).astype(jnp.int8) - 8
-        codes = jnp.stack([low, high], axis=-2).reshape(*codes.shape[:-2], 2 * codes.shape[-2], codes.shape[-1])
+def dequantize(codes, scales, xp=jnp, dtype=None):
+    """(codes, scales) as `quantize` made them -> weight [..., I, O] in `dtype` (default: scales' dtype), computed
+    with `xp` (jax.numpy inside programs, numpy for the host's expert compute)."""
+    codes, scales = xp.asarray(codes), xp.asarray(scales if dtype is None else xp.asarray(scales).astype(dtype))
+    if codes.dtype == np.uint8:  # int4, two per byte along I
+        low = (codes & 15).astype(np.int8) - 8
+        high = (codes >> 4).astype(np.int8) - 8
+        codes = xp.stack([low, high], axis=-2).reshape(*codes.shape[:-2], 2 * codes.shape[-2], codes.shape[-1])
     *lead, rows, cols = codes.shape
     groups = scales.shape[-2]
     grouped = codes.reshape(*lead, groups, rows // groups, cols).astype(scales.dtype) * scales[..., None, :]

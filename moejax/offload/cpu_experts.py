@@ -1,0 +1,212 @@
+"""CPU compute of missed experts (`cpu_experts='auto'`): a missed expert routed few tokens is computed on the host
+from host memory instead of being copied to the device, when a cost model says that is faster.
+
+Per MoE layer step of a cached engine (`split_misses`, inside the step program): an expert that is not in the
+device cache and was routed `t` >= 1 tokens (valid rows' pairs of nonzero weight) is computed on the host when
+t <= `CostModel.host_token_limit()`: the host's time for it, host_fixed_s + t x host_per_token_s (reading its
+weights from host memory and the FLOPs of its t rows, measured), is below the link's, expert_bytes /
+link_bytes_per_s. Those experts take no cache slot and move nothing over the link; their pairs get weight 0 in
+the device's expert compute, and one host callback (`HostExperts.compute`, via `jax.experimental.io_callback`,
+only in layer steps that send anything) receives the layer's rows x [N, D], routing and the host experts' mask,
+and returns their weighted sum [N, D] f32, which the program adds to the device's.
+
+Exact up to float rounding: the host computes each expert's products in float32 from the stored weights
+(compact ones dequantized) and rounds every intermediate to the model's dtype where the device does, but its
+matmuls add in another order, and the host experts' sum is added after the device's instead of in expert order. tests/test_compact_experts.py states and checks the tolerance.
+
+The cost model's numbers are measured once at load (`measure`: one expert's copy from the host stacks to the
+device; the host function on 1 and 8 rows) unless given. The host keeps a NumPy copy of the expert stacks to
+compute from (host RAM: the experts' bytes twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from moejax.errors import ParameterError
+from moejax.models.quantized import QUANTIZED_WEIGHTS, SCALE_SUFFIX, dequantize
+from moejax.offload.expert_stacks import fetch_expert
+
+CPU_EXPERTS = ("off", "auto")
+HOST_ACTIVATIONS = {"silu": lambda x: x / (1.0 + np.exp(-x)), "swish": lambda x: x / (1.0 + np.exp(-x)),
+                    "relu": lambda x: np.maximum(x, 0.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """expert_bytes: one expert as the link carries it; link_bytes_per_s: host -> device copy rate;
+    host_fixed_s + tokens x host_per_token_s: the host's time for one expert on that many token rows."""
+
+    expert_bytes: int
+    link_bytes_per_s: float
+    host_fixed_s: float
+    host_per_token_s: float
+
+    def copy_s(self) -> float:
+        return self.expert_bytes / self.link_bytes_per_s
+
+    def host_s(self, tokens: int) -> float:
+        return self.host_fixed_s + tokens * self.host_per_token_s
+
+    def host_token_limit(self, most: int = 1 << 20) -> int:
+        """The most tokens for which the host is faster than the copy (0: never); at most `most`."""
+        spare = self.copy_s() - self.host_fixed_s
+        if spare <= 0:
+            return 0
+        if self.host_per_token_s <= 0:
+            return most
+        return int(min(most, max(0, np.ceil(spare / self.host_per_token_s) - 1)))
+
+    def describe(self) -> dict:
+        return {**dataclasses.asdict(self), "copy_s": self.copy_s(), "host_token_limit": self.host_token_limit()}
+
+
+def host_ffn(x: np.ndarray, weights: dict, act: str, dtype=np.float32) -> np.ndarray:
+    """One expert on the host: x [n, D] -> [n, D] f32; weights {name: NumPy array} as the cache holds them
+    (compact ones dequantized here, in `dtype`); the kinds of `models.moe.expert_ffn`. Products are float32 and
+    every intermediate is rounded to `dtype` (the model's) where the device's expert compute rounds it."""
+    rounded = lambda a: np.asarray(a, dtype).astype(np.float32)  # noqa: E731
+    w = {name: (dequantize(v, weights[name + SCALE_SUFFIX], np, dtype) if name + SCALE_SUFFIX in weights else v)
+         for name, v in weights.items() if not name.endswith(SCALE_SUFFIX)}
+    w = {name: np.asarray(v, np.float32) for name, v in w.items()}
+    activation = HOST_ACTIVATIONS[act]
+    x = rounded(x)
+    if "gate" in w:
+        hidden = rounded(rounded(activation(rounded(x @ w["gate"]))) * rounded(x @ w["up"]))
+        return rounded(hidden @ w["down"])
+    hidden = rounded(rounded(x @ w["up"]) + w.get("up_bias", 0.0))
+    return rounded(rounded(rounded(activation(hidden)) @ w["down"]) + w.get("down_bias", 0.0))
+
+
+class HostExperts:
+    """The host side: every MoE layer's expert stacks as NumPy arrays, the callback that computes experts from
+    them, and its counters (experts computed, tokens, seconds). Hashable by identity: it is part of the step
+    programs' static spec."""
+
+    def __init__(self, stacks: list[dict], act: str, token_limit: int, dtype=np.float32):
+        if act not in HOST_ACTIVATIONS:
+            raise ParameterError("{cpu_experts} 'auto': the host computes experts with activations {names}, not {act!r}",
+                                 names=", ".join(HOST_ACTIVATIONS), act=act)
+        self.stacks, self.act, self.token_limit, self.dtype = stacks, act, token_limit, dtype
+        self.cost: CostModel | None = None
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.experts, self.tokens, self.seconds = 0, 0, 0.0
+
+    def stats(self) -> dict:
+        with self._lock:
+            counts = {"experts": self.experts, "tokens": self.tokens, "seconds": self.seconds}
+        return {**counts, "token_limit": self.token_limit, **({"cost_model": self.cost.describe()} if self.cost else {})}
+
+    def expert(self, layer: int, expert: int) -> dict:
+        return {name: w[expert] for name, w in self.stacks[layer].items()}
+
+    def compute(self, layer, x, ids, weights, on_host) -> np.ndarray:
+        """The host experts' weighted sum: layer (scalar), x [N, D], ids int32 [N, k], weights f32 [N, k] (0 for
+        pairs not computed), on_host bool [E] -> [N, D] f32. Experts added in increasing order."""
+        start = time.perf_counter()
+        x, ids, weights = np.asarray(x, np.float32), np.asarray(ids), np.asarray(weights, np.float32)
+        out = np.zeros(x.shape, np.float32)
+        tokens = 0
+        experts = np.flatnonzero(np.asarray(on_host))
+        for e in experts:
+            row_weight = np.where(ids == e, weights, 0.0).sum(axis=-1)
+            rows = np.flatnonzero(row_weight != 0)
+            out[rows] += row_weight[rows, None] * host_ffn(x[rows], self.expert(int(layer), int(e)), self.act, self.dtype)
+            tokens += rows.size
+        with self._lock:
+            self.experts += experts.size
+            self.tokens += tokens
+            self.seconds += time.perf_counter() - start
+        return out
+
+
+def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: int, token_limit: int):
+    """Inside a step program: which of MoE layer `layer`'s experts the host computes.
+
+    table: the cache's slot table [L * E] (-1: not resident); distinct int32 [U] (increasing, padded with E);
+    ids int32 [N, k]; weights f32 [N, k]; valid_rows bool [N] or None. -> (device_distinct int32 [U]: the
+    others, increasing, padded with E; device_weights [N, k]: 0 for the host experts' pairs; on_host bool [E])."""
+    E = num_experts
+    chosen = (ids >= 0) & (ids < E) & (weights != 0)
+    if valid_rows is not None:
+        chosen = chosen & valid_rows[:, None]
+    tokens = jnp.zeros(E + 1, jnp.int32).at[jnp.where(chosen, ids, E).reshape(-1)].add(1)[:E]
+    missing = table[layer * E + jnp.arange(E)] < 0
+    on_host = missing & (tokens > 0) & (tokens <= token_limit)
+    host_id = on_host[jnp.clip(distinct, 0, E - 1)] & (distinct < E)
+    device_distinct = jnp.sort(jnp.where(host_id, E, distinct))
+    device_weights = jnp.where(on_host[jnp.clip(ids, 0, E - 1)] & (ids >= 0) & (ids < E), 0.0, weights)
+    return device_distinct, device_weights, on_host
+
+
+def host_output(host: HostExperts, layer, x, ids, weights, on_host):
+    """Inside a step program: the host experts' output [N, D] f32 (zeros, and no callback, when none)."""
+    shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+
+    def call(operands):
+        return io_callback(host.compute, shape, *operands, ordered=False)
+
+    return jax.lax.cond(on_host.any(), call, lambda operands: jnp.zeros(x.shape, jnp.float32),
+                        (layer, x, ids, weights, on_host))
+
+
+def measure(host: HostExperts, host_stack: dict, expert_bytes: int, repeats: int = 3) -> CostModel:
+    """The cost model from one expert of MoE layer 0: its copy from the host stack (`host_stack`, as the engine
+    keeps it in pinned host memory) to the device, as a miss fetches it, and the host function on 1 and 8 token rows (medians of `repeats`)."""
+    def median_time(run) -> float:
+        run()  # warm
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    fetch = jax.jit(lambda stack: fetch_expert(stack, 0))  # what a miss runs in the step programs
+    copy_s = median_time(lambda: jax.block_until_ready(fetch(host_stack)))
+    hidden = next(w for name, w in host.stacks[0].items() if name in QUANTIZED_WEIGHTS and name != "down")
+    width = hidden.shape[-2] * (2 if hidden.dtype == np.uint8 else 1)
+    expert = host.expert(0, 0)
+    rng = np.random.default_rng(0)
+    times = [median_time(lambda n=n: host_ffn(rng.standard_normal((n, width), np.float32), expert, host.act,
+                                                 host.dtype))
+             for n in (1, 8)]
+    per_token = max(0.0, (times[1] - times[0]) / 7)
+    return CostModel(expert_bytes, expert_bytes / max(copy_s, 1e-9), max(0.0, times[0] - per_token), per_token)
+
+
+def check_option(cpu_experts: str, mode: str) -> None:
+    """Raises ParameterError for a bad `cpu_experts` value or one the offload mode cannot use."""
+    if cpu_experts not in CPU_EXPERTS:
+        raise ParameterError.not_one_of("cpu_experts", cpu_experts, CPU_EXPERTS)
+    if cpu_experts == "auto" and mode != "cached":
+        raise ParameterError("{cpu_experts} 'auto' computes the expert cache's misses on the host: it needs {offload} "
+                             "cached, not {mode!r}", mode=mode)
+
+
+def keeping(stacks, kept: list):
+    """The expert stacks as they come, each also appended to `kept` as NumPy arrays (the host's copy)."""
+    for stack in stacks:
+        kept.append({name: np.asarray(w) for name, w in stack.items()})
+        yield stack
+
+
+def host_experts(kept: list[dict], act: str, host_stack: dict, expert_bytes: int, cost: CostModel | None,
+                 most_tokens: int, dtype) -> HostExperts:
+    """The HostExperts of an engine: its NumPy stacks `kept`, the cost model `cost` (None: measured from
+    `host_stack`, the engine's first pinned host stack) and the token limit it gives (at most `most_tokens`)."""
+    host = HostExperts(kept, act, 0, dtype)
+    host.cost = cost or measure(host, host_stack, expert_bytes)
+    host.token_limit = host.cost.host_token_limit(most_tokens)
+    return host
