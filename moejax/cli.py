@@ -228,6 +228,9 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-format",
                    help="routed experts on the host, over the link and in the cache as: bf16 | int8 | int4 (APPROXIMATE: "
                    "weight-only, a scale per 64 input rows, dequantized in the expert compute; default: as stored)")
+    p.add_argument("--cpu-experts", default="off",
+                   help="auto (--offload cached): compute a missed expert routed few tokens on the CPU instead of copying "
+                   "it, when the cost model measured at load says that is faster | off (default)")
 
 
 def load_predictor(args, approximate_routing: bool = False):
@@ -263,6 +266,7 @@ def load_engine(args, slots: int = 1, predictor=None):
         traces=args.traces,
         expert_compute=args.expert_compute,
         expert_format=args.expert_format,
+        cpu_experts=args.cpu_experts,
     )
     if predictor is not None and args.prefetch == "predictor":
         engine.use_predictor(predictor, args.predict_every)
