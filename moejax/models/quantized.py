@@ -39,19 +39,20 @@ def check_quantizable(name: str, shape: tuple, group_size: int = GROUP_SIZE) -> 
                          f"group size {group_size}")
 
 
-def quantize(weight: np.ndarray, fmt: str, scale_dtype, group_size: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """weight [..., I, O] (any float dtype) -> (codes, scales [..., I / group_size, O] of scale_dtype), NumPy.
+def quantize(weight, fmt: str, scale_dtype, group_size: int = GROUP_SIZE, xp=np):
+    """weight [..., I, O] (any float dtype) -> (codes, scales [..., I / group_size, O] of scale_dtype), computed
+    with `xp` (numpy at load; jax.numpy to quantize on a device, e.g. benchmarks' random weights).
 
     The codes are made with the scales as stored (rounded to scale_dtype), so dequantizing the stored pair
     is within half a scale of the weight."""
     check_quantizable("weight", weight.shape, group_size)
     levels = LEVELS[fmt]
     *lead, rows, cols = weight.shape
-    grouped = np.asarray(weight, np.float32).reshape(*lead, rows // group_size, group_size, cols)
-    scales = (np.abs(grouped).max(axis=-2) / levels).astype(scale_dtype)
+    grouped = xp.asarray(weight).astype(np.float32).reshape(*lead, rows // group_size, group_size, cols)
+    scales = (xp.abs(grouped).max(axis=-2) / levels).astype(scale_dtype)
     divisor = scales.astype(np.float32)
-    divisor = np.where(divisor > 0, divisor, 1.0)[..., None, :]
-    codes = np.clip(np.rint(grouped / divisor), -levels, levels).astype(np.int8).reshape(weight.shape)
+    divisor = xp.where(divisor > 0, divisor, 1.0)[..., None, :]
+    codes = xp.clip(xp.rint(grouped / divisor), -levels, levels).astype(np.int8).reshape(weight.shape)
     if fmt == "int4":
         nibbles = (codes + 8).astype(np.uint8)
         codes = nibbles[..., 0::2, :] | (nibbles[..., 1::2, :] << 4)

@@ -80,10 +80,11 @@ class ExpertFormat:
                         raise ParameterError("{expert_format} {fmt!r}: the experts' {problem}", fmt=self.name,
                                              problem=str(err)) from None
 
-    def convert(self, weights: dict, where: str) -> dict:
+    def convert(self, weights: dict, where: str, xp=np) -> dict:
         """An expert or stack {name: NumPy array [..., I, O]} in this format. Weights that are already in it
-        (a compact checkpoint's codes and scales) are checked and kept; float ones are cast or quantized.
-        `where` names the source in errors (e.g. 'ckpt: MoE layer 3')."""
+        (a compact checkpoint's codes and scales) are checked and kept; float ones are cast or quantized
+        (with `xp`: numpy, or jax.numpy on a device). `where` names the source in errors (e.g. 'ckpt: MoE
+        layer 3')."""
         stored = _stored_format(weights)
         if stored is not None:
             if stored != self.name:
@@ -91,15 +92,16 @@ class ExpertFormat:
             for name in QUANTIZED_WEIGHTS:
                 if name in weights and name + SCALE_SUFFIX not in weights:
                     raise MoejaxError(f"{where}: compact expert weight {name!r} has no scale {name + SCALE_SUFFIX!r}")
-            return {name: w if name in QUANTIZED_WEIGHTS else np.asarray(w, self.float_dtype) for name, w in weights.items()}
+            return {name: w if name in QUANTIZED_WEIGHTS else xp.asarray(w).astype(self.float_dtype)
+                    for name, w in weights.items()}
         if not self.compact:
-            return {name: np.asarray(w, self.float_dtype) for name, w in weights.items()}
+            return {name: xp.asarray(w).astype(self.float_dtype) for name, w in weights.items()}
         out = {}
         for name, w in weights.items():
             if name in QUANTIZED_WEIGHTS:
-                out[name], out[name + SCALE_SUFFIX] = quantize(w, self.name, self.float_dtype, self.group_size)
+                out[name], out[name + SCALE_SUFFIX] = quantize(w, self.name, self.float_dtype, self.group_size, xp)
             else:
-                out[name] = np.asarray(w, self.float_dtype)
+                out[name] = xp.asarray(w).astype(self.float_dtype)
         return out
 
     def describe(self) -> dict:
