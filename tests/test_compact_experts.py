@@ -162,7 +162,7 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, tolerance):
     distinct = jnp.arange(E, dtype=jnp.int32)
     device = np.asarray(experts_from_slab(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), distinct, distinct,
                                           {name: jnp.asarray(w) for name, w in stack.items()}))
-    host = HostExperts([stack], "silu", 8, dtype)
+    host = HostExperts([stack], "silu", 8)
     out = host.compute(0, x, ids, weights, np.ones(E, bool))
     assert np.abs(out - device).max() <= tolerance * np.abs(device).max()
     assert host.stats()["experts"] == E and host.stats()["tokens"] == N * k

@@ -176,7 +176,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                             expert_bytes=expert_bytes)
     if kept is not None:
         compute["cpu_experts"] = host_experts(kept, cfg.hidden_act, experts.host[0], expert_bytes, cpu_cost,
-                                              cfg.top_k * max(prefill_chunk, slots), fmt.float_dtype)
+                                              cfg.top_k * max(prefill_chunk, slots))
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), **compute)
     return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),

@@ -10,18 +10,22 @@ the device's expert compute, and one host callback (`HostExperts.compute`, via `
 only in layer steps that send anything) receives the layer's rows x [N, D], routing and the host experts' mask,
 and returns their weighted sum [N, D] f32, which the program adds to the device's.
 
-Exact up to float rounding: the host computes each expert's products in float32 from the stored weights
-(compact ones dequantized) and rounds every intermediate to the model's dtype where the device does, but its
-matmuls add in another order, and the host experts' sum is added after the device's instead of in expert order. tests/test_compact_experts.py states and checks the tolerance.
+Exact up to float rounding: the host runs the device's own expert function (`models.moe.expert_ffn` on the
+weights as the cache holds them, compact ones dequantized by `models.quantized.dequantized`) compiled by XLA for
+the CPU (`jax.devices("cpu")`; its thread pool uses the host's cores), on the expert's rows padded to a power of
+two. Its matmuls have other shapes than the device's batched ones, so they may round differently, and the
+host experts' sum is added after the device's instead of in expert order. tests/test_compact_experts.py states
+and checks the tolerance (float32: 1e-6 of the output's largest value; bf16: 1e-2).
 
-The cost model's numbers are measured once at load (`measure`: one expert's copy from the host stacks to the
-device; the host function on 1 and 8 rows) unless given. The host keeps a NumPy copy of the expert stacks to
-compute from (host RAM: the experts' bytes twice).
+The cost model's numbers are measured once at load (`measure`: one expert's in-program fetch from the pinned
+host stack; the host function on 1 and 8 rows) unless given. The host keeps its own copy of the experts as CPU
+arrays, one buffer per expert (host RAM: the experts' bytes twice, in their format).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 
@@ -31,12 +35,11 @@ import numpy as np
 from jax.experimental import io_callback
 
 from moejax.errors import ParameterError
-from moejax.models.quantized import QUANTIZED_WEIGHTS, SCALE_SUFFIX, dequantize
+from moejax.models.moe import expert_ffn
+from moejax.models.quantized import SCALE_SUFFIX, dequantized
 from moejax.offload.expert_stacks import fetch_expert
 
 CPU_EXPERTS = ("off", "auto")
-HOST_ACTIVATIONS = {"silu": lambda x: x / (1.0 + np.exp(-x)), "swish": lambda x: x / (1.0 + np.exp(-x)),
-                    "relu": lambda x: np.maximum(x, 0.0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,64 +71,62 @@ class CostModel:
         return {**dataclasses.asdict(self), "copy_s": self.copy_s(), "host_token_limit": self.host_token_limit()}
 
 
-def host_ffn(x: np.ndarray, weights: dict, act: str, dtype=np.float32) -> np.ndarray:
-    """One expert on the host: x [n, D] -> [n, D] f32; weights {name: NumPy array} as the cache holds them
-    (compact ones dequantized here, in `dtype`); the kinds of `models.moe.expert_ffn`. Products are float32 and
-    every intermediate is rounded to `dtype` (the model's) where the device's expert compute rounds it."""
-    rounded = lambda a: np.asarray(a, dtype).astype(np.float32)  # noqa: E731
-    w = {name: (dequantize(v, weights[name + SCALE_SUFFIX], np, dtype) if name + SCALE_SUFFIX in weights else v)
-         for name, v in weights.items() if not name.endswith(SCALE_SUFFIX)}
-    w = {name: np.asarray(v, np.float32) for name, v in w.items()}
-    activation = HOST_ACTIVATIONS[act]
-    x = rounded(x)
-    if "gate" in w:
-        hidden = rounded(rounded(activation(rounded(x @ w["gate"]))) * rounded(x @ w["up"]))
-        return rounded(hidden @ w["down"])
-    hidden = rounded(rounded(x @ w["up"]) + w.get("up_bias", 0.0))
-    return rounded(rounded(rounded(activation(hidden)) @ w["down"]) + w.get("down_bias", 0.0))
+@functools.partial(jax.jit, static_argnames=("act",))
+def _host_ffn(x, expert: dict, act: str):
+    return expert_ffn(x, dequantized(expert), act).astype(jnp.float32)
+
+
+def host_rows(n: int) -> int:
+    """Rows the host function computes for n token rows: the next power of two (few compiled shapes)."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 class HostExperts:
-    """The host side: every MoE layer's expert stacks as NumPy arrays, the callback that computes experts from
-    them, and its counters (experts computed, tokens, seconds). Hashable by identity: it is part of the step
-    programs' static spec."""
+    """The host side: every MoE layer's experts as CPU arrays (`experts[m][e]` = {name: array}), the callback that
+    computes some of them on a layer's rows, and its counters (experts computed, tokens, seconds). Hashable by
+    identity: it is part of the step programs' static spec."""
 
-    def __init__(self, stacks: list[dict], act: str, token_limit: int, dtype=np.float32):
-        if act not in HOST_ACTIVATIONS:
-            raise ParameterError("{cpu_experts} 'auto': the host computes experts with activations {names}, not {act!r}",
-                                 names=", ".join(HOST_ACTIVATIONS), act=act)
-        self.stacks, self.act, self.token_limit, self.dtype = stacks, act, token_limit, dtype
+    def __init__(self, stacks: list[dict], act: str, token_limit: int):
+        """stacks: each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays)."""
+        cpu = jax.devices("cpu")[0]
+        self.experts = [[jax.device_put({name: np.asarray(w[e]) for name, w in stack.items()}, cpu)
+                         for e in range(next(iter(stack.values())).shape[0])] for stack in stacks]
+        self.act, self.token_limit, self.cpu = act, token_limit, cpu
         self.cost: CostModel | None = None
         self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
         with self._lock:
-            self.experts, self.tokens, self.seconds = 0, 0, 0.0
+            self.computed, self.tokens, self.seconds = 0, 0, 0.0
 
     def stats(self) -> dict:
         with self._lock:
-            counts = {"experts": self.experts, "tokens": self.tokens, "seconds": self.seconds}
+            counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds}
         return {**counts, "token_limit": self.token_limit, **({"cost_model": self.cost.describe()} if self.cost else {})}
 
-    def expert(self, layer: int, expert: int) -> dict:
-        return {name: w[expert] for name, w in self.stacks[layer].items()}
+    def expert_output(self, layer: int, expert: int, rows: np.ndarray) -> np.ndarray:
+        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU."""
+        padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
+        padded[: len(rows)] = rows
+        out = _host_ffn(jax.device_put(padded, self.cpu), self.experts[layer][expert], self.act)
+        return np.asarray(out)[: len(rows)]
 
     def compute(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """The host experts' weighted sum: layer (scalar), x [N, D], ids int32 [N, k], weights f32 [N, k] (0 for
         pairs not computed), on_host bool [E] -> [N, D] f32. Experts added in increasing order."""
         start = time.perf_counter()
-        x, ids, weights = np.asarray(x, np.float32), np.asarray(ids), np.asarray(weights, np.float32)
+        x, ids, weights = np.asarray(x), np.asarray(ids), np.asarray(weights, np.float32)
         out = np.zeros(x.shape, np.float32)
         tokens = 0
         experts = np.flatnonzero(np.asarray(on_host))
         for e in experts:
             row_weight = np.where(ids == e, weights, 0.0).sum(axis=-1)
             rows = np.flatnonzero(row_weight != 0)
-            out[rows] += row_weight[rows, None] * host_ffn(x[rows], self.expert(int(layer), int(e)), self.act, self.dtype)
+            out[rows] += row_weight[rows, None] * self.expert_output(int(layer), int(e), x[rows])
             tokens += rows.size
         with self._lock:
-            self.experts += experts.size
+            self.computed += experts.size
             self.tokens += tokens
             self.seconds += time.perf_counter() - start
         return out
@@ -163,7 +164,8 @@ def host_output(host: HostExperts, layer, x, ids, weights, on_host):
 
 def measure(host: HostExperts, host_stack: dict, expert_bytes: int, repeats: int = 3) -> CostModel:
     """The cost model from one expert of MoE layer 0: its copy from the host stack (`host_stack`, as the engine
-    keeps it in pinned host memory) to the device, as a miss fetches it, and the host function on 1 and 8 token rows (medians of `repeats`)."""
+    keeps it in pinned host memory) to the device, as a miss fetches it, and the host function on 1 and 8 token
+    rows (medians of `repeats`)."""
     def median_time(run) -> float:
         run()  # warm
         times = []
@@ -175,12 +177,10 @@ def measure(host: HostExperts, host_stack: dict, expert_bytes: int, repeats: int
 
     fetch = jax.jit(lambda stack: fetch_expert(stack, 0))  # what a miss runs in the step programs
     copy_s = median_time(lambda: jax.block_until_ready(fetch(host_stack)))
-    hidden = next(w for name, w in host.stacks[0].items() if name in QUANTIZED_WEIGHTS and name != "down")
-    width = hidden.shape[-2] * (2 if hidden.dtype == np.uint8 else 1)
-    expert = host.expert(0, 0)
+    width = host_stack["down"].shape[-1]
+    dtype = host_stack.get("down" + SCALE_SUFFIX, host_stack["down"]).dtype  # the model's (compact: its scales')
     rng = np.random.default_rng(0)
-    times = [median_time(lambda n=n: host_ffn(rng.standard_normal((n, width), np.float32), expert, host.act,
-                                                 host.dtype))
+    times = [median_time(lambda n=n: host.expert_output(0, 0, rng.standard_normal((n, width)).astype(dtype)))
              for n in (1, 8)]
     per_token = max(0.0, (times[1] - times[0]) / 7)
     return CostModel(expert_bytes, expert_bytes / max(copy_s, 1e-9), max(0.0, times[0] - per_token), per_token)
@@ -196,17 +196,17 @@ def check_option(cpu_experts: str, mode: str) -> None:
 
 
 def keeping(stacks, kept: list):
-    """The expert stacks as they come, each also appended to `kept` as NumPy arrays (the host's copy)."""
+    """The expert stacks as they come, each also appended to `kept` (for the host's copy)."""
     for stack in stacks:
-        kept.append({name: np.asarray(w) for name, w in stack.items()})
+        kept.append(stack)
         yield stack
 
 
 def host_experts(kept: list[dict], act: str, host_stack: dict, expert_bytes: int, cost: CostModel | None,
-                 most_tokens: int, dtype) -> HostExperts:
+                 most_tokens: int) -> HostExperts:
     """The HostExperts of an engine: its NumPy stacks `kept`, the cost model `cost` (None: measured from
     `host_stack`, the engine's first pinned host stack) and the token limit it gives (at most `most_tokens`)."""
-    host = HostExperts(kept, act, 0, dtype)
+    host = HostExperts(kept, act, 0)
     host.cost = cost or measure(host, host_stack, expert_bytes)
     host.token_limit = host.cost.host_token_limit(most_tokens)
     return host
