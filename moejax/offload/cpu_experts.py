@@ -89,8 +89,11 @@ class HostExperts:
     def __init__(self, stacks: list[dict], act: str, token_limit: int):
         """stacks: each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays)."""
         cpu = jax.devices("cpu")[0]
-        self.experts = [[jax.device_put({name: np.asarray(w[e]) for name, w in stack.items()}, cpu)
-                         for e in range(next(iter(stack.values())).shape[0])] for stack in stacks]
+        self.experts = []
+        for stack in stacks:
+            layer = {name: np.asarray(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
+            count = next(iter(layer.values())).shape[0]
+            self.experts.append([jax.device_put({name: w[e] for name, w in layer.items()}, cpu) for e in range(count)])
         self.act, self.token_limit, self.cpu = act, token_limit, cpu
         self.cost: CostModel | None = None
         self._lock = threading.Lock()
