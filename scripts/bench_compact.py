@@ -57,11 +57,12 @@ def format_stacks(cfg, fmt: ExpertFormat, device) -> list[dict]:
 
 
 def run_config(cfg, dense, stacks, fmt: ExpertFormat, mode: str, budget: str | None, cpu_experts: str, prompts,
-               new_tokens: int, max_len: int, prefill_chunk: int) -> dict:
+               new_tokens: int, max_len: int, prefill_chunk: int, cpu_cost: dict | None) -> dict:
     """A warm-up generate on prompts[0], then the timed one on prompts[1]: timing, traffic, host compute, tokens."""
     options = {"expert_budget": budget} if mode == "cached" else {}
     engine = build_engine(cfg, *dense, iter(stacks), OffloadConfig(mode, **options), slots=1, max_seq_len=max_len,
-                          prefill_chunk=prefill_chunk, expert_format=fmt, cpu_experts=cpu_experts)
+                          prefill_chunk=prefill_chunk, expert_format=fmt, cpu_experts=cpu_experts,
+                          cpu_cost=cpu_cost if cpu_experts == "auto" else None)
     engine.generate([prompts[0]], max_new_tokens=min(new_tokens, WARM_UP_TOKENS), ignore_eos=True)
     engine.reset_stats()
     result = engine.generate([prompts[1]], max_new_tokens=new_tokens, ignore_eos=True)
@@ -92,6 +93,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.25,0.1", help="cached budgets, fractions of the bf16 expert bytes")
     parser.add_argument("--formats", default="bf16,int8,int4")
     parser.add_argument("--skip-cpu-experts", action="store_true")
+    parser.add_argument("--cost-link-gbps", type=float,
+                        help="the cpu-experts cost model's link bandwidth, GB/s (default: measured at load); a what-if "
+                             "for slower links (PCIe gen4: ~25), and how the CPU smoke run sends misses to the host")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--prefill-chunk", type=int, default=2,
                         help="prompt tokens per step: a step must find room for their experts (2 tokens: at most 4 of 8), "
@@ -114,6 +118,7 @@ def main() -> None:
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(2)]
     max_len = min(-(-(args.prompt_len + args.new_tokens) // 64) * 64, cfg.max_position_embeddings)
     budgets = args.budgets.split(",")
+    cpu_cost = None if args.cost_link_gbps is None else {"link_bytes_per_s": args.cost_link_gbps * GB}
     result = {
         "environment": environment(),
         "model": {"architecture": "Mixtral-8x7B dims", "dims": args.dims, "layers": cfg.num_layers, "dtype": cfg.dtype,
@@ -141,7 +146,7 @@ def main() -> None:
             gc.collect()
             stacks, stacks_format = format_stacks(cfg, fmt, device), fmt.name
         row = run_config(cfg, dense, stacks, fmt, mode, expert_budget, cpu_experts, prompts, args.new_tokens, max_len,
-                         args.prefill_chunk)
+                         args.prefill_chunk, cpu_cost)
         need = time.monotonic() - start
         resident = resident or row
         same_budget = [r for r in rows if r["format"] == "bf16" and r["budget"] == expert_budget and r["cpu_experts"] == "off"]

@@ -36,7 +36,7 @@ if [ "${SMOKE:-}" = 1 ]; then
     PREFETCH_ARGS=(--dims tiny --new-tokens 8 --sequences 1 --ttft-prompt 64)
     SERVE_ARGS=(--dims tiny --budget 0.5 --batches 1,4 --new-tokens 6 --slots 4 --requests 6 --loads 8x,2x
                 --max-prompt 32 --max-tokens 8 --serve-max-seq-len 128 --prefill-chunk 32 --calibration-per-task 1 --warmup-requests 8)
-    COMPACT_ARGS=(--dims tiny --budgets 0.5,0.2 --prompt-len 8 --new-tokens 8)
+    COMPACT_ARGS=(--dims tiny --budgets 0.5,0.2 --prompt-len 8 --new-tokens 8 --cost-link-gbps 0.001)
 fi
 CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-140} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160} SERVE_S=${SERVE_S:-540} COMPACT_S=${COMPACT_S:-540}
 mkdir -p "$OUT"

@@ -81,7 +81,8 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     cpu_experts: 'auto' (offload 'cached', decoder models): a missed expert routed few tokens is computed on the
         host from host memory instead of copied, where the cost model says it is faster (`offload.cpu_experts`;
         equal up to float rounding); 'off' (the default): every miss is copied. cpu_cost: that cost model
-        (`cpu_experts.CostModel`), default measured at load.
+        (`cpu_experts.CostModel`), default measured at load; a dict gives some of its fields and the rest is
+        measured (e.g. {'link_bytes_per_s': 25e9}).
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise

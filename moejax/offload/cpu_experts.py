@@ -205,11 +205,19 @@ def keeping(stacks, kept: list):
         yield stack
 
 
-def host_experts(kept: list[dict], act: str, host_stack: dict, expert_bytes: int, cost: CostModel | None,
+def host_experts(kept: list[dict], act: str, host_stack: dict, expert_bytes: int, cost: CostModel | dict | None,
                  most_tokens: int) -> HostExperts:
-    """The HostExperts of an engine: its NumPy stacks `kept`, the cost model `cost` (None: measured from
-    `host_stack`, the engine's first pinned host stack) and the token limit it gives (at most `most_tokens`)."""
+    """The HostExperts of an engine: its expert stacks `kept`, the cost model `cost` (a CostModel; None: measured
+    from `host_stack`, the engine's first pinned host stack; a dict: measured, then those fields replaced, e.g.
+    {'link_bytes_per_s': 25e9} for another link) and the token limit it gives (at most `most_tokens`)."""
     host = HostExperts(kept, act, 0)
-    host.cost = cost or measure(host, host_stack, expert_bytes)
+    if isinstance(cost, CostModel):
+        host.cost = cost
+    else:
+        fields = {f.name for f in dataclasses.fields(CostModel)}
+        if cost is not None and not set(cost) <= fields:
+            raise ParameterError("{cpu_cost}: unknown fields {names} (fields: {fields})",
+                                 names=", ".join(sorted(set(cost) - fields)), fields=", ".join(sorted(fields)))
+        host.cost = dataclasses.replace(measure(host, host_stack, expert_bytes), **(cost or {}))
     host.token_limit = host.cost.host_token_limit(most_tokens)
     return host
