@@ -17,7 +17,7 @@ from moejax.errors import MoejaxError, ParameterError
 from moejax.models.moe import experts_from_slab
 from moejax.models.quantized import GROUP_SIZE, dequantize, quantize
 from moejax.offload.config import OffloadConfig
-from moejax.offload.cpu_experts import CostModel, HostExperts, split_misses
+from moejax.offload.cpu_experts import CostModel, HostExperts, host_experts, split_misses
 from moejax.offload.expert_format import ExpertFormat
 
 SHIPPED = moejax.SHIPPED_CHECKPOINT
@@ -125,6 +125,10 @@ def test_bad_formats_are_refused_in_one_line(capsys):
         fmt.check({"gate": ((100, 8), np.float32)})
     with pytest.raises(ParameterError, match="cpu_experts 'auto' .* needs offload cached, not 'resident'"):
         moejax.load(SHIPPED, cpu_experts="auto")
+    stack = {"gate": np.zeros((2, 64, 8), np.float32), "up": np.zeros((2, 64, 8), np.float32),
+             "down": np.zeros((2, 8, 64), np.float32)}
+    with pytest.raises(ParameterError, match=r"^cpu_cost: unknown fields link \(fields: "):
+        host_experts([stack], "silu", stack, 1, {"link": 1e9}, 8)
 
 
 def test_cost_model_choice_on_synthetic_bandwidths():
