@@ -12,6 +12,7 @@ import pytest
 import moejax
 from moejax import checkpoint
 from moejax.cli import main as moejax_cli
+from moejax.convert.export import export
 from moejax.engine.loading import build_engine
 from moejax.errors import MoejaxError, ParameterError
 from moejax.models.moe import experts_from_slab
@@ -109,6 +110,14 @@ def test_compact_checkpoint_round_trip(tmp_path, logits_by_format, capsys):
     np.testing.assert_array_equal(engine.logits([PROMPT])[0], logits_by_format[0]["int8", "resident"])
     with pytest.raises(ParameterError, match="stores int8 experts"):
         moejax.load(compact, expert_format="bf16")
+    with pytest.raises(MoejaxError, match="stored int8 .* export the one it was converted from"):
+        export(compact, tmp_path / "again", show_progress=False)
+    cfg = checkpoint.load_config(SHIPPED)
+    original, restored = (checkpoint.load_stacked_experts(c, cfg, 0) for c in (SHIPPED, compact))
+    assert restored["gate"].dtype == original["gate"].dtype  # whole-model readers get float weights back
+    original, restored = original["gate"].astype(np.float32), restored["gate"].astype(np.float32)
+    # half an int8 step, plus the bf16 rounding of the dequantized weight
+    assert 0 < np.abs(restored - original).max() <= np.abs(original).max() * (1 / 254 + 2**-8)
 
 
 def test_bad_formats_are_refused_in_one_line(capsys):

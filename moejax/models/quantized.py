@@ -73,9 +73,9 @@ def dequantize(codes, scales, xp=jnp, dtype=None):
     return grouped.reshape(codes.shape)
 
 
-def dequantized(weights: dict) -> dict:
+def dequantized(weights: dict, xp=jnp) -> dict:
     """An expert's (or a stack's) weights with every quantized one ({name, name + SCALE_SUFFIX}) replaced by
-    its float weight; a dict of float weights comes back as it is."""
+    its float weight (computed with `xp`); a dict of float weights comes back as it is."""
     if not any(name.endswith(SCALE_SUFFIX) for name in weights):
         return weights
     out = {}
@@ -83,5 +83,5 @@ def dequantized(weights: dict) -> dict:
         if name.endswith(SCALE_SUFFIX):
             continue
         scale = weights.get(name + SCALE_SUFFIX)
-        out[name] = w if scale is None else dequantize(w, scale)
+        out[name] = w if scale is None else dequantize(w, scale, xp)
     return out
