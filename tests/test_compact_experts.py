@@ -20,6 +20,7 @@ from moejax.models.quantized import GROUP_SIZE, dequantize, quantize
 from moejax.offload.config import OffloadConfig
 from moejax.offload.cpu_experts import CostModel, HostExperts, host_experts, split_misses
 from moejax.offload.expert_format import ExpertFormat
+from moejax.offload.stats import summary_line
 
 SHIPPED = moejax.SHIPPED_CHECKPOINT
 PROMPT = [5, 17, 300, 42, 99, 7, 1000, 3, 250, 12, 64, 900, 31, 8, 77, 2048]
@@ -89,6 +90,7 @@ def test_formats_through_the_engine(logits_by_format):
     np.testing.assert_array_equal(logits["int8", "cached"], logits["int8", "resident"])
     cached = stats["int8", "cached"]
     assert cached["expert_format"] == "int8" and cached["expert_format_approximate"] and cached["expert_group_size"] == 64
+    assert summary_line(cached, 1).endswith("; experts int8: approximate")
     assert stats["bf16", "resident"]["expert_format"] == "bf16" and not stats["bf16", "resident"]["expert_format_approximate"]
     assert cached["expert_bytes"] == 38016 < 73728 // 1.9  # 3 x 192 x 64 int8 codes + bf16 scales
     assert cached["capacity_experts"] == int(0.25 * 128 * 73728) // 38016  # the fraction is of the bf16 bytes
@@ -199,4 +201,5 @@ def test_cpu_experts_in_the_cached_engine():
     stats = host_first.stats()
     assert copying.stats()["total"]["misses"] > 0 and stats["total"]["misses"] == 0 and stats["total"]["bytes_h2d"] == 0
     assert stats["cpu_experts"]["experts"] > 0 and stats["cpu_experts"]["tokens"] >= stats["cpu_experts"]["experts"]
+    assert f"; {stats['cpu_experts']['experts']} missed experts (" in summary_line(stats, 1)
     assert np.abs(logits - ref).max() <= 1e-4 * (ref.max() - ref.min())
