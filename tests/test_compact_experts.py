@@ -15,7 +15,7 @@ from moejax.cli import main as moejax_cli
 from moejax.convert.export import export
 from moejax.engine.loading import build_engine
 from moejax.errors import MoejaxError, ParameterError
-from moejax.models.moe import experts_from_slab
+from moejax.models.moe import experts_from_slab, routed_experts
 from moejax.models.quantized import GROUP_SIZE, dequantize, quantize
 from moejax.offload.config import OffloadConfig
 from moejax.offload.cpu_experts import CostModel, HostExperts, host_experts, split_misses
@@ -55,6 +55,24 @@ def test_quantize_round_trip_matches_a_plain_loop(fmt, levels):
         assert codes[3, 2] == (code(6, 2) + 8) | ((code(7, 2) + 8) << 4)
 
 
+@pytest.mark.parametrize("how", ["union", "grouped", "ragged", "capacity"])
+def test_every_expert_compute_dequantizes_a_compact_slab(how):
+    """Each expert compute on an int4 slab gives the bits it gives on the slab's dequantized float weights."""
+    rng = np.random.default_rng(2)
+    S, D, F, N = 5, 64, 64, 6
+    slab = {name: rng.standard_normal((S,) + shape).astype(np.float32)
+            for name, shape in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D)))}
+    compact = ExpertFormat("int4", "float32").convert(slab, "test")
+    floats = {name: dequantize(compact[name], compact[name + "_scale"]) for name in slab}
+    x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.choice(S, 2, replace=False) for _ in range(N)]), jnp.int32)
+    weights = jnp.full((N, 2), 0.5, jnp.float32)
+    distinct = jnp.arange(S, dtype=jnp.int32)
+    run = lambda slab: routed_experts(how, x, ids, weights, distinct, distinct[::-1], slab, capacity=N)  # noqa: E731
+    np.testing.assert_array_equal(run({n: jnp.asarray(w) for n, w in compact.items()}), run(floats))
+    assert not np.allclose(run(floats), run({n: jnp.asarray(w) for n, w in slab.items()}), atol=1e-3)
+
+
 def test_compact_bytes_and_budgets():
     shapes = {"gate": ((4096, 14336), np.dtype(jnp.bfloat16)), "up": ((4096, 14336), np.dtype(jnp.bfloat16)),
               "down": ((14336, 4096), np.dtype(jnp.bfloat16))}
@@ -68,7 +86,8 @@ def test_compact_bytes_and_budgets():
 def logits_by_format():
     """Prefill logits of the shipped model per format (resident), and int8 in cached mode at 25%."""
     out, stats = {}, {}
-    for fmt, mode in (("bf16", "resident"), ("int8", "resident"), ("int4", "resident"), ("int8", "cached")):
+    for fmt, mode in (("bf16", "resident"), ("int8", "resident"), ("int4", "resident"), ("int8", "cached"),
+                      ("int4", "on-demand")):
         engine = moejax.load(SHIPPED, mode, slots=1, max_seq_len=32, expert_format=fmt,
                              **({"expert_budget": "0.25"} if mode == "cached" else {}))
         out[fmt, mode] = engine.logits([PROMPT])[0]
@@ -88,6 +107,7 @@ def test_formats_through_the_engine(logits_by_format):
     assert 0 < errors["int8"] < 0.1 and errors["int8"] < errors["int4"] < 0.3, errors
     assert agree["int8"] >= 14, agree
     np.testing.assert_array_equal(logits["int8", "cached"], logits["int8", "resident"])
+    np.testing.assert_array_equal(logits["int4", "on-demand"], logits["int4", "resident"])
     cached = stats["int8", "cached"]
     assert cached["expert_format"] == "int8" and cached["expert_format_approximate"] and cached["expert_group_size"] == 64
     assert summary_line(cached, 1).endswith("; experts int8: approximate")
