@@ -82,6 +82,7 @@ def run_config(cfg, dense, stacks, fmt: ExpertFormat, mode: str, budget: str | N
         "tokens": result.tokens[0],
     }
     del engine
+    jax.clear_caches()  # the compiled programs' static spec holds the cpu-experts engine's host copy of the experts
     gc.collect()
     return row
 
