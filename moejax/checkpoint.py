@@ -113,9 +113,13 @@ def load_expert(ckpt: Path, layer: int, expert: int) -> dict:
 
 
 def load_stacked_experts(ckpt: Path, cfg: ModelConfig | EncDecConfig, layer: int) -> dict:
-    """All routed experts of a layer stacked on a leading [E] axis."""
+    """All routed experts of a layer stacked on a leading [E] axis, as float weights (a compact checkpoint's,
+    `moejax convert --expert-format`, dequantized to the model's dtype)."""
+    from moejax.models.quantized import dequantized
+
     experts = [load_expert(ckpt, layer, e) for e in range(cfg.num_experts)]
-    return {name: np.stack([ex[name] for ex in experts]) for name in experts[0]}
+    stack = {name: np.stack([ex[name] for ex in experts]) for name in experts[0]}
+    return {name: np.asarray(w, cfg.np_dtype) for name, w in dequantized(stack, np).items()}
 
 
 def save_checkpoint(

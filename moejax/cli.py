@@ -31,7 +31,7 @@ FLAGS = {
     "routing": "--routing", "prefetch": "--prefetch", "expert_compute": "--expert-compute",
     "prefetch_per_layer": "--prefetch-per-layer", "prefetch_per_step": "--prefetch-per-step",
     "prefetch_floor": "--prefetch-floor", "traces": "--traces", "max_seq_len": "--max-seq-len",
-    "prefill_chunk": "--prefill-chunk", "slots": "the number of prompts (--batch-size for trace)",
+    "prefill_chunk": "--prefill-chunk", "expert_format": "--expert-format", "cpu_experts": "--cpu-experts", "slots": "the number of prompts (--batch-size for trace)",
     "max_new_tokens": "--max-new-tokens", "greedy": "--greedy", "temperature": "--temperature", "top_k": "--top-k",
     "top_p": "--top-p", "stop_token_ids": "--stop-ids", "target_lang": "--target-lang",
     "forced_bos_id": "--forced-bos-id", "dtype": "--dtype", "max_prompt_tokens": "--max-prompt-tokens",
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", type=Path)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="weights dtype (default: the source's)")
+    p.add_argument("--expert-format", choices=("int8", "int4"),
+                   help="store the routed experts compact (APPROXIMATE: weight-only, a scale per 64 input rows); "
+                        "the checkpoint then loads in this format")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -227,6 +230,12 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    help="how a step computes its experts: auto (default: union for few tokens, grouped for many) | union | "
                    "grouped (dropless dynamic gating) | ragged (the same via lax.ragged_dot) | capacity (static capacity factor 2: "
                    "APPROXIMATE, drops tokens)")
+    p.add_argument("--expert-format",
+                   help="routed experts on the host, over the link and in the cache as: bf16 | int8 | int4 (APPROXIMATE: "
+                   "weight-only, a scale per 64 input rows, dequantized in the expert compute; default: as stored)")
+    p.add_argument("--cpu-experts", default="off",
+                   help="auto (--offload cached): compute a missed expert routed few tokens on the CPU instead of copying "
+                   "it, when the cost model measured at load says that is faster | off (default)")
 
 
 def load_predictor(args, approximate_routing: bool = False):
@@ -263,6 +272,8 @@ def load_engine(args, slots: int = 1, predictor=None):
         prefetch_floor=args.prefetch_floor,
         traces=args.traces,
         expert_compute=args.expert_compute,
+        expert_format=args.expert_format,
+        cpu_experts=args.cpu_experts,
     )
     if predictor is not None and args.prefetch == "predictor":
         engine.use_predictor(predictor, args.predict_every)
@@ -272,8 +283,10 @@ def load_engine(args, slots: int = 1, predictor=None):
 def cmd_convert(args) -> int:
     from moejax.convert.converter import convert
 
-    cfg = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.quiet)
-    print(f"wrote {args.out_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype})")
+    cfg = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.quiet,
+                  expert_format=args.expert_format)
+    experts = f", experts {args.expert_format}" if args.expert_format else ""
+    print(f"wrote {args.out_dir} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts, {cfg.dtype}{experts})")
     return 0
 
 
@@ -293,14 +306,19 @@ def cmd_info(args) -> int:
     from moejax.models.decoder import kv_bytes_per_token
     from moejax.models.registry import kind_of
 
+    from moejax.offload.expert_format import stored_format
+
     cfg = checkpoint.load_config(args.checkpoint)
     kind = kind_of(cfg)
     counts = kind.parameter_counts(cfg)
     kv = None if kind.encoder_decoder else kv_bytes_per_token(cfg)
+    fmt = stored_format(args.checkpoint, cfg.dtype)
     if args.json:
-        print(json.dumps({"config": cfg.to_json(), "parameters": counts, **({"kv_cache_bytes_per_token": kv} if kv else {})}))
+        print(json.dumps({"config": cfg.to_json(), "parameters": counts, **fmt.describe(),
+                          **({"kv_cache_bytes_per_token": kv} if kv else {})}))
         return 0
-    print(f"{args.checkpoint}: {cfg.family}" + (" (encoder-decoder)" if kind.encoder_decoder else "") + f", {cfg.dtype}")
+    print(f"{args.checkpoint}: {cfg.family}" + (" (encoder-decoder)" if kind.encoder_decoder else "") + f", {cfg.dtype}"
+          + (f", experts {fmt.name} (approximate, group size {fmt.group_size})" if fmt.compact else ""))
     for line in kind.describe(cfg):
         print(f"  {line}")
     print(f"  parameters: total {counts['total']:,}, dense {counts['dense']:,}, experts {counts['experts']:,}, active/token {counts['active_per_token']:,}")

@@ -93,11 +93,14 @@ def validate(targets: dict[str, Target], tensors: dict[str, TensorInfo], cfg, ig
             )
 
 
-def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bool = False, show_progress: bool = True):
-    """Converts `hf_dir` into a moejax checkpoint at `out_dir`; returns its ModelConfig or EncDecConfig."""
+def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bool = False, show_progress: bool = True,
+            expert_format: str | None = None):
+    """Converts `hf_dir` into a moejax checkpoint at `out_dir`; returns its ModelConfig or EncDecConfig.
+    expert_format: 'int8' / 'int4' stores the routed experts compact (`offload.expert_format`; decoder models)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     check_output(out_dir, [hf_dir], overwrite, checkpoint.CHECKPOINT_OUTPUT)
     cfg, targets = hf_model_config(hf_dir, dtype)
+    fmt = compact_format(cfg, expert_format)
     tensors = index_tensors(hf_dir)
     fam = family(cfg.family)
     if hasattr(fam, "resolve_tensors"):
@@ -114,6 +117,12 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
     total_bytes = sum(tensors[n].nbytes for n in targets) + (fused.nbytes if fused else 0)
     progress = Progress("convert", total_bytes, unit="B", enabled=show_progress, stream=sys.stderr)
     with atomic_directory(out_dir, overwrite, [hf_dir], checkpoint.CHECKPOINT_OUTPUT) as tmp:
+
+        def save(group: tuple, tree: dict) -> None:
+            if fmt is not None and group[0] == "expert":
+                tree = fmt.convert(tree, f"{hf_dir}: layer {group[1]} expert {group[2]}")
+            checkpoint.save_group(tmp, group, tree)
+
         for group, names in groups.items():
             tree: dict = {}
             for name in names:
@@ -123,10 +132,12 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
                     array = array.T
                 _set_path(tree, target.path, np.ascontiguousarray(array.astype(target.dtype(cfg))))
                 progress.advance(tensors[name].nbytes)
-            checkpoint.save_group(tmp, group, tree)
+            save(group, tree)
         for group, tree, nbytes in fused.groups(cfg.np_dtype) if fused else ():
-            checkpoint.save_group(tmp, group, tree)
+            save(group, tree)
             progress.advance(nbytes)
+        if fmt is not None:
+            fmt.save(tmp)
         cfg.save(tmp / "config.json")
         checkpoint.copy_tokenizer_files(hf_dir, tmp)
     progress.close()
@@ -137,3 +148,21 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def compact_format(cfg, expert_format: str | None):
+    """The compact ExpertFormat `expert_format` names for the converted model (None: experts as they are)."""
+    if expert_format is None:
+        return None
+    from moejax.models.decoder import expert_shapes
+    from moejax.models.registry import kind_of
+    from moejax.offload.expert_format import QUANTIZED_FORMATS, ExpertFormat
+
+    if expert_format not in QUANTIZED_FORMATS:
+        raise ParameterError.not_one_of("expert_format", expert_format, QUANTIZED_FORMATS)
+    if kind_of(cfg).encoder_decoder:
+        raise ParameterError("{expert_format} {fmt!r}: encoder-decoder models keep their experts as converted",
+                             fmt=expert_format)
+    fmt = ExpertFormat(expert_format, cfg.dtype)
+    fmt.check({name: (shape, cfg.np_dtype) for name, shape in expert_shapes(cfg).items()})
+    return fmt

@@ -23,8 +23,9 @@ from moejax.config import ModelConfig
 from moejax.convert.families import family
 from moejax.convert.families.common import Target, common_hf_config
 from moejax.convert.safetensors_file import INDEX_FILE, SINGLE_FILE, tensor_bytes, write_tensors
-from moejax.models.registry import kind_of
 from moejax.errors import MoejaxError
+from moejax.models.registry import kind_of
+from moejax.offload.expert_format import stored_format
 from moejax.outputs import atomic_directory, check_output
 from moejax.progress import Progress
 from moejax.sizes import parse_size
@@ -82,6 +83,10 @@ def export(
         raise MoejaxError(f"{ckpt}: exporting encoder-decoder checkpoints ({cfg.family}) is not supported")
     if hasattr(family(cfg.family), "fused_experts"):
         raise MoejaxError(f"{ckpt}: exporting {cfg.family} checkpoints (fused expert tensors) is not supported")
+    stored = stored_format(ckpt, cfg.dtype)
+    if stored.compact:
+        raise MoejaxError(f"{ckpt}: its experts are stored {stored.name} (compact, approximate); export writes the "
+                          "float checkpoint: export the one it was converted from")
     targets = family(cfg.family).tensor_map(cfg)
     names_by_group: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():

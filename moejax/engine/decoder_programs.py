@@ -49,6 +49,7 @@ from moejax.models.decoder import DecoderLayer, EmbedHead, expert_activation
 from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, forced_weights, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
+from moejax.offload.cpu_experts import HostExperts, host_output, split_misses
 from moejax.offload.expert_stacks import fetch_expert, write_slot
 from moejax.offload.host_cache import TieredHost
 
@@ -70,6 +71,8 @@ class ProgramSpec:
     unroll_layers: bool = False
     expert_compute: str = "auto"  # `models.moe.EXPERT_COMPUTES`; see the module docstring
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
+    # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
+    cpu_experts: HostExperts | None = None
 
     def capacity(self, rows: int) -> int:
         """Token slots per expert of static capacity gating on a call of `rows` token rows."""
@@ -157,6 +160,10 @@ def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights
         cache = cache.replace(counters=dc._count(counters, m, dc.HITS, real.sum()))
     elif spec.mode == "cached":
         host = experts.host
+        if spec.cpu_experts is not None:
+            all_weights = weights
+            distinct, weights, on_host = split_misses(cache.table, m, distinct, ids, weights, valid_rows, E,
+                                                      spec.cpu_experts.token_limit)
         move = lambda slab, e, slot: write_slot(slab, slot, host_expert(host, m, e))  # noqa: E731
         cache, slab, slots, pinned = dc.access(cache, m, distinct, policy=spec.policy, num_experts=E,
                                                priorities=experts.priorities, move=move, slab=slab)
@@ -183,6 +190,8 @@ def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights
         out = _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows)
         return out, dataclasses.replace(experts, cache=cache)
     out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
+    if spec.mode == "cached" and spec.cpu_experts is not None:
+        out = out + host_output(spec.cpu_experts, m, moe_in, ids, all_weights, on_host)
     return out, dataclasses.replace(experts, cache=cache, slab=slab)
 
 

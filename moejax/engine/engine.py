@@ -615,6 +615,8 @@ class Engine:
         self.host_wait_s = 0.0
         if isinstance(self.host, TieredHost):
             self.host.cache.reset_stats()
+        if self.spec.cpu_experts is not None:
+            self.spec.cpu_experts.reset()
 
     def stats(self) -> dict:
         """Counters since the last reset: see `offload.stats.cache_stats`."""
@@ -622,6 +624,8 @@ class Engine:
                             self.manager, self.host_wait_s, self.stats_info)
         if isinstance(self.host, TieredHost):
             stats["host_tier"] = self.host.cache.stats()
+        if self.spec.cpu_experts is not None:  # missed experts computed on the host
+            stats["cpu_experts"] = self.spec.cpu_experts.stats()
         return stats
 
 

@@ -19,12 +19,14 @@ from moejax.engine.engine import Engine
 from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, plural
-from moejax.models.decoder import kv_bytes_per_token, kv_cache_bytes
+from moejax.models.decoder import expert_activation, kv_bytes_per_token, kv_cache_bytes
 from moejax.models.encdec import expert_shapes as encdec_expert_shapes
 from moejax.models.moe import EXPERT_COMPUTES
 from moejax.models.registry import kind_of
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
+from moejax.offload.cpu_experts import check_option as check_cpu_experts, host_experts, keeping
+from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
 from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_sharding, size_pinned_pool
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
@@ -52,7 +54,7 @@ def prepare_backend(expert_bytes: int | None = None) -> None:
 def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: int = 4, max_seq_len: int = 2048,
          prefill_chunk: int = 512, device=None, show_progress: bool = False, routing: str | None = None,
          unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
-         **offload_options):
+         expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -73,6 +75,15 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         provisional until measured on the GPU).
     capacity_factor: expert_compute 'capacity' only: capacity = ceil(capacity_factor x tokens x top_k /
         experts) per expert and step (default `models.moe.CAPACITY_FACTOR`).
+    expert_format: the routed experts' format on the host, over the link and in the device cache (decoder
+        models): 'bf16', or APPROXIMATE compact 'int8' / 'int4' (weight-only, per-group scales,
+        `models.quantized`; dequantized inside the expert compute); default: as the checkpoint stores them
+        (its dtype, or the compact format `moejax convert --expert-format` wrote).
+    cpu_experts: 'auto' (offload 'cached', decoder models): a missed expert routed few tokens is computed on the
+        host from host memory instead of copied, where the cost model says it is faster (`offload.cpu_experts`;
+        equal up to float rounding); 'off' (the default): every miss is copied. cpu_cost: that cost model
+        (`cpu_experts.CostModel`), default measured at load; a dict gives some of its fields and the rest is
+        measured (e.g. {'link_bytes_per_s': 25e9}).
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -87,17 +98,29 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     config = offload if isinstance(offload, OffloadConfig) else OffloadConfig(offload, **offload_options)
     cfg = with_routing(cfg, routing)
     compute = expert_compute_options(expert_compute, capacity_factor)
+    fmt = resolve_format(expert_format, stored_format(path, cfg.dtype), kind_of(cfg).encoder_decoder)
     num_moe = len(cfg.moe_layer_ids)
+    check_cpu_experts(cpu_experts, config.mode)
+    if kind_of(cfg).encoder_decoder and cpu_experts != "off":
+        raise ParameterError("{cpu_experts} {value!r}: encoder-decoder models copy every missed expert", value=cpu_experts)
+    if not kind_of(cfg).encoder_decoder:
+        fmt.check(_shapes(cfg))
+        compute.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
     host_tier = None
     if config.host_budget is not None:
         if kind_of(cfg).encoder_decoder:
             raise ParameterError("{host_budget}: the disk tier serves decoder-only models, not {family}", family=cfg.family)
+        if fmt.approximate or cpu_experts != "off":
+            raise ParameterError("{host_budget}: the disk tier keeps experts as the checkpoint stores them in float; it "
+                                 "does not combine with {expert_format} {name!r} or {cpu_experts} {cpu!r} yet",
+                                 name=fmt.name, cpu=cpu_experts)
         host_tier = checkpoint_tier(path, cfg, _shapes(cfg), config.host_budget, config.expert_dir, show_progress)
     pinned = config.mode != "resident" and host_tier is None
-    prepare_backend(num_moe * cfg.num_experts * cfg.expert_bytes if pinned else None)
+    expert_bytes = fmt.expert_bytes(_shapes(cfg)) if fmt.approximate else cfg.expert_bytes
+    prepare_backend(num_moe * cfg.num_experts * expert_bytes if pinned else None)
     globals_ = checkpoint.load_globals(path)
     layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
-    stacks = () if host_tier is not None else _expert_stacks(path, cfg, show_progress)
+    stacks = () if host_tier is not None else _expert_stacks(path, cfg, show_progress, fmt)
     if kind_of(cfg).encoder_decoder:
         return build_seq2seq_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
                                     device=device, tokenizer=load_tokenizer(path), path=path, unroll_layers=unroll_layers,
@@ -138,27 +161,42 @@ def with_routing(cfg: ModelConfig | EncDecConfig, routing: str | None) -> ModelC
 def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_stacks: Iterable[dict],
                  config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, prefill_chunk: int = 512,
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
-                 host_tier=None, **compute) -> Engine:
+                 host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
+                 **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
     made on the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and
     `capacity_factor` (see `load`); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts
-    instead of `expert_stacks` (cached mode)."""
+    instead of `expert_stacks` (cached mode); expert_format: the format the experts are kept in (default: as
+    given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost: see `load`."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
     step_experts = programs.distinct_size(cfg, max(prefill_chunk, slots))
     need = ("a prompt chunk of {chunk} tokens, or one token of {rows} sequences; minimum budget {minimum:,} bytes): "
             "give a larger budget, or a smaller {prefill_chunk} and {slots}")
-    experts = place_experts(cfg, config, expert_stacks, _shapes(cfg), device, step_experts,
+    fmt = expert_format or ExpertFormat(DTYPE_FORMATS[cfg.dtype], cfg.dtype)
+    if fmt.approximate:
+        fmt.check(_shapes(cfg))
+        expert_stacks = (fmt.convert(stack, f"{path or 'experts'}: MoE layer {m}") for m, stack in enumerate(expert_stacks))
+    expert_bytes = fmt.expert_bytes(_shapes(cfg))
+    check_cpu_experts(cpu_experts, config.mode)
+    kept = [] if cpu_experts == "auto" else None
+    if kept is not None:
+        expert_stacks = keeping(expert_stacks, kept)
+    experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier, chunk=prefill_chunk,
-                            rows=slots)
+                            rows=slots, expert_bytes=expert_bytes)
+    if kept is not None:
+        compute["cpu_experts"] = host_experts(kept, expert_activation(cfg), experts.host[0], expert_bytes, cpu_cost,
+                                              cfg.top_k * max(prefill_chunk, slots))
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), **compute)
     return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
-                  expert_bytes=cfg.expert_bytes, stats_info={**experts.info, "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
+                  expert_bytes=expert_bytes,
+                  stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
 
 
 def _kv_cache_info(cfg: ModelConfig, slots: int, max_seq_len: int) -> dict:
@@ -222,11 +260,13 @@ class PlacedExperts:
 
 
 def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert_stacks: Iterable[dict], shapes: dict,
-                  device, step_experts: int, kv_bytes: int, need: str, host_tier=None, **need_values) -> PlacedExperts:
+                  device, step_experts: int, kv_bytes: int, need: str, host_tier=None, expert_bytes: int | None = None,
+                  **need_values) -> PlacedExperts:
     """Puts every MoE layer's expert stacks ({name: [E, ...]}, one layer at a time) where `config` says: a device
     slab of them all (resident), or pinned host memory (or `host_tier`, the disk tier, instead), with a cache of
     the budget's slots in cached mode (see `_capacity`: step_experts, kv_bytes, need). shapes: one expert's
-    {name: (shape, dtype)}."""
+    {name: (shape, dtype)}; expert_bytes: one expert's bytes as stored (default `cfg.expert_bytes`; compact
+    formats' are fewer)."""
     num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
     collection = trace_collection(cfg, config.traces)
     on_device = jax.sharding.SingleDeviceSharding(device)
@@ -242,7 +282,8 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
         info["host_experts"] = num_moe * E
         cache, slab = dc.empty_state(num_moe, E, 1), {}
         if config.mode == "cached":
-            capacity = _capacity(cfg, config, device, step_experts, kv_bytes, need, **need_values)
+            capacity = _capacity(cfg, config, device, step_experts, kv_bytes, need, expert_bytes or cfg.expert_bytes,
+                                 **need_values)
             cache, slab = dc.empty_state(num_moe, E, capacity), empty_slab(shapes, capacity, device)
             staged = 2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step
             manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.policy, prefetch=config.prefetch,
@@ -277,33 +318,36 @@ def _shapes(cfg: ModelConfig) -> dict:
     return {name: (shape, np.dtype(cfg.np_dtype)) for name, shape in expert_shapes(cfg).items()}
 
 
-def _expert_stacks(path: Path, cfg: ModelConfig, show_progress: bool) -> Iterator[dict]:
-    """Each MoE layer's experts as NumPy stacks {name: [E, ...]}, one layer at a time."""
+def _expert_stacks(path: Path, cfg: ModelConfig, show_progress: bool, fmt: ExpertFormat) -> Iterator[dict]:
+    """Each MoE layer's experts as NumPy stacks {name: [E, ...]} in format `fmt`, one layer at a time."""
     progress = Progress("load experts", len(cfg.moe_layer_ids) * cfg.num_experts, enabled=show_progress)
     for layer in cfg.moe_layer_ids:
         experts = []
         for e in range(cfg.num_experts):
             experts.append(checkpoint.load_expert(path, layer, e))
             progress.advance()
-        yield {name: np.stack([np.asarray(x[name], cfg.np_dtype) for x in experts]) for name in experts[0]}
+        yield fmt.convert({name: np.stack([np.asarray(x[name]) for x in experts]) for name in experts[0]},
+                          f"{path}: MoE layer {layer}")
     progress.close()
 
 
 def _capacity(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, device, step_experts: int, kv_bytes: int, need: str,
-              **need_values) -> int:
+              expert_bytes: int, **need_values) -> int:
     """Expert slots for the budget: at least the experts one step can use at once (`step_experts`: usually one
     layer's worth; `need`, a ParameterError template with `need_values`, says what makes a step need them), at
     most every expert, within device memory (next to the dense weights, `kv_bytes` of KV caches and a step's
-    gathered experts). Steps are the same at every budget, so outputs are too."""
+    gathered experts). Steps are the same at every budget, so outputs are too. expert_bytes: one expert as the
+    cache holds it; a fractional budget is of the checkpoint's expert bytes, so that compact experts (fewer bytes)
+    fit more of them into the same memory, and a step's gathered experts are dequantized (`cfg.expert_bytes`)."""
     total = len(cfg.moe_layer_ids) * cfg.num_experts
     budget = parse_budget(config.budget, total * cfg.expert_bytes)
-    if min(budget // cfg.expert_bytes, total) < step_experts:
+    if min(budget // expert_bytes, total) < step_experts:
         raise ParameterError(
             "{expert_budget} of {budget:,} bytes holds {holds}, but a step of this engine can need {need} at once (" + need,
-            budget=budget, holds=plural(budget // cfg.expert_bytes, "expert"), need=step_experts,
-            minimum=step_experts * cfg.expert_bytes, **need_values)
+            budget=budget, holds=plural(budget // expert_bytes, "expert"), need=step_experts,
+            minimum=step_experts * expert_bytes, **need_values)
     memory = device_memory(device, kv_bytes + step_experts * cfg.expert_bytes)
-    return cache_capacity(budget, cfg.expert_bytes, step_experts, total, memory)
+    return cache_capacity(budget, expert_bytes, step_experts, total, memory)
 
 
 def trace_collection(cfg: ModelConfig | EncDecConfig, traces: str | Path | None) -> EAMCollection | None:

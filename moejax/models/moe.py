@@ -35,6 +35,7 @@ from jax import lax
 
 from moejax.models.capacity import queue_positions
 from moejax.models.layers import ACTIVATIONS
+from moejax.models.quantized import dequantized
 
 # How a step computes its routed experts (see `routed_experts`); 'auto' picks by the call's rows.
 EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity")
@@ -318,8 +319,9 @@ def batched_expert_ffn(x, experts: dict, act="silu"):
 
 
 def gathered(slab: dict, slots) -> dict:
-    """The experts at `slots` int32 [U] of a slab {name: [S, ...]} as one copy {name: [U, ...]} (slot -1: slot 0's)."""
-    return {name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()}
+    """The experts at `slots` int32 [U] of a slab {name: [S, ...]} as one copy {name: [U, ...]} (slot -1: slot 0's),
+    compact experts (int8 / int4 codes with scales, `models.quantized`) dequantized to float weights."""
+    return dequantized({name: jnp.take(weights, jnp.maximum(slots, 0), axis=0) for name, weights in slab.items()})
 
 
 def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu"):

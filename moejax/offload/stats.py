@@ -59,6 +59,12 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     if stats.get("expert_compute") == "capacity":
         line += (f"; expert compute capacity (factor {stats['capacity_factor']:g}): approximate, "
                  "tokens over an expert's capacity dropped")
+    if stats.get("expert_format_approximate"):
+        line += f"; experts {stats['expert_format']}: approximate"
+    host = stats.get("cpu_experts")
+    if host and host["experts"]:
+        line += (f"; {plural(host['experts'], 'missed expert')} ({plural(host['tokens'], 'token')}) computed on the CPU "
+                 f"in {host['seconds']:.3f} s")
     return line
 
 

@@ -1,0 +1,225 @@
+"""Compact expert formats (int8 / int4, `models.quantized`, `offload.expert_format`) and CPU compute of missed
+experts (`offload.cpu_experts`)."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import moejax
+from moejax import checkpoint
+from moejax.cli import main as moejax_cli
+from moejax.convert.export import export
+from moejax.engine.loading import build_engine
+from moejax.errors import MoejaxError, ParameterError
+from moejax.models.moe import experts_from_slab, routed_experts
+from moejax.models.quantized import GROUP_SIZE, dequantize, quantize
+from moejax.offload.config import OffloadConfig
+from moejax.offload.cpu_experts import CostModel, HostExperts, host_experts, split_misses
+from moejax.offload.expert_format import ExpertFormat
+from moejax.offload.stats import summary_line
+
+SHIPPED = moejax.SHIPPED_CHECKPOINT
+PROMPT = [5, 17, 300, 42, 99, 7, 1000, 3, 250, 12, 64, 900, 31, 8, 77, 2048]
+
+
+def reference_quantize(w, levels, group):
+    """Independent reference: a plain loop over groups and columns, float64."""
+    rows, cols = w.shape
+    out = np.zeros_like(w, dtype=np.float64)
+    for g in range(rows // group):
+        for c in range(cols):
+            block = w[g * group:(g + 1) * group, c].astype(np.float64)
+            scale = np.float32(np.abs(block).max() / levels)
+            codes = np.clip(np.round(block / scale), -levels, levels) if scale > 0 else np.zeros(group)
+            out[g * group:(g + 1) * group, c] = codes * scale
+    return out
+
+
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int4", 7)])
+def test_quantize_round_trip_matches_a_plain_loop(fmt, levels):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2 * GROUP_SIZE, 5)).astype(np.float32)
+    w[:GROUP_SIZE, 0] = 0.0  # an all-zero group
+    codes, scales = quantize(w, fmt, np.float32)
+    assert scales.shape == (2, 5) and codes.shape == ((2 * GROUP_SIZE, 5) if fmt == "int8" else (GROUP_SIZE, 5))
+    back = np.asarray(dequantize(codes, scales))
+    np.testing.assert_allclose(back, reference_quantize(w, levels, GROUP_SIZE), rtol=1e-6, atol=1e-7)
+    assert np.all(np.abs(back - w) <= np.repeat(scales, GROUP_SIZE, axis=0) / 2 + 1e-6)
+    np.testing.assert_array_equal(dequantize(codes, scales, np, np.float32), back)  # the host's NumPy twin
+    if fmt == "int4":  # row 2i in byte row i's low nibble, row 2i + 1 in its high nibble, offset by 8
+        code = lambda r, c: int(np.rint(w[r, c] / scales[r // GROUP_SIZE, c]))  # noqa: E731
+        assert codes[3, 2] == (code(6, 2) + 8) | ((code(7, 2) + 8) << 4)
+
+
+@pytest.mark.parametrize("how", ["union", "grouped", "ragged", "capacity"])
+def test_every_expert_compute_dequantizes_a_compact_slab(how):
+    """Each expert compute on an int4 slab gives the bits it gives on the slab's dequantized float weights."""
+    rng = np.random.default_rng(2)
+    S, D, F, N = 5, 64, 64, 6
+    slab = {name: rng.standard_normal((S,) + shape).astype(np.float32)
+            for name, shape in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D)))}
+    compact = ExpertFormat("int4", "float32").convert(slab, "test")
+    floats = {name: dequantize(compact[name], compact[name + "_scale"]) for name in slab}
+    x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.choice(S, 2, replace=False) for _ in range(N)]), jnp.int32)
+    weights = jnp.full((N, 2), 0.5, jnp.float32)
+    distinct = jnp.arange(S, dtype=jnp.int32)
+    run = lambda slab: routed_experts(how, x, ids, weights, distinct, distinct[::-1], slab, capacity=N)  # noqa: E731
+    np.testing.assert_array_equal(run({n: jnp.asarray(w) for n, w in compact.items()}), run(floats))
+    assert not np.allclose(run(floats), run({n: jnp.asarray(w) for n, w in slab.items()}), atol=1e-3)
+
+
+def test_compact_bytes_and_budgets():
+    shapes = {"gate": ((4096, 14336), np.dtype(jnp.bfloat16)), "up": ((4096, 14336), np.dtype(jnp.bfloat16)),
+              "down": ((14336, 4096), np.dtype(jnp.bfloat16))}
+    params = 3 * 4096 * 14336
+    assert ExpertFormat("bf16", "bfloat16").expert_bytes(shapes) == 2 * params
+    assert ExpertFormat("int8", "bfloat16").expert_bytes(shapes) == params + 2 * params // GROUP_SIZE
+    assert ExpertFormat("int4", "bfloat16").expert_bytes(shapes) == params // 2 + 2 * params // GROUP_SIZE
+
+
+@pytest.fixture(scope="module")
+def logits_by_format():
+    """Prefill logits of the shipped model per format (resident), and int8 in cached mode at 25%."""
+    out, stats = {}, {}
+    for fmt, mode in (("bf16", "resident"), ("int8", "resident"), ("int4", "resident"), ("int8", "cached"),
+                      ("int4", "on-demand")):
+        engine = moejax.load(SHIPPED, mode, slots=1, max_seq_len=32, expert_format=fmt,
+                             **({"expert_budget": "0.25"} if mode == "cached" else {}))
+        out[fmt, mode] = engine.logits([PROMPT])[0]
+        stats[fmt, mode] = engine.stats()
+    return out, stats
+
+
+def test_formats_through_the_engine(logits_by_format):
+    """int8 keeps the bf16 model's next-token choice at >= 14 of 16 prompt positions and its logits within 10% of
+    their range (int4: looser); a format gives the same bits resident and cached; the stats say the format and
+    count compact bytes, and a 25% budget holds more compact experts."""
+    logits, stats = logits_by_format
+    ref = logits["bf16", "resident"]
+    spread = ref.max() - ref.min()
+    errors = {fmt: np.abs(logits[fmt, "resident"] - ref).max() / spread for fmt in ("int8", "int4")}
+    agree = {fmt: (logits[fmt, "resident"].argmax(-1) == ref.argmax(-1)).sum() for fmt in ("int8", "int4")}
+    assert 0 < errors["int8"] < 0.1 and errors["int8"] < errors["int4"] < 0.3, errors
+    assert agree["int8"] >= 14, agree
+    np.testing.assert_array_equal(logits["int8", "cached"], logits["int8", "resident"])
+    np.testing.assert_array_equal(logits["int4", "on-demand"], logits["int4", "resident"])
+    cached = stats["int8", "cached"]
+    assert cached["expert_format"] == "int8" and cached["expert_format_approximate"] and cached["expert_group_size"] == 64
+    assert summary_line(cached, 1).endswith("; experts int8: approximate")
+    assert stats["bf16", "resident"]["expert_format"] == "bf16" and not stats["bf16", "resident"]["expert_format_approximate"]
+    assert cached["expert_bytes"] == 38016 < 73728 // 1.9  # 3 x 192 x 64 int8 codes + bf16 scales
+    assert cached["capacity_experts"] == int(0.25 * 128 * 73728) // 38016  # the fraction is of the bf16 bytes
+    assert cached["total"]["bytes_h2d"] == cached["total"]["misses"] * 38016
+
+
+def test_compact_checkpoint_round_trip(tmp_path, logits_by_format, capsys):
+    """export -> convert --expert-format int8 -> a checkpoint that says int8 (info), loads int8 without the flag
+    and gives the logits of load-time int8; only int8 (asking bf16 of it is refused)."""
+    hf, compact = tmp_path / "hf", tmp_path / "compact"
+    assert moejax_cli(["export", str(SHIPPED), str(hf), "--quiet"]) == 0
+    assert moejax_cli(["convert", str(hf), str(compact), "--expert-format", "int8", "--quiet"]) == 0
+    capsys.readouterr()
+    assert moejax_cli(["info", str(compact), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["expert_format"] == "int8"
+    assert checkpoint.load_expert(compact, 0, 0)["gate"].dtype == np.int8
+    engine = moejax.load(compact, slots=1, max_seq_len=32)
+    assert engine.stats()["expert_format"] == "int8"
+    np.testing.assert_array_equal(engine.logits([PROMPT])[0], logits_by_format[0]["int8", "resident"])
+    with pytest.raises(ParameterError, match="stores int8 experts"):
+        moejax.load(compact, expert_format="bf16")
+    with pytest.raises(MoejaxError, match="stored int8 .* export the one it was converted from"):
+        export(compact, tmp_path / "again", show_progress=False)
+    cfg = checkpoint.load_config(SHIPPED)
+    original, restored = (checkpoint.load_stacked_experts(c, cfg, 0) for c in (SHIPPED, compact))
+    assert restored["gate"].dtype == original["gate"].dtype  # whole-model readers get float weights back
+    original, restored = original["gate"].astype(np.float32), restored["gate"].astype(np.float32)
+    # half an int8 step, plus the bf16 rounding of the dequantized weight
+    assert 0 < np.abs(restored - original).max() <= np.abs(original).max() * (1 / 254 + 2**-8)
+
+
+def test_bad_formats_are_refused_in_one_line(capsys):
+    with pytest.raises(ParameterError, match="expert_format 'int3' is not one of bf16, int8, int4"):
+        moejax.load(SHIPPED, expert_format="int3")
+    assert moejax_cli(["generate", "--prompt", "x", "--expert-format", "int3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "moejax: error: --expert-format 'int3' is not one of bf16, int8, int4")
+    fmt = ExpertFormat("int8", "bfloat16")
+    codes, scales = quantize(np.ones((64, 8), np.float32), "int8", jnp.bfloat16)
+    with pytest.raises(MoejaxError, match=r"^ckpt: MoE layer 2: compact expert weight 'down' has no scale 'down_scale'$"):
+        fmt.convert({"gate": codes, "gate_scale": scales, "down": codes}, "ckpt: MoE layer 2")
+    with pytest.raises(ParameterError, match="input dimension 100, not a multiple of the quantization group size 64"):
+        fmt.check({"gate": ((100, 8), np.float32)})
+    with pytest.raises(ParameterError, match="cpu_experts 'auto' .* needs offload cached, not 'resident'"):
+        moejax.load(SHIPPED, cpu_experts="auto")
+    stack = {"gate": np.zeros((2, 64, 8), np.float32), "up": np.zeros((2, 64, 8), np.float32),
+             "down": np.zeros((2, 8, 64), np.float32)}
+    with pytest.raises(ParameterError, match=r"^cpu_cost: unknown fields link \(fields: "):
+        host_experts([stack], "silu", stack, 1, {"link": 1e9}, 8)
+
+
+def test_cost_model_choice_on_synthetic_bandwidths():
+    # Mixtral expert (352 MB) over a 50 GB/s link: 7.05 ms; host 1 ms + 2 ms per token -> up to 3 tokens
+    model = CostModel(352_321_536, 50e9, 1e-3, 2e-3)
+    assert model.host_token_limit() == 3 and model.host_s(3) < model.copy_s() < model.host_s(4)
+    assert CostModel(352_321_536, 50e9, 8e-3, 1e-4).host_token_limit() == 0  # the host's fixed cost alone loses
+    assert CostModel(352_321_536, 5e9, 1e-3, 1e-3).host_token_limit() == 69  # a slow link: 70.5 ms
+    # Inside the program: misses routed 1..limit tokens go to the host; hits and busier misses stay on the device
+    E, limit = 4, 2
+    table = jnp.array([-1, -1, -1, -1, 0, -1, -1, 1], jnp.int32)  # layer 1: expert 0 and 3 resident
+    ids = jnp.array([[0, 1], [1, 2], [2, 3], [2, 0]], jnp.int32)  # counts 2, 2, 3, 1
+    weights = jnp.full((4, 2), 0.5, jnp.float32)
+    distinct = jnp.array([0, 1, 2, 3], jnp.int32)
+    device_distinct, device_weights, on_host = split_misses(table, 1, distinct, ids, weights, None, E, limit)
+    np.testing.assert_array_equal(on_host, [False, True, False, False])
+    np.testing.assert_array_equal(device_distinct, [0, 2, 3, 4])
+    np.testing.assert_array_equal(device_weights, [[0.5, 0], [0, 0.5], [0.5, 0.5], [0.5, 0.5]])
+
+
+@pytest.mark.parametrize("dtype,fmt,tolerance", [(jnp.float32, None, 1e-6), (jnp.bfloat16, None, 1e-2),
+                                                 (jnp.bfloat16, "int4", 1e-2)])
+def test_host_expert_outputs_match_the_device_path(dtype, fmt, tolerance):
+    """The host's expert compute against the device's union compute on the same weights: float32 to 1e-6 of the
+    output's largest value, bfloat16 (and int4 weights dequantized to it) to 1e-2 (about two bf16 ulps)."""
+    rng = np.random.default_rng(1)
+    E, D, F, N, k = 6, 128, 64, 5, 2
+    stack = {name: (rng.standard_normal((E,) + shape) * 0.05).astype(dtype)
+             for name, shape in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D)))}
+    if fmt is not None:
+        stack = ExpertFormat(fmt, "bfloat16").convert(stack, "test")
+    x = rng.standard_normal((N, D)).astype(dtype)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(N)]).astype(np.int32)
+    weights = rng.random((N, k)).astype(np.float32)
+    distinct = jnp.arange(E, dtype=jnp.int32)
+    device = np.asarray(experts_from_slab(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), distinct, distinct,
+                                          {name: jnp.asarray(w) for name, w in stack.items()}))
+    host = HostExperts([stack], "silu", 8)
+    out = host.compute(0, x, ids, weights, np.ones(E, bool))
+    assert np.abs(out - device).max() <= tolerance * np.abs(device).max()
+    assert host.stats()["experts"] == E and host.stats()["tokens"] == N * k
+
+
+def test_cpu_experts_in_the_cached_engine():
+    """The shipped model in float32, cached at 25%: with a cost model that sends every miss to the host, no expert
+    crosses the link, the stats count the host's experts and tokens, and the logits equal the copy-only engine's
+    to float rounding (1e-4 of their range)."""
+    cfg = checkpoint.load_config(SHIPPED).replace(dtype="float32")
+    as32 = lambda tree: {k: as32(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in tree.items()}  # noqa: E731
+    globals_ = as32(checkpoint.load_globals(SHIPPED))
+    layers = [as32(checkpoint.load_layer(SHIPPED, i)) for i in range(cfg.num_layers)]
+    stacks = [as32(checkpoint.load_stacked_experts(SHIPPED, cfg, layer)) for layer in cfg.moe_layer_ids]
+    build = lambda **kw: build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig("cached", expert_budget="0.25"),  # noqa: E731
+                                      slots=1, max_seq_len=32, **kw)
+    copying = build()
+    ref = copying.logits([PROMPT])[0]
+    host_first = build(cpu_experts="auto", cpu_cost=CostModel(cfg.expert_bytes, 1e6, 0.0, 1e-9))
+    logits = host_first.logits([PROMPT])[0]
+    stats = host_first.stats()
+    assert copying.stats()["total"]["misses"] > 0 and stats["total"]["misses"] == 0 and stats["total"]["bytes_h2d"] == 0
+    assert stats["cpu_experts"]["experts"] > 0 and stats["cpu_experts"]["tokens"] >= stats["cpu_experts"]["experts"]
+    assert f"; {stats['cpu_experts']['experts']} missed experts (" in summary_line(stats, 1)
+    assert np.abs(logits - ref).max() <= 1e-4 * (ref.max() - ref.min())
