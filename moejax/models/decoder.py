@@ -106,10 +106,11 @@ class DecoderLayer(nn.Module):
         return self.finish(h, moe_in, routed), kv_cache, logits
 
 
-def expert_activation(cfg: ModelConfig):
-    """What the routed experts apply to their gate and up projections (`models.moe.gated_activation`): the
-    activation's name, or gpt-oss's clamped SwiGLU."""
-    return cfg.hidden_act if cfg.swiglu_limit is None else ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit)
+def expert_activation(cfg):
+    """What the routed experts of `cfg` (a ModelConfig or an EncDecConfig) apply to their gate and up projections
+    (`models.moe.gated_activation`): the activation's name, or gpt-oss's clamped SwiGLU."""
+    limit = getattr(cfg, "swiglu_limit", None)  # encoder-decoder configs have none
+    return cfg.hidden_act if limit is None else ClampedSwiGLU(cfg.swiglu_alpha, limit)
 
 
 def decoder_layer(cfg: ModelConfig, i: int) -> DecoderLayer:
