@@ -138,6 +138,9 @@ def add_serve_parser(sub) -> None:
                    help="admission order: fcfs (first come, first served) or slo (by deadline slack and task)")
     p.add_argument("--no-warmup", action="store_true",
                    help="start serving at once; the first requests then wait for their programs to compile")
+    p.add_argument("--routing", choices=("predicted",),
+                   help="predicted (with --predictor): APPROXIMATE, the predictor's experts replace the routers' "
+                        "(SiDA); /metrics and every answer's system_fingerprint say so")
     add_offload_arguments(p)
 
 
@@ -224,16 +227,28 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "APPROXIMATE, drops tokens)")
 
 
-def load_predictor(args, approximate_routing: bool = False):
+def load_predictor(args, approximate_routing: bool = False, scheduler: str | None = None):
     """The predictor of --predictor (None without it), which goes with --prefetch predictor (or, for
-    generate, --routing predicted)."""
-    if (args.predictor is None) != (args.prefetch != "predictor" and not approximate_routing):
-        raise MoejaxError("--predictor DIR goes with --prefetch predictor" + (" or --routing predicted" if approximate_routing else ""))
+    generate and serve, --routing predicted; for serve, --scheduler slo, which reads its expert profiles)."""
+    needed = args.prefetch == "predictor" or approximate_routing
+    if (args.predictor is None and needed) or (args.predictor is not None and not needed and scheduler != "slo"):
+        raise MoejaxError("--predictor DIR goes with --prefetch predictor"
+                          + (" or --routing predicted" if hasattr(args, "routing") else "")
+                          + (" or --scheduler slo" if scheduler is not None else ""))
     if args.predictor is None:
         return None
     from moejax.predictors import store
 
     return store.load(args.predictor)
+
+
+def use_predicted_routing(engine, predictor) -> None:
+    """--routing predicted: the predictor's experts replace the routers' (approximate; said on stderr)."""
+    from moejax.predictors.approximate import PredictedRouting
+
+    engine.routing_override = PredictedRouting(predictor, engine.cfg.top_k)
+    print("moejax: note: --routing predicted is APPROXIMATE: the predictor's experts replace the routers', "
+          "so the output can differ from the model's", file=sys.stderr, flush=True)
 
 
 def load_engine(args, slots: int = 1, predictor=None):
@@ -346,11 +361,7 @@ def cmd_generate(args) -> int:
     predictor = load_predictor(args, approximate_routing=predicted_routing)
     engine = load_engine(args, slots=len(prompts), predictor=predictor)
     if predicted_routing:
-        from moejax.predictors.approximate import PredictedRouting
-
-        engine.routing_override = PredictedRouting(predictor, engine.cfg.top_k)
-        print("moejax: note: --routing predicted is approximate: the predictor's experts replace the routers', "
-              "so the output can differ from the model's", file=sys.stderr)
+        use_predicted_routing(engine, predictor)
     if args.prompt and engine.tokenizer is None:
         raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
     if args.task is not None and args.traces is not None:
@@ -510,19 +521,24 @@ def cmd_serve(args) -> int:
         sock = listen(args.host, args.port)
     except OSError as err:
         raise MoejaxError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
-    predictor = load_predictor(args)
+    predicted_routing = args.routing == "predicted"
+    predictor = load_predictor(args, approximate_routing=predicted_routing, scheduler=args.scheduler)
     with sock:
         engine = load_engine(args, slots=args.max_batch, predictor=predictor)
+        if predicted_routing:
+            use_predicted_routing(engine, predictor)
         template = ChatTemplate.from_checkpoint(args.checkpoint, engine.tokenizer)
-        loop = ServingLoop(engine, scheduler=args.scheduler, max_queue=args.max_queue, max_batch=args.max_batch)
+        loop = ServingLoop(engine, scheduler=args.scheduler, max_queue=args.max_queue, max_batch=args.max_batch,
+                           predictor=predictor if args.scheduler == "slo" else None)
         if not args.no_warmup:
             with on_first_compile(lambda: print("moejax: compiling the first programs (--no-warmup skips this)...",
                                                 file=sys.stderr, flush=True)):
                 engine.warm_up()
         model = args.checkpoint.resolve().name
         app = build_app(loop, engine.tokenizer, model, context=engine.max_seq_len, chat_template=template)
-        print(f"moejax: serving {model} at {url(sock)}/v1 ({template.kind} chat template); SIGTERM or Ctrl-C stops "
-              "it once the requests in flight are done", file=sys.stderr, flush=True)
+        approximate = "; APPROXIMATE routing: the predictor's experts replace the routers'" if predicted_routing else ""
+        print(f"moejax: serving {model} at {url(sock)}/v1 ({template.kind} chat template{approximate}); SIGTERM or "
+              "Ctrl-C stops it once the requests in flight are done", file=sys.stderr, flush=True)
         run(app, sock)
     return 0
 
