@@ -160,8 +160,10 @@ def add_train_predictor_parser(sub) -> None:
     p.add_argument("--context", type=int, default=defaults.context, help="tokens the encoder reads at once")
     p.add_argument("--hidden", type=int, default=defaults.hidden, help="LSTM units per direction")
     p.add_argument("--layers", type=int, default=defaults.layers, help="stacked LSTMs")
-    p.add_argument("--causal", action="store_true", help="read only earlier tokens (default: the whole window, as "
-                   "a prompt is known before its prefill)")
+    p.add_argument("--bidirectional", action="store_true", help="read the whole window, later tokens too (default: "
+                   "only earlier ones, as the model's routing does)")
+    p.add_argument("--unknown-rate", type=float, default=defaults.unknown_rate,
+                   help="share of training tokens whose id is hidden, so the encoder learns unseen strings' spelling")
     p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="tokens per optimiser step")
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--validation", type=float, default=defaults.validation,
@@ -551,11 +553,12 @@ def cmd_train_predictor(args) -> int:
                         ("--layers", args.layers), ("--batch-tokens", args.batch_tokens)):
         if value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
-    if not 0 <= args.validation < 1 or not args.learning_rate > 0:
-        raise MoejaxError("--validation must be in [0, 1) and --learning-rate positive")
+    if not 0 <= args.validation < 1 or not args.learning_rate > 0 or not 0 <= args.unknown_rate < 1:
+        raise MoejaxError("--validation and --unknown-rate must be in [0, 1) and --learning-rate positive")
     config = TrainingConfig(epochs=args.epochs, context=args.context, hidden=args.hidden, layers=args.layers,
-                            causal=args.causal, batch_tokens=args.batch_tokens, learning_rate=args.learning_rate,
-                            validation=args.validation, seed=args.seed)
+                            causal=not args.bidirectional, batch_tokens=args.batch_tokens,
+                            learning_rate=args.learning_rate, validation=args.validation, seed=args.seed,
+                            unknown_rate=args.unknown_rate)
     summary = train_predictor(args.kind, args.traces, args.out, sequences=args.sequences, config=config,
                               overwrite=args.overwrite, show_progress=not args.quiet)
     last = summary.get("epochs", [{}])[-1] if summary.get("epochs") else {}

@@ -43,7 +43,7 @@ def write_external(data, path):
     path.with_name(f"{path.stem}_tokens.json").write_text(json.dumps(data.tokens))
 
 
-TINY = dict(embed=16, hidden=32, context=32, batch_tokens=256, ngram_buckets=0, dropout=0.0, causal=True)
+TINY = dict(embed=16, hidden=32, context=32, batch_tokens=256, ngram_buckets=0, dropout=0.0, unknown_rate=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,20 @@ def test_generated_tokens_are_predicted_from_earlier_tokens_only(trained):
     np.testing.assert_allclose(out[3], predictor.predict(tokens[:3])[-1], atol=1e-6)
 
 
+def test_a_causal_predictor_reads_no_later_token(trained):
+    """Token t's prediction is the same from the whole sequence and from its first t + 1 tokens, across the
+    overlapping windows of a sequence longer than the context (32 tokens)."""
+    from moejax.predictors.sida import _windows
+
+    predictor, _ = trained
+    tokens = [f"w{i % 10}" for i in range(70)]
+    whole = predictor.predict(tokens)
+    for stop in (1, 17, 32, 33, 48, 49, 70):
+        np.testing.assert_allclose(predictor.predict(tokens[:stop]), whole[:stop], atol=1e-5)
+    windows = _windows(70, 32)
+    assert windows == [(0, 32, 0), (16, 48, 32), (32, 64, 48), (48, 70, 64)]  # every token scored once
+
+
 def test_save_load_round_trip(trained, tmp_path):
     predictor, summary = trained
     store.save(predictor, tmp_path / "p", summary)
@@ -109,6 +123,8 @@ def _damage(directory, how):
         settings.unlink()
     elif how == "bad json":
         settings.write_text("{not json")
+    elif how == "old format":
+        settings.write_text(json.dumps({**document, "format": 1}))
     elif how == "unknown kind":
         settings.write_text(json.dumps({**document, "kind": "oracle"}))
     elif how == "truncated weights":
@@ -125,6 +141,7 @@ def _damage(directory, how):
 
 @pytest.mark.parametrize("how, message", [
     ("no settings", "not a predictor directory"), ("bad json", "damaged predictor settings"),
+    ("old format", "a predictor of format 1, but this moejax reads format 2 .*train it again"),
     ("unknown kind", "unknown predictor kind 'oracle'"), ("truncated weights", "arrays.npz"),
     ("missing weights", "damaged predictor \\(missing weights"), ("wrong shape", "damaged predictor \\(weights .* shape"),
 ])
