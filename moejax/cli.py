@@ -536,6 +536,8 @@ def cmd_serve(args) -> int:
             with on_first_compile(lambda: print("moejax: compiling the first programs (--no-warmup skips this)...",
                                                 file=sys.stderr, flush=True)):
                 engine.warm_up()
+                if predictor is not None and args.scheduler == "slo":  # requests' profiles: predicted at submission
+                    predictor.warm_up()
         model = args.checkpoint.resolve().name
         app = build_app(loop, engine.tokenizer, model, context=engine.max_seq_len, chat_template=template)
         approximate = "; APPROXIMATE routing: the predictor's experts replace the routers'" if predicted_routing else ""
