@@ -52,8 +52,8 @@ class TrainingConfig:
     vocabulary their spelling; unknown_rate: share of training tokens whose id is replaced by the unknown
     one, so that the model learns to predict from the spelling alone (as it must for unseen strings)."""
 
-    embed: int = 128
-    hidden: int = 256
+    embed: int = 192
+    hidden: int = 384
     layers: int = 1
     causal: bool = True
     context: int = 128
