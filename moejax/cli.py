@@ -142,6 +142,9 @@ def add_serve_parser(sub) -> None:
                    help="admission order: fcfs (first come, first served) or slo (by deadline slack and task)")
     p.add_argument("--no-warmup", action="store_true",
                    help="start serving at once; the first requests then wait for their programs to compile")
+    p.add_argument("--routing", choices=("predicted",),
+                   help="predicted (with --predictor): APPROXIMATE, the predictor's experts replace the routers' "
+                        "(SiDA); /metrics and every answer's system_fingerprint say so")
     add_offload_arguments(p)
 
 
@@ -161,8 +164,10 @@ def add_train_predictor_parser(sub) -> None:
     p.add_argument("--context", type=int, default=defaults.context, help="tokens the encoder reads at once")
     p.add_argument("--hidden", type=int, default=defaults.hidden, help="LSTM units per direction")
     p.add_argument("--layers", type=int, default=defaults.layers, help="stacked LSTMs")
-    p.add_argument("--causal", action="store_true", help="read only earlier tokens (default: the whole window, as "
-                   "a prompt is known before its prefill)")
+    p.add_argument("--bidirectional", action="store_true", help="read the whole window, later tokens too (default: "
+                   "only earlier ones, as the model's routing does)")
+    p.add_argument("--unknown-rate", type=float, default=defaults.unknown_rate,
+                   help="share of training tokens whose id is hidden, so the encoder learns unseen strings' spelling")
     p.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="tokens per optimiser step")
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--validation", type=float, default=defaults.validation,
@@ -238,16 +243,28 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "it, when the cost model measured at load says that is faster | off (default)")
 
 
-def load_predictor(args, approximate_routing: bool = False):
+def load_predictor(args, approximate_routing: bool = False, scheduler: str | None = None):
     """The predictor of --predictor (None without it), which goes with --prefetch predictor (or, for
-    generate, --routing predicted)."""
-    if (args.predictor is None) != (args.prefetch != "predictor" and not approximate_routing):
-        raise MoejaxError("--predictor DIR goes with --prefetch predictor" + (" or --routing predicted" if approximate_routing else ""))
+    generate and serve, --routing predicted; for serve, --scheduler slo, which reads its expert profiles)."""
+    needed = args.prefetch == "predictor" or approximate_routing
+    if (args.predictor is None and needed) or (args.predictor is not None and not needed and scheduler != "slo"):
+        raise MoejaxError("--predictor DIR goes with --prefetch predictor"
+                          + (" or --routing predicted" if hasattr(args, "routing") else "")
+                          + (" or --scheduler slo" if scheduler is not None else ""))
     if args.predictor is None:
         return None
     from moejax.predictors import store
 
     return store.load(args.predictor)
+
+
+def use_predicted_routing(engine, predictor) -> None:
+    """--routing predicted: the predictor's experts replace the routers' (approximate; said on stderr)."""
+    from moejax.predictors.approximate import PredictedRouting
+
+    engine.routing_override = PredictedRouting(predictor, engine.cfg.top_k)
+    print("moejax: note: --routing predicted is APPROXIMATE: the predictor's experts replace the routers', "
+          "so the output can differ from the model's", file=sys.stderr, flush=True)
 
 
 def load_engine(args, slots: int = 1, predictor=None):
@@ -376,11 +393,7 @@ def cmd_generate(args) -> int:
     predictor = load_predictor(args, approximate_routing=predicted_routing)
     engine = load_engine(args, slots=len(prompts), predictor=predictor)
     if predicted_routing:
-        from moejax.predictors.approximate import PredictedRouting
-
-        engine.routing_override = PredictedRouting(predictor, engine.cfg.top_k)
-        print("moejax: note: --routing predicted is approximate: the predictor's experts replace the routers', "
-              "so the output can differ from the model's", file=sys.stderr)
+        use_predicted_routing(engine, predictor)
     if args.prompt and engine.tokenizer is None:
         raise MoejaxError(f"{args.checkpoint}: no tokenizer.json: give token ids with --prompt-ids")
     if args.task is not None and args.traces is not None:
@@ -540,19 +553,26 @@ def cmd_serve(args) -> int:
         sock = listen(args.host, args.port)
     except OSError as err:
         raise MoejaxError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
-    predictor = load_predictor(args)
+    predicted_routing = args.routing == "predicted"
+    predictor = load_predictor(args, approximate_routing=predicted_routing, scheduler=args.scheduler)
     with sock:
         engine = load_engine(args, slots=args.max_batch, predictor=predictor)
+        if predicted_routing:
+            use_predicted_routing(engine, predictor)
         template = ChatTemplate.from_checkpoint(args.checkpoint, engine.tokenizer)
-        loop = ServingLoop(engine, scheduler=args.scheduler, max_queue=args.max_queue, max_batch=args.max_batch)
+        loop = ServingLoop(engine, scheduler=args.scheduler, max_queue=args.max_queue, max_batch=args.max_batch,
+                           predictor=predictor if args.scheduler == "slo" else None)
         if not args.no_warmup:
             with on_first_compile(lambda: print("moejax: compiling the first programs (--no-warmup skips this)...",
                                                 file=sys.stderr, flush=True)):
                 engine.warm_up()
+                if predictor is not None and args.scheduler == "slo":  # requests' profiles: predicted at submission
+                    predictor.warm_up()
         model = args.checkpoint.resolve().name
         app = build_app(loop, engine.tokenizer, model, context=engine.max_seq_len, chat_template=template)
-        print(f"moejax: serving {model} at {url(sock)}/v1 ({template.kind} chat template); SIGTERM or Ctrl-C stops "
-              "it once the requests in flight are done", file=sys.stderr, flush=True)
+        approximate = "; APPROXIMATE routing: the predictor's experts replace the routers'" if predicted_routing else ""
+        print(f"moejax: serving {model} at {url(sock)}/v1 ({template.kind} chat template{approximate}); SIGTERM or "
+              "Ctrl-C stops it once the requests in flight are done", file=sys.stderr, flush=True)
         run(app, sock)
     return 0
 
@@ -565,11 +585,12 @@ def cmd_train_predictor(args) -> int:
                         ("--layers", args.layers), ("--batch-tokens", args.batch_tokens)):
         if value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
-    if not 0 <= args.validation < 1 or not args.learning_rate > 0:
-        raise MoejaxError("--validation must be in [0, 1) and --learning-rate positive")
+    if not 0 <= args.validation < 1 or not args.learning_rate > 0 or not 0 <= args.unknown_rate < 1:
+        raise MoejaxError("--validation and --unknown-rate must be in [0, 1) and --learning-rate positive")
     config = TrainingConfig(epochs=args.epochs, context=args.context, hidden=args.hidden, layers=args.layers,
-                            causal=args.causal, batch_tokens=args.batch_tokens, learning_rate=args.learning_rate,
-                            validation=args.validation, seed=args.seed)
+                            causal=not args.bidirectional, batch_tokens=args.batch_tokens,
+                            learning_rate=args.learning_rate, validation=args.validation, seed=args.seed,
+                            unknown_rate=args.unknown_rate)
     summary = train_predictor(args.kind, args.traces, args.out, sequences=args.sequences, config=config,
                               overwrite=args.overwrite, show_progress=not args.quiet)
     last = summary.get("epochs", [{}])[-1] if summary.get("epochs") else {}

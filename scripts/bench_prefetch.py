@@ -37,6 +37,10 @@ first.
       --traces .data/traces/deepseek_v2_lite_prefill.npz --out $OUT/bench_prefetch.json
   PYTHONPATH=. python scripts/bench_prefetch.py --dims tiny --traces .data/traces/deepseek_v2_lite_prefill.npz \\
       --new-tokens 8 --sequences 1 --ttft-prompt 64 --out /tmp/prefetch.json   # CPU smoke run
+
+The SiDA predictor as the prefetcher (`--configs ...,lru/predictor --predictor DIR`, DIR trained on the
+fit part of --traces): it runs ahead on a host thread, as in the engine, and is asked about the recorded
+tokens of the replayed sequence (`ReplayedTokens`), so it predicts the replayed routing.
 """
 
 from __future__ import annotations
@@ -54,7 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from moejax.errors import MoejaxError
 from moejax.offload import device_cache as dc
+from moejax.predictors import store
+from moejax.predictors.base import Predictor
+from moejax.predictors.data import load_trace_data
 from moejax.routing.traces import RoutingTrace, load_routing
 from scripts.benchlib import (
     GB, Budget, build_random_engine, decode_stats, environment, model_config, pinned_bandwidth, pinned_stacks,
@@ -92,6 +100,30 @@ class RoutingReplay:
             recorded = np.flatnonzero(positions[row] < self.lengths[sequence])
             out[:, row * T + recorded] = self.experts[:, self.offsets[sequence] + positions[row, recorded]]
         return out
+
+
+class ReplayedTokens(Predictor):
+    """Benchmark-only: `predictor` (trained on the recorded model's routing, e.g. `moejax train-predictor
+    --kind sida` on the trace) as the engine's run-ahead prefetcher (`--prefetch predictor`), asked about the
+    recorded sequence that slot 0 replays instead of the random model's tokens: for the engine's first T
+    tokens, the predictor's prediction from the sequence's first T recorded token strings (`tokens`: per
+    sequence, from NAME_tokens.json; the last one repeats past its end), for the first `num_layers` MoE
+    layers (a --dims tiny model replays the first recorded layers)."""
+
+    def __init__(self, predictor: Predictor, tokens: list[list[str]], replay: RoutingReplay, num_layers: int):
+        if predictor.num_layers < num_layers:
+            raise SystemExit(f"--predictor is for {predictor.num_layers} MoE layers, the model has {num_layers}")
+        super().__init__(num_layers, predictor.num_experts, predictor.top_k)
+        self.predictor, self.tokens, self.replay = predictor, tokens, replay
+        self.per = predictor.per
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        recorded = self.tokens[self.replay.assigned[0]]
+        strings = [recorded[min(t, len(recorded) - 1)] for t in range(len(tokens))]
+        return self.predictor.predict(strings)[:, : self.num_layers]
+
+    def warm_up(self):
+        self.predictor.warm_up()
 
 
 def engine_steps(trace: RoutingTrace, sequences: list[int], prompt_len: int, new_tokens: int, prefill_chunk: int):
@@ -193,14 +225,17 @@ def lab_row(steps, added: np.ndarray, measured: set[int], expert_bytes: int) -> 
             "bytes_per_token": moved * expert_bytes / len(keep)}
 
 
-def cached_engine(cfg, dense, stacks, replay: RoutingReplay, args, policy: str, prefetch: str, traces: Path):
+def cached_engine(cfg, dense, stacks, replay: RoutingReplay, args, policy: str, prefetch: str, traces: Path,
+                  predictor: Predictor | None = None):
     """A cached engine at --budget replaying `replay`'s routing (`traces`: the fit sequences' collection, for the
-    activation policy and the trace prefetcher)."""
+    activation policy and the trace prefetcher; predictor: the run-ahead predictor of prefetch 'predictor')."""
     options = {"traces": traces} if policy == "activation" or prefetch.startswith("trace") else {}
     engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=args.max_seq_len, expert_budget=args.budget,
                                  cache_policy=policy, prefetch=prefetch, prefill_chunk=max(args.ttft_prompt, args.prompt_len),
                                  **options)
     engine.routing_override = replay
+    if prefetch == "predictor":
+        engine.use_predictor(predictor)
     return engine
 
 
@@ -278,12 +313,16 @@ def main() -> None:
     parser.add_argument("--ttft-repeats", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
+    parser.add_argument("--predictor", help="a predictor directory (`moejax train-predictor` on --traces, whose "
+                        "NAME_tokens.json it reads) for the configurations with prefetch 'predictor'")
     parser.add_argument("--out", default="bench_prefetch.json")
     args = parser.parse_args()
     budget = Budget(args.time_budget)
     configs = [tuple(config.split("/")) for config in args.configs.split(",")]
     if any(len(config) != 2 for config in configs):
         raise SystemExit(f"--configs: '{args.configs}' is not policy/prefetch,...")
+    if any(prefetch == "predictor" for _, prefetch in configs) != (args.predictor is not None):
+        raise SystemExit("--predictor DIR goes with a configuration of prefetch 'predictor' (e.g. lru/predictor)")
     cfg = model_config(args.card, None, args.dims == "tiny")
     trace = load_routing(args.traces)
     if args.dims == "tiny":  # the smoke model's first MoE layers replay the recorded first layers
@@ -309,6 +348,14 @@ def main() -> None:
     stacks = pinned_stacks(cfg, device)
     print(f"model built in {time.monotonic() - start:.0f} s", flush=True)
     replay = RoutingReplay(trace)
+    predictor = None
+    if args.predictor is not None:
+        try:
+            predictor = ReplayedTokens(store.load(args.predictor), load_trace_data(args.traces).tokens, replay,
+                                       len(cfg.moe_layer_ids))
+        except MoejaxError as err:
+            raise SystemExit(str(err)) from None
+        predictor.warm_up()
     cpu = jax.devices("cpu")[0]  # the lab's device
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     workdir = tempfile.TemporaryDirectory()
@@ -328,7 +375,7 @@ def main() -> None:
             result.setdefault("skipped", []).append(f"{policy}/{prefetch}")
             continue
         start = time.monotonic()
-        engine = cached_engine(cfg, dense, stacks, replay, args, policy, prefetch, eams)
+        engine = cached_engine(cfg, dense, stacks, replay, args, policy, prefetch, eams, predictor)
         row = measure_decode(engine, replay, sequences, prompt, args.new_tokens)
         if "lab" not in result:  # Belady and LRU on the same steps, at the engine's capacity
             steps = engine_steps(trace, sequences, args.prompt_len, args.new_tokens, engine.prefill_chunk)
@@ -348,6 +395,7 @@ def main() -> None:
             result["ttft"] = time_to_first_token(engine, replay, trace, long_ones, args.ttft_prompt, bandwidth)
             print(json.dumps(result["ttft"]), flush=True)
             write_json(args.out, result)
+        engine.close()  # the run-ahead thread
         del engine
         gc.collect()
     if "lab" in result:

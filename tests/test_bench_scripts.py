@@ -16,7 +16,7 @@ from moejax.routing.traces import RoutingTrace
 from reference_directory import ExpertDirectory
 from reference_policies import Belady
 from scripts.bench_offload import add_floor
-from scripts.bench_prefetch import RoutingReplay, engine_steps, lab_replay
+from scripts.bench_prefetch import ReplayedTokens, RoutingReplay, engine_steps, lab_replay
 from scripts.bench_serve import gating_part, slo_verdicts
 from scripts.benchlib import (
     active_bytes_per_token, build_random_engine, decode_stats, model_config, pinned_stacks, random_dense_params,
@@ -69,6 +69,41 @@ def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
         decoding = [i for i in mine if steps[i][1] == "decode"]
         assert added[mine, :, 2].sum() == total and added[decoding, :, 2].sum() == decode  # column 2: misses
     assert sum(total for total, _ in misses) > 0
+
+
+def test_the_predictor_prefetcher_is_asked_about_the_replayed_sequence():
+    """bench_prefetch's lru/predictor engine takes the predictor through `ReplayedTokens`, which asks it about
+    the recorded tokens of the sequence slot 0 replays (never the random model's), for the model's MoE layers."""
+    from moejax.predictors.base import Predictor
+
+    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    layers = len(cfg.moe_layer_ids)
+    trace = random_trace(layers, cfg.num_experts, cfg.top_k, seq_lens=[20, 25], seed=4)
+    tokens = [[f"s{s}-{i}" for i in range(n)] for s, n in enumerate(trace.seq_lens)]
+
+    class Recording(Predictor):  # for one MoE layer more than the model: the bench keeps the first ones
+        asked = []
+
+        def predict(self, strings, experts=None, lookahead=None):
+            self.asked.append(list(strings))
+            out = np.zeros((len(strings), self.num_layers, self.num_experts), np.float32)
+            out[:, np.arange(self.num_layers), np.arange(self.num_layers)] = 1.0  # layer l: expert l
+            return out
+
+    engine = build_random_engine(cfg, "cached", random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0]),
+                                 max_seq_len=64, prefill_chunk=5, expert_budget="0.25", prefetch="predictor")
+    replay = RoutingReplay(trace)
+    recording = Recording(layers + 1, cfg.num_experts, cfg.top_k)
+    replayed = ReplayedTokens(recording, tokens, replay, layers)
+    engine.use_predictor(replayed)  # its shape is the model's
+    engine.close()
+    replay.assign(0, 1)
+    out = replayed.predict(["7", "3", "9"])
+    assert recording.asked == [tokens[1][:3]] and out.shape == (3, layers, cfg.num_experts)
+    assert out[0].argmax(-1).tolist() == list(range(layers))
+    replay.assign(0, 0)
+    replayed.predict(["1"] * 22)  # past sequence 0's 20 tokens: its last one repeats
+    assert recording.asked[-1] == tokens[0] + [tokens[0][-1]] * 2
 
 
 @pytest.mark.parametrize("capacity", [4, 6])

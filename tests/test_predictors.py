@@ -43,7 +43,7 @@ def write_external(data, path):
     path.with_name(f"{path.stem}_tokens.json").write_text(json.dumps(data.tokens))
 
 
-TINY = dict(embed=16, hidden=32, context=32, batch_tokens=256, ngram_buckets=0, dropout=0.0, causal=True)
+TINY = dict(embed=16, hidden=32, context=32, batch_tokens=256, ngram_buckets=0, dropout=0.0, unknown_rate=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,20 @@ def test_generated_tokens_are_predicted_from_earlier_tokens_only(trained):
     np.testing.assert_allclose(out[3], predictor.predict(tokens[:3])[-1], atol=1e-6)
 
 
+def test_a_causal_predictor_reads_no_later_token(trained):
+    """Token t's prediction is the same from the whole sequence and from its first t + 1 tokens, across the
+    overlapping windows of a sequence longer than the context (32 tokens)."""
+    from moejax.predictors.sida import _windows
+
+    predictor, _ = trained
+    tokens = [f"w{i % 10}" for i in range(70)]
+    whole = predictor.predict(tokens)
+    for stop in (1, 17, 32, 33, 48, 49, 70):
+        np.testing.assert_allclose(predictor.predict(tokens[:stop]), whole[:stop], atol=1e-5)
+    windows = _windows(70, 32)
+    assert windows == [(0, 32, 0), (16, 48, 32), (32, 64, 48), (48, 70, 64)]  # every token scored once
+
+
 def test_save_load_round_trip(trained, tmp_path):
     predictor, summary = trained
     store.save(predictor, tmp_path / "p", summary)
@@ -109,6 +123,8 @@ def _damage(directory, how):
         settings.unlink()
     elif how == "bad json":
         settings.write_text("{not json")
+    elif how == "old format":
+        settings.write_text(json.dumps({**document, "format": 1}))
     elif how == "unknown kind":
         settings.write_text(json.dumps({**document, "kind": "oracle"}))
     elif how == "truncated weights":
@@ -125,6 +141,7 @@ def _damage(directory, how):
 
 @pytest.mark.parametrize("how, message", [
     ("no settings", "not a predictor directory"), ("bad json", "damaged predictor settings"),
+    ("old format", "a predictor of format 1, but this moejax reads format 2 .*train it again"),
     ("unknown kind", "unknown predictor kind 'oracle'"), ("truncated weights", "arrays.npz"),
     ("missing weights", "damaged predictor \\(missing weights"), ("wrong shape", "damaged predictor \\(weights .* shape"),
 ])
@@ -368,3 +385,84 @@ def test_trace_matcher_reads_only_earlier_tokens():
     assert not np.array_equal(matcher.predict(tokens, changed)[4:], out[4:])
     with pytest.raises(MoejaxError, match="give experts"):
         matcher.predict(tokens)
+
+
+class _ByTokenId(Predictor):
+    """Each token uses expert (id mod experts) at every MoE layer; records the threads that called it."""
+
+    def __init__(self, num_layers, num_experts, top_k):
+        super().__init__(num_layers, num_experts, top_k)
+        self.threads = set()
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        import threading
+
+        self.threads.add(threading.get_ident())
+        out = np.zeros((len(tokens), self.num_layers, self.num_experts), np.float32)
+        out[np.arange(len(tokens)), :, [int(t) % self.num_experts for t in tokens]] = 1.0
+        return out
+
+
+def test_the_slo_scheduler_reads_the_predicted_expert_profile_made_on_the_submitting_thread(shipped):
+    import threading
+
+    from moejax.predictors.base import step_profile
+    from moejax.serving.loop import ServingLoop
+    from moejax.serving.requests import Request
+    from moejax.serving.scheduler import SLOScheduler
+
+    engine, _, prompts = shipped
+    cfg = engine.cfg
+    seen = {}
+
+    class Recording(SLOScheduler):
+        def order(self, waiting, running, now, times):
+            seen.update({e.id: e.profile for e in [*waiting, *running]})
+            return super().order(waiting, running, now, times)
+
+    predictor = _ByTokenId(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k)
+    with ServingLoop(engine, scheduler=Recording(), predictor=predictor) as loop:
+        handles = [loop.submit(Request(prompt, max_tokens=2)) for prompt in prompts]
+        for h in handles:
+            h.result(timeout=120)
+    assert predictor.threads == {threading.get_ident()}  # predicted here, never on the loop's thread
+    for prompt, handle in zip(prompts, handles, strict=True):
+        profile = seen[handle.request.id]
+        np.testing.assert_allclose(profile, step_profile(predictor, prompt))
+        assert profile.shape == (len(cfg.moe_layer_ids), cfg.num_experts) and profile.sum(-1)[0] == pytest.approx(1.0)
+    with ServingLoop(engine, scheduler=Recording()) as loop:  # no predictor, no collection: no profile
+        loop.submit(Request(prompts[0], max_tokens=1, id="plain")).result(timeout=120)
+    assert seen["plain"] is None
+    with pytest.raises(MoejaxError, match="MoE layers"):
+        ServingLoop(engine, predictor=_ByTokenId(len(cfg.moe_layer_ids) + 1, cfg.num_experts, cfg.top_k))
+
+
+def test_serve_with_predicted_routing_says_it_is_approximate(shipped, tmp_path, monkeypatch, capsys):
+    from starlette.testclient import TestClient
+
+    import moejax.serving.http.app as http_app
+    from moejax.cli import main as moejax_cli
+
+    store.save(shipped[1], tmp_path / "p")
+    answers = {}
+
+    def serve_in_process(app, sock):  # instead of uvicorn: the application through Starlette's test client
+        with TestClient(app) as client:
+            answers["completion"] = client.post("/v1/completions", json={
+                "model": "tiny-moe", "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}).json()
+            answers["metrics"] = client.get("/metrics").text
+
+    monkeypatch.setattr(http_app, "run", serve_in_process)
+    argv = ["serve", "--port", "0", "--max-batch", "1", "--max-seq-len", "32", "--no-warmup", "--predictor",
+            str(tmp_path / "p")]
+    assert moejax_cli(argv + ["--routing", "predicted"]) == 0
+    err = capsys.readouterr().err
+    assert "APPROXIMATE routing" in err and "--routing predicted is APPROXIMATE" in err
+    assert answers["completion"]["system_fingerprint"] == http_app.APPROXIMATE_FINGERPRINT
+    assert answers["completion"]["usage"]["completion_tokens"] == 3
+    assert "\nmoejax_approximate_routing 1.0" in answers["metrics"]
+    assert moejax_cli(argv + ["--scheduler", "slo"]) == 0  # exact routing; the predictor gives the slo profiles
+    assert "APPROXIMATE" not in capsys.readouterr().err
+    assert "system_fingerprint" not in answers["completion"] and "\nmoejax_approximate_routing 0.0" in answers["metrics"]
+    assert moejax_cli(argv) == 2
+    assert "--predictor DIR goes with --prefetch predictor or --routing predicted or --scheduler slo" in capsys.readouterr().err

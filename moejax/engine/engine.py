@@ -572,11 +572,7 @@ class Engine:
 
         if self.manager is None or self.manager.prefetch != "predictor":
             raise ParameterError("a predictor prefetches with {offload} cached and {prefetch} predictor")
-        shape = (len(self.cfg.moe_layer_ids), self.cfg.num_experts)
-        if (predictor.num_layers, predictor.num_experts) != shape:
-            raise ParameterError("{predicted} is for {layers} MoE layers of {experts} experts, the model has {shape}",
-                                 layers=predictor.num_layers, experts=predictor.num_experts,
-                                 shape=f"{shape[0]} of {shape[1]}")
+        predictor.check_model(len(self.cfg.moe_layer_ids), self.cfg.num_experts)
         run_ahead = RunAhead(predictor, predict_every)
         self.manager.close()
         self.manager.run_ahead = run_ahead

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from moejax.errors import MoejaxError
-from moejax.predictors.base import Predictor
+from moejax.predictors.base import Predictor, id_strings
 
 
 class PredictedRouting:
@@ -22,6 +22,8 @@ class PredictedRouting:
     any slot). A prompt token's experts come from the whole prompt; a generated token's from the tokens the
     host has when its step is dispatched (up to and including it, if it has been read; else the last known
     token's prediction stands for it)."""
+
+    approximate = True  # outputs may differ from the model's: the server reports it (`ServingLoop.approximate_routing`)
 
     def __init__(self, predictor: Predictor, top_k: int, budget: float = 1.0):
         if not 0 < budget <= 1:
@@ -36,7 +38,7 @@ class PredictedRouting:
         return np.argsort(-scores, axis=-1, kind="stable")[..., : self.top_k].transpose(1, 0, 2).astype(np.int32)
 
     def prompt(self, token_ids, slot=None) -> None:
-        tokens = [str(int(t)) for t in token_ids]
+        tokens = id_strings(token_ids)
         probabilities = self.predictor.predict(tokens)  # [T, L, E]
         keep = max(self.top_k, int(round(self.budget * probabilities.shape[-1])))
         ranked = np.argsort(-probabilities.sum(axis=0), axis=-1, kind="stable")[:, :keep]  # [L, keep]

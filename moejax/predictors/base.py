@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
 from moejax.predictors.data import TraceData
 from moejax.routing.prefetchers import TracePrefetcher
 from moejax.routing.traces import NO_PREDICTION
@@ -39,6 +39,17 @@ def used_mask(experts: np.ndarray, num_experts: int) -> np.ndarray:
 def request_probabilities(per_token: np.ndarray) -> np.ndarray:
     """[L, E]: the probability that some token uses each expert, tokens taken as independent. per_token: [T, L, E]."""
     return 1.0 - np.exp(np.log1p(-np.minimum(per_token, 1 - 1e-6)).sum(axis=0))
+
+
+def step_profile(predictor: "Predictor", token_ids) -> np.ndarray:
+    """float32 [L, E]: the probability that one step of a request with this prompt uses each expert (the
+    mean over its tokens of the per-token prediction; what the `slo` scheduler's profiles hold)."""
+    return np.clip(predictor.predict(id_strings(token_ids)).mean(axis=0), 0.0, 1.0).astype(np.float32)
+
+
+def id_strings(token_ids) -> list[str]:
+    """Token ids as the predictor's token strings (decimal ids, as `moejax trace` records them)."""
+    return [str(int(t)) for t in token_ids]
 
 
 class Predictor:
@@ -77,6 +88,12 @@ class Predictor:
 
     def load_state(self, settings: dict, arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+    def check_model(self, num_layers: int, num_experts: int) -> None:
+        """ParameterError unless this predictor is for a model of num_layers MoE layers of num_experts experts."""
+        if (self.num_layers, self.num_experts) != (num_layers, num_experts):
+            raise ParameterError("{predicted} is for {layers} MoE layers of {experts} experts, the model has {shape}",
+                                 layers=self.num_layers, experts=self.num_experts, shape=f"{num_layers} of {num_experts}")
 
     def check_fits(self, data: TraceData) -> None:
         """MoejaxError unless `data` is routing of a model of this predictor's MoE layers and experts."""

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from moejax.errors import ParameterError
-from moejax.predictors.base import Predictor
+from moejax.predictors.base import Predictor, id_strings
 
 PROMPT, NEXT = "prompt", "next"  # what a job predicts: every prompt token, or the token after the last one
 
@@ -55,11 +55,6 @@ class RunAhead:
         self._thread.start()
         atexit.register(self.close)  # a thread inside JAX when the interpreter exits aborts the process
 
-    @staticmethod
-    def strings(token_ids) -> list[str]:
-        """A sequence's token ids as the predictor's token strings (decimal ids, as `moejax trace` records)."""
-        return [str(int(t)) for t in token_ids]
-
     def submit(self, owner, kind: str, token_ids) -> None:
         key = (owner, kind)
         with self._lock:
@@ -71,7 +66,7 @@ class RunAhead:
                 self._ready[key] = np.broadcast_to(self._request, (len(token_ids), *self._request.shape))
                 return
             self._jobs.pop(key, None)
-            self._jobs[key] = self.strings(token_ids)
+            self._jobs[key] = id_strings(token_ids)
             self._live.add(key)
             self._lock.notify()
 

@@ -1,16 +1,19 @@
 """SiDA's learned per-token expert predictor (Flax + optax), and eMoE's per-request one on the same encoder.
 
-The network (`RoutingNet`): token embeddings [T, embed] (the predictor's vocabulary; strings it never saw,
-and rare ones in training, share id 0), an LSTM over them, `hidden` units per direction, then one
-dense layer to logits [T, MoE layers, experts]. Bidirectional (the default) reads the whole window: right
-for a prompt, which is known entirely before its prefill runs; `causal` reads only the tokens so far,
-as decoding must (token t's prediction is ready when token t is). Sequences are cut into windows of
-`context` tokens, in training and prediction alike.
+The network (`RoutingNet`): token embeddings [T, embed] (the predictor's vocabulary; strings it never saw
+share id 0) plus the mean embedding of each string's hashed character n-grams (its spelling), an LSTM over
+them, then one dense layer to logits [T, MoE layers, experts]. Causal (the default): token t's prediction
+reads tokens <= t only, as the model's own routing does, so a prefix predicts exactly what the whole
+sequence predicts for it (the run-ahead predicts decode steps from the tokens so far); `causal=False` reads
+the whole window. Sequences are read in windows of `context` tokens overlapping by half (`_windows`: every
+token after the first window has at least context / 2 earlier tokens before it), in training and
+prediction alike. In training, `unknown_rate` of the token ids are hidden (set to the unknown id), so the
+model learns to predict from the spelling alone, as it must for strings it never saw.
 
 Training (`fit`): per (token, MoE layer), a softmax over the experts is fitted by cross-entropy to the
 teacher's distribution truncated to the experts it chose: the router's probabilities of its top-k
 renormalised (knowledge distillation), where the trace recorded them, else uniform over the chosen
-experts (hard labels). Adam with weight decay; the sequences split into training and validation (the
+experts (hard labels); a window's context-only tokens carry no loss. Adam with weight decay; the sequences split into training and validation (the
 last `validation` share of them); the epoch with the best validation top-k recall is kept.
 
 `EMoEPredictor` pools the encoder over the prompt (mean over its tokens) and predicts, per MoE layer, the
@@ -46,12 +49,13 @@ class TrainingConfig:
     tokens per optimiser step (windows padded); learning_rate; weight_decay; dropout of the encoder's
     output in training; validation: share of the sequences held out; seed; ngram_buckets: hashed
     character n-gram embeddings added to each token's (0: none), which give strings outside the
-    vocabulary their spelling."""
+    vocabulary their spelling; unknown_rate: share of training tokens whose id is replaced by the unknown
+    one, so that the model learns to predict from the spelling alone (as it must for unseen strings)."""
 
-    embed: int = 128
-    hidden: int = 256
+    embed: int = 192
+    hidden: int = 384
     layers: int = 1
-    causal: bool = False
+    causal: bool = True
     context: int = 128
     min_count: int = 1
     epochs: int = 8
@@ -62,6 +66,7 @@ class TrainingConfig:
     validation: float = 0.1
     seed: int = 0
     ngram_buckets: int = 1 << 14
+    unknown_rate: float = 0.2
 
 
 class RoutingNet(nn.Module):
@@ -157,8 +162,17 @@ class Vocabulary:
         return np.array([self.index.get(t, UNKNOWN) for t in tokens], np.int32)
 
 
-def _windows(length: int, context: int) -> list[tuple[int, int]]:
-    return [(start, min(start + context, length)) for start in range(0, length, context)]
+def _windows(length: int, context: int) -> list[tuple[int, int, int]]:
+    """(start, stop, scored) of the windows a sequence of `length` tokens is read in: `context` tokens each,
+    overlapping by context // 2, so that every token after the first window has at least context // 2
+    earlier tokens in its window; tokens start..scored only give context (the window before predicts them)."""
+    overlap = context // 2
+    windows, stop = [], 0
+    while stop < length:
+        start = max(stop - overlap, 0)
+        windows.append((start, min(start + context, length), stop))
+        stop = windows[-1][1]
+    return windows
 
 
 def _bucket(length: int, context: int) -> int:
@@ -187,8 +201,8 @@ class _Network:
 
     def token_shares(self, ids: np.ndarray, grams: np.ndarray) -> np.ndarray:
         """float32 [T, L, E]: the softmax over experts of each (token, layer)."""
-        out = [np.asarray(self._tokens(self.params, *self._window(ids, grams, start, stop, self.context))[0, : stop - start])
-               for start, stop in _windows(len(ids), self.context)]
+        out = [np.asarray(self._tokens(self.params, *self._window(ids, grams, start, stop, self.context))[0, scored - start : stop - start])
+               for start, stop, scored in _windows(len(ids), self.context)]
         if not out:
             return np.zeros((0, self.net.num_layers, self.net.num_experts), np.float32)
         return np.concatenate(out)
@@ -238,7 +252,7 @@ class SiDAPredictor(Predictor):
         optimizer = optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.epochs * len(batches)),
                                 weight_decay=c.weight_decay)
         opt_state = optimizer.init(params)
-        step = jax.jit(_train_step(functools.partial(self._batch_loss, net, c.dropout), optimizer))
+        step = jax.jit(_train_step(functools.partial(self._batch_loss, net, c), optimizer))
         self.network = _Network(net, params, c.context)
         rng = np.random.default_rng(c.seed)
         best, history = None, []
@@ -268,15 +282,14 @@ class SiDAPredictor(Predictor):
                 "train_s": round(time.perf_counter() - start, 1)}
 
     @staticmethod
-    def _batch_loss(net: RoutingNet, dropout: float, params, batch: dict, key):
+    def _batch_loss(net: RoutingNet, config: TrainingConfig, params, batch: dict, key):
         """Mean over tokens of the cross-entropy of each layer's softmax over experts against the truncated
         teacher: batch["experts"] int32 [B, W, L, k] with batch["weights"] [B, W, L, k] (rows sum to 1)."""
-        features = _dropped(net.apply({"params": params}, batch["ids"], batch["grams"], batch["lengths"],
-                                      method=RoutingNet.encode), dropout, key)
+        features = _encoded_for_training(net, config, params, batch, key)
         logp = jax.nn.log_softmax(net.apply({"params": params}, features, method=RoutingNet.logits), axis=-1)
         per_token = -(jnp.take_along_axis(logp, batch["experts"], axis=-1) * batch["weights"]).sum(axis=(-1, -2))
-        mask = jnp.arange(per_token.shape[1])[None] < batch["lengths"][:, None]
-        return jnp.where(mask, per_token, 0.0).sum() / jnp.maximum(mask.sum(), 1)
+        scored = batch["weights"].sum(axis=(-1, -2)) > 0  # padding and context-only tokens: none
+        return jnp.where(scored, per_token, 0.0).sum() / jnp.maximum(scored.sum(), 1)
 
     def _examples(self, data: TraceData) -> list[dict]:
         """Batches of windows of one padded length W: ids [B, W], grams [B, W, G], lengths [B], experts and
@@ -285,9 +298,11 @@ class SiDAPredictor(Predictor):
         for tokens, experts, probs, _ in data.sequences():
             ids, grams = self.vocab.ids(tokens), self.vocab.grams(tokens)
             targets, weights = self._targets(experts, probs)
-            for start, stop in _windows(len(ids), self.config.context):
+            for start, stop, scored in _windows(len(ids), self.config.context):
+                window_weights = weights[start:stop].copy()
+                window_weights[: scored - start] = 0.0  # context only: the window before learns them
                 windows.append({"ids": ids[start:stop], "grams": grams[start:stop], "experts": targets[start:stop],
-                                "weights": weights[start:stop]})
+                                "weights": window_weights})
         return _batched(windows, self.config)
 
     def _targets(self, experts: np.ndarray, probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -351,10 +366,9 @@ class EMoEPredictor(SiDAPredictor):
     per = "request"
 
     @staticmethod
-    def _batch_loss(net: RoutingNet, dropout: float, params, batch: dict, key):
+    def _batch_loss(net: RoutingNet, config: TrainingConfig, params, batch: dict, key):
         """Mean over requests of the cross-entropy of each layer's softmax against batch["shares"] [B, L, E]."""
-        features = _dropped(net.apply({"params": params}, batch["ids"], batch["grams"], batch["lengths"],
-                                      method=RoutingNet.encode), dropout, key)
+        features = _encoded_for_training(net, config, params, batch, key)
         pooled = _mean_over_tokens(features, batch["lengths"])
         logp = jax.nn.log_softmax(net.apply({"params": params}, pooled, method=RoutingNet.logits), axis=-1)
         return -(logp * batch["shares"]).sum(axis=(-1, -2)).mean()
@@ -410,9 +424,14 @@ def _batched(examples: list[dict], config: TrainingConfig, per_example: tuple[st
     return batches
 
 
-def _dropped(features, rate: float, key):
-    keep = jax.random.bernoulli(key, 1 - rate, features.shape)
-    return jnp.where(keep, features / (1 - rate), 0.0)
+def _encoded_for_training(net: RoutingNet, config: TrainingConfig, params, batch: dict, key):
+    """The encoder's output [B, W, F] on batch (ids, grams, lengths) with `config.unknown_rate` of the ids
+    replaced by UNKNOWN and `config.dropout` of the output dropped."""
+    unknown_key, drop_key = jax.random.split(key)
+    ids = jnp.where(jax.random.bernoulli(unknown_key, config.unknown_rate, batch["ids"].shape), UNKNOWN, batch["ids"])
+    features = net.apply({"params": params}, ids, batch["grams"], batch["lengths"], method=RoutingNet.encode)
+    keep = jax.random.bernoulli(drop_key, 1 - config.dropout, features.shape)
+    return jnp.where(keep, features / (1 - config.dropout), 0.0)
 
 
 def _name(path) -> str:

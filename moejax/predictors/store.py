@@ -17,7 +17,7 @@ from moejax.predictors.base import FrequencyPredictor, Predictor, TokenTablePred
 from moejax.predictors.sida import EMoEPredictor, SiDAPredictor
 from moejax.routing.files import read_npz, write_npz_atomic
 
-FORMAT = 1
+FORMAT = 2  # 2: causal SiDA encoder by default, overlapping windows, unknown-id training
 SETTINGS_FILE = "predictor.json"
 ARRAYS_FILE = "arrays.npz"
 KINDS = {cls.name: cls for cls in (SiDAPredictor, EMoEPredictor, FrequencyPredictor, TokenTablePredictor)}
@@ -58,8 +58,12 @@ def load(path: str | Path) -> Predictor:
         raise MoejaxError(f"{what}: no {SETTINGS_FILE}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MoejaxError(f"{settings_path}: damaged predictor settings ({err})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    if not isinstance(document, dict) or not isinstance(document.get("format"), int):
         raise MoejaxError(f"{settings_path}: not a predictor of format {FORMAT}")
+    if document["format"] != FORMAT:
+        raise MoejaxError(f"{settings_path}: a predictor of format {document['format']}, but this moejax reads format "
+                          f"{FORMAT} (format 2: causal encoder, overlapping windows): train it again with "
+                          "`moejax train-predictor`")
     kind = document.get("kind")
     if kind not in KINDS:
         raise MoejaxError(f"{settings_path}: unknown predictor kind {kind!r} (known: {', '.join(KINDS)})")

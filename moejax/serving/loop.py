@@ -28,6 +28,7 @@ from moejax.engine.compilation import run_clock
 from moejax.engine.engine import Engine
 from moejax.engine.slots import SamplingParams
 from moejax.errors import ParameterError
+from moejax.predictors.base import step_profile
 from moejax.serving.requests import FINISH_REASONS, Output, QueueFull, Request, RequestRefused, ShuttingDown
 from moejax.serving.scheduler import Entry, Scheduler, StepTimes, make_scheduler, task_profiles
 from moejax.serving.text import TextStream
@@ -94,6 +95,7 @@ class _Job:
     first_token_at: float | None = None
     last_token_at: float | None = None
     preemptions: int = 0
+    profile: object = None  # the predictor's expert profile of the request [L, E] (None: the task's)
 
 
 class _Histogram:
@@ -114,7 +116,10 @@ class ServingLoop:
     """Serves requests on `engine` from a background thread (see the module's docstring).
 
     scheduler: 'fcfs', 'slo' or a `scheduler.Scheduler`; max_queue: most requests waiting for a slot (more:
-    QueueFull); max_batch: most requests holding KV slots at once (default and at most: engine.slots).
+    QueueFull); max_batch: most requests holding KV slots at once (default and at most: engine.slots);
+    predictor: an expert predictor (`moejax.predictors`) whose prediction from a request's prompt, made on
+    the thread that submits it, is the request's expert profile for the scheduler (instead of its task's
+    profile from the trace collection).
 
         with ServingLoop(engine, scheduler="slo").start() as loop:
             handle = loop.submit(Request(prompt_ids=ids, max_tokens=32))
@@ -122,7 +127,7 @@ class ServingLoop:
     """
 
     def __init__(self, engine: Engine, *, scheduler: str | Scheduler = "fcfs", max_queue: int = 64,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, predictor=None):
         if not isinstance(engine, Engine) or not hasattr(engine, "begin_prefill") or type(engine).prefill is not Engine.prefill:
             raise ParameterError("{engine} must be a decoder-only moejax Engine (moejax.load); encoder-decoder "
                                  "engines are not served yet")
@@ -133,6 +138,9 @@ class ServingLoop:
         if max_queue < 1:
             raise ParameterError("{max_queue} must be >= 1 (got {value})", value=max_queue)
         self.engine, self.scheduler = engine, make_scheduler(scheduler)
+        if predictor is not None:
+            predictor.check_model(len(engine.cfg.moe_layer_ids), engine.cfg.num_experts)
+        self.predictor = predictor
         self.max_queue, self.max_batch = max_queue, max_batch
         self._cond = threading.Condition()
         self._waiting: list[_Job] = []
@@ -174,6 +182,9 @@ class ServingLoop:
         if not isinstance(request, Request):
             raise ParameterError("{request} must be a moejax.serving.requests.Request (got {value})",
                                  value=type(request).__name__)
+        profile = None
+        if self.predictor is not None and self.scheduler.wants_profiles():  # here, off the loop's thread
+            profile = step_profile(self.predictor, request.prompt_ids)
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the serving loop is shutting down and admits no new request")
@@ -184,7 +195,7 @@ class ServingLoop:
                     raise QueueFull(f"{len(self._waiting)} requests wait already (max_queue {self.max_queue})",
                                     retry_after_s=self._retry_after_s())
                 now = time.monotonic()
-                reason = self.scheduler.refusal(self._entry(request), self._entries(self._waiting),
+                reason = self.scheduler.refusal(self._entry(request, profile=profile), self._entries(self._waiting),
                                                 self._entries(self._running.values()), self.max_batch, now,
                                                 self._times)
                 if reason is not None:
@@ -196,7 +207,8 @@ class ServingLoop:
             stops = set(request.stop_token_ids) | (set() if request.ignore_eos else set(self.engine.cfg.eos_token_ids))
             tokenizer = self.engine.tokenizer
             job = _Job(request, handle, on_output, frozenset(stops),
-                       TextStream(tokenizer, request.stop) if tokenizer is not None else None, next(self._order))
+                       TextStream(tokenizer, request.stop) if tokenizer is not None else None, next(self._order),
+                       profile=profile)
             self._waiting.append(job)
             self._cond.notify_all()
         return handle
@@ -228,7 +240,8 @@ class ServingLoop:
         'count'}; step_times: the measured decode step and prefill seconds per prompt token (None before);
         engine: the expert cache's counters since start (`offload.stats.cache_stats` totals: hit_rate,
         bytes_h2d, misses, prefetch_precision, ...; with mode, policy and host_wait_s, the seconds the loop
-        waited for step results), refreshed at most every second.
+        waited for step results), refreshed at most every second; approximate_routing: whether the engine's
+        experts are predicted instead of routed (`approximate_routing`).
         """
         with self._cond:
             times = self._times
@@ -247,7 +260,14 @@ class ServingLoop:
                 "step_times": None if times is None else {"decode_step_s": times.decode_step_s,
                                                           "prefill_token_s": times.prefill_token_s},
                 "engine": dict(self._engine_stats),
+                "approximate_routing": self.approximate_routing,
             }
+
+    @property
+    def approximate_routing(self) -> bool:
+        """Whether the engine routes approximately (a routing override marked `approximate`, as --routing
+        predicted's): its outputs may differ from the model's."""
+        return bool(getattr(self.engine.routing_override, "approximate", False))
 
     # -- checks --------------------------------------------------------------------------------------
     def _validate(self, request: Request) -> None:
@@ -279,13 +299,17 @@ class ServingLoop:
         return max(min(remaining, default=1) * times.decode_step_s, times.decode_step_s)
 
     # -- scheduler views -------------------------------------------------------------------------------
-    def _entry(self, request: Request, job: _Job | None = None) -> Entry:
-        """The scheduler's view of a request (job: its state in the loop, None for a new one)."""
+    def _entry(self, request: Request, job: _Job | None = None, profile=None) -> Entry:
+        """The scheduler's view of a request (job: its state in the loop, None for a new one; profile: its
+        predicted expert profile, for a new one)."""
         sent = len(job.ids) if job is not None else 0
+        profile = job.profile if job is not None else profile
+        if profile is None:
+            profile = self._profiles.get(request.task, self._profiles.get(None))
         return Entry(id=request.id, arrival=request.arrival, prefill_tokens=len(request.prompt_ids) + sent,
                      max_tokens=request.max_tokens, generated=sent, task=request.task, slo=request.slo,
                      first_token_at=job.first_token_at if job is not None else None,
-                     profile=self._profiles.get(request.task, self._profiles.get(None)),
+                     profile=profile,
                      preemptions=job.preemptions if job is not None else 0)
 
     def _entries(self, jobs) -> list[Entry]:

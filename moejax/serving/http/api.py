@@ -232,12 +232,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 class Reply:
     """The OpenAI shapes of one answer, whole or as stream chunks; `chat`: a chat completion."""
 
-    def __init__(self, chat: bool, request_id: str, model: str):
+    def __init__(self, chat: bool, request_id: str, model: str, fingerprint: str | None = None):
         self.chat, self.id, self.model, self.created = chat, request_id, model, int(time.time())
+        self.fingerprint = fingerprint
 
     def _head(self, stream: bool) -> dict:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return head if self.fingerprint is None else {**head, "system_fingerprint": self.fingerprint}
 
     def whole(self, text: str, finish_reason: str, counts: dict) -> dict:
         answer = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}

@@ -37,6 +37,10 @@ from moejax.serving.requests import Output, QueueFull, Request, RequestRefused, 
 REFUSAL_OUTCOMES = {400: "refused", 429: "queue_full", 503: "shutting_down"}
 
 
+# The answers' system_fingerprint (OpenAI: the backend configuration) when the routing is approximate.
+APPROXIMATE_FINGERPRINT = "moejax-approximate-routing-predicted"
+
+
 def log_to_stderr(line: str) -> None:
     print(f"moejax: {line}", file=sys.stderr, flush=True)
 
@@ -110,7 +114,7 @@ class _Frontend:
             self.metrics.requests.labels(REFUSAL_OUTCOMES.get(err.status, "refused")).inc()
             self.log(f"{request_id} {endpoint}: {err.status}" + (f" ({err.param})" if err.param else "") + f": {err.message}")
             return JSONResponse(err.body(), err.status, headers=err.headers)
-        reply = api.Reply(chat, request_id, self.model)
+        reply = api.Reply(chat, request_id, self.model, APPROXIMATE_FINGERPRINT if self.loop.approximate_routing else None)
         watcher = asyncio.create_task(_cancel_on_disconnect(http_request, handle))
         if asked.stream:
             return StreamingResponse(self._events(reply, asked, handle, outputs, watcher), media_type="text/event-stream",

@@ -23,6 +23,8 @@ LOOP_METRICS = (
      ("engine", "host_wait_s")),
     ("moejax_prefetch_precision", "gauge", "Prefetched experts used / prefetched (0 without prefetching).",
      ("engine", "prefetch_precision")),
+    ("moejax_approximate_routing", "gauge", "1: a predictor's experts replace the routers' (--routing predicted), so "
+     "outputs are approximate; 0: exact.", ("approximate_routing",)),
 )
 # Outcomes besides the finish reasons: refused (400), queue_full (429), shutting_down (503).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
