@@ -54,6 +54,14 @@ def test_info_reports_latent_cache_bytes_per_token(root, capsys):
     assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == {"cached": latent, "full_heads": full}
 
 
+def test_info_describes_the_router(root, capsys):
+    _, _, ckpt = build(OFFLOAD_CASE, root)
+    capsys.readouterr()
+    assert cli(["info", str(ckpt)]) == 0
+    assert ("router: sigmoid scores, noaux_tc top-3 within the best 2 of 4 groups, correction bias for selection, "
+            "weights renormalised, x 2.5") in capsys.readouterr().out
+
+
 def test_offloading_equals_resident_bit_for_bit(root):
     _, _, ckpt = build(OFFLOAD_CASE, root)
     resident = moejax.load(ckpt, slots=2)
