@@ -118,7 +118,8 @@ def deepseek_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
     )
 
 
-# transformers' DeepseekV2Config defaults for the router fields config.json may leave out.
+# transformers' DeepseekV2Config defaults for the router fields config.json may leave out (its n_group and
+# topk_group default to none: one group here).
 ROUTER_DEFAULTS = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False}
 
 
