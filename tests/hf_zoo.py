@@ -109,11 +109,16 @@ ZOO = {
     },
     # Multi-head latent attention (transformers needs num_key_value_heads == num_attention_heads for it).
     "deepseek_v2": {
-        "lite_dense_first": lambda: T.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=3,
-                                                        first_k_dense_replace=1, intermediate_size=40, n_routed_experts=5,
-                                                        num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
-                                                        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
-                                                        qk_rope_head_dim=4, v_head_dim=6, rms_norm_eps=1e-5),
+        # DeepSeek-V2's router: top-3 within the best 2 of 3 groups (by their best expert; with topk_group >= top_k
+        # the choice would be greedy's), weights scaled by 3.
+        "lite_dense_first_groups": lambda: T.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=3,
+                                                               first_k_dense_replace=1, intermediate_size=40,
+                                                               n_routed_experts=6, num_experts_per_tok=3,
+                                                               moe_intermediate_size=16, n_shared_experts=2,
+                                                               topk_method="group_limited_greedy", n_group=3, topk_group=2,
+                                                               routed_scaling_factor=3.0, q_lora_rank=None,
+                                                               kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                               v_head_dim=6, rms_norm_eps=1e-5),
         # Layers 0 (first_k_dense_replace), 1 and 3 (moe_layer_freq) dense; see `hf_model`.
         "q_lora_yarn_layer_freq": lambda: T.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=4,
                                                              first_k_dense_replace=1, moe_layer_freq=2, intermediate_size=24,
@@ -125,6 +130,28 @@ ZOO = {
                                                                               "factor": 4.0, "mscale": 0.9,
                                                                               "original_max_position_embeddings": 64,
                                                                               "mscale_all_dim": 0.6}),
+    },
+    "deepseek_v3": {
+        # DeepSeek-V3's shape: a dense first layer, a query latent, sigmoid scores with a (random) selection bias,
+        # top-3 within the best 2 of 4 groups (by their two best), renormalised and scaled by 2.5, its yarn rope.
+        "q_lora_groups_bias": lambda: T.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=3,
+                                                         first_k_dense_replace=1, intermediate_size=40, n_routed_experts=8,
+                                                         num_experts_per_tok=3, moe_intermediate_size=16,
+                                                         n_shared_experts=1, n_group=4, topk_group=2,
+                                                         norm_topk_prob=True, routed_scaling_factor=2.5, q_lora_rank=24,
+                                                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                         v_head_dim=6, max_position_embeddings=256,
+                                                         rope_parameters={"rope_type": "yarn", "rope_theta": 100.0,
+                                                                          "factor": 4.0, "mscale": 1.0,
+                                                                          "mscale_all_dim": 1.0,
+                                                                          "original_max_position_embeddings": 64}),
+        # One group (as Kimi-K2), top-2 weights not renormalised; every layer MoE, no query latent.
+        "one_group_all_moe": lambda: T.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4}, num_hidden_layers=2,
+                                                        first_k_dense_replace=0, n_routed_experts=5, num_experts_per_tok=2,
+                                                        moe_intermediate_size=24, n_shared_experts=1, n_group=1,
+                                                        topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5,
+                                                        q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=6,
+                                                        qk_rope_head_dim=6, v_head_dim=8),
     },
 }
 

@@ -1,6 +1,7 @@
-"""DeepSeek-V2 (multi-head latent attention) beyond the zoo's parity with transformers (test_decoder_reference):
-the engine's KV cache holds the compressed latent, offloading changes no bit, and `moejax info` and the
-statistics report the cache's bytes per token against full per-head keys and values."""
+"""DeepSeek-V2/V3 (multi-head latent attention) beyond the zoo's parity with transformers (test_decoder_reference):
+the engine's KV cache holds the compressed latent, offloading changes no bit, `moejax info` and the statistics
+report the cache's bytes per token against full per-head keys and values, exports load in transformers, and the
+published config.json files convert to the cards."""
 
 import json
 
@@ -12,7 +13,8 @@ import moejax
 from moejax.cli import main as cli
 
 LATENT_CASE = ("deepseek_v2", "q_lora_yarn_layer_freq")  # 4 layers, 1 MoE
-OFFLOAD_CASE = ("deepseek_v2", "lite_dense_first")  # 3 layers, 2 MoE layers of 5 experts
+GROUPS_CASE = ("deepseek_v2", "lite_dense_first_groups")  # 3 layers, 2 MoE layers of 6 experts in 3 groups
+OFFLOAD_CASE = ("deepseek_v3", "q_lora_groups_bias")  # 3 layers, 2 MoE layers of 8 experts, selection bias
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,14 @@ def test_info_reports_latent_cache_bytes_per_token(root, capsys):
     assert json.loads(capsys.readouterr().out)["kv_cache_bytes_per_token"] == {"cached": latent, "full_heads": full}
 
 
+def test_info_describes_the_router(root, capsys):
+    _, _, ckpt = build(OFFLOAD_CASE, root)
+    capsys.readouterr()
+    assert cli(["info", str(ckpt)]) == 0
+    assert ("router: sigmoid scores, noaux_tc top-3 within the best 2 of 4 groups, correction bias for selection, "
+            "weights renormalised, x 2.5") in capsys.readouterr().out
+
+
 def test_offloading_equals_resident_bit_for_bit(root):
     _, _, ckpt = build(OFFLOAD_CASE, root)
     resident = moejax.load(ckpt, slots=2)
@@ -68,64 +78,47 @@ def test_offloading_equals_resident_bit_for_bit(root):
             np.testing.assert_array_equal(ours, ref, err_msg=mode)
 
 
-def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(root):
+@pytest.mark.parametrize("case", [GROUPS_CASE, OFFLOAD_CASE], ids=lambda case: case[0])
+def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(root, case):
     import torch
     import transformers as T
     from hf_zoo import hf_logits
 
-    model, _, ckpt = build(OFFLOAD_CASE, root)
-    assert cli(["export", str(ckpt), str(root / "exported"), "--quiet"]) == 0
-    exported = T.AutoModelForCausalLM.from_pretrained(root / "exported", attn_implementation="eager", dtype=torch.float32)
+    model, _, ckpt = build(case, root)
+    out = root / f"exported-{case[0]}"
+    assert cli(["export", str(ckpt), str(out), "--quiet"]) == 0
+    exported = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    assert type(exported) is type(model)
     ids = random_prompts(model.config.vocab_size, [7])[0]
     np.testing.assert_array_equal(hf_logits(exported.eval(), ids), hf_logits(model, ids))
 
 
-def tiny_v3_config():
-    import transformers as T
-
-    return T.DeepseekV3Config(vocab_size=101, hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
-                              num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=40, n_routed_experts=8,
-                              num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=16, n_shared_experts=1,
-                              q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
-
-
-def test_deepseek_v3_router_is_refused_by_its_field():
-    from moejax.convert.families import family
-    from moejax.errors import MoejaxError
-
-    with pytest.raises(MoejaxError, match="deepseek_v3 scoring_func='sigmoid' is not supported yet"):
-        family("deepseek_v3").config_from_hf(tiny_v3_config().to_dict())
-    with pytest.raises(MoejaxError, match="deepseek_v3 routed_scaling_factor=2.5"):
-        family("deepseek_v3").config_from_hf({**tiny_v3_config().to_dict(), "scoring_func": "softmax",
-                                              "topk_method": "greedy"})
-
-
-def test_deepseek_v3_tensors_are_mapped_and_multi_token_prediction_skipped(tmp_path, caplog):
-    """Every tensor of a transformers DeepseekV3 checkpoint has its target but the router's selection bias (its
-    router is not supported yet), and tensors of a multi-token-prediction layer after the last are skipped."""
+def test_deepseek_v3_multi_token_prediction_layers_are_skipped(tmp_path, caplog):
+    """Every tensor of a transformers DeepseekV3 checkpoint has its target (the routers' selection biases
+    included, float32), and the tensors of a multi-token-prediction layer after the last are skipped."""
     import torch
     import transformers as T
+    from hf_zoo import ZOO
     from safetensors.torch import load_file, save_file
 
-    from moejax.config import ModelConfig
     from moejax.convert.converter import index_tensors, validate
-    from moejax.convert.families import deepseek_v2, deepseek_v3
+    from moejax.convert.families import deepseek_v3
 
-    config = tiny_v3_config()
+    config = ZOO[OFFLOAD_CASE[0]][OFFLOAD_CASE[1]]()
     T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     mtp = {"model.layers.3.eh_proj.weight": torch.zeros(32, 64), "model.layers.3.self_attn.kv_b_proj.weight": torch.zeros(4, 4)}
     save_file({**load_file(tmp_path / "model.safetensors"), **mtp}, tmp_path / "model.safetensors")
-    cfg = ModelConfig(**deepseek_v2.deepseek_fields(config.to_dict(), "deepseek_v3"))
     tensors = index_tensors(tmp_path)
     with caplog.at_level("WARNING"):
-        cfg, targets, ignored = deepseek_v3.resolve_tensors(cfg, tensors)
-    assert ignored == set(mtp) and "skipping 2 multi-token-prediction tensors of layer(s) 3" in caplog.text
-    router_bias = {name for name in tensors if name.endswith("e_score_correction_bias")}
-    assert len(router_bias) == 2
-    validate(targets, tensors, cfg, ignored | router_bias)
+        cfg, targets, ignored = deepseek_v3.resolve_tensors(deepseek_v3.config_from_hf(config.to_dict()), tensors)
+    assert ignored == set(mtp) and "skipping layer(s) 3 (2 tensors): multi-token-prediction" in caplog.text
+    router = {name: target for name, target in targets.items() if ".mlp.gate." in name}
+    assert sorted(router) == [f"model.layers.{i}.mlp.gate.{w}" for i in (1, 2) for w in ("e_score_correction_bias", "weight")]
+    assert all(target.keep_float32 for target in router.values())
+    validate(targets, tensors, cfg, ignored)
 
 
-@pytest.mark.parametrize("case", [LATENT_CASE, OFFLOAD_CASE], ids=lambda case: case[1])
+@pytest.mark.parametrize("case", [LATENT_CASE, GROUPS_CASE], ids=lambda case: case[1])
 def test_absorbed_attention_equals_expanded(root, case):
     """The decode form (kv_b_proj folded into query and output) against the expanded latents, on a converted
     layer's weights, a cache of 9 earlier positions and one new token per row: the same output and cache."""
@@ -168,8 +161,37 @@ PUBLISHED_V2_LITE = {
 }
 
 
-def test_published_v2_lite_config_converts_to_its_card():
+# DeepSeek-V2's (deepseek-ai/DeepSeek-V2): its fields that differ from V2-Lite's.
+PUBLISHED_V2 = {
+    **PUBLISHED_V2_LITE, "aux_loss_alpha": 0.003, "hidden_size": 5120, "intermediate_size": 12288,
+    "moe_intermediate_size": 1536, "n_group": 8, "n_routed_experts": 160, "num_attention_heads": 128,
+    "num_hidden_layers": 60, "num_key_value_heads": 128, "q_lora_rank": 1536, "routed_scaling_factor": 16.0,
+    "topk_group": 3, "topk_method": "group_limited_greedy",
+}
+# DeepSeek-V3's (deepseek-ai/DeepSeek-V3; DeepSeek-R1's is the same), its auto_map left out.
+PUBLISHED_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "aux_loss_alpha": 0.001,
+    "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+    "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+    "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+    "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+    "pretraining_tp": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+@pytest.mark.parametrize("published,card", [(PUBLISHED_V2_LITE, "deepseek-v2-lite"), (PUBLISHED_V2, "deepseek-v2"),
+                                            (PUBLISHED_V3, "deepseek-v3")], ids=["v2-lite", "v2", "v3"])
+def test_published_config_converts_to_its_card(published, card):
     from moejax.cards import load_card
     from moejax.convert.families import family
 
-    assert family("deepseek_v2").config_from_hf(PUBLISHED_V2_LITE).replace(dtype="bfloat16") == load_card("deepseek-v2-lite")
+    assert family(published["model_type"]).config_from_hf(published).replace(dtype="bfloat16") == load_card(card)

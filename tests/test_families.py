@@ -45,14 +45,10 @@ def test_parameter_counts_equal_transformers(case):
     assert parameter_counts(cfg)["total"] == model.num_parameters()
 
 
-# Families whose converter refuses every config until their router is supported (tested in test_deepseek.py).
-ROUTER_PENDING = {"deepseek_v3"}
-
-
 def test_every_family_has_zoo_configs():
     from hf_zoo_encdec import ZOO as ENCDEC_ZOO
 
-    assert set(ZOO) | set(ENCDEC_ZOO) | ROUTER_PENDING == set(FAMILIES)
+    assert set(ZOO) | set(ENCDEC_ZOO) == set(FAMILIES)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +71,15 @@ def test_every_family_has_zoo_configs():
         ("glm4_moe", {"n_group": 3}, "config: n_group 3 must divide num_experts 8"),
         ("glm4_moe", {"topk_group": 5}, r"config: topk_group 5 must be in \[1, n_group=4\]"),
         ("glm4_moe", {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.1}}, "partial_rotary_factor 0.1"),
-        ("deepseek_v2", {"topk_method": "group_limited_greedy"}, "deepseek_v2 topk_method='group_limited_greedy'"),
-        ("deepseek_v2", {"routed_scaling_factor": 16.0}, "deepseek_v2 routed_scaling_factor=16.0"),
-        ("deepseek_v2", {"scoring_func": "sigmoid"}, "deepseek_v2 scoring_func='sigmoid'"),
+        ("deepseek_v2", {"topk_method": "noaux_tc"}, "deepseek_v2 topk_method 'noaux_tc' is not supported"),
+        ("deepseek_v2", {"norm_topk_prob": True}, "deepseek_v2 norm_topk_prob=true is not supported .* never renormalises"),
+        ("deepseek_v2", {"scoring_func": "sigmoid"}, "deepseek_v2 scoring_func 'sigmoid' is not supported"),
+        ("deepseek_v2", {"n_group": 4}, "config: n_group 4 must divide num_experts 6"),
+        ("deepseek_v2", {"routed_scaling_factor": "16"}, "deepseek_v2 routed_scaling_factor must be a number"),
+        ("deepseek_v3", {"topk_method": "group_limited_greedy"}, "deepseek_v3 topk_method 'group_limited_greedy'"),
+        ("deepseek_v3", {"scoring_func": "softmax"}, "deepseek_v3 scoring_func 'softmax' is not supported"),
+        ("deepseek_v3", {"topk_group": 3, "num_experts_per_tok": 7}, "config: top_k 7 is more than the 3 kept group"),
+        ("deepseek_v3", {"rope_interleave": False}, "deepseek_v3 rope_interleave=false is not supported"),
         ("deepseek_v2", {"attention_bias": True}, "attention_bias=true"),
         ("deepseek_v2", {"moe_layer_freq": 0}, "moe_layer_freq must be an integer >= 1"),
         ("deepseek_v2", {"first_k_dense_replace": 2}, "deepseek_v2 has no MoE layer"),

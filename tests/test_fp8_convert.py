@@ -45,14 +45,17 @@ def dequantize(fp8: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
 
 def is_quantized(name: str, tensor: torch.Tensor) -> bool:
     """Linear weights, as DeepSeek-V3 quantizes them (not the embeddings, lm_head, norms or routers)."""
-    return tensor.ndim == 2 and name.endswith("proj.weight")
+    return tensor.ndim == 2 and name.endswith(("proj.weight", "proj_with_mqa.weight"))
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """(FP8 checkpoint dir, the same dequantized by the test in float32, the original float32 dir)."""
     root = tmp_path_factory.mktemp("fp8")
-    _, hf_dir, _ = build(("glm4_moe", "qk_norm_groups"), root)
+    return write_fp8_checkpoints(build(("glm4_moe", "qk_norm_groups"), root)[1], root)
+
+
+def write_fp8_checkpoints(hf_dir, root):
+    """(FP8 checkpoint dir, the same dequantized by the test in float32, the original float32 dir `hf_dir`)."""
     fp8_dir, reference_dir = root / "fp8", root / "dequantized"
     tensors = load_file(hf_dir / "model.safetensors")
     quantized, dequantized = {}, {}
@@ -84,23 +87,48 @@ def leaves(tree, prefix=()):
         yield from leaves(value, (*prefix, key)) if isinstance(value, dict) else [((*prefix, key), value)]
 
 
-def test_fp8_checkpoint_converts_to_the_independent_dequantization(checkpoints, tmp_path):
-    fp8_dir, reference_dir, hf_dir = checkpoints
-    outs = {}
-    for name, source in (("fp8", fp8_dir), ("reference", reference_dir), ("original", hf_dir)):
-        outs[name] = tmp_path / name
+def convert_all(tmp_path, sources: dict) -> dict:
+    """{name: HF dir} -> {name: its moejax conversion}."""
+    outs = {name: tmp_path / f"{name}-mj" for name in sources}
+    for name, source in sources.items():
         assert moejax_cli(["convert", str(source), str(outs[name]), "--quiet"]) == 0
-    assert checkpoint.load_config(outs["fp8"]) == checkpoint.load_config(outs["reference"])
-    quantization_error = []
-    for group in all_groups(outs["fp8"]):
-        ours, reference = (dict(leaves(checkpoint.load_group(outs[n], group))) for n in ("fp8", "reference"))
-        original = dict(leaves(checkpoint.load_group(outs["original"], group)))
+    return outs
+
+
+def same_arrays(ours_dir, reference_dir):
+    """Yields (group, path, ours, reference) for every array of two checkpoints, after checking that both hold the
+    same arrays with the same dtypes and values."""
+    assert checkpoint.load_config(ours_dir) == checkpoint.load_config(reference_dir)
+    for group in all_groups(ours_dir):
+        ours, reference = (dict(leaves(checkpoint.load_group(d, group))) for d in (ours_dir, reference_dir))
         assert ours.keys() == reference.keys(), group
         for path, array in ours.items():
             assert array.dtype == reference[path].dtype and np.array_equal(array, reference[path]), (group, path)
-            quantization_error.append(float(np.abs(array - original[path]).max() / np.abs(original[path]).max()))
+            yield group, path, array, reference[path]
+
+
+def test_fp8_checkpoint_converts_to_the_independent_dequantization(checkpoints, tmp_path):
+    fp8_dir, reference_dir, hf_dir = checkpoints
+    outs = convert_all(tmp_path, {"fp8": fp8_dir, "reference": reference_dir, "original": hf_dir})
+    quantization_error = []
+    for group, path, array, _ in same_arrays(outs["fp8"], outs["reference"]):
+        original = dict(leaves(checkpoint.load_group(outs["original"], group)))[path]
+        quantization_error.append(float(np.abs(array - original).max() / np.abs(original).max()))
     # the FP8 weights did go through quantization (e4m3 keeps 3 mantissa bits: at most 1/16 of a block's largest)
     assert 0.0 < max(quantization_error) <= 1 / 16
+
+
+def test_deepseek_v3_fp8_checkpoint_converts(tmp_path):
+    """DeepSeek-V3 as published: its linear weights (latent projections and experts) FP8 with block scales, the
+    routers' weights and selection biases not; in bfloat16 the routers stay float32."""
+    fp8_dir, reference_dir, _ = write_fp8_checkpoints(build(("deepseek_v3", "q_lora_groups_bias"), tmp_path)[1], tmp_path)
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv" in load_file(fp8_dir / "model.safetensors")
+    outs = convert_all(tmp_path, {"fp8": fp8_dir, "reference": reference_dir})
+    assert len(list(same_arrays(outs["fp8"], outs["reference"]))) > 0
+    assert moejax_cli(["convert", str(fp8_dir), str(tmp_path / "bf16"), "--dtype", "bfloat16", "--quiet"]) == 0
+    router = checkpoint.load_layer(tmp_path / "bf16", 1)["router"]
+    assert {name: str(array.dtype) for name, array in router.items()} == {"kernel": "float32",
+                                                                          "e_score_correction_bias": "float32"}
 
 
 def test_reader_dequantizes_128_blocks_with_partial_edges(tmp_path):

@@ -1,11 +1,13 @@
 """DeepSeek-V2 (and V2-Lite): multi-head latent attention (`models.mla`), the first `first_k_dense_replace`
 layers dense, then a MoE layer every `moe_layer_freq` layers with `n_shared_experts` shared experts added
-ungated (one MLP of n_shared_experts x moe_intermediate_size) and a softmax top-k router.
-
-The router's group-limited selection and routed scaling are not yet supported (`check_router`)."""
+ungated (one MLP of n_shared_experts x moe_intermediate_size) and a softmax router: greedy top-k, or
+group_limited_greedy (the k best experts within the topk_group of n_group groups with the best single expert),
+weights times routed_scaling_factor and never renormalised (`router_fields`). The router's weight stays float32
+in every dtype, as transformers keeps it (its router computes in float32)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from moejax.config import ModelConfig
@@ -23,16 +25,30 @@ from moejax.errors import MoejaxError
 MODEL_TYPE = "deepseek_v2"
 
 
-def check_router(hf: dict[str, Any], model_type: str) -> None:
-    """Refuses router settings other than plain softmax top-k without renormalisation or scaling.
-
-    # router fields: see the glm branch (scoring_func, topk_method, n_group, topk_group, routed_scaling_factor)
-    """
-    wanted = {"scoring_func": "softmax", "topk_method": "greedy", "routed_scaling_factor": 1.0, "norm_topk_prob": False}
-    for field, value in wanted.items():
-        found = hf.get(field)
-        if found is not None and found != value:
-            raise MoejaxError(f"config.json: {model_type} {field}={found!r} is not supported yet (only {value!r})")
+def router_fields(hf: dict[str, Any], model_type: str, scoring_func: str, topk_methods: tuple[str, ...],
+                  defaults: dict[str, Any]) -> dict[str, Any]:
+    """The router's ModelConfig fields from a DeepSeek config.json: `scoring_func` and `topk_method` must be the
+    family's (one of `topk_methods`, the first when absent), n_group, topk_group, routed_scaling_factor and
+    norm_topk_prob as given or `defaults` (transformers' when config.json leaves them out). A greedy router has one
+    group."""
+    found = hf.get("scoring_func") or scoring_func
+    if found != scoring_func:
+        raise MoejaxError(f"config.json: {model_type} scoring_func {found!r} is not supported ({model_type} scores "
+                          f"by {scoring_func})")
+    method = hf.get("topk_method") or topk_methods[0]
+    if method not in topk_methods:
+        raise MoejaxError(f"config.json: {model_type} topk_method {method!r} is not supported "
+                          f"(supported: {', '.join(topk_methods)})")
+    value = lambda name: defaults[name] if hf.get(name) is None else hf[name]  # noqa: E731
+    groups = (1, 1) if method == "greedy" else (value("n_group"), value("topk_group"))
+    for name, number in zip(("n_group", "topk_group"), groups, strict=True):
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise MoejaxError(f"config.json: {model_type} {name} must be an integer (got {number!r})")
+    scale = value("routed_scaling_factor")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise MoejaxError(f"config.json: {model_type} routed_scaling_factor must be a number (got {scale!r})")
+    return dict(scoring_func=scoring_func, topk_method=method, n_group=groups[0], topk_group=groups[1],
+                routed_scaling_factor=float(scale), norm_topk_prob=bool(value("norm_topk_prob")))
 
 
 def positive(hf: dict[str, Any], name: str, model_type: str) -> int:
@@ -97,15 +113,22 @@ def deepseek_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
         moe_layers=moe_layers,
         sliding_windows=(None,) * num_layers,
         dense_intermediate_size=0 if all(moe_layers) else positive(hf, "intermediate_size", model_type),
-        norm_topk_prob=False,
         shared_expert_intermediate_size=shared * expert_size,
         shared_expert_gate=False,
     )
 
 
+# transformers' DeepseekV2Config defaults for the router fields config.json may leave out (its n_group and
+# topk_group default to none: one group here).
+ROUTER_DEFAULTS = {"n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False}
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    check_router(hf, MODEL_TYPE)
-    return ModelConfig(**deepseek_fields(hf, MODEL_TYPE))
+    router = router_fields(hf, MODEL_TYPE, "softmax", ("greedy", "group_limited_greedy"), ROUTER_DEFAULTS)
+    if router["norm_topk_prob"]:
+        raise MoejaxError(f"config.json: {MODEL_TYPE} norm_topk_prob=true is not supported (transformers' DeepseekV2, "
+                          "the reference, ignores it and never renormalises the top-k weights)")
+    return ModelConfig(**deepseek_fields(hf, MODEL_TYPE), **router)
 
 
 def latent_attention_map(cfg: ModelConfig, i: int) -> dict[str, Target]:
@@ -133,14 +156,22 @@ def latent_attention_map(cfg: ModelConfig, i: int) -> dict[str, Target]:
 
 
 def tensor_map(cfg: ModelConfig) -> dict[str, Target]:
-    """Embeddings, each layer's MLA and feed-forward half (`mlp.gate`, `mlp.experts.E.*` and
-    `mlp.shared_experts.*`, or the dense `mlp.*_proj`)."""
+    """Embeddings, each layer's MLA and feed-forward half (`mlp.gate`, float32, with its selection bias
+    `mlp.gate.e_score_correction_bias` where the router has one, `mlp.experts.E.*` and `mlp.shared_experts.*`, or the
+    dense `mlp.*_proj`)."""
     out = globals_map(cfg)
     for i in range(cfg.num_layers):
         out.update(latent_attention_map(cfg, i))
         out.update(feed_forward_map(cfg, i))
-        if cfg.moe_layers[i] and cfg.has_shared_expert:
-            out.update(gated_mlp_map(f"model.layers.{i}.mlp.shared_experts", ("layer", i), ("shared_expert",),
+        if not cfg.moe_layers[i]:
+            continue
+        pre = f"model.layers.{i}.mlp"
+        out[f"{pre}.gate.weight"] = dataclasses.replace(out[f"{pre}.gate.weight"], keep_float32=True)
+        if cfg.router_correction_bias:
+            out[f"{pre}.gate.e_score_correction_bias"] = Target(("layer", i), ("router", "e_score_correction_bias"),
+                                                                (cfg.num_experts,), keep_float32=True)
+        if cfg.has_shared_expert:
+            out.update(gated_mlp_map(f"{pre}.shared_experts", ("layer", i), ("shared_expert",),
                                      cfg.hidden_size, cfg.shared_expert_intermediate_size))
     return out
 
@@ -155,16 +186,16 @@ def moe_layer_fields(cfg: ModelConfig) -> dict[str, int]:
     return {"first_k_dense_replace": first}
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json transformers needs to load this model (export)."""
-    check_exportable(cfg, is_mla=True, shared_expert_gate=False, norm_topk_prob=False, qkv_bias=False, o_bias=False,
-                     qk_norm="none", clip_qkv=None, sliding_windows=(None,) * cfg.num_layers)
+def deepseek_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json fields DeepSeek-V2 and V3 share (export), router included."""
+    check_exportable(cfg, is_mla=True, shared_expert_gate=False, qkv_bias=False, o_bias=False, qk_norm="none",
+                     clip_qkv=None, sliding_windows=(None,) * cfg.num_layers, softmax_after_topk=False,
+                     router_bias=False, expert_bias=False, swiglu_limit=None, attention_sinks=False,
+                     partial_rotary_factor=1.0)
     if cfg.shared_expert_intermediate_size % cfg.expert_intermediate_size:
         raise MoejaxError(f"a {cfg.family} config.json cannot express shared experts of "
                           f"{cfg.shared_expert_intermediate_size} (not a multiple of {cfg.expert_intermediate_size})")
     return {
-        "architectures": ["DeepseekV2ForCausalLM"],
-        "model_type": MODEL_TYPE,
         "head_dim": cfg.qk_rope_head_dim,
         "n_routed_experts": cfg.num_experts,
         "num_experts_per_tok": cfg.top_k,
@@ -177,7 +208,18 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "qk_nope_head_dim": cfg.qk_nope_head_dim,
         "qk_rope_head_dim": cfg.qk_rope_head_dim,
         "v_head_dim": cfg.v_head_dim,
-        "norm_topk_prob": False,
-        "topk_method": "greedy",
-        "routed_scaling_factor": 1.0,
+        "scoring_func": cfg.scoring_func,
+        "topk_method": cfg.topk_method,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": cfg.norm_topk_prob,
     }
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json transformers needs to load this model (export)."""
+    check_exportable(cfg, scoring_func="softmax", norm_topk_prob=False, router_correction_bias=False)
+    if cfg.topk_method not in ("greedy", "group_limited_greedy"):
+        raise MoejaxError(f"a {MODEL_TYPE} config.json cannot express topk_method={cfg.topk_method!r}")
+    return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": MODEL_TYPE, **deepseek_hf_config(cfg)}
