@@ -76,7 +76,7 @@ def test_the_predictor_prefetcher_is_asked_about_the_replayed_sequence():
     the recorded tokens of the sequence slot 0 replays (never the random model's), for the model's MoE layers."""
     from moejax.predictors.base import Predictor
 
-    cfg = model_config("deepseek-v2-lite-shape", None, tiny=True)
+    cfg = model_config("deepseek-v2-lite", None, tiny=True)
     layers = len(cfg.moe_layer_ids)
     trace = random_trace(layers, cfg.num_experts, cfg.top_k, seq_lens=[20, 25], seed=4)
     tokens = [[f"s{s}-{i}" for i in range(n)] for s, n in enumerate(trace.seq_lens)]

@@ -109,7 +109,7 @@ class _Frontend:
             else:
                 asked = api.completion_request(body, model=self.model, tokenizer=self.tokenizer, context=self.context,
                                                request_id=request_id)
-            handle, outputs = self._submit(asked, endpoint)
+            handle, outputs = await self._submit(asked, endpoint)
         except api.ApiError as err:
             self.metrics.requests.labels(REFUSAL_OUTCOMES.get(err.status, "refused")).inc()
             self.log(f"{request_id} {endpoint}: {err.status}" + (f" ({err.param})" if err.param else "") + f": {err.message}")
@@ -121,8 +121,9 @@ class _Frontend:
                                      headers={"Cache-Control": "no-cache"})
         return await self._whole(reply, handle, outputs, watcher)
 
-    def _submit(self, asked: api.Asked, endpoint: str):
-        """Submits the request -> (its handle, an asyncio queue of its Outputs); raises ApiError for refusals."""
+    async def _submit(self, asked: api.Asked, endpoint: str):
+        """Submits the request -> (its handle, an asyncio queue of its Outputs); raises ApiError for refusals. The
+        submission runs in a worker thread: with `--scheduler slo --predictor` it predicts the prompt's experts."""
         aio = asyncio.get_running_loop()
         outputs: asyncio.Queue[Output] = asyncio.Queue()
 
@@ -137,7 +138,7 @@ class _Frontend:
                 aio.call_soon_threadsafe(received, output)
 
         try:
-            return self.loop.submit(asked.request, on_output), outputs
+            return await asyncio.to_thread(self.loop.submit, asked.request, on_output), outputs
         except RequestRefused as err:
             raise api.bad_field(api.api_field(err.field, asked.fields), str(err)) from None
         except ParameterError as err:  # a Request value the loop checks
