@@ -54,12 +54,14 @@ def test_deterministic_and_round_robin_table():
     load = skewed_load(seed=3)
     assert (balanced(load, 4).devices == balanced(load.copy(), 4).devices).all()
     assert (round_robin(2, 8, 4).devices == [[0, 1, 2, 3, 0, 1, 2, 3]] * 2).all()
-    assert (make_placement("balanced", 4, 2, 8).devices == round_robin(2, 8, 4).devices).all()  # no load measured
+    assert (make_placement("round-robin", 4, 2, 8).devices == round_robin(2, 8, 4).devices).all()
 
 
 def test_bad_placement_input():
     with pytest.raises(ParameterError, match="placement 'x' is not one of round-robin, balanced"):
         make_placement("x", 2, 1, 4)
+    with pytest.raises(ParameterError, match="balanced' places experts by measured load: give placement_traces"):
+        make_placement("balanced", 2, 1, 4)
     with pytest.raises(ParameterError, match="MoE layers, experts"):
         make_placement("balanced", 2, 2, 4, np.ones((3, 4)))
     with pytest.raises(ParameterError, match="non-negative"):

@@ -137,12 +137,15 @@ def balanced(load: np.ndarray, num_devices: int, replicas: int = 0) -> Placement
 
 def make_placement(name: str, num_devices: int, num_layers: int, num_experts: int, load: np.ndarray | None = None,
                    replicas: int = 0) -> Placement:
-    """The `placement` parameter's table: 'round-robin', or 'balanced' from `load` [L, E] (round-robin's table
-    when no load was measured)."""
+    """The `placement` parameter's table: 'round-robin', or 'balanced' from `load` [L, E] (measured tokens per
+    expert, e.g. a trace collection's summed EAMs)."""
     if name not in PLACEMENTS:
         raise ParameterError.not_one_of("placement", name, PLACEMENTS)
-    if name == "round-robin" or load is None:
+    if name == "round-robin":
         return round_robin(num_layers, num_experts, num_devices)
+    if load is None:
+        raise ParameterError("{placement} 'balanced' places experts by measured load: give {placement_traces} "
+                             "(what `moejax trace` wrote)")
     if np.shape(load) != (num_layers, num_experts):
         raise ParameterError("{placement} 'balanced': a load of shape {shape}, but the model has {want} "
                              "(MoE layers, experts)", shape=np.shape(load), want=(num_layers, num_experts))
