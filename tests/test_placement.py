@@ -66,3 +66,19 @@ def test_bad_placement_input():
         make_placement("balanced", 2, 2, 4, np.ones((3, 4)))
     with pytest.raises(ParameterError, match="non-negative"):
         balanced(-np.ones((2, 4)), 2)
+
+
+def test_bench_ep_load_part_on_a_skewed_trace():
+    """scripts/bench_ep.py's load part: balanced (fitted on the first half) beats round-robin on the second half."""
+    from moejax.routing.traces import RoutingTrace
+    from scripts.bench_ep import load_part
+
+    rng = np.random.default_rng(0)
+    shares = skewed_load(layers=2, experts=16)
+    shares = shares / shares.sum(axis=1, keepdims=True)
+    experts = np.stack([rng.choice(16, size=(400, 2), p=p) for p in shares])  # [L, T, k] (repeats allowed here)
+    rows = load_part(RoutingTrace(experts, np.full(4, 100), 16), [1, 4], 1, 50)
+    by_name = {row["placement"]: row for row in rows}
+    assert {row["devices"] for row in rows} == {4} and set(by_name) == {"round-robin", "balanced", "balanced+1 replicas"}
+    assert by_name["balanced"]["layer_mean"] < by_name["round-robin"]["layer_mean"]
+    assert by_name["balanced"]["step"] < by_name["round-robin"]["step"]

@@ -44,8 +44,10 @@ def check(devices: int, num_experts: int, placement: str) -> None:
         raise ParameterError.not_one_of("placement", placement, PLACEMENTS)
     local = jax.local_devices()
     if devices > len(local):
-        raise ParameterError("{devices} {value}: this process sees {count} {platform} device(s)", value=devices,
-                             count=len(local), platform=local[0].platform)
+        hint = " (the CPU splits into N with XLA_FLAGS=--xla_force_host_platform_device_count=N)" * (
+            local[0].platform == "cpu")
+        raise ParameterError("{devices} {value}: this process sees {count} {platform} device(s){hint}", value=devices,
+                             count=len(local), platform=local[0].platform, hint=hint)
 
 
 def device_mesh(devices: int) -> Mesh:
@@ -119,7 +121,7 @@ def sharded_slab(parallel: ExpertParallel, placement: Placement, expert_stacks, 
     for m, stack in enumerate(expert_stacks):
         for d, device in enumerate(devices):
             mine = np.flatnonzero(placement.devices[m] == d)
-            part = jax.device_put({name: np.asarray(w)[mine] for name, w in stack.items()}, device)
+            part = jax.device_put({name: w[mine] for name, w in stack.items()}, device)
             blocks[d] = _write_layer(blocks[d], part, m * per_device)
     return {name: jax.make_array_from_single_device_arrays((L * E,) + shapes[name][0], parallel.sharded,
                                                            [block[name] for block in blocks])
