@@ -78,9 +78,63 @@ def test_expert_parallel_equals_the_single_device_engine(tmp_path):
     assert all(sorted(row) == [0, 1, 2, 3] for row in hot)  # the four hot experts on four devices
     errors = out["errors"]
     assert errors["{'devices': 0}"] == "devices must be an integer >= 1 (got 0)"
-    assert errors["{'devices': 8}"].startswith("devices 8: this process sees 4 cpu device(s) (the CPU splits")
+    assert errors["{'devices': 8}"].startswith("devices 8: JAX sees 4 cpu device(s) (the CPU splits")
     assert "devices 3 does not divide the 16 experts" in errors["{'devices': 3}"]
     assert errors["{'devices': 2, 'offload': 'cached'}"].startswith("devices 2: expert parallelism keeps the experts "
                                                                     "resident; offload 'cached'")
     assert "placement 'balanced' places experts by measured load: give placement_traces" in errors["{'devices': 2, 'placement': 'balanced'}"]
     assert all("\n" not in e for e in errors.values())
+
+
+PROCESS = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+import moejax
+
+prompts = [[7, 3, 2], [1, 5, 9, 13]]
+out, logits = {"devices": jax.device_count(), "local": jax.local_device_count()}, {}
+for devices in (1, 4):  # 1: this process's first device alone; 4: both processes' devices
+    engine = moejax.load(moejax.SHIPPED_CHECKPOINT, slots=2, max_seq_len=32, prefill_chunk=16, devices=devices,
+                         device=jax.local_devices()[0])
+    out[f"tokens {devices}"] = engine.generate(prompts, max_new_tokens=4).tokens
+    logits[devices] = np.asarray(engine.logits([prompts[1]])[0])
+out["logits_equal"] = bool((logits[1] == logits[4]).all())
+out["stats"] = engine.stats()["expert_parallel"]
+print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+def test_two_processes_share_the_experts_through_jax_distributed(tmp_path):
+    """Multi-host on one machine: two processes of 2 CPU devices each (`jax.distributed`, gloo collectives), one
+    mesh of 4 devices, each process holding its devices' experts: the same tokens and logits as one device."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = {**os.environ, "XLA_FLAGS": flags,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]  # files, not pipes: a full pipe would stall a process
+    processes = [subprocess.Popen([sys.executable, "-c", PROCESS, address, str(i)], env=env, stdout=log.open("w"),
+                                  stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+    try:
+        for p in processes:
+            p.wait(timeout=180)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for p, log in zip(processes, logs):
+        text = log.read_text()  # gloo writes to stdout too
+        assert p.returncode == 0, text[-3000:]
+        results.append(json.loads(text.split("RESULT ", 1)[1].splitlines()[0]))
+    for out in results:
+        assert (out["devices"], out["local"]) == (4, 2)
+        assert out["tokens 4"] == out["tokens 1"] and out["logits_equal"]
+        assert out["stats"]["devices"] == 4 and sum(out["stats"]["device_load"]) > 0
+    assert results[0] == results[1]

@@ -42,17 +42,18 @@ def check(devices: int, num_experts: int, placement: str) -> None:
     check_devices(devices, num_experts)
     if placement not in PLACEMENTS:
         raise ParameterError.not_one_of("placement", placement, PLACEMENTS)
-    local = jax.local_devices()
-    if devices > len(local):
+    seen = jax.devices()
+    if devices > len(seen):
         hint = " (the CPU splits into N with XLA_FLAGS=--xla_force_host_platform_device_count=N)" * (
-            local[0].platform == "cpu")
-        raise ParameterError("{devices} {value}: this process sees {count} {platform} device(s){hint}", value=devices,
-                             count=len(local), platform=local[0].platform, hint=hint)
+            seen[0].platform == "cpu")
+        raise ParameterError("{devices} {value}: JAX sees {count} {platform} device(s){hint}", value=devices,
+                             count=len(seen), platform=seen[0].platform, hint=hint)
 
 
 def device_mesh(devices: int) -> Mesh:
-    """A one-axis mesh over the first `devices` local devices."""
-    return Mesh(np.array(jax.local_devices()[:devices]), (AXIS,))
+    """A one-axis mesh over the first `devices` devices JAX sees (every process's, after `jax.distributed.initialize`;
+    the local ones otherwise)."""
+    return Mesh(np.array(jax.devices()[:devices]), (AXIS,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +114,20 @@ def plan(cfg, devices: int, placement: str, placement_traces: str | Path | None)
 
 def sharded_slab(parallel: ExpertParallel, placement: Placement, expert_stacks, shapes: dict) -> dict:
     """The slab of every expert, sharded: each device's block built on that device from each MoE layer's stacks
-    ({name: [E, ...]}, one layer at a time), its experts of the layer in increasing order."""
+    ({name: [E, ...]}, one layer at a time), its experts of the layer in increasing order (each process builds
+    its own devices' blocks)."""
     devices = list(parallel.mesh.devices.flat)
     L, E, G = placement.num_layers, placement.num_experts, placement.num_devices
     per_device = E // G
-    blocks = [empty_slab(shapes, L * per_device, device) for device in devices]
+    local = {d: device for d, device in enumerate(devices) if device.process_index == jax.process_index()}
+    blocks = {d: empty_slab(shapes, L * per_device, device) for d, device in local.items()}
     for m, stack in enumerate(expert_stacks):
-        for d, device in enumerate(devices):
+        for d, device in local.items():
             mine = np.flatnonzero(placement.devices[m] == d)
             part = jax.device_put({name: w[mine] for name, w in stack.items()}, device)
             blocks[d] = _write_layer(blocks[d], part, m * per_device)
     return {name: jax.make_array_from_single_device_arrays((L * E,) + shapes[name][0], parallel.sharded,
-                                                           [block[name] for block in blocks])
+                                                           [block[name] for block in blocks.values()])
             for name in shapes}
 
 
