@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,9 @@ from moejax.offload import device_cache as dc
 from moejax.offload.cpu_experts import HostExperts, host_output, split_misses
 from moejax.offload.expert_stacks import fetch_expert, write_slot
 from moejax.offload.host_cache import TieredHost
+
+if TYPE_CHECKING:
+    from moejax.engine.expert_parallel import ExpertParallel
 
 MODES = ("resident", "cached", "on-demand", "dense-offload")
 
@@ -73,6 +77,8 @@ class ProgramSpec:
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
+    # resident mode over several devices: the mesh and where each expert lives (`engine.expert_parallel`); None: one
+    expert_parallel: ExpertParallel | None = None
 
     def capacity(self, rows: int) -> int:
         """Token slots per expert of static capacity gating on a call of `rows` token rows."""
@@ -158,6 +164,10 @@ def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights
         slots = jnp.where(real, m * E + distinct, -1)
         counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
         cache = cache.replace(counters=dc._count(counters, m, dc.HITS, real.sum()))
+        if spec.expert_parallel is not None:  # each device computes its experts' pairs; the outputs are summed
+            out = spec.expert_parallel.routed(functools.partial(_compute, spec), m, moe_in, ids, weights, valid_rows,
+                                              slab, distinct.shape[0])
+            return out, dataclasses.replace(experts, cache=cache)
     elif spec.mode == "cached":
         host = experts.host
         if spec.cpu_experts is not None:

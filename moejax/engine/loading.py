@@ -14,7 +14,7 @@ from moejax import checkpoint
 from moejax.config import ModelConfig
 from moejax.encdec_config import ROUTING_MODES, EncDecConfig
 from moejax.engine import decoder_programs as programs
-from moejax.engine import encdec_programs
+from moejax.engine import encdec_programs, expert_parallel
 from moejax.engine.engine import Engine
 from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
@@ -54,7 +54,8 @@ def prepare_backend(expert_bytes: int | None = None) -> None:
 def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: int = 4, max_seq_len: int = 2048,
          prefill_chunk: int = 512, device=None, show_progress: bool = False, routing: str | None = None,
          unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
-         expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, **offload_options):
+         expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, devices: int = 1,
+         placement: str = "round-robin", placement_traces: str | Path | None = None, **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -84,6 +85,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         equal up to float rounding); 'off' (the default): every miss is copied. cpu_cost: that cost model
         (`cpu_experts.CostModel`), default measured at load; a dict gives some of its fields and the rest is
         measured (e.g. {'link_bytes_per_s': 25e9}).
+    devices: expert parallelism (decoder models, offload 'resident'): the experts split over the first `devices`
+        local devices, the dense weights on each (`engine.expert_parallel`). placement: which device holds each
+        expert, 'round-robin' or 'balanced' (by the load measured in `placement_traces`: a routing trace, an EAM
+        collection or the directory `moejax trace` wrote; `offload.placement`).
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -106,6 +111,9 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     if not kind_of(cfg).encoder_decoder:
         fmt.check(_shapes(cfg))
         compute.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
+    if devices != 1 or placement != "round-robin" or placement_traces is not None:
+        check_parallel(cfg, config, devices, placement)
+        compute.update(devices=devices, placement=placement, placement_traces=placement_traces)
     host_tier = None
     if config.host_budget is not None:
         if kind_of(cfg).encoder_decoder:
@@ -162,13 +170,15 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  config: OffloadConfig, *, slots: int = 4, max_seq_len: int = 2048, prefill_chunk: int = 512,
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
                  host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
+                 devices: int = 1, placement: str = "round-robin", placement_traces: str | Path | None = None,
                  **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
     made on the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and
     `capacity_factor` (see `load`); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts
     instead of `expert_stacks` (cached mode); expert_format: the format the experts are kept in (default: as
-    given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost: see `load`."""
+    given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices, placement,
+    placement_traces: see `load`."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
@@ -184,19 +194,40 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     kept = [] if cpu_experts == "auto" else None
     if kept is not None:
         expert_stacks = keeping(expert_stacks, kept)
-    experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
-                            kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier, chunk=prefill_chunk,
-                            rows=slots, expert_bytes=expert_bytes)
+    parallel, table = None, None
+    if devices > 1:
+        check_parallel(cfg, config, devices, placement)
+        parallel, table = expert_parallel.plan(cfg, devices, placement, placement_traces)
+        slab = expert_parallel.sharded_slab(parallel, table, expert_stacks, fmt.shapes(_shapes(cfg)))
+        experts = PlacedExperts(jax.device_put(dc.empty_state(len(cfg.moe_layer_ids), cfg.num_experts, 1),
+                                               parallel.replicated), slab, (), None, "lru", 0, {})
+        device = parallel.replicated
+    else:
+        experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
+                                kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
+                                chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes)
     if kept is not None:
         compute["cpu_experts"] = host_experts(kept, expert_activation(cfg), experts.host[0], expert_bytes, cpu_cost,
                                               cfg.top_k * max(prefill_chunk, slots))
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
-                                unroll_layers=bool(unroll_layers), **compute)
-    return Engine(cfg, jax.device_put(stacked_params(cfg, globals_, layers), jax.sharding.SingleDeviceSharding(device)),
+                                unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
+    params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated
+    return expert_parallel.engine_class(parallel, table)(
+                  cfg, jax.device_put(stacked_params(cfg, globals_, layers), params_sharding),
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
                   expert_bytes=expert_bytes,
                   stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
+
+
+def check_parallel(cfg, config: OffloadConfig, devices: int, placement: str) -> None:
+    """Expert parallelism's parameters and limits, as one-line errors naming the parameter."""
+    expert_parallel.check(devices, cfg.num_experts, placement)
+    if kind_of(cfg).encoder_decoder:
+        raise ParameterError("{devices}: expert parallelism serves decoder-only models, not {family}", family=cfg.family)
+    if config.mode != "resident" and devices != 1:
+        raise ParameterError("{devices} {value}: expert parallelism keeps the experts resident; {offload} {mode!r} "
+                             "runs on one device", value=devices, mode=config.mode)
 
 
 def _kv_cache_info(cfg: ModelConfig, slots: int, max_seq_len: int) -> dict:
