@@ -261,11 +261,12 @@ def model_label(card: str, layers: int | None) -> str:
 
 def run_peers(models: list[tuple[str, int | None]], args: list[str], dims: str, timeout: float, budget: Budget) -> dict:
     """{model label: the transformers peer's JSON or {'error': ...}}: scripts/peers/hf_peer.py `args` on each model
-    (--card label --dims dims), each in its own process within `timeout` seconds and what is left of `budget`."""
-    peers = {}
+    (--card label --dims dims), each in its own process within `timeout` seconds; together they take at most half
+    of what is left of `budget` (the rest is the engine's)."""
+    peers, engine_share = {}, budget.left() / 2
     for card, layers in models:
         label = model_label(card, layers)
-        seconds = min(timeout, budget.left())
+        seconds = min(timeout, budget.left() - engine_share)
         peers[label] = (run_peer("scripts/peers/hf_peer.py", ["--card", label, "--dims", dims, *args], seconds)
                         if seconds > 1 else {"error": "no time left"})
         print(f"peer {label}:", json.dumps(peers[label]), flush=True)
