@@ -30,7 +30,7 @@ import time
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # moejax reads the card; JAX must not take the GPU from torch
+os.environ["JAX_PLATFORMS"] = "cpu"  # moejax reads the card: JAX must never take the GPU from torch
 
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
