@@ -41,6 +41,7 @@ import time
 import jax
 import numpy as np
 
+from moejax.errors import ParameterError
 from scripts.benchlib import (
     GB, WARM_UP_TOKENS, Budget, build_random_engine, decode_stats, environment, model_config, model_label, parse_models,
     pinned_bandwidth, pinned_stacks, print_table, random_dense_params, run_peers, start_backend, write_json,
@@ -158,7 +159,12 @@ def bench_model(label: str, cfg, args, peer: dict, budget: Budget, result: dict)
             result.setdefault("skipped", []).append(what)
             continue
         start = time.monotonic()
-        row = run_config(cfg, dense, stacks, mode, expert_budget, args.policy, prompts, tokens, max_len)
+        try:
+            row = run_config(cfg, dense, stacks, mode, expert_budget, args.policy, prompts, tokens, max_len)
+        except ParameterError as err:  # e.g. a budget under what one step needs: the other rows still run
+            result["rows"].append({"model": label, "mode": mode, "budget": expert_budget, "error": str(err)})
+            print(json.dumps(result["rows"][-1]), flush=True)
+            continue
         need = time.monotonic() - start
         if mode == "resident":
             resident = row
