@@ -9,8 +9,12 @@ TPOT are medians over --repeats runs after a warm-up (compilation excluded). Per
   moejax engine   the v2 step engine, resident mode (fused prefill / decode step programs)
   whole-model     `models.decoder.forward` jitted with a KV cache, one program per token, experts as
                   separate buffers run through `lax.switch` (the reference; --reference-models)
-  transformers    generate() with the default and the eager experts, and a forward loop
-                  (scripts/peers/hf_mixtral.py, Mixtral only, run first in its own process)
+  transformers    generate() with the default and the eager experts, and a forward loop on a model of the
+                  same card and layers (scripts/peers/hf_peer.py, each model's in its own process, all
+                  before JAX starts); its weights are random too but not the engine's: the ratio compares
+                  speed on the same shapes (tests/test_families.py checks the outputs agree on the same
+                  weights). A peer that fails (e.g. out of memory) leaves an error in peer_raw, and the
+                  model's rows are against the HBM floor only
   HBM floor       bytes one token must read (non-expert weights but the embedding table, lm_head,
                   top_k experts per MoE layer, the KV cache) / the measured HBM bandwidth
 
@@ -36,21 +40,11 @@ import numpy as np
 from moejax.models.decoder import empty_kv_caches, forward
 from scripts.benchlib import (
     GB, Budget, active_bytes_per_token, build_random_engine, environment, hbm_bandwidth, median, model_config,
-    print_table, random_dense_params, random_expert_stacks, run_peer, start_backend, time_generate, write_json,
+    model_label, parse_models, print_table, random_dense_params, random_expert_stacks, run_peers, start_backend,
+    time_generate, write_json,
 )
 
 DEFAULT_MODELS = "mixtral-8x7b:8,deepseek-v2-lite,qwen3-30b-a3b"
-
-
-def parse_models(text: str) -> list[tuple[str, int | None]]:
-    """'card[:layers],...' -> [(card, layers or None)]."""
-    models = []
-    for item in text.split(","):
-        card, _, layers = item.partition(":")
-        if layers and not layers.isdigit():
-            raise SystemExit(f"--models: '{item}' is not card or card:layers")
-        models.append((card, int(layers) if layers else None))
-    return models
 
 
 def whole_model(cfg, dense, stacks, prompt: list[int], new_tokens: int, repeats: int, max_len: int) -> dict:
@@ -135,7 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
     parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--peer-timeout", type=float, default=90)
+    parser.add_argument("--peer-timeout", type=float, default=90, help="seconds, per model")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: models that would not fit are skipped")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
@@ -143,20 +137,16 @@ def main() -> None:
     models = parse_models(args.models)
     references = set(args.reference_models.split(",")) if args.reference_models else set()
 
-    # The peer first, in its own process, before JAX takes the GPU's memory (Mixtral dims only).
-    peer = {}
-    mixtral_layers = next((layers for card, layers in models if card == "mixtral-8x7b"), None)
-    if not args.skip_peer and mixtral_layers:
-        peer = run_peer("scripts/peers/hf_mixtral.py", ["--mode", "resident", "--layers", str(mixtral_layers),
-                         "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                         "--repeats", str(args.repeats)], timeout=min(args.peer_timeout, budget.left()))
-        print("peer:", json.dumps(peer), flush=True)
+    # The peers first, each in its own process, before JAX takes the GPU's memory.
+    peers = {} if args.skip_peer else run_peers(
+        models, ["--mode", "resident", "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                 "--repeats", str(args.repeats)], args.dims, args.peer_timeout, budget)
     start_backend(smoke=args.dims == "tiny")
     bandwidth = hbm_bandwidth(64 << 20 if args.dims == "tiny" else 1 << 30)
     print(f"HBM bandwidth (elementwise bf16, read + write): {bandwidth / GB:.0f} GB/s", flush=True)
 
     result = {"environment": environment(), "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "repeats": args.repeats, "hbm_bandwidth_bytes_per_s": bandwidth, "peer_raw": peer, "rows": []}
+              "repeats": args.repeats, "hbm_bandwidth_bytes_per_s": bandwidth, "peer_raw": peers, "rows": []}
     rows = result["rows"]
     configs = [model_config(card, layers, args.dims == "tiny") for card, layers in models]
     seconds_per_layer = 0.0  # of the last model run: the next one needs about as much per layer
@@ -167,10 +157,9 @@ def main() -> None:
             continue
         start = time.monotonic()
         model_rows = bench_model(card, layers, args, bandwidth, card in references)
-        if card == "mixtral-8x7b":
-            for variant, timing in peer.items():
-                if isinstance(timing, dict) and "tpot_s" in timing:
-                    model_rows.append({"model": model_rows[0]["model"], "engine": f"transformers {variant}", **timing})
+        for variant, timing in peers.get(model_label(card, layers), {}).items():
+            if isinstance(timing, dict) and "tpot_s" in timing:
+                model_rows.append({"model": model_rows[0]["model"], "engine": f"transformers {variant}", **timing})
         add_ratios(model_rows)
         rows += model_rows
         for row in model_rows:

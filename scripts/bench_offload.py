@@ -1,13 +1,16 @@
 """Decoding with experts offloaded to pinned host memory: the moejax engine's modes, transformers +
 accelerate at the same GPU expert memory, and the floor.
 
-A Mixtral-8x7B-shaped model (--layers of its 32; 8 by default so the run fits the device call) with random
-bf16 weights, experts made on the device and moved to pinned host memory layer by layer; batch 1, a random
-prompt, greedy decoding. In one run:
+Each model of --models (card[:layers]; by default Mixtral-8x7B, --layers of its 32, 8 so the run fits the
+device call) with random bf16 weights, experts made on the device and moved to pinned host memory layer by
+layer; batch 1, a random prompt, greedy decoding. In one run, per model:
 
-  peer        transformers + accelerate offloading with --budgets of the expert bytes on the GPU
-              (scripts/peers/hf_mixtral.py --mode offload, first, in its own process; ~2 s/token, so
-              --peer-new-tokens is small)
+  peer        transformers + accelerate offloading with --budgets of the expert bytes on the GPU on a model
+              of the same card and layers (scripts/peers/hf_peer.py --mode offload, every model's first,
+              each in its own process; ~2 s/token for Mixtral, so --peer-new-tokens is small). Its
+              weights are random too but not the engine's: x peer compares speed on the same shapes
+              (tests/test_families.py checks the outputs agree on the same weights). Where the peer
+              fails (it does not fit the host or the GPU) the row has no peer figures, only the floor
   bandwidth   pinned host -> GPU, from copies of 8 expert-sized pinned buffers
   resident    every expert on the GPU: the compute part of the floor (TPOT and TTFT)
   cached      each budget, --policy, no prefetch
@@ -38,9 +41,10 @@ import time
 import jax
 import numpy as np
 
+from moejax.errors import ParameterError
 from scripts.benchlib import (
-    GB, WARM_UP_TOKENS, Budget, build_random_engine, decode_stats, environment, model_config, pinned_bandwidth, pinned_stacks,
-    print_table, random_dense_params, run_peer, start_backend, write_json,
+    GB, WARM_UP_TOKENS, Budget, build_random_engine, decode_stats, environment, model_config, model_label, parse_models,
+    pinned_bandwidth, pinned_stacks, print_table, random_dense_params, run_peers, start_backend, write_json,
 )
 
 
@@ -82,7 +86,8 @@ def add_floor(row: dict, resident: dict, bandwidth: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--models", default=None, help="card[:layers],... (default: mixtral-8x7b:LAYERS)")
+    parser.add_argument("--layers", type=int, default=8, help="the default model's layers")
     parser.add_argument("--budgets", default="0.25,0.5", help="cached budgets, fractions of all expert bytes")
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -90,72 +95,95 @@ def main() -> None:
     parser.add_argument("--dense-offload-tokens", type=int, default=6, help="fewer tokens: it moves every expert per token")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--peer-new-tokens", type=int, default=3)
-    parser.add_argument("--peer-timeout", type=float, default=80)
+    parser.add_argument("--peer-timeout", type=float, default=80, help="seconds, per model (all its budgets)")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
     parser.add_argument("--out", default="bench_offload.json")
     args = parser.parse_args()
     budget = Budget(args.time_budget)
-    cfg = model_config("mixtral-8x7b", args.layers, args.dims == "tiny")
-    all_expert_bytes = len(cfg.moe_layer_ids) * cfg.num_experts * cfg.expert_bytes
+    models = parse_models(args.models or f"mixtral-8x7b:{args.layers}")
+    configs = [model_config(card, layers, args.dims == "tiny") for card, layers in models]
 
-    # The peer first, in its own process, before JAX takes the GPU's memory.
-    peer = {}
-    if not args.skip_peer:
-        peer = run_peer("scripts/peers/hf_mixtral.py", ["--mode", "offload", "--gpu-expert-fraction", args.budgets,
-                         "--layers", str(cfg.num_layers), "--prompt-len", str(args.prompt_len),
-                         "--new-tokens", str(args.peer_new_tokens)], timeout=min(args.peer_timeout, budget.left()))
-        print("peer:", json.dumps(peer), flush=True)
-    start_backend(all_expert_bytes + 8 * cfg.expert_bytes, smoke=args.dims == "tiny")
+    # The peers first, each in its own process, before JAX takes the GPU's memory.
+    peers = {} if args.skip_peer else run_peers(
+        models, ["--mode", "offload", "--gpu-expert-fraction", args.budgets, "--prompt-len", str(args.prompt_len),
+                 "--new-tokens", str(args.peer_new_tokens)], args.dims, args.peer_timeout, budget)
+    # The pinned pool holds one model's experts at a time (and the bandwidth probe's 8 experts).
+    start_backend(max(all_expert_bytes(cfg) + 8 * cfg.expert_bytes for cfg in configs), smoke=args.dims == "tiny")
+    result = {"environment": environment(), "models": {}, "rows": []}
+    need = 0.0
+    for (card, layers), cfg in zip(models, configs, strict=True):
+        label = model_label(card, layers)
+        if not budget.allows(need, label):
+            result.setdefault("skipped", []).append(label)
+            continue
+        need = bench_model(label, cfg, args, peers.get(label, {}), budget, result)
+
+    print_table(result["rows"], [
+        ("model", "model", "s"), ("mode", "mode", "s"), ("budget", "budget", "s"), ("ttft_s", "TTFT s", ".3f"),
+        ("floor_ttft_s", "TTFT floor", ".3f"), ("decode_s_per_token", "s/token", ".4f"), ("decode_hit_rate", "hit rate", ".3f"),
+        ("decode_gb_per_token", "GB/token", ".3f"), ("floor_s_per_token", "floor s/token", ".4f"), ("x_floor", "x floor", ".3f"),
+        ("peer_tpot_s", "peer TPOT s", ".2f"), ("x_peer_tokens_per_s", "x peer", ".1f"),
+        ("tokens_equal_resident", "same tokens", "")])
+
+
+def all_expert_bytes(cfg) -> int:
+    return len(cfg.moe_layer_ids) * cfg.num_experts * cfg.expert_bytes
+
+
+def bench_model(label: str, cfg, args, peer: dict, budget: Budget, result: dict) -> float:
+    """One model's rows (resident, each cached budget, on-demand, dense-offload) appended to result['rows'] and
+    its description to result['models'], the JSON rewritten after each; returns the seconds its last configuration
+    took (what the next one is expected to need)."""
     device = jax.devices()[0]
     bandwidth = pinned_bandwidth(cfg, device)
-    print(f"pinned host -> GPU: {bandwidth / GB:.1f} GB/s", flush=True)
-
+    print(f"{label}: pinned host -> GPU: {bandwidth / GB:.1f} GB/s", flush=True)
     start = time.monotonic()
     dense = random_dense_params(cfg)
     stacks = pinned_stacks(cfg, device)  # shared by every engine (the resident one copies them to the device)
-    print(f"{all_expert_bytes / GB:.1f} GB of experts in pinned host memory in {time.monotonic() - start:.0f} s", flush=True)
+    expert_bytes = all_expert_bytes(cfg)
+    print(f"{expert_bytes / GB:.1f} GB of experts in pinned host memory in {time.monotonic() - start:.0f} s", flush=True)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(2)]
     max_len = min(-(-(args.prompt_len + args.new_tokens) // 64) * 64, cfg.max_position_embeddings)
-
-    result = {
-        "environment": environment(),
-        "model": {"architecture": "Mixtral-8x7B dims", "dims": args.dims, "layers": cfg.num_layers, "dtype": cfg.dtype,
-                  "expert_bytes": cfg.expert_bytes, "all_expert_bytes": all_expert_bytes,
-                  "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1},
-        "bandwidth_bytes_per_s": bandwidth, "peer": peer, "rows": [],
+    result["models"][label] = {
+        "family": cfg.family, "dims": args.dims, "layers": cfg.num_layers, "dtype": cfg.dtype, "expert_bytes": cfg.expert_bytes,
+        "all_expert_bytes": expert_bytes, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1,
+        "bandwidth_bytes_per_s": bandwidth, "peer": peer,
     }
-    rows = result["rows"]
     configs = [("resident", None, args.new_tokens)] + [("cached", b, args.new_tokens) for b in args.budgets.split(",")]
     configs += [("on-demand", None, args.new_tokens), ("dense-offload", None, args.dense_offload_tokens)]
     resident, need = None, 0.0
     for mode, expert_budget, tokens in configs:
-        if not budget.allows(need, f"{mode} {expert_budget or ''}".strip()):
-            result.setdefault("skipped", []).append(f"{mode} {expert_budget or ''}".strip())
+        what = f"{label} {mode} {expert_budget or ''}".strip()
+        if not budget.allows(need, what):
+            result.setdefault("skipped", []).append(what)
             continue
         start = time.monotonic()
-        row = run_config(cfg, dense, stacks, mode, expert_budget, args.policy, prompts, tokens, max_len)
+        try:
+            row = run_config(cfg, dense, stacks, mode, expert_budget, args.policy, prompts, tokens, max_len)
+        except ParameterError as err:  # e.g. a budget under what one step needs: the other rows still run
+            result["rows"].append({"model": label, "mode": mode, "budget": expert_budget, "error": str(err)})
+            print(json.dumps(result["rows"][-1]), flush=True)
+            continue
         need = time.monotonic() - start
         if mode == "resident":
             resident = row
+        elif resident is None:  # no resident row (skipped): nothing to compare with or floor against
+            continue
         row["tokens_equal_resident"] = row["tokens"] == resident["tokens"][: len(row["tokens"])]
         add_floor(row, resident, bandwidth)
         match = peer.get(expert_budget) if mode == "cached" else None
         if isinstance(match, dict) and "tpot_s" in match:
             row["peer_tpot_s"], row["peer_ttft_s"] = match["tpot_s"], match["ttft_s"]
             row["x_peer_tokens_per_s"] = match["tpot_s"] / row["decode_s_per_token"]
-        rows.append({k: v for k, v in row.items() if k != "tokens"})
-        print(json.dumps(rows[-1]), flush=True)
+        result["rows"].append({"model": label, **{k: v for k, v in row.items() if k != "tokens"}})
+        print(json.dumps(result["rows"][-1]), flush=True)
         write_json(args.out, result)
-
-    print(f"\nMixtral-8x7B dims ({args.dims}), {cfg.num_layers} layers ({all_expert_bytes / GB:.1f} GB of experts), bf16, "
-          f"batch 1, prompt {args.prompt_len}; pinned host -> GPU {bandwidth / GB:.1f} GB/s")
-    print_table(rows, [
-        ("mode", "mode", "s"), ("budget", "budget", "s"), ("ttft_s", "TTFT s", ".3f"), ("floor_ttft_s", "TTFT floor", ".3f"),
-        ("decode_s_per_token", "s/token", ".4f"), ("decode_hit_rate", "hit rate", ".3f"),
-        ("decode_gb_per_token", "GB/token", ".3f"), ("floor_s_per_token", "floor s/token", ".4f"), ("x_floor", "x floor", ".3f"),
-        ("peer_tpot_s", "peer TPOT s", ".2f"), ("x_peer_tokens_per_s", "x peer", ".1f"),
-        ("tokens_equal_resident", "same tokens", "")])
+    print(f"{label} ({args.dims}), {cfg.num_layers} layers ({expert_bytes / GB:.1f} GB of experts), bf16, batch 1, "
+          f"prompt {args.prompt_len}; pinned host -> GPU {bandwidth / GB:.1f} GB/s", flush=True)
+    del dense, stacks
+    gc.collect()
+    return need
 
 
 if __name__ == "__main__":

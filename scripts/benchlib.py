@@ -244,6 +244,35 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
 
 
+def parse_models(text: str) -> list[tuple[str, int | None]]:
+    """--models 'card[:layers],...' -> [(card, layers or None)]."""
+    models = []
+    for item in text.split(","):
+        card, _, layers = item.partition(":")
+        if layers and not layers.isdigit():
+            raise SystemExit(f"--models: '{item}' is not card or card:layers")
+        models.append((card, int(layers) if layers else None))
+    return models
+
+
+def model_label(card: str, layers: int | None) -> str:
+    return card if layers is None else f"{card}:{layers}"
+
+
+def run_peers(models: list[tuple[str, int | None]], args: list[str], dims: str, timeout: float, budget: Budget) -> dict:
+    """{model label: the transformers peer's JSON or {'error': ...}}: scripts/peers/hf_peer.py `args` on each model
+    (--card label --dims dims), each in its own process within `timeout` seconds; together they take at most half
+    of what is left of `budget` (the rest is the engine's)."""
+    peers, engine_share = {}, budget.left() / 2
+    for card, layers in models:
+        label = model_label(card, layers)
+        seconds = min(timeout, budget.left() - engine_share)
+        peers[label] = (run_peer("scripts/peers/hf_peer.py", ["--card", label, "--dims", dims, *args], seconds)
+                        if seconds > 1 else {"error": "no time left"})
+        print(f"peer {label}:", json.dumps(peers[label]), flush=True)
+    return peers
+
+
 def run_peer(script: str, args: list[str], timeout: float) -> dict:
     """Runs a peer script (a path in the repository) in its own process group (torch and JAX must not share the
     GPU: call it before JAX starts its backend) and returns its JSON, or {'error': ...}. Past `timeout` seconds
