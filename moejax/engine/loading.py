@@ -104,28 +104,13 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     cfg = with_routing(cfg, routing)
     compute = expert_compute_options(expert_compute, capacity_factor)
     fmt = resolve_format(expert_format, stored_format(path, cfg.dtype), kind_of(cfg).encoder_decoder)
-    num_moe = len(cfg.moe_layer_ids)
-    check_cpu_experts(cpu_experts, config.mode)
-    if kind_of(cfg).encoder_decoder and cpu_experts != "off":
-        raise ParameterError("{cpu_experts} {value!r}: encoder-decoder models copy every missed expert", value=cpu_experts)
-    if not kind_of(cfg).encoder_decoder:
-        fmt.check(_shapes(cfg))
-        compute.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
-    if devices != 1 or placement != "round-robin" or placement_traces is not None:
-        check_parallel(cfg, config, devices, placement)
-        compute.update(devices=devices, placement=placement, placement_traces=placement_traces)
+    compute.update(_expert_options(cfg, config, fmt, cpu_experts, cpu_cost, devices, placement, placement_traces))
     host_tier = None
     if config.host_budget is not None:
-        if kind_of(cfg).encoder_decoder:
-            raise ParameterError("{host_budget}: the disk tier serves decoder-only models, not {family}", family=cfg.family)
-        if fmt.approximate or cpu_experts != "off":
-            raise ParameterError("{host_budget}: the disk tier keeps experts as the checkpoint stores them in float; it "
-                                 "does not combine with {expert_format} {name!r} or {cpu_experts} {cpu!r} yet",
-                                 name=fmt.name, cpu=cpu_experts)
         host_tier = checkpoint_tier(path, cfg, _shapes(cfg), config.host_budget, config.expert_dir, show_progress)
     pinned = config.mode != "resident" and host_tier is None
     expert_bytes = fmt.expert_bytes(_shapes(cfg)) if fmt.approximate else cfg.expert_bytes
-    prepare_backend(num_moe * cfg.num_experts * expert_bytes if pinned else None)
+    prepare_backend(len(cfg.moe_layer_ids) * cfg.num_experts * expert_bytes if pinned else None)
     globals_ = checkpoint.load_globals(path)
     layers = [checkpoint.load_layer(path, i) for i in range(cfg.num_layers)]
     stacks = () if host_tier is not None else _expert_stacks(path, cfg, show_progress, fmt)
@@ -136,6 +121,32 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     return build_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
                         prefill_chunk=prefill_chunk, device=device, tokenizer=load_tokenizer(path), path=path,
                         unroll_layers=unroll_layers, host_tier=host_tier, **compute)
+
+
+def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: str, cpu_cost, devices: int,
+                    placement: str, placement_traces) -> dict:
+    """`load`'s expert format, CPU-expert and expert-parallel parameters checked against the model and the
+    offload config, as `build_engine` keywords (none for encoder-decoder models, which take none of them)."""
+    check_cpu_experts(cpu_experts, config.mode)
+    options = {}
+    if kind_of(cfg).encoder_decoder:
+        if cpu_experts != "off":
+            raise ParameterError("{cpu_experts} {value!r}: encoder-decoder models copy every missed expert",
+                                 value=cpu_experts)
+        if config.host_budget is not None:
+            raise ParameterError("{host_budget}: the disk tier serves decoder-only models, not {family}",
+                                 family=cfg.family)
+    else:
+        fmt.check(_shapes(cfg))
+        options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
+    if devices != 1 or placement != "round-robin" or placement_traces is not None:
+        check_parallel(cfg, config, devices, placement)
+        options.update(devices=devices, placement=placement, placement_traces=placement_traces)
+    if config.host_budget is not None and (fmt.approximate or cpu_experts != "off"):
+        raise ParameterError("{host_budget}: the disk tier keeps experts as the checkpoint stores them in float; it "
+                             "does not combine with {expert_format} {name!r} or {cpu_experts} {cpu!r} yet",
+                             name=fmt.name, cpu=cpu_experts)
+    return options
 
 
 def expert_compute_options(expert_compute: str, capacity_factor: float | None) -> dict:
