@@ -106,6 +106,21 @@ def softmax_with_sinks(scores, sinks):
     return weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - top))
 
 
+def write_kv_cache(caches: tuple, new: tuple, positions, slot_ids=None, attend_len: int | None = None,
+                   layer_index=None) -> tuple[tuple, tuple]:
+    """Writes each of `new` ([B, T, ...], one per cache) into its cache at `positions` [B, T] of each row's slot
+    (`slot_ids` [B]; None: row b is cache row b), in layer `layer_index` of stacked caches when given; positions
+    past the cache are dropped. -> (the updated caches, what the step attends over: with slot_ids, the rows'
+    first attend_len positions; else the whole caches)."""
+    rows = (jnp.arange(positions.shape[0]) if slot_ids is None else slot_ids)[:, None]
+    where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
+    caches = tuple(cache.at[where].set(value.astype(cache.dtype), mode="drop") for cache, value in zip(caches, new))
+    if slot_ids is None:
+        return caches, caches
+    seen = (slot_ids, slice(None, attend_len)) if layer_index is None else (layer_index, slot_ids, slice(None, attend_len))
+    return caches, tuple(cache[seen] for cache in caches)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings and an in-place KV cache update (and, with
     `cfg.attention_sinks`, a learned sink logit per head: param 'sinks' [heads])."""
@@ -150,15 +165,7 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(positions, inv_freq, scaling, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        k_cache, v_cache = kv_cache
-        rows = (jnp.arange(batch) if slot_ids is None else slot_ids)[:, None]
-        where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
-        k_cache = k_cache.at[where].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[where].set(v.astype(v_cache.dtype), mode="drop")
-        k_seen, v_seen = k_cache, v_cache
-        if slot_ids is not None:
-            seen = (slot_ids, slice(None, attend_len)) if layer_index is None else (layer_index, slot_ids, slice(None, attend_len))
-            k_seen, v_seen = k_cache[seen], v_cache[seen]
+        kv_cache, (k_seen, v_seen) = write_kv_cache(kv_cache, (k, v), positions, slot_ids, attend_len, layer_index)
 
         groups = heads // kv_heads
         q = q.reshape(batch, length, kv_heads, groups, head_dim)
@@ -173,4 +180,4 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v_seen).reshape(batch, length, heads * head_dim)
         out = proj(x.shape[-1], "o_proj", cfg.o_bias)(out)
-        return out, (k_cache, v_cache)
+        return out, kv_cache

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import ModelConfig
-from moejax.models.layers import RMSNorm, attention_mask, param_dtype
+from moejax.models.layers import RMSNorm, attention_mask, param_dtype, write_kv_cache
 from moejax.models.rope import apply_rope_interleaved, inverse_frequencies
 
 # DeepSeek's latent norms use their own epsilon, not config.rms_norm_eps.
@@ -84,15 +84,8 @@ class LatentAttention(nn.Module):
         q_rope = apply_rope_interleaved(q[..., nope:], positions, inv_freq, scaling)
         k_rope = apply_rope_interleaved(compressed[..., None, cfg.kv_lora_rank:], positions, inv_freq, scaling)[:, :, 0]
 
-        latent_cache, rope_cache = kv_cache
-        rows = (jnp.arange(batch) if slot_ids is None else slot_ids)[:, None]
-        where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
-        latent_cache = latent_cache.at[where].set(latent.astype(latent_cache.dtype), mode="drop")
-        rope_cache = rope_cache.at[where].set(k_rope.astype(rope_cache.dtype), mode="drop")
-        latent_seen, rope_seen = latent_cache, rope_cache
-        if slot_ids is not None:
-            seen = (slot_ids, slice(None, attend_len)) if layer_index is None else (layer_index, slot_ids, slice(None, attend_len))
-            latent_seen, rope_seen = latent_cache[seen], rope_cache[seen]
+        kv_cache, (latent_seen, rope_seen) = write_kv_cache(kv_cache, (latent, k_rope), positions, slot_ids, attend_len,
+                                                             layer_index)
 
         kv_b = Kernel((cfg.kv_lora_rank, heads * (nope + v_dim)), dtype, name="kv_b_proj")().reshape(
             cfg.kv_lora_rank, heads, nope + v_dim)
@@ -114,7 +107,7 @@ class LatentAttention(nn.Module):
         else:
             out = jnp.einsum("bhts,bshd->bthd", probs, jnp.einsum("bsr,rhd->bshd", latent_seen, w_v))
         out = out.reshape(batch, length, heads * v_dim)
-        return proj(x.shape[-1], "o_proj")(out), (latent_cache, rope_cache)
+        return proj(x.shape[-1], "o_proj")(out), kv_cache
 
 
 class Kernel(nn.Module):
