@@ -39,7 +39,7 @@ if [ "${SMOKE:-}" = 1 ]; then
     CHECK_ARGS=(--quick)
     DECODE_ARGS=(--dims tiny --skip-peer --prompt-len 16 --new-tokens 8)
     OFFLOAD_ARGS=(--dims tiny --skip-peer --prompt-len 16 --new-tokens 8 --dense-offload-tokens 4)
-    PREFETCH_ARGS=(--dims tiny --new-tokens 8 --sequences 1 --ttft-prompt 64)
+    PREFETCH_ARGS=(--dims tiny --budget 0.6 --new-tokens 8 --sequences 1 --ttft-prompt 64)
     SERVE_ARGS=(--dims tiny --budget 0.5 --batches 1,4 --new-tokens 6 --slots 4 --requests 6 --loads 8x,2x
                 --max-prompt 32 --max-tokens 8 --serve-max-seq-len 128 --prefill-chunk 32 --calibration-per-task 1 --warmup-requests 8)
     COMPACT_ARGS=(--dims tiny --budgets 0.5,0.2 --prompt-len 8 --new-tokens 8 --cost-link-gbps 0.001)

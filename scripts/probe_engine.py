@@ -5,12 +5,20 @@ configuration and generates greedily from a random prompt; prints one JSON line 
 checking a change on the GPU before the full benchmarks (scripts/gpu_session.sh).
 
   PYTHONPATH=. python scripts/probe_engine.py --card deepseek-v2-lite --configs resident,cached:0.25
+  PYTHONPATH=. python scripts/probe_engine.py --configs resident --profile 20   # where a decode step's GPU time goes
+
+--profile N records N decode tokens with the JAX profiler after the timed runs and prints, per configuration,
+the GPU time per token by XLA operation (the `hlo_op` of each kernel; the largest first) and the GPU's busy
+time against the wall time of those tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
+import tempfile
 import time
 
 from moejax.engine.loading import prepare_backend
@@ -25,6 +33,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--unroll-layers", action="store_true", help="every layer in the program, no loop over layers")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N decode tokens: GPU ms/token by op")
+    parser.add_argument("--profile-top", type=int, default=30, help="operations listed per configuration")
     args = parser.parse_args()
     prepare_backend()  # before JAX starts its backend
 
@@ -64,7 +74,54 @@ def main() -> None:
             "GB_per_token": round(total["bytes_h2d"] / 1e9 / max(1, sum(map(len, last.tokens))), 3),
             "host_wait_s": round(last.stats["host_wait_s"], 3), "same_tokens": runs[1].tokens == last.tokens,
         }), flush=True)
+        if args.profile:
+            print(json.dumps({"config": spec, **profile_decode(engine, prompt, args.profile, args.profile_top)}),
+                  flush=True)
         del engine
+
+
+def profile_decode(engine, prompt: list[int], tokens: int, top: int) -> dict:
+    """GPU time per decode token by XLA operation, from a JAX profiler trace of `tokens` decode steps.
+
+    Kernels are grouped by their `hlo_op` stat (else their name) and summed over every GPU stream; `busy_ms` is
+    the union of kernel intervals per token (ms), `wall_ms` the host's time per token over the same steps.
+    """
+    import jax
+    from jax.profiler import ProfileData
+
+    engine.generate([prompt], max_new_tokens=2, ignore_eos=True)  # compiled and warm
+    directory = tempfile.mkdtemp(prefix="moejax-profile-")
+    slot = 0
+    engine.prefill(slot, prompt)
+    jax.block_until_ready(engine.decode())
+    start = time.perf_counter()
+    with jax.profiler.trace(directory):
+        for _ in range(tokens):
+            engine.decode()
+        jax.effects_barrier()
+    wall = time.perf_counter() - start
+    engine.release(slot)
+    (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    by_op: collections.Counter = collections.Counter()
+    intervals = []
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            for event in line.events:
+                stats = dict(event.stats)
+                by_op[str(stats.get("hlo_op", event.name))] += event.duration_ns
+                intervals.append((event.start_ns, event.start_ns + event.duration_ns))
+    busy, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    per_token = lambda ns: round(ns / 1e6 / tokens, 4)  # noqa: E731
+    return {"profiled_tokens": tokens, "wall_ms": round(wall * 1e3 / tokens, 3), "busy_ms": per_token(busy),
+            "kernel_ms": per_token(sum(by_op.values())), "kernels_per_token": len(intervals) / tokens,
+            "ops_ms": {op: per_token(ns) for op, ns in by_op.most_common(top)}}
 
 
 if __name__ == "__main__":
