@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="card[:layers],... (default: mixtral-8x7b:LAYERS)")
     parser.add_argument("--layers", type=int, default=8, help="the default model's layers")
     parser.add_argument("--budgets", default="0.25,0.5", help="cached budgets, fractions of all expert bytes")
+    parser.add_argument("--modes", default="resident,cached,on-demand,dense-offload",
+                        help="offload modes to run (resident is the reference of the others: keep it)")
     parser.add_argument("--policy", default="lru")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -99,6 +101,9 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
     parser.add_argument("--out", default="bench_offload.json")
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - {"resident", "cached", "on-demand", "dense-offload"}
+    if unknown:
+        parser.error(f"--modes: unknown mode(s) {', '.join(sorted(unknown))} (resident, cached, on-demand, dense-offload)")
     budget = Budget(args.time_budget)
     models = parse_models(args.models or f"mixtral-8x7b:{args.layers}")
     configs = [model_config(card, layers, args.dims == "tiny") for card, layers in models]
@@ -152,6 +157,7 @@ def bench_model(label: str, cfg, args, peer: dict, budget: Budget, result: dict)
     }
     configs = [("resident", None, args.new_tokens)] + [("cached", b, args.new_tokens) for b in args.budgets.split(",")]
     configs += [("on-demand", None, args.new_tokens), ("dense-offload", None, args.dense_offload_tokens)]
+    configs = [config for config in configs if config[0] in args.modes.split(",")]
     resident, need = None, 0.0
     for mode, expert_budget, tokens in configs:
         what = f"{label} {mode} {expert_budget or ''}".strip()
