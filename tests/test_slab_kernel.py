@@ -18,7 +18,7 @@ from hf_zoo import build, random_prompts
 
 import moejax
 from moejax.errors import ParameterError
-from moejax.kernels.slab_experts import Tiling, choose_tiling, inplace_problem, slab_expert_outputs
+from moejax.kernels.slab_experts import Tiling, choose_tiling, inplace_problem, pallas_triton, slab_expert_outputs
 from moejax.models.moe import ClampedSwiGLU, batched_expert_ffn, experts_from_slab, gathered, route, routed_experts
 from moejax.offload.device_cache import distinct_experts
 
@@ -108,6 +108,23 @@ def test_what_inplace_refuses():
     assert inplace_problem({"down": ((24, 32), np.float32)}, on_gpu=False) is None  # the interpreter takes any tile
     with pytest.raises(ParameterError, match="expert_compute 'inplace' reads float experts in place; compact int8/int4"):
         moejax.load(moejax.SHIPPED_CHECKPOINT, expert_compute="inplace", expert_format="int4")
+
+
+@pytest.mark.skipif(pallas_triton is None, reason="this jax has no Pallas Triton backend")
+def test_kernels_lower_to_triton_for_cuda_at_real_shapes():
+    """The GPU path up to Triton IR, on the CPU (no PTX): power-of-two tiles, every primitive with a Triton lowering
+    rule, at Mixtral's whole-model slab (over 4 GiB per weight: 64-bit offsets), DeepSeek-V2-Lite with 8 rows, a
+    Qwen3-sized f32 plain slab with biases and 40 rows (row blocks), gpt-oss's ClampedSwiGLU (D = F = 2880)."""
+    cases = [(64, 4096, 14336, 2, 1, jnp.bfloat16, "gated", "silu"), (64, 2048, 1408, 6, 8, jnp.bfloat16, "gated", "silu"),
+             (128, 2048, 768, 8, 40, jnp.float32, "plain", "gelu"), (4, 2880, 2880, 4, 3, jnp.bfloat16, "gpt-oss", ACTS["gpt-oss"])]
+    for slots, dim, ffn, chosen, rows, dtype, kind, act in cases:
+        sizes = {"D": dim, "F": ffn}
+        slab = {name: jax.ShapeDtypeStruct((slots, *(sizes[a] for a in axes)), dtype)
+                for name, axes in SLAB_SHAPES[kind].items()}
+        args = jax.ShapeDtypeStruct((rows, dim), dtype), slab, jax.ShapeDtypeStruct((chosen,), jnp.int32)
+        compute = jax.jit(lambda x, slab, slots: slab_expert_outputs(x, slab, slots, act, interpret=False))  # noqa: B023
+        text = compute.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 2, (kind, dim)  # gate/up and down: two kernels
 
 
 @pytest.fixture(scope="module")
