@@ -236,7 +236,8 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-compute", default="auto",
                    help="how a step computes its experts: auto (default: union for few tokens, grouped for many) | union | "
                    "grouped (dropless dynamic gating) | ragged (the same via lax.ragged_dot) | capacity (static capacity factor 2: "
-                   "APPROXIMATE, drops tokens)")
+                   "APPROXIMATE, drops tokens) | inplace (union's sums from Pallas kernels reading the experts in place, "
+                   "no gathered copy; float experts only; not yet measured on the GPU)")
     p.add_argument("--expert-format",
                    help="routed experts on the host, over the link and in the cache as: bf16 | int8 | int4 (APPROXIMATE: "
                    "weight-only, a scale per 64 input rows, dequantized in the expert compute; default: as stored)")

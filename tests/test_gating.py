@@ -182,7 +182,8 @@ def test_ragged_engine_in_cached_mode_is_union_to_the_last_bits(ckpt):
 
 
 def test_expert_compute_errors_name_the_parameter():
-    with pytest.raises(ParameterError, match="expert_compute 'dense' is not one of auto, union, grouped, ragged, capacity"):
+    with pytest.raises(ParameterError,
+                       match="expert_compute 'dense' is not one of auto, union, grouped, ragged, capacity, inplace"):
         moejax.load(moejax.SHIPPED_CHECKPOINT, expert_compute="dense")
     with pytest.raises(ParameterError, match="capacity_factor applies to expert_compute 'capacity', not 'grouped'"):
         moejax.load(moejax.SHIPPED_CHECKPOINT, expert_compute="grouped", capacity_factor=1.0)

@@ -21,6 +21,7 @@ from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, plural
 from moejax.models.decoder import expert_activation, kv_bytes_per_token, kv_cache_bytes
 from moejax.models.encdec import expert_shapes as encdec_expert_shapes
+from moejax.kernels.slab_experts import inplace_problem
 from moejax.models.moe import EXPERT_COMPUTES
 from moejax.models.registry import kind_of
 from moejax.offload import device_cache as dc
@@ -72,7 +73,9 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         through every expert the step uses), 'grouped' (dropless dynamic gating: each expert computes exactly
         its tokens, in blocks), 'ragged' (the same through `lax.ragged_dot`), 'capacity' (static capacity-factor
         gating, APPROXIMATE: tokens past an expert's capacity are dropped, so outputs depend on the other
-        sequences of a step) or 'auto' (the default: union for steps of few tokens, grouped for many;
+        sequences of a step), 'inplace' (union's sums from Pallas kernels that read the chosen experts in the
+        slab without a gathered copy, `kernels.slab_experts`; float experts only, not int8/int4; not yet
+        measured on the GPU) or 'auto' (the default: union for steps of few tokens, grouped for many;
         provisional until measured on the GPU).
     capacity_factor: expert_compute 'capacity' only: capacity = ceil(capacity_factor x tokens x top_k /
         experts) per expert and step (default `models.moe.CAPACITY_FACTOR`).
@@ -105,6 +108,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     compute = expert_compute_options(expert_compute, capacity_factor)
     fmt = resolve_format(expert_format, stored_format(path, cfg.dtype), kind_of(cfg).encoder_decoder)
     compute.update(_expert_options(cfg, config, fmt, cpu_experts, cpu_cost, devices, placement, placement_traces))
+    if expert_compute == "inplace" and not kind_of(cfg).encoder_decoder:
+        problem = inplace_problem(fmt.shapes(_shapes(cfg)), (device or jax.devices()[0]).platform == "gpu")
+        if problem:
+            raise ParameterError("{expert_compute} 'inplace' {problem}", problem=problem)
     host_tier = None
     if config.host_budget is not None:
         host_tier = checkpoint_tier(path, cfg, _shapes(cfg), config.host_budget, config.expert_dir, show_progress)

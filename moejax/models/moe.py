@@ -17,8 +17,9 @@ them on the host or gathering them on the device therefore yields the same sums.
 A step's expert compute (`routed_experts`): 'union' (`experts_from_slab`: every row through every
 expert the step uses), 'grouped' (`grouped_experts`: dropless dynamic gating, each expert on exactly
 its rows, in fixed-size blocks) or 'capacity' (`capacity_experts`: every expert padded to a static
-capacity, the pairs past it dropped; approximate). Grouped and capacity add each row's experts in
-the same order as union.
+capacity, the pairs past it dropped; approximate) or 'inplace' (`kernels.slab_experts.inplace_experts`:
+union's products from Pallas kernels that read the chosen experts in the slab, no gathered copy; float
+slabs only). Grouped, capacity and inplace add each row's experts in the same order as union.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from moejax.models.layers import ACTIVATIONS
 from moejax.models.quantized import dequantized
 
 # How a step computes its routed experts (see `routed_experts`); 'auto' picks by the call's rows.
-EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity")
+EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity", "inplace")
 # Provisional, chosen on the CPU for logic only (not speed): 'auto' computes 'grouped' from this many token
 # rows up, in blocks of GROUPED_BLOCK_ROWS rows. To be set from scripts/bench_gating.py on the GPU.
 GROUPED_FROM_ROWS = 64
@@ -335,8 +336,13 @@ def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, ac
     a row's sum does not depend on the other rows' experts, on U or on the slots, so every offload mode,
     budget and policy gives the same bits.
     """
-    outputs = batched_expert_ffn(x, gathered(slab, slots), act)
-    acc = jnp.zeros(x.shape, jnp.float32)
+    return add_expert_outputs(batched_expert_ffn(x, gathered(slab, slots), act), topk_ids, topk_weights, distinct)
+
+
+def add_expert_outputs(outputs, topk_ids, topk_weights, distinct):
+    """Each row's weighted sum of its experts' outputs, in increasing expert order: outputs [U, N, D] (expert
+    `distinct[u]` on every row), topk_ids [N, k], topk_weights [N, k], distinct int32 [U] -> [N, D] f32."""
+    acc = jnp.zeros(outputs.shape[1:], jnp.float32)
     for u in range(distinct.shape[0]):
         weight = jnp.sum(jnp.where(topk_ids == distinct[u], topk_weights, 0.0), axis=-1)
         # where: a slot of padding may hold anything (never NaN into a row that did not choose it)
@@ -355,9 +361,10 @@ def resolve_expert_compute(expert_compute: str, rows: int) -> str:
 
 def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *,
                    valid_rows=None, capacity: int | None = None, block_rows: int = GROUPED_BLOCK_ROWS):
-    """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped', 'ragged' or
-    'capacity'; see `experts_from_slab`, `grouped_experts`, `ragged_experts`, `capacity_experts` for the
-    arguments). Union, grouped and ragged are exact and add each row's experts alike; capacity computes
+    """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped', 'ragged', 'capacity' or
+    'inplace'; see `experts_from_slab`, `grouped_experts`, `ragged_experts`, `capacity_experts`,
+    `kernels.slab_experts.inplace_experts` for the arguments). Union, grouped, ragged and inplace are exact and
+    add each row's experts alike; capacity computes
     `capacity` token slots per expert and leaves out the pairs past them (approximate)."""
     if how == "union":
         return experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab, act)
@@ -368,7 +375,11 @@ def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: d
         return ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab, act, valid_rows=valid_rows)
     if how == "capacity":
         return capacity_experts(x, topk_ids, topk_weights, distinct, slots, slab, capacity, act, valid_rows=valid_rows)
-    raise ValueError(f"expert compute {how!r} is not one of union, grouped, ragged, capacity")
+    if how == "inplace":
+        from moejax.kernels.slab_experts import inplace_experts  # that module imports this one
+
+        return inplace_experts(x, topk_ids, topk_weights, distinct, slots, slab, act)
+    raise ValueError(f"expert compute {how!r} is not one of union, grouped, ragged, capacity, inplace")
 
 
 def _union_queues(topk_ids, topk_weights, distinct, valid_rows):
