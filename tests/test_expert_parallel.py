@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHECK = r"""
@@ -165,3 +167,25 @@ def test_two_processes_share_the_experts_through_jax_distributed(tmp_path):
         assert out["tokens 4"] == out["tokens 1"] and out["logits_equal"]
         assert out["stats"]["devices"] == 4 and sum(out["stats"]["device_load"]) > 0
     assert results[0] == results[1]
+
+
+def test_metrics_have_a_series_per_device():
+    """/metrics under expert parallelism: each device's pairs, hit rate and bytes moved, labelled by device."""
+    pytest.importorskip("prometheus_client")
+    from moejax.serving.http.metrics import ServerMetrics
+
+    devices = [{"device": 0, "pairs": 30, "hit_rate": 0.5, "bytes_h2d": 1000},
+               {"device": 1, "pairs": 12, "hit_rate": 0.25, "bytes_h2d": 3000}]
+    engine = {"hit_rate": 0.4, "bytes_h2d": 4000, "host_wait_s": 0.0, "prefetch_precision": 0.0, "per_device": devices}
+
+    class Loop:
+        def metrics(self):
+            return {"queue_depth": 0, "running": 0, "engine": engine, "approximate_routing": False}
+
+    text = ServerMetrics(Loop()).text().decode()
+    assert 'moejax_device_expert_pairs_total{device="0"} 30.0' in text
+    assert 'moejax_device_expert_pairs_total{device="1"} 12.0' in text
+    assert 'moejax_device_expert_cache_hit_rate{device="1"} 0.25' in text
+    assert 'moejax_device_expert_bytes_moved_total{device="1"} 3000.0' in text
+    engine["per_device"] = []  # one device: no per-device series
+    assert "moejax_device_" not in ServerMetrics(Loop()).text().decode()

@@ -354,7 +354,7 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
             staged = 2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step
             manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.policy, prefetch=config.prefetch,
                                      staged_per_step=staged, prefetch_floor=config.prefetch_floor, collection=collection,
-                                     device=on_device)
+                                     device=device)
     lookahead = 0
     if manager is not None and manager.lookahead:
         lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
