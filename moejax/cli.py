@@ -33,7 +33,7 @@ FLAGS = {
     "prefetch_floor": "--prefetch-floor", "traces": "--traces", "max_seq_len": "--max-seq-len",
     "prefill_chunk": "--prefill-chunk", "expert_format": "--expert-format", "cpu_experts": "--cpu-experts",
     "devices": "--devices", "placement": "--placement",
-    "placement_traces": "--placement-traces", "slots": "the number of prompts (--batch-size for trace)",
+    "placement_traces": "--placement-traces", "hot_replicas": "--hot-replicas", "slots": "the number of prompts (--batch-size for trace)",
     "max_new_tokens": "--max-new-tokens", "greedy": "--greedy", "temperature": "--temperature", "top_k": "--top-k",
     "top_p": "--top-p", "stop_token_ids": "--stop-ids", "target_lang": "--target-lang",
     "forced_bos_id": "--forced-bos-id", "dtype": "--dtype", "max_prompt_tokens": "--max-prompt-tokens",
@@ -245,13 +245,15 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto (--offload cached): compute a missed expert routed few tokens on the CPU instead of copying "
                    "it, when the cost model measured at load says that is faster | off (default)")
     p.add_argument("--devices", type=int, default=1,
-                   help="expert parallelism (--offload resident): split the experts over the first N local devices, "
-                   "the dense weights on each (default 1)")
+                   help="expert parallelism: split the experts over the first N devices, the dense weights on each; "
+                   "with --offload cached each device has its own cache of --expert-budget (default 1)")
     p.add_argument("--placement", default="round-robin",
                    help="--devices: which device holds each expert: round-robin (default) | balanced (by the measured "
                    "load of --placement-traces)")
     p.add_argument("--placement-traces", type=Path, help="--placement balanced: the measured routing (routing.npz, "
                    "eams.npz or the directory `moejax trace` wrote)")
+    p.add_argument("--hot-replicas", type=int, default=0, help="--placement balanced: a second copy of each MoE layer's "
+                   "N hottest experts on another device (default 0)")
 
 
 def load_predictor(args, approximate_routing: bool = False, scheduler: str | None = None):
@@ -305,6 +307,7 @@ def load_engine(args, slots: int = 1, predictor=None):
         devices=args.devices,
         placement=args.placement,
         placement_traces=args.placement_traces,
+        hot_replicas=args.hot_replicas,
     )
     if predictor is not None and args.prefetch == "predictor":
         engine.use_predictor(predictor, args.predict_every)

@@ -31,10 +31,13 @@ def test_every_expert_placed_once_with_equal_counts():
     assert p.devices.shape == (6, 64) and p.replicas == ((),) * 6
     for row in p.devices:
         assert sorted(np.bincount(row, minlength=4)) == [16] * 4
-    slots = p.slots()
-    assert sorted(slots.ravel()) == list(range(6 * 64))  # a permutation of the slab
-    block = 6 * 16
-    assert (slots // block == p.devices).all()  # each expert in its device's block
+    held = p.held()
+    assert held.shape == (4, 6, 16)
+    for m in range(6):
+        assert sorted(held[:, m].ravel()) == list(range(64))  # every expert held once
+        for d in range(4):
+            assert list(held[d, m]) == list(np.flatnonzero(p.devices[m] == d))  # increasing, its own
+    assert (p.copy_table()[..., 0] == p.devices).all() and p.copy_table().shape == (6, 64, 1)
 
 
 def test_replicas_split_the_hottest_experts():
@@ -45,6 +48,13 @@ def test_replicas_split_the_hottest_experts():
         hot = set(np.argsort(-load[m], kind="stable")[:2].tolist())
         assert {e for e, c in enumerate(copies) if len(c) == 2} == hot
         assert all(len(set(c)) == len(c) for c in copies)  # a second copy on another device
+    held, table = p.held(), p.copy_table()
+    assert table.shape == (6, 64, 2) and (table[..., 0] == p.devices).all()
+    for m in range(6):
+        for e, devices in enumerate(copies := p.copies(m)):
+            assert set(table[m, e]) == set(devices)
+            assert all(e in held[d, m] for d in devices)
+        assert (held[:, m] >= 0).sum() == 64 + 2 and len(copies) == 64
     spread = load_spread(p.device_load(load))["worst"]
     assert spread <= load_spread(balanced(load, 4).device_load(load))["worst"]
     assert np.isclose(p.device_load(load).sum(), load.sum())

@@ -77,7 +77,7 @@ class ProgramSpec:
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
-    # resident mode over several devices: the mesh and where each expert lives (`engine.expert_parallel`); None: one
+    # several devices: the mesh and where each expert lives (`engine.expert_parallel`); None: one device
     expert_parallel: ExpertParallel | None = None
 
     def capacity(self, rows: int) -> int:
@@ -155,19 +155,26 @@ def host_expert(host, m, e) -> dict:
 
 
 def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
-    """MoE layer m's (traced) routed output [N, D] f32, through the mode's expert source: -> (output, experts)."""
-    cfg, E, L = spec.cfg, spec.cfg.num_experts, len(spec.moe_layers)
-    distinct = dc.distinct_experts(ids, valid_rows, E, distinct_size(cfg, ids.shape[0]))
+    """MoE layer m's (traced) routed output [N, D] f32, through the mode's expert source: -> (output, experts).
+    Over several devices each runs `local_moe` on its own experts and the outputs are summed (`engine.expert_parallel`)."""
+    if spec.expert_parallel is not None:
+        return spec.expert_parallel.routed(functools.partial(local_moe, spec), m, experts, moe_in, ids, weights,
+                                           valid_rows, guess)
+    return local_moe(spec, spec.cfg.num_experts, m, experts, moe_in, ids, weights, valid_rows, guess)
+
+
+def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
+    """`routed_moe` on one device that holds E experts of each MoE layer: every expert of the model, or under
+    expert parallelism its own, renumbered 0..E-1 (ids, guess, cache keys, host stacks and slab all in that
+    numbering; ids E: not this device's pairs, weight 0)."""
+    L = len(spec.moe_layers)
+    distinct = dc.distinct_experts(ids, valid_rows, E, min(ids.size, E))
     cache, slab = experts.cache, experts.slab
     if spec.mode == "resident":
         real = distinct < E
         slots = jnp.where(real, m * E + distinct, -1)
         counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
         cache = cache.replace(counters=dc._count(counters, m, dc.HITS, real.sum()))
-        if spec.expert_parallel is not None:  # each device computes its experts' pairs; the outputs are summed
-            out = spec.expert_parallel.routed(functools.partial(_compute, spec), m, moe_in, ids, weights, valid_rows,
-                                              slab, distinct.shape[0])
-            return out, dataclasses.replace(experts, cache=cache)
     elif spec.mode == "cached":
         host = experts.host
         if spec.cpu_experts is not None:
@@ -227,10 +234,18 @@ def fetch_all(host: dict) -> dict:
 
 
 def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
-    """Fetches the host's picks (any MoE layer: a switch over the layers' host stacks) before the first layer."""
+    """Fetches the host's picks (any MoE layer: a switch over the layers' host stacks) before the first layer (over
+    several devices, each device the picks it holds: `engine.expert_parallel`)."""
     if experts.staged_keys is None:
         return experts
-    keys, E = experts.staged_keys, spec.cfg.num_experts
+    if spec.expert_parallel is not None:
+        return spec.expert_parallel.install_staged(functools.partial(install_keys, spec), experts)
+    return install_keys(spec, spec.cfg.num_experts, experts)
+
+
+def install_keys(spec: ProgramSpec, E: int, experts: ExpertInputs) -> ExpertInputs:
+    """`install_staged` on one device holding E experts of each MoE layer (keys layer * E + expert, -1: none)."""
+    keys = experts.staged_keys
     move = lambda slab, i, slot: write_slot(slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))  # noqa: E731
     cache, slab, _ = dc.install(experts.cache, keys, policy=spec.policy, num_experts=E, layer=-1,
                                 priorities=experts.priorities, move=move, slab=experts.slab, staged=True)
@@ -301,6 +316,11 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
             jnp.concatenate(guesses) if spec.computes_guesses else None)
 
 
+def resident_keys(spec: ProgramSpec, cache: dc.CacheState):
+    """bool [L * E] after a step: the keys resident (on some device, under expert parallelism)."""
+    return cache.table >= 0 if spec.expert_parallel is None else spec.expert_parallel.resident(cache)
+
+
 def _logits(cfg: ModelConfig, params, x):
     return EmbedHead(cfg).apply({"params": params["globals"]}, x, method=EmbedHead.logits)
 
@@ -333,7 +353,7 @@ def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, s
         last_token=state.last_token.at[slot_ids].set(jnp.where(active, new, state.last_token[slot_ids])),
         length=state.length.at[slot_ids].add(active.astype(jnp.int32)),
         sampled=state.sampled.at[slot_ids].add(active.astype(jnp.int32)))
-    return new, routing, guesses, experts.cache.table >= 0, experts.cache, experts.slab, kv_caches, state
+    return new, routing, guesses, resident_keys(spec, experts.cache), experts.cache, experts.slab, kv_caches, state
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "attend_len", "want_logits"), donate_argnames=DONATED)
@@ -358,4 +378,4 @@ def prefill_chunk(params, cache, slab, host, staged_keys, priorities, kv_caches,
     state = state.replace(last_token=state.last_token.at[slot].set(token), length=state.length.at[slot].set(start + count),
                           sampled=state.sampled.at[slot].set(final.astype(jnp.int32)))
     logits = _logits(spec.cfg, params, x[0]) if want_logits else None
-    return token, routing, guesses, experts.cache.table >= 0, experts.cache, experts.slab, kv_caches, state, logits
+    return token, routing, guesses, resident_keys(spec, experts.cache), experts.cache, experts.slab, kv_caches, state, logits

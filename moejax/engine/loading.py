@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax import checkpoint
@@ -56,7 +57,8 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
          prefill_chunk: int = 512, device=None, show_progress: bool = False, routing: str | None = None,
          unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
          expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, devices: int = 1,
-         placement: str = "round-robin", placement_traces: str | Path | None = None, **offload_options):
+         placement: str = "round-robin", placement_traces: str | Path | None = None, hot_replicas: int = 0,
+         **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -88,10 +90,13 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         equal up to float rounding); 'off' (the default): every miss is copied. cpu_cost: that cost model
         (`cpu_experts.CostModel`), default measured at load; a dict gives some of its fields and the rest is
         measured (e.g. {'link_bytes_per_s': 25e9}).
-    devices: expert parallelism (decoder models, offload 'resident'): the experts split over the first `devices`
-        local devices, the dense weights on each (`engine.expert_parallel`). placement: which device holds each
-        expert, 'round-robin' or 'balanced' (by the load measured in `placement_traces`: a routing trace, an EAM
-        collection or the directory `moejax trace` wrote; `offload.placement`).
+    devices: expert parallelism (decoder models): the experts split over the first `devices` devices, the dense
+        weights on each (`engine.expert_parallel`); in cached mode every device has its own cache of `expert_budget`
+        (the budget is per device; a fraction is of all the model's expert bytes), fed from the one host store.
+        placement: which device holds each expert, 'round-robin' or 'balanced' (by the load measured in
+        `placement_traces`: a routing trace, an EAM collection or the directory `moejax trace` wrote;
+        `offload.placement`); hot_replicas: 'balanced' only, a second copy of each MoE layer's that many hottest
+        experts on another device (each token's pair computed by one copy).
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -107,7 +112,8 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     cfg = with_routing(cfg, routing)
     compute = expert_compute_options(expert_compute, capacity_factor)
     fmt = resolve_format(expert_format, stored_format(path, cfg.dtype), kind_of(cfg).encoder_decoder)
-    compute.update(_expert_options(cfg, config, fmt, cpu_experts, cpu_cost, devices, placement, placement_traces))
+    compute.update(_expert_options(cfg, config, fmt, cpu_experts, cpu_cost, devices, placement, placement_traces,
+                                   hot_replicas))
     if expert_compute == "inplace" and not kind_of(cfg).encoder_decoder:
         problem = inplace_problem(fmt.shapes(_shapes(cfg)), (device or jax.devices()[0]).platform == "gpu")
         if problem:
@@ -131,7 +137,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
 
 
 def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: str, cpu_cost, devices: int,
-                    placement: str, placement_traces) -> dict:
+                    placement: str, placement_traces, hot_replicas: int) -> dict:
     """`load`'s expert format, CPU-expert and expert-parallel parameters checked against the model and the
     offload config, as `build_engine` keywords (none for encoder-decoder models, which take none of them)."""
     check_cpu_experts(cpu_experts, config.mode)
@@ -146,9 +152,10 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
     else:
         fmt.check(_shapes(cfg))
         options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
-    if devices != 1 or placement != "round-robin" or placement_traces is not None:
-        check_parallel(cfg, config, devices, placement)
-        options.update(devices=devices, placement=placement, placement_traces=placement_traces)
+    if devices != 1 or placement != "round-robin" or placement_traces is not None or hot_replicas:
+        check_parallel(cfg, config, devices, placement, cpu_experts)
+        options.update(devices=devices, placement=placement, placement_traces=placement_traces,
+                       hot_replicas=hot_replicas)
     if config.host_budget is not None and (fmt.approximate or cpu_experts != "off"):
         raise ParameterError("{host_budget}: the disk tier keeps experts as the checkpoint stores them in float; it "
                              "does not combine with {expert_format} {name!r} or {cpu_experts} {cpu!r} yet",
@@ -189,14 +196,14 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
                  host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
                  devices: int = 1, placement: str = "round-robin", placement_traces: str | Path | None = None,
-                 **compute) -> Engine:
+                 hot_replicas: int = 0, **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays)
     and each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights
     made on the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and
     `capacity_factor` (see `load`); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts
     instead of `expert_stacks` (cached mode); expert_format: the format the experts are kept in (default: as
     given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices, placement,
-    placement_traces: see `load`."""
+    placement_traces, hot_replicas: see `load`."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
@@ -214,23 +221,19 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         expert_stacks = keeping(expert_stacks, kept)
     parallel, table = None, None
     if devices > 1:
-        check_parallel(cfg, config, devices, placement)
-        parallel, table = expert_parallel.plan(cfg, devices, placement, placement_traces)
-        slab = expert_parallel.sharded_slab(parallel, table, expert_stacks, fmt.shapes(_shapes(cfg)))
-        experts = PlacedExperts(jax.device_put(dc.empty_state(len(cfg.moe_layer_ids), cfg.num_experts, 1),
-                                               parallel.replicated), slab, (), None, "lru", 0, {})
+        check_parallel(cfg, config, devices, placement, cpu_experts, host_tier)
+        parallel, table = expert_parallel.plan(cfg, devices, placement, placement_traces, hot_replicas)
         device = parallel.replicated
-    else:
-        experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
-                                kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
-                                chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes)
+    experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
+                            kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
+                            chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel)
     if kept is not None:
         compute["cpu_experts"] = host_experts(kept, expert_activation(cfg), experts.host[0], expert_bytes, cpu_cost,
                                               cfg.top_k * max(prefill_chunk, slots))
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated
-    return expert_parallel.engine_class(parallel, table)(
+    return expert_parallel.engine_class(parallel, table, placement)(
                   cfg, jax.device_put(stacked_params(cfg, globals_, layers), params_sharding),
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
@@ -238,14 +241,15 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                   stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
 
 
-def check_parallel(cfg, config: OffloadConfig, devices: int, placement: str) -> None:
+def check_parallel(cfg, config: OffloadConfig, devices: int, placement: str, cpu_experts: str = "off",
+                   host_tier=None) -> None:
     """Expert parallelism's parameters and limits, as one-line errors naming the parameter."""
     expert_parallel.check(devices, cfg.num_experts, placement)
     if kind_of(cfg).encoder_decoder:
         raise ParameterError("{devices}: expert parallelism serves decoder-only models, not {family}", family=cfg.family)
-    if config.mode != "resident" and devices != 1:
-        raise ParameterError("{devices} {value}: expert parallelism keeps the experts resident; {offload} {mode!r} "
-                             "runs on one device", value=devices, mode=config.mode)
+    if devices > 1 and (cpu_experts != "off" or host_tier is not None or config.host_budget is not None):
+        raise ParameterError("{devices} {value}: expert parallelism does not combine with {cpu_experts} or the disk "
+                             "tier ({host_budget}) yet", value=devices)
 
 
 def _kv_cache_info(cfg: ModelConfig, slots: int, max_seq_len: int) -> dict:
@@ -310,30 +314,50 @@ class PlacedExperts:
 
 def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert_stacks: Iterable[dict], shapes: dict,
                   device, step_experts: int, kv_bytes: int, need: str, host_tier=None, expert_bytes: int | None = None,
-                  **need_values) -> PlacedExperts:
+                  parallel: expert_parallel.ExpertParallel | None = None, **need_values) -> PlacedExperts:
     """Puts every MoE layer's expert stacks ({name: [E, ...]}, one layer at a time) where `config` says: a device
     slab of them all (resident), or pinned host memory (or `host_tier`, the disk tier, instead), with a cache of
     the budget's slots in cached mode (see `_capacity`: step_experts, kv_bytes, need). shapes: one expert's
     {name: (shape, dtype)}; expert_bytes: one expert's bytes as stored (default `cfg.expert_bytes`; compact
-    formats' are fewer)."""
+    formats' are fewer); parallel: over several devices, each device's experts, slab and cache its own
+    (`engine.expert_parallel`; `device` is then the replicated sharding)."""
     num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
     collection = trace_collection(cfg, config.traces)
-    on_device = jax.sharding.SingleDeviceSharding(device)
+    on_device = device if parallel is not None else jax.sharding.SingleDeviceSharding(device)
+    held = E if parallel is None else parallel.num_held
+
+    def empty_cache(slots: int) -> dc.CacheState:
+        if parallel is None:
+            return jax.device_put(dc.empty_state(num_moe, E, slots), on_device)
+        return expert_parallel.device_caches(parallel, num_moe, slots)
+
     manager, host, info = None, (), {}
     if config.mode == "resident":
-        slab = empty_slab(shapes, num_moe * E, device)
-        for m, stack in enumerate(expert_stacks):
-            slab = _write_layer(slab, jax.device_put(stack, on_device), m * E)
-        cache = dc.empty_state(num_moe, E, 1)
+        if parallel is not None:
+            slab = expert_parallel.place_sharded(parallel, expert_stacks, shapes, on_host=False)
+        else:
+            slab = empty_slab(shapes, num_moe * E, device)
+            for m, stack in enumerate(expert_stacks):
+                slab = _write_layer(slab, jax.device_put(stack, on_device), m * E)
+        cache = empty_cache(1)
     else:
-        sharding = host_sharding(device)
-        host = host_tier or tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(expert_stacks))
+        if parallel is not None:
+            host = expert_parallel.place_sharded(parallel, expert_stacks, shapes, on_host=True)
+        else:
+            sharding = host_sharding(device)
+            host = host_tier or tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(expert_stacks))
         info["host_experts"] = num_moe * E
-        cache, slab = dc.empty_state(num_moe, E, 1), {}
+        cache, slab = empty_cache(1), {}
         if config.mode == "cached":
-            capacity = _capacity(cfg, config, device, step_experts, kv_bytes, need, expert_bytes or cfg.expert_bytes,
-                                 **need_values)
-            cache, slab = dc.empty_state(num_moe, E, capacity), empty_slab(shapes, capacity, device)
+            first = device if parallel is None else parallel.mesh.devices.flat[0]
+            capacity = _capacity(cfg, config, first, min(step_experts, held), kv_bytes, need,
+                                 expert_bytes or cfg.expert_bytes, held=num_moe * held, **need_values)
+            cache = empty_cache(capacity)
+            if parallel is None:
+                slab = empty_slab(shapes, capacity, device)
+            else:
+                slab = {name: jnp.zeros((parallel.mesh.size * capacity,) + shape, dtype, device=parallel.sharded)
+                        for name, (shape, dtype) in shapes.items()}
             staged = 2 * cfg.top_k if config.prefetch_per_step is None else config.prefetch_per_step
             manager = OffloadManager(num_moe, E, cfg.top_k, policy=config.policy, prefetch=config.prefetch,
                                      staged_per_step=staged, prefetch_floor=config.prefetch_floor, collection=collection,
@@ -341,8 +365,8 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
     lookahead = 0
     if manager is not None and manager.lookahead:
         lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
-    return PlacedExperts(jax.device_put(cache, on_device), slab, host, manager,
-                         manager.device_policy if manager is not None else "lru", lookahead, info)
+    return PlacedExperts(cache, slab, host, manager, manager.device_policy if manager is not None else "lru", lookahead,
+                         info)
 
 
 def stacked_params(cfg: ModelConfig, globals_: dict, layers: list[dict]) -> dict:
@@ -381,22 +405,24 @@ def _expert_stacks(path: Path, cfg: ModelConfig, show_progress: bool, fmt: Exper
 
 
 def _capacity(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, device, step_experts: int, kv_bytes: int, need: str,
-              expert_bytes: int, **need_values) -> int:
+              expert_bytes: int, held: int | None = None, **need_values) -> int:
     """Expert slots for the budget: at least the experts one step can use at once (`step_experts`: usually one
     layer's worth; `need`, a ParameterError template with `need_values`, says what makes a step need them), at
     most every expert, within device memory (next to the dense weights, `kv_bytes` of KV caches and a step's
     gathered experts). Steps are the same at every budget, so outputs are too. expert_bytes: one expert as the
     cache holds it; a fractional budget is of the checkpoint's expert bytes, so that compact experts (fewer bytes)
-    fit more of them into the same memory, and a step's gathered experts are dequantized (`cfg.expert_bytes`)."""
+    fit more of them into the same memory, and a step's gathered experts are dequantized (`cfg.expert_bytes`).
+    held: the experts the device may hold (expert parallelism: its own; default all), the most slots it gets."""
     total = len(cfg.moe_layer_ids) * cfg.num_experts
+    held = held or total
     budget = parse_budget(config.budget, total * cfg.expert_bytes)
-    if min(budget // expert_bytes, total) < step_experts:
+    if min(budget // expert_bytes, held) < step_experts:
         raise ParameterError(
             "{expert_budget} of {budget:,} bytes holds {holds}, but a step of this engine can need {need} at once (" + need,
             budget=budget, holds=plural(budget // expert_bytes, "expert"), need=step_experts,
             minimum=step_experts * expert_bytes, **need_values)
     memory = device_memory(device, kv_bytes + step_experts * cfg.expert_bytes)
-    return cache_capacity(budget, expert_bytes, step_experts, total, memory)
+    return cache_capacity(budget, expert_bytes, step_experts, held, memory)
 
 
 def trace_collection(cfg: ModelConfig | EncDecConfig, traces: str | Path | None) -> EAMCollection | None:

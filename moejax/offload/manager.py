@@ -192,7 +192,9 @@ class OffloadManager:
         return [int(k) for k in order if flat[k] >= floor and flat[k] > 0]
 
     def _put(self, tree):
-        return jax.device_put(tree, jax.sharding.SingleDeviceSharding(self.device))
+        where = self.device  # a device, or a sharding (replicated over expert parallelism's devices)
+        return jax.device_put(tree, where if isinstance(where, jax.sharding.Sharding) else
+                              jax.sharding.SingleDeviceSharding(where))
 
     def _priorities(self):
         if self.scores is None:

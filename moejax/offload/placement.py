@@ -57,21 +57,30 @@ class Placement:
                     out[m, d] += load[m, e] / len(devices)
         return out
 
-    def slots(self) -> np.ndarray:
-        """int32 [L, E]: each expert's slot in a slab of L * E slots sharded into G equal contiguous blocks, one per
-        device (first copies only): device d's block holds, layer after layer, its experts of that layer in
-        increasing order. Needs the same number of experts per device in every layer."""
-        L, E, G = self.num_layers, self.num_experts, self.num_devices
-        per_device = E // G
-        counts = np.stack([np.bincount(row, minlength=G) for row in self.devices])
-        if E % G or (counts != per_device).any():
-            raise ValueError(f"a sharded slab needs {E} / {G} experts on every device of every layer")
-        slots = np.zeros((L, E), np.int32)
-        for m in range(L):
-            for d in range(G):
-                mine = np.flatnonzero(self.devices[m] == d)
-                slots[m, mine] = d * L * per_device + m * per_device + np.arange(per_device)
-        return slots
+    def held(self) -> np.ndarray:
+        """int32 [G, L, H]: the experts each device holds of each MoE layer (first copies and replicas), increasing,
+        padded with -1 to H, the most any device holds of a layer. A device numbers its experts of a layer by their
+        place here (its local expert j of layer m is held[d, m, j]): its slab, host stacks and cache keys use them."""
+        lists = [[[] for _ in range(self.num_layers)] for _ in range(self.num_devices)]
+        for m in range(self.num_layers):
+            for e, devices in enumerate(self.copies(m)):
+                for d in devices:
+                    lists[d][m].append(e)
+        H = max(len(experts) for per_device in lists for experts in per_device)
+        held = np.full((self.num_devices, self.num_layers, H), -1, np.int32)
+        for d, per_device in enumerate(lists):
+            for m, experts in enumerate(per_device):
+                held[d, m, : len(experts)] = experts
+        return held
+
+    def copy_table(self) -> np.ndarray:
+        """int32 [L, E, C]: the devices holding each expert (C: the most copies of an expert), its copies repeated in
+        order to fill C; pair (row n, choice j) of expert e is computed by copy_table[m, e, (n + j) % C] (each pair by
+        exactly one copy, deterministically, the copies taking turns)."""
+        copies = [self.copies(m) for m in range(self.num_layers)]
+        C = max(len(devices) for layer in copies for devices in layer)
+        return np.array([[[devices[c % len(devices)] for c in range(C)] for devices in layer] for layer in copies],
+                        np.int32)
 
 
 def load_spread(device_load: np.ndarray) -> dict:

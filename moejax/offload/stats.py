@@ -19,6 +19,11 @@ def _entry(row: np.ndarray, expert_bytes: int) -> dict:
     return entry
 
 
+def per_device_entry(counters: np.ndarray, expert_bytes: int) -> dict:
+    """One device's totals (as `cache_stats`' 'total') from its counters [L, len(COUNTERS)] (expert parallelism)."""
+    return _entry(counters.sum(axis=0), expert_bytes)
+
+
 def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, manager=None, host_wait_s: float = 0.0,
                 info: dict | None = None) -> dict:
     """Totals and per-MoE-layer counters since the last reset, from the device counters [L, len(COUNTERS)].
@@ -50,7 +55,7 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
 def summary_line(stats: dict, new_tokens: int) -> str:
     """E.g. 'cached lru, 12 slots, prefetch none: hit rate 63.2% (...), 1.23 GB host->GPU (45.6 MB/token)', and
     under static capacity gating a warning that tokens over capacity were dropped."""
-    line = _offload_line(stats, new_tokens)
+    line = _offload_line(stats, new_tokens) + _parallel_part(stats)
     tier = stats.get("host_tier")
     if tier is not None:
         line += (f"; host tier {tier['host_slots']} slots: hit rate {tier['host_hit_rate'] * 100:.1f}%, "
@@ -68,13 +73,30 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     return line
 
 
+def _parallel_part(stats: dict) -> str:
+    """E.g. '; 4 devices (balanced, 2 hot replicas): pairs 310/298/305/301 (max/mean 1.02), hit rate 61/58/60/63%,
+    MB moved 12.1/13.0/11.8/12.5' (expert parallelism), else ''."""
+    parallel = stats.get("expert_parallel")
+    if not parallel:
+        return ""
+    devices = parallel["per_device"]
+    head = parallel["placement"] + (f", {parallel['hot_replicas']} hot replicas" if parallel["hot_replicas"] else "")
+    spread = parallel["max_over_mean"]
+    line = (f"; {parallel['devices']} devices ({head}): pairs " + "/".join(str(d["pairs"]) for d in devices)
+            + (f" (max/mean {spread['total']:.2f})" if spread else ""))
+    if stats.get("mode") != "resident":
+        line += (", hit rate " + "/".join(f"{d['hit_rate'] * 100:.0f}" for d in devices) + "%, MB moved "
+                 + "/".join(f"{d['bytes_h2d'] / 1e6:.1f}" for d in devices))
+    return line
+
+
 def _offload_line(stats: dict, new_tokens: int) -> str:
     total = stats.get("total")
     if total is None or stats.get("mode") == "resident":
         return "resident: all experts on the device, no transfers"
     head = stats["mode"]
     if stats["mode"] == "cached":
-        slots = plural(stats["capacity_experts"], "slot")
+        slots = plural(stats["capacity_experts"], "slot") + " per device" * ("expert_parallel" in stats)
         if stats["capacity_experts"] >= stats["host_experts"]:
             slots += " (all experts)"
         head += f" {stats['policy']}, {slots}, prefetch {stats.get('prefetch', 'none')}"

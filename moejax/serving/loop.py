@@ -240,7 +240,8 @@ class ServingLoop:
         'count'}; step_times: the measured decode step and prefill seconds per prompt token (None before);
         engine: the expert cache's counters since start (`offload.stats.cache_stats` totals: hit_rate,
         bytes_h2d, misses, prefetch_precision, ...; with mode, policy and host_wait_s, the seconds the loop
-        waited for step results), refreshed at most every second; approximate_routing: whether the engine's
+        waited for step results; per_device: under expert parallelism each device's pairs, hit_rate, bytes_h2d, ...,
+        else []), refreshed at most every second; approximate_routing: whether the engine's
         experts are predicted instead of routed (`approximate_routing`).
         """
         with self._cond:
@@ -549,8 +550,10 @@ class ServingLoop:
         if self._failed is not None or not (force or now - self._stats_at >= STATS_EVERY_S):
             return
         stats = self.engine.stats()
+        parallel = stats.get("expert_parallel")
         self._engine_stats = {"mode": stats["mode"], "policy": stats["policy"], "prefetch": stats["prefetch"],
-                              "host_wait_s": stats["host_wait_s"], **stats["total"]}
+                              "host_wait_s": stats["host_wait_s"], **stats["total"],
+                              "per_device": parallel["per_device"] if parallel else []}
         self._stats_at = now
 
 

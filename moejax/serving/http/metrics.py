@@ -2,7 +2,8 @@
 
 Counted by the server, per finished request: requests by outcome, prompt and generated tokens, and the
 TTFT and TPOT histograms (from the final Output's ttft_s and tpot_s). Read from `ServingLoop.metrics()` at
-each scrape: the entries of LOOP_METRICS, the one place that names that dict's keys.
+each scrape: the entries of LOOP_METRICS, the one place that names that dict's keys, and under expert parallelism
+DEVICE_METRICS, one series per device.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ LOOP_METRICS = (
      ("engine", "prefetch_precision")),
     ("moejax_approximate_routing", "gauge", "1: a predictor's experts replace the routers' (--routing predicted), so "
      "outputs are approximate; 0: exact.", ("approximate_routing",)),
+)
+# Per device under expert parallelism, labelled by device: (Prometheus name, type, help, the key of each entry of
+# ServingLoop.metrics()['engine']['per_device']).
+DEVICE_METRICS = (
+    ("moejax_device_expert_pairs", "counter", "(token, expert) pairs each device computed (expert parallelism).", "pairs"),
+    ("moejax_device_expert_cache_hit_rate", "gauge", "Each device's expert cache hits / activations (expert parallelism).",
+     "hit_rate"),
+    ("moejax_device_expert_bytes_moved", "counter", "Expert bytes copied host to each device (expert parallelism).",
+     "bytes_h2d"),
 )
 # Outcomes besides the finish reasons: refused (400), queue_full (429), shutting_down (503).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -80,3 +90,9 @@ class _LoopCollector:
                 value = value[key]
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             yield family(name, help_text, value=value)
+        devices = snapshot["engine"].get("per_device") or []
+        for name, kind, help_text, key in DEVICE_METRICS if devices else ():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, help_text, labels=["device"])
+            for entry in devices:
+                family.add_metric([str(entry["device"])], entry[key])
+            yield family
