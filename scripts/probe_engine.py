@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--unroll-layers", action="store_true", help="every layer in the program, no loop over layers")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N decode tokens: GPU ms/token by op")
+    parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: no configuration starts after it")
     parser.add_argument("--profile-top", type=int, default=30, help="operations listed per configuration")
     args = parser.parse_args()
     prepare_backend()  # before JAX starts its backend
@@ -51,7 +52,11 @@ def main() -> None:
     stacks = [e for e in experts if e is not None]
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     print(json.dumps({"devices": str(jax.devices()), "card": args.card, "layers": cfg.num_layers}), flush=True)
+    started = time.monotonic()
     for spec in args.configs.split(","):
+        if time.monotonic() - started > args.time_budget:
+            print(json.dumps({"config": spec, "skipped": "time budget"}), flush=True)
+            continue
         mode, *rest = spec.split(":")
         options = {}
         if rest:
