@@ -7,6 +7,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from moejax.config import ModelConfig
 from moejax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -113,12 +114,27 @@ def write_kv_cache(caches: tuple, new: tuple, positions, slot_ids=None, attend_l
     past the cache are dropped. -> (the updated caches, what the step attends over: with slot_ids, the rows'
     first attend_len positions; else the whole caches)."""
     rows = (jnp.arange(positions.shape[0]) if slot_ids is None else slot_ids)[:, None]
-    where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
-    caches = tuple(cache.at[where].set(value.astype(cache.dtype), mode="drop") for cache, value in zip(caches, new))
+    if positions.shape == (1, 1):  # one token of one row (batch-1 decode): an in-place update, no scatter
+        prefix = (rows[0, 0],) if layer_index is None else (layer_index, rows[0, 0])
+        caches = tuple(_write_position(cache, value, prefix, positions[0, 0]) for cache, value in zip(caches, new))
+    else:
+        where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
+        caches = tuple(cache.at[where].set(value.astype(cache.dtype), mode="drop") for cache, value in zip(caches, new))
     if slot_ids is None:
         return caches, caches
     seen = (slot_ids, slice(None, attend_len)) if layer_index is None else (layer_index, slot_ids, slice(None, attend_len))
     return caches, tuple(cache[seen] for cache in caches)
+
+
+def _write_position(cache, value, prefix: tuple, position):
+    """cache [..., S, ...] with value [1, 1, ...] written at index prefix + (position,) (a position past S: unchanged),
+    as one dynamic-update-slice of that position (XLA updates it in place; a scatter that may drop its update can
+    become a select over the whole cache and a copy of it)."""
+    length = cache.shape[len(prefix)]
+    start = (*prefix, jnp.minimum(position, length - 1)) + (0,) * (cache.ndim - len(prefix) - 1)
+    old = lax.dynamic_slice(cache, start, (1,) * (len(prefix) + 1) + cache.shape[len(prefix) + 1:])
+    update = jnp.where(position < length, value.astype(cache.dtype).reshape(old.shape), old)
+    return lax.dynamic_update_slice(cache, update, start)
 
 
 class Attention(nn.Module):
