@@ -203,7 +203,9 @@ def count(card: str, layers: int | None, config: str, platform: str) -> dict:
     row = {"card": card, "layers": cfg.num_layers, "moe_layers": len(cfg.moe_layer_ids), "config": config,
            "hlo_backend": jax.default_backend(), **{f"hlo_{k}": v for k, v in hlo.items()}}
     main_loops = [loop for loop in hlo["loops"] if loop["depth"] == 1 and (loop["trip_count"] or 0) > 1]
+    # the body of the longest layer scan (none when every scan has one layer: XLA inlines those, gpt-oss)
     row["hlo_ops_per_layer"] = max((loop["ops"] for loop in main_loops), default=None)
+    row["hlo_per_step_per_layer"] = round(hlo["per_step"] / cfg.num_layers, 1)
     try:
         traced = decode.trace(*recorded["args"], **recorded["static"])
         lowered = traced.lower(lowering_platforms=(platform,))
@@ -236,13 +238,13 @@ def main(argv=None) -> None:
             if args.json:
                 write_json(args.json, {"argv": sys.argv, "rows": rows})
     print()
-    header = f"{'card':<18} {'config':<14} {'layers':>6} {'ops/layer':>9} {'entry':>6} {'ops/step':>8} " \
+    header = f"{'card':<18} {'config':<14} {'layers':>6} {'ops/layer':>9} {'entry':>6} {'ops/step':>8} {'/layers':>7} " \
              f"{'shlo/loop':>10} {'shlo total':>10}"
     print(header)
     for row in rows:
         stable = row.get(f"stablehlo_{args.platform}_loop_bodies") or []
         print(f"{row['card']:<18} {row['config']:<14} {row['layers']:>6} {row['hlo_ops_per_layer'] or '-':>9} "
-              f"{row['hlo_entry']:>6} {row['hlo_per_step']:>8} {max(stable, default='-'):>10} "
+              f"{row['hlo_entry']:>6} {row['hlo_per_step']:>8} {row['hlo_per_step_per_layer']:>7} {max(stable, default='-'):>10} "
               f"{row.get(f'stablehlo_{args.platform}_module', '-'):>10}")
 
 
