@@ -166,8 +166,8 @@ def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights
 
 
 def counts_after_scan(spec: ProgramSpec) -> bool:
-    """Whether `forward` counts a resident step's accesses after each run of MoE layers (`device_cache.count_layers`,
-    a few operations for the run) instead of in each layer (two operations a layer)."""
+    """Whether `forward` counts a resident step's accesses after its last layer (`device_cache.count_layers`: a few
+    operations for all the MoE layers) instead of in each layer."""
     return spec.mode == "resident" and spec.expert_parallel is None
 
 
@@ -318,14 +318,15 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
         xs = (params["segments"][s], params["next_router"][s], jnp.arange(segment.count))
         (x, kv_caches[s], cache, slab), (ids, guess) = lax.scan(moe, (x, kv_caches[s], experts.cache, experts.slab), xs,
                                                                 unroll=spec.unroll_layers)
-        if counts_after_scan(spec):  # every access a hit
-            cache = cache.replace(counters=dc.count_layers(cache.counters, segment.first_moe, ids, valid_rows,
-                                                           cfg.num_experts, (dc.ACTIVATIONS, dc.HITS)))
         experts = dataclasses.replace(experts, cache=cache, slab=slab)
         routing.append(ids)
         guesses.append(guess)
-    return (x, experts, kv_caches, jnp.concatenate(routing),
-            jnp.concatenate(guesses) if spec.computes_guesses else None)
+    routing = jnp.concatenate(routing)
+    if counts_after_scan(spec):  # every access a hit
+        counters = dc.count_layers(experts.cache.counters, routing, valid_rows, cfg.num_experts,
+                                   (dc.ACTIVATIONS, dc.HITS))
+        experts = dataclasses.replace(experts, cache=experts.cache.replace(counters=counters))
+    return x, experts, kv_caches, routing, jnp.concatenate(guesses) if spec.computes_guesses else None
 
 
 def resident_keys(spec: ProgramSpec, cache: dc.CacheState):

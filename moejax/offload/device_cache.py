@@ -276,11 +276,11 @@ def distinct_experts(ids, valid_rows, num_experts: int, size: int):
     return jnp.unique(flat, size=size, fill_value=num_experts)
 
 
-def count_layers(counters, first_layer: int, ids, valid_rows, num_experts: int, columns: tuple):
-    """counters with each of `columns` of MoE layers first_layer.. (static) raised by the number of distinct experts
-    valid rows chose there: ids int32 [layers, N, k] (a run of layers' routing), valid_rows bool [N] or None.
-    What `access` counts as activations one layer at a time, in a few operations for all the layers at once (the
-    resident mode's only bookkeeping)."""
+def count_layers(counters, ids, valid_rows, num_experts: int, columns: tuple):
+    """counters [L, len(COUNTERS)] with each of `columns` of every MoE layer raised by the number of distinct experts
+    valid rows chose there: ids int32 [L, N, k] (a step's routing), valid_rows bool [N] or None. What `access`
+    counts as activations one layer at a time, in a few operations for all the layers (the resident mode's only
+    bookkeeping)."""
     keep = (ids >= 0) & (ids < num_experts)
     if valid_rows is not None:
         keep = keep & valid_rows[None, :, None]
@@ -288,8 +288,7 @@ def count_layers(counters, first_layer: int, ids, valid_rows, num_experts: int, 
     first = chosen < num_experts
     first = first.at[:, 1:].set(first[:, 1:] & (chosen[:, 1:] != chosen[:, :-1]))
     counts = first.sum(axis=-1, dtype=jnp.int32)
-    where = np.isin(np.arange(counters.shape[1]), columns)
-    return counters.at[first_layer : first_layer + ids.shape[0]].add(jnp.where(where, counts[:, None], 0))
+    return counters + jnp.where(np.isin(np.arange(counters.shape[1]), columns), counts[:, None], 0)
 
 
 def guessed_keys(guess_ids, valid_rows, layer, num_experts: int, limit: int):
