@@ -69,6 +69,13 @@ def _opcode(rest: str) -> str:
     return re.match(r"\s*([\w\-]+)", rest[i:]).group(1)
 
 
+def _copies(instructions: list[tuple[str, str]]) -> list[str]:
+    """The shapes the copies among a computation's instructions make (a copy of a whole KV cache or slab in a layer
+    loop costs its bytes at every layer)."""
+    return [re.match(r"^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\S+)", line).group(1) for op, line in instructions
+            if op == "copy"]
+
+
 def _trip_count(line: str):
     found = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
     return int(found.group(1)) if found else None
@@ -93,7 +100,8 @@ def count_hlo(text: str) -> dict:
                 loops.append(None)
                 body_ops = walk(body, depth + 1, repeats * (trips or 1))
                 loops[index] = {"depth": depth + 1, "trip_count": trips, "ops": loop_own[body],
-                                "ops_with_inner_loops": body_ops, "by_opcode": dict(loop_opcodes[body].most_common())}
+                                "ops_with_inner_loops": body_ops, "by_opcode": dict(loop_opcodes[body].most_common()),
+                                "copies": _copies(computations[body])}
                 total += body_ops * (trips or 1)
             elif op in ("conditional", "call"):
                 branches = re.findall(r"(?:branch_computations=\{|true_computation=|false_computation=|to_apply=)"

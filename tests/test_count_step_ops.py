@@ -30,6 +30,7 @@ def test_counts_device_ops_per_loop_body_and_per_step():
     assert counts["entry"] == 1  # the sort; parameters, constants, tuples and the loop itself make no work
     (loop,) = counts["loops"]
     assert (loop["trip_count"], loop["ops"], loop["by_opcode"]) == (3, 2, {"fusion": 1, "copy": 1})
+    assert loop["copies"] == ["f32[4]{0}"]
     assert counts["per_step"] == 1 + 3 * 2
 
 
