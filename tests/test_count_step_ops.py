@@ -39,3 +39,5 @@ def test_smoke_on_a_tiny_engine():
     assert row["layers"] == 3 and row["moe_layers"] == 2
     assert row["hlo_ops_per_layer"] > 10 and row["hlo_per_step"] > 2 * row["hlo_ops_per_layer"]
     assert row["stablehlo_cuda_module"] > row["hlo_ops_per_layer"]
+    (layers,) = [loop for loop in row["hlo_loops"] if loop["trip_count"] == 2]  # the MoE layers' scan
+    assert all(shape.startswith("s32[]") for shape in layers["copies"])  # no KV cache copied at each layer

@@ -111,7 +111,8 @@ def write_kv_cache(caches: tuple, new: tuple, positions, slot_ids=None, attend_l
                    layer_index=None) -> tuple[tuple, tuple]:
     """Writes each of `new` ([B, T, ...], one per cache) into its cache at `positions` [B, T] of each row's slot
     (`slot_ids` [B]; None: row b is cache row b), in layer `layer_index` of stacked caches when given; positions
-    past the cache are dropped. -> (the updated caches, what the step attends over: with slot_ids, the rows'
+    past the cache are dropped, except in a call of one token of one row, whose position must lie inside it
+    (`_write_position`). -> (the updated caches, what the step attends over: with slot_ids, the rows'
     first attend_len positions; else the whole caches)."""
     rows = (jnp.arange(positions.shape[0]) if slot_ids is None else slot_ids)[:, None]
     if positions.shape == (1, 1):  # one token of one row (batch-1 decode): an in-place update, no scatter
@@ -127,14 +128,13 @@ def write_kv_cache(caches: tuple, new: tuple, positions, slot_ids=None, attend_l
 
 
 def _write_position(cache, value, prefix: tuple, position):
-    """cache [..., S, ...] with value [1, 1, ...] written at index prefix + (position,) (a position past S: unchanged),
-    as one dynamic-update-slice of that position (XLA updates it in place; a scatter that may drop its update can
-    become a select over the whole cache and a copy of it)."""
-    length = cache.shape[len(prefix)]
-    start = (*prefix, jnp.minimum(position, length - 1)) + (0,) * (cache.ndim - len(prefix) - 1)
-    old = lax.dynamic_slice(cache, start, (1,) * (len(prefix) + 1) + cache.shape[len(prefix) + 1:])
-    update = jnp.where(position < length, value.astype(cache.dtype).reshape(old.shape), old)
-    return lax.dynamic_update_slice(cache, update, start)
+    """cache [..., S, ...] with value [1, 1, ...] written at index prefix + (position,), as one dynamic-update-slice
+    that XLA makes in place. The position must lie inside the cache (the engine stops a sequence at its cache's
+    length): one past it would land on the last position. A scatter that drops such a write, or a read of the
+    position to write it back unchanged, makes XLA copy the whole cache at every layer (tests/test_count_step_ops.py)."""
+    start = (*prefix, jnp.minimum(position, cache.shape[len(prefix)] - 1)) + (0,) * (cache.ndim - len(prefix) - 1)
+    return lax.dynamic_update_slice(cache, value.astype(cache.dtype).reshape((1,) * (len(prefix) + 1) + value.shape[2:]),
+                                    start)
 
 
 class Attention(nn.Module):
