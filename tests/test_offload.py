@@ -180,9 +180,7 @@ def test_cached_engine_equals_resident_and_counts_what_the_lab_replays(root, cap
                            f"{capacity} experts, {policy}, {prefetch}", tokens=(capacity, policy, prefetch) in BATCHED, **steps)
 
 
-@pytest.mark.parametrize("mode", ["resident", pytest.param("on-demand", marks=pytest.mark.xfail(strict=True, reason=(
-    "known: on XLA:CPU a one-row step's matmuls round depending on the rest of the program; on-demand with the "
-    "guesses differs from resident in the last bits (max 1.7e-6) from the second token on")))])
+@pytest.mark.parametrize("mode", ["resident", "on-demand"])
 def test_computing_the_guesses_changes_no_logit(root, mode):
     """The next layer's router guess (computed for the lookahead prefetcher, or for traces) only adds outputs:
     with it, a step program's logits are bit for bit those of the resident engine without it, in one-token

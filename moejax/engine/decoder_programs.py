@@ -154,16 +154,25 @@ def host_expert(host, m, e) -> dict:
     return _host_layer(host, m, lambda h: fetch_expert(h, e))
 
 
-def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
+def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess, *,
+               counted: bool = False):
     """MoE layer m's (traced) routed output [N, D] f32, through the mode's expert source: -> (output, experts).
-    Over several devices each runs `local_moe` on its own experts and the outputs are summed (`engine.expert_parallel`)."""
+    Over several devices each runs `local_moe` on its own experts and the outputs are summed (`engine.expert_parallel`).
+    counted: the caller counts this layer's resident accesses itself (`counts_after_scan`; one device only)."""
     if spec.expert_parallel is not None:
         return spec.expert_parallel.routed(functools.partial(local_moe, spec), m, experts, moe_in, ids, weights,
                                            valid_rows, guess)
-    return local_moe(spec, spec.cfg.num_experts, m, experts, moe_in, ids, weights, valid_rows, guess)
+    return local_moe(spec, spec.cfg.num_experts, m, experts, moe_in, ids, weights, valid_rows, guess, counted=counted)
 
 
-def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess):
+def counts_after_scan(spec: ProgramSpec) -> bool:
+    """Whether `forward` counts a resident step's accesses after its last layer (`device_cache.count_layers`: a few
+    operations for all the MoE layers) instead of in each layer."""
+    return spec.mode == "resident" and spec.expert_parallel is None
+
+
+def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess, *,
+              counted: bool = False):
     """`routed_moe` on one device that holds E experts of each MoE layer: every expert of the model, or under
     expert parallelism its own, renumbered 0..E-1 (ids, guess, cache keys, host stacks and slab all in that
     numbering; ids E: not this device's pairs, weight 0)."""
@@ -173,8 +182,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
     if spec.mode == "resident":
         real = distinct < E
         slots = jnp.where(real, m * E + distinct, -1)
-        counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
-        cache = cache.replace(counters=dc._count(counters, m, dc.HITS, real.sum()))
+        if not counted:
+            cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.HITS), real.sum()))
     elif spec.mode == "cached":
         host = experts.host
         if spec.cpu_experts is not None:
@@ -202,8 +211,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
             scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
-        counters = dc._count(cache.counters, m, dc.ACTIVATIONS, real.sum())
-        cache = cache.replace(counters=dc._count(counters, m, dc.MISSES, real.sum()))
+        cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.MISSES), real.sum()))
         out = _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows)
         return out, dataclasses.replace(experts, cache=cache)
     out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
@@ -301,9 +309,10 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
                 _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
             m = segment.first_moe + i
             routed, out = routed_moe(spec, m, dataclasses.replace(experts, cache=cache, slab=slab), moe_in, ids, weights,
-                                  valid_rows, guess)
+                                     valid_rows, guess, counted=counts_after_scan(spec))
             x = layer.apply({"params": p}, h, moe_in, routed, method=DecoderLayer.finish)
-            guess = jnp.full_like(ids, -1) if guess is None else jnp.where(m + 1 < len(spec.moe_layers), guess, -1)
+            if guess is not None:  # the last MoE layer has no next router to guess for
+                guess = jnp.where(m + 1 < len(spec.moe_layers), guess, -1)
             return (x, kv, out.cache, out.slab), (ids, guess)
 
         xs = (params["segments"][s], params["next_router"][s], jnp.arange(segment.count))
@@ -312,8 +321,12 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
         experts = dataclasses.replace(experts, cache=cache, slab=slab)
         routing.append(ids)
         guesses.append(guess)
-    return (x, experts, kv_caches, jnp.concatenate(routing),
-            jnp.concatenate(guesses) if spec.computes_guesses else None)
+    routing = jnp.concatenate(routing)
+    if counts_after_scan(spec):  # every access a hit
+        counters = dc.count_layers(experts.cache.counters, routing, valid_rows, cfg.num_experts,
+                                   (dc.ACTIVATIONS, dc.HITS))
+        experts = dataclasses.replace(experts, cache=experts.cache.replace(counters=counters))
+    return x, experts, kv_caches, routing, jnp.concatenate(guesses) if spec.computes_guesses else None
 
 
 def resident_keys(spec: ProgramSpec, cache: dc.CacheState):

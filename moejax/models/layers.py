@@ -7,6 +7,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from moejax.config import ModelConfig
 from moejax.models.rope import apply_rope, inverse_frequencies, rope_cos_sin
@@ -110,15 +111,30 @@ def write_kv_cache(caches: tuple, new: tuple, positions, slot_ids=None, attend_l
                    layer_index=None) -> tuple[tuple, tuple]:
     """Writes each of `new` ([B, T, ...], one per cache) into its cache at `positions` [B, T] of each row's slot
     (`slot_ids` [B]; None: row b is cache row b), in layer `layer_index` of stacked caches when given; positions
-    past the cache are dropped. -> (the updated caches, what the step attends over: with slot_ids, the rows'
+    past the cache are dropped, except in a call of one token of one row, whose position must lie inside it
+    (`_write_position`). -> (the updated caches, what the step attends over: with slot_ids, the rows'
     first attend_len positions; else the whole caches)."""
     rows = (jnp.arange(positions.shape[0]) if slot_ids is None else slot_ids)[:, None]
-    where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
-    caches = tuple(cache.at[where].set(value.astype(cache.dtype), mode="drop") for cache, value in zip(caches, new))
+    if positions.shape == (1, 1):  # one token of one row (batch-1 decode): an in-place update, no scatter
+        prefix = (rows[0, 0],) if layer_index is None else (layer_index, rows[0, 0])
+        caches = tuple(_write_position(cache, value, prefix, positions[0, 0]) for cache, value in zip(caches, new))
+    else:
+        where = (rows, positions) if layer_index is None else (layer_index, rows, positions)
+        caches = tuple(cache.at[where].set(value.astype(cache.dtype), mode="drop") for cache, value in zip(caches, new))
     if slot_ids is None:
         return caches, caches
     seen = (slot_ids, slice(None, attend_len)) if layer_index is None else (layer_index, slot_ids, slice(None, attend_len))
     return caches, tuple(cache[seen] for cache in caches)
+
+
+def _write_position(cache, value, prefix: tuple, position):
+    """cache [..., S, ...] with value [1, 1, ...] written at index prefix + (position,), as one dynamic-update-slice
+    that XLA makes in place. The position must lie inside the cache (the engine stops a sequence at its cache's
+    length): one past it would land on the last position. A scatter that drops such a write, or a read of the
+    position to write it back unchanged, makes XLA copy the whole cache at every layer (tests/test_count_step_ops.py)."""
+    start = (*prefix, jnp.minimum(position, cache.shape[len(prefix)] - 1)) + (0,) * (cache.ndim - len(prefix) - 1)
+    return lax.dynamic_update_slice(cache, value.astype(cache.dtype).reshape((1,) * (len(prefix) + 1) + value.shape[2:]),
+                                    start)
 
 
 class Attention(nn.Module):

@@ -342,11 +342,14 @@ def experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab: dict, ac
 def add_expert_outputs(outputs, topk_ids, topk_weights, distinct):
     """Each row's weighted sum of its experts' outputs, in increasing expert order: outputs [U, N, D] (expert
     `distinct[u]` on every row), topk_ids [N, k], topk_weights [N, k], distinct int32 [U] -> [N, D] f32."""
+    # Each row's weight for each expert [N, U], in one operation (a row chooses an expert at most once, so the sum
+    # over its k choices has one term and is exact); then the adds, one expert after another.
+    weights = jnp.sum(jnp.where(topk_ids[:, :, None] == distinct[None, None, :], topk_weights[:, :, None], 0.0), axis=1)
     acc = jnp.zeros(outputs.shape[1:], jnp.float32)
     for u in range(distinct.shape[0]):
-        weight = jnp.sum(jnp.where(topk_ids == distinct[u], topk_weights, 0.0), axis=-1)
+        weight = weights[:, u, None]
         # where: a slot of padding may hold anything (never NaN into a row that did not choose it)
-        acc = acc + jnp.where(weight[:, None] != 0, weight[:, None] * outputs[u].astype(jnp.float32), 0.0)
+        acc = acc + jnp.where(weight != 0, weight * outputs[u].astype(jnp.float32), 0.0)
     return acc
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Per MoE layer: distinct experts needed per step (activations), hits, misses, evictions, prefetches admitted
@@ -97,7 +98,10 @@ def reset_counters(state: CacheState) -> CacheState:
 
 
 def _count(counters, layer, column, amount):
-    return counters.at[layer, column].add(amount.astype(jnp.int32))
+    """counters [L, len(COUNTERS)] with `amount` added to column `column` (an int, or a tuple of ints: each of them)
+    of row `layer`: one update of the row, however many columns."""
+    columns = np.isin(np.arange(counters.shape[1]), column)
+    return counters.at[layer].add(jnp.where(columns, amount.astype(jnp.int32), 0))
 
 
 def _ranks(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
@@ -270,6 +274,21 @@ def distinct_experts(ids, valid_rows, num_experts: int, size: int):
     if flat.shape[0] == size and ids.shape[0] == 1:  # one row of top-k: already distinct
         return jnp.sort(flat)
     return jnp.unique(flat, size=size, fill_value=num_experts)
+
+
+def count_layers(counters, ids, valid_rows, num_experts: int, columns: tuple):
+    """counters [L, len(COUNTERS)] with each of `columns` of every MoE layer raised by the number of distinct experts
+    valid rows chose there: ids int32 [L, N, k] (a step's routing), valid_rows bool [N] or None. What `access`
+    counts as activations one layer at a time, in a few operations for all the layers (the resident mode's only
+    bookkeeping)."""
+    keep = (ids >= 0) & (ids < num_experts)
+    if valid_rows is not None:
+        keep = keep & valid_rows[None, :, None]
+    chosen = jnp.sort(jnp.where(keep, ids, num_experts).reshape(ids.shape[0], -1), axis=-1)
+    first = chosen < num_experts
+    first = first.at[:, 1:].set(first[:, 1:] & (chosen[:, 1:] != chosen[:, :-1]))
+    counts = first.sum(axis=-1, dtype=jnp.int32)
+    return counters + jnp.where(np.isin(np.arange(counters.shape[1]), columns), counts[:, None], 0)
 
 
 def guessed_keys(guess_ids, valid_rows, layer, num_experts: int, limit: int):
