@@ -100,8 +100,12 @@ def reset_counters(state: CacheState) -> CacheState:
 def _count(counters, layer, column, amount):
     """counters [L, len(COUNTERS)] with `amount` added to column `column` (an int, or a tuple of ints: each of them)
     of row `layer`: one update of the row, however many columns."""
-    columns = np.isin(np.arange(counters.shape[1]), column)
-    return counters.at[layer].add(jnp.where(columns, amount.astype(jnp.int32), 0))
+    return counters.at[layer].add(jnp.where(_columns(counters, column), amount.astype(jnp.int32), 0))
+
+
+def _columns(counters, column) -> np.ndarray:
+    """bool [len(COUNTERS)]: which columns of counters [L, len(COUNTERS)] `column` (an int or a tuple) names."""
+    return np.isin(np.arange(counters.shape[1]), column)
 
 
 def _ranks(state: CacheState, pinned, policy: str, priorities: Priorities | None, layer, num_experts: int):
@@ -279,16 +283,11 @@ def distinct_experts(ids, valid_rows, num_experts: int, size: int):
 def count_layers(counters, ids, valid_rows, num_experts: int, columns: tuple):
     """counters [L, len(COUNTERS)] with each of `columns` of every MoE layer raised by the number of distinct experts
     valid rows chose there: ids int32 [L, N, k] (a step's routing), valid_rows bool [N] or None. What `access`
-    counts as activations one layer at a time, in a few operations for all the layers (the resident mode's only
-    bookkeeping)."""
-    keep = (ids >= 0) & (ids < num_experts)
-    if valid_rows is not None:
-        keep = keep & valid_rows[None, :, None]
-    chosen = jnp.sort(jnp.where(keep, ids, num_experts).reshape(ids.shape[0], -1), axis=-1)
-    first = chosen < num_experts
-    first = first.at[:, 1:].set(first[:, 1:] & (chosen[:, 1:] != chosen[:, :-1]))
-    counts = first.sum(axis=-1, dtype=jnp.int32)
-    return counters + jnp.where(np.isin(np.arange(counters.shape[1]), columns), counts[:, None], 0)
+    counts as activations one layer at a time, for all the layers at once (the resident mode's only bookkeeping)."""
+    size = min(ids.shape[1] * ids.shape[2], num_experts)
+    distinct = jax.vmap(lambda layer_ids: distinct_experts(layer_ids, valid_rows, num_experts, size))(ids)
+    counts = (distinct < num_experts).sum(axis=-1, dtype=jnp.int32)
+    return counters + jnp.where(_columns(counters, columns), counts[:, None], 0)
 
 
 def guessed_keys(guess_ids, valid_rows, layer, num_experts: int, limit: int):
