@@ -48,11 +48,18 @@ from moejax.offload.placement import PLACEMENTS, Placement, check_devices, load_
 AXIS = "experts"
 
 
-def check(devices: int, num_experts: int, placement: str) -> None:
-    """The `devices` and `placement` parameters checked against the model and the local devices."""
+def check(devices: int, num_experts: int, placement: str, hot_replicas: int = 0) -> None:
+    """The `devices`, `placement` and `hot_replicas` parameters checked against the model and the local devices."""
     check_devices(devices, num_experts)
     if placement not in PLACEMENTS:
         raise ParameterError.not_one_of("placement", placement, PLACEMENTS)
+    if isinstance(hot_replicas, bool) or not isinstance(hot_replicas, (int, np.integer)) or not (
+            0 <= hot_replicas <= num_experts):
+        raise ParameterError("{hot_replicas} must be an integer in [0, {experts}] (got {value!r})",
+                             experts=num_experts, value=hot_replicas)
+    if hot_replicas and placement != "balanced":
+        raise ParameterError("{hot_replicas} copies the experts that measured load calls hot: it needs {placement} "
+                             "'balanced' (got {name!r})", name=placement)
     seen = jax.devices()
     if devices > len(seen):
         hint = " (the CPU splits into N with XLA_FLAGS=--xla_force_host_platform_device_count=N)" * (
@@ -214,15 +221,7 @@ def plan(cfg, devices: int, placement: str, placement_traces: str | Path | None,
          hot_replicas: int = 0) -> tuple[ExpertParallel, Placement]:
     """The mesh and placement of `devices` devices for a model config (`placement`: see `offload.placement`;
     placement_traces: where the load 'balanced' reads comes from, see `measured_load`; hot_replicas: 'balanced'
-    gives each MoE layer's that many hottest experts a second copy)."""
-    check(devices, cfg.num_experts, placement)
-    if isinstance(hot_replicas, bool) or not isinstance(hot_replicas, (int, np.integer)) or not (
-            0 <= hot_replicas <= cfg.num_experts):
-        raise ParameterError("{hot_replicas} must be an integer in [0, {experts}] (got {value!r})",
-                             experts=cfg.num_experts, value=hot_replicas)
-    if hot_replicas and placement != "balanced":
-        raise ParameterError("{hot_replicas} copies the experts that measured load calls hot: it needs {placement} "
-                             "'balanced' (got {name!r})", name=placement)
+    gives each MoE layer's that many hottest experts a second copy); the caller checks the parameters first (`check`)."""
     mesh = device_mesh(devices)
     load = None if placement_traces is None else measured_load(placement_traces)
     table = make_placement(placement, devices, len(cfg.moe_layer_ids), cfg.num_experts, load, hot_replicas)

@@ -153,7 +153,7 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
         fmt.check(_shapes(cfg))
         options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
     if devices != 1 or placement != "round-robin" or placement_traces is not None or hot_replicas:
-        check_parallel(cfg, config, devices, placement, cpu_experts)
+        check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas)
         options.update(devices=devices, placement=placement, placement_traces=placement_traces,
                        hot_replicas=hot_replicas)
     if config.host_budget is not None and (fmt.approximate or cpu_experts != "off"):
@@ -221,7 +221,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         expert_stacks = keeping(expert_stacks, kept)
     parallel, table = None, None
     if devices > 1:
-        check_parallel(cfg, config, devices, placement, cpu_experts, host_tier)
+        check_parallel(cfg, config, devices, placement, cpu_experts, host_tier, hot_replicas)
         parallel, table = expert_parallel.plan(cfg, devices, placement, placement_traces, hot_replicas)
         device = parallel.replicated
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
@@ -242,9 +242,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
 
 
 def check_parallel(cfg, config: OffloadConfig, devices: int, placement: str, cpu_experts: str = "off",
-                   host_tier=None) -> None:
+                   host_tier=None, hot_replicas: int = 0) -> None:
     """Expert parallelism's parameters and limits, as one-line errors naming the parameter."""
-    expert_parallel.check(devices, cfg.num_experts, placement)
+    expert_parallel.check(devices, cfg.num_experts, placement, hot_replicas)
     if kind_of(cfg).encoder_decoder:
         raise ParameterError("{devices}: expert parallelism serves decoder-only models, not {family}", family=cfg.family)
     if devices > 1 and (cpu_experts != "off" or host_tier is not None or config.host_budget is not None):
