@@ -82,21 +82,28 @@ def fill_random(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> Non
 
 
 def time_generate(model, prompt, new_tokens: int, repeats: int) -> dict:
-    """TTFT from generate(max_new_tokens=1); TPOT from the rest of a full generate."""
+    """TTFT from generate(max_new_tokens=1); TPOT, the median gap between consecutive new tokens of full
+    generate() calls (timestamps taken inside each call, so a noisy run cannot make it negative, as the
+    difference of two separately timed calls could)."""
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
-    def run(n):
+    def run(n, streamer=None):
         synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, streamer=streamer, **kwargs)
         synchronize()
         return time.perf_counter() - start
 
     run(new_tokens)  # warm-up
     ttft = statistics.median(run(1) for _ in range(repeats))
-    total = statistics.median(run(new_tokens) for _ in range(repeats))
-    return {"ttft_s": ttft, "tpot_s": (total - ttft) / (new_tokens - 1), "total_s": total}
+    totals, gaps = [], []
+    for _ in range(repeats):
+        clock = TokenClock()
+        totals.append(run(new_tokens, clock))
+        tokens = clock.times[1:]
+        gaps += [b - a for a, b in zip(tokens, tokens[1:])]
+    return {"ttft_s": ttft, "tpot_s": statistics.median(gaps), "total_s": statistics.median(totals)}
 
 
 class TokenClock:
