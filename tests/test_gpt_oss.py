@@ -16,8 +16,10 @@ from hf_zoo import COMMON, build, random_prompts
 
 import moejax
 from moejax import checkpoint
+from moejax.cards import load_card
 from moejax.cli import main
 from moejax.convert.safetensors_file import read_header, read_tensor, write_file
+from moejax.engine.decoder_programs import NO_WINDOW, layer_segments
 from moejax.models.moe import (
     ClampedSwiGLU, capacity_experts, device_routed_experts, experts_from_slab, grouped_experts, ragged_experts, route,
 )
@@ -94,6 +96,14 @@ def test_offloading_is_bit_identical_to_resident(root):
     result = cached.generate(prompts, max_new_tokens=6)
     assert result.tokens == resident.generate(prompts, max_new_tokens=6).tokens
     assert result.stats["total"]["misses"] > 0 and result.stats["total"]["prefetch_issued"] > 0
+
+
+def test_alternating_windows_share_one_layer_loop():
+    """gpt-oss alternates sliding-window and full layers: the step programs still scan them in one loop, each
+    layer's window a value of the scan (the reference tests check the outputs), so 24 layers compile one body."""
+    (segment,) = layer_segments(load_card("gpt-oss-20b"))
+    assert (segment.start, segment.count, segment.moe, segment.window) == (0, 24, True, None)
+    assert segment.layer_windows().tolist() == [128, NO_WINDOW] * 12
 
 
 def test_info_counts_the_expert_biases(root, capsys):

@@ -97,28 +97,45 @@ class ProgramSpec:
         return self.cfg.moe_layer_ids
 
 
+NO_WINDOW = 1 << 30  # a layer's window in a segment of mixed windows when it has none: longer than any sequence
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """Consecutive layers of one kind (MoE or dense, one attention window): one `lax.scan` in a step, over
-    parameters and KV caches stacked on a leading axis of `count`."""
+    """Consecutive layers of one kind (MoE or dense): one `lax.scan` in a step, over parameters and KV caches
+    stacked on a leading axis of `count`. Their attention windows (`windows`, one per layer) may differ, as
+    gpt-oss alternates sliding and full layers: then each layer's window enters the scan as a value
+    (`layer_windows`) instead of being compiled in, so the layers still share one loop body."""
 
     start: int  # its first layer
     count: int
     moe: bool
-    window: int | None
+    windows: tuple[int | None, ...]
     first_moe: int  # the MoE index of its first layer (MoE segments)
+
+    @property
+    def window(self) -> int | None:
+        """The window compiled into the layer body: the layers' common one (None: none, or mixed)."""
+        return self.windows[0] if len(set(self.windows)) == 1 else None
+
+    def layer_windows(self) -> jax.Array | None:
+        """int32 [count]: each layer's window (NO_WINDOW: none) where they differ; None where they are alike."""
+        if len(set(self.windows)) == 1:
+            return None
+        return jnp.array([NO_WINDOW if w is None else w for w in self.windows], jnp.int32)
 
 
 def layer_segments(cfg: ModelConfig) -> tuple[Segment, ...]:
-    """The model's layers as runs of one kind, in order."""
+    """The model's layers as runs of MoE or dense layers, in order."""
     segments, moe_seen = [], 0
     for i in range(cfg.num_layers):
-        kind = (cfg.moe_layers[i], cfg.sliding_windows[i])
-        if segments and (segments[-1].moe, segments[-1].window) == kind:
-            segments[-1] = dataclasses.replace(segments[-1], count=segments[-1].count + 1)
+        moe, window = cfg.moe_layers[i], cfg.sliding_windows[i]
+        if segments and segments[-1].moe == moe:
+            last = segments[-1]
+            segments[-1] = dataclasses.replace(last, count=last.count + 1, windows=(*last.windows, window))
         else:
-            segments.append(Segment(i, 1, kind[0], kind[1], moe_seen))
-        moe_seen += kind[0]
+            segments.append(Segment(i, 1, moe, (window,), moe_seen))
+        moe_seen += moe
     return tuple(segments)
 
 
@@ -282,11 +299,17 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
     kv_caches, routing, guesses = list(kv_caches), [], []
     attend = functools.partial(DecoderLayer.attend, positions=positions, slot_ids=slot_ids, attend_len=attend_len)
     for s, segment in enumerate(spec.segments):
-        layer = DecoderLayer(cfg, segment.moe, segment.window)
+        windows = segment.layer_windows()
+
+        def layer_at(i, segment=segment, windows=windows):
+            """Layer i of the segment (its own window where the segment's windows differ)."""
+            return DecoderLayer(cfg, segment.moe, segment.window if windows is None else windows[i])
+
         if not segment.moe:
-            def dense(carry, xs, layer=layer):
+            def dense(carry, xs, layer_at=layer_at):
                 x, kv = carry
                 p, i = xs
+                layer = layer_at(i)
                 h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
                 return (layer.apply({"params": p}, h, method=DecoderLayer.dense_mlp), kv), None
 
@@ -294,9 +317,10 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
                                             unroll=spec.unroll_layers)
             continue
 
-        def moe(carry, xs, layer=layer, segment=segment):
+        def moe(carry, xs, layer_at=layer_at, segment=segment):
             x, kv, cache, slab = carry
             p, following, i = xs
+            layer = layer_at(i)
             h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
             moe_in, weights, ids = layer.apply({"params": p}, h, method=DecoderLayer.route)
             if forced_ids is not None:

@@ -32,7 +32,8 @@ from moejax.models.moe import ClampedSwiGLU, device_routed_experts, route
 
 
 class DecoderLayer(nn.Module):
-    """One layer; `moe` and `window` (not the layer index) shape it, so layers alike share compiled code."""
+    """One layer; `moe` and `window` (not the layer index) shape it, so layers alike share compiled code. window:
+    None, an int, or an int32 scalar array (inside a scan over layers whose windows differ, `layers.attention_mask`)."""
 
     cfg: ModelConfig
     moe: bool

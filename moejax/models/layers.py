@@ -84,8 +84,9 @@ class GatedMLP(nn.Module):
         return dense(x.shape[-1], "down_proj")(hidden)
 
 
-def attention_mask(q_positions, kv_length: int, window: int | None):
-    """Boolean [B, T, S]: query at position p sees cache slot j iff j <= p (and j > p - window).
+def attention_mask(q_positions, kv_length: int, window):
+    """Boolean [B, T, S]: query at position p sees cache slot j iff j <= p (and j > p - window). window: None,
+    an int, or an int32 scalar array (a layer's window passed into a scan over layers with different ones).
 
     The KV cache is indexed by position (prompts are right-padded), so causality alone also hides
     the padding of shorter prompts and stale slots beyond a sequence's current length.
