@@ -90,8 +90,9 @@ def test_engine_equals_whole_model_program(case, root):
 
 def test_kimi_k2_layout_converts_as_deepseek_v3(root):
     """Kimi-K2 publishes DeepSeek-V3's architecture under model_type kimi_k2 (with remote code in auto_map): the zoo's
-    one-group DeepSeek-V3 checkpoint relabelled so converts to the same model, family deepseek_v3, with
-    transformers' DeepseekV3ForCausalLM's logits and greedy tokens on the same weights."""
+    one-group DeepSeek-V3 checkpoint relabelled so, with tiktoken tokenizer files, converts to the same model, family
+    deepseek_v3, with transformers' DeepseekV3ForCausalLM's logits and greedy tokens on the same weights, and a
+    tokenizer.json (test_tiktoken_bpe)."""
     import json
     import shutil
 
@@ -106,10 +107,14 @@ def test_kimi_k2_layout_converts_as_deepseek_v3(root):
     hf.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
                                               "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
     (kimi_dir / "config.json").write_text(json.dumps(hf))
+    from test_tiktoken_bpe import reference_encode, write_tiktoken_files
+
+    write_tiktoken_files(kimi_dir)  # and its tokenizer files
     assert cli(["convert", str(kimi_dir), str(out), "--quiet"]) == 0
     cfg = checkpoint.load_config(out)
     assert cfg.family == "deepseek_v3" and cfg == checkpoint.load_config(ckpt)
     engine = moejax.load(out)
+    assert engine.tokenizer.encode("Kimi 中文 🙂") == reference_encode("Kimi 中文 🙂")
     prompts = random_prompts(cfg.vocab_size, [13, 6], seed=6)  # no token 0, which hf_greedy takes for padding
     for prompt, ours in zip(prompts, engine.logits(prompts), strict=True):
         assert_logits_close(ours, hf_logits(model, prompt))
