@@ -170,6 +170,20 @@ def test_random_text_encodes_as_tiktoken(tokenizer):
         assert tokenizer.encode(text, add_special_tokens=False).ids == reference_encode(text), repr(text)
 
 
+def test_any_rank_order_encodes_as_tiktoken():
+    """Vocabularies of two-letter words in any rank order (a word's parts may rank after it, a word may have several
+    splits): the two encoders agree."""
+    rng = random.Random(2)
+    for _ in range(100):
+        words = sorted({"".join(rng.choice("ab") for _ in range(rng.randint(2, 5))).encode() for _ in range(10)})
+        rng.shuffle(words)
+        ranks = {token: rank for rank, token in enumerate([bytes([b]) for b in range(256)] + words)}
+        tokenizer = tiktoken_bpe.build_tokenizer(ranks, PATTERN, [], None)
+        for _ in range(20):
+            text = "".join(rng.choice("ab") for _ in range(rng.randint(2, 12)))
+            assert tokenizer.encode(text).ids == reference_encode(text, ranks), (text, sorted(ranks, key=ranks.get)[256:])
+
+
 def test_bos_is_added_as_tokenizer_config_says(tmp_path, tokenizer):
     assert tokenizer.encode("hi").ids == reference_encode("hi")
     with_bos = tiktoken_bpe.tiktoken_tokenizer(write_tiktoken_files(tmp_path, add_bos_token=True))

@@ -9,9 +9,10 @@ in the byte-level alphabet, its id its rank), with `ignore_merges` (a piece that
 merge (left, right) for every split of a token into two tokens, ordered by the token's rank; the regex as a Split
 pre-tokenizer, then ByteLevel without a regex of its own; a ByteLevel decoder. The special tokens are
 tokenizer_config.json's `added_tokens_decoder`, at their ids; BOS is prepended when its `add_bos_token` is true.
-The two can differ only where the lowest-ranked pair of a piece makes the same token at two places, split
-differently (tiktoken merges the leftmost first, `tokenizers` the split listed first), and the order changes what
-follows; ranks learnt by BPE make that rare (the tests compare both on varied and random text).
+The two merge alike: both take the lowest-ranked pair, the leftmost of equals (`tokenizers` ranks a merge by its
+place in the list, and a token's splits sit together at its rank). Their order among a token's splits never
+matters: when two parts cover a token's bytes, they are the parts that the same merges give on those bytes alone
+(a merge across the edge would have joined them to a neighbour), so a token forms from one split everywhere.
 
 The regex is read from the `pat_str = ...` assignment of the checkpoint's `tokenization_*.py` without running that
 file (`ast`): a string literal, or a string literal's `.join` of a list of string literals.
