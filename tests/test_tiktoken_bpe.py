@@ -30,9 +30,16 @@ PATTERN_PARTS = [
     r"\s+",
 ]
 PATTERN = "|".join(PATTERN_PARTS)
-SPECIAL = {1000: "[BOS]", 1001: "[EOS]", 1002: "<|im_user|>", 1003: "<|im_assistant|>", 1004: "<|im_end|>"}
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_{{ m.role }}|>{{ m.content }}<|im_end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_assistant|>{% endif %}")
+SPECIAL = {1000: "[BOS]", 1001: "[EOS]", 1002: "<|im_user|>", 1003: "<|im_assistant|>", 1004: "<|im_end|>",
+           1006: "<|im_system|>", 1007: "<|im_middle|>"}
+# In the manner of Kimi-K2's (whitespace control, loop.first, dict .get, `is string`), written here.
+CHAT_TEMPLATE = """{%- for m in messages -%}
+  {%- if loop.first and m['role'] != 'system' -%}<|im_system|>system<|im_middle|>Be brief.<|im_end|>{%- endif -%}
+  {%- if m.get('role') == 'user' -%}<|im_user|>user<|im_middle|>
+  {%- else -%}<|im_assistant|>{{ m['role'] }}<|im_middle|>{%- endif -%}
+  {%- if m['content'] is string -%}{{ m['content'] }}{%- endif -%}<|im_end|>
+{%- endfor -%}
+{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}"""
 CORPUS = """The tokenizer's job: split the text, then merge bytes. It's what they'd said they're doing.
 Les élèves ont réussi l'épreuve à Noël; Straße, Größe, naïve café. ÀÉÎÕÜ résumé déjà vu.
 中文分词测试，我们喜欢自然语言处理。日本語のテキストも少し。한국어 문장도 있습니다.
@@ -134,7 +141,8 @@ def write_tiktoken_files(directory, ranks=RANKS, add_bos_token=False, pattern_so
         f"class TikTokenTokenizer:\n    num_reserved_special_tokens = 256\n\n    pat_str = {pattern_source}\n")
     decoder = {str(i): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
                         "single_word": False, "special": True} for i, content in SPECIAL.items()}
-    config = {"added_tokens_decoder": decoder, "bos_token": "[BOS]", "eos_token": "[EOS]", "add_bos_token": add_bos_token,
+    config = {"added_tokens_decoder": decoder, "bos_token": "[BOS]", "eos_token": "[EOS]",
+              "add_bos_token": add_bos_token,
               "chat_template": CHAT_TEMPLATE, "tokenizer_class": "TikTokenTokenizer",
               "auto_map": {"AutoTokenizer": ["tokenization_test.TikTokenTokenizer", None]}}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
@@ -144,6 +152,19 @@ def write_tiktoken_files(directory, ranks=RANKS, add_bos_token=False, pattern_so
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return tiktoken_bpe.tiktoken_tokenizer(write_tiktoken_files(tmp_path_factory.mktemp("tiktoken")))
+
+
+def test_byte_level_alphabet_is_tokenizers():
+    """The characters tokenizers' ByteLevel writes for every byte of UTF-8 text (all but C0, C1, F5-FF)."""
+    from tokenizers import pre_tokenizers
+
+    assert set(tiktoken_bpe.BYTE_LEVEL) == set(pre_tokenizers.ByteLevel.alphabet())
+    code_points = [*range(0x800), *range(0x800, 0xD800, 0x800), *range(0xE000, 0x10000, 0x800), 0x10000, 0x40000,
+                   0x80000, 0xC0000, 0x100000]
+    text = "".join(map(chr, code_points))
+    assert {b for b in text.encode()} == set(range(256)) - {0xC0, 0xC1, *range(0xF5, 0x100)}
+    [(written, _)] = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
+    assert written == tiktoken_bpe.byte_level(text.encode())
 
 
 def test_learnt_ranks_merge_within_words_and_list_whole_words():
@@ -163,7 +184,7 @@ def test_encodes_as_tiktoken_and_decodes_back(tokenizer, text):
 
 def test_random_text_encodes_as_tiktoken(tokenizer):
     """Strings drawn from the corpus' characters and a few others (case folds, marks, spaces of other widths)."""
-    pool = sorted(set(CORPUS)) + list("ſİıǅ\u00a0\u2003\u3000\u0301'") + ["'s", "'RE", "    ", "\r\n", "词法分析", " überall"]
+    pool = [*sorted(set(CORPUS)), *"ſİıǅ\u00a0\u2003\u3000\u0301'", "'s", "'RE", "    ", "\r\n", "词法分析", " überall"]
     rng = random.Random(1)
     for _ in range(2000):
         text = "".join(rng.choice(pool) for _ in range(rng.randint(1, 24)))
@@ -181,7 +202,7 @@ def test_any_rank_order_encodes_as_tiktoken():
         tokenizer = tiktoken_bpe.build_tokenizer(ranks, PATTERN, [], None)
         for _ in range(20):
             text = "".join(rng.choice("ab") for _ in range(rng.randint(2, 12)))
-            assert tokenizer.encode(text).ids == reference_encode(text, ranks), (text, sorted(ranks, key=ranks.get)[256:])
+            assert tokenizer.encode(text).ids == reference_encode(text, ranks), (text, words)
 
 
 def test_bos_is_added_as_tokenizer_config_says(tmp_path, tokenizer):
@@ -226,17 +247,24 @@ def test_conversion_writes_the_tokenizer_and_chat_finds_its_template(tmp_path):
     chat = ChatTemplate.from_checkpoint(tmp_path / "out", tokenizer)
     assert chat.kind == "the checkpoint's"
     prompt = chat.prompt_ids([{"role": "user", "content": "It's 中文?"}])
-    assert prompt == reference_encode("<|im_user|>It's 中文?<|im_end|><|im_assistant|>")
+    assert prompt == reference_encode("<|im_system|>system<|im_middle|>Be brief.<|im_end|><|im_user|>user<|im_middle|>"
+                                      "It's 中文?<|im_end|><|im_assistant|>assistant<|im_middle|>")
 
 
 @pytest.mark.parametrize("change,message", [
     (lambda hf: (hf / "tiktoken.model").write_text("IQ== 0\nIg== 1\nnot-base64! 2\n"),
      r"tiktoken.model:3: expected '<base64 token> <rank>'.*found 'not-base64! 2'"),
     (lambda hf: (hf / "tiktoken.model").write_text("IQ== 0\nIQ== 1\n"), r"tiktoken.model:2: token b'!' appears twice"),
+    (lambda hf: (hf / "tiktoken.model").write_bytes(b"IQ== 0\nIg== \xff1\n"), r"tiktoken.model:2: expected"),
+    (lambda hf: (hf / "tiktoken.model").write_text("IQ== 0\nIg== 0\n"), r"tiktoken.model:2: rank 0 appears twice"),
     (lambda hf: (hf / "tiktoken.model").write_text("IQ== 0\n"), "no token for 255 of the 256 single bytes"),
     (lambda hf: write_tiktoken_files(hf, pattern_source="'|'.join(PARTS)"),
      r"tokenization_test.py:8: pat_str must be a string literal or \"\|\".join\(\[string literals\]\).*join\(PARTS\)"),
     (lambda hf: write_tiktoken_files(hf, pattern_source="r'[a-z'"), r"tokenization_test.py: pat_str is not a regex"),
+    (lambda hf: (hf / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"7": {"content": "x"}}}'),
+     r"tokenizer_config.json: added_tokens_decoder id 7 is also a rank of tiktoken.model"),
+    (lambda hf: (hf / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"999": {"content": "!"}}}'),
+     r"tokenizer_config.json: added token '!' \(id 999\) has the byte-level text of ranked token"),
 ])
 def test_bad_tokenizer_files_are_named_and_nothing_is_written(tmp_path, capsys, change, message):
     hf = write_tiktoken_files(tiny_checkpoint(tmp_path / "hf"))

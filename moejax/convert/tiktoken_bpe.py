@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import binascii
 import json
 import logging
 from pathlib import Path
@@ -45,6 +44,7 @@ def byte_level_alphabet() -> list[str]:
 
 
 BYTE_LEVEL = byte_level_alphabet()
+BYTE_OF = {char: b for b, char in enumerate(BYTE_LEVEL)}
 
 
 def byte_level(token: bytes) -> str:
@@ -56,8 +56,8 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     seen_ranks: set[int] = set()
     try:
-        lines = Path(path).read_bytes().decode("ascii").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as err:
         raise MoejaxError(f"{path}: cannot read tiktoken ranks ({err})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -67,9 +67,9 @@ def read_ranks(path: Path) -> dict[bytes, int]:
             token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
             if len(fields) != 2 or not token or rank < 0:
                 raise ValueError
-        except (IndexError, ValueError, binascii.Error):
+        except (IndexError, ValueError):  # binascii.Error is a ValueError
             raise MoejaxError(f"{path}:{number}: expected '<base64 token> <rank>' (a non-empty token, a rank >= 0), "
-                              f"found {line[:60]!r}") from None
+                              f"found {line[:60].decode('ascii', 'replace')!r}") from None
         if token in ranks or rank in seen_ranks:
             what = f"token {token!r}" if token in ranks else f"rank {rank}"
             raise MoejaxError(f"{path}:{number}: {what} appears twice")
@@ -127,7 +127,8 @@ def find_pattern(src: Path) -> tuple[str, Path] | None:
         if pattern is not None:
             found.setdefault(pattern, path)
     if len(found) > 1:
-        raise MoejaxError(f"{src}: {', '.join(p.name for p in found.values())} assign different {PATTERN_NAME} patterns")
+        names = ", ".join(path.name for path in found.values())
+        raise MoejaxError(f"{src}: {names} assign different {PATTERN_NAME} patterns")
     return next(iter(found.items()), None)
 
 
@@ -150,14 +151,22 @@ def added_tokens(config: dict, path: Path, ranks: dict[bytes, int]) -> list[dict
     if not isinstance(decoder, dict):
         raise MoejaxError(f"{path}: added_tokens_decoder must be an object {{id: {{content: ...}}}}")
     ranked_ids = set(ranks.values())
-    out = []
+    out, contents = [], set()
     for key, entry in decoder.items():
-        if not key.isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not (key.isascii() and key.isdigit()) or not isinstance(content, str):
             raise MoejaxError(f"{path}: added_tokens_decoder entry {key!r} must be an id with {{\"content\": string}}")
         if int(key) in ranked_ids:
             raise MoejaxError(f"{path}: added_tokens_decoder id {key} is also a rank of {RANKS_FILE}")
+        if content in contents:
+            raise MoejaxError(f"{path}: added_tokens_decoder holds {content!r} twice")
+        contents.add(content)
+        same_text = bytes(BYTE_OF[char] for char in content) if all(char in BYTE_OF for char in content) else None
+        if same_text in ranks:
+            raise MoejaxError(f"{path}: added token {content!r} (id {key}) has the byte-level text of ranked token "
+                              f"{ranks[same_text]}: one vocabulary cannot hold both")
         flags = {name: bool(entry.get(name, False)) for name in TOKEN_FLAGS}
-        out.append({"id": int(key), "content": entry["content"], **flags, "special": bool(entry.get("special", True))})
+        out.append({"id": int(key), "content": content, **flags, "special": bool(entry.get("special", True))})
     return sorted(out, key=lambda token: token["id"])
 
 
@@ -181,12 +190,9 @@ def build_tokenizer(ranks: dict[bytes, int], pattern: str, added: list[dict], bo
     try:
         regex = Regex(pattern)
     except Exception as err:  # tokenizers raises a bare Exception for a pattern Oniguruma refuses
-        raise MoejaxError(f"{pattern_source}: {PATTERN_NAME} is not a regex tokenizers (Oniguruma) accepts ({err})") from None
+        raise MoejaxError(f"{pattern_source}: {PATTERN_NAME} is not a regex tokenizers (Oniguruma) accepts "
+                          f"({err})") from None
     vocab = {byte_level(token): rank for token, rank in ranks.items()}
-    for token in added:
-        if token["content"] in vocab:
-            raise MoejaxError(f"{pattern_source}: special token {token['content']!r} (id {token['id']}) is also the "
-                              f"text of ranked token {vocab[token['content']]}")
     # The added tokens are in the model's vocabulary too: tokenizers gives an added token its id there, and would
     # number it after the vocabulary otherwise.
     vocab.update({token["content"]: token["id"] for token in added})
