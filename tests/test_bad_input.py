@@ -21,7 +21,8 @@ from moejax.engine.results import GenerationConfig
 from moejax.engine.slots import SamplingParams
 from moejax.routing.traces import RoutingTrace, load_routing
 
-SUPPORTED = "deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, mixtral, nllb-moe, olmoe, qwen2_moe, qwen3_moe, switch_transformers"
+SUPPORTED = ("deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, kimi_k2 (as deepseek_v3), mixtral, nllb-moe, olmoe, qwen2_moe, "
+             "qwen3_moe, switch_transformers")
 
 
 @pytest.fixture(scope="module")

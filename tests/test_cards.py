@@ -15,7 +15,7 @@ TOLERANCE = 0.02
 def test_the_shipped_cards():
     assert CARDS == sorted(["mixtral-8x7b", "mixtral-8x22b", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "qwen3-235b-a22b",
                             "olmoe-1b-7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "gpt-oss-20b",
-                            "gpt-oss-120b", "glm-4.5-air", "glm-4.5"])
+                            "gpt-oss-120b", "glm-4.5-air", "glm-4.5", "kimi-k2"])
 
 
 @pytest.mark.parametrize("name", CARDS)

@@ -86,3 +86,36 @@ def test_engine_equals_whole_model_program(case, root):
     for ours, ref in zip(engine.logits(prompts), whole_model_logits(ckpt, prompts), strict=True):
         assert_logits_close(ours, ref, rel=SAME_PATH_REL)
     assert engine.generate(prompts, max_new_tokens=12).tokens == whole_model_greedy(ckpt, prompts, 12)
+
+
+def test_kimi_k2_layout_converts_as_deepseek_v3(root):
+    """Kimi-K2 publishes DeepSeek-V3's architecture under model_type kimi_k2 (with remote code in auto_map): the zoo's
+    one-group DeepSeek-V3 checkpoint relabelled so, with tiktoken tokenizer files, converts to the same model, family
+    deepseek_v3, with transformers' DeepseekV3ForCausalLM's logits and greedy tokens on the same weights, and a
+    tokenizer.json (test_tiktoken_bpe)."""
+    import json
+    import shutil
+
+    from moejax.cli import main as cli
+
+    model, hf_dir, ckpt = build(("deepseek_v3", "one_group_all_moe"), root)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM" and model.config.n_group == model.config.topk_group == 1
+    kimi_dir, out = root / "kimi-k2-hf", root / "kimi-k2-mj"
+    kimi_dir.mkdir()
+    shutil.copyfile(hf_dir / "model.safetensors", kimi_dir / "model.safetensors")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    hf.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                              "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (kimi_dir / "config.json").write_text(json.dumps(hf))
+    from test_tiktoken_bpe import reference_encode, write_tiktoken_files
+
+    write_tiktoken_files(kimi_dir)  # and its tokenizer files
+    assert cli(["convert", str(kimi_dir), str(out), "--quiet"]) == 0
+    cfg = checkpoint.load_config(out)
+    assert cfg.family == "deepseek_v3" and cfg == checkpoint.load_config(ckpt)
+    engine = moejax.load(out)
+    assert engine.tokenizer.encode("Kimi 中文 🙂") == reference_encode("Kimi 中文 🙂")
+    prompts = random_prompts(cfg.vocab_size, [13, 6], seed=6)  # no token 0, which hf_greedy takes for padding
+    for prompt, ours in zip(prompts, engine.logits(prompts), strict=True):
+        assert_logits_close(ours, hf_logits(model, prompt))
+    assert engine.generate(prompts, max_new_tokens=20).tokens == [hf_greedy(model, prompt, 20) for prompt in prompts]

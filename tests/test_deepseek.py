@@ -187,9 +187,25 @@ PUBLISHED_V3 = {
     "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
 }
 
+# Kimi-K2's (moonshotai/Kimi-K2-Instruct): DeepSeek-V3's architecture under model_type kimi_k2, its fields that differ.
+PUBLISHED_KIMI_K2 = {
+    **PUBLISHED_V3, "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+    "bos_token_id": 163584, "eos_token_id": 163585, "first_k_dense_replace": 1, "max_position_embeddings": 131072,
+    "model_type": "kimi_k2", "n_group": 1, "n_routed_experts": 384, "num_attention_heads": 64, "num_key_value_heads": 64,
+    "num_nextn_predict_layers": 0, "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
+                                                    "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                                    "type": "yarn"},
+    "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "topk_group": 1, "transformers_version": "4.48.3",
+    "vocab_size": 163840,
+}
+del PUBLISHED_KIMI_K2["ep_size"]
+
 
 @pytest.mark.parametrize("published,card", [(PUBLISHED_V2_LITE, "deepseek-v2-lite"), (PUBLISHED_V2, "deepseek-v2"),
-                                            (PUBLISHED_V3, "deepseek-v3")], ids=["v2-lite", "v2", "v3"])
+                                            (PUBLISHED_V3, "deepseek-v3"), (PUBLISHED_KIMI_K2, "kimi-k2")],
+                         ids=["v2-lite", "v2", "v3", "kimi-k2"])
 def test_published_config_converts_to_its_card(published, card):
     from moejax.cards import load_card
     from moejax.convert.families import family

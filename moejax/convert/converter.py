@@ -3,7 +3,8 @@
 Every tensor name, shape and file is validated from the safetensors headers before anything
 is written; then groups (globals, each layer's dense weights, each expert) are read, cast and
 saved one by one, so peak memory is about one group, never a second copy of the model. FP8 checkpoints
-with block scales are dequantized tensor by tensor as they are read (`convert.fp8`).
+with block scales are dequantized tensor by tensor as they are read (`convert.fp8`). A tiktoken tokenizer (no
+tokenizer.json) is written as a tokenizer.json (`convert.tiktoken_bpe`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from moejax.convert.families import family
 from moejax.convert.families.common import Target
 from moejax.convert.fp8 import block_fp8_format, read_weight, scale_tensors
 from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header
+from moejax.convert.tiktoken_bpe import tiktoken_tokenizer
 from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError, ParameterError
 from moejax.outputs import atomic_directory, check_output
@@ -110,6 +112,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
     fused = fam.fused_experts(cfg, tensors) if hasattr(fam, "fused_experts") else None
     fp8 = block_fp8_format(read_hf_config(hf_dir))
     validate(targets, tensors, cfg, ignored | (fused.tensor_names if fused else set()) | scale_tensors(fp8, targets, tensors))
+    tiktoken = tiktoken_tokenizer(hf_dir)  # its files checked before any weight is converted
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():
@@ -140,6 +143,8 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
             fmt.save(tmp)
         cfg.save(tmp / "config.json")
         checkpoint.copy_tokenizer_files(hf_dir, tmp)
+        if tiktoken is not None:
+            tiktoken.save(str(tmp / "tokenizer.json"))
     progress.close()
     return cfg
 

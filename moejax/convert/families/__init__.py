@@ -7,6 +7,9 @@ Encoder-decoder families return an `EncDecConfig` and provide `resolve_tensors(c
 Families whose experts are fused tensors (gpt-oss) leave them out of the tensor map and provide
 `fused_experts(cfg, tensors)`: an object with `tensor_names`, `nbytes` and `groups(dtype)`, which
 yields each expert's group (see `gpt_oss.FusedExperts`).
+
+`ALIASES` maps the model_type of a checkpoint that publishes a family's architecture under its own name to that
+family (Kimi-K2's config.json says kimi_k2 for DeepseekV3ForCausalLM); the converted config names the family.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ FAMILIES: dict[str, ModuleType] = {
                    nllb_moe)
 }
 
+ALIASES: dict[str, str] = {"kimi_k2": deepseek_v3.MODEL_TYPE}
+
 
 def family(model_type: str | None) -> ModuleType:
+    model_type = ALIASES.get(model_type, model_type)
     if model_type not in FAMILIES:
-        raise MoejaxError(
-            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
-        )
+        supported = sorted([*FAMILIES, *(f"{alias} (as {name})" for alias, name in ALIASES.items())])
+        raise MoejaxError(f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(supported)})")
     return FAMILIES[model_type]
