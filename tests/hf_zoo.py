@@ -215,9 +215,12 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def hf_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy tokens after `ids` (every prompt token attended: with pad_token_id=0 and no mask,
+    generate() would take a token 0 of the prompt for padding and mask it)."""
+    prompt = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=0, min_new_tokens=new_tokens)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=new_tokens)
     return out[0, len(ids):].tolist()
 
 

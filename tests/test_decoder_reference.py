@@ -57,6 +57,7 @@ def test_greedy_tokens_match_transformers(case, root, mode):
     model, _, ckpt = build(case, root)
     engine = load(ckpt, mode)
     prompts = random_prompts(engine.cfg.vocab_size, [9, 4, 12], seed=1)
+    prompts[1][1] = 0  # transformers is given 0 as its pad id: a prompt's token 0 must still be attended
     result = engine.generate(prompts, max_new_tokens=20)
     for prompt, tokens in zip(prompts, result.tokens, strict=True):
         assert tokens == hf_greedy(model, prompt, 20)
