@@ -116,7 +116,7 @@ def test_kimi_k2_layout_converts_as_deepseek_v3(root):
     assert cfg.family == "deepseek_v3" and cfg == checkpoint.load_config(ckpt)
     engine = moejax.load(out)
     assert engine.tokenizer.encode("Kimi 中文 🙂") == reference_encode("Kimi 中文 🙂")
-    prompts = random_prompts(cfg.vocab_size, [13, 6], seed=6)  # no token 0, which hf_greedy takes for padding
+    prompts = random_prompts(cfg.vocab_size, [13, 6], seed=6)
     for prompt, ours in zip(prompts, engine.logits(prompts), strict=True):
         assert_logits_close(ours, hf_logits(model, prompt))
     assert engine.generate(prompts, max_new_tokens=20).tokens == [hf_greedy(model, prompt, 20) for prompt in prompts]

@@ -10,6 +10,7 @@ import random
 
 import numpy as np
 import pytest
+import transformers
 from safetensors.numpy import save_file
 
 from moejax.cli import main as cli
@@ -244,6 +245,9 @@ def test_conversion_writes_the_tokenizer_and_chat_finds_its_template(tmp_path):
     tokenizer = load_tokenizer(tmp_path / "out")
     text = "Straße 中文分词测试 🙂🙂  done 词法分析"
     assert tokenizer.encode(text) == reference_encode(text) and tokenizer.decode(reference_encode(text)) == text
+    # the copied tokenizer_config.json names tokenizer.json's class, not the tiktoken one whose file is not copied
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tokenizer.encode(text) == reference_encode(text)
     chat = ChatTemplate.from_checkpoint(tmp_path / "out", tokenizer)
     assert chat.kind == "the checkpoint's"
     prompt = chat.prompt_ids([{"role": "user", "content": "It's 中文?"}])

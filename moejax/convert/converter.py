@@ -22,7 +22,7 @@ from moejax.convert.families import family
 from moejax.convert.families.common import Target
 from moejax.convert.fp8 import block_fp8_format, read_weight, scale_tensors
 from moejax.convert.safetensors_file import TensorInfo, checkpoint_files, read_header
-from moejax.convert.tiktoken_bpe import tiktoken_tokenizer
+from moejax.convert.tiktoken_bpe import point_config_at_tokenizer_json, tiktoken_tokenizer
 from moejax.encdec_config import EncDecConfig
 from moejax.errors import MoejaxError, ParameterError
 from moejax.outputs import atomic_directory, check_output
@@ -145,6 +145,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
         checkpoint.copy_tokenizer_files(hf_dir, tmp)
         if tiktoken is not None:
             tiktoken.save(str(tmp / "tokenizer.json"))
+            point_config_at_tokenizer_json(tmp / "tokenizer_config.json")
     progress.close()
     return cfg
 

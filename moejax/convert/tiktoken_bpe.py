@@ -233,3 +233,15 @@ def tiktoken_tokenizer(src: Path):
     ranks = read_ranks(src / RANKS_FILE)
     added = added_tokens(config, config_path, ranks)
     return build_tokenizer(ranks, pattern, added, bos_token(config, config_path, added), str(pattern_file))
+
+
+def point_config_at_tokenizer_json(path: Path) -> None:
+    """Rewrites a copied tokenizer_config.json (if any) for the tokenizer.json written beside it: the tiktoken class
+    it names (`tokenizer_class`, `auto_map`) lives in a Python file the converted checkpoint does not carry, so
+    tools that read the config (transformers' AutoTokenizer, `moejax export`'s output) load tokenizer.json instead."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))  # read before, in tiktoken_tokenizer
+    config.pop("auto_map", None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
