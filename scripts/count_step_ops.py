@@ -211,7 +211,7 @@ def count(card: str, layers: int | None, config: str, platform: str) -> dict:
     row = {"card": card, "layers": cfg.num_layers, "moe_layers": len(cfg.moe_layer_ids), "config": config,
            "hlo_backend": jax.default_backend(), **{f"hlo_{k}": v for k, v in hlo.items()}}
     main_loops = [loop for loop in hlo["loops"] if loop["depth"] == 1 and (loop["trip_count"] or 0) > 1]
-    # the body of the longest layer scan (none when every scan has one layer: XLA inlines those, gpt-oss)
+    # the body of the longest layer scan (none when every scan has one layer: XLA inlines those, e.g. `--layers 1`)
     row["hlo_ops_per_layer"] = max((loop["ops"] for loop in main_loops), default=None)
     row["hlo_per_step_per_layer"] = round(hlo["per_step"] / cfg.num_layers, 1)
     try:
