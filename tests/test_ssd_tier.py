@@ -235,18 +235,25 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
     assert not emulated and ram == 10 * layer and len(cfg.moe_layer_ids) == 15
     cfg, ram, emulated = plan(True, ram=100 * layer, ratio=1.5, free_disk=20 * layer)  # the disk holds 18 layers
     assert emulated and len(cfg.moe_layer_ids) == int(DISK_SPARE * 20) and ram == int(18 * layer / 1.5)
+    int4_layer = card(1, True).num_experts * padded(3 * (64 * 64 // 2 + 64 * 2))  # 64 x 64 codes + bf16 scales
+    cfg, _, _ = plan(True, ram=10 * layer, ratio=1.5, free_disk=100 * layer, format_name="int4")
+    assert len(cfg.moe_layer_ids) == -(-15 * layer // int4_layer) > 15  # 1.5x the RAM in int4 bytes
 
 
-def test_bench_smoke(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_bench_smoke(tmp_path, monkeypatch, fmt):
     """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters."""
     from scripts import bench_ssd
 
     out = tmp_path / "bench_ssd.json"
     monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
-                                     "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out)])
+                                     "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out),
+                                     "--expert-format", fmt])
     bench_ssd.main()
     data = json.loads(out.read_text())
     row = data["rows"][0]
+    # 3 64 x 64 matrices: 24,576 bytes in bf16; in int4 6,528 (codes and bf16 scales), padded to 8,192
+    assert data["expert_format"] == fmt and row["host_tier"]["file_bytes"] == {"bf16": 24576, "int4": 8192}[fmt]
     assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
     assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
     assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0
