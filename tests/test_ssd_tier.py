@@ -350,6 +350,19 @@ def test_an_expert_directory_serves_only_its_format(compact, capsys):
                        "(groups of 64) asked for (--expert-format): give another --expert-dir, or delete it to rebuild it")
     with pytest.raises(ParameterError, match=r"^host_budget: the disk tier does not combine with cpu_experts 'auto' yet"):
         moejax.load(stored, "cached", cpu_experts="auto", **options)
+    from moejax import checkpoint
+    from moejax.engine.loading import build_engine
+    from moejax.offload.config import OffloadConfig
+    from moejax.offload.disk_tier import checkpoint_tier
+    from moejax.offload.expert_format import ExpertFormat
+
+    cfg = checkpoint.load_config(ckpt)  # a tier of int4 files given to an engine of float experts
+    shapes = {name: ((64, 64), np.dtype(np.float32)) for name in ("gate", "up", "down")}
+    tier = checkpoint_tier(ckpt, cfg, shapes, ExpertFormat("int4", "float32"), "0.5", None)
+    with pytest.raises(ParameterError, match=r"^host_tier: its expert files hold other weights than expert_format 'f32'"):
+        build_engine(cfg, checkpoint.load_globals(ckpt), [checkpoint.load_layer(ckpt, i) for i in range(2)], (),
+                     OffloadConfig("cached", expert_budget="0.5", host_budget="0.5"), host_tier=tier)
+    tier.cache.close()
 
 
 def test_a_manifest_without_a_format_holds_float_weights(small_files):

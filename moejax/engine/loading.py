@@ -214,6 +214,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         fmt.check(_shapes(cfg))
         expert_stacks = (fmt.convert(stack, f"{path or 'experts'}: MoE layer {m}") for m, stack in enumerate(expert_stacks))
     expert_bytes = fmt.expert_bytes(_shapes(cfg))
+    if host_tier is not None and host_tier.shapes != fmt.shapes(_shapes(cfg)):
+        raise ParameterError("{host_tier}: its expert files hold other weights than {expert_format} {name!r} keeps "
+                             "({found})", name=fmt.name, found=host_tier.cache.files.root)
     check_cpu_experts(cpu_experts, config.mode)
     kept = [] if cpu_experts == "auto" else None
     if kept is not None:
