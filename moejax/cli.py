@@ -217,7 +217,7 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-budget", help="--offload cached: host memory for experts, a fraction of all expert bytes or a "
                    "size; the rest stays on local disk (--expert-dir) under a host cache of this size (default: all in host)")
     p.add_argument("--expert-dir", type=Path, help="--host-budget: the directory of per-expert files (default: "
-                   "expert_files/ in the checkpoint, written from it on first use)")
+                   "expert_files/ in the checkpoint, expert_files-int4/ etc. for another --expert-format; written on first use)")
     p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default) | lfu | fifo | "
                    "lifo | activation")
     p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead | "

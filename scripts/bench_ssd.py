@@ -16,7 +16,11 @@ without and with the CRC-32 check the tier applies (`disk_gb_s`, `checked_gb_s`)
     PYTHONPATH=. python scripts/bench_ssd.py --out out/bench_ssd.json            # GPU: sizes from the machine
     PYTHONPATH=. python scripts/bench_ssd.py --dims tiny --scale 2e-5 --out /tmp/ssd.json   # CPU smoke run
 
-The expert files go to --dir (default .bench/ssd_experts) and are kept for the next run of the same sizes.
+`--expert-format int4` (or int8) keeps the experts compact on disk, in the host cache and over the link (a
+checkpoint converted with `moejax convert --expert-format`, or quantized at load): the model then has 1.5x the RAM
+in compact bytes (3.7x the layers in int4), the case of a model like Kimi-K2 (0.54 TB of int4 experts).
+
+The expert files go to --dir (default .bench/ssd_experts) and are kept for the next run of the same sizes and format.
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax.offload.config import OffloadConfig
 from moejax.offload.disk_tier import open_tier
+from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format
 from moejax.offload.expert_files import MANIFEST, ExpertFiles, aligned_buffer, padded, write_expert_files
 from moejax.cards import load_card
 from moejax.engine.loading import build_engine
@@ -60,15 +66,30 @@ def host_ram_bytes() -> int:
 
 
 def card(layers: int, tiny: bool):
-    """Mixtral-8x7B's card with `layers` layers (tiny: every width shrunk)."""
-    cfg = load_card("mixtral-8x7b", num_layers=layers)
-    return tiny_widths(cfg) if tiny else cfg
+    """Mixtral-8x7B's card with `layers` layers, alike (more than its 32 where the sizing needs them: 1.5x a 128 GiB
+    host's RAM is 69 of its layers in bf16); tiny: every width shrunk, the expert FFN to one quantization group."""
+    one = load_card("mixtral-8x7b", num_layers=1)
+    cfg = one.replace(num_layers=layers, moe_layers=one.moe_layers * layers, sliding_windows=one.sliding_windows * layers)
+    return tiny_widths(cfg).replace(expert_intermediate_size=64) if tiny else cfg
 
 
-def plan(tiny: bool, ram: int, ratio: float, free_disk: int):
-    """(config with the MoE layers for ratio x ram of experts, ram used for sizing, whether it is emulated)."""
+def float_shapes(cfg) -> dict:
+    """One expert's {name: (shape, dtype)} in the model's dtype."""
+    return {name: (shape, np.dtype(cfg.np_dtype)) for name, shape in expert_shapes(cfg).items()}
+
+
+def expert_format(cfg, name: str | None) -> ExpertFormat:
+    """The format `--expert-format` names (None: the model's dtype), checked against the experts' widths."""
+    fmt = resolve_format(name, ExpertFormat(DTYPE_FORMATS[cfg.dtype], cfg.dtype))
+    fmt.check(float_shapes(cfg))
+    return fmt
+
+
+def plan(tiny: bool, ram: int, ratio: float, free_disk: int, format_name: str | None = None):
+    """(config with the MoE layers for ratio x ram of experts in format `format_name`, ram used for sizing, whether
+    it is emulated)."""
     cfg = card(1, tiny)
-    layer_bytes = cfg.num_experts * padded(cfg.expert_bytes)
+    layer_bytes = cfg.num_experts * padded(expert_format(cfg, format_name).expert_bytes(float_shapes(cfg)))
     target = ratio * ram
     emulated = target > DISK_SPARE * free_disk
     if emulated:
@@ -80,14 +101,14 @@ def plan(tiny: bool, ram: int, ratio: float, free_disk: int):
     return card(layers, tiny), ram, emulated
 
 
-def ensure_files(root: Path, cfg) -> ExpertFiles:
-    """The model's expert files of random weights (normal(0, 0.02), made on the device a layer at a time), written
-    unless `root` holds them for these sizes already."""
-    shapes = {name: (shape, np.dtype(cfg.np_dtype)) for name, shape in expert_shapes(cfg).items()}
+def ensure_files(root: Path, cfg, fmt: ExpertFormat) -> ExpertFiles:
+    """The model's expert files of random weights (normal(0, 0.02), made on the device a layer at a time and
+    quantized there to `fmt`), written unless `root` holds them for these sizes and format already."""
+    shapes = fmt.shapes(float_shapes(cfg))
     moe = len(cfg.moe_layer_ids)
     try:
-        return ExpertFiles(root, shapes, moe, cfg.num_experts)
-    except Exception as err:  # absent or of other sizes: written anew
+        return ExpertFiles(root, shapes, moe, cfg.num_experts, fmt.record())
+    except Exception as err:  # absent, or of other sizes or another format: written anew
         if (root / MANIFEST).exists():
             print(f"rewriting {root}: {err}", flush=True)
             shutil.rmtree(root)
@@ -95,14 +116,15 @@ def ensure_files(root: Path, cfg) -> ExpertFiles:
 
     def load(m: int, e: int) -> dict:
         if layer.get("m") != m:
-            layer.update(m=m, stack={name: np.asarray(w) for name, w in next(stacks).items()})
+            stack = fmt.convert(next(stacks), "random experts", xp=jnp)
+            layer.update(m=m, stack={name: np.asarray(w) for name, w in stack.items()})
         return {name: w[e] for name, w in layer["stack"].items()}
 
     start = time.monotonic()
-    write_expert_files(root, shapes, moe, cfg.num_experts, load, show_progress=True)
-    total = moe * cfg.num_experts * padded(cfg.expert_bytes)
-    print(f"wrote {total / GB:.3g} GB of expert files in {time.monotonic() - start:.0f} s", flush=True)
-    return ExpertFiles(root, shapes, moe, cfg.num_experts)
+    write_expert_files(root, shapes, moe, cfg.num_experts, load, show_progress=True, expert_format=fmt.record())
+    total = moe * cfg.num_experts * padded(fmt.expert_bytes(float_shapes(cfg)))
+    print(f"wrote {total / GB:.3g} GB of expert files ({fmt.name}) in {time.monotonic() - start:.0f} s", flush=True)
+    return ExpertFiles(root, shapes, moe, cfg.num_experts, fmt.record())
 
 
 def disk_bandwidth(files: ExpertFiles, max_bytes: float, verify: bool) -> float:
@@ -119,15 +141,15 @@ def disk_bandwidth(files: ExpertFiles, max_bytes: float, verify: bool) -> float:
     return done / (time.perf_counter() - start)
 
 
-def run(cfg, dense, files: ExpertFiles, host_bytes: int, args) -> dict:
+def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, args) -> dict:
     """One engine with a host cache of `host_bytes`: a warm-up generate, then the timed one."""
     total = files.num_layers * files.num_experts * files.file_bytes
     tier = open_tier(files, f"{host_bytes}B", cfg.top_k * files.num_layers)
     step_need = cfg.num_experts  # a prompt step of prompt_len >= E / top_k tokens can use a whole layer
     gpu_experts = max(int(args.expert_budget * files.num_layers * files.num_experts), step_need)
-    config = OffloadConfig("cached", expert_budget=f"{gpu_experts * cfg.expert_bytes}B", host_budget=f"{host_bytes}B")
+    config = OffloadConfig("cached", expert_budget=f"{gpu_experts * files.expert_bytes}B", host_budget=f"{host_bytes}B")
     engine = build_engine(cfg, *dense, (), config, slots=1, max_seq_len=args.prompt_len + args.new_tokens + 8,
-                          prefill_chunk=args.prompt_len, host_tier=tier)
+                          prefill_chunk=args.prompt_len, host_tier=tier, expert_format=fmt)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     engine.generate([prompt], max_new_tokens=2, ignore_eos=True)
     engine.reset_stats()
@@ -153,6 +175,8 @@ def main() -> None:
     parser.add_argument("--host-shares", default="0.5", help="host cache sizes, shares of RAM (comma-separated)")
     parser.add_argument("--expert-budget", type=float, default=0.1,
                         help="the GPU cache, a share of the experts (default 0.1; at least the one layer a prompt step needs)")
+    parser.add_argument("--expert-format", help="bf16 | int8 | int4: the experts on disk, in host and over the link "
+                        "(default: the model's dtype, bf16)")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--bandwidth-gb", type=float, default=4.0, help="GB read to measure the disk")
@@ -166,17 +190,18 @@ def main() -> None:
     ram = int((args.ram_gib * 2**30 if args.ram_gib else machine_ram) * args.scale)
     args.dir.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.dir.parent).free + (_size(args.dir) if args.dir.exists() else 0)
-    cfg, ram, emulated = plan(tiny, ram, args.ratio, free)
+    cfg, ram, emulated = plan(tiny, ram, args.ratio, free, args.expert_format)
+    fmt = expert_format(cfg, args.expert_format)
     start_backend(None, smoke=tiny)
-    files = ensure_files(args.dir, cfg)
+    files = ensure_files(args.dir, cfg, fmt)
     total = files.num_layers * files.num_experts * files.file_bytes
-    print(f"{total / GB:.3g} GB of experts ({len(cfg.moe_layer_ids)} MoE layers x {cfg.num_experts}) = {args.ratio} x "
+    print(f"{total / GB:.3g} GB of {fmt.name} experts ({len(cfg.moe_layer_ids)} MoE layers x {cfg.num_experts}) = {args.ratio} x "
           f"{ram / GB:.3g} GB of RAM{' (emulated: the disk holds no more)' if emulated else ''}", flush=True)
     raw = disk_bandwidth(files, args.bandwidth_gb * GB, verify=False)
     checked = disk_bandwidth(files, args.bandwidth_gb * GB, verify=True)
     print(f"disk: {raw / GB:.3g} GB/s sequential (O_DIRECT), {checked / GB:.3g} GB/s with the CRC-32 check", flush=True)
     out = {"environment": environment(), "machine_ram_gb": machine_ram / GB, "ram_gb": ram / GB, "ram_emulated": emulated,
-           "experts_gb": total / GB, "moe_layers": len(cfg.moe_layer_ids), "expert_mb": files.expert_bytes / 1e6,
+           "experts_gb": total / GB, "expert_format": fmt.name, "moe_layers": len(cfg.moe_layer_ids), "expert_mb": files.expert_bytes / 1e6,
            "disk_gb_s": raw / GB, "checked_gb_s": checked / GB, "page_cache": "bypassed (O_DIRECT)", "rows": []}
     dense = random_dense_params(cfg)
     last = 0.0
@@ -184,7 +209,7 @@ def main() -> None:
         if not budget.allows(2 * last, f"host share {share}"):
             continue
         start = time.monotonic()
-        row = {"host_share_of_ram": share, **run(cfg, dense, files, int(share * ram), args)}
+        row = {"host_share_of_ram": share, **run(cfg, dense, files, fmt, int(share * ram), args)}
         row["floor_s"] = row["disk_gb"] * GB / raw
         row["x_floor"] = row["total_s"] / row["floor_s"] if row["floor_s"] else None
         out["rows"].append(row)
@@ -193,7 +218,7 @@ def main() -> None:
         gc.collect()
         jax.clear_caches()
     print()
-    print(f"SSD tier: {total / GB:.3g} GB of experts, {ram / GB:.3g} GB RAM{' (emulated)' if emulated else ''}, "
+    print(f"SSD tier: {total / GB:.3g} GB of {fmt.name} experts, {ram / GB:.3g} GB RAM{' (emulated)' if emulated else ''}, "
           f"disk {raw / GB:.3g} GB/s (checked {checked / GB:.3g})")
     print_table(out["rows"], [("host_share_of_ram", "host/RAM", ".2f"), ("host_share_of_experts", "host/experts", ".2f"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),

@@ -6,6 +6,7 @@ step needs), so every host budget runs the same compiled programs.
 """
 
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -234,18 +235,25 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
     assert not emulated and ram == 10 * layer and len(cfg.moe_layer_ids) == 15
     cfg, ram, emulated = plan(True, ram=100 * layer, ratio=1.5, free_disk=20 * layer)  # the disk holds 18 layers
     assert emulated and len(cfg.moe_layer_ids) == int(DISK_SPARE * 20) and ram == int(18 * layer / 1.5)
+    int4_layer = card(1, True).num_experts * padded(3 * (64 * 64 // 2 + 64 * 2))  # 64 x 64 codes + bf16 scales
+    cfg, _, _ = plan(True, ram=10 * layer, ratio=1.5, free_disk=100 * layer, format_name="int4")
+    assert len(cfg.moe_layer_ids) == -(-15 * layer // int4_layer) > 15  # 1.5x the RAM in int4 bytes
 
 
-def test_bench_smoke(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_bench_smoke(tmp_path, monkeypatch, fmt):
     """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters."""
     from scripts import bench_ssd
 
     out = tmp_path / "bench_ssd.json"
     monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
-                                     "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out)])
+                                     "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out),
+                                     "--expert-format", fmt])
     bench_ssd.main()
     data = json.loads(out.read_text())
     row = data["rows"][0]
+    # 3 64 x 64 matrices: 24,576 bytes in bf16; in int4 6,528 (codes and bf16 scales), padded to 8,192
+    assert data["expert_format"] == fmt and row["host_tier"]["file_bytes"] == {"bf16": 24576, "int4": 8192}[fmt]
     assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
     assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
     assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0
@@ -255,3 +263,115 @@ def test_unwritable_expert_dir_is_named(model, tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ParameterError, match=r"expert_dir.*a_file/experts: cannot write the expert files"):
         tiered(model, "0.5", expert_dir=tmp_path / "a_file" / "experts")
+
+
+# -- compact experts through the tier -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory):
+    """A float32 checkpoint whose expert widths are multiples of the group size (2 MoE layers x 4 experts, top-2),
+    the same with int4 experts stored (what `convert --expert-format int4` writes), prompts, and the resident
+    int4 engine's (greedy tokens, logits)."""
+    import jax
+
+    from moejax.checkpoint import group_dir, load_expert, save_checkpoint, save_group
+    from moejax.config import ModelConfig
+    from moejax.models.decoder import init_params
+    from moejax.offload.expert_format import ExpertFormat
+
+    root = tmp_path_factory.mktemp("compact_ssd")
+    cfg = ModelConfig(family="mixtral", vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=16, num_experts=4, top_k=2, expert_intermediate_size=64, moe_layers=(True, True),
+                      sliding_windows=(None, None), rms_norm_eps=1e-5, max_position_embeddings=64, dtype="float32")
+    ckpt, stored = root / "float", root / "int4"
+    save_checkpoint(ckpt, cfg, *init_params(cfg, jax.random.PRNGKey(3), std=0.15))
+    shutil.copytree(ckpt, stored)
+    fmt = ExpertFormat("int4", "float32")
+    for layer in range(cfg.num_layers):
+        for e in range(cfg.num_experts):
+            shutil.rmtree(group_dir(stored, ("expert", layer, e)))
+            save_group(stored, ("expert", layer, e), fmt.convert(load_expert(ckpt, layer, e), "test"))
+    fmt.save(stored)
+    prompts = random_prompts(cfg.vocab_size, (7, 3), seed=4)
+    resident = moejax.load(ckpt, expert_format="int4", **COMPACT_SIZES)
+    return ckpt, stored, prompts, (resident.generate(prompts, max_new_tokens=NEW_TOKENS).tokens, resident.logits(prompts))
+
+
+COMPACT_SIZES = dict(slots=2, max_seq_len=16, prefill_chunk=8)
+
+
+def test_compact_experts_through_the_tier_equal_resident(compact, tmp_path):
+    """int4 experts on disk, in the host cache and over the link: the tokens and logits of the resident int4 engine
+    at several device and host budgets (down to one slot less than a step's 4 experts), from a float checkpoint
+    quantized as its files are written and from a checkpoint stored int4; the files hold the compact bytes."""
+    from moejax.offload.expert_files import padded
+
+    ckpt, stored, prompts, (greedy, logits) = compact
+    compact_bytes = 3 * (64 * 64 // 2 + 64 * 4)  # int4 codes of 3 64 x 64 matrices + one float32 scale per group
+    one = padded(compact_bytes)
+    for source, expert_dir, device_experts, host_experts in ((ckpt, None, 4, 8), (ckpt, None, 4, 3), (ckpt, None, 8, 1),
+                                                              (stored, tmp_path / "stored", 4, 3)):
+        engine = moejax.load(source, "cached", expert_budget=f"{device_experts * compact_bytes}B", expert_dir=expert_dir,
+                             host_budget=f"{host_experts * one}B", expert_format="int4", **COMPACT_SIZES)
+        where = (source.name, device_experts, host_experts)
+        assert engine.host.cache.num_slots == host_experts and engine.stats()["capacity_experts"] == device_experts
+        result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        assert result.tokens == greedy, where
+        for ours, ref in zip(engine.logits(prompts), logits, strict=True):
+            np.testing.assert_array_equal(ours, ref, err_msg=str(where))
+        files, tier = engine.host.cache.files, result.stats["host_tier"]
+        assert result.stats["expert_format"] == "int4" and result.stats["expert_bytes"] == files.expert_bytes == compact_bytes
+        assert tier["bytes_read_disk"] == (tier["disk_reads"] + tier["prefetch_reads"]) * one > 0
+        assert tier["host_bytes"] == host_experts * one and tier["file_bytes"] == one
+        assert {p.stat().st_size for p in files.root.glob("L*/E*.bin")} == {one}
+        assert result.stats["total"]["bytes_h2d"] == result.stats["total"]["misses"] * compact_bytes
+        if host_experts < 4:
+            assert tier["disk_misses"] > 0
+        engine.close()
+    assert (ckpt / "expert_files-int4" / "manifest.json").is_file() and not (ckpt / "expert_files").exists()
+    for name in ("L000/E0000.bin", "L001/E0003.bin"):  # quantized as written = stored quantized by the converter
+        assert (ckpt / "expert_files-int4" / name).read_bytes() == (tmp_path / "stored" / name).read_bytes()
+    manifest = json.loads((tmp_path / "stored" / "manifest.json").read_text())
+    assert manifest["expert_format"] == {"name": "int4", "group_size": 64} and manifest["expert_bytes"] == compact_bytes
+
+
+def test_an_expert_directory_serves_only_its_format(compact, capsys):
+    ckpt, stored, _, _ = compact
+    int4_dir = ckpt / "expert_files-int4"  # written by the test above, or here
+    options = dict(expert_budget="0.5", host_budget="0.5", expert_dir=int4_dir, **COMPACT_SIZES)
+    moejax.load(stored, "cached", **options).close()
+    with pytest.raises(ParameterError, match=rf"^{int4_dir}: expert directory holds int4 \(groups of 64\) experts, not "
+                                             r"the f32 asked for \(expert_format\): give another expert_dir, or delete"):
+        moejax.load(ckpt, "cached", **options)
+    assert cli(["generate", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "1", "--offload", "cached",
+                "--expert-budget", "0.5", "--host-budget", "0.5", "--expert-dir", str(int4_dir), "--expert-format",
+                "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"moejax: error: {int4_dir}: expert directory holds int4 (groups of 64) experts, not the int8 "
+                       "(groups of 64) asked for (--expert-format): give another --expert-dir, or delete it to rebuild it")
+    with pytest.raises(ParameterError, match=r"^host_budget: the disk tier does not combine with cpu_experts 'auto' yet"):
+        moejax.load(stored, "cached", cpu_experts="auto", **options)
+    from moejax import checkpoint
+    from moejax.engine.loading import build_engine
+    from moejax.offload.config import OffloadConfig
+    from moejax.offload.disk_tier import checkpoint_tier
+    from moejax.offload.expert_format import ExpertFormat
+
+    cfg = checkpoint.load_config(ckpt)  # a tier of int4 files given to an engine of float experts
+    shapes = {name: ((64, 64), np.dtype(np.float32)) for name in ("gate", "up", "down")}
+    tier = checkpoint_tier(ckpt, cfg, shapes, ExpertFormat("int4", "float32"), "0.5", None)
+    with pytest.raises(ParameterError, match=r"^host_tier: its expert files hold other weights than expert_format 'f32'"):
+        build_engine(cfg, checkpoint.load_globals(ckpt), [checkpoint.load_layer(ckpt, i) for i in range(2)], (),
+                     OffloadConfig("cached", expert_budget="0.5", host_budget="0.5"), host_tier=tier)
+    tier.cache.close()
+
+
+def test_a_manifest_without_a_format_holds_float_weights(small_files):
+    """Directories written before formats were recorded open as float ones of their dtype, and only as those."""
+    files, _ = small_files
+    manifest_path = files.root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest.pop("expert_format") == {"name": "f32"}
+    manifest_path.write_text(json.dumps(manifest))
+    ExpertFiles(files.root, files.shapes, 3, 5)
+    with pytest.raises(ParameterError, match="holds f32 experts, not the bf16 asked for"):
+        ExpertFiles(files.root, files.shapes, 3, 5, {"name": "bf16"})

@@ -120,7 +120,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
             raise ParameterError("{expert_compute} 'inplace' {problem}", problem=problem)
     host_tier = None
     if config.host_budget is not None:
-        host_tier = checkpoint_tier(path, cfg, _shapes(cfg), config.host_budget, config.expert_dir, show_progress)
+        host_tier = checkpoint_tier(path, cfg, _shapes(cfg), fmt, config.host_budget, config.expert_dir, show_progress)
     pinned = config.mode != "resident" and host_tier is None
     expert_bytes = fmt.expert_bytes(_shapes(cfg)) if fmt.approximate else cfg.expert_bytes
     prepare_backend(len(cfg.moe_layer_ids) * cfg.num_experts * expert_bytes if pinned else None)
@@ -156,10 +156,9 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
         check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas)
         options.update(devices=devices, placement=placement, placement_traces=placement_traces,
                        hot_replicas=hot_replicas)
-    if config.host_budget is not None and (fmt.approximate or cpu_experts != "off"):
-        raise ParameterError("{host_budget}: the disk tier keeps experts as the checkpoint stores them in float; it "
-                             "does not combine with {expert_format} {name!r} or {cpu_experts} {cpu!r} yet",
-                             name=fmt.name, cpu=cpu_experts)
+    if config.host_budget is not None and cpu_experts != "off":
+        raise ParameterError("{host_budget}: the disk tier does not combine with {cpu_experts} {cpu!r} yet (missed "
+                             "experts are computed on the CPU only from the pinned host store)", cpu=cpu_experts)
     return options
 
 
@@ -215,6 +214,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         fmt.check(_shapes(cfg))
         expert_stacks = (fmt.convert(stack, f"{path or 'experts'}: MoE layer {m}") for m, stack in enumerate(expert_stacks))
     expert_bytes = fmt.expert_bytes(_shapes(cfg))
+    if host_tier is not None and host_tier.shapes != fmt.shapes(_shapes(cfg)):
+        raise ParameterError("{host_tier}: its expert files hold other weights than {expert_format} {name!r} keeps "
+                             "({found})", name=fmt.name, found=host_tier.cache.files.root)
     check_cpu_experts(cpu_experts, config.mode)
     kept = [] if cpu_experts == "auto" else None
     if kept is not None:

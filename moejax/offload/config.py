@@ -38,10 +38,12 @@ class OffloadConfig:
     traces: an activation-matrix collection (`eams.npz`, or the directory `moejax trace` wrote) for the
         trace prefetcher and the activation policy; without one they learn from the sequences run.
     host_budget: host memory for experts ('cached' only; default: all of them, in pinned host memory): a
-        fraction of all expert bytes or a size, like `expert_budget`. With it, the experts stay on local disk
-        (`expert_dir`) under a host cache of this size (`offload.host_cache`; outputs unchanged).
-    expert_dir: the disk tier's directory of per-expert files (`offload.expert_files`; default
-        `expert_files/` in the checkpoint, written from it on first use).
+        fraction of all expert bytes (in the checkpoint's float dtype) or a size, like `expert_budget`. With it,
+        the experts stay on local disk (`expert_dir`) under a host cache of this size (`offload.host_cache`;
+        outputs unchanged).
+    expert_dir: the disk tier's directory of per-expert files in the engine's expert format
+        (`offload.expert_files`; default `expert_files/` in the checkpoint, `expert_files-int4/` etc. for another
+        format, `offload.disk_tier.default_dir`; written from it on first use).
     """
 
     mode: str = "resident"

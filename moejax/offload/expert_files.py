@@ -3,8 +3,8 @@
 Layout of an expert directory (by default `expert_files/` inside the checkpoint; `moejax.load` writes it from
 the checkpoint's orbax groups the first time a `host_budget` asks for it):
 
-    manifest.json            format, weight names / shapes / dtypes, MoE layers x experts, the file size, and
-                             each expert's CRC-32
+    manifest.json            format, expert format, weight names / shapes / dtypes, MoE layers x experts, the
+                             file size, and each expert's CRC-32
     L003/E0007.bin           MoE layer 3's expert 7: its weights' raw bytes back to back (manifest order),
                              zero-padded to a multiple of 4096 bytes
 
@@ -14,6 +14,10 @@ and one file per expert makes that a sequential read of its exact bytes into a p
 no chunk index, codec or asynchronous runtime between the disk and the slot. Orbax's restore of one expert
 group pays for metadata, tensorstore and threads before its first byte: 7.4 ms per expert of the shipped
 model (73 KB) on the CPU, against 0.43 ms to read and check its file here.
+
+Experts are stored in the engine's expert format (`offload.expert_format`): float weights, or compact int8 /
+int4 codes beside their scales, as the format keeps them; the manifest records the format (`expert_format`:
+{"name": "int4", "group_size": 64}), and a directory is opened only for the format it holds.
 
 Checks: the manifest is validated and every file's size checked when the directory is opened (a missing or
 short file is refused before any step runs); each read's CRC-32 (zlib, of the unpadded bytes, computed when
@@ -33,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.errors import MoejaxError
+from moejax.errors import MoejaxError, ParameterError
+from moejax.offload.expert_format import DTYPE_FORMATS
 from moejax.outputs import atomic_directory
 from moejax.progress import Progress
 
@@ -58,11 +63,24 @@ def expert_path(root: Path, layer: int, expert: int) -> Path:
     return Path(root) / f"L{layer:03d}" / f"E{expert:04d}.bin"
 
 
+def float_format(dtypes: list) -> dict:
+    """The format record of float weights of these dtypes (what a directory without a record holds)."""
+    name = np.dtype(dtypes[0]).name
+    return {"name": DTYPE_FORMATS.get(name, name)}
+
+
+def format_label(record: dict) -> str:
+    """'int4 (groups of 64)', 'bf16'."""
+    return record["name"] + (f" (groups of {record['group_size']})" if "group_size" in record else "")
+
+
 def write_expert_files(root: Path, shapes: dict, num_layers: int, num_experts: int,
-                       load: Callable[[int, int], dict], show_progress: bool = False) -> None:
+                       load: Callable[[int, int], dict], show_progress: bool = False,
+                       expert_format: dict | None = None) -> None:
     """Writes the directory (under a temporary name, renamed at the end) from `load(moe_layer, expert) ->
     {name: array}` called one expert at a time, so a model larger than host memory passes through.
-    shapes: {name: (one expert's shape, dtype)} in file order."""
+    shapes: {name: (one expert's shape, dtype)} in file order, as `load` gives them in `expert_format` (the
+    record `ExpertFormat.record()`; default: float weights of their dtype)."""
     names = list(shapes)
     expert_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
     checksums = []
@@ -87,7 +105,8 @@ def write_expert_files(root: Path, shapes: dict, num_layers: int, num_experts: i
                     f.write(bytes(padded(expert_bytes) - expert_bytes))
                 progress.advance()
             checksums.append(row)
-        manifest = {"format": FORMAT, "num_layers": num_layers, "num_experts": num_experts,
+        manifest = {"format": FORMAT, "expert_format": expert_format or float_format([d for _, d in shapes.values()]),
+                    "num_layers": num_layers, "num_experts": num_experts,
                     "expert_bytes": expert_bytes, "file_bytes": padded(expert_bytes),
                     "weights": [{"name": n, "shape": list(shapes[n][0]), "dtype": np.dtype(shapes[n][1]).name} for n in names],
                     "crc32": checksums}
@@ -98,11 +117,12 @@ def write_expert_files(root: Path, shapes: dict, num_layers: int, num_experts: i
 class ExpertFiles:
     """An expert directory opened for reading: `read_into(layer, expert, buffer)`.
 
-    Opening checks the manifest against the model (`shapes`: {name: (shape, dtype)}, layers, experts) and that
-    every expert file exists with its size: a mismatch or a missing file is a MoejaxError naming it.
+    Opening checks the manifest against the model (`shapes`: {name: (shape, dtype)}, layers, experts) and its
+    expert format (the record `ExpertFormat.record()`; default: float weights of their dtype), and that every
+    expert file exists with its size: a mismatch or a missing file is a MoejaxError naming it.
     """
 
-    def __init__(self, root: Path, shapes: dict, num_layers: int, num_experts: int):
+    def __init__(self, root: Path, shapes: dict, num_layers: int, num_experts: int, expert_format: dict | None = None):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         try:
@@ -111,6 +131,7 @@ class ExpertFiles:
             raise MoejaxError(f"{manifest_path}: expert directory has no manifest (delete the directory to rebuild it)") from None
         except (OSError, ValueError) as err:
             raise MoejaxError(f"{manifest_path}: unreadable manifest ({err})") from None
+        self._check_format(manifest, expert_format or float_format([d for _, d in shapes.values()]))
         want = {"format": FORMAT, "num_layers": num_layers, "num_experts": num_experts,
                 "weights": [{"name": n, "shape": list(s), "dtype": np.dtype(d).name} for n, (s, d) in shapes.items()]}
         for field, value in want.items():
@@ -127,6 +148,19 @@ class ExpertFiles:
         for m in range(num_layers):
             for e in range(num_experts):
                 self._check_size(m, e)
+
+    def _check_format(self, manifest: dict, asked: dict) -> None:
+        """Refuses a directory written in another expert format (a manifest without a record holds float weights,
+        written before formats were recorded)."""
+        try:
+            found = manifest.get("expert_format") or float_format([w["dtype"] for w in manifest["weights"]])
+            format_label(found)
+        except (KeyError, TypeError, IndexError):
+            raise MoejaxError(f"{self.root / MANIFEST}: manifest names no valid expert format") from None
+        if found != asked:
+            raise ParameterError("{root}: expert directory holds {found} experts, not the {asked} asked for ({expert_format}): "
+                                 "give another {expert_dir}, or delete it to rebuild it", root=str(self.root),
+                                 found=format_label(found), asked=format_label(asked))
 
     def _check_size(self, layer: int, expert: int) -> None:
         path = expert_path(self.root, layer, expert)

@@ -111,6 +111,11 @@ class ExpertFormat:
             info["expert_group_size"] = self.group_size
         return info
 
+    def record(self) -> dict:
+        """What an expert directory's manifest records (`offload.expert_files`): {"name": "int4", "group_size":
+        64}, or {"name": "bf16"} for float weights."""
+        return {"name": self.name, **({"group_size": self.group_size} if self.compact else {})}
+
     def save(self, directory: Path) -> None:
         """Marks a checkpoint directory as holding experts in this (compact) format."""
         (Path(directory) / FORMAT_FILE).write_text(json.dumps({"expert_format": self.name, "group_size": self.group_size}))

@@ -263,7 +263,8 @@ class HostCache:
             assert not any(self._lent[s] for s in self._free + list(self._loading.values())), "a lent slot refilled"
 
     def stats(self) -> dict:
-        """Counters since the last reset: gets (expert fetches through the tier), host_hits, disk_misses (read from
+        """Counters since the last reset (and host_slots, host_bytes, file_bytes: one expert's file, padded, in the
+        engine's expert format): gets (expert fetches through the tier), host_hits, disk_misses (read from
         disk while a step waited), prefetch_waits (the step waited for a read under way),
         host_hit_rate, disk_reads / prefetch_reads / prefetch_used, evictions, uncached_reads (disk reads past the
         cache: every slot was lent or being read into), bytes_read_disk (all reads),
@@ -271,7 +272,8 @@ class HostCache:
         with self._lock:
             counts = dict(self.counts)
             gets = counts["gets"]
-            return {"host_slots": self.num_slots, "host_bytes": self.num_slots * self.files.file_bytes, **counts,
+            return {"host_slots": self.num_slots, "host_bytes": self.num_slots * self.files.file_bytes,
+                    "file_bytes": self.files.file_bytes, **counts,
                     "host_hit_rate": counts["host_hits"] / gets if gets else 0.0,
                     "bytes_read_disk": self.bytes_read, "disk_read_s": self.disk_read_s, "stall_s": self.stall_s,
                     "expert_dir": str(self.files.root)}
