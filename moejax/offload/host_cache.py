@@ -101,6 +101,15 @@ class HostCache:
             with self._lock:
                 self.stall_s += time.perf_counter() - start
 
+    def get_or_record(self, layer: int, expert: int) -> dict | None:
+        """`get` inside a step program: None instead of raising when the read fails, the error kept in `failure`
+        (the first of a step; the engine raises it when it reads the step, see the module's docstring)."""
+        try:
+            return self.get(layer, expert)
+        except MoejaxError as err:
+            self.failure = self.failure or err
+            return None
+
     def _count_hit(self, key: int, waited: bool, start: float) -> None:
         self._ready.move_to_end(key)
         if waited:
@@ -319,9 +328,7 @@ class TieredHost:
 
 
 def _get(shapes: dict, tier_id, layer, expert) -> dict:
-    cache = _CACHES[int(tier_id)]
-    try:
-        return cache.get(int(layer), int(expert))
-    except MoejaxError as err:
-        cache.failure = cache.failure or err
+    weights = _CACHES[int(tier_id)].get_or_record(int(layer), int(expert))
+    if weights is None:
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in shapes.items()}
+    return weights
