@@ -240,15 +240,16 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
     assert len(cfg.moe_layer_ids) == -(-15 * layer // int4_layer) > 15  # 1.5x the RAM in int4 bytes
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int4"])
-def test_bench_smoke(tmp_path, monkeypatch, fmt):
-    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters."""
+@pytest.mark.parametrize("fmt, cpu_experts", [("bf16", "off,auto"), ("int4", "off")])
+def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts):
+    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters (and one
+    with cpu_experts 'auto', compared with the copy-only row)."""
     from scripts import bench_ssd
 
     out = tmp_path / "bench_ssd.json"
     monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
                                      "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out),
-                                     "--expert-format", fmt])
+                                     "--expert-format", fmt, "--cpu-experts", cpu_experts])
     bench_ssd.main()
     data = json.loads(out.read_text())
     row = data["rows"][0]
@@ -257,6 +258,11 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt):
     assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
     assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
     assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0
+    assert [r["cpu_experts"] for r in data["rows"]] == cpu_experts.split(",") and row["x_copy"] is None
+    if cpu_experts == "off,auto":
+        auto = data["rows"][1]
+        assert auto["x_copy"] == auto["tokens_per_s"] / row["tokens_per_s"] > 0 and auto["cpu_token_limit"] >= 0
+        assert auto["cpu_cost_model"]["copy_s"] > 0 and auto["host_tier"]["gets"] > 0
 
 
 def test_unwritable_expert_dir_is_named(model, tmp_path):
