@@ -165,7 +165,8 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
     return {
         "cpu_experts": cpu_experts, "cpu_experts_computed": host.get("experts"), "cpu_seconds": host.get("seconds"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
-        "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB, "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
+        "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB,
+        "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
         "gpu_experts": gpu_experts, "gpu_hit_rate": stats["total"]["hit_rate"], "host_hit_rate": tier_stats["host_hit_rate"],
         "disk_gb": tier_stats["bytes_read_disk"] / GB, "disk_read_s": tier_stats["disk_read_s"],
         "stall_s": tier_stats["stall_s"], "ttft_s": timing.ttft_s, "tpot_s": timing.tpot_s, "total_s": timing.total_s,
