@@ -199,6 +199,8 @@ def test_corrupt_file_in_a_step_is_one_clear_error(model, tmp_path):
     with pytest.raises(MoejaxError, match=r"E0\d+\.bin: expert file fails its CRC-32 check"):
         engine.generate(prompts, max_new_tokens=2)
     engine.close()
+    with pytest.raises(MoejaxError, match=r"L000/E0000\.bin: expert file fails its CRC-32 check"):
+        tiered(model, "0.2", expert_dir=copy, cpu_experts="auto")  # the cost model's measurement reads it at load
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -88,9 +88,8 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     cpu_experts: 'auto' (offload 'cached', decoder models): a missed expert routed few tokens is computed on the
         host from host memory instead of copied, where the cost model says it is faster (`offload.cpu_experts`;
         equal up to float rounding; with `host_budget`, from the disk tier's host cache); 'off' (the default): every
-        miss is copied. cpu_cost: that cost model
-        (`cpu_experts.CostModel`), default measured at load; a dict gives some of its fields and the rest is
-        measured (e.g. {'link_bytes_per_s': 25e9}).
+        miss is copied. cpu_cost: that cost model (`cpu_experts.CostModel`), default measured at load; a dict gives
+        some of its fields and the rest is measured (e.g. {'link_bytes_per_s': 25e9}).
     devices: expert parallelism (decoder models): the experts split over the first `devices` devices, the dense
         weights on each (`engine.expert_parallel`); in cached mode every device has its own cache of `expert_budget`
         (the budget is per device; a fraction is of all the model's expert bytes), fed from the one host store.

@@ -261,6 +261,7 @@ def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: Co
                                  names=", ".join(sorted(set(cost) - fields)), fields=", ".join(sorted(fields)))
         measured = measure(experts, tier or host[0], expert_bytes)
         if tier is not None:
+            tier.raise_failure()  # the measured expert's file failed its check: a one-line error at load
             tier.cache.reset_stats()  # the measurement's reads are no step's
         experts.cost = dataclasses.replace(measured, **(cost or {}))
     experts.token_limit = experts.cost.host_token_limit(most_tokens)
