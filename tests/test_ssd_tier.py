@@ -444,10 +444,10 @@ def test_cpu_experts_through_the_tier(model, compact):
     cfg = probe.cfg
     at_most_one_token = CostModel(cfg.expert_bytes, cfg.expert_bytes, 0.0, 0.6)  # copy 1 s, host 0.6 s a token
     int4_ckpt, _, int4_prompts, (int4_greedy, int4_logits) = compact
-    int4_bytes = 3 * (64 * 64 // 2 + 64 * 4)
+    int4_bytes = 3 * (64 * 64 // 2 + 64 * 4)  # a file of 8,192 bytes, padded
     runs = [("float", tiered(model, f"{one}B", cpu_experts="auto", cpu_cost=at_most_one_token), prompts, greedy,
              logits),
-            ("int4", moejax.load(int4_ckpt, "cached", expert_budget=f"{4 * int4_bytes}B", host_budget=f"{3 * 4096}B",
+            ("int4", moejax.load(int4_ckpt, "cached", expert_budget=f"{4 * int4_bytes}B", host_budget=f"{3 * 8192}B",
                                  expert_format="int4", cpu_experts="auto", cpu_cost=CostModel(int4_bytes, 1e3, 0, 0),
                                  **COMPACT_SIZES), int4_prompts, int4_greedy, int4_logits)]
     for name, engine, prompts, want_tokens, want_logits in runs:
@@ -465,5 +465,6 @@ def test_cpu_experts_through_the_tier(model, compact):
             assert stats["total"]["misses"] > 0
         else:  # every miss on the CPU: nothing crosses the link
             assert stats["total"]["misses"] == 0 and host["tokens"] > host["experts"]
+        assert engine.host.cache.num_slots == {"float": 1, "int4": 3}[name]
         engine.host.cache.check_invariants()
         engine.close()
