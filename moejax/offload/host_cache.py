@@ -15,6 +15,8 @@ right there into a slot, so a step never computes with an expert it does not hav
 every host budget. The buffer is plain (not page-locked) memory, which the runtime copies from. The cost of that miss path is
 the device waiting for the disk (counted as `stall_s`, with `disk_misses`), plus, on every fetch through the
 tier, a host round trip and the runtime's copy from unpinned host memory instead of the DMA from pinned stacks.
+With `cpu_experts='auto'` the misses the host computes (`offload.cpu_experts`) read the cache the same way
+(`get_or_record`), from the host's expert-compute callback instead of the device fetch's.
 
 A read that fails its checks (missing file, wrong size, CRC-32) inside a step is recorded rather than raised
 through XLA (a traceback from deep inside JAX): the step gets zeros for that expert, and the engine raises
