@@ -243,7 +243,8 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "weight-only, a scale per 64 input rows, dequantized in the expert compute; default: as stored)")
     p.add_argument("--cpu-experts", default="off",
                    help="auto (--offload cached): compute a missed expert routed few tokens on the CPU instead of copying "
-                   "it, when the cost model measured at load says that is faster | off (default)")
+                   "it (with --host-budget: from the host cache), when the cost model measured at load says that is "
+                   "faster | off (default)")
     p.add_argument("--devices", type=int, default=1,
                    help="expert parallelism: split the experts over the first N devices, the dense weights on each; "
                    "with --offload cached each device has its own cache of --expert-budget (default 1)")

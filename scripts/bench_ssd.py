@@ -20,6 +20,11 @@ without and with the CRC-32 check the tier applies (`disk_gb_s`, `checked_gb_s`)
 checkpoint converted with `moejax convert --expert-format`, or quantized at load): the model then has 1.5x the RAM
 in compact bytes (3.7x the layers in int4), the case of a model like Kimi-K2 (0.54 TB of int4 experts).
 
+`--cpu-experts off,auto` runs each host cache size twice: copying every GPU-cache miss over the link, and with
+`cpu_experts='auto'` (a miss routed few tokens computed on the CPU from the host cache, where the cost model measured
+at load says that is faster; how llama.cpp's --n-cpu-moe and KTransformers run models larger than RAM): `x_copy` is
+its tokens/s over the copy-only row's of the same host cache.
+
 The expert files go to --dir (default .bench/ssd_experts) and are kept for the next run of the same sizes and format.
 """
 
@@ -141,24 +146,27 @@ def disk_bandwidth(files: ExpertFiles, max_bytes: float, verify: bool) -> float:
     return done / (time.perf_counter() - start)
 
 
-def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, args) -> dict:
-    """One engine with a host cache of `host_bytes`: a warm-up generate, then the timed one."""
+def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_experts: str, args) -> dict:
+    """One engine with a host cache of `host_bytes` (and `cpu_experts`): a warm-up generate, then the timed one."""
     total = files.num_layers * files.num_experts * files.file_bytes
     tier = open_tier(files, f"{host_bytes}B", cfg.top_k * files.num_layers)
     step_need = cfg.num_experts  # a prompt step of prompt_len >= E / top_k tokens can use a whole layer
     gpu_experts = max(int(args.expert_budget * files.num_layers * files.num_experts), step_need)
     config = OffloadConfig("cached", expert_budget=f"{gpu_experts * files.expert_bytes}B", host_budget=f"{host_bytes}B")
     engine = build_engine(cfg, *dense, (), config, slots=1, max_seq_len=args.prompt_len + args.new_tokens + 8,
-                          prefill_chunk=args.prompt_len, host_tier=tier, expert_format=fmt)
+                          prefill_chunk=args.prompt_len, host_tier=tier, expert_format=fmt, cpu_experts=cpu_experts)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     engine.generate([prompt], max_new_tokens=2, ignore_eos=True)
     engine.reset_stats()
     result = engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True)
     stats = result.stats
-    tier_stats, timing = stats["host_tier"], result.timing
+    tier_stats, timing, host = stats["host_tier"], result.timing, stats.get("cpu_experts") or {}
     engine.close()
     return {
-        "host_gb": host_bytes / GB, "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
+        "cpu_experts": cpu_experts, "cpu_experts_computed": host.get("experts"), "cpu_seconds": host.get("seconds"),
+        "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
+        "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB,
+        "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
         "gpu_experts": gpu_experts, "gpu_hit_rate": stats["total"]["hit_rate"], "host_hit_rate": tier_stats["host_hit_rate"],
         "disk_gb": tier_stats["bytes_read_disk"] / GB, "disk_read_s": tier_stats["disk_read_s"],
         "stall_s": tier_stats["stall_s"], "ttft_s": timing.ttft_s, "tpot_s": timing.tpot_s, "total_s": timing.total_s,
@@ -181,9 +189,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--bandwidth-gb", type=float, default=4.0, help="GB read to measure the disk")
     parser.add_argument("--dir", type=Path, default=Path(".bench/ssd_experts"), help="where the expert files go")
+    parser.add_argument("--cpu-experts", default="off",
+                        help="off | auto | off,auto: each host cache size with these cpu_experts values (default off)")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: host shares that would not fit are skipped")
     parser.add_argument("--out", default="bench_ssd.json")
     args = parser.parse_args()
+    if not set(args.cpu_experts.split(",")) <= {"off", "auto"}:
+        parser.error(f"--cpu-experts {args.cpu_experts!r}: give off, auto or off,auto")
     budget = Budget(args.time_budget)
     tiny = args.dims == "tiny"
     machine_ram = host_ram_bytes()
@@ -205,13 +217,16 @@ def main() -> None:
            "disk_gb_s": raw / GB, "checked_gb_s": checked / GB, "page_cache": "bypassed (O_DIRECT)", "rows": []}
     dense = random_dense_params(cfg)
     last = 0.0
-    for share in (float(s) for s in args.host_shares.split(",")):
-        if not budget.allows(2 * last, f"host share {share}"):
+    configs = [(float(share), cpu) for share in args.host_shares.split(",") for cpu in args.cpu_experts.split(",")]
+    for share, cpu_experts in configs:
+        if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}"):
             continue
         start = time.monotonic()
-        row = {"host_share_of_ram": share, **run(cfg, dense, files, fmt, int(share * ram), args)}
+        row = {"host_share_of_ram": share, **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, args)}
         row["floor_s"] = row["disk_gb"] * GB / raw
         row["x_floor"] = row["total_s"] / row["floor_s"] if row["floor_s"] else None
+        copying = [r for r in out["rows"] if r["host_share_of_ram"] == share and r["cpu_experts"] == "off"]
+        row["x_copy"] = row["tokens_per_s"] / copying[0]["tokens_per_s"] if copying else None
         out["rows"].append(row)
         write_json(Path(args.out), out)
         last = time.monotonic() - start
@@ -221,10 +236,11 @@ def main() -> None:
     print(f"SSD tier: {total / GB:.3g} GB of {fmt.name} experts, {ram / GB:.3g} GB RAM{' (emulated)' if emulated else ''}, "
           f"disk {raw / GB:.3g} GB/s (checked {checked / GB:.3g})")
     print_table(out["rows"], [("host_share_of_ram", "host/RAM", ".2f"), ("host_share_of_experts", "host/experts", ".2f"),
+                              ("cpu_experts", "cpu", "s"), ("cpu_experts_computed", "cpu experts", "d"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),
                               ("disk_gb", "disk GB", ".3g"), ("stall_s", "stall s", ".2f"), ("total_s", "time s", ".2f"),
                               ("floor_s", "floor s", ".2f"), ("x_floor", "x floor", ".2f"),
-                              ("tokens_per_s", "tok/s", ".2f")])
+                              ("tokens_per_s", "tok/s", ".2f"), ("x_copy", "x copy", ".2f")])
 
 
 def _size(root: Path) -> int:

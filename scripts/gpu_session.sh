@@ -11,6 +11,8 @@
 #                                            # its expert files stay in .bench/ssd_experts for the next call
 #   SSD_FORMAT=int4 scripts/gpu_session.sh ssd   # the same with int4 experts on disk, in host and over the link
 #                                            # (Kimi-K2's case): bench_ssd_int4.json, files in .bench/ssd_experts-int4
+#                                            # (each host cache size copy-only, then with --cpu-experts auto;
+#                                            # SSD_CPU_EXPERTS=off: the copy-only rows alone)
 #   scripts/gpu_session.sh compact           # issue 24's compact formats and CPU experts, a call of its own
 #   scripts/gpu_session.sh families kernel profile   # issue 23's offloaded families (resident + cached 25%, with
 #                                            # transformers + accelerate), the in-place expert kernel against
@@ -89,7 +91,8 @@ part() {  # part NAME LIMIT SCRIPT ARGS...
             serve) part serve "$SERVE_S" scripts/bench_serve.py --parts "$SERVE_PARTS" --traces "$TRACES" --task-mix "$TASKS" \
                 --out "$OUT/bench_serve.json" "${SERVE_ARGS[@]}" ;;
             ssd) part ssd "$SSD_S" scripts/bench_ssd.py --out "$OUT/bench_ssd${SSD_FORMAT:+_$SSD_FORMAT}.json" \
-                ${SSD_FORMAT:+--expert-format "$SSD_FORMAT" --dir ".bench/ssd_experts-$SSD_FORMAT"} "${SSD_ARGS[@]}" ;;
+                ${SSD_FORMAT:+--expert-format "$SSD_FORMAT" --dir ".bench/ssd_experts-$SSD_FORMAT"} \
+                --cpu-experts "${SSD_CPU_EXPERTS:-off,auto}" "${SSD_ARGS[@]}" ;;
             compact) part compact "$COMPACT_S" scripts/bench_compact.py --out "$OUT/bench_compact.json" "${COMPACT_ARGS[@]}" ;;
             families) part families "$FAMILIES_S" scripts/bench_offload.py --models deepseek-v2-lite,gpt-oss-20b:8,qwen3-30b-a3b:16 \
                 --modes resident,cached --budgets 0.25 --peer-timeout 90 --out "$OUT/bench_offload_families.json" "${FAMILIES_ARGS[@]}" ;;

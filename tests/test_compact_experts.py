@@ -159,7 +159,7 @@ def test_bad_formats_are_refused_in_one_line(capsys):
     stack = {"gate": np.zeros((2, 64, 8), np.float32), "up": np.zeros((2, 64, 8), np.float32),
              "down": np.zeros((2, 8, 64), np.float32)}
     with pytest.raises(ParameterError, match=r"^cpu_cost: unknown fields link \(fields: "):
-        host_experts([stack], "silu", stack, 1, {"link": 1e9}, 8)
+        host_experts((stack,), [stack], "silu", 1, {"link": 1e9}, 8)
 
 
 def test_cost_model_choice_on_synthetic_bandwidths():
@@ -197,7 +197,7 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, tolerance):
     distinct = jnp.arange(E, dtype=jnp.int32)
     device = np.asarray(experts_from_slab(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), distinct, distinct,
                                           {name: jnp.asarray(w) for name, w in stack.items()}))
-    host = HostExperts([stack], "silu", 8)
+    host = HostExperts.from_stacks([stack], "silu", 8)
     out = host.compute(0, x, ids, weights, np.ones(E, bool))
     assert np.abs(out - device).max() <= tolerance * np.abs(device).max()
     assert host.stats()["experts"] == E and host.stats()["tokens"] == N * k

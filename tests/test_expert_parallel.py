@@ -58,6 +58,7 @@ for name, kw in RUNS.items():
         "placement": other.placement.devices.tolist(), "replicas": [list(map(list, r)) for r in other.placement.replicas]}
 errors = {}
 for kw in ({"devices": 0}, {"devices": 8}, {"devices": 3}, {"devices": 2, "offload": "cached", "cpu_experts": "auto"},
+           {"devices": 2, "offload": "cached", "cpu_experts": "auto", "host_budget": 0.5},
            {"devices": 2, "placement": "balanced"}, {"devices": 2, "hot_replicas": 1}):
     try:
         moejax.load(moejax.SHIPPED_CHECKPOINT, slots=1, max_seq_len=16, **kw)
@@ -109,6 +110,8 @@ def test_expert_parallel_equals_the_single_device_engine(tmp_path):
     assert "devices 3 does not divide the 16 experts" in errors["{'devices': 3}"]
     assert errors["{'devices': 2, 'offload': 'cached', 'cpu_experts': 'auto'}"].startswith(
         "devices 2: expert parallelism does not combine with cpu_experts")
+    assert errors["{'devices': 2, 'offload': 'cached', 'cpu_experts': 'auto', 'host_budget': 0.5}"] == (
+        "devices 2: expert parallelism does not combine with cpu_experts or the disk tier (host_budget) yet")
     assert "hot_replicas copies the experts that measured load calls hot: it needs placement 'balanced'" in errors[
         "{'devices': 2, 'hot_replicas': 1}"]
     assert "placement 'balanced' places experts by measured load: give placement_traces" in errors["{'devices': 2, 'placement': 'balanced'}"]

@@ -199,6 +199,8 @@ def test_corrupt_file_in_a_step_is_one_clear_error(model, tmp_path):
     with pytest.raises(MoejaxError, match=r"E0\d+\.bin: expert file fails its CRC-32 check"):
         engine.generate(prompts, max_new_tokens=2)
     engine.close()
+    with pytest.raises(MoejaxError, match=r"L000/E0000\.bin: expert file fails its CRC-32 check"):
+        tiered(model, "0.2", expert_dir=copy, cpu_experts="auto")  # the cost model's measurement reads it at load
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -240,15 +242,16 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
     assert len(cfg.moe_layer_ids) == -(-15 * layer // int4_layer) > 15  # 1.5x the RAM in int4 bytes
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "int4"])
-def test_bench_smoke(tmp_path, monkeypatch, fmt):
-    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters."""
+@pytest.mark.parametrize("fmt, cpu_experts", [("bf16", "off,auto"), ("int4", "off")])
+def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts):
+    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters (and one
+    with cpu_experts 'auto', compared with the copy-only row)."""
     from scripts import bench_ssd
 
     out = tmp_path / "bench_ssd.json"
     monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
                                      "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out),
-                                     "--expert-format", fmt])
+                                     "--expert-format", fmt, "--cpu-experts", cpu_experts])
     bench_ssd.main()
     data = json.loads(out.read_text())
     row = data["rows"][0]
@@ -257,6 +260,11 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt):
     assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
     assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
     assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0
+    assert [r["cpu_experts"] for r in data["rows"]] == cpu_experts.split(",") and row["x_copy"] is None
+    if cpu_experts == "off,auto":
+        auto = data["rows"][1]
+        assert auto["x_copy"] == auto["tokens_per_s"] / row["tokens_per_s"] > 0 and auto["cpu_token_limit"] >= 0
+        assert auto["cpu_cost_model"]["copy_s"] > 0 and auto["host_tier"]["gets"] > 0
 
 
 def test_unwritable_expert_dir_is_named(model, tmp_path):
@@ -348,8 +356,6 @@ def test_an_expert_directory_serves_only_its_format(compact, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"moejax: error: {int4_dir}: expert directory holds int4 (groups of 64) experts, not the int8 "
                        "(groups of 64) asked for (--expert-format): give another --expert-dir, or delete it to rebuild it")
-    with pytest.raises(ParameterError, match=r"^host_budget: the disk tier does not combine with cpu_experts 'auto' yet"):
-        moejax.load(stored, "cached", cpu_experts="auto", **options)
     from moejax import checkpoint
     from moejax.engine.loading import build_engine
     from moejax.offload.config import OffloadConfig
@@ -375,3 +381,90 @@ def test_a_manifest_without_a_format_holds_float_weights(small_files):
     ExpertFiles(files.root, files.shapes, 3, 5)
     with pytest.raises(ParameterError, match="holds f32 experts, not the bf16 asked for"):
         ExpertFiles(files.root, files.shapes, 3, 5, {"name": "bf16"})
+
+
+# -- CPU compute of missed experts from the host cache (cpu_experts='auto' with host_budget) --------------------
+def test_host_computes_from_the_host_cache_and_records_failed_reads(tmp_path):
+    """HostExperts over a one-slot host cache of int4 experts equals HostExperts over its own copy of the same
+    experts, bit for bit (the same function on the same codes and scales, dequantized as the device does); every
+    expert computed is one `get` of the tier; a corrupt file inside a step adds nothing, raises nothing there, and
+    is raised by name when the step is read."""
+    from moejax.offload.cpu_experts import HostExperts
+    from moejax.offload.expert_format import ExpertFormat
+    from moejax.offload.host_cache import TieredHost
+
+    fmt, rng = ExpertFormat("int4", "float32"), np.random.default_rng(2)
+    float_shapes = {"gate": ((64, 64), np.dtype(np.float32)), "up": ((64, 64), np.dtype(np.float32)),
+                    "down": ((64, 64), np.dtype(np.float32))}
+    experts = {(m, e): fmt.convert({n: rng.standard_normal(s).astype(d) * 0.1 for n, (s, d) in float_shapes.items()},
+                                   "test") for m in range(2) for e in range(3)}
+    shapes = fmt.shapes(float_shapes)
+    write_expert_files(tmp_path / "ef", shapes, 2, 3, lambda m, e: experts[m, e], expert_format=fmt.record())
+    cache = HostCache(ExpertFiles(tmp_path / "ef", shapes, 2, 3, fmt.record()), 1)
+    stacks = [{n: np.stack([experts[m, e][n] for e in range(3)]) for n in shapes} for m in range(2)]
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    ids = np.array([[0, 1], [1, 2], [2, 0], [0, 1], [2, 1]], np.int32)
+    weights = rng.random((5, 2)).astype(np.float32)
+    from_tier = HostExperts.from_host_cache(cache, "silu", 8)
+    for layer in range(2):
+        want = HostExperts.from_stacks(stacks, "silu", 8).compute(layer, x, ids, weights, np.ones(3, bool))
+        np.testing.assert_array_equal(from_tier.compute(layer, x, ids, weights, np.ones(3, bool)), want)
+    assert cache.stats()["gets"] == from_tier.stats()["experts"] == 6 and cache.stats()["disk_misses"] >= 5
+    cache.check_invariants()
+    assert not cache._lent.any()  # nothing computed keeps its slot lent
+    victim = expert_path(tmp_path / "ef", 1, 2)
+    data = bytearray(victim.read_bytes())
+    data[3] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    expert_1 = np.array([False, True, False])
+    only_expert_1 = HostExperts.from_stacks(stacks, "silu", 8).compute(1, x, ids, weights, expert_1)
+    np.testing.assert_array_equal(from_tier.compute(1, x, ids, weights, expert_1 | [False, False, True]), only_expert_1)
+    with pytest.raises(MoejaxError, match=r"^\S*L001/E0002\.bin: expert file fails its CRC-32 check"):
+        TieredHost(cache).raise_failure()
+    cache.close()
+
+
+def within_float_rounding(ours, reference):
+    """Logits of CPU-computed experts against the device path's: 1e-4 of their range (float32 models)."""
+    return all(np.abs(a - b).max() <= 1e-4 * (b.max() - b.min()) for a, b in zip(ours, reference, strict=True))
+
+
+def test_cpu_experts_through_the_tier(model, compact):
+    """`cpu_experts='auto'` with the disk tier, the cost model forced: one token at most per host expert (misses
+    both computed on the CPU and copied) from a one-slot host cache of float experts, and every miss on the CPU
+    from a host cache of int4 experts smaller than a step needs: tokens and logits of the resident engine (of the
+    same format) up to float rounding, no host-computed expert over the link, and each one a host-tier get."""
+    from moejax.offload.cpu_experts import CostModel
+    from moejax.offload.stats import summary_line
+
+    ckpt, default_dir, prompts, device_budget, (greedy, _, logits) = model
+    probe = tiered(model, "1.0")  # the expert directory exists
+    probe.close()
+    one = probe.host.cache.files.file_bytes
+    cfg = probe.cfg
+    at_most_one_token = CostModel(cfg.expert_bytes, cfg.expert_bytes, 0.0, 0.6)  # copy 1 s, host 0.6 s a token
+    int4_ckpt, _, int4_prompts, (int4_greedy, int4_logits) = compact
+    int4_bytes = 3 * (64 * 64 // 2 + 64 * 4)  # a file of 8,192 bytes, padded
+    runs = [("float", tiered(model, f"{one}B", cpu_experts="auto", cpu_cost=at_most_one_token), prompts, greedy,
+             logits),
+            ("int4", moejax.load(int4_ckpt, "cached", expert_budget=f"{4 * int4_bytes}B", host_budget=f"{3 * 8192}B",
+                                 expert_format="int4", cpu_experts="auto", cpu_cost=CostModel(int4_bytes, 1e3, 0, 0),
+                                 **COMPACT_SIZES), int4_prompts, int4_greedy, int4_logits)]
+    for name, engine, prompts, want_tokens, want_logits in runs:
+        result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        stats, tier, host = result.stats, result.stats["host_tier"], result.stats["cpu_experts"]
+        assert result.tokens == want_tokens, name
+        assert within_float_rounding(engine.logits(prompts), want_logits), name
+        assert host["experts"] > 0 and host["seconds"] > 0 and tier["gets"] == stats["total"]["misses"] + host["experts"]
+        assert "; host tier " in summary_line(stats, NEW_TOKENS) and " computed on the CPU in " in summary_line(stats, 1)
+        assert tier["host_hits"] + tier["disk_misses"] + tier["prefetch_waits"] == tier["gets"]
+        assert tier["disk_misses"] > 0, name
+        assert stats["total"]["bytes_h2d"] == stats["total"]["misses"] * stats["expert_bytes"]
+        if name == "float":  # the cost model's choice: one-token misses on the CPU, the others copied
+            assert engine.spec.cpu_experts.token_limit == 1 and host["tokens"] == host["experts"]
+            assert stats["total"]["misses"] > 0
+        else:  # every miss on the CPU: nothing crosses the link
+            assert stats["total"]["misses"] == 0 and host["tokens"] > host["experts"]
+        assert engine.host.cache.num_slots == {"float": 1, "int4": 3}[name]
+        engine.host.cache.check_invariants()
+        engine.close()

@@ -233,7 +233,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         return out, dataclasses.replace(experts, cache=cache)
     out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
     if spec.mode == "cached" and spec.cpu_experts is not None:
-        out = out + host_output(spec.cpu_experts, m, moe_in, ids, all_weights, on_host)
+        out = out + host_output(spec.cpu_experts, m, moe_in, ids, all_weights, on_host, valid_rows)
     return out, dataclasses.replace(experts, cache=cache, slab=slab)
 
 

@@ -87,9 +87,9 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         (its dtype, or the compact format `moejax convert --expert-format` wrote).
     cpu_experts: 'auto' (offload 'cached', decoder models): a missed expert routed few tokens is computed on the
         host from host memory instead of copied, where the cost model says it is faster (`offload.cpu_experts`;
-        equal up to float rounding); 'off' (the default): every miss is copied. cpu_cost: that cost model
-        (`cpu_experts.CostModel`), default measured at load; a dict gives some of its fields and the rest is
-        measured (e.g. {'link_bytes_per_s': 25e9}).
+        equal up to float rounding; with `host_budget`, from the disk tier's host cache); 'off' (the default): every
+        miss is copied. cpu_cost: that cost model (`cpu_experts.CostModel`), default measured at load; a dict gives
+        some of its fields and the rest is measured (e.g. {'link_bytes_per_s': 25e9}).
     devices: expert parallelism (decoder models): the experts split over the first `devices` devices, the dense
         weights on each (`engine.expert_parallel`); in cached mode every device has its own cache of `expert_budget`
         (the budget is per device; a fraction is of all the model's expert bytes), fed from the one host store.
@@ -156,9 +156,6 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
         check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas)
         options.update(devices=devices, placement=placement, placement_traces=placement_traces,
                        hot_replicas=hot_replicas)
-    if config.host_budget is not None and cpu_experts != "off":
-        raise ParameterError("{host_budget}: the disk tier does not combine with {cpu_experts} {cpu!r} yet (missed "
-                             "experts are computed on the CPU only from the pinned host store)", cpu=cpu_experts)
     return options
 
 
@@ -218,7 +215,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         raise ParameterError("{host_tier}: its expert files hold other weights than {expert_format} {name!r} keeps "
                              "({found})", name=fmt.name, found=host_tier.cache.files.root)
     check_cpu_experts(cpu_experts, config.mode)
-    kept = [] if cpu_experts == "auto" else None
+    kept = [] if cpu_experts == "auto" and host_tier is None else None  # the tier's host cache serves the host
     if kept is not None:
         expert_stacks = keeping(expert_stacks, kept)
     parallel, table = None, None
@@ -229,8 +226,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
                             chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel)
-    if kept is not None:
-        compute["cpu_experts"] = host_experts(kept, expert_activation(cfg), experts.host[0], expert_bytes, cpu_cost,
+    if cpu_experts == "auto":
+        compute["cpu_experts"] = host_experts(experts.host, kept, expert_activation(cfg), expert_bytes, cpu_cost,
                                               cfg.top_k * max(prefill_chunk, slots))
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)

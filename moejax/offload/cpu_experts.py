@@ -17,9 +17,15 @@ two. Its matmuls have other shapes than the device's batched ones, so they may r
 host experts' sum is added after the device's instead of in expert order. tests/test_compact_experts.py states
 and checks the tolerance (float32: 1e-6 of the output's largest value; bf16: 1e-2).
 
-The cost model's numbers are measured once at load (`measure`: one expert's in-program fetch from the pinned
-host stack; the host function on 1 and 8 rows) unless given. The host keeps its own copy of the experts as CPU
-arrays, one buffer per expert (host RAM: the experts' bytes twice, in their format).
+The cost model's numbers are measured once at load (`measure`: one expert's fetch to the device as a miss makes it
+in the step programs; the host function on 1 and 8 rows) unless given. Where the host computes from:
+- pinned host stacks (the experts in host memory): its own copy of the experts as CPU arrays, one buffer per expert
+  (host RAM: the experts' bytes twice, in their format);
+- the disk tier (`host_budget`, `offload.host_cache`): the host cache's copy, lent by `HostCache.get` for the time
+  of one expert's computation (a host-cache hit: arrays over its slot, no copy; a miss: read from disk into a slot
+  first, as a device fetch through the tier reads it), so no second copy. Both choices then pay that disk read:
+  the cost model weighs the link copy against the host compute, as above. A read that fails inside a step is
+  recorded by the host cache (the expert contributes nothing) and raised when the engine reads the step.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import dataclasses
 import functools
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,7 @@ from moejax.errors import ParameterError
 from moejax.models.moe import expert_ffn
 from moejax.models.quantized import SCALE_SUFFIX, dequantized
 from moejax.offload.expert_stacks import fetch_expert
+from moejax.offload.host_cache import HostCache, TieredHost
 
 CPU_EXPERTS = ("off", "auto")
 
@@ -82,22 +90,34 @@ def host_rows(n: int) -> int:
 
 
 class HostExperts:
-    """The host side: every MoE layer's experts as CPU arrays (`experts[m][e]` = {name: array}), the callback that
-    computes some of them on a layer's rows, and its counters (experts computed, tokens, seconds). Hashable by
-    identity: it is part of the step programs' static spec."""
+    """The host side: where it reads the experts it computes (`weights(layer, expert)` -> {name: array} as the
+    device cache holds them, or None when the read failed), the callback that computes some of them on a layer's
+    rows, and its counters (experts computed, tokens, seconds). Hashable by identity: it is part of the step
+    programs' static spec."""
 
-    def __init__(self, stacks: list[dict], act: str, token_limit: int):
-        """stacks: each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays)."""
-        cpu = jax.devices("cpu")[0]
-        self.experts = []
-        for stack in stacks:
-            layer = {name: np.asarray(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
-            count = next(iter(layer.values())).shape[0]
-            self.experts.append([jax.device_put({name: w[e] for name, w in layer.items()}, cpu) for e in range(count)])
-        self.act, self.token_limit, self.cpu = act, token_limit, cpu
+    def __init__(self, weights: Callable[[int, int], dict | None], act: str, token_limit: int):
+        self.weights, self.act, self.token_limit = weights, act, token_limit
+        self.cpu = jax.devices("cpu")[0]
         self.cost: CostModel | None = None
         self._lock = threading.Lock()
         self.reset()
+
+    @classmethod
+    def from_stacks(cls, stacks: list[dict], act: str, token_limit: int) -> HostExperts:
+        """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays), as CPU arrays."""
+        cpu = jax.devices("cpu")[0]
+        experts = []
+        for stack in stacks:
+            layer = {name: np.asarray(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
+            count = next(iter(layer.values())).shape[0]
+            experts.append([jax.device_put({name: w[e] for name, w in layer.items()}, cpu) for e in range(count)])
+        return cls(lambda layer, expert: experts[layer][expert], act, token_limit)
+
+    @classmethod
+    def from_host_cache(cls, cache: HostCache, act: str, token_limit: int) -> HostExperts:
+        """Over the disk tier's host cache: each expert lent by `HostCache.get` while it is computed (see the
+        module's docstring); a failed read is recorded in `cache.failure` (`HostCache.get_or_record`)."""
+        return cls(cache.get_or_record, act, token_limit)
 
     def reset(self) -> None:
         with self._lock:
@@ -108,16 +128,21 @@ class HostExperts:
             counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds}
         return {**counts, "token_limit": self.token_limit, **({"cost_model": self.cost.describe()} if self.cost else {})}
 
-    def expert_output(self, layer: int, expert: int, rows: np.ndarray) -> np.ndarray:
-        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU."""
+    def expert_output(self, layer: int, expert: int, rows: np.ndarray) -> np.ndarray | None:
+        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU (None: its weights
+        could not be read). Weights in host memory are used where they lie (aliased, not copied)."""
+        weights = self.weights(layer, expert)
+        if weights is None:
+            return None
         padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
         padded[: len(rows)] = rows
-        out = _host_ffn(jax.device_put(padded, self.cpu), self.experts[layer][expert], self.act)
+        out = _host_ffn(jax.device_put(padded, self.cpu), jax.device_put(weights, self.cpu, may_alias=True), self.act)
         return np.asarray(out)[: len(rows)]
 
     def compute(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """The host experts' weighted sum: layer (scalar), x [N, D], ids int32 [N, k], weights f32 [N, k] (0 for
-        pairs not computed), on_host bool [E] -> [N, D] f32. Experts added in increasing order."""
+        pairs not computed), on_host bool [E] -> [N, D] f32. Experts added in increasing order (one whose weights
+        could not be read adds nothing: the failure is the step's, raised where it was recorded)."""
         start = time.perf_counter()
         x, ids, weights = np.asarray(x), np.asarray(ids), np.asarray(weights, np.float32)
         out = np.zeros(x.shape, np.float32)
@@ -126,7 +151,9 @@ class HostExperts:
         for e in experts:
             row_weight = np.where(ids == e, weights, 0.0).sum(axis=-1)
             rows = np.flatnonzero(row_weight != 0)
-            out[rows] += row_weight[rows, None] * self.expert_output(int(layer), int(e), x[rows])
+            expert_out = self.expert_output(int(layer), int(e), x[rows])
+            if expert_out is not None:
+                out[rows] += row_weight[rows, None] * expert_out
             tokens += rows.size
         with self._lock:
             self.computed += experts.size
@@ -154,9 +181,12 @@ def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: 
     return device_distinct, device_weights, on_host
 
 
-def host_output(host: HostExperts, layer, x, ids, weights, on_host):
-    """Inside a step program: the host experts' output [N, D] f32 (zeros, and no callback, when none)."""
+def host_output(host: HostExperts, layer, x, ids, weights, on_host, valid_rows=None):
+    """Inside a step program: the host experts' output [N, D] f32 (zeros, and no callback, when none); rows not in
+    valid_rows (bool [N], None: all valid; padding) are not computed."""
     shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    if valid_rows is not None:
+        weights = jnp.where(valid_rows[:, None], weights, 0.0)
 
     def call(operands):
         return io_callback(host.compute, shape, *operands, ordered=False)
@@ -165,10 +195,17 @@ def host_output(host: HostExperts, layer, x, ids, weights, on_host):
                         (layer, x, ids, weights, on_host))
 
 
-def measure(host: HostExperts, host_stack: dict, expert_bytes: int, repeats: int = 3) -> CostModel:
-    """The cost model from one expert of MoE layer 0: its copy from the host stack (`host_stack`, as the engine
-    keeps it in pinned host memory) to the device, as a miss fetches it, and the host function on 1 and 8 token
-    rows (medians of `repeats`)."""
+@jax.jit
+def _fetch_first(host):
+    """Expert 0 of MoE layer 0 on the device, fetched as a miss fetches it in the step programs: from MoE layer 0's
+    pinned host stack, or through the disk tier (a `TieredHost`)."""
+    return host.fetch(0, 0) if isinstance(host, TieredHost) else fetch_expert(host, 0)
+
+
+def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> CostModel:
+    """The cost model from one expert of MoE layer 0: its fetch to the device from `source` (MoE layer 0's pinned
+    host stack, or the `TieredHost`; after the first, warming, fetch, a host-cache hit), and the host function on
+    1 and 8 token rows (medians of `repeats`)."""
     def median_time(run) -> float:
         run()  # warm
         times = []
@@ -178,10 +215,10 @@ def measure(host: HostExperts, host_stack: dict, expert_bytes: int, repeats: int
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
-    fetch = jax.jit(lambda stack: fetch_expert(stack, 0))  # what a miss runs in the step programs
-    copy_s = median_time(lambda: jax.block_until_ready(fetch(host_stack)))
-    width = host_stack["down"].shape[-1]
-    dtype = host_stack.get("down" + SCALE_SUFFIX, host_stack["down"]).dtype  # the model's (compact: its scales')
+    copy_s = median_time(lambda: jax.block_until_ready(_fetch_first(source)))
+    shapes = source.shapes if isinstance(source, TieredHost) else {n: (w.shape[1:], w.dtype) for n, w in source.items()}
+    width = shapes["down"][0][-1]
+    dtype = shapes.get("down" + SCALE_SUFFIX, shapes["down"])[1]  # the model's (compact: its scales')
     rng = np.random.default_rng(0)
     times = [median_time(lambda n=n: host.expert_output(0, 0, rng.standard_normal((n, width)).astype(dtype)))
              for n in (1, 8)]
@@ -205,19 +242,27 @@ def keeping(stacks, kept: list):
         yield stack
 
 
-def host_experts(kept: list[dict], act, host_stack: dict, expert_bytes: int, cost: CostModel | dict | None,
+def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: CostModel | dict | None,
                  most_tokens: int) -> HostExperts:
-    """The HostExperts of an engine: its expert stacks `kept`, the cost model `cost` (a CostModel; None: measured
-    from `host_stack`, the engine's first pinned host stack; a dict: measured, then those fields replaced, e.g.
-    {'link_bytes_per_s': 25e9} for another link) and the token limit it gives (at most `most_tokens`)."""
-    host = HostExperts(kept, act, 0)
+    """The HostExperts of an engine whose experts are `host`: its pinned host stacks (one per MoE layer; the host
+    computes from its own copy, `kept`, the stacks as they were placed) or the disk tier (a `TieredHost`: the host
+    computes from its host cache; `kept` unused); the cost model `cost` (a CostModel; None: measured; a dict:
+    measured, then those fields replaced, e.g. {'link_bytes_per_s': 25e9} for another link) and the token limit it
+    gives (at most `most_tokens`)."""
+    tier = host if isinstance(host, TieredHost) else None
+    experts = (HostExperts.from_host_cache(tier.cache, act, 0) if tier is not None
+               else HostExperts.from_stacks(kept, act, 0))
     if isinstance(cost, CostModel):
-        host.cost = cost
+        experts.cost = cost
     else:
         fields = {f.name for f in dataclasses.fields(CostModel)}
         if cost is not None and not set(cost) <= fields:
             raise ParameterError("{cpu_cost}: unknown fields {names} (fields: {fields})",
                                  names=", ".join(sorted(set(cost) - fields)), fields=", ".join(sorted(fields)))
-        host.cost = dataclasses.replace(measure(host, host_stack, expert_bytes), **(cost or {}))
-    host.token_limit = host.cost.host_token_limit(most_tokens)
-    return host
+        measured = measure(experts, tier or host[0], expert_bytes)
+        if tier is not None:
+            tier.raise_failure()  # the measured expert's file failed its check: a one-line error at load
+            tier.cache.reset_stats()  # the measurement's reads are no step's
+        experts.cost = dataclasses.replace(measured, **(cost or {}))
+    experts.token_limit = experts.cost.host_token_limit(most_tokens)
+    return experts

@@ -15,6 +15,8 @@ right there into a slot, so a step never computes with an expert it does not hav
 every host budget. The buffer is plain (not page-locked) memory, which the runtime copies from. The cost of that miss path is
 the device waiting for the disk (counted as `stall_s`, with `disk_misses`), plus, on every fetch through the
 tier, a host round trip and the runtime's copy from unpinned host memory instead of the DMA from pinned stacks.
+With `cpu_experts='auto'` the misses the host computes (`offload.cpu_experts`) read the cache the same way
+(`get_or_record`), from the host's expert-compute callback instead of the device fetch's.
 
 A read that fails its checks (missing file, wrong size, CRC-32) inside a step is recorded rather than raised
 through XLA (a traceback from deep inside JAX): the step gets zeros for that expert, and the engine raises
@@ -100,6 +102,15 @@ class HostCache:
         finally:
             with self._lock:
                 self.stall_s += time.perf_counter() - start
+
+    def get_or_record(self, layer: int, expert: int) -> dict | None:
+        """`get` inside a step program: None instead of raising when the read fails, the error kept in `failure`
+        (the first of a step; the engine raises it when it reads the step, see the module's docstring)."""
+        try:
+            return self.get(layer, expert)
+        except MoejaxError as err:
+            self.failure = self.failure or err
+            return None
 
     def _count_hit(self, key: int, waited: bool, start: float) -> None:
         self._ready.move_to_end(key)
@@ -319,9 +330,7 @@ class TieredHost:
 
 
 def _get(shapes: dict, tier_id, layer, expert) -> dict:
-    cache = _CACHES[int(tier_id)]
-    try:
-        return cache.get(int(layer), int(expert))
-    except MoejaxError as err:
-        cache.failure = cache.failure or err
+    weights = _CACHES[int(tier_id)].get_or_record(int(layer), int(expert))
+    if weights is None:
         return {name: np.zeros(shape, dtype) for name, (shape, dtype) in shapes.items()}
+    return weights

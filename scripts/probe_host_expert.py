@@ -1,0 +1,92 @@
+"""The host's time for one routed expert, as `cpu_experts='auto'` computes it (`offload.cpu_experts.HostExperts`):
+from its own copy (pinned host store) and from a host-cache slot of the disk tier (`--host-budget`), per expert
+format and row count, with the weight bytes it reads per second. The cost model measures the same function at
+load; this shows where its time goes on a given host (cores, and XLA:CPU's speed per dtype).
+
+Random normal(0, 0.02) weights of one expert (`--dims`: D x F, default Kimi-K2's 7168 x 2048; Mixtral-8x7B's is
+4096 x 14336) in each `--formats` (f32 is the reference for XLA:CPU's arithmetic; bf16, int8, int4 as the engine
+keeps them, compact ones dequantized by the engine's own function), written once to an expert file in --dir.
+
+    PYTHONPATH=. python scripts/probe_host_expert.py --out out/probe_host_expert.json
+    PYTHONPATH=. python scripts/probe_host_expert.py --dims 128x64 --repeats 2 --out /tmp/probe_host_expert.json  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moejax.offload.cpu_experts import HostExperts
+from moejax.offload.expert_files import ExpertFiles, write_expert_files
+from moejax.offload.expert_format import ExpertFormat
+from moejax.offload.host_cache import HostCache
+from scripts.benchlib import environment, median, print_table, write_json
+
+MODEL_DTYPE = {"f32": "float32"}  # the checkpoint dtype a format is taken from (others: bf16 models)
+
+
+def expert_in(fmt: ExpertFormat, dims: tuple[int, int], seed: int = 0) -> dict:
+    """One expert {name: array} of random float weights of dims (D, F), converted to `fmt`."""
+    D, F = dims
+    rng = np.random.default_rng(seed)
+    weights = {name: rng.standard_normal(shape, np.float32) * 0.02
+               for name, shape in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D)))}
+    return fmt.convert(weights, "random expert")
+
+
+def time_expert(host: HostExperts, rows: np.ndarray, repeats: int) -> float:
+    """Median seconds of `host.expert_output` on rows (after one warming call)."""
+    host.expert_output(0, 0, rows)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        host.expert_output(0, 0, rows)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dims", default="7168x2048", help="D x F of the expert (default Kimi-K2's)")
+    parser.add_argument("--formats", default="f32,bf16,int8,int4")
+    parser.add_argument("--rows", default="1,8", help="token rows (comma-separated)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", type=Path, help="where the expert files go (default: a temporary directory)")
+    parser.add_argument("--out", default="probe_host_expert.json")
+    args = parser.parse_args()
+    D, F = (int(n) for n in args.dims.lower().split("x"))
+    root = args.dir or Path(tempfile.mkdtemp(prefix="moejax-probe-"))
+    out = {"environment": environment(), "cpu_cores": os.cpu_count(), "dims": [D, F], "rows": []}
+    rng = np.random.default_rng(1)
+    for name in args.formats.split(","):
+        fmt = ExpertFormat(name, MODEL_DTYPE.get(name, "bfloat16"))
+        expert = expert_in(fmt, (D, F))
+        shapes = {n: (w.shape, w.dtype) for n, w in expert.items()}
+        files_dir = root / f"{D}x{F}-{name}"
+        if not files_dir.exists():
+            write_expert_files(files_dir, shapes, 1, 1, lambda m, e, expert=expert: expert, expert_format=fmt.record())
+        cache = HostCache(ExpertFiles(files_dir, shapes, 1, 1, fmt.record()), 1)
+        sources = {"own copy": HostExperts.from_stacks([{n: w[None] for n, w in expert.items()}], "silu", 0),
+                   "host cache": HostExperts.from_host_cache(cache, "silu", 0)}
+        nbytes = sum(w.nbytes for w in expert.values())
+        for count in (int(n) for n in args.rows.split(",")):
+            x = rng.standard_normal((count, D)).astype(fmt.float_dtype)
+            for source, host in sources.items():
+                seconds = time_expert(host, x, args.repeats)
+                out["rows"].append({"format": name, "source": source, "rows": count, "expert_mb": nbytes / 1e6,
+                                    "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
+        cache.close()
+        write_json(Path(args.out), out)
+    print()
+    print(f"one {D} x {F} expert on the host ({os.cpu_count()} cores)")
+    print_table(out["rows"], [("format", "format", "s"), ("source", "from", "s"), ("rows", "rows", "d"),
+                              ("expert_mb", "MB", ".1f"), ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
+
+
+if __name__ == "__main__":
+    main()
