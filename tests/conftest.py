@@ -2,6 +2,7 @@
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # No persistent compilation cache in the user's home from tests (test_compilation sets its own).
 os.environ.setdefault("MOEJAX_COMPILATION_CACHE", "off")
+
+# The interruption tests need Ctrl-C, hang-up and SIGTERM to act as in a terminal, in this process and in the
+# commands it starts; a harness may have left them ignored (a background job of a non-interactive shell ignores
+# SIGINT, nohup SIGHUP, and children inherit that), which moejax rightly honours.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+for signum in (signal.SIGHUP, signal.SIGTERM):
+    signal.signal(signum, signal.SIG_DFL)
 
 # The tests compile hundreds of tiny programs: LLVM's optimisations and XLA's fusion emitters
 # cost more time than they save (compilation is 3x faster without). XLA aborts on a flag it does
