@@ -158,7 +158,7 @@ def test_existing_output_is_kept(capsys, hf_dir, tmp_path):
     (["--prompt-ids", "1", "--temperature", "nan"], ["--temperature must be"]),
     (["--prompt-ids", "1", "--temperature", "1", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
     (["--prompt-ids", "1", "--temperature", "1", "--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
-    (["--prompt-ids", "1", "--temperature", "1", "--top-k", "-2"], ["--top-k must be >= 0"]),
+    (["--prompt-ids", "1", "--temperature", "1", "--top-k", "-2"], ["--top-k must be an integer >= 0"]),
     (["--prompt-ids", "1", "--top-p", "0.5"], ["give --temperature"]),
     (["--prompt-ids", "1", "--greedy", "--temperature", "1"], ["--temperature", "not allowed with argument --greedy"]),
     ([], ["give --prompt TEXT or --prompt-ids"]),
@@ -438,3 +438,16 @@ def test_results_are_printed_before_the_plot_is_written(capsys, tmp_path, monkey
     assert main([str(a) for a in argv]) == 2
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["lru, capacity 0.5 (2 experts)", "lru, capacity 1 (4 experts)"]
+
+
+# -- the bad-input audit: values that reached numpy, JAX or a silent default --------------------------
+
+@pytest.mark.parametrize("top_k", [1.5, True])
+def test_top_k_must_be_an_integer(top_k):
+    assert parameter_error(lambda: SamplingParams(greedy=False, top_k=top_k)).parameters == ("top_k",)
+
+
+def test_top_k_past_int32_keeps_every_token():
+    from moejax.engine.slots import sampling_row
+
+    assert sampling_row(SamplingParams(greedy=False, top_k=10**12))[1] == 2**31 - 1
