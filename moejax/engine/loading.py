@@ -366,7 +366,7 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
                                      device=device)
     lookahead = 0
     if manager is not None and manager.lookahead:
-        lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
+        lookahead = cfg.top_k if config.prefetch_per_layer is None else min(config.prefetch_per_layer, E)
     return PlacedExperts(cache, slab, host, manager, manager.device_policy if manager is not None else "lru", lookahead,
                          info)
 

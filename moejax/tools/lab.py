@@ -131,7 +131,7 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         num_layers, num_experts, top_k, policy="lru" if policy == "belady" else policy, prefetch=prefetch,
         staged_per_step=2 * top_k if prefetch_per_step is None else prefetch_per_step, prefetch_floor=prefetch_floor,
         collection=copy.deepcopy(collection), device=cpu)
-    lookahead = (top_k if prefetch_per_layer is None else prefetch_per_layer) if manager.lookahead else 0
+    lookahead = (top_k if prefetch_per_layer is None else min(prefetch_per_layer, num_experts)) if manager.lookahead else 0
     guesses, lookahead_source = None, None
     if manager.lookahead:
         if trace.lookahead is not None and lookahead_accuracy is None:
