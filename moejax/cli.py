@@ -43,7 +43,7 @@ FLAGS = {
     # serving.ServingLoop
     "scheduler": "--scheduler", "max_queue": "--max-queue", "max_batch": "--max-batch",
     # predictors
-    "predicted": "--predictor", "predict_every": "--predict-every",
+    "predicted": "--predictor", "predict_every": "--predict-every", "seed": "--seed",
 }
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02; higher: fewer, surer copies)")
@@ -602,8 +602,13 @@ def cmd_train_predictor(args) -> int:
                         ("--layers", args.layers), ("--batch-tokens", args.batch_tokens)):
         if value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
-    if not 0 <= args.validation < 1 or not args.learning_rate > 0 or not 0 <= args.unknown_rate < 1:
-        raise MoejaxError("--validation and --unknown-rate must be in [0, 1) and --learning-rate positive")
+    for flag, value in (("--validation", args.validation), ("--unknown-rate", args.unknown_rate)):
+        if not 0 <= value < 1:
+            raise MoejaxError(f"{flag} must be in [0, 1) (got {value})")
+    if not 0 < args.learning_rate < float("inf"):
+        raise MoejaxError(f"--learning-rate must be a finite number > 0 (got {args.learning_rate})")
+    if args.seed < 0:
+        raise MoejaxError(f"--seed must be >= 0 (got {args.seed})")
     config = TrainingConfig(epochs=args.epochs, context=args.context, hidden=args.hidden, layers=args.layers,
                             causal=not args.bidirectional, batch_tokens=args.batch_tokens,
                             learning_rate=args.learning_rate, validation=args.validation, seed=args.seed,

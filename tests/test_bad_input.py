@@ -463,3 +463,22 @@ def test_prefetching_more_than_every_expert_fetches_every_expert(prefetch, optio
                                                lookahead_accuracy=0.5, **{option: n}).items() if k != "replay_s"}
                     for n in (10**12, all_experts))
     assert huge == capped and huge[option] == all_experts
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number > 0 (got inf)"),  # trained to loss nan
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0 (got nan)"),
+    (["--validation", "1"], "--validation must be in [0, 1) (got 1.0)"),
+    (["--unknown-rate", "nan"], "--unknown-rate must be in [0, 1) (got nan)"),
+    (["--seed=-1"], "--seed must be >= 0 (got -1)"),  # was a numpy traceback
+])
+def test_train_predictor_names_the_bad_flag(capsys, tmp_path, args, expected):
+    argv = ["train-predictor", "--kind", "sida", "--traces", small_routing_file(tmp_path), "--out", tmp_path / "p", *args]
+    one_line_error(capsys, argv, expected)
+    assert not (tmp_path / "p").exists()
+
+
+def test_lab_refuses_a_negative_seed(capsys, tmp_path):
+    """The simulated lookahead's numpy generator raised a traceback for it."""
+    one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", "--prefetch", "lookahead",
+                            "--lookahead-accuracy", "0.5", "--seed=-1"], "--seed must be >= 0 (got -1)")

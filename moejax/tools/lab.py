@@ -124,6 +124,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
                       prefetch_per_layer=prefetch_per_layer, prefetch_per_step=prefetch_per_step,
                       prefetch_floor=prefetch_floor)  # the engine's checks of the prefetch options
     capacity = capacity_experts(trace, capacity_fraction)
+    if seed < 0:
+        raise ParameterError("{seed} must be >= 0 (got {value})", value=seed)
     if expert_bytes is not None and expert_bytes < 1:
         raise ParameterError("{expert_bytes} must be a positive number of bytes, got {value}", value=expert_bytes)
     cpu = jax.devices("cpu")[0]
