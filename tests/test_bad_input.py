@@ -370,6 +370,11 @@ def test_task_unknown_to_the_traces_is_refused(capsys, ckpt, trace_dir):
 @pytest.mark.parametrize("line,expected", [
     ('{"prompt_ids": [1, 2], "task": 5}', ":1: 'task' must be a string (a task label), got 5"),
     ('{"prompt_ids": [1, 99]}', ": prompt 1: token id 99 is outside the vocabulary [0, 50)"),
+    ('{"prompt_ids": "1,2,3"}', ":1: 'prompt_ids' must be a non-empty list of integer token ids, got \"1,2,3\""),  # was text
+    ('{"prompt_ids": [true, 2]}', ":1: 'prompt_ids' must be a non-empty list of integer token ids, got [true, 2]"),  # was 1
+    ('{"prompt_ids": [1.5]}', ":1: 'prompt_ids' must be a non-empty list of integer token ids"),
+    ('{"prompt_ids": []}', ":1: 'prompt_ids' must be a non-empty list of integer token ids"),
+    ('{"text": "hi"}', ":1: 'prompt' must be non-empty text"),
 ])
 def test_bad_trace_prompt_lines(capsys, ckpt, tmp_path, line, expected):
     prompts = tmp_path / "prompts.jsonl"
