@@ -531,6 +531,12 @@ def cmd_trace(args) -> int:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
     inputs = (args.checkpoint, args.prompts, args.traces)
     check_output(args.out, inputs, args.overwrite, TRACE_OUTPUT)
+    if args.router_probs:
+        from moejax.checkpoint import load_config
+        from moejax.models.registry import kind_of
+
+        if kind_of(load_config(args.checkpoint)).encoder_decoder:
+            raise MoejaxError(f"--router-probs is for decoder models, not {args.checkpoint} (encoder-decoder)")
     prompts = read_prompts(args.prompts)[: args.limit]
     engine = load_engine(args, slots=args.batch_size, predictor=load_predictor(args))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -539,8 +545,6 @@ def cmd_trace(args) -> int:
     if args.router_probs:
         from moejax.tools.tracing import router_probabilities
 
-        if trace.token_ids is None:
-            raise MoejaxError("--router-probs is for decoder models")
         trace.router_probs = router_probabilities(args.checkpoint, trace.token_ids, trace.seq_lens, trace.experts)
     write_traces(args.out, trace, collection, summary, args.overwrite, inputs)
     accuracy = summary.get("lookahead_accuracy")
