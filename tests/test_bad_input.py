@@ -430,6 +430,18 @@ def test_unwritable_plot_is_refused_before_computing(capsys, tmp_path, plot):
     assert capsys.readouterr().out == ""
 
 
+def test_plot_replaces_only_an_earlier_plot(capsys, tmp_path):
+    """It wrote its PNG over any file, e.g. a prompt file given as --plot by mistake."""
+    mine = tmp_path / "prompts.jsonl"
+    mine.write_text('{"prompt_ids": [1]}\n')
+    one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", "--plot", mine],
+                   f"{mine}: exists and is not a PNG; --plot replaces only an earlier plot")
+    assert mine.read_text() == '{"prompt_ids": [1]}\n'
+    plot = tmp_path / "p.png"
+    for _ in range(2):  # the second run replaces the first's plot
+        assert main(["lab", "--traces", str(tmp_path / "routing.npz"), "--capacity", "0.5", "--plot", str(plot)]) == 0
+
+
 def test_results_are_printed_before_the_plot_is_written(capsys, tmp_path, monkeypatch):
     from moejax.tools import lab
 

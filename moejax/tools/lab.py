@@ -253,16 +253,23 @@ def parse_range(text: str | None, count: int, flag: str) -> tuple[int, int]:
 
 def check_plot_path(path: str | Path) -> None:
     """Refuses, before any work is done, a plot that could not be written: into a missing or unwritable
-    directory, over a directory, or without matplotlib."""
+    directory, over a directory or a file other than a PNG (an earlier plot), or without matplotlib."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
         raise MoejaxError(f"{path}: cannot write the plot there: {folder} is not a directory")
     if path.is_dir():
         raise MoejaxError(f"{path}: cannot write the plot there: it is a directory")
+    if path.exists() and not _is_png(path):
+        raise MoejaxError(f"{path}: exists and is not a PNG; --plot replaces only an earlier plot (choose another path)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise MoejaxError(f"{path}: cannot write the plot there: {folder} is not writable")
     _pyplot()
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _pyplot():
