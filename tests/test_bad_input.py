@@ -499,3 +499,14 @@ def test_lab_refuses_a_negative_seed(capsys, tmp_path):
     """The simulated lookahead's numpy generator raised a traceback for it."""
     one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", "--prefetch", "lookahead",
                             "--lookahead-accuracy", "0.5", "--seed=-1"], "--seed must be >= 0 (got -1)")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--placement", "balanced"], "--placement, --placement-traces and --hot-replicas share the experts out among "
+                                  "several devices: give --devices N > 1 too"),
+    (["--placement", "balanced", "--placement-traces", "missing", "--hot-replicas", "1"], "give --devices N > 1 too"),
+    (["--placement-traces", "missing"], "--placement-traces is the load --placement 'balanced' reads, not 'round-robin'"),
+])
+def test_placement_options_that_would_be_ignored_are_refused(capsys, ckpt, args, expected):
+    """On one device, or with round-robin placement, they were accepted and ignored (a missing file too)."""
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", *args], expected)

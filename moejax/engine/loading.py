@@ -153,7 +153,8 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
         fmt.check(_shapes(cfg))
         options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
     if devices != 1 or placement != "round-robin" or placement_traces is not None or hot_replicas:
-        check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas)
+        check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas,
+                       placement_traces=placement_traces)
         options.update(devices=devices, placement=placement, placement_traces=placement_traces,
                        hot_replicas=hot_replicas)
     if config.host_budget is not None and cpu_experts != "off":
@@ -244,9 +245,14 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
 
 
 def check_parallel(cfg, config: OffloadConfig, devices: int, placement: str, cpu_experts: str = "off",
-                   host_tier=None, hot_replicas: int = 0) -> None:
+                   host_tier=None, hot_replicas: int = 0, placement_traces: str | Path | None = None) -> None:
     """Expert parallelism's parameters and limits, as one-line errors naming the parameter."""
     expert_parallel.check(devices, cfg.num_experts, placement, hot_replicas)
+    if placement_traces is not None and placement != "balanced":
+        raise ParameterError("{placement_traces} is the load {placement} 'balanced' reads, not {name!r}", name=placement)
+    if devices == 1:  # a placement option on one device would be ignored
+        raise ParameterError("{placement}, {placement_traces} and {hot_replicas} share the experts out among several "
+                             "devices: give {devices} N > 1 too")
     if kind_of(cfg).encoder_decoder:
         raise ParameterError("{devices}: expert parallelism serves decoder-only models, not {family}", family=cfg.family)
     if devices > 1 and (cpu_experts != "off" or host_tier is not None or config.host_budget is not None):
