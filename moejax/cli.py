@@ -259,6 +259,9 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
 def load_predictor(args, approximate_routing: bool = False, scheduler: str | None = None):
     """The predictor of --predictor (None without it), which goes with --prefetch predictor (or, for
     generate and serve, --routing predicted; for serve, --scheduler slo, which reads its expert profiles)."""
+    if args.predict_every != 1 and args.prefetch != "predictor":
+        raise MoejaxError("--predict-every paces the predictor of --prefetch predictor (an emoe --predictor): give them "
+                          "too, or leave --predict-every out")
     needed = args.prefetch == "predictor" or approximate_routing
     if (args.predictor is None and needed) or (args.predictor is not None and not needed and scheduler != "slo"):
         raise MoejaxError("--predictor DIR goes with --prefetch predictor"

@@ -510,3 +510,10 @@ def test_lab_refuses_a_negative_seed(capsys, tmp_path):
 def test_placement_options_that_would_be_ignored_are_refused(capsys, ckpt, args, expected):
     """On one device, or with round-robin placement, they were accepted and ignored (a missing file too)."""
     one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", *args], expected)
+
+
+@pytest.mark.parametrize("every", ["0", "3"])
+def test_predict_every_without_the_predictor_prefetcher_is_refused(capsys, ckpt, every):
+    """It was accepted and ignored (0 too)."""
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", "--offload", "cached", "--predict-every", every],
+                   "--predict-every paces the predictor of --prefetch predictor")
