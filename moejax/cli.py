@@ -456,6 +456,8 @@ def cmd_lab(args) -> int:
         raise MoejaxError("give --capacity (or --predictor to measure a predictor)")
     if args.prefetch == "predictor" and args.predictor is None:
         raise MoejaxError("--prefetch predictor needs --predictor DIR")
+    if args.fit_sequences is not None and args.fit is None:
+        raise MoejaxError("--fit-sequences selects sequences of --fit: give --fit too")
     try:
         capacities = [] if args.capacity is None else [float(c) for c in args.capacity.split(",")]
     except ValueError:

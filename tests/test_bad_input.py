@@ -517,3 +517,12 @@ def test_predict_every_without_the_predictor_prefetcher_is_refused(capsys, ckpt,
     """It was accepted and ignored (0 too)."""
     one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", "--offload", "cached", "--predict-every", every],
                    "--predict-every paces the predictor of --prefetch predictor")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lookahead-accuracy", "0.5"], "--lookahead-accuracy simulates the lookahead: it applies to --prefetch lookahead "
+                                      "or trace+lookahead, not 'none'"),
+    (["--fit-sequences", "0:1"], "--fit-sequences selects sequences of --fit: give --fit too"),
+])
+def test_lab_options_that_would_be_ignored_are_refused(capsys, tmp_path, args, expected):
+    one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", *args], expected)

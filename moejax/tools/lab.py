@@ -134,6 +134,9 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         staged_per_step=2 * top_k if prefetch_per_step is None else prefetch_per_step, prefetch_floor=prefetch_floor,
         collection=copy.deepcopy(collection), device=cpu)
     lookahead = (top_k if prefetch_per_layer is None else min(prefetch_per_layer, num_experts)) if manager.lookahead else 0
+    if lookahead_accuracy is not None and not manager.lookahead:
+        raise ParameterError("{lookahead_accuracy} simulates the lookahead: it applies to {prefetch} lookahead or "
+                             "trace+lookahead, not {name!r}", name=prefetch)
     guesses, lookahead_source = None, None
     if manager.lookahead:
         if trace.lookahead is not None and lookahead_accuracy is None:
