@@ -526,3 +526,18 @@ def test_predict_every_without_the_predictor_prefetcher_is_refused(capsys, ckpt,
 ])
 def test_lab_options_that_would_be_ignored_are_refused(capsys, tmp_path, args, expected):
     one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", *args], expected)
+
+
+@pytest.mark.parametrize("keywords,parameter", [
+    ({"slots": 1.5}, "slots"), ({"max_seq_len": 2.5}, "max_seq_len"), ({"prefill_chunk": None}, "prefill_chunk"),
+    ({"slots": "4"}, "slots"),
+])
+def test_load_sizes_must_be_integers(keywords, parameter):
+    """A fraction reached JAX's shape checks (a TypeError from inside JAX), after the weights were read."""
+    err = parameter_error(lambda: moejax.load("no/such/checkpoint", **keywords))
+    assert err.parameters == (parameter,) and "must be an integer" in str(err)
+
+
+def test_max_new_tokens_must_be_an_integer():
+    """1.5 was accepted."""
+    assert parameter_error(lambda: GenerationConfig(max_new_tokens=1.5)).parameters == ("max_new_tokens",)

@@ -103,6 +103,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     ParameterError naming the parameter.
     """
     use_compilation_cache()
+    _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))  # before any reading
     path = Path(path)
     cfg = checkpoint.load_config(path)
     if isinstance(offload, OffloadConfig) and offload_options:
@@ -295,6 +296,8 @@ def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], 
 def _check_sizes(**sizes: tuple[int, int]) -> None:
     """sizes: {parameter: (value, least allowed)}."""
     for name, (value, least) in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):  # 1.5 reached JAX's shape checks
+            raise ParameterError("{" + name + "} must be an integer (got {value!r})", value=value)
         if value < least:
             raise ParameterError("{" + name + "} must be >= {least} (got {value})", least=least, value=value)
 
