@@ -536,12 +536,8 @@ def cmd_trace(args) -> int:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
     inputs = (args.checkpoint, args.prompts, args.traces)
     check_output(args.out, inputs, args.overwrite, TRACE_OUTPUT)
-    if args.router_probs:
-        from moejax.checkpoint import load_config
-        from moejax.models.registry import kind_of
-
-        if kind_of(load_config(args.checkpoint)).encoder_decoder:
-            raise MoejaxError(f"--router-probs is for decoder models, not {args.checkpoint} (encoder-decoder)")
+    if args.router_probs and is_encoder_decoder(args.checkpoint):
+        raise MoejaxError(f"--router-probs is for decoder models, not {args.checkpoint} (encoder-decoder)")
     prompts = read_prompts(args.prompts)[: args.limit]
     engine = load_engine(args, slots=args.batch_size, predictor=load_predictor(args))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -559,6 +555,14 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def is_encoder_decoder(checkpoint: Path) -> bool:
+    """Whether the moejax checkpoint holds an encoder-decoder model (its config read; MoejaxError if it cannot be)."""
+    from moejax.checkpoint import load_config
+    from moejax.models.registry import kind_of
+
+    return kind_of(load_config(checkpoint)).encoder_decoder
+
+
 def cmd_serve(args) -> int:
     from moejax.serving.http import require_serve_extra
 
@@ -570,6 +574,8 @@ def cmd_serve(args) -> int:
 
     if not args.checkpoint.exists():
         raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")
+    if is_encoder_decoder(args.checkpoint):  # before listening and loading
+        raise MoejaxError(f"{args.checkpoint}: an encoder-decoder model; serve takes decoder-only models")
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")

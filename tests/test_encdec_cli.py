@@ -83,6 +83,13 @@ def test_trace_router_probs_is_refused_before_tracing(root, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
 
 
+def test_serve_refuses_encoder_decoder_checkpoints_before_loading(root, capsys):
+    """It loaded the model, then named the Python parameter `engine`."""
+    _, _, ckpt = build(NLLB, root)
+    code, _, err = run(capsys, "serve", ckpt, "--port", "0")
+    assert code == 2 and err == f"moejax: error: {ckpt}: an encoder-decoder model; serve takes decoder-only models\n"
+
+
 def test_export_refuses_encoder_decoder_checkpoints(root, tmp_path, capsys):
     _, _, ckpt = build(NLLB, root)
     code, _, err = run(capsys, "export", ckpt, tmp_path / "hf", "--quiet")
