@@ -84,6 +84,11 @@ def test_unknown_model_type_lists_supported(capsys, hf_dir, tmp_path):
     assert_convert_fails(capsys, hf, tmp_path, "'gpt_neo'", SUPPORTED)
 
 
+def test_converting_a_moejax_checkpoint_says_it_is_one(capsys, ckpt, tmp_path):
+    """It said "config.json: model_type None is not supported"."""
+    assert_convert_fails(capsys, ckpt, tmp_path, f"{ckpt}: a moejax checkpoint already; convert reads HuggingFace")
+
+
 def test_missing_tensor_is_named(capsys, hf_dir, tmp_path):
     hf = broken_copy(hf_dir, tmp_path)
     rewrite_weights(hf, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight"))
