@@ -546,3 +546,16 @@ def test_load_sizes_must_be_integers(keywords, parameter):
 def test_max_new_tokens_must_be_an_integer():
     """1.5 was accepted."""
     assert parameter_error(lambda: GenerationConfig(max_new_tokens=1.5)).parameters == ("max_new_tokens",)
+
+
+def test_expert_dir_of_something_else_is_named_and_kept(capsys, ckpt, trace_dir, tmp_path):
+    """A directory without a manifest (here the traces) was to be deleted "to rebuild it"; a file was an errno."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for expert_dir, expected in ((trace_dir, f"{trace_dir} has no manifest, so it is not an expert directory"),
+                                 (a_file, f"{a_file}: not a directory")):
+        line = one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", "--offload", "cached", "--expert-budget",
+                                       "1", "--host-budget", "0.5", "--expert-dir", expert_dir], expected)
+        assert "delete" not in line
+    assert a_file.read_text() == "mine" and sorted(p.name for p in trace_dir.iterdir()) == [
+        "eams.npz", "routing.npz", "summary.json"]
