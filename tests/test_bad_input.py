@@ -559,3 +559,16 @@ def test_expert_dir_of_something_else_is_named_and_kept(capsys, ckpt, trace_dir,
         assert "delete" not in line
     assert a_file.read_text() == "mine" and sorted(p.name for p in trace_dir.iterdir()) == [
         "eams.npz", "routing.npz", "summary.json"]
+
+
+def test_token_ids_must_be_integers(ckpt):
+    """[[1.5, 2]] and [[True, 2]] generated from [1, 2]; [1.5, 2] was a TypeError."""
+    engine = moejax.load(ckpt, slots=1, max_seq_len=8)
+    for prompts, expected in (([[1.5, 2]], "prompt 0: token id 1.5 is not an integer"),
+                              ([[True, 2]], "prompt 0: token id True is not an integer"),
+                              ([1.5, 2], "prompt 0 must be a list of token ids, got 1.5")):
+        with pytest.raises(moejax.MoejaxError, match=re.escape(expected)):
+            engine.generate(prompts, max_new_tokens=1)
+    with pytest.raises(moejax.MoejaxError, match=re.escape("prompt: token id 2.0 is not an integer")):
+        engine.prefill(0, [1, 2.0])
+    assert engine.encode([np.int64(3), 4]) == [[3, 4]] and type(engine.encode([np.int64(3)])[0][0]) is int
