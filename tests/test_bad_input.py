@@ -543,9 +543,10 @@ def test_load_sizes_must_be_integers(keywords, parameter):
     assert err.parameters == (parameter,) and "must be an integer" in str(err)
 
 
-def test_max_new_tokens_must_be_an_integer():
+@pytest.mark.parametrize("field", ["max_new_tokens", "seed"])
+def test_generation_counts_and_seeds_must_be_integers(field):
     """1.5 was accepted."""
-    assert parameter_error(lambda: GenerationConfig(max_new_tokens=1.5)).parameters == ("max_new_tokens",)
+    assert parameter_error(lambda: GenerationConfig(**{field: 1.5})).parameters == (field,)
 
 
 def test_expert_dir_of_something_else_is_named_and_kept(capsys, ckpt, trace_dir, tmp_path):
