@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -628,6 +629,12 @@ def cmd_train_predictor(args) -> int:
                             causal=not args.bidirectional, batch_tokens=args.batch_tokens,
                             learning_rate=args.learning_rate, validation=args.validation, seed=args.seed,
                             unknown_rate=args.unknown_rate)
+    untrained = args.kind in ("frequency", "token-table")
+    given = [f"--{name.replace('_', '-')}" if name != "causal" else "--bidirectional"
+             for name, value in dataclasses.asdict(config).items() if value != getattr(TrainingConfig(), name)]
+    if untrained and given:
+        raise MoejaxError(f"{', '.join(given)} set how sida and emoe predictors learn; --kind {args.kind} counts "
+                          "routing instead: leave them out")
     summary = train_predictor(args.kind, args.traces, args.out, sequences=args.sequences, config=config,
                               overwrite=args.overwrite, show_progress=not args.quiet)
     last = summary.get("epochs", [{}])[-1] if summary.get("epochs") else {}

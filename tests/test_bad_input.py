@@ -573,3 +573,12 @@ def test_token_ids_must_be_integers(ckpt):
     with pytest.raises(moejax.MoejaxError, match=re.escape("prompt: token id 2.0 is not an integer")):
         engine.prefill(0, [1, 2.0])
     assert engine.encode([np.int64(3), 4]) == [[3, 4]] and type(engine.encode([np.int64(3)])[0][0]) is int
+
+
+def test_training_flags_of_a_counting_predictor_are_refused(capsys, tmp_path):
+    """--kind frequency / token-table train no network: --epochs, --hidden etc. were accepted and ignored."""
+    argv = ["train-predictor", "--kind", "frequency", "--traces", small_routing_file(tmp_path), "--out", tmp_path / "p",
+            "--epochs", "5", "--bidirectional"]
+    one_line_error(capsys, argv, "--bidirectional, --epochs set how sida and emoe predictors learn; --kind frequency "
+                                 "counts routing instead")
+    assert not (tmp_path / "p").exists()
