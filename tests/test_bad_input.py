@@ -475,14 +475,14 @@ def test_top_k_past_int32_keeps_every_token():
     assert sampling_row(SamplingParams(greedy=False, top_k=10**12))[1] == 2**31 - 1
 
 
-@pytest.mark.parametrize("prefetch,option,all_experts", [
-    ("trace", "prefetch_per_step", 12), ("lookahead", "prefetch_per_layer", 4),
+@pytest.mark.parametrize("prefetch,option,all_experts,keywords", [
+    ("trace", "prefetch_per_step", 12, {}), ("lookahead", "prefetch_per_layer", 4, {"lookahead_accuracy": 0.5}),
 ])
-def test_prefetching_more_than_every_expert_fetches_every_expert(prefetch, option, all_experts):
+def test_prefetching_more_than_every_expert_fetches_every_expert(prefetch, option, all_experts, keywords):
     """A huge --prefetch-per-step / --prefetch-per-layer was a MemoryError or OverflowError traceback."""
     trace = RoutingTrace(np.array([[[0, 1], [2, 3], [0, 2]]] * 3), np.array([3]), num_experts=4)
     huge, capped = ({k: v for k, v in replay(trace, capacity_fraction=0.5, policy="lru", prefetch=prefetch,
-                                               lookahead_accuracy=0.5, **{option: n}).items() if k != "replay_s"}
+                                               **keywords, **{option: n}).items() if k != "replay_s"}
                     for n in (10**12, all_experts))
     assert huge == capped and huge[option] == all_experts
 
