@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ FLAGS = {
     # serving.ServingLoop
     "scheduler": "--scheduler", "max_queue": "--max-queue", "max_batch": "--max-batch",
     # predictors
-    "predicted": "--predictor", "predict_every": "--predict-every",
+    "predicted": "--predictor", "predict_every": "--predict-every", "seed": "--seed",
 }
 FLOOR_HELP = ("trace prefetchers: propose only experts with at least this probability of use "
               "(default 0.02; higher: fewer, surer copies)")
@@ -260,6 +261,9 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
 def load_predictor(args, approximate_routing: bool = False, scheduler: str | None = None):
     """The predictor of --predictor (None without it), which goes with --prefetch predictor (or, for
     generate and serve, --routing predicted; for serve, --scheduler slo, which reads its expert profiles)."""
+    if args.predict_every != 1 and args.prefetch != "predictor":
+        raise MoejaxError("--predict-every paces the predictor of --prefetch predictor (an emoe --predictor): give them "
+                          "too, or leave --predict-every out")
     needed = args.prefetch == "predictor" or approximate_routing
     if (args.predictor is None and needed) or (args.predictor is not None and not needed and scheduler != "slo"):
         raise MoejaxError("--predictor DIR goes with --prefetch predictor"
@@ -454,6 +458,8 @@ def cmd_lab(args) -> int:
         raise MoejaxError("give --capacity (or --predictor to measure a predictor)")
     if args.prefetch == "predictor" and args.predictor is None:
         raise MoejaxError("--prefetch predictor needs --predictor DIR")
+    if args.fit_sequences is not None and args.fit is None:
+        raise MoejaxError("--fit-sequences selects sequences of --fit: give --fit too")
     try:
         capacities = [] if args.capacity is None else [float(c) for c in args.capacity.split(",")]
     except ValueError:
@@ -532,6 +538,8 @@ def cmd_trace(args) -> int:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
     inputs = (args.checkpoint, args.prompts, args.traces)
     check_output(args.out, inputs, args.overwrite, TRACE_OUTPUT)
+    if args.router_probs and is_encoder_decoder(args.checkpoint):
+        raise MoejaxError(f"--router-probs is for decoder models, not {args.checkpoint} (encoder-decoder)")
     prompts = read_prompts(args.prompts)[: args.limit]
     engine = load_engine(args, slots=args.batch_size, predictor=load_predictor(args))
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, ignore_eos=True)
@@ -540,8 +548,6 @@ def cmd_trace(args) -> int:
     if args.router_probs:
         from moejax.tools.tracing import router_probabilities
 
-        if trace.token_ids is None:
-            raise MoejaxError("--router-probs is for decoder models")
         trace.router_probs = router_probabilities(args.checkpoint, trace.token_ids, trace.seq_lens, trace.experts)
     write_traces(args.out, trace, collection, summary, args.overwrite, inputs)
     accuracy = summary.get("lookahead_accuracy")
@@ -549,6 +555,14 @@ def cmd_trace(args) -> int:
           f"{plural(summary['moe_layers'], 'MoE layer')}"
           + ("" if accuracy is None else f"; lookahead guess accuracy {accuracy * 100:.1f}%"))
     return 0
+
+
+def is_encoder_decoder(checkpoint: Path) -> bool:
+    """Whether the moejax checkpoint holds an encoder-decoder model (its config read; MoejaxError if it cannot be)."""
+    from moejax.checkpoint import load_config
+    from moejax.models.registry import kind_of
+
+    return kind_of(load_config(checkpoint)).encoder_decoder
 
 
 def cmd_serve(args) -> int:
@@ -562,6 +576,8 @@ def cmd_serve(args) -> int:
 
     if not args.checkpoint.exists():
         raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")
+    if is_encoder_decoder(args.checkpoint):  # before listening and loading
+        raise MoejaxError(f"{args.checkpoint}: an encoder-decoder model; serve takes decoder-only models")
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
@@ -603,12 +619,23 @@ def cmd_train_predictor(args) -> int:
                         ("--layers", args.layers), ("--batch-tokens", args.batch_tokens)):
         if value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
-    if not 0 <= args.validation < 1 or not args.learning_rate > 0 or not 0 <= args.unknown_rate < 1:
-        raise MoejaxError("--validation and --unknown-rate must be in [0, 1) and --learning-rate positive")
+    for flag, value in (("--validation", args.validation), ("--unknown-rate", args.unknown_rate)):
+        if not 0 <= value < 1:
+            raise MoejaxError(f"{flag} must be in [0, 1) (got {value})")
+    if not 0 < args.learning_rate < float("inf"):
+        raise MoejaxError(f"--learning-rate must be a finite number > 0 (got {args.learning_rate})")
+    if args.seed < 0:
+        raise MoejaxError(f"--seed must be >= 0 (got {args.seed})")
     config = TrainingConfig(epochs=args.epochs, context=args.context, hidden=args.hidden, layers=args.layers,
                             causal=not args.bidirectional, batch_tokens=args.batch_tokens,
                             learning_rate=args.learning_rate, validation=args.validation, seed=args.seed,
                             unknown_rate=args.unknown_rate)
+    untrained = args.kind in ("frequency", "token-table")
+    given = [f"--{name.replace('_', '-')}" if name != "causal" else "--bidirectional"
+             for name, value in dataclasses.asdict(config).items() if value != getattr(TrainingConfig(), name)]
+    if untrained and given:
+        raise MoejaxError(f"{', '.join(given)} set how sida and emoe predictors learn; --kind {args.kind} counts "
+                          "routing instead: leave them out")
     summary = train_predictor(args.kind, args.traces, args.out, sequences=args.sequences, config=config,
                               overwrite=args.overwrite, show_progress=not args.quiet)
     last = summary.get("epochs", [{}])[-1] if summary.get("epochs") else {}

@@ -63,7 +63,7 @@ def _run(job: tuple) -> dict:
     (label, policy, prefetch), capacity, lookahead_accuracy = job
     result = replay(
         _state["eval"], capacity_fraction=capacity, policy=policy, prefetch=prefetch,
-        collection=_state["collection"], lookahead_accuracy=lookahead_accuracy,
+        collection=_state["collection"], lookahead_accuracy=lookahead_accuracy if "lookahead" in prefetch else None,
     )
     print(f"  {label:32s} {capacity:4.2f}  hit rate {result['hit_rate'] * 100:5.1f}%  ({result['replay_s']:.0f} s)",
           file=sys.stderr, flush=True)

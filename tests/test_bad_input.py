@@ -84,6 +84,11 @@ def test_unknown_model_type_lists_supported(capsys, hf_dir, tmp_path):
     assert_convert_fails(capsys, hf, tmp_path, "'gpt_neo'", SUPPORTED)
 
 
+def test_converting_a_moejax_checkpoint_says_it_is_one(capsys, ckpt, tmp_path):
+    """It said "config.json: model_type None is not supported"."""
+    assert_convert_fails(capsys, ckpt, tmp_path, f"{ckpt}: a moejax checkpoint already; convert reads HuggingFace")
+
+
 def test_missing_tensor_is_named(capsys, hf_dir, tmp_path):
     hf = broken_copy(hf_dir, tmp_path)
     rewrite_weights(hf, lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight"))
@@ -158,7 +163,7 @@ def test_existing_output_is_kept(capsys, hf_dir, tmp_path):
     (["--prompt-ids", "1", "--temperature", "nan"], ["--temperature must be"]),
     (["--prompt-ids", "1", "--temperature", "1", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
     (["--prompt-ids", "1", "--temperature", "1", "--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
-    (["--prompt-ids", "1", "--temperature", "1", "--top-k", "-2"], ["--top-k must be >= 0"]),
+    (["--prompt-ids", "1", "--temperature", "1", "--top-k", "-2"], ["--top-k must be an integer >= 0"]),
     (["--prompt-ids", "1", "--top-p", "0.5"], ["give --temperature"]),
     (["--prompt-ids", "1", "--greedy", "--temperature", "1"], ["--temperature", "not allowed with argument --greedy"]),
     ([], ["give --prompt TEXT or --prompt-ids"]),
@@ -370,6 +375,11 @@ def test_task_unknown_to_the_traces_is_refused(capsys, ckpt, trace_dir):
 @pytest.mark.parametrize("line,expected", [
     ('{"prompt_ids": [1, 2], "task": 5}', ":1: 'task' must be a string (a task label), got 5"),
     ('{"prompt_ids": [1, 99]}', ": prompt 1: token id 99 is outside the vocabulary [0, 50)"),
+    ('{"prompt_ids": "1,2,3"}', ":1: 'prompt_ids' must be a non-empty list of integer token ids, got \"1,2,3\""),  # was text
+    ('{"prompt_ids": [true, 2]}', ":1: 'prompt_ids' must be a non-empty list of integer token ids, got [true, 2]"),  # was 1
+    ('{"prompt_ids": [1.5]}', ":1: 'prompt_ids' must be a non-empty list of integer token ids"),
+    ('{"prompt_ids": []}', ":1: 'prompt_ids' must be a non-empty list of integer token ids"),
+    ('{"text": "hi"}', ":1: 'prompt' must be non-empty text"),
 ])
 def test_bad_trace_prompt_lines(capsys, ckpt, tmp_path, line, expected):
     prompts = tmp_path / "prompts.jsonl"
@@ -425,6 +435,18 @@ def test_unwritable_plot_is_refused_before_computing(capsys, tmp_path, plot):
     assert capsys.readouterr().out == ""
 
 
+def test_plot_replaces_only_an_earlier_plot(capsys, tmp_path):
+    """It wrote its PNG over any file, e.g. a prompt file given as --plot by mistake."""
+    mine = tmp_path / "prompts.jsonl"
+    mine.write_text('{"prompt_ids": [1]}\n')
+    one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", "--plot", mine],
+                   f"{mine}: exists and is not a PNG; --plot replaces only an earlier plot")
+    assert mine.read_text() == '{"prompt_ids": [1]}\n'
+    plot = tmp_path / "p.png"
+    for _ in range(2):  # the second run replaces the first's plot
+        assert main(["lab", "--traces", str(tmp_path / "routing.npz"), "--capacity", "0.5", "--plot", str(plot)]) == 0
+
+
 def test_results_are_printed_before_the_plot_is_written(capsys, tmp_path, monkeypatch):
     from moejax.tools import lab
 
@@ -438,3 +460,125 @@ def test_results_are_printed_before_the_plot_is_written(capsys, tmp_path, monkey
     assert main([str(a) for a in argv]) == 2
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["lru, capacity 0.5 (2 experts)", "lru, capacity 1 (4 experts)"]
+
+
+# -- the bad-input audit: values that reached numpy, JAX or a silent default --------------------------
+
+@pytest.mark.parametrize("top_k", [1.5, True])
+def test_top_k_must_be_an_integer(top_k):
+    assert parameter_error(lambda: SamplingParams(greedy=False, top_k=top_k)).parameters == ("top_k",)
+
+
+def test_top_k_past_int32_keeps_every_token():
+    from moejax.engine.slots import sampling_row
+
+    assert sampling_row(SamplingParams(greedy=False, top_k=10**12))[1] == 2**31 - 1
+
+
+@pytest.mark.parametrize("prefetch,option,all_experts,keywords", [
+    ("trace", "prefetch_per_step", 12, {}), ("lookahead", "prefetch_per_layer", 4, {"lookahead_accuracy": 0.5}),
+])
+def test_prefetching_more_than_every_expert_fetches_every_expert(prefetch, option, all_experts, keywords):
+    """A huge --prefetch-per-step / --prefetch-per-layer was a MemoryError or OverflowError traceback."""
+    trace = RoutingTrace(np.array([[[0, 1], [2, 3], [0, 2]]] * 3), np.array([3]), num_experts=4)
+    huge, capped = ({k: v for k, v in replay(trace, capacity_fraction=0.5, policy="lru", prefetch=prefetch,
+                                               **keywords, **{option: n}).items() if k != "replay_s"}
+                    for n in (10**12, all_experts))
+    assert huge == capped and huge[option] == all_experts
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number > 0 (got inf)"),  # trained to loss nan
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number > 0 (got nan)"),
+    (["--validation", "1"], "--validation must be in [0, 1) (got 1.0)"),
+    (["--unknown-rate", "nan"], "--unknown-rate must be in [0, 1) (got nan)"),
+    (["--seed=-1"], "--seed must be >= 0 (got -1)"),  # was a numpy traceback
+])
+def test_train_predictor_names_the_bad_flag(capsys, tmp_path, args, expected):
+    argv = ["train-predictor", "--kind", "sida", "--traces", small_routing_file(tmp_path), "--out", tmp_path / "p", *args]
+    one_line_error(capsys, argv, expected)
+    assert not (tmp_path / "p").exists()
+
+
+def test_lab_refuses_a_negative_seed(capsys, tmp_path):
+    """The simulated lookahead's numpy generator raised a traceback for it."""
+    one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", "--prefetch", "lookahead",
+                            "--lookahead-accuracy", "0.5", "--seed=-1"], "--seed must be >= 0 (got -1)")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--placement", "balanced"], "--placement, --placement-traces and --hot-replicas share the experts out among "
+                                  "several devices: give --devices N > 1 too"),
+    (["--placement", "balanced", "--placement-traces", "missing", "--hot-replicas", "1"], "give --devices N > 1 too"),
+    (["--placement-traces", "missing"], "--placement-traces is the load --placement 'balanced' reads, not 'round-robin'"),
+])
+def test_placement_options_that_would_be_ignored_are_refused(capsys, ckpt, args, expected):
+    """On one device, or with round-robin placement, they were accepted and ignored (a missing file too)."""
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", *args], expected)
+
+
+@pytest.mark.parametrize("every", ["0", "3"])
+def test_predict_every_without_the_predictor_prefetcher_is_refused(capsys, ckpt, every):
+    """It was accepted and ignored (0 too)."""
+    one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", "--offload", "cached", "--predict-every", every],
+                   "--predict-every paces the predictor of --prefetch predictor")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lookahead-accuracy", "0.5"], "--lookahead-accuracy simulates the lookahead: it applies to --prefetch lookahead "
+                                      "or trace+lookahead, not 'none'"),
+    (["--fit-sequences", "0:1"], "--fit-sequences selects sequences of --fit: give --fit too"),
+])
+def test_lab_options_that_would_be_ignored_are_refused(capsys, tmp_path, args, expected):
+    one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", *args], expected)
+
+
+@pytest.mark.parametrize("keywords,parameter", [
+    ({"slots": 1.5}, "slots"), ({"max_seq_len": 2.5}, "max_seq_len"), ({"prefill_chunk": None}, "prefill_chunk"),
+    ({"slots": "4"}, "slots"),
+])
+def test_load_sizes_must_be_integers(keywords, parameter):
+    """A fraction reached JAX's shape checks (a TypeError from inside JAX), after the weights were read."""
+    err = parameter_error(lambda: moejax.load("no/such/checkpoint", **keywords))
+    assert err.parameters == (parameter,) and "must be an integer" in str(err)
+
+
+@pytest.mark.parametrize("field", ["max_new_tokens", "seed"])
+def test_generation_counts_and_seeds_must_be_integers(field):
+    """1.5 was accepted."""
+    assert parameter_error(lambda: GenerationConfig(**{field: 1.5})).parameters == (field,)
+
+
+def test_expert_dir_of_something_else_is_named_and_kept(capsys, ckpt, trace_dir, tmp_path):
+    """A directory without a manifest (here the traces) was to be deleted "to rebuild it"; a file was an errno."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for expert_dir, expected in ((trace_dir, f"{trace_dir} has no manifest, so it is not an expert directory"),
+                                 (a_file, f"{a_file}: not a directory")):
+        line = one_line_error(capsys, ["generate", ckpt, "--prompt-ids", "1,2", "--offload", "cached", "--expert-budget",
+                                       "1", "--host-budget", "0.5", "--expert-dir", expert_dir], expected)
+        assert "delete" not in line
+    assert a_file.read_text() == "mine" and sorted(p.name for p in trace_dir.iterdir()) == [
+        "eams.npz", "routing.npz", "summary.json"]
+
+
+def test_token_ids_must_be_integers(ckpt):
+    """[[1.5, 2]] and [[True, 2]] generated from [1, 2]; [1.5, 2] was a TypeError."""
+    engine = moejax.load(ckpt, slots=1, max_seq_len=8)
+    for prompts, expected in (([[1.5, 2]], "prompt 0: token id 1.5 is not an integer"),
+                              ([[True, 2]], "prompt 0: token id True is not an integer"),
+                              ([1.5, 2], "prompt 0 must be a list of token ids, got 1.5")):
+        with pytest.raises(moejax.MoejaxError, match=re.escape(expected)):
+            engine.generate(prompts, max_new_tokens=1)
+    with pytest.raises(moejax.MoejaxError, match=re.escape("prompt: token id 2.0 is not an integer")):
+        engine.prefill(0, [1, 2.0])
+    assert engine.encode([np.int64(3), 4]) == [[3, 4]] and type(engine.encode([np.int64(3)])[0][0]) is int
+
+
+def test_training_flags_of_a_counting_predictor_are_refused(capsys, tmp_path):
+    """--kind frequency / token-table train no network: --epochs, --hidden etc. were accepted and ignored."""
+    argv = ["train-predictor", "--kind", "frequency", "--traces", small_routing_file(tmp_path), "--out", tmp_path / "p",
+            "--epochs", "5", "--bidirectional"]
+    one_line_error(capsys, argv, "--bidirectional, --epochs set how sida and emoe predictors learn; --kind frequency "
+                                 "counts routing instead")
+    assert not (tmp_path / "p").exists()

@@ -74,6 +74,22 @@ def test_bad_generate_input_is_one_clear_line(root, capsys, argv, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_trace_router_probs_is_refused_before_tracing(root, tmp_path, capsys):
+    """It was an AttributeError traceback from the decoder-only teacher pass, after the whole trace."""
+    _, _, ckpt = build(NLLB, root)
+    (tmp_path / "p.jsonl").write_text('{"prompt_ids": [5, 6]}\n')
+    code, _, err = run(capsys, "trace", ckpt, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "t", "--router-probs")
+    assert code == 2 and f"--router-probs is for decoder models, not {ckpt} (encoder-decoder)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
+
+
+def test_serve_refuses_encoder_decoder_checkpoints_before_loading(root, capsys):
+    """It loaded the model, then named the Python parameter `engine`."""
+    _, _, ckpt = build(NLLB, root)
+    code, _, err = run(capsys, "serve", ckpt, "--port", "0")
+    assert code == 2 and err == f"moejax: error: {ckpt}: an encoder-decoder model; serve takes decoder-only models\n"
+
+
 def test_export_refuses_encoder_decoder_checkpoints(root, tmp_path, capsys):
     _, _, ckpt = build(NLLB, root)
     code, _, err = run(capsys, "export", ckpt, tmp_path / "hf", "--quiet")

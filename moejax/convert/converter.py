@@ -44,6 +44,8 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise MoejaxError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(hf, dict):
         raise MoejaxError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+    if "format_version" in hf and "model_type" not in hf:
+        raise MoejaxError(f"{hf_dir}: a moejax checkpoint already; convert reads HuggingFace checkpoints")
     return hf
 
 

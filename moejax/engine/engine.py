@@ -121,11 +121,21 @@ class Engine:
                     raise MoejaxError("this checkpoint has no tokenizer.json: pass token ids")
                 ids = self.tokenizer.encode(prompt)
             else:
-                ids = [int(t) for t in prompt]
+                ids = prompt
             out.append(self._checked(ids, f"prompt {n}"))
         return out
 
-    def _checked(self, ids: list[int], what: str) -> list[int]:
+    def _checked(self, ids: Sequence[int], what: str) -> list[int]:
+        """`ids` as a list of ints, checked: integers (1.5 or True is no token id), within the vocabulary, and
+        room for a new token."""
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise MoejaxError(f"{what} must be a list of token ids, got {ids!r}") from None
+        wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+        if wrong:
+            raise MoejaxError(f"{what}: token id {wrong[0]!r} is not an integer")
+        ids = [int(t) for t in ids]
         if not ids:
             raise MoejaxError(f"{what} is empty")
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
@@ -199,7 +209,7 @@ class Engine:
         sampled: tokens this sequence already drew (it resumes: token_ids are its prompt and those tokens),
         so its next token draws the random number it would have drawn without the interruption.
         Until its last chunk has run, the slot takes no part in decode steps."""
-        ids = self._checked([int(t) for t in token_ids], "prompt")
+        ids = self._checked(token_ids, "prompt")
         if sampled < 0:
             raise ParameterError("{sampled} must be >= 0 (got {value})", value=sampled)
         sequence = self._begin(slot, sampling, len(ids), task, max_new_tokens)

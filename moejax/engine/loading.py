@@ -103,6 +103,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     ParameterError naming the parameter.
     """
     use_compilation_cache()
+    _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))  # before any reading
     path = Path(path)
     cfg = checkpoint.load_config(path)
     if isinstance(offload, OffloadConfig) and offload_options:
@@ -153,7 +154,8 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
         fmt.check(_shapes(cfg))
         options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
     if devices != 1 or placement != "round-robin" or placement_traces is not None or hot_replicas:
-        check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas)
+        check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas,
+                       placement_traces=placement_traces)
         options.update(devices=devices, placement=placement, placement_traces=placement_traces,
                        hot_replicas=hot_replicas)
     return options
@@ -241,9 +243,14 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
 
 
 def check_parallel(cfg, config: OffloadConfig, devices: int, placement: str, cpu_experts: str = "off",
-                   host_tier=None, hot_replicas: int = 0) -> None:
+                   host_tier=None, hot_replicas: int = 0, placement_traces: str | Path | None = None) -> None:
     """Expert parallelism's parameters and limits, as one-line errors naming the parameter."""
     expert_parallel.check(devices, cfg.num_experts, placement, hot_replicas)
+    if placement_traces is not None and placement != "balanced":
+        raise ParameterError("{placement_traces} is the load {placement} 'balanced' reads, not {name!r}", name=placement)
+    if devices == 1:  # a placement option on one device would be ignored
+        raise ParameterError("{placement}, {placement_traces} and {hot_replicas} share the experts out among several "
+                             "devices: give {devices} N > 1 too")
     if kind_of(cfg).encoder_decoder:
         raise ParameterError("{devices}: expert parallelism serves decoder-only models, not {family}", family=cfg.family)
     if devices > 1 and (cpu_experts != "off" or host_tier is not None or config.host_budget is not None):
@@ -286,6 +293,8 @@ def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], 
 def _check_sizes(**sizes: tuple[int, int]) -> None:
     """sizes: {parameter: (value, least allowed)}."""
     for name, (value, least) in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):  # 1.5 reached JAX's shape checks
+            raise ParameterError("{" + name + "} must be an integer (got {value!r})", value=value)
         if value < least:
             raise ParameterError("{" + name + "} must be >= {least} (got {value})", least=least, value=value)
 
@@ -363,7 +372,7 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
                                      device=device)
     lookahead = 0
     if manager is not None and manager.lookahead:
-        lookahead = cfg.top_k if config.prefetch_per_layer is None else config.prefetch_per_layer
+        lookahead = cfg.top_k if config.prefetch_per_layer is None else min(config.prefetch_per_layer, E)
     return PlacedExperts(cache, slab, host, manager, manager.device_policy if manager is not None else "lru", lookahead,
                          info)
 

@@ -121,7 +121,7 @@ class Seq2SeqEngine(Engine):
         the forced one (target_lang: a language code of the tokenizer, or forced_bos_id) if given, else the
         decoder's choice after its start token. task, max_new_tokens: as for `Engine.prefill`."""
         forced = self.forced_token(target_lang, forced_bos_id)
-        source = self._checked([int(t) for t in source_ids], "source")
+        source = self._checked(source_ids, "source")
         sequence = self._begin(slot, sampling, 1, task, max_new_tokens)
         routing, guesses, resident, _ = self._encode(slot, source)
         self._observe(routing, resident)
@@ -167,7 +167,7 @@ class Seq2SeqEngine(Engine):
         """Teacher-forced logits [len_i, V] f32 of decoder_inputs[i] (starting with the decoder start token,
         which the caller includes) given sources[i], each pair alone in a free slot."""
         ids = self.encode(sources)
-        targets = [self._checked([int(t) for t in target], f"decoder input {n}") for n, target in enumerate(decoder_inputs)]
+        targets = [self._checked(target, f"decoder input {n}") for n, target in enumerate(decoder_inputs)]
         if len(targets) != len(ids):
             raise MoejaxError(f"{len(ids)} sources but {len(targets)} decoder inputs")
         slot = self._free_slot("logits")

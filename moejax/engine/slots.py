@@ -34,8 +34,8 @@ class SamplingParams:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ParameterError("{temperature} must be a finite number > 0 (got {value}); for argmax decoding use "
                                  "{greedy} instead of 0", value=self.temperature)
-        if self.top_k < 0:
-            raise ParameterError("{top_k} must be >= 0 (got {value})", value=self.top_k)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ParameterError("{top_k} must be an integer >= 0 (got {value})", value=self.top_k)
         if not 0 < self.top_p <= 1:
             raise ParameterError("{top_p} must be in (0, 1] (got {value})", value=self.top_p)
 
@@ -62,8 +62,9 @@ def new_slot_state(slots: int, device) -> SlotState:
 
 def sampling_row(params: SamplingParams) -> tuple:
     """(temperature, top_k, top_p, seed) as the slot state stores them (temperature 0: greedy)."""
-    # numpy scalars: a Python int seed over 2**31 would overflow a jitted function's default int32
-    return (np.float32(0.0 if params.greedy else params.temperature), np.int32(params.top_k),
+    # numpy scalars: a Python int seed over 2**31 would overflow a jitted function's default int32; a top_k
+    # past int32 keeps every token, as any top_k of at least the vocabulary does
+    return (np.float32(0.0 if params.greedy else params.temperature), np.int32(min(params.top_k, 2**31 - 1)),
             np.float32(params.top_p), np.uint32(params.seed % 2**32))
 
 

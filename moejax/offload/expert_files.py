@@ -125,10 +125,13 @@ class ExpertFiles:
     def __init__(self, root: Path, shapes: dict, num_layers: int, num_experts: int, expert_format: dict | None = None):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
+        if not self.root.is_dir():
+            raise MoejaxError(f"{self.root}: not a directory (an expert directory holds {MANIFEST} and the expert files)")
         try:
             manifest = json.loads(manifest_path.read_text())
-        except FileNotFoundError:
-            raise MoejaxError(f"{manifest_path}: expert directory has no manifest (delete the directory to rebuild it)") from None
+        except FileNotFoundError:  # another directory given by mistake, not one to delete
+            raise MoejaxError(f"{manifest_path}: {self.root} has no manifest, so it is not an expert directory "
+                              "(a new path gets the expert files written there)") from None
         except (OSError, ValueError) as err:
             raise MoejaxError(f"{manifest_path}: unreadable manifest ({err})") from None
         self._check_format(manifest, expert_format or float_format([d for _, d in shapes.values()]))

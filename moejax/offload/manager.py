@@ -106,6 +106,7 @@ class OffloadManager:
             self.prefetcher = make_prefetcher("trace", num_layers=num_layers, num_experts=num_experts, top_k=top_k,
                                               collection=self.collection,
                                               floor=DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor)
+        staged_per_step = min(staged_per_step, num_layers * num_experts)  # more than every expert stages them all
         self.staged_per_step = staged_per_step if self.prefetcher is not None or prefetch == "predictor" else 0
         self.predictor_floor = DEFAULT_FLOORS["trace"] if prefetch_floor is None else prefetch_floor
         self.predicted: np.ndarray | None = None  # the sequence's per-token probabilities [T, L, E] (predictor)

@@ -124,6 +124,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
                       prefetch_per_layer=prefetch_per_layer, prefetch_per_step=prefetch_per_step,
                       prefetch_floor=prefetch_floor)  # the engine's checks of the prefetch options
     capacity = capacity_experts(trace, capacity_fraction)
+    if seed < 0:
+        raise ParameterError("{seed} must be >= 0 (got {value})", value=seed)
     if expert_bytes is not None and expert_bytes < 1:
         raise ParameterError("{expert_bytes} must be a positive number of bytes, got {value}", value=expert_bytes)
     cpu = jax.devices("cpu")[0]
@@ -131,7 +133,10 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         num_layers, num_experts, top_k, policy="lru" if policy == "belady" else policy, prefetch=prefetch,
         staged_per_step=2 * top_k if prefetch_per_step is None else prefetch_per_step, prefetch_floor=prefetch_floor,
         collection=copy.deepcopy(collection), device=cpu)
-    lookahead = (top_k if prefetch_per_layer is None else prefetch_per_layer) if manager.lookahead else 0
+    lookahead = (top_k if prefetch_per_layer is None else min(prefetch_per_layer, num_experts)) if manager.lookahead else 0
+    if lookahead_accuracy is not None and not manager.lookahead:
+        raise ParameterError("{lookahead_accuracy} simulates the lookahead: it applies to {prefetch} lookahead or "
+                             "trace+lookahead, not {name!r}", name=prefetch)
     guesses, lookahead_source = None, None
     if manager.lookahead:
         if trace.lookahead is not None and lookahead_accuracy is None:
@@ -251,16 +256,23 @@ def parse_range(text: str | None, count: int, flag: str) -> tuple[int, int]:
 
 def check_plot_path(path: str | Path) -> None:
     """Refuses, before any work is done, a plot that could not be written: into a missing or unwritable
-    directory, over a directory, or without matplotlib."""
+    directory, over a directory or a file other than a PNG (an earlier plot), or without matplotlib."""
     path = Path(path)
     folder = path.parent
     if not folder.is_dir():
         raise MoejaxError(f"{path}: cannot write the plot there: {folder} is not a directory")
     if path.is_dir():
         raise MoejaxError(f"{path}: cannot write the plot there: it is a directory")
+    if path.exists() and not _is_png(path):
+        raise MoejaxError(f"{path}: exists and is not a PNG; --plot replaces only an earlier plot (choose another path)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise MoejaxError(f"{path}: cannot write the plot there: {folder} is not writable")
     _pyplot()
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def _pyplot():

@@ -38,10 +38,15 @@ def read_prompts(path: Path) -> list[tuple[str | list[int], str | None]]:
     (token ids) and an optional `task`."""
     prompts = []
     for number, record in json_objects(path, "the prompt file"):
-        prompt = record.get("prompt_ids", record.get("prompt"))
-        valid_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
-        if not (isinstance(prompt, str) or valid_ids) or not prompt:
-            raise MoejaxError(f"{path}:{number}: 'prompt' must be non-empty text (or 'prompt_ids' a list of token ids)")
+        if "prompt_ids" in record:  # ids, never text: "1,2,3" or true would be read as something else
+            prompt = record["prompt_ids"]
+            if not (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+                raise MoejaxError(f"{path}:{number}: 'prompt_ids' must be a non-empty list of integer token ids, "
+                                  f"got {json.dumps(prompt)[:40]}")
+        else:
+            prompt = record.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise MoejaxError(f"{path}:{number}: 'prompt' must be non-empty text (or 'prompt_ids' a list of token ids)")
         task = record.get("task")
         if task is not None and not isinstance(task, str):
             raise MoejaxError(f"{path}:{number}: 'task' must be a string (a task label), got {json.dumps(task)}")
