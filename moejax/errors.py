@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import string
 from collections.abc import Iterable, Mapping
 
@@ -45,3 +46,8 @@ class ParameterError(MoejaxError):
 def plural(count: int, noun: str) -> str:
     """'1 expert', '2 experts' (nouns whose plural adds an s)."""
     return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+def is_integer(value) -> bool:
+    """Whether `value` is an integer (a Python or NumPy one), and not a bool: True is no count or token id."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -26,7 +26,7 @@ from moejax.engine import decoder_programs as programs
 from moejax.engine.compilation import compile_seconds, run_clock
 from moejax.engine.results import GenerationConfig, GenerationResult, Timing, generation_config, record_token
 from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
-from moejax.errors import MoejaxError, ParameterError, plural
+from moejax.errors import MoejaxError, ParameterError, is_integer, plural
 from moejax.models.decoder import kv_cache_shapes
 from moejax.offload import device_cache as dc
 from moejax.offload.host_cache import TieredHost
@@ -132,7 +132,7 @@ class Engine:
             ids = list(ids)
         except TypeError:
             raise MoejaxError(f"{what} must be a list of token ids, got {ids!r}") from None
-        wrong = [t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+        wrong = [t for t in ids if not is_integer(t)]
         if wrong:
             raise MoejaxError(f"{what}: token id {wrong[0]!r} is not an integer")
         ids = [int(t) for t in ids]

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from moejax.engine.decoder_programs import ExpertInputs
 from moejax.engine.engine import Engine
-from moejax.errors import ParameterError
+from moejax.errors import ParameterError, is_integer
 from moejax.offload import device_cache as dc
 from moejax.offload.expert_stacks import _write_layer, empty_slab, has_pinned_host
 from moejax.offload.stats import cache_stats, per_device_entry
@@ -53,7 +53,7 @@ def check(devices: int, num_experts: int, placement: str, hot_replicas: int = 0)
     check_devices(devices, num_experts)
     if placement not in PLACEMENTS:
         raise ParameterError.not_one_of("placement", placement, PLACEMENTS)
-    if isinstance(hot_replicas, bool) or not isinstance(hot_replicas, (int, np.integer)) or not (
+    if not is_integer(hot_replicas) or not (
             0 <= hot_replicas <= num_experts):
         raise ParameterError("{hot_replicas} must be an integer in [0, {experts}] (got {value!r})",
                              experts=num_experts, value=hot_replicas)

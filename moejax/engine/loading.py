@@ -19,7 +19,7 @@ from moejax.engine import encdec_programs, expert_parallel
 from moejax.engine.engine import Engine
 from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
-from moejax.errors import MoejaxError, ParameterError, plural
+from moejax.errors import MoejaxError, ParameterError, is_integer, plural
 from moejax.models.decoder import expert_activation, kv_bytes_per_token, kv_cache_bytes
 from moejax.models.encdec import expert_shapes as encdec_expert_shapes
 from moejax.kernels.slab_experts import inplace_problem
@@ -293,7 +293,7 @@ def build_seq2seq_engine(cfg: EncDecConfig, globals_: dict, layers: list[dict], 
 def _check_sizes(**sizes: tuple[int, int]) -> None:
     """sizes: {parameter: (value, least allowed)}."""
     for name, (value, least) in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):  # 1.5 reached JAX's shape checks
+        if not is_integer(value):  # 1.5 reached JAX's shape checks
             raise ParameterError("{" + name + "} must be an integer (got {value!r})", value=value)
         if value < least:
             raise ParameterError("{" + name + "} must be >= {least} (got {value})", least=least, value=value)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from moejax.engine.slots import SamplingParams
-from moejax.errors import MoejaxError, ParameterError
+from moejax.errors import MoejaxError, ParameterError, is_integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +20,9 @@ class GenerationConfig:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)):
+        if not is_integer(self.max_new_tokens):
             raise ParameterError("{max_new_tokens} must be an integer (got {value!r})", value=self.max_new_tokens)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+        if not is_integer(self.seed):
             raise ParameterError("{seed} must be an integer (got {value!r})", value=self.seed)
         if self.max_new_tokens < 1:
             raise ParameterError("{max_new_tokens} must be >= 1 (got {value})", value=self.max_new_tokens)

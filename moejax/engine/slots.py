@@ -15,7 +15,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from moejax.errors import ParameterError
+from moejax.errors import ParameterError, is_integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SamplingParams:
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ParameterError("{temperature} must be a finite number > 0 (got {value}); for argmax decoding use "
                                  "{greedy} instead of 0", value=self.temperature)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+        if not is_integer(self.top_k) or self.top_k < 0:
             raise ParameterError("{top_k} must be an integer >= 0 (got {value})", value=self.top_k)
         if not 0 < self.top_p <= 1:
             raise ParameterError("{top_p} must be in (0, 1] (got {value})", value=self.top_p)

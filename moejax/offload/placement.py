@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from moejax.errors import ParameterError
+from moejax.errors import ParameterError, is_integer
 
 PLACEMENTS = ("round-robin", "balanced")
 
@@ -93,7 +93,7 @@ def load_spread(device_load: np.ndarray) -> dict:
 
 
 def check_devices(num_devices: int, num_experts: int) -> None:
-    if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
+    if not is_integer(num_devices) or num_devices < 1:
         raise ParameterError("{devices} must be an integer >= 1 (got {value!r})", value=num_devices)
     if num_experts % num_devices:
         raise ParameterError("{devices} {value} does not divide the {experts} experts of a MoE layer",

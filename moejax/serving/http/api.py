@@ -19,7 +19,7 @@ import secrets
 import time
 
 from moejax.engine.slots import SamplingParams
-from moejax.errors import ParameterError
+from moejax.errors import ParameterError, is_integer
 from moejax.serving.requests import SLO, Request
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -108,7 +108,7 @@ def _prompt_ids(prompt, tokenizer) -> list[int]:
         if tokenizer is None:
             raise bad_field("prompt", "this model has no tokenizer: give the prompt as a list of token ids")
         ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and all(_is_integer(t) for t in prompt):
+    elif isinstance(prompt, list) and all(is_integer(t) for t in prompt):
         ids = prompt
     elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
         raise bad_field("prompt", f"this server takes one prompt per request, not {len(prompt)}: send each in its own "
@@ -160,7 +160,7 @@ def _sampling(body: dict) -> SamplingParams | None:
     top_p = _number(body, "top_p", 0.0, 1.0, 1.0, low_open=True)
     top_k = _integer(body, "top_k", 0) or 0
     seed = body.get("seed")
-    if seed is not None and not _is_integer(seed):
+    if seed is not None and not is_integer(seed):
         raise bad_field("seed", f"seed must be an integer (got {seed!r})")
     if temperature == 0:
         return None  # greedy
@@ -189,13 +189,9 @@ def _slo(body: dict) -> SLO:
     return SLO(**slo)
 
 
-def _is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _integer(body: dict, name: str, minimum: int) -> int | None:
     value = body.get(name)
-    if value is not None and not (_is_integer(value) and value >= minimum):
+    if value is not None and not (is_integer(value) and value >= minimum):
         raise bad_field(name, f"{name} must be an integer >= {minimum} (got {value!r})")
     return value
 
