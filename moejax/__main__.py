@@ -1,5 +1,3 @@
-import sys
+from moejax.cli import run
 
-from moejax.cli import main
-
-sys.exit(main())
+run()

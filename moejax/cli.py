@@ -691,5 +691,17 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
 
 
+def run() -> None:
+    """The `moejax` command: `main`, then exit with its status. A command stopped by a signal has cleaned up by
+    then, and leaves without the interpreter's finalization, during which work still running in XLA's threads
+    (a training step dispatched before the signal) could crash the process (exit 139 instead of 128 + signal)."""
+    status = main()
+    if status >= 128:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -265,3 +265,25 @@ def test_a_signal_the_process_ignores_stays_ignored():
                 assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.parametrize("status", [0, 2, 130, 143])
+def test_the_command_leaves_without_finalization_only_when_a_signal_stopped_it(monkeypatch, status):
+    """An interrupted command (exit 128 + signal) has cleaned up when main returns; the interpreter's finalization,
+    with XLA threads still running a dispatched step, could crash it (exit 139), so it exits at once."""
+    from moejax import cli
+
+    exits = []
+
+    def leaving(how):
+        def leave(code):
+            exits.append((how, code))
+            raise SystemExit(code)
+        return leave
+
+    monkeypatch.setattr(cli, "main", lambda: status)
+    monkeypatch.setattr(cli.os, "_exit", leaving("_exit"))
+    monkeypatch.setattr(cli.sys, "exit", leaving("exit"))
+    with pytest.raises(SystemExit):
+        cli.run()
+    assert exits == [("_exit" if status >= 128 else "exit", status)]
