@@ -435,8 +435,13 @@ def test_unwritable_plot_is_refused_before_computing(capsys, tmp_path, plot):
     assert capsys.readouterr().out == ""
 
 
-def test_plot_replaces_only_an_earlier_plot(capsys, tmp_path):
+def test_plot_replaces_only_an_earlier_plot(capsys, tmp_path, monkeypatch):
     """It wrote its PNG over any file, e.g. a prompt file given as --plot by mistake."""
+    from moejax.tools import lab
+
+    # a stand-in for matplotlib (the plot extra, not the test one) that writes a PNG's signature
+    monkeypatch.setattr(lab, "_pyplot", lambda: None)
+    monkeypatch.setattr(lab, "plot_curves", lambda curves, path, title: Path(path).write_bytes(b"\x89PNG\r\n\x1a\n"))
     mine = tmp_path / "prompts.jsonl"
     mine.write_text('{"prompt_ids": [1]}\n')
     one_line_error(capsys, ["lab", "--traces", small_routing_file(tmp_path), "--capacity", "0.5", "--plot", mine],
