@@ -377,9 +377,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_generate(args) -> int:
-    from moejax import checkpoint
     from moejax.engine.compilation import on_first_compile
-    from moejax.models.registry import kind_of
     from moejax.engine.results import GenerationConfig
     from moejax.engine.slots import SamplingParams
 
@@ -400,7 +398,7 @@ def cmd_generate(args) -> int:
         stop_token_ids=tuple(args.stop_ids),
         ignore_eos=args.ignore_eos,
     )
-    seq2seq = kind_of(checkpoint.load_config(args.checkpoint)).encoder_decoder
+    seq2seq = is_encoder_decoder(args.checkpoint)
     if not seq2seq and (args.target_lang is not None or args.forced_bos_id is not None):
         raise MoejaxError("--target-lang and --forced-bos-id are for encoder-decoder models")
     prompts = args.prompt_ids or args.prompt

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.errors import MoejaxError, ParameterError, plural
+from moejax.errors import MoejaxError, ParameterError, is_integer, plural
 from moejax.jsonl import json_objects
 from moejax.outputs import atomic_directory
 from moejax.progress import Progress
@@ -40,7 +40,7 @@ def read_prompts(path: Path) -> list[tuple[str | list[int], str | None]]:
     for number, record in json_objects(path, "the prompt file"):
         if "prompt_ids" in record:  # ids, never text: "1,2,3" or true would be read as something else
             prompt = record["prompt_ids"]
-            if not (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+            if not (isinstance(prompt, list) and prompt and all(is_integer(t) for t in prompt)):
                 raise MoejaxError(f"{path}:{number}: 'prompt_ids' must be a non-empty list of integer token ids, "
                                   f"got {json.dumps(prompt)[:40]}")
         else:
