@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moejax.offload.cpu_experts import HostExperts
+from moejax.offload.cpu_experts import HOST_THREADS, HostExperts
 from moejax.offload.expert_files import ExpertFiles, write_expert_files
 from moejax.offload.expert_format import ExpertFormat
 from moejax.offload.host_cache import HostCache
@@ -50,18 +50,37 @@ def time_expert(host: HostExperts, rows: np.ndarray, repeats: int) -> float:
     return median(times)
 
 
+def time_layer(fmt: ExpertFormat, dims: tuple[int, int], count: int, repeats: int) -> float:
+    """Median seconds of `HostExperts.compute` on one MoE layer of `count` distinct experts, one token row each,
+    every expert on the host."""
+    experts = [expert_in(fmt, dims, seed) for seed in range(count)]
+    stack = {name: np.stack([e[name] for e in experts]) for name in experts[0]}
+    host = HostExperts.from_stacks([stack], "silu", count)
+    x = np.random.default_rng(2).standard_normal((count, dims[0])).astype(fmt.float_dtype)
+    ids = np.arange(count, dtype=np.int32)[:, None]
+    weights, on_host = np.ones((count, 1), np.float32), np.ones(count, bool)
+    host.compute(0, x, ids, weights, on_host)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        host.compute(0, x, ids, weights, on_host)
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dims", default="7168x2048", help="D x F of the expert (default Kimi-K2's)")
     parser.add_argument("--formats", default="f32,bf16,int8,int4")
     parser.add_argument("--rows", default="1,8", help="token rows (comma-separated)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--experts", type=int, default=8, help="experts of the layer computed at once, one row each")
     parser.add_argument("--dir", type=Path, help="where the expert files go (default: a temporary directory)")
     parser.add_argument("--out", default="probe_host_expert.json")
     args = parser.parse_args()
     D, F = (int(n) for n in args.dims.lower().split("x"))
     root = args.dir or Path(tempfile.mkdtemp(prefix="moejax-probe-"))
-    out = {"environment": environment(), "cpu_cores": os.cpu_count(), "dims": [D, F], "rows": []}
+    out = {"environment": environment(), "cpu_cores": os.cpu_count(), "dims": [D, F], "rows": [], "layers": []}
     rng = np.random.default_rng(1)
     for name in args.formats.split(","):
         fmt = ExpertFormat(name, MODEL_DTYPE.get(name, "bfloat16"))
@@ -81,11 +100,17 @@ def main() -> None:
                 out["rows"].append({"format": name, "source": source, "rows": count, "expert_mb": nbytes / 1e6,
                                     "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
         cache.close()
+        layer = time_layer(fmt, (D, F), args.experts, args.repeats)
+        out["layers"].append({"format": name, "experts": args.experts, "threads": HOST_THREADS, "ms": layer * 1e3,
+                              "weights_gb_s": args.experts * nbytes / layer / 1e9})
         write_json(Path(args.out), out)
     print()
     print(f"one {D} x {F} expert on the host ({os.cpu_count()} cores)")
     print_table(out["rows"], [("format", "format", "s"), ("source", "from", "s"), ("rows", "rows", "d"),
                               ("expert_mb", "MB", ".1f"), ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
+    print(f"\na layer's {args.experts} host experts, one row each, {HOST_THREADS} at a time (HostExperts.compute)")
+    print_table(out["layers"], [("format", "format", "s"), ("experts", "experts", "d"), ("threads", "threads", "d"),
+                                ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ the device's expert compute, and one host callback (`HostExperts.compute`, via `
 only in layer steps that send anything) receives the layer's rows x [N, D], routing and the host experts' mask,
 and returns their weighted sum [N, D] f32, which the program adds to the device's.
 
-Exact up to float rounding: the host runs the device's own expert function (`models.moe.expert_ffn` on the
-weights as the cache holds them, compact ones dequantized by `models.quantized.dequantized`) compiled by XLA for
-the CPU (`jax.devices("cpu")`; its thread pool uses the host's cores), on the expert's rows padded to a power of
-two. Its matmuls have other shapes than the device's batched ones, so they may round differently, and the
-host experts' sum is added after the device's instead of in expert order. tests/test_compact_experts.py states
-and checks the tolerance (float32: 1e-6 of the output's largest value; bf16: 1e-2).
+Exact up to float rounding: the host runs the device's expert function on the weights as the cache holds them
+(compact ones dequantized), in float32 and reading each weight matrix block by block (`offload.host_ffn`: XLA:CPU's
+own bf16 matmul is ~8x slower), compiled by XLA for the CPU (`jax.devices("cpu")`; its thread pool uses the
+host's cores), on the expert's rows padded to a power of two; a layer's host experts run concurrently
+(HOST_THREADS). Its arithmetic differs from the device's bf16 batched program, and the host experts' sum is added
+after the device's instead of in expert order. tests/test_compact_experts.py states and checks the tolerance
+(float32: 1e-6 of the output's largest value; bf16: 1e-2).
 
 The cost model's numbers are measured once at load (`measure`: one expert's fetch to the device as a miss makes it
 in the step programs; the host function on 1 and 8 rows) unless given. Where the host computes from:
@@ -32,9 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +45,13 @@ import numpy as np
 from jax.experimental import io_callback
 
 from moejax.errors import ParameterError
-from moejax.models.moe import expert_ffn
-from moejax.models.quantized import SCALE_SUFFIX, dequantized
+from moejax.models.quantized import SCALE_SUFFIX
 from moejax.offload.expert_stacks import fetch_expert
 from moejax.offload.host_cache import HostCache, TieredHost
+from moejax.offload.host_ffn import host_expert_ffn, host_operands
 
 CPU_EXPERTS = ("off", "auto")
+HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # a layer's host experts computed at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +83,6 @@ class CostModel:
         return {**dataclasses.asdict(self), "copy_s": self.copy_s(), "host_token_limit": self.host_token_limit()}
 
 
-@functools.partial(jax.jit, static_argnames=("act",))
-def _host_ffn(x, expert: dict, act: str):
-    return expert_ffn(x, dequantized(expert), act).astype(jnp.float32)
-
-
 def host_rows(n: int) -> int:
     """Rows the host function computes for n token rows: the next power of two (few compiled shapes)."""
     return 1 << max(0, n - 1).bit_length()
@@ -104,13 +103,15 @@ class HostExperts:
 
     @classmethod
     def from_stacks(cls, stacks: list[dict], act: str, token_limit: int) -> HostExperts:
-        """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays), as CPU arrays."""
+        """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays), as CPU arrays (bf16
+        matrices as their bits: `host_operands`)."""
         cpu = jax.devices("cpu")[0]
         experts = []
         for stack in stacks:
             layer = {name: np.asarray(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
             count = next(iter(layer.values())).shape[0]
-            experts.append([jax.device_put({name: w[e] for name, w in layer.items()}, cpu) for e in range(count)])
+            experts.append([jax.device_put(host_operands({name: w[e] for name, w in layer.items()}), cpu)
+                            for e in range(count)])
         return cls(lambda layer, expert: experts[layer][expert], act, token_limit)
 
     @classmethod
@@ -136,7 +137,8 @@ class HostExperts:
             return None
         padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
         padded[: len(rows)] = rows
-        out = _host_ffn(jax.device_put(padded, self.cpu), jax.device_put(weights, self.cpu, may_alias=True), self.act)
+        operands = jax.device_put(host_operands(weights), self.cpu, may_alias=True)
+        out = host_expert_ffn(jax.device_put(padded, self.cpu), operands, self.act)
         return np.asarray(out)[: len(rows)]
 
     def compute(self, layer, x, ids, weights, on_host) -> np.ndarray:
@@ -146,20 +148,24 @@ class HostExperts:
         start = time.perf_counter()
         x, ids, weights = np.asarray(x), np.asarray(ids), np.asarray(weights, np.float32)
         out = np.zeros(x.shape, np.float32)
-        tokens = 0
         experts = np.flatnonzero(np.asarray(on_host))
-        for e in experts:
-            row_weight = np.where(ids == e, weights, 0.0).sum(axis=-1)
-            rows = np.flatnonzero(row_weight != 0)
-            expert_out = self.expert_output(int(layer), int(e), x[rows])
+        row_weights = [np.where(ids == e, weights, 0.0).sum(axis=-1) for e in experts]
+        rows = [np.flatnonzero(w != 0) for w in row_weights]
+        outputs = _pool().map(lambda e, r: self.expert_output(int(layer), int(e), x[r]), experts, rows)
+        for row_weight, expert_rows, expert_out in zip(row_weights, rows, outputs):
             if expert_out is not None:
-                out[rows] += row_weight[rows, None] * expert_out
-            tokens += rows.size
+                out[expert_rows] += row_weight[expert_rows, None] * expert_out
+        tokens = sum(r.size for r in rows)
         with self._lock:
             self.computed += experts.size
             self.tokens += tokens
             self.seconds += time.perf_counter() - start
         return out
+
+
+@functools.cache
+def _pool() -> futures.ThreadPoolExecutor:
+    return futures.ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="moejax-host-expert")
 
 
 def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: int, token_limit: int):

@@ -1,0 +1,124 @@
+"""One routed expert's FFN as the host computes it (`cpu_experts='auto'`), compiled by XLA for the CPU.
+
+The device's function (`models.moe.expert_ffn` on `models.quantized.dequantized` weights) is slow on XLA:CPU
+for the formats the engine keeps: XLA:CPU computes bfloat16 in float32 and converts a whole bf16 (or
+dequantized) weight matrix to a float32 temporary before its matmul, which costs ~8x the time of reading the
+weight (measured with `scripts/probe_host_expert.py`: a 4096 x 2048 bf16 matvec 12 ms against 1.5 ms here).
+This function instead reads each weight matrix in blocks of BLOCK_ROWS input rows, widens one block at a time
+to float32 (bf16 as its bits, uint16, shifted into a float32's high half; int8 / int4 codes times their
+group scales) and accumulates the block's product, so no temporary is larger than a block and every weight
+byte is read once.
+
+Arithmetic is float32 throughout (rows, products, the activation): closer to exact than the device's bf16
+program; tests/test_host_ffn.py checks it against the float64 expert of the same weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from moejax.models.moe import ACTIVATIONS, gated_activation
+from moejax.models.quantized import GROUP_SIZE, QUANTIZED_WEIGHTS, SCALE_SUFFIX
+
+BLOCK_ROWS = 256  # input rows widened at a time: a 2048-wide block is 2 MB of float32
+BF16_BITS = "bf16_bits"  # the suffix of a bf16 weight passed as its bits (uint16), see host_operands
+
+
+def host_operands(expert: dict) -> dict:
+    """An expert's weights {name: array} (NumPy or CPU JAX arrays) as `host_expert_ffn` takes them: each bfloat16
+    matrix (gate, up, down) viewed as its bits (NumPy uint16, no copy) under `name + BF16_BITS`; the rest
+    (compact codes, scales, biases, float32; and weights already given as bits) as they are."""
+    out = {}
+    for name, w in expert.items():
+        if name in QUANTIZED_WEIGHTS and w.dtype == jnp.bfloat16:
+            out[name + BF16_BITS] = np.asarray(w).view(np.uint16)
+        else:
+            out[name] = w
+    return out
+
+
+def _block_rows(rows: int, quantum: int) -> int:
+    """The largest block of at most BLOCK_ROWS rows, a multiple of `quantum`, that divides `rows` (rows itself
+    when none does)."""
+    for block in range(BLOCK_ROWS - BLOCK_ROWS % quantum, 0, -quantum):
+        if rows % block == 0:
+            return block
+    return rows
+
+
+def _sum_of_blocks(x, weights: tuple, product, block: int):
+    """sum over b of product(x's b-th block of columns, each weight's b-th block of `block` rows): x [N, C] f32
+    (C a multiple of the blocks' count), weights arrays [R, ...] cut along R -> product's [N, O] f32."""
+    count = weights[0].shape[0] // block
+    n = x.shape[0]
+    xs = x.reshape(n, count, -1).transpose(1, 0, 2)
+    parts = tuple(w.reshape(count, w.shape[0] // count, *w.shape[1:]) for w in weights)
+
+    def add(total, operand):
+        return total + product(*operand), None
+
+    out_width = weights[0].shape[-1]
+    total, _ = lax.scan(add, jnp.zeros((n, out_width), jnp.float32), (xs, *parts))
+    return total
+
+
+def _bits_to_f32(bits):
+    """bf16 bits (uint16) -> the same values as float32."""
+    return lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
+
+
+def _grouped(codes, scales):
+    """int codes [R, O] x scales [G, O] (R / G consecutive rows per scale) -> float32 [R, O]."""
+    rows, cols = codes.shape
+    groups = scales.shape[0]
+    return (codes.reshape(groups, rows // groups, cols).astype(jnp.float32)
+            * scales.astype(jnp.float32)[:, None, :]).reshape(rows, cols)
+
+
+def _int4_product(x, codes, scales):
+    """x [N, 2R] f32 @ the int4 weight of packed codes [R, O] (byte row i: input rows 2i in its low nibble and
+    2i + 1 in its high one, both in the same group) and scales [G, O] -> [N, O] f32, without interleaving rows:
+    x's even columns meet the low nibbles, its odd columns the high ones."""
+    low = _grouped((codes & 15).astype(jnp.int8) - 8, scales)
+    high = _grouped((codes >> 4).astype(jnp.int8) - 8, scales)
+    pairs = x.reshape(x.shape[0], -1, 2)
+    return pairs[:, :, 0] @ low + pairs[:, :, 1] @ high
+
+
+def _matmul(x, weights: dict, name: str):
+    """x [N, I] f32 @ weight `name` of `weights` (as host_operands gives it) [I, O] -> [N, O] f32."""
+    if name + BF16_BITS in weights:
+        bits = weights[name + BF16_BITS]
+        return _sum_of_blocks(x, (bits,), lambda xb, wb: xb @ _bits_to_f32(wb), _block_rows(bits.shape[0], 1))
+    w = weights[name]
+    scale = weights.get(name + SCALE_SUFFIX)
+    if scale is None:
+        return x @ w.astype(jnp.float32)
+    if w.dtype == jnp.int8:
+        return _sum_of_blocks(x, (w, scale), lambda xb, cb, sb: xb @ _grouped(cb, sb),
+                              _block_rows(w.shape[0], GROUP_SIZE))
+    return _sum_of_blocks(x, (w, scale), _int4_product, _block_rows(w.shape[0], GROUP_SIZE // 2))
+
+
+def _bias(weights: dict, name: str):
+    bias = weights.get(name + "_bias")
+    return 0.0 if bias is None else jnp.asarray(bias).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("act",))
+def host_expert_ffn(x, weights: dict, act):
+    """One expert on rows x [N, D] (any float dtype) with `weights` as host_operands gives them -> [N, D] f32:
+    gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias (plain: act(x @ up + up_bias)),
+    as models.moe.expert_ffn, in float32."""
+    x = x.astype(jnp.float32)
+    up = _matmul(x, weights, "up") + _bias(weights, "up")
+    if "gate" in weights or "gate" + BF16_BITS in weights:
+        hidden = gated_activation(_matmul(x, weights, "gate") + _bias(weights, "gate"), up, act)
+    else:
+        hidden = ACTIVATIONS[act](up)
+    return _matmul(hidden, weights, "down") + _bias(weights, "down")
