@@ -248,6 +248,11 @@ def test_conversion_writes_the_tokenizer_and_chat_finds_its_template(tmp_path):
     # the copied tokenizer_config.json names tokenizer.json's class, not the tiktoken one whose file is not copied
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tokenizer.encode(text) == reference_encode(text)
+    # ids past the ranks that tokenizer_config.json does not name (460-999, 1005, 1008, 1009 of the model's 1010)
+    # are reserved special tokens, named as tiktoken's Kimi class names them
+    assert [tokenizer.token_id(f"<|reserved_token_{i}|>") for i in (460, 1005, 1009)] == [460, 1005, 1009]
+    assert tokenizer.encode("a<|reserved_token_460|>") == [*reference_encode("a"), 460]
+    assert hf_tokenizer.convert_ids_to_tokens([1004, 1008]) == ["<|im_end|>", "<|reserved_token_1008|>"]
     chat = ChatTemplate.from_checkpoint(tmp_path / "out", tokenizer)
     assert chat.kind == "the checkpoint's"
     prompt = chat.prompt_ids([{"role": "user", "content": "It's 中文?"}])
@@ -267,6 +272,9 @@ def test_conversion_writes_the_tokenizer_and_chat_finds_its_template(tmp_path):
     (lambda hf: write_tiktoken_files(hf, pattern_source="r'[a-z'"), r"tokenization_test.py: pat_str is not a regex"),
     (lambda hf: (hf / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"7": {"content": "x"}}}'),
      r"tokenizer_config.json: added_tokens_decoder id 7 is also a rank of tiktoken.model"),
+    (lambda hf: (hf / "tokenizer_config.json").write_text(
+        '{"added_tokens_decoder": {"1001": {"content": "<|reserved_token_1009|>"}}}'),
+     r"tokenizer_config.json: added token '<\|reserved_token_1009\|>' is not at id 1009, where tiktoken names it"),
     (lambda hf: (hf / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"999": {"content": "!"}}}'),
      r"tokenizer_config.json: added token '!' \(id 999\) has the byte-level text of ranked token"),
 ])

@@ -114,7 +114,7 @@ def convert(hf_dir: Path, out_dir: Path, dtype: str | None = None, overwrite: bo
     fused = fam.fused_experts(cfg, tensors) if hasattr(fam, "fused_experts") else None
     fp8 = block_fp8_format(read_hf_config(hf_dir))
     validate(targets, tensors, cfg, ignored | (fused.tensor_names if fused else set()) | scale_tensors(fp8, targets, tensors))
-    tiktoken = tiktoken_tokenizer(hf_dir)  # its files checked before any weight is converted
+    tiktoken = tiktoken_tokenizer(hf_dir, cfg.vocab_size)  # its files checked before any weight is converted
 
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, target in targets.items():

@@ -8,7 +8,10 @@ first. The same tokenizer in `tokenizers`: a byte-level BPE model whose vocabula
 in the byte-level alphabet, its id its rank), with `ignore_merges` (a piece that is a token is taken whole) and a
 merge (left, right) for every split of a token into two tokens, ordered by the token's rank; the regex as a Split
 pre-tokenizer, then ByteLevel without a regex of its own; a ByteLevel decoder. The special tokens are
-tokenizer_config.json's `added_tokens_decoder`, at their ids; BOS is prepended when its `add_bos_token` is true.
+tokenizer_config.json's `added_tokens_decoder`, at their ids, and every other id of the model's vocabulary
+past the ranks is a special token named `<|reserved_token_{id}|>`, as Kimi-K2's tokenization_kimi.py names
+its unlisted special ids (so every id the model can emit decodes, and encodes back); BOS is prepended when its
+`add_bos_token` is true.
 The two merge alike: both take the lowest-ranked pair, the leftmost of equals (`tokenizers` ranks a merge by its
 place in the list, and a token's splits sit together at its rank). Their order among a token's splits never
 matters: when two parts cover a token's bytes, they are the parts that the same merges give on those bytes alone
@@ -31,6 +34,7 @@ from moejax.errors import MoejaxError
 RANKS_FILE = "tiktoken.model"
 PATTERN_NAME = "pat_str"
 TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")  # of an added token; all False unless given
+RESERVED_NAME = "<|reserved_token_{id}|>"
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +174,22 @@ def added_tokens(config: dict, path: Path, ranks: dict[bytes, int]) -> list[dict
     return sorted(out, key=lambda token: token["id"])
 
 
+def reserved_tokens(added: list[dict], ranks: dict[bytes, int], vocab_size: int | None, path: Path) -> list[dict]:
+    """`added` plus a special `<|reserved_token_{id}|>` at every id from the ranks' count up to `vocab_size` (the
+    model's) that neither a rank nor an added token has, sorted by id."""
+    taken = {token["id"] for token in added}
+    names = {token["content"] for token in added}
+    reserved = []
+    for i in range(len(ranks), vocab_size or 0):
+        if i in taken:
+            continue
+        content = RESERVED_NAME.format(id=i)
+        if content in names:
+            raise MoejaxError(f"{path}: added token {content!r} is not at id {i}, where tiktoken names it")
+        reserved.append({"id": i, "content": content, **dict.fromkeys(TOKEN_FLAGS, False), "special": True})
+    return sorted(added + reserved, key=lambda token: token["id"])
+
+
 def bos_token(config: dict, path: Path, added: list[dict]) -> tuple[str, int] | None:
     """(BOS, its id) when tokenizer_config.json's add_bos_token is true (absent: false, as tiktoken encodes)."""
     if not config.get("add_bos_token", False):
@@ -211,9 +231,10 @@ def build_tokenizer(ranks: dict[bytes, int], pattern: str, added: list[dict], bo
     return tokenizer
 
 
-def tiktoken_tokenizer(src: Path):
+def tiktoken_tokenizer(src: Path, vocab_size: int | None = None):
     """The `tokenizers.Tokenizer` of the tiktoken files of `src` when it has `tiktoken.model` and no tokenizer.json,
-    else None. Without a `tokenization_*.py` assigning pat_str there is none, with a note."""
+    else None. Without a `tokenization_*.py` assigning pat_str there is none, with a note. vocab_size: the model's
+    (ids past the ranks that no added token has become reserved special tokens); None: none are added."""
     src = Path(src)
     if (src / "tokenizer.json").is_file() or not (src / RANKS_FILE).is_file():
         return None
@@ -231,7 +252,7 @@ def tiktoken_tokenizer(src: Path):
     if not isinstance(config, dict):
         raise MoejaxError(f"{config_path}: expected a JSON object")
     ranks = read_ranks(src / RANKS_FILE)
-    added = added_tokens(config, config_path, ranks)
+    added = reserved_tokens(added_tokens(config, config_path, ranks), ranks, vocab_size, config_path)
     return build_tokenizer(ranks, pattern, added, bos_token(config, config_path, added), str(pattern_file))
 
 
