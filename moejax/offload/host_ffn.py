@@ -2,8 +2,8 @@
 
 The device's function (`models.moe.expert_ffn` on `models.quantized.dequantized` weights) is slow on XLA:CPU
 for the formats the engine keeps: XLA:CPU computes bfloat16 in float32 and converts a whole bf16 (or
-dequantized) weight matrix to a float32 temporary before its matmul, which costs ~8x the time of reading the
-weight (measured with `scripts/probe_host_expert.py`: a 4096 x 2048 bf16 matvec 12 ms against 1.5 ms here).
+dequantized) weight matrix to a float32 temporary before its matmul, which takes several times as long as
+reading the weight (`scripts/probe_host_expert.py` times both; README, "CPU compute of misses").
 This function instead reads each weight matrix in blocks of BLOCK_ROWS input rows, widens one block at a time
 to float32 (bf16 as its bits, uint16, shifted into a float32's high half; int8 / int4 codes times their
 group scales) and accumulates the block's product, so no temporary is larger than a block and every weight
