@@ -50,22 +50,26 @@ def time_expert(host: HostExperts, rows: np.ndarray, repeats: int) -> float:
     return median(times)
 
 
-def time_layer(fmt: ExpertFormat, dims: tuple[int, int], count: int, repeats: int) -> float:
-    """Median seconds of `HostExperts.compute` on one MoE layer of `count` distinct experts, one token row each,
-    every expert on the host."""
+def time_layer(fmt: ExpertFormat, dims: tuple[int, int], count: int, repeats: int) -> dict[int, float]:
+    """{threads: median seconds} of `HostExperts.compute` on one MoE layer of `count` distinct experts, one token
+    row each, every expert on the host, one expert at a time and HOST_THREADS at a time (the engine's)."""
     experts = [expert_in(fmt, dims, seed) for seed in range(count)]
     stack = {name: np.stack([e[name] for e in experts]) for name in experts[0]}
     host = HostExperts.from_stacks([stack], "silu", count)
     x = np.random.default_rng(2).standard_normal((count, dims[0])).astype(fmt.float_dtype)
     ids = np.arange(count, dtype=np.int32)[:, None]
     weights, on_host = np.ones((count, 1), np.float32), np.ones(count, bool)
-    host.compute(0, x, ids, weights, on_host)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    out = {}
+    for threads in sorted({1, HOST_THREADS}):
+        host.threads = threads
         host.compute(0, x, ids, weights, on_host)
-        times.append(time.perf_counter() - start)
-    return median(times)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            host.compute(0, x, ids, weights, on_host)
+            times.append(time.perf_counter() - start)
+        out[threads] = median(times)
+    return out
 
 
 def main() -> None:
@@ -100,15 +104,16 @@ def main() -> None:
                 out["rows"].append({"format": name, "source": source, "rows": count, "expert_mb": nbytes / 1e6,
                                     "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
         cache.close()
-        layer = time_layer(fmt, (D, F), args.experts, args.repeats)
-        out["layers"].append({"format": name, "experts": args.experts, "threads": HOST_THREADS, "ms": layer * 1e3,
-                              "weights_gb_s": args.experts * nbytes / layer / 1e9})
+        for threads, seconds in time_layer(fmt, (D, F), args.experts, args.repeats).items():
+            out["layers"].append({"format": name, "experts": args.experts, "threads": threads, "ms": seconds * 1e3,
+                                  "weights_gb_s": args.experts * nbytes / seconds / 1e9})
         write_json(Path(args.out), out)
     print()
     print(f"one {D} x {F} expert on the host ({os.cpu_count()} cores)")
     print_table(out["rows"], [("format", "format", "s"), ("source", "from", "s"), ("rows", "rows", "d"),
                               ("expert_mb", "MB", ".1f"), ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
-    print(f"\na layer's {args.experts} host experts, one row each, {HOST_THREADS} at a time (HostExperts.compute)")
+    print(f"\na layer's {args.experts} host experts, one row each, `threads` at a time (HostExperts.compute; "
+          f"the engine's: {HOST_THREADS})")
     print_table(out["layers"], [("format", "format", "s"), ("experts", "experts", "d"), ("threads", "threads", "d"),
                                 ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
 

@@ -198,9 +198,12 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, tolerance):
     device = np.asarray(experts_from_slab(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), distinct, distinct,
                                           {name: jnp.asarray(w) for name, w in stack.items()}))
     host = HostExperts.from_stacks([stack], "silu", 8)
+    host.threads = 1
     out = host.compute(0, x, ids, weights, np.ones(E, bool))
     assert np.abs(out - device).max() <= tolerance * np.abs(device).max()
     assert host.stats()["experts"] == E and host.stats()["tokens"] == N * k
+    host.threads = 3  # the experts on three threads: summed in the same order, the same bits
+    np.testing.assert_array_equal(host.compute(0, x, ids, weights, np.ones(E, bool)), out)
 
 
 def test_cpu_experts_in_the_cached_engine():

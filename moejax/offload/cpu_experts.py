@@ -96,6 +96,7 @@ class HostExperts:
 
     def __init__(self, weights: Callable[[int, int], dict | None], act: str, token_limit: int):
         self.weights, self.act, self.token_limit = weights, act, token_limit
+        self.threads = HOST_THREADS  # a layer's host experts computed at once
         self.cpu = jax.devices("cpu")[0]
         self.cost: CostModel | None = None
         self._lock = threading.Lock()
@@ -151,7 +152,8 @@ class HostExperts:
         experts = np.flatnonzero(np.asarray(on_host))
         row_weights = [np.where(ids == e, weights, 0.0).sum(axis=-1) for e in experts]
         rows = [np.flatnonzero(w != 0) for w in row_weights]
-        outputs = _pool().map(lambda e, r: self.expert_output(int(layer), int(e), x[r]), experts, rows)
+        run = lambda e, r: self.expert_output(int(layer), int(e), x[r])  # noqa: E731
+        outputs = map(run, experts, rows) if self.threads == 1 else _pool(self.threads).map(run, experts, rows)
         for row_weight, expert_rows, expert_out in zip(row_weights, rows, outputs):
             if expert_out is not None:
                 out[expert_rows] += row_weight[expert_rows, None] * expert_out
@@ -164,8 +166,8 @@ class HostExperts:
 
 
 @functools.cache
-def _pool() -> futures.ThreadPoolExecutor:
-    return futures.ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="moejax-host-expert")
+def _pool(threads: int) -> futures.ThreadPoolExecutor:
+    return futures.ThreadPoolExecutor(threads, thread_name_prefix="moejax-host-expert")
 
 
 def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: int, token_limit: int):
