@@ -12,7 +12,7 @@ and returns their weighted sum [N, D] f32, which the program adds to the device'
 
 Exact up to float rounding: the host runs the device's expert function on the weights as the cache holds them
 (compact ones dequantized), in float32 and reading each weight matrix block by block (`offload.host_ffn`: XLA:CPU's
-own bf16 matmul is ~8x slower), compiled by XLA for the CPU (`jax.devices("cpu")`; its thread pool uses the
+own bf16 matmul is several times slower), compiled by XLA for the CPU (`jax.devices("cpu")`; its thread pool uses the
 host's cores), on the expert's rows padded to a power of two; a layer's host experts run concurrently
 (HOST_THREADS). Its arithmetic differs from the device's bf16 batched program, and the host experts' sum is added
 after the device's instead of in expert order. tests/test_compact_experts.py states and checks the tolerance
