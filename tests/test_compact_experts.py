@@ -226,3 +226,10 @@ def test_cpu_experts_in_the_cached_engine():
     assert stats["cpu_experts"]["experts"] > 0 and stats["cpu_experts"]["tokens"] >= stats["cpu_experts"]["experts"]
     assert f"; {stats['cpu_experts']['experts']} missed experts (" in summary_line(stats, 1)
     assert np.abs(logits - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    # As on a GPU: each layer's host experts computed on the runner thread while the step goes on to the device's
+    # (on the CPU backend the engine computes them when the step waits for them); the same bits either way.
+    host = host_first.spec.cpu_experts
+    assert not host.overlap
+    host.overlap = True
+    np.testing.assert_array_equal(host_first.logits([PROMPT])[0], logits)
+    assert not host._jobs

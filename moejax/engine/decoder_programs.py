@@ -50,7 +50,7 @@ from moejax.models.decoder import DecoderLayer, EmbedHead, expert_activation
 from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, forced_weights, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
-from moejax.offload.cpu_experts import HostExperts, host_output, split_misses
+from moejax.offload.cpu_experts import HostExperts, host_finish, host_start, split_misses
 from moejax.offload.expert_stacks import fetch_expert, write_slot
 from moejax.offload.host_cache import TieredHost
 
@@ -207,6 +207,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             all_weights = weights
             distinct, weights, on_host = split_misses(cache.table, m, distinct, ids, weights, valid_rows, E,
                                                       spec.cpu_experts.token_limit)
+            ticket = host_start(spec.cpu_experts, m, moe_in, ids, all_weights, on_host, valid_rows)
+            distinct, ticket = lax.optimization_barrier((distinct, ticket))  # the host starts before the fetches
         move = lambda slab, e, slot: write_slot(slab, slot, host_expert(host, m, e))  # noqa: E731
         cache, slab, slots, pinned = dc.access(cache, m, distinct, policy=spec.policy, num_experts=E,
                                                priorities=experts.priorities, move=move, slab=slab)
@@ -233,7 +235,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         return out, dataclasses.replace(experts, cache=cache)
     out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
     if spec.mode == "cached" and spec.cpu_experts is not None:
-        out = out + host_output(spec.cpu_experts, m, moe_in, ids, all_weights, on_host, valid_rows)
+        out, ticket = lax.optimization_barrier((out, ticket))  # the host's result is waited for after the device's
+        out = out + host_finish(spec.cpu_experts, ticket, out.shape)
     return out, dataclasses.replace(experts, cache=cache, slab=slab)
 
 

@@ -231,6 +231,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     if cpu_experts == "auto":
         compute["cpu_experts"] = host_experts(experts.host, kept, expert_activation(cfg), expert_bytes, cpu_cost,
                                               cfg.top_k * max(prefill_chunk, slots))
+        # On the CPU backend the host is the device: no overlap to gain, and a step blocked on its runner thread
+        # would hold a thread of the CPU runtime that the runner's computation needs.
+        compute["cpu_experts"].overlap = device.platform != "cpu"
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated

@@ -6,9 +6,12 @@ device cache and was routed `t` >= 1 tokens (valid rows' pairs of nonzero weight
 t <= `CostModel.host_token_limit()`: the host's time for it, host_fixed_s + t x host_per_token_s (reading its
 weights from host memory and the FLOPs of its t rows, measured), is below the link's, expert_bytes /
 link_bytes_per_s. Those experts take no cache slot and move nothing over the link; their pairs get weight 0 in
-the device's expert compute, and one host callback (`HostExperts.compute`, via `jax.experimental.io_callback`,
-only in layer steps that send anything) receives the layer's rows x [N, D], routing and the host experts' mask,
-and returns their weighted sum [N, D] f32, which the program adds to the device's.
+the device's expert compute. Two host callbacks (`jax.experimental.io_callback`, only in layer steps that send
+anything) compute their weighted sum [N, D] f32, which the program adds to the device's: `host_start`, right
+after the split, hands the layer's rows x [N, D], routing and the host experts' mask to `HostExperts.start`,
+which starts `compute` on a runner thread and returns at once; the device then fetches and computes its own
+experts, and `host_finish` waits for the host's sum. So the host computes while the link copies the other
+misses (on a GPU; on the CPU backend, where the host is the device, `finish` computes it).
 
 Exact up to float rounding: the host runs the device's expert function on the weights as the cache holds them
 (compact ones dequantized), in float32 and reading each weight matrix block by block (`offload.host_ffn`: XLA:CPU's
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import threading
 import time
@@ -97,6 +101,9 @@ class HostExperts:
     def __init__(self, weights: Callable[[int, int], dict | None], act: str, token_limit: int):
         self.weights, self.act, self.token_limit = weights, act, token_limit
         self.threads = HOST_THREADS  # a layer's host experts computed at once
+        self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
+        self._jobs: dict[int, futures.Future | tuple] = {}
+        self._tickets = itertools.cycle(range(1 << 30))
         self.cpu = jax.devices("cpu")[0]
         self.cost: CostModel | None = None
         self._lock = threading.Lock()
@@ -142,6 +149,22 @@ class HostExperts:
         out = host_expert_ffn(jax.device_put(padded, self.cpu), operands, self.act)
         return np.asarray(out)[: len(rows)]
 
+    def start(self, layer, x, ids, weights, on_host) -> np.ndarray:
+        """`compute` of these arguments (copied: a callback's arrays may be the runtime's buffers) started on the
+        host's runner thread -> its ticket, int32 [], for `finish`. With `overlap` off, `finish` computes it."""
+        arguments = (int(layer), np.array(x), np.array(ids), np.array(weights, np.float32), np.array(on_host))
+        job = _runner().submit(self.compute, *arguments) if self.overlap else arguments
+        with self._lock:
+            ticket = next(self._tickets)
+            self._jobs[ticket] = job
+        return np.int32(ticket)
+
+    def finish(self, ticket) -> np.ndarray:
+        """The host experts' output [N, D] f32 of a `start`'s ticket, once computed."""
+        with self._lock:
+            job = self._jobs.pop(int(ticket))
+        return job.result() if isinstance(job, futures.Future) else self.compute(*job)
+
     def compute(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """The host experts' weighted sum: layer (scalar), x [N, D], ids int32 [N, k], weights f32 [N, k] (0 for
         pairs not computed), on_host bool [E] -> [N, D] f32. Experts added in increasing order (one whose weights
@@ -170,6 +193,12 @@ def _pool(threads: int) -> futures.ThreadPoolExecutor:
     return futures.ThreadPoolExecutor(threads, thread_name_prefix="moejax-host-expert")
 
 
+@functools.cache
+def _runner() -> futures.ThreadPoolExecutor:
+    """The thread that runs started layer jobs (`HostExperts.start`), one at a time; their experts use `_pool`."""
+    return futures.ThreadPoolExecutor(1, thread_name_prefix="moejax-host-layer")
+
+
 def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: int, token_limit: int):
     """Inside a step program: which of MoE layer `layer`'s experts the host computes.
 
@@ -189,18 +218,26 @@ def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: 
     return device_distinct, device_weights, on_host
 
 
-def host_output(host: HostExperts, layer, x, ids, weights, on_host, valid_rows=None):
-    """Inside a step program: the host experts' output [N, D] f32 (zeros, and no callback, when none); rows not in
-    valid_rows (bool [N], None: all valid; padding) are not computed."""
-    shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+def host_start(host: HostExperts, layer, x, ids, weights, on_host, valid_rows=None):
+    """Inside a step program, right after `split_misses`: starts the host experts' output (`HostExperts.start`)
+    -> its ticket, int32 [] (-1, and no callback, when no expert goes to the host). Rows not in valid_rows (bool
+    [N], None: all valid; padding) are not computed. The host computes while the device fetches and computes its
+    own experts; `host_finish` waits for the result."""
     if valid_rows is not None:
         weights = jnp.where(valid_rows[:, None], weights, 0.0)
 
     def call(operands):
-        return io_callback(host.compute, shape, *operands, ordered=False)
+        return io_callback(host.start, jax.ShapeDtypeStruct((), jnp.int32), *operands, ordered=False)
 
-    return jax.lax.cond(on_host.any(), call, lambda operands: jnp.zeros(x.shape, jnp.float32),
-                        (layer, x, ids, weights, on_host))
+    return jax.lax.cond(on_host.any(), call, lambda operands: jnp.int32(-1), (layer, x, ids, weights, on_host))
+
+
+def host_finish(host: HostExperts, ticket, shape: tuple):
+    """Inside a step program, after the device's expert output: the host experts' output [N, D] f32 of `ticket`
+    (zeros when it is -1)."""
+    result = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.lax.cond(ticket >= 0, lambda t: io_callback(host.finish, result, t, ordered=False),
+                        lambda t: jnp.zeros(shape, jnp.float32), ticket)
 
 
 @jax.jit
