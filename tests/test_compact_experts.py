@@ -168,16 +168,27 @@ def test_cost_model_choice_on_synthetic_bandwidths():
     assert model.host_token_limit() == 3 and model.host_s(3) < model.copy_s() < model.host_s(4)
     assert CostModel(352_321_536, 50e9, 8e-3, 1e-4).host_token_limit() == 0  # the host's fixed cost alone loses
     assert CostModel(352_321_536, 5e9, 1e-3, 1e-3).host_token_limit() == 69  # a slow link: 70.5 ms
-    # Inside the program: misses routed 1..limit tokens go to the host; hits and busier misses stay on the device
-    E, limit = 4, 2
-    table = jnp.array([-1, -1, -1, -1, 0, -1, -1, 1], jnp.int32)  # layer 1: expert 0 and 3 resident
-    ids = jnp.array([[0, 1], [1, 2], [2, 3], [2, 0]], jnp.int32)  # counts 2, 2, 3, 1
-    weights = jnp.full((4, 2), 0.5, jnp.float32)
-    distinct = jnp.array([0, 1, 2, 3], jnp.int32)
-    device_distinct, device_weights, on_host = split_misses(table, 1, distinct, ids, weights, None, E, limit)
-    np.testing.assert_array_equal(on_host, [False, True, False, False])
-    np.testing.assert_array_equal(device_distinct, [0, 2, 3, 4])
-    np.testing.assert_array_equal(device_weights, [[0.5, 0], [0, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    # Inside the program: of a layer's misses, the host takes the ones it is fastest at while that shortens the
+    # later of host and link (working at once); hits stay on the device.
+    E = 6
+    table = jnp.array([-1] * E + [0, -1, -1, -1, -1, 1], jnp.int32)  # layer 1: experts 0 and 5 resident
+    ids = jnp.array([[0, 1], [1, 2], [2, 3], [2, 4], [3, 5], [4, 1]], jnp.int32)  # tokens 1, 3, 3, 2, 2, 1
+    weights = jnp.full((6, 2), 0.5, jnp.float32)
+    distinct = jnp.arange(E, dtype=jnp.int32)
+
+    def split(copy_s, fixed_s, per_token_s, most_tokens=8):
+        cost = CostModel(1000, 1000 / copy_s, fixed_s, per_token_s)
+        return split_misses(table, 1, distinct, ids, weights, None, E, cost, most_tokens)
+
+    # misses 1, 2, 3, 4 (tokens 3, 3, 2, 2); host 1 s a token, link 3 s: 3, 4 on the host (4 s) beat any other split
+    device_distinct, device_weights, on_host = split(3.0, 0.0, 1.0)
+    np.testing.assert_array_equal(on_host, [False, False, False, True, True, False])
+    np.testing.assert_array_equal(device_distinct, [0, 1, 2, 5, 6, 6])
+    np.testing.assert_array_equal(device_weights[2:4], [[0.5, 0], [0.5, 0]])
+    assert split(3.0, 0.0, 1.0, most_tokens=1)[2].sum() == 0  # no miss routed few enough tokens
+    assert split(100.0, 0.0, 1.0)[2].sum() == 4 and split(1.0, 5.0, 0.0)[2].sum() == 0  # slow link; slow host
+    # host 1.4 s an expert, link 1 s: two each way (2.8 s; ties taken by id) beat all four copied (4 s)
+    np.testing.assert_array_equal(split(1.0, 1.4, 0.0)[2], [False, True, True, False, False, False])
 
 
 @pytest.mark.parametrize("dtype,fmt,tolerance", [(jnp.float32, None, 1e-6), (jnp.bfloat16, None, 1e-2),

@@ -430,8 +430,8 @@ def within_float_rounding(ours, reference):
 
 
 def test_cpu_experts_through_the_tier(model, compact):
-    """`cpu_experts='auto'` with the disk tier, the cost model forced: one token at most per host expert (misses
-    both computed on the CPU and copied) from a one-slot host cache of float experts, and every miss on the CPU
+    """`cpu_experts='auto'` with the disk tier, the cost model forced: a host slower than the link beyond one token
+    (misses both computed on the CPU and copied) from a one-slot host cache of float experts, and every miss on the CPU
     from a host cache of int4 experts smaller than a step needs: tokens and logits of the resident engine (of the
     same format) up to float rounding, no host-computed expert over the link, and each one a host-tier get."""
     from moejax.offload.cpu_experts import CostModel
@@ -460,9 +460,8 @@ def test_cpu_experts_through_the_tier(model, compact):
         assert tier["host_hits"] + tier["disk_misses"] + tier["prefetch_waits"] == tier["gets"]
         assert tier["disk_misses"] > 0, name
         assert stats["total"]["bytes_h2d"] == stats["total"]["misses"] * stats["expert_bytes"]
-        if name == "float":  # the cost model's choice: one-token misses on the CPU, the others copied
-            assert engine.spec.cpu_experts.token_limit == 1 and host["tokens"] == host["experts"]
-            assert stats["total"]["misses"] > 0
+        if name == "float":  # the cost model's choice: some misses on the CPU, the others copied
+            assert engine.spec.cpu_experts.token_limit == 1 and stats["total"]["misses"] > 0
         else:  # every miss on the CPU: nothing crosses the link
             assert stats["total"]["misses"] == 0 and host["tokens"] > host["experts"]
         assert engine.host.cache.num_slots == {"float": 1, "int4": 3}[name]

@@ -206,7 +206,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         if spec.cpu_experts is not None:
             all_weights = weights
             distinct, weights, on_host = split_misses(cache.table, m, distinct, ids, weights, valid_rows, E,
-                                                      spec.cpu_experts.token_limit)
+                                                      spec.cpu_experts.cost, spec.cpu_experts.most_tokens)
             ticket = host_start(spec.cpu_experts, m, moe_in, ids, all_weights, on_host, valid_rows)
             distinct, ticket = lax.optimization_barrier((distinct, ticket))  # the host starts before the fetches
         move = lambda slab, e, slot: write_slot(slab, slot, host_expert(host, m, e))  # noqa: E731

@@ -1,12 +1,15 @@
 """CPU compute of missed experts (`cpu_experts='auto'`): a missed expert routed few tokens is computed on the host
 from host memory instead of being copied to the device, when a cost model says that is faster.
 
-Per MoE layer step of a cached engine (`split_misses`, inside the step program): an expert that is not in the
-device cache and was routed `t` >= 1 tokens (valid rows' pairs of nonzero weight) is computed on the host when
-t <= `CostModel.host_token_limit()`: the host's time for it, host_fixed_s + t x host_per_token_s (reading its
-weights from host memory and the FLOPs of its t rows, measured), is below the link's, expert_bytes /
-link_bytes_per_s. Those experts take no cache slot and move nothing over the link; their pairs get weight 0 in
-the device's expert compute. Two host callbacks (`jax.experimental.io_callback`, only in layer steps that send
+Per MoE layer step of a cached engine (`split_misses`, inside the step program): of the layer's misses (experts
+not in the device cache routed `t` >= 1 tokens: valid rows' pairs of nonzero weight), the host computes the h
+it is fastest at, h chosen to minimise the later of the two, the host and the link working at once: the host's
+time for its h, the sum of host_fixed_s + t x host_per_token_s (reading an expert's weights from host memory and
+the FLOPs of its t rows, measured; summed as if one at a time, though HOST_THREADS run at once), against the
+link's for the others, expert_bytes / link_bytes_per_s each. A lone miss goes to the host when the host alone
+beats the link (t <= `CostModel.host_token_limit()`); several may share the work even when the host is slower
+per expert than the link. Those experts take no cache slot and move nothing over the link; their pairs get weight
+0 in the device's expert compute. Two host callbacks (`jax.experimental.io_callback`, only in layer steps that send
 anything) compute their weighted sum [N, D] f32, which the program adds to the device's: `host_start`, right
 after the split, hands the layer's rows x [N, D], routing and the host experts' mask to `HostExperts.start`,
 which starts `compute` on a runner thread and returns at once; the device then fetches and computes its own
@@ -101,6 +104,7 @@ class HostExperts:
     def __init__(self, weights: Callable[[int, int], dict | None], act: str, token_limit: int):
         self.weights, self.act, self.token_limit = weights, act, token_limit
         self.threads = HOST_THREADS  # a layer's host experts computed at once
+        self.most_tokens = token_limit  # no expert routed more tokens goes to the host (`split_misses`)
         self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
         self._jobs: dict[int, futures.Future | tuple] = {}
         self._tickets = itertools.cycle(range(1 << 30))
@@ -199,19 +203,30 @@ def _runner() -> futures.ThreadPoolExecutor:
     return futures.ThreadPoolExecutor(1, thread_name_prefix="moejax-host-layer")
 
 
-def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: int, token_limit: int):
-    """Inside a step program: which of MoE layer `layer`'s experts the host computes.
+def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: int, cost: CostModel,
+                 most_tokens: int):
+    """Inside a step program: which of MoE layer `layer`'s experts the host computes (the module's docstring).
 
     table: the cache's slot table [L * E] (-1: not resident); distinct int32 [U] (increasing, padded with E);
-    ids int32 [N, k]; weights f32 [N, k]; valid_rows bool [N] or None. -> (device_distinct int32 [U]: the
+    ids int32 [N, k]; weights f32 [N, k]; valid_rows bool [N] or None; cost: the CostModel (its numbers are
+    compiled in); most_tokens: no expert routed more tokens goes to the host. -> (device_distinct int32 [U]: the
     others, increasing, padded with E; device_weights [N, k]: 0 for the host experts' pairs; on_host bool [E])."""
     E = num_experts
     chosen = (ids >= 0) & (ids < E) & (weights != 0)
     if valid_rows is not None:
         chosen = chosen & valid_rows[:, None]
     tokens = jnp.zeros(E + 1, jnp.int32).at[jnp.where(chosen, ids, E).reshape(-1)].add(1)[:E]
-    missing = table[layer * E + jnp.arange(E)] < 0
-    on_host = missing & (tokens > 0) & (tokens <= token_limit)
+    misses = (table[layer * E + jnp.arange(E)] < 0) & (tokens > 0)
+    # The host takes the h misses it computes fastest, h minimising max(their host time, summed, against the
+    # link's time for the other misses): the two work at once (host_start), the layer waits for the later.
+    host_s = jnp.where(misses & (tokens <= most_tokens), cost.host_fixed_s + tokens * cost.host_per_token_s, jnp.inf)
+    order = jnp.argsort(host_s, stable=True)
+    fastest = host_s[order]
+    host_total = jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.where(jnp.isfinite(fastest), fastest, 0.0))])
+    count = jnp.arange(E + 1)
+    makespan = jnp.maximum(host_total, (misses.sum() - count) * cost.copy_s())
+    makespan = jnp.where(count <= jnp.isfinite(host_s).sum(), makespan, jnp.inf)
+    on_host = jnp.zeros(E, bool).at[order].set(jnp.arange(E) < jnp.argmin(makespan))
     host_id = on_host[jnp.clip(distinct, 0, E - 1)] & (distinct < E)
     device_distinct = jnp.sort(jnp.where(host_id, E, distinct))
     device_weights = jnp.where(on_host[jnp.clip(ids, 0, E - 1)] & (ids >= 0) & (ids < E), 0.0, weights)
@@ -310,4 +325,5 @@ def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: Co
             tier.cache.reset_stats()  # the measurement's reads are no step's
         experts.cost = dataclasses.replace(measured, **(cost or {}))
     experts.token_limit = experts.cost.host_token_limit(most_tokens)
+    experts.most_tokens = most_tokens
     return experts
