@@ -144,8 +144,9 @@ def _slot_matmul_kernel(slots_ref, rows_ref, *refs, tiling: Tiling, steps: int, 
             for acc, w_ref in zip(accs, weight_refs))
 
     zeros = tuple(jnp.zeros((tiling.block_rows, tiling.block_cols), jnp.float32) for _ in weight_refs)
-    # A padding slot runs no step: nothing is read, its tiles stay zero.
-    accs = lax.fori_loop(0, jnp.where(slot >= 0, steps, 0), step, zeros)
+    # A padding slot runs no step: nothing is read, its tiles stay zero. Both bounds int32: Triton refuses a loop
+    # whose bounds differ in type (the H200 run of 2026-12-05: "'scf.for' op failed to verify").
+    accs = lax.fori_loop(jnp.int32(0), jnp.where(slot >= 0, jnp.int32(steps), jnp.int32(0)), step, zeros)
     for out_ref, acc in zip(out_refs, accs):
         out_ref[...] = acc
 
