@@ -213,8 +213,10 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, tolerance):
     out = host.compute(0, x, ids, weights, np.ones(E, bool))
     assert np.abs(out - device).max() <= tolerance * np.abs(device).max()
     assert host.stats()["experts"] == E and host.stats()["tokens"] == N * k
-    host.threads = 3  # the experts on three threads: summed in the same order, the same bits
-    np.testing.assert_array_equal(host.compute(0, x, ids, weights, np.ones(E, bool)), out)
+    host.threads = 3  # the experts on three threads, each in three row ranges: as close, and the same bits each time
+    threaded = host.compute(0, x, ids, weights, np.ones(E, bool))
+    assert np.abs(threaded - device).max() <= tolerance * np.abs(device).max()
+    np.testing.assert_array_equal(host.compute(0, x, ids, weights, np.ones(E, bool)), threaded)
 
 
 def test_cpu_experts_in_the_cached_engine():

@@ -9,7 +9,8 @@ import pytest
 from moejax.models.moe import ClampedSwiGLU
 from moejax.models.quantized import SCALE_SUFFIX, dequantize
 from moejax.offload.expert_format import ExpertFormat
-from moejax.offload.host_ffn import BF16_BITS, BLOCK_ROWS, _block_rows, host_expert_ffn, host_operands
+from moejax.offload.host_ffn import (BF16_BITS, BLOCK_ROWS, _block_rows, _row_ranges, host_expert_ffn, host_operands,
+                                     split_expert_ffn)
 
 
 def float64_expert(x, expert: dict, act) -> np.ndarray:
@@ -55,6 +56,13 @@ def test_host_ffn_matches_a_float64_expert(fmt, kind):
     reference = float64_expert(x, expert, act)
     assert out.dtype == np.float32 and out.shape == (N, D)
     assert np.abs(out - reference).max() <= 1e-5 * np.abs(reference).max()
+    split = split_expert_ffn(x, operands, act, 3)  # each projection's rows in three ranges, summed in order
+    assert split.dtype == np.float32 and np.abs(split - reference).max() <= 1e-5 * np.abs(reference).max()
+
+
+def test_row_ranges():
+    assert _row_ranges(704, 3) == [(0, 256), (256, 448), (448, 704)]  # whole groups of 64 rows
+    assert _row_ranges(192, 8) == [(0, 64), (64, 128), (128, 192)] and _row_ranges(100, 3) == [(0, 33), (33, 67), (67, 100)]
 
 
 def test_block_rows():

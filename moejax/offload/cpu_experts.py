@@ -19,8 +19,9 @@ misses (on a GPU; on the CPU backend, where the host is the device, `finish` com
 Exact up to float rounding: the host runs the device's expert function on the weights as the cache holds them
 (compact ones dequantized), in float32 and reading each weight matrix block by block (`offload.host_ffn`: XLA:CPU's
 own bf16 matmul is several times slower), compiled by XLA for the CPU (`jax.devices("cpu")`; its thread pool uses the
-host's cores), on the expert's rows padded to a power of two; a layer's host experts run concurrently
-(HOST_THREADS). Its arithmetic differs from the device's bf16 batched program, and the host experts' sum is added
+host's cores), on the expert's rows padded to a power of two; a layer's host experts run concurrently, and
+each one's projections are cut into row ranges computed on as many threads and summed in order (HOST_THREADS:
+XLA:CPU runs the blocked function on one core). Its arithmetic differs from the device's bf16 batched program, and the host experts' sum is added
 after the device's instead of in expert order. tests/test_compact_experts.py states and checks the tolerance
 (float32: 1e-6 of the output's largest value; bf16: 1e-2).
 
@@ -55,10 +56,10 @@ from moejax.errors import ParameterError
 from moejax.models.quantized import SCALE_SUFFIX
 from moejax.offload.expert_stacks import fetch_expert
 from moejax.offload.host_cache import HostCache, TieredHost
-from moejax.offload.host_ffn import host_expert_ffn, host_operands
+from moejax.offload.host_ffn import host_operands, split_expert_ffn
 
 CPU_EXPERTS = ("off", "auto")
-HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # a layer's host experts computed at once
+HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and row ranges of each, at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,7 @@ class HostExperts:
 
     def __init__(self, weights: Callable[[int, int], dict | None], act: str, token_limit: int):
         self.weights, self.act, self.token_limit = weights, act, token_limit
-        self.threads = HOST_THREADS  # a layer's host experts computed at once
+        self.threads = HOST_THREADS  # a layer's host experts computed at once, each split in as many row ranges
         self.most_tokens = token_limit  # no expert routed more tokens goes to the host (`split_misses`)
         self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
         self._jobs: dict[int, futures.Future | tuple] = {}
@@ -149,9 +150,8 @@ class HostExperts:
             return None
         padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
         padded[: len(rows)] = rows
-        operands = jax.device_put(host_operands(weights), self.cpu, may_alias=True)
-        out = host_expert_ffn(jax.device_put(padded, self.cpu), operands, self.act)
-        return np.asarray(out)[: len(rows)]
+        parts = _pool(self.threads, "part").map if self.threads > 1 else map
+        return split_expert_ffn(padded, host_operands(weights), self.act, self.threads, parts)[: len(rows)]
 
     def start(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """`compute` of these arguments (copied: a callback's arrays may be the runtime's buffers) started on the
@@ -180,7 +180,7 @@ class HostExperts:
         row_weights = [np.where(ids == e, weights, 0.0).sum(axis=-1) for e in experts]
         rows = [np.flatnonzero(w != 0) for w in row_weights]
         run = lambda e, r: self.expert_output(int(layer), int(e), x[r])  # noqa: E731
-        outputs = map(run, experts, rows) if self.threads == 1 else _pool(self.threads).map(run, experts, rows)
+        outputs = map(run, experts, rows) if self.threads == 1 else _pool(self.threads, "expert").map(run, experts, rows)
         for row_weight, expert_rows, expert_out in zip(row_weights, rows, outputs):
             if expert_out is not None:
                 out[expert_rows] += row_weight[expert_rows, None] * expert_out
@@ -193,8 +193,10 @@ class HostExperts:
 
 
 @functools.cache
-def _pool(threads: int) -> futures.ThreadPoolExecutor:
-    return futures.ThreadPoolExecutor(threads, thread_name_prefix="moejax-host-expert")
+def _pool(threads: int, role: str) -> futures.ThreadPoolExecutor:
+    """The threads that compute a layer's host experts ('expert': each waits for its parts) or the row ranges of
+    their projections ('part', `host_ffn.split_expert_ffn`)."""
+    return futures.ThreadPoolExecutor(threads, thread_name_prefix=f"moejax-host-{role}")
 
 
 @functools.cache

@@ -122,3 +122,70 @@ def host_expert_ffn(x, weights: dict, act):
     else:
         hidden = ACTIVATIONS[act](up)
     return _matmul(hidden, weights, "down") + _bias(weights, "down")
+
+
+def _row_ranges(width: int, parts: int) -> list[tuple[int, int]]:
+    """At most `parts` near-equal [start, stop) ranges of input rows covering `width`, cut at multiples of
+    GROUP_SIZE where width is one (a quantized weight's groups, and int4's byte rows, stay whole)."""
+    quantum = GROUP_SIZE if width % GROUP_SIZE == 0 else 1
+    units = width // quantum
+    parts = max(1, min(parts, units))
+    bounds = [round(i * units / parts) * quantum for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _weight_rows(weights: dict, name: str, start: int, stop: int) -> dict:
+    """The entries of weight `name` (its codes and scale, or its bits) for input rows [start, stop), as NumPy views."""
+    if name + BF16_BITS in weights:
+        return {name + BF16_BITS: np.asarray(weights[name + BF16_BITS])[start:stop]}
+    w = np.asarray(weights[name])
+    scale = weights.get(name + SCALE_SUFFIX)
+    if scale is None:
+        return {name: w[start:stop]}
+    packed = 2 if w.dtype == np.uint8 else 1  # int4: two input rows a byte row
+    return {name: w[start // packed : stop // packed],
+            name + SCALE_SUFFIX: np.asarray(scale)[start // GROUP_SIZE : stop // GROUP_SIZE]}
+
+
+@functools.partial(jax.jit, static_argnames=("names",))
+def _products(x, weights: dict, names: tuple):
+    """x [N, R] @ each weight of `names` (R input rows of it) -> tuple of [N, O] f32."""
+    x = x.astype(jnp.float32)
+    return tuple(_matmul(x, weights, name) for name in names)
+
+
+@functools.partial(jax.jit, static_argnames=("act",))
+def _hidden(gate, up, biases: dict, act):
+    """The expert's hidden units [N, F] f32 from its projections' sums (gate None: a plain FFN)."""
+    up = up + _bias(biases, "up")
+    return ACTIVATIONS[act](up) if gate is None else gated_activation(gate + _bias(biases, "gate"), up, act)
+
+
+def split_expert_ffn(x: np.ndarray, weights: dict, act, parts: int, run=map) -> np.ndarray:
+    """`host_expert_ffn` with each projection's input rows cut into `parts` ranges whose products `run` computes
+    (run(function, items) -> results in order: a thread pool's map, so one expert uses several cores; XLA:CPU
+    runs the blocked function on one) and summed in range order -> [N, D] f32 (NumPy). x [N, D]; weights as
+    host_operands gives them (NumPy or CPU JAX arrays). parts 1: `host_expert_ffn` itself."""
+    cpu = jax.devices("cpu")[0]
+    if parts <= 1:
+        return np.asarray(host_expert_ffn(x, jax.device_put(weights, cpu, may_alias=True), act))
+
+    def project(rows: np.ndarray, names: tuple) -> list[np.ndarray]:
+        def part(bounds):
+            chunk = {k: v for name in names for k, v in _weight_rows(weights, name, *bounds).items()}
+            return _products(rows[:, bounds[0] : bounds[1]], jax.device_put(chunk, cpu, may_alias=True), names)
+
+        sums = None
+        for products in run(part, _row_ranges(rows.shape[1], parts)):
+            products = [np.asarray(p) for p in products]
+            sums = products if sums is None else [s + p for s, p in zip(sums, products)]
+        return sums
+
+    x = np.asarray(x, np.float32)
+    gated = "gate" in weights or "gate" + BF16_BITS in weights
+    first = project(x, ("gate", "up") if gated else ("up",))
+    biases = {name: w for name, w in weights.items() if name.endswith("_bias")}
+    hidden = np.asarray(_hidden(first[0] if gated else None, first[-1], biases, act))
+    (out,) = project(hidden, ("down",))
+    bias = weights.get("down_bias")
+    return out if bias is None else out + np.asarray(bias, np.float32)
