@@ -39,13 +39,13 @@ def expert_in(fmt: ExpertFormat, dims: tuple[int, int], seed: int = 0) -> dict:
     return fmt.convert(weights, "random expert")
 
 
-def time_expert(host: HostExperts, rows: np.ndarray, repeats: int) -> float:
-    """Median seconds of `host.expert_output` on rows (after one warming call)."""
-    host.expert_output(0, 0, rows)
+def median_seconds(run, repeats: int) -> float:
+    """Median seconds of run() over `repeats` calls, after one warming call."""
+    run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        host.expert_output(0, 0, rows)
+        run()
         times.append(time.perf_counter() - start)
     return median(times)
 
@@ -62,13 +62,7 @@ def time_layer(fmt: ExpertFormat, dims: tuple[int, int], count: int, repeats: in
     out = {}
     for threads in sorted({1, HOST_THREADS}):
         host.threads = threads
-        host.compute(0, x, ids, weights, on_host)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            host.compute(0, x, ids, weights, on_host)
-            times.append(time.perf_counter() - start)
-        out[threads] = median(times)
+        out[threads] = median_seconds(lambda: host.compute(0, x, ids, weights, on_host), repeats)
     return out
 
 
@@ -100,7 +94,7 @@ def main() -> None:
         for count in (int(n) for n in args.rows.split(",")):
             x = rng.standard_normal((count, D)).astype(fmt.float_dtype)
             for source, host in sources.items():
-                seconds = time_expert(host, x, args.repeats)
+                seconds = median_seconds(lambda: host.expert_output(0, 0, x), args.repeats)
                 out["rows"].append({"format": name, "source": source, "rows": count, "expert_mb": nbytes / 1e6,
                                     "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
         cache.close()

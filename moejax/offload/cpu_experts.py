@@ -99,13 +99,12 @@ def host_rows(n: int) -> int:
 class HostExperts:
     """The host side: where it reads the experts it computes (`weights(layer, expert)` -> {name: array} as the
     device cache holds them, or None when the read failed), the callback that computes some of them on a layer's
-    rows, and its counters (experts computed, tokens, seconds). Hashable by identity: it is part of the step
-    programs' static spec."""
+    rows, and its counters (experts computed, tokens, seconds). most_tokens: no expert routed more tokens goes to
+    the host (`split_misses`). Hashable by identity: it is part of the step programs' static spec."""
 
-    def __init__(self, weights: Callable[[int, int], dict | None], act: str, token_limit: int):
-        self.weights, self.act, self.token_limit = weights, act, token_limit
+    def __init__(self, weights: Callable[[int, int], dict | None], act: str, most_tokens: int):
+        self.weights, self.act, self.most_tokens = weights, act, most_tokens
         self.threads = HOST_THREADS  # a layer's host experts computed at once, each split in as many row ranges
-        self.most_tokens = token_limit  # no expert routed more tokens goes to the host (`split_misses`)
         self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
         self._jobs: dict[int, futures.Future | tuple] = {}
         self._tickets = itertools.cycle(range(1 << 30))
@@ -115,7 +114,7 @@ class HostExperts:
         self.reset()
 
     @classmethod
-    def from_stacks(cls, stacks: list[dict], act: str, token_limit: int) -> HostExperts:
+    def from_stacks(cls, stacks: list[dict], act: str, most_tokens: int) -> HostExperts:
         """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays), as CPU arrays (bf16
         matrices as their bits: `host_operands`)."""
         cpu = jax.devices("cpu")[0]
@@ -125,17 +124,22 @@ class HostExperts:
             count = next(iter(layer.values())).shape[0]
             experts.append([jax.device_put(host_operands({name: w[e] for name, w in layer.items()}), cpu)
                             for e in range(count)])
-        return cls(lambda layer, expert: experts[layer][expert], act, token_limit)
+        return cls(lambda layer, expert: experts[layer][expert], act, most_tokens)
 
     @classmethod
-    def from_host_cache(cls, cache: HostCache, act: str, token_limit: int) -> HostExperts:
+    def from_host_cache(cls, cache: HostCache, act: str, most_tokens: int) -> HostExperts:
         """Over the disk tier's host cache: each expert lent by `HostCache.get` while it is computed (see the
         module's docstring); a failed read is recorded in `cache.failure` (`HostCache.get_or_record`)."""
-        return cls(cache.get_or_record, act, token_limit)
+        return cls(cache.get_or_record, act, most_tokens)
 
     def reset(self) -> None:
         with self._lock:
             self.computed, self.tokens, self.seconds = 0, 0, 0.0
+
+    @property
+    def token_limit(self) -> int:
+        """The most tokens (at most most_tokens) for which the host alone beats the link (0 before a cost model)."""
+        return self.cost.host_token_limit(self.most_tokens) if self.cost is not None else 0
 
     def stats(self) -> dict:
         with self._lock:
@@ -309,11 +313,11 @@ def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: Co
     """The HostExperts of an engine whose experts are `host`: its pinned host stacks (one per MoE layer; the host
     computes from its own copy, `kept`, the stacks as they were placed) or the disk tier (a `TieredHost`: the host
     computes from its host cache; `kept` unused); the cost model `cost` (a CostModel; None: measured; a dict:
-    measured, then those fields replaced, e.g. {'link_bytes_per_s': 25e9} for another link) and the token limit it
-    gives (at most `most_tokens`)."""
+    measured, then those fields replaced, e.g. {'link_bytes_per_s': 25e9} for another link); no expert routed more
+    than `most_tokens` tokens goes to the host."""
     tier = host if isinstance(host, TieredHost) else None
-    experts = (HostExperts.from_host_cache(tier.cache, act, 0) if tier is not None
-               else HostExperts.from_stacks(kept, act, 0))
+    experts = (HostExperts.from_host_cache(tier.cache, act, most_tokens) if tier is not None
+               else HostExperts.from_stacks(kept, act, most_tokens))
     if isinstance(cost, CostModel):
         experts.cost = cost
     else:
@@ -326,6 +330,4 @@ def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: Co
             tier.raise_failure()  # the measured expert's file failed its check: a one-line error at load
             tier.cache.reset_stats()  # the measurement's reads are no step's
         experts.cost = dataclasses.replace(measured, **(cost or {}))
-    experts.token_limit = experts.cost.host_token_limit(most_tokens)
-    experts.most_tokens = most_tokens
     return experts

@@ -110,17 +110,25 @@ def _bias(weights: dict, name: str):
     return 0.0 if bias is None else jnp.asarray(bias).astype(jnp.float32)
 
 
+def _gated(weights: dict) -> bool:
+    return "gate" in weights or "gate" + BF16_BITS in weights
+
+
+def _activation(gate, up, weights: dict, act):
+    """The hidden units [N, F] f32 from the projections x @ gate (None: a plain FFN) and x @ up, their biases
+    (if `weights` has them) added."""
+    up = up + _bias(weights, "up")
+    return ACTIVATIONS[act](up) if gate is None else gated_activation(gate + _bias(weights, "gate"), up, act)
+
+
 @functools.partial(jax.jit, static_argnames=("act",))
 def host_expert_ffn(x, weights: dict, act):
     """One expert on rows x [N, D] (any float dtype) with `weights` as host_operands gives them -> [N, D] f32:
     gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias (plain: act(x @ up + up_bias)),
     as models.moe.expert_ffn, in float32."""
     x = x.astype(jnp.float32)
-    up = _matmul(x, weights, "up") + _bias(weights, "up")
-    if "gate" in weights or "gate" + BF16_BITS in weights:
-        hidden = gated_activation(_matmul(x, weights, "gate") + _bias(weights, "gate"), up, act)
-    else:
-        hidden = ACTIVATIONS[act](up)
+    gate = _matmul(x, weights, "gate") if _gated(weights) else None
+    hidden = _activation(gate, _matmul(x, weights, "up"), weights, act)
     return _matmul(hidden, weights, "down") + _bias(weights, "down")
 
 
@@ -154,11 +162,7 @@ def _products(x, weights: dict, names: tuple):
     return tuple(_matmul(x, weights, name) for name in names)
 
 
-@functools.partial(jax.jit, static_argnames=("act",))
-def _hidden(gate, up, biases: dict, act):
-    """The expert's hidden units [N, F] f32 from its projections' sums (gate None: a plain FFN)."""
-    up = up + _bias(biases, "up")
-    return ACTIVATIONS[act](up) if gate is None else gated_activation(gate + _bias(biases, "gate"), up, act)
+_hidden = jax.jit(_activation, static_argnames=("act",))
 
 
 def split_expert_ffn(x: np.ndarray, weights: dict, act, parts: int, run=map) -> np.ndarray:
@@ -182,7 +186,7 @@ def split_expert_ffn(x: np.ndarray, weights: dict, act, parts: int, run=map) -> 
         return sums
 
     x = np.asarray(x, np.float32)
-    gated = "gate" in weights or "gate" + BF16_BITS in weights
+    gated = _gated(weights)
     first = project(x, ("gate", "up") if gated else ("up",))
     biases = {name: w for name, w in weights.items() if name.endswith("_bias")}
     hidden = np.asarray(_hidden(first[0] if gated else None, first[-1], biases, act))
