@@ -112,6 +112,8 @@ def main() -> None:
     peers = {} if args.skip_peer else run_peers(
         models, ["--mode", "offload", "--gpu-expert-fraction", args.budgets, "--prompt-len", str(args.prompt_len),
                  "--new-tokens", str(args.peer_new_tokens)], args.dims, args.peer_timeout, budget)
+    if "," not in args.budgets:  # the peer's JSON for a single fraction is that fraction's, not keyed by it
+        peers = {label: peer if "error" in peer else {args.budgets: peer} for label, peer in peers.items()}
     # The pinned pool holds one model's experts at a time (and the bandwidth probe's 8 experts).
     start_backend(max(all_expert_bytes(cfg) + 8 * cfg.expert_bytes for cfg in configs), smoke=args.dims == "tiny")
     result = {"environment": environment(), "models": {}, "rows": []}

@@ -236,3 +236,9 @@ def test_gating_bench_smoke_run():
                         for how in ("union", "grouped", "ragged"))
     for out in dropless:
         np.testing.assert_allclose(out, union, rtol=0.02, atol=0.02)  # bf16 rows, rounded in other shapes
+
+    def too_large(how, rows):  # what XLA's autotuner raises where a program's buffers exceed the device
+        raise jax.errors.JaxRuntimeError("NOT_FOUND: Failed to get configs ... RESOURCE_EXHAUSTED: Out of memory")
+
+    bench.compiled = too_large
+    assert bench.fits("union", 1 << 17, 1e9) is False
