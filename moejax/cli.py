@@ -235,10 +235,11 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predict-every", type=int, default=1,
                    help="an emoe (per-request) predictor runs for one prompt in N; the others reuse its prediction")
     p.add_argument("--expert-compute", default="auto",
-                   help="how a step computes its experts: auto (default: union for few tokens, grouped for many) | union | "
+                   help="how a step computes its experts: auto (default: grouped for many tokens; for a decode step's few, "
+                   "inplace on one GPU with float experts, else union) | union | "
                    "grouped (dropless dynamic gating) | ragged (the same via lax.ragged_dot) | capacity (static capacity factor 2: "
                    "APPROXIMATE, drops tokens) | inplace (union's sums from Pallas kernels reading the experts in place, "
-                   "no gathered copy; float experts only; not yet measured on the GPU)")
+                   "no gathered copy; float experts only)")
     p.add_argument("--expert-format",
                    help="routed experts on the host, over the link and in the cache as: bf16 | int8 | int4 (APPROXIMATE: "
                    "weight-only, a scale per 64 input rows, dequantized in the expert compute; default: as stored)")

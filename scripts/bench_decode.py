@@ -6,7 +6,9 @@ Random bf16 weights made on the device (`jax.random`, layer by layer) and handed
 TPOT are medians over --repeats runs after a warm-up (compilation excluded). Per model (--models,
 `card[:layers]`):
 
-  moejax engine   the v2 step engine, resident mode (fused prefill / decode step programs)
+  moejax engine   the v2 step engine, resident mode (fused prefill / decode step programs), expert compute
+                  'auto' (on a GPU: the in-place kernels at decode); on the --reference-models also with
+                  union's gather ("moejax engine, union")
   whole-model     `models.decoder.forward` jitted with a KV cache, one program per token, experts as
                   separate buffers run through `lax.switch` (the reference; --reference-models)
   transformers    generate() with the default and the eager experts, and a forward loop on a model of the
@@ -104,14 +106,25 @@ def bench_model(card: str, layers: int | None, args, bandwidth: float, reference
     # The whole-model program needs every expert twice (its own buffers beside the engine's slab): keep the
     # stacks only then; otherwise the engine's slab is filled one layer at a time.
     stacks = list(random_expert_stacks(cfg)) if reference else random_expert_stacks(cfg)
-    engine = build_random_engine(cfg, "resident", dense, stacks, max_seq_len=max_len, prefill_chunk=args.prompt_len)
-    rows = [{"model": name, "engine": "moejax engine", **time_generate(engine, prompt, args.new_tokens, args.repeats)}]
-    del engine
-    gc.collect()
+    rows = []
+    # The default engine ('auto': in-place kernels on a GPU), and on the reference models union's gather beside it.
+    for label, compute in [("moejax engine", "auto")] + [("moejax engine, union", "union")] * reference:
+        try:
+            engine = build_random_engine(cfg, "resident", dense, stacks, max_seq_len=max_len,
+                                         prefill_chunk=args.prompt_len, expert_compute=compute)
+            rows.append({"model": name, "engine": label, **time_generate(engine, prompt, args.new_tokens, args.repeats),
+                         "decode_expert_compute": engine.stats()["decode_expert_compute"]})
+        except Exception as err:  # noqa: BLE001 -- a failing variant is a row with its error; the others still run
+            print(f"{name} {label}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            rows.append({"model": name, "engine": label, "tpot_s": float("nan"), "tokens": None,
+                         "error": f"{type(err).__name__}: {str(err)[:300]}"})
+        engine = None
+        gc.collect()
     if reference:
         rows.append({"model": name, "engine": "moejax whole-model",
                      **whole_model(cfg, dense, stacks, prompt, args.new_tokens, args.repeats, max_len)})
-        rows[0]["tokens_equal_whole_model"] = rows[0]["tokens"] == rows[1]["tokens"]
+        for row in rows[:-1]:
+            row["tokens_equal_whole_model"] = row["tokens"] == rows[-1]["tokens"]
         del stacks
         gc.collect()
     floor = active_bytes_per_token(cfg, args.prompt_len + args.new_tokens // 2)
@@ -169,7 +182,8 @@ def main() -> None:
             seconds_per_layer = (time.monotonic() - start) / cfg.num_layers
     print(f"\nbatch 1, random bf16 weights, prompt {args.prompt_len}, {args.new_tokens} new tokens; "
           f"HBM {bandwidth / GB:.0f} GB/s")
-    print_table(rows, [("model", "model", "s"), ("engine", "engine", "s"), ("ttft_ms", "TTFT ms", ".1f"),
+    print_table(rows, [("model", "model", "s"), ("engine", "engine", "s"),
+                       ("decode_expert_compute", "decode compute", "s"), ("ttft_ms", "TTFT ms", ".1f"),
                        ("tpot_ms", "TPOT ms", ".3f"), ("x_whole_model", "x whole-model", ".3f"),
                        ("x_best_transformers", "x best transformers", ".3f"), ("x_floor", "x HBM floor", ".2f")])
 

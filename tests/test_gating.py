@@ -144,6 +144,10 @@ def test_block_count_bounds_and_auto_rule():
     assert grouped_blocks(3, 2, 6, 64) == 6
     assert [resolve_expert_compute("auto", n) for n in (1, 63, 64, 512)] == ["union", "union", "grouped", "grouped"]
     assert resolve_expert_compute("capacity", 1) == "capacity"
+    # where the in-place kernels run: a decode step's few rows in place, more rows as before
+    assert [resolve_expert_compute("auto", n, inplace=True) for n in (1, 16, 17, 64)] == [
+        "inplace", "inplace", "union", "grouped"]
+    assert resolve_expert_compute("union", 1, inplace=True) == "union"
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ another order than XLA's dot); bf16 slabs, 1e-2 of the largest output against th
 values (the kernels round only the hidden units to bf16; union also rounds each projection).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -150,5 +151,11 @@ def test_inplace_engine_is_the_same_in_every_mode_and_close_to_union(ckpt):
             np.testing.assert_array_equal(ours, ref, err_msg=mode)
     union = moejax.load(ckpt, expert_compute="union", **options)
     assert union.generate(prompts, max_new_tokens=4).tokens == tokens
+    # 'auto' where the kernels run (a GPU: forced here) computes decode steps as 'inplace', prompts as before
+    auto = moejax.load(ckpt, **options)
+    assert auto.stats()["decode_expert_compute"] == "union"  # the CPU backend: the kernels only interpret
+    auto.spec = dataclasses.replace(auto.spec, inplace=True)
+    assert auto.generate(prompts, max_new_tokens=4).tokens == tokens
+    assert auto.stats()["decode_expert_compute"] == "inplace"
     for ours, ref in zip(logits, union.logits(prompts), strict=True):
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,10 @@ N token rows, from the same slab in every mode (`models.moe`):
              C = ceil(capacity_factor x N x k / E) token slots, pairs past them dropped from the routing
              (`models.capacity.drop_over_capacity`) before the cache sees it. Approximate: a row's output
              depends on the other rows;
-  auto       union below `moe.GROUPED_FROM_ROWS` rows, grouped from there (provisional, not yet measured on a GPU).
+  inplace    union's sums from Pallas kernels that read the chosen experts where they lie in the slab
+             (`kernels.slab_experts`; GPU, float experts);
+  auto       grouped from `moe.GROUPED_FROM_ROWS` rows up; below, inplace for calls of up to
+             `moe.INPLACE_MAX_ROWS` rows (decode) where `ProgramSpec.inplace` says the kernels run, else union.
 
 Prefetching (cached mode): `lookahead` applies the next MoE layer's router to this layer's output of
 attention and fetches up to that many of its guessed experts right away (in the program, after this
@@ -74,6 +77,7 @@ class ProgramSpec:
     # but a 27-layer model took minutes to compile unrolled against ~20 s scanned (BENCHMARKS.md).
     unroll_layers: bool = False
     expert_compute: str = "auto"  # `models.moe.EXPERT_COMPUTES`; see the module docstring
+    inplace: bool = False  # 'auto' may compute few rows 'inplace' (the kernels run here: one GPU, float experts)
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
@@ -243,8 +247,9 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
 def _compute(spec: ProgramSpec, moe_in, ids, weights, distinct, slots, slab, valid_rows):
     """The routed-expert output [N, D] f32 as the spec's expert compute makes it for the call's N rows."""
     rows = ids.shape[0]
-    return routed_experts(resolve_expert_compute(spec.expert_compute, rows), moe_in, ids, weights, distinct, slots, slab,
-                          expert_activation(spec.cfg), valid_rows=valid_rows, capacity=spec.capacity(rows))
+    how = resolve_expert_compute(spec.expert_compute, rows, spec.inplace)
+    return routed_experts(how, moe_in, ids, weights, distinct, slots, slab, expert_activation(spec.cfg),
+                          valid_rows=valid_rows, capacity=spec.capacity(rows))
 
 
 def gate(spec: ProgramSpec, ids, weights, valid_rows):

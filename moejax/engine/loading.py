@@ -76,9 +76,9 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         its tokens, in blocks), 'ragged' (the same through `lax.ragged_dot`), 'capacity' (static capacity-factor
         gating, APPROXIMATE: tokens past an expert's capacity are dropped, so outputs depend on the other
         sequences of a step), 'inplace' (union's sums from Pallas kernels that read the chosen experts in the
-        slab without a gathered copy, `kernels.slab_experts`; float experts only, not int8/int4; not yet
-        measured on the GPU) or 'auto' (the default: union for steps of few tokens, grouped for many;
-        provisional until measured on the GPU).
+        slab without a gathered copy, `kernels.slab_experts`; float experts only, not int8/int4) or 'auto'
+        (the default: grouped for calls of many tokens; for a decode step's few, inplace on one GPU with float
+        experts, union elsewhere).
     capacity_factor: expert_compute 'capacity' only: capacity = ceil(capacity_factor x tokens x top_k /
         experts) per expert and step (default `models.moe.CAPACITY_FACTOR`).
     expert_format: the routed experts' format on the host, over the link and in the device cache (decoder
@@ -234,6 +234,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         # On the CPU backend the host is the device: no overlap to gain, and a step blocked on its runner thread
         # would hold a thread of the CPU runtime that the runner's computation needs.
         compute["cpu_experts"].overlap = device.platform != "cpu"
+    # The in-place kernels beat union's gather at decode on the GPU (BENCHMARKS.md); elsewhere they only interpret.
+    compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and device.platform == "gpu"
+                          and parallel is None and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated

@@ -34,8 +34,8 @@ whose padding rows cost loads of x only) and D and F must each have a power-of-t
 (`inplace_problem`). Prompt chunks of more than 64 rows run as several row blocks, each reading the weights
 again: 'inplace' is for decode; 'union' or 'grouped' read less for long prompts.
 
-The tile sizes and split rule are provisional (written without a GPU; `scripts/probe_slab_kernel.py` measures
-them against gather + einsum). On the CPU backend the same kernels run in the Pallas interpreter, for tests.
+The tile sizes and split rule were written without a GPU; `scripts/probe_slab_kernel.py` measures them against
+gather + einsum and a sweep of tilings (BENCHMARKS.md). On the CPU backend the same kernels run in the Pallas interpreter, for tests.
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity", "inplace")
 # rows up, in blocks of GROUPED_BLOCK_ROWS rows. To be set from scripts/bench_gating.py on the GPU.
 GROUPED_FROM_ROWS = 64
 GROUPED_BLOCK_ROWS = 64
+# Where the in-place kernels run (one GPU, float experts of fitting shapes), 'auto' computes calls of up to this
+# many rows (a decode step's) 'inplace': one row block of the kernels (BENCHMARKS.md, "The in-place expert kernels").
+INPLACE_MAX_ROWS = 16
 # Static capacity gating's default capacity factor (C = ceil(factor x N x k / E) token slots per expert).
 CAPACITY_FACTOR = 2.0
 
@@ -353,13 +356,16 @@ def add_expert_outputs(outputs, topk_ids, topk_weights, distinct):
     return acc
 
 
-def resolve_expert_compute(expert_compute: str, rows: int) -> str:
-    """The expert compute a call of `rows` token rows runs: 'auto' is 'union' below GROUPED_FROM_ROWS rows
-    (one token's or a small batch's step is bound by reading the experts, which union reads once each),
-    'grouped' from there (union would compute U x rows expert rows where the tokens need rows x k)."""
+def resolve_expert_compute(expert_compute: str, rows: int, inplace: bool = False) -> str:
+    """The expert compute a call of `rows` token rows runs: 'auto' is 'grouped' from GROUPED_FROM_ROWS rows up
+    (union would compute U x rows expert rows where the tokens need rows x k); below, a step is bound by reading
+    the experts: 'inplace' (no gathered copy) for up to INPLACE_MAX_ROWS rows where the kernels run (`inplace`),
+    else 'union' (each chosen expert gathered once)."""
     if expert_compute != "auto":
         return expert_compute
-    return "grouped" if rows >= GROUPED_FROM_ROWS else "union"
+    if rows >= GROUPED_FROM_ROWS:
+        return "grouped"
+    return "inplace" if inplace and rows <= INPLACE_MAX_ROWS else "union"
 
 
 def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from moejax.errors import plural
+from moejax.models.moe import resolve_expert_compute
 from moejax.offload.device_cache import COUNTERS
 
 
@@ -34,7 +35,7 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
     experts copied without being used) and bytes_h2d (everything the step programs moved from the host).
     host_wait_s: seconds the host waited for step results (the device was busy: computing or moving experts).
     expert_compute: the spec's (`engine.decoder_programs`), with its capacity_factor where it is 'capacity'
-    (approximate).
+    (approximate); decode_expert_compute: what it computes a one-token step with ('auto' resolved).
     """
     cached = spec.mode == "cached"
     return {
@@ -44,6 +45,7 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
         "prefetch": manager.prefetch if cached and manager is not None else "none",
         "expert_bytes": expert_bytes,
         "expert_compute": spec.expert_compute,
+        "decode_expert_compute": resolve_expert_compute(spec.expert_compute, 1, spec.inplace),
         **({"capacity_factor": spec.capacity_factor} if spec.expert_compute == "capacity" else {}),
         **(info or {}),
         "host_wait_s": host_wait_s,
