@@ -217,6 +217,12 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, tolerance):
     threaded = host.compute(0, x, ids, weights, np.ones(E, bool))
     assert np.abs(threaded - device).max() <= tolerance * np.abs(device).max()
     np.testing.assert_array_equal(host.compute(0, x, ids, weights, np.ones(E, bool)), threaded)
+    alone = np.arange(E) == ids[0, 0]  # a lone host expert gets every thread for its row ranges (bf16, compact)
+    host.threads = 1
+    one_thread = host.compute(0, x, ids, weights, alone)
+    host.threads = 3
+    np.testing.assert_allclose(host.compute(0, x, ids, weights, alone), one_thread, rtol=1e-5,
+                               atol=1e-6 * np.abs(one_thread).max())
 
 
 def test_cpu_experts_in_the_cached_engine():

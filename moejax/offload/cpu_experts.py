@@ -19,10 +19,12 @@ misses (on a GPU; on the CPU backend, where the host is the device, `finish` com
 Exact up to float rounding: the host runs the device's expert function on the weights as the cache holds them
 (compact ones dequantized), in float32 and reading each weight matrix block by block (`offload.host_ffn`: XLA:CPU's
 own bf16 matmul is several times slower), compiled by XLA for the CPU (`jax.devices("cpu")`; its thread pool uses the
-host's cores), on the expert's rows padded to a power of two; a layer's host experts run concurrently, and
-each one's projections are cut into row ranges computed on as many threads and summed in order (HOST_THREADS:
-XLA:CPU runs the blocked function on one core). Its arithmetic differs from the device's bf16 batched program, and the host experts' sum is added
-after the device's instead of in expert order. tests/test_compact_experts.py states and checks the tolerance
+host's cores), on the expert's rows padded to a power of two. A layer's host experts share HOST_THREADS threads
+(XLA:CPU runs the blocked function on one core): as many run at once as there are threads, each cut into row
+ranges of its projections on the threads left over (a lone expert: all of them), summed in order; float32
+experts, whose matmuls XLA:CPU spreads over the cores itself, run one at a time, uncut. Its arithmetic differs
+from the device's bf16 batched program, and the host experts' sum is added after the device's instead of in
+expert order. tests/test_compact_experts.py states and checks the tolerance
 (float32: 1e-6 of the output's largest value; bf16: 1e-2).
 
 The cost model's numbers are measured once at load (`measure`: one expert's fetch to the device as a miss makes it
@@ -56,7 +58,7 @@ from moejax.errors import ParameterError
 from moejax.models.quantized import SCALE_SUFFIX
 from moejax.offload.expert_stacks import fetch_expert
 from moejax.offload.host_cache import HostCache, TieredHost
-from moejax.offload.host_ffn import host_operands, split_expert_ffn
+from moejax.offload.host_ffn import host_operands, split_expert_ffn, widened_in_blocks
 
 CPU_EXPERTS = ("off", "auto")
 HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and row ranges of each, at once
@@ -104,7 +106,8 @@ class HostExperts:
 
     def __init__(self, weights: Callable[[int, int], dict | None], act: str, most_tokens: int):
         self.weights, self.act, self.most_tokens = weights, act, most_tokens
-        self.threads = HOST_THREADS  # a layer's host experts computed at once, each split in as many row ranges
+        self.threads = HOST_THREADS  # host threads a layer's experts share (see `compute`)
+        self.plain = False  # the experts' products are XLA:CPU's threaded float matmuls (known from the first expert)
         self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
         self._jobs: dict[int, futures.Future | tuple] = {}
         self._tickets = itertools.cycle(range(1 << 30))
@@ -146,16 +149,20 @@ class HostExperts:
             counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds}
         return {**counts, "token_limit": self.token_limit, **({"cost_model": self.cost.describe()} if self.cost else {})}
 
-    def expert_output(self, layer: int, expert: int, rows: np.ndarray) -> np.ndarray | None:
-        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU (None: its weights
-        could not be read). Weights in host memory are used where they lie (aliased, not copied)."""
+    def expert_output(self, layer: int, expert: int, rows: np.ndarray, parts: int = 1) -> np.ndarray | None:
+        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU, its projections
+        in `parts` row ranges on the 'part' threads where the products are widened block by block on one core
+        (None: its weights could not be read). Weights in host memory are used where they lie (aliased, not copied)."""
         weights = self.weights(layer, expert)
         if weights is None:
             return None
+        operands = host_operands(weights)
+        self.plain = not widened_in_blocks(operands)
+        parts = 1 if self.plain else parts
         padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
         padded[: len(rows)] = rows
-        parts = _pool(self.threads, "part").map if self.threads > 1 else map
-        return split_expert_ffn(padded, host_operands(weights), self.act, self.threads, parts)[: len(rows)]
+        run = _pool(self.threads, "part").map if parts > 1 else map
+        return split_expert_ffn(padded, operands, self.act, parts, run)[: len(rows)]
 
     def start(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """`compute` of these arguments (copied: a callback's arrays may be the runtime's buffers) started on the
@@ -183,8 +190,13 @@ class HostExperts:
         experts = np.flatnonzero(np.asarray(on_host))
         row_weights = [np.where(ids == e, weights, 0.0).sum(axis=-1) for e in experts]
         rows = [np.flatnonzero(w != 0) for w in row_weights]
-        run = lambda e, r: self.expert_output(int(layer), int(e), x[r])  # noqa: E731
-        outputs = map(run, experts, rows) if self.threads == 1 else _pool(self.threads, "expert").map(run, experts, rows)
+        # The threads go to the experts first, what is left to each one's row ranges: never more than `threads`
+        # products at once (8 bf16 experts split 8 ways each took 67 ms on an H100's 16-core host, 8 unsplit 26 ms
+        # on the H200's). Plain float experts go one at a time: each matmul already uses every core.
+        concurrent = 1 if self.plain else max(1, min(self.threads, experts.size))
+        parts = max(1, self.threads // concurrent)
+        run = lambda e, r: self.expert_output(int(layer), int(e), x[r], parts)  # noqa: E731
+        outputs = map(run, experts, rows) if concurrent == 1 else _pool(self.threads, "expert").map(run, experts, rows)
         for row_weight, expert_rows, expert_out in zip(row_weights, rows, outputs):
             if expert_out is not None:
                 out[expert_rows] += row_weight[expert_rows, None] * expert_out

@@ -42,6 +42,12 @@ def host_operands(expert: dict) -> dict:
     return out
 
 
+def widened_in_blocks(operands: dict) -> bool:
+    """Whether `host_expert_ffn` widens these operands (as host_operands gives them) block by block on one core:
+    bf16 bits or compact codes. Float32 (and float16) products are XLA:CPU's own matmuls, which use every core."""
+    return any(name.endswith((BF16_BITS, SCALE_SUFFIX)) for name in operands)
+
+
 def _block_rows(rows: int, quantum: int) -> int:
     """The largest block of at most BLOCK_ROWS rows, a multiple of `quantum`, that divides `rows` (rows itself
     when none does)."""
