@@ -7,7 +7,8 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             through `Engine.routing_override`: each slot replays a recorded sequence of its own). Per batch of
             --batches: the engine's step API directly (no serving loop: what the batch does to a step),
             B prompts of --prompt-len random tokens prefilled, then --new-tokens - 1 decode steps of all
-            B; a warm-up pass on other sequences first (compiles, fills the cache). Per row: output
+            B; a warm-up pass on other sequences first (compiles, fills the cache); all of it per cache
+            policy of --policies (default lru and activation). Per row: output
             tokens/s (B x steps / decode time), step time (the mean), the experts each step needs (the
             union of its tokens' choices, summed over MoE layers) and moves, bytes moved per step, its
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
@@ -75,7 +76,7 @@ DEFAULT_TASK_MIX = ROOT.parent / "shared" / "data" / "prompts" / "tasks.jsonl"
 # The most telling first (where fcfs misses), cheapest too (the arrivals come fast): a time budget skips the last.
 DEFAULT_LOADS = "32x,16x,8x,4x,2x"
 THROUGHPUT_COLUMNS = [
-    ("batch", "batch", "d"), ("tokens_per_s", "tok/s", ".1f"), ("x_batch1", "x batch 1", ".2f"),
+    ("policy", "policy", "s"), ("batch", "batch", "d"), ("tokens_per_s", "tok/s", ".1f"), ("x_batch1", "x batch 1", ".2f"),
     ("step_s", "step s", ".4f"), ("experts_needed_per_step", "experts needed/step", ".1f"),
     ("experts_moved_per_step", "moved/step", ".1f"), ("hit_rate", "hit", ".3f"), ("gb_per_step", "GB/step", ".3f"),
     ("link_floor_s", "link floor s", ".4f"), ("x_link_floor", "x link floor", ".2f")]
@@ -139,36 +140,40 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
     device = jax.devices()[0]
     bandwidth = pinned_bandwidth(cfg, device)
     print(f"pinned host -> device: {bandwidth / GB:.2f} GB/s", flush=True)
-    start = time.monotonic()
-    engine = build_random_engine(cfg, "cached", random_dense_params(cfg), pinned_stacks(cfg, device), slots=batches[-1],
-                                 max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len,
-                                 expert_budget=args.budget)
-    replay = RoutingReplay(trace)
-    engine.routing_override = replay
-    print(f"{args.card} ({args.dims}) built in {time.monotonic() - start:.0f} s, {engine.cache.num_slots} expert slots",
-          flush=True)
+    dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, device)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     part = out["throughput"] = {"card": args.card, "budget": args.budget, "prompt_len": args.prompt_len,
-                                "new_tokens": args.new_tokens, "bandwidth_bytes_per_s": bandwidth,
-                                "capacity_experts": engine.cache.num_slots, "expert_bytes": cfg.expert_bytes, "rows": []}
-    need = 0.0
-    for batch in batches:
-        if not budget.allows(need, f"throughput batch {batch}"):
-            part.setdefault("skipped", []).append(batch)
-            continue
+                                "new_tokens": args.new_tokens, "bandwidth_bytes_per_s": bandwidth, "rows": []}
+    need, took = 0.0, {}  # took: seconds of each batch's rows under the first policy
+    for policy in args.policies:
         start = time.monotonic()
-        decode_batch(engine, replay, long_enough[batch : 2 * batch], prompt, args.new_tokens)  # warm-up
-        row = decode_batch(engine, replay, long_enough[:batch], prompt, args.new_tokens)
-        row["link_floor_s"] = row["bytes_per_step"] / bandwidth
-        row["x_link_floor"] = row["step_s"] / row["link_floor_s"] if row["link_floor_s"] else None
-        first = part["rows"][0] if part["rows"] else row
-        row["x_batch1"] = row["tokens_per_s"] / first["tokens_per_s"] if first["batch"] == 1 else None
-        part["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        save()
-        need = 2 * (time.monotonic() - start)  # a larger batch takes longer
-    del engine
-    gc.collect()
+        engine = build_random_engine(cfg, "cached", dense, stacks, slots=batches[-1],
+                                     max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len,
+                                     expert_budget=args.budget, cache_policy=policy)
+        replay = RoutingReplay(trace)
+        engine.routing_override = replay
+        part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes)
+        print(f"{args.card} ({args.dims}) {policy} built in {time.monotonic() - start:.0f} s, "
+              f"{engine.cache.num_slots} expert slots", flush=True)
+        for batch in batches:
+            need = took.get(batch, need)
+            if not budget.allows(need, f"throughput {policy} batch {batch}"):
+                part.setdefault("skipped", []).append(f"{policy} {batch}")
+                continue
+            start = time.monotonic()
+            decode_batch(engine, replay, long_enough[batch : 2 * batch], prompt, args.new_tokens)  # warm-up
+            row = {"policy": policy, **decode_batch(engine, replay, long_enough[:batch], prompt, args.new_tokens)}
+            row["link_floor_s"] = row["bytes_per_step"] / bandwidth
+            row["x_link_floor"] = row["step_s"] / row["link_floor_s"] if row["link_floor_s"] else None
+            first = part["rows"][0] if part["rows"] else row  # batch 1 of the first policy
+            row["x_batch1"] = row["tokens_per_s"] / first["tokens_per_s"] if first["batch"] == 1 else None
+            part["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
+            took.setdefault(batch, time.monotonic() - start)
+            need = 2 * took[batch]  # the next batch is larger
+        del engine
+        gc.collect()
 
 
 # -- gating -------------------------------------------------------------------------------------------------
@@ -375,6 +380,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--traces", help="the card's recorded routing (experts [L, T, k], seq_lens), e.g. "
                                     ".data/traces/deepseek_v2_lite_prefill.npz")
     g.add_argument("--batches", type=int_list, default=[1, 4, 16, 64])
+    g.add_argument("--policies", type=names, default=["lru", "activation"],
+                   help="cache policies, each with every batch (LRU thrashes once a step needs more experts than slots)")
     g.add_argument("--prompt-len", type=int, default=16)
     g.add_argument("--new-tokens", type=int, default=32)
     g = p.add_argument_group("slo")
@@ -500,10 +507,10 @@ def print_tables(out: dict) -> None:
               f"replayed, prompt {t['prompt_len']}, {t['new_tokens'] - 1} decode steps; pinned host -> device "
               f"{t['bandwidth_bytes_per_s'] / GB:.2f} GB/s")
         print_table(t["rows"], THROUGHPUT_COLUMNS)
-        largest = t["rows"][-1] if t["rows"] else None
+        largest = max(t["rows"], key=lambda row: (row["batch"], row["tokens_per_s"]), default=None)
         if largest and largest["x_batch1"] is not None and largest["x_link_floor"] is not None:
-            print(f"batch {largest['batch']}: {largest['x_batch1']:.2f}x batch 1's tokens/s (issue: >= 6x at 64), step "
-                  f"{largest['x_link_floor']:.2f}x its link floor (issue: <= 1.25x)")
+            print(f"batch {largest['batch']} ({largest['policy']}): {largest['x_batch1']:.2f}x batch 1's tokens/s "
+                  f"(issue: >= 6x at 64), step {largest['x_link_floor']:.2f}x its link floor (issue: <= 1.25x)")
     if out.get("gating", {}).get("rows"):
         rows = out["gating"]["rows"]
         print("gating: dynamic gating vs capacity padding (scripts/bench_gating.py)")
