@@ -239,7 +239,7 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "inplace on one GPU with float experts, else union) | union | "
                    "grouped (dropless dynamic gating) | ragged (the same via lax.ragged_dot) | capacity (static capacity factor 2: "
                    "APPROXIMATE, drops tokens) | inplace (union's sums from Pallas kernels reading the experts in place, "
-                   "no gathered copy; float experts only)")
+                   "no gathered copy; float experts only) | grouped-inplace (grouped's blocks through those kernels)")
     p.add_argument("--expert-format",
                    help="routed experts on the host, over the link and in the cache as: bf16 | int8 | int4 (APPROXIMATE: "
                    "weight-only, a scale per 64 input rows, dequantized in the expert compute; default: as stored)")

@@ -5,7 +5,9 @@ real MoE shapes, all experts on the device.
 Per model (`--gating-models`: Switch-base-128, NLLB-MoE, Mixtral-8x7B, DeepSeek-V2-Lite shapes by default) and
 per expert compute (`--gating-computes`):
   union      every token row through every expert the call uses (the engine's compute for few rows)
-  grouped    dropless dynamic gating: each expert computes exactly its (token, choice) pairs, in blocks
+  grouped    dropless dynamic gating: each expert computes exactly its (token, choice) pairs, in blocks run one
+             after another on the gathered experts
+  grouped-inplace  the same blocks, all at once, each reading its expert where it lies (Pallas kernels)
   ragged     the same pairs through XLA's grouped matmul (`lax.ragged_dot`), no padding
   capacity   static capacity-factor gating: every used expert padded to C = ceil(factor x N x k / E) token slots,
              the pairs past them dropped (approximate: its rows report the fraction dropped)
@@ -46,7 +48,7 @@ from moejax.offload.device_cache import distinct_experts
 from scripts.benchlib import GB, environment, median, print_table, start_backend, write_json
 
 DEFAULT_MODELS = "switch-base-128,nllb-moe-54b,mixtral-8x7b,deepseek-v2-lite"
-COMPUTES = ("union", "grouped", "ragged", "capacity")
+COMPUTES = ("union", "grouped", "grouped-inplace", "ragged", "capacity")
 DEFAULT_ROWS = "1,8,64,256,1024"
 TINY_ROWS = "1,8"
 TINY_MEMORY_GB = 0.01
@@ -135,7 +137,7 @@ def expert_rows(shape: MoEShape, how: str, rows: int, capacity_factor: float, bl
     union = min(rows * shape.top_k, shape.experts)
     if how == "union":
         return union * rows
-    if how == "grouped":
+    if how in ("grouped", "grouped-inplace"):
         return grouped_blocks(rows, shape.top_k, union, block_rows) * block_rows
     if how == "ragged":
         return rows * shape.top_k

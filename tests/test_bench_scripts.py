@@ -226,16 +226,16 @@ def test_gating_bench_smoke_run():
                               "--capacity-factor", "1", "--memory-gb", "0.001", "--gating-max-rows", "8"])
     rows = run(args)
     batch = {(r["compute"], r["rows"]): r for r in rows if r["kind"] == "batch"}
-    assert set(batch) == {(c, n) for c in ("union", "grouped", "ragged", "capacity") for n in (1, 8)}
+    assert set(batch) == {(c, n) for c in ("union", "grouped", "grouped-inplace", "ragged", "capacity") for n in (1, 8)}
     assert all(r["tokens_per_s"] > 0 for r in batch.values())
     assert batch["capacity", 8]["expert_rows_per_layer"] < batch["union", 8]["expert_rows_per_layer"]
     assert batch["grouped", 1]["dropped_fraction"] == 0 and batch["capacity", 8]["dropped_fraction"] < 1
     largest = [r for r in rows if r["kind"] == "max-batch"]
-    assert len(largest) == 4 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
+    assert len(largest) == 5 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
     bench = Bench(moe_shape("mixtral-8x7b", tiny=True), 2, args, repeats=1)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 64)).astype(bench.shape.dtype)
     union, *dropless = (np.asarray(bench.compiled(how, 8)(bench.params, x)[0], np.float32)
-                        for how in ("union", "grouped", "ragged"))
+                        for how in ("union", "grouped", "grouped-inplace", "ragged"))
     for out in dropless:
         np.testing.assert_allclose(out, union, rtol=0.02, atol=0.02)  # bf16 rows, rounded in other shapes
 

@@ -19,7 +19,8 @@ from hf_zoo import build, random_prompts
 
 import moejax
 from moejax.errors import ParameterError
-from moejax.kernels.slab_experts import Tiling, choose_tiling, inplace_problem, pallas_triton, slab_expert_outputs
+from moejax.kernels.slab_experts import (Tiling, choose_tiling, grouped_inplace_experts, inplace_problem, pallas_triton,
+                                         slab_expert_outputs)
 from moejax.models.moe import ClampedSwiGLU, batched_expert_ffn, experts_from_slab, gathered, route, routed_experts
 from moejax.offload.device_cache import distinct_experts
 
@@ -89,6 +90,23 @@ def test_inplace_compute_adds_rows_like_union():
     np.testing.assert_allclose(ours, experts_from_slab(x, ids, weights, distinct, slots, slab), rtol=1e-5, atol=1e-5)
 
 
+def test_grouped_inplace_equals_grouped():
+    """'grouped-inplace' against grouped's loop on the same blocks: several blocks per expert (blocks of 4 rows),
+    rows left out (valid_rows), padding among the distinct experts, a plain slab with biases."""
+    slab = random_slab("plain", slots=8)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(13, 32)), jnp.float32)
+    weights, ids = route(jnp.asarray(rng.normal(size=(13, 8)) * 2, jnp.float32), 2, normalize=True)
+    valid = jnp.asarray(rng.random(13) < 0.8)
+    distinct = distinct_experts(ids, valid, 8, 10)
+    slots = jnp.where(distinct < 8, (distinct * 3) % 8, -1)  # the experts anywhere in the slab
+    run = lambda how: np.asarray(jax.jit(functools.partial(routed_experts, how, act="gelu", block_rows=4))(  # noqa: E731
+        x, ids, weights, distinct, slots, slab, valid_rows=valid))
+    ours, loop = run("grouped-inplace"), run("grouped")
+    np.testing.assert_allclose(ours, loop, rtol=1e-5, atol=1e-5)
+    assert not ours[~np.asarray(valid)].any() and ours[np.asarray(valid)].any()
+
+
 def test_tiling_of_the_measured_shapes():
     """Power-of-two tiles >= 16 that divide the matrices of Mixtral, DeepSeek-V2-Lite and Qwen3-30B-A3B experts;
     the reduction split where a decode step has few programs (Mixtral's down projection: 128 without)."""
@@ -126,6 +144,14 @@ def test_kernels_lower_to_triton_for_cuda_at_real_shapes():
         compute = jax.jit(lambda x, slab, slots: slab_expert_outputs(x, slab, slots, act, interpret=False))  # noqa: B023
         text = compute.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 2, (kind, dim)  # gate/up and down: two kernels
+    # grouped-inplace on a DeepSeek-V2-Lite layer: a prompt chunk of 128 rows in blocks of 64 pairs
+    rows, slab = 128, {name: jax.ShapeDtypeStruct((64, *({"D": 2048, "F": 1408}[a] for a in axes)), jnp.bfloat16)
+                       for name, axes in SLAB_SHAPES["gated"].items()}
+    grouped = jax.jit(functools.partial(grouped_inplace_experts, interpret=False))
+    text = grouped.trace(jax.ShapeDtypeStruct((rows, 2048), jnp.bfloat16), jax.ShapeDtypeStruct((rows, 6), jnp.int32),
+                         jax.ShapeDtypeStruct((rows, 6), jnp.float32), jax.ShapeDtypeStruct((64,), jnp.int32),
+                         jax.ShapeDtypeStruct((64,), jnp.int32), slab).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +161,8 @@ def ckpt(tmp_path_factory):
 
 def test_inplace_engine_is_the_same_in_every_mode_and_close_to_union(ckpt):
     """Resident, cached (half the experts: misses and evictions) and on-demand engines computing 'inplace' give the
-    same tokens and logits, bit for bit; union's tokens, and its logits within f32 rounding."""
+    same tokens and logits, bit for bit; union's tokens, and its logits within f32 rounding; 'grouped-inplace'
+    and 'auto' with the kernels forced on give the same tokens."""
     options = dict(slots=2, max_seq_len=32)
     resident = moejax.load(ckpt, expert_compute="inplace", **options)
     cfg = resident.cfg
@@ -151,6 +178,8 @@ def test_inplace_engine_is_the_same_in_every_mode_and_close_to_union(ckpt):
             np.testing.assert_array_equal(ours, ref, err_msg=mode)
     union = moejax.load(ckpt, expert_compute="union", **options)
     assert union.generate(prompts, max_new_tokens=4).tokens == tokens
+    grouped = moejax.load(ckpt, "cached", expert_compute="grouped-inplace", expert_budget=half, **options)
+    assert grouped.generate(prompts, max_new_tokens=4).tokens == tokens  # dynamic gating's blocks, read in place
     # 'auto' where the kernels run (a GPU: forced here) computes decode steps as 'inplace', prompts as before
     auto = moejax.load(ckpt, **options)
     assert auto.stats()["decode_expert_compute"] == "union"  # the CPU backend: the kernels only interpret

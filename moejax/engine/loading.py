@@ -23,7 +23,7 @@ from moejax.errors import MoejaxError, ParameterError, is_integer, plural
 from moejax.models.decoder import expert_activation, kv_bytes_per_token, kv_cache_bytes
 from moejax.models.encdec import expert_shapes as encdec_expert_shapes
 from moejax.kernels.slab_experts import inplace_problem
-from moejax.models.moe import EXPERT_COMPUTES
+from moejax.models.moe import EXPERT_COMPUTES, INPLACE_COMPUTES
 from moejax.models.registry import kind_of
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
@@ -76,7 +76,8 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         its tokens, in blocks), 'ragged' (the same through `lax.ragged_dot`), 'capacity' (static capacity-factor
         gating, APPROXIMATE: tokens past an expert's capacity are dropped, so outputs depend on the other
         sequences of a step), 'inplace' (union's sums from Pallas kernels that read the chosen experts in the
-        slab without a gathered copy, `kernels.slab_experts`; float experts only, not int8/int4) or 'auto'
+        slab without a gathered copy, `kernels.slab_experts`; float experts only, not int8/int4), 'grouped-inplace'
+        (grouped's blocks computed by those kernels, all at once) or 'auto'
         (the default: grouped for calls of many tokens; for a decode step's few, inplace on one GPU with float
         experts, union elsewhere).
     capacity_factor: expert_compute 'capacity' only: capacity = ceil(capacity_factor x tokens x top_k /
@@ -115,10 +116,10 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     fmt = resolve_format(expert_format, stored_format(path, cfg.dtype), kind_of(cfg).encoder_decoder)
     compute.update(_expert_options(cfg, config, fmt, cpu_experts, cpu_cost, devices, placement, placement_traces,
                                    hot_replicas))
-    if expert_compute == "inplace" and not kind_of(cfg).encoder_decoder:
+    if expert_compute in INPLACE_COMPUTES and not kind_of(cfg).encoder_decoder:
         problem = inplace_problem(fmt.shapes(_shapes(cfg)), (device or jax.devices()[0]).platform == "gpu")
         if problem:
-            raise ParameterError("{expert_compute} 'inplace' {problem}", problem=problem)
+            raise ParameterError("{expert_compute} {name!r} {problem}", name=expert_compute, problem=problem)
     host_tier = None
     if config.host_budget is not None:
         host_tier = checkpoint_tier(path, cfg, _shapes(cfg), fmt, config.host_budget, config.expert_dir, show_progress)

@@ -32,7 +32,8 @@ Tiles: Triton's dot needs every tile dimension >= 16 and the Triton lowering nee
 the rows are zero-padded to blocks of 16..64 (`Tiling.block_rows`; a decode step's 1..16 rows: one block of 16,
 whose padding rows cost loads of x only) and D and F must each have a power-of-two divisor >= 16 on the GPU
 (`inplace_problem`). Prompt chunks of more than 64 rows run as several row blocks, each reading the weights
-again: 'inplace' is for decode; 'union' or 'grouped' read less for long prompts.
+again: 'inplace' is for decode. For prompts and large batches 'grouped-inplace' (`grouped_inplace_experts`) runs
+the same kernels on dynamic gating's blocks, each block one expert's pairs.
 
 The tile sizes and split rule were written without a GPU; `scripts/probe_slab_kernel.py` measures them against
 gather + einsum and a sweep of tilings (BENCHMARKS.md). On the CPU backend the same kernels run in the Pallas interpreter, for tests.
@@ -51,7 +52,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from moejax.models.layers import ACTIVATIONS
-from moejax.models.moe import add_expert_outputs, gated_activation
+from moejax.models.moe import GROUPED_BLOCK_ROWS, add_expert_outputs, gated_activation, grouped_pairs
 
 try:
     from jax.experimental.pallas import triton as pallas_triton
@@ -189,16 +190,17 @@ def slot_matmuls(rows, weights: tuple, slots, tiling: Tiling, interpret: bool) -
 def slab_expert_outputs(x, slab: dict, slots, act="silu", *, interpret: bool | None = None,
                         tilings: tuple[Tiling, Tiling] | None = None):
     """The FFN outputs of the experts at `slots` int32 [U] of `slab` (float, {name: [S, ...]}, `models.moe.expert_ffn`'s
-    names) on every row of x [N, D] -> [U, N, D] f32, each expert's weights read in place (module docstring);
-    slot -1: zeros. interpret: run the kernels in the Pallas interpreter (default: unless the default backend is a
-    GPU); tilings: (gate/up, down) instead of `choose_tiling`'s."""
+    names) on every row of x [N, D], or each on its own rows x [U, N, D] -> [U, N, D] f32, each expert's weights
+    read in place (module docstring); slot -1: zeros (nothing read). interpret: run the kernels in the Pallas
+    interpreter (default: unless the default backend is a GPU); tilings: (gate/up, down) instead of
+    `choose_tiling`'s."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     problem = inplace_problem({name: (w.shape[1:], w.dtype) for name, w in slab.items()}, on_gpu=not interpret)
     if problem:
         raise ValueError(f"expert_compute 'inplace' {problem}")
     S, F, D = slab["down"].shape
-    N, U = x.shape[0], slots.shape[0]
+    N, U = x.shape[-2], slots.shape[0]
     gate_up, down = tilings or (choose_tiling(U, N, D, F), choose_tiling(U, N, F, D))
     safe = jnp.maximum(slots, 0)
 
@@ -220,3 +222,19 @@ def inplace_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act=
     """`models.moe.experts_from_slab` with the experts' outputs from `slab_expert_outputs` (read in place, no gather):
     the same arguments, the same per-row sums in increasing expert order -> [N, D] f32."""
     return add_expert_outputs(slab_expert_outputs(x, slab, slots, act), topk_ids, topk_weights, distinct)
+
+
+def grouped_inplace_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *, valid_rows=None,
+                            block_rows: int = GROUPED_BLOCK_ROWS, interpret: bool | None = None):
+    """Dropless dynamic gating with the in-place kernels ('grouped-inplace'): `models.moe.grouped_pairs`' blocks of
+    pairs sorted by expert, every block computed at once by `slab_expert_outputs`, each reading its expert's
+    weights where they lie in the slab (blocks past the ones in use: slot -1, nothing read). Where
+    `models.moe.grouped_experts` gathers the chosen experts and runs its blocks one after another, this reads an
+    expert once per block of its pairs, with no copy, and every block in parallel. Arguments as
+    `grouped_experts`'s; interpret as `slab_expert_outputs`'. -> [N, D] f32."""
+
+    def run_blocks(rows, owner, used):
+        block_slots = jnp.where(jnp.arange(owner.shape[0]) < used, slots[owner], -1)
+        return slab_expert_outputs(rows, slab, block_slots, act, interpret=interpret)
+
+    return grouped_pairs(x, topk_ids, topk_weights, distinct, run_blocks, valid_rows=valid_rows, block_rows=block_rows)

@@ -39,7 +39,8 @@ from moejax.models.layers import ACTIVATIONS
 from moejax.models.quantized import dequantized
 
 # How a step computes its routed experts (see `routed_experts`); 'auto' picks by the call's rows.
-EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity", "inplace")
+EXPERT_COMPUTES = ("auto", "union", "grouped", "ragged", "capacity", "inplace", "grouped-inplace")
+INPLACE_COMPUTES = ("inplace", "grouped-inplace")  # the computes of `kernels.slab_experts` (float slabs)
 # Provisional, chosen on the CPU for logic only (not speed): 'auto' computes 'grouped' from this many token
 # rows up, in blocks of GROUPED_BLOCK_ROWS rows. To be set from scripts/bench_gating.py on the GPU.
 GROUPED_FROM_ROWS = 64
@@ -370,10 +371,10 @@ def resolve_expert_compute(expert_compute: str, rows: int, inplace: bool = False
 
 def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *,
                    valid_rows=None, capacity: int | None = None, block_rows: int = GROUPED_BLOCK_ROWS):
-    """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped', 'ragged', 'capacity' or
-    'inplace'; see `experts_from_slab`, `grouped_experts`, `ragged_experts`, `capacity_experts`,
-    `kernels.slab_experts.inplace_experts` for the arguments). Union, grouped, ragged and inplace are exact and
-    add each row's experts alike; capacity computes
+    """The routed-expert output [N, D] f32 of a call, computed `how` ('union', 'grouped', 'ragged', 'capacity',
+    'inplace' or 'grouped-inplace'; see `experts_from_slab`, `grouped_experts`, `ragged_experts`, `capacity_experts`,
+    `kernels.slab_experts.inplace_experts` and `grouped_inplace_experts` for the arguments). All but capacity are
+    exact and add each row's experts alike; capacity computes
     `capacity` token slots per expert and leaves out the pairs past them (approximate)."""
     if how == "union":
         return experts_from_slab(x, topk_ids, topk_weights, distinct, slots, slab, act)
@@ -388,7 +389,12 @@ def routed_experts(how: str, x, topk_ids, topk_weights, distinct, slots, slab: d
         from moejax.kernels.slab_experts import inplace_experts  # that module imports this one
 
         return inplace_experts(x, topk_ids, topk_weights, distinct, slots, slab, act)
-    raise ValueError(f"expert compute {how!r} is not one of union, grouped, ragged, capacity, inplace")
+    if how == "grouped-inplace":
+        from moejax.kernels.slab_experts import grouped_inplace_experts
+
+        return grouped_inplace_experts(x, topk_ids, topk_weights, distinct, slots, slab, act, valid_rows=valid_rows,
+                                       block_rows=block_rows)
+    raise ValueError(f"expert compute {how!r} is not one of {', '.join(EXPERT_COMPUTES[1:])}")
 
 
 def _union_queues(topk_ids, topk_weights, distinct, valid_rows):
@@ -443,22 +449,17 @@ def grouped_blocks(rows: int, top_k: int, union: int, block_rows: int = GROUPED_
     return min((pairs + min(union, pairs) * (block_rows - 1)) // block_rows, union * math.ceil(rows / block_rows))
 
 
-def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *, valid_rows=None,
-                    block_rows: int = GROUPED_BLOCK_ROWS):
-    """Dropless dynamic gating: the routed-expert output [N, D] f32, each expert computing exactly its pairs.
+def grouped_pairs(x, topk_ids, topk_weights, distinct, run_blocks, *, valid_rows=None,
+                  block_rows: int = GROUPED_BLOCK_ROWS):
+    """Dropless dynamic gating's layout around a block runner -> the routed-expert output [N, D] f32.
 
-    Arguments as `experts_from_slab`; valid_rows bool [N] or None: rows whose pairs are computed (the others
-    get zeros). The (row, choice) pairs are sorted by expert into blocks of `block_rows` (static) rows, each
-    expert's pairs padded to whole blocks (`grouped_blocks`), the chosen experts' weights gathered once
-    ([U, ...], as union gathers them: a loop reading the slab itself would copy the whole slab into its state),
-    and a loop over the blocks in use runs each block's expert on its rows: about N x k + U x block_rows expert
-    rows instead of union's U x N. Each row then adds its experts' outputs in increasing expert order, as
-    `experts_from_slab` does.
-
-    Every expert product has the one shape [block_rows, D] whatever the batch, so a row's result does not
-    depend on the other rows or on N where the backend rounds a matmul's rows alike at one shape (XLA:CPU
-    does, tests/test_gating.py); union's products have N rows, and XLA:CPU rounds them differently per N.
-    """
+    Arguments as `experts_from_slab` (no slots: the runner reads the experts); valid_rows bool [N] or None: rows
+    whose pairs are computed (the others get zeros). The (row, choice) pairs are sorted by expert into blocks of
+    `block_rows` (static) rows, each expert's pairs padded to whole blocks (`grouped_blocks` of them in all);
+    run_blocks(rows [B, block_rows, D], owner int32 [B], used int32 []) -> [B, block_rows, D] computes block b <
+    used with expert owner[b] (an index into `distinct`); the blocks past `used` are padding. Each row then adds
+    its experts' outputs in increasing expert order, as `experts_from_slab` does: about N x k + U x block_rows
+    expert rows instead of union's U x N."""
     (N, k), U = topk_ids.shape, distinct.shape[0]
     num_blocks = grouped_blocks(N, k, U, block_rows)
     member, place = _union_queues(topk_ids, topk_weights, distinct, valid_rows)
@@ -468,17 +469,33 @@ def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act=
     computed = member < U
     first = (ends - blocks)[jnp.minimum(member, U - 1)]
     dest = jnp.where(computed, first * block_rows + place, num_blocks * block_rows)
-    owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"), U - 1)
-    chosen = gathered(slab, slots)
-    rows_in = _pair_rows(x, dest, num_blocks * block_rows)
-
-    def run_block(b, rows_out):
-        expert = {name: lax.dynamic_index_in_dim(w, owner[b], keepdims=False) for name, w in chosen.items()}
-        rows = lax.dynamic_slice_in_dim(rows_in, b * block_rows, block_rows)
-        return lax.dynamic_update_slice_in_dim(rows_out, expert_ffn(rows, expert, act), b * block_rows, axis=0)
-
-    rows_out = lax.fori_loop(0, ends[-1], run_block, jnp.zeros_like(rows_in))
+    owner = jnp.minimum(jnp.searchsorted(ends, jnp.arange(num_blocks), side="right"), U - 1).astype(jnp.int32)
+    rows_in = _pair_rows(x, dest, num_blocks * block_rows).reshape(num_blocks, block_rows, x.shape[1])
+    rows_out = run_blocks(rows_in, owner, ends[-1]).reshape(num_blocks * block_rows, x.shape[1])
     return _combine(topk_ids, topk_weights, _pair_outputs(rows_out, dest), computed)
+
+
+def grouped_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *, valid_rows=None,
+                    block_rows: int = GROUPED_BLOCK_ROWS):
+    """Dropless dynamic gating (`grouped_pairs`) with XLA's matmuls: the chosen experts' weights gathered once
+    ([U, ...], as union gathers them: a loop reading the slab itself would copy the whole slab into its state),
+    and a loop over the blocks in use runs each block's expert on its rows. Arguments as `experts_from_slab`,
+    valid_rows and block_rows as `grouped_pairs`'s. -> [N, D] f32.
+
+    Every expert product has the one shape [block_rows, D] whatever the batch, so a row's result does not
+    depend on the other rows or on N where the backend rounds a matmul's rows alike at one shape (XLA:CPU
+    does, tests/test_gating.py); union's products have N rows, and XLA:CPU rounds them differently per N.
+    """
+    chosen = gathered(slab, slots)
+
+    def run_blocks(rows_in, owner, used):
+        def run_block(b, rows_out):
+            expert = {name: lax.dynamic_index_in_dim(w, owner[b], keepdims=False) for name, w in chosen.items()}
+            return lax.dynamic_update_index_in_dim(rows_out, expert_ffn(rows_in[b], expert, act), b, axis=0)
+
+        return lax.fori_loop(0, used, run_block, jnp.zeros_like(rows_in))
+
+    return grouped_pairs(x, topk_ids, topk_weights, distinct, run_blocks, valid_rows=valid_rows, block_rows=block_rows)
 
 
 def ragged_experts(x, topk_ids, topk_weights, distinct, slots, slab: dict, act="silu", *, valid_rows=None):
