@@ -219,8 +219,8 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "size; the rest stays on local disk (--expert-dir) under a host cache of this size (default: all in host)")
     p.add_argument("--expert-dir", type=Path, help="--host-budget: the directory of per-expert files (default: "
                    "expert_files/ in the checkpoint, expert_files-int4/ etc. for another --expert-format; written on first use)")
-    p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default) | lfu | fifo | "
-                   "lifo | activation")
+    p.add_argument("--cache-policy", help="expert cache replacement policy (--offload cached): lru (default; serve with "
+                   "--max-batch > 1: activation) | lfu | fifo | lifo | activation")
     p.add_argument("--prefetch", default="none", help="expert prefetcher (--offload cached): none | lookahead | trace | trace+lookahead | "
                    "predictor (with --predictor)")
     p.add_argument("--prefetch-per-layer", type=int,
@@ -564,6 +564,17 @@ def is_encoder_decoder(checkpoint: Path) -> bool:
     return kind_of(load_config(checkpoint)).encoder_decoder
 
 
+def serving_cache_policy(offload: str, cache_policy: str | None, max_batch: int) -> str | None:
+    """`serve`'s expert cache policy: --cache-policy where given; else, for a cached engine serving batches,
+    'activation'. A batch's step can need more experts than the cache holds, and LRU then evicts the experts the
+    next layers are about to use: replaying DeepSeek-V2-Lite's routing at a 25% budget, LRU hit nothing from batch
+    4 up where the activation policy (layer distance and use probability) hit 22-32% (BENCHMARKS.md, "Serving
+    many requests"). None: the engine's default."""
+    if cache_policy is None and offload == "cached" and max_batch > 1:
+        return "activation"
+    return cache_policy
+
+
 def cmd_serve(args) -> int:
     from moejax.serving.http import require_serve_extra
 
@@ -588,6 +599,7 @@ def cmd_serve(args) -> int:
         raise MoejaxError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
     predicted_routing = args.routing == "predicted"
     predictor = load_predictor(args, approximate_routing=predicted_routing, scheduler=args.scheduler)
+    args.cache_policy = serving_cache_policy(args.offload, args.cache_policy, args.max_batch)
     with sock:
         engine = load_engine(args, slots=args.max_batch, predictor=predictor)
         if predicted_routing:
