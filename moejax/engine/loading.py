@@ -236,8 +236,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         # would hold a thread of the CPU runtime that the runner's computation needs.
         compute["cpu_experts"].overlap = device.platform != "cpu"
     # The in-place kernels beat union's gather at decode on the GPU (BENCHMARKS.md); elsewhere they only interpret.
-    compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and device.platform == "gpu"
-                          and parallel is None and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
+    compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
+                          and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated
