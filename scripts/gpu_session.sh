@@ -17,7 +17,8 @@
 #   scripts/gpu_session.sh families kernel profile   # issue 23's offloaded families (resident + cached 25%, with
 #                                            # transformers + accelerate), the in-place expert kernel against
 #                                            # gather + einsum (probe_slab_kernel.py), and where a DeepSeek-V2-Lite
-#                                            # decode step's GPU time goes (probe_engine.py --profile): one call
+#                                            # decode step's GPU time goes (probe_engine.py --profile, once as it
+#                                            # runs and once without command buffers, by operation): one call
 #
 # Parts run in order of risk, the riskiest last, so a timeout loses the least. Each has a hard limit
 # (`timeout`, seconds: CHECK_S, DECODE_S, OFFLOAD_S, PREFETCH_S, SERVE_S, SSD_S, COMPACT_S, FAMILIES_S, KERNEL_S,
@@ -97,7 +98,10 @@ part() {  # part NAME LIMIT SCRIPT ARGS...
             families) part families "$FAMILIES_S" scripts/bench_offload.py --models deepseek-v2-lite,gpt-oss-20b:8,qwen3-30b-a3b:16 \
                 --modes resident,cached --budgets 0.25 --peer-timeout 90 --out "$OUT/bench_offload_families.json" "${FAMILIES_ARGS[@]}" ;;
             kernel) part kernel "$KERNEL_S" scripts/probe_slab_kernel.py --out "$OUT/probe_slab_kernel.json" "${KERNEL_ARGS[@]}" ;;
-            profile) part profile "$PROFILE_S" scripts/probe_engine.py --configs resident --repeats 1 --profile 8 "${PROFILE_ARGS[@]}" ;;
+            profile) part profile "$PROFILE_S" scripts/probe_engine.py --configs resident --repeats 1 --profile 8 "${PROFILE_ARGS[@]}"
+                # the same without command buffers: the step's time by operation (a command buffer is one to the profiler)
+                XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" part profile-ops "$PROFILE_S" scripts/probe_engine.py \
+                    --configs resident --repeats 1 --profile 8 "${PROFILE_ARGS[@]}" ;;
         esac
     done
 } 2>&1 | tee "$OUT/session.log"

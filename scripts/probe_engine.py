@@ -9,7 +9,8 @@ checking a change on the GPU before the full benchmarks (scripts/gpu_session.sh)
 
 --profile N records N decode tokens with the JAX profiler after the timed runs and prints, per configuration,
 the GPU time per token by XLA operation (the `hlo_op` of each kernel; the largest first) and the GPU's busy
-time against the wall time of those tokens.
+time against the wall time of those tokens. A step runs as one CUDA command buffer, which the profiler shows as
+one operation: `XLA_FLAGS=--xla_gpu_enable_command_buffer=` (none) splits it into its kernels.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--unroll-layers", action="store_true", help="every layer in the program, no loop over layers")
+    parser.add_argument("--expert-compute", default="auto", help="every configuration's (models.moe.EXPERT_COMPUTES)")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N decode tokens: GPU ms/token by op")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: no configuration starts after it")
     parser.add_argument("--profile-top", type=int, default=30, help="operations listed per configuration")
@@ -67,7 +69,8 @@ def main() -> None:
             options["prefetch"] = rest[2]
         start = time.perf_counter()
         engine = build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig(mode, **options), slots=1,
-                              max_seq_len=args.prompt_len + args.new_tokens + 16, unroll_layers=args.unroll_layers)
+                              max_seq_len=args.prompt_len + args.new_tokens + 16, unroll_layers=args.unroll_layers,
+                              expert_compute=args.expert_compute)
         built = time.perf_counter() - start
         runs = [engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True) for _ in range(args.repeats + 1)]
         last = runs[-1]
@@ -78,6 +81,7 @@ def main() -> None:
             "tokens_per_s": round(last.timing.tokens_per_s, 1), "hit_rate": round(total["hit_rate"], 3),
             "GB_per_token": round(total["bytes_h2d"] / 1e9 / max(1, sum(map(len, last.tokens))), 3),
             "host_wait_s": round(last.stats["host_wait_s"], 3), "same_tokens": runs[1].tokens == last.tokens,
+            "decode_expert_compute": last.stats["decode_expert_compute"],
         }), flush=True)
         if args.profile:
             print(json.dumps({"config": spec, **profile_decode(engine, prompt, args.profile, args.profile_top)}),
