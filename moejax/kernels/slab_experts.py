@@ -36,7 +36,8 @@ again: 'inplace' is for decode. For prompts and large batches 'grouped-inplace' 
 the same kernels on dynamic gating's blocks, each block one expert's pairs.
 
 The tile sizes and split rule were written without a GPU; `scripts/probe_slab_kernel.py` measures them against
-gather + einsum and a sweep of tilings (BENCHMARKS.md). On the CPU backend the same kernels run in the Pallas interpreter, for tests.
+gather + einsum and a sweep of tilings (BENCHMARKS.md). On the CPU backend the same kernels run in the Pallas
+interpreter, for tests.
 """
 
 from __future__ import annotations
