@@ -1,0 +1,105 @@
+"""Where a cached step's miss fetches lose the link's bandwidth: one MoE layer's M misses, fetched four ways.
+
+On the H100 (2026-12-05) a batch-64 decode step of DeepSeek-V2-Lite at 25% moved 28.5 GB in 0.751 s (38 GB/s)
+where one large pinned copy read 52.7 GB/s. For a card's experts (default DeepSeek-V2-Lite: 64 of 2048 x 1408
+bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program each:
+  copies   a loop of M in-program fetches into slab slots (`fetch_expert` + `write_slot`: the engine's move)
+  access   `device_cache.access` with that move, on a cache holding none of the M (LRU): the copies plus the
+           engine's bookkeeping per miss (victim choice, tables, counters)
+  whole    the layer's whole stack moved in one copy per weight (what dense-offload moves)
+  one      reference: M experts' bytes as one pinned buffer, one device_put (outside any program)
+prints ms per call (median of --repeats after a warm-up) and GB/s of the bytes moved. copies against one says
+what per-expert copies cost; access against copies, the bookkeeping.
+
+  XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_miss_fetch.py --out $OUT/probe_miss_fetch.json
+  PYTHONPATH=. python scripts/probe_miss_fetch.py --dims tiny --out /tmp/probe_miss_fetch.json   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+from scripts.benchlib import environment, median, model_config, print_table, start_backend, write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--card", default="deepseek-v2-lite")
+    parser.add_argument("--misses", default="6,32,63", help="misses per layer call (comma-separated)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
+    parser.add_argument("--out", default="probe_miss_fetch.json")
+    args = parser.parse_args()
+    tiny = args.dims == "tiny"
+    cfg = model_config(args.card, None, tiny)
+    start_backend(cfg.num_experts * cfg.expert_bytes * 3, smoke=tiny)
+
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from scripts.benchlib import random_expert_stacks
+    from moejax.engine.decoder_programs import fetch_all
+    from moejax.offload import device_cache as dc
+    from moejax.offload.expert_stacks import fetch_expert, host_sharding, write_slot
+
+    device = jax.devices()[0]
+    E = cfg.num_experts
+    stack = next(random_expert_stacks(cfg, 1, host_sharding(device)))  # the first MoE layer's only
+    # E slots, donated to each call and replaced by its result: the slots are written in place, as in the engine
+    held = {"slab": {name: jnp.zeros(w.shape, w.dtype, device=device) for name, w in stack.items()}}
+
+    def timed(run) -> float:
+        jax.block_until_ready(run())
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - start)
+        return median(times)
+
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=0)
+    def copies(slab, stack, misses):
+        move = lambda i, slab: write_slot(slab, i, fetch_expert(stack, i))  # noqa: E731
+        return jax.lax.fori_loop(0, misses, move, slab)
+
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
+    def access(state, slab, stack, misses):
+        experts = jnp.arange(misses, dtype=jnp.int32)
+        move = lambda slab, e, slot: write_slot(slab, slot, fetch_expert(stack, e))  # noqa: E731
+        return dc.access(state, 0, experts, policy="lru", num_experts=E, move=move, slab=slab)[1]
+
+    def in_place(call):  # one call on the held slab, which its result replaces
+        held["slab"] = call()
+        return held["slab"]
+
+    whole = jax.jit(fetch_all)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    empty = dc.empty_state(1, E, E)
+    rows = []
+    for misses in (int(n) for n in args.misses.split(",")):
+        if not 0 < misses <= E:
+            raise SystemExit(f"--misses: {misses} is not in 1..{E} (the card's experts)")
+        nbytes = misses * cfg.expert_bytes
+        one_buffer = jax.device_put(np.zeros(nbytes, np.uint8), host_sharding(device))
+        runs = {"copies": lambda: in_place(lambda: copies(held["slab"], stack, misses)),
+                "access": lambda: in_place(lambda: access(empty, held["slab"], stack, misses)),
+                "whole": lambda: whole(stack), "one": lambda: jax.device_put(one_buffer, on_device)}
+        for name, run in runs.items():
+            seconds = timed(run)
+            moved = E * cfg.expert_bytes if name == "whole" else nbytes
+            rows.append({"card": args.card, "misses": misses, "how": name, "ms": seconds * 1e3, "gb": moved / 1e9,
+                         "gb_per_s": moved / seconds / 1e9})
+            print(json.dumps(rows[-1]), flush=True)
+    write_json(args.out, {"environment": environment(), "expert_bytes": cfg.expert_bytes, "rows": rows})
+    print(f"\n{args.card}: one layer's misses fetched from pinned host memory ({cfg.expert_bytes / 1e6:.1f} MB an expert)")
+    print_table(rows, [("misses", "misses", "d"), ("how", "how", "s"), ("ms", "ms", ".3f"), ("gb", "GB", ".3f"),
+                       ("gb_per_s", "GB/s", ".1f")])
+
+
+if __name__ == "__main__":
+    main()
