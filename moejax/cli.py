@@ -564,17 +564,6 @@ def is_encoder_decoder(checkpoint: Path) -> bool:
     return kind_of(load_config(checkpoint)).encoder_decoder
 
 
-def serving_cache_policy(offload: str, cache_policy: str | None, max_batch: int) -> str | None:
-    """`serve`'s expert cache policy: --cache-policy where given; else, for a cached engine serving batches,
-    'activation'. A batch's step can need more experts than the cache holds, and LRU then evicts the experts the
-    next layers are about to use: replaying DeepSeek-V2-Lite's routing at a 25% budget, LRU hit nothing from batch
-    4 up where the activation policy (layer distance and use probability) hit 22-32% (BENCHMARKS.md, "Serving
-    many requests"). None: the engine's default."""
-    if cache_policy is None and offload == "cached" and max_batch > 1:
-        return "activation"
-    return cache_policy
-
-
 def cmd_serve(args) -> int:
     from moejax.serving.http import require_serve_extra
 
@@ -582,7 +571,7 @@ def cmd_serve(args) -> int:
     from moejax.serving.http.app import build_app, listen, run, url
     from moejax.serving.http.chat import ChatTemplate
     from moejax.engine.compilation import on_first_compile
-    from moejax.serving.loop import ServingLoop
+    from moejax.serving.loop import ServingLoop, serving_cache_policy
 
     if not args.checkpoint.exists():
         raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")

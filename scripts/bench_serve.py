@@ -62,7 +62,7 @@ import moejax
 from moejax.errors import MoejaxError
 from moejax.routing.traces import RoutingTrace, load_routing
 from moejax.serving import loadgen
-from moejax.serving.loop import ServingLoop
+from moejax.serving.loop import ServingLoop, serving_cache_policy
 from moejax.tokenizer import load_tokenizer
 from scripts.bench_prefetch import RoutingReplay
 from scripts.benchlib import (
@@ -230,7 +230,8 @@ def slo_engine(model: str, args):
                            prefill_chunk=args.prefill_chunk, **offload)
     cfg = model_config(model, args.slo_layers, args.dims == "tiny")
     return build_random_engine(cfg, "cached", random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0]), slots=args.slots,
-                               max_seq_len=args.serve_max_seq_len, prefill_chunk=args.prefill_chunk, expert_budget=args.budget)
+                               max_seq_len=args.serve_max_seq_len, prefill_chunk=args.prefill_chunk, expert_budget=args.budget,
+                               cache_policy=serving_cache_policy("cached", None, args.slots))  # as `moejax serve` runs it
 
 
 def programs_compiled(engine) -> int:
@@ -260,6 +261,7 @@ def slo_part(args, budget: Budget, out: dict, save) -> None:
             continue
         start = time.monotonic()
         engine = slo_engine(model, args)
+        engine.warm_up(longest=args.max_prompt + args.max_tokens)  # every program the runs can meet, compiled now
         vocab = engine.cfg.vocab_size
         encode = lambda text, vocab=vocab: [t % vocab for t in tokenizer.encode(text)]  # noqa: E731
         calibration_arrivals = loadgen.calibration_arrivals(mix, args.calibration_per_task, args.seed, encode, **shape)

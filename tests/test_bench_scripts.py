@@ -175,6 +175,7 @@ def test_bench_serve_smoke(tmp_path):
     rows = result["slo"]["rows"]
     assert [(r["scheduler"], r["load"]) for r in rows] == [("fcfs", "4x"), ("slo", "4x"), ("fcfs", "50"), ("slo", "50")]
     assert rows[2]["offered_rps"] == 50 and all(r["requests"] == 3 and 0 <= r["attainment_pct"] <= 100 for r in rows)
+    assert all(r["programs_compiled"] == 0 for r in rows)  # Engine.warm_up(longest=...) compiled them all first
     runs = result["slo"]["models"]["tiny-moe"]["runs"]
     assert [x["arrival_s"] for x in runs[0]["records"]] != [x["arrival_s"] for x in runs[2]["records"]]
     assert [x["task"] for x in runs[0]["records"]] == [x["task"] for x in runs[1]["records"]]

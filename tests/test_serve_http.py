@@ -437,7 +437,7 @@ def test_the_readme_client_examples_run_against_the_server(served, capsys):
 
 def test_a_cached_server_of_batches_defaults_to_the_activation_policy():
     """LRU thrashes once a batch's step needs more experts than the cache holds; serve picks 'activation' then."""
-    from moejax.cli import serving_cache_policy
+    from moejax.serving.loop import serving_cache_policy
 
     assert serving_cache_policy("cached", None, 8) == "activation"
     assert serving_cache_policy("cached", "lfu", 8) == "lfu"  # what the user asked for

@@ -311,24 +311,51 @@ class Engine:
             if learn:
                 self.manager.end_sequence(experts, sequence.task)
 
-    def warm_up(self, prompt_tokens: int = 16) -> None:
-        """Compiles the programs a server meets first by running them on a dummy prompt: the prefill of a
+    def warm_up(self, prompt_tokens: int = 16, *, longest: int | None = None) -> None:
+        """Compiles the programs a server meets first by running them on dummy prompts: the prefill of a
         prompt of up to `prompt_tokens` tokens and a decode step of every power-of-two row count up to
-        `slots` (longer prompts and sequences still compile their own on first use). Every slot must be
-        free; the dummy sequences leave nothing behind: not in the trace collection, not in the statistics."""
+        `slots`. With `longest`, every program of sequences up to that many tokens instead (`warm_up_lengths`:
+        each prompt chunk size at each attention length, each decode row count at each attention length);
+        otherwise longer prompts and sequences compile their own on first use. Greedy: a sampled request's
+        programs compile on its first use. Every slot must be free; the dummy sequences leave nothing behind:
+        not in the trace collection, not in the statistics."""
         if self._sequences or self._prefills:
             raise MoejaxError(f"warm_up needs every slot free, but slots {sorted({*self._sequences, *self._prefills})} "
                               "hold sequences")
-        prompt = [0] * max(1, min(prompt_tokens, self.max_seq_len - self.slots - 2))
+        lengths = [prompt_tokens] if longest is None else self.warm_up_lengths(longest)
         try:
-            for slot in range(self.slots):  # a decode step over 1, 2, ..., slots rows
-                self.prefill(slot, prompt)
-                self.decode()
+            for length in lengths:
+                prompt = [0] * max(1, min(length, self.max_seq_len - self.slots - 2))
+                for slot in range(self.slots):  # a decode step over 1, 2, ..., slots rows
+                    self.prefill(slot, prompt)
+                    self.decode()
+                for slot in self.occupied:
+                    self.release(slot, keep_routing=False, learn=False)
         finally:
             for slot in self.occupied:
                 self.release(slot, keep_routing=False, learn=False)
             self.finish_pending()
             self.reset_stats()
+
+    def warm_up_lengths(self, longest: int) -> list[int]:
+        """Prompt lengths whose `warm_up` runs compile the programs of every sequence of up to `longest` tokens:
+        per attention length (`_attend_len` buckets), a prompt short enough that a decode step of each row
+        count 1..slots stays in that bucket, and per (chunk size, attention length) of a prompt's chunks, a
+        prompt that has it. Lengths past what a warm-up prompt may be (max_seq_len - slots - 2) are left out."""
+        most = self.max_seq_len - self.slots - 2
+        longest = min(longest, self.max_seq_len)
+        programs = {}  # program -> the first prompt length that compiles it
+        for length in range(1, min(longest, most) + 1):
+            for start in range(0, length, self.prefill_chunk):
+                size = prefill_chunk_size(min(self.prefill_chunk, length - start), self.prefill_chunk)
+                programs.setdefault(("prefill", size, self._attend_len(start + size)), length)
+            if self._attend_len(length + 1) == self._attend_len(length + self.slots):
+                programs.setdefault(("decode", self._attend_len(length + 1)), length)
+        for bucket in {self._attend_len(n) for n in range(2, longest + 1)}:  # decode buckets past the prompts'
+            fits = [n for n in range(1, most + 1) if self._attend_len(n + 1) == self._attend_len(n + self.slots) == bucket]
+            if fits:
+                programs.setdefault(("decode", bucket), fits[0])
+        return sorted(set(programs.values()))
 
     @property
     def occupied(self) -> list[int]:

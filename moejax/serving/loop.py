@@ -571,3 +571,14 @@ def _engine_state_lost(engine: Engine) -> bool:
 
     leaves = jax.tree_util.tree_leaves((engine.kv, engine.state, engine.cache, engine.slab))
     return any(leaf.is_deleted() for leaf in leaves if isinstance(leaf, jax.Array))
+
+
+def serving_cache_policy(offload: str, cache_policy: str | None, max_batch: int) -> str | None:
+    """`serve`'s expert cache policy: --cache-policy where given; else, for a cached engine serving batches,
+    'activation'. A batch's step can need more experts than the cache holds, and LRU then evicts the experts the
+    next layers are about to use: replaying DeepSeek-V2-Lite's routing at a 25% budget, LRU hit nothing from batch
+    4 up where the activation policy (layer distance and use probability) hit 22-32% (BENCHMARKS.md, "Serving
+    many requests"). None: the engine's default."""
+    if cache_policy is None and offload == "cached" and max_batch > 1:
+        return "activation"
+    return cache_policy
