@@ -322,18 +322,19 @@ class Engine:
         if self._sequences or self._prefills:
             raise MoejaxError(f"warm_up needs every slot free, but slots {sorted({*self._sequences, *self._prefills})} "
                               "hold sequences")
-        lengths = [prompt_tokens] if longest is None else self.warm_up_lengths(longest)
+        def release_all():
+            for slot in self.occupied:
+                self.release(slot, keep_routing=False, learn=False)
+
         try:
-            for length in lengths:
+            for length in [prompt_tokens] if longest is None else self.warm_up_lengths(longest):
                 prompt = [0] * max(1, min(length, self.max_seq_len - self.slots - 2))
                 for slot in range(self.slots):  # a decode step over 1, 2, ..., slots rows
                     self.prefill(slot, prompt)
                     self.decode()
-                for slot in self.occupied:
-                    self.release(slot, keep_routing=False, learn=False)
+                release_all()
         finally:
-            for slot in self.occupied:
-                self.release(slot, keep_routing=False, learn=False)
+            release_all()
             self.finish_pending()
             self.reset_stats()
 
@@ -349,12 +350,11 @@ class Engine:
             for start in range(0, length, self.prefill_chunk):
                 size = prefill_chunk_size(min(self.prefill_chunk, length - start), self.prefill_chunk)
                 programs.setdefault(("prefill", size, self._attend_len(start + size)), length)
-            if self._attend_len(length + 1) == self._attend_len(length + self.slots):
-                programs.setdefault(("decode", self._attend_len(length + 1)), length)
-        for bucket in {self._attend_len(n) for n in range(2, longest + 1)}:  # decode buckets past the prompts'
-            fits = [n for n in range(1, most + 1) if self._attend_len(n + 1) == self._attend_len(n + self.slots) == bucket]
-            if fits:
-                programs.setdefault(("decode", bucket), fits[0])
+        for bucket in {self._attend_len(n) for n in range(2, longest + 1)}:  # the decode steps' attention lengths
+            fits = (n for n in range(1, most + 1) if self._attend_len(n + 1) == self._attend_len(n + self.slots) == bucket)
+            first = next(fits, None)
+            if first is not None:
+                programs.setdefault(("decode", bucket), first)
         return sorted(set(programs.values()))
 
     @property
