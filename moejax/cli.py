@@ -145,6 +145,9 @@ def add_serve_parser(sub) -> None:
                    help="admission order: fcfs (first come, first served) or slo (by deadline slack and task)")
     p.add_argument("--no-warmup", action="store_true",
                    help="start serving at once; the first requests then wait for their programs to compile")
+    p.add_argument("--warmup-longest", type=int, metavar="N",
+                   help="before listening, compile every program of requests up to N tokens (prompt + new): a slower "
+                        "start, no compilation pauses while serving them (default: short prompts, every batch size)")
     p.add_argument("--routing", choices=("predicted",),
                    help="predicted (with --predictor): APPROXIMATE, the predictor's experts replace the routers' "
                         "(SiDA); /metrics and every answer's system_fingerprint say so")
@@ -577,7 +580,8 @@ def cmd_serve(args) -> int:
         raise MoejaxError(f"{args.checkpoint}: no such checkpoint directory")
     if is_encoder_decoder(args.checkpoint):  # before listening and loading
         raise MoejaxError(f"{args.checkpoint}: an encoder-decoder model; serve takes decoder-only models")
-    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+    longest = [] if args.warmup_longest is None else [("--warmup-longest", args.warmup_longest)]
+    for flag, value in [("--max-batch", args.max_batch), ("--max-queue", args.max_queue), *longest]:
         if value < 1:
             raise MoejaxError(f"{flag} must be >= 1 (got {value})")
     if not 0 <= args.port <= 65535:
@@ -599,7 +603,7 @@ def cmd_serve(args) -> int:
         if not args.no_warmup:
             with on_first_compile(lambda: print("moejax: compiling the first programs (--no-warmup skips this)...",
                                                 file=sys.stderr, flush=True)):
-                engine.warm_up()
+                engine.warm_up(longest=args.warmup_longest)
                 if predictor is not None and args.scheduler == "slo":  # requests' profiles: predicted at submission
                     predictor.warm_up()
         model = args.checkpoint.resolve().name

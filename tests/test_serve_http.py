@@ -398,6 +398,11 @@ def test_serve_without_the_serve_extra_says_how_to_install_it(monkeypatch, capsy
     assert "uvicorn: pip install 'moejax[serve]'" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_warmup_of_no_tokens(capsys):
+    assert moejax_cli(["serve", "--port", "0", "--warmup-longest", "0"]) == 2
+    assert "--warmup-longest must be >= 1 (got 0)" in capsys.readouterr().err
+
+
 def test_serve_on_a_port_in_use_says_so(capsys):
     with listen("127.0.0.1", 0) as taken:
         port = taken.getsockname()[1]
