@@ -102,12 +102,13 @@ class HostExperts:
     """The host side: where it reads the experts it computes (`weights(layer, expert)` -> {name: array} as the
     device cache holds them, or None when the read failed), the callback that computes some of them on a layer's
     rows, and its counters (experts computed, tokens, seconds). most_tokens: no expert routed more tokens goes to
-    the host (`split_misses`). Hashable by identity: it is part of the step programs' static spec."""
+    the host (`split_misses`); dtypes: {name: dtype} of an expert's weights. Hashable by identity: it is part of
+    the step programs' static spec."""
 
-    def __init__(self, weights: Callable[[int, int], dict | None], act: str, most_tokens: int):
+    def __init__(self, weights: Callable[[int, int], dict | None], act: str, most_tokens: int, dtypes: dict):
         self.weights, self.act, self.most_tokens = weights, act, most_tokens
         self.threads = HOST_THREADS  # host threads a layer's experts share (see `compute`)
-        self.plain = False  # the experts' products are XLA:CPU's threaded float matmuls (known from the first expert)
+        self.plain = not widened_in_blocks(dtypes)  # the experts' products are XLA:CPU's threaded float matmuls
         self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
         self._jobs: dict[int, futures.Future | tuple] = {}
         self._tickets = itertools.cycle(range(1 << 30))
@@ -127,13 +128,14 @@ class HostExperts:
             count = next(iter(layer.values())).shape[0]
             experts.append([jax.device_put(host_operands({name: w[e] for name, w in layer.items()}), cpu)
                             for e in range(count)])
-        return cls(lambda layer, expert: experts[layer][expert], act, most_tokens)
+        return cls(lambda layer, expert: experts[layer][expert], act, most_tokens,
+                   {name: w.dtype for name, w in stacks[0].items()})
 
     @classmethod
     def from_host_cache(cls, cache: HostCache, act: str, most_tokens: int) -> HostExperts:
         """Over the disk tier's host cache: each expert lent by `HostCache.get` while it is computed (see the
         module's docstring); a failed read is recorded in `cache.failure` (`HostCache.get_or_record`)."""
-        return cls(cache.get_or_record, act, most_tokens)
+        return cls(cache.get_or_record, act, most_tokens, {name: dtype for name, (_, dtype) in cache.files.shapes.items()})
 
     def reset(self) -> None:
         with self._lock:
@@ -157,7 +159,6 @@ class HostExperts:
         if weights is None:
             return None
         operands = host_operands(weights)
-        self.plain = not widened_in_blocks(operands)
         parts = 1 if self.plain else parts
         padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
         padded[: len(rows)] = rows

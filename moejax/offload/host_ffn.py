@@ -42,10 +42,12 @@ def host_operands(expert: dict) -> dict:
     return out
 
 
-def widened_in_blocks(operands: dict) -> bool:
-    """Whether `host_expert_ffn` widens these operands (as host_operands gives them) block by block on one core:
-    bf16 bits or compact codes. Float32 (and float16) products are XLA:CPU's own matmuls, which use every core."""
-    return any(name.endswith((BF16_BITS, SCALE_SUFFIX)) for name in operands)
+def widened_in_blocks(dtypes: dict) -> bool:
+    """Whether `host_expert_ffn` widens an expert of these weights ({name: dtype}, as the device cache holds them)
+    block by block on one core: bf16 matrices or compact codes. Float32 (and float16) products are XLA:CPU's own
+    matmuls, which use every core."""
+    return any(name.endswith(SCALE_SUFFIX) or (name in QUANTIZED_WEIGHTS and np.dtype(dtype) == jnp.bfloat16)
+               for name, dtype in dtypes.items())
 
 
 def _block_rows(rows: int, quantum: int) -> int:
