@@ -119,6 +119,18 @@ def median(values) -> float:
     return float(np.median(np.asarray(values, dtype=np.float64))) if len(values) else float("nan")
 
 
+def median_seconds(run, repeats: int) -> float:
+    """Median seconds of run() (its result waited for: `jax.block_until_ready`) over `repeats` calls, after one
+    warming call."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def hbm_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Device memory bytes/s of an elementwise bf16 op over `nbytes` (it reads and writes them)."""
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)

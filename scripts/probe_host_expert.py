@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from moejax.offload.cpu_experts import HOST_THREADS, HostExperts
 from moejax.offload.expert_files import ExpertFiles, write_expert_files
 from moejax.offload.expert_format import ExpertFormat
 from moejax.offload.host_cache import HostCache
-from scripts.benchlib import environment, median, print_table, write_json
+from scripts.benchlib import environment, median_seconds, print_table, write_json
 
 MODEL_DTYPE = {"f32": "float32"}  # the checkpoint dtype a format is taken from (others: bf16 models)
 
@@ -37,17 +36,6 @@ def expert_in(fmt: ExpertFormat, dims: tuple[int, int], seed: int = 0) -> dict:
     weights = {name: rng.standard_normal(shape, np.float32) * 0.02
                for name, shape in (("gate", (D, F)), ("up", (D, F)), ("down", (F, D)))}
     return fmt.convert(weights, "random expert")
-
-
-def median_seconds(run, repeats: int) -> float:
-    """Median seconds of run() over `repeats` calls, after one warming call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def time_layer(fmt: ExpertFormat, dims: tuple[int, int], count: int, repeats: int) -> dict[int, float]:
@@ -94,7 +82,8 @@ def main() -> None:
         for count in (int(n) for n in args.rows.split(",")):
             x = rng.standard_normal((count, D)).astype(fmt.float_dtype)
             for source, host in sources.items():
-                seconds = median_seconds(lambda: host.expert_output(0, 0, x), args.repeats)
+                # as the engine computes a lone host expert: its projections in HOST_THREADS row ranges
+                seconds = median_seconds(lambda: host.expert_output(0, 0, x, HOST_THREADS), args.repeats)
                 out["rows"].append({"format": name, "source": source, "rows": count, "expert_mb": nbytes / 1e6,
                                     "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
         cache.close()

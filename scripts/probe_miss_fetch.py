@@ -21,7 +21,7 @@ import argparse
 import functools
 import json
 
-from scripts.benchlib import environment, median, model_config, print_table, start_backend, write_json
+from scripts.benchlib import environment, median_seconds, model_config, print_table, start_backend, write_json
 
 
 def main() -> None:
@@ -35,8 +35,6 @@ def main() -> None:
     tiny = args.dims == "tiny"
     cfg = model_config(args.card, None, tiny)
     start_backend(cfg.num_experts * cfg.expert_bytes * 3, smoke=tiny)
-
-    import time
 
     import jax
     import jax.numpy as jnp
@@ -52,15 +50,6 @@ def main() -> None:
     stack = next(random_expert_stacks(cfg, 1, host_sharding(device)))  # the first MoE layer's only
     # E slots, donated to each call and replaced by its result: the slots are written in place, as in the engine
     held = {"slab": {name: jnp.zeros(w.shape, w.dtype, device=device) for name, w in stack.items()}}
-
-    def timed(run) -> float:
-        jax.block_until_ready(run())
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            times.append(time.perf_counter() - start)
-        return median(times)
 
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=0)
     def copies(slab, stack, misses):
@@ -90,7 +79,7 @@ def main() -> None:
                 "access": lambda: in_place(lambda: access(empty, held["slab"], stack, misses)),
                 "whole": lambda: whole(stack), "one": lambda: jax.device_put(one_buffer, on_device)}
         for name, run in runs.items():
-            seconds = timed(run)
+            seconds = median_seconds(run, args.repeats)
             moved = E * cfg.expert_bytes if name == "whole" else nbytes
             rows.append({"card": args.card, "misses": misses, "how": name, "ms": seconds * 1e3, "gb": moved / 1e9,
                          "gb_per_s": moved / seconds / 1e9})
