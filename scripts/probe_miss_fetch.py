@@ -4,6 +4,8 @@ On the H100 (2026-12-05) a batch-64 decode step of DeepSeek-V2-Lite at 25% moved
 where one large pinned copy read 52.7 GB/s. For a card's experts (default DeepSeek-V2-Lite: 64 of 2048 x 1408
 bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program each:
   copies   a loop of M in-program fetches into slab slots (`fetch_expert` + `write_slot`: the engine's move)
+  chunks4  the same loop with four fetches per iteration (M rounded down to a multiple of 4): whether copies
+           that may run at once read the link faster than one after another
   access   `device_cache.access` with that move, on a cache holding none of the M (LRU): the copies plus the
            engine's bookkeeping per miss (victim choice, tables, counters)
   whole    the layer's whole stack moved in one copy per weight (what dense-offload moves)
@@ -56,6 +58,14 @@ def main() -> None:
         move = lambda i, slab: write_slot(slab, i, fetch_expert(stack, i))  # noqa: E731
         return jax.lax.fori_loop(0, misses, move, slab)
 
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=0)
+    def chunks4(slab, stack, misses):
+        def move(i, slab):
+            for j in range(4):
+                slab = write_slot(slab, 4 * i + j, fetch_expert(stack, 4 * i + j))
+            return slab
+        return jax.lax.fori_loop(0, misses // 4, move, slab)
+
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
     def access(state, slab, stack, misses):
         experts = jnp.arange(misses, dtype=jnp.int32)
@@ -76,11 +86,18 @@ def main() -> None:
         nbytes = misses * cfg.expert_bytes
         one_buffer = jax.device_put(np.zeros(nbytes, np.uint8), host_sharding(device))
         runs = {"copies": lambda: in_place(lambda: copies(held["slab"], stack, misses)),
+                "chunks4": lambda: in_place(lambda: chunks4(held["slab"], stack, misses)),
                 "access": lambda: in_place(lambda: access(empty, held["slab"], stack, misses)),
                 "whole": lambda: whole(stack), "one": lambda: jax.device_put(one_buffer, on_device)}
         for name, run in runs.items():
-            seconds = median_seconds(run, args.repeats)
-            moved = E * cfg.expert_bytes if name == "whole" else nbytes
+            try:
+                seconds = median_seconds(run, args.repeats)
+            except Exception as error:  # noqa: BLE001 - a variant XLA cannot build is a row with its error
+                rows.append({"card": args.card, "misses": misses, "how": name, "error": str(error).splitlines()[0][:300]})
+                print(json.dumps(rows[-1]), flush=True)
+                held["slab"] = {n: jnp.zeros(w.shape, w.dtype, device=device) for n, w in stack.items()}
+                continue
+            moved = E * cfg.expert_bytes if name == "whole" else (misses // 4 * 4 if name == "chunks4" else misses) * cfg.expert_bytes
             rows.append({"card": args.card, "misses": misses, "how": name, "ms": seconds * 1e3, "gb": moved / 1e9,
                          "gb_per_s": moved / seconds / 1e9})
             print(json.dumps(rows[-1]), flush=True)
