@@ -8,6 +8,7 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
            that may run at once read the link faster than one after another
   access   `device_cache.access` with that move, on a cache holding none of the M (LRU): the copies plus the
            engine's bookkeeping per miss (victim choice, tables, counters)
+  access4  the same with chunk=4: the slots chosen first, then the moves four per loop iteration
   whole    the layer's whole stack moved in one copy per weight (what dense-offload moves)
   one      reference: M experts' bytes as one pinned buffer, one device_put (outside any program)
 prints ms per call (median of --repeats after a warm-up) and GB/s of the bytes moved. copies against one says
@@ -66,11 +67,11 @@ def main() -> None:
             return slab
         return jax.lax.fori_loop(0, misses // 4, move, slab)
 
-    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
-    def access(state, slab, stack, misses):
+    @functools.partial(jax.jit, static_argnames=("misses", "chunk"), donate_argnums=1)
+    def access(state, slab, stack, misses, chunk=1):
         experts = jnp.arange(misses, dtype=jnp.int32)
         move = lambda slab, e, slot: write_slot(slab, slot, fetch_expert(stack, e))  # noqa: E731
-        return dc.access(state, 0, experts, policy="lru", num_experts=E, move=move, slab=slab)[1]
+        return dc.access(state, 0, experts, policy="lru", num_experts=E, move=move, slab=slab, chunk=chunk)[1]
 
     def in_place(call):  # one call on the held slab, which its result replaces
         held["slab"] = call()
@@ -88,6 +89,7 @@ def main() -> None:
         runs = {"copies": lambda: in_place(lambda: copies(held["slab"], stack, misses)),
                 "chunks4": lambda: in_place(lambda: chunks4(held["slab"], stack, misses)),
                 "access": lambda: in_place(lambda: access(empty, held["slab"], stack, misses)),
+                "access4": lambda: in_place(lambda: access(empty, held["slab"], stack, misses, chunk=4)),
                 "whole": lambda: whole(stack), "one": lambda: jax.device_put(one_buffer, on_device)}
         for name, run in runs.items():
             try:
