@@ -14,6 +14,8 @@
 #                                            # (each host cache size copy-only, then with --cpu-experts auto;
 #                                            # SSD_CPU_EXPERTS=off: the copy-only rows alone)
 #   scripts/gpu_session.sh compact           # issue 24's compact formats and CPU experts, a call of its own
+#   scripts/gpu_session.sh missfetch         # one layer's miss fetches, four ways and through the cache's chunked moves
+#                                            # (probe_miss_fetch.py: where a batch's copies lose the link's bandwidth)
 #   scripts/gpu_session.sh families kernel profile   # issue 23's offloaded families (resident + cached 25%, with
 #                                            # transformers + accelerate), the in-place expert kernel against
 #                                            # gather + einsum (probe_slab_kernel.py), and where a DeepSeek-V2-Lite
@@ -22,11 +24,11 @@
 #
 # Parts run in order of risk, the riskiest last, so a timeout loses the least. Each has a hard limit
 # (`timeout`, seconds: CHECK_S, DECODE_S, OFFLOAD_S, PREFETCH_S, SERVE_S, SSD_S, COMPACT_S, FAMILIES_S, KERNEL_S,
-# PROFILE_S) and a time budget 20 s
+# PROFILE_S, MISSFETCH_S) and a time budget 20 s
 # shorter within which the script starts a model or configuration only if it expects it to fit; every script writes
 # its JSON after each row. Writes under $OUT: check_identical.json, bench_decode.json,
 # bench_offload.json, bench_prefetch.json, bench_serve.json (+ .png, the SLO plot), bench_ssd.json, bench_compact.json,
-# bench_offload_families.json, probe_slab_kernel.json and session.log (the profile's lines)
+# bench_offload_families.json, probe_slab_kernel.json, probe_miss_fetch.json and session.log (the profile's lines)
 # (everything printed); prints each part's table again at the end. The prefetch and serve parts need
 # .data/traces/deepseek_v2_lite_prefill.npz, serve also the task mix .data/prompts/tasks.jsonl (a copy of
 # ../shared/data/prompts/tasks.jsonl; .data is not in git: carry it). The serve part is long (a model per
@@ -42,7 +44,7 @@ TRACES=${TRACES:-.data/traces/deepseek_v2_lite_prefill.npz}
 TASKS=${TASKS:-.data/prompts/tasks.jsonl}
 SERVE_PARTS=${SERVE_PARTS:-throughput,gating,slo}
 CHECK_ARGS=() DECODE_ARGS=() OFFLOAD_ARGS=() PREFETCH_ARGS=() SERVE_ARGS=() SSD_ARGS=() COMPACT_ARGS=()
-FAMILIES_ARGS=() KERNEL_ARGS=() PROFILE_ARGS=(--card deepseek-v2-lite --new-tokens 8)
+FAMILIES_ARGS=() KERNEL_ARGS=() MISSFETCH_ARGS=() PROFILE_ARGS=(--card deepseek-v2-lite --new-tokens 8)
 if [ "${SMOKE:-}" = 1 ]; then
     : "${CHECK_S:=180}" "${DECODE_S:=180}" "${OFFLOAD_S:=180}" "${PREFETCH_S:=180}" "${SERVE_S:=240}" "${SSD_S:=180}"
     : "${COMPACT_S:=240}"
@@ -57,17 +59,19 @@ if [ "${SMOKE:-}" = 1 ]; then
     FAMILIES_ARGS=(--dims tiny --skip-peer --budgets 0.5 --prompt-len 16 --new-tokens 8)
     KERNEL_ARGS=(--smoke --calls 2 --repeats 2 --new-tokens 4)
     PROFILE_ARGS=(--card olmoe-1b-7b --layers 1 --prompt-len 8 --new-tokens 4)
+    MISSFETCH_ARGS=(--dims tiny --repeats 2 --misses 6,9)
 fi
 CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-140} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160} SERVE_S=${SERVE_S:-540}
 SSD_S=${SSD_S:-540} COMPACT_S=${COMPACT_S:-540} FAMILIES_S=${FAMILIES_S:-380} KERNEL_S=${KERNEL_S:-120}
-PROFILE_S=${PROFILE_S:-90}
+PROFILE_S=${PROFILE_S:-90} MISSFETCH_S=${MISSFETCH_S:-75}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
 PARTS=${*:-check decode offload prefetch}
 for name in $PARTS; do
-    case $name in check | decode | offload | prefetch | serve | ssd | compact | families | kernel | profile) ;;
-        *) echo "unknown part '$name' (parts: check decode offload prefetch serve ssd compact families kernel profile)"; exit 2 ;;
+    case $name in check | decode | offload | prefetch | serve | ssd | compact | families | kernel | profile | missfetch) ;;
+        *) echo "unknown part '$name' (parts: check decode offload prefetch serve ssd compact families kernel profile missfetch)"
+           exit 2 ;;
     esac
 done
 
@@ -98,6 +102,8 @@ part() {  # part NAME LIMIT SCRIPT ARGS...
             families) part families "$FAMILIES_S" scripts/bench_offload.py --models deepseek-v2-lite,gpt-oss-20b:8,qwen3-30b-a3b:16 \
                 --modes resident,cached --budgets 0.25 --peer-timeout 90 --out "$OUT/bench_offload_families.json" "${FAMILIES_ARGS[@]}" ;;
             kernel) part kernel "$KERNEL_S" scripts/probe_slab_kernel.py --out "$OUT/probe_slab_kernel.json" "${KERNEL_ARGS[@]}" ;;
+            missfetch) part missfetch "$MISSFETCH_S" scripts/probe_miss_fetch.py --out "$OUT/probe_miss_fetch.json" \
+                "${MISSFETCH_ARGS[@]}" ;;
             profile) part profile "$PROFILE_S" scripts/probe_engine.py --configs resident --repeats 1 --profile 8 "${PROFILE_ARGS[@]}"
                 # the same without command buffers: the step's time by operation (a command buffer is one to the profiler)
                 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" part profile-ops "$PROFILE_S" scripts/probe_engine.py \

@@ -16,6 +16,7 @@ what per-expert copies cost; access against copies, the bookkeeping.
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_miss_fetch.py --out $OUT/probe_miss_fetch.json
   PYTHONPATH=. python scripts/probe_miss_fetch.py --dims tiny --out /tmp/probe_miss_fetch.json   # CPU smoke run
+  scripts/gpu_session.sh missfetch                                    # as a part of a device call
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import time
 
-from scripts.benchlib import environment, median_seconds, model_config, print_table, start_backend, write_json
+from scripts.benchlib import Budget, environment, median_seconds, model_config, print_table, start_backend, write_json
 
 
 def main() -> None:
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--misses", default="6,32,63", help="misses per layer call (comma-separated)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
+    parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: a miss count that would not fit is skipped")
     parser.add_argument("--out", default="probe_miss_fetch.json")
     args = parser.parse_args()
     tiny = args.dims == "tiny"
@@ -80,10 +83,13 @@ def main() -> None:
     whole = jax.jit(fetch_all)
     on_device = jax.sharding.SingleDeviceSharding(device)
     empty = dc.empty_state(1, E, E)
-    rows = []
+    rows, budget, need = [], Budget(args.time_budget), 0.0
     for misses in (int(n) for n in args.misses.split(",")):
         if not 0 < misses <= E:
             raise SystemExit(f"--misses: {misses} is not in 1..{E} (the card's experts)")
+        if not budget.allows(need, f"{misses} misses"):
+            continue
+        started = time.monotonic()
         nbytes = misses * cfg.expert_bytes
         one_buffer = jax.device_put(np.zeros(nbytes, np.uint8), host_sharding(device))
         runs = {"copies": lambda: in_place(lambda: copies(held["slab"], stack, misses)),
@@ -103,7 +109,8 @@ def main() -> None:
             rows.append({"card": args.card, "misses": misses, "how": name, "ms": seconds * 1e3, "gb": moved / 1e9,
                          "gb_per_s": moved / seconds / 1e9})
             print(json.dumps(rows[-1]), flush=True)
-    write_json(args.out, {"environment": environment(), "expert_bytes": cfg.expert_bytes, "rows": rows})
+        need = time.monotonic() - started
+        write_json(args.out, {"environment": environment(), "expert_bytes": cfg.expert_bytes, "rows": rows})
     print(f"\n{args.card}: one layer's misses fetched from pinned host memory ({cfg.expert_bytes / 1e6:.1f} MB an expert)")
     print_table(rows, [("misses", "misses", "d"), ("how", "how", "s"), ("ms", "ms", ".3f"), ("gb", "GB", ".3f"),
                        ("gb_per_s", "GB/s", ".1f")])
