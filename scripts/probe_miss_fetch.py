@@ -12,7 +12,9 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
   whole    the layer's whole stack moved in one copy per weight (what dense-offload moves)
   one      reference: M experts' bytes as one pinned buffer, one device_put (outside any program)
 prints ms per call (median of --repeats after a warm-up) and GB/s of the bytes moved. copies against one says
-what per-expert copies cost; access against copies, the bookkeeping.
+what per-expert copies cost; access against copies, the bookkeeping. The optimized HLO of each in-program variant
+at the first miss count goes to <out>_hlo/ (how XLA moves a slice of host memory: a copy engine's memcpy, or a
+kernel reading the pinned memory over the link).
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_miss_fetch.py --out $OUT/probe_miss_fetch.json
   PYTHONPATH=. python scripts/probe_miss_fetch.py --dims tiny --out /tmp/probe_miss_fetch.json   # CPU smoke run
@@ -25,6 +27,7 @@ import argparse
 import functools
 import json
 import time
+from pathlib import Path
 
 from scripts.benchlib import Budget, environment, median_seconds, model_config, print_table, start_backend, write_json
 
@@ -83,6 +86,10 @@ def main() -> None:
     whole = jax.jit(fetch_all)
     on_device = jax.sharding.SingleDeviceSharding(device)
     empty = dc.empty_state(1, E, E)
+    programs = {"copies": (copies, (held["slab"], stack)), "chunks4": (chunks4, (held["slab"], stack)),
+                "access": (access, (empty, held["slab"], stack)), "access4": (access, (empty, held["slab"], stack))}
+    hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
+    hlo_dir.mkdir(parents=True, exist_ok=True)
     rows, budget, need = [], Budget(args.time_budget), 0.0
     for misses in (int(n) for n in args.misses.split(",")):
         if not 0 < misses <= E:
@@ -90,6 +97,10 @@ def main() -> None:
         if not budget.allows(need, f"{misses} misses"):
             continue
         started = time.monotonic()
+        if not rows:  # the first miss count: each in-program variant's optimized HLO, for reading
+            for name, (program, program_args) in programs.items():
+                static = {"misses": misses, **({"chunk": 4} if name == "access4" else {})}
+                (hlo_dir / f"{name}-{misses}.hlo.txt").write_text(program.lower(*program_args, **static).compile().as_text())
         nbytes = misses * cfg.expert_bytes
         one_buffer = jax.device_put(np.zeros(nbytes, np.uint8), host_sharding(device))
         runs = {"copies": lambda: in_place(lambda: copies(held["slab"], stack, misses)),
