@@ -1,4 +1,4 @@
-"""Where a cached step's miss fetches lose the link's bandwidth: one MoE layer's M misses, fetched four ways.
+"""Where a cached step's miss fetches lose the link's bandwidth: one MoE layer's M misses, fetched several ways.
 
 On the H100 (2026-12-05) a batch-64 decode step of DeepSeek-V2-Lite at 25% moved 28.5 GB in 0.751 s (38 GB/s)
 where one large pinned copy read 52.7 GB/s. For a card's experts (default DeepSeek-V2-Lite: 64 of 2048 x 1408
@@ -11,10 +11,17 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
   access4  the same with chunk=4: the slots chosen first, then the moves four per loop iteration
   whole    the layer's whole stack moved in one copy per weight (what dense-offload moves)
   one      reference: M experts' bytes as one pinned buffer, one device_put (outside any program)
+and, the other way to fill a wide step, --stream-layers whole layers streamed from one layer-stacked pinned array
+in a loop whose slice offset is the loop's counter (the case XLA may turn into an asynchronous memcpy):
+  stream-fetch     the layers fetched one after another, nothing computed
+  stream-compute   a stand-in for the layers' compute (--stream-rows rows through every weight of every expert),
+                   on a device copy, nothing fetched
+  stream-pipelined each iteration computes on the layer fetched by the one before while fetching the next:
+                   about max(fetch, compute) if XLA overlaps the copy with the compute, their sum if not
 prints ms per call (median of --repeats after a warm-up) and GB/s of the bytes moved. copies against one says
 what per-expert copies cost; access against copies, the bookkeeping. The optimized HLO of each in-program variant
-at the first miss count goes to <out>_hlo/ (how XLA moves a slice of host memory: a copy engine's memcpy, or a
-kernel reading the pinned memory over the link).
+at the first miss count, and of the streaming programs, goes to <out>_hlo/ (how XLA moves a slice of host memory:
+a copy engine's memcpy, or a kernel reading the pinned memory over the link).
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/probe_miss_fetch.py --out $OUT/probe_miss_fetch.json
   PYTHONPATH=. python scripts/probe_miss_fetch.py --dims tiny --out /tmp/probe_miss_fetch.json   # CPU smoke run
@@ -38,12 +45,14 @@ def main() -> None:
     parser.add_argument("--misses", default="6,32,63", help="misses per layer call (comma-separated)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dims", default="card", choices=("card", "tiny"), help="tiny: every width shrunk (CPU smoke run)")
+    parser.add_argument("--stream-layers", type=int, default=4, help="layers of the streaming rows (0: none)")
+    parser.add_argument("--stream-rows", type=int, default=4096, help="rows of the streaming rows' stand-in compute")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: a miss count that would not fit is skipped")
     parser.add_argument("--out", default="probe_miss_fetch.json")
     args = parser.parse_args()
     tiny = args.dims == "tiny"
     cfg = model_config(args.card, None, tiny)
-    start_backend(cfg.num_experts * cfg.expert_bytes * 3, smoke=tiny)
+    start_backend(cfg.num_experts * cfg.expert_bytes * (3 + args.stream_layers), smoke=tiny)
 
     import jax
     import jax.numpy as jnp
@@ -122,9 +131,62 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         need = time.monotonic() - started
         write_json(args.out, {"environment": environment(), "expert_bytes": cfg.expert_bytes, "rows": rows})
+    if args.stream_layers > 1 and budget.allows(need, "the streaming rows"):
+        for name, seconds in stream_rows(stack, args.stream_layers, args.stream_rows, args.repeats, device,
+                                         hlo_dir).items():
+            moved = 0 if name == "stream-compute" else args.stream_layers * E * cfg.expert_bytes
+            rows.append({"card": args.card, "misses": E, "how": name, "ms": seconds * 1e3, "gb": moved / 1e9,
+                         "gb_per_s": moved / seconds / 1e9})
+            print(json.dumps(rows[-1]), flush=True)
+        write_json(args.out, {"environment": environment(), "expert_bytes": cfg.expert_bytes, "rows": rows})
     print(f"\n{args.card}: one layer's misses fetched from pinned host memory ({cfg.expert_bytes / 1e6:.1f} MB an expert)")
     print_table(rows, [("misses", "misses", "d"), ("how", "how", "s"), ("ms", "ms", ".3f"), ("gb", "GB", ".3f"),
                        ("gb_per_s", "GB/s", ".1f")])
+
+
+def stream_rows(stack: dict, layers: int, rows: int, repeats: int, device, hlo_dir: Path) -> dict[str, float]:
+    """Seconds per call of the three streaming programs (module docstring) over `layers` copies of `stack`; the
+    optimized HLO of the two that fetch goes to hlo_dir."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from moejax.offload.expert_stacks import host_sharding
+
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    one_layer = jax.device_put(stack, on_device)
+    layered = jax.device_put({n: jnp.stack([w] * layers) for n, w in one_layer.items()}, host_sharding(device))
+    inputs = {n: jnp.ones((rows, w.shape[1]), w.dtype, device=device) for n, w in one_layer.items()}
+
+    def fetch(layered, i):  # layer i (a function of the loop counter) of the stacked host array, on the device
+        return {n: jax.device_put(lax.dynamic_index_in_dim(w, i, keepdims=False), jax.memory.Space.Device)
+                for n, w in layered.items()}
+
+    def compute(layer, i):  # every weight of every expert read by `rows` rows (scaled by i: not loop-invariant)
+        return sum(jnp.einsum("ta,eab->", inputs[n] * jnp.asarray(i + 1).astype(w.dtype), w, preferred_element_type=jnp.float32)
+                   for n, w in layer.items())
+
+    @jax.jit
+    def stream_fetch(layered):  # the fetched layer is the loop's state: no fetch is dead code
+        return lax.fori_loop(0, layers, lambda i, current: fetch(layered, i), jax.tree.map(jnp.zeros_like, one_layer))
+
+    @jax.jit
+    def stream_compute(layer):
+        return lax.fori_loop(0, layers, lambda i, acc: acc + compute(layer, i), 0.0)
+
+    @jax.jit
+    def stream_pipelined(layered):
+        def body(i, carry):
+            current, acc = carry
+            return fetch(layered, i + 1), acc + compute(current, i)
+        last, acc = lax.fori_loop(0, layers - 1, body, (fetch(layered, 0), 0.0))
+        return acc + compute(last, layers - 1)
+
+    for name, program in (("stream-fetch", stream_fetch), ("stream-pipelined", stream_pipelined)):
+        (hlo_dir / f"{name}.hlo.txt").write_text(program.lower(layered).compile().as_text())
+    runs = {"stream-fetch": lambda: stream_fetch(layered), "stream-compute": lambda: stream_compute(one_layer),
+            "stream-pipelined": lambda: stream_pipelined(layered)}
+    return {name: median_seconds(run, repeats) for name, run in runs.items()}
 
 
 if __name__ == "__main__":
