@@ -109,7 +109,8 @@ def main() -> None:
         if not rows:  # the first miss count: each in-program variant's optimized HLO, for reading
             for name, (program, program_args) in programs.items():
                 static = {"misses": misses, **({"chunk": 4} if name == "access4" else {})}
-                (hlo_dir / f"{name}-{misses}.hlo.txt").write_text(program.lower(*program_args, **static).compile().as_text())
+                hlo = program.lower(*program_args, **static).compile().as_text()
+                (hlo_dir / f"{name}-{misses}.hlo.txt").write_text(hlo)
         nbytes = misses * cfg.expert_bytes
         one_buffer = jax.device_put(np.zeros(nbytes, np.uint8), host_sharding(device))
         runs = {"copies": lambda: in_place(lambda: copies(held["slab"], stack, misses)),
@@ -121,11 +122,13 @@ def main() -> None:
             try:
                 seconds = median_seconds(run, args.repeats)
             except Exception as error:  # noqa: BLE001 - a variant XLA cannot build is a row with its error
-                rows.append({"card": args.card, "misses": misses, "how": name, "error": str(error).splitlines()[0][:300]})
+                rows.append({"card": args.card, "misses": misses, "how": name,
+                             "error": str(error).splitlines()[0][:300]})
                 print(json.dumps(rows[-1]), flush=True)
                 held["slab"] = {n: jnp.zeros(w.shape, w.dtype, device=device) for n, w in stack.items()}
                 continue
-            moved = E * cfg.expert_bytes if name == "whole" else (misses // 4 * 4 if name == "chunks4" else misses) * cfg.expert_bytes
+            experts_moved = {"whole": E, "chunks4": misses // 4 * 4}.get(name, misses)
+            moved = experts_moved * cfg.expert_bytes
             rows.append({"card": args.card, "misses": misses, "how": name, "ms": seconds * 1e3, "gb": moved / 1e9,
                          "gb_per_s": moved / seconds / 1e9})
             print(json.dumps(rows[-1]), flush=True)
@@ -163,12 +166,14 @@ def stream_rows(stack: dict, layers: int, rows: int, repeats: int, device, hlo_d
                 for n, w in layered.items()}
 
     def compute(layer, i):  # every weight of every expert read by `rows` rows (scaled by i: not loop-invariant)
-        return sum(jnp.einsum("ta,eab->", inputs[n] * jnp.asarray(i + 1).astype(w.dtype), w, preferred_element_type=jnp.float32)
+        scale = jnp.asarray(i + 1)
+        return sum(jnp.einsum("ta,eab->", inputs[n] * scale.astype(w.dtype), w, preferred_element_type=jnp.float32)
                    for n, w in layer.items())
 
     @jax.jit
     def stream_fetch(layered):  # the fetched layer is the loop's state: no fetch is dead code
-        return lax.fori_loop(0, layers, lambda i, current: fetch(layered, i), jax.tree.map(jnp.zeros_like, one_layer))
+        empty = jax.tree.map(jnp.zeros_like, one_layer)
+        return lax.fori_loop(0, layers, lambda i, current: fetch(layered, i), empty)
 
     @jax.jit
     def stream_compute(layer):
