@@ -79,6 +79,9 @@ class ProgramSpec:
     expert_compute: str = "auto"  # `models.moe.EXPERT_COMPUTES`; see the module docstring
     inplace: bool = False  # 'auto' may compute few rows 'inplace' (the kernels run here: one GPU, float experts)
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
+    # cached mode: a layer's misses moved this many per loop iteration, after its victims are chosen
+    # (`device_cache.move_in_chunks`; 1: each move right after its choice). The same results either way.
+    move_chunk: int = 1
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
     # several devices: the mesh and where each expert lives (`engine.expert_parallel`); None: one device
@@ -215,7 +218,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             distinct, ticket = lax.optimization_barrier((distinct, ticket))  # the host starts before the fetches
         move = lambda slab, e, slot: write_slot(slab, slot, host_expert(host, m, e))  # noqa: E731
         cache, slab, slots, pinned = dc.access(cache, m, distinct, policy=spec.policy, num_experts=E,
-                                               priorities=experts.priorities, move=move, slab=slab)
+                                               priorities=experts.priorities, move=move, slab=slab,
+                                               chunk=spec.move_chunk)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
