@@ -71,17 +71,19 @@ def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
     assert sum(total for total, _ in misses) > 0
 
 
-def test_misses_moved_in_chunks_change_nothing():
-    """An engine moving a layer's misses four per loop iteration (`ProgramSpec.move_chunk`; prompt chunks of 5
-    tokens need up to 30 experts a layer, so whole chunks and remainders both run) gives the tokens, routing and
-    cache counts of the engine moving them one at a time."""
+@pytest.mark.parametrize("offload", [dict(offload="cached", expert_budget="0.25", prefetch="trace+lookahead"),
+                                     dict(offload="on-demand")], ids=["cached", "on-demand"])
+def test_experts_moved_in_chunks_change_nothing(offload):
+    """An engine moving a layer's fetches (misses, lookahead and staged prefetches; on-demand's fetches) four per
+    loop iteration (`ProgramSpec.move_chunk`; prompt chunks of 5 tokens need up to 30 experts a layer, so whole
+    chunks and remainders both run) gives the tokens, routing and cache counts of one moving them one at a time."""
     cfg = model_config("deepseek-v2-lite", None, tiny=True)
     trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[24], seed=2)
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
     results = []
     for move_chunk in (1, 4):
-        engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=64, prefill_chunk=5,
-                                     expert_budget="0.25", move_chunk=move_chunk)
+        engine = build_random_engine(cfg, dense=dense, stacks=stacks, max_seq_len=64, prefill_chunk=5,
+                                     move_chunk=move_chunk, **offload)
         assert engine.spec.move_chunk == move_chunk
         replay = RoutingReplay(trace)
         engine.routing_override = replay
@@ -90,9 +92,9 @@ def test_misses_moved_in_chunks_change_nothing():
         results.append((result.tokens, engine.routing(0)[0], result.stats["total"]))
     (tokens, routing, counts), (tokens4, routing4, counts4) = results
     assert tokens == tokens4 and np.array_equal(routing, routing4)
-    counted = ("hits", "misses", "evictions")
-    assert [counts[k] for k in counted] == [counts4[k] for k in counted]
-    assert counts4["misses"] > 0
+    counted = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")
+    assert [counts.get(k) for k in counted] == [counts4.get(k) for k in counted]
+    assert counts4["misses"] > 0 and (offload["offload"] == "on-demand" or counts4["prefetch_staged"] > 0)
 
 
 def test_the_predictor_prefetcher_is_asked_about_the_replayed_sequence():

@@ -79,8 +79,9 @@ class ProgramSpec:
     expert_compute: str = "auto"  # `models.moe.EXPERT_COMPUTES`; see the module docstring
     inplace: bool = False  # 'auto' may compute few rows 'inplace' (the kernels run here: one GPU, float experts)
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
-    # cached mode: a layer's misses moved this many per loop iteration, after its victims are chosen
-    # (`device_cache.move_in_chunks`; 1: each move right after its choice). The same results either way.
+    # cached and on-demand: the experts a layer fetches (misses, prefetches) moved this many per loop iteration,
+    # after their slots are chosen (`device_cache.move_in_chunks`; 1: each move right after its choice). The same
+    # results either way.
     move_chunk: int = 1
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
@@ -225,7 +226,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
             move_guess = lambda slab, i, slot: write_slot(slab, slot, host_expert(host, following, keys[i] % E))  # noqa: E731
             cache, slab, _ = dc.install(cache, keys, policy=spec.policy, num_experts=E, layer=m,
-                                        priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab)
+                                        priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab,
+                                        chunk=spec.move_chunk)
     else:
         real = distinct < E
         if spec.mode == "dense-offload":  # the whole layer crosses the link; compute reads what it chose
@@ -235,8 +237,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         else:  # on-demand: the chosen experts only, one fetch each
             shapes = {name: w.shape[1:] + (w.dtype,) for name, w in experts.host[0].items()}
             scratch = {name: jnp.zeros((distinct.shape[0],) + s[:-1], s[-1]) for name, s in shapes.items()}
-            fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
-            scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
+            fetch = lambda s, j: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
+            scratch = dc.move_in_chunks(scratch, real.sum(), spec.move_chunk, fetch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.MISSES), real.sum()))
         out = _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows)
@@ -285,7 +287,8 @@ def install_keys(spec: ProgramSpec, E: int, experts: ExpertInputs) -> ExpertInpu
     keys = experts.staged_keys
     move = lambda slab, i, slot: write_slot(slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))  # noqa: E731
     cache, slab, _ = dc.install(experts.cache, keys, policy=spec.policy, num_experts=E, layer=-1,
-                                priorities=experts.priorities, move=move, slab=experts.slab, staged=True)
+                                priorities=experts.priorities, move=move, slab=experts.slab, staged=True,
+                                chunk=spec.move_chunk)
     return dataclasses.replace(experts, cache=cache, slab=slab, staged_keys=None)
 
 

@@ -262,11 +262,12 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
 
 
 def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, priorities: Priorities | None = None,
-            pinned=None, move: Callable | None = None, slab=None, limit: int | None = None, staged: bool = False):
+            pinned=None, move: Callable | None = None, slab=None, limit: int | None = None, staged: bool = False,
+            chunk: int = 1):
     """Prefetches: admits the keys (int32 [P], in order; -1 or a repeat: nothing) that are not resident,
     at most `limit`, while unpinned slots remain, evicting only unpinned slots. `layer`: the MoE layer in
     progress (the priority policy's reference point). move(slab, i, slot) puts keys[i]'s weights in
-    `slot`; staged: the keys come from the host's staging (counted as `prefetch_staged` too).
+    `slot`; staged: the keys come from the host's staging (counted as `prefetch_staged` too); chunk: as `access`'s.
     -> (state, slab, pinned)."""
     S, P = state.num_slots, keys.shape[0]
     pinned = jnp.zeros(S, bool) if pinned is None else pinned
@@ -280,7 +281,7 @@ def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, pr
         count = jnp.minimum(count, limit)
     order = jnp.argsort(~needed, stable=True)
     each = None if move is None else (lambda slab, i, slot: move(slab, order[i], slot))
-    filled, slab = _fill(state, pinned, count, P, policy, priorities, layer, num_experts, each, slab)
+    filled, slab = _fill(state, pinned, count, P, policy, priorities, layer, num_experts, each, slab, chunk)
     state, pinned = _admit(state, pinned, safe[order], filled, count, jnp.full(P, state.clock), prefetch=True,
                            num_experts=num_experts, staged=staged)
     return state, slab, pinned
