@@ -6,6 +6,8 @@
 #   SMOKE=1 scripts/gpu_session.sh           # toy sizes on the CPU, no peers: a check of this script
 #   scripts/gpu_session.sh serve             # issue 21's serving benchmark, a call of its own (not a default part)
 #   SERVE_PARTS=slo scripts/gpu_session.sh serve   # some of its parts (throughput,gating,slo)
+#   SERVE_PARTS=throughput SERVE_EXTRA="--move-chunk 4 --batches 1,64" scripts/gpu_session.sh serve
+#                                            # any part: $<PART>_EXTRA's words are added to its script's arguments
 #   scripts/gpu_session.sh ssd               # issue 24's SSD tier (a model 1.5x the host's RAM, or as much as the
 #                                            # disk holds: see bench_ssd.py), a call of its own (not a default part);
 #                                            # its expert files stay in .bench/ssd_experts for the next call
@@ -75,11 +77,14 @@ for name in $PARTS; do
     esac
 done
 
-part() {  # part NAME LIMIT SCRIPT ARGS...
-    local name=$1 limit=$2 script=$3 start=$SECONDS status
+part() {  # part NAME LIMIT SCRIPT ARGS... (then the words of $<NAME>_EXTRA, e.g. SERVE_EXTRA="--move-chunk 4")
+    local name=$1 limit=$2 script=$3 start=$SECONDS status extra_var extra
     shift 3
-    echo "=== $name: $script (limit ${limit} s) $(date +%T)"
-    timeout -k 5 "$limit" "$PYTHON" "$script" --time-budget $((limit - 20)) "$@" 2>&1 | tee "$LOGS/$name.log"
+    extra_var=${name^^}_EXTRA
+    extra_var=${extra_var//-/_}
+    read -ra extra <<< "${!extra_var:-}"
+    echo "=== $name: $script ${extra[*]} (limit ${limit} s) $(date +%T)"
+    timeout -k 5 "$limit" "$PYTHON" "$script" --time-budget $((limit - 20)) "$@" "${extra[@]}" 2>&1 | tee "$LOGS/$name.log"
     status=${PIPESTATUS[0]}
     echo "=== $name: exit status $status after $((SECONDS - start)) s$([ "$status" = 124 ] && echo ' (timed out)')"
 }
