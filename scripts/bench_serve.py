@@ -146,8 +146,8 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, device)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     part = out["throughput"] = {"card": args.card, "budget": args.budget, "move_chunk": args.move_chunk,
-                                "prompt_len": args.prompt_len,
-                                "new_tokens": args.new_tokens, "bandwidth_bytes_per_s": bandwidth, "rows": []}
+                                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                                "bandwidth_bytes_per_s": bandwidth, "rows": []}
     need, took = 0.0, {}  # took: seconds of each batch's rows under the first policy
     for policy in args.policies:
         start = time.monotonic()
