@@ -93,7 +93,7 @@ def test_experts_moved_in_chunks_change_nothing(offload):
     (tokens, routing, counts), (tokens4, routing4, counts4) = results
     assert tokens == tokens4 and np.array_equal(routing, routing4)
     counted = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")
-    assert [counts.get(k) for k in counted] == [counts4.get(k) for k in counted]
+    assert [counts[k] for k in counted] == [counts4[k] for k in counted]
     assert counts4["misses"] > 0 and (offload["offload"] == "on-demand" or counts4["prefetch_staged"] > 0)
 
 

@@ -135,7 +135,8 @@ def test_moves_in_chunks_equal_moves_one_by_one():
     experts_per_layer, slots = 16, 12
     weights = jnp.arange(experts_per_layer, dtype=jnp.float32)[:, None] * jnp.ones((1, 3))  # expert e: rows of e
     move = lambda slab, e, slot: slab.at[slot].set(weights[e])  # noqa: E731
-    for needed in ([3, 5, 16, 16, 16, 16, 16, 16, 16], [0, 1, 2, 3, 16, 16, 16, 16, 16], list(range(9))):
+    # misses (8, 9 and 10 are hits): 2 (no whole chunk), 4 (one chunk exactly), 9 (two chunks and one more)
+    for needed in ([3, 5, 16, 16, 16, 16, 16, 16, 16], [0, 1, 2, 3, 16, 16, 16, 16, 16], [0, 1, 2, 3, 4, 5, 6, 7, 11]):
         experts = jnp.asarray(needed, jnp.int32)
         results = []
         for chunk in (1, 4):

@@ -154,25 +154,26 @@ def _fill(state: CacheState, pinned, count, size: int, policy: str, priorities, 
     Callers make sure `count` slots are unpinned."""
     primary, secondary, highest = _ranks(state, pinned, policy, priorities, layer, num_experts)
 
-    interleaved = each if chunk == 1 else None
-
     def pick(i, carry):
         primary, slots, slab = carry
         slot = _first(primary, secondary)
-        if interleaved is not None:
-            slab = interleaved(slab, i, slot)
+        if each is not None and chunk == 1:
+            slab = each(slab, i, slot)
         return primary.at[slot].set(highest), slots.at[i].set(slot), slab
 
     empty = jnp.full(size, state.num_slots, jnp.int32)
     _, slots, slab = lax.fori_loop(0, count, pick, (primary, empty, slab))
-    if each is not None and interleaved is None:
+    if each is not None and chunk > 1:
         slab = move_in_chunks(slab, count, chunk, lambda slab, i: each(slab, i, slots[i]))
     return slots, slab
 
 
 def move_in_chunks(slab, count, chunk: int, each):
     """each(slab, i) -> slab for i < count: `chunk` moves per loop iteration (copies that may run at once), then the
-    remainder one by one; no move runs twice."""
+    remainder one by one; no move runs twice. chunk 1: one loop, a move per iteration."""
+    if chunk == 1:
+        return lax.fori_loop(0, count, lambda i, slab: each(slab, i), slab)
+
     def moves(c, slab):
         for j in range(chunk):
             slab = each(slab, c * chunk + j)
