@@ -67,7 +67,8 @@ def main() -> None:
     E = cfg.num_experts
     stack = next(random_expert_stacks(cfg, 1, host_sharding(device)))  # the first MoE layer's only
     # E slots, donated to each call and replaced by its result: the slots are written in place, as in the engine
-    held = {"slab": {name: jnp.zeros(w.shape, w.dtype, device=device) for name, w in stack.items()}}
+    fresh_slab = lambda: {name: jnp.zeros(w.shape, w.dtype, device=device) for name, w in stack.items()}  # noqa: E731
+    held = {"slab": fresh_slab()}
 
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=0)
     def copies(slab, stack, misses):
@@ -95,8 +96,9 @@ def main() -> None:
     whole = jax.jit(fetch_all)
     on_device = jax.sharding.SingleDeviceSharding(device)
     empty = dc.empty_state(1, E, E)
-    programs = {"copies": (copies, (held["slab"], stack)), "chunks4": (chunks4, (held["slab"], stack)),
-                "access": (access, (empty, held["slab"], stack)), "access4": (access, (empty, held["slab"], stack))}
+    # the in-program variants: (program, its arguments before the slab, its static arguments besides misses)
+    in_program = {"copies": (copies, (), {}), "chunks4": (chunks4, (), {}), "access": (access, (empty,), {}),
+                  "access4": (access, (empty,), {"chunk": 4})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
     hlo_dir.mkdir(parents=True, exist_ok=True)
     rows, budget, need = [], Budget(args.time_budget), 0.0
@@ -107,17 +109,15 @@ def main() -> None:
             continue
         started = time.monotonic()
         if not rows:  # the first miss count: each in-program variant's optimized HLO, for reading
-            for name, (program, program_args) in programs.items():
-                static = {"misses": misses, **({"chunk": 4} if name == "access4" else {})}
-                hlo = program.lower(*program_args, **static).compile().as_text()
+            for name, (program, before, static) in in_program.items():
+                hlo = program.lower(*before, held["slab"], stack, misses=misses, **static).compile().as_text()
                 (hlo_dir / f"{name}-{misses}.hlo.txt").write_text(hlo)
         nbytes = misses * cfg.expert_bytes
         one_buffer = jax.device_put(np.zeros(nbytes, np.uint8), host_sharding(device))
-        runs = {"copies": lambda: in_place(lambda: copies(held["slab"], stack, misses)),
-                "chunks4": lambda: in_place(lambda: chunks4(held["slab"], stack, misses)),
-                "access": lambda: in_place(lambda: access(empty, held["slab"], stack, misses)),
-                "access4": lambda: in_place(lambda: access(empty, held["slab"], stack, misses, chunk=4)),
-                "whole": lambda: whole(stack), "one": lambda: jax.device_put(one_buffer, on_device)}
+        runs = {name: functools.partial(in_place, lambda program=program, before=before, static=static:
+                                        program(*before, held["slab"], stack, misses=misses, **static))
+                for name, (program, before, static) in in_program.items()}
+        runs.update(whole=lambda: whole(stack), one=lambda: jax.device_put(one_buffer, on_device))
         for name, run in runs.items():
             try:
                 seconds = median_seconds(run, args.repeats)
@@ -125,7 +125,7 @@ def main() -> None:
                 rows.append({"card": args.card, "misses": misses, "how": name,
                              "error": str(error).splitlines()[0][:300]})
                 print(json.dumps(rows[-1]), flush=True)
-                held["slab"] = {n: jnp.zeros(w.shape, w.dtype, device=device) for n, w in stack.items()}
+                held["slab"] = fresh_slab()
                 continue
             experts_moved = {"whole": E, "chunks4": misses // 4 * 4}.get(name, misses)
             moved = experts_moved * cfg.expert_bytes
