@@ -3,7 +3,10 @@
 On the H100 (2026-12-05) a batch-64 decode step of DeepSeek-V2-Lite at 25% moved 28.5 GB in 0.751 s (38 GB/s)
 where one large pinned copy read 52.7 GB/s. For a card's experts (default DeepSeek-V2-Lite: 64 of 2048 x 1408
 bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program each:
-  copies   a loop of M in-program fetches into slab slots (`fetch_expert` + `write_slot`: the engine's move)
+  copies   a loop of M in-program fetches into slab slots (`fetch_expert` + `write_slot`: the engine's move), the
+           expert to fetch being the loop's counter
+  ids      the same loop, the expert to fetch read from an array argument (a data-dependent offset, as the
+           engine's misses are): against copies, whether XLA copies a slice at a counter's offset differently
   chunks4  the same loop with four fetches per iteration (M rounded down to a multiple of 4): whether copies
            that may run at once read the link faster than one after another
   access   `device_cache.access` with that move, on a cache holding none of the M (LRU): the copies plus the
@@ -75,6 +78,11 @@ def main() -> None:
         move = lambda i, slab: write_slot(slab, i, fetch_expert(stack, i))  # noqa: E731
         return jax.lax.fori_loop(0, misses, move, slab)
 
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
+    def copies_at(experts, slab, stack, misses):
+        move = lambda i, slab: write_slot(slab, i, fetch_expert(stack, experts[i]))  # noqa: E731
+        return jax.lax.fori_loop(0, misses, move, slab)
+
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=0)
     def chunks4(slab, stack, misses):
         def move(i, slab):
@@ -97,7 +105,8 @@ def main() -> None:
     on_device = jax.sharding.SingleDeviceSharding(device)
     empty = dc.empty_state(1, E, E)
     # the in-program variants: (program, its arguments before the slab, its static arguments besides misses)
-    in_program = {"copies": (copies, (), {}), "chunks4": (chunks4, (), {}), "access": (access, (empty,), {}),
+    reversed_experts = jnp.arange(E - 1, -1, -1, dtype=jnp.int32)
+    in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}), "chunks4": (chunks4, (), {}), "access": (access, (empty,), {}),
                   "access4": (access, (empty,), {"chunk": 4})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
     hlo_dir.mkdir(parents=True, exist_ok=True)
