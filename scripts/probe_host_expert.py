@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from moejax.offload.cpu_experts import HOST_THREADS, HostExperts
 from moejax.offload.expert_files import ExpertFiles, write_expert_files
 from moejax.offload.expert_format import ExpertFormat
 from moejax.offload.host_cache import HostCache
+from moejax.offload.host_ffn import host_operands, split_expert_ffn
 from scripts.benchlib import environment, median_seconds, print_table, write_json
 
 MODEL_DTYPE = {"f32": "float32"}  # the checkpoint dtype a format is taken from (others: bf16 models)
@@ -54,6 +56,21 @@ def time_layer(fmt: ExpertFormat, dims: tuple[int, int], count: int, repeats: in
     return out
 
 
+def split_sweep(expert: dict, thread_counts, repeats: int) -> list[dict]:
+    """[{threads, ms, weights_gb_s}]: `host_ffn.split_expert_ffn` on one row of the bf16 expert, cut into as many
+    row ranges as threads, each count on a pool of its own: how a lone expert's time scales with the host's cores
+    (the engine gives a lone host expert HOST_THREADS)."""
+    operands = host_operands(expert)
+    nbytes = sum(w.nbytes for w in expert.values())
+    x = np.random.default_rng(3).standard_normal((1, expert["up"].shape[0])).astype(np.float32)
+    rows = []
+    for threads in thread_counts:
+        with futures.ThreadPoolExecutor(threads) as pool:
+            seconds = median_seconds(lambda: split_expert_ffn(x, operands, "silu", threads, pool.map), repeats)
+        rows.append({"threads": threads, "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dims", default="7168x2048", help="D x F of the expert (default Kimi-K2's)")
@@ -61,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8", help="token rows (comma-separated)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--experts", type=int, default=8, help="experts of the layer computed at once, one row each")
+    parser.add_argument("--sweep", default="1,2,4,8,16", help="thread counts a lone bf16 expert is split over")
     parser.add_argument("--dir", type=Path, help="where the expert files go (default: a temporary directory)")
     parser.add_argument("--out", default="probe_host_expert.json")
     args = parser.parse_args()
@@ -87,6 +105,8 @@ def main() -> None:
                 out["rows"].append({"format": name, "source": source, "rows": count, "expert_mb": nbytes / 1e6,
                                     "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
         cache.close()
+        if name == "bf16":
+            out["sweep"] = split_sweep(expert, (int(n) for n in args.sweep.split(",")), args.repeats)
         for threads, seconds in time_layer(fmt, (D, F), args.experts, args.repeats).items():
             out["layers"].append({"format": name, "experts": args.experts, "threads": threads, "ms": seconds * 1e3,
                                   "weights_gb_s": args.experts * nbytes / seconds / 1e9})
@@ -95,6 +115,9 @@ def main() -> None:
     print(f"one {D} x {F} expert on the host ({os.cpu_count()} cores)")
     print_table(out["rows"], [("format", "format", "s"), ("source", "from", "s"), ("rows", "rows", "d"),
                               ("expert_mb", "MB", ".1f"), ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
+    if out.get("sweep"):
+        print("\na lone bf16 expert, one row, its projections cut into `threads` row ranges run on as many threads")
+        print_table(out["sweep"], [("threads", "threads", "d"), ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
     print(f"\na layer's {args.experts} host experts, one row each, `threads` at a time (HostExperts.compute; "
           f"the engine's: {HOST_THREADS})")
     print_table(out["layers"], [("format", "format", "s"), ("experts", "experts", "d"), ("threads", "threads", "d"),
