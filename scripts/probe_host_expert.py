@@ -60,7 +60,10 @@ def split_sweep(expert: dict, thread_counts, repeats: int) -> list[dict]:
     """[{threads, ms, weights_gb_s}]: `host_ffn.split_expert_ffn` on one row of the bf16 expert, cut into as many
     row ranges as threads, each count on a pool of its own: how a lone expert's time scales with the host's cores
     (the engine gives a lone host expert HOST_THREADS)."""
-    operands = host_operands(expert)
+    import jax
+
+    # as HostExperts keeps its own copy: CPU arrays (aligned, so that the functions read them without a copy)
+    operands = host_operands(jax.device_put(expert, jax.devices("cpu")[0]))
     nbytes = sum(w.nbytes for w in expert.values())
     x = np.random.default_rng(3).standard_normal((1, expert["up"].shape[0])).astype(np.float32)
     rows = []
