@@ -7,6 +7,8 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
            expert to fetch being the loop's counter
   ids      the same loop, the expert to fetch read from an array argument (a data-dependent offset, as the
            engine's misses are): against copies, whether XLA copies a slice at a counter's offset differently
+  masked   a loop over all E experts, the loop's counter the expert, each copied (under a lax.cond) only if it
+           is one of the M: counter offsets for data-dependent misses, at the cost of E - M skipped iterations
   chunks4  the same loop with four fetches per iteration (M rounded down to a multiple of 4): whether copies
            that may run at once read the link faster than one after another
   access   `device_cache.access` with that move, on a cache holding none of the M (LRU): the copies plus the
@@ -83,6 +85,15 @@ def main() -> None:
         move = lambda i, slab: write_slot(slab, i, fetch_expert(stack, experts[i]))  # noqa: E731
         return jax.lax.fori_loop(0, misses, move, slab)
 
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
+    def masked(wanted, slab, stack, misses):  # wanted bool [E]: M of them; the j-th wanted expert goes to slot j
+        slots = jnp.cumsum(wanted) - 1
+
+        def move(e, slab):
+            return jax.lax.cond(wanted[e], lambda slab: write_slot(slab, slots[e], fetch_expert(stack, e)),
+                                lambda slab: slab, slab)
+        return jax.lax.fori_loop(0, E, move, slab)
+
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=0)
     def chunks4(slab, stack, misses):
         def move(i, slab):
@@ -106,6 +117,7 @@ def main() -> None:
     empty = dc.empty_state(1, E, E)
     # the in-program variants: (program, its arguments before the slab, its static arguments besides misses)
     reversed_experts = jnp.arange(E - 1, -1, -1, dtype=jnp.int32)
+    spread = lambda m: jnp.asarray(np.isin(np.arange(E), np.linspace(0, E - 1, m).round()))  # noqa: E731 - M wanted of E
     in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}), "chunks4": (chunks4, (), {}), "access": (access, (empty,), {}),
                   "access4": (access, (empty,), {"chunk": 4})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
@@ -117,6 +129,7 @@ def main() -> None:
         if not budget.allows(need, f"{misses} misses"):
             continue
         started = time.monotonic()
+        in_program["masked"] = (masked, (spread(misses),), {})
         if not rows:  # the first miss count: each in-program variant's optimized HLO, for reading
             for name, (program, before, static) in in_program.items():
                 hlo = program.lower(*before, held["slab"], stack, misses=misses, **static).compile().as_text()
