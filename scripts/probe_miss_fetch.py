@@ -7,6 +7,9 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
            expert to fetch being the loop's counter
   ids      the same loop, the expert to fetch read from an array argument (a data-dependent offset, as the
            engine's misses are): against copies, whether XLA copies a slice at a counter's offset differently
+  ids-u32  ids from stacks kept as uint32 (each pair of bf16 one word; bitcast back on the device): whether the
+           kernel that reads host memory at a data-dependent offset goes faster with wider elements
+  ids-flat the same with each expert one row of words ([E, n] uint32)
   masked   a loop over all E experts, the loop's counter the expert, each copied (under a lax.cond) only if it
            is one of the M: counter offsets for data-dependent misses, at the cost of E - M skipped iterations
   chunks4  the same loop with four fetches per iteration (M rounded down to a multiple of 4): whether copies
@@ -69,6 +72,16 @@ def main() -> None:
     from moejax.offload.expert_stacks import fetch_expert, host_sharding, write_slot
 
     device = jax.devices()[0]
+
+    def to_words(w, keep_rows: bool):
+        """A bf16 host stack [E, A, B] as uint32 words (two bf16 each), [E, A, B / 2] or [E, A * B / 2], pinned."""
+        values = np.asarray(w)
+        values = values if keep_rows else values.reshape(values.shape[0], -1)
+        return jax.device_put(values.view(np.uint32), host_sharding(device))
+
+    def from_words(words, shape):
+        """uint32 words on the device -> the bf16 array of `shape` they hold."""
+        return jax.lax.bitcast_convert_type(words, jnp.bfloat16).reshape(shape)
     E = cfg.num_experts
     stack = next(random_expert_stacks(cfg, 1, host_sharding(device)))  # the first MoE layer's only
     # E slots, donated to each call and replaced by its result: the slots are written in place, as in the engine
@@ -94,6 +107,13 @@ def main() -> None:
                                 lambda slab: slab, slab)
         return jax.lax.fori_loop(0, E, move, slab)
 
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
+    def copies_words(experts, slab, words, misses):  # words: {name: uint32 [E, ...]}, bf16 pairs
+        def move(i, slab):
+            fetched = fetch_expert(words, experts[i])
+            return write_slot(slab, i, {n: from_words(w, slab[n].shape[1:]) for n, w in fetched.items()})
+        return jax.lax.fori_loop(0, misses, move, slab)
+
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=0)
     def chunks4(slab, stack, misses):
         def move(i, slab):
@@ -117,8 +137,13 @@ def main() -> None:
     empty = dc.empty_state(1, E, E)
     # the in-program variants: (program, its arguments before the slab, its static arguments besides misses)
     reversed_experts = jnp.arange(E - 1, -1, -1, dtype=jnp.int32)
+    words = {n: to_words(w, keep_rows=True) for n, w in stack.items()}
+    flat_words = {n: to_words(w, keep_rows=False) for n, w in stack.items()}
+    sources = {"ids-u32": words, "ids-flat": flat_words}  # the host stacks a variant reads, when not `stack`
     spread = lambda m: jnp.asarray(np.isin(np.arange(E), np.linspace(0, E - 1, m).round()))  # noqa: E731 - M wanted of E
-    in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}), "chunks4": (chunks4, (), {}), "access": (access, (empty,), {}),
+    in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}),
+                  "ids-u32": (copies_words, (reversed_experts,), {}), "ids-flat": (copies_words, (reversed_experts,), {}),
+                  "chunks4": (chunks4, (), {}), "access": (access, (empty,), {}),
                   "access4": (access, (empty,), {"chunk": 4})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
     hlo_dir.mkdir(parents=True, exist_ok=True)
@@ -132,12 +157,14 @@ def main() -> None:
         in_program["masked"] = (masked, (spread(misses),), {})
         if not rows:  # the first miss count: each in-program variant's optimized HLO, for reading
             for name, (program, before, static) in in_program.items():
-                hlo = program.lower(*before, held["slab"], stack, misses=misses, **static).compile().as_text()
+                hlo = program.lower(*before, held["slab"], sources.get(name, stack), misses=misses,
+                                    **static).compile().as_text()
                 (hlo_dir / f"{name}-{misses}.hlo.txt").write_text(hlo)
         nbytes = misses * cfg.expert_bytes
         one_buffer = jax.device_put(np.zeros(nbytes, np.uint8), host_sharding(device))
-        runs = {name: functools.partial(in_place, lambda program=program, before=before, static=static:
-                                        program(*before, held["slab"], stack, misses=misses, **static))
+        runs = {name: functools.partial(in_place, lambda program=program, before=before, static=static, name=name:
+                                        program(*before, held["slab"], sources.get(name, stack), misses=misses,
+                                                **static))
                 for name, (program, before, static) in in_program.items()}
         runs.update(whole=lambda: whole(stack), one=lambda: jax.device_put(one_buffer, on_device))
         for name, run in runs.items():
