@@ -16,7 +16,6 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
            that may run at once read the link faster than one after another
   access   `device_cache.access` with that move, on a cache holding none of the M (LRU): the copies plus the
            engine's bookkeeping per miss (victim choice, tables, counters)
-  access4  the same with chunk=4: the slots chosen first, then the moves four per loop iteration
   whole    the layer's whole stack moved in one copy per weight (what dense-offload moves)
   one      reference: M experts' bytes as one pinned buffer, one device_put (outside any program)
 and, the other way to fill a wide step, --stream-layers whole layers streamed from one layer-stacked pinned array
@@ -122,11 +121,11 @@ def main() -> None:
             return slab
         return jax.lax.fori_loop(0, misses // 4, move, slab)
 
-    @functools.partial(jax.jit, static_argnames=("misses", "chunk"), donate_argnums=1)
-    def access(state, slab, stack, misses, chunk=1):
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
+    def access(state, slab, stack, misses):
         experts = jnp.arange(misses, dtype=jnp.int32)
         move = lambda slab, e, slot: write_slot(slab, slot, fetch_expert(stack, e))  # noqa: E731
-        return dc.access(state, 0, experts, policy="lru", num_experts=E, move=move, slab=slab, chunk=chunk)[1]
+        return dc.access(state, 0, experts, policy="lru", num_experts=E, move=move, slab=slab)[1]
 
     def in_place(call):  # one call on the held slab, which its result replaces
         held["slab"] = call()
@@ -143,8 +142,7 @@ def main() -> None:
     spread = lambda m: jnp.asarray(np.isin(np.arange(E), np.linspace(0, E - 1, m).round()))  # noqa: E731 - M wanted of E
     in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}),
                   "ids-u32": (copies_words, (reversed_experts,), {}), "ids-flat": (copies_words, (reversed_experts,), {}),
-                  "chunks4": (chunks4, (), {}), "access": (access, (empty,), {}),
-                  "access4": (access, (empty,), {"chunk": 4})}
+                  "chunks4": (chunks4, (), {}), "access": (access, (empty,), {})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
     hlo_dir.mkdir(parents=True, exist_ok=True)
     rows, budget, need = [], Budget(args.time_budget), 0.0

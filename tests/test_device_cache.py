@@ -3,7 +3,6 @@ obviously-right twin, the Python directory and policies (`reference_cache`): on 
 multi-token steps, staged prefetches and lookahead installs, every per-layer counter and the final
 resident set are equal."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -126,29 +125,3 @@ def test_prefetches_never_evict_what_the_layer_uses():
     assert counters[:, dc.PREFETCH_ISSUED].sum() == 0
     assert counters[1, dc.MISSES] == 2 and counters[1, dc.EVICTIONS] == 0 and counters[0, dc.EVICTIONS] == 2
     assert np.flatnonzero(np.asarray(resident)).tolist() == [6, 7]
-
-
-def test_moves_in_chunks_equal_moves_one_by_one():
-    """`access` with chunk=4 (slots chosen first, moves four per loop iteration, then the remainder) leaves the same
-    state and slab as the interleaved moves, and every missed expert's weights in its slot, for miss counts that
-    fill no chunk, some chunks exactly, and chunks plus a remainder."""
-    experts_per_layer, slots = 16, 12
-    weights = jnp.arange(experts_per_layer, dtype=jnp.float32)[:, None] * jnp.ones((1, 3))  # expert e: rows of e
-    move = lambda slab, e, slot: slab.at[slot].set(weights[e])  # noqa: E731
-    # misses (8, 9 and 10 are hits): 2 (no whole chunk), 4 (one chunk exactly), 9 (two chunks and one more)
-    for needed in ([3, 5, 16, 16, 16, 16, 16, 16, 16], [0, 1, 2, 3, 16, 16, 16, 16, 16], [0, 1, 2, 3, 4, 5, 6, 7, 11]):
-        experts = jnp.asarray(needed, jnp.int32)
-        results = []
-        for chunk in (1, 4):
-            state = dc.empty_state(1, experts_per_layer, slots)
-            state, _, _, _ = dc.access(state, 0, jnp.asarray([8, 9, 10, 16, 16, 16, 16, 16, 16], jnp.int32),
-                                       policy="lru", num_experts=experts_per_layer)  # three slots taken first
-            slab = jnp.full((slots, 3), -1.0)
-            state, slab, at, _ = dc.access(state, 0, experts, policy="lru", num_experts=experts_per_layer, move=move,
-                                           slab=slab, chunk=chunk)
-            results.append((state, np.asarray(slab), np.asarray(at)))
-        (one, slab_one, at_one), (four, slab_four, at_four) = results
-        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True))
-        assert np.array_equal(slab_one, slab_four) and np.array_equal(at_one, at_four)
-        missed = (np.asarray(needed) < experts_per_layer) & ~np.isin(needed, [8, 9, 10])
-        assert (slab_four[at_four[missed]] == np.asarray(needed)[missed][:, None]).all()

@@ -146,42 +146,23 @@ def _first(primary, secondary):
 
 
 def _fill(state: CacheState, pinned, count, size: int, policy: str, priorities, layer, num_experts: int,
-          each=None, slab=None, chunk: int = 1):
+          each=None, slab=None):
     """The slots the next `count` admissions fill, in order: each the policy's victim among the slots neither
     pinned nor filled before it (the ranks of the others do not change meanwhile). -> (int32 [size], S past
-    `count`; slab). each(slab, i, slot) -> slab runs for each (the move of the i-th key's weights), interleaved
-    with the choices, or with chunk > 1 after all of them, `chunk` per loop iteration (`move_in_chunks`).
+    `count`; slab). each(slab, i, slot) -> slab runs for each (the move of the i-th key's weights).
     Callers make sure `count` slots are unpinned."""
     primary, secondary, highest = _ranks(state, pinned, policy, priorities, layer, num_experts)
 
     def pick(i, carry):
         primary, slots, slab = carry
         slot = _first(primary, secondary)
-        if each is not None and chunk == 1:
+        if each is not None:
             slab = each(slab, i, slot)
         return primary.at[slot].set(highest), slots.at[i].set(slot), slab
 
     empty = jnp.full(size, state.num_slots, jnp.int32)
     _, slots, slab = lax.fori_loop(0, count, pick, (primary, empty, slab))
-    if each is not None and chunk > 1:
-        slab = move_in_chunks(slab, count, chunk, lambda slab, i: each(slab, i, slots[i]))
     return slots, slab
-
-
-def move_in_chunks(slab, count, chunk: int, each):
-    """each(slab, i) -> slab for i < count: `chunk` moves per loop iteration (copies that may run at once), then the
-    remainder one by one; no move runs twice. chunk 1: one loop, a move per iteration."""
-    if chunk == 1:
-        return lax.fori_loop(0, count, lambda i, slab: each(slab, i), slab)
-
-    def moves(c, slab):
-        for j in range(chunk):
-            slab = each(slab, c * chunk + j)
-        return slab
-
-    whole = count // chunk
-    slab = lax.fori_loop(0, whole, moves, slab)
-    return lax.fori_loop(whole * chunk, count, lambda i, slab: each(slab, i), slab)
 
 
 def _at(slots, num_slots: int):
@@ -231,12 +212,12 @@ Move = Callable[[object, jax.Array, jax.Array], object]  # (slab, expert, slot) 
 
 
 def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, priorities: Priorities | None = None,
-           move: Move | None = None, slab=None, pinned=None, chunk: int = 1):
+           move: Move | None = None, slab=None, pinned=None):
     """One MoE layer step needing `experts` (int32 [U]: distinct, increasing, padded with num_experts).
 
     Counts hits and misses, admits the misses (calling `move` for each, in increasing expert order)
     and returns (state, slab, slots int32 [U]: each expert's slot, -1 for padding, pinned bool [S]:
-    the slots this step uses, for `install` after it). chunk: moves per loop iteration (`_fill`); the same result.
+    the slots this step uses, for `install` after it).
     """
     E, S, U = num_experts, state.num_slots, experts.shape[0]
     real = experts < E
@@ -256,19 +237,18 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
     count = miss.sum()
     each = None if move is None else (lambda slab, i, slot: move(slab, experts[order[i]], slot))
-    filled, slab = _fill(state, pinned, count, U, policy, priorities, layer, E, each, slab, chunk)
+    filled, slab = _fill(state, pinned, count, U, policy, priorities, layer, E, each, slab)
     state, pinned = _admit(state, pinned, keys[order], filled, count, ticks[order], prefetch=False, num_experts=E)
     slots = slots.at[order].set(jnp.where(jnp.arange(U) < count, filled, slots[order]))
     return state.replace(clock=state.clock + real.sum()), slab, slots, pinned
 
 
 def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, priorities: Priorities | None = None,
-            pinned=None, move: Callable | None = None, slab=None, limit: int | None = None, staged: bool = False,
-            chunk: int = 1):
+            pinned=None, move: Callable | None = None, slab=None, limit: int | None = None, staged: bool = False):
     """Prefetches: admits the keys (int32 [P], in order; -1 or a repeat: nothing) that are not resident,
     at most `limit`, while unpinned slots remain, evicting only unpinned slots. `layer`: the MoE layer in
     progress (the priority policy's reference point). move(slab, i, slot) puts keys[i]'s weights in
-    `slot`; staged: the keys come from the host's staging (counted as `prefetch_staged` too); chunk: as `access`'s.
+    `slot`; staged: the keys come from the host's staging (counted as `prefetch_staged` too).
     -> (state, slab, pinned)."""
     S, P = state.num_slots, keys.shape[0]
     pinned = jnp.zeros(S, bool) if pinned is None else pinned
@@ -282,7 +262,7 @@ def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, pr
         count = jnp.minimum(count, limit)
     order = jnp.argsort(~needed, stable=True)
     each = None if move is None else (lambda slab, i, slot: move(slab, order[i], slot))
-    filled, slab = _fill(state, pinned, count, P, policy, priorities, layer, num_experts, each, slab, chunk)
+    filled, slab = _fill(state, pinned, count, P, policy, priorities, layer, num_experts, each, slab)
     state, pinned = _admit(state, pinned, safe[order], filled, count, jnp.full(P, state.clock), prefetch=True,
                            num_experts=num_experts, staged=staged)
     return state, slab, pinned
