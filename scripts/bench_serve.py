@@ -8,8 +8,8 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             --batches: the engine's step API directly (no serving loop: what the batch does to a step),
             B prompts of --prompt-len random tokens prefilled, then --new-tokens - 1 decode steps of all
             B; a warm-up pass on other sequences first (compiles, fills the cache); all of it per cache
-            policy of --policies (default lru and activation); --move-chunk N: the engine moves a layer's misses
-            N per loop iteration (`ProgramSpec.move_chunk`; default 1). Per row: output
+            policy of --policies (default lru and activation); --one-by-one: every miss fetched by itself, never
+            out of a copy of its whole layer (`ProgramSpec.whole_layer_from` None; to time what that gains). Per row: output
             tokens/s (B x steps / decode time), step time (the mean), the experts each step needs (the
             union of its tokens' choices, summed over MoE layers) and moves, bytes moved per step, its
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
@@ -129,8 +129,6 @@ def routing_for(cfg, path: str, tiny: bool) -> RoutingTrace:
 
 
 def throughput_part(args, budget: Budget, out: dict, save) -> None:
-    if args.move_chunk < 1:
-        raise SystemExit(f"--move-chunk: {args.move_chunk} is not a positive number of moves")
     tiny = args.dims == "tiny"
     cfg = model_config(args.card, None, tiny)
     trace = routing_for(cfg, args.traces, tiny)
@@ -145,7 +143,7 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
     print(f"pinned host -> device: {bandwidth / GB:.2f} GB/s", flush=True)
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, device)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
-    part = out["throughput"] = {"card": args.card, "budget": args.budget, "move_chunk": args.move_chunk,
+    part = out["throughput"] = {"card": args.card, "budget": args.budget, "one_by_one": args.one_by_one,
                                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                                 "bandwidth_bytes_per_s": bandwidth, "rows": []}
     need, took = 0.0, {}  # took: seconds of each batch's rows under the first policy
@@ -153,10 +151,12 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
         start = time.monotonic()
         engine = build_random_engine(cfg, "cached", dense, stacks, slots=batches[-1],
                                      max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len,
-                                     expert_budget=args.budget, cache_policy=policy, move_chunk=args.move_chunk)
+                                     expert_budget=args.budget, cache_policy=policy,
+                                     **({"whole_layer_from": None} if args.one_by_one else {}))
         replay = RoutingReplay(trace)
         engine.routing_override = replay
-        part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes)
+        part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes,
+                    whole_layer_from=engine.spec.whole_layer_from)
         print(f"{args.card} ({args.dims}) {policy} built in {time.monotonic() - start:.0f} s, "
               f"{engine.cache.num_slots} expert slots", flush=True)
         for batch in batches:
@@ -390,7 +390,7 @@ def parser() -> argparse.ArgumentParser:
                    help="cache policies, each with every batch (LRU thrashes once a step needs more experts than slots)")
     g.add_argument("--prompt-len", type=int, default=16)
     g.add_argument("--new-tokens", type=int, default=32)
-    g.add_argument("--move-chunk", type=int, default=1, help="misses moved per loop iteration (ProgramSpec.move_chunk)")
+    g.add_argument("--one-by-one", action="store_true", help="misses never moved out of a copy of their whole layer")
     g = p.add_argument_group("slo")
     g.add_argument("--task-mix", type=Path, default=DEFAULT_TASK_MIX, help="task-mix JSONL (default: %(default)s)")
     g.add_argument("--slo-models", type=names, default=[TINY_MOE, "mixtral-8x7b"], help="tiny-moe and/or cards")

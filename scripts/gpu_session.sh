@@ -6,7 +6,7 @@
 #   SMOKE=1 scripts/gpu_session.sh           # toy sizes on the CPU, no peers: a check of this script
 #   scripts/gpu_session.sh serve             # issue 21's serving benchmark, a call of its own (not a default part)
 #   SERVE_PARTS=slo scripts/gpu_session.sh serve   # some of its parts (throughput,gating,slo)
-#   SERVE_PARTS=throughput SERVE_EXTRA="--move-chunk 4 --batches 1,64" scripts/gpu_session.sh serve
+#   SERVE_PARTS=throughput SERVE_EXTRA="--one-by-one --batches 1,64" scripts/gpu_session.sh serve
 #                                            # any part: $<PART>_EXTRA's words are added to its script's arguments
 #   scripts/gpu_session.sh ssd               # issue 24's SSD tier (a model 1.5x the host's RAM, or as much as the
 #                                            # disk holds: see bench_ssd.py), a call of its own (not a default part);
@@ -77,7 +77,7 @@ for name in $PARTS; do
     esac
 done
 
-part() {  # part NAME LIMIT SCRIPT ARGS... (then the words of $<NAME>_EXTRA, e.g. SERVE_EXTRA="--move-chunk 4")
+part() {  # part NAME LIMIT SCRIPT ARGS... (then the words of $<NAME>_EXTRA, e.g. SERVE_EXTRA="--one-by-one")
     local name=$1 limit=$2 script=$3 start=$SECONDS status extra_var extra
     shift 3
     extra_var=${name^^}_EXTRA

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from moejax.cards import load_card
 from moejax.models.decoder import kv_cache_bytes
 from moejax.routing.traces import RoutingTrace
 from reference_directory import ExpertDirectory
@@ -20,6 +21,7 @@ from scripts.bench_prefetch import ReplayedTokens, RoutingReplay, engine_steps, 
 from scripts.bench_serve import gating_part, slo_verdicts
 from scripts.benchlib import (
     active_bytes_per_token, build_random_engine, decode_stats, model_config, pinned_stacks, random_dense_params,
+    tiny_widths,
 )
 
 
@@ -71,30 +73,30 @@ def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
     assert sum(total for total, _ in misses) > 0
 
 
-@pytest.mark.parametrize("offload", [dict(offload="cached", expert_budget="0.25", prefetch="trace+lookahead"),
-                                     dict(offload="on-demand")], ids=["cached", "on-demand"])
-def test_experts_moved_in_chunks_change_nothing(offload):
-    """An engine moving a layer's fetches (misses, lookahead and staged prefetches; on-demand's fetches) four per
-    loop iteration (`ProgramSpec.move_chunk`; prompt chunks of 5 tokens need up to 30 experts a layer, so whole
-    chunks and remainders both run) gives the tokens, routing and cache counts of one moving them one at a time."""
-    cfg = model_config("deepseek-v2-lite", None, tiny=True)
-    trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[24], seed=2)
+def test_misses_moved_out_of_a_whole_layer_change_nothing():
+    """A cached engine moving a layer step's misses out of one copy of its whole layer when it misses at least
+    `whole_layer_from` experts (`decoder_programs.admit_misses`: prompt chunks of 12 tokens need up to 64 experts a
+    layer, decode steps 6) gives the tokens, routing and cache counts of one fetching every miss by itself, with
+    trace+lookahead (staged and guessed installs beside it); the experts carried past count as streamed."""
+    cfg = tiny_widths(load_card("deepseek-v2-lite", num_layers=6))  # 5 MoE layers of 64 experts
+    trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[30], seed=2)
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
     results = []
-    for move_chunk in (1, 4):
-        engine = build_random_engine(cfg, dense=dense, stacks=stacks, max_seq_len=64, prefill_chunk=5,
-                                     move_chunk=move_chunk, **offload)
-        assert engine.spec.move_chunk == move_chunk
+    for whole_layer_from in (None, "default"):
+        options = {} if whole_layer_from == "default" else {"whole_layer_from": None}
+        engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=64, prefill_chunk=12,
+                                     expert_budget="0.9", prefetch="trace+lookahead", **options)
         replay = RoutingReplay(trace)
         engine.routing_override = replay
         replay.assign(0, 0)
-        result = engine.generate([list(range(1, 13))], max_new_tokens=6, ignore_eos=True)
-        results.append((result.tokens, engine.routing(0)[0], result.stats["total"]))
-    (tokens, routing, counts), (tokens4, routing4, counts4) = results
-    assert tokens == tokens4 and np.array_equal(routing, routing4)
-    counted = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")
-    assert [counts[k] for k in counted] == [counts4[k] for k in counted]
-    assert counts4["misses"] > 0 and (offload["offload"] == "on-demand" or counts4["prefetch_staged"] > 0)
+        result = engine.generate([list(range(1, 25))], max_new_tokens=6, ignore_eos=True)
+        results.append((engine.spec.whole_layer_from, result.tokens, engine.routing(0)[0], result.stats["total"]))
+    (none, tokens, routing, counts), (threshold, tokens_whole, routing_whole, counts_whole) = results
+    assert none is None and threshold == 39  # 60% of 64 experts; the 288 slots hold more than four layers
+    assert tokens == tokens_whole and np.array_equal(routing, routing_whole)
+    counted = ("activations", "hits", "misses", "evictions", "prefetch_issued", "prefetch_used", "prefetch_staged")
+    assert [counts[k] for k in counted] == [counts_whole[k] for k in counted]
+    assert counts["streamed"] == 0 < counts_whole["streamed"]
 
 
 def test_the_predictor_prefetcher_is_asked_about_the_replayed_sequence():

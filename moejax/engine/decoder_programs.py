@@ -79,10 +79,9 @@ class ProgramSpec:
     expert_compute: str = "auto"  # `models.moe.EXPERT_COMPUTES`; see the module docstring
     inplace: bool = False  # 'auto' may compute few rows 'inplace' (the kernels run here: one GPU, float experts)
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
-    # cached and on-demand: the experts a layer fetches (misses, prefetches) moved this many per loop iteration,
-    # after their slots are chosen (`device_cache.move_in_chunks`; 1: each move right after its choice). The same
-    # results either way.
-    move_chunk: int = 1
+    # cached mode: a layer step missing at least this many experts moves its whole layer from the pinned stack in one
+    # copy and takes its misses from there (`admit_misses`); None: never (each miss fetched by itself)
+    whole_layer_from: int | None = None
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
     # several devices: the mesh and where each expert lives (`engine.expert_parallel`); None: one device
@@ -217,17 +216,13 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
                                                       spec.cpu_experts.cost, spec.cpu_experts.most_tokens)
             ticket = host_start(spec.cpu_experts, m, moe_in, ids, all_weights, on_host, valid_rows)
             distinct, ticket = lax.optimization_barrier((distinct, ticket))  # the host starts before the fetches
-        move = lambda slab, e, slot: write_slot(slab, slot, host_expert(host, m, e))  # noqa: E731
-        cache, slab, slots, pinned = dc.access(cache, m, distinct, policy=spec.policy, num_experts=E,
-                                               priorities=experts.priorities, move=move, slab=slab,
-                                               chunk=spec.move_chunk)
+        cache, slab, slots, pinned = admit_misses(spec, E, m, host, cache, slab, distinct, experts.priorities)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
             move_guess = lambda slab, i, slot: write_slot(slab, slot, host_expert(host, following, keys[i] % E))  # noqa: E731
             cache, slab, _ = dc.install(cache, keys, policy=spec.policy, num_experts=E, layer=m,
-                                        priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab,
-                                        chunk=spec.move_chunk)
+                                        priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab)
     else:
         real = distinct < E
         if spec.mode == "dense-offload":  # the whole layer crosses the link; compute reads what it chose
@@ -237,8 +232,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         else:  # on-demand: the chosen experts only, one fetch each
             shapes = {name: w.shape[1:] + (w.dtype,) for name, w in experts.host[0].items()}
             scratch = {name: jnp.zeros((distinct.shape[0],) + s[:-1], s[-1]) for name, s in shapes.items()}
-            fetch = lambda s, j: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
-            scratch = dc.move_in_chunks(scratch, real.sum(), spec.move_chunk, fetch)
+            fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
+            scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.MISSES), real.sum()))
         out = _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows)
@@ -248,6 +243,42 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         out, ticket = lax.optimization_barrier((out, ticket))  # the host's result is waited for after the device's
         out = out + host_finish(spec.cpu_experts, ticket, out.shape)
     return out, dataclasses.replace(experts, cache=cache, slab=slab)
+
+
+WHOLE_LAYER_PERCENT = 60  # of a layer's experts: missing at least that many, a step moves the whole layer (`admit_misses`)
+
+
+def whole_layer_from(num_experts: int, num_slots: int) -> int | None:
+    """`ProgramSpec.whole_layer_from` of a cached engine: WHOLE_LAYER_PERCENT of a layer's experts, rounded up, when its
+    cache holds at least four layers' worth (a buffer of one layer's experts, which the move needs, then costs at
+    most a quarter of the cache's memory); else None (misses always fetched one by one)."""
+    return -(-num_experts * WHOLE_LAYER_PERCENT // 100) if num_slots >= 4 * num_experts else None
+
+
+def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities):
+    """MoE layer m's `device_cache.access` for the distinct experts it needs (int32 [U]), each miss moved from the
+    host tier: fetched by itself, or, when the layer misses at least `spec.whole_layer_from` of them, out of one
+    copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). Fetching an
+    expert at an offset the routing chose is a kernel reading pinned memory over the link (31 GB/s on an H100,
+    2026-12-06), while a whole stack is one copy at the link's DMA rate (52 GB/s): past ~60% of a layer the whole is
+    faster. The same state, slab and slots either way. -> (cache, slab, slots, pinned) as `access`."""
+    fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
+    if spec.whole_layer_from is None or distinct.shape[0] < spec.whole_layer_from or isinstance(host, TieredHost):
+        fetched = fetch_one  # (a step of few rows never misses that many: no layer-sized buffer)
+    else:
+        real = distinct < E
+        missing = jnp.sum(real & (cache.table[m * E + jnp.where(real, distinct, 0)] < 0))
+        whole = missing >= spec.whole_layer_from
+        # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy).
+        shapes = {name: (w.shape[1:], w.dtype) for name, w in host[0].items()}
+        layer = lax.cond(whole, lambda: _host_layer(host, m, fetch_all),
+                         lambda: {name: jnp.zeros((E, *shape), dtype) for name, (shape, dtype) in shapes.items()})
+        fetched = lambda e: lax.cond(  # noqa: E731
+            whole, lambda: {name: lax.dynamic_index_in_dim(w, e, keepdims=False) for name, w in layer.items()},
+            lambda: fetch_one(e))
+        cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, jnp.where(whole, E - missing, 0)))
+    move = lambda slab, e, slot: write_slot(slab, slot, fetched(e))  # noqa: E731
+    return dc.access(cache, m, distinct, policy=spec.policy, num_experts=E, priorities=priorities, move=move, slab=slab)
 
 
 def _compute(spec: ProgramSpec, moe_in, ids, weights, distinct, slots, slab, valid_rows):
@@ -287,8 +318,7 @@ def install_keys(spec: ProgramSpec, E: int, experts: ExpertInputs) -> ExpertInpu
     keys = experts.staged_keys
     move = lambda slab, i, slot: write_slot(slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))  # noqa: E731
     cache, slab, _ = dc.install(experts.cache, keys, policy=spec.policy, num_experts=E, layer=-1,
-                                priorities=experts.priorities, move=move, slab=experts.slab, staged=True,
-                                chunk=spec.move_chunk)
+                                priorities=experts.priorities, move=move, slab=experts.slab, staged=True)
     return dataclasses.replace(experts, cache=cache, slab=slab, staged_keys=None)
 
 

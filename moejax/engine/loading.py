@@ -199,7 +199,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and
     each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on
     the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor`
-    (see `load`) and `move_chunk` (`ProgramSpec`; benchmarks); host_tier: a `TieredHost` (`offload.disk_tier`) that
+    (see `load`) and `whole_layer_from` (`ProgramSpec`; benchmarks); host_tier: a `TieredHost` (`offload.disk_tier`) that
     holds the experts instead of `expert_stacks` (cached mode); expert_format: the format the experts are kept in
     (default: as given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices,
     placement, placement_traces, hot_replicas: see `load`."""
@@ -238,6 +238,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     # The in-place kernels beat union's gather at decode on the GPU (BENCHMARKS.md); elsewhere they only interpret.
     compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
+    if config.mode == "cached" and parallel is None and host_tier is None:
+        compute.setdefault("whole_layer_from", programs.whole_layer_from(cfg.num_experts, experts.cache.num_slots))
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated
