@@ -275,10 +275,12 @@ def host_finish(host: HostExperts, ticket, shape: tuple):
 
 
 @jax.jit
-def _fetch_first(host):
-    """Expert 0 of MoE layer 0 on the device, fetched as a miss fetches it in the step programs: from MoE layer 0's
-    pinned host stack, or through the disk tier (a `TieredHost`)."""
-    return host.fetch(0, 0) if isinstance(host, TieredHost) else fetch_expert(host, 0)
+def _fetch(host, expert):
+    """Expert `expert` (a traced int, as a miss's id is) of MoE layer 0 on the device, fetched as a miss fetches it in
+    the step programs: from MoE layer 0's pinned host stack, or through the disk tier (a `TieredHost`). A traced
+    offset matters: XLA copies a slice of pinned memory at a constant offset with a DMA, at a routing-chosen one with
+    a kernel reading over the link, ~1.6x slower on an H100 (BENCHMARKS.md, 2026-12-06)."""
+    return host.fetch(0, expert) if isinstance(host, TieredHost) else fetch_expert(host, expert)
 
 
 def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> CostModel:
@@ -294,7 +296,8 @@ def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> C
             times.append(time.perf_counter() - start)
         return float(np.median(times))
 
-    copy_s = median_time(lambda: jax.block_until_ready(_fetch_first(source)))
+    first = jnp.int32(0)
+    copy_s = median_time(lambda: jax.block_until_ready(_fetch(source, first)))
     shapes = source.shapes if isinstance(source, TieredHost) else {n: (w.shape[1:], w.dtype) for n, w in source.items()}
     width = shapes["down"][0][-1]
     dtype = shapes.get("down" + SCALE_SUFFIX, shapes["down"])[1]  # the model's (compact: its scales')
