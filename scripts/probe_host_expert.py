@@ -25,7 +25,7 @@ from moejax.offload.cpu_experts import HOST_THREADS, HostExperts
 from moejax.offload.expert_files import ExpertFiles, write_expert_files
 from moejax.offload.expert_format import ExpertFormat
 from moejax.offload.host_cache import HostCache
-from moejax.offload.host_ffn import host_operands, split_expert_ffn
+from moejax.offload.host_ffn import host_operands, split_expert_ffn, split_units_ffn, unit_operands
 from scripts.benchlib import environment, median_seconds, print_table, write_json
 
 MODEL_DTYPE = {"f32": "float32"}  # the checkpoint dtype a format is taken from (others: bf16 models)
@@ -57,20 +57,23 @@ def time_layer(fmt: ExpertFormat, dims: tuple[int, int], count: int, repeats: in
 
 
 def split_sweep(expert: dict, thread_counts, repeats: int) -> list[dict]:
-    """[{threads, ms, weights_gb_s}]: `host_ffn.split_expert_ffn` on one row of the bf16 expert, cut into as many
-    row ranges as threads, each count on a pool of its own: how a lone expert's time scales with the host's cores
-    (the engine gives a lone host expert HOST_THREADS)."""
+    """[{split, threads, ms, weights_gb_s}]: one row of the bf16 expert cut into as many ranges as threads, each count
+    on a pool of its own, both ways the host can cut it: 'units' (`host_ffn.split_units_ffn`, ranges of hidden
+    units, one call each: how HostExperts computes its own copy) and 'rows' (`host_ffn.split_expert_ffn`, ranges of
+    each projection's input rows: the disk tier's host cache). How a lone expert's time scales with the cores."""
     import jax
 
-    # as HostExperts keeps its own copy: CPU arrays (aligned, so that the functions read them without a copy)
-    operands = host_operands(jax.device_put(expert, jax.devices("cpu")[0]))
+    cpu = jax.devices("cpu")[0]  # CPU arrays (aligned, so that the functions read them without a copy)
+    splits = {"units": (split_units_ffn, jax.device_put(unit_operands(expert), cpu)),
+              "rows": (split_expert_ffn, host_operands(jax.device_put(expert, cpu)))}
     nbytes = sum(w.nbytes for w in expert.values())
     x = np.random.default_rng(3).standard_normal((1, expert["up"].shape[0])).astype(np.float32)
     rows = []
     for threads in thread_counts:
         with futures.ThreadPoolExecutor(threads) as pool:
-            seconds = median_seconds(lambda: split_expert_ffn(x, operands, "silu", threads, pool.map), repeats)
-        rows.append({"threads": threads, "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
+            for split, (function, operands) in splits.items():
+                seconds = median_seconds(lambda: function(x, operands, "silu", threads, pool.map), repeats)
+                rows.append({"split": split, "threads": threads, "ms": seconds * 1e3, "weights_gb_s": nbytes / seconds / 1e9})
     return rows
 
 
@@ -119,8 +122,9 @@ def main() -> None:
     print_table(out["rows"], [("format", "format", "s"), ("source", "from", "s"), ("rows", "rows", "d"),
                               ("expert_mb", "MB", ".1f"), ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
     if out.get("sweep"):
-        print("\na lone bf16 expert, one row, its projections cut into `threads` row ranges run on as many threads")
-        print_table(out["sweep"], [("threads", "threads", "d"), ("ms", "ms", ".2f"), ("weights_gb_s", "GB/s", ".2f")])
+        print("\na lone bf16 expert, one row, cut into `threads` ranges (of hidden units / of input rows) on as many threads")
+        print_table(out["sweep"], [("split", "split", "s"), ("threads", "threads", "d"), ("ms", "ms", ".2f"),
+                                   ("weights_gb_s", "GB/s", ".2f")])
     print(f"\na layer's {args.experts} host experts, one row each, `threads` at a time (HostExperts.compute; "
           f"the engine's: {HOST_THREADS})")
     print_table(out["layers"], [("format", "format", "s"), ("experts", "experts", "d"), ("threads", "threads", "d"),

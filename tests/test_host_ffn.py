@@ -10,7 +10,7 @@ from moejax.models.moe import ClampedSwiGLU
 from moejax.models.quantized import SCALE_SUFFIX, dequantize
 from moejax.offload.expert_format import ExpertFormat
 from moejax.offload.host_ffn import (BF16_BITS, BLOCK_ROWS, _block_rows, _row_ranges, host_expert_ffn, host_operands,
-                                     split_expert_ffn)
+                                     split_expert_ffn, split_units_ffn, unit_operands)
 
 
 def float64_expert(x, expert: dict, act) -> np.ndarray:
@@ -58,6 +58,11 @@ def test_host_ffn_matches_a_float64_expert(fmt, kind):
     assert np.abs(out - reference).max() <= 1e-5 * np.abs(reference).max()
     split = split_expert_ffn(x, operands, act, 3)  # each projection's rows in three ranges, summed in order
     assert split.dtype == np.float32 and np.abs(split - reference).max() <= 1e-5 * np.abs(reference).max()
+    units = unit_operands(expert)  # bf16 only: gate and up transposed, the hidden units in ranges
+    assert (units is None) == (fmt != "bf16")
+    for parts in ([1, 3, 5] if units is not None else []):  # 192 units: one range, whole 16s, and a remainder
+        out = split_units_ffn(x, units, act, parts)
+        assert out.dtype == np.float32 and np.abs(out - reference).max() <= 1e-5 * np.abs(reference).max()
 
 
 def test_row_ranges():

@@ -20,8 +20,10 @@ Exact up to float rounding: the host runs the device's expert function on the we
 (compact ones dequantized), in float32 and reading each weight matrix block by block (`offload.host_ffn`: XLA:CPU's
 own bf16 matmul is several times slower), compiled by XLA for the CPU (`jax.devices("cpu")`; its thread pool uses the
 host's cores), on the expert's rows padded to a power of two. A layer's host experts share HOST_THREADS threads
-(XLA:CPU runs the blocked function on one core): as many run at once as there are threads, each cut into row
-ranges of its projections on the threads left over (a lone expert: all of them), summed in order; float32
+(XLA:CPU runs the blocked function on one core): as many run at once as there are threads, each cut into ranges
+on the threads left over (a lone expert: all of them), summed in order: ranges of hidden units, one call each, for
+the bf16 experts of the host's own copy (kept gate and up transposed: `host_ffn.split_units_ffn`), else ranges of
+each projection's input rows (`host_ffn.split_expert_ffn`: two calls each, the first ones summed between); float32
 experts, whose matmuls XLA:CPU spreads over the cores itself, run one at a time, uncut. Its arithmetic differs
 from the device's bf16 batched program, and the host experts' sum is added after the device's instead of in
 expert order. tests/test_compact_experts.py states and checks the tolerance
@@ -58,10 +60,11 @@ from moejax.errors import ParameterError
 from moejax.models.quantized import SCALE_SUFFIX
 from moejax.offload.expert_stacks import fetch_expert
 from moejax.offload.host_cache import HostCache, TieredHost
-from moejax.offload.host_ffn import host_operands, split_expert_ffn, widened_in_blocks
+from moejax.offload.host_ffn import (UNITS_BITS, host_operands, split_expert_ffn, split_units_ffn, unit_operands,
+                                     widened_in_blocks)
 
 CPU_EXPERTS = ("off", "auto")
-HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and row ranges of each, at once
+HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and ranges of each, at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +123,13 @@ class HostExperts:
     @classmethod
     def from_stacks(cls, stacks: list[dict], act: str, most_tokens: int) -> HostExperts:
         """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays), as CPU arrays (bf16
-        matrices as their bits: `host_operands`)."""
+        experts laid out by hidden unit, `host_ffn.unit_operands`; others as `host_operands` gives them)."""
         cpu = jax.devices("cpu")[0]
         experts = []
         for stack in stacks:
             layer = {name: np.asarray(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
             count = next(iter(layer.values())).shape[0]
-            experts.append([jax.device_put(host_operands({name: w[e] for name, w in layer.items()}), cpu)
+            experts.append([jax.device_put(_own_operands({name: w[e] for name, w in layer.items()}), cpu)
                             for e in range(count)])
         return cls(lambda layer, expert: experts[layer][expert], act, most_tokens,
                    {name: w.dtype for name, w in stacks[0].items()})
@@ -152,9 +155,9 @@ class HostExperts:
         return {**counts, "token_limit": self.token_limit, **({"cost_model": self.cost.describe()} if self.cost else {})}
 
     def expert_output(self, layer: int, expert: int, rows: np.ndarray, parts: int = 1) -> np.ndarray | None:
-        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU, its projections
-        in `parts` row ranges on the 'part' threads where the products are widened block by block on one core
-        (None: its weights could not be read). Weights in host memory are used where they lie (aliased, not copied)."""
+        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU, cut into `parts`
+        ranges (of hidden units, or of its projections' input rows: the module's docstring) on the 'part' threads
+        where the products are widened block by block on one core (None: its weights could not be read). Weights in host memory are used where they lie (aliased, not copied)."""
         weights = self.weights(layer, expert)
         if weights is None:
             return None
@@ -163,7 +166,8 @@ class HostExperts:
         padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
         padded[: len(rows)] = rows
         run = _pool(self.threads, "part").map if parts > 1 else map
-        return split_expert_ffn(padded, operands, self.act, parts, run)[: len(rows)]
+        split = split_units_ffn if "up" + UNITS_BITS in operands else split_expert_ffn
+        return split(padded, operands, self.act, parts, run)[: len(rows)]
 
     def start(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """`compute` of these arguments (copied: a callback's arrays may be the runtime's buffers) started on the
@@ -191,7 +195,7 @@ class HostExperts:
         experts = np.flatnonzero(np.asarray(on_host))
         row_weights = [np.where(ids == e, weights, 0.0).sum(axis=-1) for e in experts]
         rows = [np.flatnonzero(w != 0) for w in row_weights]
-        # The threads go to the experts first, what is left to each one's row ranges: never more than `threads`
+        # The threads go to the experts first, what is left to each one's ranges: never more than `threads`
         # products at once (8 bf16 experts split 8 ways each took 67 ms on an H100's 16-core host, 8 unsplit 26 ms
         # on the H200's). Plain float experts go one at a time: each matmul already uses every core.
         concurrent = 1 if self.plain else max(1, min(self.threads, experts.size))
@@ -209,10 +213,17 @@ class HostExperts:
         return out
 
 
+def _own_operands(expert: dict) -> dict:
+    """One expert of the host's own copy: by hidden unit where it can be (bf16: `unit_operands`, each range of units
+    one call, so a lone expert splits over the threads), else as `host_operands` gives it."""
+    units = unit_operands(expert)
+    return host_operands(expert) if units is None else units
+
+
 @functools.cache
 def _pool(threads: int, role: str) -> futures.ThreadPoolExecutor:
-    """The threads that compute a layer's host experts ('expert': each waits for its parts) or the row ranges of
-    their projections ('part', `host_ffn.split_expert_ffn`)."""
+    """The threads that compute a layer's host experts ('expert': each waits for its parts) or the ranges each is
+    cut into ('part')."""
     return futures.ThreadPoolExecutor(threads, thread_name_prefix=f"moejax-host-{role}")
 
 
@@ -302,7 +313,7 @@ def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> C
     width = shapes["down"][0][-1]
     dtype = shapes.get("down" + SCALE_SUFFIX, shapes["down"])[1]  # the model's (compact: its scales')
     rng = np.random.default_rng(0)
-    # a lone expert, as `compute` runs it: its projections in `threads` row ranges
+    # a lone expert, as `compute` runs it: in `threads` ranges
     times = [median_time(lambda n=n: host.expert_output(0, 0, rng.standard_normal((n, width)).astype(dtype), host.threads))
              for n in (1, 8)]
     per_token = max(0.0, (times[1] - times[0]) / 7)

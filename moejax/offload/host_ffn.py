@@ -27,6 +27,7 @@ from moejax.models.quantized import GROUP_SIZE, QUANTIZED_WEIGHTS, SCALE_SUFFIX
 
 BLOCK_ROWS = 256  # input rows widened at a time: a 2048-wide block is 2 MB of float32
 BF16_BITS = "bf16_bits"  # the suffix of a bf16 weight passed as its bits (uint16), see host_operands
+UNITS_BITS = "units_bf16_bits"  # the suffix of a bf16 gate / up matrix passed transposed, [F, D] bits: see unit_operands
 
 
 def host_operands(expert: dict) -> dict:
@@ -39,6 +40,19 @@ def host_operands(expert: dict) -> dict:
             out[name + BF16_BITS] = np.asarray(w).view(np.uint16)
         else:
             out[name] = w
+    return out
+
+
+def unit_operands(expert: dict) -> dict:
+    """An expert's weights (NumPy or CPU JAX arrays) laid out for `split_units_ffn`, when they are bf16 and not
+    compact (else None): gate and up transposed, [F, D] bits (a copy, C order: each hidden unit's weights one
+    contiguous row) under `name + UNITS_BITS`; down [F, D] as its bits (`host_operands`); biases as they are."""
+    if any(name.endswith(SCALE_SUFFIX) for name in expert) or expert["up"].dtype != jnp.bfloat16:
+        return None
+    out = host_operands({name: w for name, w in expert.items() if name not in ("gate", "up")})
+    for name in ("gate", "up"):
+        if name in expert:
+            out[name + UNITS_BITS] = np.ascontiguousarray(np.asarray(expert[name]).view(np.uint16).T)
     return out
 
 
@@ -140,10 +154,57 @@ def host_expert_ffn(x, weights: dict, act):
     return _matmul(hidden, weights, "down") + _bias(weights, "down")
 
 
-def _row_ranges(width: int, parts: int) -> list[tuple[int, int]]:
-    """At most `parts` near-equal [start, stop) ranges of input rows covering `width`, cut at multiples of
-    GROUP_SIZE where width is one (a quantized weight's groups, and int4's byte rows, stay whole)."""
-    quantum = GROUP_SIZE if width % GROUP_SIZE == 0 else 1
+def _unit_product(x, bits_t):
+    """x [N, I] f32 @ the bf16 matrix whose transpose's bits are bits_t [O, I] -> [N, O] f32: BLOCK_ROWS output units at a
+    time, each widened and reduced over the whole input, so no temporary is larger than a block."""
+    block = _block_rows(bits_t.shape[0], 1)
+    count = bits_t.shape[0] // block
+
+    def part(_, rows):
+        return None, lax.dot_general(x, _bits_to_f32(rows), (((1,), (1,)), ((), ())))
+
+    _, outs = lax.scan(part, None, bits_t.reshape(count, block, -1))  # [count, N, block]
+    return outs.transpose(1, 0, 2).reshape(x.shape[0], -1)
+
+
+@functools.partial(jax.jit, static_argnames=("act",))
+def _units_output(x, weights: dict, act):
+    """x [N, D] through some of an expert's hidden units (weights as `unit_operands` lays them out, sliced to those
+    units: gate / up [U, D] transposed bits, down [U, D] bits, gate / up biases [U]) -> [N, D] f32, their share of the
+    output (the down projection's bias not added)."""
+    x = x.astype(jnp.float32)
+    gate = _unit_product(x, weights["gate" + UNITS_BITS]) if "gate" + UNITS_BITS in weights else None
+    hidden = _activation(gate, _unit_product(x, weights["up" + UNITS_BITS]), weights, act)
+    return _matmul(hidden, weights, "down")
+
+
+def split_units_ffn(x: np.ndarray, weights: dict, act, parts: int, run=map) -> np.ndarray:
+    """The expert of `weights` (as `unit_operands` lays them out) on rows x [N, D] -> [N, D] f32 (NumPy), its hidden
+    units cut into `parts` ranges whose outputs `run` computes (run(function, items) -> results in order: a thread
+    pool's map) and summed in range order, then the down projection's bias added. Each range is one call that reads
+    only its units' rows of every matrix, with no step between the projections (splitting the input rows instead
+    needs two calls per range and the sum of the first ones in between)."""
+    cpu = jax.devices("cpu")[0]
+    units = np.asarray(weights["up" + UNITS_BITS]).shape[0]
+    ranges = _row_ranges(units, parts, quantum=16 if units % 16 == 0 else 1)
+    x = np.asarray(x, np.float32)
+
+    def part(bounds):  # every entry but the down projection's bias has a row per hidden unit
+        chunk = {name: np.asarray(w)[bounds[0] : bounds[1]] for name, w in weights.items() if name != "down_bias"}
+        return np.asarray(_units_output(x, jax.device_put(chunk, cpu, may_alias=True), act))
+
+    out = None
+    for partial in run(part, ranges):
+        out = partial if out is None else out + partial
+    bias = weights.get("down_bias")
+    return out if bias is None else out + np.asarray(bias, np.float32)
+
+
+def _row_ranges(width: int, parts: int, quantum: int | None = None) -> list[tuple[int, int]]:
+    """At most `parts` near-equal [start, stop) ranges of input rows covering `width`, cut at multiples of `quantum`
+    (default: GROUP_SIZE where width is one, so that a quantized weight's groups, and int4's byte rows, stay whole)."""
+    if quantum is None:
+        quantum = GROUP_SIZE if width % GROUP_SIZE == 0 else 1
     units = width // quantum
     parts = max(1, min(parts, units))
     bounds = [round(i * units / parts) * quantum for i in range(parts + 1)]
