@@ -157,7 +157,8 @@ class HostExperts:
     def expert_output(self, layer: int, expert: int, rows: np.ndarray, parts: int = 1) -> np.ndarray | None:
         """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU, cut into `parts`
         ranges (of hidden units, or of its projections' input rows: the module's docstring) on the 'part' threads
-        where the products are widened block by block on one core (None: its weights could not be read). Weights in host memory are used where they lie (aliased, not copied)."""
+        where the products are widened block by block on one core (None: its weights could not be read). Weights in
+        host memory are used where they lie (aliased, not copied)."""
         weights = self.weights(layer, expert)
         if weights is None:
             return None

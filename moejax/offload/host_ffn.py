@@ -43,7 +43,7 @@ def host_operands(expert: dict) -> dict:
     return out
 
 
-def unit_operands(expert: dict) -> dict:
+def unit_operands(expert: dict) -> dict | None:
     """An expert's weights (NumPy or CPU JAX arrays) laid out for `split_units_ffn`, when they are bf16 and not
     compact (else None): gate and up transposed, [F, D] bits (a copy, C order: each hidden unit's weights one
     contiguous row) under `name + UNITS_BITS`; down [F, D] as its bits (`host_operands`); biases as they are."""
