@@ -16,7 +16,7 @@
 #                                            # (each host cache size copy-only, then with --cpu-experts auto;
 #                                            # SSD_CPU_EXPERTS=off: the copy-only rows alone)
 #   scripts/gpu_session.sh compact           # issue 24's compact formats and CPU experts, a call of its own
-#   scripts/gpu_session.sh missfetch         # one layer's miss fetches, several ways and through the cache's chunked moves
+#   scripts/gpu_session.sh missfetch         # one layer's miss fetches, several ways (at counter and at routing offsets)
 #                                            # (probe_miss_fetch.py: where a batch's copies lose the link's bandwidth)
 #   scripts/gpu_session.sh families kernel profile   # issue 23's offloaded families (resident + cached 25%, with
 #                                            # transformers + accelerate), the in-place expert kernel against
