@@ -10,6 +10,8 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
   ids-u32  ids from stacks kept as uint32 (each pair of bf16 one word; bitcast back on the device): whether the
            kernel that reads host memory at a data-dependent offset goes faster with wider elements
   ids-flat the same with each expert one row of words ([E, n] uint32)
+  switch   ids from E separate pinned buffers, one per expert, the expert chosen by a lax.switch whose branches each
+           copy a whole buffer (a static copy: a DMA, if XLA keeps it one inside a branch)
   masked   a loop over all E experts, the loop's counter the expert, each copied (under a lax.cond) only if it
            is one of the M: counter offsets for data-dependent misses, at the cost of E - M skipped iterations
   chunks4  the same loop with four fetches per iteration (M rounded down to a multiple of 4): whether copies
@@ -107,6 +109,14 @@ def main() -> None:
         return jax.lax.fori_loop(0, E, move, slab)
 
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
+    def switched(experts, slab, separate, misses):  # separate: one {name: pinned [...]} per expert
+        branches = [lambda one=one: fetch_all(one) for one in separate]
+
+        def move(i, slab):
+            return write_slot(slab, i, jax.lax.switch(experts[i], branches))
+        return jax.lax.fori_loop(0, misses, move, slab)
+
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
     def copies_words(experts, slab, words, misses):  # words: {name: uint32 [E, ...]}, bf16 pairs
         def move(i, slab):
             fetched = fetch_expert(words, experts[i])
@@ -138,11 +148,15 @@ def main() -> None:
     reversed_experts = jnp.arange(E - 1, -1, -1, dtype=jnp.int32)
     words = {n: to_words(w, keep_rows=True) for n, w in stack.items()}
     flat_words = {n: to_words(w, keep_rows=False) for n, w in stack.items()}
-    sources = {"ids-u32": words, "ids-flat": flat_words}  # the host stacks a variant reads, when not `stack`
+    separate = tuple({n: jax.device_put(np.asarray(w)[e], host_sharding(device)) for n, w in stack.items()}
+                     for e in range(E))
+    # the host stacks a variant reads, when not `stack`
+    sources = {"ids-u32": words, "ids-flat": flat_words, "switch": separate}
     spread = lambda m: jnp.asarray(np.isin(np.arange(E), np.linspace(0, E - 1, m).round()))  # noqa: E731 - M wanted of E
     in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}),
                   "ids-u32": (copies_words, (reversed_experts,), {}), "ids-flat": (copies_words, (reversed_experts,), {}),
-                  "chunks4": (chunks4, (), {}), "access": (access, (empty,), {})}
+                  "switch": (switched, (reversed_experts,), {}), "chunks4": (chunks4, (), {}),
+                  "access": (access, (empty,), {})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
     hlo_dir.mkdir(parents=True, exist_ok=True)
     rows, budget, need = [], Budget(args.time_budget), 0.0
