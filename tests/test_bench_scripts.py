@@ -77,7 +77,8 @@ def test_misses_moved_out_of_a_whole_layer_change_nothing():
     """A cached engine moving a layer step's misses out of one copy of its whole layer when it misses at least
     `whole_layer_from` experts (`decoder_programs.admit_misses`: prompt chunks of 12 tokens need up to 64 experts a
     layer, decode steps 6) gives the tokens, routing and cache counts of one fetching every miss by itself, with
-    trace+lookahead (staged and guessed installs beside it); the experts carried past count as streamed."""
+    trace+lookahead (staged and guessed installs beside it); the experts carried past count as streamed; and no
+    compiled program copies the slab (a first version, the slab under the lax.cond, copied it in every prefill)."""
     cfg = tiny_widths(load_card("deepseek-v2-lite", num_layers=6))  # 5 MoE layers of 64 experts
     trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[30], seed=2)
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
@@ -91,6 +92,12 @@ def test_misses_moved_out_of_a_whole_layer_change_nothing():
         replay.assign(0, 0)
         result = engine.generate([list(range(1, 25))], max_new_tokens=6, ignore_eos=True)
         results.append((engine.spec.whole_layer_from, result.tokens, engine.routing(0)[0], result.stats["total"]))
+    # The slab stays in place: the condition chooses only the layer buffer (a slab inside a lax.cond was copied).
+    slab_shapes = {f"bf16[{engine.cache.num_slots},{','.join(map(str, w.shape[1:]))}]" for w in engine.slab.values()}
+    for key, compiled in engine._compiled.items():
+        copies = [line for line in compiled.as_text().splitlines() if " copy(" in line
+                  and any(f"= {shape}" in line for shape in slab_shapes)]
+        assert not copies, (key[0], copies[:2])
     (none, tokens, routing, counts), (threshold, tokens_whole, routing_whole, counts_whole) = results
     assert none is None and threshold == 39  # 60% of 64 experts; the 288 slots hold more than four layers
     assert tokens == tokens_whole and np.array_equal(routing, routing_whole)
