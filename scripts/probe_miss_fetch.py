@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     tiny = args.dims == "tiny"
     cfg = model_config(args.card, None, tiny)
-    start_backend(cfg.num_experts * cfg.expert_bytes * (3 + args.stream_layers), smoke=tiny)
+    start_backend(cfg.num_experts * cfg.expert_bytes * (6 + args.stream_layers), smoke=tiny)  # the stack 4 ways, a buffer, the layers
 
     import jax
     import jax.numpy as jnp
