@@ -83,8 +83,7 @@ def test_misses_moved_out_of_a_whole_layer_change_nothing():
     trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[30], seed=2)
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
     results = []
-    for whole_layer_from in (None, "default"):
-        options = {} if whole_layer_from == "default" else {"whole_layer_from": None}
+    for options in ({"whole_layer_from": None}, {}):  # every miss by itself; build_engine's default
         engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=64, prefill_chunk=12,
                                      expert_budget="0.9", prefetch="trace+lookahead", **options)
         replay = RoutingReplay(trace)
