@@ -215,16 +215,14 @@ def stream_rows(stack: dict, layers: int, rows: int, repeats: int, device, hlo_d
     import jax.numpy as jnp
     from jax import lax
 
-    from moejax.offload.expert_stacks import host_sharding
+    from moejax.offload.expert_stacks import fetch_expert, host_sharding
 
     on_device = jax.sharding.SingleDeviceSharding(device)
     one_layer = jax.device_put(stack, on_device)
     layered = jax.device_put({n: jnp.stack([w] * layers) for n, w in one_layer.items()}, host_sharding(device))
     inputs = {n: jnp.ones((rows, w.shape[1]), w.dtype, device=device) for n, w in one_layer.items()}
 
-    def fetch(layered, i):  # layer i (a function of the loop counter) of the stacked host array, on the device
-        return {n: jax.device_put(lax.dynamic_index_in_dim(w, i, keepdims=False), jax.memory.Space.Device)
-                for n, w in layered.items()}
+    fetch = fetch_expert  # layer i (a function of the loop counter) of the stacked host array, on the device
 
     def compute(layer, i):  # every weight of every expert read by `rows` rows (scaled by i: not loop-invariant)
         scale = jnp.asarray(i + 1)

@@ -80,7 +80,8 @@ class ProgramSpec:
     inplace: bool = False  # 'auto' may compute few rows 'inplace' (the kernels run here: one GPU, float experts)
     capacity_factor: float = CAPACITY_FACTOR  # expert_compute 'capacity' only
     # cached mode: a layer step missing at least this many experts moves its whole layer from the pinned stack in one
-    # copy and takes its misses from there (`admit_misses`); None: never (each miss fetched by itself)
+    # copy and takes its misses from there (`admit_misses`); None: never (each miss fetched by itself; `build_engine`
+    # leaves it None over the disk tier, whose experts are read one at a time)
     whole_layer_from: int | None = None
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
@@ -230,8 +231,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             slots = jnp.where(real, distinct, -1)
             cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, E - real.sum()))
         else:  # on-demand: the chosen experts only, one fetch each
-            shapes = {name: w.shape[1:] + (w.dtype,) for name, w in experts.host[0].items()}
-            scratch = {name: jnp.zeros((distinct.shape[0],) + s[:-1], s[-1]) for name, s in shapes.items()}
+            scratch = _zero_experts(experts.host, distinct.shape[0])
             fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
             scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
@@ -263,17 +263,14 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     2026-12-06), while a whole stack is one copy at the link's DMA rate (52 GB/s): past ~60% of a layer the whole is
     faster. The same state, slab and slots either way. -> (cache, slab, slots, pinned) as `access`."""
     fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
-    if spec.whole_layer_from is None or distinct.shape[0] < spec.whole_layer_from or isinstance(host, TieredHost):
+    if spec.whole_layer_from is None or distinct.shape[0] < spec.whole_layer_from:
         fetched = fetch_one  # (a step of few rows never misses that many: no layer-sized buffer)
     else:
-        real = distinct < E
-        missing = jnp.sum(real & (cache.table[m * E + jnp.where(real, distinct, 0)] < 0))
+        missing = jnp.sum((distinct < E) & (dc.resident_slots(cache, m, distinct, E) < 0))
         whole = missing >= spec.whole_layer_from
         # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy); the
         # other branch's zeros cost a write of the layer's bytes in device memory (~0.4 ms for DeepSeek-V2-Lite's).
-        shapes = {name: (w.shape[1:], w.dtype) for name, w in host[0].items()}
-        layer = lax.cond(whole, lambda: _host_layer(host, m, fetch_all),
-                         lambda: {name: jnp.zeros((E, *shape), dtype) for name, (shape, dtype) in shapes.items()})
+        layer = lax.cond(whole, lambda: _host_layer(host, m, fetch_all), lambda: _zero_experts(host, E))
         fetched = lambda e: lax.cond(  # noqa: E731
             whole, lambda: {name: lax.dynamic_index_in_dim(w, e, keepdims=False) for name, w in layer.items()},
             lambda: fetch_one(e))
@@ -297,6 +294,11 @@ def gate(spec: ProgramSpec, ids, weights, valid_rows):
     if spec.expert_compute != "capacity":
         return ids, weights
     return drop_over_capacity(ids, weights, valid_rows, spec.capacity(ids.shape[0]), spec.cfg.num_experts)
+
+
+def _zero_experts(host: tuple, count: int) -> dict:
+    """`count` experts' worth of zeros on the device, shaped as the pinned host stacks' ({name: [count, ...]})."""
+    return {name: jnp.zeros((count, *w.shape[1:]), w.dtype) for name, w in host[0].items()}
 
 
 def fetch_all(host: dict) -> dict:

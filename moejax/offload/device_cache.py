@@ -211,6 +211,13 @@ def _admit(state: CacheState, pinned, keys, slots, count, ticks, *, prefetch: bo
 Move = Callable[[object, jax.Array, jax.Array], object]  # (slab, expert, slot) -> slab with expert in slot
 
 
+def resident_slots(state: CacheState, layer, experts, num_experts: int):
+    """The slot of each of MoE layer `layer`'s `experts` (int32 [U], padded with num_experts): int32 [U], -1 where
+    the expert is not resident (a miss) and for padding."""
+    real = experts < num_experts
+    return jnp.where(real, state.table[layer * num_experts + jnp.where(real, experts, 0)], -1)
+
+
 def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, priorities: Priorities | None = None,
            move: Move | None = None, slab=None, pinned=None):
     """One MoE layer step needing `experts` (int32 [U]: distinct, increasing, padded with num_experts).
@@ -222,7 +229,7 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     E, S, U = num_experts, state.num_slots, experts.shape[0]
     real = experts < E
     keys = layer * E + jnp.where(real, experts, 0)
-    slots = jnp.where(real, state.table[keys], -1)
+    slots = resident_slots(state, layer, experts, E)
     hit = real & (slots >= 0)
     miss = real & ~hit
     ticks = state.clock + jnp.cumsum(real.astype(jnp.int32))  # one tick per access, in expert order
