@@ -8,11 +8,14 @@ DeepSeek-V2-Lite chose for that sequence's token p (combination weights: the ran
 probabilities of them, renormalised). So the cache, the policies and the trace prefetcher see real
 routing with real expert sizes (26 MoE layers of 64 experts of 2048 x 1408, top-6).
 
-The lookahead prefetcher's guess (the next MoE layer's router applied one layer early) is computed in
-the step program from the hidden state and cannot be replayed: the traces hold no hidden states, and
-the engine has no hook to force it. The lookahead rows therefore run on the random model's own router
-guesses (random experts: low precision), which measures the lookahead's cost in the engine, not its
-benefit on real routing; the lab (`moejax lab`) simulates that.
+The lookahead prefetcher's guess (the next MoE layer's router applied one layer early) cannot be
+replayed: the traces hold no hidden states, and the random model's own next router guesses experts
+that have nothing to do with the replayed routing (precision ~0.08). So the replay also gives the engine
+the guesses (the override's second array): the next layer's recorded experts, each kept with probability
+--lookahead-accuracy (default 0.783, what the shipped model's lookahead scored on its own traces,
+BENCHMARKS.md) and otherwise replaced by a random other expert, as `moejax lab --lookahead-accuracy`
+simulates it (`lab.simulate_lookahead`). --lookahead-accuracy router: the random router's own guesses
+(the lookahead's cost, not its benefit).
 
 Per configuration (--configs policy/prefetch): one engine, a warm-up sequence (compiles, fills the
 cache) then --sequences recorded sequences of the evaluation part (the trace collection of the activation
@@ -64,6 +67,7 @@ from moejax.predictors import store
 from moejax.predictors.base import Predictor
 from moejax.predictors.data import load_trace_data
 from moejax.routing.traces import RoutingTrace, load_routing
+from moejax.tools.lab import simulate_lookahead
 from scripts.benchlib import (
     GB, Budget, build_random_engine, decode_stats, environment, model_config, pinned_bandwidth, pinned_stacks,
     print_table, random_dense_params, start_backend, write_json,
@@ -80,26 +84,34 @@ class RoutingReplay:
     p chose. Padding rows (slot -1) and positions past the recording get experts 0..k-1: they are never valid
     tokens of a step, so nothing is fetched or computed for them."""
 
-    def __init__(self, trace: RoutingTrace):
+    def __init__(self, trace: RoutingTrace, guesses: np.ndarray | None = None):
+        """guesses: None, or int [L, T, k] the lookahead's guess of each layer's experts (row 0: unused), given
+        to the engine with the routing (at MoE layer m, row m + 1: the guess for the next layer)."""
         self.experts = trace.experts  # [L, T, k]
+        self.guesses = guesses
         self.offsets, self.lengths = trace.offsets(), trace.seq_lens
         self.assigned: dict[int, int] = {}
 
     def assign(self, slot: int, sequence: int) -> None:
         self.assigned[slot] = sequence
 
-    def __call__(self, slots: list[int], positions: np.ndarray) -> np.ndarray:
-        """slots [rows] (-1: padding), positions int [rows, T] -> experts int32 [L, rows * T, k]."""
+    def __call__(self, slots: list[int], positions: np.ndarray):
+        """slots [rows] (-1: padding), positions int [rows, T] -> experts int32 [L, rows * T, k], or with guesses
+        the pair (experts, guesses int32 [L, rows * T, k]; -1: none)."""
         L, _, k = self.experts.shape
         rows, T = positions.shape
         out = np.broadcast_to(np.arange(k, dtype=np.int32), (L, rows * T, k)).copy()
+        guesses = np.full((L, rows * T, k), -1, np.int32)
         for row, slot in enumerate(slots):
             if slot < 0:
                 continue
             sequence = self.assigned[slot]
             recorded = np.flatnonzero(positions[row] < self.lengths[sequence])
-            out[:, row * T + recorded] = self.experts[:, self.offsets[sequence] + positions[row, recorded]]
-        return out
+            tokens = self.offsets[sequence] + positions[row, recorded]
+            out[:, row * T + recorded] = self.experts[:, tokens]
+            if self.guesses is not None:
+                guesses[:-1, row * T + recorded] = self.guesses[1:, tokens]
+        return out if self.guesses is None else (out, guesses)
 
 
 class ReplayedTokens(Predictor):
@@ -315,6 +327,8 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
     parser.add_argument("--predictor", help="a predictor directory (`moejax train-predictor` on --traces, whose "
                         "NAME_tokens.json it reads) for the configurations with prefetch 'predictor'")
+    parser.add_argument("--lookahead-accuracy", default="0.783",
+                        help="the simulated lookahead's accuracy, or 'router': the random model's own guesses")
     parser.add_argument("--out", default="bench_prefetch.json")
     args = parser.parse_args()
     budget = Budget(args.time_budget)
@@ -347,7 +361,15 @@ def main() -> None:
     dense = random_dense_params(cfg)
     stacks = pinned_stacks(cfg, device)
     print(f"model built in {time.monotonic() - start:.0f} s", flush=True)
-    replay = RoutingReplay(trace)
+    if args.lookahead_accuracy == "router":
+        guesses, guessed_by = None, "the random model's router (not the replayed routing's)"
+    else:
+        try:
+            guesses = simulate_lookahead(trace, float(args.lookahead_accuracy))
+        except (ValueError, MoejaxError) as err:
+            raise SystemExit(f"--lookahead-accuracy: {err}") from None
+        guessed_by = f"simulated at accuracy {float(args.lookahead_accuracy):g}"
+    replay = RoutingReplay(trace, guesses)
     predictor = None
     if args.predictor is not None:
         try:
@@ -366,7 +388,7 @@ def main() -> None:
         "environment": environment(), "card": args.card, "dims": args.dims, "traces": str(args.traces),
         "budget": args.budget, "fit_sequences": n_fit, "sequences": sequences, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "expert_bytes": cfg.expert_bytes, "bandwidth_bytes_per_s": bandwidth,
-        "lookahead_guesses": "the random model's router (not replayable)",
+        "lookahead_guesses": guessed_by,
     }
     result["rows"] = rows
     lru, need = None, 0.0
@@ -406,7 +428,7 @@ def main() -> None:
 
     print(f"\n{args.card} ({args.dims}), real routing replayed, budget {args.budget}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens x {len(sequences) - 1} sequences; pinned host -> GPU {bandwidth / GB:.1f} GB/s; "
-          f"lookahead guesses: the random router's; lab LRU == engine LRU: {result.get('lab_matches_engine')}")
+          f"lookahead guesses: {guessed_by}; lab LRU == engine LRU: {result.get('lab_matches_engine')}")
     print_table(rows, [
         ("policy", "policy", "s"), ("prefetch", "prefetch", "s"), ("capacity_experts", "slots", "d"),
         ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"), ("s_per_token", "s/token", ".4f"),

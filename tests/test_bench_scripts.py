@@ -14,6 +14,7 @@ import pytest
 from moejax.cards import load_card
 from moejax.models.decoder import kv_cache_bytes
 from moejax.routing.traces import RoutingTrace
+from moejax.tools.lab import simulate_lookahead
 from reference_directory import ExpertDirectory
 from reference_policies import Belady
 from scripts.bench_offload import add_floor
@@ -45,6 +46,34 @@ def test_replay_maps_each_slot_to_its_sequence_and_position():
     np.testing.assert_array_equal(out[:, 2], np.broadcast_to(filler, (2, 2)))  # position 7: past its 5 tokens
     np.testing.assert_array_equal(out[:, 3:6], np.broadcast_to(filler, (2, 3, 2)))  # padding row
     np.testing.assert_array_equal(out[:, 6:9], trace.experts[:, 0:3])
+    guessing = RoutingReplay(trace, guesses=trace.experts[..., ::-1] + 10)  # row l: layer l's guess
+    guessing.assign(0, 1)
+    experts, guesses = guessing([0, -1], np.array([[1, 7], [0, 0]]))
+    np.testing.assert_array_equal(experts, out[:, [0, 2, 3, 4]])
+    np.testing.assert_array_equal(guesses[0, 0], trace.experts[1, 3 + 1, ::-1] + 10)  # made at layer 0, for layer 1
+    assert (guesses[1] == -1).all() and (guesses[:, 1:] == -1).all()  # the last layer; past the sequence; padding
+
+
+def test_forced_guesses_are_the_lookaheads_and_change_no_token():
+    """With the replay's guesses (accuracy 1: the next layer's true experts) the lookahead engine records them as
+    its guesses, every expert it fetches on a guess is used, and it gives the tokens of the engine that guesses
+    with its own router."""
+    cfg = model_config("deepseek-v2-lite", None, tiny=True)
+    trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[30], seed=3)
+    dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
+    runs = []
+    for guesses in (None, simulate_lookahead(trace, 1.0)):
+        engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=64, prefill_chunk=8,
+                                     expert_budget="0.5", prefetch="lookahead")
+        engine.routing_override = replay = RoutingReplay(trace, guesses)
+        replay.assign(0, 0)
+        result = engine.generate([list(range(1, 9))], max_new_tokens=8, ignore_eos=True)
+        runs.append((result.tokens, engine.routing(0), result))
+    (tokens, _, _), (tokens_guessed, (experts, lookahead), result) = runs
+    assert tokens == tokens_guessed
+    np.testing.assert_array_equal(lookahead[1:], trace.experts[1:, : experts.shape[1]])
+    counts = result.stats["total"]
+    assert counts["prefetch_issued"] > 0 and counts["prefetch_used"] == counts["prefetch_issued"], counts
 
 
 def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():

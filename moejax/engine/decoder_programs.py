@@ -331,7 +331,9 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
 
     forced_ids: None, or int32 [MoE layers, R * T, k]: the experts every MoE layer uses instead of its router's
     choice (weighted by their router scores, renormalised, `moe.forced_weights`): replays known routing through the
-    real engine (benchmarks).
+    real engine (benchmarks); or a pair (that, guesses int32 [MoE layers, R * T, k]) whose row m also replaces the
+    next router's guess made at MoE layer m (-1: no guess), so a benchmark's lookahead can guess the replayed
+    routing (the next router is then not run: a matmul of [R * T, D] by [D, E] a layer, not counted).
 
     params: {'globals', 'segments': stacked layer parameters per segment, 'next_router': per MoE segment,
     the next MoE layer's post_norm and router for each of its layers (the last MoE layer: its own, unused)};
@@ -341,6 +343,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
     the last row: -1) or None).
     """
     cfg = spec.cfg
+    forced_ids, forced_guesses = forced_ids if isinstance(forced_ids, tuple) else (forced_ids, None)
     experts = install_staged(spec, experts)
     x = EmbedHead(cfg).apply({"params": params["globals"]}, tokens, method=EmbedHead.embed_tokens)
     valid_rows = valid.reshape(-1)
@@ -378,7 +381,10 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
             ids, weights = gate(spec, ids, weights, valid_rows)
             guess = None
             if spec.computes_guesses:
-                _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
+                if forced_guesses is not None:
+                    guess = forced_guesses[segment.first_moe + i]
+                else:
+                    _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
             m = segment.first_moe + i
             routed, out = routed_moe(spec, m, dataclasses.replace(experts, cache=cache, slab=slab), moe_in, ids, weights,
                                      valid_rows, guess, counted=counts_after_scan(spec))

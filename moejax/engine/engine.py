@@ -104,8 +104,9 @@ class Engine:
         self._compiled: dict = {}
         self.host_wait_s = 0.0
         # Benchmarks replay known routing through the engine: override(slots [rows] (-1: padding), positions
-        # int [rows, T]) -> the experts int32 [MoE layers, rows * T, k] each MoE layer uses instead of its router's.
-        self.routing_override: Callable[[list[int], np.ndarray], np.ndarray] | None = None
+        # int [rows, T]) -> the experts int32 [MoE layers, rows * T, k] each MoE layer uses instead of its router's,
+        # or a pair (those, the lookahead's guesses of the same shape: `decoder_programs.forward`'s forced_ids).
+        self.routing_override: Callable[[list[int], np.ndarray], np.ndarray | tuple] | None = None
 
     # -- inputs ------------------------------------------------------------------------------------
     def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
@@ -176,10 +177,13 @@ class Engine:
         return self.manager.next_inputs(tokens, owners) if self.manager is not None else _NO_INPUTS
 
     def _forced(self, slots: list[int], positions: np.ndarray):
-        """The routing_override's experts for a step (on the device), or None."""
+        """The routing_override's experts for a step (on the device; with its guesses if it gives a pair), or None."""
         if self.routing_override is None:
             return None
-        return jax.device_put(np.asarray(self.routing_override(slots, positions), np.int32), self.device)
+        forced = self.routing_override(slots, positions)
+        if isinstance(forced, tuple):  # (experts, the lookahead's guesses)
+            return jax.device_put(tuple(np.asarray(f, np.int32) for f in forced), self.device)
+        return jax.device_put(np.asarray(forced, np.int32), self.device)
 
     def _attend_len(self, longest: int) -> int:
         return min(next_power_of_two(longest, 64), self.max_seq_len)
