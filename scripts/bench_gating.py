@@ -45,7 +45,7 @@ from moejax.encdec_config import EncDecConfig
 from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, GROUPED_BLOCK_ROWS, grouped_blocks, route, routed_experts
 from moejax.offload.device_cache import distinct_experts
-from scripts.benchlib import GB, environment, median, print_table, start_backend, write_json
+from scripts.benchlib import GB, Budget, environment, median, print_table, start_backend, write_json
 
 DEFAULT_MODELS = "switch-base-128,nllb-moe-54b,mixtral-8x7b,deepseek-v2-lite"
 COMPUTES = ("union", "grouped", "grouped-inplace", "ragged", "capacity")
@@ -165,7 +165,17 @@ class Bench:
             self.programs[how, rows] = program.lower(self.params, x).compile()
         return self.programs[how, rows]
 
+    def least_bytes(self, how: str, rows: int) -> int:
+        """Bytes the program needs at least: its weights and one layer's expert hidden activations [expert rows,
+        FFN] in the dtype, which the computes hold between their two matmuls (grouped: one block at a time)."""
+        hidden_rows = (self.args.block_rows if how == "grouped" else
+                       expert_rows(self.shape, how, rows, self.args.capacity_factor, self.args.block_rows))
+        hidden = hidden_rows * self.shape.ffn
+        return sum(w.nbytes for w in jax.tree.leaves(self.params)) + hidden * jnp.dtype(self.shape.dtype).itemsize
+
     def fits(self, how: str, rows: int, memory: float) -> bool:
+        if self.least_bytes(how, rows) > memory:  # not compiled: XLA's autotuner would try to allocate it all
+            return False
         try:
             return footprint(self.compiled(how, rows)) <= memory
         except jax.errors.JaxRuntimeError as err:  # XLA's autotuner could not allocate the program's buffers
@@ -252,6 +262,9 @@ def add_arguments(parser: argparse.ArgumentParser, shared: bool = True) -> None:
                        help="device memory for the largest batch (default: the device's limit; --dims tiny: "
                        f"{TINY_MEMORY_GB}); 0: no search")
     group.add_argument("--gating-max-rows", type=int, help=f"most rows the search tries (default 2^20; tiny: {TINY_MAX_ROWS})")
+    if shared:
+        group.add_argument("--time-budget", type=float, default=1e9,
+                           help="seconds: a model (or its max-batch search) that would not fit is skipped")
 
 
 def _settings(args) -> tuple[list[int], float, int, list[str]]:
@@ -276,16 +289,22 @@ def run(args, on_rows=None) -> list[dict]:
     tokens/s). on_rows(rows so far), if given, after each model (to save partial results)."""
     batch_rows, memory, limit, computes = _settings(args)
     repeats = args.gating_repeats or (1 if args.dims == "tiny" else 5)
-    rows = []
+    budget = Budget(args.time_budget)
+    rows, need = [], 0.0
     for card in args.gating_models.split(","):
+        if not budget.allows(need, f"gating {card}"):
+            continue
+        start = time.monotonic()
         shape = moe_shape(card, args.dims == "tiny")
         bench = Bench(shape, min(args.layers or 2, shape.moe_layers), args, repeats)
         for how in computes:
             for n in batch_rows:
                 rows.append({"kind": "batch", **bench.row(how, n)})
                 print(json.dumps(rows[-1]), flush=True)
-        if memory > 0:
+        # The search compiles ~2 log2(rows) programs per compute: allow it about twice the batch rows' time.
+        if memory > 0 and budget.allows(2 * (time.monotonic() - start), f"gating {card}: the max-batch search"):
             rows += max_batch_rows(bench, computes, memory, limit)
+        need = time.monotonic() - start
         del bench  # its weights go before the next model's are made
         jax.clear_caches()
         if on_rows is not None:

@@ -197,10 +197,12 @@ def gating_part(module, gating_args, args, budget: Budget, out: dict, save) -> N
         print("gating: scripts/bench_gating.py is missing: part not run", flush=True)
         save()
         return
-    shared = {"dims": args.dims, "time_budget": budget.left(), "out": args.out.with_name(args.out.stem + "_gating.json")}
+    shared = {"dims": args.dims, "out": args.out.with_name(args.out.stem + "_gating.json")}
     for name, value in shared.items():
         if hasattr(gating_args, name):  # the options both scripts know are given once, here
             setattr(gating_args, name, value)
+    # Half of what is left when the slo part comes after: its max-batch searches would take any time given.
+    gating_args.time_budget = budget.left() / (2 if "slo" in args.parts else 1)
     rows = module.run(gating_args)
     out["gating"] = {"rows": rows}
     save()

@@ -306,5 +306,8 @@ def test_gating_bench_smoke_run():
     def too_large(how, rows):  # what XLA's autotuner raises where a program's buffers exceed the device
         raise jax.errors.JaxRuntimeError("NOT_FOUND: Failed to get configs ... RESOURCE_EXHAUSTED: Out of memory")
 
+    assert all(bench.least_bytes(how, n) <= r["footprint_bytes"] for (how, n), r in batch.items())
     bench.compiled = too_large
     assert bench.fits("union", 1 << 17, 1e9) is False
+    bench.compiled = None  # past its least bytes a program is not even compiled
+    assert bench.fits("union", 1 << 17, bench.least_bytes("union", 1 << 17) - 1) is False
