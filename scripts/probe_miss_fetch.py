@@ -68,9 +68,8 @@ def main() -> None:
     import numpy as np
 
     from scripts.benchlib import random_expert_stacks
-    from moejax.engine.decoder_programs import fetch_all
     from moejax.offload import device_cache as dc
-    from moejax.offload.expert_stacks import fetch_expert, host_sharding, write_slot
+    from moejax.offload.expert_stacks import fetch_all, fetch_expert, host_sharding, write_slot
 
     device = jax.devices()[0]
 

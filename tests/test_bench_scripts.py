@@ -102,6 +102,20 @@ def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
     assert sum(total for total, _ in misses) > 0
 
 
+def test_the_whole_layer_threshold_follows_the_measured_rates():
+    """From how many misses a layer step moves its whole layer: none below four layers of slots; 60% of the experts
+    by default; else the fewest misses whose fetches take the copy's time (`time_layer_fetches` measures both)."""
+    from moejax.engine.decoder_programs import whole_layer_from
+    from moejax.offload.expert_stacks import time_layer_fetches
+
+    assert whole_layer_from(64, 255) is None and whole_layer_from(64, 256) == 39
+    assert whole_layer_from(64, 256, (1.0, 37.2)) == 38  # a miss read at 0.58x the copy's rate
+    assert whole_layer_from(64, 256, (1.0, 54.3)) == 55 and whole_layer_from(64, 256, (1.0, 64.5)) is None
+    cfg = model_config("deepseek-v2-lite", None, tiny=True)
+    one_s, whole_s = time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)
+    assert 0 < one_s and 0 < whole_s
+
+
 def test_misses_moved_out_of_a_whole_layer_change_nothing():
     """A cached engine moving a layer step's misses out of one copy of its whole layer when it misses at least
     `whole_layer_from` experts (`decoder_programs.admit_misses`: prompt chunks of 12 tokens need up to 64 experts a

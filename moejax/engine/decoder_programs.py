@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -54,7 +55,7 @@ from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, forced_weights, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
 from moejax.offload.cpu_experts import HostExperts, host_finish, host_start, split_misses
-from moejax.offload.expert_stacks import fetch_expert, write_slot
+from moejax.offload.expert_stacks import fetch_all, fetch_expert, write_slot
 from moejax.offload.host_cache import TieredHost
 
 if TYPE_CHECKING:
@@ -248,20 +249,30 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
 WHOLE_LAYER_PERCENT = 60  # of a layer's experts: missing at least that many, a step moves the whole layer (`admit_misses`)
 
 
-def whole_layer_from(num_experts: int, num_slots: int) -> int | None:
-    """`ProgramSpec.whole_layer_from` of a cached engine: WHOLE_LAYER_PERCENT of a layer's experts, rounded up, when its
-    cache holds at least four layers' worth (a buffer of one layer's experts, which the move needs, then costs at
-    most a quarter of the cache's memory); else None (misses always fetched one by one)."""
-    return -(-num_experts * WHOLE_LAYER_PERCENT // 100) if num_slots >= 4 * num_experts else None
+def whole_layer_from(num_experts: int, num_slots: int, fetch_times: tuple[float, float] | None = None) -> int | None:
+    """`ProgramSpec.whole_layer_from` of a cached engine whose cache holds at least four layers' worth (a buffer of
+    one layer's experts, which the move needs, then costs at most a quarter of the cache's memory; else None:
+    misses always fetched one by one). fetch_times: (one miss's fetch, the whole layer's copy) in seconds as
+    measured on the engine's device (`expert_stacks.time_layer_fetches`): the fewest misses whose fetches take
+    at least the copy's time (None when even all of a layer's do not); None: WHOLE_LAYER_PERCENT of the experts,
+    rounded up (the H100's rates)."""
+    if num_slots < 4 * num_experts:
+        return None
+    if fetch_times is None:
+        return -(-num_experts * WHOLE_LAYER_PERCENT // 100)
+    one_s, whole_s = fetch_times
+    fewest = max(1, math.ceil(whole_s / max(one_s, 1e-12)))
+    return fewest if fewest <= num_experts else None
 
 
 def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities):
     """MoE layer m's `device_cache.access` for the distinct experts it needs (int32 [U]), each miss moved from the
     host tier: fetched by itself, or, when the layer misses at least `spec.whole_layer_from` of them, out of one
-    copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). Fetching an
-    expert at an offset the routing chose is a kernel reading pinned memory over the link (31 GB/s on an H100,
-    2026-12-06), while a whole stack is one copy at the link's DMA rate (52 GB/s): past ~60% of a layer the whole is
-    faster. The same state, slab and slots either way. -> (cache, slab, slots, pinned) as `access`."""
+    copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). An expert at an
+    offset the routing chose is read by a kernel over the link, a whole stack by one copy at the link's DMA rate,
+    which may be much faster (BENCHMARKS.md): past some share of a layer's experts, which the engine measures on
+    its device at load (`whole_layer_from`), the whole is faster. The same state, slab and slots either way.
+    -> (cache, slab, slots, pinned) as `access`."""
     fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
     if spec.whole_layer_from is None or distinct.shape[0] < spec.whole_layer_from:
         fetched = fetch_one  # (a step of few rows never misses that many: no layer-sized buffer)
@@ -299,11 +310,6 @@ def gate(spec: ProgramSpec, ids, weights, valid_rows):
 def _zero_experts(host: tuple, count: int) -> dict:
     """`count` experts' worth of zeros on the device, shaped as the pinned host stacks' ({name: [count, ...]})."""
     return {name: jnp.zeros((count, *w.shape[1:]), w.dtype) for name, w in host[0].items()}
-
-
-def fetch_all(host: dict) -> dict:
-    """A whole host stack moved to the device, inside a program."""
-    return {name: jax.device_put(w, jax.memory.Space.Device) for name, w in host.items()}
 
 
 def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:

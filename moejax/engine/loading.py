@@ -29,7 +29,8 @@ from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
 from moejax.offload.cpu_experts import check_option as check_cpu_experts, host_experts, keeping
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
-from moejax.offload.expert_stacks import _place, _write_layer, empty_slab, host_sharding, size_pinned_pool
+from moejax.offload.expert_stacks import (_place, _write_layer, empty_slab, host_sharding, size_pinned_pool,
+                                         time_layer_fetches)
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
 from moejax.offload.budget import cache_capacity, device_memory, parse_budget
@@ -238,8 +239,12 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     # The in-place kernels beat union's gather at decode on the GPU (BENCHMARKS.md); elsewhere they only interpret.
     compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
-    if config.mode == "cached" and parallel is None and host_tier is None:
-        compute.setdefault("whole_layer_from", programs.whole_layer_from(cfg.num_experts, experts.cache.num_slots))
+    if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
+        cache_slots = experts.cache.num_slots
+        # On a GPU the rates of a miss's fetch and a whole layer's copy decide (measured); elsewhere the default share.
+        measured = (time_layer_fetches(experts.host[0])
+                    if device.platform == "gpu" and programs.whole_layer_from(cfg.num_experts, cache_slots) else None)
+        compute["whole_layer_from"] = programs.whole_layer_from(cfg.num_experts, cache_slots, measured)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated

@@ -58,7 +58,7 @@ from jax.experimental import io_callback
 
 from moejax.errors import ParameterError
 from moejax.models.quantized import SCALE_SUFFIX
-from moejax.offload.expert_stacks import fetch_expert
+from moejax.offload.expert_stacks import fetch_expert, median_seconds
 from moejax.offload.host_cache import HostCache, TieredHost
 from moejax.offload.host_ffn import (UNITS_BITS, host_operands, split_expert_ffn, split_units_ffn, unit_operands,
                                      widened_in_blocks)
@@ -299,15 +299,7 @@ def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> C
     """The cost model from one expert of MoE layer 0: its fetch to the device from `source` (MoE layer 0's pinned
     host stack, or the `TieredHost`; after the first, warming, fetch, a host-cache hit), and the host function on
     1 and 8 token rows (medians of `repeats`)."""
-    def median_time(run) -> float:
-        run()  # warm
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
+    median_time = functools.partial(median_seconds, repeats=repeats)
     first = jnp.int32(0)
     copy_s = median_time(lambda: jax.block_until_ready(_fetch(source, first)))
     shapes = source.shapes if isinstance(source, TieredHost) else {n: (w.shape[1:], w.dtype) for n, w in source.items()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -56,6 +57,40 @@ def fetch_expert(stack: Stack, expert) -> Stack:
     """Inside a step program: expert `expert` (traced int) of a host stack, moved to the device."""
     return {name: jax.device_put(lax.dynamic_index_in_dim(w, expert, keepdims=False), jax.memory.Space.Device)
             for name, w in stack.items()}
+
+
+def fetch_all(stack: Stack) -> Stack:
+    """Inside a step program: a whole host stack moved to the device (one copy per weight)."""
+    return {name: jax.device_put(w, jax.memory.Space.Device) for name, w in stack.items()}
+
+
+def median_seconds(run: Callable[[], object], repeats: int = 3) -> float:
+    """The median wall seconds of `repeats` calls of run() (which blocks until its work is done), after one
+    untimed call (compiles, warms)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float]:
+    """(seconds of one expert's fetch, of the whole stack's copy) from a pinned host stack to its device: the
+    fetch as a cached step fetches its misses (routing-chosen, traced offsets, in a loop writing a scratch of
+    min(8, E) slots; the mean of them), the copy as its whole-layer move makes it (`fetch_all`); medians."""
+    count = min(8, next(iter(stack.values())).shape[0])
+
+    @jax.jit
+    def fetch_some(stack, experts):
+        scratch = {name: jnp.zeros((count, *w.shape[1:]), w.dtype) for name, w in stack.items()}
+        return lax.fori_loop(0, count, lambda j, s: write_slot(s, j, fetch_expert(stack, experts[j])), scratch)
+
+    move_all = jax.jit(fetch_all)
+    experts = jnp.arange(count, dtype=jnp.int32)[::-1]
+    one_s = median_seconds(lambda: jax.block_until_ready(fetch_some(stack, experts)), repeats) / count
+    return one_s, median_seconds(lambda: jax.block_until_ready(move_all(stack)), repeats)
 
 
 def write_slot(slab: Stack, slot, expert: Stack) -> Stack:

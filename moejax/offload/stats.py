@@ -35,13 +35,15 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
     experts copied without being used) and bytes_h2d (everything the step programs moved from the host).
     host_wait_s: seconds the host waited for step results (the device was busy: computing or moving experts).
     expert_compute: the spec's (`engine.decoder_programs`), with its capacity_factor where it is 'capacity'
-    (approximate); decode_expert_compute: what it computes a one-token step with ('auto' resolved).
+    (approximate); decode_expert_compute: what it computes a one-token step with ('auto' resolved);
+    whole_layer_from: the misses of a layer step from which it moves the whole layer (None: never).
     """
     cached = spec.mode == "cached"
     return {
         "mode": spec.mode,
         "policy": (manager.policy if manager is not None else spec.policy) if cached else None,
         "capacity_experts": num_slots if cached else None,
+        "whole_layer_from": spec.whole_layer_from if cached else None,
         "prefetch": manager.prefetch if cached and manager is not None else "none",
         "expert_bytes": expert_bytes,
         "expert_compute": spec.expert_compute,
