@@ -55,7 +55,7 @@ from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, forced_weights, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
 from moejax.offload.cpu_experts import HostExperts, host_finish, host_start, split_misses
-from moejax.offload.expert_stacks import fetch_all, fetch_expert, write_slot
+from moejax.offload.expert_stacks import fetch_all, fetch_expert, write_slot, zero_experts
 from moejax.offload.host_cache import TieredHost
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             slots = jnp.where(real, distinct, -1)
             cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, E - real.sum()))
         else:  # on-demand: the chosen experts only, one fetch each
-            scratch = _zero_experts(experts.host, distinct.shape[0])
+            scratch = zero_experts(experts.host[0], distinct.shape[0])
             fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
             scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
@@ -281,7 +281,7 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
         whole = missing >= spec.whole_layer_from
         # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy); the
         # other branch's zeros cost a write of the layer's bytes in device memory (~0.4 ms for DeepSeek-V2-Lite's).
-        layer = lax.cond(whole, lambda: _host_layer(host, m, fetch_all), lambda: _zero_experts(host, E))
+        layer = lax.cond(whole, lambda: _host_layer(host, m, fetch_all), lambda: zero_experts(host[0], E))
         fetched = lambda e: lax.cond(  # noqa: E731
             whole, lambda: {name: lax.dynamic_index_in_dim(w, e, keepdims=False) for name, w in layer.items()},
             lambda: fetch_one(e))
@@ -305,11 +305,6 @@ def gate(spec: ProgramSpec, ids, weights, valid_rows):
     if spec.expert_compute != "capacity":
         return ids, weights
     return drop_over_capacity(ids, weights, valid_rows, spec.capacity(ids.shape[0]), spec.cfg.num_experts)
-
-
-def _zero_experts(host: tuple, count: int) -> dict:
-    """`count` experts' worth of zeros on the device, shaped as the pinned host stacks' ({name: [count, ...]})."""
-    return {name: jnp.zeros((count, *w.shape[1:]), w.dtype) for name, w in host[0].items()}
 
 
 def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:

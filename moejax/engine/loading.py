@@ -240,11 +240,11 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
-        cache_slots = experts.cache.num_slots
-        # On a GPU the rates of a miss's fetch and a whole layer's copy decide (measured); elsewhere the default share.
-        measured = (time_layer_fetches(experts.host[0])
-                    if device.platform == "gpu" and programs.whole_layer_from(cfg.num_experts, cache_slots) else None)
-        compute["whole_layer_from"] = programs.whole_layer_from(cfg.num_experts, cache_slots, measured)
+        threshold = programs.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
+        if threshold is not None and device.platform == "gpu":  # there the measured rates decide, not the default share
+            threshold = programs.whole_layer_from(cfg.num_experts, experts.cache.num_slots,
+                                                  time_layer_fetches(experts.host[0]))
+        compute["whole_layer_from"] = threshold
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated

@@ -291,7 +291,7 @@ def _fetch(host, expert):
     """Expert `expert` (a traced int, as a miss's id is) of MoE layer 0 on the device, fetched as a miss fetches it in
     the step programs: from MoE layer 0's pinned host stack, or through the disk tier (a `TieredHost`). A traced
     offset matters: XLA copies a slice of pinned memory at a constant offset with a DMA, at a routing-chosen one with
-    a kernel reading over the link, ~1.6x slower on an H100 (BENCHMARKS.md, 2026-12-06)."""
+    a kernel reading over the link, slower on some machines (BENCHMARKS.md)."""
     return host.fetch(0, expert) if isinstance(host, TieredHost) else fetch_expert(host, expert)
 
 

@@ -64,6 +64,11 @@ def fetch_all(stack: Stack) -> Stack:
     return {name: jax.device_put(w, jax.memory.Space.Device) for name, w in stack.items()}
 
 
+def zero_experts(stack: Stack, count: int) -> Stack:
+    """`count` experts' worth of zeros on the device, shaped as `stack`'s ({name: [count, ...]}): a scratch to fetch into."""
+    return {name: jnp.zeros((count, *w.shape[1:]), w.dtype) for name, w in stack.items()}
+
+
 def median_seconds(run: Callable[[], object], repeats: int = 3) -> float:
     """The median wall seconds of `repeats` calls of run() (which blocks until its work is done), after one
     untimed call (compiles, warms)."""
@@ -84,8 +89,8 @@ def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float]:
 
     @jax.jit
     def fetch_some(stack, experts):
-        scratch = {name: jnp.zeros((count, *w.shape[1:]), w.dtype) for name, w in stack.items()}
-        return lax.fori_loop(0, count, lambda j, s: write_slot(s, j, fetch_expert(stack, experts[j])), scratch)
+        fetch = lambda j, scratch: write_slot(scratch, j, fetch_expert(stack, experts[j]))  # noqa: E731
+        return lax.fori_loop(0, count, fetch, zero_experts(stack, count))
 
     move_all = jax.jit(fetch_all)
     experts = jnp.arange(count, dtype=jnp.int32)[::-1]
