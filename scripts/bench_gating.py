@@ -203,34 +203,42 @@ class Bench:
                 "footprint_bytes": footprint(self.compiled(how, rows)), **self.time(how, rows)}
 
 
-def largest_fitting(fits, limit: int) -> int:
-    """The largest n in [1, limit] with fits(n) (monotone: fits(n) implies fits(m) for m < n), 0 if none: doubling
-    from 1, then bisecting until the bounds are within 1/16 of each other."""
+def largest_fitting(fits, limit: int, out_of_time=lambda: False) -> tuple[int, bool]:
+    """(the largest n in [1, limit] with fits(n), whether the search was cut short) (monotone: fits(n) implies
+    fits(m) for m < n; 0 if none): doubling from 1, then bisecting until the bounds are within 1/16 of each other.
+    Once out_of_time() the search stops at the largest n known to fit, a lower bound."""
     if not fits(1):
-        return 0
+        return 0, False
     lo, hi = 1, None
     while hi is None:
         n = min(2 * lo, limit)
         if n == lo:
-            return lo
+            return lo, False
+        if out_of_time():
+            return lo, True
         if fits(n):
             lo = n
         else:
             hi = n
     while hi - lo > max(1, lo // 16):
+        if out_of_time():
+            return lo, True
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return lo, False
 
 
-def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int) -> list[dict]:
+def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int, seconds: float = float("inf")) -> list[dict]:
     """Per compute, the largest batch (at most `limit` rows) whose footprint fits `memory` bytes, timed, and its
-    tokens/s over capacity gating's (x_capacity)."""
-    best = {}
-    for how in computes:
-        largest = largest_fitting(lambda n, how=how: bench.fits(how, n, memory), limit)
+    tokens/s over capacity gating's (x_capacity). Each compute's search gets an equal share of `seconds`; one cut
+    short reports the largest batch it found to fit (`search_cut_short`: a lower bound)."""
+    best, end = {}, time.monotonic() + seconds
+    for i, how in enumerate(computes):
+        deadline = time.monotonic() + (end - time.monotonic()) / (len(computes) - i)
+        largest, cut = largest_fitting(lambda n, how=how: bench.fits(how, n, memory), limit,
+                                       lambda: time.monotonic() > deadline)
         best[how] = {"kind": "max-batch", "model": bench.shape.name, "compute": how, "rows": largest,
-                     "memory_bytes": memory, "at_row_limit": largest == limit}
+                     "memory_bytes": memory, "at_row_limit": largest == limit, "search_cut_short": cut}
         try:
             if largest:
                 best[how].update(bench.row(how, largest))
@@ -290,20 +298,24 @@ def run(args, on_rows=None) -> list[dict]:
     batch_rows, memory, limit, computes = _settings(args)
     repeats = args.gating_repeats or (1 if args.dims == "tiny" else 5)
     budget = Budget(args.time_budget)
-    rows, need = [], 0.0
-    for card in args.gating_models.split(","):
+    rows, need, models = [], 0.0, args.gating_models.split(",")
+    for i, card in enumerate(models):
         if not budget.allows(need, f"gating {card}"):
             continue
         start = time.monotonic()
+        share = budget.left() / (len(models) - i)  # this model's part of what is left, its search included
         shape = moe_shape(card, args.dims == "tiny")
         bench = Bench(shape, min(args.layers or 2, shape.moe_layers), args, repeats)
         for how in computes:
             for n in batch_rows:
                 rows.append({"kind": "batch", **bench.row(how, n)})
                 print(json.dumps(rows[-1]), flush=True)
-        # The search compiles ~2 log2(rows) programs per compute: allow it about twice the batch rows' time.
-        if memory > 0 and budget.allows(2 * (time.monotonic() - start), f"gating {card}: the max-batch search"):
-            rows += max_batch_rows(bench, computes, memory, limit)
+        # The search compiles ~2 log2(rows) programs per compute, the largest slowly: it stops at the model's share.
+        search_s = start + share - time.monotonic()
+        if memory > 0 and search_s > 0:
+            rows += max_batch_rows(bench, computes, memory, limit, search_s)
+        elif memory > 0:
+            print(f"skipped gating {card}: the max-batch search (the batch rows took the model's {share:.0f} s)", flush=True)
         need = time.monotonic() - start
         del bench  # its weights go before the next model's are made
         jax.clear_caches()
@@ -314,12 +326,13 @@ def run(args, on_rows=None) -> list[dict]:
 
 def print_rows(rows: list[dict]) -> None:
     for kind in ("batch", "max-batch"):
-        chosen = [dict(r, footprint_mb=r.get("footprint_bytes", 0) / 1e6, dropped_pct=100 * r.get("dropped_fraction", 0))
+        chosen = [dict(r, footprint_mb=r.get("footprint_bytes", 0) / 1e6, dropped_pct=100 * r.get("dropped_fraction", 0),
+                       rows_bound=f"{r['rows']}{'+' if r.get('search_cut_short') else ''}")
                   for r in rows if r["kind"] == kind]
         if not chosen:
             continue
         print(f"\n{kind}:")
-        print_table(chosen, [("model", "model", "s"), ("compute", "compute", "s"), ("rows", "rows", "d"),
+        print_table(chosen, [("model", "model", "s"), ("compute", "compute", "s"), ("rows_bound", "rows", "s"),
                              ("tokens_per_s", "tokens/s", ",.0f"), ("us_per_layer", "us/layer", ",.1f"),
                              ("expert_rows_per_layer", "expert rows/layer", ",d"), ("dropped_pct", "dropped %", ".1f"),
                              ("footprint_mb", "footprint MB", ",.1f"), ("x_capacity", "x capacity", ".2f")])
@@ -337,7 +350,7 @@ def main() -> None:
     write_json(args.out, {**result, "rows": rows})
     print_rows(rows)
     print(f"\nrandom weights and routing; tokens/s of the MoE layers alone; capacity factor {args.capacity_factor:g}; "
-          f"grouped blocks of {args.block_rows} rows; max-batch: the compiled footprint within the memory")
+          f"grouped blocks of {args.block_rows} rows; max-batch: the compiled footprint within the memory (rows+: the search ran out of time, a lower bound)")
 
 
 if __name__ == "__main__":

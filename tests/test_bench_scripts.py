@@ -285,9 +285,11 @@ def test_largest_fitting_doubles_then_bisects():
             return n <= limit
         return fits
 
-    found = largest_fitting(under(37), 1000)
-    assert 37 - 37 // 16 <= found <= 37 and tried[:6] == [1, 2, 4, 8, 16, 32] and max(tried) == 64
-    assert largest_fitting(under(10**9), 100) == 100 and largest_fitting(under(0), 100) == 0
+    found, cut = largest_fitting(under(37), 1000)
+    assert 37 - 37 // 16 <= found <= 37 and not cut and tried[:6] == [1, 2, 4, 8, 16, 32] and max(tried) == 64
+    assert largest_fitting(under(10**9), 100) == (100, False) and largest_fitting(under(0), 100) == (0, False)
+    tried.clear()  # out of time after three tries: the largest size known to fit, marked as cut short
+    assert largest_fitting(under(37), 1000, out_of_time=lambda: len(tried) >= 3) == (4, True) and tried == [1, 2, 4]
 
 
 def test_gating_bench_smoke_run():
@@ -310,6 +312,7 @@ def test_gating_bench_smoke_run():
     assert batch["grouped", 1]["dropped_fraction"] == 0 and batch["capacity", 8]["dropped_fraction"] < 1
     largest = [r for r in rows if r["kind"] == "max-batch"]
     assert len(largest) == 5 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
+    assert not any(r["search_cut_short"] for r in largest)
     bench = Bench(moe_shape("mixtral-8x7b", tiny=True), 2, args, repeats=1)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 64)).astype(bench.shape.dtype)
     union, *dropless = (np.asarray(bench.compiled(how, 8)(bench.params, x)[0], np.float32)
