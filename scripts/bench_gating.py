@@ -10,7 +10,11 @@ per expert compute (`--gating-computes`):
   grouped-inplace  the same blocks, all at once, each reading its expert where it lies (Pallas kernels)
   ragged     the same pairs through XLA's grouped matmul (`lax.ragged_dot`), no padding
   capacity   static capacity-factor gating: every used expert padded to C = ceil(factor x N x k / E) token slots,
-             the pairs past them dropped (approximate: its rows report the fraction dropped)
+             the pairs past them dropped (approximate: its rows report the fraction dropped); the engine's
+             `--routing capacity` compute (queue places scattered into [U, C] rows)
+  capacity-einsum  the same gating as GShard and fairseq compute it, the baseline of Huang et al.: one-hot
+             dispatch and combine tensors [N, E, C] and einsums through them to and from every expert's [C] rows
+             (memory and work grow with N x N); the same pairs dropped, the same outputs as capacity
 one program runs `--layers` MoE layers (router, top-k, gating, experts, residual; experts [E, ...] per layer,
 random normal weights of the card's dtype, random bf16 rows) on N token rows:
   batch rows       tokens/s of that program for N in `--gating-rows` (median of `--gating-repeats` timed calls
@@ -42,13 +46,14 @@ import jax.numpy as jnp
 
 from moejax.cards import load_card
 from moejax.encdec_config import EncDecConfig
-from moejax.models.capacity import capacity_slots, drop_over_capacity
-from moejax.models.moe import CAPACITY_FACTOR, GROUPED_BLOCK_ROWS, grouped_blocks, route, routed_experts
+from moejax.models.capacity import capacity_slots, drop_over_capacity, queue_positions
+from moejax.models.moe import (CAPACITY_FACTOR, GROUPED_BLOCK_ROWS, batched_expert_ffn, grouped_blocks, route,
+                               routed_experts)
 from moejax.offload.device_cache import distinct_experts
 from scripts.benchlib import GB, Budget, environment, median, print_table, start_backend, write_json
 
 DEFAULT_MODELS = "switch-base-128,nllb-moe-54b,mixtral-8x7b,deepseek-v2-lite"
-COMPUTES = ("union", "grouped", "grouped-inplace", "ragged", "capacity")
+COMPUTES = ("union", "grouped", "grouped-inplace", "ragged", "capacity", "capacity-einsum")
 DEFAULT_ROWS = "1,8,64,256,1024"
 TINY_ROWS = "1,8"
 TINY_MEMORY_GB = 0.01
@@ -104,6 +109,23 @@ def random_params(shape: MoEShape, layers: int, seed: int = 0) -> dict:
     return {"router": normal((layers, shape.hidden, shape.experts), shape.hidden ** -0.5), "slab": slab}
 
 
+def dispatch_einsum_experts(x, ids, weights, experts: dict, capacity: int, act: str):
+    """Static capacity gating through one-hot tensors (GShard, fairseq): x [N, D]; ids int32 [N, k] and weights
+    f32 [N, k], the router's choices (none dropped yet); experts {name: [E, ...]}, a layer's. Pairs past their
+    expert's `capacity` places (queued as `drop_over_capacity` queues them) are left out. -> ([N, D] in x's dtype,
+    pairs dropped int32 [])."""
+    E = experts["down"].shape[0]
+    places = queue_positions([ids[None, :, j] for j in range(ids.shape[1])], jnp.ones((1, ids.shape[0]), bool), E)
+    place = jnp.stack([p[0] for p in places], axis=-1).astype(jnp.int32)  # [N, k]
+    kept = place < capacity
+    to_expert = jax.nn.one_hot(jnp.where(kept, ids, E), E, dtype=x.dtype)  # [N, k, E]; a dropped pair: zeros
+    to_place = jax.nn.one_hot(place, capacity, dtype=x.dtype)  # [N, k, C]
+    dispatch = jnp.einsum("nke,nkc->nec", to_expert, to_place)
+    combine = jnp.einsum("nke,nkc,nk->nec", to_expert, to_place, weights.astype(x.dtype))
+    rows_out = batched_expert_ffn(jnp.einsum("nec,nd->ecd", dispatch, x), experts, act)  # [E, C, D]
+    return jnp.einsum("nec,ecd->nd", combine, rows_out), jnp.sum(~kept, dtype=jnp.int32)
+
+
 def moe_layers(shape: MoEShape, how: str, rows: int, capacity_factor: float, block_rows: int):
     """The program: x [rows, D] through every layer of params -> (x, pairs dropped by capacity gating)."""
     E, k = shape.experts, shape.top_k
@@ -112,6 +134,10 @@ def moe_layers(shape: MoEShape, how: str, rows: int, capacity_factor: float, blo
 
     def layer(x, slab, router, m):
         weights, ids = route(x @ router, k, shape.normalize)
+        if how == "capacity-einsum":
+            experts = {name: w[m * E:(m + 1) * E] for name, w in slab.items()}
+            out, dropped = dispatch_einsum_experts(x, ids, weights, experts, capacity, shape.act)
+            return x + out.astype(x.dtype), dropped
         dropped = jnp.int32(0)
         if how == "capacity":
             ids, weights = drop_over_capacity(ids, weights, None, capacity, E)
@@ -141,7 +167,8 @@ def expert_rows(shape: MoEShape, how: str, rows: int, capacity_factor: float, bl
         return grouped_blocks(rows, shape.top_k, union, block_rows) * block_rows
     if how == "ragged":
         return rows * shape.top_k
-    return union * capacity_slots(capacity_factor, rows, shape.top_k, shape.experts)
+    experts = shape.experts if how == "capacity-einsum" else union  # the one-hot einsums run every expert
+    return experts * capacity_slots(capacity_factor, rows, shape.top_k, shape.experts)
 
 
 def footprint(compiled) -> int:
@@ -167,11 +194,15 @@ class Bench:
 
     def least_bytes(self, how: str, rows: int) -> int:
         """Bytes the program needs at least: its weights and one layer's expert hidden activations [expert rows,
-        FFN] in the dtype, which the computes hold between their two matmuls (grouped: one block at a time)."""
+        FFN] in the dtype, which the computes hold between their two matmuls (grouped: one block at a time), and
+        capacity-einsum's dispatch and combine tensors [N, E, C]."""
         hidden_rows = (self.args.block_rows if how == "grouped" else
                        expert_rows(self.shape, how, rows, self.args.capacity_factor, self.args.block_rows))
-        hidden = hidden_rows * self.shape.ffn
-        return sum(w.nbytes for w in jax.tree.leaves(self.params)) + hidden * jnp.dtype(self.shape.dtype).itemsize
+        elements = hidden_rows * self.shape.ffn
+        if how == "capacity-einsum":
+            elements += 2 * rows * self.shape.experts * capacity_slots(self.args.capacity_factor, rows,
+                                                                         self.shape.top_k, self.shape.experts)
+        return sum(w.nbytes for w in jax.tree.leaves(self.params)) + elements * jnp.dtype(self.shape.dtype).itemsize
 
     def fits(self, how: str, rows: int, memory: float) -> bool:
         if self.least_bytes(how, rows) > memory:  # not compiled: XLA's autotuner would try to allocate it all
@@ -230,7 +261,7 @@ def largest_fitting(fits, limit: int, out_of_time=lambda: False) -> tuple[int, b
 
 def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int, seconds: float = float("inf")) -> list[dict]:
     """Per compute, the largest batch (at most `limit` rows) whose footprint fits `memory` bytes, timed, and its
-    tokens/s over capacity gating's (x_capacity). Each compute's search gets an equal share of `seconds`; one cut
+    tokens/s over capacity gating's (x_capacity, x_capacity_einsum). Each compute's search gets an equal share of `seconds`; one cut
     short reports the largest batch it found to fit (`search_cut_short`: a lower bound)."""
     best, end = {}, time.monotonic() + seconds
     for i, how in enumerate(computes):
@@ -245,10 +276,11 @@ def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int,
         except jax.errors.JaxRuntimeError as err:  # --memory-gb beyond what the device can give: say so, go on
             best[how]["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         print(json.dumps(best[how]), flush=True)
-    if best.get("capacity", {}).get("tokens_per_s"):
-        for row in best.values():
-            if row.get("tokens_per_s"):
-                row["x_capacity"] = row["tokens_per_s"] / best["capacity"]["tokens_per_s"]
+    for padded in ("capacity", "capacity-einsum"):
+        if best.get(padded, {}).get("tokens_per_s"):
+            for row in best.values():
+                if row.get("tokens_per_s"):
+                    row["x_" + padded.replace("-", "_")] = row["tokens_per_s"] / best[padded]["tokens_per_s"]
     return list(best.values())
 
 
@@ -293,8 +325,9 @@ def _settings(args) -> tuple[list[int], float, int, list[str]]:
 
 def run(args, on_rows=None) -> list[dict]:
     """Rows of every model: kind 'batch' (per compute and token rows) and 'max-batch' (per compute, the largest
-    batch that fits the memory and its tokens/s, with x_capacity: its tokens/s over capacity gating's max-batch
-    tokens/s). on_rows(rows so far), if given, after each model (to save partial results)."""
+    batch that fits the memory and its tokens/s, with x_capacity and x_capacity_einsum: its tokens/s over that
+    capacity gating's max-batch tokens/s). on_rows(rows so far), if given, after each model (to save partial
+    results)."""
     batch_rows, memory, limit, computes = _settings(args)
     repeats = args.gating_repeats or (1 if args.dims == "tiny" else 5)
     budget = Budget(args.time_budget)
@@ -335,7 +368,8 @@ def print_rows(rows: list[dict]) -> None:
         print_table(chosen, [("model", "model", "s"), ("compute", "compute", "s"), ("rows_bound", "rows", "s"),
                              ("tokens_per_s", "tokens/s", ",.0f"), ("us_per_layer", "us/layer", ",.1f"),
                              ("expert_rows_per_layer", "expert rows/layer", ",d"), ("dropped_pct", "dropped %", ".1f"),
-                             ("footprint_mb", "footprint MB", ",.1f"), ("x_capacity", "x capacity", ".2f")])
+                             ("footprint_mb", "footprint MB", ",.1f"), ("x_capacity", "x capacity", ".2f"),
+                             ("x_capacity_einsum", "x capacity-einsum", ".2f")])
 
 
 def main() -> None:

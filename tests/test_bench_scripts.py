@@ -306,12 +306,14 @@ def test_gating_bench_smoke_run():
                               "--capacity-factor", "1", "--memory-gb", "0.001", "--gating-max-rows", "8"])
     rows = run(args)
     batch = {(r["compute"], r["rows"]): r for r in rows if r["kind"] == "batch"}
-    assert set(batch) == {(c, n) for c in ("union", "grouped", "grouped-inplace", "ragged", "capacity") for n in (1, 8)}
+    computes = ("union", "grouped", "grouped-inplace", "ragged", "capacity", "capacity-einsum")
+    assert set(batch) == {(c, n) for c in computes for n in (1, 8)}
     assert all(r["tokens_per_s"] > 0 for r in batch.values())
     assert batch["capacity", 8]["expert_rows_per_layer"] < batch["union", 8]["expert_rows_per_layer"]
     assert batch["grouped", 1]["dropped_fraction"] == 0 and batch["capacity", 8]["dropped_fraction"] < 1
     largest = [r for r in rows if r["kind"] == "max-batch"]
-    assert len(largest) == 5 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
+    assert batch["capacity-einsum", 8]["dropped_fraction"] == batch["capacity", 8]["dropped_fraction"]
+    assert len(largest) == 6 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
     assert not any(r["search_cut_short"] for r in largest)
     bench = Bench(moe_shape("mixtral-8x7b", tiny=True), 2, args, repeats=1)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 64)).astype(bench.shape.dtype)
@@ -319,6 +321,9 @@ def test_gating_bench_smoke_run():
                         for how in ("union", "grouped", "grouped-inplace", "ragged"))
     for out in dropless:
         np.testing.assert_allclose(out, union, rtol=0.02, atol=0.02)  # bf16 rows, rounded in other shapes
+    padded, einsum = (bench.compiled(how, 8)(bench.params, x) for how in ("capacity", "capacity-einsum"))
+    assert int(padded[1]) == int(einsum[1]) > 0  # capacity factor 1: the same pairs dropped
+    np.testing.assert_allclose(np.asarray(einsum[0], np.float32), np.asarray(padded[0], np.float32), rtol=0.02, atol=0.02)
 
     def too_large(how, rows):  # what XLA's autotuner raises where a program's buffers exceed the device
         raise jax.errors.JaxRuntimeError("NOT_FOUND: Failed to get configs ... RESOURCE_EXHAUSTED: Out of memory")
