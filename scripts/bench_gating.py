@@ -12,9 +12,10 @@ per expert compute (`--gating-computes`):
   capacity   static capacity-factor gating: every used expert padded to C = ceil(factor x N x k / E) token slots,
              the pairs past them dropped (approximate: its rows report the fraction dropped); the engine's
              `--routing capacity` compute (queue places scattered into [U, C] rows)
-  capacity-einsum  the same gating as GShard and fairseq compute it, the baseline of Huang et al.: one-hot
-             dispatch and combine tensors [N, E, C] and einsums through them to and from every expert's [C] rows
-             (memory and work grow with N x N); the same pairs dropped, the same outputs as capacity
+  capacity-einsum  the same gating as GShard and fairseq compute it (fairseq's MoE LM and NLLB-MoE are the
+             models Huang et al. measured): one-hot dispatch and combine tensors [N, E, C] and einsums through
+             them to and from every expert's C rows (memory and work grow with N x N); the same pairs dropped,
+             the same outputs as capacity
 one program runs `--layers` MoE layers (router, top-k, gating, experts, residual; experts [E, ...] per layer,
 random normal weights of the card's dtype, random bf16 rows) on N token rows:
   batch rows       tokens/s of that program for N in `--gating-rows` (median of `--gating-repeats` timed calls
