@@ -30,7 +30,8 @@ slo         Per model of --slo-models (tiny-moe: the shipped model, `moejax.SHIP
                of the tasks' unloaded latencies) and per scheduler of --schedulers: --requests Poisson
                arrivals (the same ones for every scheduler at a load; at most --max-run-s of them) with
                prompts drawn from --task-mix (`moejax.serving.loadgen`), a fresh loop over the same
-               engine. Per row: SLO attainment (% of all requests finished within both SLOs; refused,
+               engine, given the step times the warm-up run measured (so `slo` orders and refuses by the
+               engine's speed from the first arrival). Per row: SLO attainment (% of all requests finished within both SLOs; refused,
                failed and unfinished ones count as missed), p50/p99 TTFT and TPOT, goodput (SLO-meeting
                requests/s), output tokens/s, refusals, and the programs compiled during the run (should
                be 0: the warm-up compiles them).
@@ -48,6 +49,7 @@ slo         Per model of --slo-models (tiny-moe: the shipped model, `moejax.SHIP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import json
@@ -244,12 +246,14 @@ def programs_compiled(engine) -> int:
     return len(engine._compiled)  # the engine counts no compilations publicly; its program table tells
 
 
-def serve(engine, scheduler: str, args, work):
-    """Runs `work(loop.submit)` on a fresh serving loop over `engine` -> (its result, the loop's metrics)."""
-    loop = ServingLoop(engine, scheduler=scheduler, max_queue=args.max_queue, max_batch=args.max_batch).start()
+def serve(engine, scheduler: str, args, work, step_times=None):
+    """Runs `work(loop.submit)` on a fresh serving loop over `engine`, given `step_times` -> (its result, the
+    loop's metrics, the step times it measured)."""
+    loop = ServingLoop(engine, scheduler=scheduler, max_queue=args.max_queue, max_batch=args.max_batch,
+                       step_times=step_times).start()
     try:
         result = work(loop.submit)
-        return result, loop.metrics()
+        return result, loop.metrics(), loop.step_times
     finally:
         loop.shutdown(drain=True, timeout=args.drain_timeout)
 
@@ -282,11 +286,12 @@ def slo_part(args, budget: Budget, out: dict, save) -> None:
             loadgen.run_load(submit, warm_up, **run_options)  # compiles the batched ones
             return calibration
 
-        calibration, _ = serve(engine, "fcfs", args, prepare)
+        calibration, _, step_times = serve(engine, "fcfs", args, prepare)
         rate = loadgen.service_rate(calibration)
         slos = loadgen.slos_from_calibration(calibration, args.ttft_slo_factor, args.tpot_slo_factor)
         part["models"][model] = {"calibration": calibration, "service_rate_rps": rate, "slots": args.slots,
                                  "slos": {t: {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s} for t, s in slos.items()},
+                                 "step_times": step_times and dataclasses.asdict(step_times),
                                  "prepared_s": time.monotonic() - start, "runs": []}
         print(f"{model}: unloaded service rate {rate:.2f} requests/s; calibration {json.dumps(calibration)}", flush=True)
         save()
@@ -302,8 +307,9 @@ def slo_part(args, budget: Budget, out: dict, save) -> None:
                     continue
                 compiled = programs_compiled(engine)
                 run_start = time.monotonic()
-                result, metrics = serve(engine, scheduler, args,
-                                        lambda submit: loadgen.run_load(submit, arrivals, slos, **run_options))
+                result, metrics, _ = serve(engine, scheduler, args,
+                                           lambda submit: loadgen.run_load(submit, arrivals, slos, **run_options),
+                                           step_times)
                 tail = time.monotonic() - run_start - span
                 row = {"model": model, "scheduler": scheduler, "load": load, "offered_rps": rps,
                        "x_service_rate": rps / rate, **result.summary,

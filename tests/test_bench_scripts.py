@@ -257,6 +257,7 @@ def test_bench_serve_smoke(tmp_path):
     assert [x["arrival_s"] for x in runs[0]["records"]] != [x["arrival_s"] for x in runs[2]["records"]]
     assert [x["task"] for x in runs[0]["records"]] == [x["task"] for x in runs[1]["records"]]
     assert set(result["slo"]["models"]["tiny-moe"]["slos"]) == {"short", "long"}
+    assert result["slo"]["models"]["tiny-moe"]["step_times"]["decode_step_s"] > 0  # what every run's loop is given
     assert result["slo"]["plot"] is None or Path(result["slo"]["plot"]).stat().st_size > 0  # None without matplotlib
     assert "SLO %" in done.stdout.split("\n\n")[-1]  # the tables come last, after one empty line
 

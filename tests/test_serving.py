@@ -283,6 +283,22 @@ def test_queue_full_and_refused_requests_name_the_field(ckpt):
             ServingLoop(engine, **bad)
 
 
+def test_a_loop_given_step_times_refuses_by_them_from_the_first_request(ckpt):
+    """A fresh loop has measured nothing and refuses nothing; given an earlier loop's step times, the slo policy
+    refuses a request whose TTFT objective they say cannot be met, before any turn has run."""
+    engine, hopeless = load(ckpt), Request([1, 2, 3], max_tokens=2, slo=SLO(ttft_s=0.01))
+    slow = StepTimes(decode_step_s=10.0, prefill_token_s=1.0, prefill_chunk=CHUNK)
+    fresh, given = (ServingLoop(engine, scheduler="slo", step_times=times) for times in (None, slow))  # not started
+    assert fresh.step_times is None and given.step_times == slow
+    queued = fresh.submit(hopeless)
+    with pytest.raises(RequestRefused, match="slo.ttft_s 0.01 s cannot be met") as refused:
+        given.submit(hopeless)
+    assert refused.value.field == "slo" and given.metrics()["requests"]["refused"] == 1
+    for loop in (fresh, given):
+        loop.shutdown(drain=False, timeout=60)
+    assert queued.result(timeout=0).finish_reason == "cancelled"
+
+
 def test_an_engine_error_fails_its_requests_and_the_loop_serves_on(ckpt, monkeypatch):
     """An exception while prefilling one prompt ends only that request with 'error'; one in a decode step ends
     the requests in it; the loop then serves the next ones with their solo tokens."""

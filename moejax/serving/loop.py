@@ -119,7 +119,9 @@ class ServingLoop:
     QueueFull); max_batch: most requests holding KV slots at once (default and at most: engine.slots);
     predictor: an expert predictor (`moejax.predictors`) whose prediction from a request's prompt, made on
     the thread that submits it, is the request's expert profile for the scheduler (instead of its task's
-    profile from the trace collection).
+    profile from the trace collection); step_times: the engine's speed measured before (`loop.step_times` of
+    an earlier loop on the same engine), so that the `slo` policy orders and refuses by it from the first request
+    instead of after the first measured turns (the loop goes on measuring).
 
         with ServingLoop(engine, scheduler="slo").start() as loop:
             handle = loop.submit(Request(prompt_ids=ids, max_tokens=32))
@@ -127,7 +129,7 @@ class ServingLoop:
     """
 
     def __init__(self, engine: Engine, *, scheduler: str | Scheduler = "fcfs", max_queue: int = 64,
-                 max_batch: int | None = None, predictor=None):
+                 max_batch: int | None = None, predictor=None, step_times: StepTimes | None = None):
         if not isinstance(engine, Engine) or not hasattr(engine, "begin_prefill") or type(engine).prefill is not Engine.prefill:
             raise ParameterError("{engine} must be a decoder-only moejax Engine (moejax.load); encoder-decoder "
                                  "engines are not served yet")
@@ -148,9 +150,9 @@ class ServingLoop:
         self._order = itertools.count()
         self._accepting, self._stopping, self._failed = True, False, None
         self._thread: threading.Thread | None = None
-        self._times: StepTimes | None = None
-        self._decode_s: float | None = None
-        self._prefill_token_s: float | None = None
+        self._times = step_times
+        self._decode_s = None if step_times is None else step_times.decode_step_s
+        self._prefill_token_s = None if step_times is None else step_times.prefill_token_s
         self._profiles: dict = {}
         self._profiles_at = -float("inf")
         self._engine_stats: dict = {}
@@ -227,6 +229,13 @@ class ServingLoop:
             self.start()
         if self._thread is not None and self._thread is not threading.current_thread():  # (an on_output may call it)
             self._thread.join(timeout)
+
+    @property
+    def step_times(self) -> StepTimes | None:
+        """The engine's speed as this loop measured it (or was given it); None before it measured a decode step
+        and a prefill."""
+        with self._cond:
+            return self._times
 
     def metrics(self) -> dict:
         """A snapshot of the loop's counters.
