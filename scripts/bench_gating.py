@@ -260,10 +260,11 @@ def largest_fitting(fits, limit: int, out_of_time=lambda: False) -> tuple[int, b
     return lo, False
 
 
-def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int, seconds: float = float("inf")) -> list[dict]:
+def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int,
+                   seconds: float = float("inf")) -> list[dict]:
     """Per compute, the largest batch (at most `limit` rows) whose footprint fits `memory` bytes, timed, and its
-    tokens/s over capacity gating's (x_capacity, x_capacity_einsum). Each compute's search gets an equal share of `seconds`; one cut
-    short reports the largest batch it found to fit (`search_cut_short`: a lower bound)."""
+    tokens/s over capacity gating's (x_capacity, x_capacity_einsum). Each compute's search gets an equal share of
+    `seconds`; one cut short reports the largest batch it found to fit (`search_cut_short`: a lower bound)."""
     best, end = {}, time.monotonic() + seconds
     for i, how in enumerate(computes):
         deadline = time.monotonic() + (end - time.monotonic()) / (len(computes) - i)
@@ -349,7 +350,8 @@ def run(args, on_rows=None) -> list[dict]:
         if memory > 0 and search_s > 0:
             rows += max_batch_rows(bench, computes, memory, limit, search_s)
         elif memory > 0:
-            print(f"skipped gating {card}: the max-batch search (the batch rows took the model's {share:.0f} s)", flush=True)
+            print(f"skipped gating {card}: the max-batch search (the batch rows took the model's {share:.0f} s)",
+                  flush=True)
         need = time.monotonic() - start
         del bench  # its weights go before the next model's are made
         jax.clear_caches()
@@ -360,7 +362,8 @@ def run(args, on_rows=None) -> list[dict]:
 
 def print_rows(rows: list[dict]) -> None:
     for kind in ("batch", "max-batch"):
-        chosen = [dict(r, footprint_mb=r.get("footprint_bytes", 0) / 1e6, dropped_pct=100 * r.get("dropped_fraction", 0),
+        chosen = [dict(r, footprint_mb=r.get("footprint_bytes", 0) / 1e6,
+                       dropped_pct=100 * r.get("dropped_fraction", 0),
                        rows_bound=f"{r['rows']}{'+' if r.get('search_cut_short') else ''}")
                   for r in rows if r["kind"] == kind]
         if not chosen:
@@ -385,7 +388,8 @@ def main() -> None:
     write_json(args.out, {**result, "rows": rows})
     print_rows(rows)
     print(f"\nrandom weights and routing; tokens/s of the MoE layers alone; capacity factor {args.capacity_factor:g}; "
-          f"grouped blocks of {args.block_rows} rows; max-batch: the compiled footprint within the memory (rows+: the search ran out of time, a lower bound)")
+          f"grouped blocks of {args.block_rows} rows; max-batch: the compiled footprint within the memory "
+          "(rows+: the search ran out of time, a lower bound)")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ slo         Per model of --slo-models (tiny-moe: the shipped model, `moejax.SHIP
                arrivals (the same ones for every scheduler at a load; at most --max-run-s of them) with
                prompts drawn from --task-mix (`moejax.serving.loadgen`), a fresh loop over the same
                engine, given the step times the warm-up run measured (so `slo` orders and refuses by the
-               engine's speed from the first arrival). Per row: SLO attainment (% of all requests finished within both SLOs; refused,
-               failed and unfinished ones count as missed), p50/p99 TTFT and TPOT, goodput (SLO-meeting
-               requests/s), output tokens/s, refusals, and the programs compiled during the run (should
-               be 0: the warm-up compiles them).
+               engine's speed from the first arrival). Per row: SLO attainment (% of all requests
+               finished within both SLOs; refused, failed and unfinished ones count as missed), p50/p99
+               TTFT and TPOT, goodput (SLO-meeting requests/s), output tokens/s, refusals, and the
+               programs compiled during the run (should be 0: the warm-up compiles them).
             Prompts are tokenized by the shipped model's tokenizer (ids folded into a random model's
             vocabulary: it needs only realistic lengths), cut to --max-prompt tokens; a request's
             max_tokens is its reference answer's token count within [--min-tokens, --max-tokens], and it

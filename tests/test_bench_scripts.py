@@ -324,7 +324,8 @@ def test_gating_bench_smoke_run():
         np.testing.assert_allclose(out, union, rtol=0.02, atol=0.02)  # bf16 rows, rounded in other shapes
     padded, einsum = (bench.compiled(how, 8)(bench.params, x) for how in ("capacity", "capacity-einsum"))
     assert int(padded[1]) == int(einsum[1]) > 0  # capacity factor 1: the same pairs dropped
-    np.testing.assert_allclose(np.asarray(einsum[0], np.float32), np.asarray(padded[0], np.float32), rtol=0.02, atol=0.02)
+    np.testing.assert_allclose(np.asarray(einsum[0], np.float32), np.asarray(padded[0], np.float32),
+                               rtol=0.02, atol=0.02)
 
     def too_large(how, rows):  # what XLA's autotuner raises where a program's buffers exceed the device
         raise jax.errors.JaxRuntimeError("NOT_FOUND: Failed to get configs ... RESOURCE_EXHAUSTED: Out of memory")
