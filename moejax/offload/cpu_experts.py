@@ -62,8 +62,10 @@ from moejax.offload.expert_stacks import fetch_expert, median_seconds
 from moejax.offload.host_cache import HostCache, TieredHost
 from moejax.offload.host_ffn import (UNITS_BITS, host_operands, split_expert_ffn, split_units_ffn, unit_operands,
                                      widened_in_blocks)
+from moejax.offload.torch_ffn import is_torch_operands, torch_expert_ffn, torch_operands, usable as torch_usable
 
 CPU_EXPERTS = ("off", "auto")
+HOST_LIBRARIES = ("auto", "torch", "xla")
 HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and ranges of each, at once
 
 
@@ -105,13 +107,17 @@ class HostExperts:
     """The host side: where it reads the experts it computes (`weights(layer, expert)` -> {name: array} as the
     device cache holds them, or None when the read failed), the callback that computes some of them on a layer's
     rows, and its counters (experts computed, tokens, seconds). most_tokens: no expert routed more tokens goes to
-    the host (`split_misses`); dtypes: {name: dtype} of an expert's weights. Hashable by identity: it is part of
-    the step programs' static spec."""
+    the host (`split_misses`); dtypes: {name: dtype} of an expert's weights; library: what computes them, 'torch'
+    (bf16 experts where torch is importable: `offload.torch_ffn`) or 'xla' (`offload.host_ffn`); 'auto': torch
+    where it can. Hashable by identity: it is part of the step programs' static spec."""
 
-    def __init__(self, weights: Callable[[int, int], dict | None], act: str, most_tokens: int, dtypes: dict):
+    def __init__(self, weights: Callable[[int, int], dict | None], act: str, most_tokens: int, dtypes: dict,
+                 library: str = "auto"):
         self.weights, self.act, self.most_tokens = weights, act, most_tokens
+        self.library = host_library(library, dtypes)
         self.threads = HOST_THREADS  # host threads a layer's experts share (see `compute`)
-        self.plain = not widened_in_blocks(dtypes)  # the experts' products are XLA:CPU's threaded float matmuls
+        # each expert's products use every core themselves: torch's, and XLA:CPU's float matmuls
+        self.whole = self.library == "torch" or not widened_in_blocks(dtypes)
         self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
         self._jobs: dict[int, futures.Future | tuple] = {}
         self._tickets = itertools.cycle(range(1 << 30))
@@ -121,24 +127,27 @@ class HostExperts:
         self.reset()
 
     @classmethod
-    def from_stacks(cls, stacks: list[dict], act: str, most_tokens: int) -> HostExperts:
-        """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays), as CPU arrays (bf16
-        experts laid out by hidden unit, `host_ffn.unit_operands`; others as `host_operands` gives them)."""
+    def from_stacks(cls, stacks: list[dict], act: str, most_tokens: int, library: str = "auto") -> HostExperts:
+        """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays): torch tensors in
+        linear's layout (`torch_ffn.torch_operands`) for torch; for XLA, CPU arrays (bf16 experts laid out by hidden
+        unit, `host_ffn.unit_operands`; others as `host_operands` gives them)."""
+        dtypes = {name: w.dtype for name, w in stacks[0].items()}
+        library = host_library(library, dtypes)
         cpu = jax.devices("cpu")[0]
+        own = torch_operands if library == "torch" else lambda e: jax.device_put(_own_operands(e), cpu)
         experts = []
         for stack in stacks:
             layer = {name: np.asarray(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
             count = next(iter(layer.values())).shape[0]
-            experts.append([jax.device_put(_own_operands({name: w[e] for name, w in layer.items()}), cpu)
-                            for e in range(count)])
-        return cls(lambda layer, expert: experts[layer][expert], act, most_tokens,
-                   {name: w.dtype for name, w in stacks[0].items()})
+            experts.append([own({name: w[e] for name, w in layer.items()}) for e in range(count)])
+        return cls(lambda layer, expert: experts[layer][expert], act, most_tokens, dtypes, library)
 
     @classmethod
-    def from_host_cache(cls, cache: HostCache, act: str, most_tokens: int) -> HostExperts:
+    def from_host_cache(cls, cache: HostCache, act: str, most_tokens: int, library: str = "auto") -> HostExperts:
         """Over the disk tier's host cache: each expert lent by `HostCache.get` while it is computed (see the
         module's docstring); a failed read is recorded in `cache.failure` (`HostCache.get_or_record`)."""
-        return cls(cache.get_or_record, act, most_tokens, {name: dtype for name, (_, dtype) in cache.files.shapes.items()})
+        dtypes = {name: dtype for name, (_, dtype) in cache.files.shapes.items()}
+        return cls(cache.get_or_record, act, most_tokens, dtypes, library)
 
     def reset(self) -> None:
         with self._lock:
@@ -152,18 +161,22 @@ class HostExperts:
     def stats(self) -> dict:
         with self._lock:
             counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds}
-        return {**counts, "token_limit": self.token_limit, **({"cost_model": self.cost.describe()} if self.cost else {})}
+        return {**counts, "library": self.library, "token_limit": self.token_limit,
+                **({"cost_model": self.cost.describe()} if self.cost else {})}
 
     def expert_output(self, layer: int, expert: int, rows: np.ndarray, parts: int = 1) -> np.ndarray | None:
-        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU, cut into `parts`
-        ranges (of hidden units, or of its projections' input rows: the module's docstring) on the 'part' threads
-        where the products are widened block by block on one core (None: its weights could not be read). Weights in
-        host memory are used where they lie (aliased, not copied)."""
+        """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU: by torch, or by
+        XLA cut into `parts` ranges (of hidden units, or of its projections' input rows: the module's docstring) on
+        the 'part' threads where the products are widened block by block on one core (None: its weights could not
+        be read). Weights in host memory are used where they lie (aliased, not copied)."""
         weights = self.weights(layer, expert)
         if weights is None:
             return None
+        if self.library == "torch":
+            operands = weights if is_torch_operands(weights) else torch_operands(weights, copy=False)
+            return torch_expert_ffn(rows, operands, self.act)
         operands = host_operands(weights)
-        parts = 1 if self.plain else parts
+        parts = 1 if self.whole else parts
         padded = np.zeros((host_rows(len(rows)), rows.shape[1]), rows.dtype)
         padded[: len(rows)] = rows
         run = _pool(self.threads, "part").map if parts > 1 else map
@@ -198,8 +211,8 @@ class HostExperts:
         rows = [np.flatnonzero(w != 0) for w in row_weights]
         # The threads go to the experts first, what is left to each one's ranges: never more than `threads`
         # products at once (8 bf16 experts split 8 ways each took 67 ms on an H100's 16-core host, 8 unsplit 26 ms
-        # on the H200's). Plain float experts go one at a time: each matmul already uses every core.
-        concurrent = 1 if self.plain else max(1, min(self.threads, experts.size))
+        # on the H200's). Torch's and float experts go one at a time: each matmul already uses every core.
+        concurrent = 1 if self.whole else max(1, min(self.threads, experts.size))
         parts = max(1, self.threads // concurrent)
         run = lambda e, r: self.expert_output(int(layer), int(e), x[r], parts)  # noqa: E731
         outputs = map(run, experts, rows) if concurrent == 1 else _pool(self.threads, "expert").map(run, experts, rows)
@@ -212,6 +225,17 @@ class HostExperts:
             self.tokens += tokens
             self.seconds += time.perf_counter() - start
         return out
+
+
+def host_library(library: str, dtypes: dict) -> str:
+    """What computes experts of these weights ({name: dtype}) for `library` ('auto': torch where it can)."""
+    if library not in HOST_LIBRARIES:
+        raise ParameterError.not_one_of("host_library", library, HOST_LIBRARIES)
+    if library == "xla" or (library == "auto" and not torch_usable(dtypes)):
+        return "xla"
+    if not torch_usable(dtypes):
+        raise ParameterError("{host_library} 'torch' computes bf16 experts (not compact) and needs torch installed")
+    return "torch"
 
 
 def _own_operands(expert: dict) -> dict:

@@ -144,6 +144,18 @@ def _activation(gate, up, weights: dict, act):
 
 
 @functools.partial(jax.jit, static_argnames=("act",))
+def _activation_program(gate, up, biases: dict, act):
+    return _activation(gate, up, biases, act)
+
+
+def host_activation(gate, up, biases: dict, act):
+    """The hidden units [N, F] f32 of projections gate (None: a plain FFN) and up [N, F] (NumPy) and the biases
+    {'gate_bias', 'up_bias'} among `biases`, computed on the CPU (the device's activation functions)."""
+    cpu = jax.devices("cpu")[0]
+    return _activation_program(*jax.device_put((gate, up, biases), cpu), act)
+
+
+@functools.partial(jax.jit, static_argnames=("act",))
 def host_expert_ffn(x, weights: dict, act):
     """One expert on rows x [N, D] (any float dtype) with `weights` as host_operands gives them -> [N, D] f32:
     gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias (plain: act(x @ up + up_bias)),
