@@ -331,7 +331,8 @@ def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> C
     dtype = shapes.get("down" + SCALE_SUFFIX, shapes["down"])[1]  # the model's (compact: its scales')
     rng = np.random.default_rng(0)
     # a lone expert, as `compute` runs it: in `threads` ranges
-    times = [median_time(lambda n=n: host.expert_output(0, 0, rng.standard_normal((n, width)).astype(dtype), host.threads))
+    rows = {n: rng.standard_normal((n, width)).astype(dtype) for n in (1, 8)}
+    times = [median_seconds(lambda n=n: host.expert_output(0, 0, rows[n], host.threads), repeats=repeats + 2)
              for n in (1, 8)]
     per_token = max(0.0, (times[1] - times[0]) / 7)
     return CostModel(expert_bytes, expert_bytes / max(copy_s, 1e-9), max(0.0, times[0] - per_token), per_token)

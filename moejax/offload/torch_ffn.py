@@ -9,12 +9,13 @@ host's memory bandwidth, as fast as the PCIe link copies it (`scripts/probe_host
 
 The arithmetic is the device's: rows and products in bf16 (float32 accumulation inside the matmul), the
 activation in float32 (`host_ffn`'s, the device's function), the hidden units rounded to bf16 for the down
-projection; output float32. One expert at a time, each product on torch's intra-op threads (every core).
+projection; output float32. One expert at a time, each product on torch's intra-op threads (every core but two).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -27,11 +28,14 @@ STORED = "_stored"  # suffix of a bf16 matrix as a torch tensor over the array a
 
 @functools.cache
 def torch_module():
-    """torch, or None where it is not importable."""
+    """torch, or None where it is not importable. Its intra-op threads leave two cores to the process's other
+    work: the thread dispatching the step programs and the runtime's own, which wait behind a matmul that
+    holds every core (the host's experts would then no longer run while the link copies)."""
     try:
         import torch
     except ImportError:
         return None
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 2))
     return torch
 
 
