@@ -268,10 +268,12 @@ def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int,
     best, end = {}, time.monotonic() + seconds
     for i, how in enumerate(computes):
         deadline = time.monotonic() + (end - time.monotonic()) / (len(computes) - i)
+        started = time.monotonic()
         largest, cut = largest_fitting(lambda n, how=how: bench.fits(how, n, memory), limit,
                                        lambda: time.monotonic() > deadline)
         best[how] = {"kind": "max-batch", "model": bench.shape.name, "compute": how, "rows": largest,
-                     "memory_bytes": memory, "at_row_limit": largest == limit, "search_cut_short": cut}
+                     "memory_bytes": memory, "at_row_limit": largest == limit, "search_cut_short": cut,
+                     "search_s": time.monotonic() - started, "search_share_s": deadline - started}
         try:
             if largest:
                 best[how].update(bench.row(how, largest))
@@ -343,8 +345,11 @@ def run(args, on_rows=None) -> list[dict]:
         bench = Bench(shape, min(args.layers or 2, shape.moe_layers), args, repeats)
         for how in computes:
             for n in batch_rows:
-                rows.append({"kind": "batch", **bench.row(how, n)})
+                started = time.monotonic()
+                rows.append({"kind": "batch", **bench.row(how, n), "seconds": time.monotonic() - started})
                 print(json.dumps(rows[-1]), flush=True)
+        print(f"gating {card}: batch rows took {time.monotonic() - start:.0f} s of the model's {share:.0f} s",
+              flush=True)
         # The search compiles ~2 log2(rows) programs per compute, the largest slowly: it stops at the model's share.
         search_s = start + share - time.monotonic()
         if memory > 0 and search_s > 0:
