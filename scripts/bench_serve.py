@@ -34,7 +34,10 @@ slo         Per model of --slo-models (tiny-moe: the shipped model, `moejax.SHIP
                engine's speed from the first arrival). Per row: SLO attainment (% of all requests
                finished within both SLOs; refused, failed and unfinished ones count as missed), p50/p99
                TTFT and TPOT, goodput (SLO-meeting requests/s), output tokens/s, refusals, and the
-               programs compiled during the run (should be 0: the warm-up compiles them).
+               programs compiled during the run (should be 0: the warm-up compiles them). The same
+               arrivals also go through `serving.simulate` (the loop's turns in virtual time with the
+               warm-up's step times), for every load and scheduler even where the time budget skips the
+               run: the JSON's slo.simulated rows, printed with the table.
             Prompts are tokenized by the shipped model's tokenizer (ids folded into a random model's
             vocabulary: it needs only realistic lengths), cut to --max-prompt tokens; a request's
             max_tokens is its reference answer's token count within [--min-tokens, --max-tokens], and it
@@ -66,6 +69,8 @@ from moejax.errors import MoejaxError
 from moejax.routing.traces import RoutingTrace, load_routing
 from moejax.serving import loadgen
 from moejax.serving.loop import ServingLoop, serving_cache_policy
+from moejax.serving.scheduler import make_scheduler
+from moejax.serving.simulate import simulate
 from moejax.tokenizer import load_tokenizer
 from scripts.bench_prefetch import RoutingReplay
 from scripts.benchlib import (
@@ -301,6 +306,11 @@ def slo_part(args, budget: Budget, out: dict, save) -> None:
             arrivals = loadgen.draw_arrivals(mix, rps, seed=args.seed, count=args.requests, duration_s=args.max_run_s,
                                              encode=encode, **shape)
             for scheduler in args.schedulers:
+                if step_times is not None:  # the same arrivals through the loop's model, in virtual time
+                    simulated = simulate(arrivals, slos, make_scheduler(scheduler), step_times,
+                                         slots=args.max_batch or args.slots, max_queue=args.max_queue).summary
+                    part.setdefault("simulated", []).append({"model": model, "scheduler": scheduler, "load": load,
+                                                             **simulated})
                 span = arrivals[-1].at_s
                 if not budget.allows(span + tail, f"slo {model} {scheduler} at {load}"):
                     part.setdefault("skipped", []).append(f"{model} {scheduler} {load}")
@@ -539,6 +549,11 @@ def print_tables(out: dict) -> None:
         print_table(s["rows"], SLO_COLUMNS)
         for line in slo_verdicts(s["rows"]):
             print(line)
+        if s.get("simulated"):
+            print("simulated (serving.simulate, the warm-up's step times, the same arrivals):")
+            print_table(s["simulated"], [("model", "model", "s"), ("scheduler", "sched", "s"), ("load", "load", "s"),
+                                         ("attainment_pct", "SLO %", ".1f"), ("refused", "refused", "d"),
+                                         ("ttft_p50_s", "TTFT p50", ".3f"), ("tpot_p50_s", "TPOT p50", ".4f")])
         if s.get("plot"):
             print(f"plot: {s['plot']}")
 

@@ -320,7 +320,8 @@ class ServingLoop:
                      max_tokens=request.max_tokens, generated=sent, task=request.task, slo=request.slo,
                      first_token_at=job.first_token_at if job is not None else None,
                      profile=profile,
-                     preemptions=job.preemptions if job is not None else 0)
+                     preemptions=job.preemptions if job is not None else 0,
+                     prefill_left=job.prefill_left if job is not None and job.slot is not None else 0)
 
     def _entries(self, jobs) -> list[Entry]:
         return [self._entry(job.request, job) for job in jobs]
@@ -408,7 +409,7 @@ class ServingLoop:
             running.remove(victim)
             free += 1
         if free > 0:
-            for entry in self.scheduler.order(waiting, running, now, self._times)[:free]:
+            for entry in self.scheduler.admit(waiting, running, free, now, self._times):
                 self._admit(job_of[id(entry)])
 
     def _admit(self, job: _Job) -> None:

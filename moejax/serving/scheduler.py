@@ -15,7 +15,11 @@ functions over them, so it can be checked on synthetic request sets without an e
         already missed their deadline, oldest first. An urgent request that no slot frees for in time
         preempts the running request with the most slack. A request whose TTFT objective cannot be met
         even so (`ttft_estimate_s`: behind the queued requests due before it, and the running requests
-        that cannot be preempted) is refused.
+        that cannot be preempted) is refused. A free slot is taken only by a request whose prompt fits
+        the running requests' TPOT objectives (`admissible`): every prompt chunk prefilled between two
+        decode steps pauses the whole running batch, so a prompt is admitted only when each request that
+        will be decoding meanwhile has that much slack left over the rest of its output (`pause_budget_s`);
+        one that does not fit waits and shorter ones behind it may go first.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Entry:
     first_token_at: float | None = None
     profile: np.ndarray | None = None
     preemptions: int = 0
+    prefill_left: int = 0  # a running request's prompt tokens not yet prefilled
 
 
 class TaskLengths:
@@ -125,6 +130,48 @@ def running_slack_s(entry: Entry, now: float, expected_tokens: float, times: Ste
         return math.inf
     due = entry.first_token_at + entry.slo.tpot_s * (expected_tokens - 1)
     return due - now - max(expected_tokens - entry.generated, 0) * times.decode_step_s
+
+
+def prefill_pause_s(tokens: int, times: StepTimes) -> float:
+    """Seconds prefilling `tokens` prompt tokens adds between the running batch's decode steps (its chunks'
+    positions; the decode steps after each chunk are the batch's own)."""
+    return padded_prompt_tokens(tokens, times.prefill_chunk) * times.prefill_token_s
+
+
+def pause_budget_s(entry: Entry, now: float, times: StepTimes, lengths: TaskLengths) -> float:
+    """How long prompt chunks may still pause a running request, over the rest of its output, and its TPOT
+    objective hold: its slack (`running_slack_s`) once decoding; for one still prefilling, the slack it will
+    have at its first token, (expected tokens - 1) x (TPOT objective - decode step). inf without a TPOT
+    objective."""
+    if entry.slo.tpot_s is None:
+        return math.inf
+    expected = lengths.expected(entry)
+    if entry.first_token_at is None:
+        return max(expected - 1, 0) * (entry.slo.tpot_s - times.decode_step_s)
+    return running_slack_s(entry, now, expected, times)
+
+
+def admissible(ordered: list[Entry], running: list[Entry], free_slots: int, now: float, times: StepTimes,
+               lengths: TaskLengths) -> list[Entry]:
+    """Of the waiting requests in admission order, those to admit now (at most free_slots): each only if its
+    prefill's pause fits the pause budget of every request that will be decoding meanwhile (`pause_budget_s`:
+    the decoding ones, less the prompt chunks already admitted, and the requests admitted before it), so that
+    prompts never cost running requests their TPOT objective. One that does not fit waits, and the next ones
+    are tried (a shorter prompt may fit)."""
+    budgets = [pause_budget_s(r, now, times, lengths) for r in running]
+    queued = sum(prefill_pause_s(r.prefill_left, times) for r in running if r.prefill_left)
+    budgets = [b - queued for b in budgets]
+    chosen: list[Entry] = []
+    for entry in ordered:
+        if len(chosen) == free_slots:
+            break
+        pause = prefill_pause_s(entry.prefill_tokens, times)
+        if budgets and min(budgets) < pause:
+            continue
+        budgets = [b - pause for b in budgets]
+        chosen.append(entry)
+        budgets.append(pause_budget_s(entry, now, times, lengths))
+    return chosen
 
 
 def unshared_fraction(profile: np.ndarray | None, running: list[np.ndarray]) -> float:
@@ -242,6 +289,11 @@ class Scheduler:
         """The waiting requests in the order they take free slots."""
         return sorted(waiting, key=lambda e: e.arrival)
 
+    def admit(self, waiting: list[Entry], running: list[Entry], free_slots: int, now: float,
+              times: StepTimes | None) -> list[Entry]:
+        """The waiting requests to admit now, at most free_slots, in order: the first of `order`."""
+        return self.order(waiting, running, now, times)[:free_slots]
+
     def preempt(self, waiting: list[Entry], running: list[Entry], free_slots: int, now: float,
                 times: StepTimes | None) -> list[Entry]:
         """Running requests to give their slots up (to be resumed later)."""
@@ -297,6 +349,12 @@ class SLOScheduler(Scheduler):
                 break  # later entries are less urgent
             victims.append(victim)
         return victims
+
+    def admit(self, waiting, running, free_slots, now, times):
+        if times is None and self.fixed_times is None:  # nothing measured yet: no pause can be judged
+            return super().admit(waiting, running, free_slots, now, times)
+        times = self._times(times)
+        return admissible(self.order(waiting, running, now, times), running, free_slots, now, times, self.lengths)
 
     def refusal(self, entry, waiting, running, slots, now, times):
         if entry.slo.ttft_s is None or (times is None and self.fixed_times is None):
