@@ -73,3 +73,31 @@ def test_row_ranges():
 def test_block_rows():
     assert _block_rows(4096, 1) == BLOCK_ROWS and _block_rows(192, 1) == 192 and _block_rows(1408, 64) == 128
     assert _block_rows(704, 32) == 64 and _block_rows(7, 1) == 7 and _block_rows(100, 64) == 100
+
+
+@pytest.mark.parametrize("kind", ["silu", "relu", "clamped"])
+@pytest.mark.parametrize("copy", [True, False])
+def test_torch_ffn_matches_a_float64_expert_to_bf16_rounding(kind, copy):
+    """torch's bf16 products (`offload.torch_ffn`: gate and up stacked in linear's layout, or over the stored arrays;
+    torch's own silu/relu, gpt-oss's activation through the device's function), to 2% of the output's largest
+    value: the rows and the hidden units are rounded to bf16 as on the device."""
+    from moejax.offload.torch_ffn import GATE_UP, LINEAR, STORED, torch_expert_ffn, torch_operands
+    rng = np.random.default_rng(hash(("torch", kind)) % 2**32)
+    D, F, N = 256, 96, 3
+    shapes = {"up": (D, F), "down": (F, D)} | ({} if kind == "relu" else {"gate": (D, F)})
+    weights = {name: rng.standard_normal(shape).astype(np.float32) * 0.05 for name, shape in shapes.items()}
+    if kind != "silu":
+        weights |= {"up_bias": rng.standard_normal(F).astype(np.float32),
+                    "down_bias": rng.standard_normal(D).astype(np.float32)}
+    if kind == "clamped":
+        weights["gate_bias"] = rng.standard_normal(F).astype(np.float32)
+    act = {"silu": "silu", "relu": "relu", "clamped": ClampedSwiGLU(1.702, 7.0)}[kind]
+    expert = {name: np.asarray(w) for name, w in ExpertFormat("bf16", "bfloat16").convert(weights, "test").items()}
+    operands = torch_operands(expert, copy=copy)
+    assert (GATE_UP + LINEAR in operands) == (copy and kind != "relu")
+    assert (("up" + STORED) in operands) == (not copy)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    out = torch_expert_ffn(x, operands, act)
+    reference = float64_expert(x, expert, act)
+    assert out.dtype == np.float32 and out.shape == (N, D)
+    assert np.abs(out - reference).max() <= 2e-2 * np.abs(reference).max()

@@ -8,14 +8,16 @@ host's memory bandwidth, as fast as the PCIe link copies it (`scripts/probe_host
 "The host's expert compute"). Without torch the host uses `offload.host_ffn`.
 
 The arithmetic is the device's: rows and products in bf16 (float32 accumulation inside the matmul), the
-activation in float32 (`host_ffn`'s, the device's function), the hidden units rounded to bf16 for the down
-projection; output float32. One expert at a time, each product on torch's intra-op threads (every core but two).
+activation in float32 (torch's function of the same name; gpt-oss's through the device's own), the hidden units
+rounded to bf16 for the down projection; output float32. One expert at a time, each product on torch's intra-op
+threads (every core but two).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -24,6 +26,11 @@ from moejax.models.quantized import QUANTIZED_WEIGHTS, SCALE_SUFFIX
 
 LINEAR = "_linear"  # suffix of a bf16 matrix as a torch tensor in linear's layout [out, in] (the faster)
 STORED = "_stored"  # suffix of a bf16 matrix as a torch tensor over the array as stored, [in, out]
+GATE_UP = "gate_up"  # gate and up stacked, [2F, D], in linear's layout
+# `models.layers.ACTIVATIONS` by torch.nn.functional's (name, keywords); others (gpt-oss's) run the device's own
+TANH = ("gelu", {"approximate": "tanh"})
+TORCH_ACTIVATIONS = {"silu": ("silu", {}), "swish": ("silu", {}), "gelu": ("gelu", {}), "relu": ("relu", {}),
+                     "gelu_new": TANH, "gelu_pytorch_tanh": TANH}
 
 
 @functools.cache
@@ -49,51 +56,76 @@ def usable(dtypes: dict) -> bool:
 def _tensor(bits: np.ndarray):
     """A torch bf16 tensor over the bits (uint16) of a bf16 NumPy array, no copy."""
     torch = torch_module()
-    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+    with warnings.catch_warnings():  # a read-only array (a lent host-cache slot): the products only read it
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
 
 
 def torch_operands(expert: dict, copy: bool = True) -> dict:
-    """One bf16 expert {name: array} (NumPy or CPU JAX) as `torch_expert_ffn` takes it: each of gate, up, down a
-    torch bf16 tensor, in linear's layout [out, in] (a transposed copy) under `name + LINEAR`, or with copy False
-    over the array itself [in, out] under `name + STORED` (no copy: a host-cache slot lent for one computation);
-    biases as float32 NumPy arrays."""
-    out = {}
+    """One bf16 expert {name: array} (NumPy or CPU JAX) as `torch_expert_ffn` takes it: its matrices as torch
+    bf16 tensors, in linear's layout [out, in] (transposed copies; gate and up stacked into one [2F, D] matrix
+    under GATE_UP, read by one product) under `name + LINEAR`, or with copy False over the arrays themselves
+    [in, out] under `name + STORED` (no copy: a host-cache slot lent for one computation); biases as float32
+    torch tensors."""
+    torch = torch_module()
+    out, matrices = {}, {}
     for name, w in expert.items():
         w = np.asarray(w)
         if name not in QUANTIZED_WEIGHTS:
-            out[name] = w.astype(np.float32)
+            out[name] = torch.from_numpy(w.astype(np.float32))
         elif copy:
-            out[name + LINEAR] = _tensor(np.ascontiguousarray(w.view(np.uint16).T))
+            matrices[name] = w.view(np.uint16).T
         else:
             out[name + STORED] = _tensor(w.view(np.uint16))
+    if "gate" in matrices:
+        out[GATE_UP + LINEAR] = _tensor(np.concatenate([matrices.pop("gate"), matrices.pop("up")]))
+    out.update({name + LINEAR: _tensor(np.ascontiguousarray(bits)) for name, bits in matrices.items()})
     return out
 
 
 def is_torch_operands(weights: dict) -> bool:
-    return "up" + LINEAR in weights or "up" + STORED in weights
+    return any(name in weights for name in ("up" + LINEAR, GATE_UP + LINEAR, "up" + STORED))
 
 
 def _product(rows, weights: dict, name: str):
-    """rows [N, in] bf16 tensor @ matrix `name` of `weights` -> [N, out] float32 NumPy; None if it has none."""
+    """rows [N, in] bf16 tensor @ matrix `name` of `weights` -> [N, out] float32 tensor; None if it has none."""
     torch = torch_module()
     if name + LINEAR in weights:
-        return torch.nn.functional.linear(rows, weights[name + LINEAR]).float().numpy()
+        return torch.nn.functional.linear(rows, weights[name + LINEAR]).float()
     if name + STORED in weights:
-        return torch.matmul(rows, weights[name + STORED]).float().numpy()
+        return torch.matmul(rows, weights[name + STORED]).float()
     return None
+
+
+def _activation(gate, up, weights: dict, act):
+    """The hidden units [N, F] f32 tensor from the projections (gate None: a plain FFN), biases added: torch's
+    functions for the activations named in TORCH_ACTIVATIONS, else the device's own (`host_ffn.host_activation`)."""
+    torch = torch_module()
+    up = up + weights["up_bias"] if "up_bias" in weights else up
+    if gate is not None and "gate_bias" in weights:
+        gate = gate + weights["gate_bias"]
+    function = TORCH_ACTIVATIONS.get(act) if isinstance(act, str) else None
+    if function is None:
+        from moejax.offload.host_ffn import host_activation
+        hidden = host_activation(None if gate is None else gate.numpy(), up.numpy(), {}, act)
+        return torch.from_numpy(np.array(hidden, np.float32))
+    f = getattr(torch.nn.functional, function[0])
+    return f(up, **function[1]) if gate is None else f(gate, **function[1]) * up
 
 
 def torch_expert_ffn(x: np.ndarray, weights: dict, act) -> np.ndarray:
     """The expert of `weights` (as `torch_operands` gives them) on rows x [N, D] -> [N, D] f32 (NumPy):
     gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias (plain: act(x @ up + up_bias)),
     as `models.moe.expert_ffn`, with the products in bf16 (the module's docstring)."""
-    from moejax.offload.host_ffn import host_activation
     torch = torch_module()
-    bf16 = lambda a: torch.from_numpy(np.array(a, np.float32)).to(torch.bfloat16)  # noqa: E731
-    biases = {name: w for name, w in weights.items() if name.endswith("_bias")}
     with torch.inference_mode():
-        rows = bf16(x)
-        hidden = host_activation(_product(rows, weights, "gate"), _product(rows, weights, "up"), biases, act)
-        out = _product(bf16(hidden), weights, "down")
-    bias = weights.get("down_bias")
-    return out if bias is None else out + bias
+        rows = torch.from_numpy(np.array(x, np.float32)).to(torch.bfloat16)
+        both = _product(rows, weights, GATE_UP)
+        if both is not None:
+            gate, up = both.chunk(2, dim=-1)
+        else:
+            gate, up = _product(rows, weights, "gate"), _product(rows, weights, "up")
+        out = _product(_activation(gate, up, weights, act).to(torch.bfloat16), weights, "down")
+        if "down_bias" in weights:
+            out = out + weights["down_bias"]
+        return out.numpy()
