@@ -482,6 +482,9 @@ def test_prompts_are_admitted_only_within_the_running_requests_pause_budgets():
     # Prompt chunks already admitted spend the budgets first.
     prefilling = entry("p", prompt=64, prefill_left=64)
     assert sched.admissible([short], [decoding, prefilling], 4, 90.18, times, lengths) == []
+    # ... but not a request's own: one still prefilling 640 tokens has (20 - 1) x (0.02 - 0.01) = 0.19 s for later ones.
+    own = entry("own", prompt=640, prefill_left=640, max_tokens=20, slo=SLO(tpot_s=0.02))
+    assert [e.id for e in sched.admissible([long, short], [own], 4, now, times, lengths)] == ["long"]
     assert [e.id for e in sched.admissible([long, short], [], 1, now, times, lengths)] == ["long"]  # nobody to pause
     assert sched.pause_budget_s(entry("no tpot"), now, times, lengths) == math.inf
     scheduler = SLOScheduler(default_output_tokens=20)

@@ -158,9 +158,9 @@ def admissible(ordered: list[Entry], running: list[Entry], free_slots: int, now:
     the decoding ones, less the prompt chunks already admitted, and the requests admitted before it), so that
     prompts never cost running requests their TPOT objective. One that does not fit waits, and the next ones
     are tried (a shorter prompt may fit)."""
-    budgets = [pause_budget_s(r, now, times, lengths) for r in running]
-    queued = sum(prefill_pause_s(r.prefill_left, times) for r in running if r.prefill_left)
-    budgets = [b - queued for b in budgets]
+    own = [prefill_pause_s(r.prefill_left, times) if r.prefill_left else 0.0 for r in running]
+    queued = sum(own)  # a request's own prompt chunks do not pause it
+    budgets = [pause_budget_s(r, now, times, lengths) - (queued - mine) for r, mine in zip(running, own)]
     chosen: list[Entry] = []
     for entry in ordered:
         if len(chosen) == free_slots:
