@@ -249,7 +249,9 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-experts", default="off",
                    help="auto (--offload cached): compute a missed expert routed few tokens on the CPU instead of copying "
                    "it (with --host-budget: from the host cache), when the cost model measured at load says that is "
-                   "faster | off (default)")
+                   "faster | auto-float32 (the same, the host computing from a float32 copy of the experts: host RAM "
+                   "for twice their bf16 bytes more; faster on hosts whose float32 matmul reads >2x the bytes/s of "
+                   "their bf16 one) | off (default)")
     p.add_argument("--devices", type=int, default=1,
                    help="expert parallelism: split the experts over the first N devices, the dense weights on each; "
                    "with --offload cached each device has its own cache of --expert-budget (default 1)")

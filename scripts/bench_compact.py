@@ -10,6 +10,7 @@ bf16 expert bytes: a compact format fits more experts into the same GPU memory).
   resident bf16    every expert on the GPU: the compute floor
   cached FORMAT    each of --formats (bf16, int8, int4) at each budget
   cached bf16 + cpu-experts auto   the host computes misses routed few tokens (its cost model measured at load)
+  cached bf16 + cpu-experts auto-float32   the same from a float32 copy of the experts (--cpu-experts-modes)
 
 Per configuration: a warm-up generate (compiles, fills the cache), then a timed one on another prompt.
 tokens/s = decode steps / decode time. Link floor per token = max(bytes the row moved per decode token /
@@ -62,7 +63,7 @@ def run_config(cfg, dense, stacks, fmt: ExpertFormat, mode: str, budget: str | N
     options = {"expert_budget": budget} if mode == "cached" else {}
     engine = build_engine(cfg, *dense, iter(stacks), OffloadConfig(mode, **options), slots=1, max_seq_len=max_len,
                           prefill_chunk=prefill_chunk, expert_format=fmt, cpu_experts=cpu_experts,
-                          cpu_cost=cpu_cost if cpu_experts == "auto" else None)
+                          cpu_cost=cpu_cost if cpu_experts != "off" else None)
     engine.generate([prompts[0]], max_new_tokens=min(new_tokens, WARM_UP_TOKENS), ignore_eos=True)
     engine.reset_stats()
     result = engine.generate([prompts[1]], max_new_tokens=new_tokens, ignore_eos=True)
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.25,0.1", help="cached budgets, fractions of the bf16 expert bytes")
     parser.add_argument("--formats", default="bf16,int8,int4")
     parser.add_argument("--skip-cpu-experts", action="store_true")
+    parser.add_argument("--cpu-experts-modes", default="auto,auto-float32",
+                        help="the bf16 rows' --cpu-experts values besides off (auto-float32: the host's copy in float32)")
     parser.add_argument("--cost-link-gbps", type=float,
                         help="the cpu-experts cost model's link bandwidth, GB/s (default: measured at load); a what-if "
                              "for slower links (PCIe gen4: ~25), and how the CPU smoke run sends misses to the host")
@@ -135,7 +138,7 @@ def main() -> None:
         fmt = ExpertFormat(name, cfg.dtype)
         configs += [(fmt, "cached", b, "off") for b in budgets]
         if name == "bf16" and not args.skip_cpu_experts:
-            configs += [(fmt, "cached", b, "auto") for b in budgets]
+            configs += [(fmt, "cached", b, mode) for mode in args.cpu_experts_modes.split(",") for b in budgets]
     resident, stacks, stacks_format, need = None, None, None, 0.0
     for fmt, mode, expert_budget, cpu_experts in configs:
         label = f"{fmt.name} {mode} {expert_budget or ''} cpu-experts {cpu_experts}"

@@ -8,6 +8,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import moejax
 from moejax import checkpoint
@@ -156,6 +157,10 @@ def test_bad_formats_are_refused_in_one_line(capsys):
         fmt.check({"gate": ((100, 8), np.float32)})
     with pytest.raises(ParameterError, match="cpu_experts 'auto' .* needs offload cached, not 'resident'"):
         moejax.load(SHIPPED, cpu_experts="auto")
+    with pytest.raises(ParameterError, match="cpu_experts 'auto-float32' widens float experts, not compact ones"):
+        moejax.load(SHIPPED, "cached", expert_budget="0.5", expert_format="int8", cpu_experts="auto-float32")
+    with pytest.raises(ParameterError, match="cpu_experts 'auto-float32' keeps a float32 copy .* use 'auto'"):
+        moejax.load(SHIPPED, "cached", expert_budget="0.5", host_budget="0.5", cpu_experts="auto-float32")
     stack = {"gate": np.zeros((2, 64, 8), np.float32), "up": np.zeros((2, 64, 8), np.float32),
              "down": np.zeros((2, 8, 64), np.float32)}
     with pytest.raises(ParameterError, match=r"^cpu_cost: unknown fields link \(fields: "):
@@ -192,6 +197,7 @@ def test_cost_model_choice_on_synthetic_bandwidths():
 
 
 @pytest.mark.parametrize("dtype,fmt,library,tolerance", [(jnp.float32, None, "auto", 1e-6),
+                                                         (jnp.float32, None, "xla", 1e-6),
                                                          (jnp.bfloat16, None, "xla", 1e-2),
                                                          (jnp.bfloat16, None, "torch", 1e-2),
                                                          (jnp.bfloat16, "int4", "auto", 1e-2)])
@@ -212,7 +218,7 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, library, toleranc
     device = np.asarray(experts_from_slab(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), distinct, distinct,
                                           {name: jnp.asarray(w) for name, w in stack.items()}))
     host = HostExperts.from_stacks([stack], "silu", 8, library)
-    assert host.stats()["library"] == ("torch" if library == "torch" else "xla")
+    assert host.stats()["library"] == ("xla" if library == "xla" or fmt else "torch")  # torch: float experts
     host.threads = 1
     out = host.compute(0, x, ids, weights, np.ones(E, bool))
     assert np.abs(out - device).max() <= tolerance * np.abs(device).max()
@@ -258,11 +264,12 @@ def test_cpu_experts_in_the_cached_engine():
     assert not host._jobs
 
 
-def test_torch_computes_bf16_misses_in_the_cached_engine():
-    """The shipped model (bf16) cached at 25%, every miss sent to the host, whose bf16 experts torch computes: no
-    expert crosses the link and the logits stay within bf16 rounding of the copy-only engine's: 6% of their
-    range (the host's experts are added after the device's, in float32, and the difference goes through 8 bf16
-    layers; XLA's float32 host path is 4.0% off here, torch's 4.2%)."""
+@pytest.mark.parametrize("cpu_experts", ["auto", "auto-float32"])
+def test_torch_computes_bf16_misses_in_the_cached_engine(cpu_experts):
+    """The shipped model (bf16) cached at 25%, every miss sent to the host, whose experts torch computes (bf16, or
+    from a float32 copy): no expert crosses the link and the logits stay within bf16 rounding of the copy-only
+    engine's: 6% of their range (the host's experts are added after the device's, in float32, and the difference
+    goes through 8 bf16 layers; XLA's float32 host path is 4.0% off here, torch's bf16 4.2%)."""
     cfg = checkpoint.load_config(SHIPPED)
     globals_ = checkpoint.load_globals(SHIPPED)
     layers = [checkpoint.load_layer(SHIPPED, i) for i in range(cfg.num_layers)]
@@ -270,9 +277,11 @@ def test_torch_computes_bf16_misses_in_the_cached_engine():
     cached = OffloadConfig("cached", expert_budget="0.25")
     build = lambda **kw: build_engine(cfg, globals_, layers, iter(stacks), cached, slots=1, max_seq_len=32, **kw)  # noqa: E731
     ref = build().logits([PROMPT])[0].astype(np.float32)
-    host_first = build(cpu_experts="auto", cpu_cost=CostModel(cfg.expert_bytes, 1e6, 0.0, 1e-9))
+    host_first = build(cpu_experts=cpu_experts, cpu_cost=CostModel(cfg.expert_bytes, 1e6, 0.0, 1e-9))
     logits = host_first.logits([PROMPT])[0].astype(np.float32)
     stats = host_first.stats()
     assert stats["cpu_experts"]["library"] == "torch" and stats["cpu_experts"]["experts"] > 0
+    kept = host_first.spec.cpu_experts.weights(0, 0)
+    assert {w.dtype for w in kept.values()} == {torch.float32 if cpu_experts == "auto-float32" else torch.bfloat16}
     assert stats["total"]["bytes_h2d"] == 0
     assert np.abs(logits - ref).max() <= 6e-2 * (ref.max() - ref.min())

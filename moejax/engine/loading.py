@@ -90,8 +90,11 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     cpu_experts: 'auto' (offload 'cached', decoder models): a missed expert routed few tokens is computed on the
         host from host memory instead of copied, where the cost model says it is faster (`offload.cpu_experts`;
         equal up to float rounding; with `host_budget`, from the disk tier's host cache); 'off' (the default): every
-        miss is copied. cpu_cost: that cost model (`cpu_experts.CostModel`), default measured at load; a dict gives
-        some of its fields and the rest is measured (e.g. {'link_bytes_per_s': 25e9}).
+        miss is copied; 'auto-float32': as 'auto', the host computing from a float32 copy of the experts (host
+        RAM: the pinned store plus twice a bf16 model's expert bytes; faster where the host's float32 matmul reads
+        more than twice the bytes per second of its bf16 one). cpu_cost: that cost model (`cpu_experts.CostModel`),
+        default measured at load; a dict gives some of its fields and the rest is measured (e.g.
+        {'link_bytes_per_s': 25e9}).
     devices: expert parallelism (decoder models): the experts split over the first `devices` devices, the dense
         weights on each (`engine.expert_parallel`); in cached mode every device has its own cache of `expert_budget`
         (the budget is per device; a fraction is of all the model's expert bytes), fed from the one host store.
@@ -219,7 +222,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         raise ParameterError("{host_tier}: its expert files hold other weights than {expert_format} {name!r} keeps "
                              "({found})", name=fmt.name, found=host_tier.cache.files.root)
     check_cpu_experts(cpu_experts, config.mode)
-    kept = [] if cpu_experts == "auto" and host_tier is None else None  # the tier's host cache serves the host
+    kept = [] if cpu_experts != "off" and host_tier is None else None  # the tier's host cache serves the host
     if kept is not None:
         expert_stacks = keeping(expert_stacks, kept)
     parallel, table = None, None
@@ -230,9 +233,10 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
                             chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel)
-    if cpu_experts == "auto":
+    if cpu_experts != "off":
         compute["cpu_experts"] = host_experts(experts.host, kept, expert_activation(cfg), expert_bytes, cpu_cost,
-                                              cfg.top_k * max(prefill_chunk, slots))
+                                              cfg.top_k * max(prefill_chunk, slots),
+                                              widen=cpu_experts == "auto-float32")
         # On the CPU backend the host is the device: no overlap to gain, and a step blocked on its runner thread
         # would hold a thread of the CPU runtime that the runner's computation needs.
         compute["cpu_experts"].overlap = device.platform != "cpu"

@@ -66,7 +66,7 @@ from moejax.offload.host_ffn import (UNITS_BITS, host_operands, split_expert_ffn
                                      widened_in_blocks)
 from moejax.offload.torch_ffn import is_torch_operands, torch_expert_ffn, torch_operands, usable as torch_usable
 
-CPU_EXPERTS = ("off", "auto")
+CPU_EXPERTS = ("off", "auto", "auto-float32")  # auto-float32: the host's own copy widened to float32
 HOST_LIBRARIES = ("auto", "torch", "xla")
 HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and ranges of each, at once
 
@@ -129,17 +129,24 @@ class HostExperts:
         self.reset()
 
     @classmethod
-    def from_stacks(cls, stacks: list[dict], act: str, most_tokens: int, library: str = "auto") -> HostExperts:
+    def from_stacks(cls, stacks: list[dict], act: str, most_tokens: int, library: str = "auto",
+                    widen: bool = False) -> HostExperts:
         """Over its own copy of each MoE layer's experts {name: [E, ...]} (NumPy or JAX arrays): torch tensors in
         linear's layout (`torch_ffn.torch_operands`) for torch; for XLA, CPU arrays (bf16 experts laid out by hidden
-        unit, `host_ffn.unit_operands`; others as `host_operands` gives them)."""
-        dtypes = {name: w.dtype for name, w in stacks[0].items()}
+        unit, `host_ffn.unit_operands`; others as `host_operands` gives them). widen: the copy in float32 (twice
+        a bf16 expert's bytes; float32 matmuls read more bytes but, on some hosts, faster: `cpu_experts`
+        'auto-float32'); float experts only."""
+        if widen and any(name.endswith(SCALE_SUFFIX) for name in stacks[0]):
+            raise ParameterError("{cpu_experts} 'auto-float32' widens float experts, not compact ones "
+                                 "({expert_format} int8 / int4): use 'auto'")
+        as_kept = (lambda w: np.asarray(w, np.float32)) if widen else np.asarray
+        dtypes = {name: np.float32 if widen else w.dtype for name, w in stacks[0].items()}
         library = host_library(library, dtypes)
         cpu = jax.devices("cpu")[0]
         own = torch_operands if library == "torch" else lambda e: jax.device_put(_own_operands(e), cpu)
         experts = []
         for stack in stacks:
-            layer = {name: np.asarray(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
+            layer = {name: as_kept(w) for name, w in stack.items()}  # one host copy of the layer, sliced below
             count = next(iter(layer.values())).shape[0]
             experts.append([own({name: w[e] for name, w in layer.items()}) for e in range(count)])
         return cls(lambda layer, expert: experts[layer][expert], act, most_tokens, dtypes, library)
@@ -344,9 +351,9 @@ def check_option(cpu_experts: str, mode: str) -> None:
     """Raises ParameterError for a bad `cpu_experts` value or one the offload mode cannot use."""
     if cpu_experts not in CPU_EXPERTS:
         raise ParameterError.not_one_of("cpu_experts", cpu_experts, CPU_EXPERTS)
-    if cpu_experts == "auto" and mode != "cached":
-        raise ParameterError("{cpu_experts} 'auto' computes the expert cache's misses on the host: it needs {offload} "
-                             "cached, not {mode!r}", mode=mode)
+    if cpu_experts != "off" and mode != "cached":
+        raise ParameterError("{cpu_experts} {value!r} computes the expert cache's misses on the host: it needs "
+                             "{offload} cached, not {mode!r}", value=cpu_experts, mode=mode)
 
 
 def keeping(stacks, kept: list):
@@ -357,15 +364,18 @@ def keeping(stacks, kept: list):
 
 
 def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: CostModel | dict | None,
-                 most_tokens: int) -> HostExperts:
+                 most_tokens: int, widen: bool = False) -> HostExperts:
     """The HostExperts of an engine whose experts are `host`: its pinned host stacks (one per MoE layer; the host
     computes from its own copy, `kept`, the stacks as they were placed) or the disk tier (a `TieredHost`: the host
     computes from its host cache; `kept` unused); the cost model `cost` (a CostModel; None: measured; a dict:
     measured, then those fields replaced, e.g. {'link_bytes_per_s': 25e9} for another link); no expert routed more
-    than `most_tokens` tokens goes to the host."""
+    than `most_tokens` tokens goes to the host; widen: the host's own copy in float32 (`HostExperts.from_stacks`)."""
     tier = host if isinstance(host, TieredHost) else None
+    if widen and tier is not None:
+        raise ParameterError("{cpu_experts} 'auto-float32' keeps a float32 copy of the experts in host RAM; with "
+                             "{host_budget} the host computes from its host cache: use 'auto'")
     experts = (HostExperts.from_host_cache(tier.cache, act, most_tokens) if tier is not None
-               else HostExperts.from_stacks(kept, act, most_tokens))
+               else HostExperts.from_stacks(kept, act, most_tokens, widen=widen))
     if isinstance(cost, CostModel):
         experts.cost = cost
     else:

@@ -47,26 +47,31 @@ def torch_module():
 
 
 def usable(dtypes: dict) -> bool:
-    """Whether torch computes experts of these weights ({name: dtype}): bf16 matrices, not compact, torch present."""
+    """Whether torch computes experts of these weights ({name: dtype}): bf16 or float32 matrices, not compact, torch
+    present."""
     compact = any(name.endswith(SCALE_SUFFIX) for name in dtypes)
-    bf16 = all(np.dtype(dtypes[name]) == jax.numpy.bfloat16 for name in QUANTIZED_WEIGHTS if name in dtypes)
-    return bf16 and not compact and torch_module() is not None
+    kinds = {np.dtype(dtypes[name]) for name in QUANTIZED_WEIGHTS if name in dtypes}
+    one_float = kinds in ({np.dtype(jax.numpy.bfloat16)}, {np.dtype(np.float32)})
+    return one_float and not compact and torch_module() is not None
 
 
-def _tensor(bits: np.ndarray):
-    """A torch bf16 tensor over the bits (uint16) of a bf16 NumPy array, no copy."""
+def _tensor(w: np.ndarray):
+    """A torch tensor over a bf16 (or its bits, uint16) or float32 NumPy array, no copy where it is contiguous."""
     torch = torch_module()
+    w = np.ascontiguousarray(w)
     with warnings.catch_warnings():  # a read-only array (a lent host-cache slot): the products only read it
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+        if w.dtype == np.float32:
+            return torch.from_numpy(w)
+        return torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
 
 
 def torch_operands(expert: dict, copy: bool = True) -> dict:
-    """One bf16 expert {name: array} (NumPy or CPU JAX) as `torch_expert_ffn` takes it: its matrices as torch
-    bf16 tensors, in linear's layout [out, in] (transposed copies; gate and up stacked into one [2F, D] matrix
-    under GATE_UP, read by one product) under `name + LINEAR`, or with copy False over the arrays themselves
-    [in, out] under `name + STORED` (no copy: a host-cache slot lent for one computation); biases as float32
-    torch tensors."""
+    """One bf16 or float32 expert {name: array} (NumPy or CPU JAX) as `torch_expert_ffn` takes it: its matrices as
+    torch tensors of their dtype, in linear's layout [out, in] (transposed copies; gate and up stacked into one
+    [2F, D] matrix under GATE_UP, read by one product) under `name + LINEAR`, or with copy False over the arrays
+    themselves [in, out] under `name + STORED` (no copy: a host-cache slot lent for one computation); biases as
+    float32 torch tensors."""
     torch = torch_module()
     out, matrices = {}, {}
     for name, w in expert.items():
@@ -74,13 +79,18 @@ def torch_operands(expert: dict, copy: bool = True) -> dict:
         if name not in QUANTIZED_WEIGHTS:
             out[name] = torch.from_numpy(w.astype(np.float32))
         elif copy:
-            matrices[name] = w.view(np.uint16).T
+            matrices[name] = _plain(w).T
         else:
-            out[name + STORED] = _tensor(w.view(np.uint16))
+            out[name + STORED] = _tensor(_plain(w))
     if "gate" in matrices:
         out[GATE_UP + LINEAR] = _tensor(np.concatenate([matrices.pop("gate"), matrices.pop("up")]))
-    out.update({name + LINEAR: _tensor(np.ascontiguousarray(bits)) for name, bits in matrices.items()})
+    out.update({name + LINEAR: _tensor(w) for name, w in matrices.items()})
     return out
+
+
+def _plain(w: np.ndarray) -> np.ndarray:
+    """A bf16 array as its bits (uint16, NumPy's own dtype), a float32 one as it is."""
+    return w if w.dtype == np.float32 else w.view(np.uint16)
 
 
 def is_torch_operands(weights: dict) -> bool:
@@ -118,14 +128,15 @@ def torch_expert_ffn(x: np.ndarray, weights: dict, act) -> np.ndarray:
     gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias (plain: act(x @ up + up_bias)),
     as `models.moe.expert_ffn`, with the products in bf16 (the module's docstring)."""
     torch = torch_module()
+    dtype = next(w.dtype for name, w in weights.items() if name.endswith((LINEAR, STORED)))
     with torch.inference_mode():
-        rows = torch.from_numpy(np.array(x, np.float32)).to(torch.bfloat16)
+        rows = torch.from_numpy(np.array(x, np.float32)).to(dtype)
         both = _product(rows, weights, GATE_UP)
         if both is not None:
             gate, up = both.chunk(2, dim=-1)
         else:
             gate, up = _product(rows, weights, "gate"), _product(rows, weights, "up")
-        out = _product(_activation(gate, up, weights, act).to(torch.bfloat16), weights, "down")
+        out = _product(_activation(gate, up, weights, act).to(dtype), weights, "down")
         if "down_bias" in weights:
             out = out + weights["down_bias"]
         return out.numpy()
