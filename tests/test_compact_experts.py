@@ -161,6 +161,7 @@ def test_bad_formats_are_refused_in_one_line(capsys):
         moejax.load(SHIPPED, "cached", expert_budget="0.5", expert_format="int8", cpu_experts="auto-float32")
     with pytest.raises(ParameterError, match="cpu_experts 'auto-float32' keeps a float32 copy .* use 'auto'"):
         moejax.load(SHIPPED, "cached", expert_budget="0.5", host_budget="0.5", cpu_experts="auto-float32")
+    assert not (SHIPPED / "expert_files").exists()  # refused before the disk tier wrote a file
     stack = {"gate": np.zeros((2, 64, 8), np.float32), "up": np.zeros((2, 64, 8), np.float32),
              "down": np.zeros((2, 8, 64), np.float32)}
     with pytest.raises(ParameterError, match=r"^cpu_cost: unknown fields link \(fields: "):

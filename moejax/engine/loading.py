@@ -27,7 +27,8 @@ from moejax.models.moe import EXPERT_COMPUTES, INPLACE_COMPUTES
 from moejax.models.registry import kind_of
 from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
-from moejax.offload.cpu_experts import check_option as check_cpu_experts, host_experts, keeping
+from moejax.offload.cpu_experts import (check_option as check_cpu_experts, check_widened_copy, host_experts,
+                                       keeping)
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
 from moejax.offload.expert_stacks import (_place, _write_layer, empty_slab, host_sharding, size_pinned_pool,
                                          time_layer_fetches)
@@ -157,6 +158,7 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
                                  family=cfg.family)
     else:
         fmt.check(_shapes(cfg))
+        check_widened_copy(cpu_experts, fmt.approximate, config.host_budget is not None)  # before any file is written
         options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
     if devices != 1 or placement != "round-robin" or placement_traces is not None or hot_replicas:
         check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas,

@@ -136,9 +136,7 @@ class HostExperts:
         unit, `host_ffn.unit_operands`; others as `host_operands` gives them). widen: the copy in float32 (twice
         a bf16 expert's bytes; float32 matmuls read more bytes but, on some hosts, faster: `cpu_experts`
         'auto-float32'); float experts only."""
-        if widen and any(name.endswith(SCALE_SUFFIX) for name in stacks[0]):
-            raise ParameterError("{cpu_experts} 'auto-float32' widens float experts, not compact ones "
-                                 "({expert_format} int8 / int4): use 'auto'")
+        check_widened_copy("auto-float32" if widen else "auto", any(n.endswith(SCALE_SUFFIX) for n in stacks[0]))
         as_kept = (lambda w: np.asarray(w, np.float32)) if widen else np.asarray
         dtypes = {name: np.float32 if widen else w.dtype for name, w in stacks[0].items()}
         library = host_library(library, dtypes)
@@ -356,6 +354,19 @@ def check_option(cpu_experts: str, mode: str) -> None:
                              "{offload} cached, not {mode!r}", value=cpu_experts, mode=mode)
 
 
+def check_widened_copy(cpu_experts: str, compact: bool = False, tiered: bool = False) -> None:
+    """Raises ParameterError where 'auto-float32' cannot widen the host's copy: compact experts, or the disk tier
+    (the host then computes from its host cache, not a copy of its own)."""
+    if cpu_experts != "auto-float32":
+        return
+    if compact:
+        raise ParameterError("{cpu_experts} 'auto-float32' widens float experts, not compact ones "
+                             "({expert_format} int8 / int4): use 'auto'")
+    if tiered:
+        raise ParameterError("{cpu_experts} 'auto-float32' keeps a float32 copy of the experts in host RAM; with "
+                             "{host_budget} the host computes from its host cache: use 'auto'")
+
+
 def keeping(stacks, kept: list):
     """The expert stacks as they come, each also appended to `kept` (for the host's copy)."""
     for stack in stacks:
@@ -371,9 +382,7 @@ def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: Co
     measured, then those fields replaced, e.g. {'link_bytes_per_s': 25e9} for another link); no expert routed more
     than `most_tokens` tokens goes to the host; widen: the host's own copy in float32 (`HostExperts.from_stacks`)."""
     tier = host if isinstance(host, TieredHost) else None
-    if widen and tier is not None:
-        raise ParameterError("{cpu_experts} 'auto-float32' keeps a float32 copy of the experts in host RAM; with "
-                             "{host_budget} the host computes from its host cache: use 'auto'")
+    check_widened_copy("auto-float32" if widen else "auto", tiered=tier is not None)
     experts = (HostExperts.from_host_cache(tier.cache, act, most_tokens) if tier is not None
                else HostExperts.from_stacks(kept, act, most_tokens, widen=widen))
     if isinstance(cost, CostModel):
