@@ -524,3 +524,18 @@ def test_simulated_serving_slo_keeps_tpot_objectives_fcfs_does_not():
     positions = sched.padded_prompt_tokens(prompt, 128)
     assert alone.ttft_s == pytest.approx(positions * times.prefill_token_s)
     assert alone.tpot_s == pytest.approx(times.decode_step_s) and alone.tokens == tokens
+
+
+def test_simulated_serving_refuses_a_policy_that_admits_nothing():
+    from moejax.serving.loadgen import Arrival
+    from moejax.serving.simulate import simulate
+
+    class Idle(sched.Scheduler):
+        name = "idle"
+
+        def admit(self, waiting, running, free_slots, now, times):
+            return []
+
+    arrivals = [Arrival(0.0, "t", (1, 2, 3), 4)]
+    with pytest.raises(ParameterError, match=r"^scheduler 'idle' admitted none of 1 waiting requests into 2 free"):
+        simulate(arrivals, None, Idle(), StepTimes(0.01, 1e-3, 16), slots=2)

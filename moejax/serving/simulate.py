@@ -39,9 +39,9 @@ class _Job:
     preemptions: int = 0
     slot: int | None = None
 
-    def entry(self, arrival_s: float) -> Entry:
+    def entry(self) -> Entry:
         r = self.record
-        return Entry(id=r.id, arrival=arrival_s, prefill_tokens=self.prompt_tokens + self.generated,
+        return Entry(id=r.id, arrival=r.arrival_s, prefill_tokens=self.prompt_tokens + self.generated,
                      max_tokens=r.max_tokens, generated=self.generated, task=r.task, slo=r.slo,
                      first_token_at=self.first_token_at, preemptions=self.preemptions, prefill_left=self.prefill_left)
 
@@ -64,7 +64,7 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
     now, next_arrival = 0.0, 0
 
     def entries(jobs):
-        return [job.entry(job.record.arrival_s) for job in jobs]
+        return [job.entry() for job in jobs]
 
     def deliver(job: _Job) -> None:
         job.generated += 1
@@ -88,7 +88,7 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
             if len(waiting) >= max_queue:
                 record.outcome = "queue_full"
                 continue
-            if policy.refusal(job.entry(arrival.at_s), entries(waiting), entries(running.values()), slots,
+            if policy.refusal(job.entry(), entries(waiting), entries(running.values()), slots,
                               arrival.at_s, times) is not None:
                 record.outcome = "refused"
                 continue
@@ -113,6 +113,9 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
                     job.slot = min(set(range(slots)) - set(running))
                     job.prefill_left = job.prompt_tokens + job.generated
                     running[job.slot] = job
+        if waiting and not running:  # the loop would wait forever: no turn would ever change anything
+            raise ParameterError("{scheduler} {name!r} admitted none of {count} waiting requests into {free} free "
+                                 "slots", name=policy.name, count=len(waiting), free=slots)
         budget, size = times.prefill_chunk, times.prefill_chunk  # _prefill()
         for job in sorted((j for j in running.values() if j.prefill_left), key=lambda j: j.order):
             while job.prefill_left and budget > 0:
