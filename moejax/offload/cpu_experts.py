@@ -16,8 +16,9 @@ which starts `compute` on a runner thread and returns at once; the device then f
 experts, and `host_finish` waits for the host's sum. So the host computes while the link copies the other
 misses (on a GPU; on the CPU backend, where the host is the device, `finish` computes it).
 
-Exact up to float rounding: bf16 experts, where torch is importable, go through torch's CPU bf16 matmul
-(`offload.torch_ffn`: one expert at a time on torch's threads; `HostExperts.library` 'torch'). Otherwise
+Exact up to float rounding: float experts (bf16, float32; 'auto-float32' widens the host's copy), where torch is
+importable, go through torch's CPU matmul (`offload.torch_ffn`: one expert at a time on torch's threads;
+`HostExperts.library` 'torch'). Otherwise
 ('xla') the host runs the device's expert function on the weights as the cache holds them
 (compact ones dequantized), in float32 and reading each weight matrix block by block (`offload.host_ffn`: XLA:CPU's
 own bf16 matmul is several times slower), compiled by XLA for the CPU (`jax.devices("cpu")`; its thread pool uses the

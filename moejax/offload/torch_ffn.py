@@ -1,5 +1,5 @@
-"""One bf16 routed expert's FFN on the host through torch's CPU matmul, where torch is importable
-(`cpu_experts='auto'`, `offload.cpu_experts.HostExperts`).
+"""One float (bf16 or float32) routed expert's FFN on the host through torch's CPU matmul, where torch is
+importable (`cpu_experts='auto'` or 'auto-float32', `offload.cpu_experts.HostExperts`).
 
 Why torch, an optional dependency: XLA:CPU computes a bfloat16 matmul by widening to float32 and reads a bf16
 weight matrix at a few GB/s, and even widened block by block (`offload.host_ffn`) one expert on 16 cores reads
