@@ -403,14 +403,11 @@ class ServingLoop:
             queued, held = list(self._waiting), list(self._running.values())
         waiting, running = self._entries(queued), self._entries(held)
         job_of = {id(entry): job for entry, job in zip([*waiting, *running], [*queued, *held], strict=True)}
-        free = self.max_batch - len(running)
-        for victim in self.scheduler.preempt(waiting, running, free, now, self._times):
+        victims, admitted = self.scheduler.plan(waiting, running, self.max_batch - len(running), now, self._times)
+        for victim in victims:
             self._preempt(job_of[id(victim)])
-            running.remove(victim)
-            free += 1
-        if free > 0:
-            for entry in self.scheduler.admit(waiting, running, free, now, self._times):
-                self._admit(job_of[id(entry)])
+        for entry in admitted:
+            self._admit(job_of[id(entry)])
 
     def _admit(self, job: _Job) -> None:
         request, engine = job.request, self.engine

@@ -294,6 +294,17 @@ class Scheduler:
         """The waiting requests to admit now, at most free_slots, in order: the first of `order`."""
         return self.order(waiting, running, now, times)[:free_slots]
 
+    def plan(self, waiting: list[Entry], running: list[Entry], free_slots: int, now: float,
+             times: StepTimes | None) -> tuple[list[Entry], list[Entry]]:
+        """One turn's scheduling, as the serving loop (and `serving.simulate`) carries it out: (the running
+        requests to preempt, the waiting ones to admit into the slots free once they have gone)."""
+        victims = self.preempt(waiting, running, free_slots, now, times)
+        free = free_slots + len(victims)
+        if free == 0:
+            return victims, []
+        staying = [r for r in running if all(r is not v for v in victims)]
+        return victims, self.admit(waiting, staying, free, now, times)
+
     def preempt(self, waiting: list[Entry], running: list[Entry], free_slots: int, now: float,
                 times: StepTimes | None) -> list[Entry]:
         """Running requests to give their slots up (to be resumed later)."""

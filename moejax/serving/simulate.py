@@ -5,7 +5,7 @@
 `decode_step_s` (+ `decode_row_s` per decoding request), a prefill chunk `prefill_token_s` per position it
 computes (chunks padded as the engine pads them). Each turn does what the loop's does, in the same order:
 new arrivals are refused or queued (`Scheduler.refusal`, a full queue), the policy preempts and admits
-(`Scheduler.preempt`, `Scheduler.admit`), prompt chunks of the admitted requests run oldest first up to
+(`Scheduler.plan`: preempt, then admit), prompt chunks of the admitted requests run oldest first up to
 `prefill_chunk` tokens (a request whose prompt ends gets its first token), then one decode step of every
 decoding request. The policies are the real ones, given the step times as measured times; so a policy can be
 judged on a GPU's measured step times (`scripts/bench_serve.py` records them) without the GPU, in
@@ -97,22 +97,19 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
             queued, held = list(waiting), list(running.values())
             waiting_entries, running_entries = entries(queued), entries(held)
             job_of = {id(e): j for e, j in zip([*waiting_entries, *running_entries], [*queued, *held], strict=True)}
-            free = slots - len(running)
-            for victim in policy.preempt(waiting_entries, running_entries, free, now, times):
+            victims, admitted = policy.plan(waiting_entries, running_entries, slots - len(running), now, times)
+            for victim in victims:
                 job = job_of[id(victim)]
                 del running[job.slot]
                 job.slot, job.prefill_left = None, 0
                 job.preemptions += 1
                 waiting.append(job)
-                running_entries.remove(victim)
-                free += 1
-            if free > 0:
-                for entry in policy.admit(waiting_entries, running_entries, free, now, times):
-                    job = job_of[id(entry)]
-                    waiting.remove(job)
-                    job.slot = min(set(range(slots)) - set(running))
-                    job.prefill_left = job.prompt_tokens + job.generated
-                    running[job.slot] = job
+            for entry in admitted:
+                job = job_of[id(entry)]
+                waiting.remove(job)
+                job.slot = min(set(range(slots)) - set(running))
+                job.prefill_left = job.prompt_tokens + job.generated
+                running[job.slot] = job
         if waiting and not running:  # the loop would wait forever: no turn would ever change anything
             raise ParameterError("{scheduler} {name!r} admitted none of {count} waiting requests into {free} free "
                                  "slots", name=policy.name, count=len(waiting), free=slots)
