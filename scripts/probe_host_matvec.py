@@ -14,23 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from concurrent import futures
 from pathlib import Path
 
 import numpy as np
 
-from scripts.benchlib import environment, write_json
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from scripts.benchlib import environment, median_seconds, write_json
 
 
 def widened_matvec(x: np.ndarray, bits: np.ndarray, start: int, stop: int, block: int) -> np.ndarray:
@@ -85,7 +74,7 @@ def main() -> None:
 
     def record(name, fn, weight_bytes):
         try:
-            seconds = timed(fn, args.repeats)
+            seconds = median_seconds(fn, args.repeats)
         except Exception as error:  # a library or dtype this host lacks: say so, go on
             rows[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
             print(f"{name:34s} error {rows[name]['error']}", flush=True)

@@ -27,6 +27,7 @@ from moejax.serving.requests import SLO
 from moejax.serving.scheduler import StepTimes, make_scheduler
 from moejax.serving.simulate import simulate
 from moejax.tokenizer import load_tokenizer
+from scripts.bench_serve import load_rps, parse_loads
 from scripts.benchlib import print_table, write_json
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, required=True, help="a bench_serve.py JSON with an slo part")
     p.add_argument("--model", default="tiny-moe")
     p.add_argument("--task-mix", type=Path, required=True)
-    p.add_argument("--loads", default="1x,2x,4x,8x")
+    p.add_argument("--loads", type=parse_loads, default=parse_loads("1x,2x,4x,8x"))
     p.add_argument("--schedulers", default="fcfs,slo")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--seeds", type=int, default=6)
@@ -67,8 +68,8 @@ def main() -> None:
     shape = {k: run_args[k] for k in ("max_prompt", "min_tokens", "max_tokens")}
     slots = run_args.get("max_batch") or record["slots"]
     rows = []
-    for load in args.loads.split(","):
-        rps = float(load.removesuffix("x")) * record["service_rate_rps"] if load.endswith("x") else float(load)
+    for load in args.loads:
+        rps = load_rps(load, record["service_rate_rps"])
         workloads = [loadgen.draw_arrivals(mix, rps, seed=seed, count=args.requests, encode=encode, **shape)
                      for seed in range(args.seeds)]
         for name in args.schedulers.split(","):
