@@ -158,7 +158,8 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
                                  family=cfg.family)
     else:
         fmt.check(_shapes(cfg))
-        check_widened_copy(cpu_experts, fmt.approximate, config.host_budget is not None)  # before any file is written
+        # before the disk tier writes a file
+        check_widened_copy(cpu_experts == "auto-float32", fmt.approximate, config.host_budget is not None)
         options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
     if devices != 1 or placement != "round-robin" or placement_traces is not None or hot_replicas:
         check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas,

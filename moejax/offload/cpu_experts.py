@@ -111,8 +111,8 @@ class HostExperts:
     device cache holds them, or None when the read failed), the callback that computes some of them on a layer's
     rows, and its counters (experts computed, tokens, seconds). most_tokens: no expert routed more tokens goes to
     the host (`split_misses`); dtypes: {name: dtype} of an expert's weights; library: what computes them, 'torch'
-    (bf16 experts where torch is importable: `offload.torch_ffn`) or 'xla' (`offload.host_ffn`); 'auto': torch
-    where it can. Hashable by identity: it is part of the step programs' static spec."""
+    (float experts, bf16 or float32, where torch is importable: `offload.torch_ffn`) or 'xla' (`offload.host_ffn`);
+    'auto': torch where it can. Hashable by identity: it is part of the step programs' static spec."""
 
     def __init__(self, weights: Callable[[int, int], dict | None], act: str, most_tokens: int, dtypes: dict,
                  library: str = "auto"):
@@ -137,7 +137,7 @@ class HostExperts:
         unit, `host_ffn.unit_operands`; others as `host_operands` gives them). widen: the copy in float32 (twice
         a bf16 expert's bytes; float32 matmuls read more bytes but, on some hosts, faster: `cpu_experts`
         'auto-float32'); float experts only."""
-        check_widened_copy("auto-float32" if widen else "auto", any(n.endswith(SCALE_SUFFIX) for n in stacks[0]))
+        check_widened_copy(widen, compact=any(name.endswith(SCALE_SUFFIX) for name in stacks[0]))
         as_kept = (lambda w: np.asarray(w, np.float32)) if widen else np.asarray
         dtypes = {name: np.float32 if widen else w.dtype for name, w in stacks[0].items()}
         library = host_library(library, dtypes)
@@ -242,7 +242,8 @@ def host_library(library: str, dtypes: dict) -> str:
     if library == "xla" or (library == "auto" and not torch_usable(dtypes)):
         return "xla"
     if not torch_usable(dtypes):
-        raise ParameterError("{host_library} 'torch' computes bf16 experts (not compact) and needs torch installed")
+        raise ParameterError("{host_library} 'torch' computes float experts (bf16 or float32, not compact) and "
+                             "needs torch installed")
     return "torch"
 
 
@@ -355,10 +356,10 @@ def check_option(cpu_experts: str, mode: str) -> None:
                              "{offload} cached, not {mode!r}", value=cpu_experts, mode=mode)
 
 
-def check_widened_copy(cpu_experts: str, compact: bool = False, tiered: bool = False) -> None:
-    """Raises ParameterError where 'auto-float32' cannot widen the host's copy: compact experts, or the disk tier
-    (the host then computes from its host cache, not a copy of its own)."""
-    if cpu_experts != "auto-float32":
+def check_widened_copy(widen: bool, compact: bool = False, tiered: bool = False) -> None:
+    """Raises ParameterError where the host's copy cannot be widened (`cpu_experts` 'auto-float32', widen True):
+    compact experts, or the disk tier (the host then computes from its host cache, not a copy of its own)."""
+    if not widen:
         return
     if compact:
         raise ParameterError("{cpu_experts} 'auto-float32' widens float experts, not compact ones "
@@ -383,7 +384,7 @@ def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: Co
     measured, then those fields replaced, e.g. {'link_bytes_per_s': 25e9} for another link); no expert routed more
     than `most_tokens` tokens goes to the host; widen: the host's own copy in float32 (`HostExperts.from_stacks`)."""
     tier = host if isinstance(host, TieredHost) else None
-    check_widened_copy("auto-float32" if widen else "auto", tiered=tier is not None)
+    check_widened_copy(widen, tiered=tier is not None)
     experts = (HostExperts.from_host_cache(tier.cache, act, most_tokens) if tier is not None
                else HostExperts.from_stacks(kept, act, most_tokens, widen=widen))
     if isinstance(cost, CostModel):

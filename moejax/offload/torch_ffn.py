@@ -7,9 +7,10 @@ weight matrix at a few GB/s, and even widened block by block (`offload.host_ffn`
 host's memory bandwidth, as fast as the PCIe link copies it (`scripts/probe_host_matvec.py`; BENCHMARKS.md,
 "The host's expert compute"). Without torch the host uses `offload.host_ffn`.
 
-The arithmetic is the device's: rows and products in bf16 (float32 accumulation inside the matmul), the
-activation in float32 (torch's function of the same name; gpt-oss's through the device's own), the hidden units
-rounded to bf16 for the down projection; output float32. One expert at a time, each product on torch's intra-op
+The arithmetic is the device's: rows and products in the weights' dtype (bf16 with float32 accumulation inside
+the matmul; float32 for 'auto-float32's widened copy, closer to exact than the device), the activation in
+float32 (torch's function of the same name; gpt-oss's through the device's own), the hidden units rounded to the
+weights' dtype for the down projection; output float32. One expert at a time, each product on torch's intra-op
 threads (every core but two).
 """
 
@@ -24,8 +25,8 @@ import numpy as np
 
 from moejax.models.quantized import QUANTIZED_WEIGHTS, SCALE_SUFFIX
 
-LINEAR = "_linear"  # suffix of a bf16 matrix as a torch tensor in linear's layout [out, in] (the faster)
-STORED = "_stored"  # suffix of a bf16 matrix as a torch tensor over the array as stored, [in, out]
+LINEAR = "_linear"  # suffix of a matrix as a torch tensor in linear's layout [out, in] (the faster)
+STORED = "_stored"  # suffix of a matrix as a torch tensor over the array as stored, [in, out]
 GATE_UP = "gate_up"  # gate and up stacked, [2F, D], in linear's layout
 # `models.layers.ACTIVATIONS` by torch.nn.functional's (name, keywords); others (gpt-oss's) run the device's own
 TANH = ("gelu", {"approximate": "tanh"})
@@ -98,7 +99,8 @@ def is_torch_operands(weights: dict) -> bool:
 
 
 def _product(rows, weights: dict, name: str):
-    """rows [N, in] bf16 tensor @ matrix `name` of `weights` -> [N, out] float32 tensor; None if it has none."""
+    """rows [N, in] tensor (the weights' dtype) @ matrix `name` of `weights` -> [N, out] float32 tensor; None if
+    it has none."""
     torch = torch_module()
     if name + LINEAR in weights:
         return torch.nn.functional.linear(rows, weights[name + LINEAR]).float()
@@ -126,7 +128,7 @@ def _activation(gate, up, weights: dict, act):
 def torch_expert_ffn(x: np.ndarray, weights: dict, act) -> np.ndarray:
     """The expert of `weights` (as `torch_operands` gives them) on rows x [N, D] -> [N, D] f32 (NumPy):
     gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias (plain: act(x @ up + up_bias)),
-    as `models.moe.expert_ffn`, with the products in bf16 (the module's docstring)."""
+    as `models.moe.expert_ffn`, with the products in the weights' dtype (the module's docstring)."""
     torch = torch_module()
     dtype = next(w.dtype for name, w in weights.items() if name.endswith((LINEAR, STORED)))
     with torch.inference_mode():
