@@ -293,6 +293,33 @@ def test_largest_fitting_doubles_then_bisects():
     assert largest_fitting(under(37), 1000, out_of_time=lambda: len(tried) >= 3) == (4, True) and tried == [1, 2, 4]
 
 
+def test_timed_fitting_shrinks_a_batch_the_device_cannot_run():
+    """A largest batch that exhausts the device's memory when it runs is timed at 7/8 of its rows, then 7/8 of
+    that...; another runtime error is reported at once; a batch of no rows is not run."""
+    import jax
+
+    from scripts.bench_gating import timed_fitting
+
+    class Bench:
+        def __init__(self, runs_up_to, message="RESOURCE_EXHAUSTED: Out of memory"):
+            self.runs_up_to, self.message, self.tried = runs_up_to, message, []
+
+        def row(self, how, rows):
+            self.tried.append(rows)
+            if rows > self.runs_up_to:
+                raise jax.errors.JaxRuntimeError(self.message)
+            return {"compute": how, "rows": rows}
+
+    bench = Bench(800)
+    assert timed_fitting(bench, "grouped", 1000) == {"compute": "grouped", "rows": 765, "runtime_shrunk": 2}
+    assert bench.tried == [1000, 875, 765]
+    never = Bench(0)
+    assert "RESOURCE_EXHAUSTED" in timed_fitting(never, "grouped", 1000)["error"] and len(never.tried) == 4
+    other = Bench(0, "INTERNAL: something else")
+    assert "INTERNAL" in timed_fitting(other, "grouped", 1000)["error"] and other.tried == [1000]
+    assert timed_fitting(Bench(10), "grouped", 0) == {}
+
+
 def test_gating_bench_smoke_run():
     """The gating part on a tiny Mixtral shape: a row per compute and batch, the computes agree on the layers'
     output, capacity computes fewer expert rows and drops at most what a capacity factor of 1 can, and each

@@ -244,8 +244,8 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
 
 @pytest.mark.parametrize("fmt, cpu_experts", [("bf16", "off,auto"), ("int4", "off")])
 def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts):
-    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor and the tier's counters (and one
-    with cpu_experts 'auto', compared with the copy-only row)."""
+    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor (at the disk's faster measured
+    bandwidth) and the tier's counters (and one with cpu_experts 'auto', compared with the copy-only row)."""
     from scripts import bench_ssd
 
     out = tmp_path / "bench_ssd.json"
@@ -259,7 +259,10 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts):
     assert data["expert_format"] == fmt and row["host_tier"]["file_bytes"] == {"bf16": 24576, "int4": 8192}[fmt]
     assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
     assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
-    assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0
+    assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0 and row["run_read_gb_s"] > 0
+    # the floor at the faster of the disk's reads before and after the runs
+    assert data["floor_gb_s"] == max(data["disk_gb_s"], data["disk_gb_s_after"])
+    assert row["floor_s"] == pytest.approx(row["disk_gb"] / data["floor_gb_s"])
     assert [r["cpu_experts"] for r in data["rows"]] == cpu_experts.split(",") and row["x_copy"] is None
     if cpu_experts == "off,auto":
         auto = data["rows"][1]
