@@ -121,7 +121,11 @@ def test_requests_get_their_solo_tokens_batched_and_arriving_at_different_times(
         log.mark("long prompt submitted")
         handles += [loop.submit(r, log) for r in requests[2:]]
         results = [h.result(timeout=120) for h in handles]
-        assert loop.metrics()["running"] == 0
+        metrics = loop.metrics()
+        assert metrics["running"] == 0
+    # decode steps measured per batch size (the sizes depend on the threads' timing; several decode at once)
+    by_batch = metrics["step_times"]["decode_by_batch"]
+    assert set(by_batch) <= {1, 2, 3, 4} and max(by_batch) >= 2 and all(t > 0 for t in by_batch.values())
     assert engine.occupied == [] and engine.prefilling == []
     for n, result in enumerate(results):
         assert (list(result.token_ids), result.finish_reason) == (expected[n], "length"), n
@@ -491,6 +495,54 @@ def test_prompts_are_admitted_only_within_the_running_requests_pause_budgets():
     assert [e.id for e in scheduler.admit([long, short], [decoding], 4, 90.18, times)] == ["short"]
     assert [e.id for e in scheduler.admit([long, short], [decoding], 4, 90.18, None)] == ["short", "long"]  # unmeasured
     assert [e.id for e in sched.Scheduler().admit([long, short], [decoding], 1, 90.18, times)] == ["long"]
+
+
+def test_decode_step_times_by_batch_size():
+    """The measured step of a batch size, linear between measured sizes, the nearest one's outside them, the
+    overall step without any; JSON's lists of pairs come back sorted tuples."""
+    flat = StepTimes(0.05, 1e-3, 64)
+    assert sched.decode_step_at(flat, 7) == 0.05 and flat.at_batch(7) == flat
+    grown = StepTimes(0.05, 1e-3, 64, [[4, 0.1], [1, 0.04], [2, 0.06]])
+    assert grown.decode_by_batch == ((1, 0.04), (2, 0.06), (4, 0.1))
+    steps = [sched.decode_step_at(grown, n) for n in (0, 1, 2, 3, 4, 16)]
+    assert steps == pytest.approx([0.04, 0.04, 0.06, 0.08, 0.1, 0.1])
+    three = grown.at_batch(3)
+    assert three.decode_step_s == pytest.approx(0.08) and three.decode_by_batch == grown.decode_by_batch
+
+
+def test_admission_weighs_the_decode_steps_a_larger_batch_slows():
+    """Where a decode step grows with the batch (an offloading engine moves the union of the batch's experts),
+    a request is admitted only if the running requests can afford the growth over the steps they share with it,
+    besides its prompt's pause; with flat step times the same request fits."""
+    lengths = TaskLengths(default=20)
+    flat = StepTimes(decode_step_s=0.01, prefill_token_s=1e-4, prefill_chunk=64)  # a 16-token prompt: 6.4 ms
+    grows = StepTimes(0.01, 1e-4, 64, ((1, 0.01), (2, 0.02)))
+    # 20 tokens expected, 10 sent, 0.02 s a token: at t = 90.18 its budget is 0.1 s (10 steps of 0.01 s).
+    decoding = entry("d", arrival=89.0, first_token_at=90.0, generated=10, max_tokens=20, slo=SLO(tpot_s=0.02))
+    short = entry("short", prompt=16, max_tokens=20)  # 20 expected steps: it shares the other's last 10
+    assert [e.id for e in sched.admissible([short], [decoding], 4, 90.18, flat, lengths)] == ["short"]
+    assert sched.admissible([short], [decoding], 4, 90.18, grows, lengths) == []  # 10 x 0.01 s more > 0.1 - 0.0064
+    brief = entry("brief", prompt=16, max_tokens=5)  # 5 shared steps: 0.05 s of growth + 6.4 ms of prompt fit
+    assert [e.id for e in sched.admissible([short, brief], [decoding], 4, 90.18, grows, lengths)] == ["brief"]
+    # an admitted request's own budget is at the step of the batch it joins: (20 - 1) x (0.03 - 0.02) = 0.19 s,
+    # short of the 20 x 0.01 s a second request would add to its steps
+    roomy = StepTimes(0.01, 1e-4, 64, ((1, 0.02), (2, 0.03)))
+    own = entry("own", prompt=16, max_tokens=20, slo=SLO(tpot_s=0.03))
+    assert [e.id for e in sched.admissible([own, short], [], 4, 100.0, roomy, lengths)] == ["own"]
+
+
+def test_simulated_decode_steps_follow_the_batch_size():
+    """The simulated engine's decode step is the measured one of its batch size: two requests decoding
+    together take the batch-2 step per token."""
+    from moejax.serving.loadgen import Arrival
+    from moejax.serving.simulate import simulate
+
+    times = StepTimes(0.01, 0.0, 16, ((1, 0.01), (2, 0.05)))  # prompts take no time
+    arrivals = [Arrival(0.0, "t", (1, 2, 3), 6), Arrival(0.0, "t", (4, 5, 6), 6)]
+    records = simulate(arrivals, None, "fcfs", times, slots=2).records
+    assert [r.tpot_s for r in records] == pytest.approx([0.05, 0.05])
+    alone = simulate(arrivals[:1], None, "fcfs", times, slots=2).records[0]
+    assert alone.tpot_s == pytest.approx(0.01)
 
 
 def test_simulated_serving_slo_keeps_tpot_objectives_fcfs_does_not():

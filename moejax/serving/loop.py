@@ -153,6 +153,7 @@ class ServingLoop:
         self._times = step_times
         self._decode_s = None if step_times is None else step_times.decode_step_s
         self._prefill_token_s = None if step_times is None else step_times.prefill_token_s
+        self._decode_by_batch = {} if step_times is None else dict(step_times.decode_by_batch)  # batch -> seconds
         self._profiles: dict = {}
         self._profiles_at = -float("inf")
         self._engine_stats: dict = {}
@@ -268,7 +269,8 @@ class ServingLoop:
                 "ttft_s": self._ttft.snapshot(),
                 "tpot_s": self._tpot.snapshot(),
                 "step_times": None if times is None else {"decode_step_s": times.decode_step_s,
-                                                          "prefill_token_s": times.prefill_token_s},
+                                                          "prefill_token_s": times.prefill_token_s,
+                                                          "decode_by_batch": dict(times.decode_by_batch)},
                 "engine": dict(self._engine_stats),
                 "approximate_routing": self.approximate_routing,
             }
@@ -367,18 +369,21 @@ class ServingLoop:
         self._refresh_profiles()
         self._refresh_stats()
 
-    def _measure(self, seconds: float, positions: int, decoded: bool) -> None:
-        """Learns the step times from a turn's seconds (compilation apart): a turn of one decode step gives the
-        decode step's; with prefill chunks, what is left of it gives the seconds per prefilled position.
-        (Turns, not engine calls, are timed: a call that reads results also waits for the steps before.)"""
+    def _measure(self, seconds: float, positions: int, decoded: int) -> None:
+        """Learns the step times from a turn's seconds (compilation apart): a turn of one decode step of
+        `decoded` requests gives the decode step's, overall and at that batch size; with prefill chunks, what
+        is left of it gives the seconds per prefilled position. (Turns, not engine calls, are timed: a call
+        that reads results also waits for the steps before.)"""
         if decoded and not positions:
             self._decode_s = _smoothed(self._decode_s, seconds)
+            self._decode_by_batch[decoded] = _smoothed(self._decode_by_batch.get(decoded), seconds)
         elif positions and (self._decode_s is not None or not decoded):
-            spent = seconds - (self._decode_s if decoded else 0.0)
+            spent = seconds - (self._decode_by_batch.get(decoded, self._decode_s) if decoded else 0.0)
             self._prefill_token_s = _smoothed(self._prefill_token_s, max(spent, 0.0) / positions)
         if self._decode_s is not None and self._prefill_token_s is not None:
             with self._cond:
-                self._times = StepTimes(self._decode_s, self._prefill_token_s, self.engine.prefill_chunk)
+                self._times = StepTimes(self._decode_s, self._prefill_token_s, self.engine.prefill_chunk,
+                                        tuple(self._decode_by_batch.items()))
 
     def _end_cancelled(self) -> None:
         with self._cond:
@@ -456,20 +461,21 @@ class ServingLoop:
                     self._deliver(job, token)
         return positions
 
-    def _decode(self) -> bool:
-        """A decode step of every decoding request -> whether one ran."""
+    def _decode(self) -> int:
+        """A decode step of every decoding request -> how many it decoded (0: none ran)."""
         if not self.engine.occupied:
-            return False
+            return 0
+        decoding = [job for job in self._running.values() if not job.prefill_left]
         try:
             produced = self.engine.decode()
         except Exception as err:  # noqa: BLE001
-            self._engine_error(err, [job for job in self._running.values() if not job.prefill_left])
-            return False
+            self._engine_error(err, decoding)
+            return 0
         for slot, token in produced.items():
             job = self._running.get(slot)
             if job is not None:
                 self._deliver(job, token)
-        return True
+        return max(len(decoding), 1)
 
     def _engine_error(self, err: Exception, jobs: list[_Job]) -> None:
         """An engine call failed: its requests end with 'error'; if the engine's state was lost with it (its

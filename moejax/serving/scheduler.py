@@ -18,8 +18,10 @@ functions over them, so it can be checked on synthetic request sets without an e
         that cannot be preempted) is refused. A free slot is taken only by a request whose prompt fits
         the running requests' TPOT objectives (`admissible`): every prompt chunk prefilled between two
         decode steps pauses the whole running batch, so a prompt is admitted only when each request that
-        will be decoding meanwhile has that much slack left over the rest of its output (`pause_budget_s`);
-        one that does not fit waits and shorter ones behind it may go first.
+        will be decoding meanwhile has that much slack left over the rest of its output (`pause_budget_s`),
+        and, where the decode step grows with the batch (an offloading engine's step moves the union of the
+        batch's experts; the loop measures the step per batch size), also the slower steps it shares with
+        them; one that does not fit waits and shorter ones behind it may go first.
 """
 
 from __future__ import annotations
@@ -40,11 +42,32 @@ from moejax.serving.requests import SLO
 class StepTimes:
     """The engine's measured speed: seconds per decode step of the running batch and per position a prefill
     chunk computes (chunks are padded: `engine.buckets.padded_prompt_tokens`), and the prompt tokens per chunk
-    (a decode step of the running batch follows each chunk)."""
+    (a decode step of the running batch follows each chunk). decode_by_batch: ((decoding requests, seconds per
+    decode step), ...) as measured per batch size, sorted (empty: unknown); an offloading engine's step moves
+    the union of its tokens' experts, so it grows with the batch (`decode_step_at`)."""
 
     decode_step_s: float
     prefill_token_s: float
     prefill_chunk: int = 512
+    decode_by_batch: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self):  # from JSON: lists of [batch, seconds]
+        object.__setattr__(self, "decode_by_batch", tuple(sorted((int(n), float(t)) for n, t in self.decode_by_batch)))
+
+    def at_batch(self, batch: int) -> StepTimes:
+        """These times with decode_step_s the step of `batch` decoding requests (`decode_step_at`)."""
+        return dataclasses.replace(self, decode_step_s=decode_step_at(self, batch))
+
+
+def decode_step_at(times: StepTimes, batch: int) -> float:
+    """Seconds per decode step of `batch` decoding requests: linear between the batch sizes measured around it;
+    the nearest measured one's outside them (a size never measured is never judged slower than the largest one
+    measured, so admission can reach it and measure it); `decode_step_s` if none was measured."""
+    table = times.decode_by_batch
+    if not table:
+        return times.decode_step_s
+    sizes = [n for n, _ in table]
+    return float(np.interp(batch, sizes, [t for _, t in table]))
 
 
 # Before anything is measured: orders requests by these; refuses nothing.
@@ -153,24 +176,33 @@ def pause_budget_s(entry: Entry, now: float, times: StepTimes, lengths: TaskLeng
 
 def admissible(ordered: list[Entry], running: list[Entry], free_slots: int, now: float, times: StepTimes,
                lengths: TaskLengths) -> list[Entry]:
-    """Of the waiting requests in admission order, those to admit now (at most free_slots): each only if its
-    prefill's pause fits the pause budget of every request that will be decoding meanwhile (`pause_budget_s`:
-    the decoding ones, less the prompt chunks already admitted, and the requests admitted before it), so that
-    prompts never cost running requests their TPOT objective. One that does not fit waits, and the next ones
-    are tried (a shorter prompt may fit)."""
-    own = [prefill_pause_s(r.prefill_left, times) if r.prefill_left else 0.0 for r in running]
+    """Of the waiting requests in admission order, those to admit now (at most free_slots): each only if what
+    it costs every request that will be decoding meanwhile fits that request's pause budget (`pause_budget_s`
+    at the batch's step time: the decoding ones, less the prompt chunks already admitted, and the requests
+    admitted before it), so that new requests never cost running ones their TPOT objective. The cost: its
+    prefill's pause, and where the decode step grows with the batch (`StepTimes.decode_by_batch`), the growth
+    over the decode steps both are expected to share. One that does not fit waits, and the next ones are tried
+    (a shorter prompt or output may fit)."""
+    step = times.at_batch(len(running))
+    own = [prefill_pause_s(r.prefill_left, step) if r.prefill_left else 0.0 for r in running]
     queued = sum(own)  # a request's own prompt chunks do not pause it
-    budgets = [pause_budget_s(r, now, times, lengths) - (queued - mine) for r, mine in zip(running, own)]
+    budgets = [pause_budget_s(r, now, step, lengths) - (queued - mine) for r, mine in zip(running, own)]
+    steps_left = [max(lengths.expected(r) - r.generated, 0.0) for r in running]
     chosen: list[Entry] = []
     for entry in ordered:
         if len(chosen) == free_slots:
             break
-        pause = prefill_pause_s(entry.prefill_tokens, times)
-        if budgets and min(budgets) < pause:
+        batch = len(running) + len(chosen)
+        growth = max(decode_step_at(times, batch + 1) - decode_step_at(times, batch), 0.0)
+        pause = prefill_pause_s(entry.prefill_tokens, step)
+        mine = max(lengths.expected(entry) - entry.generated, 0.0)
+        costs = [pause + growth * min(left, mine) for left in steps_left]
+        if any(b < c for b, c in zip(budgets, costs)):
             continue
-        budgets = [b - pause for b in budgets]
+        budgets = [b - c for b, c in zip(budgets, costs)]
         chosen.append(entry)
-        budgets.append(pause_budget_s(entry, now, times, lengths))
+        budgets.append(pause_budget_s(entry, now, times.at_batch(batch + 1), lengths))
+        steps_left.append(mine)
     return chosen
 
 

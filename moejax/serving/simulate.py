@@ -1,16 +1,17 @@
 """The serving loop's turns in virtual time, for trying scheduling policies offline.
 
 `simulate` replays a workload (`loadgen.Arrival`s with their tasks' SLOs) through a model of
-`serving.loop.ServingLoop` whose engine takes fixed times: a decode step of the running batch
-`decode_step_s` (+ `decode_row_s` per decoding request), a prefill chunk `prefill_token_s` per position it
-computes (chunks padded as the engine pads them). Each turn does what the loop's does, in the same order:
-new arrivals are refused or queued (`Scheduler.refusal`, a full queue), the policy preempts and admits
-(`Scheduler.plan`: preempt, then admit), prompt chunks of the admitted requests run oldest first up to
-`prefill_chunk` tokens (a request whose prompt ends gets its first token), then one decode step of every
-decoding request. The policies are the real ones, given the step times as measured times; so a policy can be
-judged on a GPU's measured step times (`scripts/bench_serve.py` records them) without the GPU, in
-milliseconds, and exactly reproducibly. What it leaves out: the loop's thread running beside the arrivals
-(here they are taken at turn boundaries, judged at their arrival time), step times that vary, compilation.
+`serving.loop.ServingLoop` whose engine takes fixed times: a decode step of n decoding requests
+`decode_step_at(times, n)` (the measured `decode_by_batch`, else `decode_step_s`; + `decode_row_s` per
+decoding request), a prefill chunk `prefill_token_s` per position it computes (chunks padded as the engine
+pads them). Each turn does what the loop's does, in the same order: new arrivals are refused or queued
+(`Scheduler.refusal`, a full queue), the policy preempts and admits (`Scheduler.plan`: preempt, then admit),
+prompt chunks of the admitted requests run oldest first up to `prefill_chunk` tokens (a request whose prompt
+ends gets its first token), then one decode step of every decoding request. The policies are the real ones,
+given the step times as measured times; so a policy can be judged on a GPU's measured step times
+(`scripts/bench_serve.py` records them) without the GPU, in milliseconds, and exactly reproducibly. What it
+leaves out: the loop's thread running beside the arrivals (here they are taken at turn boundaries, judged at
+their arrival time), step times that vary at one batch size, compilation.
 
     result = simulate(arrivals, slos, "slo", StepTimes(0.00084, 0.000112, 128), slots=16)
     print(result.summary["attainment_pct"])
@@ -25,7 +26,7 @@ from moejax.engine.buckets import prefill_chunk_size
 from moejax.errors import ParameterError
 from moejax.serving.loadgen import Arrival, LoadResult, RequestRecord, summarize
 from moejax.serving.requests import SLO
-from moejax.serving.scheduler import Entry, Scheduler, StepTimes, make_scheduler
+from moejax.serving.scheduler import Entry, Scheduler, StepTimes, decode_step_at, make_scheduler
 
 
 @dataclasses.dataclass(eq=False)
@@ -124,7 +125,7 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
                     deliver(job)
         decoding = [j for j in running.values() if not j.prefill_left]  # _decode()
         if decoding:
-            now += times.decode_step_s + decode_row_s * len(decoding)
+            now += decode_step_at(times, len(decoding)) + decode_row_s * len(decoding)
             for job in sorted(decoding, key=lambda j: j.slot):
                 deliver(job)
     return LoadResult(records, summarize(records))
