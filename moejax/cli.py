@@ -514,8 +514,13 @@ def print_predictor_quality(quality: dict, as_json: bool) -> None:
         return
     print(f"{quality['predictor']} predictor, top-{quality['k']} over {plural(quality['tokens'], 'token')}: recall "
           f"{quality['predictor_recall']:.3f}, precision {quality['predictor_precision']:.3f} (mean over MoE layers)")
+    ahead = quality.get("per_layer_next_token_recall")
+    if ahead is not None:
+        print(f"  the next token's experts, from the tokens before it (decode's run-ahead): recall "
+              f"{quality['next_token_recall']:.3f}")
     for layer, (r, p) in enumerate(zip(quality["per_layer_recall"], quality["per_layer_precision"], strict=True)):
-        print(f"  MoE layer {layer}: recall {r:.3f}, precision {p:.3f}")
+        print(f"  MoE layer {layer}: recall {r:.3f}, precision {p:.3f}"
+              + (f", next token's recall {ahead[layer]:.3f}" if ahead is not None else ""))
 
 
 def print_lab_results(results: list[dict], as_json: bool) -> None:

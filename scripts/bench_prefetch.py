@@ -131,10 +131,16 @@ class ReplayedTokens(Predictor):
         self.predictor, self.tokens, self.replay = predictor, tokens, replay
         self.per = predictor.per
 
-    def predict(self, tokens, experts=None, lookahead=None):
+    def _recorded(self, tokens) -> list[str]:
         recorded = self.tokens[self.replay.assigned[0]]
-        strings = [recorded[min(t, len(recorded) - 1)] for t in range(len(tokens))]
-        return self.predictor.predict(strings)[:, : self.num_layers]
+        return [recorded[min(t, len(recorded) - 1)] for t in range(len(tokens))]
+
+    def predict(self, tokens, experts=None, lookahead=None):
+        return self.predictor.predict(self._recorded(tokens))[:, : self.num_layers]
+
+    def predict_next(self, tokens):
+        ahead = self.predictor.predict_next(self._recorded(tokens))
+        return None if ahead is None else ahead[: self.num_layers]
 
     def warm_up(self):
         self.predictor.warm_up()

@@ -26,15 +26,18 @@ def rule_data(seed, sequences):
     """Token w{a} after w{b} uses experts (a + b (l + 1)) mod 8 and the one l + 1 further at MoE layer l: the
     token alone does not decide them, the previous token does too (b = 0 at a sequence's start)."""
     rng = np.random.default_rng(seed)
-    routing, tokens = [], []
-    for _ in range(sequences):
-        ids = rng.integers(0, 10, int(rng.integers(6, 24)))
+    return routed_by_rule([rng.integers(0, 10, int(rng.integers(6, 24))) for _ in range(sequences)], f"rule-{seed}")
+
+
+def routed_by_rule(sequences, source):
+    """TraceData of token id sequences w{i} routed by rule_data's rule."""
+    routing = []
+    for ids in sequences:
         prev = np.concatenate([[0], ids[:-1]])
         first = [(ids + prev * (layer + 1)) % EXPERTS for layer in range(LAYERS)]
         routing.append(np.stack([np.stack([f, (f + layer + 1) % EXPERTS], -1) for layer, f in enumerate(first)]))
-        tokens.append([f"w{i}" for i in ids])
-    trace = RoutingTrace(np.concatenate(routing, 1), np.array([len(t) for t in tokens]), EXPERTS)
-    return TraceData(trace, tokens, f"rule-{seed}")
+    trace = RoutingTrace(np.concatenate(routing, 1), np.array([len(ids) for ids in sequences]), EXPERTS)
+    return TraceData(trace, [[f"w{i}" for i in ids] for ids in sequences], source)
 
 
 def write_external(data, path):
@@ -65,6 +68,54 @@ def test_sida_learns_a_rule_the_token_table_cannot(trained):
     assert summary["validation_sequences"] == 8 and len(summary["epochs"]) == 25
 
 
+def successor_data(seed, sequences):
+    """rule_data's routing over sequences that count up: w{i} is always followed by w{(i + 1) mod 10}, so the
+    next token and its experts follow from the tokens so far."""
+    rng = np.random.default_rng(seed)
+    counting = [(int(rng.integers(0, 10)) + np.arange(int(rng.integers(6, 24)))) % 10 for _ in range(sequences)]
+    return routed_by_rule(counting, f"successor-{seed}")
+
+
+@pytest.fixture(scope="module")
+def ahead():
+    """SiDA predictors trained on successor_data, with the next-token head (the default) and without."""
+    trained = {}
+    for next_token in (True, False):
+        config = TrainingConfig(epochs=25, learning_rate=2e-2, next_token=next_token, **TINY)
+        trained[next_token] = SiDAPredictor(LAYERS, EXPERTS, K, config)
+        trained[next_token].fit(successor_data(0, 80))
+    return trained
+
+
+def test_the_next_token_head_names_the_experts_of_a_token_not_yet_known(ahead):
+    """Decode's run-ahead knows the tokens before a step's own: the next-token head learns which experts the
+    token after them uses, where the token before's own prediction (what stands in without the head, and
+    the token-id table) cannot tell; the per-token predictions are those of the predictor trained without
+    the head (its loss does not reach the encoder)."""
+    held_out = successor_data(1, 20)
+    with_head, without = (top_k_quality(ahead[n], held_out) for n in (True, False))
+    table = TokenTablePredictor(LAYERS, EXPERTS, K)
+    table.fit(successor_data(0, 80))
+    assert with_head["next_token_recall"] > 0.9
+    assert without["next_token_recall"] < 0.6 and top_k_quality(table, held_out)["next_token_recall"] < 0.6
+    tokens = held_out.tokens[0]
+    np.testing.assert_allclose(ahead[True].predict(tokens), ahead[False].predict(tokens), atol=1e-5)
+    assert with_head["predictor_recall"] == pytest.approx(without["predictor_recall"], abs=1e-3)
+    assert ahead[False].predict_next(tokens) is None and ahead[False].predict_each_next(tokens) is None
+
+
+def test_next_token_predictions_read_only_the_tokens_given(ahead):
+    """predict_next(tokens[:t + 1]) is row t of predict_each_next(tokens), across the overlapping windows of a
+    sequence longer than the context (32 tokens)."""
+    predictor = ahead[True]
+    tokens = [f"w{i % 10}" for i in range(70)]
+    each = predictor.predict_each_next(tokens)
+    assert each.shape == (70, LAYERS, EXPERTS) and 0 <= each.min() and each.max() <= 1
+    for stop in (1, 17, 32, 33, 48, 49, 70):
+        np.testing.assert_allclose(predictor.predict_next(tokens[:stop]), each[stop - 1], atol=1e-5)
+    assert predictor.predict_next([]) is None
+
+
 def test_baselines_against_hand_counts():
     trace = RoutingTrace(np.array([[[0, 1], [0, 2], [3, 1]]]), np.array([3]), 4)
     data = TraceData(trace, [["a", "b", "a"]])
@@ -78,13 +129,20 @@ def test_baselines_against_hand_counts():
     assert quality["predictor_recall"] == pytest.approx(5 / 6)  # the second "a" ties 0 and 3 at 0.5: 0 wins
 
 
-def test_generated_tokens_are_predicted_from_earlier_tokens_only(trained):
-    predictor, _ = trained
+def test_generated_tokens_are_predicted_from_earlier_tokens_only(ahead):
+    """A prompt's tokens from the whole prompt; a generated one (unknown when its step is due) by the
+    next-token prediction from the tokens before it, or without one, by the last one's prediction."""
     tokens = ["w1", "w2", "w3", "w4"]
-    out = known_token_probabilities(predictor, tokens, 2)
-    np.testing.assert_allclose(out[:2], predictor.predict(tokens[:2]), atol=1e-6)
-    np.testing.assert_allclose(out[2], predictor.predict(tokens[:2])[-1], atol=1e-6)  # w3 unknown when its step is due
-    np.testing.assert_allclose(out[3], predictor.predict(tokens[:3])[-1], atol=1e-6)
+    for predictor in ahead.values():
+        out = known_token_probabilities(predictor, tokens, 2)
+        np.testing.assert_allclose(out[:2], predictor.predict(tokens[:2]), atol=1e-6)
+        for t in (2, 3):
+            expected = predictor.predict_next(tokens[:t])
+            expected = predictor.predict(tokens[:t])[-1] if expected is None else expected
+            np.testing.assert_allclose(out[t], expected, atol=1e-5)
+        assert out.shape == (4, LAYERS, EXPERTS)
+    all_prompt = known_token_probabilities(ahead[True], tokens, 4)
+    np.testing.assert_allclose(all_prompt, ahead[True].predict(tokens), atol=1e-6)
 
 
 def test_a_causal_predictor_reads_no_later_token(trained):
@@ -114,6 +172,19 @@ def test_save_load_round_trip(trained, tmp_path):
     np.testing.assert_array_equal(store.load(tmp_path / "t").predict(tokens), table.predict(tokens))
     with pytest.raises(MoejaxError, match="already exists"):
         store.save(table, tmp_path / "t")
+
+
+def test_a_predictor_saved_before_the_next_token_head_loads_without_it(ahead, tmp_path):
+    tokens = ["w3", "w4", "unseen"]
+    store.save(ahead[True], tmp_path / "new")
+    np.testing.assert_array_equal(store.load(tmp_path / "new").predict_next(tokens), ahead[True].predict_next(tokens))
+    store.save(ahead[False], tmp_path / "old")
+    settings = json.loads((tmp_path / "old" / store.SETTINGS_FILE).read_text())
+    del settings["settings"]["config"]["next_token"]  # as written before the head existed
+    (tmp_path / "old" / store.SETTINGS_FILE).write_text(json.dumps(settings))
+    old = store.load(tmp_path / "old")
+    assert old.predict_next(tokens) is None
+    np.testing.assert_array_equal(old.predict(tokens), ahead[False].predict(tokens))
 
 
 def _damage(directory, how):
@@ -326,6 +397,27 @@ class _Counting(Predictor):
     def predict(self, tokens, experts=None, lookahead=None):
         self.calls += 1
         return np.full((len(tokens), 1, 2), self.calls, np.float32)
+
+
+def test_run_ahead_predicts_a_decode_step_with_the_next_token_prediction():
+    """NEXT jobs take the predictor's own next-token prediction; without one, the last token's stands in."""
+    import time
+
+    from moejax.predictors.run_ahead import NEXT, RunAhead
+
+    class Ahead(_Counting):
+        def predict_next(self, tokens):
+            return np.full((1, 2), -len(tokens), np.float32)
+
+    for predictor, expected in ((Ahead(), -3.0), (_Counting(), 1.0)):
+        run_ahead = RunAhead(predictor)
+        run_ahead.submit("s", NEXT, [1, 2, 3])
+        deadline, result = time.monotonic() + 10, None
+        while result is None and time.monotonic() < deadline:
+            result = run_ahead.take("s", NEXT)
+            time.sleep(0.01)
+        run_ahead.close()
+        assert result.shape == (1, 1, 2) and result[0, 0, 0] == expected
 
 
 def test_run_ahead_reuses_a_request_prediction_for_predict_every_prompts():

@@ -5,7 +5,9 @@ token strings, a probability for every (MoE layer, expert):
   - per token (`predict`): float32 [T, MoE layers, experts], the probability that token t uses expert e at
     MoE layer l (a row of a layer sums to about k, the experts a token uses there);
   - per request (`predict_request`): float32 [MoE layers, experts], the probability that some token of the
-    request uses the expert.
+    request uses the expert;
+  - for the next token (`predict_next`, where the predictor has its own): float32 [MoE layers, experts], the
+    probability that the token after the last one uses the expert (what a decode step's run-ahead needs).
 The engine (run-ahead, predicted routing), the policy lab and the scheduler read only this interface.
 
 Baselines: `frequency` (each layer's expert shares, the same for every token), `token-table` (each token
@@ -60,6 +62,7 @@ class Predictor:
     per = "token"
     saveable = True
     reads_routing = False  # predict reads the sequence's recorded routing (experts, lookahead)
+    reads_later_tokens = False  # token t's prediction may read tokens after t (not causal)
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
@@ -74,6 +77,15 @@ class Predictor:
         read only by the predictors that `reads_routing` (token t's prediction reads only tokens < t of
         `experts`, and token t's lookahead guess)."""
         raise NotImplementedError
+
+    def predict_next(self, tokens: list[str]) -> np.ndarray | None:
+        """float32 [L, E] for the token after the last of `tokens` (not known yet), or None where this
+        predictor has no prediction of its own for it (then the last token's stands in)."""
+        return None
+
+    def predict_each_next(self, tokens: list[str]) -> np.ndarray | None:
+        """float32 [T, L, E]: row t, `predict_next(tokens[: t + 1])`, computed at once; None as predict_next."""
+        return None
 
     def warm_up(self) -> None:
         """Does the one-time work of `predict` (compilation) ahead of the first real call."""
@@ -229,12 +241,17 @@ def known_token_probabilities(predictor: Predictor, tokens: list[str], prompt_le
                               lookahead: np.ndarray | None = None) -> np.ndarray:
     """float32 [T, L, E]: each token's probabilities from the tokens known before the step that runs it:
     the whole prompt for its tokens (a prompt is known entirely before its prefill), and for a generated
-    token t only the tokens before it (t itself is sampled by the step before), whose last prediction
-    stands for t's. A prompt has at least one token. The predictors that read the recorded routing
-    (experts, lookahead [L, T, k]) read it as `predict` says."""
+    token t only the tokens before it (t itself is sampled by the step before): the predictor's next-token
+    prediction from them (`predict_next`), or where it has none, the last one's prediction standing for t's.
+    A prompt has at least one token. The predictors that read the recorded routing (experts, lookahead
+    [L, T, k]) read it as `predict` says."""
     if predictor.reads_routing:
         return predictor.predict(tokens, experts, lookahead)
     prompt_len = max(prompt_len, 1)
     rows = [predictor.predict(tokens[:prompt_len])]
-    rows += [predictor.predict(tokens[:t])[-1:] for t in range(prompt_len, len(tokens))]
+    ahead = predictor.predict_each_next(tokens[:-1]) if prompt_len < len(tokens) else None
+    if ahead is not None:  # row t - 1: token t's, from the tokens before it (one pass: a causal predictor's)
+        rows.append(ahead[prompt_len - 1 :])
+    else:
+        rows += [predictor.predict(tokens[:t])[-1:] for t in range(prompt_len, len(tokens))]
     return np.concatenate(rows).astype(np.float32)

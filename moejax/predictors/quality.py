@@ -18,13 +18,18 @@ def top_k_quality(predictor: Predictor, data: TraceData, k: int | None = None, s
 
     Each token is predicted from what is known before its step runs (`known_token_probabilities`: the whole
     prompt, then the tokens before a generated one; a trace without prompt lengths is all prompt), or, for
-    the predictors that read the recorded routing, from that (earlier tokens' experts, its lookahead guess)."""
+    the predictors that read the recorded routing, from that (earlier tokens' experts, its lookahead guess).
+
+    next_token_recall (mean over MoE layers, and per layer): the same for every token after a sequence's
+    first, predicted from the tokens before it only, as a decode step's run-ahead must (`predict_next`, or
+    where the predictor has none, the token before's own prediction standing in); not for the predictors
+    that read the recorded routing or later tokens."""
     predictor.check_fits(data)
     trace = data.trace
     prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else trace.seq_lens
     k = trace.top_k if k is None else k
-    hits = np.zeros(trace.num_layers)
-    used_total = np.zeros(trace.num_layers)
+    hits, next_hits = np.zeros(trace.num_layers), np.zeros(trace.num_layers)
+    used_total, next_used = np.zeros(trace.num_layers), np.zeros(trace.num_layers)
     routed = np.zeros(trace.num_layers)
     progress = Progress(f"evaluate {predictor.name}", trace.num_sequences, enabled=show_progress)
     for s, (tokens, experts, _, lookahead) in enumerate(data.sequences()):
@@ -34,11 +39,17 @@ def top_k_quality(predictor: Predictor, data: TraceData, k: int | None = None, s
         hits += np.take_along_axis(used, top, axis=-1).sum(axis=(0, 2))
         used_total += used.sum(axis=(0, 2))
         routed += used.any(axis=-1).sum(axis=0)
+        if not (predictor.reads_routing or predictor.reads_later_tokens) and len(tokens) > 1:
+            ahead = predictor.predict_each_next(tokens)
+            ahead = (predictor.predict(tokens) if ahead is None else ahead)[:-1]  # row t: token t + 1
+            top = np.argpartition(-ahead, k - 1, axis=-1)[..., :k]
+            next_hits += np.take_along_axis(used[1:], top, axis=-1).sum(axis=(0, 2))
+            next_used += used[1:].sum(axis=(0, 2))
         progress.advance()
     progress.close()
     recall = hits / np.maximum(used_total, 1)
     precision = hits / np.maximum(k * routed, 1)
-    return {
+    out = {
         "predictor": predictor.name,
         "k": k,
         "tokens": int(trace.experts.shape[1]),
@@ -47,3 +58,8 @@ def top_k_quality(predictor: Predictor, data: TraceData, k: int | None = None, s
         "per_layer_recall": [round(float(r), 4) for r in recall],
         "per_layer_precision": [round(float(p), 4) for p in precision],
     }
+    if next_used.any():
+        next_recall = next_hits / np.maximum(next_used, 1)
+        out.update(next_token_recall=float(next_recall.mean()),
+                   per_layer_next_token_recall=[round(float(r), 4) for r in next_recall])
+    return out

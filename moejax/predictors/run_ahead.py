@@ -3,8 +3,10 @@ ones run, so the engine never waits for a prediction.
 
 The engine hands the thread a sequence's tokens as soon as it knows them (`submit`): a prompt when its
 prefill is requested (prediction for every prompt token: the prompt is known whole), then the sequence so
-far after each new token (prediction for the token after it, which the next decode step feeds; that token
-is not known yet, so the last known token's prediction stands for it). When the engine dispatches a step it
+far after each new token (prediction for the token after it, which the decode step after the next one
+feeds: the host reads a step's token after it has dispatched the next step; that token is not known, so
+the predictor's next-token prediction is used, `Predictor.predict_next`, or where it has none the last
+known token's prediction stands for it). When the engine dispatches a step it
 takes whatever prediction is finished (`take`, which never blocks): a prediction still being computed is
 simply not used. Predictions only choose experts to copy early, so outputs never depend on them.
 
@@ -97,6 +99,13 @@ class RunAhead:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def _predict(self, kind: str, tokens: list[str]) -> np.ndarray:
+        """PROMPT: every token's prediction [T, L, E]; NEXT: the next token's [1, L, E]."""
+        if kind == NEXT:
+            ahead = self.predictor.predict_next(tokens)
+            return ahead[None] if ahead is not None else self.predictor.predict(tokens)[-1:]
+        return self.predictor.predict(tokens)
+
     def _work(self) -> None:
         cpu = jax.devices("cpu")[0]
         try:
@@ -116,13 +125,11 @@ class RunAhead:
                 tokens = self._jobs.pop(key)
             try:
                 with jax.default_device(cpu):
-                    probabilities = self.predictor.predict(tokens)
+                    probabilities = self._predict(key[1], tokens)
             except Exception as err:  # noqa: BLE001 - kept for the engine to report; prediction stops, outputs do not change
                 with self._lock:
                     self.error, self._closed = err, True
                 return
-            if key[1] == NEXT:
-                probabilities = probabilities[-1:]
             with self._lock:
                 if key[1] == PROMPT and self.predict_every > 1 and len(probabilities):
                     self._request, self._reused = probabilities[0], 0

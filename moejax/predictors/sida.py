@@ -4,11 +4,15 @@ The network (`RoutingNet`): token embeddings [T, embed] (the predictor's vocabul
 share id 0) plus the mean embedding of each string's hashed character n-grams (its spelling), an LSTM over
 them, then one dense layer to logits [T, MoE layers, experts]. Causal (the default): token t's prediction
 reads tokens <= t only, as the model's own routing does, so a prefix predicts exactly what the whole
-sequence predicts for it (the run-ahead predicts decode steps from the tokens so far); `causal=False` reads
-the whole window. Sequences are read in windows of `context` tokens overlapping by half (`_windows`: every
-token after the first window has at least context / 2 earlier tokens before it), in training and
-prediction alike. In training, `unknown_rate` of the token ids are hidden (set to the unknown id), so the
-model learns to predict from the spelling alone, as it must for strings it never saw.
+sequence predicts for it; `causal=False` reads the whole window. A causal predictor also has a second
+dense layer (`next_token`, the default) for the experts of the token after each one: what the run-ahead
+needs for a decode step, whose own token is sampled by the step before and reaches the host only after
+the step is dispatched (`predict_next`). It reads the same encoding and is trained without changing it
+(its loss does not reach the encoder), so the per-token predictions are those of a predictor without it.
+Sequences are read in windows of `context` tokens overlapping by half (`_windows`: every token after the
+first window has at least context / 2 earlier tokens before it), in training and prediction alike. In
+training, `unknown_rate` of the token ids are hidden (set to the unknown id), so the model learns to
+predict from the spelling alone, as it must for strings it never saw.
 
 Training (`fit`): per (token, MoE layer), a softmax over the experts is fitted by cross-entropy to the
 teacher's distribution truncated to the experts it chose: the router's probabilities of its top-k
@@ -50,7 +54,8 @@ class TrainingConfig:
     output in training; validation: share of the sequences held out; seed; ngram_buckets: hashed
     character n-gram embeddings added to each token's (0: none), which give strings outside the
     vocabulary their spelling; unknown_rate: share of training tokens whose id is replaced by the unknown
-    one, so that the model learns to predict from the spelling alone (as it must for unseen strings)."""
+    one, so that the model learns to predict from the spelling alone (as it must for unseen strings);
+    next_token: a causal per-token predictor's head for the next token's experts (`predict_next`)."""
 
     embed: int = 192
     hidden: int = 384
@@ -67,11 +72,12 @@ class TrainingConfig:
     seed: int = 0
     ngram_buckets: int = 1 << 14
     unknown_rate: float = 0.2
+    next_token: bool = True
 
 
 class RoutingNet(nn.Module):
     """ids int32 [B, W], grams int32 [B, W, G] (0: none), lengths int32 [B] -> encoded [B, W, features]
-    (`encode`) -> logits [B, W, L, E]."""
+    (`encode`) -> logits [B, W, L, E]; with next_token, also `next_logits` [B, W, L, E]: row t for token t + 1."""
 
     vocab_size: int
     ngram_buckets: int
@@ -81,6 +87,7 @@ class RoutingNet(nn.Module):
     hidden: int
     layers: int
     causal: bool
+    next_token: bool = False
 
     def setup(self):
         self.embedding = nn.Embed(self.vocab_size, self.embed)
@@ -93,6 +100,7 @@ class RoutingNet(nn.Module):
                         for _ in range(self.layers)]
             self.encoders = [nn.Bidirectional(f, b) for f, b in zip(cells, backward, strict=True)]
         self.head = nn.Dense(self.num_layers * self.num_experts)
+        self.next_head = nn.Dense(self.num_layers * self.num_experts) if self.next_token else None
 
     def encode(self, ids, grams, lengths):
         x = self.embedding(ids)
@@ -108,8 +116,19 @@ class RoutingNet(nn.Module):
     def logits(self, features):
         return self.head(features).reshape(*features.shape[:-1], self.num_layers, self.num_experts)
 
+    def next_logits(self, features):
+        return self.next_head(features).reshape(*features.shape[:-1], self.num_layers, self.num_experts)
+
     def __call__(self, ids, grams, lengths):
         return self.logits(self.encode(ids, grams, lengths))
+
+    def every_head(self, ids, grams, lengths):
+        """(logits, next logits or None): what `init` runs, so that every head gets its parameters."""
+        features = self.encode(ids, grams, lengths)
+        return self.logits(features), self.next_logits(features) if self.next_token else None
+
+    def next_token_logits(self, ids, grams, lengths):
+        return self.next_logits(self.encode(ids, grams, lengths))
 
     def pooled(self, ids, grams, lengths):
         """logits [B, L, E] of the mean of each window's encoded tokens."""
@@ -189,6 +208,8 @@ class _Network:
     def __init__(self, net: RoutingNet, params, context: int):
         self.net, self.params, self.context = net, params, context
         self._tokens = jax.jit(lambda params, *inputs: jax.nn.softmax(net.apply({"params": params}, *inputs)))
+        self._next = jax.jit(lambda params, *inputs: jax.nn.softmax(
+            net.apply({"params": params}, *inputs, method=RoutingNet.next_token_logits)))
         self._pooled = jax.jit(lambda params, *inputs: jax.nn.softmax(
             net.apply({"params": params}, *inputs, method=RoutingNet.pooled)))
 
@@ -199,13 +220,23 @@ class _Network:
         window[0, : stop - start], window_grams[0, : stop - start] = ids[start:stop], grams[start:stop]
         return window, window_grams, np.array([stop - start], np.int32)
 
-    def token_shares(self, ids: np.ndarray, grams: np.ndarray) -> np.ndarray:
-        """float32 [T, L, E]: the softmax over experts of each (token, layer)."""
-        out = [np.asarray(self._tokens(self.params, *self._window(ids, grams, start, stop, self.context))[0, scored - start : stop - start])
-               for start, stop, scored in _windows(len(ids), self.context)]
+    def token_shares(self, ids: np.ndarray, grams: np.ndarray, next_token: bool = False) -> np.ndarray:
+        """float32 [T, L, E]: the softmax over experts of each (token, layer); next_token: of the token after
+        each one (the next-token head's)."""
+        head = self._next if next_token else self._tokens
+        out = []
+        for start, stop, scored in _windows(len(ids), self.context):
+            window = self._window(ids, grams, start, stop, self.context)
+            out.append(np.asarray(head(self.params, *window)[0, scored - start : stop - start]))
         if not out:
             return np.zeros((0, self.net.num_layers, self.net.num_experts), np.float32)
         return np.concatenate(out)
+
+    def next_shares(self, ids: np.ndarray, grams: np.ndarray) -> np.ndarray:
+        """float32 [L, E]: the next-token head's softmax for the token after the last one (its window only)."""
+        start, stop, _ = _windows(len(ids), self.context)[-1]
+        window = self._window(ids, grams, start, stop, self.context)
+        return np.asarray(self._next(self.params, *window)[0, stop - start - 1])
 
     def request_shares(self, ids: np.ndarray, grams: np.ndarray) -> np.ndarray:
         """float32 [L, E]: the predicted share of each layer's routing per expert, from the first window."""
@@ -226,7 +257,14 @@ class SiDAPredictor(Predictor):
     def _net(self) -> RoutingNet:
         c = self.config
         return RoutingNet(len(self.vocab), c.ngram_buckets, self.num_layers, self.num_experts, c.embed, c.hidden,
-                          c.layers, c.causal)
+                          c.layers, c.causal, self._has_next_head())
+
+    @property
+    def reads_later_tokens(self) -> bool:
+        return not self.config.causal or self.per == "request"
+
+    def _has_next_head(self) -> bool:
+        return self.config.next_token and self.config.causal and self.per == "token"
 
     def fit(self, data: TraceData, show_progress: bool = False) -> dict:
         """Trains on `data` (the last `config.validation` share of its sequences held out); returns the
@@ -248,7 +286,7 @@ class SiDAPredictor(Predictor):
         batches = self._examples(train)
         net = self._net()
         key = jax.random.PRNGKey(c.seed)
-        params = net.init(key, *_example_inputs())["params"]
+        params = net.init(key, *_example_inputs(), method=RoutingNet.every_head)["params"]
         optimizer = optax.adamw(optax.cosine_decay_schedule(c.learning_rate, c.epochs * len(batches)),
                                 weight_decay=c.weight_decay)
         opt_state = optimizer.init(params)
@@ -284,25 +322,34 @@ class SiDAPredictor(Predictor):
     @staticmethod
     def _batch_loss(net: RoutingNet, config: TrainingConfig, params, batch: dict, key):
         """Mean over tokens of the cross-entropy of each layer's softmax over experts against the truncated
-        teacher: batch["experts"] int32 [B, W, L, k] with batch["weights"] [B, W, L, k] (rows sum to 1)."""
+        teacher: batch["experts"] int32 [B, W, L, k] with batch["weights"] [B, W, L, k] (rows sum to 1); with
+        the next-token head, plus the same of its softmax against the next token's teacher ("next_experts",
+        "next_weights"), through an encoding its gradient does not reach."""
         features = _encoded_for_training(net, config, params, batch, key)
-        logp = jax.nn.log_softmax(net.apply({"params": params}, features, method=RoutingNet.logits), axis=-1)
-        per_token = -(jnp.take_along_axis(logp, batch["experts"], axis=-1) * batch["weights"]).sum(axis=(-1, -2))
-        scored = batch["weights"].sum(axis=(-1, -2)) > 0  # padding and context-only tokens: none
-        return jnp.where(scored, per_token, 0.0).sum() / jnp.maximum(scored.sum(), 1)
+        loss = _cross_entropy(net, params, features, RoutingNet.logits, batch["experts"], batch["weights"])
+        if net.next_token:
+            loss += _cross_entropy(net, params, jax.lax.stop_gradient(features), RoutingNet.next_logits,
+                                   batch["next_experts"], batch["next_weights"])
+        return loss
 
     def _examples(self, data: TraceData) -> list[dict]:
         """Batches of windows of one padded length W: ids [B, W], grams [B, W, G], lengths [B], experts and
-        weights [B, W, L, k]."""
+        weights [B, W, L, k]; with the next-token head, next_experts and next_weights [B, W, L, k] (row t: token
+        t + 1's teacher; none for a sequence's last token)."""
         windows = []
         for tokens, experts, probs, _ in data.sequences():
             ids, grams = self.vocab.ids(tokens), self.vocab.grams(tokens)
             targets, weights = self._targets(experts, probs)
+            per_token = {"experts": targets, "weights": weights}
+            if self._has_next_head():
+                per_token["next_experts"] = np.concatenate([targets[1:], np.zeros_like(targets[:1])])
+                per_token["next_weights"] = np.concatenate([weights[1:], np.zeros_like(weights[:1])])
             for start, stop, scored in _windows(len(ids), self.config.context):
-                window_weights = weights[start:stop].copy()
-                window_weights[: scored - start] = 0.0  # context only: the window before learns them
-                windows.append({"ids": ids[start:stop], "grams": grams[start:stop], "experts": targets[start:stop],
-                                "weights": window_weights})
+                window = {name: value[start:stop].copy() for name, value in per_token.items()}
+                for name in ("weights", "next_weights"):
+                    if name in window:
+                        window[name][: scored - start] = 0.0  # context only: the window before learns them
+                windows.append({"ids": ids[start:stop], "grams": grams[start:stop], **window})
         return _batched(windows, self.config)
 
     def _targets(self, experts: np.ndarray, probs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -322,10 +369,12 @@ class SiDAPredictor(Predictor):
         return self.network
 
     def warm_up(self):
-        """Compiles prediction for every padded window length (16, 32, ... up to `context`)."""
+        """Compiles prediction (and the next-token head's) for every padded window length (16, 32, ... up to
+        `context`)."""
         length = 16
         while True:
             self.predict(["warm-up"] * min(length, self.config.context))
+            self.predict_next(["warm-up"] * min(length, self.config.context))
             if length >= self.config.context:
                 return
             length *= 2
@@ -334,18 +383,32 @@ class SiDAPredictor(Predictor):
         shares = self._trained().token_shares(self.vocab.ids(tokens), self.vocab.grams(tokens))
         return np.minimum(shares * self.top_k, 1.0)
 
+    def predict_next(self, tokens):
+        network = self._trained()
+        if not network.net.next_token or not tokens:
+            return None
+        return np.minimum(network.next_shares(self.vocab.ids(tokens), self.vocab.grams(tokens)) * self.top_k, 1.0)
+
+    def predict_each_next(self, tokens):
+        network = self._trained()
+        if not network.net.next_token:
+            return None
+        shares = network.token_shares(self.vocab.ids(tokens), self.vocab.grams(tokens), next_token=True)
+        return np.minimum(shares * self.top_k, 1.0)
+
     def state(self):
         flat = {_name(path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(self._trained().params)[0]}
         return {"config": dataclasses.asdict(self.config), "vocabulary": self.vocab.strings}, flat
 
     def load_state(self, settings, arrays):
-        try:
-            self.config = TrainingConfig(**settings["config"])
+        try:  # predictors saved before the next-token head have none
+            self.config = TrainingConfig(**{"next_token": False, **settings["config"]})
         except TypeError as err:
             raise MoejaxError(f"bad training settings ({err})") from None
         self.vocab = Vocabulary(list(settings["vocabulary"]), self.config.ngram_buckets)
         net = self._net()
-        template = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), *_example_inputs())["params"])
+        template = jax.eval_shape(
+            lambda: net.init(jax.random.PRNGKey(0), *_example_inputs(), method=RoutingNet.every_head)["params"])
         leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
         values = []
         for path, leaf in leaves:
@@ -432,6 +495,14 @@ def _encoded_for_training(net: RoutingNet, config: TrainingConfig, params, batch
     features = net.apply({"params": params}, ids, batch["grams"], batch["lengths"], method=RoutingNet.encode)
     keep = jax.random.bernoulli(drop_key, 1 - config.dropout, features.shape)
     return jnp.where(keep, features / (1 - config.dropout), 0.0)
+
+
+def _cross_entropy(net: RoutingNet, params, features, head, experts, weights):
+    """Mean over the scored tokens (any weight) of -(weights x log softmax(head(features)))[experts], summed."""
+    logp = jax.nn.log_softmax(net.apply({"params": params}, features, method=head), axis=-1)
+    per_token = -(jnp.take_along_axis(logp, experts, axis=-1) * weights).sum(axis=(-1, -2))
+    scored = weights.sum(axis=(-1, -2)) > 0  # padding and context-only tokens: none
+    return jnp.where(scored, per_token, 0.0).sum() / jnp.maximum(scored.sum(), 1)
 
 
 def _name(path) -> str:
