@@ -116,6 +116,18 @@ def test_next_token_predictions_read_only_the_tokens_given(ahead):
     assert predictor.predict_next([]) is None
 
 
+def test_the_lab_predicts_a_trace_without_prompts_as_decode_steps(ahead):
+    """The lab replays a trace without prompt lengths token by token in decode order, so the predictor's
+    probabilities for it are the run-ahead's: the first token's own, then each next token's from the tokens
+    before it."""
+    from moejax.tools.lab import predictor_probabilities
+
+    data = successor_data(1, 3)
+    rows, tokens = predictor_probabilities(ahead[True], data)[0], data.tokens[0]
+    np.testing.assert_allclose(rows[0], ahead[True].predict(tokens[:1])[0], atol=1e-5)
+    np.testing.assert_allclose(rows[1:], ahead[True].predict_each_next(tokens)[:-1], atol=1e-5)
+
+
 def test_baselines_against_hand_counts():
     trace = RoutingTrace(np.array([[[0, 1], [0, 2], [3, 1]]]), np.array([3]), 4)
     data = TraceData(trace, [["a", "b", "a"]])

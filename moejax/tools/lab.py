@@ -146,7 +146,7 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
             recorded, lookahead_source = simulate_lookahead(trace, lookahead_accuracy, seed), "simulated"
         guesses = np.concatenate([recorded[1:], np.full_like(recorded[:1], -1)]).astype(np.int32)  # row m: layer m + 1's
     experts = distinct_rows(trace.experts, num_experts)
-    prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else np.minimum(trace.seq_lens, 1)
+    prompt_lens = replayed_prompt_lens(trace)
     chunk = prefill_chunk_tokens(capacity, num_experts, top_k)
     bounds = schedule(trace.seq_lens, prompt_lens, chunk)
     progress = Progress("replay", experts.shape[1], "tok", enabled=show_progress)
@@ -218,16 +218,24 @@ def named_predictor(name: str, data):
     return predictor
 
 
+def replayed_prompt_lens(trace) -> np.ndarray:
+    """int [sequences]: the prompt tokens the replay runs as prompt steps: the trace's, or without them one
+    (every later token its own step, in decode order)."""
+    return trace.prompt_lens if trace.prompt_lens is not None else np.minimum(trace.seq_lens, 1)
+
+
 def predictor_probabilities(predictor, data, show_progress: bool = False) -> list[np.ndarray]:
     """Per sequence of `data` (`predictors.data.TraceData`), the probabilities [T_s, L, E] the predictor gives
     its tokens before their steps run (`predictors.base.known_token_probabilities`): the prompt whole, then
-    each generated token from the tokens before it. A trace without prompt lengths is a prompt throughout
-    (a prefill trace)."""
+    each generated token from the tokens before it (the next-token prediction, as the engine's run-ahead
+    gives it). The prompts are those the replay runs (`replayed_prompt_lens`): a trace without prompt
+    lengths is replayed token by token in decode order, so its tokens after the first are predicted as
+    generated ones."""
     from moejax.predictors.base import known_token_probabilities
 
     predictor.check_fits(data)
     trace = data.trace
-    prompt_lens = trace.prompt_lens if trace.prompt_lens is not None else trace.seq_lens
+    prompt_lens = replayed_prompt_lens(trace)
     progress = Progress("predict", trace.num_sequences, enabled=show_progress)
     out = []
     for s, (tokens, experts, _, lookahead) in enumerate(data.sequences()):
