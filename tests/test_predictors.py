@@ -397,6 +397,26 @@ def test_predicted_routing_is_exact_with_the_true_experts_and_approximate_otherw
     assert oracle._sequences[0]["tokens"] == [str(t) for t in prompts[0] + approximate.tokens[0]]
 
 
+def test_predicted_routing_takes_an_unread_token_from_the_next_token_prediction():
+    """A generated token the host has not read yet gets the next-token prediction from the tokens read; once
+    read, its own."""
+
+    class Ahead(Predictor):
+        def predict(self, tokens, experts=None, lookahead=None):
+            return np.tile(np.array([0.9, 0.5, 0.1, 0.0], np.float32), (len(tokens), 1, 1))  # expert 0 first
+
+        def predict_next(self, tokens):
+            return np.array([[0.1, 0.2, 0.9, 0.0]], np.float32)  # expert 2 first
+
+    routing = PredictedRouting(Ahead(1, 4, 1), top_k=1)
+    routing.prompt([5, 6, 7], slot=0)
+    assert routing([0], np.array([[3]]))[0, 0, 0] == 2  # token 3 unread: from tokens 0-2
+    assert routing([0], np.array([[4]]))[0, 0, 0] == 2  # 3 and 4 unread: still the guess from tokens 0-2
+    assert routing([0], np.array([[1, 2, 3, 3]])).ravel().tolist() == [0, 0, 0, 0]  # a prompt step's padding
+    routing.extend(0, 8)
+    assert routing([0], np.array([[3]]))[0, 0, 0] == 0 and routing([0], np.array([[4]]))[0, 0, 0] == 2
+
+
 class _Counting(Predictor):
     """A per-request predictor that counts its calls; its prediction is the call number."""
 

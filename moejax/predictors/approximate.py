@@ -20,8 +20,9 @@ class PredictedRouting:
     """Routing override (module docstring). The engine tells it each sequence's prompt (`prompt`, when the
     prefill starts) and new tokens (`extend`); `Engine.logits` callers give the prompt themselves (slot None:
     any slot). A prompt token's experts come from the whole prompt; a generated token's from the tokens the
-    host has when its step is dispatched (up to and including it, if it has been read; else the last known
-    token's prediction stands for it)."""
+    host has when its step is dispatched: up to and including it, if it has been read; else the predictor's
+    next-token prediction from the tokens read (`Predictor.predict_next`), or where it has none the last read
+    token's prediction standing for it."""
 
     approximate = True  # outputs may differ from the model's: the server reports it (`ServingLoop.approximate_routing`)
 
@@ -61,6 +62,9 @@ class PredictedRouting:
         if position < sequence["prompt_len"]:
             return sequence["chosen"][:, position]
         known = sequence["tokens"][: position + 1]
+        ahead = self.predictor.predict_next(known) if len(known) <= position else None
+        if ahead is not None:  # the token itself is not read yet
+            return self._top(ahead[None], sequence["allowed"])[:, 0]
         return self._top(self.predictor.predict(known)[-1:], sequence["allowed"])[:, 0]
 
     def __call__(self, slots, positions) -> np.ndarray:
@@ -68,11 +72,12 @@ class PredictedRouting:
         positions repeat its last token's experts)."""
         positions = np.asarray(positions)
         out = np.zeros((self.predictor.num_layers, positions.size, self.top_k), np.int32)
+        unread = int(positions.shape[1] == 1)  # a decode step's token may be past the tokens read
         for row, slot in enumerate(slots):
             if slot < 0:
                 continue
             sequence = self._sequences.get(slot, self._sequences.get(None))
-            last = max(sequence["prompt_len"], len(sequence["tokens"])) - 1 if sequence else 0
+            last = max(sequence["prompt_len"], len(sequence["tokens"])) - 1 + unread if sequence else 0
             for t, position in enumerate(positions[row]):
                 out[:, row * positions.shape[1] + t] = self._experts(slot, min(int(position), last))
         return out
