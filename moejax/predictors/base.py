@@ -249,8 +249,12 @@ def known_token_probabilities(predictor: Predictor, tokens: list[str], prompt_le
         return predictor.predict(tokens, experts, lookahead)
     prompt_len = max(prompt_len, 1)
     rows = [predictor.predict(tokens[:prompt_len])]
-    ahead = predictor.predict_each_next(tokens[:-1]) if prompt_len < len(tokens) else None
-    if ahead is not None:  # row t - 1: token t's, from the tokens before it (one pass: a causal predictor's)
+    if prompt_len >= len(tokens):
+        return rows[0].astype(np.float32)
+    ahead = predictor.predict_each_next(tokens[:-1])
+    if ahead is None and not predictor.reads_later_tokens:  # causal: one pass gives each prefix's last row
+        ahead = predictor.predict(tokens[:-1])
+    if ahead is not None:  # row t - 1: token t's, from the tokens before it
         rows.append(ahead[prompt_len - 1 :])
     else:
         rows += [predictor.predict(tokens[:t])[-1:] for t in range(prompt_len, len(tokens))]
