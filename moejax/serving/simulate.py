@@ -2,16 +2,16 @@
 
 `simulate` replays a workload (`loadgen.Arrival`s with their tasks' SLOs) through a model of
 `serving.loop.ServingLoop` whose engine takes fixed times: a decode step of n decoding requests
-`decode_step_at(times, n)` (the measured `decode_by_batch`, else `decode_step_s`; + `decode_row_s` per
-decoding request), a prefill chunk `prefill_token_s` per position it computes (chunks padded as the engine
-pads them). Each turn does what the loop's does, in the same order: new arrivals are refused or queued
-(`Scheduler.refusal`, a full queue), the policy preempts and admits (`Scheduler.plan`: preempt, then admit),
-prompt chunks of the admitted requests run oldest first up to `prefill_chunk` tokens (a request whose prompt
-ends gets its first token), then one decode step of every decoding request. The policies are the real ones,
-given the step times as measured times; so a policy can be judged on a GPU's measured step times
-(`scripts/bench_serve.py` records them) without the GPU, in milliseconds, and exactly reproducibly. What it
-leaves out: the loop's thread running beside the arrivals (here they are taken at turn boundaries, judged at
-their arrival time), step times that vary at one batch size, compilation.
+`decode_step_at(times, n)` (the measured `decode_by_batch`, else `decode_step_s`), a prefill chunk
+`prefill_token_s` per position it computes (chunks padded as the engine pads them). Each turn does what the
+loop's does, in the same order: new arrivals are refused or queued (`Scheduler.refusal`, a full queue), the
+policy preempts and admits (`Scheduler.plan`: preempt, then admit), prompt chunks of the admitted requests run
+oldest first up to `prefill_chunk` tokens (a request whose prompt ends gets its first token), then one decode
+step of every decoding request. The policies are the real ones, given the step times as measured times; so a
+policy can be judged on a GPU's measured step times (`scripts/bench_serve.py` records them) without the GPU,
+in milliseconds, and exactly reproducibly. What it leaves out: the loop's thread running beside the arrivals
+(here they are taken at turn boundaries, judged at their arrival time), step times that vary at one batch size,
+compilation.
 
     result = simulate(arrivals, slos, "slo", StepTimes(0.00084, 0.000112, 128), slots=16)
     print(result.summary["attainment_pct"])
@@ -48,7 +48,7 @@ class _Job:
 
 
 def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, scheduler: str | Scheduler,
-             times: StepTimes, *, slots: int, max_queue: int = 64, decode_row_s: float = 0.0) -> LoadResult:
+             times: StepTimes, *, slots: int, max_queue: int = 64) -> LoadResult:
     """The workload served by a loop of `slots` KV slots under `scheduler` (a name or a Scheduler, which it
     updates as the loop would) with the engine's `times` -> records and summary as `loadgen.run_load` gives
     them (seconds from 0; every request ends: refused, queue_full or length)."""
@@ -125,7 +125,7 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
                     deliver(job)
         decoding = [j for j in running.values() if not j.prefill_left]  # _decode()
         if decoding:
-            now += decode_step_at(times, len(decoding)) + decode_row_s * len(decoding)
+            now += decode_step_at(times, len(decoding))
             for job in sorted(decoding, key=lambda j: j.slot):
                 deliver(job)
     return LoadResult(records, summarize(records))
