@@ -41,7 +41,9 @@ def top_k_quality(predictor: Predictor, data: TraceData, k: int | None = None, s
         routed += used.any(axis=-1).sum(axis=0)
         if not (predictor.reads_routing or predictor.reads_later_tokens) and len(tokens) > 1:
             ahead = predictor.predict_each_next(tokens)
-            ahead = (predictor.predict(tokens) if ahead is None else ahead)[:-1]  # row t: token t + 1
+            if ahead is None:  # the token before's own prediction, which `probabilities` holds for a whole prompt
+                ahead = probabilities if prompt_lens[s] >= len(tokens) else predictor.predict(tokens)
+            ahead = ahead[:-1]  # row t: token t + 1
             top = np.argpartition(-ahead, k - 1, axis=-1)[..., :k]
             next_hits += np.take_along_axis(used[1:], top, axis=-1).sum(axis=(0, 2))
             next_used += used[1:].sum(axis=(0, 2))
