@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--formats", default="bf16,int8,int4")
     parser.add_argument("--skip-cpu-experts", action="store_true")
     parser.add_argument("--cpu-experts-modes", default="auto,auto-float32",
-                        help="the bf16 rows' --cpu-experts values besides off (auto-float32: the host's copy in float32)")
+                        help="the bf16 rows' --cpu-experts values besides off (auto-float32: the host's copy in "
+                        "float32)")
     parser.add_argument("--cost-link-gbps", type=float,
                         help="the cpu-experts cost model's link bandwidth, GB/s (default: measured at load); a what-if "
                              "for slower links (PCIe gen4: ~25), and how the CPU smoke run sends misses to the host")

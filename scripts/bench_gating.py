@@ -292,8 +292,9 @@ def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int,
         largest, cut = largest_fitting(lambda n, how=how: bench.fits(how, n, memory), limit,
                                        lambda: time.monotonic() > deadline)
         best[how] = {"kind": "max-batch", "model": bench.shape.name, "compute": how, "rows": largest,
-                     "rows_fitting": largest, "memory_bytes": memory, "at_row_limit": largest == limit, "search_cut_short": cut,
-                     "search_s": time.monotonic() - started, "search_share_s": deadline - started}
+                     "rows_fitting": largest, "memory_bytes": memory, "at_row_limit": largest == limit,
+                     "search_cut_short": cut, "search_s": time.monotonic() - started,
+                     "search_share_s": deadline - started}
         best[how].update(timed_fitting(bench, how, largest))
         print(json.dumps(best[how]), flush=True)
     for padded in ("capacity", "capacity-einsum"):
