@@ -9,11 +9,15 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             B prompts of --prompt-len random tokens prefilled, then --new-tokens - 1 decode steps of all
             B; a warm-up pass on other sequences first (compiles, fills the cache); all of it per cache
             policy of --policies (default lru and activation); --one-by-one: every miss fetched by itself, never
-            out of a copy of its whole layer (`ProgramSpec.whole_layer_from` None; to time what that gains). Per row: output
+            out of a copy of its whole layer (`ProgramSpec.whole_layer_from` None; to time what that gains);
+            --cpu-experts off,auto: each policy also with missed experts routed few tokens computed on the host
+            (`offload.cpu_experts`: a batch's union of misses split between the host and the link). Per row: output
             tokens/s (B x steps / decode time), step time (the mean), the experts each step needs (the
             union of its tokens' choices, summed over MoE layers) and moves, bytes moved per step, its
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
-            copies as the other benchmarks do), step time / link floor and tokens/s / batch 1's.
+            copies as the other benchmarks do), step time / link floor and tokens/s / batch 1's (of the same
+            policy and --cpu-experts value); with cpu experts, the experts the host computed per step and its
+            seconds.
 gating      `scripts/bench_gating.py` (`add_arguments(parser)`, `run(args) -> rows`): dynamic gating vs
             capacity padding. Its options are accepted here too; without the module the part reports
             that it is missing.
@@ -84,10 +88,12 @@ DEFAULT_TASK_MIX = ROOT.parent / "shared" / "data" / "prompts" / "tasks.jsonl"
 # The most telling first (where fcfs misses), cheapest too (the arrivals come fast): a time budget skips the last.
 DEFAULT_LOADS = "32x,16x,8x,4x,2x"
 THROUGHPUT_COLUMNS = [
-    ("policy", "policy", "s"), ("batch", "batch", "d"), ("tokens_per_s", "tok/s", ".1f"), ("x_batch1", "x batch 1", ".2f"),
+    ("policy", "policy", "s"), ("cpu_experts", "cpu", "s"), ("batch", "batch", "d"), ("tokens_per_s", "tok/s", ".1f"),
+    ("x_batch1", "x batch 1", ".2f"),
     ("step_s", "step s", ".4f"), ("experts_needed_per_step", "experts needed/step", ".1f"),
     ("experts_moved_per_step", "moved/step", ".1f"), ("hit_rate", "hit", ".3f"), ("gb_per_step", "GB/step", ".3f"),
-    ("link_floor_s", "link floor s", ".4f"), ("x_link_floor", "x link floor", ".2f")]
+    ("link_floor_s", "link floor s", ".4f"), ("x_link_floor", "x link floor", ".2f"),
+    ("cpu_experts_per_step", "cpu experts/step", ".1f"), ("cpu_s_per_step", "cpu s/step", ".4f")]
 SLO_COLUMNS = [
     ("model", "model", "s"), ("scheduler", "sched", "s"), ("load", "load", "s"), ("offered_rps", "req/s", ".2f"),
     ("requests", "n", "d"), ("attainment_pct", "SLO %", ".1f"), ("ttft_p50_s", "TTFT p50", ".3f"),
@@ -114,7 +120,8 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
         if len(produced) != batch:
             raise MoejaxError(f"a decode step returned {len(produced)} tokens for a batch of {batch}")
     seconds = time.perf_counter() - start
-    total = engine.stats()["total"]
+    stats = engine.stats()
+    total, host = stats["total"], stats.get("cpu_experts") or {}
     for slot in range(batch):
         engine.release(slot)
     engine.finish_pending()
@@ -122,7 +129,8 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
             "tokens_per_s": batch * steps / seconds, "bytes_per_step": total["bytes_h2d"] / steps,
             "gb_per_step": total["bytes_h2d"] / steps / GB, "experts_needed_per_step": total["activations"] / steps,
             "experts_moved_per_step": (total["misses"] + total["prefetch_issued"] + total["streamed"]) / steps,
-            "hit_rate": total["hit_rate"]}
+            "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
+            "cpu_s_per_step": host.get("seconds", 0.0) / steps}
 
 
 def routing_for(cfg, path: str, tiny: bool) -> RoutingTrace:
@@ -154,30 +162,32 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
                                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                                 "bandwidth_bytes_per_s": bandwidth, "rows": []}
     need, took = 0.0, {}  # took: seconds of each batch's rows under the first policy
-    for policy in args.policies:
+    for policy, cpu_experts in [(p, c) for p in args.policies for c in args.cpu_experts]:
         start = time.monotonic()
         engine = build_random_engine(cfg, "cached", dense, stacks, slots=batches[-1],
                                      max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len,
-                                     expert_budget=args.budget, cache_policy=policy,
+                                     expert_budget=args.budget, cache_policy=policy, cpu_experts=cpu_experts,
                                      **({"whole_layer_from": None} if args.one_by_one else {}))
         replay = RoutingReplay(trace)
         engine.routing_override = replay
         part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes,
                     whole_layer_from=engine.spec.whole_layer_from)
-        print(f"{args.card} ({args.dims}) {policy} built in {time.monotonic() - start:.0f} s, "
-              f"{engine.cache.num_slots} expert slots", flush=True)
+        print(f"{args.card} ({args.dims}) {policy}, cpu-experts {cpu_experts}: built in "
+              f"{time.monotonic() - start:.0f} s, {engine.cache.num_slots} expert slots", flush=True)
         for batch in batches:
             need = took.get(batch, need)
-            if not budget.allows(need, f"throughput {policy} batch {batch}"):
-                part.setdefault("skipped", []).append(f"{policy} {batch}")
+            if not budget.allows(need, f"throughput {policy} cpu-experts {cpu_experts} batch {batch}"):
+                part.setdefault("skipped", []).append(f"{policy} {cpu_experts} {batch}")
                 continue
             start = time.monotonic()
             decode_batch(engine, replay, long_enough[batch : 2 * batch], prompt, args.new_tokens)  # warm-up
-            row = {"policy": policy, **decode_batch(engine, replay, long_enough[:batch], prompt, args.new_tokens)}
+            row = {"policy": policy, "cpu_experts": cpu_experts,
+                   **decode_batch(engine, replay, long_enough[:batch], prompt, args.new_tokens)}
             row["link_floor_s"] = row["bytes_per_step"] / bandwidth
             row["x_link_floor"] = row["step_s"] / row["link_floor_s"] if row["link_floor_s"] else None
-            first = part["rows"][0] if part["rows"] else row  # batch 1 of the first policy
-            row["x_batch1"] = row["tokens_per_s"] / first["tokens_per_s"] if first["batch"] == 1 else None
+            ones = [r for r in part["rows"] + [row]
+                    if (r["policy"], r["cpu_experts"], r["batch"]) == (policy, cpu_experts, 1)]
+            row["x_batch1"] = row["tokens_per_s"] / ones[0]["tokens_per_s"] if ones else None
             part["rows"].append(row)
             print(json.dumps(row), flush=True)
             save()
@@ -409,6 +419,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-len", type=int, default=16)
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--one-by-one", action="store_true", help="misses never moved out of a copy of their whole layer")
+    g.add_argument("--cpu-experts", type=names, default=["off"],
+                   help="off and/or auto: each policy's rows with these cpu_experts values (default off)")
     g = p.add_argument_group("slo")
     g.add_argument("--task-mix", type=Path, default=DEFAULT_TASK_MIX, help="task-mix JSONL (default: %(default)s)")
     g.add_argument("--slo-models", type=names, default=[TINY_MOE, "mixtral-8x7b"], help="tiny-moe and/or cards")
@@ -447,6 +459,8 @@ def checked_args(p: argparse.ArgumentParser):
         p.error("--traces is required by the throughput part")
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (a decode step after the first token)")
+    if not set(args.cpu_experts) <= {"off", "auto"}:
+        p.error(f"--cpu-experts {','.join(args.cpu_experts)}: give off and/or auto")
     if args.max_prompt + args.max_tokens > args.serve_max_seq_len:
         p.error(f"--max-prompt + --max-tokens ({args.max_prompt + args.max_tokens}) exceed --serve-max-seq-len")
     try:
