@@ -103,6 +103,9 @@ class Engine:
         self._finished: list[tuple[np.ndarray, np.ndarray | None]] = []  # routing of released sequences, in order
         self._compiled: dict = {}
         self.host_wait_s = 0.0
+        # decode steps whose tokens have been read, and the sequences the last one decoded (a serving loop times
+        # a turn that read one step: `serving.loop`)
+        self.steps_read, self.last_step_rows = 0, 0
         # Benchmarks replay known routing through the engine: override(slots [rows] (-1: padding), positions
         # int [rows, T]) -> the experts int32 [MoE layers, rows * T, k] each MoE layer uses instead of its router's,
         # or a pair (those, the lookahead's guesses of the same shape: `decoder_programs.forward`'s forced_ids).
@@ -406,6 +409,7 @@ class Engine:
         start = time.perf_counter()
         tokens = np.asarray(step.tokens)
         self.host_wait_s += time.perf_counter() - start
+        self.steps_read, self.last_step_rows = self.steps_read + 1, len(step.rows)
         routing = np.asarray(step.routing)
         guesses = None if step.guesses is None else np.asarray(step.guesses)
         for row, (slot, epoch) in enumerate(step.rows):

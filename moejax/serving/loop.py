@@ -154,6 +154,7 @@ class ServingLoop:
         self._decode_s = None if step_times is None else step_times.decode_step_s
         self._prefill_token_s = None if step_times is None else step_times.prefill_token_s
         self._decode_by_batch = {} if step_times is None else dict(step_times.decode_by_batch)  # batch -> seconds
+        self._prefilled = False  # whether the last turn prefilled (`_measure`)
         self._profiles: dict = {}
         self._profiles_at = -float("inf")
         self._engine_stats: dict = {}
@@ -360,23 +361,28 @@ class ServingLoop:
 
     def _turn(self) -> None:
         """One turn: ends cancelled requests, schedules, prefills a chunk's worth, runs a decode step."""
+        start, read = run_clock(), self.engine.steps_read
         self._end_cancelled()
         self._schedule()
-        start = run_clock()
         positions = self._prefill()
         decoded = self._decode()
-        self._measure(run_clock() - start, positions, decoded)
         self._refresh_profiles()
         self._refresh_stats()
+        self._measure(run_clock() - start, positions, decoded, self.engine.steps_read - read)
 
-    def _measure(self, seconds: float, positions: int, decoded: int) -> None:
-        """Learns the step times from a turn's seconds (compilation apart): a turn of one decode step of
-        `decoded` requests gives the decode step's, overall and at that batch size; with prefill chunks, what
-        is left of it gives the seconds per prefilled position. (Turns, not engine calls, are timed: a call
-        that reads results also waits for the steps before.)"""
+    def _measure(self, seconds: float, positions: int, decoded: int, steps_read: int) -> None:
+        """Learns the step times from a turn's seconds (all of it, its host work too: what a running request
+        waits between tokens; compilation apart). A decode turn that read one step's tokens, where neither it nor
+        the turn before prefilled, gives the decode step's, overall and at the batch size of the step it read; a
+        turn with prefill chunks, what is left of it after a decode step, the seconds per prefilled position.
+        (The engine runs a step ahead: a turn waits for the step the turn before dispatched, queued behind what
+        that turn prefilled; a turn that read no step waited for none.)"""
+        steady, self._prefilled = not self._prefilled, bool(positions)
         if decoded and not positions:
-            self._decode_s = _smoothed(self._decode_s, seconds)
-            self._decode_by_batch[decoded] = _smoothed(self._decode_by_batch.get(decoded), seconds)
+            if steps_read == 1 and steady:
+                rows = self.engine.last_step_rows
+                self._decode_s = _smoothed(self._decode_s, seconds)
+                self._decode_by_batch[rows] = _smoothed(self._decode_by_batch.get(rows), seconds)
         elif positions and (self._decode_s is not None or not decoded):
             spent = seconds - (self._decode_by_batch.get(decoded, self._decode_s) if decoded else 0.0)
             self._prefill_token_s = _smoothed(self._prefill_token_s, max(spent, 0.0) / positions)
