@@ -182,8 +182,8 @@ def test_cost_model_choice_on_synthetic_bandwidths():
     weights = jnp.full((6, 2), 0.5, jnp.float32)
     distinct = jnp.arange(E, dtype=jnp.int32)
 
-    def split(copy_s, fixed_s, per_token_s, most_tokens=8):
-        cost = CostModel(1000, 1000 / copy_s, fixed_s, per_token_s)
+    def split(copy_s, fixed_s, per_token_s, most_tokens=8, round_trip_s=0.0):
+        cost = CostModel(1000, 1000 / copy_s, fixed_s, per_token_s, round_trip_s)
         return split_misses(table, 1, distinct, ids, weights, None, E, cost, most_tokens)
 
     # misses 1, 2, 3, 4 (tokens 3, 3, 2, 2); host 1 s a token, link 3 s: 3, 4 on the host (4 s) beat any other split
@@ -195,6 +195,30 @@ def test_cost_model_choice_on_synthetic_bandwidths():
     assert split(100.0, 0.0, 1.0)[2].sum() == 4 and split(1.0, 5.0, 0.0)[2].sum() == 0  # slow link; slow host
     # host 1.4 s an expert, link 1 s: two each way (2.8 s; ties taken by id) beat all four copied (4 s)
     np.testing.assert_array_equal(split(1.0, 1.4, 0.0)[2], [False, True, True, False, False, False])
+    # ... unless the callbacks' round trip, paid once by a layer that sends anything, eats the gain
+    assert split(1.0, 1.4, 0.0, round_trip_s=2.7)[2].sum() == 0  # one on the host: 4.1 s against 4
+    np.testing.assert_array_equal(split(1.0, 1.4, 0.0, round_trip_s=0.1)[2], [False, True, True, False, False, False])
+    assert CostModel(352_321_536, 50e9, 1e-3, 2e-3, round_trip_s=4e-3).host_token_limit() == 1  # 3 ms a token left
+
+
+def test_the_cost_model_times_the_host_on_experts_read_from_memory(monkeypatch):
+    """measure() times the host function on a different expert at every call (a small expert computed again and
+    again would be read from the CPU's caches) and measures the callbacks' round trip."""
+    rng = np.random.default_rng(0)
+    stacks = [{name: rng.standard_normal((3,) + shape).astype(np.float32) * 0.05
+               for name, shape in (("gate", (16, 8)), ("up", (16, 8)), ("down", (8, 16)))} for _ in range(2)]
+    computed = []
+    real = HostExperts.expert_output
+
+    def recorded(self, layer, expert, *rest):
+        computed.append((layer, expert))
+        return real(self, layer, expert, *rest)
+
+    monkeypatch.setattr(HostExperts, "expert_output", recorded)
+    experts = host_experts(tuple(stacks), stacks, "silu", 4 * 16 * 8 * 3, None, 8)
+    assert set(computed) == {(m, e) for m in range(2) for e in range(3)}  # all 6, cycled through
+    assert computed[:6] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert experts.cost.round_trip_s >= 0 and experts.cost.host_fixed_s + experts.cost.host_per_token_s > 0
 
 
 @pytest.mark.parametrize("dtype,fmt,library,tolerance", [(jnp.float32, None, "auto", 1e-6),

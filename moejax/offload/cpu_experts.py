@@ -75,12 +75,15 @@ HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and r
 @dataclasses.dataclass(frozen=True)
 class CostModel:
     """expert_bytes: one expert as the link carries it; link_bytes_per_s: host -> device copy rate;
-    host_fixed_s + tokens x host_per_token_s: the host's time for one expert on that many token rows."""
+    host_fixed_s + tokens x host_per_token_s: the host's time for one expert on that many token rows;
+    round_trip_s: what a layer step pays once when the host computes anything (the two callbacks: the rows to
+    the host, the sum back, the device waiting in between)."""
 
     expert_bytes: int
     link_bytes_per_s: float
     host_fixed_s: float
     host_per_token_s: float
+    round_trip_s: float = 0.0
 
     def copy_s(self) -> float:
         return self.expert_bytes / self.link_bytes_per_s
@@ -89,8 +92,9 @@ class CostModel:
         return self.host_fixed_s + tokens * self.host_per_token_s
 
     def host_token_limit(self, most: int = 1 << 20) -> int:
-        """The most tokens for which the host is faster than the copy (0: never); at most `most`."""
-        spare = self.copy_s() - self.host_fixed_s
+        """The most tokens for which the host, round trip included, is faster than the copy (0: never); at most
+        `most`."""
+        spare = self.copy_s() - self.host_fixed_s - self.round_trip_s
         if spare <= 0:
             return 0
         if self.host_per_token_s <= 0:
@@ -281,13 +285,15 @@ def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: 
         chosen = chosen & valid_rows[:, None]
     tokens = jnp.zeros(E + 1, jnp.int32).at[jnp.where(chosen, ids, E).reshape(-1)].add(1)[:E]
     misses = (table[layer * E + jnp.arange(E)] < 0) & (tokens > 0)
-    # The host takes the h misses it computes fastest, h minimising max(their host time, summed, against the
-    # link's time for the other misses): the two work at once (host_start), the layer waits for the later.
+    # The host takes the h misses it computes fastest, h minimising max(their host time, summed, plus the round
+    # trip if h > 0, against the link's time for the other misses): the two work at once (host_start), the layer
+    # waits for the later.
     host_s = jnp.where(misses & (tokens <= most_tokens), cost.host_fixed_s + tokens * cost.host_per_token_s, jnp.inf)
     order = jnp.argsort(host_s, stable=True)
     fastest = host_s[order]
-    host_total = jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.where(jnp.isfinite(fastest), fastest, 0.0))])
     count = jnp.arange(E + 1)
+    host_total = jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.where(jnp.isfinite(fastest), fastest, 0.0))])
+    host_total = host_total + jnp.where(count > 0, cost.round_trip_s, 0.0)
     makespan = jnp.maximum(host_total, (misses.sum() - count) * cost.copy_s())
     makespan = jnp.where(count <= jnp.isfinite(host_s).sum(), makespan, jnp.inf)
     on_host = jnp.zeros(E, bool).at[order].set(jnp.arange(E) < jnp.argmin(makespan))
@@ -328,10 +334,13 @@ def _fetch(host, expert):
     return host.fetch(0, expert) if isinstance(host, TieredHost) else fetch_expert(host, expert)
 
 
-def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> CostModel:
-    """The cost model from one expert of MoE layer 0: its fetch to the device from `source` (MoE layer 0's pinned
-    host stack, or the `TieredHost`; after the first, warming, fetch, a host-cache hit), and the host function on
-    1 and 8 token rows (medians of `repeats`)."""
+def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3,
+            experts: list[tuple[int, int]] = ((0, 0),)) -> CostModel:
+    """The cost model: the fetch of MoE layer 0's expert 0 to the device from `source` (MoE layer 0's pinned host
+    stack, or the `TieredHost`; after the first, warming, fetch, a host-cache hit); the host function on 1 and 8
+    token rows (medians of `repeats`), each call on the next (MoE layer, expert) of `experts` (cycled), so that
+    with enough of them the weights come from memory as a step's do, not from the CPU's caches (a small expert
+    computed again and again is read from cache, several times faster); and the callbacks' round trip."""
     median_time = functools.partial(median_seconds, repeats=repeats)
     first = jnp.int32(0)
     copy_s = median_time(lambda: jax.block_until_ready(_fetch(source, first)))
@@ -341,10 +350,39 @@ def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3) -> C
     rng = np.random.default_rng(0)
     # a lone expert, as `compute` runs it: in `threads` ranges
     rows = {n: rng.standard_normal((n, width)).astype(dtype) for n in (1, 8)}
-    times = [median_seconds(lambda n=n: host.expert_output(0, 0, rows[n], host.threads), repeats=repeats + 2)
+    pairs = itertools.cycle(experts)
+    times = [median_seconds(lambda n=n: host.expert_output(*next(pairs), rows[n], host.threads), repeats=repeats + 2)
              for n in (1, 8)]
     per_token = max(0.0, (times[1] - times[0]) / 7)
-    return CostModel(expert_bytes, expert_bytes / max(copy_s, 1e-9), max(0.0, times[0] - per_token), per_token)
+    return CostModel(expert_bytes, expert_bytes / max(copy_s, 1e-9), max(0.0, times[0] - per_token), per_token,
+                     round_trip_s(width, repeats))
+
+
+def round_trip_s(width: int, repeats: int = 3) -> float:
+    """Seconds the host callbacks add to a layer step that sends a row [1, width] to the host and gets a sum back
+    (as `host_start` and `host_finish` do, the second waiting for the first's work), over the same program
+    without them: medians of `repeats`."""
+    jobs = {}
+
+    def start(x):
+        jobs[0] = np.zeros(x.shape, np.float32)
+        return np.int32(0)
+
+    def finish(ticket):
+        return jobs.pop(int(ticket))
+
+    shape = jax.ShapeDtypeStruct((1, width), jnp.float32)
+    plain = jax.jit(lambda x: x * 2.0)
+
+    @jax.jit
+    def calling(x):
+        ticket = io_callback(start, jax.ShapeDtypeStruct((), jnp.int32), x, ordered=False)
+        x, ticket = jax.lax.optimization_barrier((x * 2.0, ticket))
+        return x + io_callback(finish, shape, ticket, ordered=False)
+
+    x = jnp.ones((1, width), jnp.float32)
+    with_callbacks = median_seconds(lambda: jax.block_until_ready(calling(x)), repeats=repeats)
+    return max(0.0, with_callbacks - median_seconds(lambda: jax.block_until_ready(plain(x)), repeats=repeats))
 
 
 def check_option(cpu_experts: str, mode: str) -> None:
@@ -394,7 +432,8 @@ def host_experts(host, kept: list[dict] | None, act, expert_bytes: int, cost: Co
         if cost is not None and not set(cost) <= fields:
             raise ParameterError("{cpu_cost}: unknown fields {names} (fields: {fields})",
                                  names=", ".join(sorted(set(cost) - fields)), fields=", ".join(sorted(fields)))
-        measured = measure(experts, tier or host[0], expert_bytes)
+        cold = [(0, 0)] if tier is not None else [(m, e) for m in range(len(kept)) for e in range(len(kept[m]["down"]))]
+        measured = measure(experts, tier or host[0], expert_bytes, experts=cold)
         if tier is not None:
             tier.raise_failure()  # the measured expert's file failed its check: a one-line error at load
             tier.cache.reset_stats()  # the measurement's reads are no step's
