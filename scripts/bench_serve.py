@@ -130,7 +130,7 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
             "gb_per_step": total["bytes_h2d"] / steps / GB, "experts_needed_per_step": total["activations"] / steps,
             "experts_moved_per_step": (total["misses"] + total["prefetch_issued"] + total["streamed"]) / steps,
             "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
-            "cpu_s_per_step": host.get("seconds", 0.0) / steps}
+            "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model")}
 
 
 def routing_for(cfg, path: str, tiny: bool) -> RoutingTrace:
