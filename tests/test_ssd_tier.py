@@ -63,7 +63,8 @@ def test_outputs_equal_resident_at_every_host_budget(model):
         device_misses = result.stats["total"]["misses"]
         assert tier["gets"] == device_misses > 0  # every device miss goes through the host tier
         assert tier["host_hits"] + tier["disk_misses"] + tier["prefetch_waits"] == tier["gets"]
-        assert tier["bytes_read_disk"] == (tier["disk_reads"] + tier["prefetch_reads"]) * engine.host.cache.files.file_bytes
+        reads = tier["disk_reads"] + tier["prefetch_reads"] + tier["staged_reads"]
+        assert tier["bytes_read_disk"] == reads * engine.host.cache.files.file_bytes
         if slots == 1:
             assert tier["disk_misses"] > device_misses / 2 and tier["stall_s"] > 0
         engine.host.cache.check_invariants()
@@ -116,6 +117,42 @@ def test_tier_moves_never_lose_or_duplicate_an_expert(small_files):
         cache.close()
         counts = cache.stats()
         assert counts["host_hits"] + counts["disk_misses"] + counts["prefetch_waits"] == counts["gets"]
+
+
+def test_a_layers_staged_misses_are_read_ahead_and_kept_until_fetched(small_files):
+    """`stage` reads a layer's misses in order before any speculative prefetch and without its test of worth;
+    until fetched they are never evicted (not even by each other's reads); the fetch counts a disk miss, and staged
+    reads of keys fetched meanwhile, or staged again, are not repeated. Also in random order with random ops."""
+    files, weights = small_files
+    cache = HostCache(files, 3, prefetch_per_step=2)
+    cache.scores[:] = 10.0  # held experts outrank the staged ones: a prefetch would not be worth a slot
+    for m, e in [(0, 0), (0, 1), (0, 2)]:
+        cache.get(m, e)
+    cache.reset_stats()
+    cache.prefetch([7, 8])
+    cache.stage([5, -1, 6, 0])  # MoE layer 1, experts 0 and 1; (0, 0) is held
+    got = [cache.get(1, 0), cache.get(1, 1), cache.get(0, 0)]
+    for (m, e), expert in zip([(1, 0), (1, 1), (0, 0)], got, strict=True):
+        for name, w in weights[m, e].items():
+            np.testing.assert_array_equal(expert[name], w)
+    counts = cache.stats()
+    assert counts["staged_reads"] + counts["disk_reads"] == 2 and counts["disk_misses"] == 2
+    assert counts["host_hits"] == 1 and counts["evictions"] == 2 and cache.held() == {0, 5, 6}
+    cache.check_invariants()
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        keys = sorted(set(int(k) for k in rng.integers(0, 15, size=rng.integers(1, 4))))
+        cache.stage(keys)
+        if rng.integers(2):
+            cache.prefetch([int(k) for k in rng.integers(0, 15, size=2)])
+        for key in keys:
+            m, e = divmod(key, 5)
+            for name, w in weights[m, e].items():
+                np.testing.assert_array_equal(cache.get(m, e)[name], w)
+        cache.check_invariants()
+    cache.close()
+    counts = cache.stats()
+    assert counts["host_hits"] + counts["disk_misses"] + counts["prefetch_waits"] == counts["gets"]
 
 
 def test_lent_arrays_never_change_under_their_holder(small_files):
@@ -331,7 +368,7 @@ def test_compact_experts_through_the_tier_equal_resident(compact, tmp_path):
             np.testing.assert_array_equal(ours, ref, err_msg=str(where))
         files, tier = engine.host.cache.files, result.stats["host_tier"]
         assert result.stats["expert_format"] == "int4" and result.stats["expert_bytes"] == files.expert_bytes == compact_bytes
-        assert tier["bytes_read_disk"] == (tier["disk_reads"] + tier["prefetch_reads"]) * one > 0
+        assert tier["bytes_read_disk"] == (tier["disk_reads"] + tier["prefetch_reads"] + tier["staged_reads"]) * one > 0
         assert tier["host_bytes"] == host_experts * one and tier["file_bytes"] == one
         assert {p.stat().st_size for p in files.root.glob("L*/E*.bin")} == {one}
         assert result.stats["total"]["bytes_h2d"] == result.stats["total"]["misses"] * compact_bytes

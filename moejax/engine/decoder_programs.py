@@ -271,8 +271,12 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). An expert at an
     offset the routing chose is read by a kernel over the link, a whole stack by one copy at the link's DMA rate,
     which may be much faster (BENCHMARKS.md): past some share of a layer's experts, which the engine measures on
-    its device at load (`whole_layer_from`), the whole is faster. The same state, slab and slots either way.
+    its device at load (`whole_layer_from`), the whole is faster. The same state, slab and slots either way. Through
+    the disk tier, the misses are first staged (`TieredHost.stage`), so that the disk reads them back to back.
     -> (cache, slab, slots, pinned) as `access`."""
+    if isinstance(host, TieredHost):  # the disk reads the layer's misses back to back, ahead of their fetches
+        missing = (distinct < E) & (dc.resident_slots(cache, m, distinct, E) < 0)
+        distinct = host.stage(jnp.where(missing, m * E + distinct, -1), distinct)
     fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
     if spec.whole_layer_from is None or distinct.shape[0] < spec.whole_layer_from:
         fetched = fetch_one  # (a step of few rows never misses that many: no layer-sized buffer)

@@ -7,7 +7,10 @@ It evicts the expert used least by decayed token counts, not the least recently 
 cycle through the layers, a loop larger than the host cache, on which LRU evicts exactly what comes next.
 A background thread reads experts ahead of use (`prefetch`: the device prefetcher's staged picks for the next
 step, and the experts used most, by decayed token counts, that are not held): the host tier looks one step
-further ahead than the device tier.
+further ahead than the device tier. Within a step, a MoE layer's program hands the host the misses it is about
+to fetch, in order (`stage`, through `TieredHost.stage`), before fetching the first: the thread reads them one
+after another, ahead of any speculative prefetch and kept from eviction until fetched, so the disk reads the
+next one while the runtime copies the last to the device, instead of waiting for each copy.
 
 The step programs read the host tier through `TieredHost.fetch`, a host callback: a hit hands the runtime the
 slot's bytes (no copy; see `HostCache`); a miss (the expert is neither held nor arriving) reads it from disk
@@ -35,6 +38,7 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from moejax.errors import MoejaxError
 from moejax.offload.expert_files import ExpertFiles, aligned_buffer
@@ -64,6 +68,9 @@ class HostCache:
         self._unused_prefetches: set[int] = set()
         self.scores = np.zeros(self.num_keys)  # decayed token counts per key
         self._queue: list[int] = []
+        self._staged: list[int] = []  # a layer's misses to read before anything in _queue (`stage`)
+        self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
+        self._read_ahead: set[int] = set()  # of those, the ones not held when staged (their fetch is a disk miss)
         self._stop = False
         self._thread: threading.Thread | None = None
         self.failure: MoejaxError | None = None
@@ -71,7 +78,7 @@ class HostCache:
 
     def reset_stats(self) -> None:
         self.counts = dict(gets=0, host_hits=0, disk_misses=0, prefetch_waits=0, disk_reads=0, prefetch_reads=0,
-                           prefetch_used=0, evictions=0, uncached_reads=0)
+                           prefetch_used=0, staged_reads=0, evictions=0, uncached_reads=0)
         self.bytes_read = 0
         self.disk_read_s = self.stall_s = 0.0
 
@@ -88,12 +95,19 @@ class HostCache:
         start = time.perf_counter()
         with self._lock:
             self.counts["gets"] += 1
-            waited = False
+            staged, waited = key in self._read_ahead, False
+            self._awaited.discard(key)
+            self._read_ahead.discard(key)
             while key in self._loading:
                 waited = True
                 self._lock.wait()
             if key in self._ready:
-                self._count_hit(key, waited, start)
+                if staged:  # read ahead for this very fetch (`stage`): a miss of the host cache all the same
+                    self._ready.move_to_end(key)
+                    self.counts["disk_misses"] += 1
+                    self.stall_s += time.perf_counter() - start
+                else:
+                    self._count_hit(key, waited, start)
                 return self._lend(self._ready[key])
             self.counts["disk_misses"] += 1
             slot = self._reserve(key)
@@ -139,8 +153,8 @@ class HostCache:
 
     def _victim(self) -> int | None:
         """The ready expert used least (decayed token counts; the least recently used of equals) whose slot is not
-        lent (lock held), or None."""
-        candidates = [key for key, slot in self._ready.items() if not self._lent[slot]]
+        lent and that a step has not staged (lock held), or None."""
+        candidates = [key for key, slot in self._ready.items() if not self._lent[slot] and key not in self._awaited]
         return min(candidates, key=lambda key: self.scores[key]) if candidates else None
 
     def _reserve(self, key: int) -> int | None:
@@ -158,9 +172,10 @@ class HostCache:
         self._owner[slot] = key
         return slot
 
-    def _read(self, key: int, slot: int, prefetch: bool = False) -> dict | None:
+    def _read(self, key: int, slot: int, prefetch: str | None = None) -> dict | None:
         """Reads `key` into its reserved `slot` (lock not held) -> its weights (lent before another thread can
-        evict it), or None for a prefetch. On failure the slot is freed and the error raised."""
+        evict it), or None for a read ahead (prefetch 'prefetch': speculative; 'staged': a step's, `stage`). On
+        failure the slot is freed and the error raised."""
         layer, expert = divmod(key, self.num_experts)
         start = time.perf_counter()
         try:
@@ -175,14 +190,13 @@ class HostCache:
         with self._lock:
             self.disk_read_s += time.perf_counter() - start
             self.bytes_read += self.files.file_bytes
-            self.counts["prefetch_reads" if prefetch else "disk_reads"] += 1
+            self.counts[f"{prefetch}_reads" if prefetch else "disk_reads"] += 1
             del self._loading[key]
             self._ready[key] = slot
             self._lock.notify_all()
-            if prefetch:
+            if prefetch == "prefetch":
                 self._unused_prefetches.add(key)
-                return None
-            return self._lend(slot)
+            return None if prefetch else self._lend(slot)
 
     def _read_uncached(self, key: int) -> dict:
         """Reads `key` into a buffer of its own, not cached (every slot is lent or being read into)."""
@@ -222,19 +236,38 @@ class HostCache:
                 self._thread.start()
             self._lock.notify_all()
 
+    def stage(self, keys) -> None:
+        """A step's misses of one MoE layer (int [P], -1: none), in the order it is about to fetch them: read by the
+        prefetch thread one after another before any queued prefetch, without `_worth_a_slot`'s test, and not
+        evicted until fetched (the keys staged before and not yet read are dropped: their layer is done)."""
+        keys = [int(k) for k in np.asarray(keys).reshape(-1) if k >= 0]
+        with self._lock:
+            self._awaited = set(keys)
+            self._staged = [k for k in keys if k not in self._ready and k not in self._loading]
+            self._read_ahead = set(self._staged)
+            if self._staged and self._thread is None:
+                self._thread = threading.Thread(target=self._prefetch_loop, name="moejax-host-prefetch", daemon=True)
+                self._thread.start()
+            self._lock.notify_all()
+
     def _prefetch_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stop:
+                while not self._staged and not self._queue and not self._stop:
                     self._lock.wait()
                 if self._stop:
                     return
-                key = self._queue.pop(0)
-                if key in self._ready or key in self._loading or not self._worth_a_slot(key):
+                kind = "staged" if self._staged else "prefetch"
+                key = (self._staged or self._queue).pop(0)
+                if key in self._ready or key in self._loading or (kind == "prefetch" and not self._worth_a_slot(key)):
                     continue
+                if kind == "staged" and key not in self._awaited:
+                    continue  # fetched already (read by the step itself)
                 slot = self._reserve(key)
+                if slot is None:
+                    continue  # every slot lent or staged: the step reads it itself
             try:
-                self._read(key, slot, prefetch=True)
+                self._read(key, slot, prefetch=kind)
             except MoejaxError:
                 pass  # a bad file is reported by the step that needs it (its read is repeated there)
 
@@ -276,8 +309,9 @@ class HostCache:
     def stats(self) -> dict:
         """Counters since the last reset (and host_slots, host_bytes, file_bytes: one expert's file, padded, in the
         engine's expert format): gets (expert fetches through the tier), host_hits, disk_misses (read from
-        disk while a step waited), prefetch_waits (the step waited for a read under way),
-        host_hit_rate, disk_reads / prefetch_reads / prefetch_used, evictions, uncached_reads (disk reads past the
+        disk while a step waited, by its own read or the one it staged), prefetch_waits (the step waited for a
+        prefetch under way), host_hit_rate, disk_reads / prefetch_reads / prefetch_used / staged_reads (the reads
+        of what steps staged: `stage`), evictions, uncached_reads (disk reads past the
         cache: every slot was lent or being read into), bytes_read_disk (all reads),
         disk_read_s (seconds reading, both threads), stall_s (seconds steps waited on the disk)."""
         with self._lock:
@@ -316,6 +350,14 @@ class TieredHost:
         (tier.tier_id,) = children
         return tier
 
+    def stage(self, keys, after):
+        """Inside a step program, before a MoE layer's misses are fetched: hands the host cache their keys
+        (`HostCache.stage`; int32 [U], layer x E + expert, in fetch order, -1: none) -> `after` (any array) once
+        the call is made: what the fetches are computed from, so that they follow it."""
+        done = io_callback(_stage, jax.ShapeDtypeStruct((), jnp.int32), jnp.asarray(self.tier_id, jnp.int32), keys,
+                           ordered=False)
+        return jax.lax.optimization_barrier((after, done))[0]
+
     def fetch(self, layer, expert) -> dict:
         """Inside a step program: expert `expert` of MoE layer `layer` (traced ints) on the device."""
         result = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in self.shapes.items()}
@@ -327,6 +369,11 @@ class TieredHost:
         failure, self.cache.failure = self.cache.failure, None
         if failure is not None:
             raise failure
+
+
+def _stage(tier_id, keys) -> np.ndarray:
+    _CACHES[int(tier_id)].stage(keys)
+    return np.int32(0)
 
 
 def _get(shapes: dict, tier_id, layer, expert) -> dict:
