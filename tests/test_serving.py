@@ -511,17 +511,21 @@ def test_decode_step_times_by_batch_size():
 
 
 def test_the_loop_times_a_decode_step_by_the_batch_of_the_step_it_read(ckpt):
-    """A decode turn's seconds count for the batch size of the step whose tokens it read (the engine runs a step
-    ahead), only where it read one step and neither it nor the turn before prefilled: a turn that read no step
-    waited for none, and the one after a prefill also waited for the prefill's chunk."""
+    """A decode turn's seconds count for the batch size of the step whose tokens it read (the engine runs steps
+    ahead), only where it read one step and neither it nor the PIPELINE_DEPTH (2) turns before prefilled: a turn
+    that read no step waited for none, and the ones after a prefill chunk waited for it or found their step done."""
     engine = load(ckpt)
     loop = ServingLoop(engine)
     engine.last_step_rows = 3
+    loop._measure(0.3, positions=0, decoded=2, steps_read=1)  # the loop's first turns: nothing prefilled before
+    assert loop._decode_by_batch == {}
+    loop._measure(0.3, positions=0, decoded=2, steps_read=1)
     loop._measure(0.3, positions=0, decoded=2, steps_read=1)  # two decoding now, the step read had three
     assert loop._decode_by_batch == {3: 0.3}
     loop._measure(0.001, positions=0, decoded=2, steps_read=0)  # nothing read: nothing waited for
     loop._measure(0.5, positions=16, decoded=2, steps_read=1)  # a prefill turn
     loop._measure(0.9, positions=0, decoded=2, steps_read=1)  # behind that prefill's chunk
+    loop._measure(0.001, positions=0, decoded=2, steps_read=1)  # its step done while the prompt's last chunk ran
     assert loop._decode_by_batch == {3: 0.3}
     engine.last_step_rows = 2
     loop._measure(0.2, positions=0, decoded=2, steps_read=1)

@@ -25,7 +25,7 @@ import time
 
 from moejax.engine.buckets import prefill_chunk_size
 from moejax.engine.compilation import run_clock
-from moejax.engine.engine import Engine
+from moejax.engine.engine import PIPELINE_DEPTH, Engine
 from moejax.engine.slots import SamplingParams
 from moejax.errors import ParameterError
 from moejax.predictors.base import step_profile
@@ -154,7 +154,7 @@ class ServingLoop:
         self._decode_s = None if step_times is None else step_times.decode_step_s
         self._prefill_token_s = None if step_times is None else step_times.prefill_token_s
         self._decode_by_batch = {} if step_times is None else dict(step_times.decode_by_batch)  # batch -> seconds
-        self._prefilled = False  # whether the last turn prefilled (`_measure`)
+        self._quiet_turns = 0  # turns in a row without prefill chunks, before this one (`_measure`)
         self._profiles: dict = {}
         self._profiles_at = -float("inf")
         self._engine_stats: dict = {}
@@ -373,11 +373,13 @@ class ServingLoop:
     def _measure(self, seconds: float, positions: int, decoded: int, steps_read: int) -> None:
         """Learns the step times from a turn's seconds (all of it, its host work too: what a running request
         waits between tokens; compilation apart). A decode turn that read one step's tokens, where neither it nor
-        the turn before prefilled, gives the decode step's, overall and at the batch size of the step it read; a
-        turn with prefill chunks, what is left of it after a decode step, the seconds per prefilled position.
-        (The engine runs a step ahead: a turn waits for the step the turn before dispatched, queued behind what
-        that turn prefilled; a turn that read no step waited for none.)"""
-        steady, self._prefilled = not self._prefilled, bool(positions)
+        the PIPELINE_DEPTH turns before prefilled, gives the decode step's, overall and at the batch size of the
+        step it read; a turn with prefill chunks, what is left of it after a decode step, the seconds per
+        prefilled position. (The engine keeps PIPELINE_DEPTH steps in flight: a turn reads the step dispatched
+        that many turns before, queued behind what those turns prefilled, and a prompt's last chunk, whose token
+        is read at once, waits for the steps queued before it; a turn that read no step waited for none.)"""
+        steady = self._quiet_turns >= PIPELINE_DEPTH
+        self._quiet_turns = 0 if positions else self._quiet_turns + 1
         if decoded and not positions:
             if steps_read == 1 and steady:
                 rows = self.engine.last_step_rows
