@@ -14,7 +14,8 @@ without and with the CRC-32 check the tier applies (`disk_gb_s`, `checked_gb_s`)
 `sync`: the writeback of freshly written files would share the disk) and once after them (`disk_gb_s_after`);
 the floor takes the faster of the two raw reads (`floor_gb_s`), the stricter floor. `x_floor` = the run's time
 (prompt and decode, compilation excluded) over the floor; the issue's target is <= 1.3. `run_read_gb_s`: the
-bytes the run read over the seconds its disk reads took (reads of a demand miss and a prefetch may overlap).
+bytes the run read over the seconds during which any of its disk reads was under way (`disk_busy_s`: a step's
+reads and the prefetch thread's overlap); `disk_idle_s` = `total_s` - `disk_busy_s`.
 
     PYTHONPATH=. python scripts/bench_ssd.py --out out/bench_ssd.json            # GPU: sizes from the machine
     PYTHONPATH=. python scripts/bench_ssd.py --dims tiny --scale 2e-5 --out /tmp/ssd.json   # CPU smoke run
@@ -172,6 +173,7 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
         "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
         "gpu_experts": gpu_experts, "gpu_hit_rate": stats["total"]["hit_rate"], "host_hit_rate": tier_stats["host_hit_rate"],
         "disk_gb": tier_stats["bytes_read_disk"] / GB, "disk_read_s": tier_stats["disk_read_s"],
+        "disk_busy_s": tier_stats["disk_busy_s"], "disk_idle_s": timing.total_s - tier_stats["disk_busy_s"],
         "stall_s": tier_stats["stall_s"], "ttft_s": timing.ttft_s, "tpot_s": timing.tpot_s, "total_s": timing.total_s,
         "tokens_per_s": timing.tokens_per_s, "new_tokens": args.new_tokens, "host_tier": tier_stats,
     }
@@ -250,6 +252,7 @@ def main() -> None:
                               ("cpu_experts", "cpu", "s"), ("cpu_experts_computed", "cpu experts", "d"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),
                               ("disk_gb", "disk GB", ".3g"), ("run_read_gb_s", "read GB/s", ".3g"),
+                              ("disk_idle_s", "disk idle s", ".1f"),
                               ("stall_s", "stall s", ".2f"), ("total_s", "time s", ".2f"),
                               ("floor_s", "floor s", ".2f"), ("x_floor", "x floor", ".2f"),
                               ("tokens_per_s", "tok/s", ".2f"), ("x_copy", "x copy", ".2f")])
@@ -259,7 +262,7 @@ def set_floor(row: dict, bandwidth: float) -> None:
     """A run's floor at `bandwidth` bytes/s (`floor_s`, `x_floor`) and its own disk read rate (`run_read_gb_s`)."""
     row["floor_s"] = row["disk_gb"] * GB / bandwidth
     row["x_floor"] = row["total_s"] / row["floor_s"] if row["floor_s"] else None
-    row["run_read_gb_s"] = row["disk_gb"] / row["disk_read_s"] if row["disk_read_s"] else None
+    row["run_read_gb_s"] = row["disk_gb"] / row["disk_busy_s"] if row["disk_busy_s"] else None
 
 
 def _size(root: Path) -> int:

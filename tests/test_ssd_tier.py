@@ -8,6 +8,7 @@ step needs), so every host budget runs the same compiled programs.
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -174,6 +175,27 @@ def test_lent_arrays_never_change_under_their_holder(small_files):
     cache.get(1, 4)
     assert cache.stats()["evictions"] >= 1 and (1 * 5 + 4) in cache.held()
     cache.check_invariants()
+
+
+def test_disk_busy_time_counts_overlapping_reads_once(small_files, monkeypatch):
+    """Two reads of 0.2 s each, at once: disk_read_s sums them (~0.4 s), disk_busy_s is the wall time any read was
+    under way (~0.2 s)."""
+    files, _ = small_files
+    cache = HostCache(files, 4)
+    real = type(files).read_into
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.2)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(files), "read_into", slow)
+    threads = [threading.Thread(target=cache.get, args=(0, e)) for e in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats = cache.stats()
+    assert stats["disk_read_s"] >= 0.4 and 0.2 <= stats["disk_busy_s"] < 0.35
 
 
 def test_concurrent_reads_return_their_own_experts(small_files):

@@ -29,6 +29,7 @@ the recorded one-line error (`raise_failure`) when it reads the step, before any
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import threading
@@ -72,6 +73,7 @@ class HostCache:
         self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
         self._read_ahead: set[int] = set()  # of those, the ones not held when staged (their fetch is a disk miss)
         self._stop = False
+        self._reading, self._busy_since = 0, 0.0  # disk reads under way, since when (`_disk_busy`)
         self._thread: threading.Thread | None = None
         self.failure: MoejaxError | None = None
         self.reset_stats()
@@ -80,7 +82,8 @@ class HostCache:
         self.counts = dict(gets=0, host_hits=0, disk_misses=0, prefetch_waits=0, disk_reads=0, prefetch_reads=0,
                            prefetch_used=0, staged_reads=0, evictions=0, uncached_reads=0)
         self.bytes_read = 0
-        self.disk_read_s = self.stall_s = 0.0
+        self.disk_read_s = self.stall_s = self.disk_busy_s = 0.0
+        self._stats_since = time.perf_counter()  # a read under way at a reset counts from then on
 
     # -- reads ---------------------------------------------------------------------------------------
     def _slot_view(self, slot: int) -> memoryview:
@@ -179,7 +182,8 @@ class HostCache:
         layer, expert = divmod(key, self.num_experts)
         start = time.perf_counter()
         try:
-            self.files.read_into(layer, expert, self._slot_view(slot))
+            with self._disk_busy():
+                self.files.read_into(layer, expert, self._slot_view(slot))
         except BaseException:
             with self._lock:
                 del self._loading[key]
@@ -198,11 +202,28 @@ class HostCache:
                 self._unused_prefetches.add(key)
             return None if prefetch else self._lend(slot)
 
+    @contextlib.contextmanager
+    def _disk_busy(self):
+        """Around a disk read (lock not held): adds to `disk_busy_s` the wall time during which any read was under
+        way (the steps' reads and the prefetch thread's overlap: `disk_read_s` sums their durations)."""
+        with self._lock:
+            if not self._reading:
+                self._busy_since = time.perf_counter()
+            self._reading += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reading -= 1
+                if not self._reading:
+                    self.disk_busy_s += time.perf_counter() - max(self._busy_since, self._stats_since)
+
     def _read_uncached(self, key: int) -> dict:
         """Reads `key` into a buffer of its own, not cached (every slot is lent or being read into)."""
         layer, expert = divmod(key, self.num_experts)
         buffer, start = aligned_buffer(self.files.file_bytes), time.perf_counter()
-        self.files.read_into(layer, expert, buffer)
+        with self._disk_busy():
+            self.files.read_into(layer, expert, buffer)
         with self._lock:
             self.disk_read_s += time.perf_counter() - start
             self.bytes_read += self.files.file_bytes
@@ -313,14 +334,16 @@ class HostCache:
         prefetch under way), host_hit_rate, disk_reads / prefetch_reads / prefetch_used / staged_reads (the reads
         of what steps staged: `stage`), evictions, uncached_reads (disk reads past the
         cache: every slot was lent or being read into), bytes_read_disk (all reads),
-        disk_read_s (seconds reading, both threads), stall_s (seconds steps waited on the disk)."""
+        disk_read_s (seconds reading, summed over the threads), disk_busy_s (seconds during which any read was
+        under way), stall_s (seconds steps waited on the disk)."""
         with self._lock:
             counts = dict(self.counts)
             gets = counts["gets"]
             return {"host_slots": self.num_slots, "host_bytes": self.num_slots * self.files.file_bytes,
                     "file_bytes": self.files.file_bytes, **counts,
                     "host_hit_rate": counts["host_hits"] / gets if gets else 0.0,
-                    "bytes_read_disk": self.bytes_read, "disk_read_s": self.disk_read_s, "stall_s": self.stall_s,
+                    "bytes_read_disk": self.bytes_read, "disk_read_s": self.disk_read_s,
+                    "disk_busy_s": self.disk_busy_s, "stall_s": self.stall_s,
                     "expert_dir": str(self.files.root)}
 
 

@@ -63,7 +63,7 @@ def summary_line(stats: dict, new_tokens: int) -> str:
     tier = stats.get("host_tier")
     if tier is not None:
         line += (f"; host tier {tier['host_slots']} slots: hit rate {tier['host_hit_rate'] * 100:.1f}%, "
-                 f"{tier['bytes_read_disk'] / 1e9:.3f} GB from disk in {tier['disk_read_s']:.2f} s, "
+                 f"{tier['bytes_read_disk'] / 1e9:.3f} GB from disk in {tier['disk_busy_s']:.2f} s, "
                  f"steps stalled {tier['stall_s']:.2f} s")
     if stats.get("expert_compute") == "capacity":
         line += (f"; expert compute capacity (factor {stats['capacity_factor']:g}): approximate, "
