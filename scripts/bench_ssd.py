@@ -165,6 +165,7 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
     result = engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True)
     stats = result.stats
     tier_stats, timing, host = stats["host_tier"], result.timing, stats.get("cpu_experts") or {}
+    busy = tier_stats["disk_busy_s"]
     engine.close()
     return {
         "cpu_experts": cpu_experts, "cpu_experts_computed": host.get("experts"), "cpu_seconds": host.get("seconds"),
@@ -173,7 +174,8 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
         "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
         "gpu_experts": gpu_experts, "gpu_hit_rate": stats["total"]["hit_rate"], "host_hit_rate": tier_stats["host_hit_rate"],
         "disk_gb": tier_stats["bytes_read_disk"] / GB, "disk_read_s": tier_stats["disk_read_s"],
-        "disk_busy_s": tier_stats["disk_busy_s"], "disk_idle_s": timing.total_s - tier_stats["disk_busy_s"],
+        "disk_busy_s": busy, "disk_idle_s": timing.total_s - busy,
+        "run_read_gb_s": tier_stats["bytes_read_disk"] / GB / busy if busy else None,
         "stall_s": tier_stats["stall_s"], "ttft_s": timing.ttft_s, "tpot_s": timing.tpot_s, "total_s": timing.total_s,
         "tokens_per_s": timing.tokens_per_s, "new_tokens": args.new_tokens, "host_tier": tier_stats,
     }
@@ -259,10 +261,9 @@ def main() -> None:
 
 
 def set_floor(row: dict, bandwidth: float) -> None:
-    """A run's floor at `bandwidth` bytes/s (`floor_s`, `x_floor`) and its own disk read rate (`run_read_gb_s`)."""
+    """A run's floor at `bandwidth` bytes/s (`floor_s`, `x_floor`)."""
     row["floor_s"] = row["disk_gb"] * GB / bandwidth
     row["x_floor"] = row["total_s"] / row["floor_s"] if row["floor_s"] else None
-    row["run_read_gb_s"] = row["disk_gb"] / row["disk_busy_s"] if row["disk_busy_s"] else None
 
 
 def _size(root: Path) -> int:

@@ -237,6 +237,17 @@ def _array(arrays: dict[str, np.ndarray], name: str, shape: tuple) -> np.ndarray
     return arrays[name].astype(np.float32)
 
 
+def next_token_rows(predictor: Predictor, tokens: list[str], predicted: np.ndarray | None = None) -> np.ndarray | None:
+    """float32 [T, L, E]: row t, the prediction for the token after tokens[t] from tokens[: t + 1]: the
+    predictor's next-token prediction (`predict_each_next`), or where it has none and is causal, token t's own
+    prediction standing in (one pass: `predicted`, its `predict(tokens)` if already computed); None for a
+    predictor that reads later tokens and has no next-token prediction."""
+    ahead = predictor.predict_each_next(tokens)
+    if ahead is None and not predictor.reads_later_tokens:
+        ahead = predicted if predicted is not None else predictor.predict(tokens)
+    return ahead
+
+
 def known_token_probabilities(predictor: Predictor, tokens: list[str], prompt_len: int, experts: np.ndarray | None = None,
                               lookahead: np.ndarray | None = None) -> np.ndarray:
     """float32 [T, L, E]: each token's probabilities from the tokens known before the step that runs it:
@@ -251,9 +262,7 @@ def known_token_probabilities(predictor: Predictor, tokens: list[str], prompt_le
     rows = [predictor.predict(tokens[:prompt_len])]
     if prompt_len >= len(tokens):
         return rows[0].astype(np.float32)
-    ahead = predictor.predict_each_next(tokens[:-1])
-    if ahead is None and not predictor.reads_later_tokens:  # causal: one pass gives each prefix's last row
-        ahead = predictor.predict(tokens[:-1])
+    ahead = next_token_rows(predictor, tokens[:-1])
     if ahead is not None:  # row t - 1: token t's, from the tokens before it
         rows.append(ahead[prompt_len - 1 :])
     else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.predictors.base import Predictor, known_token_probabilities, used_mask
+from moejax.predictors.base import Predictor, known_token_probabilities, next_token_rows, used_mask
 from moejax.predictors.data import TraceData
 from moejax.progress import Progress
 
@@ -40,10 +40,8 @@ def top_k_quality(predictor: Predictor, data: TraceData, k: int | None = None, s
         used_total += used.sum(axis=(0, 2))
         routed += used.any(axis=-1).sum(axis=0)
         if not (predictor.reads_routing or predictor.reads_later_tokens) and len(tokens) > 1:
-            ahead = predictor.predict_each_next(tokens)
-            if ahead is None:  # the token before's own prediction, which `probabilities` holds for a whole prompt
-                ahead = probabilities if prompt_lens[s] >= len(tokens) else predictor.predict(tokens)
-            ahead = ahead[:-1]  # row t: token t + 1
+            whole_prompt = probabilities if prompt_lens[s] >= len(tokens) else None  # = predict(tokens)
+            ahead = next_token_rows(predictor, tokens, whole_prompt)[:-1]  # row t: token t + 1
             top = np.argpartition(-ahead, k - 1, axis=-1)[..., :k]
             next_hits += np.take_along_axis(used[1:], top, axis=-1).sum(axis=(0, 2))
             next_used += used[1:].sum(axis=(0, 2))
