@@ -9,6 +9,7 @@ import json
 import shutil
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from hf_zoo import build, random_prompts
 import moejax
 from moejax.cli import main as cli
 from moejax.errors import MoejaxError, ParameterError
-from moejax.offload.expert_files import ExpertFiles, expert_path, write_expert_files
+from moejax.offload import expert_files as expert_files_module
+from moejax.offload.expert_files import ExpertFiles, aligned_buffer, crc32_combine, expert_path, write_expert_files
 from moejax.offload.host_cache import HostCache
 
 NEW_TOKENS = 5
@@ -216,6 +218,35 @@ def test_concurrent_reads_return_their_own_experts(small_files):
         t.join()
     cache.check_invariants()
     assert not errors
+
+
+def test_crc32_combine_equals_the_whole_crc():
+    rng = np.random.default_rng(0)
+    for first_length, second_length in [(0, 0), (0, 9), (7, 0), (1, 1), (4096, 5000), (12345, 16 * 2**10)]:
+        first, second = rng.bytes(first_length), rng.bytes(second_length)
+        assert crc32_combine(zlib.crc32(first), zlib.crc32(second), second_length) == zlib.crc32(first + second)
+
+
+def test_a_read_in_several_chunks_is_checked_whole(tmp_path, monkeypatch):
+    """Chunks are checksummed by the reader threads and combined: the read returns the weights, and a flipped byte
+    in any chunk (the last one's checked part included) is caught."""
+    shapes = {"gate": ((64, 64), np.dtype(np.float32)), "down": ((65, 64), np.dtype(np.float32))}  # 8.06 chunks
+    rng = np.random.default_rng(2)
+    weights = {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
+    write_expert_files(tmp_path / "ef", shapes, 1, 1, lambda m, e: weights)
+    files = ExpertFiles(tmp_path / "ef", shapes, 1, 1)
+    monkeypatch.setattr(expert_files_module, "CHUNK", expert_files_module.ALIGN)
+    buffer = aligned_buffer(files.file_bytes)
+    files.read_into(0, 0, buffer)
+    for name, value in files.unpack(buffer).items():
+        np.testing.assert_array_equal(value, weights[name])
+    victim, original = expert_path(files.root, 0, 0), expert_path(files.root, 0, 0).read_bytes()
+    for position in (5, 3 * expert_files_module.ALIGN + 1, files.expert_bytes - 1):
+        data = bytearray(original)
+        data[position] ^= 0x01
+        victim.write_bytes(bytes(data))
+        with pytest.raises(MoejaxError, match=r"E0000\.bin: expert file fails its CRC-32 check"):
+            files.read_into(0, 0, buffer)
 
 
 def test_bad_expert_files_are_refused_by_name(small_files, tmp_path):

@@ -21,7 +21,8 @@ int4 codes beside their scales, as the format keeps them; the manifest records t
 
 Checks: the manifest is validated and every file's size checked when the directory is opened (a missing or
 short file is refused before any step runs); each read's CRC-32 (zlib, of the unpadded bytes, computed when
-the file is written) is verified as the bytes arrive, before they enter the host cache.
+the file is written) is verified as the bytes arrive (by the reader threads, chunk by chunk, combined), before they
+enter the host cache.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ class ExpertFiles:
         missing, short or corrupt.
 
         The file is read in CHUNK-byte requests, READERS of them in flight (an SSD needs several outstanding
-        requests to reach its bandwidth), and the checksum runs over each chunk as it arrives, while the later
-        ones are still being read."""
+        requests to reach its bandwidth); each reader thread checksums its chunk as soon as it has read it, and
+        the chunks' CRCs are combined (`crc32_combine`), so the check runs on as many cores as there are reads
+        in flight instead of one."""
         path = expert_path(self.root, layer, expert)
         view = memoryview(buffer)[: self.file_bytes]
         try:
@@ -190,13 +192,16 @@ class ExpertFiles:
         except FileNotFoundError:
             raise MoejaxError(f"{path}: expert file missing (MoE layer {layer}, expert {expert})") from None
         offsets = range(0, self.file_bytes, CHUNK)
-        pending = [_readers().submit(_read_fully, fd, view[start : start + CHUNK], start) for start in offsets]
+        checked = [max(0, min(CHUNK, self.expert_bytes - start)) if verify else 0 for start in offsets]
+        pending = [_readers().submit(_read_chunk, fd, view[start : start + CHUNK], start, length)
+                   for start, length in zip(offsets, checked, strict=True)]
         try:
             done, checksum = 0, 0
-            for start, request in zip(offsets, pending, strict=True):
-                done += request.result()
-                if verify and start < self.expert_bytes:
-                    checksum = zlib.crc32(view[start : min(start + CHUNK, self.expert_bytes)], checksum)
+            for length, request in zip(checked, pending, strict=True):
+                size, chunk_checksum = request.result()
+                done += size
+                if length:
+                    checksum = crc32_combine(checksum, chunk_checksum, length)
         finally:
             futures.wait(pending)
             os.close(fd)
@@ -224,15 +229,47 @@ def _readers() -> futures.ThreadPoolExecutor:
     return futures.ThreadPoolExecutor(READERS, thread_name_prefix="moejax-disk")
 
 
-def _read_fully(fd: int, view: memoryview, offset: int) -> int:
-    """Reads len(view) bytes of `fd` at `offset` into `view` (fewer at the end of the file) -> bytes read."""
+def _read_chunk(fd: int, view: memoryview, offset: int, checked: int) -> tuple[int, int]:
+    """Reads len(view) bytes of `fd` at `offset` into `view` (fewer at the end of the file) -> (bytes read, the
+    CRC-32 of the first `checked` bytes read; 0 when checked is 0)."""
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
             break
         done += n
-    return done
+    return done, zlib.crc32(view[: min(checked, done)]) if checked else 0
+
+
+def crc32_combine(first: int, second: int, second_length: int) -> int:
+    """zlib.crc32(a + b) from first = zlib.crc32(a), second = zlib.crc32(b) and len(b) (Python's zlib has no
+    crc32_combine). The CRC is affine in (start value, data), so crc32(b, start=s) = Z(s) ^ crc32(b), where Z, the
+    effect of len(b) zero bytes on a start value, is linear over GF(2): `_zeros_operator`."""
+    return _apply(_zeros_operator(second_length), first) ^ second
+
+
+def _apply(operator: tuple[int, ...], value: int) -> int:
+    """A linear map on 32-bit values, given as the images of its 32 basis bits, applied to `value`."""
+    out = 0
+    for bit, image in enumerate(operator):
+        if value >> bit & 1:
+            out ^= image
+    return out
+
+
+@functools.cache
+def _zeros_operator(length: int) -> tuple[int, ...]:
+    """The linear map s -> zlib.crc32(bytes(length), s) ^ zlib.crc32(bytes(length)), by squaring the map of one
+    zero byte (a few milliseconds for a chunk's length; cached, as a directory's chunks have one or two)."""
+    one_byte = tuple(zlib.crc32(b"\0", 1 << bit) ^ zlib.crc32(b"\0") for bit in range(32))
+    result = tuple(1 << bit for bit in range(32))  # identity
+    power = one_byte
+    while length:
+        if length & 1:
+            result = tuple(_apply(power, image) for image in result)
+        power = tuple(_apply(power, image) for image in power)
+        length >>= 1
+    return result
 
 
 def _open_direct(path: Path) -> int:
