@@ -22,10 +22,11 @@ random normal weights of the card's dtype, random bf16 rows) on N token rows:
                    after a compiling one), the expert rows the compute does per layer (static: union U x N,
                    grouped at most its block bound, capacity U x C) and the program's footprint
   max-batch rows   the largest N whose compiled footprint (XLA's memory analysis: arguments + outputs + temporaries)
-                   fits `--memory-gb`, found by doubling then bisecting (compiles only, nothing runs out of
-                   memory), and tokens/s at that N: the maximum throughput at equal memory (where running it
-                   still exhausts the device, as at the device's whole limit, at 7/8 of N, and so on:
-                   `rows_fitting` is the search's N, `rows` the one timed, `runtime_shrunk` how many times)
+                   fits `--memory-gb`, found by doubling then bisecting from a guess (the bytes per row of the
+                   largest batch row's program; compiles only, nothing runs out of memory), and tokens/s at that N:
+                   the maximum throughput at equal memory (where running it still exhausts the device, as at the
+                   device's whole limit, at 7/8 of N, and so on: `rows_fitting` is the search's N, `rows` the one
+                   timed, `runtime_shrunk` how many times)
 
 Random routing is about balanced; real routing is skewed, so capacity gating drops more there (and grouped has
 fewer, fuller blocks). The figures are the layers' compute, not the engine's steps (no attention, no offloading).
@@ -217,6 +218,20 @@ class Bench:
                   f"{str(err).splitlines()[0][:160]}", flush=True)
             return False
 
+    def rows_guess(self, how: str, memory: float) -> int:
+        """Where the largest-batch search starts: the largest power of two at half the rows that fit `memory` by
+        the bytes per row of the largest program of `how` compiled so far (the batch rows'), over its weights
+        (1 where none of 2 rows or more is compiled). Each compile of a large program takes seconds to minutes:
+        doubling from 1 spent a Switch-base-128 search's time on small ones."""
+        compiled = [rows for kind, rows in self.programs if kind == how and rows > 1]
+        if not compiled:
+            return 1
+        rows = max(compiled)
+        weights = sum(w.nbytes for w in jax.tree.leaves(self.params))
+        per_row = max(1.0, (footprint(self.programs[how, rows]) - weights) / rows)
+        fitting = (memory - weights) / per_row / 2
+        return 1 << max(0, int(fitting).bit_length() - 1) if fitting >= 1 else 1
+
     def time(self, how: str, rows: int) -> dict:
         """tokens/s of one call on random rows (median of the timed calls after one untimed), dropped fraction."""
         compiled = self.compiled(how, rows)
@@ -237,13 +252,21 @@ class Bench:
                 "footprint_bytes": footprint(self.compiled(how, rows)), **self.time(how, rows)}
 
 
-def largest_fitting(fits, limit: int, out_of_time=lambda: False) -> tuple[int, bool]:
+def largest_fitting(fits, limit: int, out_of_time=lambda: False, start: int = 1) -> tuple[int, bool]:
     """(the largest n in [1, limit] with fits(n), whether the search was cut short) (monotone: fits(n) implies
-    fits(m) for m < n; 0 if none): doubling from 1, then bisecting until the bounds are within 1/16 of each other.
-    Once out_of_time() the search stops at the largest n known to fit, a lower bound."""
+    fits(m) for m < n; 0 if none): from `start` (a guess; halved until it fits), doubling, then bisecting until the
+    bounds are within 1/16 of each other. Once out_of_time() the search stops at the largest n known to fit, a
+    lower bound."""
     if not fits(1):
         return 0, False
-    lo, hi = 1, None
+    lo, hi, n = 1, None, min(max(1, start), limit)
+    while n > 1 and hi is None:  # the guess, or below it until one fits
+        if out_of_time():
+            return lo, True
+        if fits(n):
+            lo = n
+            break
+        hi, n = n, n // 2
     while hi is None:
         n = min(2 * lo, limit)
         if n == lo:
@@ -290,7 +313,7 @@ def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int,
         deadline = time.monotonic() + (end - time.monotonic()) / (len(computes) - i)
         started = time.monotonic()
         largest, cut = largest_fitting(lambda n, how=how: bench.fits(how, n, memory), limit,
-                                       lambda: time.monotonic() > deadline)
+                                       lambda: time.monotonic() > deadline, bench.rows_guess(how, memory))
         best[how] = {"kind": "max-batch", "model": bench.shape.name, "compute": how, "rows": largest,
                      "rows_fitting": largest, "memory_bytes": memory, "at_row_limit": largest == limit,
                      "search_cut_short": cut, "search_s": time.monotonic() - started,

@@ -293,6 +293,10 @@ def test_largest_fitting_doubles_then_bisects():
     assert largest_fitting(under(10**9), 100) == (100, False) and largest_fitting(under(0), 100) == (0, False)
     tried.clear()  # out of time after three tries: the largest size known to fit, marked as cut short
     assert largest_fitting(under(37), 1000, out_of_time=lambda: len(tried) >= 3) == (4, True) and tried == [1, 2, 4]
+    for start, first in ((32, [1, 32, 64]), (512, [1, 512, 256, 128, 64, 32])):  # a guess below or above
+        tried.clear()
+        found, cut = largest_fitting(under(37), 1000, start=start)
+        assert 37 - 37 // 16 <= found <= 37 and not cut and tried[: len(first)] == first
 
 
 def test_timed_fitting_shrinks_a_batch_the_device_cannot_run():
