@@ -11,7 +11,8 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             policy of --policies (default lru and activation); --one-by-one: every miss fetched by itself, never
             out of a copy of its whole layer (`ProgramSpec.whole_layer_from` None; to time what that gains);
             --cpu-experts off,auto: each policy also with missed experts routed few tokens computed on the host
-            (`offload.cpu_experts`: a batch's union of misses split between the host and the link). Per row: output
+            (`offload.cpu_experts`: a batch's union of misses split between the host and the link; auto-float32:
+            from a float32 copy in host RAM, twice the bf16 experts' bytes). Per row: output
             tokens/s (B x steps / decode time), step time (the mean), the experts each step needs (the
             union of its tokens' choices, summed over MoE layers) and moves, bytes moved per step, its
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
@@ -70,6 +71,7 @@ import numpy as np
 
 import moejax
 from moejax.errors import MoejaxError
+from moejax.offload.cpu_experts import CPU_EXPERTS
 from moejax.routing.traces import RoutingTrace, load_routing
 from moejax.serving import loadgen
 from moejax.serving.loop import ServingLoop, serving_cache_policy
@@ -420,7 +422,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--one-by-one", action="store_true", help="misses never moved out of a copy of their whole layer")
     g.add_argument("--cpu-experts", type=names, default=["off"],
-                   help="off and/or auto: each policy's rows with these cpu_experts values (default off)")
+                   help="some of off, auto, auto-float32: each policy's rows with these cpu_experts values "
+                   "(default off)")
     g = p.add_argument_group("slo")
     g.add_argument("--task-mix", type=Path, default=DEFAULT_TASK_MIX, help="task-mix JSONL (default: %(default)s)")
     g.add_argument("--slo-models", type=names, default=[TINY_MOE, "mixtral-8x7b"], help="tiny-moe and/or cards")
@@ -459,8 +462,8 @@ def checked_args(p: argparse.ArgumentParser):
         p.error("--traces is required by the throughput part")
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (a decode step after the first token)")
-    if not set(args.cpu_experts) <= {"off", "auto"}:
-        p.error(f"--cpu-experts {','.join(args.cpu_experts)}: give off and/or auto")
+    if not set(args.cpu_experts) <= set(CPU_EXPERTS):
+        p.error(f"--cpu-experts {','.join(args.cpu_experts)}: give some of {', '.join(CPU_EXPERTS)}")
     if args.max_prompt + args.max_tokens > args.serve_max_seq_len:
         p.error(f"--max-prompt + --max-tokens ({args.max_prompt + args.max_tokens}) exceed --serve-max-seq-len")
     try:
