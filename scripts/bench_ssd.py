@@ -150,25 +150,36 @@ def disk_bandwidth(files: ExpertFiles, max_bytes: float, verify: bool) -> float:
     return done / (time.perf_counter() - start)
 
 
-def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_experts: str, args) -> dict:
-    """One engine with a host cache of `host_bytes` (and `cpu_experts`): a warm-up generate, then the timed one."""
+def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_experts: str, staging: bool,
+        args) -> dict:
+    """One engine with a host cache of `host_bytes` (and `cpu_experts`; staging False: a layer's misses not staged,
+    `HostCache.staging`): a warm-up generate, then the timed one. Prints each phase's seconds as it ends."""
     total = files.num_layers * files.num_experts * files.file_bytes
+    started = time.monotonic()
     tier = open_tier(files, f"{host_bytes}B", cfg.top_k * files.num_layers)
+    tier.cache.staging = staging
     step_need = cfg.num_experts  # a prompt step of prompt_len >= E / top_k tokens can use a whole layer
     gpu_experts = max(int(args.expert_budget * files.num_layers * files.num_experts), step_need)
     config = OffloadConfig("cached", expert_budget=f"{gpu_experts * files.expert_bytes}B", host_budget=f"{host_bytes}B")
     engine = build_engine(cfg, *dense, (), config, slots=1, max_seq_len=args.prompt_len + args.new_tokens + 8,
                           prefill_chunk=args.prompt_len, host_tier=tier, expert_format=fmt, cpu_experts=cpu_experts)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
+    phase(f"built the engine (host cache {host_bytes / GB:.3g} GB, cpu-experts {cpu_experts}, "
+          f"staging {'on' if staging else 'off'})", started)
+    started = time.monotonic()
     engine.generate([prompt], max_new_tokens=2, ignore_eos=True)
+    phase(f"warm-up (compiles; prompt and 2 tokens, {tier.cache.bytes_read / GB:.3g} GB read)", started)
     engine.reset_stats()
+    started = time.monotonic()
     result = engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True)
+    phase(f"timed run ({tier.cache.bytes_read / GB:.3g} GB read)", started)
     stats = result.stats
     tier_stats, timing, host = stats["host_tier"], result.timing, stats.get("cpu_experts") or {}
     busy = tier_stats["disk_busy_s"]
     engine.close()
     return {
-        "cpu_experts": cpu_experts, "cpu_experts_computed": host.get("experts"), "cpu_seconds": host.get("seconds"),
+        "cpu_experts": cpu_experts, "staging": staging, "cpu_experts_computed": host.get("experts"),
+        "cpu_seconds": host.get("seconds"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
         "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB,
         "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
@@ -198,11 +209,16 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(".bench/ssd_experts"), help="where the expert files go")
     parser.add_argument("--cpu-experts", default="off",
                         help="off | auto | off,auto: each host cache size with these cpu_experts values (default off)")
+    parser.add_argument("--staging", default="on",
+                        help="on | off | on,off: each row with a layer's misses staged for the disk or not "
+                        "(default on)")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: host shares that would not fit are skipped")
     parser.add_argument("--out", default="bench_ssd.json")
     args = parser.parse_args()
     if not set(args.cpu_experts.split(",")) <= {"off", "auto"}:
         parser.error(f"--cpu-experts {args.cpu_experts!r}: give off, auto or off,auto")
+    if not set(args.staging.split(",")) <= {"on", "off"}:
+        parser.error(f"--staging {args.staging!r}: give on, off or on,off")
     budget = Budget(args.time_budget)
     tiny = args.dims == "tiny"
     machine_ram = host_ram_bytes()
@@ -226,14 +242,16 @@ def main() -> None:
            "page_cache": "bypassed (O_DIRECT)", "rows": []}
     dense = random_dense_params(cfg)
     last = 0.0
-    configs = [(float(share), cpu) for share in args.host_shares.split(",") for cpu in args.cpu_experts.split(",")]
-    for share, cpu_experts in configs:
-        if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}"):
+    configs = [(float(share), cpu, staging == "on") for share in args.host_shares.split(",")
+               for cpu in args.cpu_experts.split(",") for staging in args.staging.split(",")]
+    for share, cpu_experts, staging in configs:
+        if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}, staging {staging}"):
             continue
         start = time.monotonic()
-        row = {"host_share_of_ram": share, **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, args)}
+        row = {"host_share_of_ram": share, **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, staging, args)}
         set_floor(row, raw)
-        copying = [r for r in out["rows"] if r["host_share_of_ram"] == share and r["cpu_experts"] == "off"]
+        copying = [r for r in out["rows"]
+                   if r["host_share_of_ram"] == share and r["cpu_experts"] == "off" and r["staging"] == staging]
         row["x_copy"] = row["tokens_per_s"] / copying[0]["tokens_per_s"] if copying else None
         out["rows"].append(row)
         write_json(Path(args.out), out)
@@ -251,13 +269,18 @@ def main() -> None:
           f"disk {raw / GB:.3g} GB/s before the runs (checked {checked / GB:.3g}), {after / GB:.3g} after; "
           f"floor at {best / GB:.3g} GB/s")
     print_table(out["rows"], [("host_share_of_ram", "host/RAM", ".2f"), ("host_share_of_experts", "host/experts", ".2f"),
-                              ("cpu_experts", "cpu", "s"), ("cpu_experts_computed", "cpu experts", "d"),
+                              ("cpu_experts", "cpu", "s"), ("staging", "staged", ""),
+                              ("cpu_experts_computed", "cpu experts", "d"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),
                               ("disk_gb", "disk GB", ".3g"), ("run_read_gb_s", "read GB/s", ".3g"),
                               ("disk_idle_s", "disk idle s", ".1f"),
                               ("stall_s", "stall s", ".2f"), ("total_s", "time s", ".2f"),
                               ("floor_s", "floor s", ".2f"), ("x_floor", "x floor", ".2f"),
                               ("tokens_per_s", "tok/s", ".2f"), ("x_copy", "x copy", ".2f")])
+
+
+def phase(what: str, started: float) -> None:
+    print(f"{what}: {time.monotonic() - started:.1f} s", flush=True)
 
 
 def set_floor(row: dict, bandwidth: float) -> None:

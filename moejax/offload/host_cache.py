@@ -72,6 +72,7 @@ class HostCache:
         self._staged: list[int] = []  # a layer's misses to read before anything in _queue (`stage`)
         self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
         self._read_ahead: set[int] = set()  # of those, the ones not held when staged (their fetch is a disk miss)
+        self.staging = True  # False: `stage` does nothing (to measure what staging gains)
         self._stop = False
         self._reading, self._busy_since = 0, 0.0  # disk reads under way, since when (`_disk_busy`)
         self._thread: threading.Thread | None = None
@@ -260,7 +261,10 @@ class HostCache:
     def stage(self, keys) -> None:
         """A step's misses of one MoE layer (int [P], -1: none), in the order it is about to fetch them: read by the
         prefetch thread one after another before any queued prefetch, without `_worth_a_slot`'s test, and not
-        evicted until fetched (the keys staged before and not yet read are dropped: their layer is done)."""
+        evicted until fetched (the keys staged before and not yet read are dropped: their layer is done). Nothing
+        while `staging` is False."""
+        if not self.staging:
+            return
         keys = [int(k) for k in np.asarray(keys).reshape(-1) if k >= 0]
         with self._lock:
             self._awaited = set(keys)
