@@ -70,7 +70,7 @@ class HostCache:
         self.scores = np.zeros(self.num_keys)  # decayed token counts per key
         self._queue: list[int] = []
         self._staged: list[int] = []  # a layer's misses to read before anything in _queue (`stage`)
-        self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
+        self._awaited: set[int] = set()  # staged keys not yet fetched, and keys a `get` waits for: never evicted
         self._read_ahead: set[int] = set()  # of those, the ones not held when staged (their fetch is a disk miss)
         self.staging = True  # False: `stage` does nothing (to measure what staging gains)
         self._stop = False
@@ -100,21 +100,26 @@ class HostCache:
         with self._lock:
             self.counts["gets"] += 1
             staged, waited = key in self._read_ahead, False
-            self._awaited.discard(key)
             self._read_ahead.discard(key)
-            while key in self._loading:
-                waited = True
-                self._lock.wait()
-            if key in self._ready:
-                if staged:  # read ahead for this very fetch (`stage`): a miss of the host cache all the same
-                    self._ready.move_to_end(key)
-                    self.counts["disk_misses"] += 1
-                    self.stall_s += time.perf_counter() - start
-                else:
-                    self._count_hit(key, waited, start)
-                return self._lend(self._ready[key])
-            self.counts["disk_misses"] += 1
-            slot = self._reserve(key)
+            # Awaited until lent: once the read under way is done, another thread (the prefetch thread reading the
+            # next staged key) may take the lock before this one wakes, and must not evict it meanwhile.
+            self._awaited.add(key)
+            try:
+                while key in self._loading:
+                    waited = True
+                    self._lock.wait()
+                if key in self._ready:
+                    if staged:  # read ahead for this very fetch (`stage`): a miss of the host cache all the same
+                        self._ready.move_to_end(key)
+                        self.counts["disk_misses"] += 1
+                        self.stall_s += time.perf_counter() - start
+                    else:
+                        self._count_hit(key, waited, start)
+                    return self._lend(self._ready[key])
+                self.counts["disk_misses"] += 1
+                slot = self._reserve(key)
+            finally:
+                self._awaited.discard(key)
         try:
             return self._read_uncached(key) if slot is None else self._read(key, slot)
         finally:
