@@ -21,8 +21,8 @@ int4 codes beside their scales, as the format keeps them; the manifest records t
 
 Checks: the manifest is validated and every file's size checked when the directory is opened (a missing or
 short file is refused before any step runs); each read's CRC-32 (zlib, of the unpadded bytes, computed when
-the file is written) is verified as the bytes arrive (by the reader threads, chunk by chunk, combined), before they
-enter the host cache.
+the file is written) is verified as the bytes arrive (chunk by chunk on threads of its own, combined), before
+they enter the host cache.
 """
 
 from __future__ import annotations
@@ -182,9 +182,9 @@ class ExpertFiles:
         missing, short or corrupt.
 
         The file is read in CHUNK-byte requests, READERS of them in flight (an SSD needs several outstanding
-        requests to reach its bandwidth); each reader thread checksums its chunk as soon as it has read it, and
-        the chunks' CRCs are combined (`crc32_combine`), so the check runs on as many cores as there are reads
-        in flight instead of one."""
+        requests to reach its bandwidth); each chunk, once read, is checksummed on other threads (`_checkers`),
+        so the readers keep READERS requests in flight and the check runs on several cores, and the chunks' CRCs
+        are combined (`crc32_combine`)."""
         path = expert_path(self.root, layer, expert)
         view = memoryview(buffer)[: self.file_bytes]
         try:
@@ -192,18 +192,21 @@ class ExpertFiles:
         except FileNotFoundError:
             raise MoejaxError(f"{path}: expert file missing (MoE layer {layer}, expert {expert})") from None
         offsets = range(0, self.file_bytes, CHUNK)
-        checked = [max(0, min(CHUNK, self.expert_bytes - start)) if verify else 0 for start in offsets]
-        pending = [_readers().submit(_read_chunk, fd, view[start : start + CHUNK], start, length)
-                   for start, length in zip(offsets, checked, strict=True)]
+        pending = [_readers().submit(_read_fully, fd, view[start : start + CHUNK], start) for start in offsets]
+        sums = []  # (bytes checked, their CRC-32's future) per chunk, in order
         try:
-            done, checksum = 0, 0
-            for length, request in zip(checked, pending, strict=True):
-                size, chunk_checksum = request.result()
+            done = 0
+            for start, request in zip(offsets, pending, strict=True):
+                size = request.result()
                 done += size
-                if length:
-                    checksum = crc32_combine(checksum, chunk_checksum, length)
+                checked = max(0, min(size, self.expert_bytes - start)) if verify else 0
+                if checked:
+                    sums.append((checked, _checkers().submit(zlib.crc32, view[start : start + checked])))
+            checksum = 0
+            for checked, crc in sums:
+                checksum = crc32_combine(checksum, crc.result(), checked)
         finally:
-            futures.wait(pending)
+            futures.wait(pending + [crc for _, crc in sums])
             os.close(fd)
         if done != self.file_bytes:
             raise MoejaxError(f"{path}: expert file has {done:,} bytes, expected {self.file_bytes:,} "
@@ -229,16 +232,21 @@ def _readers() -> futures.ThreadPoolExecutor:
     return futures.ThreadPoolExecutor(READERS, thread_name_prefix="moejax-disk")
 
 
-def _read_chunk(fd: int, view: memoryview, offset: int, checked: int) -> tuple[int, int]:
-    """Reads len(view) bytes of `fd` at `offset` into `view` (fewer at the end of the file) -> (bytes read, the
-    CRC-32 of the first `checked` bytes read; 0 when checked is 0)."""
+@functools.cache
+def _checkers() -> futures.ThreadPoolExecutor:
+    """Threads that checksum chunks as they arrive (zlib releases the GIL over large buffers)."""
+    return futures.ThreadPoolExecutor(READERS, thread_name_prefix="moejax-crc")
+
+
+def _read_fully(fd: int, view: memoryview, offset: int) -> int:
+    """Reads len(view) bytes of `fd` at `offset` into `view` (fewer at the end of the file) -> bytes read."""
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
             break
         done += n
-    return done, zlib.crc32(view[: min(checked, done)]) if checked else 0
+    return done
 
 
 def crc32_combine(first: int, second: int, second_length: int) -> int:
