@@ -29,6 +29,10 @@ in compact bytes (3.7x the layers in int4), the case of a model like Kimi-K2 (0.
 at load says that is faster; how llama.cpp's --n-cpu-moe and KTransformers run models larger than RAM): `x_copy` is
 its tokens/s over the copy-only row's of the same host cache.
 
+`--staging on,off` runs each row with and without a layer's misses staged for the disk (`HostCache.staging`: what
+staging gains); `--ram-gib N` sizes the model against N GiB of RAM instead of the machine's (a shorter run). Each
+phase's seconds are printed as it ends.
+
 The expert files go to --dir (default .bench/ssd_experts) and are kept for the next run of the same sizes and format.
 """
 
@@ -245,7 +249,8 @@ def main() -> None:
     configs = [(float(share), cpu, staging == "on") for share in args.host_shares.split(",")
                for cpu in args.cpu_experts.split(",") for staging in args.staging.split(",")]
     for share, cpu_experts, staging in configs:
-        if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}, staging {staging}"):
+        if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}, "
+                                       f"staging {'on' if staging else 'off'}"):
             continue
         start = time.monotonic()
         row = {"host_share_of_ram": share, **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, staging, args)}
