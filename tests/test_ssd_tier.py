@@ -184,7 +184,7 @@ def test_a_fetch_waiting_for_a_read_keeps_its_key_from_eviction(small_files, mon
             break
         time.sleep(0.01)
     with cache._lock:
-        assert 5 in cache._loading and 5 in cache._awaited and cache._victim() == 4
+        assert 5 in cache._loading and cache._wanted[5] == 1 and cache._victim() == 4
     gate.set()
     fetch.join(10)
     counts = cache.stats()

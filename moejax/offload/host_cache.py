@@ -70,7 +70,8 @@ class HostCache:
         self.scores = np.zeros(self.num_keys)  # decayed token counts per key
         self._queue: list[int] = []
         self._staged: list[int] = []  # a layer's misses to read before anything in _queue (`stage`)
-        self._awaited: set[int] = set()  # staged keys not yet fetched, and keys a `get` waits for: never evicted
+        self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
+        self._wanted: collections.Counter[int] = collections.Counter()  # keys `get`s are fetching: never evicted
         self._read_ahead: set[int] = set()  # of those, the ones not held when staged (their fetch is a disk miss)
         self.staging = True  # False: `stage` does nothing (to measure what staging gains)
         self._stop = False
@@ -101,9 +102,9 @@ class HostCache:
             self.counts["gets"] += 1
             staged, waited = key in self._read_ahead, False
             self._read_ahead.discard(key)
-            # Awaited until lent: once the read under way is done, another thread (the prefetch thread reading the
+            # Wanted until lent: once the read under way is done, another thread (the prefetch thread reading the
             # next staged key) may take the lock before this one wakes, and must not evict it meanwhile.
-            self._awaited.add(key)
+            self._wanted[key] += 1
             try:
                 while key in self._loading:
                     waited = True
@@ -119,7 +120,9 @@ class HostCache:
                 self.counts["disk_misses"] += 1
                 slot = self._reserve(key)
             finally:
-                self._awaited.discard(key)
+                self._wanted[key] -= 1
+                if not self._wanted[key]:
+                    del self._wanted[key]
         try:
             return self._read_uncached(key) if slot is None else self._read(key, slot)
         finally:
@@ -162,8 +165,9 @@ class HostCache:
 
     def _victim(self) -> int | None:
         """The ready expert used least (decayed token counts; the least recently used of equals) whose slot is not
-        lent and that a step has not staged (lock held), or None."""
-        candidates = [key for key, slot in self._ready.items() if not self._lent[slot] and key not in self._awaited]
+        lent, that a step has not staged and that no `get` is fetching (lock held), or None."""
+        candidates = [key for key, slot in self._ready.items()
+                      if not self._lent[slot] and key not in self._awaited and key not in self._wanted]
         return min(candidates, key=lambda key: self.scores[key]) if candidates else None
 
     def _reserve(self, key: int) -> int | None:
