@@ -223,7 +223,7 @@ class Bench:
         the bytes per row of the largest program of `how` compiled so far (the batch rows'), over its weights
         (1 where none of 2 rows or more is compiled). Each compile of a large program takes seconds to minutes:
         doubling from 1 spent a Switch-base-128 search's time on small ones."""
-        compiled = [rows for kind, rows in self.programs if kind == how and rows > 1]
+        compiled = [rows for compute, rows in self.programs if compute == how and rows > 1]
         if not compiled:
             return 1
         rows = max(compiled)
