@@ -192,6 +192,45 @@ def test_a_fetch_waiting_for_a_read_keeps_its_key_from_eviction(small_files, mon
     assert counts["staged_reads"] + counts["disk_reads"] == counts["disk_misses"] == 1, counts
 
 
+def test_a_speculative_read_gives_way_to_staged_ones(tmp_path, monkeypatch):
+    """A speculative prefetch under way when a step stages its misses is given up at its next chunk (not read to
+    its end first), unless its key is among the staged ones; the staged read follows, the speculative key is not
+    held, and every miss is read once."""
+    shapes = {"gate": ((64, 64), np.dtype(np.float32)), "down": ((65, 64), np.dtype(np.float32))}  # 9 chunks
+    rng = np.random.default_rng(3)
+    weights = {(m, e): {n: rng.standard_normal(sh).astype(d) for n, (sh, d) in shapes.items()}
+               for m in range(2) for e in range(3)}
+    write_expert_files(tmp_path / "ef", shapes, 2, 3, lambda m, e: weights[m, e])
+    files = ExpertFiles(tmp_path / "ef", shapes, 2, 3)
+    monkeypatch.setattr(expert_files_module, "CHUNK", expert_files_module.ALIGN)
+    real, gate = expert_files_module._read_fully, threading.Event()
+
+    def read_fully(fd, view, offset):
+        gate.wait(10)
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(expert_files_module, "_read_fully", read_fully)
+    for staged, cancelled in (([3], 1), ([1, 3], 0)):  # key 1 = (0, 1), speculatively read; 3 = (1, 0)
+        gate.clear()
+        cache = HostCache(files, 3, prefetch_per_step=1)
+        cache.prefetch([1])
+        for _ in range(500):  # until the prefetch thread is reading it
+            if 1 in cache._loading:
+                break
+            time.sleep(0.01)
+        cache.stage(staged)
+        gate.set()
+        for key in staged:
+            m, e = divmod(key, 3)
+            for name, w in weights[m, e].items():
+                np.testing.assert_array_equal(cache.get(m, e)[name], w)
+        counts = cache.stats()
+        cache.close()
+        assert counts["prefetch_cancelled"] == cancelled and counts["prefetch_reads"] == 1 - cancelled, counts
+        assert counts["staged_reads"] + counts["disk_reads"] == 1 and (1 in cache.held()) == (not cancelled)
+        cache.check_invariants()
+
+
 def test_lent_arrays_never_change_under_their_holder(small_files):
     """What `get` returns is a view of its slot: held, the slot is not refilled (other reads go past the cache when
     no slot is free); dropped, the slot is evictable again."""

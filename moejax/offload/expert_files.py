@@ -50,6 +50,10 @@ READERS = 4  # read requests in flight
 MANIFEST = "manifest.json"
 
 
+class ReadCancelled(Exception):
+    """A read given up before its end (`ExpertFiles.read_into`'s `cancelled`): the buffer holds part of the file."""
+
+
 def padded(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
@@ -176,10 +180,12 @@ class ExpertFiles:
             raise MoejaxError(f"{path}: expert file has {size:,} bytes, expected {self.file_bytes:,} "
                               f"(MoE layer {layer}, expert {expert}): truncated or corrupt")
 
-    def read_into(self, layer: int, expert: int, buffer, verify: bool = True) -> None:
+    def read_into(self, layer: int, expert: int, buffer, verify: bool = True,
+                  cancelled: Callable[[], bool] | None = None) -> None:
         """Reads the expert's file into `buffer` (page-aligned, at least `file_bytes`; `aligned_buffer`) and verifies
         its CRC-32 (verify=False: the raw read, for measuring the disk). Raises MoejaxError naming the file if it is
-        missing, short or corrupt.
+        missing, short or corrupt; ReadCancelled, the requests not yet begun dropped, once `cancelled()` is true
+        (asked as each chunk arrives: a speculative read giving way to a needed one).
 
         The file is read in CHUNK-byte requests, READERS of them in flight (an SSD needs several outstanding
         requests to reach its bandwidth); each chunk, once read, is checksummed on other threads (`_checkers`),
@@ -197,6 +203,10 @@ class ExpertFiles:
         try:
             done = 0
             for start, request in zip(offsets, pending, strict=True):
+                if cancelled is not None and cancelled():
+                    for later in pending:
+                        later.cancel()
+                    raise ReadCancelled(f"{path}: read cancelled")
                 size = request.result()
                 done += size
                 checked = max(0, min(size, self.expert_bytes - start)) if verify else 0

@@ -42,7 +42,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from moejax.errors import MoejaxError
-from moejax.offload.expert_files import ExpertFiles, aligned_buffer
+from moejax.offload.expert_files import ExpertFiles, ReadCancelled, aligned_buffer
 
 USAGE_DECAY = 0.9  # per step, for the usage scores the host prefetcher ranks by
 
@@ -82,7 +82,7 @@ class HostCache:
 
     def reset_stats(self) -> None:
         self.counts = dict(gets=0, host_hits=0, disk_misses=0, prefetch_waits=0, disk_reads=0, prefetch_reads=0,
-                           prefetch_used=0, staged_reads=0, evictions=0, uncached_reads=0)
+                           prefetch_used=0, prefetch_cancelled=0, staged_reads=0, evictions=0, uncached_reads=0)
         self.bytes_read = 0
         self.disk_read_s = self.stall_s = self.disk_busy_s = 0.0
         self._stats_since = time.perf_counter()  # a read under way at a reset counts from then on
@@ -185,15 +185,15 @@ class HostCache:
         self._owner[slot] = key
         return slot
 
-    def _read(self, key: int, slot: int, prefetch: str | None = None) -> dict | None:
+    def _read(self, key: int, slot: int, prefetch: str | None = None, cancelled=None) -> dict | None:
         """Reads `key` into its reserved `slot` (lock not held) -> its weights (lent before another thread can
         evict it), or None for a read ahead (prefetch 'prefetch': speculative; 'staged': a step's, `stage`). On
-        failure the slot is freed and the error raised."""
+        failure, or once `cancelled()` (ReadCancelled), the slot is freed and the error raised."""
         layer, expert = divmod(key, self.num_experts)
         start = time.perf_counter()
         try:
             with self._disk_busy():
-                self.files.read_into(layer, expert, self._slot_view(slot))
+                self.files.read_into(layer, expert, self._slot_view(slot), cancelled=cancelled)
         except BaseException:
             with self._lock:
                 del self._loading[key]
@@ -300,8 +300,15 @@ class HostCache:
                 slot = self._reserve(key)
                 if slot is None:
                     continue  # every slot lent or staged: the step reads it itself
+            # A speculative read gives way to a step's staged ones (unless its key is staged or being fetched): it
+            # would otherwise delay them by up to a whole read.
+            cancelled = None if kind != "prefetch" else (
+                lambda key=key: bool(self._staged) and key not in self._awaited and key not in self._wanted)
             try:
-                self._read(key, slot, prefetch=kind)
+                self._read(key, slot, prefetch=kind, cancelled=cancelled)
+            except ReadCancelled:
+                with self._lock:
+                    self.counts["prefetch_cancelled"] += 1
             except MoejaxError:
                 pass  # a bad file is reported by the step that needs it (its read is repeated there)
 
@@ -345,7 +352,8 @@ class HostCache:
         engine's expert format): gets (expert fetches through the tier), host_hits, disk_misses (read from
         disk while a step waited, by its own read or the one it staged), prefetch_waits (the step waited for a
         prefetch under way), host_hit_rate, disk_reads / prefetch_reads / prefetch_used / staged_reads (the reads
-        of what steps staged: `stage`), evictions, uncached_reads (disk reads past the
+        of what steps staged: `stage`), prefetch_cancelled (speculative reads given up for staged ones; their
+        partial bytes are not counted), evictions, uncached_reads (disk reads past the
         cache: every slot was lent or being read into), bytes_read_disk (all reads),
         disk_read_s (seconds reading, summed over the threads), disk_busy_s (seconds during which any read was
         under way), stall_s (seconds steps waited on the disk)."""
