@@ -71,8 +71,8 @@ class HostCache:
         self._queue: list[int] = []
         self._staged: list[int] = []  # a layer's misses to read before anything in _queue (`stage`)
         self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
-        self._wanted: collections.Counter[int] = collections.Counter()  # keys `get`s are fetching: never evicted
         self._read_ahead: set[int] = set()  # of those, the ones not held when staged (their fetch is a disk miss)
+        self._wanted: collections.Counter[int] = collections.Counter()  # keys `get`s are fetching: never evicted
         self.staging = True  # False: `stage` does nothing (to measure what staging gains)
         self._stop = False
         self._reading, self._busy_since = 0, 0.0  # disk reads under way, since when (`_disk_busy`)
@@ -262,10 +262,7 @@ class HostCache:
         """Queues reads of `keys` (replacing the reads queued before and not begun), best first."""
         with self._lock:
             self._queue = [k for k in keys if k not in self._ready and k not in self._loading]
-            if self._queue and self._thread is None:
-                self._thread = threading.Thread(target=self._prefetch_loop, name="moejax-host-prefetch", daemon=True)
-                self._thread.start()
-            self._lock.notify_all()
+            self._wake_reader(self._queue)
 
     def stage(self, keys) -> None:
         """A step's misses of one MoE layer (int [P], -1: none), in the order it is about to fetch them: read by the
@@ -279,10 +276,14 @@ class HostCache:
             self._awaited = set(keys)
             self._staged = [k for k in keys if k not in self._ready and k not in self._loading]
             self._read_ahead = set(self._staged)
-            if self._staged and self._thread is None:
-                self._thread = threading.Thread(target=self._prefetch_loop, name="moejax-host-prefetch", daemon=True)
-                self._thread.start()
-            self._lock.notify_all()
+            self._wake_reader(self._staged)
+
+    def _wake_reader(self, work: list[int]) -> None:
+        """Starts the prefetch thread if there is `work` and none runs yet, and wakes it (lock held)."""
+        if work and self._thread is None:
+            self._thread = threading.Thread(target=self._prefetch_loop, name="moejax-host-prefetch", daemon=True)
+            self._thread.start()
+        self._lock.notify_all()
 
     def _prefetch_loop(self) -> None:
         while True:
