@@ -86,15 +86,25 @@ def test_prefetchers_through_the_host_tier_change_no_token(model):
     engine.close()
 
 
+# float32 experts of 33,024 bytes: 8.06 chunks of ALIGN bytes (tests that read in several chunks set CHUNK = ALIGN)
+CHUNKED_SHAPES = {"gate": ((64, 64), np.dtype(np.float32)), "down": ((65, 64), np.dtype(np.float32))}
+
+
+def random_files(root, shapes: dict, layers: int, experts: int, seed: int = 0):
+    """An expert directory of `layers` x `experts` of random weights of `shapes`, and the weights
+    {(layer, expert): {name: array}}."""
+    rng = np.random.default_rng(seed)
+    weights = {(m, e): {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
+               for m in range(layers) for e in range(experts)}
+    write_expert_files(root, shapes, layers, experts, lambda m, e: weights[m, e])
+    return ExpertFiles(root, shapes, layers, experts), weights
+
+
 @pytest.fixture
 def small_files(tmp_path):
     """An expert directory of 3 layers x 5 experts of random weights, and the weights."""
     shapes = {"gate": ((4, 8), np.dtype(np.float32)), "down": ((8, 4), np.dtype(np.float32))}
-    rng = np.random.default_rng(0)
-    weights = {(m, e): {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
-               for m in range(3) for e in range(5)}
-    write_expert_files(tmp_path / "ef", shapes, 3, 5, lambda m, e: weights[m, e])
-    return ExpertFiles(tmp_path / "ef", shapes, 3, 5), weights
+    return random_files(tmp_path / "ef", shapes, 3, 5)
 
 
 def test_tier_moves_never_lose_or_duplicate_an_expert(small_files):
@@ -196,12 +206,7 @@ def test_a_speculative_read_gives_way_to_staged_ones(tmp_path, monkeypatch):
     """A speculative prefetch under way when a step stages its misses is given up at its next chunk (not read to
     its end first), unless its key is among the staged ones; the staged read follows, the speculative key is not
     held, and every miss is read once."""
-    shapes = {"gate": ((64, 64), np.dtype(np.float32)), "down": ((65, 64), np.dtype(np.float32))}  # 9 chunks
-    rng = np.random.default_rng(3)
-    weights = {(m, e): {n: rng.standard_normal(sh).astype(d) for n, (sh, d) in shapes.items()}
-               for m in range(2) for e in range(3)}
-    write_expert_files(tmp_path / "ef", shapes, 2, 3, lambda m, e: weights[m, e])
-    files = ExpertFiles(tmp_path / "ef", shapes, 2, 3)
+    files, weights = random_files(tmp_path / "ef", CHUNKED_SHAPES, 2, 3, seed=3)
     monkeypatch.setattr(expert_files_module, "CHUNK", expert_files_module.ALIGN)
     real, gate = expert_files_module._read_fully, threading.Event()
 
@@ -301,18 +306,14 @@ def test_crc32_combine_equals_the_whole_crc():
 
 
 def test_a_read_in_several_chunks_is_checked_whole(tmp_path, monkeypatch):
-    """Chunks are checksummed by the reader threads and combined: the read returns the weights, and a flipped byte
-    in any chunk (the last one's checked part included) is caught."""
-    shapes = {"gate": ((64, 64), np.dtype(np.float32)), "down": ((65, 64), np.dtype(np.float32))}  # 8.06 chunks
-    rng = np.random.default_rng(2)
-    weights = {n: rng.standard_normal(s).astype(d) for n, (s, d) in shapes.items()}
-    write_expert_files(tmp_path / "ef", shapes, 1, 1, lambda m, e: weights)
-    files = ExpertFiles(tmp_path / "ef", shapes, 1, 1)
+    """Chunks are checksummed as they arrive and the checksums combined: the read returns the weights, and a flipped
+    byte in any chunk (the last one's checked part included) is caught."""
+    files, weights = random_files(tmp_path / "ef", CHUNKED_SHAPES, 1, 1, seed=2)
     monkeypatch.setattr(expert_files_module, "CHUNK", expert_files_module.ALIGN)
     buffer = aligned_buffer(files.file_bytes)
     files.read_into(0, 0, buffer)
     for name, value in files.unpack(buffer).items():
-        np.testing.assert_array_equal(value, weights[name])
+        np.testing.assert_array_equal(value, weights[0, 0][name])
     victim, original = expert_path(files.root, 0, 0), expert_path(files.root, 0, 0).read_bytes()
     for position in (5, 3 * expert_files_module.ALIGN + 1, files.expert_bytes - 1):
         data = bytearray(original)
