@@ -100,6 +100,13 @@ def random_files(root, shapes: dict, layers: int, experts: int, seed: int = 0):
     return ExpertFiles(root, shapes, layers, experts), weights
 
 
+def wait_until(condition, seconds: float = 5.0) -> None:
+    """Polls `condition()` every 10 ms until it holds (another thread's progress), at most `seconds`."""
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def small_files(tmp_path):
     """An expert directory of 3 layers x 5 experts of random weights, and the weights."""
@@ -187,12 +194,10 @@ def test_a_fetch_waiting_for_a_read_keeps_its_key_from_eviction(small_files, mon
     cache.scores[4] = 10.0
     cache.reset_stats()
     cache.stage([5])  # MoE layer 1, expert 0: its read waits for the gate
+    wait_until(lambda: 5 in cache._loading)  # the prefetch thread's staged read, not the fetch's own
     fetch = threading.Thread(target=cache.get, args=(1, 0))
     fetch.start()
-    for _ in range(500):
-        if cache.counts["gets"]:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: cache.counts["gets"])
     with cache._lock:
         assert 5 in cache._loading and cache._wanted[5] == 1 and cache._victim() == 4
     gate.set()
@@ -219,10 +224,7 @@ def test_a_speculative_read_gives_way_to_staged_ones(tmp_path, monkeypatch):
         gate.clear()
         cache = HostCache(files, 3, prefetch_per_step=1)
         cache.prefetch([1])
-        for _ in range(500):  # until the prefetch thread is reading it
-            if 1 in cache._loading:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: 1 in cache._loading)  # the prefetch thread is reading it
         cache.stage(staged)
         gate.set()
         for key in staged:
