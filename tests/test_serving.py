@@ -499,21 +499,27 @@ def test_prompts_are_admitted_only_within_the_running_requests_pause_budgets():
 
 def test_decode_step_times_by_batch_size():
     """The measured step of a batch size, linear between measured sizes, the nearest one's outside them, the
-    overall step without any; JSON's lists of pairs come back sorted tuples."""
+    overall step without any, never less than a smaller size's; JSON's lists of pairs come back sorted
+    tuples."""
     flat = StepTimes(0.05, 1e-3, 64)
     assert sched.decode_step_at(flat, 7) == 0.05 and flat.at_batch(7) == flat
     grown = StepTimes(0.05, 1e-3, 64, [[4, 0.1], [1, 0.04], [2, 0.06]])
     assert grown.decode_by_batch == ((1, 0.04), (2, 0.06), (4, 0.1))
     steps = [sched.decode_step_at(grown, n) for n in (0, 1, 2, 3, 4, 16)]
     assert steps == pytest.approx([0.04, 0.04, 0.06, 0.08, 0.1, 0.1])
+    noisy = StepTimes(0.05, 1e-3, 64, [[1, 0.04], [2, 0.08], [3, 0.003], [6, 0.12]])  # batch 3: a turn's noise
+    steps = [sched.decode_step_at(noisy, n) for n in (2, 3, 4, 6)]
+    assert steps == pytest.approx([0.08, 0.08, 0.09333, 0.12], rel=1e-3)  # never below a smaller batch's
     three = grown.at_batch(3)
     assert three.decode_step_s == pytest.approx(0.08) and three.decode_by_batch == grown.decode_by_batch
 
 
-def test_the_loop_times_a_decode_step_by_the_batch_of_the_step_it_read(ckpt):
-    """A decode turn's seconds count for the batch size of the step whose tokens it read (the engine runs steps
-    ahead), only where it read one step and neither it nor the PIPELINE_DEPTH (2) turns before prefilled: a turn
-    that read no step waited for none, and the ones after a prefill chunk waited for it or found their step done."""
+def test_the_loop_times_a_decode_step_over_turns_by_the_batch_of_the_step_it_read(ckpt):
+    """Decode turns' seconds over the steps they read, summed over turns, count for the batch size of the step
+    read (the engine runs steps ahead), only where neither the turn nor the PIPELINE_DEPTH (2) turns before
+    prefilled (the ones after a prefill chunk waited for it or found their step done). A turn that waited for
+    two steps (reading the engine's counters waits for the step in flight too) and the next, whose step was then
+    done, give about a step each between them, where the next turn alone would say the step takes no time."""
     engine = load(ckpt)
     loop = ServingLoop(engine)
     engine.last_step_rows = 3
@@ -522,14 +528,18 @@ def test_the_loop_times_a_decode_step_by_the_batch_of_the_step_it_read(ckpt):
     loop._measure(0.3, positions=0, decoded=2, steps_read=1)
     loop._measure(0.3, positions=0, decoded=2, steps_read=1)  # two decoding now, the step read had three
     assert loop._decode_by_batch == {3: 0.3}
-    loop._measure(0.001, positions=0, decoded=2, steps_read=0)  # nothing read: nothing waited for
+    loop._measure(0.6, positions=0, decoded=2, steps_read=1)  # waited for the step in flight too
+    loop._measure(0.0, positions=0, decoded=2, steps_read=1)  # its step was done
+    assert loop._decode_by_batch[3] == pytest.approx(0.3, rel=0.1)
+    before = loop._decode_by_batch
     loop._measure(0.5, positions=16, decoded=2, steps_read=1)  # a prefill turn
     loop._measure(0.9, positions=0, decoded=2, steps_read=1)  # behind that prefill's chunk
     loop._measure(0.001, positions=0, decoded=2, steps_read=1)  # its step done while the prompt's last chunk ran
-    assert loop._decode_by_batch == {3: 0.3}
+    assert loop._decode_by_batch == before
     engine.last_step_rows = 2
     loop._measure(0.2, positions=0, decoded=2, steps_read=1)
-    assert loop._decode_by_batch == {3: 0.3, 2: 0.2}
+    assert loop._decode_by_batch == {**before, 2: 0.2}
+    assert loop.step_times.decode_by_batch == tuple(sorted({**before, 2: 0.2}.items()))
 
 
 def test_admission_weighs_the_decode_steps_a_larger_batch_slows():

@@ -151,9 +151,10 @@ class ServingLoop:
         self._accepting, self._stopping, self._failed = True, False, None
         self._thread: threading.Thread | None = None
         self._times = step_times
-        self._decode_s = None if step_times is None else step_times.decode_step_s
         self._prefill_token_s = None if step_times is None else step_times.prefill_token_s
-        self._decode_by_batch = {} if step_times is None else dict(step_times.decode_by_batch)  # batch -> seconds
+        # decode turns' (seconds, steps read), decayed (`_measure`): overall and by batch size
+        self._decode_sums = None if step_times is None else (step_times.decode_step_s, 1.0)
+        self._sums_by_batch = {} if step_times is None else {n: (t, 1.0) for n, t in step_times.decode_by_batch}
         self._quiet_turns = 0  # turns in a row without prefill chunks, before this one (`_measure`)
         self._profiles: dict = {}
         self._profiles_at = -float("inf")
@@ -372,19 +373,22 @@ class ServingLoop:
 
     def _measure(self, seconds: float, positions: int, decoded: int, steps_read: int) -> None:
         """Learns the step times from a turn's seconds (all of it, its host work too: what a running request
-        waits between tokens; compilation apart). A decode turn that read one step's tokens, where neither it nor
-        the PIPELINE_DEPTH turns before prefilled, gives the decode step's, overall and at the batch size of the
-        step it read; a turn with prefill chunks, what is left of it after a decode step, the seconds per
-        prefilled position. (The engine keeps PIPELINE_DEPTH steps in flight: a turn reads the step dispatched
-        that many turns before, queued behind what those turns prefilled, and a prompt's last chunk, whose token
-        is read at once, waits for the steps queued before it; a turn that read no step waited for none.)"""
+        waits between tokens; compilation apart). Decode turns where neither they nor the PIPELINE_DEPTH turns
+        before prefilled give the decode step: their seconds over the steps they read, overall and at the batch
+        size of the step read. Summed over turns, because one turn's time is not one step's: the engine keeps
+        PIPELINE_DEPTH steps in flight, and a turn that waits for all of them (reading the engine's counters
+        for the statistics) leaves the next turns' steps done before they read them, so single turns measure
+        two steps or none. (After a prefill chunk, a turn reads a step queued behind it, and a prompt's last
+        chunk, whose token is read at once, waits for the steps queued before it: those turns are left out.) A
+        turn with prefill chunks gives what is left of it after a decode step, the seconds per prefilled
+        position."""
         steady = self._quiet_turns >= PIPELINE_DEPTH
         self._quiet_turns = 0 if positions else self._quiet_turns + 1
         if decoded and not positions:
-            if steps_read == 1 and steady:
+            if steady:
                 rows = self.engine.last_step_rows
-                self._decode_s = _smoothed(self._decode_s, seconds)
-                self._decode_by_batch[rows] = _smoothed(self._decode_by_batch.get(rows), seconds)
+                self._decode_sums = _decayed(self._decode_sums, seconds, steps_read)
+                self._sums_by_batch[rows] = _decayed(self._sums_by_batch.get(rows), seconds, steps_read)
         elif positions and (self._decode_s is not None or not decoded):
             spent = seconds - (self._decode_by_batch.get(decoded, self._decode_s) if decoded else 0.0)
             self._prefill_token_s = _smoothed(self._prefill_token_s, max(spent, 0.0) / positions)
@@ -392,6 +396,16 @@ class ServingLoop:
             with self._cond:
                 self._times = StepTimes(self._decode_s, self._prefill_token_s, self.engine.prefill_chunk,
                                         tuple(self._decode_by_batch.items()))
+
+    @property
+    def _decode_s(self) -> float | None:
+        """The measured decode step's seconds (None before any)."""
+        return _ratio(self._decode_sums)
+
+    @property
+    def _decode_by_batch(self) -> dict[int, float]:
+        """{batch size: the measured decode step's seconds}."""
+        return {n: t for n, sums in self._sums_by_batch.items() if (t := _ratio(sums)) is not None}
 
     def _end_cancelled(self) -> None:
         with self._cond:
@@ -580,6 +594,18 @@ class ServingLoop:
 
 def _smoothed(average: float | None, sample: float) -> float:
     return sample if average is None else (1 - SMOOTHING) * average + SMOOTHING * sample
+
+
+def _decayed(sums: tuple[float, float] | None, seconds: float, steps: int) -> tuple[float, float]:
+    """(seconds, steps) sums with a new turn's added and the older ones weighed down by 1 - SMOOTHING."""
+    if sums is None:
+        return seconds, float(steps)
+    return (1 - SMOOTHING) * sums[0] + seconds, (1 - SMOOTHING) * sums[1] + steps
+
+
+def _ratio(sums: tuple[float, float] | None) -> float | None:
+    """Seconds per step of (seconds, steps) sums; None before a step was read."""
+    return None if sums is None or sums[1] <= 0 else sums[0] / sums[1]
 
 
 def _message(err: Exception) -> str:

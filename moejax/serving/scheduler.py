@@ -62,12 +62,14 @@ class StepTimes:
 def decode_step_at(times: StepTimes, batch: int) -> float:
     """Seconds per decode step of `batch` decoding requests: linear between the batch sizes measured around it;
     the nearest measured one's outside them (a size never measured is never judged slower than the largest one
-    measured, so admission can reach it and measure it); `decode_step_s` if none was measured."""
+    measured, so admission can reach it and measure it); `decode_step_s` if none was measured. A larger batch
+    is never judged faster than a smaller one (more rows never make a step cheaper: a measure that says so is
+    noise, so each size counts at least the slowest smaller size measured)."""
     table = times.decode_by_batch
     if not table:
         return times.decode_step_s
     sizes = [n for n, _ in table]
-    return float(np.interp(batch, sizes, [t for _, t in table]))
+    return float(np.interp(batch, sizes, np.maximum.accumulate([t for _, t in table])))
 
 
 # Before anything is measured: orders requests by these; refuses nothing.
