@@ -543,7 +543,7 @@ def print_tables(out: dict) -> None:
     for name in PARTS:
         if "error" in out.get(name, {}):
             print(f"{name}: error: {out[name]['error']}")
-    if "rows" in out.get("throughput", {}):
+    if out.get("throughput", {}).get("rows"):  # (none when the part failed before its first row)
         t = out["throughput"]
         print(f"throughput: {t['card']}, budget {t['budget']} ({t['capacity_experts']} expert slots), real routing "
               f"replayed, prompt {t['prompt_len']}, {t['new_tokens'] - 1} decode steps; pinned host -> device "
