@@ -308,6 +308,22 @@ def test_an_engine_error_fails_that_request_and_the_server_keeps_serving(served,
     assert answer.choices[0].text == served.greedy
 
 
+def test_a_request_expired_in_the_queue_is_a_429_and_the_server_keeps_serving(served, monkeypatch):
+    """A queued request the scheduler refuses once its TTFT objective has passed (`slo`'s expiry, forced here
+    for requests of max_tokens 3) gets an error object instead of a completion, streamed or not."""
+    monkeypatch.setattr(served.loop.scheduler, "expired", lambda waiting, now: [
+        (entry, "slo.ttft_s passed while queued (test)") for entry in waiting if entry.max_tokens == 3])
+    response = served.post("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 3})
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1, response.text
+    error = response.json()["error"]
+    assert error["code"] == "slo_expired" and "passed while queued" in error["message"]
+    with pytest.raises(openai.APIError, match="passed while queued"):
+        list(served.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, stream=True))
+    assert served.metrics()['moejax_requests_total{outcome="expired"}'] >= 2
+    answer = served.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert answer.choices[0].text == served.greedy
+
+
 CLIENTS, REQUESTS_EACH = 8, 3
 
 

@@ -303,6 +303,22 @@ def test_a_loop_given_step_times_refuses_by_them_from_the_first_request(ckpt):
     assert queued.result(timeout=0).finish_reason == "cancelled"
 
 
+def test_the_slo_loop_refuses_a_queued_request_once_its_ttft_objective_passed(ckpt):
+    """Queued past its TTFT objective (here: before the loop started), a request ends 'expired' with the reason,
+    counted; a request without the objective is served as usual."""
+    loop = ServingLoop(load(ckpt), scheduler="slo")  # not started: nothing leaves the queue
+    late = loop.submit(Request([1, 2, 3], max_tokens=2, slo=SLO(ttft_s=0.01)))
+    plain = loop.submit(Request([1, 2, 3], max_tokens=2))
+    time.sleep(0.05)
+    loop.start()
+    result = late.result(timeout=60)
+    assert result.finish_reason == "expired" and result.token_ids == ()
+    assert result.error.startswith("slo.ttft_s 0.01 s passed while the request waited for a slot")
+    assert plain.result(timeout=60).finish_reason == "length"
+    loop.shutdown(timeout=60)
+    assert loop.metrics()["requests"]["finished"]["expired"] == 1
+
+
 def test_an_engine_error_fails_its_requests_and_the_loop_serves_on(ckpt, monkeypatch):
     """An exception while prefilling one prompt ends only that request with 'error'; one in a decode step ends
     the requests in it; the loop then serves the next ones with their solo tokens."""
@@ -449,6 +465,33 @@ def test_admission_control_refuses_what_cannot_meet_its_ttft():
     assert scheduler.refusal(tight, [], preemptible, 1, now, TIMES) is None  # it may take p's slot
 
 
+def test_slo_expires_queued_requests_past_their_ttft_objective():
+    """`slo` refuses a queued request once its TTFT objective has passed (never one that has sent tokens, a
+    preempted one waiting to resume, nor one without the objective); fcfs and `expire=False` never do."""
+    now = 100.0
+    late = entry("late", arrival=98.0, slo=SLO(ttft_s=1.5))
+    due = entry("due", arrival=99.0, slo=SLO(ttft_s=1.5))
+    resumed = entry("resumed", arrival=90.0, first_token_at=91.0, generated=3, slo=SLO(ttft_s=1.5, tpot_s=0.1))
+    plain = entry("plain", arrival=0.0)
+    expired = SLOScheduler().expired([late, due, resumed, plain], now)
+    assert [(e.id, reason.startswith("slo.ttft_s 1.5 s passed while the request waited")) for e, reason in expired] \
+        == [("late", True)]
+    assert SLOScheduler(expire=False).expired([late], now) == [] and sched.Scheduler().expired([late], now) == []
+
+
+def test_slo_plans_with_the_step_times_made_slower_by_its_margin():
+    """A prompt whose pause spends a running request's TPOT budget to within a few percent is admitted at the
+    measured step times (margin 0) and waits under the default margin (10%: steps vary about their measure)."""
+    times = StepTimes(decode_step_s=0.01, prefill_token_s=1e-4, prefill_chunk=64)
+    assert times.scaled(2.0) == StepTimes(0.02, 2e-4, 64) and times.scaled(1.0) == times
+    # 20 tokens expected, 10 sent, 0.02 s a token: at t = 90.18 its budget is 0.1 s (10 steps of 0.01 s).
+    decoding = entry("d", arrival=89.0, first_token_at=90.0, generated=10, max_tokens=20, slo=SLO(tpot_s=0.02))
+    prompt = entry("prompt", arrival=90.0, prompt=900, max_tokens=20)  # 15 chunks of 64: a 0.096 s pause
+    exact = SLOScheduler(default_output_tokens=20, margin=0.0)
+    assert [e.id for e in exact.admit([prompt], [decoding], 4, 90.18, times)] == ["prompt"]
+    assert SLOScheduler(default_output_tokens=20).admit([prompt], [decoding], 4, 90.18, times) == []
+
+
 def test_preemption_picks_the_running_request_with_most_slack():
     lengths = TaskLengths(default=50)
     now = 100.0
@@ -581,7 +624,8 @@ def test_simulated_serving_slo_keeps_tpot_objectives_fcfs_does_not():
     """The loop's turns in virtual time (`serving.simulate`) with the step times of the shipped model on an H100
     (decode step 0.84 ms, 0.11 ms a prompt position, chunks of 128): at twice the rate one slot serves, prompt
     chunks between decode steps cost fcfs's running requests their TPOT objectives, `slo` admits a prompt only
-    where the running requests can afford its pause (fcfs meets 3% of the objectives here, slo 52.5%)."""
+    where the running requests can afford its pause, and refuses queued requests whose TTFT objective passed
+    (fcfs meets 3% of the objectives here, slo 65.5%; 52.5% without the expiry, refusing on arrival only)."""
     from moejax.serving.loadgen import Arrival, poisson_arrivals
     from moejax.serving.simulate import simulate
 
@@ -595,9 +639,9 @@ def test_simulated_serving_slo_keeps_tpot_objectives_fcfs_does_not():
     rng.shuffle(arrivals)  # simulate sorts by arrival time
     fcfs = simulate(arrivals, slos, "fcfs", times, slots=16, max_queue=256).summary
     slo = simulate(arrivals, slos, SLOScheduler(), times, slots=16, max_queue=256).summary
-    # slo refuses what cannot meet its TTFT objective
+    # slo refuses what cannot meet its TTFT objective (on arrival, or in the queue once it passed: 'expired')
     assert fcfs["completed"] == 200 and slo["completed"] + slo["refused"] == 200
-    assert slo["refused"] > 0
+    assert slo["outcomes"]["expired"] > 0
     assert slo["attainment_pct"] >= fcfs["attainment_pct"] + 20
     assert slo["tpot_p99_s"] <= 0.003 < fcfs["tpot_p50_s"]
     again = simulate(arrivals, slos, SLOScheduler(), times, slots=16, max_queue=256).summary

@@ -36,7 +36,7 @@ from moejax.serving.requests import SLO, Output, QueueFull, Request, RequestRefu
 
 Submit = Callable[[Request, Callable[[Output], None]], object]
 COMPLETED = ("stop", "length")  # the finish reasons of a complete answer
-REFUSED = ("refused", "queue_full", "shutting_down")  # outcomes of a request the loop did not take
+REFUSED = ("refused", "queue_full", "shutting_down", "expired")  # outcomes of a request never started
 
 
 @dataclasses.dataclass(frozen=True)

@@ -243,17 +243,17 @@ class ServingLoop:
     def metrics(self) -> dict:
         """A snapshot of the loop's counters.
 
-        requests: {'finished': {reason: count} for stop / length / cancelled / error, 'refused' (RequestRefused
-        raised by submit), 'queue_full' (QueueFull raised), 'preempted' (slots given up, resumed later)};
-        queue_depth: requests waiting; running: requests holding a slot; max_batch, max_queue, scheduler;
+        requests: {'finished': {reason: count} for stop / length / cancelled / error / expired, 'refused'
+        (RequestRefused raised by submit), 'queue_full' (QueueFull raised), 'preempted' (slots given up, resumed
+        later)}; queue_depth: requests waiting; running: requests holding a slot; max_batch, max_queue, scheduler;
         prompt_tokens / generated_tokens: totals over admitted requests (a resumed request's prompt counts
         once); ttft_s, tpot_s: histograms of finished requests' time to first token and mean time per later
         token, Prometheus style: {'buckets': [[upper bound s, cumulative count], ..., ['+Inf', count]], 'sum',
         'count'}; step_times: the measured decode step and prefill seconds per prompt token (None before);
         engine: the expert cache's counters since start (`offload.stats.cache_stats` totals: hit_rate,
         bytes_h2d, misses, prefetch_precision, ...; with mode, policy and host_wait_s, the seconds the loop
-        waited for step results; per_device: under expert parallelism each device's pairs, hit_rate, bytes_h2d, ...,
-        else []), refreshed at most every second; approximate_routing: whether the engine's
+        waited for step results; per_device: under expert parallelism each device's pairs, hit_rate,
+        bytes_h2d, ..., else []), refreshed at most every second; approximate_routing: whether the engine's
         experts are predicted instead of routed (`approximate_routing`).
         """
         with self._cond:
@@ -430,6 +430,17 @@ class ServingLoop:
             queued, held = list(self._waiting), list(self._running.values())
         waiting, running = self._entries(queued), self._entries(held)
         job_of = {id(entry): job for entry, job in zip([*waiting, *running], [*queued, *held], strict=True)}
+        expired = self.scheduler.expired(waiting, now)
+        for entry, reason in expired:
+            job = job_of[id(entry)]
+            with self._cond:
+                self._waiting.remove(job)
+            self._finish(job, "expired", reason)
+        if expired:
+            gone = {id(entry) for entry, _ in expired}
+            waiting = [entry for entry in waiting if id(entry) not in gone]
+            if not waiting:
+                return
         victims, admitted = self.scheduler.plan(waiting, running, self.max_batch - len(running), now, self._times)
         for victim in victims:
             self._preempt(job_of[id(victim)])

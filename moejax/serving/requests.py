@@ -14,7 +14,7 @@ import time
 from moejax.engine.slots import SamplingParams
 from moejax.errors import MoejaxError, ParameterError
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+FINISH_REASONS = ("stop", "length", "cancelled", "error", "expired")  # expired: refused while queued (`slo`)
 _ids = itertools.count()
 
 
@@ -76,7 +76,8 @@ class Output:
 
     token_ids: the new token ids; text: the new text (None without a tokenizer; held back while it may
     be the start of a stop string or ends inside a multi-byte character); finish_reason: None while the
-    request runs, else one of FINISH_REASONS; error: the message when finish_reason is 'error'.
+    request runs, else one of FINISH_REASONS; error: the message when finish_reason is 'error' or
+    'expired' (the `slo` scheduler refused it while it waited for a slot: its TTFT objective had passed).
     At the end, prompt_tokens / completion_tokens count the request's tokens, and ttft_s / tpot_s are
     its measured times (arrival to first token; mean time per later token).
     """

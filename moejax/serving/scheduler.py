@@ -15,13 +15,15 @@ functions over them, so it can be checked on synthetic request sets without an e
         already missed their deadline, oldest first. An urgent request that no slot frees for in time
         preempts the running request with the most slack. A request whose TTFT objective cannot be met
         even so (`ttft_estimate_s`: behind the queued requests due before it, and the running requests
-        that cannot be preempted) is refused. A free slot is taken only by a request whose prompt fits
+        that cannot be preempted) is refused, and so is a queued one whose TTFT objective passes before it
+        gets a slot (`expired`). A free slot is taken only by a request whose prompt fits
         the running requests' TPOT objectives (`admissible`): every prompt chunk prefilled between two
         decode steps pauses the whole running batch, so a prompt is admitted only when each request that
         will be decoding meanwhile has that much slack left over the rest of its output (`pause_budget_s`),
         and, where the decode step grows with the batch (an offloading engine's step moves the union of the
         batch's experts; the loop measures the step per batch size), also the slower steps it shares with
-        them; one that does not fit waits and shorter ones behind it may go first.
+        them; one that does not fit waits and shorter ones behind it may go first. All of it on the
+        measured step times made `margin` slower (steps vary about their measure).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class StepTimes:
     def at_batch(self, batch: int) -> StepTimes:
         """These times with decode_step_s the step of `batch` decoding requests (`decode_step_at`)."""
         return dataclasses.replace(self, decode_step_s=decode_step_at(self, batch))
+
+    def scaled(self, factor: float) -> StepTimes:
+        """These times, every step's seconds (decode and prefill) times `factor`."""
+        return StepTimes(self.decode_step_s * factor, self.prefill_token_s * factor, self.prefill_chunk,
+                         tuple((n, t * factor) for n, t in self.decode_by_batch))
 
 
 def decode_step_at(times: StepTimes, batch: int) -> float:
@@ -141,6 +148,11 @@ def deadline(entry: Entry) -> float:
     if entry.slo.tpot_s is None:
         return math.inf
     return entry.first_token_at + entry.slo.tpot_s * entry.generated
+
+
+def ttft_passed(entry: Entry, now: float) -> bool:
+    """Whether a request that has sent nothing yet is past its TTFT objective (False without one)."""
+    return entry.first_token_at is None and entry.slo.ttft_s is not None and now > entry.arrival + entry.slo.ttft_s
 
 
 def waiting_slack_s(entry: Entry, now: float, times: StepTimes) -> float:
@@ -349,6 +361,10 @@ class Scheduler:
         """Why a new request must be refused (its SLO cannot be met), or None to queue it."""
         return None
 
+    def expired(self, waiting: list[Entry], now: float) -> list[tuple[Entry, str]]:
+        """Queued requests to refuse now, each with the reason (their SLO can no longer be met)."""
+        return []
+
     def finished(self, task: str | None, output_tokens: int) -> None:
         """A request that ran to its end (stop or length) produced output_tokens."""
 
@@ -361,21 +377,27 @@ class SLOScheduler(Scheduler):
     """eMoE's SLO-aware policy (the module's docstring). urgent_s: slack below which a request with a deadline
     is urgent (default: 16 decode steps); load_weight: how much an unshared expert profile raises a request's
     cost; default_output_tokens: a task's expected output length before any of its requests finished;
-    max_preemptions: times one request may be preempted; times: fixed StepTimes instead of the measured ones
-    (tests, simulations)."""
+    max_preemptions: times one request may be preempted; margin: the policy plans with the measured step times
+    that much slower (0.1: 10%), since steps vary about their measure and a plan that spends a TPOT objective
+    exactly misses it half the time; expire: a queued request whose TTFT objective has passed before it got a
+    slot is refused then (`expired`: finish reason 'expired'), rather than served too late at the cost of the
+    others; times: fixed StepTimes instead of the measured ones (tests, simulations; the margin applies too)."""
 
     name = "slo"
 
     def __init__(self, *, urgent_s: float | None = None, load_weight: float = 1.0, default_output_tokens: float = 128.0,
-                 max_preemptions: int = 1, times: StepTimes | None = None):
+                 max_preemptions: int = 1, margin: float = 0.1, expire: bool = True, times: StepTimes | None = None):
         if load_weight < 0:
             raise ParameterError("{load_weight} must be >= 0 (got {value})", value=load_weight)
+        if not 0 <= margin < 10:
+            raise ParameterError("{margin} must be in [0, 10) (got {value})", value=margin)
         self.urgent_s, self.load_weight, self.max_preemptions = urgent_s, load_weight, max_preemptions
+        self.margin, self.expire = margin, expire
         self.lengths = TaskLengths(default_output_tokens)
         self.fixed_times = times
 
     def _times(self, times: StepTimes | None) -> StepTimes:
-        return self.fixed_times or times or NOMINAL_TIMES
+        return (self.fixed_times or times or NOMINAL_TIMES).scaled(1.0 + self.margin)
 
     def _urgent_s(self, times: StepTimes) -> float:
         return self.urgent_s if self.urgent_s is not None else 16 * times.decode_step_s
@@ -410,6 +432,12 @@ class SLOScheduler(Scheduler):
             return None
         return (f"slo.ttft_s {entry.slo.ttft_s:g} s cannot be met: about {expected:.3g} s to the first token with "
                 f"{len(waiting)} requests queued and {len(running)} running")
+
+    def expired(self, waiting, now):
+        if not self.expire:
+            return []
+        return [(e, f"slo.ttft_s {e.slo.ttft_s:g} s passed while the request waited for a slot (queued "
+                    f"{now - e.arrival:.3g} s): refused") for e in waiting if ttft_passed(e, now)]
 
     def finished(self, task, output_tokens):
         self.lengths.observe(task, output_tokens)

@@ -3,15 +3,15 @@
 `simulate` replays a workload (`loadgen.Arrival`s with their tasks' SLOs) through a model of
 `serving.loop.ServingLoop` whose engine takes fixed times: a decode step of n decoding requests
 `decode_step_at(times, n)` (the measured `decode_by_batch`, else `decode_step_s`), a prefill chunk
-`prefill_token_s` per position it computes (chunks padded as the engine pads them). Each turn does what the
-loop's does, in the same order: new arrivals are refused or queued (`Scheduler.refusal`, a full queue), the
-policy preempts and admits (`Scheduler.plan`: preempt, then admit), prompt chunks of the admitted requests run
-oldest first up to `prefill_chunk` tokens (a request whose prompt ends gets its first token), then one decode
-step of every decoding request. The policies are the real ones, given the step times as measured times; so a
-policy can be judged on a GPU's measured step times (`scripts/bench_serve.py` records them) without the GPU,
-in milliseconds, and exactly reproducibly. What it leaves out: the loop's thread running beside the arrivals
-(here they are taken at turn boundaries, judged at their arrival time), step times that vary at one batch size,
-compilation.
+`prefill_token_s` per position it computes (chunks padded as the engine pads them). Each turn does what the loop's
+does, in the same order: new arrivals are refused or queued (`Scheduler.refusal`, a full queue), queued requests
+past their TTFT objective may be refused (`Scheduler.expired`), the policy preempts and admits (`Scheduler.plan`:
+preempt, then admit), prompt chunks of the admitted requests run oldest first up to `prefill_chunk` tokens (a
+request whose prompt ends gets its first token), then one decode step of every decoding request. The policies are
+the real ones, given the step times as measured times; so a policy can be judged on a GPU's measured step times
+(`scripts/bench_serve.py` records them) without the GPU, in milliseconds, and exactly reproducibly. What it leaves
+out: the loop's thread running beside the arrivals (here they are taken at turn boundaries, judged at their
+arrival time), step times that vary at one batch size, compilation.
 
     result = simulate(arrivals, slos, "slo", StepTimes(0.00084, 0.000112, 128), slots=16)
     print(result.summary["attainment_pct"])
@@ -51,7 +51,7 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
              times: StepTimes, *, slots: int, max_queue: int = 64) -> LoadResult:
     """The workload served by a loop of `slots` KV slots under `scheduler` (a name or a Scheduler, which it
     updates as the loop would) with the engine's `times` -> records and summary as `loadgen.run_load` gives
-    them (seconds from 0; every request ends: refused, queue_full or length)."""
+    them (seconds from 0; every request ends: refused, queue_full, expired or length)."""
     if slots < 1 or max_queue < 1:
         raise ParameterError("{slots} and {max_queue} must be >= 1 (got {slots_value}, {queue_value})",
                              slots_value=slots, queue_value=max_queue)
@@ -94,7 +94,11 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
                 record.outcome = "refused"
                 continue
             waiting.append(job)
-        if waiting:  # _schedule()
+        for entry, _ in policy.expired(entries(waiting), now) if waiting else ():  # _schedule()
+            job = next(j for j in waiting if j.record.id == entry.id)
+            waiting.remove(job)
+            job.record.outcome, job.record.finish_s = "expired", now
+        if waiting:
             queued, held = list(waiting), list(running.values())
             waiting_entries, running_entries = entries(queued), entries(held)
             job_of = {id(e): j for e, j in zip([*waiting_entries, *running_entries], [*queued, *held], strict=True)}

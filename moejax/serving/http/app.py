@@ -164,9 +164,9 @@ class _Frontend:
             watcher.cancel()
             if output is None or output.finish_reason is None:
                 handle.cancel()
-        if output.finish_reason == "error":
-            err = _engine_error(output)
-            return JSONResponse(err.body(), err.status)
+        if output.finish_reason in FAILURES:
+            err = _failure(output)
+            return JSONResponse(err.body(), err.status, headers=err.headers)
         return JSONResponse(reply.whole("".join(pieces), output.finish_reason,
                                         api.usage(output.prompt_tokens, output.completion_tokens)))
 
@@ -180,8 +180,8 @@ class _Frontend:
             while not done:
                 output = await outputs.get()
                 done = output.finish_reason is not None
-                if output.finish_reason == "error":
-                    yield _event(_engine_error(output).body())
+                if output.finish_reason in FAILURES:
+                    yield _event(_failure(output).body())
                     break
                 if output.text:
                     yield _event(reply.chunk(output.text))
@@ -200,7 +200,15 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _engine_error(output: Output) -> api.ApiError:
+FAILURES = ("error", "expired")  # finish reasons answered with an error object instead of a completion
+
+
+def _failure(output: Output) -> api.ApiError:
+    """The error object of a request that ended in one of FAILURES: the engine failed on it (500), or the `slo`
+    scheduler refused it while it was queued, its TTFT objective passed (429: the server is overloaded)."""
+    if output.finish_reason == "expired":
+        return api.ApiError(429, output.error, code="slo_expired", kind="rate_limit_error",
+                            headers={"Retry-After": "1"})
     return api.ApiError(500, f"the engine failed on this request: {output.error}", code="engine_error", kind="server_error")
 
 

@@ -47,8 +47,9 @@ class ServerMetrics:
 
     def __init__(self, loop):
         self.registry = CollectorRegistry()
-        self.requests = Counter("moejax_requests", "Requests by outcome: stop, length, cancelled, error, refused "
-                                "(400), queue_full (429), shutting_down (503).", ["outcome"], registry=self.registry)
+        self.requests = Counter("moejax_requests", "Requests by outcome: stop, length, cancelled, error, expired "
+                                "(429, refused while queued), refused (400), queue_full (429), shutting_down (503).",
+                                ["outcome"], registry=self.registry)
         self.prompt_tokens = Counter("moejax_prompt_tokens", "Prompt tokens of finished requests.", registry=self.registry)
         self.generation_tokens = Counter("moejax_generation_tokens", "Tokens generated.", registry=self.registry)
         self.ttft = Histogram("moejax_time_to_first_token_seconds", "Arrival to first token.", buckets=TTFT_BUCKETS,
