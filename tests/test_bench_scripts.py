@@ -262,6 +262,17 @@ def test_bench_serve_smoke(tmp_path):
     assert result["slo"]["models"]["tiny-moe"]["step_times"]["decode_step_s"] > 0  # what every run's loop is given
     assert result["slo"]["plot"] is None or Path(result["slo"]["plot"]).stat().st_size > 0  # None without matplotlib
     assert "SLO %" in done.stdout.split("\n\n")[-1]  # the tables come last, after one empty line
+    # scripts/simulate_serve.py replays the recorded model on more workloads, its steps varied, another table
+    simulated = tmp_path / "sim.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/simulate_serve.py", "--run", str(out), "--task-mix", str(tmp_path / "tasks.jsonl"),
+         "--loads", "2x", "--requests", "5", "--seeds", "2", "--variation", "0.3", "--decode-by-batch", "1:0.01,2:0.02",
+         "--out", str(simulated)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+        timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sim = json.loads(simulated.read_text())
+    assert sim["variation"] == 0.3 and sim["step_times"]["decode_by_batch"] == [[1, 0.01], [2, 0.02]]
+    assert [(r["load"], r["scheduler"]) for r in sim["rows"]] == [("2x", "fcfs"), ("2x", "slo")]
 
 
 def test_bench_serve_reports_a_missing_gating_module(capsys):

@@ -618,6 +618,11 @@ def test_simulated_decode_steps_follow_the_batch_size():
     assert [r.tpot_s for r in records] == pytest.approx([0.05, 0.05])
     alone = simulate(arrivals[:1], None, "fcfs", times, slots=2).records[0]
     assert alone.tpot_s == pytest.approx(0.01)
+    # Steps that vary (`variation`): each a lognormal factor of the measured time, the same for the same seed.
+    long = [Arrival(0.0, "t", (1, 2, 3), 400)]
+    varied = [simulate(long, None, "fcfs", times, slots=2, variation=0.3, seed=s).records[0].tpot_s for s in (1, 1, 2)]
+    assert varied[0] == varied[1] != varied[2]
+    assert varied[0] != pytest.approx(0.01, rel=1e-3) and varied[0] == pytest.approx(0.01 * np.exp(0.3**2 / 2), rel=0.1)
 
 
 def test_simulated_serving_slo_keeps_tpot_objectives_fcfs_does_not():

@@ -11,7 +11,7 @@ request whose prompt ends gets its first token), then one decode step of every d
 the real ones, given the step times as measured times; so a policy can be judged on a GPU's measured step times
 (`scripts/bench_serve.py` records them) without the GPU, in milliseconds, and exactly reproducibly. What it leaves
 out: the loop's thread running beside the arrivals (here they are taken at turn boundaries, judged at their
-arrival time), step times that vary at one batch size, compilation.
+arrival time) and compilation; step times vary only as `variation` draws them.
 
     result = simulate(arrivals, slos, "slo", StepTimes(0.00084, 0.000112, 128), slots=16)
     print(result.summary["attainment_pct"])
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from moejax.engine.buckets import prefill_chunk_size
 from moejax.errors import ParameterError
@@ -48,13 +50,20 @@ class _Job:
 
 
 def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, scheduler: str | Scheduler,
-             times: StepTimes, *, slots: int, max_queue: int = 64) -> LoadResult:
+             times: StepTimes, *, slots: int, max_queue: int = 64, variation: float = 0.0,
+             seed: int = 0) -> LoadResult:
     """The workload served by a loop of `slots` KV slots under `scheduler` (a name or a Scheduler, which it
     updates as the loop would) with the engine's `times` -> records and summary as `loadgen.run_load` gives
-    them (seconds from 0; every request ends: refused, queue_full, expired or length)."""
+    them (seconds from 0; every request ends: refused, queue_full, expired or length). variation: each
+    decode step and prompt chunk takes its time in `times` times a lognormal factor of that sigma (drawn
+    with `seed`), as measured steps vary; the policy still sees `times`."""
     if slots < 1 or max_queue < 1:
         raise ParameterError("{slots} and {max_queue} must be >= 1 (got {slots_value}, {queue_value})",
                              slots_value=slots, queue_value=max_queue)
+    if variation < 0:
+        raise ParameterError("{variation} must be >= 0 (got {value})", value=variation)
+    rng = np.random.default_rng(seed)
+    spread = (lambda: 1.0) if not variation else (lambda: float(rng.lognormal(0.0, variation)))  # noqa: E731
     policy = make_scheduler(scheduler)
     slos = slos or {}
     pending = sorted(arrivals, key=lambda a: a.at_s)
@@ -122,14 +131,14 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
         for job in sorted((j for j in running.values() if j.prefill_left), key=lambda j: j.order):
             while job.prefill_left and budget > 0:
                 chunk = min(job.prefill_left, size)
-                now += prefill_chunk_size(chunk, size) * times.prefill_token_s
+                now += prefill_chunk_size(chunk, size) * times.prefill_token_s * spread()
                 job.prefill_left -= chunk
                 budget -= chunk
                 if not job.prefill_left:
                     deliver(job)
         decoding = [j for j in running.values() if not j.prefill_left]  # _decode()
         if decoding:
-            now += decode_step_at(times, len(decoding))
+            now += decode_step_at(times, len(decoding)) * spread()
             for job in sorted(decoding, key=lambda j: j.slot):
                 deliver(job)
     return LoadResult(records, summarize(records))
