@@ -267,8 +267,8 @@ def test_bench_serve_smoke(tmp_path):
     done = subprocess.run(
         [sys.executable, "scripts/simulate_serve.py", "--run", str(out), "--task-mix", str(tmp_path / "tasks.jsonl"),
          "--loads", "2x", "--requests", "5", "--seeds", "2", "--variation", "0.3", "--decode-by-batch", "1:0.01,2:0.02",
-         "--out", str(simulated)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
-        timeout=300)
+         "--out", str(simulated)],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     sim = json.loads(simulated.read_text())
     assert sim["variation"] == 0.3 and sim["step_times"]["decode_by_batch"] == [[1, 0.01], [2, 0.02]]
