@@ -26,7 +26,7 @@ import moejax
 from moejax.errors import MoejaxError
 from moejax.serving import loadgen
 from moejax.serving.requests import SLO
-from moejax.serving.scheduler import StepTimes, make_scheduler
+from moejax.serving.scheduler import Scheduler, SLOScheduler, StepTimes, make_scheduler
 from moejax.serving.simulate import simulate
 from moejax.tokenizer import load_tokenizer
 from scripts.bench_serve import load_rps, parse_loads
@@ -56,6 +56,13 @@ def decode_table(text: str) -> tuple[tuple[int, float], ...]:
         raise argparse.ArgumentTypeError(f"'{text}' is not BATCH:SECONDS,... (e.g. 1:0.035,2:0.11)") from None
 
 
+def scheduler(name: str, args) -> Scheduler:
+    """A fresh policy `name`; slo with the --slo-* settings."""
+    if name == "slo":
+        return SLOScheduler(margin=args.slo_margin, expire=args.slo_expire == "on")
+    return make_scheduler(name)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, required=True, help="a bench_serve.py JSON with an slo part")
@@ -65,6 +72,9 @@ def main() -> None:
     p.add_argument("--schedulers", default="fcfs,slo")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--seeds", type=int, default=6)
+    p.add_argument("--slo-margin", type=float, default=0.1, help="slo's planning margin on the step times")
+    p.add_argument("--slo-expire", choices=("on", "off"), default="on",
+                   help="off: slo serves queued requests past their TTFT objective instead of refusing them")
     p.add_argument("--variation", type=float, default=0.0,
                    help="sigma of a lognormal factor on each step's time (0.3: steps vary by about 30%%)")
     p.add_argument("--decode-by-batch", type=decode_table, default=None,
@@ -90,7 +100,7 @@ def main() -> None:
         workloads = [loadgen.draw_arrivals(mix, rps, seed=seed, count=args.requests, encode=encode, **shape)
                      for seed in range(args.seeds)]
         for name in args.schedulers.split(","):
-            runs = [simulate(arrivals, slos, make_scheduler(name), times, slots=slots, max_queue=run_args["max_queue"],
+            runs = [simulate(arrivals, slos, scheduler(name, args), times, slots=slots, max_queue=run_args["max_queue"],
                              variation=args.variation, seed=seed).summary for seed, arrivals in enumerate(workloads)]
             attained = [r["attainment_pct"] for r in runs]
             rows.append({"load": load, "offered_rps": rps, "scheduler": name,
@@ -106,7 +116,7 @@ def main() -> None:
                        ("attainment_max", "max", ".1f"), ("refused", "refused", ".1f"),
                        ("ttft_p50_s", "TTFT p50", ".3f"), ("tpot_p50_s", "TPOT p50", ".4f")])
     write_json(args.out, {"run": str(args.run), "model": args.model, "step_times": dataclasses.asdict(times),
-                          "variation": args.variation, "requests": args.requests, "seeds": args.seeds, "rows": rows})
+                          "variation": args.variation, "slo_margin": args.slo_margin, "slo_expire": args.slo_expire, "requests": args.requests, "seeds": args.seeds, "rows": rows})
 
 
 if __name__ == "__main__":
