@@ -15,7 +15,8 @@ without and with the CRC-32 check the tier applies (`disk_gb_s`, `checked_gb_s`)
 the floor takes the faster of the two raw reads (`floor_gb_s`), the stricter floor. `x_floor` = the run's time
 (prompt and decode, compilation excluded) over the floor; the issue's target is <= 1.3. `run_read_gb_s`: the
 bytes the run read over the seconds during which any of its disk reads was under way (`disk_busy_s`: a step's
-reads and the prefetch thread's overlap); `disk_idle_s` = `total_s` - `disk_busy_s`.
+reads and the prefetch thread's overlap); `disk_idle_s` = `total_s` - `disk_busy_s`. The floor counts every byte
+read, speculative and hinted reads that went unused too: rows that read ahead differently compare by `total_s`.
 
     PYTHONPATH=. python scripts/bench_ssd.py --out out/bench_ssd.json            # GPU: sizes from the machine
     PYTHONPATH=. python scripts/bench_ssd.py --dims tiny --scale 2e-5 --out /tmp/ssd.json   # CPU smoke run
@@ -30,8 +31,9 @@ at load says that is faster; how llama.cpp's --n-cpu-moe and KTransformers run m
 its tokens/s over the copy-only row's of the same host cache.
 
 `--staging on,off` runs each row with and without a layer's misses staged for the disk (`HostCache.staging`: what
-staging gains); `--ram-gib N` sizes the model against N GiB of RAM instead of the machine's (a shorter run). Each
-phase's seconds are printed as it ends.
+staging gains), `--hints on,off` with and without the next layer's guessed misses read after them
+(`HostCache.hints`); `--ram-gib N` sizes the model against N GiB of RAM instead of the machine's (a shorter run).
+Each phase's seconds are printed as it ends.
 
 The expert files go to --dir (default .bench/ssd_experts) and are kept for the next run of the same sizes and format.
 """
@@ -155,13 +157,14 @@ def disk_bandwidth(files: ExpertFiles, max_bytes: float, verify: bool) -> float:
 
 
 def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_experts: str, staging: bool,
-        args) -> dict:
+        hints: bool, args) -> dict:
     """One engine with a host cache of `host_bytes` (and `cpu_experts`; staging False: a layer's misses not staged,
-    `HostCache.staging`): a warm-up generate, then the timed one. Prints each phase's seconds as it ends."""
+    `HostCache.staging`; hints False: the next layer's guesses not read ahead, `HostCache.hints`): a warm-up
+    generate, then the timed one. Prints each phase's seconds as it ends."""
     total = files.num_layers * files.num_experts * files.file_bytes
     started = time.monotonic()
     tier = open_tier(files, f"{host_bytes}B", cfg.top_k * files.num_layers)
-    tier.cache.staging = staging
+    tier.cache.staging, tier.cache.hints = staging, hints
     step_need = cfg.num_experts  # a prompt step of prompt_len >= E / top_k tokens can use a whole layer
     gpu_experts = max(int(args.expert_budget * files.num_layers * files.num_experts), step_need)
     config = OffloadConfig("cached", expert_budget=f"{gpu_experts * files.expert_bytes}B", host_budget=f"{host_bytes}B")
@@ -169,7 +172,7 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
                           prefill_chunk=args.prompt_len, host_tier=tier, expert_format=fmt, cpu_experts=cpu_experts)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     phase(f"built the engine (host cache {host_bytes / GB:.3g} GB, cpu-experts {cpu_experts}, "
-          f"staging {'on' if staging else 'off'})", started)
+          f"staging {'on' if staging else 'off'}, hints {'on' if hints else 'off'})", started)
     started = time.monotonic()
     engine.generate([prompt], max_new_tokens=2, ignore_eos=True)
     phase(f"warm-up (compiles; prompt and 2 tokens, {tier.cache.bytes_read / GB:.3g} GB read)", started)
@@ -182,7 +185,7 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
     busy = tier_stats["disk_busy_s"]
     engine.close()
     return {
-        "cpu_experts": cpu_experts, "staging": staging, "cpu_experts_computed": host.get("experts"),
+        "cpu_experts": cpu_experts, "staging": staging, "hints": hints, "cpu_experts_computed": host.get("experts"),
         "cpu_seconds": host.get("seconds"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
         "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB,
@@ -193,6 +196,7 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
         "run_read_gb_s": tier_stats["bytes_read_disk"] / GB / busy if busy else None,
         "stall_s": tier_stats["stall_s"], "ttft_s": timing.ttft_s, "tpot_s": timing.tpot_s, "total_s": timing.total_s,
         "tokens_per_s": timing.tokens_per_s, "new_tokens": args.new_tokens, "host_tier": tier_stats,
+        "hint_reads": tier_stats["hint_reads"], "hint_used": tier_stats["hint_used"],
     }
 
 
@@ -216,13 +220,17 @@ def main() -> None:
     parser.add_argument("--staging", default="on",
                         help="on | off | on,off: each row with a layer's misses staged for the disk or not "
                         "(default on)")
+    parser.add_argument("--hints", default="on",
+                        help="on | off | on,off: each row with the next layer's guessed misses read ahead or not "
+                        "(default on)")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: host shares that would not fit are skipped")
     parser.add_argument("--out", default="bench_ssd.json")
     args = parser.parse_args()
     if not set(args.cpu_experts.split(",")) <= {"off", "auto"}:
         parser.error(f"--cpu-experts {args.cpu_experts!r}: give off, auto or off,auto")
-    if not set(args.staging.split(",")) <= {"on", "off"}:
-        parser.error(f"--staging {args.staging!r}: give on, off or on,off")
+    for flag, value in (("--staging", args.staging), ("--hints", args.hints)):
+        if not set(value.split(",")) <= {"on", "off"}:
+            parser.error(f"{flag} {value!r}: give on, off or on,off")
     budget = Budget(args.time_budget)
     tiny = args.dims == "tiny"
     machine_ram = host_ram_bytes()
@@ -246,17 +254,19 @@ def main() -> None:
            "page_cache": "bypassed (O_DIRECT)", "rows": []}
     dense = random_dense_params(cfg)
     last = 0.0
-    configs = [(float(share), cpu, staging == "on") for share in args.host_shares.split(",")
-               for cpu in args.cpu_experts.split(",") for staging in args.staging.split(",")]
-    for share, cpu_experts, staging in configs:
+    configs = [(float(share), cpu, staging == "on", hints == "on") for share in args.host_shares.split(",")
+               for cpu in args.cpu_experts.split(",") for staging in args.staging.split(",")
+               for hints in args.hints.split(",")]
+    for share, cpu_experts, staging, hints in configs:
         if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}, "
-                                       f"staging {'on' if staging else 'off'}"):
+                                       f"staging {'on' if staging else 'off'}, hints {'on' if hints else 'off'}"):
             continue
         start = time.monotonic()
-        row = {"host_share_of_ram": share, **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, staging, args)}
+        row = {"host_share_of_ram": share,
+               **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, staging, hints, args)}
         set_floor(row, raw)
-        copying = [r for r in out["rows"]
-                   if r["host_share_of_ram"] == share and r["cpu_experts"] == "off" and r["staging"] == staging]
+        copying = [r for r in out["rows"] if r["host_share_of_ram"] == share and r["cpu_experts"] == "off"
+                   and (r["staging"], r["hints"]) == (staging, hints)]
         row["x_copy"] = row["tokens_per_s"] / copying[0]["tokens_per_s"] if copying else None
         out["rows"].append(row)
         write_json(Path(args.out), out)
@@ -274,7 +284,8 @@ def main() -> None:
           f"disk {raw / GB:.3g} GB/s before the runs (checked {checked / GB:.3g}), {after / GB:.3g} after; "
           f"floor at {best / GB:.3g} GB/s")
     print_table(out["rows"], [("host_share_of_ram", "host/RAM", ".2f"), ("host_share_of_experts", "host/experts", ".2f"),
-                              ("cpu_experts", "cpu", "s"), ("staging", "staged", ""),
+                              ("cpu_experts", "cpu", "s"), ("staging", "staged", ""), ("hints", "hints", ""),
+                              ("hint_reads", "hint reads", "d"), ("hint_used", "used", "d"),
                               ("cpu_experts_computed", "cpu experts", "d"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),
                               ("disk_gb", "disk GB", ".3g"), ("run_read_gb_s", "read GB/s", ".3g"),

@@ -20,7 +20,7 @@ from moejax.cli import main as cli
 from moejax.errors import MoejaxError, ParameterError
 from moejax.offload import expert_files as expert_files_module
 from moejax.offload.expert_files import ExpertFiles, aligned_buffer, crc32_combine, expert_path, write_expert_files
-from moejax.offload.host_cache import HostCache
+from moejax.offload.host_cache import HINT_DECAY, HINT_PRECISION, HostCache
 
 NEW_TOKENS = 5
 SAMPLING = dict(temperature=0.9, top_k=20, seed=3)
@@ -50,13 +50,18 @@ def experts(engine, count: int) -> str:
     return f"{count * engine.host.cache.files.file_bytes}B"
 
 
+def disk_reads(tier: dict) -> int:
+    """Every whole read the host tier made, whatever asked for it."""
+    return sum(tier[f"{kind}_reads"] for kind in ("disk", "prefetch", "staged", "hint"))
+
+
 def test_outputs_equal_resident_at_every_host_budget(model):
     _, _, prompts, _, (greedy, sampled, logits) = model
     engine = tiered(model, "1.0")  # writes the expert directory; every expert fits the host cache
     for slots in (18, 5, 1):
         engine.close()
         engine = tiered(model, experts(engine, slots))
-        assert engine.host.cache.num_slots == slots
+        assert engine.host.cache.num_slots == slots and engine.spec.tier_hints  # the next layer's guesses hinted
         result = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
         assert result.tokens == greedy, slots
         assert engine.generate(prompts, max_new_tokens=NEW_TOKENS, **SAMPLING).tokens == sampled, slots
@@ -66,8 +71,7 @@ def test_outputs_equal_resident_at_every_host_budget(model):
         device_misses = result.stats["total"]["misses"]
         assert tier["gets"] == device_misses > 0  # every device miss goes through the host tier
         assert tier["host_hits"] + tier["disk_misses"] + tier["prefetch_waits"] == tier["gets"]
-        reads = tier["disk_reads"] + tier["prefetch_reads"] + tier["staged_reads"]
-        assert tier["bytes_read_disk"] == reads * engine.host.cache.files.file_bytes
+        assert tier["bytes_read_disk"] == disk_reads(tier) * engine.host.cache.files.file_bytes
         if slots == 1:
             assert tier["disk_misses"] > device_misses / 2 and tier["stall_s"] > 0
         engine.host.cache.check_invariants()
@@ -207,10 +211,11 @@ def test_a_fetch_waiting_for_a_read_keeps_its_key_from_eviction(small_files, mon
     assert counts["staged_reads"] + counts["disk_reads"] == counts["disk_misses"] == 1, counts
 
 
-def test_a_speculative_read_gives_way_to_staged_ones(tmp_path, monkeypatch):
-    """A speculative prefetch under way when a step stages its misses is given up at its next chunk (not read to
-    its end first), unless its key is among the staged ones; the staged read follows, the speculative key is not
-    held, and every miss is read once."""
+@pytest.mark.parametrize("kind", ["prefetch", "hint"])
+def test_a_read_ahead_gives_way_to_staged_ones(tmp_path, monkeypatch, kind):
+    """A speculative prefetch, or a read of the next layer's guess (`hint`), under way when a step stages its
+    misses is given up at its next chunk (not read to its end first), unless its key is among the staged ones; the
+    staged read follows, the given-up key is not held, and every miss is read once."""
     files, weights = random_files(tmp_path / "ef", CHUNKED_SHAPES, 2, 3, seed=3)
     monkeypatch.setattr(expert_files_module, "CHUNK", expert_files_module.ALIGN)
     real, gate = expert_files_module._read_fully, threading.Event()
@@ -220,10 +225,10 @@ def test_a_speculative_read_gives_way_to_staged_ones(tmp_path, monkeypatch):
         return real(fd, view, offset)
 
     monkeypatch.setattr(expert_files_module, "_read_fully", read_fully)
-    for staged, cancelled in (([3], 1), ([1, 3], 0)):  # key 1 = (0, 1), speculatively read; 3 = (1, 0)
+    for staged, cancelled in (([3], 1), ([1, 3], 0)):  # key 1 = (0, 1), read ahead; 3 = (1, 0)
         gate.clear()
         cache = HostCache(files, 3, prefetch_per_step=1)
-        cache.prefetch([1])
+        getattr(cache, kind)([1])
         wait_until(lambda: 1 in cache._loading)  # the prefetch thread is reading it
         cache.stage(staged)
         gate.set()
@@ -233,9 +238,68 @@ def test_a_speculative_read_gives_way_to_staged_ones(tmp_path, monkeypatch):
                 np.testing.assert_array_equal(cache.get(m, e)[name], w)
         counts = cache.stats()
         cache.close()
-        assert counts["prefetch_cancelled"] == cancelled and counts["prefetch_reads"] == 1 - cancelled, counts
+        assert counts[f"{kind}_cancelled"] == cancelled and counts[f"{kind}_reads"] == 1 - cancelled, counts
         assert counts["staged_reads"] + counts["disk_reads"] == 1 and (1 in cache.held()) == (not cancelled)
         cache.check_invariants()
+
+
+def test_the_next_layers_guesses_are_read_after_the_staged_misses(small_files, monkeypatch):
+    """`hint` (the next layer's guessed misses) is read once a layer's staged misses are, before any speculative
+    prefetch and without its test of worth; a speculative prefetch does not evict it before it is fetched (here it
+    finds no slot: the staged keys wait for their fetch too); a fetch of a hinted key then hits (counted
+    `hint_used`); a layer's `stage` drops the hints not begun; with `hints` False nothing is read."""
+    files, weights = small_files
+    order, real = [], type(files).read_into
+
+    def read_into(self, layer, expert, *args, **kwargs):
+        order.append(layer * 5 + expert)
+        return real(self, layer, expert, *args, **kwargs)
+
+    monkeypatch.setattr(type(files), "read_into", read_into)
+    cache = HostCache(files, 4, prefetch_per_step=2)
+    cache.scores[:] = 1.0
+    cache.scores[10:] = 0.0  # MoE layer 2's experts are used least: not worth a slot as speculative prefetches
+    with cache._lock:  # queued while the prefetch thread cannot take the lock: the order is the queues'
+        cache.prefetch([1, 2])
+        cache.stage([5, 6])  # MoE layer 1's misses
+        cache.hint([10, 11])  # MoE layer 2's guessed misses
+    wait_until(lambda: len(order) == 4 and not cache._queue)
+    time.sleep(0.05)
+    assert order == [5, 6, 10, 11]
+    for m, e in ((1, 0), (1, 1), (2, 0)):
+        np.testing.assert_array_equal(cache.get(m, e)["gate"], weights[m, e]["gate"])
+    counts = cache.stats()
+    assert (counts["hint_reads"], counts["hint_used"], counts["staged_reads"]) == (2, 1, 2), counts
+    with cache._lock:
+        cache.hint([12, 13])
+        cache.stage([14])  # MoE layer 2 routed: its misses are known, the guesses not begun are dropped
+    wait_until(lambda: 14 in cache.held())
+    assert 12 not in cache.held() and 13 not in cache.held() and cache.stats()["hint_reads"] == 2
+    cache.hints = False
+    cache.hint([3])
+    time.sleep(0.05)
+    assert 3 not in order
+    cache.close()
+    cache.check_invariants()
+
+
+def test_hints_pause_while_the_guesses_prove_wrong(small_files):
+    """Each `stage` judges the hint before it (the share of its keys the layer staged); while the running share is
+    below HINT_PRECISION, hints are not read, and they are again once guesses prove right (judged all along)."""
+    files, _ = small_files
+    cache = HostCache(files, 4)
+    for _ in range(4):  # guesses the next layer never stages
+        cache.hint([10])
+        cache.stage([11])
+    assert cache.hint_precision == pytest.approx(HINT_DECAY**4) and cache.hint_precision < HINT_PRECISION
+    cache.hint([12])
+    cache.stage([12])  # right, but not read: the guesses had been wrong
+    time.sleep(0.05)
+    assert cache.stats()["hint_reads"] <= 1 and cache.hint_precision >= HINT_PRECISION  # (10, read at first)
+    cache.hint([13])
+    wait_until(lambda: 13 in cache.held())
+    assert cache.stats()["hint_reads"] >= 1 and cache.stats()["hint_precision"] == cache.hint_precision
+    cache.close()
 
 
 def test_lent_arrays_never_change_under_their_holder(small_files):
@@ -408,16 +472,17 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
     assert len(cfg.moe_layer_ids) == -(-15 * layer // int4_layer) > 15  # 1.5x the RAM in int4 bytes
 
 
-@pytest.mark.parametrize("fmt, cpu_experts", [("bf16", "off,auto"), ("int4", "off")])
-def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts):
+@pytest.mark.parametrize("fmt, cpu_experts, hints", [("bf16", "off,auto", "on"), ("int4", "off", "on,off")])
+def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints):
     """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor (at the disk's faster measured
-    bandwidth) and the tier's counters (and one with cpu_experts 'auto', compared with the copy-only row)."""
+    bandwidth) and the tier's counters (and one with cpu_experts 'auto', compared with the copy-only row; or one
+    without the next layer's guesses read ahead)."""
     from scripts import bench_ssd
 
     out = tmp_path / "bench_ssd.json"
     monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
                                      "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out),
-                                     "--expert-format", fmt, "--cpu-experts", cpu_experts])
+                                     "--expert-format", fmt, "--cpu-experts", cpu_experts, "--hints", hints])
     bench_ssd.main()
     data = json.loads(out.read_text())
     row = data["rows"][0]
@@ -429,7 +494,11 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts):
     # the floor at the faster of the disk's reads before and after the runs
     assert data["floor_gb_s"] == max(data["disk_gb_s"], data["disk_gb_s_after"])
     assert row["floor_s"] == pytest.approx(row["disk_gb"] / data["floor_gb_s"])
-    assert [r["cpu_experts"] for r in data["rows"]] == cpu_experts.split(",") and row["x_copy"] is None
+    runs = [(c, h == "on") for c in cpu_experts.split(",") for h in hints.split(",")]
+    assert [(r["cpu_experts"], r["hints"]) for r in data["rows"]] == runs and row["x_copy"] is None
+    assert all(r["hint_reads"] == r["host_tier"]["hint_reads"] >= 0 for r in data["rows"])
+    if hints == "on,off":
+        assert data["rows"][1]["hint_reads"] == data["rows"][1]["host_tier"]["hint_cancelled"] == 0
     if cpu_experts == "off,auto":
         auto = data["rows"][1]
         assert auto["x_copy"] == auto["tokens_per_s"] / row["tokens_per_s"] > 0 and auto["cpu_token_limit"] >= 0
@@ -497,7 +566,7 @@ def test_compact_experts_through_the_tier_equal_resident(compact, tmp_path):
             np.testing.assert_array_equal(ours, ref, err_msg=str(where))
         files, tier = engine.host.cache.files, result.stats["host_tier"]
         assert result.stats["expert_format"] == "int4" and result.stats["expert_bytes"] == files.expert_bytes == compact_bytes
-        assert tier["bytes_read_disk"] == (tier["disk_reads"] + tier["prefetch_reads"] + tier["staged_reads"]) * one > 0
+        assert tier["bytes_read_disk"] == disk_reads(tier) * one > 0
         assert tier["host_bytes"] == host_experts * one and tier["file_bytes"] == one
         assert {p.stat().st_size for p in files.root.glob("L*/E*.bin")} == {one}
         assert result.stats["total"]["bytes_h2d"] == result.stats["total"]["misses"] * compact_bytes

@@ -86,6 +86,9 @@ class ProgramSpec:
     whole_layer_from: int | None = None
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
+    # cached mode over the disk tier: after each MoE layer stages its misses, the next router's guess on its input
+    # goes to the host cache as the next layer's likely misses (`admit_misses`, `HostCache.hint`)
+    tier_hints: bool = False
     # several devices: the mesh and where each expert lives (`engine.expert_parallel`); None: one device
     expert_parallel: ExpertParallel | None = None
 
@@ -95,7 +98,7 @@ class ProgramSpec:
 
     @property
     def computes_guesses(self) -> bool:
-        return self.guesses or (self.lookahead > 0 and self.mode == "cached")
+        return self.guesses or ((self.lookahead > 0 or self.tier_hints) and self.mode == "cached")
 
     @property
     def segments(self) -> tuple[Segment, ...]:
@@ -218,7 +221,10 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
                                                       spec.cpu_experts.cost, spec.cpu_experts.most_tokens)
             ticket = host_start(spec.cpu_experts, m, moe_in, ids, all_weights, on_host, valid_rows)
             distinct, ticket = lax.optimization_barrier((distinct, ticket))  # the host starts before the fetches
-        cache, slab, slots, pinned = admit_misses(spec, E, m, host, cache, slab, distinct, experts.priorities)
+        hint = None
+        if spec.tier_hints and guess is not None and isinstance(host, TieredHost):
+            hint = next_layer_hint(cache, m, L, E, guess, valid_rows)
+        cache, slab, slots, pinned = admit_misses(spec, E, m, host, cache, slab, distinct, experts.priorities, hint)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
@@ -265,18 +271,30 @@ def whole_layer_from(num_experts: int, num_slots: int, fetch_times: tuple[float,
     return fewest if fewest <= num_experts else None
 
 
-def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities):
+def next_layer_hint(cache, m, L: int, E: int, guess, valid_rows):
+    """The keys of MoE layer m + 1 that its router guessed from layer m's input (guess int32 [N, k]) and the device
+    cache does not hold, most rows first -> int32 [E] (-1: none; all of it at the last MoE layer)."""
+    following = jnp.minimum(m + 1, L - 1)
+    keys = dc.guessed_keys(guess, valid_rows, following, E, E)
+    held = dc.resident_slots(cache, following, jnp.maximum(keys, 0) % E, E) >= 0
+    return jnp.where((m + 1 < L) & (keys >= 0) & ~held, keys, -1)
+
+
+def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities, hint=None):
     """MoE layer m's `device_cache.access` for the distinct experts it needs (int32 [U]), each miss moved from the
     host tier: fetched by itself, or, when the layer misses at least `spec.whole_layer_from` of them, out of one
     copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). An expert at an
     offset the routing chose is read by a kernel over the link, a whole stack by one copy at the link's DMA rate,
     which may be much faster (BENCHMARKS.md): past some share of a layer's experts, which the engine measures on
     its device at load (`whole_layer_from`), the whole is faster. The same state, slab and slots either way. Through
-    the disk tier, the misses are first staged (`TieredHost.stage`), so that the disk reads them back to back.
-    -> (cache, slab, slots, pinned) as `access`."""
+    the disk tier, the misses are first staged (`TieredHost.stage`), so that the disk reads them back to back, then
+    `hint` (`next_layer_hint`; None: none) is handed over (`TieredHost.hint`), so that it reads on into the next
+    layer's likely misses. -> (cache, slab, slots, pinned) as `access`."""
     if isinstance(host, TieredHost):  # the disk reads the layer's misses back to back, ahead of their fetches
         missing = (distinct < E) & (dc.resident_slots(cache, m, distinct, E) < 0)
         distinct = host.stage(jnp.where(missing, m * E + distinct, -1), distinct)
+        if hint is not None:
+            distinct = host.hint(hint, distinct)
     fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
     if spec.whole_layer_from is None or distinct.shape[0] < spec.whole_layer_from:
         fetched = fetch_one  # (a step of few rows never misses that many: no layer-sized buffer)

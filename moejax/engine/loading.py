@@ -206,8 +206,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and
     each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on
     the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor`
-    (see `load`) and `whole_layer_from` (`ProgramSpec`; benchmarks); host_tier: a `TieredHost` (`offload.disk_tier`) that
-    holds the experts instead of `expert_stacks` (cached mode); expert_format: the format the experts are kept in
+    (see `load`), `whole_layer_from` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over a tier unless
+    given); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts instead of `expert_stacks` (cached
+    mode); expert_format: the format the experts are kept in
     (default: as given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices,
     placement, placement_traces, hot_replicas: see `load`."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
@@ -252,6 +253,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
             threshold = programs.whole_layer_from(cfg.num_experts, experts.cache.num_slots,
                                                   time_layer_fetches(experts.host[0]))
         compute["whole_layer_from"] = threshold
+    if config.mode == "cached" and host_tier is not None:  # the disk reads on into the next layer's guessed misses
+        compute.setdefault("tier_hints", True)
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated

@@ -10,7 +10,11 @@ step, and the experts used most, by decayed token counts, that are not held): th
 further ahead than the device tier. Within a step, a MoE layer's program hands the host the misses it is about
 to fetch, in order (`stage`, through `TieredHost.stage`), before fetching the first: the thread reads them one
 after another, ahead of any speculative prefetch and kept from eviction until fetched, so the disk reads the
-next one while the runtime copies the last to the device, instead of waiting for each copy.
+next one while the runtime copies the last to the device, instead of waiting for each copy. Right after, it hands
+the host the next MoE layer's likely misses, the next router's guess on this layer's input (`hint`, through
+`TieredHost.hint`): read once the staged keys are, so the disk goes on with the next layer's experts while this
+layer's are copied and computed, instead of waiting for the next layer's routing; a guess that proves wrong
+gives way to the next layer's staged reads at its next chunk.
 
 The step programs read the host tier through `TieredHost.fetch`, a host callback: a hit hands the runtime the
 slot's bytes (no copy; see `HostCache`); a miss (the expert is neither held nor arriving) reads it from disk
@@ -45,6 +49,8 @@ from moejax.errors import MoejaxError
 from moejax.offload.expert_files import ExpertFiles, ReadCancelled, aligned_buffer
 
 USAGE_DECAY = 0.9  # per step, for the usage scores the host prefetcher ranks by
+HINT_PRECISION = 0.5  # hints are read while at least this share of the recent guesses' keys proved right
+HINT_DECAY = 0.8  # per MoE layer step, for that share's running mean
 
 
 class HostCache:
@@ -70,10 +76,15 @@ class HostCache:
         self.scores = np.zeros(self.num_keys)  # decayed token counts per key
         self._queue: list[int] = []
         self._staged: list[int] = []  # a layer's misses to read before anything in _queue (`stage`)
+        self._hinted: list[int] = []  # the next layer's likely misses, read after _staged, before _queue (`hint`)
+        self._unused_hints: set[int] = set()  # read for a hint, not fetched since
+        self._guessed: set[int] = set()  # the last hint's keys, judged by the next `stage`
+        self.hint_precision = 1.0  # running mean share of a hint's keys that its layer staged
         self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
         self._read_ahead: set[int] = set()  # of those, the ones not held when staged (their fetch is a disk miss)
         self._wanted: collections.Counter[int] = collections.Counter()  # keys `get`s are fetching: never evicted
         self.staging = True  # False: `stage` does nothing (to measure what staging gains)
+        self.hints = True  # False: `hint` does nothing (likewise)
         self._stop = False
         self._reading, self._busy_since = 0, 0.0  # disk reads under way, since when (`_disk_busy`)
         self._thread: threading.Thread | None = None
@@ -82,7 +93,8 @@ class HostCache:
 
     def reset_stats(self) -> None:
         self.counts = dict(gets=0, host_hits=0, disk_misses=0, prefetch_waits=0, disk_reads=0, prefetch_reads=0,
-                           prefetch_used=0, prefetch_cancelled=0, staged_reads=0, evictions=0, uncached_reads=0)
+                           prefetch_used=0, prefetch_cancelled=0, staged_reads=0, hint_reads=0, hint_used=0,
+                           hint_cancelled=0, evictions=0, uncached_reads=0)
         self.bytes_read = 0
         self.disk_read_s = self.stall_s = self.disk_busy_s = 0.0
         self._stats_since = time.perf_counter()  # a read under way at a reset counts from then on
@@ -148,6 +160,9 @@ class HostCache:
         if key in self._unused_prefetches:
             self._unused_prefetches.discard(key)
             self.counts["prefetch_used"] += 1
+        if key in self._unused_hints:
+            self._unused_hints.discard(key)
+            self.counts["hint_used"] += 1
 
     def _lend(self, slot: int) -> dict:
         """The slot's expert as read-only arrays over the slot (lock held); the slot counts them until they die."""
@@ -163,23 +178,25 @@ class HostCache:
             self._lent[slot] -= 1
             self._lock.notify_all()
 
-    def _victim(self) -> int | None:
+    def _victim(self, spare=frozenset()) -> int | None:
         """The ready expert used least (decayed token counts; the least recently used of equals) whose slot is not
-        lent, that a step has not staged and that no `get` is fetching (lock held), or None."""
-        candidates = [key for key, slot in self._ready.items()
-                      if not self._lent[slot] and key not in self._awaited and key not in self._wanted]
+        lent, that a step has not staged, that no `get` is fetching and that is not in `spare` (lock held), or
+        None."""
+        candidates = [key for key, slot in self._ready.items() if not self._lent[slot] and key not in self._awaited
+                      and key not in self._wanted and key not in spare]
         return min(candidates, key=lambda key: self.scores[key]) if candidates else None
 
-    def _reserve(self, key: int) -> int | None:
-        """A slot for `key` (lock held): a free one, else `_victim`'s; None if there is neither."""
+    def _reserve(self, key: int, spare=frozenset()) -> int | None:
+        """A slot for `key` (lock held): a free one, else `_victim(spare)`'s; None if there is neither."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim = self._victim()
+            victim = self._victim(spare)
             if victim is None:
                 return None
             slot = self._ready.pop(victim)
             self._unused_prefetches.discard(victim)
+            self._unused_hints.discard(victim)
             self.counts["evictions"] += 1
         self._loading[key] = slot
         self._owner[slot] = key
@@ -187,7 +204,8 @@ class HostCache:
 
     def _read(self, key: int, slot: int, prefetch: str | None = None, cancelled=None) -> dict | None:
         """Reads `key` into its reserved `slot` (lock not held) -> its weights (lent before another thread can
-        evict it), or None for a read ahead (prefetch 'prefetch': speculative; 'staged': a step's, `stage`). On
+        evict it), or None for a read ahead (prefetch 'prefetch': speculative; 'staged': a step's, `stage`; 'hint':
+        the next layer's guess, `hint`). On
         failure, or once `cancelled()` (ReadCancelled), the slot is freed and the error raised."""
         layer, expert = divmod(key, self.num_experts)
         start = time.perf_counter()
@@ -210,6 +228,8 @@ class HostCache:
             self._lock.notify_all()
             if prefetch == "prefetch":
                 self._unused_prefetches.add(key)
+            elif prefetch == "hint":
+                self._unused_hints.add(key)
             return None if prefetch else self._lend(slot)
 
     @contextlib.contextmanager
@@ -269,14 +289,36 @@ class HostCache:
         prefetch thread one after another before any queued prefetch, without `_worth_a_slot`'s test, and not
         evicted until fetched (the keys staged before and not yet read are dropped: their layer is done). Nothing
         while `staging` is False."""
+        keys = [int(k) for k in np.asarray(keys).reshape(-1) if k >= 0]
+        with self._lock:
+            if self._guessed:  # the guess for this layer, judged whether or not it was read
+                right = len(self._guessed & set(keys)) / len(self._guessed)
+                self.hint_precision = HINT_DECAY * self.hint_precision + (1 - HINT_DECAY) * right
+                self._guessed = set()
         if not self.staging:
             return
-        keys = [int(k) for k in np.asarray(keys).reshape(-1) if k >= 0]
         with self._lock:
             self._awaited = set(keys)
             self._staged = [k for k in keys if k not in self._ready and k not in self._loading]
             self._read_ahead = set(self._staged)
+            self._hinted = []  # this layer's guesses: its misses are known now
             self._wake_reader(self._staged)
+
+    def hint(self, keys) -> None:
+        """The next MoE layer's likely misses (int [P], -1: none; most likely first), handed over right after this
+        layer's `stage`: read by the prefetch thread once the staged keys are, before any queued prefetch and
+        without `_worth_a_slot`'s test, but like a speculative read given up at its next chunk when a layer
+        stages keys it is not one of (the hints before are dropped). Nothing while `hints` is False, nor while
+        `hint_precision` (the running share of the guessed keys that the next `stage` named, updated whether
+        the hints were read or not) is below HINT_PRECISION: wrong guesses would cost disk time and evict
+        experts."""
+        keys = [int(k) for k in np.asarray(keys).reshape(-1) if k >= 0]
+        with self._lock:
+            self._guessed = set(keys)
+            if not self.hints or self.hint_precision < HINT_PRECISION:
+                return
+            self._hinted = [k for k in keys if k not in self._ready and k not in self._loading]
+            self._wake_reader(self._hinted)
 
     def _wake_reader(self, work: list[int]) -> None:
         """Starts the prefetch thread if there is `work` and none runs yet, and wakes it (lock held)."""
@@ -288,36 +330,38 @@ class HostCache:
     def _prefetch_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._staged and not self._queue and not self._stop:
+                while not self._staged and not self._hinted and not self._queue and not self._stop:
                     self._lock.wait()
                 if self._stop:
                     return
-                kind = "staged" if self._staged else "prefetch"
-                key = (self._staged or self._queue).pop(0)
+                kind = "staged" if self._staged else "hint" if self._hinted else "prefetch"
+                key = (self._staged or self._hinted or self._queue).pop(0)
                 if key in self._ready or key in self._loading or (kind == "prefetch" and not self._worth_a_slot(key)):
                     continue
                 if kind == "staged" and key not in self._awaited:
                     continue  # fetched already (read by the step itself)
-                slot = self._reserve(key)
+                # A speculative prefetch never evicts a guess of the next layer read for a hint and not fetched yet.
+                slot = self._reserve(key, self._unused_hints if kind == "prefetch" else frozenset())
                 if slot is None:
                     continue  # every slot lent or staged: the step reads it itself
-            # A speculative read gives way to a step's staged ones (unless its key is staged or being fetched): it
-            # would otherwise delay them by up to a whole read.
-            cancelled = None if kind != "prefetch" else (
+            # A speculative read or a hint's gives way to a step's staged ones (unless its key is staged or being
+            # fetched): it would otherwise delay them by up to a whole read.
+            cancelled = None if kind == "staged" else (
                 lambda key=key: bool(self._staged) and key not in self._awaited and key not in self._wanted)
             try:
                 self._read(key, slot, prefetch=kind, cancelled=cancelled)
             except ReadCancelled:
                 with self._lock:
-                    self.counts["prefetch_cancelled"] += 1
+                    self.counts[f"{kind}_cancelled"] += 1
             except MoejaxError:
                 pass  # a bad file is reported by the step that needs it (its read is repeated there)
 
     def _worth_a_slot(self, key: int) -> bool:
-        """A prefetch takes a free slot, or evicts `_victim` only if that one is used less."""
+        """A prefetch takes a free slot, or evicts `_victim` (sparing unfetched hints) only if that one is used
+        less."""
         if self._free:
             return True
-        victim = self._victim()
+        victim = self._victim(self._unused_hints)
         return victim is not None and self.scores[victim] < self.scores[key]
 
     def close(self) -> None:
@@ -354,7 +398,9 @@ class HostCache:
         disk while a step waited, by its own read or the one it staged), prefetch_waits (the step waited for a
         prefetch under way), host_hit_rate, disk_reads / prefetch_reads / prefetch_used / staged_reads (the reads
         of what steps staged: `stage`), prefetch_cancelled (speculative reads given up for staged ones; their
-        partial bytes are not counted), evictions, uncached_reads (disk reads past the
+        partial bytes are not counted), hint_reads / hint_used / hint_cancelled (the same of the next layer's
+        guesses: `hint`; hint_precision: the running share of their keys that proved right),
+        evictions, uncached_reads (disk reads past the
         cache: every slot was lent or being read into), bytes_read_disk (all reads),
         disk_read_s (seconds reading, summed over the threads), disk_busy_s (seconds during which any read was
         under way), stall_s (seconds steps waited on the disk)."""
@@ -363,7 +409,7 @@ class HostCache:
             gets = counts["gets"]
             return {"host_slots": self.num_slots, "host_bytes": self.num_slots * self.files.file_bytes,
                     "file_bytes": self.files.file_bytes, **counts,
-                    "host_hit_rate": counts["host_hits"] / gets if gets else 0.0,
+                    "host_hit_rate": counts["host_hits"] / gets if gets else 0.0, "hint_precision": self.hint_precision,
                     "bytes_read_disk": self.bytes_read, "disk_read_s": self.disk_read_s,
                     "disk_busy_s": self.disk_busy_s, "stall_s": self.stall_s,
                     "expert_dir": str(self.files.root)}
@@ -403,6 +449,13 @@ class TieredHost:
                            ordered=False)
         return jax.lax.optimization_barrier((after, done))[0]
 
+    def hint(self, keys, after):
+        """Inside a step program, after a MoE layer's `stage`: hands the host cache the next layer's likely misses
+        (`HostCache.hint`; int32 [P], layer x E + expert, -1: none) -> `after` once the call is made."""
+        done = io_callback(_hint, jax.ShapeDtypeStruct((), jnp.int32), jnp.asarray(self.tier_id, jnp.int32), keys,
+                           ordered=False)
+        return jax.lax.optimization_barrier((after, done))[0]
+
     def fetch(self, layer, expert) -> dict:
         """Inside a step program: expert `expert` of MoE layer `layer` (traced ints) on the device."""
         result = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in self.shapes.items()}
@@ -418,6 +471,11 @@ class TieredHost:
 
 def _stage(tier_id, keys) -> np.ndarray:
     _CACHES[int(tier_id)].stage(keys)
+    return np.int32(0)
+
+
+def _hint(tier_id, keys) -> np.ndarray:
+    _CACHES[int(tier_id)].hint(keys)
     return np.int32(0)
 
 
