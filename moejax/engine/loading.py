@@ -203,14 +203,14 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
                  devices: int = 1, placement: str = "round-robin", placement_traces: str | Path | None = None,
                  hot_replicas: int = 0, **compute) -> Engine:
-    """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and
-    each MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on
-    the device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor`
-    (see `load`), `whole_layer_from` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over a tier unless
+    """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and each
+    MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on the
+    device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor` (see
+    `load`), `whole_layer_from` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over a tier unless
     given); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts instead of `expert_stacks` (cached
-    mode); expert_format: the format the experts are kept in
-    (default: as given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices,
-    placement, placement_traces, hot_replicas: see `load`."""
+    mode); expert_format: the format the experts are kept in (default: as given), stacks not yet in it converted
+    (quantized) as they come; cpu_experts, cpu_cost, devices, placement, placement_traces, hot_replicas: see
+    `load`."""
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]

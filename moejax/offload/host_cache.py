@@ -205,8 +205,8 @@ class HostCache:
     def _read(self, key: int, slot: int, prefetch: str | None = None, cancelled=None) -> dict | None:
         """Reads `key` into its reserved `slot` (lock not held) -> its weights (lent before another thread can
         evict it), or None for a read ahead (prefetch 'prefetch': speculative; 'staged': a step's, `stage`; 'hint':
-        the next layer's guess, `hint`). On
-        failure, or once `cancelled()` (ReadCancelled), the slot is freed and the error raised."""
+        the next layer's guess, `hint`). On failure, or once `cancelled()` (ReadCancelled), the slot is freed and
+        the error raised."""
         layer, expert = divmod(key, self.num_experts)
         start = time.perf_counter()
         try:
@@ -394,16 +394,15 @@ class HostCache:
 
     def stats(self) -> dict:
         """Counters since the last reset (and host_slots, host_bytes, file_bytes: one expert's file, padded, in the
-        engine's expert format): gets (expert fetches through the tier), host_hits, disk_misses (read from
-        disk while a step waited, by its own read or the one it staged), prefetch_waits (the step waited for a
-        prefetch under way), host_hit_rate, disk_reads / prefetch_reads / prefetch_used / staged_reads (the reads
-        of what steps staged: `stage`), prefetch_cancelled (speculative reads given up for staged ones; their
-        partial bytes are not counted), hint_reads / hint_used / hint_cancelled (the same of the next layer's
-        guesses: `hint`; hint_precision: the running share of their keys that proved right),
-        evictions, uncached_reads (disk reads past the
-        cache: every slot was lent or being read into), bytes_read_disk (all reads),
-        disk_read_s (seconds reading, summed over the threads), disk_busy_s (seconds during which any read was
-        under way), stall_s (seconds steps waited on the disk)."""
+        engine's expert format): gets (expert fetches through the tier), host_hits, disk_misses (read from disk while
+        a step waited, by its own read or the one it staged), prefetch_waits (the step waited for a prefetch under
+        way), host_hit_rate, disk_reads / prefetch_reads / prefetch_used / staged_reads (the reads of what steps
+        staged: `stage`), prefetch_cancelled (speculative reads given up for staged ones; their partial bytes are not
+        counted), hint_reads / hint_used / hint_cancelled (the same of the next layer's guesses: `hint`;
+        hint_precision: the running share of their keys that proved right), evictions, uncached_reads (disk reads past
+        the cache: every slot was lent or being read into), bytes_read_disk (all reads), disk_read_s (seconds reading,
+        summed over the threads), disk_busy_s (seconds during which any read was under way), stall_s (seconds steps
+        waited on the disk)."""
         with self._lock:
             counts = dict(self.counts)
             gets = counts["gets"]
