@@ -351,13 +351,17 @@ def test_concurrent_streaming_clients_each_get_a_whole_answer_or_a_clean_error(s
             return [r for f in futures for r in f.result(timeout=TIMEOUT_S)]
 
     round_of(1)  # warm: threads, connections, the programs of every batch size
-    before, started = _rss_bytes(), time.monotonic()
-    results = round_of(REQUESTS_EACH)
-    grown = _rss_bytes() - before
-    assert len(results) == CLIENTS * REQUESTS_EACH and time.monotonic() - started < TIMEOUT_S
-    assert all(r == (served.greedy, "length") or r == ("refused", 429) for r in results), results
-    assert sum(r == (served.greedy, "length") for r in results) >= CLIENTS
-    assert grown < 64 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB"
+    grown = []
+    for _ in range(3):
+        before, started = _rss_bytes(), time.monotonic()
+        results = round_of(REQUESTS_EACH)
+        grown.append(_rss_bytes() - before)
+        assert len(results) == CLIENTS * REQUESTS_EACH and time.monotonic() - started < TIMEOUT_S
+        assert all(r == (served.greedy, "length") or r == ("refused", 429) for r in results), results
+        assert sum(r == (served.greedy, "length") for r in results) >= CLIENTS
+    # Flat: a leak grows in every round of 24 requests, while a one-time growth of a warmed server (~56 MiB seen
+    # in one of five rounds, never again after it: not per request) may land in any one round.
+    assert sorted(grown)[1] < 16 * 2**20, f"RSS grew by {[round(g / 2**20, 1) for g in grown]} MiB in three rounds"
 
 
 def test_sigterm_lets_the_requests_in_flight_finish_then_exits_0():
