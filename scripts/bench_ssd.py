@@ -8,15 +8,15 @@ the disk cannot hold that many bytes (the expert files and 10% to spare), the mo
 and RAM is emulated: the host cache is sized as if RAM were model / ratio; the JSON says so (`ram_emulated`).
 Reads bypass the page cache (O_DIRECT, `offload.expert_files`), so the disk is really read either way.
 
-The floor: the bytes the run read from disk / the disk's bandwidth, measured by reading expert files the
-same way the tier does (one file at a time, O_DIRECT, so neither the page cache nor earlier writes serve them),
-without and with the CRC-32 check the tier applies (`disk_gb_s`, `checked_gb_s`), once before the runs (after
-`sync`: the writeback of freshly written files would share the disk) and once after them (`disk_gb_s_after`);
-the floor takes the faster of the two raw reads (`floor_gb_s`), the stricter floor. `x_floor` = the run's time
-(prompt and decode, compilation excluded) over the floor; the issue's target is <= 1.3. `run_read_gb_s`: the
-bytes the run read over the seconds during which any of its disk reads was under way (`disk_busy_s`: a step's
-reads and the prefetch thread's overlap); `disk_idle_s` = `total_s` - `disk_busy_s`. The floor counts every byte
-read, speculative and hinted reads that went unused too: rows that read ahead differently compare by `total_s`.
+The floor: the bytes the run needed from disk (`needed_gb`: what it read, less read-ahead that nothing used) / the
+disk's bandwidth, measured by reading expert files the same way the tier does (one file at a time, O_DIRECT, so
+neither the page cache nor earlier writes serve them), without and with the CRC-32 check the tier applies
+(`disk_gb_s`, `checked_gb_s`), once before the runs (after `sync`: the writeback of freshly written files would
+share the disk) and once after them (`disk_gb_s_after`); the floor takes the faster of the two raw reads
+(`floor_gb_s`), the stricter floor. `x_floor` = the run's time (prompt and decode, compilation excluded) over the
+floor; the issue's target is <= 1.3. `run_read_gb_s`: the bytes the run read over the seconds during which any of
+its disk reads was under way (`disk_busy_s`: a step's reads and the prefetch thread's overlap); `disk_idle_s` =
+`total_s` - `disk_busy_s`. Unused read-ahead bytes count in the run's time, not in its floor.
 
     PYTHONPATH=. python scripts/bench_ssd.py --out out/bench_ssd.json            # GPU: sizes from the machine
     PYTHONPATH=. python scripts/bench_ssd.py --dims tiny --scale 2e-5 --out /tmp/ssd.json   # CPU smoke run
@@ -191,7 +191,8 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
         "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB,
         "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
         "gpu_experts": gpu_experts, "gpu_hit_rate": stats["total"]["hit_rate"], "host_hit_rate": tier_stats["host_hit_rate"],
-        "disk_gb": tier_stats["bytes_read_disk"] / GB, "disk_read_s": tier_stats["disk_read_s"],
+        "disk_gb": tier_stats["bytes_read_disk"] / GB, "needed_gb": needed_gb(tier_stats),
+        "disk_read_s": tier_stats["disk_read_s"],
         "disk_busy_s": busy, "disk_idle_s": timing.total_s - busy,
         "run_read_gb_s": tier_stats["bytes_read_disk"] / GB / busy if busy else None,
         "stall_s": tier_stats["stall_s"], "ttft_s": timing.ttft_s, "tpot_s": timing.tpot_s, "total_s": timing.total_s,
@@ -288,7 +289,8 @@ def main() -> None:
                               ("hint_reads", "hint reads", "d"), ("hint_used", "used", "d"),
                               ("cpu_experts_computed", "cpu experts", "d"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),
-                              ("disk_gb", "disk GB", ".3g"), ("run_read_gb_s", "read GB/s", ".3g"),
+                              ("disk_gb", "disk GB", ".3g"), ("needed_gb", "needed GB", ".3g"),
+                              ("run_read_gb_s", "read GB/s", ".3g"),
                               ("disk_idle_s", "disk idle s", ".1f"),
                               ("stall_s", "stall s", ".2f"), ("total_s", "time s", ".2f"),
                               ("floor_s", "floor s", ".2f"), ("x_floor", "x floor", ".2f"),
@@ -299,9 +301,16 @@ def phase(what: str, started: float) -> None:
     print(f"{what}: {time.monotonic() - started:.1f} s", flush=True)
 
 
+def needed_gb(tier: dict) -> float:
+    """GB a run read from disk less its read-ahead that nothing used (speculative prefetches and hints; each kind's
+    unused reads, at least 0: a read before the counters' reset may be used after it)."""
+    unused = sum(max(tier[f"{kind}_reads"] - tier[f"{kind}_used"], 0) for kind in ("prefetch", "hint"))
+    return (tier["bytes_read_disk"] - unused * tier["file_bytes"]) / GB
+
+
 def set_floor(row: dict, bandwidth: float) -> None:
-    """A run's floor at `bandwidth` bytes/s (`floor_s`, `x_floor`)."""
-    row["floor_s"] = row["disk_gb"] * GB / bandwidth
+    """A run's floor at `bandwidth` bytes/s (`floor_s`, `x_floor`): the bytes it needed (`needed_gb`)."""
+    row["floor_s"] = row["needed_gb"] * GB / bandwidth
     row["x_floor"] = row["total_s"] / row["floor_s"] if row["floor_s"] else None
 
 

@@ -493,7 +493,7 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints):
     assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0 and row["run_read_gb_s"] > 0
     # the floor at the faster of the disk's reads before and after the runs
     assert data["floor_gb_s"] == max(data["disk_gb_s"], data["disk_gb_s_after"])
-    assert row["floor_s"] == pytest.approx(row["disk_gb"] / data["floor_gb_s"])
+    assert row["floor_s"] == pytest.approx(row["needed_gb"] / data["floor_gb_s"]) and row["needed_gb"] <= row["disk_gb"]
     runs = [(c, h == "on") for c in cpu_experts.split(",") for h in hints.split(",")]
     assert [(r["cpu_experts"], r["hints"]) for r in data["rows"]] == runs and row["x_copy"] is None
     assert all(r["hint_reads"] == r["host_tier"]["hint_reads"] >= 0 for r in data["rows"])
