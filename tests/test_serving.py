@@ -630,7 +630,7 @@ def test_simulated_serving_slo_keeps_tpot_objectives_fcfs_does_not():
     (decode step 0.84 ms, 0.11 ms a prompt position, chunks of 128): at twice the rate one slot serves, prompt
     chunks between decode steps cost fcfs's running requests their TPOT objectives, `slo` admits a prompt only
     where the running requests can afford its pause, and refuses queued requests whose TTFT objective passed
-    (fcfs meets 3% of the objectives here, slo 65.5%; 52.5% without the expiry, refusing on arrival only)."""
+    (fcfs meets 3% of the objectives here, slo 65.5%; 52.5% with neither the expiry nor the 10% margin)."""
     from moejax.serving.loadgen import Arrival, poisson_arrivals
     from moejax.serving.simulate import simulate
 
