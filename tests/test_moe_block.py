@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.models.moe import ExpertWave, accumulate_experts, device_routed_experts, expert_ffn, route
+from moejax.models.moe import accumulate_experts, device_routed_experts, expert_ffn, route
 
 
 def naive_moe(x, router_logits, stacked, top_k, normalize):
@@ -73,24 +73,3 @@ def test_expert_ffn_is_gated_silu():
     gate = np.asarray(x) @ np.asarray(expert["gate"])
     expected = (gate / (1 + np.exp(-gate)) * (np.asarray(x) @ np.asarray(expert["up"]))) @ np.asarray(expert["down"])
     np.testing.assert_allclose(np.asarray(expert_ffn(x, expert)), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("capacity", [3, 4, 100])
-def test_expert_wave_names_the_experts_the_host_lists(capacity):
-    """ExpertWave finds in the program the ids the host lists for each wave: the distinct experts of
-    the valid rows (ids outside [0, E) ignored), increasing, `capacity` a wave, -1 in padding slots."""
-    rng = np.random.default_rng(capacity)
-    num_experts, slots = 10, 8
-    find = jax.jit(lambda wave, ids: wave.ids(ids, slots))
-    for _ in range(20):
-        ids = rng.integers(-1, num_experts + 2, (5, 3)).astype(np.int32)  # -1 and >= E: not experts
-        valid = rng.random(5) < 0.7
-        for rows in (None, valid):
-            chosen = ids if rows is None else ids[rows]
-            needed = sorted({int(e) for e in chosen.ravel() if 0 <= e < num_experts})
-            waves = [needed[j : j + capacity] for j in range(0, len(needed), capacity)] or [[]]
-            for n, wave in enumerate(waves):
-                bounds = jnp.array([n * capacity, (n + 1) * capacity], jnp.int32)
-                got = find(ExpertWave(bounds, None if rows is None else jnp.asarray(rows), num_experts), jnp.asarray(ids))
-                expected = wave[:slots] + [-1] * (slots - len(wave[:slots]))
-                assert np.asarray(got).tolist() == expected, (ids, rows, n)

@@ -6,8 +6,7 @@ of arrays whose names give its kind (see `expert_ffn`): gated {'gate': [D, F], '
 'down': [F, D]} (decoder families) or plain {'up': [D, F], 'down': [F, D]}, optionally with
 'up_bias' [F] and 'down_bias' [D] (Switch Transformers, NLLB-MoE) and, when gated, 'gate_bias' [F]
 (gpt-oss); a layer's stacked experts have a leading [E] axis on each. The activation `act` is a name
-of `layers.ACTIVATIONS` or a `ClampedSwiGLU` (gpt-oss), which combines gate and up itself. The offloading runtime keeps each expert as a `PackedExpert` (all its
-weights in one flat array, so one copy moves it); the functions here accept either form.
+of `layers.ACTIVATIONS` or a `ClampedSwiGLU` (gpt-oss), which combines gate and up itself.
 
 Determinism across execution strategies: every expert processes all N tokens of the call
 (rows it was not chosen for get weight 0), and contributions are added into a float32
@@ -31,7 +30,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from moejax.models.capacity import queue_positions
@@ -121,54 +119,6 @@ def forced_weights(router_logits, ids, scoring_func: str = "softmax", routed_sca
     return weights * jnp.float32(routed_scaling_factor) if routed_scaling_factor != 1.0 else weights
 
 
-@jax.tree_util.register_pytree_node_class
-class PackedExpert:
-    """One expert's weights as one flat array: `flat` [P], the weights' elements one after another in
-    `layout` order; layout: ((name, shape), ...), static (part of the pytree structure, so a jitted
-    function compiles once per layout, not per value).
-
-    One array instead of three to five per expert: every host->device copy call and every jitted call
-    pays the host ~20 us per array (H200 host), and the runtime makes both on its critical path.
-    """
-
-    def __init__(self, flat, layout: tuple):
-        self.flat, self.layout = flat, layout
-
-    @classmethod
-    def pack(cls, weights: dict) -> "PackedExpert":
-        """weights: {name: NumPy or JAX array}, all of one dtype -> a PackedExpert whose flat array is a
-        JAX array on their device when JAX arrays hold them all (no round trip through NumPy), else
-        NumPy. Raises ValueError when the dtypes differ."""
-        dtypes = {np.dtype(w.dtype) for w in weights.values()}
-        if len(dtypes) != 1:
-            raise ValueError(f"an expert's weights must share one dtype to be packed, got {sorted(map(str, dtypes))}")
-        layout = tuple((name, tuple(w.shape)) for name, w in weights.items())
-        if all(isinstance(w, jax.Array) for w in weights.values()):
-            return cls(jnp.concatenate([w.reshape(-1) for w in weights.values()]), layout)
-        return cls(np.concatenate([np.asarray(w).reshape(-1) for w in weights.values()]), layout)
-
-    def unpack(self) -> dict:
-        """{name: array of its shape} (slices of `flat`)."""
-        weights, offset = {}, 0
-        for name, shape in self.layout:
-            size = math.prod(shape)
-            weights[name] = self.flat[offset : offset + size].reshape(shape)
-            offset += size
-        return weights
-
-    def tree_flatten(self):
-        return (self.flat,), self.layout
-
-    @classmethod
-    def tree_unflatten(cls, layout, children):
-        return cls(children[0], layout)
-
-
-def expert_weights(expert) -> dict:
-    """An expert's weights as a dict, from a dict or a PackedExpert."""
-    return expert.unpack() if isinstance(expert, PackedExpert) else expert
-
-
 @dataclasses.dataclass(frozen=True)
 class ClampedSwiGLU:
     """gpt-oss's expert activation of the gate and up projections: the gate clamped above at `limit`, up
@@ -212,58 +162,17 @@ def expert_ffn(x, expert: dict, act="silu"):
     return _biased(hidden @ expert["down"], expert.get("down_bias"))
 
 
-@jax.tree_util.register_pytree_node_class
-class ExpertWave:
-    """Names a wave's experts by rank instead of by id, so the ids are found inside the program.
-
-    The wave's experts are the distinct ids that valid rows chose, in increasing order, from rank
-    `bounds[0]` up to (not including) `bounds[1]`; the slots after them hold -1. The host makes the
-    same list from the routing it reads back. An id array built on the host would be one more
-    host->device transfer per call, queued behind the expert copies in flight: on the H200 a layer's
-    finish then costs the host 0.43 ms against 0.29-0.32 (scripts/probe_dispatch.py).
-
-    bounds: int32 [2] on the device; valid: bool [N] on the device, or None (every row valid);
-    num_experts (static): ids outside [0, num_experts) are not experts (dropped pairs, padding).
-    """
-
-    def __init__(self, bounds, valid, num_experts: int):
-        self.bounds, self.valid, self.num_experts = bounds, valid, num_experts
-
-    def ids(self, topk_ids, slots: int):
-        """topk_ids [N, k] int32 -> the wave's expert ids int32 [slots]."""
-        keep = (topk_ids >= 0) & (topk_ids < self.num_experts)
-        if self.valid is not None:
-            keep = keep & self.valid[:, None]
-        absent = self.num_experts  # sorts after every real id
-        flat = jnp.where(keep, topk_ids, absent).reshape(-1)
-        # Room for `slots` past any rank, so the slice below is never clamped.
-        distinct = jnp.unique(flat, size=flat.size + slots, fill_value=absent)
-        ids = jax.lax.dynamic_slice(distinct, (self.bounds[0],), (slots,))
-        in_wave = (self.bounds[0] + jnp.arange(slots) < self.bounds[1]) & (ids != absent)
-        return jnp.where(in_wave, ids, -1).astype(jnp.int32)
-
-    def tree_flatten(self):
-        return (self.bounds, self.valid), self.num_experts
-
-    @classmethod
-    def tree_unflatten(cls, num_experts, children):
-        return cls(*children, num_experts)
-
-
 def accumulate_experts(x, topk_ids, topk_weights, expert_ids, experts: Sequence[dict], acc, act="silu"):
     """Adds the weighted outputs of the given experts into `acc`.
 
     x [N, D]; topk_ids [N, k] int32; topk_weights [N, k] f32; expert_ids [n] int32, the global id
-    of each entry of `experts` (dicts or PackedExperts) in increasing order (ids that no token chose,
-    such as the runtime's padding id -1, contribute zeros), or an `ExpertWave` that names them;
-    acc [N, D] f32. Returns the new acc.
+    of each entry of `experts` (dicts) in increasing order (ids that no token chose, such as a padding
+    id -1, contribute zeros); acc [N, D] f32. Returns the new acc.
     """
-    if isinstance(expert_ids, ExpertWave):
-        expert_ids = expert_ids.ids(topk_ids, len(experts))
     for i, expert in enumerate(experts):
         chosen = topk_ids == expert_ids[i]
         weight = jnp.sum(jnp.where(chosen, topk_weights, 0.0), axis=-1)
-        acc = acc + weight[:, None] * expert_ffn(x, expert_weights(expert), act).astype(jnp.float32)
+        acc = acc + weight[:, None] * expert_ffn(x, expert, act).astype(jnp.float32)
     return acc
 
 
