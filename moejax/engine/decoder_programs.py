@@ -73,9 +73,8 @@ class ProgramSpec:
     policy: str = "lru"  # a device cache policy (`device_cache.DEVICE_POLICIES`)
     lookahead: int = 0  # experts fetched per MoE layer from the next router's guess (cached mode)
     guesses: bool = False  # return the next router's guesses even without the lookahead (for traces)
-    # Unroll each segment's layer scan: no loop over layers in the program, one copy of the layer per layer.
-    # On the H200, Mixtral-8x7B's shape with 8 layers decoded at 6.7 ms/token unrolled against 7.1 scanned,
-    # but a 27-layer model took minutes to compile unrolled against ~20 s scanned (BENCHMARKS.md).
+    # Unroll each segment's layer scan: no loop over layers in the program, one copy of the layer per layer:
+    # a little faster to run for few layers, minutes to compile for many (BENCHMARKS.md has the figures).
     unroll_layers: bool = False
     expert_compute: str = "auto"  # `models.moe.EXPERT_COMPUTES`; see the module docstring
     inplace: bool = False  # 'auto' may compute few rows 'inplace' (the kernels run here: one GPU, float experts)

@@ -222,8 +222,8 @@ class HostExperts:
         row_weights = [np.where(ids == e, weights, 0.0).sum(axis=-1) for e in experts]
         rows = [np.flatnonzero(w != 0) for w in row_weights]
         # The threads go to the experts first, what is left to each one's ranges: never more than `threads`
-        # products at once (8 bf16 experts split 8 ways each took 67 ms on an H100's 16-core host, 8 unsplit 26 ms
-        # on the H200's). Torch's and float experts go one at a time: each matmul already uses every core.
+        # products at once (8 experts each split 8 ways ran slower than the 8 whole, on the GPU machines' hosts).
+        # Torch's and float experts go one at a time: each matmul already uses every core.
         concurrent = 1 if self.whole else max(1, min(self.threads, experts.size))
         parts = max(1, self.threads // concurrent)
         run = lambda e, r: self.expert_output(int(layer), int(e), x[r], parts)  # noqa: E731
