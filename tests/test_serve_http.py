@@ -6,6 +6,7 @@ checked against `engine.generate` run alone before the server starts. A subproce
 
 import concurrent.futures
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -352,16 +353,19 @@ def test_concurrent_streaming_clients_each_get_a_whole_answer_or_a_clean_error(s
 
     round_of(1)  # warm: threads, connections, the programs of every batch size
     grown = []
-    for _ in range(3):
+    for _ in range(5):
+        gc.collect()
         before, started = _rss_bytes(), time.monotonic()
         results = round_of(REQUESTS_EACH)
+        gc.collect()
         grown.append(_rss_bytes() - before)
         assert len(results) == CLIENTS * REQUESTS_EACH and time.monotonic() - started < TIMEOUT_S
         assert all(r == (served.greedy, "length") or r == ("refused", 429) for r in results), results
         assert sum(r == (served.greedy, "length") for r in results) >= CLIENTS
-    # Flat: a leak grows in every round of 24 requests, while a one-time growth of a warmed server (~56 MiB seen
-    # in one of five rounds, never again after it: not per request) may land in any one round.
-    assert sorted(grown)[1] < 16 * 2**20, f"RSS grew by {[round(g / 2**20, 1) for g in grown]} MiB in three rounds"
+    # Flat: a leak grows in every round of 24 requests. This process also holds the clients, and its RSS grows in
+    # steps now and then (26-73 MiB in one round of eight, the same before and after a change to the loop, and
+    # not again), so the test asks the median round, garbage collected, to stay flat.
+    assert sorted(grown)[2] < 16 * 2**20, f"RSS grew by {[round(g / 2**20, 1) for g in grown]} MiB in five rounds"
 
 
 def test_sigterm_lets_the_requests_in_flight_finish_then_exits_0():
