@@ -403,13 +403,16 @@ class SLOScheduler(Scheduler):
         return self.urgent_s if self.urgent_s is not None else 16 * times.decode_step_s
 
     def order(self, waiting, running, now, times):
-        times = self._times(times)
-        return slo_order(waiting, running, now, times, self.lengths, self._urgent_s(times), self.load_weight)
+        return self._order(waiting, running, now, self._times(times))
+
+    def _order(self, waiting, running, now, planned: StepTimes):
+        """`order` on times already made `margin` slower (`_times`)."""
+        return slo_order(waiting, running, now, planned, self.lengths, self._urgent_s(planned), self.load_weight)
 
     def preempt(self, waiting, running, free_slots, now, times):
         times = self._times(times)
         victims: list[Entry] = []
-        for entry in self.order(waiting, running, now, times)[free_slots:]:
+        for entry in self._order(waiting, running, now, times)[free_slots:]:
             left = [r for r in running if all(r is not v for v in victims)]
             victim = preemption_victim(entry, left, now, times, self.lengths, self.max_preemptions)
             if victim is None:
@@ -421,7 +424,7 @@ class SLOScheduler(Scheduler):
         if times is None and self.fixed_times is None:  # nothing measured yet: no pause can be judged
             return super().admit(waiting, running, free_slots, now, times)
         times = self._times(times)
-        return admissible(self.order(waiting, running, now, times), running, free_slots, now, times, self.lengths)
+        return admissible(self._order(waiting, running, now, times), running, free_slots, now, times, self.lengths)
 
     def refusal(self, entry, waiting, running, slots, now, times):
         if entry.slo.ttft_s is None or (times is None and self.fixed_times is None):
