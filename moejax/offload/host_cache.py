@@ -72,12 +72,11 @@ class HostCache:
         self._loading: dict[int, int] = {}  # key -> slot being read into
         self._owner = np.full(num_slots, -1, np.int64)  # slot -> key (ready or loading), -1: free
         self._free = list(range(num_slots - 1, -1, -1))
-        self._unused_prefetches: set[int] = set()
+        self._unused: dict[int, str] = {}  # key -> the read ahead that brought it (prefetch, hint), until fetched
         self.scores = np.zeros(self.num_keys)  # decayed token counts per key
         self._queue: list[int] = []
         self._staged: list[int] = []  # a layer's misses to read before anything in _queue (`stage`)
         self._hinted: list[int] = []  # the next layer's likely misses, read after _staged, before _queue (`hint`)
-        self._unused_hints: set[int] = set()  # read for a hint, not fetched since
         self._guessed: set[int] = set()  # the last hint's keys, judged by the next `stage`
         self.hint_precision = 1.0  # running mean share of a hint's keys that its layer staged
         self._awaited: set[int] = set()  # staged keys not yet fetched: never evicted
@@ -157,12 +156,9 @@ class HostCache:
             self.stall_s += time.perf_counter() - start
         else:
             self.counts["host_hits"] += 1
-        if key in self._unused_prefetches:
-            self._unused_prefetches.discard(key)
-            self.counts["prefetch_used"] += 1
-        if key in self._unused_hints:
-            self._unused_hints.discard(key)
-            self.counts["hint_used"] += 1
+        kind = self._unused.pop(key, None)
+        if kind is not None:
+            self.counts[f"{kind}_used"] += 1
 
     def _lend(self, slot: int) -> dict:
         """The slot's expert as read-only arrays over the slot (lock held); the slot counts them until they die."""
@@ -178,25 +174,24 @@ class HostCache:
             self._lent[slot] -= 1
             self._lock.notify_all()
 
-    def _victim(self, spare=frozenset()) -> int | None:
+    def _victim(self, spare_hints: bool = False) -> int | None:
         """The ready expert used least (decayed token counts; the least recently used of equals) whose slot is not
-        lent, that a step has not staged, that no `get` is fetching and that is not in `spare` (lock held), or
-        None."""
+        lent, that a step has not staged, that no `get` is fetching and, with spare_hints, that no hint brought
+        and no fetch has used yet (lock held), or None."""
         candidates = [key for key, slot in self._ready.items() if not self._lent[slot] and key not in self._awaited
-                      and key not in self._wanted and key not in spare]
+                      and key not in self._wanted and not (spare_hints and self._unused.get(key) == "hint")]
         return min(candidates, key=lambda key: self.scores[key]) if candidates else None
 
-    def _reserve(self, key: int, spare=frozenset()) -> int | None:
-        """A slot for `key` (lock held): a free one, else `_victim(spare)`'s; None if there is neither."""
+    def _reserve(self, key: int, spare_hints: bool = False) -> int | None:
+        """A slot for `key` (lock held): a free one, else `_victim(spare_hints)`'s; None if there is neither."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim = self._victim(spare)
+            victim = self._victim(spare_hints)
             if victim is None:
                 return None
             slot = self._ready.pop(victim)
-            self._unused_prefetches.discard(victim)
-            self._unused_hints.discard(victim)
+            self._unused.pop(victim, None)
             self.counts["evictions"] += 1
         self._loading[key] = slot
         self._owner[slot] = key
@@ -226,10 +221,8 @@ class HostCache:
             del self._loading[key]
             self._ready[key] = slot
             self._lock.notify_all()
-            if prefetch == "prefetch":
-                self._unused_prefetches.add(key)
-            elif prefetch == "hint":
-                self._unused_hints.add(key)
+            if prefetch in ("prefetch", "hint"):
+                self._unused[key] = prefetch
             return None if prefetch else self._lend(slot)
 
     @contextlib.contextmanager
@@ -295,9 +288,8 @@ class HostCache:
                 right = len(self._guessed & set(keys)) / len(self._guessed)
                 self.hint_precision = HINT_DECAY * self.hint_precision + (1 - HINT_DECAY) * right
                 self._guessed = set()
-        if not self.staging:
-            return
-        with self._lock:
+            if not self.staging:
+                return
             self._awaited = set(keys)
             self._staged = [k for k in keys if k not in self._ready and k not in self._loading]
             self._read_ahead = set(self._staged)
@@ -341,7 +333,7 @@ class HostCache:
                 if kind == "staged" and key not in self._awaited:
                     continue  # fetched already (read by the step itself)
                 # A speculative prefetch never evicts a guess of the next layer read for a hint and not fetched yet.
-                slot = self._reserve(key, self._unused_hints if kind == "prefetch" else frozenset())
+                slot = self._reserve(key, spare_hints=kind == "prefetch")
                 if slot is None:
                     continue  # every slot lent or staged: the step reads it itself
             # A speculative read or a hint's gives way to a step's staged ones (unless its key is staged or being
@@ -361,7 +353,7 @@ class HostCache:
         less."""
         if self._free:
             return True
-        victim = self._victim(self._unused_hints)
+        victim = self._victim(spare_hints=True)
         return victim is not None and self.scores[victim] < self.scores[key]
 
     def close(self) -> None:
