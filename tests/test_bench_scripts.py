@@ -105,7 +105,7 @@ def test_engine_runs_the_replayed_routing_and_the_lab_counts_its_steps():
 def test_the_whole_layer_threshold_follows_the_measured_rates():
     """From how many misses a layer step moves its whole layer: none below four layers of slots; 60% of the experts
     by default; else the fewest misses whose fetches take the copy's time (`time_layer_fetches` measures both)."""
-    from moejax.engine.decoder_programs import whole_layer_from
+    from moejax.offload.device_cache import whole_layer_from
     from moejax.offload.expert_stacks import time_layer_fetches
 
     assert whole_layer_from(64, 255) is None and whole_layer_from(64, 256) == 39
@@ -146,6 +146,41 @@ def test_misses_moved_out_of_a_whole_layer_change_nothing():
     counted = ("activations", "hits", "misses", "evictions", "prefetch_issued", "prefetch_used", "prefetch_staged")
     assert [counts[k] for k in counted] == [counts_whole[k] for k in counted]
     assert counts["streamed"] == 0 < counts_whole["streamed"]
+
+
+def test_layers_copied_whole_keep_their_slots_and_the_lab_counts_alike():
+    """Prompt chunks of 24 tokens need ~57 of each layer's 64 experts, and the cache holds 4.25 of the 5 MoE layers:
+    the first four layers stay whole after the first chunk, the last is copied whole at every chunk (evicting
+    nothing: `device_cache.access`'s `whole`); the tokens are those of the engine moving every miss by itself;
+    and the lab's `Replayer`, given the same threshold, counts what the engine counted."""
+    from moejax.offload import device_cache as dc
+    from moejax.offload.manager import OffloadManager
+    from moejax.offload.replay import Replayer
+
+    cfg = tiny_widths(load_card("deepseek-v2-lite", num_layers=6))
+    L, E, k = len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k
+    trace = random_trace(L, E, k, seq_lens=[100], seed=3)
+    dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
+    prompt, results = list(range(1, 97)), []
+    for options in ({"whole_layer_from": None}, {}):
+        engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=128, prefill_chunk=24,
+                                     expert_budget="0.85", **options)
+        replay = RoutingReplay(trace)
+        engine.routing_override = replay
+        replay.assign(0, 0)
+        result = engine.generate([prompt], max_new_tokens=4, ignore_eos=True)
+        results.append((engine, result))
+    (_, one_by_one), (engine, whole) = results
+    assert engine.cache.num_slots == 272 and engine.spec.whole_layer_from == 39
+    assert whole.tokens == one_by_one.tokens
+    per_layer = whole.stats["per_layer"]
+    moved = [layer["misses"] + layer["streamed"] for layer in per_layer]
+    assert moved[-1] >= 4 * E and max(moved[:-1]) < 2 * E, moved  # the last layer at each chunk, the others once
+    assert whole.stats["total"]["evictions"] < one_by_one.stats["total"]["evictions"]
+    manager = OffloadManager(L, E, k, policy="lru", prefetch="none")
+    lab = Replayer(L, E, engine.cache.num_slots, manager, prefill_chunk=24, whole_layer_from=39)
+    lab.sequence(engine.routing(0)[0], len(prompt))
+    np.testing.assert_array_equal([[layer[name] for name in dc.COUNTERS] for layer in per_layer], lab.counters())
 
 
 def test_the_predictor_prefetcher_is_asked_about_the_replayed_sequence():

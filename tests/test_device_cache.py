@@ -125,3 +125,39 @@ def test_prefetches_never_evict_what_the_layer_uses():
     assert counters[:, dc.PREFETCH_ISSUED].sum() == 0
     assert counters[1, dc.MISSES] == 2 and counters[1, dc.EVICTIONS] == 0 and counters[0, dc.EVICTIONS] == 2
     assert np.flatnonzero(np.asarray(resident)).tolist() == [6, 7]
+
+
+def test_layers_copied_whole_stay_whole():
+    """Steps that need every expert of every layer and copy each layer whole (`access`'s `whole`): the cache keeps
+    the layers that fit whole and never evicts them, where LRU evicts each layer before its next use; from a cache
+    full of parts of every layer, the copied layers give up their parts, and two steps later the same holds."""
+    L, E, S = 5, 8, 20  # room for two whole layers and half of a third
+    everything = jnp.arange(E, dtype=jnp.int32)
+
+    def step(state, whole):
+        for m in range(L):
+            flag = dc.copies_whole(state, m, everything, E, 4) if whole else None
+            state, _, _, _ = dc.access(state, m, everything, policy="lru", num_experts=E, whole=flag)
+        return state
+
+    def hits_per_step(state, whole, steps=3):
+        counts = []
+        for _ in range(steps):
+            state = step(dc.reset_counters(state), whole)
+            counts.append(np.asarray(state.counters)[:, [dc.HITS, dc.EVICTIONS, dc.MISSES]].sum(axis=0).tolist())
+        return state, counts
+
+    state, counts = hits_per_step(dc.empty_state(L, E, S), whole=True)
+    assert counts == [[0, 0, L * E], [2 * E, 0, 3 * E], [2 * E, 0, 3 * E]]  # layers 2-4 copied every step
+    table = np.asarray(state.table)
+    assert (table[: 2 * E] >= 0).all() and (table[2 * E:] < 0).all()
+    _, lru = hits_per_step(dc.empty_state(L, E, S), whole=False)
+    assert [hits for hits, _, _ in lru] == [0, 0, 0]
+
+    keys = jnp.asarray([m * E + e for m in range(L) for e in range(4)], jnp.int32)  # half of each layer resident
+    full, _, _ = dc.install(dc.empty_state(L, E, S), keys, policy="lru", num_experts=E, layer=-1)
+    state, counts = hits_per_step(full, whole=True)
+    table = np.asarray(state.table)
+    assert sorted({int(k) // E for k in np.flatnonzero(table >= 0)}) == [1, 3]  # 0, 2, 4 gave way, 1 and 3 filled up
+    assert (table[E: 2 * E] >= 0).all() and (table[3 * E: 4 * E] >= 0).all()
+    assert counts[0][1] == 3 * 4 and counts[1:] == [[2 * E, 0, 3 * E]] * 2  # three layers' halves released

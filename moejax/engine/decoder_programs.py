@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -206,7 +205,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
     numbering; ids E: not this device's pairs, weight 0)."""
     L = len(spec.moe_layers)
     distinct = dc.distinct_experts(ids, valid_rows, E, min(ids.size, E))
-    cache, slab = experts.cache, experts.slab
+    cache, slab, streamed = experts.cache, experts.slab, None
     if spec.mode == "resident":
         real = distinct < E
         slots = jnp.where(real, m * E + distinct, -1)
@@ -223,7 +222,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         hint = None
         if spec.tier_hints and guess is not None and isinstance(host, TieredHost):
             hint = next_layer_hint(cache, m, L, E, guess, valid_rows)
-        cache, slab, slots, pinned = admit_misses(spec, E, m, host, cache, slab, distinct, experts.priorities, hint)
+        cache, slab, slots, pinned, streamed = admit_misses(spec, E, m, host, cache, slab, distinct,
+                                                            experts.priorities, hint)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
@@ -244,30 +244,17 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.MISSES), real.sum()))
         out = _compute(spec, moe_in, ids, weights, distinct, slots, scratch, valid_rows)
         return out, dataclasses.replace(experts, cache=cache)
-    out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
+    if streamed is not None:  # a layer copied whole is computed out of the copy
+        whole, layer = streamed
+        out = lax.cond(whole, lambda: _compute(spec, moe_in, ids, weights, distinct,
+                                               jnp.where(distinct < E, distinct, -1), layer, valid_rows),
+                       lambda: _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows))
+    else:
+        out = _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows)
     if spec.mode == "cached" and spec.cpu_experts is not None:
         out, ticket = lax.optimization_barrier((out, ticket))  # the host's result is waited for after the device's
         out = out + host_finish(spec.cpu_experts, ticket, out.shape)
     return out, dataclasses.replace(experts, cache=cache, slab=slab)
-
-
-WHOLE_LAYER_PERCENT = 60  # of a layer's experts: missing at least that many, a step moves the whole layer (`admit_misses`)
-
-
-def whole_layer_from(num_experts: int, num_slots: int, fetch_times: tuple[float, float] | None = None) -> int | None:
-    """`ProgramSpec.whole_layer_from` of a cached engine whose cache holds at least four layers' worth (a buffer of
-    one layer's experts, which the move needs, then costs at most a quarter of the cache's memory; else None:
-    misses always fetched one by one). fetch_times: (one miss's fetch, the whole layer's copy) in seconds as
-    measured on the engine's device (`expert_stacks.time_layer_fetches`): the fewest misses whose fetches take
-    at least the copy's time (None when even all of a layer's do not); None: WHOLE_LAYER_PERCENT of the experts,
-    rounded up (the H100's rates)."""
-    if num_slots < 4 * num_experts:
-        return None
-    if fetch_times is None:
-        return -(-num_experts * WHOLE_LAYER_PERCENT // 100)
-    one_s, whole_s = fetch_times
-    fewest = max(1, math.ceil(whole_s / max(one_s, 1e-12)))
-    return fewest if fewest <= num_experts else None
 
 
 def next_layer_hint(cache, m, L: int, E: int, guess, valid_rows):
@@ -288,27 +275,28 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     its device at load (`whole_layer_from`), the whole is faster. The same state, slab and slots either way. Through
     the disk tier, the misses are first staged (`TieredHost.stage`), so that the disk reads them back to back, then
     `hint` (`next_layer_hint`; None: none) is handed over (`TieredHost.hint`), so that it reads on into the next
-    layer's likely misses. -> (cache, slab, slots, pinned) as `access`."""
+    layer's likely misses. A layer moved whole keeps its misses only where empty slots hold them all
+    (`device_cache.access`'s `whole`), and its expert compute reads the copy. -> (cache, slab, slots, pinned) as
+    `access`, and None or (whole: bool [], the layer's copy {name: [E, ...]}; zeros where not whole)."""
     if isinstance(host, TieredHost):  # the disk reads the layer's misses back to back, ahead of their fetches
         missing = (distinct < E) & (dc.resident_slots(cache, m, distinct, E) < 0)
         distinct = host.stage(jnp.where(missing, m * E + distinct, -1), distinct)
         if hint is not None:
             distinct = host.hint(hint, distinct)
     fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
-    if spec.whole_layer_from is None or distinct.shape[0] < spec.whole_layer_from:
-        fetched = fetch_one  # (a step of few rows never misses that many: no layer-sized buffer)
-    else:
-        missing = jnp.sum((distinct < E) & (dc.resident_slots(cache, m, distinct, E) < 0))
-        whole = missing >= spec.whole_layer_from
+    fetched, streamed = fetch_one, None  # (a step of few rows never misses that many: no layer-sized buffer)
+    whole = dc.copies_whole(cache, m, distinct, E, spec.whole_layer_from)
+    if whole is not None:
         # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy); the
         # other branch's zeros cost a write of the layer's bytes in device memory (~0.4 ms for DeepSeek-V2-Lite's).
         layer = lax.cond(whole, lambda: _host_layer(host, m, fetch_all), lambda: zero_experts(host[0], E))
         fetched = lambda e: lax.cond(  # noqa: E731
             whole, lambda: {name: lax.dynamic_index_in_dim(w, e, keepdims=False) for name, w in layer.items()},
             lambda: fetch_one(e))
-        cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, jnp.where(whole, E - missing, 0)))
+        streamed = (whole, layer)
     move = lambda slab, e, slot: write_slot(slab, slot, fetched(e))  # noqa: E731
-    return dc.access(cache, m, distinct, policy=spec.policy, num_experts=E, priorities=priorities, move=move, slab=slab)
+    return (*dc.access(cache, m, distinct, policy=spec.policy, num_experts=E, priorities=priorities, move=move,
+                       slab=slab, whole=whole), streamed)
 
 
 def _compute(spec: ProgramSpec, moe_in, ids, weights, distinct, slots, slab, valid_rows):

@@ -248,9 +248,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
-        threshold = programs.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
+        threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
         if threshold is not None and device.platform == "gpu":  # there the measured rates decide, not the default share
-            threshold = programs.whole_layer_from(cfg.num_experts, experts.cache.num_slots,
+            threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots,
                                                   time_layer_fetches(experts.host[0]))
         compute["whole_layer_from"] = threshold
     if config.mode == "cached" and host_tier is not None:  # the disk reads on into the next layer's guessed misses

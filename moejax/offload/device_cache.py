@@ -10,7 +10,8 @@ Per MoE layer step (one call of `access`): the distinct experts the step needs, 
 each take one tick of the clock; hits are pinned first (a layer never evicts what it uses), then
 each miss evicts the policy's victim among unpinned slots (empty slots first, lowest index first)
 and is pinned in turn. Prefetches (`install`) admit experts the same way, marked as prefetched: a
-prefetched expert counts as used at its first hit and as wasted if evicted before one.
+prefetched expert counts as used at its first hit and as wasted if evicted before one. A step that copies
+its layer whole (`copies_whole`) evicts nothing for it: its misses take empty slots or none (`access`).
 
 Policies (static names), each the victim with the smallest score, ties to the lowest slot:
   lru        last use
@@ -24,6 +25,7 @@ Policies (static names), each the victim with the smallest score, ties to the lo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.struct
@@ -219,12 +221,19 @@ def resident_slots(state: CacheState, layer, experts, num_experts: int):
 
 
 def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, priorities: Priorities | None = None,
-           move: Move | None = None, slab=None, pinned=None):
+           move: Move | None = None, slab=None, pinned=None, whole=None):
     """One MoE layer step needing `experts` (int32 [U]: distinct, increasing, padded with num_experts).
 
     Counts hits and misses, admits the misses (calling `move` for each, in increasing expert order)
     and returns (state, slab, slots int32 [U]: each expert's slot, -1 for padding, pinned bool [S]:
     the slots this step uses, for `install` after it).
+
+    whole: None, or a traced bool: the step reads the layer out of a copy of all its experts (the experts it
+    carries past the misses count as `streamed`; `copies_whole` says when). Then its misses
+    take empty slots only, all of them or none (slot -1), and where they do not all fit, its resident experts are
+    evicted as well (slot -1): a layer copied whole saves nothing by them, and their slots let a later layer
+    stay whole. Under steps that copy every layer the cache thus comes to hold whole layers and never evicts
+    them, where evicting by recency would evict each layer before its next use.
     """
     E, S, U = num_experts, state.num_slots, experts.shape[0]
     real = experts < E
@@ -243,11 +252,54 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     pinned = used if pinned is None else pinned | used
     order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
     count = miss.sum()
+    if whole is not None:
+        state = state.replace(counters=_count(state.counters, layer, STREAMED, jnp.where(whole, E - count, 0)))
+        release = whole & (count > jnp.sum((state.slot_key < 0) & ~pinned))
+        count = jnp.where(release, 0, count)
+        state, pinned = _release(state, pinned, jnp.where(release & hit, slots, S), layer)
+        slots = jnp.where(release, -1, slots)
     each = None if move is None else (lambda slab, i, slot: move(slab, experts[order[i]], slot))
     filled, slab = _fill(state, pinned, count, U, policy, priorities, layer, E, each, slab)
     state, pinned = _admit(state, pinned, keys[order], filled, count, ticks[order], prefetch=False, num_experts=E)
     slots = slots.at[order].set(jnp.where(jnp.arange(U) < count, filled, slots[order]))
     return state.replace(clock=state.clock + real.sum()), slab, slots, pinned
+
+
+def _release(state: CacheState, pinned, slots, layer):
+    """Empties slots (int32 [n]; S or more: none) of MoE layer `layer`'s keys, counted as its evictions, and unpins
+    them. -> (state, pinned)."""
+    at = _at(slots, state.num_slots)
+    freed = at.any(axis=1)
+    table = state.table.at[jnp.where(freed, state.slot_key, state.table.shape[0])].set(-1, mode="drop")
+    counters = _count(state.counters, layer, EVICTIONS, freed.sum())
+    return state.replace(table=table, slot_key=jnp.where(freed, -1, state.slot_key), counters=counters), pinned & ~freed
+
+
+WHOLE_LAYER_PERCENT = 60  # of a layer's experts: missing at least that many, a step moves the whole layer
+
+
+def whole_layer_from(num_experts: int, num_slots: int, fetch_times: tuple[float, float] | None = None) -> int | None:
+    """The engine's `ProgramSpec.whole_layer_from` (`copies_whole`) for a cache of num_slots: None below four
+    layers' worth (a buffer of one layer's experts, which the copy needs, then costs at most a quarter of the
+    cache's memory): misses always fetched one by one. fetch_times: (one miss's fetch, the whole layer's copy) in
+    seconds as measured on the engine's device (`expert_stacks.time_layer_fetches`): the fewest misses whose
+    fetches take at least the copy's time (None when even all of a layer's do not); None: WHOLE_LAYER_PERCENT of
+    the experts, rounded up (what the link's rates gave on an H100)."""
+    if num_slots < 4 * num_experts:
+        return None
+    if fetch_times is None:
+        return -(-num_experts * WHOLE_LAYER_PERCENT // 100)
+    one_s, whole_s = fetch_times
+    fewest = max(1, math.ceil(whole_s / max(one_s, 1e-12)))
+    return fewest if fewest <= num_experts else None
+
+
+def copies_whole(state: CacheState, layer, experts, num_experts: int, whole_from: int | None):
+    """Whether MoE layer `layer`'s step needing `experts` (int32 [U], as `access`) moves the whole layer: it misses
+    at least `whole_from` of them (None, or U below it: never). -> bool [] or None (`access`'s `whole`)."""
+    if whole_from is None or experts.shape[0] < whole_from:
+        return None
+    return jnp.sum(resident_slots(state, layer, experts, num_experts) < 0, where=experts < num_experts) >= whole_from
 
 
 def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, priorities: Priorities | None = None,

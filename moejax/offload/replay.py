@@ -35,7 +35,7 @@ NEVER = 1e30  # Belady's next use of a key no later step needs
 
 
 def _step(state: dc.CacheState, ids, guess_ids, staged_keys, priorities, *, policy: str, num_experts: int,
-          lookahead: int) -> dc.CacheState:
+          lookahead: int, whole_from: int | None) -> dc.CacheState:
     E, L = num_experts, ids.shape[0]
     size = min(ids.shape[1] * ids.shape[2], E)
     if staged_keys is not None:
@@ -44,7 +44,9 @@ def _step(state: dc.CacheState, ids, guess_ids, staged_keys, priorities, *, poli
 
     def layer_step(m, state):
         distinct = dc.distinct_experts(ids[m], None, E, size)
-        state, _, _, pinned = dc.access(state, m, distinct, policy=policy, num_experts=E, priorities=priorities)
+        whole = dc.copies_whole(state, m, distinct, E, whole_from)
+        state, _, _, pinned = dc.access(state, m, distinct, policy=policy, num_experts=E, priorities=priorities,
+                                        whole=whole)
         if lookahead and guess_ids is not None:
             keys = dc.guessed_keys(guess_ids[m], None, m + 1, E, lookahead)
             keys = jnp.where(m + 1 < L, keys, -1)  # the last MoE layer has no next one to guess
@@ -55,21 +57,22 @@ def _step(state: dc.CacheState, ids, guess_ids, staged_keys, priorities, *, poli
     return lax.fori_loop(0, L, layer_step, state)
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "num_experts", "lookahead"), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("policy", "num_experts", "lookahead", "whole_from"), donate_argnums=(0,))
 def replay_step(state: dc.CacheState, ids, guess_ids, staged_keys, priorities, *, policy: str, num_experts: int,
-                lookahead: int = 0) -> tuple[dc.CacheState, jax.Array]:
+                lookahead: int = 0, whole_from: int | None = None) -> tuple[dc.CacheState, jax.Array]:
     """One step: ids int32 [L, N, k] (each MoE layer's choices for the step's N tokens; ids outside [0, E) are
     none), guess_ids int32 [L, N, k] or None (row m: MoE layer m + 1's router applied one layer early),
-    staged_keys int32 [P] or None, priorities (the `priority` policy's, fields [L, E]) or None.
+    staged_keys int32 [P] or None, priorities (the `priority` policy's, fields [L, E]) or None; whole_from: the
+    engine's `whole_layer_from` (a layer step missing that many copies the whole layer, `device_cache.access`).
     -> (state, resident bool [L * E] after the step), as the engine's steps return them."""
     state = _step(state, ids, guess_ids, staged_keys, priorities, policy=policy, num_experts=num_experts,
-                  lookahead=lookahead)
+                  lookahead=lookahead, whole_from=whole_from)
     return state, state.table >= 0
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "num_experts", "lookahead"), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("policy", "num_experts", "lookahead", "whole_from"), donate_argnums=(0,))
 def replay_steps(state: dc.CacheState, ids, guess_ids, priorities, *, policy: str, num_experts: int,
-                 lookahead: int = 0) -> dc.CacheState:
+                 lookahead: int = 0, whole_from: int | None = None) -> dc.CacheState:
     """Steps one after the other with nothing staged: ids int32 [n, L, N, k], guess_ids [n, L, N, k] or None,
     priorities with fields [n, L, E] (each step's tables) or None. A step whose ids are all none changes
     nothing (padding). -> state."""
@@ -77,7 +80,7 @@ def replay_steps(state: dc.CacheState, ids, guess_ids, priorities, *, policy: st
     def body(state, step):
         step_ids, step_guesses, step_priorities = step
         return _step(state, step_ids, step_guesses, None, step_priorities, policy=policy, num_experts=num_experts,
-                     lookahead=lookahead), None
+                     lookahead=lookahead, whole_from=whole_from), None
 
     return lax.scan(body, state, (ids, guess_ids, priorities))[0]
 
@@ -184,12 +187,13 @@ class Replayer:
 
     lookahead: experts installed per MoE layer from the next layer's guess (the engine's
     `prefetch_per_layer`; 0: none); future: Belady's tables for the steps this replayer runs, in order,
-    which replace the manager's policy (the device runs `priority` with them).
+    which replace the manager's policy (the device runs `priority` with them); whole_layer_from: the engine's
+    (`ProgramSpec.whole_layer_from`; None: misses always moved one by one).
     """
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int, manager: OffloadManager, *, lookahead: int = 0,
-                 prefill_chunk: int = 512, future: BeladyFuture | None = None):
-        self.num_layers, self.num_experts = num_layers, num_experts
+                 prefill_chunk: int = 512, future: BeladyFuture | None = None, whole_layer_from: int | None = None):
+        self.num_layers, self.num_experts, self.whole_layer_from = num_layers, num_experts, whole_layer_from
         self.manager, self.lookahead, self.prefill_chunk, self.future = manager, lookahead, prefill_chunk, future
         self.policy = "priority" if future is not None else manager.device_policy
         self.state = jax.device_put(dc.empty_state(num_layers, num_experts, capacity), manager.device)
@@ -206,7 +210,8 @@ class Replayer:
             priorities = jax.device_put(dc.Priorities(tables.ahead[0], tables.behind[0]), self.manager.device)
         self.state, resident = replay_step(self.state, _padded(np.asarray(ids, np.int32), 1, size, self.num_experts),
                                            guess, staged_keys, priorities, policy=self.policy,
-                                           num_experts=self.num_experts, lookahead=self.lookahead)
+                                           num_experts=self.num_experts, lookahead=self.lookahead,
+                                           whole_from=self.whole_layer_from)
         self.steps_done += 1
         return resident
 
@@ -307,7 +312,7 @@ class Replayer:
             tables = as_tables(np.stack([np.asarray(p.ahead) for p in priorities]),
                                np.stack([np.asarray(p.behind) for p in priorities]))
         self.state = replay_steps(self.state, ids, guess, tables, policy=self.policy, num_experts=self.num_experts,
-                                  lookahead=self.lookahead)
+                                  lookahead=self.lookahead, whole_from=self.whole_layer_from)
         self.steps_done += count
 
     def counters(self) -> np.ndarray:

@@ -19,7 +19,9 @@ per call.
 Metrics: hit_rate = hits / activations (activations: distinct experts needed per layer step; a
 prefetched expert that is used counts as a hit); prefetch_precision = used / issued;
 prefetch_recall = used / (used + misses), the share of would-be misses the prefetcher covered;
-experts_moved = misses + prefetches issued (times expert_bytes: bytes_moved).
+experts_moved = misses + prefetches issued + streamed (times expert_bytes: bytes_moved); streamed: the experts a
+layer step carries past its misses when it copies its whole layer, from `whole_layer_from` misses (the engine's
+default threshold, `device_cache.whole_layer_from`; an engine on a GPU measures its own).
 """
 
 from __future__ import annotations
@@ -152,7 +154,9 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
     progress = Progress("replay", experts.shape[1], "tok", enabled=show_progress)
     start = time.perf_counter()
     future = BeladyFuture(experts, bounds, num_experts) if policy == "belady" else None
-    replayer = Replayer(num_layers, num_experts, capacity, manager, lookahead=lookahead, prefill_chunk=chunk, future=future)
+    whole_from = dc.whole_layer_from(num_experts, capacity)
+    replayer = Replayer(num_layers, num_experts, capacity, manager, lookahead=lookahead, prefill_chunk=chunk,
+                        future=future, whole_layer_from=whole_from)
     if manager.learns:
         offsets = trace.offsets()
         for s in range(trace.num_sequences):
@@ -166,7 +170,7 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
     total = dict(zip(dc.COUNTERS, replayer.counters().sum(axis=0).tolist(), strict=True))
     progress.close()
     hits, misses, used, issued = total["hits"], total["misses"], total["prefetch_used"], total["prefetch_issued"]
-    moved = misses + issued
+    moved = misses + issued + total["streamed"]
     result = {
         "policy": policy,
         "prefetch": prefetch,
@@ -193,6 +197,8 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
         "prefetch_wasted": total["prefetch_wasted"],
         "prefetch_precision": used / issued if issued else 0.0,
         "prefetch_recall": used / (used + misses) if used + misses else 0.0,
+        "whole_layer_from": whole_from,
+        "streamed": total["streamed"],
         "experts_moved": moved,
         "collection_size": 0 if collection is None else len(collection),
         "replay_s": round(time.perf_counter() - start, 3),
