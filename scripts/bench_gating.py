@@ -26,7 +26,8 @@ random normal weights of the card's dtype, random bf16 rows) on N token rows:
                    largest batch row's program; compiles only, nothing runs out of memory), and tokens/s at that N:
                    the maximum throughput at equal memory (where running it still exhausts the device, as at the
                    device's whole limit, at 7/8 of N, and so on: `rows_fitting` is the search's N, `rows` the one
-                   timed, `runtime_shrunk` how many times)
+                   timed, `runtime_shrunk` how many times); with each compute's best tokens/s over all its rows
+                   and the ratios of those bests to capacity padding's (`add_best_ratios`)
 
 Random routing is about balanced; real routing is skewed, so capacity gating drops more there (and grouped has
 fewer, fuller blocks). The figures are the layers' compute, not the engine's steps (no attention, no offloading).
@@ -328,6 +329,23 @@ def max_batch_rows(bench: Bench, computes: list[str], memory: float, limit: int,
     return list(best.values())
 
 
+def add_best_ratios(rows: list[dict], model: str) -> None:
+    """Each max-batch row of `model` gets best_tokens_per_s, the most tokens/s its compute reached in any row of the
+    model (capacity-einsum's work grows with N x N, so it may peak below its largest batch), and x_capacity_best
+    and x_capacity_einsum_best: that over the padded compute's best (the ratio that credits capacity padding with
+    its best batch, not only its largest)."""
+    timed = [r for r in rows if r["model"] == model and r.get("tokens_per_s")]
+    best = {}
+    for row in timed:
+        best[row["compute"]] = max(best.get(row["compute"], 0.0), row["tokens_per_s"])
+    for row in timed:
+        if row["kind"] == "max-batch":
+            row["best_tokens_per_s"] = best[row["compute"]]
+            for padded in ("capacity", "capacity-einsum"):
+                if padded in best:
+                    row[f"x_{padded.replace('-', '_')}_best"] = best[row["compute"]] / best[padded]
+
+
 def add_arguments(parser: argparse.ArgumentParser, shared: bool = True) -> None:
     """This part's options (`--gating-*` and a few unprefixed ones of its own); shared: also --dims and --layers
     (leave them out where the calling script defines them)."""
@@ -370,8 +388,8 @@ def _settings(args) -> tuple[list[int], float, int, list[str]]:
 def run(args, on_rows=None) -> list[dict]:
     """Rows of every model: kind 'batch' (per compute and token rows) and 'max-batch' (per compute, the largest
     batch that fits the memory and its tokens/s, with x_capacity and x_capacity_einsum: its tokens/s over that
-    capacity gating's max-batch tokens/s). on_rows(rows so far), if given, after each model (to save partial
-    results)."""
+    capacity gating's max-batch tokens/s, and `add_best_ratios`'). on_rows(rows so far), if given, after each
+    model (to save partial results)."""
     batch_rows, memory, limit, computes = _settings(args)
     repeats = args.gating_repeats or (1 if args.dims == "tiny" else 5)
     budget = Budget(args.time_budget)
@@ -394,6 +412,7 @@ def run(args, on_rows=None) -> list[dict]:
         search_s = start + share - time.monotonic()
         if memory > 0 and search_s > 0:
             rows += max_batch_rows(bench, computes, memory, limit, search_s)
+            add_best_ratios(rows, shape.name)
         elif memory > 0:
             print(f"skipped gating {card}: the max-batch search (the batch rows took the model's {share:.0f} s)",
                   flush=True)
@@ -418,7 +437,9 @@ def print_rows(rows: list[dict]) -> None:
                              ("tokens_per_s", "tokens/s", ",.0f"), ("us_per_layer", "us/layer", ",.1f"),
                              ("expert_rows_per_layer", "expert rows/layer", ",d"), ("dropped_pct", "dropped %", ".1f"),
                              ("footprint_mb", "footprint MB", ",.1f"), ("x_capacity", "x capacity", ".2f"),
-                             ("x_capacity_einsum", "x capacity-einsum", ".2f")])
+                             ("x_capacity_einsum", "x capacity-einsum", ".2f"),
+                             ("best_tokens_per_s", "best tokens/s", ",.0f"),
+                             ("x_capacity_einsum_best", "best x capacity-einsum's best", ".2f")])
 
 
 def main() -> None:

@@ -395,6 +395,10 @@ def test_gating_bench_smoke_run():
     assert batch["capacity-einsum", 8]["dropped_fraction"] == batch["capacity", 8]["dropped_fraction"]
     assert len(largest) == 6 and all(0 < r["rows"] <= 8 and r["footprint_bytes"] <= 1e6 for r in largest)
     assert not any(r["search_cut_short"] for r in largest)
+    for r in largest:  # the best of its compute's rows, over capacity-einsum's best
+        best = max(row["tokens_per_s"] for row in rows if row["compute"] == r["compute"])
+        einsum = max(row["tokens_per_s"] for row in rows if row["compute"] == "capacity-einsum")
+        assert r["best_tokens_per_s"] == best and r["x_capacity_einsum_best"] == pytest.approx(best / einsum)
     bench = Bench(moe_shape("mixtral-8x7b", tiny=True), 2, args, repeats=1)
     x = jax.random.normal(jax.random.PRNGKey(0), (8, 64)).astype(bench.shape.dtype)
     union, *dropless = (np.asarray(bench.compiled(how, 8)(bench.params, x)[0], np.float32)
