@@ -120,7 +120,8 @@ def test_misses_moved_out_of_a_whole_layer_change_nothing():
     """A cached engine moving a layer step's misses out of one copy of its whole layer when it misses at least
     `whole_layer_from` experts (`decoder_programs.admit_misses`: prompt chunks of 12 tokens need up to 64 experts a
     layer, decode steps 6) gives the tokens, routing and cache counts of one fetching every miss by itself, with
-    trace+lookahead (staged and guessed installs beside it); the experts carried past count as streamed; and no
+    trace+lookahead (staged and guessed installs beside it), where its misses always find empty slots (else a
+    copied layer evicts nothing and counts differ: the next test); the experts carried past count as streamed; and no
     compiled program copies the slab (a first version, the slab under the lax.cond, copied it in every prefill)."""
     cfg = tiny_widths(load_card("deepseek-v2-lite", num_layers=6))  # 5 MoE layers of 64 experts
     trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[30], seed=2)
