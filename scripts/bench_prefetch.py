@@ -189,11 +189,12 @@ def belady_priorities(steps: list[np.ndarray], num_experts: int) -> tuple[np.nda
     return distance(first[:-1]), distance(first[1:])
 
 
-@functools.partial(jax.jit, static_argnames=("policy", "num_experts"))
-def cache_steps(state: dc.CacheState, ids, ahead, behind, *, policy: str, num_experts: int):
+@functools.partial(jax.jit, static_argnames=("policy", "num_experts", "whole_from"))
+def cache_steps(state: dc.CacheState, ids, ahead, behind, *, policy: str, num_experts: int, whole_from: int | None):
     """The lab: steps of known routing through the engine's cache code, without a model or prefetching (what
     a step program does to the cache per MoE layer: `access` of the distinct experts of its valid tokens).
-    ids int32 [S, L, T, k]; ahead, behind float32 [S, L, E] (the priority policy's tables per step).
+    ids int32 [S, L, T, k]; ahead, behind float32 [S, L, E] (the priority policy's tables per step); whole_from:
+    the engine's `whole_layer_from` (`device_cache.copies_whole`).
     -> (state, counters int32 [S, L, len(COUNTERS)] after each step)."""
     size = min(ids.shape[2] * ids.shape[3], num_experts)
 
@@ -203,7 +204,9 @@ def cache_steps(state: dc.CacheState, ids, ahead, behind, *, policy: str, num_ex
         def layer(state, layer_xs):
             m, layer_ids = layer_xs
             distinct = dc.distinct_experts(layer_ids, None, num_experts, size)
-            state, _, _, _ = dc.access(state, m, distinct, policy=policy, num_experts=num_experts, priorities=priorities)
+            whole = dc.copies_whole(state, m, distinct, num_experts, whole_from)
+            state, _, _, _ = dc.access(state, m, distinct, policy=policy, num_experts=num_experts,
+                                       priorities=priorities, whole=whole)
             return state, None
 
         state, _ = lax.scan(layer, state, (jnp.arange(step_ids.shape[0]), step_ids))
@@ -212,9 +215,11 @@ def cache_steps(state: dc.CacheState, ids, ahead, behind, *, policy: str, num_ex
     return lax.scan(step, state, (ids, ahead, behind))
 
 
-def lab_replay(steps, capacity: int, num_experts: int, policy: str, device) -> np.ndarray:
+def lab_replay(steps, capacity: int, num_experts: int, policy: str, device,
+               whole_from: int | None = None) -> np.ndarray:
     """Counters int64 [steps, L, len(COUNTERS)] each step added (lru: the engine's LRU; belady: the priority
-    policy with `belady_priorities`), the cache starting empty. Runs of like steps go in one call."""
+    policy with `belady_priorities`), the cache starting empty, layer steps missing `whole_from` experts copying
+    their layer whole as the engine's do. Runs of like steps go in one call."""
     experts = [e for _, _, e in steps]
     L = experts[0].shape[0]
     ahead, behind = belady_priorities(experts, num_experts) if policy == "belady" else (
@@ -228,7 +233,8 @@ def lab_replay(steps, capacity: int, num_experts: int, policy: str, device) -> n
         ids = jax.device_put(np.stack(experts[start:stop]).astype(np.int32), device)
         state, counters = cache_steps(state, ids, jax.device_put(ahead[start:stop], device),
                                       jax.device_put(behind[start:stop], device),
-                                      policy="priority" if policy == "belady" else policy, num_experts=num_experts)
+                                      policy="priority" if policy == "belady" else policy, num_experts=num_experts,
+                                      whole_from=whole_from)
         after.append(np.asarray(counters, np.int64))
         start = stop
     after = np.concatenate(after)
@@ -239,7 +245,7 @@ def lab_row(steps, added: np.ndarray, measured: set[int], expert_bytes: int) -> 
     """Decode totals of the measured sequences from per-step counters."""
     keep = [i for i, (s, kind, _) in enumerate(steps) if kind == "decode" and s in measured]
     total = dict(zip(dc.COUNTERS, added[keep].sum(axis=(0, 1)).tolist(), strict=True))
-    moved = total["misses"] + total["prefetch_issued"]
+    moved = total["misses"] + total["prefetch_issued"] + total["streamed"]
     return {"decode_steps": len(keep), "activations": total["activations"], "hits": total["hits"],
             "misses": total["misses"], "hit_rate": total["hits"] / max(total["activations"], 1),
             "bytes_per_token": moved * expert_bytes / len(keep)}
@@ -409,7 +415,8 @@ def main() -> None:
         row = measure_decode(engine, replay, sequences, prompt, args.new_tokens)
         if "lab" not in result:  # Belady and LRU on the same steps, at the engine's capacity
             steps = engine_steps(trace, sequences, args.prompt_len, args.new_tokens, engine.prefill_chunk)
-            result["lab"] = {name: lab_row(steps, lab_replay(steps, engine.cache.num_slots, cfg.num_experts, name, cpu),
+            result["lab"] = {name: lab_row(steps, lab_replay(steps, engine.cache.num_slots, cfg.num_experts, name, cpu,
+                                                             engine.spec.whole_layer_from),
                                            set(sequences[1:]), cfg.expert_bytes) for name in ("lru", "belady")}
             belady = {"policy": "belady (lab)", "prefetch": "none", "capacity_experts": engine.cache.num_slots,
                       **result["lab"]["belady"], "gb_per_token": result["lab"]["belady"]["bytes_per_token"] / GB}

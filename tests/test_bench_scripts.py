@@ -153,7 +153,7 @@ def test_layers_copied_whole_keep_their_slots_and_the_lab_counts_alike():
     """Prompt chunks of 24 tokens need ~57 of each layer's 64 experts, and the cache holds 4.25 of the 5 MoE layers:
     the first four layers stay whole after the first chunk, the last is copied whole at every chunk (evicting
     nothing: `device_cache.access`'s `whole`); the tokens are those of the engine moving every miss by itself;
-    and the lab's `Replayer`, given the same threshold, counts what the engine counted."""
+    and the lab's `Replayer` and bench_prefetch's lab, given the same threshold, count what the engine counted."""
     from moejax.offload import device_cache as dc
     from moejax.offload.manager import OffloadManager
     from moejax.offload.replay import Replayer
@@ -181,7 +181,10 @@ def test_layers_copied_whole_keep_their_slots_and_the_lab_counts_alike():
     manager = OffloadManager(L, E, k, policy="lru", prefetch="none")
     lab = Replayer(L, E, engine.cache.num_slots, manager, prefill_chunk=24, whole_layer_from=39)
     lab.sequence(engine.routing(0)[0], len(prompt))
-    np.testing.assert_array_equal([[layer[name] for name in dc.COUNTERS] for layer in per_layer], lab.counters())
+    counters = [[layer[name] for name in dc.COUNTERS] for layer in per_layer]
+    np.testing.assert_array_equal(counters, lab.counters())
+    steps = engine_steps(trace, [0], len(prompt), 4, prefill_chunk=24)  # bench_prefetch's lab
+    np.testing.assert_array_equal(counters, lab_replay(steps, 272, E, "lru", jax.devices()[0], 39).sum(axis=0))
 
 
 def test_the_predictor_prefetcher_is_asked_about_the_replayed_sequence():
