@@ -161,3 +161,16 @@ def test_layers_copied_whole_stay_whole():
     assert sorted({int(k) // E for k in np.flatnonzero(table >= 0)}) == [1, 3]  # 0, 2, 4 gave way, 1 and 3 filled up
     assert (table[E: 2 * E] >= 0).all() and (table[3 * E: 4 * E] >= 0).all()
     assert counts[0][1] == 3 * 4 and counts[1:] == [[2 * E, 0, 3 * E]] * 2  # three layers' halves released
+
+
+def test_a_wide_step_copies_its_layer_rather_than_evict():
+    """A step needing at least `whole_from` experts copies its layer whole when it misses that many, or more than the
+    empty slots hold (it would have to evict); else it fetches its few misses into empty slots."""
+    E = 8
+    keys = jnp.asarray(list(range(E - 1)) + list(range(E, 2 * E)), jnp.int32)  # layer 0 but expert 7, all of layer 1
+    for slots, expected in ((15, True), (16, False)):  # no empty slot; one
+        state, _, _ = dc.install(dc.empty_state(2, E, slots), keys, policy="lru", num_experts=E, layer=-1)
+        everything = jnp.arange(E, dtype=jnp.int32)
+        assert bool(dc.copies_whole(state, 0, everything, E, 5)) is expected
+        assert dc.copies_whole(state, 0, jnp.asarray([0, 7, E, E], jnp.int32), E, 5) is None  # U below whole_from
+        assert not dc.copies_whole(state, 0, jnp.asarray([0, 1, 2, 7, E], jnp.int32), E, 5)  # 4 needed: not wide

@@ -10,8 +10,11 @@ Per MoE layer step (one call of `access`): the distinct experts the step needs, 
 each take one tick of the clock; hits are pinned first (a layer never evicts what it uses), then
 each miss evicts the policy's victim among unpinned slots (empty slots first, lowest index first)
 and is pinned in turn. Prefetches (`install`) admit experts the same way, marked as prefetched: a
-prefetched expert counts as used at its first hit and as wasted if evicted before one. A step that copies
-its layer whole (`copies_whole`) evicts nothing for it: its misses take empty slots or none (`access`).
+prefetched expert counts as used at its first hit and as wasted if evicted before one. A wide step (one
+needing so many of its layer's experts that missing them would copy the layer whole) evicts nothing: its
+misses take empty slots, else it copies its layer whole and lets its resident experts go (`copies_whole`,
+`access`): under wide batches, which need every layer in turn, recency would evict each layer just before its
+next use; this way the cache comes to hold whole layers and copies only the others.
 
 Policies (static names), each the victim with the smallest score, ties to the lowest slot:
   lru        last use
@@ -229,11 +232,9 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     the slots this step uses, for `install` after it).
 
     whole: None, or a traced bool: the step reads the layer out of a copy of all its experts (the experts it
-    carries past the misses count as `streamed`; `copies_whole` says when). Then its misses
-    take empty slots only, all of them or none (slot -1), and where they do not all fit, its resident experts are
-    evicted as well (slot -1): a layer copied whole saves nothing by them, and their slots let a later layer
-    stay whole. Under steps that copy every layer the cache thus comes to hold whole layers and never evicts
-    them, where evicting by recency would evict each layer before its next use.
+    carries past the misses count as `streamed`; `copies_whole` says when). Then its misses take empty slots
+    only, all of them or none (slot -1), and where they do not all fit, its resident experts are evicted as well
+    (slot -1): a layer copied whole saves nothing by them, and their slots let a later layer stay whole.
     """
     E, S, U = num_experts, state.num_slots, experts.shape[0]
     real = experts < E
@@ -295,11 +296,16 @@ def whole_layer_from(num_experts: int, num_slots: int, fetch_times: tuple[float,
 
 
 def copies_whole(state: CacheState, layer, experts, num_experts: int, whole_from: int | None):
-    """Whether MoE layer `layer`'s step needing `experts` (int32 [U], as `access`) moves the whole layer: it misses
-    at least `whole_from` of them (None, or U below it: never). -> bool [] or None (`access`'s `whole`)."""
+    """Whether MoE layer `layer`'s step needing `experts` (int32 [U], as `access`) moves the whole layer: it needs at
+    least `whole_from` experts (a wide step) and misses that many, or more than the empty slots hold (a wide step
+    evicts nothing, `access`). None where whole_from is None or U below it: never. -> bool [] or None (`access`'s
+    `whole`)."""
     if whole_from is None or experts.shape[0] < whole_from:
         return None
-    return jnp.sum(resident_slots(state, layer, experts, num_experts) < 0, where=experts < num_experts) >= whole_from
+    real = experts < num_experts
+    missing = jnp.sum(resident_slots(state, layer, experts, num_experts) < 0, where=real)
+    wide = jnp.sum(real) >= whole_from
+    return wide & ((missing >= whole_from) | (missing > jnp.sum(state.slot_key < 0)))
 
 
 def install(state: CacheState, keys, *, policy: str, num_experts: int, layer, priorities: Priorities | None = None,
