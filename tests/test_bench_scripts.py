@@ -185,6 +185,26 @@ def test_layers_copied_whole_keep_their_slots_and_the_lab_counts_alike():
     np.testing.assert_array_equal(counters, lab_replay(steps, 272, E, "lru", jax.devices()[0], 39).sum(axis=0))
 
 
+def test_replay_batches_counts_a_wide_batch_moving_less_under_the_engines_rule(tmp_path):
+    """scripts/replay_batches.py on random routing of 8 MoE layers x 64 experts at a 50% budget: at batch 16 the
+    engine's rule (wide steps evict nothing) keeps whole layers where one-by-one LRU hits next to nothing; at
+    batch 1 both see the same steps need the same experts."""
+    import argparse
+
+    from scripts.replay_batches import run
+
+    trace = random_trace(8, 64, 6, seq_lens=[12] * 40, seed=5)
+    np.savez(tmp_path / "routing.npz", experts=trace.experts, seq_lens=trace.seq_lens)
+    args = argparse.Namespace(traces=tmp_path / "routing.npz", card="deepseek-v2-lite", budget=0.5, batches=[1, 16],
+                              prompt_len=4, new_tokens=8, policy="lru")
+    rows = {(r["batch"], r["rule"]): r for r in run(args)}
+    wide, lru = rows[16, "engine"], rows[16, "one-by-one"]
+    assert wide["whole_layer_from"] == 39 and lru["whole_layer_from"] is None
+    assert wide["hits_per_step"] > 10 * lru["hits_per_step"]
+    assert wide["experts_moved_per_step"] < 0.8 * lru["experts_moved_per_step"]
+    assert rows[1, "engine"]["experts_needed_per_step"] == rows[1, "one-by-one"]["experts_needed_per_step"]
+
+
 def test_the_predictor_prefetcher_is_asked_about_the_replayed_sequence():
     """bench_prefetch's lru/predictor engine takes the predictor through `ReplayedTokens`, which asks it about
     the recorded tokens of the sequence slot 0 replays (never the random model's), for the model's MoE layers."""

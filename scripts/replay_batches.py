@@ -1,0 +1,104 @@
+"""What a batched decode step moves over the link, counted on the CPU: bench_serve's throughput schedule replayed
+through the engine's cache code (`offload.replay.replay_step`, no model), on recorded routing.
+
+Per batch of --batches and cache rule: B sequences of the trace (those of at least --prompt-len + --new-tokens - 1
+tokens) are prefilled one at a time (a step of --prompt-len tokens each), then decoded together for
+--new-tokens - 1 steps of B tokens; a warm-up pass on the next B sequences comes first, as in bench_serve. The
+cache holds --budget of the model's experts, under --policy (lru, lfu, fifo or lifo). Rules:
+  engine      the engine's: a step needing `whole_layer_from` of a layer's experts (the default threshold,
+              `device_cache.whole_layer_from`) copies its layer whole where it misses that many or more than the
+              empty slots hold, and evicts nothing (`device_cache.copies_whole`)
+  one-by-one  every miss fetched by itself and admitted by evicting the policy's victim
+Per row, per decode step: the experts needed (union of the batch's choices, summed over MoE layers), hits,
+experts moved (misses + those a whole copy carried past), evictions, and the bytes moved at the card's expert size.
+Counts do not depend on the machine: they are the engine's on the same routing (tests hold the lab to the engine).
+
+  PYTHONPATH=. python scripts/replay_batches.py --traces .data/traces/deepseek_v2_lite_prefill.npz --out replay.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.cards import load_card
+from moejax.offload import device_cache as dc
+from moejax.offload.replay import replay_step
+from moejax.routing.traces import RoutingTrace, load_routing
+from scripts.benchlib import GB, print_table, write_json
+
+RULES = ("engine", "one-by-one")
+
+
+def replay_batch(trace: RoutingTrace, sequences: list[int], state: dc.CacheState, *, prompt_len: int, new_tokens: int,
+                 policy: str, whole_from: int | None) -> tuple[dc.CacheState, np.ndarray]:
+    """The sequences' prompts, one step each, then new_tokens - 1 decode steps of all of them. -> (state,
+    counters int [L, len(COUNTERS)] of the decode steps)."""
+    E, offsets = trace.num_experts, trace.offsets()
+    step = lambda state, ids: replay_step(state, jnp.asarray(ids, jnp.int32), None, None, None, policy=policy,  # noqa: E731
+                                          num_experts=E, whole_from=whole_from)[0]
+    for s in sequences:
+        state = step(state, trace.experts[:, offsets[s] : offsets[s] + prompt_len])
+    before = np.asarray(state.counters)
+    for position in range(prompt_len, prompt_len + new_tokens - 1):
+        state = step(state, np.stack([trace.experts[:, offsets[s] + position] for s in sequences], axis=1))
+    return state, np.asarray(state.counters) - before
+
+
+def run(args) -> list[dict]:
+    trace = load_routing(args.traces)
+    L, E = trace.num_layers, trace.num_experts
+    expert_bytes = load_card(args.card).expert_bytes
+    capacity = int(args.budget * L * E)
+    needed = args.prompt_len + args.new_tokens - 1
+    long_enough = [s for s in range(trace.num_sequences) if trace.seq_lens[s] >= needed]
+    rows = []
+    for batch in args.batches:
+        if len(long_enough) < 2 * batch:
+            raise SystemExit(f"--traces {args.traces}: {len(long_enough)} sequences of >= {needed} tokens, fewer "
+                             f"than 2 x batch {batch}")
+        for rule in RULES:
+            whole_from = dc.whole_layer_from(E, capacity) if rule == "engine" else None
+            state = jax.device_put(dc.empty_state(L, E, capacity), jax.devices("cpu")[0])
+            options = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, policy=args.policy,
+                           whole_from=whole_from)
+            state, _ = replay_batch(trace, long_enough[batch : 2 * batch], state, **options)  # warm-up
+            _, counters = replay_batch(trace, long_enough[:batch], state, **options)
+            total = dict(zip(dc.COUNTERS, counters.sum(axis=0).tolist(), strict=True))
+            steps = args.new_tokens - 1
+            moved = (total["misses"] + total["streamed"]) / steps
+            rows.append({"batch": batch, "rule": rule, "policy": args.policy, "capacity_experts": capacity,
+                         "whole_layer_from": whole_from, "experts_needed_per_step": total["activations"] / steps,
+                         "hits_per_step": total["hits"] / steps, "experts_moved_per_step": moved,
+                         "evictions_per_step": total["evictions"] / steps, "gb_per_step": moved * expert_bytes / GB})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traces", type=Path, required=True, help="recorded routing (experts [L, T, k], seq_lens)")
+    parser.add_argument("--card", default="deepseek-v2-lite", help="the model whose expert size prices the moves")
+    parser.add_argument("--budget", type=float, default=0.25, help="cache size as a fraction of all experts")
+    parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 16, 64])
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--policy", default="lru", choices=("lru", "lfu", "fifo", "lifo"))
+    parser.add_argument("--out", type=Path, default=Path("replay_batches.json"))
+    args = parser.parse_args()
+    if not 0 < args.budget <= 1 or args.prompt_len < 1 or args.new_tokens < 2 or min(args.batches) < 1:
+        raise SystemExit("replay_batches: --budget in (0, 1], --prompt-len >= 1, --new-tokens >= 2, --batches >= 1")
+    rows = run(args)
+    write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+    print_table(rows, [("batch", "batch", "d"), ("rule", "rule", "s"), ("experts_needed_per_step", "needed/step", ".1f"),
+                       ("hits_per_step", "hits/step", ".1f"), ("experts_moved_per_step", "moved/step", ".1f"),
+                       ("evictions_per_step", "evictions/step", ".1f"), ("gb_per_step", "GB/step", ".2f")])
+
+
+if __name__ == "__main__":
+    main()
