@@ -272,12 +272,13 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). An expert at an
     offset the routing chose is read by a kernel over the link, a whole stack by one copy at the link's DMA rate,
     which may be much faster (BENCHMARKS.md): past some share of a layer's experts, which the engine measures on
-    its device at load (`whole_layer_from`), the whole is faster. The same state, slab and slots either way. Through
-    the disk tier, the misses are first staged (`TieredHost.stage`), so that the disk reads them back to back, then
-    `hint` (`next_layer_hint`; None: none) is handed over (`TieredHost.hint`), so that it reads on into the next
-    layer's likely misses. A layer moved whole keeps its misses only where empty slots hold them all
-    (`device_cache.access`'s `whole`), and its expert compute reads the copy. -> (cache, slab, slots, pinned) as
-    `access`, and None or (whole: bool [], the layer's copy {name: [E, ...]}; zeros where not whole)."""
+    its device at load (`whole_layer_from`), the whole is faster. A step needing that many experts evicts nothing
+    (`device_cache.copies_whole`): its misses take empty slots, else it copies the layer whole, computes out of
+    the copy and lets the layer's resident experts go. Through the disk tier, the misses are first staged
+    (`TieredHost.stage`), so that the disk reads them back to back, then `hint` (`next_layer_hint`; None: none)
+    is handed over (`TieredHost.hint`), so that it reads on into the next layer's likely misses.
+    -> (cache, slab, slots, pinned) as `access`, and None or (whole: bool [], the layer's copy {name: [E, ...]};
+    zeros where not whole)."""
     if isinstance(host, TieredHost):  # the disk reads the layer's misses back to back, ahead of their fetches
         missing = (distinct < E) & (dc.resident_slots(cache, m, distinct, E) < 0)
         distinct = host.stage(jnp.where(missing, m * E + distinct, -1), distinct)

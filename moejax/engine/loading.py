@@ -251,7 +251,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
         if threshold is not None and device.platform == "gpu":  # there the measured rates decide, not the default share
             threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots,
-                                                  time_layer_fetches(experts.host[0]))
+                                            time_layer_fetches(experts.host[0]))
         compute["whole_layer_from"] = threshold
     if config.mode == "cached" and host_tier is not None:  # the disk reads on into the next layer's guessed misses
         compute.setdefault("tier_hints", True)
