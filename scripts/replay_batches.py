@@ -1,5 +1,5 @@
 """What a batched decode step moves over the link, counted on the CPU: bench_serve's throughput schedule replayed
-through the engine's cache code (`offload.replay.replay_step`, no model), on recorded routing.
+through the engine's cache code (`bench_prefetch.lab_replay`, no model), on recorded routing.
 
 Per batch of --batches and cache rule: B sequences of the trace (those of at least --prompt-len + --new-tokens - 1
 tokens) are prefilled one at a time (a step of --prompt-len tokens each), then decoded together for
@@ -23,31 +23,24 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moejax.cards import load_card
 from moejax.offload import device_cache as dc
-from moejax.offload.replay import replay_step
 from moejax.routing.traces import RoutingTrace, load_routing
+from scripts.bench_prefetch import lab_replay
 from scripts.benchlib import GB, print_table, write_json
 
 RULES = ("engine", "one-by-one")
 
 
-def replay_batch(trace: RoutingTrace, sequences: list[int], state: dc.CacheState, *, prompt_len: int, new_tokens: int,
-                 policy: str, whole_from: int | None) -> tuple[dc.CacheState, np.ndarray]:
-    """The sequences' prompts, one step each, then new_tokens - 1 decode steps of all of them. -> (state,
-    counters int [L, len(COUNTERS)] of the decode steps)."""
-    E, offsets = trace.num_experts, trace.offsets()
-    step = lambda state, ids: replay_step(state, jnp.asarray(ids, jnp.int32), None, None, None, policy=policy,  # noqa: E731
-                                          num_experts=E, whole_from=whole_from)[0]
-    for s in sequences:
-        state = step(state, trace.experts[:, offsets[s] : offsets[s] + prompt_len])
-    before = np.asarray(state.counters)
-    for position in range(prompt_len, prompt_len + new_tokens - 1):
-        state = step(state, np.stack([trace.experts[:, offsets[s] + position] for s in sequences], axis=1))
-    return state, np.asarray(state.counters) - before
+def batch_steps(trace: RoutingTrace, sequences: list[int], prompt_len: int, new_tokens: int) -> list[tuple]:
+    """bench_serve's decode_batch as steps for `bench_prefetch.lab_replay`: the sequences' prompts, one step each,
+    then new_tokens - 1 decode steps of all of them -> [(None, 'prefill' | 'decode', experts [L, T, k])]."""
+    offsets = trace.offsets()
+    steps = [(None, "prefill", trace.experts[:, offsets[s] : offsets[s] + prompt_len]) for s in sequences]
+    return steps + [(None, "decode", np.stack([trace.experts[:, offsets[s] + position] for s in sequences], axis=1))
+                    for position in range(prompt_len, prompt_len + new_tokens - 1)]
 
 
 def run(args) -> list[dict]:
@@ -64,12 +57,11 @@ def run(args) -> list[dict]:
                              f"than 2 x batch {batch}")
         for rule in RULES:
             whole_from = dc.whole_layer_from(E, capacity) if rule == "engine" else None
-            state = jax.device_put(dc.empty_state(L, E, capacity), jax.devices("cpu")[0])
-            options = dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, policy=args.policy,
-                           whole_from=whole_from)
-            state, _ = replay_batch(trace, long_enough[batch : 2 * batch], state, **options)  # warm-up
-            _, counters = replay_batch(trace, long_enough[:batch], state, **options)
-            total = dict(zip(dc.COUNTERS, counters.sum(axis=0).tolist(), strict=True))
+            warm_up = batch_steps(trace, long_enough[batch : 2 * batch], args.prompt_len, args.new_tokens)
+            measured = batch_steps(trace, long_enough[:batch], args.prompt_len, args.new_tokens)
+            added = lab_replay(warm_up + measured, capacity, E, args.policy, jax.devices("cpu")[0], whole_from)
+            decoding = [len(warm_up) + i for i, (_, kind, _) in enumerate(measured) if kind == "decode"]
+            total = dict(zip(dc.COUNTERS, added[decoding].sum(axis=(0, 1)).tolist(), strict=True))
             steps = args.new_tokens - 1
             moved = (total["misses"] + total["streamed"]) / steps
             rows.append({"batch": batch, "rule": rule, "policy": args.policy, "capacity_experts": capacity,
