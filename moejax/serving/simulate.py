@@ -103,14 +103,18 @@ def simulate(arrivals: Sequence[Arrival], slos: Mapping[str, SLO] | None, schedu
                 record.outcome = "refused"
                 continue
             waiting.append(job)
-        for entry, _ in policy.expired(entries(waiting), now) if waiting else ():  # _schedule()
-            job = next(j for j in waiting if j.record.id == entry.id)
-            waiting.remove(job)
-            job.record.outcome, job.record.finish_s = "expired", now
-        if waiting:
+        if waiting:  # _schedule()
             queued, held = list(waiting), list(running.values())
             waiting_entries, running_entries = entries(queued), entries(held)
             job_of = {id(e): j for e, j in zip([*waiting_entries, *running_entries], [*queued, *held], strict=True)}
+            expired = policy.expired(waiting_entries, now)
+            for entry, _ in expired:
+                job = job_of[id(entry)]
+                waiting.remove(job)
+                job.record.outcome, job.record.finish_s = "expired", now
+            gone = {id(entry) for entry, _ in expired}
+            waiting_entries = [e for e in waiting_entries if id(e) not in gone]
+        if waiting:
             victims, admitted = policy.plan(waiting_entries, running_entries, slots - len(running), now, times)
             for victim in victims:
                 job = job_of[id(victim)]
