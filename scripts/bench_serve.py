@@ -8,7 +8,8 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             --batches: the engine's step API directly (no serving loop: what the batch does to a step),
             B prompts of --prompt-len random tokens prefilled, then --new-tokens - 1 decode steps of all
             B; a warm-up pass on other sequences first (compiles, fills the cache); all of it per cache
-            policy of --policies (default lru and activation); --one-by-one: every miss fetched by itself, never
+            policy of --policies (default lru and activation; 'resident': the all-resident engine, whose step is
+            the compute alone, the other term of a step's floor); --one-by-one: every miss fetched by itself, never
             out of a copy of its whole layer (`ProgramSpec.whole_layer_from` None; to time what that gains);
             --cpu-experts off,auto: each policy also with missed experts routed few tokens computed on the host
             (`offload.cpu_experts`: a batch's union of misses split between the host and the link; auto-float32:
@@ -86,6 +87,7 @@ from scripts.benchlib import (
 
 PARTS = ("throughput", "gating", "slo")
 TINY_MOE = "tiny-moe"
+RESIDENT = "resident"  # a --policies value: the all-resident engine
 DEFAULT_TASK_MIX = ROOT.parent / "shared" / "data" / "prompts" / "tasks.jsonl"
 # The most telling first (where fcfs misses), cheapest too (the arrivals come fast): a time budget skips the last.
 DEFAULT_LOADS = "32x,16x,8x,4x,2x"
@@ -164,16 +166,22 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
                                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                                 "bandwidth_bytes_per_s": bandwidth, "rows": []}
     need, took = 0.0, {}  # took: seconds of each batch's rows under the first policy
-    for policy, cpu_experts in [(p, c) for p in args.policies for c in args.cpu_experts]:
+    configs = [(p, c) for p in args.policies for c in args.cpu_experts if p != RESIDENT or c == args.cpu_experts[0]]
+    for policy, cpu_experts in configs:
         start = time.monotonic()
-        engine = build_random_engine(cfg, "cached", dense, stacks, slots=batches[-1],
-                                     max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len,
-                                     expert_budget=args.budget, cache_policy=policy, cpu_experts=cpu_experts,
-                                     **({"whole_layer_from": None} if args.one_by_one else {}))
+        sizes = dict(slots=batches[-1], max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len)
+        if policy == RESIDENT:  # every expert on the device: the steps' compute alone, nothing moves
+            cpu_experts = "off"
+            engine = build_random_engine(cfg, RESIDENT, dense, stacks, **sizes)
+        else:
+            engine = build_random_engine(cfg, "cached", dense, stacks, **sizes, expert_budget=args.budget,
+                                         cache_policy=policy, cpu_experts=cpu_experts,
+                                         **({"whole_layer_from": None} if args.one_by_one else {}))
         replay = RoutingReplay(trace)
         engine.routing_override = replay
-        part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes,
-                    whole_layer_from=engine.spec.whole_layer_from)
+        if policy != RESIDENT:
+            part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes,
+                        whole_layer_from=engine.spec.whole_layer_from)
         print(f"{args.card} ({args.dims}) {policy}, cpu-experts {cpu_experts}: built in "
               f"{time.monotonic() - start:.0f} s, {engine.cache.num_slots} expert slots", flush=True)
         for batch in batches:
@@ -417,7 +425,8 @@ def parser() -> argparse.ArgumentParser:
                                     ".data/traces/deepseek_v2_lite_prefill.npz")
     g.add_argument("--batches", type=int_list, default=[1, 4, 16, 64])
     g.add_argument("--policies", type=names, default=["lru", "activation"],
-                   help="cache policies, each with every batch (LRU thrashes once a step needs more experts than slots)")
+                   help="cache policies, each with every batch (LRU thrashes once a step needs more experts than slots); "
+                        f"'{RESIDENT}': every expert on the device (the steps' compute alone, the floor's other term)")
     g.add_argument("--prompt-len", type=int, default=16)
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--one-by-one", action="store_true", help="misses never moved out of a copy of their whole layer")
@@ -550,13 +559,19 @@ def print_tables(out: dict) -> None:
               f"{t['bandwidth_bytes_per_s'] / GB:.2f} GB/s")
         print_table(t["rows"], THROUGHPUT_COLUMNS)
         # the fastest configuration at the largest batch against the fastest at batch 1 (whatever their settings)
-        largest = max(t["rows"], key=lambda row: (row["batch"], row["tokens_per_s"]), default=None)
-        one = max((row for row in t["rows"] if row["batch"] == 1), key=lambda row: row["tokens_per_s"], default=None)
+        offloaded = [row for row in t["rows"] if row["policy"] != RESIDENT]
+        largest = max(offloaded, key=lambda row: (row["batch"], row["tokens_per_s"]), default=None)
+        one = max((row for row in offloaded if row["batch"] == 1), key=lambda row: row["tokens_per_s"], default=None)
         if largest and one and largest["x_link_floor"] is not None:
             print(f"batch {largest['batch']} ({largest['policy']}, cpu-experts {largest['cpu_experts']}): "
                   f"{largest['tokens_per_s'] / one['tokens_per_s']:.2f}x the fastest batch 1's tokens/s "
                   f"({one['policy']}, cpu-experts {one['cpu_experts']}; issue: >= 6x at 64), step "
                   f"{largest['x_link_floor']:.2f}x its link floor (issue: <= 1.25x)")
+            resident = [row for row in t["rows"] if row["policy"] == RESIDENT and row["batch"] == largest["batch"]]
+            if resident:
+                print(f"  the all-resident step at batch {largest['batch']}: {resident[0]['step_s']:.4f} s (compute "
+                      f"alone), {largest['step_s'] / max(largest['link_floor_s'], resident[0]['step_s']):.2f}x "
+                      f"max(link floor, that)")
     if out.get("gating", {}).get("rows"):
         rows = out["gating"]["rows"]
         print("gating: dynamic gating vs capacity padding (scripts/bench_gating.py)")

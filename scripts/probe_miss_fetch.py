@@ -223,9 +223,10 @@ def stream_rows(stack: dict, layers: int, rows: int, repeats: int, device, hlo_d
 
     fetch = fetch_expert  # layer i (a function of the loop counter) of the stacked host array, on the device
 
-    def compute(layer, i):  # every weight of every expert read by `rows` rows (scaled by i: not loop-invariant)
+    def compute(layer, i):  # every weight of every expert times `rows` rows (scaled by i: not loop-invariant)
+        # The tanh keeps XLA from summing the rows before the product (which would leave a read of the weights).
         scale = jnp.asarray(i + 1)
-        return sum(jnp.einsum("ta,eab->", inputs[n] * scale.astype(w.dtype), w, preferred_element_type=jnp.float32)
+        return sum(jnp.tanh(jnp.einsum("ta,eab->teb", inputs[n] * scale.astype(w.dtype), w)).sum(dtype=jnp.float32)
                    for n, w in layer.items())
 
     @jax.jit

@@ -284,8 +284,8 @@ def test_offload_floor_is_the_slower_of_link_and_compute():
 
 def test_bench_serve_smoke(tmp_path):
     """scripts/bench_serve.py --dims tiny, throughput and slo parts, on a random routing trace and a task mix of
-    two tasks: every row is there (each batch with and without cpu experts), batch 1's ratio is 1 in each, each load
-    ran both schedulers on the same requests."""
+    two tasks: every row is there (each batch with and without cpu experts, then all resident), batch 1's ratio is 1 in
+    each, each load ran both schedulers on the same requests."""
     cfg = model_config("deepseek-v2-lite", None, tiny=True)
     random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[12] * 8, seed=2).save(tmp_path / "routing.npz")
     (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(line) + "\n" for line in [
@@ -296,15 +296,18 @@ def test_bench_serve_smoke(tmp_path):
     done = subprocess.run(
         [sys.executable, "scripts/bench_serve.py", "--dims", "tiny", "--parts", "throughput,slo", "--traces",
          str(tmp_path / "routing.npz"), "--task-mix", str(tmp_path / "tasks.jsonl"), "--budget", "0.5", "--batches", "1,2",
-         "--policies", "activation", "--cpu-experts", "off,auto", "--prompt-len", "4", "--new-tokens", "4",
+         "--policies", "activation,resident", "--cpu-experts", "off,auto", "--prompt-len", "4", "--new-tokens", "4",
          "--slo-models", "tiny-moe", "--slots", "2", "--loads", "4x,50",
          "--requests", "3", "--calibration-per-task", "1", "--warmup-requests", "4", "--serve-max-seq-len", "64", "--prefill-chunk", "16",
          "--max-prompt", "16", "--max-tokens", "6", "--out", str(out)],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    throughput = result["throughput"]["rows"]
+    throughput, resident = result["throughput"]["rows"][:4], result["throughput"]["rows"][4:]
     assert [(r["cpu_experts"], r["batch"]) for r in throughput] == [("off", 1), ("off", 2), ("auto", 1), ("auto", 2)]
+    # the all-resident engine once (no cpu experts): nothing moves
+    assert [(r["policy"], r["cpu_experts"], r["batch"], r["gb_per_step"]) for r in resident] == [
+        ("resident", "off", 1, 0.0), ("resident", "off", 2, 0.0)]
     assert throughput[0]["x_batch1"] == throughput[2]["x_batch1"] == 1.0
     assert all(r["cpu_experts_per_step"] >= 0 for r in throughput)
     assert all(r["link_floor_s"] > 0 and r["experts_needed_per_step"] >= r["experts_moved_per_step"] for r in throughput)
