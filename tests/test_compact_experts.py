@@ -3,6 +3,7 @@ experts (`offload.cpu_experts`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -182,9 +183,9 @@ def test_cost_model_choice_on_synthetic_bandwidths():
     weights = jnp.full((6, 2), 0.5, jnp.float32)
     distinct = jnp.arange(E, dtype=jnp.int32)
 
-    def split(copy_s, fixed_s, per_token_s, most_tokens=8, round_trip_s=0.0):
-        cost = CostModel(1000, 1000 / copy_s, fixed_s, per_token_s, round_trip_s)
-        return split_misses(table, 1, distinct, ids, weights, None, E, cost, most_tokens)
+    def split(copy_s, fixed_s, per_token_s, most_tokens=8, round_trip_s=0.0, layer_copy_s=None, whole=None):
+        cost = CostModel(1000, 1000 / copy_s, fixed_s, per_token_s, round_trip_s, layer_copy_s)
+        return split_misses(table, 1, distinct, ids, weights, None, E, cost, most_tokens, whole)
 
     # misses 1, 2, 3, 4 (tokens 3, 3, 2, 2); host 1 s a token, link 3 s: 3, 4 on the host (4 s) beat any other split
     device_distinct, device_weights, on_host = split(3.0, 0.0, 1.0)
@@ -199,6 +200,13 @@ def test_cost_model_choice_on_synthetic_bandwidths():
     assert split(1.0, 1.4, 0.0, round_trip_s=2.7)[2].sum() == 0  # one on the host: 4.1 s against 4
     np.testing.assert_array_equal(split(1.0, 1.4, 0.0, round_trip_s=0.1)[2], [False, True, True, False, False, False])
     assert CostModel(352_321_536, 50e9, 1e-3, 2e-3, round_trip_s=4e-3).host_token_limit() == 1  # 3 ms a token left
+    # A wide step that would copy its whole layer: the host taking none costs that copy, not four fetches
+    two_each = [False, True, True, False, False, False]
+    np.testing.assert_array_equal(split(1.0, 1.4, 0.0, layer_copy_s=3.5, whole=jnp.bool_(True))[2], two_each)
+    assert split(1.0, 1.4, 0.0, layer_copy_s=2.0, whole=jnp.bool_(True))[2].sum() == 0  # the copy's 2 s beat 2.8
+    np.testing.assert_array_equal(split(1.0, 1.4, 0.0, layer_copy_s=2.0, whole=jnp.bool_(False))[2], two_each)
+    # without a measured copy, a layer's E copies of one expert (6 s)
+    np.testing.assert_array_equal(split(1.0, 1.4, 0.0, whole=jnp.bool_(True))[2], two_each)
 
 
 def test_the_cost_model_times_the_host_on_experts_read_from_memory(monkeypatch):
@@ -260,15 +268,20 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, library, toleranc
                                atol=1e-6 * np.abs(one_thread).max())
 
 
+def shipped_in_float32():
+    """The shipped model's (config, globals, layers, expert stacks), every weight in float32."""
+    cfg = checkpoint.load_config(SHIPPED).replace(dtype="float32")
+    as32 = lambda tree: {k: as32(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in tree.items()}  # noqa: E731
+    layers = [as32(checkpoint.load_layer(SHIPPED, i)) for i in range(cfg.num_layers)]
+    stacks = [as32(checkpoint.load_stacked_experts(SHIPPED, cfg, layer)) for layer in cfg.moe_layer_ids]
+    return cfg, as32(checkpoint.load_globals(SHIPPED)), layers, stacks
+
+
 def test_cpu_experts_in_the_cached_engine():
     """The shipped model in float32, cached at 25%: with a cost model that sends every miss to the host, no expert
     crosses the link, the stats count the host's experts and tokens, and the logits equal the copy-only engine's
     to float rounding (1e-4 of their range)."""
-    cfg = checkpoint.load_config(SHIPPED).replace(dtype="float32")
-    as32 = lambda tree: {k: as32(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in tree.items()}  # noqa: E731
-    globals_ = as32(checkpoint.load_globals(SHIPPED))
-    layers = [as32(checkpoint.load_layer(SHIPPED, i)) for i in range(cfg.num_layers)]
-    stacks = [as32(checkpoint.load_stacked_experts(SHIPPED, cfg, layer)) for layer in cfg.moe_layer_ids]
+    cfg, globals_, layers, stacks = shipped_in_float32()
     build = lambda **kw: build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig("cached", expert_budget="0.25"),  # noqa: E731
                                       slots=1, max_seq_len=32, **kw)
     copying = build()
@@ -287,6 +300,35 @@ def test_cpu_experts_in_the_cached_engine():
     host.overlap = True
     np.testing.assert_array_equal(host_first.logits([PROMPT])[0], logits)
     assert not host._jobs
+
+
+def test_cpu_experts_share_a_wide_step_without_evicting():
+    """Prompt chunks of the shipped model (float32) cached at 25% are wide steps (`whole_layer_from` 4): copy-only,
+    each layer missing 4 or more experts is copied whole. When the host takes a share of such a step (a cost model
+    where two ways beat the layer's copy), the device fetches only its own misses, one by one, into the layer's
+    buffer: nothing is carried past them (streamed 0), the bytes moved are the device's misses, and the logits
+    equal the copy-only engine's to float rounding."""
+    cfg, globals_, layers, stacks = shipped_in_float32()
+    cached = OffloadConfig("cached", expert_budget="0.25")
+    options = dict(slots=1, max_seq_len=64, prefill_chunk=16, whole_layer_from=4)
+    build = lambda **kw: build_engine(cfg, globals_, layers, iter(stacks), cached, **options, **kw)  # noqa: E731
+    prompts = [PROMPT, PROMPT[::-1] + PROMPT[:8]]
+    copying = build()
+    reference = copying.logits(prompts)
+    assert copying.stats()["total"]["streamed"] > 0
+    # the host 1.5x a fetch's time an expert: sharing a layer's misses both ways beats the layer's copy
+    copy_s = 1e-3
+    cost = CostModel(cfg.expert_bytes, cfg.expert_bytes / copy_s, 1.5 * copy_s, 0.0, 0.0, 16 * copy_s)
+    sharing = build(cpu_experts="auto", cpu_cost=cost)
+    for logits, ref in zip(sharing.logits(prompts), reference):
+        assert np.abs(logits - ref).max() <= 1e-4 * (ref.max() - ref.min())
+    total, host = sharing.stats()["total"], sharing.stats()["cpu_experts"]
+    assert host["experts"] > 0 and total["misses"] > 0 and total["streamed"] == 0
+    assert total["bytes_h2d"] == total["misses"] * cfg.expert_bytes
+    # a layer copy cheaper than any split: the host takes nothing from a wide step and the layer is copied whole
+    copies = build(cpu_experts="auto", cpu_cost=dataclasses.replace(cost, layer_copy_s=copy_s))
+    copies.logits(prompts)
+    assert copies.stats()["total"]["streamed"] == copying.stats()["total"]["streamed"]
 
 
 @pytest.mark.parametrize("cpu_experts", ["auto", "auto-float32"])

@@ -250,8 +250,11 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
         threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
         if threshold is not None and device.platform == "gpu":  # there the measured rates decide, not the default share
-            threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots,
-                                            time_layer_fetches(experts.host[0]))
+            fetch_times = time_layer_fetches(experts.host[0])
+            threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots, fetch_times)
+            host = compute.get("cpu_experts")
+            if host is not None and host.cost.layer_copy_s is None:  # what a wide step's split weighs against
+                host.cost = dataclasses.replace(host.cost, layer_copy_s=fetch_times[1])
         compute["whole_layer_from"] = threshold
     if config.mode == "cached" and host_tier is not None:  # the disk reads on into the next layer's guessed misses
         compute.setdefault("tier_hints", True)

@@ -77,13 +77,16 @@ class CostModel:
     """expert_bytes: one expert as the link carries it; link_bytes_per_s: host -> device copy rate;
     host_fixed_s + tokens x host_per_token_s: the host's time for one expert on that many token rows;
     round_trip_s: what a layer step pays once when the host computes anything (the two callbacks: the rows to
-    the host, the sum back, the device waiting in between)."""
+    the host, the sum back, the device waiting in between); layer_copy_s: the copy of a whole layer's experts that
+    a wide step makes when the host takes none of its misses (`device_cache.copies_whole`; None: that many
+    copies of one expert)."""
 
     expert_bytes: int
     link_bytes_per_s: float
     host_fixed_s: float
     host_per_token_s: float
     round_trip_s: float = 0.0
+    layer_copy_s: float | None = None
 
     def copy_s(self) -> float:
         return self.expert_bytes / self.link_bytes_per_s
@@ -272,12 +275,14 @@ def _runner() -> futures.ThreadPoolExecutor:
 
 
 def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: int, cost: CostModel,
-                 most_tokens: int):
+                 most_tokens: int, whole=None):
     """Inside a step program: which of MoE layer `layer`'s experts the host computes (the module's docstring).
 
     table: the cache's slot table [L * E] (-1: not resident); distinct int32 [U] (increasing, padded with E);
     ids int32 [N, k]; weights f32 [N, k]; valid_rows bool [N] or None; cost: the CostModel (its numbers are
-    compiled in); most_tokens: no expert routed more tokens goes to the host. -> (device_distinct int32 [U]: the
+    compiled in); most_tokens: no expert routed more tokens goes to the host; whole: None, or bool []: the step
+    copies the whole layer unless the host takes a share (`device_cache.copies_whole`), so the host taking none
+    costs that copy (`CostModel.layer_copy_s`) rather than a copy per miss. -> (device_distinct int32 [U]: the
     others, increasing, padded with E; device_weights [N, k]: 0 for the host experts' pairs; on_host bool [E])."""
     E = num_experts
     chosen = (ids >= 0) & (ids < E) & (weights != 0)
@@ -295,6 +300,9 @@ def split_misses(table, layer, distinct, ids, weights, valid_rows, num_experts: 
     host_total = jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.where(jnp.isfinite(fastest), fastest, 0.0))])
     host_total = host_total + jnp.where(count > 0, cost.round_trip_s, 0.0)
     makespan = jnp.maximum(host_total, (misses.sum() - count) * cost.copy_s())
+    if whole is not None:
+        layer_copy_s = E * cost.copy_s() if cost.layer_copy_s is None else cost.layer_copy_s
+        makespan = makespan.at[0].set(jnp.where(whole, layer_copy_s, makespan[0]))
     makespan = jnp.where(count <= jnp.isfinite(host_s).sum(), makespan, jnp.inf)
     on_host = jnp.zeros(E, bool).at[order].set(jnp.arange(E) < jnp.argmin(makespan))
     host_id = on_host[jnp.clip(distinct, 0, E - 1)] & (distinct < E)

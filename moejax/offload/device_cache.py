@@ -224,7 +224,7 @@ def resident_slots(state: CacheState, layer, experts, num_experts: int):
 
 
 def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, priorities: Priorities | None = None,
-           move: Move | None = None, slab=None, pinned=None, whole=None):
+           move: Move | None = None, slab=None, pinned=None, whole=None, carried=None):
     """One MoE layer step needing `experts` (int32 [U]: distinct, increasing, padded with num_experts).
 
     Counts hits and misses, admits the misses (calling `move` for each, in increasing expert order)
@@ -235,6 +235,8 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     carries past the misses count as `streamed`; `copies_whole` says when). Then its misses take empty slots
     only, all of them or none (slot -1), and where they do not all fit, its resident experts are evicted as well
     (slot -1): a layer copied whole saves nothing by them, and their slots let a later layer stay whole.
+    carried: None (as True), or a traced bool: whether that copy holds the whole layer; False: only the step's
+    own experts (the host computing the others: `decoder_programs.admit_misses`), nothing counted as streamed.
     """
     E, S, U = num_experts, state.num_slots, experts.shape[0]
     real = experts < E
@@ -254,7 +256,8 @@ def access(state: CacheState, layer, experts, *, policy: str, num_experts: int, 
     order = jnp.argsort(~miss, stable=True)  # the misses' positions first, in expert order
     count = miss.sum()
     if whole is not None:
-        state = state.replace(counters=_count(state.counters, layer, STREAMED, jnp.where(whole, E - count, 0)))
+        carries = whole if carried is None else whole & carried
+        state = state.replace(counters=_count(state.counters, layer, STREAMED, jnp.where(carries, E - count, 0)))
         release = whole & (count > jnp.sum((state.slot_key < 0) & ~pinned))
         count = jnp.where(release, 0, count)
         state, pinned = _release(state, pinned, jnp.where(release & hit, slots, S), layer)
