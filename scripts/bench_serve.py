@@ -182,12 +182,14 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
         if policy != RESIDENT:
             part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes,
                         whole_layer_from=engine.spec.whole_layer_from)
+        slots = "every expert on the device" if policy == RESIDENT else f"{engine.cache.num_slots} expert slots"
         print(f"{args.card} ({args.dims}) {policy}, cpu-experts {cpu_experts}: built in "
-              f"{time.monotonic() - start:.0f} s, {engine.cache.num_slots} expert slots", flush=True)
+              f"{time.monotonic() - start:.0f} s, {slots}", flush=True)
         for batch in batches:
             need = took.get(batch, need)
             if not budget.allows(need, f"throughput {policy} cpu-experts {cpu_experts} batch {batch}"):
                 part.setdefault("skipped", []).append(f"{policy} {cpu_experts} {batch}")
+                save()
                 continue
             start = time.monotonic()
             decode_batch(engine, replay, long_enough[batch : 2 * batch], prompt, args.new_tokens)  # warm-up
