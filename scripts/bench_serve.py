@@ -427,8 +427,9 @@ def parser() -> argparse.ArgumentParser:
                                     ".data/traces/deepseek_v2_lite_prefill.npz")
     g.add_argument("--batches", type=int_list, default=[1, 4, 16, 64])
     g.add_argument("--policies", type=names, default=["lru", "activation"],
-                   help="cache policies, each with every batch (LRU thrashes once a step needs more experts than slots); "
-                        f"'{RESIDENT}': every expert on the device (the steps' compute alone, the floor's other term)")
+                   help="cache policies, each with every batch (LRU thrashes once a step needs more experts than "
+                        f"slots); '{RESIDENT}': every expert on the device (the steps' compute alone, the floor's other "
+                        "term)")
     g.add_argument("--prompt-len", type=int, default=16)
     g.add_argument("--new-tokens", type=int, default=32)
     g.add_argument("--one-by-one", action="store_true", help="misses never moved out of a copy of their whole layer")
