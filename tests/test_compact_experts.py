@@ -302,7 +302,7 @@ def test_cpu_experts_in_the_cached_engine():
     assert not host._jobs
 
 
-def test_cpu_experts_share_a_wide_step_without_evicting():
+def test_cpu_experts_share_a_wide_step():
     """Prompt chunks of the shipped model (float32) cached at 25% are wide steps (`whole_layer_from` 4): copy-only,
     each layer missing 4 or more experts is copied whole. When the host takes a share of such a step (a cost model
     where two ways beat the layer's copy), the device fetches only its own misses, one by one, into the layer's
