@@ -18,6 +18,9 @@
 #   scripts/gpu_session.sh compact           # issue 24's compact formats and CPU experts, a call of its own
 #   scripts/gpu_session.sh missfetch         # one layer's miss fetches, several ways (at counter and at routing offsets)
 #                                            # (probe_miss_fetch.py: where a batch's copies lose the link's bandwidth)
+#   scripts/gpu_session.sh missfetch missfetch-lhs   # the same, then again under XLA's latency-hiding scheduler with
+#                                            # pipelined host offloading (LHS_FLAGS): whether a layer's copy then
+#                                            # overlaps the compute before it (the stream-pipelined row)
 #   scripts/gpu_session.sh families kernel profile   # issue 23's offloaded families (resident + cached 25%, with
 #                                            # transformers + accelerate), the in-place expert kernel against
 #                                            # gather + einsum (probe_slab_kernel.py), and where a DeepSeek-V2-Lite
@@ -30,7 +33,7 @@
 # shorter within which the script starts a model or configuration only if it expects it to fit; every script writes
 # its JSON after each row. Writes under $OUT: check_identical.json, bench_decode.json,
 # bench_offload.json, bench_prefetch.json, bench_serve.json (+ .png, the SLO plot), bench_ssd.json, bench_compact.json,
-# bench_offload_families.json, probe_slab_kernel.json, probe_miss_fetch.json and session.log (the profile's lines)
+# bench_offload_families.json, probe_slab_kernel.json, probe_miss_fetch.json (_lhs.json) and session.log (the profile's lines)
 # (everything printed); prints each part's table again at the end. The prefetch and serve parts need
 # .data/traces/deepseek_v2_lite_prefill.npz, serve also the task mix .data/prompts/tasks.jsonl (a copy of
 # ../shared/data/prompts/tasks.jsonl; .data is not in git: carry it). The serve part is long (a model per
@@ -66,13 +69,16 @@ fi
 CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-140} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160} SERVE_S=${SERVE_S:-540}
 SSD_S=${SSD_S:-580} COMPACT_S=${COMPACT_S:-540} FAMILIES_S=${FAMILIES_S:-380} KERNEL_S=${KERNEL_S:-120}
 PROFILE_S=${PROFILE_S:-90} MISSFETCH_S=${MISSFETCH_S:-75}
+# missfetch-lhs: copies of host memory as asynchronous copy-start/copy-done that the scheduler may move across a loop's
+# iterations (openxla/xla's host offloading)
+LHS_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_pipelined_host_offloading=true"
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
 PARTS=${*:-check decode offload prefetch}
 for name in $PARTS; do
-    case $name in check | decode | offload | prefetch | serve | ssd | compact | families | kernel | profile | missfetch) ;;
-        *) echo "unknown part '$name' (parts: check decode offload prefetch serve ssd compact families kernel profile missfetch)"
+    case $name in check | decode | offload | prefetch | serve | ssd | compact | families | kernel | profile | missfetch | missfetch-lhs) ;;
+        *) echo "unknown part '$name' (parts: check decode offload prefetch serve ssd compact families kernel profile missfetch missfetch-lhs)"
            exit 2 ;;
     esac
 done
@@ -109,6 +115,8 @@ part() {  # part NAME LIMIT SCRIPT ARGS... (then the words of $<NAME>_EXTRA, e.g
             kernel) part kernel "$KERNEL_S" scripts/probe_slab_kernel.py --out "$OUT/probe_slab_kernel.json" "${KERNEL_ARGS[@]}" ;;
             missfetch) part missfetch "$MISSFETCH_S" scripts/probe_miss_fetch.py --out "$OUT/probe_miss_fetch.json" \
                 "${MISSFETCH_ARGS[@]}" ;;
+            missfetch-lhs) XLA_FLAGS="${XLA_FLAGS:-} $LHS_FLAGS" part missfetch-lhs "$MISSFETCH_S" scripts/probe_miss_fetch.py \
+                --out "$OUT/probe_miss_fetch_lhs.json" "${MISSFETCH_ARGS[@]}" ;;
             profile) part profile "$PROFILE_S" scripts/probe_engine.py --configs resident --repeats 1 --profile 8 "${PROFILE_ARGS[@]}"
                 # the same without command buffers: the step's time by operation (a command buffer is one to the profiler)
                 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" part profile-ops "$PROFILE_S" scripts/probe_engine.py \
