@@ -8,8 +8,10 @@ time for its h, the sum of host_fixed_s + t x host_per_token_s (reading an exper
 the FLOPs of its t rows, measured; summed as if one at a time, though HOST_THREADS run at once), against the
 link's for the others, expert_bytes / link_bytes_per_s each. A lone miss goes to the host when the host alone
 beats the link (t <= `CostModel.host_token_limit()`); several may share the work even when the host is slower
-per expert than the link. Those experts take no cache slot and move nothing over the link; their pairs get weight
-0 in the device's expert compute. Two host callbacks (`jax.experimental.io_callback`, only in layer steps that send
+per expert than the link. A wide step that would copy its whole layer (`device_cache.copies_whole`) counts the
+host taking none as that copy (`CostModel.layer_copy_s`), and where the host takes a share the device fetches only
+its own misses (`decoder_programs.admit_misses`). Those experts take no cache slot and move nothing over the link;
+their pairs get weight 0 in the device's expert compute. Two host callbacks (`jax.experimental.io_callback`, only in layer steps that send
 anything) compute their weighted sum [N, D] f32, which the program adds to the device's: `host_start`, right
 after the split, hands the layer's rows x [N, D], routing and the host experts' mask to `HostExperts.start`,
 which starts `compute` on a runner thread and returns at once; the device then fetches and computes its own
