@@ -1,22 +1,22 @@
 """CPU compute of missed experts (`cpu_experts='auto'`): a missed expert routed few tokens is computed on the host
 from host memory instead of being copied to the device, when a cost model says that is faster.
 
-Per MoE layer step of a cached engine (`split_misses`, inside the step program): of the layer's misses (experts
-not in the device cache routed `t` >= 1 tokens: valid rows' pairs of nonzero weight), the host computes the h
-it is fastest at, h chosen to minimise the later of the two, the host and the link working at once: the host's
-time for its h, the sum of host_fixed_s + t x host_per_token_s (reading an expert's weights from host memory and
-the FLOPs of its t rows, measured; summed as if one at a time, though HOST_THREADS run at once), against the
-link's for the others, expert_bytes / link_bytes_per_s each. A lone miss goes to the host when the host alone
-beats the link (t <= `CostModel.host_token_limit()`); several may share the work even when the host is slower
-per expert than the link. A wide step that would copy its whole layer (`device_cache.copies_whole`) counts the
-host taking none as that copy (`CostModel.layer_copy_s`), and where the host takes a share the device fetches only
-its own misses (`decoder_programs.admit_misses`). Those experts take no cache slot and move nothing over the link;
-their pairs get weight 0 in the device's expert compute. Two host callbacks (`jax.experimental.io_callback`, only in layer steps that send
-anything) compute their weighted sum [N, D] f32, which the program adds to the device's: `host_start`, right
-after the split, hands the layer's rows x [N, D], routing and the host experts' mask to `HostExperts.start`,
-which starts `compute` on a runner thread and returns at once; the device then fetches and computes its own
-experts, and `host_finish` waits for the host's sum. So the host computes while the link copies the other
-misses (on a GPU; on the CPU backend, where the host is the device, `finish` computes it).
+Per MoE layer step of a cached engine (`split_misses`, inside the step program): of the layer's misses (experts not
+in the device cache routed `t` >= 1 tokens: valid rows' pairs of nonzero weight), the host computes the h it is
+fastest at, h chosen to minimise the later of the two, the host and the link working at once: the host's time for
+its h, the sum of host_fixed_s + t x host_per_token_s (reading an expert's weights from host memory and the FLOPs of
+its t rows, measured; summed as if one at a time, though HOST_THREADS run at once), against the link's for the
+others, expert_bytes / link_bytes_per_s each. A lone miss goes to the host when the host alone beats the link (t <=
+`CostModel.host_token_limit()`); several may share the work even when the host is slower per expert than the link.
+Those experts take no cache slot and move nothing over the link; their pairs get weight 0 in the device's expert
+compute. A wide step that would copy its whole layer (`device_cache.copies_whole`) counts the host taking none as
+that copy (`CostModel.layer_copy_s`), and where the host takes a share the device fetches only its own misses
+(`decoder_programs.admit_misses`). Two host callbacks (`jax.experimental.io_callback`, only in layer steps that send
+anything) compute their weighted sum [N, D] f32, which the program adds to the device's: `host_start`, right after
+the split, hands the layer's rows x [N, D], routing and the host experts' mask to `HostExperts.start`, which starts
+`compute` on a runner thread and returns at once; the device then fetches and computes its own experts, and
+`host_finish` waits for the host's sum. So the host computes while the link copies the other misses (on a GPU; on
+the CPU backend, where the host is the device, `finish` computes it).
 
 Exact up to float rounding: float experts (bf16, float32; 'auto-float32' widens the host's copy), where torch is
 importable, go through torch's CPU matmul (`offload.torch_ffn`: one expert at a time on torch's threads;
