@@ -6,6 +6,8 @@ checking a change on the GPU before the full benchmarks (scripts/gpu_session.sh)
 
   PYTHONPATH=. python scripts/probe_engine.py --card deepseek-v2-lite --configs resident,cached:0.25
   PYTHONPATH=. python scripts/probe_engine.py --configs resident --profile 20   # where a decode step's GPU time goes
+  PYTHONPATH=. python scripts/probe_engine.py --configs cached:0.25:lru:none,cached:0.25:lru:none:auto --profile 8
+                                     # what `--cpu-experts auto` costs a step (its host callbacks inside the layer loop)
 
 --profile N records N decode tokens with the JAX profiler after the timed runs and prints, per configuration,
 the GPU time per token by XLA operation (the `hlo_op` of each kernel; the largest first) and the GPU's busy
@@ -29,7 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--card", default="deepseek-v2-lite")
     parser.add_argument("--layers", type=int, help="fewer layers of the card's pattern")
-    parser.add_argument("--configs", default="resident,cached:0.25", help="mode[:budget[:policy[:prefetch]]],...")
+    parser.add_argument("--configs", default="resident,cached:0.25",
+                        help="mode[:budget[:policy[:prefetch[:cpu_experts]]]],...")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -67,10 +70,11 @@ def main() -> None:
             options["cache_policy"] = rest[1]
         if len(rest) > 2:
             options["prefetch"] = rest[2]
+        cpu_experts = rest[3] if len(rest) > 3 else "off"
         start = time.perf_counter()
         engine = build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig(mode, **options), slots=1,
                               max_seq_len=args.prompt_len + args.new_tokens + 16, unroll_layers=args.unroll_layers,
-                              expert_compute=args.expert_compute)
+                              expert_compute=args.expert_compute, cpu_experts=cpu_experts)
         built = time.perf_counter() - start
         runs = [engine.generate([prompt], max_new_tokens=args.new_tokens, ignore_eos=True) for _ in range(args.repeats + 1)]
         last = runs[-1]
@@ -82,6 +86,7 @@ def main() -> None:
             "GB_per_token": round(total["bytes_h2d"] / 1e9 / max(1, sum(map(len, last.tokens))), 3),
             "host_wait_s": round(last.stats["host_wait_s"], 3), "same_tokens": runs[1].tokens == last.tokens,
             "decode_expert_compute": last.stats["decode_expert_compute"],
+            **({"cpu_experts": last.stats["cpu_experts"]} if last.stats.get("cpu_experts") else {}),
         }), flush=True)
         if args.profile:
             print(json.dumps({"config": spec, **profile_decode(engine, prompt, args.profile, args.profile_top)}),
