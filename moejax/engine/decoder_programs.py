@@ -212,21 +212,21 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         if not counted:
             cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.HITS), real.sum()))
     elif spec.mode == "cached":
-        host, wide = experts.host, None
+        host, split = experts.host, None
+        whole = dc.copies_whole(cache, m, distinct, E, spec.whole_layer_from)
         if spec.cpu_experts is not None:
             all_weights = weights
-            whole = dc.copies_whole(cache, m, distinct, E, spec.whole_layer_from)
             distinct, weights, on_host = split_misses(cache.table, m, distinct, ids, weights, valid_rows, E,
                                                       spec.cpu_experts.cost, spec.cpu_experts.most_tokens, whole)
             if whole is not None:  # the whole layer's copy gives way to the device's share of a split
-                wide = (whole, whole & on_host.any())
+                split = whole & on_host.any()
             ticket = host_start(spec.cpu_experts, m, moe_in, ids, all_weights, on_host, valid_rows)
             distinct, ticket = lax.optimization_barrier((distinct, ticket))  # the host starts before the fetches
         hint = None
         if spec.tier_hints and guess is not None and isinstance(host, TieredHost):
             hint = next_layer_hint(cache, m, L, E, guess, valid_rows)
         cache, slab, slots, pinned, streamed = admit_misses(spec, E, m, host, cache, slab, distinct,
-                                                            experts.priorities, hint, wide)
+                                                            experts.priorities, hint, whole, split)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
@@ -269,7 +269,8 @@ def next_layer_hint(cache, m, L: int, E: int, guess, valid_rows):
     return jnp.where((m + 1 < L) & (keys >= 0) & ~held, keys, -1)
 
 
-def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities, hint=None, wide=None):
+def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities, hint=None, whole=None,
+                 split=None):
     """MoE layer m's `device_cache.access` for the distinct experts it needs (int32 [U]), each miss moved from the
     host tier: fetched by itself, or, when the layer misses at least `spec.whole_layer_from` of them, out of one
     copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). An expert at an
@@ -280,10 +281,10 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     the copy and lets the layer's resident experts go. Through the disk tier, the misses are first staged
     (`TieredHost.stage`), so that the disk reads them back to back, then `hint` (`next_layer_hint`; None: none)
     is handed over (`TieredHost.hint`), so that it reads on into the next layer's likely misses.
-    wide: None, or (whole, split) bool [] where the host computes some of the step's experts (`split_misses`,
-    which took them off `distinct`): whole, as `copies_whole` said of the step before the split; split, the host
-    took some, so the layer buffer holds only the device's share (`_own_experts`: its misses fetched one by one,
-    nothing carried past them) instead of the whole layer's copy.
+    whole: `copies_whole` of the step (before the host took its share, where it computes some); split: None, or
+    bool [] where the host computes some of the step's experts (`split_misses`, which took them off `distinct`):
+    then the layer buffer holds only the device's share (`_own_experts`: its misses fetched one by one, nothing
+    carried past them) instead of the whole layer's copy.
     -> (cache, slab, slots, pinned) as `access`, and None or (whole: bool [], the layer's buffer {name: [E, ...]};
     zeros where not whole)."""
     if isinstance(host, TieredHost):  # the disk reads the layer's misses back to back, ahead of their fetches
@@ -293,7 +294,6 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
             distinct = host.hint(hint, distinct)
     fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
     fetched, streamed = fetch_one, None  # (a step of few rows never misses that many: no layer-sized buffer)
-    whole, split = (dc.copies_whole(cache, m, distinct, E, spec.whole_layer_from), None) if wide is None else wide
     if whole is not None:
         # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy); the
         # other branch's zeros cost a write of the layer's bytes in device memory (~0.4 ms for DeepSeek-V2-Lite's).
