@@ -63,6 +63,7 @@ from jax import lax
 
 from moejax.errors import MoejaxError
 from moejax.offload import device_cache as dc
+from moejax.offload.stats import experts_moved
 from moejax.predictors import store
 from moejax.predictors.base import Predictor
 from moejax.predictors.data import load_trace_data
@@ -245,7 +246,7 @@ def lab_row(steps, added: np.ndarray, measured: set[int], expert_bytes: int) -> 
     """Decode totals of the measured sequences from per-step counters."""
     keep = [i for i, (s, kind, _) in enumerate(steps) if kind == "decode" and s in measured]
     total = dict(zip(dc.COUNTERS, added[keep].sum(axis=(0, 1)).tolist(), strict=True))
-    moved = total["misses"] + total["prefetch_issued"] + total["streamed"]
+    moved = experts_moved(total)
     return {"decode_steps": len(keep), "activations": total["activations"], "hits": total["hits"],
             "misses": total["misses"], "hit_rate": total["hits"] / max(total["activations"], 1),
             "bytes_per_token": moved * expert_bytes / len(keep)}

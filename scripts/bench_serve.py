@@ -73,6 +73,7 @@ import numpy as np
 import moejax
 from moejax.errors import MoejaxError
 from moejax.offload.cpu_experts import CPU_EXPERTS
+from moejax.offload.stats import experts_moved
 from moejax.routing.traces import RoutingTrace, load_routing
 from moejax.serving import loadgen
 from moejax.serving.loop import ServingLoop, serving_cache_policy
@@ -132,7 +133,7 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
     return {"batch": batch, "steps": steps, "decode_s": seconds, "step_s": seconds / steps, "step_p50_s": median(times),
             "tokens_per_s": batch * steps / seconds, "bytes_per_step": total["bytes_h2d"] / steps,
             "gb_per_step": total["bytes_h2d"] / steps / GB, "experts_needed_per_step": total["activations"] / steps,
-            "experts_moved_per_step": (total["misses"] + total["prefetch_issued"] + total["streamed"]) / steps,
+            "experts_moved_per_step": experts_moved(total) / steps,
             "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
             "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model")}
 

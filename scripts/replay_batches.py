@@ -27,6 +27,7 @@ import numpy as np
 
 from moejax.cards import load_card
 from moejax.offload import device_cache as dc
+from moejax.offload.stats import experts_moved
 from moejax.routing.traces import RoutingTrace, load_routing
 from scripts.bench_prefetch import lab_replay
 from scripts.benchlib import GB, print_table, write_json
@@ -63,7 +64,7 @@ def run(args) -> list[dict]:
             decoding = [len(warm_up) + i for i, (_, kind, _) in enumerate(measured) if kind == "decode"]
             total = dict(zip(dc.COUNTERS, added[decoding].sum(axis=(0, 1)).tolist(), strict=True))
             steps = args.new_tokens - 1
-            moved = (total["misses"] + total["streamed"]) / steps
+            moved = experts_moved(total) / steps
             rows.append({"batch": batch, "rule": rule, "policy": args.policy, "capacity_experts": capacity,
                          "whole_layer_from": whole_from, "experts_needed_per_step": total["activations"] / steps,
                          "hits_per_step": total["hits"] / steps, "experts_moved_per_step": moved,

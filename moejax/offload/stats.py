@@ -9,10 +9,15 @@ from moejax.models.moe import resolve_expert_compute
 from moejax.offload.device_cache import COUNTERS
 
 
+def experts_moved(counters) -> int:
+    """Experts the link carried, from counter totals by name (`device_cache.COUNTERS`): misses, prefetches issued
+    and the experts a copy of a whole layer carried past its misses (streamed)."""
+    return counters["misses"] + counters["prefetch_issued"] + counters["streamed"]
+
+
 def _entry(row: np.ndarray, expert_bytes: int) -> dict:
     entry = {name: int(value) for name, value in zip(COUNTERS, row, strict=True)}
-    moved = entry["misses"] + entry["prefetch_issued"] + entry["streamed"]
-    entry["bytes_h2d"] = moved * expert_bytes
+    entry["bytes_h2d"] = experts_moved(entry) * expert_bytes
     entry["hit_rate"] = entry["hits"] / entry["activations"] if entry["activations"] else 0.0
     issued, used = entry["prefetch_issued"], entry["prefetch_used"]
     entry["prefetch_precision"] = used / issued if issued else 0.0
@@ -31,8 +36,9 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
 
     Per entry: activations (distinct experts needed per layer step), hits, misses, hit_rate, evictions,
     prefetch_issued / prefetch_used / prefetch_wasted (prefetch_staged: issued from the host's picks),
-    prefetch_precision (used / issued), prefetch_recall (used / (used + misses)), streamed (dense-offload:
-    experts copied without being used) and bytes_h2d (everything the step programs moved from the host).
+    prefetch_precision (used / issued), prefetch_recall (used / (used + misses)), streamed (experts copied without
+    being used: dense-offload's, and those a wide step's whole-layer copy carries past its misses) and bytes_h2d
+    (everything the step programs moved from the host).
     host_wait_s: seconds the host waited for step results (the device was busy: computing or moving experts).
     expert_compute: the spec's (`engine.decoder_programs`), with its capacity_factor where it is 'capacity'
     (approximate); decode_expert_compute: what it computes a one-token step with ('auto' resolved);

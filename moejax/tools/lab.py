@@ -39,6 +39,7 @@ from moejax.offload import device_cache as dc
 from moejax.offload.config import OffloadConfig
 from moejax.offload.manager import OffloadManager
 from moejax.offload.replay import BeladyFuture, Replayer, prefill_chunk_tokens, schedule
+from moejax.offload.stats import experts_moved
 from moejax.progress import Progress
 from moejax.routing.eams import EAMCollection
 from moejax.routing.traces import RoutingTrace
@@ -170,7 +171,7 @@ def replay(trace: RoutingTrace, *, capacity_fraction: float, policy: str, prefet
     total = dict(zip(dc.COUNTERS, replayer.counters().sum(axis=0).tolist(), strict=True))
     progress.close()
     hits, misses, used, issued = total["hits"], total["misses"], total["prefetch_used"], total["prefetch_issued"]
-    moved = misses + issued + total["streamed"]
+    moved = experts_moved(total)
     result = {
         "policy": policy,
         "prefetch": prefetch,
