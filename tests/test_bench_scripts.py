@@ -121,8 +121,9 @@ def test_misses_moved_out_of_a_whole_layer_change_no_token():
     `whole_layer_from` experts (`decoder_programs.admit_misses`: prompt chunks of 12 tokens need up to 64 experts a
     layer, decode steps 6) gives the tokens and routing of one fetching every miss by itself, with trace+lookahead
     (staged and guessed installs beside it; the counts differ: a wide step evicts nothing, the next test); the
-    experts carried past count as streamed; and no compiled program copies the slab (a first version, the slab under
-    the lax.cond, copied it in every prefill)."""
+    experts carried past count as streamed; no compiled program copies the slab (a first version, the slab under
+    the lax.cond, copied it in every prefill); and no layer step writes a layer buffer of zeros (the buffer is handed
+    on from layer to layer, `ExpertInputs.layer_buffer`)."""
     cfg = tiny_widths(load_card("deepseek-v2-lite", num_layers=6))  # 5 MoE layers of 64 experts
     trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[30], seed=2)
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
@@ -137,10 +138,14 @@ def test_misses_moved_out_of_a_whole_layer_change_no_token():
         results.append((engine.spec.whole_layer_from, result.tokens, engine.routing(0)[0], result.stats["total"]))
     # The slab stays in place: the condition chooses only the layer buffer (a slab inside a lax.cond was copied).
     slab_shapes = {f"bf16[{engine.cache.num_slots},{','.join(map(str, w.shape[1:]))}]" for w in engine.slab.values()}
+    layer_shapes = {f"bf16[{cfg.num_experts},{','.join(map(str, w.shape[1:]))}]" for w in engine.slab.values()}
     for key, compiled in engine._compiled.items():
-        copies = [line for line in compiled.as_text().splitlines() if " copy(" in line
-                  and any(f"= {shape}" in line for shape in slab_shapes)]
+        lines = compiled.as_text().splitlines()
+        copies = [line for line in lines if " copy(" in line and any(f"= {shape}" in line for shape in slab_shapes)]
         assert not copies, (key[0], copies[:2])
+        zeros = [line for line in lines if "broadcast" in line and "while/body" in line
+                 and any(f"= {shape}" in line for shape in layer_shapes)]
+        assert not zeros, (key[0], zeros[:2])
     (none, tokens, routing, counts), (threshold, tokens_whole, routing_whole, counts_whole) = results
     assert none is None and threshold == 39  # 60% of 64 experts; the 288 slots hold more than four layers
     assert tokens == tokens_whole and np.array_equal(routing, routing_whole)

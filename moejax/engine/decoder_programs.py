@@ -161,6 +161,10 @@ class ExpertInputs:
     host: tuple
     staged_keys: jax.Array | None = None
     priorities: dc.Priorities | None = None
+    # cached mode, steps wide enough to copy a layer whole: a layer-sized buffer {name: [E, ...]} that the layer
+    # steps hand on to each other (`layer_buffer`), written only by a step that copies its layer (or shares it with
+    # the host); None: each layer step makes its own, which costs a write of zeros where it copies nothing
+    layer_buffer: dict | None = None
 
 
 def distinct_size(cfg: ModelConfig, tokens: int) -> int:
@@ -205,7 +209,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
     numbering; ids E: not this device's pairs, weight 0)."""
     L = len(spec.moe_layers)
     distinct = dc.distinct_experts(ids, valid_rows, E, min(ids.size, E))
-    cache, slab, streamed = experts.cache, experts.slab, None
+    cache, slab, streamed, buffer = experts.cache, experts.slab, None, experts.layer_buffer
     if spec.mode == "resident":
         real = distinct < E
         slots = jnp.where(real, m * E + distinct, -1)
@@ -226,7 +230,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         if spec.tier_hints and guess is not None and isinstance(host, TieredHost):
             hint = next_layer_hint(cache, m, L, E, guess, valid_rows)
         cache, slab, slots, pinned, streamed = admit_misses(spec, E, m, host, cache, slab, distinct,
-                                                            experts.priorities, hint, whole, split)
+                                                            experts.priorities, hint, whole, split, buffer)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
@@ -249,6 +253,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         return out, dataclasses.replace(experts, cache=cache)
     if streamed is not None:  # a layer copied whole is computed out of the copy
         whole, layer = streamed
+        buffer = layer if buffer is not None else None
         out = lax.cond(whole, lambda: _compute(spec, moe_in, ids, weights, distinct,
                                                jnp.where(distinct < E, distinct, -1), layer, valid_rows),
                        lambda: _compute(spec, moe_in, ids, weights, distinct, slots, slab, valid_rows))
@@ -257,7 +262,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
     if spec.mode == "cached" and spec.cpu_experts is not None:
         out, ticket = lax.optimization_barrier((out, ticket))  # the host's result is waited for after the device's
         out = out + host_finish(spec.cpu_experts, ticket, out.shape)
-    return out, dataclasses.replace(experts, cache=cache, slab=slab)
+    return out, dataclasses.replace(experts, cache=cache, slab=slab, layer_buffer=buffer)
 
 
 def next_layer_hint(cache, m, L: int, E: int, guess, valid_rows):
@@ -270,7 +275,7 @@ def next_layer_hint(cache, m, L: int, E: int, guess, valid_rows):
 
 
 def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities, hint=None, whole=None,
-                 split=None):
+                 split=None, buffer=None):
     """MoE layer m's `device_cache.access` for the distinct experts it needs (int32 [U]), each miss moved from the
     host tier: fetched by itself, or, when the layer misses at least `spec.whole_layer_from` of them, out of one
     copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). An expert at an
@@ -284,9 +289,10 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     whole: `copies_whole` of the step (before the host took its share, where it computes some); split: None, or
     bool [] where the host computes some of the step's experts (`split_misses`, which took them off `distinct`):
     then the layer buffer holds only the device's share (`_own_experts`: its misses fetched one by one, nothing
-    carried past them) instead of the whole layer's copy.
+    carried past them) instead of the whole layer's copy. buffer: the layer buffer the layer steps hand on
+    (`ExpertInputs.layer_buffer`), written in place of a new one; None: a new one (zeros where nothing is copied).
     -> (cache, slab, slots, pinned) as `access`, and None or (whole: bool [], the layer's buffer {name: [E, ...]};
-    zeros where not whole)."""
+    where not whole: zeros, or the buffer as it came, unread)."""
     if isinstance(host, TieredHost):  # the disk reads the layer's misses back to back, ahead of their fetches
         missing = (distinct < E) & (dc.resident_slots(cache, m, distinct, E) < 0)
         distinct = host.stage(jnp.where(missing, m * E + distinct, -1), distinct)
@@ -295,12 +301,14 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
     fetched, streamed = fetch_one, None  # (a step of few rows never misses that many: no layer-sized buffer)
     if whole is not None:
-        # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy); the
-        # other branch's zeros cost a write of the layer's bytes in device memory (~0.4 ms for DeepSeek-V2-Lite's).
-        sources = [lambda: zero_experts(host[0], E), lambda: _host_layer(host, m, fetch_all)]
+        # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy). A
+        # buffer of its own would cost the other branch a write of the layer's bytes in zeros at every layer step;
+        # the handed-on one passes through unwritten.
+        unused = (lambda: buffer) if buffer is not None else (lambda: zero_experts(host[0], E))
+        sources = [unused, lambda: _host_layer(host, m, fetch_all)]
         choice = whole.astype(jnp.int32)
         if split is not None:
-            sources.append(lambda: _own_experts(host, m, cache, slab, distinct, E))
+            sources.append(lambda: _own_experts(host, m, cache, slab, distinct, E, unused()))
             choice = choice + split
         layer = lax.switch(choice, sources)
         fetched = lambda e: lax.cond(  # noqa: E731
@@ -312,10 +320,10 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
                        slab=slab, whole=whole, carried=None if split is None else ~split), streamed)
 
 
-def _own_experts(host, m, cache, slab, distinct, E: int) -> dict:
-    """A layer-sized buffer {name: [E, ...]} holding MoE layer m's experts `distinct` (int32 [U], padded with E) at
-    their own indices, zeros elsewhere: the misses fetched from the host tier one by one, the hits copied out of
-    the slab (a wide step the host shares: `admit_misses`)."""
+def _own_experts(host, m, cache, slab, distinct, E: int, layer: dict) -> dict:
+    """The layer-sized buffer `layer` {name: [E, ...]} with MoE layer m's experts `distinct` (int32 [U], padded with
+    E) written at their own indices (the rest as it was, unread): the misses fetched from the host tier one by one,
+    the hits copied out of the slab (a wide step the host shares: `admit_misses`)."""
     slots = dc.resident_slots(cache, m, distinct, E)
     real = distinct < E
     miss = real & (slots < 0)
@@ -324,7 +332,7 @@ def _own_experts(host, m, cache, slab, distinct, E: int) -> dict:
     from_host = lambda i, layer: write_slot(layer, expert(i), host_expert(host, m, expert(i)))  # noqa: E731
     from_slab = lambda i, layer: write_slot(layer, expert(i), {  # noqa: E731
         name: lax.dynamic_index_in_dim(w, slots[order[i]], keepdims=False) for name, w in slab.items()})
-    layer = lax.fori_loop(0, miss.sum(), from_host, zero_experts(host[0], E))
+    layer = lax.fori_loop(0, miss.sum(), from_host, layer)
     return lax.fori_loop(miss.sum(), real.sum(), from_slab, layer)
 
 
@@ -386,6 +394,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
     experts = install_staged(spec, experts)
     x = EmbedHead(cfg).apply({"params": params["globals"]}, tokens, method=EmbedHead.embed_tokens)
     valid_rows = valid.reshape(-1)
+    experts = dataclasses.replace(experts, layer_buffer=layer_buffer(spec, experts.host, valid_rows.shape[0]))
     kv_caches, routing, guesses = list(kv_caches), [], []
     attend = functools.partial(DecoderLayer.attend, positions=positions, slot_ids=slot_ids, attend_len=attend_len)
     for s, segment in enumerate(spec.segments):
@@ -408,7 +417,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
             continue
 
         def moe(carry, xs, layer_at=layer_at, segment=segment):
-            x, kv, cache, slab = carry
+            x, kv, cache, slab, buffer = carry
             p, following, i = xs
             layer = layer_at(i)
             h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
@@ -425,17 +434,17 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
                 else:
                     _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
             m = segment.first_moe + i
-            routed, out = routed_moe(spec, m, dataclasses.replace(experts, cache=cache, slab=slab), moe_in, ids, weights,
-                                     valid_rows, guess, counted=counts_after_scan(spec))
+            routed, out = routed_moe(spec, m, dataclasses.replace(experts, cache=cache, slab=slab, layer_buffer=buffer),
+                                     moe_in, ids, weights, valid_rows, guess, counted=counts_after_scan(spec))
             x = layer.apply({"params": p}, h, moe_in, routed, method=DecoderLayer.finish)
             if guess is not None:  # the last MoE layer has no next router to guess for
                 guess = jnp.where(m + 1 < len(spec.moe_layers), guess, -1)
-            return (x, kv, out.cache, out.slab), (ids, guess)
+            return (x, kv, out.cache, out.slab, out.layer_buffer), (ids, guess)
 
         xs = (params["segments"][s], params["next_router"][s], jnp.arange(segment.count))
-        (x, kv_caches[s], cache, slab), (ids, guess) = lax.scan(moe, (x, kv_caches[s], experts.cache, experts.slab), xs,
-                                                                unroll=spec.unroll_layers)
-        experts = dataclasses.replace(experts, cache=cache, slab=slab)
+        carry = (x, kv_caches[s], experts.cache, experts.slab, experts.layer_buffer)
+        (x, kv_caches[s], cache, slab, buffer), (ids, guess) = lax.scan(moe, carry, xs, unroll=spec.unroll_layers)
+        experts = dataclasses.replace(experts, cache=cache, slab=slab, layer_buffer=buffer)
         routing.append(ids)
         guesses.append(guess)
     routing = jnp.concatenate(routing)
@@ -444,6 +453,16 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
                                    (dc.ACTIVATIONS, dc.HITS))
         experts = dataclasses.replace(experts, cache=experts.cache.replace(counters=counters))
     return x, experts, kv_caches, routing, jnp.concatenate(guesses) if spec.computes_guesses else None
+
+
+def layer_buffer(spec: ProgramSpec, host, rows: int) -> dict | None:
+    """The layer buffer the cached MoE layer steps of a step of `rows` token rows hand on (`ExpertInputs.layer_buffer`):
+    zeros {name: [E, ...]} where the step is wide enough to copy a layer whole (`device_cache.copies_whole`) on one
+    device; else None."""
+    wide = spec.whole_layer_from is not None and distinct_size(spec.cfg, rows) >= spec.whole_layer_from
+    if spec.mode != "cached" or spec.expert_parallel is not None or not wide:
+        return None
+    return zero_experts(host[0], spec.cfg.num_experts)
 
 
 def resident_keys(spec: ProgramSpec, cache: dc.CacheState):
