@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 import jax
@@ -34,6 +35,10 @@ TORCH_ACTIVATIONS = {"silu": ("silu", {}), "swish": ("silu", {}), "gelu": ("gelu
                      "gelu_new": TANH, "gelu_pytorch_tanh": TANH}
 
 
+TORCH_THREADS = max(1, (os.cpu_count() or 1) - 2)
+_this_thread = threading.local()
+
+
 @functools.cache
 def torch_module():
     """torch, or None where it is not importable. Its intra-op threads leave two cores to the process's other
@@ -43,8 +48,18 @@ def torch_module():
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - 2))
+    torch.set_num_threads(TORCH_THREADS)
     return torch
+
+
+def _threads_set_here() -> None:
+    """Sets torch's thread count once in the calling thread. Without it, in a thread torch did not start (the
+    runtime's, where an inline host callback computes its experts), the same step's float32 host output differed
+    in its last bits from run to run on a loaded 2-core CPU (why, inside torch's threading, is not known); with it,
+    none did."""
+    if not getattr(_this_thread, "threads_set", False):
+        torch_module().set_num_threads(TORCH_THREADS)
+        _this_thread.threads_set = True
 
 
 def usable(dtypes: dict) -> bool:
@@ -130,6 +145,7 @@ def torch_expert_ffn(x: np.ndarray, weights: dict, act) -> np.ndarray:
     gated_activation(x @ gate + gate_bias, x @ up + up_bias) @ down + down_bias (plain: act(x @ up + up_bias)),
     as `models.moe.expert_ffn`, with the products in the weights' dtype (the module's docstring)."""
     torch = torch_module()
+    _threads_set_here()
     dtype = next(w.dtype for name, w in weights.items() if name.endswith((LINEAR, STORED)))
     with torch.inference_mode():
         rows = torch.from_numpy(np.array(x, np.float32)).to(dtype)
