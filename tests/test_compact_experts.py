@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +229,30 @@ def test_the_cost_model_times_the_host_on_experts_read_from_memory(monkeypatch):
     assert set(computed) == {(m, e) for m in range(2) for e in range(3)}  # all 6, cycled through
     assert computed[:6] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert experts.cost.round_trip_s >= 0 and experts.cost.host_fixed_s + experts.cost.host_per_token_s > 0
+
+
+@pytest.mark.parametrize("slow_rounds,warned", [(0, False), (1, False), (2, True)])
+def test_a_slow_host_is_timed_again_and_named(monkeypatch, caplog, slow_rounds, warned):
+    """measure() times a host that reads a 64 MiB expert at under 2 GB/s a second time and keeps the faster times;
+    one still that slow gets a warning naming its rate (a busy host would otherwise silently get few experts)."""
+    rng = np.random.default_rng(0)
+    stacks = [{name: rng.standard_normal((2,) + shape).astype(np.float32)
+               for name, shape in (("gate", (16, 8)), ("up", (16, 8)), ("down", (8, 16)))}]
+    calls, per_round = [], 2 * (1 + 3 + 2)  # two row counts, each one untimed call and repeats + 2 timed ones
+    real = HostExperts.expert_output
+
+    def timed(self, *args):
+        calls.append(1)
+        if len(calls) <= slow_rounds * per_round:
+            time.sleep(0.05)  # 64 MiB in 50 ms: 1.3 GB/s
+        return real(self, *args)
+
+    monkeypatch.setattr(HostExperts, "expert_output", timed)
+    with caplog.at_level(logging.WARNING, logger="moejax.offload.cpu_experts"):
+        experts = host_experts(tuple(stacks), stacks, "silu", 64 << 20, None, 8)
+    assert len(calls) == (per_round if slow_rounds == 0 else 2 * per_round)
+    assert (experts.cost.host_fixed_s > 0.04) == warned
+    assert ("cpu_experts: the host computed one 64.0 MiB expert in" in caplog.text) == warned
 
 
 @pytest.mark.parametrize("dtype,fmt,library,tolerance", [(jnp.float32, None, "auto", 1e-6),
