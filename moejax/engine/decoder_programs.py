@@ -459,7 +459,7 @@ def layer_buffer(spec: ProgramSpec, host, rows: int) -> dict | None:
     """The layer buffer the cached MoE layer steps of a step of `rows` token rows hand on (`ExpertInputs.layer_buffer`):
     zeros {name: [E, ...]} where the step is wide enough to copy a layer whole (`device_cache.copies_whole`) on one
     device; else None."""
-    wide = spec.whole_layer_from is not None and distinct_size(spec.cfg, rows) >= spec.whole_layer_from
+    wide = dc.can_copy_whole(distinct_size(spec.cfg, rows), spec.whole_layer_from)
     if spec.mode != "cached" or spec.expert_parallel is not None or not wide:
         return None
     return zero_experts(host[0], spec.cfg.num_experts)

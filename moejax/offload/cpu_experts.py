@@ -376,7 +376,7 @@ def measure(host: HostExperts, source, expert_bytes: int, repeats: int = 3,
 
     times = host_times()
     if _slow_host(expert_bytes, times[0]):  # busy for a moment? the faster of two tries
-        times = [min(first, second) for first, second in zip(times, host_times())]
+        times = [min(before, again) for before, again in zip(times, host_times())]
         if _slow_host(expert_bytes, times[0]):
             log.warning(f"cpu_experts: the host computed one {expert_bytes / 2**20:.1f} MiB expert in "
                         f"{times[0] * 1e3:.2f} ms ({expert_bytes / times[0] / 1e9:.2f} GB/s), twice; a host this slow "

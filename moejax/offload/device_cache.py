@@ -298,12 +298,18 @@ def whole_layer_from(num_experts: int, num_slots: int, fetch_times: tuple[float,
     return fewest if fewest <= num_experts else None
 
 
+def can_copy_whole(distinct: int, whole_from: int | None) -> bool:
+    """Whether a layer step whose distinct-expert list has `distinct` entries may copy its layer whole (static: the
+    list's length, not what it holds; `copies_whole` says whether it does)."""
+    return whole_from is not None and distinct >= whole_from
+
+
 def copies_whole(state: CacheState, layer, experts, num_experts: int, whole_from: int | None):
     """Whether MoE layer `layer`'s step needing `experts` (int32 [U], as `access`) moves the whole layer: it needs at
     least `whole_from` experts (a wide step) and misses that many, or more than the empty slots hold (a wide step
     evicts nothing, `access`). None where whole_from is None or U below it: never. -> bool [] or None (`access`'s
     `whole`)."""
-    if whole_from is None or experts.shape[0] < whole_from:
+    if not can_copy_whole(experts.shape[0], whole_from):
         return None
     real = experts < num_experts
     missing = jnp.sum(resident_slots(state, layer, experts, num_experts) < 0, where=real)
