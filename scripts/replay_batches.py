@@ -10,10 +10,14 @@ cache holds --budget of the model's experts, under --policy (lru, lfu, fifo or l
               empty slots hold, and evicts nothing (`device_cache.copies_whole`)
   one-by-one  every miss fetched by itself and admitted by evicting the policy's victim
 Per row, per decode step: the experts needed (union of the batch's choices, summed over MoE layers), hits,
-experts moved (misses + those a whole copy carried past), evictions, and the bytes moved at the card's expert size.
+experts moved (misses + those a whole copy carried past), evictions, the bytes moved at the card's expert size, and
+the link's time in single fetches (a whole copy counted as `whole_layer_from` of them, the engine's own measure of
+its time: the step's time where the link sets it, in the unit of one miss's fetch). --whole-from: the threshold the
+engine measured on its GPU at load (bench_serve's JSON names it) instead of device_cache's default.
 Counts do not depend on the machine: they are the engine's on the same routing (tests hold the lab to the engine).
 
   PYTHONPATH=. python scripts/replay_batches.py --traces .data/traces/deepseek_v2_lite_prefill.npz --out replay.json
+  PYTHONPATH=. python scripts/replay_batches.py --traces ... --batches 64 --whole-from 51  # the H100's of 12-07
 """
 
 from __future__ import annotations
@@ -51,13 +55,15 @@ def run(args) -> list[dict]:
     capacity = int(args.budget * L * E)
     needed = args.prompt_len + args.new_tokens - 1
     long_enough = [s for s in range(trace.num_sequences) if trace.seq_lens[s] >= needed]
+    if args.whole_from is not None and not 1 <= args.whole_from <= E:
+        raise SystemExit(f"--whole-from {args.whole_from}: must be 1 to the trace's {E} experts a layer")
     rows = []
     for batch in args.batches:
         if len(long_enough) < 2 * batch:
             raise SystemExit(f"--traces {args.traces}: {len(long_enough)} sequences of >= {needed} tokens, fewer "
                              f"than 2 x batch {batch}")
         for rule in RULES:
-            whole_from = dc.whole_layer_from(E, capacity) if rule == "engine" else None
+            whole_from = None if rule != "engine" else args.whole_from or dc.whole_layer_from(E, capacity)
             warm_up = batch_steps(trace, long_enough[batch : 2 * batch], args.prompt_len, args.new_tokens)
             measured = batch_steps(trace, long_enough[:batch], args.prompt_len, args.new_tokens)
             added = lab_replay(warm_up + measured, capacity, E, args.policy, jax.devices("cpu")[0], whole_from)
@@ -65,10 +71,15 @@ def run(args) -> list[dict]:
             total = dict(zip(dc.COUNTERS, added[decoding].sum(axis=(0, 1)).tolist(), strict=True))
             steps = args.new_tokens - 1
             moved = experts_moved(total) / steps
+            # the link's time in single fetches: a layer step moving whole_from or more copied its layer whole,
+            # which takes as long as whole_from fetches (`device_cache.whole_layer_from`)
+            per_layer = added[decoding][..., dc.MISSES] + added[decoding][..., dc.STREAMED]
+            fetches = np.minimum(per_layer, whole_from or per_layer.max(initial=0)).sum() / steps
             rows.append({"batch": batch, "rule": rule, "policy": args.policy, "capacity_experts": capacity,
                          "whole_layer_from": whole_from, "experts_needed_per_step": total["activations"] / steps,
                          "hits_per_step": total["hits"] / steps, "experts_moved_per_step": moved,
-                         "evictions_per_step": total["evictions"] / steps, "gb_per_step": moved * expert_bytes / GB})
+                         "evictions_per_step": total["evictions"] / steps, "gb_per_step": moved * expert_bytes / GB,
+                         "fetch_times_per_step": fetches})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -81,6 +92,9 @@ def main() -> None:
     parser.add_argument("--batches", type=lambda text: [int(b) for b in text.split(",")], default=[1, 16, 64])
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--whole-from", type=int, default=None,
+                        help="the engine rule's `whole_layer_from` (default: device_cache's, unmeasured; the GPU "
+                             "engine measures its own at load: bench_serve's JSON names it)")
     parser.add_argument("--policy", default="lru", choices=("lru", "lfu", "fifo", "lifo"))
     parser.add_argument("--out", type=Path, default=Path("replay_batches.json"))
     args = parser.parse_args()
@@ -90,7 +104,8 @@ def main() -> None:
     write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     print_table(rows, [("batch", "batch", "d"), ("rule", "rule", "s"), ("experts_needed_per_step", "needed/step", ".1f"),
                        ("hits_per_step", "hits/step", ".1f"), ("experts_moved_per_step", "moved/step", ".1f"),
-                       ("evictions_per_step", "evictions/step", ".1f"), ("gb_per_step", "GB/step", ".2f")])
+                       ("evictions_per_step", "evictions/step", ".1f"),
+                       ("fetch_times_per_step", "fetch times/step", ".1f"), ("gb_per_step", "GB/step", ".2f")])
 
 
 if __name__ == "__main__":

@@ -201,12 +201,17 @@ def test_replay_batches_counts_a_wide_batch_moving_less_under_the_engines_rule(t
     trace = random_trace(8, 64, 6, seq_lens=[12] * 40, seed=5)
     np.savez(tmp_path / "routing.npz", experts=trace.experts, seq_lens=trace.seq_lens)
     args = argparse.Namespace(traces=tmp_path / "routing.npz", card="deepseek-v2-lite", budget=0.5, batches=[1, 16],
-                              prompt_len=4, new_tokens=8, policy="lru")
+                              prompt_len=4, new_tokens=8, policy="lru", whole_from=None)
     rows = {(r["batch"], r["rule"]): r for r in run(args)}
     wide, lru = rows[16, "engine"], rows[16, "one-by-one"]
     assert wide["whole_layer_from"] == 39 and lru["whole_layer_from"] is None
     assert wide["hits_per_step"] > 10 * lru["hits_per_step"]
     assert wide["experts_moved_per_step"] < 0.8 * lru["experts_moved_per_step"]
+    # a whole copy takes the time of whole_from fetches: the link time, in fetches, is below the experts moved
+    assert wide["fetch_times_per_step"] < wide["experts_moved_per_step"]
+    assert lru["fetch_times_per_step"] == lru["experts_moved_per_step"]
+    args.whole_from = 60  # a slower whole copy: fewer layer steps copy their layer
+    assert run(args)[2]["whole_layer_from"] == 60
     assert rows[1, "engine"]["experts_needed_per_step"] == rows[1, "one-by-one"]["experts_needed_per_step"]
 
 
