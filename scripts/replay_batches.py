@@ -74,7 +74,7 @@ def run(args) -> list[dict]:
             # the link's time in single fetches: a layer step moving whole_from or more copied its layer whole,
             # which takes as long as whole_from fetches (`device_cache.whole_layer_from`)
             per_layer = added[decoding][..., dc.MISSES] + added[decoding][..., dc.STREAMED]
-            fetches = np.minimum(per_layer, whole_from or per_layer.max(initial=0)).sum() / steps
+            fetches = (per_layer if whole_from is None else np.minimum(per_layer, whole_from)).sum() / steps
             rows.append({"batch": batch, "rule": rule, "policy": args.policy, "capacity_experts": capacity,
                          "whole_layer_from": whole_from, "experts_needed_per_step": total["activations"] / steps,
                          "hits_per_step": total["hits"] / steps, "experts_moved_per_step": moved,
