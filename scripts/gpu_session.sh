@@ -66,7 +66,7 @@ if [ "${SMOKE:-}" = 1 ]; then
     PROFILE_ARGS=(--card olmoe-1b-7b --layers 1 --prompt-len 8 --new-tokens 4)
     MISSFETCH_ARGS=(--dims tiny --repeats 2 --misses 6,9)
 fi
-CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-140} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160} SERVE_S=${SERVE_S:-540}
+CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-165} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160} SERVE_S=${SERVE_S:-540}
 SSD_S=${SSD_S:-580} COMPACT_S=${COMPACT_S:-540} FAMILIES_S=${FAMILIES_S:-380} KERNEL_S=${KERNEL_S:-120}
 PROFILE_S=${PROFILE_S:-90} MISSFETCH_S=${MISSFETCH_S:-75}
 # missfetch-lhs: copies of host memory as asynchronous copy-start/copy-done that the scheduler may move across a loop's
