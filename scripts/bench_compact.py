@@ -80,6 +80,7 @@ def run_config(cfg, dense, stacks, fmt: ExpertFormat, mode: str, budget: str | N
         "decode_bytes_per_token": decode["bytes_h2d"] / max(decode["steps"], 1),
         "cpu_experts_computed": host.get("experts"), "cpu_tokens": host.get("tokens"), "cpu_seconds": host.get("seconds"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
+        "cpu_x_cost_model": host.get("x_cost_model"),
         "cpu_library": host.get("library"),
         "tokens": result.tokens[0],
     }

@@ -18,8 +18,8 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             union of its tokens' choices, summed over MoE layers) and moves, bytes moved per step, its
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
             copies as the other benchmarks do), step time / link floor and tokens/s / batch 1's (of the same
-            policy and --cpu-experts value); with cpu experts, the experts the host computed per step and its
-            seconds.
+            policy and --cpu-experts value); with cpu experts, the experts the host computed per step, its
+            seconds, and those over the cost model's estimate of them (cpu_x_cost_model, JSON only).
 gating      `scripts/bench_gating.py` (`add_arguments(parser)`, `run(args) -> rows`): dynamic gating vs
             capacity padding. Its options are accepted here too; without the module the part reports
             that it is missing.
@@ -135,7 +135,8 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
             "gb_per_step": total["bytes_h2d"] / steps / GB, "experts_needed_per_step": total["activations"] / steps,
             "experts_moved_per_step": experts_moved(total) / steps,
             "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
-            "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model")}
+            "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model"),
+            "cpu_x_cost_model": host.get("x_cost_model")}
 
 
 def routing_for(cfg, path: str, tiny: bool) -> RoutingTrace:

@@ -255,6 +255,28 @@ def test_a_slow_host_is_timed_again_and_named(monkeypatch, caplog, slow_rounds, 
     assert ("cpu_experts: the host computed one 64.0 MiB expert in" in caplog.text) == warned
 
 
+@pytest.mark.parametrize("host_fixed_s,noted", [(1e-9, True), (10.0, False)])
+def test_a_host_slower_in_the_steps_than_its_cost_model_is_named(caplog, host_fixed_s, noted):
+    """stats() reports the host's seconds in the steps over the cost model's estimate of them (x_cost_model); past
+    1.5x over 16 experts or more, a note says so, once (on an H100's host `auto` ran slower than copying at 1.59x)."""
+    rng = np.random.default_rng(0)
+    stacks = [{name: rng.standard_normal((4,) + shape).astype(np.float32)
+               for name, shape in (("gate", (16, 8)), ("up", (16, 8)), ("down", (8, 16)))}]
+    experts = HostExperts.from_stacks(stacks, "silu", 8)
+    experts.cost = CostModel(64, 1e9, host_fixed_s, 0.0)
+    x, ids = rng.standard_normal((2, 16)).astype(np.float32), np.asarray([[0, 1], [2, 3]], np.int32)
+    with caplog.at_level(logging.WARNING, logger="moejax.offload.cpu_experts"):
+        for _ in range(3):  # 4 experts a call: 12, under 16
+            experts.compute(0, x, ids, np.ones((2, 2), np.float32), np.ones(4, bool))
+        assert experts.stats()["x_cost_model"] is not None and "cpu_experts: the host took" not in caplog.text
+        for _ in range(5):  # 32 experts in all
+            experts.compute(0, x, ids, np.ones((2, 2), np.float32), np.ones(4, bool))
+        stats, again = experts.stats(), experts.stats()
+    assert stats["experts"] == 32 and (stats["x_cost_model"] > 1.5) is noted and again["x_cost_model"] > 0
+    assert caplog.text.count("cpu_experts: the host took") == int(noted)
+    assert "x_cost_model" not in HostExperts.from_stacks(stacks, "silu", 8).stats()  # no cost model, no ratio
+
+
 @pytest.mark.parametrize("dtype,fmt,library,tolerance", [(jnp.float32, None, "auto", 1e-6),
                                                          (jnp.float32, None, "xla", 1e-6),
                                                          (jnp.bfloat16, None, "xla", 1e-2),

@@ -77,6 +77,9 @@ HOST_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))  # host experts, and r
 # several GB/s from memory); it is timed again, and a warning says so if it stays that slow
 SLOW_HOST_JUDGED_BYTES = 1 << 20
 SLOW_HOST_BYTES_PER_S = 2e9
+# The steps' host time against the cost model's estimate of it: past this ratio, over at least that many experts, a
+# note says the model underestimates the host (on an H100's host, 12-07: 1.59x, and `auto` ran slower than copying).
+OVER_MODEL_RATIO, OVER_MODEL_EXPERTS = 1.5, 16
 log = logging.getLogger(__name__)
 
 
@@ -141,6 +144,7 @@ class HostExperts:
         self._tickets = itertools.cycle(range(1 << 30))
         self.cpu = jax.devices("cpu")[0]
         self.cost: CostModel | None = None
+        self._noted_over_model = False  # the note of `stats` is logged once
         self._lock = threading.Lock()
         self.reset()
 
@@ -182,10 +186,25 @@ class HostExperts:
         return self.cost.host_token_limit(self.most_tokens) if self.cost is not None else 0
 
     def stats(self) -> dict:
+        """Experts computed, their tokens and seconds (the host's wall time in the steps), the library, the token
+        limit and the cost model, and x_cost_model: those seconds over the model's estimate of them (> 1: the host
+        ran slower in the steps than measured at load; logged once past OVER_MODEL_RATIO)."""
         with self._lock:
             counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds}
-        return {**counts, "library": self.library, "token_limit": self.token_limit,
-                **({"cost_model": self.cost.describe()} if self.cost else {})}
+        out = {**counts, "library": self.library, "token_limit": self.token_limit}
+        if self.cost is None:
+            return out
+        modeled = counts["experts"] * self.cost.host_fixed_s + counts["tokens"] * self.cost.host_per_token_s
+        ratio = counts["seconds"] / modeled if modeled > 0 and counts["experts"] else None
+        if ratio is not None and ratio > OVER_MODEL_RATIO and counts["experts"] >= OVER_MODEL_EXPERTS \
+                and not self._noted_over_model:
+            self._noted_over_model = True
+            fixed_ms, per_token_us = self.cost.host_fixed_s * 1e3, self.cost.host_per_token_s * 1e6
+            log.warning(f"cpu_experts: the host took {counts['seconds'] / counts['experts'] * 1e3:.2f} ms an expert in "
+                        f"the steps, {ratio:.2f}x the cost model's estimate from its measure at load "
+                        f"({fixed_ms:.3g} ms + tokens x {per_token_us:.3g} us): the model sends it more than it "
+                        "should; compare with --cpu-experts off")
+        return {**out, "cost_model": self.cost.describe(), "x_cost_model": ratio}
 
     def expert_output(self, layer: int, expert: int, rows: np.ndarray, parts: int = 1) -> np.ndarray | None:
         """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU: by torch, or by
