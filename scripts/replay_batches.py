@@ -68,12 +68,13 @@ def run(args) -> list[dict]:
             measured = batch_steps(trace, long_enough[:batch], args.prompt_len, args.new_tokens)
             added = lab_replay(warm_up + measured, capacity, E, args.policy, jax.devices("cpu")[0], whole_from)
             decoding = [len(warm_up) + i for i, (_, kind, _) in enumerate(measured) if kind == "decode"]
-            total = dict(zip(dc.COUNTERS, added[decoding].sum(axis=(0, 1)).tolist(), strict=True))
+            decoded = added[decoding]  # [decode steps, L, counters]
+            total = dict(zip(dc.COUNTERS, decoded.sum(axis=(0, 1)).tolist(), strict=True))
             steps = args.new_tokens - 1
             moved = experts_moved(total) / steps
             # the link's time in single fetches: a layer step moving whole_from or more copied its layer whole,
             # which takes as long as whole_from fetches (`device_cache.whole_layer_from`)
-            per_layer = added[decoding][..., dc.MISSES] + added[decoding][..., dc.STREAMED]
+            per_layer = decoded[..., dc.MISSES] + decoded[..., dc.STREAMED]
             fetches = (per_layer if whole_from is None else np.minimum(per_layer, whole_from)).sum() / steps
             rows.append({"batch": batch, "rule": rule, "policy": args.policy, "capacity_experts": capacity,
                          "whole_layer_from": whole_from, "experts_needed_per_step": total["activations"] / steps,

@@ -195,7 +195,7 @@ class HostExperts:
         if self.cost is None:
             return out
         modeled = counts["experts"] * self.cost.host_fixed_s + counts["tokens"] * self.cost.host_per_token_s
-        ratio = counts["seconds"] / modeled if modeled > 0 and counts["experts"] else None
+        ratio = counts["seconds"] / modeled if modeled > 0 else None
         if ratio is not None and ratio > OVER_MODEL_RATIO and counts["experts"] >= OVER_MODEL_EXPERTS \
                 and not self._noted_over_model:
             self._noted_over_model = True
