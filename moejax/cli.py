@@ -33,6 +33,7 @@ FLAGS = {
     "prefetch_per_layer": "--prefetch-per-layer", "prefetch_per_step": "--prefetch-per-step",
     "prefetch_floor": "--prefetch-floor", "traces": "--traces", "max_seq_len": "--max-seq-len",
     "prefill_chunk": "--prefill-chunk", "expert_format": "--expert-format", "cpu_experts": "--cpu-experts",
+    "layer_stream": "--layer-stream",
     "devices": "--devices", "placement": "--placement",
     "placement_traces": "--placement-traces", "hot_replicas": "--hot-replicas", "slots": "the number of prompts (--batch-size for trace)",
     "max_new_tokens": "--max-new-tokens", "greedy": "--greedy", "temperature": "--temperature", "top_k": "--top-k",
@@ -252,6 +253,11 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "faster | auto-float32 (the same, the host computing from a float32 copy of the experts: host RAM "
                    "for twice their bf16 bytes more; faster on hosts whose float32 matmul reads >2x the bytes/s of "
                    "their bf16 one) | off (default)")
+    p.add_argument("--layer-stream", default="auto",
+                   help="auto (default; --offload cached, one device): a decode step of so many sequences that it "
+                   "copies whole layers runs a program per layer, the host copying the next such layer while the GPU "
+                   "computes (one more layer of GPU memory) | off: one program per step, its copies in order with its "
+                   "compute")
     p.add_argument("--devices", type=int, default=1,
                    help="expert parallelism: split the experts over the first N devices, the dense weights on each; "
                    "with --offload cached each device has its own cache of --expert-budget (default 1)")
@@ -315,6 +321,7 @@ def load_engine(args, slots: int = 1, predictor=None):
         expert_compute=args.expert_compute,
         expert_format=args.expert_format,
         cpu_experts=args.cpu_experts,
+        layer_stream=args.layer_stream,
         devices=args.devices,
         placement=args.placement,
         placement_traces=args.placement_traces,

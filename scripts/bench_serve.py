@@ -13,13 +13,15 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             out of a copy of its whole layer (`ProgramSpec.whole_layer_from` None; to time what that gains);
             --cpu-experts off,auto: each policy also with missed experts routed few tokens computed on the host
             (`offload.cpu_experts`: a batch's union of misses split between the host and the link; auto-float32:
-            from a float32 copy in host RAM, twice the bf16 experts' bytes). Per row: output
+            from a float32 copy in host RAM, twice the bf16 experts' bytes); --layer-stream off,auto: each also
+            with wide steps as one program (off) and as layer programs whose whole layers the host stages while the
+            device computes (auto, the engine's default: `engine.layer_stream`). Per row: output
             tokens/s (B x steps / decode time), step time (the mean), the experts each step needs (the
             union of its tokens' choices, summed over MoE layers) and moves, bytes moved per step, its
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
             copies as the other benchmarks do), step time / link floor and tokens/s / batch 1's (of the same
-            policy and --cpu-experts value); with cpu experts, the experts the host computed per step, its
-            seconds, and those over the cost model's estimate of them (cpu_x_cost_model, JSON only).
+            policy, --cpu-experts and --layer-stream values); with cpu experts, the experts the host computed per
+            step, its seconds, and those over the cost model's estimate of them (cpu_x_cost_model, JSON only).
 gating      `scripts/bench_gating.py` (`add_arguments(parser)`, `run(args) -> rows`): dynamic gating vs
             capacity padding. Its options are accepted here too; without the module the part reports
             that it is missing.
@@ -72,6 +74,7 @@ import numpy as np
 
 import moejax
 from moejax.errors import MoejaxError
+from moejax.engine.layer_stream import LAYER_STREAM
 from moejax.offload.cpu_experts import CPU_EXPERTS
 from moejax.offload.stats import experts_moved
 from moejax.routing.traces import RoutingTrace, load_routing
@@ -93,12 +96,14 @@ DEFAULT_TASK_MIX = ROOT.parent / "shared" / "data" / "prompts" / "tasks.jsonl"
 # The most telling first (where fcfs misses), cheapest too (the arrivals come fast): a time budget skips the last.
 DEFAULT_LOADS = "32x,16x,8x,4x,2x"
 THROUGHPUT_COLUMNS = [
-    ("policy", "policy", "s"), ("cpu_experts", "cpu", "s"), ("batch", "batch", "d"), ("tokens_per_s", "tok/s", ".1f"),
+    ("policy", "policy", "s"), ("cpu_experts", "cpu", "s"), ("layer_stream", "stream", "s"), ("batch", "batch", "d"),
+    ("tokens_per_s", "tok/s", ".1f"),
     ("x_batch1", "x batch 1", ".3f"),
     ("step_s", "step s", ".4f"), ("experts_needed_per_step", "experts needed/step", ".1f"),
     ("experts_moved_per_step", "moved/step", ".1f"), ("hit_rate", "hit", ".3f"), ("gb_per_step", "GB/step", ".3f"),
     ("link_floor_s", "link floor s", ".4f"), ("x_link_floor", "x link floor", ".2f"),
-    ("cpu_experts_per_step", "cpu experts/step", ".1f"), ("cpu_s_per_step", "cpu s/step", ".4f")]
+    ("layers_staged_per_step", "staged/step", ".1f"), ("cpu_experts_per_step", "cpu experts/step", ".1f"),
+    ("cpu_s_per_step", "cpu s/step", ".4f")]
 SLO_COLUMNS = [
     ("model", "model", "s"), ("scheduler", "sched", "s"), ("load", "load", "s"), ("offered_rps", "req/s", ".2f"),
     ("requests", "n", "d"), ("attainment_pct", "SLO %", ".1f"), ("ttft_p50_s", "TTFT p50", ".3f"),
@@ -136,7 +141,8 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
             "experts_moved_per_step": experts_moved(total) / steps,
             "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
             "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model"),
-            "cpu_x_cost_model": host.get("x_cost_model")}
+            "cpu_x_cost_model": host.get("x_cost_model"),
+            "layers_staged_per_step": stats.get("layer_stream", {}).get("layers_staged", 0) / steps}
 
 
 def routing_for(cfg, path: str, tiny: bool) -> RoutingTrace:
@@ -168,16 +174,17 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
                                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                                 "bandwidth_bytes_per_s": bandwidth, "rows": []}
     need, took = 0.0, {}  # took: seconds of each batch's rows under the first policy
-    configs = [(p, c) for p in args.policies for c in args.cpu_experts if p != RESIDENT or c == args.cpu_experts[0]]
-    for policy, cpu_experts in configs:
+    configs = [(p, c, s) for p in args.policies for c in args.cpu_experts for s in args.layer_stream
+               if p != RESIDENT or (c, s) == (args.cpu_experts[0], args.layer_stream[0])]
+    for policy, cpu_experts, layer_stream in configs:
         start = time.monotonic()
         sizes = dict(slots=batches[-1], max_seq_len=args.prompt_len + args.new_tokens, prefill_chunk=args.prompt_len)
         if policy == RESIDENT:  # every expert on the device: the steps' compute alone, nothing moves
-            cpu_experts = "off"
+            cpu_experts, layer_stream = "off", "off"
             engine = build_random_engine(cfg, RESIDENT, dense, stacks, **sizes)
         else:
             engine = build_random_engine(cfg, "cached", dense, stacks, **sizes, expert_budget=args.budget,
-                                         cache_policy=policy, cpu_experts=cpu_experts,
+                                         cache_policy=policy, cpu_experts=cpu_experts, layer_stream=layer_stream,
                                          **({"whole_layer_from": None} if args.one_by_one else {}))
         replay = RoutingReplay(trace)
         engine.routing_override = replay
@@ -185,22 +192,23 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
             part.update(capacity_experts=engine.cache.num_slots, expert_bytes=cfg.expert_bytes,
                         whole_layer_from=engine.spec.whole_layer_from)
         slots = "every expert on the device" if policy == RESIDENT else f"{engine.cache.num_slots} expert slots"
-        print(f"{args.card} ({args.dims}) {policy}, cpu-experts {cpu_experts}: built in "
+        print(f"{args.card} ({args.dims}) {policy}, cpu-experts {cpu_experts}, layer-stream {layer_stream}: built in "
               f"{time.monotonic() - start:.0f} s, {slots}", flush=True)
         for batch in batches:
             need = took.get(batch, need)
-            if not budget.allows(need, f"throughput {policy} cpu-experts {cpu_experts} batch {batch}"):
-                part.setdefault("skipped", []).append(f"{policy} {cpu_experts} {batch}")
+            config = f"{policy} cpu-experts {cpu_experts} layer-stream {layer_stream}"
+            if not budget.allows(need, f"throughput {config} batch {batch}"):
+                part.setdefault("skipped", []).append(f"{config} batch {batch}")
                 save()
                 continue
             start = time.monotonic()
             decode_batch(engine, replay, long_enough[batch : 2 * batch], prompt, args.new_tokens)  # warm-up
-            row = {"policy": policy, "cpu_experts": cpu_experts,
+            row = {"policy": policy, "cpu_experts": cpu_experts, "layer_stream": layer_stream,
                    **decode_batch(engine, replay, long_enough[:batch], prompt, args.new_tokens)}
             row["link_floor_s"] = row["bytes_per_step"] / bandwidth
             row["x_link_floor"] = row["step_s"] / row["link_floor_s"] if row["link_floor_s"] else None
-            ones = [r for r in part["rows"] + [row]
-                    if (r["policy"], r["cpu_experts"], r["batch"]) == (policy, cpu_experts, 1)]
+            ones = [r for r in part["rows"] + [row] if (r["policy"], r["cpu_experts"], r["layer_stream"], r["batch"])
+                    == (policy, cpu_experts, layer_stream, 1)]
             row["x_batch1"] = row["tokens_per_s"] / ones[0]["tokens_per_s"] if ones else None
             part["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -438,6 +446,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu-experts", type=names, default=["off"],
                    help="some of off, auto, auto-float32: each policy's rows with these cpu_experts values "
                    "(default off)")
+    g.add_argument("--layer-stream", type=names, default=["auto"],
+                   help="some of auto, off: each policy's rows with these layer_stream values (default auto)")
     g = p.add_argument_group("slo")
     g.add_argument("--task-mix", type=Path, default=DEFAULT_TASK_MIX, help="task-mix JSONL (default: %(default)s)")
     g.add_argument("--slo-models", type=names, default=[TINY_MOE, "mixtral-8x7b"], help="tiny-moe and/or cards")
@@ -478,6 +488,8 @@ def checked_args(p: argparse.ArgumentParser):
         p.error("--new-tokens must be >= 2 (a decode step after the first token)")
     if not set(args.cpu_experts) <= set(CPU_EXPERTS):
         p.error(f"--cpu-experts {','.join(args.cpu_experts)}: give some of {', '.join(CPU_EXPERTS)}")
+    if not set(args.layer_stream) <= set(LAYER_STREAM):
+        p.error(f"--layer-stream {','.join(args.layer_stream)}: give some of {', '.join(LAYER_STREAM)}")
     if args.max_prompt + args.max_tokens > args.serve_max_seq_len:
         p.error(f"--max-prompt + --max-tokens ({args.max_prompt + args.max_tokens}) exceed --serve-max-seq-len")
     try:
@@ -569,9 +581,11 @@ def print_tables(out: dict) -> None:
         one = max((row for row in offloaded if row["batch"] == 1), key=lambda row: row["tokens_per_s"], default=None)
         if largest and one and largest["x_link_floor"] is not None:
             # three decimals: a ratio a hair under its target must not print as the target (5.998x as 6.00x)
-            print(f"batch {largest['batch']} ({largest['policy']}, cpu-experts {largest['cpu_experts']}): "
-                  f"{largest['tokens_per_s'] / one['tokens_per_s']:.3f}x the fastest batch 1's tokens/s "
-                  f"({one['policy']}, cpu-experts {one['cpu_experts']}; issue: >= 6x at 64), step "
+            how = lambda row: (f"{row['policy']}, cpu-experts {row['cpu_experts']}, "  # noqa: E731
+                               f"layer-stream {row['layer_stream']}")
+            ratio = largest["tokens_per_s"] / one["tokens_per_s"]
+            print(f"batch {largest['batch']} ({how(largest)}): {ratio:.3f}x the fastest batch 1's tokens/s "
+                  f"({how(one)}; issue: >= 6x at 64), step "
                   f"{largest['x_link_floor']:.3f}x its link floor (issue: <= 1.25x)")
             resident = [row for row in t["rows"] if row["policy"] == RESIDENT and row["batch"] == largest["batch"]]
             if resident:

@@ -165,6 +165,10 @@ class ExpertInputs:
     # steps hand on to each other (`layer_buffer`), written only by a step that copies its layer (or shares it with
     # the host); None: each layer step makes its own, which costs a write of zeros where it copies nothing
     layer_buffer: dict | None = None
+    # cached mode, a step whose layers run as programs of their own (`engine.layer_stream`): the MoE layer's whole
+    # stack {name: [E, ...]}, copied to the device by the host ahead of the layer; a layer step that copies its layer
+    # whole reads it instead of copying (`admit_misses`)
+    staged_layer: dict | None = None
 
 
 def distinct_size(cfg: ModelConfig, tokens: int) -> int:
@@ -230,7 +234,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         if spec.tier_hints and guess is not None and isinstance(host, TieredHost):
             hint = next_layer_hint(cache, m, L, E, guess, valid_rows)
         cache, slab, slots, pinned, streamed = admit_misses(spec, E, m, host, cache, slab, distinct,
-                                                            experts.priorities, hint, whole, split, buffer)
+                                                            experts.priorities, hint, whole, split, buffer,
+                                                            experts.staged_layer)
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
@@ -275,7 +280,7 @@ def next_layer_hint(cache, m, L: int, E: int, guess, valid_rows):
 
 
 def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, priorities, hint=None, whole=None,
-                 split=None, buffer=None):
+                 split=None, buffer=None, staged=None):
     """MoE layer m's `device_cache.access` for the distinct experts it needs (int32 [U]), each miss moved from the
     host tier: fetched by itself, or, when the layer misses at least `spec.whole_layer_from` of them, out of one
     copy of the layer's whole pinned stack (counted `streamed` for the experts it carries past). An expert at an
@@ -291,6 +296,8 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     then the layer buffer holds only the device's share (`_own_experts`: its misses fetched one by one, nothing
     carried past them) instead of the whole layer's copy. buffer: the layer buffer the layer steps hand on
     (`ExpertInputs.layer_buffer`), written in place of a new one; None: a new one (zeros where nothing is copied).
+    staged: None, or the layer's whole stack that the host copied ahead (`ExpertInputs.staged_layer`): where the
+    step copies its layer whole, it reads that copy instead of making its own; elsewhere it is left unread.
     -> (cache, slab, slots, pinned) as `access`, and None or (whole: bool [], the layer's buffer {name: [E, ...]};
     where not whole: zeros, or the buffer as it came, unread)."""
     if isinstance(host, TieredHost):  # the disk reads the layer's misses back to back, ahead of their fetches
@@ -310,7 +317,7 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
         if split is not None:
             sources.append(lambda: _own_experts(host, m, cache, slab, distinct, E, unused()))
             choice = choice + split
-        layer = lax.switch(choice, sources)
+        layer = lax.switch(choice, sources) if staged is None else staged  # (no split: `layer_stream.supports`)
         fetched = lambda e: lax.cond(  # noqa: E731
             whole, lambda: {name: lax.dynamic_index_in_dim(w, e, keepdims=False) for name, w in layer.items()},
             lambda: fetch_one(e))
@@ -398,47 +405,16 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
     kv_caches, routing, guesses = list(kv_caches), [], []
     attend = functools.partial(DecoderLayer.attend, positions=positions, slot_ids=slot_ids, attend_len=attend_len)
     for s, segment in enumerate(spec.segments):
-        windows = segment.layer_windows()
-
-        def layer_at(i, segment=segment, windows=windows):
-            """Layer i of the segment (its own window where the segment's windows differ)."""
-            return DecoderLayer(cfg, segment.moe, segment.window if windows is None else windows[i])
-
         if not segment.moe:
-            def dense(carry, xs, layer_at=layer_at):
-                x, kv = carry
-                p, i = xs
-                layer = layer_at(i)
-                h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
-                return (layer.apply({"params": p}, h, method=DecoderLayer.dense_mlp), kv), None
-
-            (x, kv_caches[s]), _ = lax.scan(dense, (x, kv_caches[s]), (params["segments"][s], jnp.arange(segment.count)),
-                                            unroll=spec.unroll_layers)
+            x, kv_caches[s] = dense_segment(spec, segment, params["segments"][s], x, kv_caches[s], attend)
             continue
 
-        def moe(carry, xs, layer_at=layer_at, segment=segment):
+        def moe(carry, xs, segment=segment):
             x, kv, cache, slab, buffer = carry
             p, following, i = xs
-            layer = layer_at(i)
-            h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
-            moe_in, weights, ids = layer.apply({"params": p}, h, method=DecoderLayer.route)
-            if forced_ids is not None:
-                ids = forced_ids[segment.first_moe + i]
-                _, logits = layer.apply({"params": p}, h, method=DecoderLayer.router_logits)
-                weights = forced_weights(logits, ids, cfg.scoring_func, cfg.routed_scaling_factor)
-            ids, weights = gate(spec, ids, weights, valid_rows)
-            guess = None
-            if spec.computes_guesses:
-                if forced_guesses is not None:
-                    guess = forced_guesses[segment.first_moe + i]
-                else:
-                    _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
-            m = segment.first_moe + i
-            routed, out = routed_moe(spec, m, dataclasses.replace(experts, cache=cache, slab=slab, layer_buffer=buffer),
-                                     moe_in, ids, weights, valid_rows, guess, counted=counts_after_scan(spec))
-            x = layer.apply({"params": p}, h, moe_in, routed, method=DecoderLayer.finish)
-            if guess is not None:  # the last MoE layer has no next router to guess for
-                guess = jnp.where(m + 1 < len(spec.moe_layers), guess, -1)
+            inputs = dataclasses.replace(experts, cache=cache, slab=slab, layer_buffer=buffer)
+            x, kv, out, ids, guess = moe_layer(spec, segment, i, p, following, x, kv, inputs, attend, valid_rows,
+                                               forced_ids, forced_guesses)
             return (x, kv, out.cache, out.slab, out.layer_buffer), (ids, guess)
 
         xs = (params["segments"][s], params["next_router"][s], jnp.arange(segment.count))
@@ -453,6 +429,56 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
                                    (dc.ACTIVATIONS, dc.HITS))
         experts = dataclasses.replace(experts, cache=experts.cache.replace(counters=counters))
     return x, experts, kv_caches, routing, jnp.concatenate(guesses) if spec.computes_guesses else None
+
+
+def _layer(cfg: ModelConfig, segment: Segment, i) -> DecoderLayer:
+    """Layer i (traced) of the segment (its own window where the segment's windows differ)."""
+    windows = segment.layer_windows()
+    return DecoderLayer(cfg, segment.moe, segment.window if windows is None else windows[i])
+
+
+def dense_segment(spec: ProgramSpec, segment: Segment, params, x, kv, attend):
+    """A dense segment's layers on hidden states x [R, T, D]: params and kv stacked over its layers; attend:
+    `DecoderLayer.attend` with the step's positions bound. -> (x, kv)."""
+    def dense(carry, xs):
+        x, kv = carry
+        p, i = xs
+        layer = _layer(spec.cfg, segment, i)
+        h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
+        return (layer.apply({"params": p}, h, method=DecoderLayer.dense_mlp), kv), None
+
+    (x, kv), _ = lax.scan(dense, (x, kv), (params, jnp.arange(segment.count)), unroll=spec.unroll_layers)
+    return x, kv
+
+
+def moe_layer(spec: ProgramSpec, segment: Segment, i, p, following, x, kv, experts: ExpertInputs, attend, valid_rows,
+              forced_ids=None, forced_guesses=None):
+    """Layer i (traced) of a MoE segment on hidden states x [R, T, D]: p its parameters, following the next MoE
+    layer's router (`forward`'s params['next_router']), kv the segment's stacked KV caches; forced_ids,
+    forced_guesses: as `forward`'s, for every MoE layer. -> (x, kv, experts, ids int32 [R * T, k], guess int32
+    [R * T, k] or None)."""
+    cfg = spec.cfg
+    layer = _layer(cfg, segment, i)
+    h, kv = layer.apply({"params": p}, x, kv, layer_index=i, method=attend)
+    moe_in, weights, ids = layer.apply({"params": p}, h, method=DecoderLayer.route)
+    m = segment.first_moe + i
+    if forced_ids is not None:
+        ids = forced_ids[m]
+        _, logits = layer.apply({"params": p}, h, method=DecoderLayer.router_logits)
+        weights = forced_weights(logits, ids, cfg.scoring_func, cfg.routed_scaling_factor)
+    ids, weights = gate(spec, ids, weights, valid_rows)
+    guess = None
+    if spec.computes_guesses:
+        if forced_guesses is not None:
+            guess = forced_guesses[m]
+        else:
+            _, _, guess = DecoderLayer(cfg, True, None).apply({"params": following}, h, method=DecoderLayer.route)
+    routed, experts = routed_moe(spec, m, experts, moe_in, ids, weights, valid_rows, guess,
+                                 counted=counts_after_scan(spec))
+    x = layer.apply({"params": p}, h, moe_in, routed, method=DecoderLayer.finish)
+    if guess is not None:  # the last MoE layer has no next router to guess for
+        guess = jnp.where(m + 1 < len(spec.moe_layers), guess, -1)
+    return x, kv, experts, ids, guess
 
 
 def layer_buffer(spec: ProgramSpec, host, rows: int) -> dict | None:
@@ -479,6 +505,17 @@ def sample_next(state: SlotState, rows, logits):
                        state.sampled[rows])
 
 
+def decode_tokens(spec: ProgramSpec, params, x, state: SlotState, slot_ids, active):
+    """A decode step's end: each row's token sampled from the last layer's x [R, 1, D]; each active slot's last
+    token and length advance. -> (tokens int32 [R], state)."""
+    new = sample_next(state, slot_ids, _logits(spec.cfg, params, x[:, 0]))
+    state = state.replace(
+        last_token=state.last_token.at[slot_ids].set(jnp.where(active, new, state.last_token[slot_ids])),
+        length=state.length.at[slot_ids].add(active.astype(jnp.int32)),
+        sampled=state.sampled.at[slot_ids].add(active.astype(jnp.int32)))
+    return new, state
+
+
 DONATED = ("cache", "slab", "kv_caches", "state")
 
 
@@ -497,11 +534,7 @@ def decode_step(params, cache, slab, host, staged_keys, priorities, kv_caches, s
     positions = state.length[slot_ids][:, None]
     x, experts, kv_caches, routing, guesses = forward(spec, attend_len, params, experts, kv_caches, tokens, positions,
                                                       slot_ids, active[:, None], forced_ids)
-    new = sample_next(state, slot_ids, _logits(spec.cfg, params, x[:, 0]))
-    state = state.replace(
-        last_token=state.last_token.at[slot_ids].set(jnp.where(active, new, state.last_token[slot_ids])),
-        length=state.length.at[slot_ids].add(active.astype(jnp.int32)),
-        sampled=state.sampled.at[slot_ids].add(active.astype(jnp.int32)))
+    new, state = decode_tokens(spec, params, x, state, slot_ids, active)
     return new, routing, guesses, resident_keys(spec, experts.cache), experts.cache, experts.slab, kv_caches, state
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from moejax.config import ModelConfig
 from moejax.engine import decoder_programs as programs
 from moejax.engine.compilation import compile_seconds, run_clock
+from moejax.engine.layer_stream import LayerStream
 from moejax.engine.results import GenerationConfig, GenerationResult, Timing, generation_config, record_token
 from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
 from moejax.errors import MoejaxError, ParameterError, is_integer, plural
@@ -110,6 +111,8 @@ class Engine:
         # int [rows, T]) -> the experts int32 [MoE layers, rows * T, k] each MoE layer uses instead of its router's,
         # or a pair (those, the lookahead's guesses of the same shape: `decoder_programs.forward`'s forced_ids).
         self.routing_override: Callable[[list[int], np.ndarray], np.ndarray | tuple] | None = None
+        # wide decode steps as layer programs, the host staging whole layers (`engine.layer_stream`); None: fused
+        self.layer_stream: LayerStream | None = None
 
     # -- inputs ------------------------------------------------------------------------------------
     def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
@@ -392,8 +395,11 @@ class Engine:
                               np.array([[self._sequences[s].length] if a else [0] for s, a in zip(slot_ids, active)]))
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active, forced)
         static = dict(spec=self.spec, attend_len=self._attend_len(longest), **self._step_static(chosen))
-        tokens, routing, guesses, resident, self.cache, self.slab, self.kv, self.state = \
-            self._program("decode", static, args)(*args)
+        if self.layer_stream is not None and self.layer_stream.applies(rows):
+            step = self.layer_stream.decode(*args, attend_len=static["attend_len"])
+        else:
+            step = self._program("decode", static, args)(*args)
+        tokens, routing, guesses, resident, self.cache, self.slab, self.kv, self.state = step
         for array in (tokens, routing, guesses, resident):
             if array is not None:
                 array.copy_to_host_async()
@@ -436,6 +442,8 @@ class Engine:
         tier = self.host if isinstance(self.host, TieredHost) else None
         if tier is not None:
             tier.raise_failure()
+        if self.layer_stream is not None:
+            self.layer_stream.observe(resident)
         if self.manager is None:
             return
         E = self.cfg.num_experts
@@ -658,6 +666,8 @@ class Engine:
             self.host.cache.reset_stats()
         if self.spec.cpu_experts is not None:
             self.spec.cpu_experts.reset()
+        if self.layer_stream is not None:
+            self.layer_stream.reset()
 
     def stats(self) -> dict:
         """Counters since the last reset: see `offload.stats.cache_stats`."""
@@ -667,6 +677,8 @@ class Engine:
             stats["host_tier"] = self.host.cache.stats()
         if self.spec.cpu_experts is not None:  # missed experts computed on the host
             stats["cpu_experts"] = self.spec.cpu_experts.stats()
+        if self.layer_stream is not None:  # wide steps run as layer programs
+            stats["layer_stream"] = self.layer_stream.stats()
         return stats
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from moejax.encdec_config import ROUTING_MODES, EncDecConfig
 from moejax.engine import decoder_programs as programs
 from moejax.engine import encdec_programs, expert_parallel
 from moejax.engine.engine import Engine
+from moejax.engine.layer_stream import LAYER_STREAM, LayerStream, room_problem, supports as supports_layer_stream
 from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, is_integer, plural
@@ -39,6 +41,7 @@ from moejax.offload.disk_tier import checkpoint_tier
 from moejax.routing.eams import EAMCollection
 from moejax.tokenizer import load_tokenizer
 
+log = logging.getLogger(__name__)
 COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer"
 # Step programs branch on the device (a loop over a step's misses): with conditionals and loops captured in
 # CUDA graphs, the GPU evaluates their conditions itself; without, the host waits on each (BENCHMARKS.md).
@@ -60,7 +63,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
          unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
          expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, devices: int = 1,
          placement: str = "round-robin", placement_traces: str | Path | None = None, hot_replicas: int = 0,
-         **offload_options):
+         layer_stream: str = "auto", **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -103,12 +106,17 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         `placement_traces`: a routing trace, an EAM collection or the directory `moejax trace` wrote;
         `offload.placement`); hot_replicas: 'balanced' only, a second copy of each MoE layer's that many hottest
         experts on another device (each token's pair computed by one copy).
+    layer_stream: 'auto' (the default; offload 'cached', one device, decoder models): a decode step wide enough to
+        copy whole layers runs as a program per layer, the host copying the next layer it needs whole while the
+        device computes the one before (`engine.layer_stream`; outputs unchanged, one more layer's bytes of GPU
+        memory); 'off': every step is one program, its copies in order with its compute.
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
     ParameterError naming the parameter.
     """
     use_compilation_cache()
+    check_layer_stream(layer_stream)
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))  # before any reading
     path = Path(path)
     cfg = checkpoint.load_config(path)
@@ -140,7 +148,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
                                     **compute)
     return build_engine(cfg, globals_, layers, stacks, config, slots=slots, max_seq_len=max_seq_len,
                         prefill_chunk=prefill_chunk, device=device, tokenizer=load_tokenizer(path), path=path,
-                        unroll_layers=unroll_layers, host_tier=host_tier, **compute)
+                        unroll_layers=unroll_layers, host_tier=host_tier, layer_stream=layer_stream, **compute)
 
 
 def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: str, cpu_cost, devices: int,
@@ -202,15 +210,16 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
                  host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
                  devices: int = 1, placement: str = "round-robin", placement_traces: str | Path | None = None,
-                 hot_replicas: int = 0, **compute) -> Engine:
+                 hot_replicas: int = 0, layer_stream: str = "auto", **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and each
     MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on the
     device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor` (see
     `load`), `whole_layer_from` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over a tier unless
     given); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts instead of `expert_stacks` (cached
     mode); expert_format: the format the experts are kept in (default: as given), stacks not yet in it converted
-    (quantized) as they come; cpu_experts, cpu_cost, devices, placement, placement_traces, hot_replicas: see
-    `load`."""
+    (quantized) as they come; cpu_experts, cpu_cost, devices, placement, placement_traces, hot_replicas,
+    layer_stream: see `load`."""
+    check_layer_stream(layer_stream)
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
     device = device or jax.devices()[0]
@@ -261,12 +270,24 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     spec = programs.ProgramSpec(cfg, config.mode, experts.policy, experts.lookahead,
                                 unroll_layers=bool(unroll_layers), expert_parallel=parallel, **compute)
     params_sharding = jax.sharding.SingleDeviceSharding(device) if parallel is None else parallel.replicated
-    return expert_parallel.engine_class(parallel, table, placement)(
+    engine = expert_parallel.engine_class(parallel, table, placement)(
                   cfg, jax.device_put(stacked_params(cfg, globals_, layers), params_sharding),
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
                   expert_bytes=expert_bytes,
                   stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
+    if layer_stream == "auto" and supports_layer_stream(spec, experts.host):
+        problem = room_problem(device, experts.host)
+        if problem is None:
+            engine.layer_stream = LayerStream(spec, experts.host, device)
+        else:
+            log.warning(f"layer_stream: wide decode steps run as one program each: {problem}")
+    return engine
+
+
+def check_layer_stream(value) -> None:
+    if value not in LAYER_STREAM:
+        raise ParameterError.not_one_of("layer_stream", value, LAYER_STREAM)
 
 
 def check_parallel(cfg, config: OffloadConfig, devices: int, placement: str, cpu_experts: str = "off",

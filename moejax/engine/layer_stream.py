@@ -1,0 +1,200 @@
+"""Wide decode steps as a chain of layer programs, with the whole layers they copy staged by the host meanwhile.
+
+A cached decode step of many rows needs most of every layer's experts; where a layer is not resident it copies the
+layer whole (`device_cache.copies_whole`). Inside one step program that copy runs on the device's stream, in order
+with the compute: no overlap (BENCHMARKS.md). Copies the host issues (`jax.device_put`) do overlap compute. So a
+wide step here runs as programs of one MoE layer each (plus one for the embedding, one per dense segment and one
+for the sampling), and before dispatching layer m's program the host issues the copy of the next layer it stages,
+which crosses the link while layer m computes. Each layer program decides on the device, as the fused step does,
+whether its layer is copied whole (`device_cache.copies_whole`); where it is, it reads the staged copy instead of
+making one (`ExpertInputs.staged_layer`); a layer not staged copies in the program, as in the fused step. So the
+tokens, the routing and every cache counter are the fused step's (and the policy lab's); a staged layer that the
+step does not copy whole after all only cost its copy's link time.
+
+Which layers are staged: those the cache held at most E - `whole_layer_from` experts of after the last step read
+(a step needing as many experts as a wide one does misses at least `whole_layer_from` of them). The host waits for
+layer m - 1's program before issuing a copy, so at most two staged layers are on the device at once (the one
+computing and the one crossing), besides the slab: two layers' bytes where the fused step keeps one layer buffer.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import SingleDeviceSharding
+
+from moejax.engine import decoder_programs as programs
+from moejax.engine.decoder_programs import ExpertInputs, ProgramSpec
+from moejax.engine.slots import SlotState
+from moejax.models.decoder import DecoderLayer, EmbedHead
+from moejax.offload import device_cache as dc
+from moejax.offload.budget import device_memory
+
+LAYER_STREAM = ("auto", "off")  # `moejax.load`'s layer_stream
+STAGED_AT_ONCE = 2  # whole layers on the device besides the slab: the one a layer computes on, the one crossing
+
+
+def _attend(state: SlotState, slot_ids, attend_len: int):
+    return functools.partial(DecoderLayer.attend, positions=state.length[slot_ids][:, None], slot_ids=slot_ids,
+                             attend_len=attend_len)
+
+
+def _at(tree, i):
+    """Entry i (traced) of every array of a pytree stacked over layers."""
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache", "slab"))
+def begin(params, cache, slab, host, staged_keys, priorities, state: SlotState, slot_ids, *, spec: ProgramSpec):
+    """The step's start: the host's prefetch picks installed, the rows' last tokens embedded. -> (x [R, 1, D],
+    cache, slab, routing int32 [MoE layers, R, k] zeros, guesses as routing or None)."""
+    experts = programs.install_staged(spec, ExpertInputs(cache, slab, host, staged_keys, priorities))
+    x = EmbedHead(spec.cfg).apply({"params": params["globals"]}, state.last_token[slot_ids][:, None],
+                                  method=EmbedHead.embed_tokens)
+    routing = jnp.zeros((len(spec.moe_layers), slot_ids.shape[0], spec.cfg.top_k), jnp.int32)
+    return x, experts.cache, experts.slab, routing, routing if spec.computes_guesses else None
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "s", "attend_len"), donate_argnames=("kv",))
+def dense(params, kv, x, state: SlotState, slot_ids, *, spec: ProgramSpec, s: int, attend_len: int):
+    """Dense segment s's layers. -> (x, kv)."""
+    return programs.dense_segment(spec, spec.segments[s], params["segments"][s], x, kv,
+                                  _attend(state, slot_ids, attend_len))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "s", "attend_len"),
+                   donate_argnames=("cache", "slab", "kv", "routing", "guesses"))
+def moe(params, cache, slab, host, priorities, staged, kv, x, routing, guesses, i, state: SlotState, slot_ids, active,
+        forced_ids=None, *, spec: ProgramSpec, s: int, attend_len: int):
+    """Layer i (traced) of MoE segment s; staged: its whole stack on the device, or None (misses fetched in the
+    program). forced_ids: as `decoder_programs.forward`'s. -> (x, kv, cache, slab, routing, guesses) with the
+    layer's row of routing (and guesses) written."""
+    forced_ids, forced_guesses = forced_ids if isinstance(forced_ids, tuple) else (forced_ids, None)
+    segment = spec.segments[s]
+    experts = ExpertInputs(cache, slab, host, None, priorities, staged_layer=staged)
+    x, kv, experts, ids, guess = programs.moe_layer(
+        spec, segment, i, _at(params["segments"][s], i), _at(params["next_router"][s], i), x, kv, experts,
+        _attend(state, slot_ids, attend_len), active, forced_ids, forced_guesses)
+    m = segment.first_moe + i
+    routing = lax.dynamic_update_index_in_dim(routing, ids, m, 0)
+    if guesses is not None:
+        guesses = lax.dynamic_update_index_in_dim(guesses, guess, m, 0)
+    return x, kv, experts.cache, experts.slab, routing, guesses
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def end(params, cache, x, state: SlotState, slot_ids, active, *, spec: ProgramSpec):
+    """The step's end, as `decoder_programs.decode_step`'s. -> (tokens int32 [R], resident bool [L * E], state)."""
+    new, state = programs.decode_tokens(spec, params, x, state, slot_ids, active)
+    return new, programs.resident_keys(spec, cache), state
+
+
+def room_problem(device, host: tuple) -> str | None:
+    """Why the device lacks room for the staged layers besides what is placed (the slab, KV caches, weights) and the
+    workspace; None where it has room, or reports no memory (CPU)."""
+    memory = device_memory(device, kv_cache_bytes=0)  # the KV caches are placed by now
+    need = STAGED_AT_ONCE * max(sum(w.nbytes for w in stack.values()) for stack in host)
+    if memory is None or memory.available >= need:
+        return None
+    return (f"{STAGED_AT_ONCE} staged layers take {need / 2**30:.2f} GiB, and {max(memory.available, 0) / 2**30:.2f} "
+            "GiB are free past the cache and the workspace")
+
+
+def supports(spec: ProgramSpec, host) -> bool:
+    """Whether steps of this spec can run as layer programs: cached mode on one device, wide steps copying whole
+    layers from pinned stacks (not through the disk tier), no host compute of experts (its split is per layer step
+    of the fused program)."""
+    return (spec.mode == "cached" and spec.whole_layer_from is not None and spec.expert_parallel is None
+            and spec.cpu_experts is None and isinstance(host, tuple))
+
+
+@dataclasses.dataclass
+class LayerStream:
+    """The host side of wide steps run as layer programs (see the module docstring): which layers to stage, their
+    copies, and counts (`stats`)."""
+
+    spec: ProgramSpec
+    host: tuple  # per MoE layer {name: [E, ...]} in pinned host memory
+    device: jax.Device
+    resident: np.ndarray = None  # int [MoE layers]: experts of each the cache held after the last step read
+    steps: int = 0
+    layers_staged: int = 0
+    bytes_staged: int = 0
+    most_at_once: int = 0  # most staged layers on the device at once (copied, and not yet computed on)
+
+    def __post_init__(self):
+        self.resident = np.zeros(len(self.spec.moe_layers), np.int64)
+        self._sharding = SingleDeviceSharding(self.device, memory_kind=self.device.default_memory().kind)
+
+    def applies(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows runs as layer programs (it may copy layers whole)."""
+        return dc.can_copy_whole(programs.distinct_size(self.spec.cfg, rows), self.spec.whole_layer_from)
+
+    def observe(self, resident: np.ndarray) -> None:
+        """A read step's resident keys, bool [L * E]."""
+        self.resident = resident.reshape(len(self.spec.moe_layers), -1).sum(axis=1)
+
+    def staged_layers(self) -> list[int]:
+        """The MoE layers a step stages, in order."""
+        E = self.spec.cfg.num_experts
+        return [m for m in range(len(self.spec.moe_layers)) if E - self.resident[m] >= self.spec.whole_layer_from]
+
+    def _stage(self, m: int) -> dict:
+        stack = self.host[m]
+        self.layers_staged += 1
+        self.bytes_staged += sum(w.nbytes for w in stack.values())
+        return jax.device_put(stack, self._sharding)
+
+    def decode(self, params, cache, slab, host, staged_keys, priorities, kv_caches, state, slot_ids, active,
+               forced_ids, *, attend_len: int):
+        """One decode step, as `decoder_programs.decode_step` (same arguments and outputs)."""
+        spec, kv_caches = self.spec, list(kv_caches)
+        x, cache, slab, routing, guesses = begin(params, cache, slab, host, staged_keys, priorities, state, slot_ids,
+                                                 spec=spec)
+        to_stage = collections.deque(self.staged_layers())
+        staged, running = {}, collections.deque()  # copies not yet handed to a layer; layers computing on one
+
+        def stage_ahead():
+            while to_stage:
+                if len(staged) + len(running) >= STAGED_AT_ONCE:
+                    if not running:
+                        return
+                    running.popleft().block_until_ready()  # its copy is freed: another may cross
+                    continue
+                layer = to_stage.popleft()
+                staged[layer] = self._stage(layer)
+                self.most_at_once = max(self.most_at_once, len(staged) + len(running))
+
+        stage_ahead()
+        for s, segment in enumerate(spec.segments):
+            if not segment.moe:
+                x, kv_caches[s] = dense(params, kv_caches[s], x, state, slot_ids, spec=spec, s=s, attend_len=attend_len)
+                continue
+            for i in range(segment.count):
+                m = segment.first_moe + i
+                stage_ahead()
+                layer = staged.pop(m, None)
+                x, kv_caches[s], cache, slab, routing, guesses = moe(
+                    params, cache, slab, host, priorities, layer, kv_caches[s], x, routing, guesses, np.int32(i),
+                    state, slot_ids, active, forced_ids, spec=spec, s=s, attend_len=attend_len)
+                if layer is not None:
+                    running.append(x)
+                del layer  # freed once its layer has run
+        tokens, resident, state = end(params, cache, x, state, slot_ids, active, spec=spec)
+        self.steps += 1
+        return tokens, routing, guesses, resident, cache, slab, kv_caches, state
+
+    def stats(self) -> dict:
+        """Since the last reset: wide steps run as layer programs, the whole layers they staged and those layers'
+        bytes, and the most staged layers on the device at once."""
+        return {"steps": self.steps, "layers_staged": self.layers_staged, "bytes_staged": self.bytes_staged,
+                "most_at_once": self.most_at_once}
+
+    def reset(self) -> None:
+        self.steps = self.layers_staged = self.bytes_staged = self.most_at_once = 0

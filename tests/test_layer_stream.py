@@ -1,0 +1,94 @@
+"""Wide decode steps run as layer programs with whole layers staged by the host (`engine.layer_stream`): the same
+tokens, routing and cache counters as the fused step program, the tokens of the all-resident engine."""
+
+import jax
+import numpy as np
+import pytest
+
+from moejax.cards import load_card
+from moejax.engine.layer_stream import LayerStream
+from moejax.errors import ParameterError
+from scripts.bench_prefetch import RoutingReplay
+from scripts.benchlib import build_random_engine, pinned_stacks, random_dense_params, tiny_widths
+from test_bench_scripts import random_trace
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_widths(load_card("deepseek-v2-lite", num_layers=9))  # a dense layer, then 8 MoE layers of 64 experts
+    return cfg, random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
+
+
+def run(model, mode, batch=16, replayed=True, **options):
+    """`batch` prompts decoded together (16 rows need ~51 of a layer's 64 experts: wide at whole_layer_from 39)."""
+    cfg, dense, stacks = model
+    if mode == "cached":
+        options = {"expert_budget": "0.55", **options}  # 281 slots: 4.4 of the 8 MoE layers
+    engine = build_random_engine(cfg, mode, dense, stacks, slots=batch, max_seq_len=48, prefill_chunk=8, **options)
+    if replayed:
+        trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[40] * batch, seed=5)
+        replay = RoutingReplay(trace)
+        for slot in range(batch):
+            replay.assign(slot, slot)
+        engine.routing_override = replay
+    prompts = [[1 + b, 2 + b, 3, 4, 5][: 2 + b % 4] for b in range(batch)]
+    result = engine.generate(prompts, max_new_tokens=10, ignore_eos=True)
+    return engine, result
+
+
+@pytest.mark.parametrize("replayed", [True, False])
+def test_layer_programs_give_the_fused_steps_tokens_and_counts(model, replayed):
+    fused_engine, fused = run(model, "cached", replayed=replayed, layer_stream="off")
+    engine, streamed = run(model, "cached", replayed=replayed)
+    assert fused_engine.layer_stream is None and isinstance(engine.layer_stream, LayerStream)
+    assert engine.spec.whole_layer_from == 39
+    _, resident = run(model, "resident", replayed=replayed)
+    assert streamed.tokens == fused.tokens == resident.tokens
+    for b in range(16):
+        np.testing.assert_array_equal(engine.routing(b)[0], fused_engine.routing(b)[0])
+    stats = streamed.stats["layer_stream"]
+    assert stats["steps"] == 9 and stats["layers_staged"] > 0 and stats["most_at_once"] <= 2
+    assert stats["bytes_staged"] == stats["layers_staged"] * model[0].num_experts * engine.expert_bytes
+    assert streamed.stats["per_layer"] == fused.stats["per_layer"] and streamed.stats["total"] == fused.stats["total"]
+    assert fused.stats["total"]["streamed"] > 0  # some layer steps copied their layer whole
+
+
+def test_the_steps_read_the_staged_copies(model, monkeypatch):
+    """Staging each layer's successor instead changes the tokens: the layer steps computed out of the staged copies."""
+    _, right = run(model, "cached")
+    stage = LayerStream._stage
+    monkeypatch.setattr(LayerStream, "_stage", lambda self, m: stage(self, (m + 1) % len(self.host)))
+    _, wrong = run(model, "cached")
+    assert wrong.tokens != right.tokens
+
+
+def test_narrow_steps_stay_one_program(model):
+    """A batch of 2 needs at most 12 experts a layer: never wide, never layer programs."""
+    engine, result = run(model, "cached", batch=2)
+    assert result.stats["layer_stream"]["steps"] == 0 and engine.spec.whole_layer_from == 39
+
+
+def test_only_cached_single_device_engines_stream_and_bad_values_are_named(model):
+    cfg, dense, stacks = model
+    resident = build_random_engine(cfg, "resident", dense, stacks, slots=2, max_seq_len=32, prefill_chunk=8)
+    assert resident.layer_stream is None and "layer_stream" not in resident.stats()
+    with pytest.raises(ParameterError, match="layer_stream.*'sometimes'"):
+        build_random_engine(cfg, "cached", dense, stacks, slots=2, max_seq_len=32, prefill_chunk=8,
+                            layer_stream="sometimes")
+
+
+def test_a_device_without_room_for_two_staged_layers_is_named():
+    """`room_problem`: two layers' stacks must fit past what is placed and the workspace (512 MiB at least)."""
+    from moejax.engine.layer_stream import room_problem
+
+    class Device:
+        def __init__(self, free):
+            self.free = free
+
+        def memory_stats(self):
+            return {"bytes_limit": 8 * 2**30, "bytes_in_use": 8 * 2**30 - self.free}
+
+    host = ({"w": np.zeros((4, 2**20), np.float32)},) * 3  # 16 MiB a layer
+    assert room_problem(Device(2**30), host) is None
+    problem = room_problem(Device(512 * 2**20 + 2**20), host)
+    assert problem.startswith("2 staged layers take 0.03 GiB, and 0.00 GiB are free"), problem
