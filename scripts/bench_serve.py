@@ -15,7 +15,8 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             (`offload.cpu_experts`: a batch's union of misses split between the host and the link; auto-float32:
             from a float32 copy in host RAM, twice the bf16 experts' bytes); --layer-stream off,auto: each also
             with wide steps as one program (off) and as layer programs whose whole layers the host stages while the
-            device computes (auto, the engine's default: `engine.layer_stream`). Per row: output
+            device computes (auto, the engine's default: `engine.layer_stream`); the second's rows say whether
+            their decode steps gave the first's tokens (they must). Per row: output
             tokens/s (B x steps / decode time), step time (the mean), the experts each step needs (the
             union of its tokens' choices, summed over MoE layers) and moves, bytes moved per step, its
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
@@ -62,6 +63,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import importlib
 import json
 import os
@@ -98,7 +100,7 @@ DEFAULT_LOADS = "32x,16x,8x,4x,2x"
 THROUGHPUT_COLUMNS = [
     ("policy", "policy", "s"), ("cpu_experts", "cpu", "s"), ("layer_stream", "stream", "s"), ("batch", "batch", "d"),
     ("tokens_per_s", "tok/s", ".1f"),
-    ("x_batch1", "x batch 1", ".3f"),
+    ("x_batch1", "x batch 1", ".3f"), ("same_tokens_other_stream", "same tokens as other stream", ""),
     ("step_s", "step s", ".4f"), ("experts_needed_per_step", "experts needed/step", ".1f"),
     ("experts_moved_per_step", "moved/step", ".1f"), ("hit_rate", "hit", ".3f"), ("gb_per_step", "GB/step", ".3f"),
     ("link_floor_s", "link floor s", ".4f"), ("x_link_floor", "x link floor", ".2f"),
@@ -121,7 +123,7 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
         replay.assign(slot, sequence)
         engine.prefill(slot, prompt, max_new_tokens=new_tokens)
     engine.reset_stats()
-    steps, times = new_tokens - 1, []
+    steps, times, tokens = new_tokens - 1, [], []
     start = time.perf_counter()
     for _ in range(steps):
         step_start = time.perf_counter()
@@ -129,6 +131,7 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
         times.append(time.perf_counter() - step_start)
         if len(produced) != batch:
             raise MoejaxError(f"a decode step returned {len(produced)} tokens for a batch of {batch}")
+        tokens.append([produced[slot] for slot in range(batch)])
     seconds = time.perf_counter() - start
     stats = engine.stats()
     total, host = stats["total"], stats.get("cpu_experts") or {}
@@ -142,7 +145,8 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
             "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
             "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model"),
             "cpu_x_cost_model": host.get("x_cost_model"),
-            "layers_staged_per_step": stats.get("layer_stream", {}).get("layers_staged", 0) / steps}
+            "layers_staged_per_step": stats.get("layer_stream", {}).get("layers_staged", 0) / steps,
+            "tokens_digest": hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:16]}
 
 
 def routing_for(cfg, path: str, tiny: bool) -> RoutingTrace:
@@ -210,6 +214,11 @@ def throughput_part(args, budget: Budget, out: dict, save) -> None:
             ones = [r for r in part["rows"] + [row] if (r["policy"], r["cpu_experts"], r["layer_stream"], r["batch"])
                     == (policy, cpu_experts, layer_stream, 1)]
             row["x_batch1"] = row["tokens_per_s"] / ones[0]["tokens_per_s"] if ones else None
+            # the other --layer-stream value's row of this batch: the same tokens? (the layer programs must not
+            # change a token; None: not run yet)
+            twins = [r for r in part["rows"] if r["layer_stream"] != layer_stream
+                     and (r["policy"], r["cpu_experts"], r["batch"]) == (policy, cpu_experts, batch)]
+            row["same_tokens_other_stream"] = twins[0]["tokens_digest"] == row["tokens_digest"] if twins else None
             part["rows"].append(row)
             print(json.dumps(row), flush=True)
             save()

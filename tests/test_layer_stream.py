@@ -1,5 +1,6 @@
 """Wide decode steps run as layer programs with whole layers staged by the host (`engine.layer_stream`): the same
-tokens, routing and cache counters as the fused step program, the tokens of the all-resident engine."""
+tokens, routing and cache counters as the fused step program, the tokens of the all-resident engine and of a
+sequence run alone."""
 
 import jax
 import numpy as np
@@ -26,7 +27,7 @@ def run(model, mode, batch=16, replayed=True, **options):
         options = {"expert_budget": "0.55", **options}  # 281 slots: 4.4 of the 8 MoE layers
     engine = build_random_engine(cfg, mode, dense, stacks, slots=batch, max_seq_len=48, prefill_chunk=8, **options)
     if replayed:
-        trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[40] * batch, seed=5)
+        trace = random_trace(len(cfg.moe_layer_ids), cfg.num_experts, cfg.top_k, seq_lens=[40] * 16, seed=5)
         replay = RoutingReplay(trace)
         for slot in range(batch):
             replay.assign(slot, slot)
@@ -44,6 +45,8 @@ def test_layer_programs_give_the_fused_steps_tokens_and_counts(model, replayed):
     assert engine.spec.whole_layer_from == 39
     _, resident = run(model, "resident", replayed=replayed)
     assert streamed.tokens == fused.tokens == resident.tokens
+    _, alone = run(model, "cached", batch=1, replayed=replayed)  # one program a step: never wide
+    assert alone.tokens[0] == streamed.tokens[0]
     for b in range(16):
         np.testing.assert_array_equal(engine.routing(b)[0], fused_engine.routing(b)[0])
     stats = streamed.stats["layer_stream"]
