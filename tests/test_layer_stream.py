@@ -56,6 +56,20 @@ def test_layer_programs_give_the_fused_steps_tokens_and_counts(model, replayed):
     assert fused.stats["total"]["streamed"] > 0  # some layer steps copied their layer whole
 
 
+def test_with_the_lookahead_and_trace_prefetchers_too(model):
+    """The lookahead's guesses (made in each layer program, for the next) and the staged trace picks (installed by
+    the first program) leave tokens, guesses and counters as the fused step's."""
+    options = dict(replayed=False, prefetch="trace+lookahead")
+    fused_engine, fused = run(model, "cached", layer_stream="off", **options)
+    engine, streamed = run(model, "cached", **options)
+    assert streamed.stats["layer_stream"]["layers_staged"] > 0 and streamed.tokens == fused.tokens
+    assert streamed.stats["total"] == fused.stats["total"] and streamed.stats["total"]["prefetch_issued"] > 0
+    for b in range(16):
+        guesses = engine.routing(b)[1]
+        assert guesses is not None and (guesses >= 0).any()
+        np.testing.assert_array_equal(guesses, fused_engine.routing(b)[1])
+
+
 def test_the_steps_read_the_staged_copies(model, monkeypatch):
     """Staging each layer's successor instead changes the tokens: the layer steps computed out of the staged copies."""
     _, right = run(model, "cached")
