@@ -53,12 +53,13 @@ def _at(tree, i):
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache", "slab"))
 def begin(params, cache, slab, host, staged_keys, priorities, state: SlotState, slot_ids, *, spec: ProgramSpec):
     """The step's start: the host's prefetch picks installed, the rows' last tokens embedded. -> (x [R, 1, D],
-    cache, slab, routing int32 [MoE layers, R, k] zeros, guesses as routing or None)."""
+    cache, slab, routing int32 [MoE layers, R, k] zeros, guesses of that shape (-1) or None)."""
     experts = programs.install_staged(spec, ExpertInputs(cache, slab, host, staged_keys, priorities))
     x = EmbedHead(spec.cfg).apply({"params": params["globals"]}, state.last_token[slot_ids][:, None],
                                   method=EmbedHead.embed_tokens)
-    routing = jnp.zeros((len(spec.moe_layers), slot_ids.shape[0], spec.cfg.top_k), jnp.int32)
-    return x, experts.cache, experts.slab, routing, routing if spec.computes_guesses else None
+    shape = (len(spec.moe_layers), slot_ids.shape[0], spec.cfg.top_k)
+    guesses = jnp.full(shape, -1, jnp.int32) if spec.computes_guesses else None  # its own buffer: both are donated
+    return x, experts.cache, experts.slab, jnp.zeros(shape, jnp.int32), guesses
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "s", "attend_len"), donate_argnames=("kv",))
