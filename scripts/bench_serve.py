@@ -51,7 +51,9 @@ slo         Per model of --slo-models (tiny-moe: the shipped model, `moejax.SHIP
             vocabulary: it needs only realistic lengths), cut to --max-prompt tokens; a request's
             max_tokens is its reference answer's token count within [--min-tokens, --max-tokens], and it
             ignores EOS (a fixed output length per request). A PNG (--plot; needs matplotlib, the `plot`
-            extra) plots p50/p99 TTFT and TPOT and attainment against the offered load.
+            extra) plots p50/p99 TTFT and TPOT and attainment against the offered load; `--replot JSON`
+            prints a written JSON's tables and draws that PNG again, running nothing (a run without
+            matplotlib, or a plot to redraw).
 
   XLA_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python scripts/bench_serve.py \\
       --traces .data/traces/deepseek_v2_lite_prefill.npz --task-mix .data/prompts/tasks.jsonl --out $OUT/bench_serve.json
@@ -482,6 +484,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--drain-timeout", type=float, default=60.0, help="seconds a run may take past its last arrival")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--plot", type=Path, default=None, help="the PNG (default: --out with .png)")
+    p.add_argument("--replot", type=Path, default=None,
+                   help="run nothing: print the tables of a JSON this script wrote and draw its slo part's PNG (--plot; "
+                   "default: the JSON with .png): a run without matplotlib, or a plot to redraw")
     return p
 
 
@@ -522,7 +527,22 @@ def checked_args(p: argparse.ArgumentParser):
     return args, module, gating_args
 
 
+def replot(path: Path, plot: Path | None) -> None:
+    """--replot: the tables of a JSON this script wrote, and its slo part's PNG."""
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--replot {path}: {err}") from None
+    rows = out.get("slo", {}).get("rows")
+    if rows:
+        out["slo"]["plot"] = plot_slo(rows, plot or path.with_suffix(".png"))
+    print_tables(out)
+
+
 def main() -> None:
+    args = parser().parse_known_args()[0]
+    if args.replot is not None:
+        return replot(args.replot, args.plot)
     args, gating, gating_args = checked_args(parser())
     budget = Budget(args.time_budget)
     tiny = args.dims == "tiny"
