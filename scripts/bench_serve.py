@@ -485,8 +485,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--plot", type=Path, default=None, help="the PNG (default: --out with .png)")
     p.add_argument("--replot", type=Path, default=None,
-                   help="run nothing: print the tables of a JSON this script wrote and draw its slo part's PNG (--plot; "
-                   "default: the JSON with .png): a run without matplotlib, or a plot to redraw")
+                   help="run nothing: print the tables of a JSON this script wrote and draw its slo part's PNG "
+                   "(--plot; default: the JSON with .png): a run without matplotlib, or a plot to redraw")
     return p
 
 
