@@ -291,7 +291,8 @@ def slo_engine(model: str, args):
 
 
 def programs_compiled(engine) -> int:
-    return len(engine._compiled)  # the engine counts no compilations publicly; its program table tells
+    # the engine counts no compilations publicly; its program table tells, and jit's caches for the layer programs
+    return len(engine._compiled) + (engine.layer_stream.programs_compiled() if engine.layer_stream else 0)
 
 
 def serve(engine, scheduler: str, args, work, step_times=None):

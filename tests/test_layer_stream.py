@@ -60,6 +60,7 @@ def test_layer_programs_give_the_fused_steps_tokens_and_counts(model):
     assert alone.tokens[0] == streamed.tokens[0]
     for b in range(16):
         np.testing.assert_array_equal(engine.routing(b)[0], fused_engine.routing(b)[0])
+    assert LayerStream.programs_compiled() >= 4  # begin, dense, a MoE layer with and without a staged copy, end
     stats = streamed.stats["layer_stream"]
     assert stats["steps"] == 9 and stats["layers_staged"] > 0 and stats["most_at_once"] <= 2
     assert stats["bytes_staged"] == stats["layers_staged"] * model[0].num_experts * engine.expert_bytes

@@ -199,3 +199,8 @@ class LayerStream:
 
     def reset(self) -> None:
         self.steps = self.layers_staged = self.bytes_staged = self.most_at_once = 0
+
+    @staticmethod
+    def programs_compiled() -> int:
+        """Layer programs compiled in this process so far (every engine's: jit's own caches)."""
+        return sum(program._cache_size() for program in (begin, dense, moe, end))
