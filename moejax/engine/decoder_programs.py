@@ -403,7 +403,7 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
     valid_rows = valid.reshape(-1)
     experts = dataclasses.replace(experts, layer_buffer=layer_buffer(spec, experts.host, valid_rows.shape[0]))
     kv_caches, routing, guesses = list(kv_caches), [], []
-    attend = functools.partial(DecoderLayer.attend, positions=positions, slot_ids=slot_ids, attend_len=attend_len)
+    attend = attention(positions, slot_ids, attend_len)
     for s, segment in enumerate(spec.segments):
         if not segment.moe:
             x, kv_caches[s] = dense_segment(spec, segment, params["segments"][s], x, kv_caches[s], attend)
@@ -429,6 +429,11 @@ def forward(spec: ProgramSpec, attend_len: int, params, experts: ExpertInputs, k
                                    (dc.ACTIVATIONS, dc.HITS))
         experts = dataclasses.replace(experts, cache=experts.cache.replace(counters=counters))
     return x, experts, kv_caches, routing, jnp.concatenate(guesses) if spec.computes_guesses else None
+
+
+def attention(positions, slot_ids, attend_len: int):
+    """`DecoderLayer.attend` with a step's positions [R, T], slots [R] and attention length bound."""
+    return functools.partial(DecoderLayer.attend, positions=positions, slot_ids=slot_ids, attend_len=attend_len)
 
 
 def _layer(cfg: ModelConfig, segment: Segment, i) -> DecoderLayer:

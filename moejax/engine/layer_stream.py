@@ -32,7 +32,7 @@ from jax.sharding import SingleDeviceSharding
 from moejax.engine import decoder_programs as programs
 from moejax.engine.decoder_programs import ExpertInputs, ProgramSpec
 from moejax.engine.slots import SlotState
-from moejax.models.decoder import DecoderLayer, EmbedHead
+from moejax.models.decoder import EmbedHead
 from moejax.offload import device_cache as dc
 from moejax.offload.budget import device_memory
 
@@ -41,8 +41,11 @@ STAGED_AT_ONCE = 2  # whole layers on the device besides the slab: the one a lay
 
 
 def _attend(state: SlotState, slot_ids, attend_len: int):
-    return functools.partial(DecoderLayer.attend, positions=state.length[slot_ids][:, None], slot_ids=slot_ids,
-                             attend_len=attend_len)
+    return programs.attention(state.length[slot_ids][:, None], slot_ids, attend_len)
+
+
+def _stack_bytes(stack: dict) -> int:
+    return sum(w.nbytes for w in stack.values())
 
 
 def _at(tree, i):
@@ -100,7 +103,7 @@ def room_problem(device, host: tuple) -> str | None:
     """Why the device lacks room for the staged layers besides what is placed (the slab, KV caches, weights) and the
     workspace; None where it has room, or reports no memory (CPU)."""
     memory = device_memory(device, kv_cache_bytes=0)  # the KV caches are placed by now
-    need = STAGED_AT_ONCE * max(sum(w.nbytes for w in stack.values()) for stack in host)
+    need = STAGED_AT_ONCE * max(map(_stack_bytes, host))
     if memory is None or memory.available >= need:
         return None
     return (f"{STAGED_AT_ONCE} staged layers take {need / 2**30:.2f} GiB, and {max(memory.available, 0) / 2**30:.2f} "
@@ -149,7 +152,7 @@ class LayerStream:
     def _stage(self, m: int) -> dict:
         stack = self.host[m]
         self.layers_staged += 1
-        self.bytes_staged += sum(w.nbytes for w in stack.values())
+        self.bytes_staged += _stack_bytes(stack)
         return jax.device_put(stack, self._sharding)
 
     def decode(self, params, cache, slab, host, staged_keys, priorities, kv_caches, state, slot_ids, active,
