@@ -236,6 +236,8 @@ def test_a_read_ahead_gives_way_to_staged_ones(tmp_path, monkeypatch, kind):
             m, e = divmod(key, 3)
             for name, w in weights[m, e].items():
                 np.testing.assert_array_equal(cache.get(m, e)[name], w)
+        # The read ahead ends (given up or read) on the prefetch thread: the staged keys' fetches never wait for it.
+        wait_until(lambda: cache.counts[f"{kind}_cancelled"] + cache.counts[f"{kind}_reads"] == 1, seconds=10)
         counts = cache.stats()
         cache.close()
         assert counts[f"{kind}_cancelled"] == cancelled and counts[f"{kind}_reads"] == 1 - cancelled, counts
