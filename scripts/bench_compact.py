@@ -80,7 +80,8 @@ def run_config(cfg, dense, stacks, fmt: ExpertFormat, mode: str, budget: str | N
         "decode_bytes_per_token": decode["bytes_h2d"] / max(decode["steps"], 1),
         "cpu_experts_computed": host.get("experts"), "cpu_tokens": host.get("tokens"), "cpu_seconds": host.get("seconds"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
-        "cpu_x_cost_model": host.get("x_cost_model"),
+        "cpu_x_cost_model": host.get("x_cost_model"), "cpu_wait_s": host.get("wait_s"),
+        "cpu_x_saved": host.get("x_saved"),
         "cpu_library": host.get("library"),
         "tokens": result.tokens[0],
     }
@@ -175,7 +176,8 @@ def main() -> None:
         ("capacity_experts", "slots", "d"), ("tokens_per_s", "tok/s", ".2f"), ("x_bf16", "x bf16", ".2f"),
         ("decode_hit_rate", "hit rate", ".3f"), ("decode_gb_per_token", "GB/token", ".3f"),
         ("link_floor_s_per_token", "floor s/tok", ".4f"), ("x_floor", "x floor", ".2f"),
-        ("cpu_experts_computed", "cpu experts", "d"), ("cpu_seconds", "cpu s", ".3f"), ("cpu_library", "host by", "s"),
+        ("cpu_experts_computed", "cpu experts", "d"), ("cpu_seconds", "cpu s", ".3f"),
+        ("cpu_wait_s", "cpu wait s", ".3f"), ("cpu_library", "host by", "s"),
         ("tokens_equal_resident", "same tokens", "")])
 
 

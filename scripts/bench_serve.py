@@ -22,7 +22,10 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             link floor (those bytes / the pinned host -> device bandwidth, measured with expert-sized
             copies as the other benchmarks do), step time / link floor and tokens/s / batch 1's (of the same
             policy, --cpu-experts and --layer-stream values); with cpu experts, the experts the host computed per
-            step, its seconds, and those over the cost model's estimate of them (cpu_x_cost_model, JSON only).
+            step, its seconds, and those over the cost model's estimate of them (cpu_x_cost_model, JSON only), the
+            seconds a step's device waited for the host's sums (cpu_wait_s_per_step: host work not hidden) and
+            those waits with the callbacks' round trips over the link time the host's experts saved
+            (cpu_x_saved, JSON only: > 1, the host cost more than copying would have).
 gating      `scripts/bench_gating.py` (`add_arguments(parser)`, `run(args) -> rows`): dynamic gating vs
             capacity padding. Its options are accepted here too; without the module the part reports
             that it is missing.
@@ -107,7 +110,7 @@ THROUGHPUT_COLUMNS = [
     ("experts_moved_per_step", "moved/step", ".1f"), ("hit_rate", "hit", ".3f"), ("gb_per_step", "GB/step", ".3f"),
     ("link_floor_s", "link floor s", ".4f"), ("x_link_floor", "x link floor", ".2f"),
     ("layers_staged_per_step", "staged/step", ".1f"), ("cpu_experts_per_step", "cpu experts/step", ".1f"),
-    ("cpu_s_per_step", "cpu s/step", ".4f")]
+    ("cpu_s_per_step", "cpu s/step", ".4f"), ("cpu_wait_s_per_step", "cpu wait s/step", ".4f")]
 SLO_COLUMNS = [
     ("model", "model", "s"), ("scheduler", "sched", "s"), ("load", "load", "s"), ("offered_rps", "req/s", ".2f"),
     ("requests", "n", "d"), ("attainment_pct", "SLO %", ".1f"), ("ttft_p50_s", "TTFT p50", ".3f"),
@@ -146,7 +149,8 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
             "experts_moved_per_step": experts_moved(total) / steps,
             "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
             "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model"),
-            "cpu_x_cost_model": host.get("x_cost_model"),
+            "cpu_x_cost_model": host.get("x_cost_model"), "cpu_wait_s_per_step": host.get("wait_s", 0.0) / steps,
+            "cpu_x_saved": host.get("x_saved"),
             "layers_staged_per_step": stats.get("layer_stream", {}).get("layers_staged", 0) / steps,
             "tokens_digest": hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:16]}
 

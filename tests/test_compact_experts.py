@@ -277,6 +277,31 @@ def test_a_host_slower_in_the_steps_than_its_cost_model_is_named(caplog, host_fi
     assert "x_cost_model" not in HostExperts.from_stacks(stacks, "silu", 8).stats()  # no cost model, no ratio
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("link_bytes_per_s,noted", [(1e15, True), (1e-3, False)])
+def test_host_work_the_device_waits_for_is_counted_and_named(caplog, overlap, link_bytes_per_s, noted):
+    """A layer step's `finish` counts the seconds since its `start` (the device's own work meanwhile) and those it
+    waited for the host's sum; where the waits outweigh the link time the host's experts saved (x_saved > 1, over 16
+    experts or more), a note says the host's work was not hidden, once."""
+    rng = np.random.default_rng(0)
+    stacks = [{name: rng.standard_normal((4,) + shape).astype(np.float32)
+               for name, shape in (("gate", (16, 8)), ("up", (16, 8)), ("down", (8, 16)))}]
+    experts = HostExperts.from_stacks(stacks, "silu", 8)
+    experts.overlap, experts.cost = overlap, CostModel(64, link_bytes_per_s, 1e-3, 0.0)
+    x, ids = rng.standard_normal((2, 16)).astype(np.float32), np.asarray([[0, 1], [2, 3]], np.int32)
+    with caplog.at_level(logging.WARNING, logger="moejax.offload.cpu_experts"):
+        for _ in range(8):  # 4 experts a layer step: 32
+            ticket = experts.start(0, x, ids, np.ones((2, 2), np.float32), np.ones(4, bool))
+            time.sleep(0.002)  # the device's own fetches and compute
+            experts.finish(ticket)
+        stats, _ = experts.stats(), experts.stats()
+    assert stats["experts"] == 32 and stats["layer_steps"] == 8 and stats["window_s"] >= 8 * 0.002
+    assert stats["wait_s"] > 0 and (stats["x_saved"] > 1) is noted
+    assert caplog.text.count("cpu_experts: the device waited") == int(noted)
+    experts.reset()
+    assert experts.stats()["layer_steps"] == 0 and experts.stats()["wait_s"] == 0
+
+
 @pytest.mark.parametrize("dtype,fmt,library,tolerance", [(jnp.float32, None, "auto", 1e-6),
                                                          (jnp.float32, None, "xla", 1e-6),
                                                          (jnp.bfloat16, None, "xla", 1e-2),
@@ -339,6 +364,7 @@ def test_cpu_experts_in_the_cached_engine():
     stats = host_first.stats()
     assert copying.stats()["total"]["misses"] > 0 and stats["total"]["misses"] == 0 and stats["total"]["bytes_h2d"] == 0
     assert stats["cpu_experts"]["experts"] > 0 and stats["cpu_experts"]["tokens"] >= stats["cpu_experts"]["experts"]
+    assert stats["cpu_experts"]["layer_steps"] > 0 and stats["cpu_experts"]["wait_s"] > 0  # CPU: no overlap
     assert f"; {stats['cpu_experts']['experts']} missed experts (" in summary_line(stats, 1)
     assert np.abs(logits - ref).max() <= 1e-4 * (ref.max() - ref.min())
     # As on a GPU: each layer's host experts computed on the runner thread while the step goes on to the device's

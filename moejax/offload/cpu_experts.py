@@ -80,6 +80,10 @@ SLOW_HOST_BYTES_PER_S = 2e9
 # The steps' host time against the cost model's estimate of it: past this ratio, over at least that many experts, a
 # note says the model underestimates the host (on an H100's host, 12-07: 1.59x, and `auto` ran slower than copying).
 OVER_MODEL_RATIO, OVER_MODEL_EXPERTS = 1.5, 16
+# The device's waits for the host's sums (`finish`) plus the callbacks' round trips against the link time the host's
+# experts saved (their copies): past this ratio, over at least OVER_MODEL_EXPERTS experts, a note says the host's
+# work was not hidden behind the device's and `auto` likely runs slower than copying.
+UNHIDDEN_RATIO = 1.0
 log = logging.getLogger(__name__)
 
 
@@ -140,11 +144,11 @@ class HostExperts:
         # each expert's products use every core themselves: torch's, and XLA:CPU's float matmuls
         self.whole = self.library == "torch" or not widened_in_blocks(dtypes)
         self.overlap = True  # `start` computes on the runner thread while the device goes on (host_start)
-        self._jobs: dict[int, futures.Future | tuple] = {}
+        self._jobs: dict[int, tuple[futures.Future | tuple, float]] = {}  # ticket -> (job, its start's time)
         self._tickets = itertools.cycle(range(1 << 30))
         self.cpu = jax.devices("cpu")[0]
         self.cost: CostModel | None = None
-        self._noted_over_model = False  # the note of `stats` is logged once
+        self._noted_over_model = self._noted_unhidden = False  # the notes of `stats` are logged once each
         self._lock = threading.Lock()
         self.reset()
 
@@ -179,6 +183,7 @@ class HostExperts:
     def reset(self) -> None:
         with self._lock:
             self.computed, self.tokens, self.seconds = 0, 0, 0.0
+            self.layer_steps, self.window_s, self.wait_s = 0, 0.0, 0.0
 
     @property
     def token_limit(self) -> int:
@@ -186,14 +191,30 @@ class HostExperts:
         return self.cost.host_token_limit(self.most_tokens) if self.cost is not None else 0
 
     def stats(self) -> dict:
-        """Experts computed, their tokens and seconds (the host's wall time in the steps), the library, the token
-        limit and the cost model, and x_cost_model: those seconds over the model's estimate of them (> 1: the host
-        ran slower in the steps than measured at load; logged once past OVER_MODEL_RATIO)."""
+        """Experts computed, their tokens and seconds (the host's wall time in the steps); layer_steps (layer steps
+        that sent the host anything), window_s (the seconds between their `start` and `finish` callbacks: the
+        device's own fetches and compute meanwhile, as the host sees them) and wait_s (the seconds the device
+        waited in `finish` for the host's sums: host work not hidden behind the device's); the library, the
+        token limit and the cost model; x_cost_model: the host's seconds over the model's estimate of them (> 1:
+        the host ran slower in the steps than measured at load; a note past OVER_MODEL_RATIO) and x_saved: the
+        waits and the model's round trips over the link time the host's experts saved (> 1: computing them on the
+        host cost the steps more than copying would have; a note past UNHIDDEN_RATIO). Each note is logged once,
+        after OVER_MODEL_EXPERTS experts."""
         with self._lock:
-            counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds}
+            counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds,
+                      "layer_steps": self.layer_steps, "window_s": self.window_s, "wait_s": self.wait_s}
         out = {**counts, "library": self.library, "token_limit": self.token_limit}
         if self.cost is None:
             return out
+        saved = counts["experts"] * self.cost.copy_s()
+        x_saved = (counts["wait_s"] + counts["layer_steps"] * self.cost.round_trip_s) / saved if saved > 0 else None
+        if x_saved is not None and x_saved > UNHIDDEN_RATIO and counts["experts"] >= OVER_MODEL_EXPERTS \
+                and not self._noted_unhidden:
+            self._noted_unhidden = True
+            log.warning(f"cpu_experts: the device waited {counts['wait_s'] / counts['layer_steps'] * 1e3:.2f} ms a "
+                        f"layer step for the host's experts ({counts['wait_s']:.3g} s in {counts['layer_steps']} "
+                        f"layer steps, round trips besides), {x_saved:.2f}x the link time their copies would have "
+                        "taken: the host's work is not hidden; compare with --cpu-experts off")
         modeled = counts["experts"] * self.cost.host_fixed_s + counts["tokens"] * self.cost.host_per_token_s
         ratio = counts["seconds"] / modeled if modeled > 0 else None
         if ratio is not None and ratio > OVER_MODEL_RATIO and counts["experts"] >= OVER_MODEL_EXPERTS \
@@ -204,7 +225,7 @@ class HostExperts:
                         f"the steps, {ratio:.2f}x the cost model's estimate from its measure at load "
                         f"({fixed_ms:.3g} ms + tokens x {per_token_us:.3g} us): the model sends it more than it "
                         "should; compare with --cpu-experts off")
-        return {**out, "cost_model": self.cost.describe(), "x_cost_model": ratio}
+        return {**out, "cost_model": self.cost.describe(), "x_cost_model": ratio, "x_saved": x_saved}
 
     def expert_output(self, layer: int, expert: int, rows: np.ndarray, parts: int = 1) -> np.ndarray | None:
         """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU: by torch, or by
@@ -228,18 +249,26 @@ class HostExperts:
     def start(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """`compute` of these arguments (copied: a callback's arrays may be the runtime's buffers) started on the
         host's runner thread -> its ticket, int32 [], for `finish`. With `overlap` off, `finish` computes it."""
+        started = time.perf_counter()
         arguments = (int(layer), np.array(x), np.array(ids), np.array(weights, np.float32), np.array(on_host))
         job = _runner().submit(self.compute, *arguments) if self.overlap else arguments
         with self._lock:
             ticket = next(self._tickets)
-            self._jobs[ticket] = job
+            self._jobs[ticket] = (job, started)
         return np.int32(ticket)
 
     def finish(self, ticket) -> np.ndarray:
-        """The host experts' output [N, D] f32 of a `start`'s ticket, once computed."""
+        """The host experts' output [N, D] f32 of a `start`'s ticket, once computed (the time since `start` and
+        the time waited here are counted: `stats`)."""
+        called = time.perf_counter()
         with self._lock:
-            job = self._jobs.pop(int(ticket))
-        return job.result() if isinstance(job, futures.Future) else self.compute(*job)
+            job, started = self._jobs.pop(int(ticket))
+        out = job.result() if isinstance(job, futures.Future) else self.compute(*job)
+        with self._lock:
+            self.layer_steps += 1
+            self.window_s += called - started
+            self.wait_s += time.perf_counter() - called
+        return out
 
     def compute(self, layer, x, ids, weights, on_host) -> np.ndarray:
         """The host experts' weighted sum: layer (scalar), x [N, D], ids int32 [N, k], weights f32 [N, k] (0 for
