@@ -82,6 +82,22 @@ def test_with_the_lookahead_and_trace_prefetchers_too(model):
         np.testing.assert_array_equal(guesses, fused_engine.routing(b)[1])
 
 
+def test_guesses_recorded_after_load_come_from_the_layer_programs_too(model):
+    """`record_guesses` (as `moejax trace` calls it) changes the engine's spec after load: the layer programs follow it
+    and give the fused step's guesses."""
+    engines = []
+    for layer_stream in ("off", "auto"):
+        engine, _ = run(model, "cached", layer_stream=layer_stream)  # the same shapes: no new compile of the rest
+        engine.record_guesses()
+        engine.generate([[1, 2, 3], [4, 5]] * 8, max_new_tokens=4, ignore_eos=True)
+        engines.append(engine)
+    assert engines[1].layer_stream.steps > 0
+    for b in range(16):
+        guesses = [engine.routing(b)[1] for engine in engines]
+        assert guesses[1] is not None and (guesses[1] >= 0).any()
+        np.testing.assert_array_equal(guesses[1], guesses[0])
+
+
 def test_the_steps_read_the_staged_copies(model, monkeypatch):
     """Staging each layer's successor instead changes the tokens: the layer steps computed out of the staged copies."""
     _, right = run(model, "cached")

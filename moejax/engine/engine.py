@@ -396,7 +396,7 @@ class Engine:
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active, forced)
         static = dict(spec=self.spec, attend_len=self._attend_len(longest), **self._step_static(chosen))
         if self.layer_stream is not None and self.layer_stream.applies(rows):
-            step = self.layer_stream.decode(*args, attend_len=static["attend_len"])
+            step = self.layer_stream.decode(*args, spec=self.spec, attend_len=static["attend_len"])
         else:
             step = self._program("decode", static, args)(*args)
         tokens, routing, guesses, resident, self.cache, self.slab, self.kv, self.state = step

@@ -121,7 +121,9 @@ def supports(spec: ProgramSpec, host) -> bool:
 @dataclasses.dataclass
 class LayerStream:
     """The host side of wide steps run as layer programs (see the module docstring): which layers to stage, their
-    copies, and counts (`stats`)."""
+    copies, and counts (`stats`). spec: the engine's at load, for the model's shape (its MoE layers,
+    whole_layer_from); each step runs under the engine's spec of the moment, given to `decode` (the engine may
+    change it: `Engine.record_guesses`)."""
 
     spec: ProgramSpec
     host: tuple  # per MoE layer {name: [E, ...]} in pinned host memory
@@ -156,9 +158,9 @@ class LayerStream:
         return jax.device_put(stack, self._sharding)
 
     def decode(self, params, cache, slab, host, staged_keys, priorities, kv_caches, state, slot_ids, active,
-               forced_ids, *, attend_len: int):
+               forced_ids, *, spec: ProgramSpec, attend_len: int):
         """One decode step, as `decoder_programs.decode_step` (same arguments and outputs)."""
-        spec, kv_caches = self.spec, list(kv_caches)
+        kv_caches = list(kv_caches)
         x, cache, slab, routing, guesses = begin(params, cache, slab, host, staged_keys, priorities, state, slot_ids,
                                                  spec=spec)
         to_stage = collections.deque(self.staged_layers())
