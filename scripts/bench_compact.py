@@ -81,7 +81,7 @@ def run_config(cfg, dense, stacks, fmt: ExpertFormat, mode: str, budget: str | N
         "cpu_experts_computed": host.get("experts"), "cpu_tokens": host.get("tokens"), "cpu_seconds": host.get("seconds"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
         "cpu_x_cost_model": host.get("x_cost_model"), "cpu_wait_s": host.get("wait_s"),
-        "cpu_x_saved": host.get("x_saved"),
+        "cpu_x_saved": host.get("x_saved"), "cpu_stopped": host.get("stopped"),
         "cpu_library": host.get("library"),
         "tokens": result.tokens[0],
     }

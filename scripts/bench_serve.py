@@ -25,7 +25,8 @@ throughput  DeepSeek-V2-Lite (its card, random weights) at an expert budget of -
             step, its seconds, and those over the cost model's estimate of them (cpu_x_cost_model, JSON only), the
             seconds a step's device waited for the host's sums (cpu_wait_s_per_step: host work not hidden) and
             those waits with the callbacks' round trips over the link time the host's experts saved
-            (cpu_x_saved, JSON only: > 1, the host cost more than copying would have).
+            (cpu_x_saved, JSON only: > 1, the host cost more than copying would have, and the engine then copied
+            every miss: cpu_stopped).
 gating      `scripts/bench_gating.py` (`add_arguments(parser)`, `run(args) -> rows`): dynamic gating vs
             capacity padding. Its options are accepted here too; without the module the part reports
             that it is missing.
@@ -150,7 +151,7 @@ def decode_batch(engine, replay: RoutingReplay, sequences: list[int], prompt: li
             "hit_rate": total["hit_rate"], "cpu_experts_per_step": host.get("experts", 0) / steps,
             "cpu_s_per_step": host.get("seconds", 0.0) / steps, "cpu_cost_model": host.get("cost_model"),
             "cpu_x_cost_model": host.get("x_cost_model"), "cpu_wait_s_per_step": host.get("wait_s", 0.0) / steps,
-            "cpu_x_saved": host.get("x_saved"),
+            "cpu_x_saved": host.get("x_saved"), "cpu_stopped": host.get("stopped"),
             "layers_staged_per_step": stats.get("layer_stream", {}).get("layers_staged", 0) / steps,
             "tokens_digest": hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:16]}
 

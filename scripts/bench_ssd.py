@@ -186,7 +186,7 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
     engine.close()
     return {
         "cpu_experts": cpu_experts, "staging": staging, "hints": hints, "cpu_experts_computed": host.get("experts"),
-        "cpu_seconds": host.get("seconds"), "cpu_wait_s": host.get("wait_s"),
+        "cpu_seconds": host.get("seconds"), "cpu_wait_s": host.get("wait_s"), "cpu_stopped": host.get("stopped"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
         "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB,
         "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,

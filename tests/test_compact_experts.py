@@ -4,6 +4,7 @@ experts (`offload.cpu_experts`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -278,28 +279,28 @@ def test_a_host_slower_in_the_steps_than_its_cost_model_is_named(caplog, host_fi
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-@pytest.mark.parametrize("link_bytes_per_s,noted", [(1e15, True), (1e-3, False)])
-def test_host_work_the_device_waits_for_is_counted_and_named(caplog, overlap, link_bytes_per_s, noted):
+@pytest.mark.parametrize("link_bytes_per_s,losing", [(1e15, True), (1e-3, False)])
+def test_host_work_the_device_waits_for_is_counted(overlap, link_bytes_per_s, losing):
     """A layer step's `finish` counts the seconds since its `start` (the device's own work meanwhile) and those it
     waited for the host's sum; where the waits outweigh the link time the host's experts saved (x_saved > 1, over 16
-    experts or more), a note says the host's work was not hidden, once."""
+    experts or more), `losing` says why."""
     rng = np.random.default_rng(0)
     stacks = [{name: rng.standard_normal((4,) + shape).astype(np.float32)
                for name, shape in (("gate", (16, 8)), ("up", (16, 8)), ("down", (8, 16)))}]
     experts = HostExperts.from_stacks(stacks, "silu", 8)
     experts.overlap, experts.cost = overlap, CostModel(64, link_bytes_per_s, 1e-3, 0.0)
     x, ids = rng.standard_normal((2, 16)).astype(np.float32), np.asarray([[0, 1], [2, 3]], np.int32)
-    with caplog.at_level(logging.WARNING, logger="moejax.offload.cpu_experts"):
-        for _ in range(8):  # 4 experts a layer step: 32
-            ticket = experts.start(0, x, ids, np.ones((2, 2), np.float32), np.ones(4, bool))
-            time.sleep(0.002)  # the device's own fetches and compute
-            experts.finish(ticket)
-        stats, _ = experts.stats(), experts.stats()
+    for step in range(8):  # 4 experts a layer step: 32
+        assert (experts.losing() is not None) == (losing and step >= 4)
+        ticket = experts.start(0, x, ids, np.ones((2, 2), np.float32), np.ones(4, bool))
+        time.sleep(0.002)  # the device's own fetches and compute
+        experts.finish(ticket)
+    stats = experts.stats()
     assert stats["experts"] == 32 and stats["layer_steps"] == 8 and stats["window_s"] >= 8 * 0.002
-    assert stats["wait_s"] > 0 and (stats["x_saved"] > 1) is noted
-    assert caplog.text.count("cpu_experts: the device waited") == int(noted)
+    assert stats["wait_s"] > 0 and (stats["x_saved"] > 1) is losing
+    assert (experts.losing() or "").startswith("the device waited ") is losing
     experts.reset()
-    assert experts.stats()["layer_steps"] == 0 and experts.stats()["wait_s"] == 0
+    assert experts.stats()["layer_steps"] == 0 and experts.stats()["wait_s"] == 0 and experts.losing() is None
 
 
 @pytest.mark.parametrize("dtype,fmt,library,tolerance", [(jnp.float32, None, "auto", 1e-6),
@@ -341,6 +342,15 @@ def test_host_expert_outputs_match_the_device_path(dtype, fmt, library, toleranc
                                atol=1e-6 * np.abs(one_thread).max())
 
 
+def shipped_cached_at_25(**options):
+    """The shipped model in float32 (`shipped_in_float32`), cached at 25%, one slot of 32 tokens; `options` for
+    `build_engine`."""
+    cfg, globals_, layers, stacks = shipped_in_float32()
+    return build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig("cached", expert_budget="0.25"), slots=1,
+                        max_seq_len=32, **options)
+
+
+@functools.cache
 def shipped_in_float32():
     """The shipped model's (config, globals, layers, expert stacks), every weight in float32."""
     cfg = checkpoint.load_config(SHIPPED).replace(dtype="float32")
@@ -354,12 +364,10 @@ def test_cpu_experts_in_the_cached_engine():
     """The shipped model in float32, cached at 25%: with a cost model that sends every miss to the host, no expert
     crosses the link, the stats count the host's experts and tokens, and the logits equal the copy-only engine's
     to float rounding (1e-4 of their range)."""
-    cfg, globals_, layers, stacks = shipped_in_float32()
-    build = lambda **kw: build_engine(cfg, globals_, layers, iter(stacks), OffloadConfig("cached", expert_budget="0.25"),  # noqa: E731
-                                      slots=1, max_seq_len=32, **kw)
-    copying = build()
+    cfg = shipped_in_float32()[0]
+    copying = shipped_cached_at_25()
     ref = copying.logits([PROMPT])[0]
-    host_first = build(cpu_experts="auto", cpu_cost=CostModel(cfg.expert_bytes, 1e6, 0.0, 1e-9))
+    host_first = shipped_cached_at_25(cpu_experts="auto", cpu_cost=CostModel(cfg.expert_bytes, 1e6, 0.0, 1e-9))
     logits = host_first.logits([PROMPT])[0]
     stats = host_first.stats()
     assert copying.stats()["total"]["misses"] > 0 and stats["total"]["misses"] == 0 and stats["total"]["bytes_h2d"] == 0
@@ -374,6 +382,27 @@ def test_cpu_experts_in_the_cached_engine():
     host.overlap = True
     np.testing.assert_array_equal(host_first.logits([PROMPT])[0], logits)
     assert not host._jobs
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_auto_copies_every_miss_once_the_host_costs_the_steps_more(caplog, overlap):
+    """Where the device waits for the host's experts longer than their copies would have taken (a cost model that
+    thinks the host free and the link fast, so the host takes every miss), the engine stops sending the host experts
+    once 16 have shown it: the next steps copy every miss (programs without host experts; the copy-only engine's
+    tokens), and the stats and a warning say why. On the CPU backend (no overlap) only the warning."""
+    cfg = shipped_in_float32()[0]
+    engine = shipped_cached_at_25(cpu_experts="auto", cpu_cost=CostModel(cfg.expert_bytes, 1e12, 0.0, 0.0))
+    engine.host_experts.overlap = overlap
+    with caplog.at_level(logging.WARNING, logger="moejax.engine.engine"):
+        first = engine.generate([PROMPT], max_new_tokens=6).stats["cpu_experts"]
+        second = engine.generate([PROMPT], max_new_tokens=6)
+    assert first["experts"] >= 16 and first["x_saved"] > 1 and "the host's work was not hidden" in first["losing"]
+    assert first["stopped"] is overlap and (engine.spec.cpu_experts is None) is overlap
+    assert caplog.text.count("cpu_experts: the device waited") == 1
+    assert ("every missed expert is copied from here on" in caplog.text) is overlap
+    if overlap:
+        assert second.stats["cpu_experts"]["experts"] == 0 and second.stats["total"]["misses"] > 0
+        assert second.tokens == shipped_cached_at_25().generate([PROMPT], max_new_tokens=6).tokens
 
 
 def test_cpu_experts_share_a_wide_step():

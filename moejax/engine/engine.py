@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from moejax.config import ModelConfig
 from moejax.engine import decoder_programs as programs
 from moejax.engine.compilation import compile_seconds, run_clock
-from moejax.engine.layer_stream import LayerStream
+from moejax.engine.layer_stream import LayerStream, build as build_layer_stream
 from moejax.engine.results import GenerationConfig, GenerationResult, Timing, generation_config, record_token
 from moejax.engine.slots import SamplingParams, SlotState, new_slot_state, sampling_row
 from moejax.errors import MoejaxError, ParameterError, is_integer, plural
@@ -35,6 +36,7 @@ from moejax.offload.manager import OffloadManager, StepInputs
 from moejax.offload.stats import cache_stats
 from moejax.engine.buckets import next_power_of_two, prefill_chunk_size
 
+log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2  # decode steps dispatched ahead of the tokens returned (the one being read + one more)
 Prompt = str | Sequence[int]
 
@@ -113,6 +115,10 @@ class Engine:
         self.routing_override: Callable[[list[int], np.ndarray], np.ndarray | tuple] | None = None
         # wide decode steps as layer programs, the host staging whole layers (`engine.layer_stream`); None: fused
         self.layer_stream: LayerStream | None = None
+        self.layer_stream_option = "off"  # `moejax.load`'s layer_stream
+        # missed experts computed on the host (`offload.cpu_experts`), kept after the steps stop sending them any,
+        # and why they stopped (`_check_host_experts`)
+        self.host_experts, self.host_experts_losing = spec.cpu_experts, None
 
     # -- inputs ------------------------------------------------------------------------------------
     def encode(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
@@ -442,6 +448,7 @@ class Engine:
         tier = self.host if isinstance(self.host, TieredHost) else None
         if tier is not None:
             tier.raise_failure()
+        self._check_host_experts()
         if self.layer_stream is not None:
             self.layer_stream.observe(resident)
         if self.manager is None:
@@ -452,6 +459,27 @@ class Engine:
         self.manager.observe(counts, resident)
         if tier is not None:
             tier.cache.observe(counts, self.manager.staged_next)
+
+    def _check_host_experts(self) -> None:
+        """`cpu_experts='auto'`: once the host's experts cost the steps more than their copies would have
+        (`HostExperts.losing`: the device waited for the host longer than the link would have taken), every miss is
+        copied from the next step on (programs without host experts, compiled then; the layer programs too, where
+        the engine was loaded with them), and a warning says why. On the CPU backend, where host and device share
+        the cores and nothing overlaps, only the warning."""
+        host = self.spec.cpu_experts
+        if host is None or self.host_experts_losing is not None:
+            return
+        reason = host.losing()
+        if reason is None:
+            return
+        self.host_experts_losing = reason
+        if not host.overlap:
+            log.warning(f"cpu_experts: {reason}; compare with --cpu-experts off")
+            return
+        log.warning(f"cpu_experts: {reason}: every missed expert is copied from here on")
+        self.spec = dataclasses.replace(self.spec, cpu_experts=None)
+        if self.layer_stream is None and self.layer_stream_option == "auto":
+            self.layer_stream = build_layer_stream(self.spec, self.host, self.device)
 
     def finish_pending(self) -> None:
         """Waits for the steps in flight and drops their tokens (the slots they were for are gone)."""
@@ -664,8 +692,8 @@ class Engine:
         self.host_wait_s = 0.0
         if isinstance(self.host, TieredHost):
             self.host.cache.reset_stats()
-        if self.spec.cpu_experts is not None:
-            self.spec.cpu_experts.reset()
+        if self.host_experts is not None:
+            self.host_experts.reset()
         if self.layer_stream is not None:
             self.layer_stream.reset()
 
@@ -675,8 +703,9 @@ class Engine:
                             self.manager, self.host_wait_s, self.stats_info)
         if isinstance(self.host, TieredHost):
             stats["host_tier"] = self.host.cache.stats()
-        if self.spec.cpu_experts is not None:  # missed experts computed on the host
-            stats["cpu_experts"] = self.spec.cpu_experts.stats()
+        if self.host_experts is not None:  # missed experts computed on the host (until `_check_host_experts` stops it)
+            stats["cpu_experts"] = {**self.host_experts.stats(), "losing": self.host_experts_losing,
+                                    "stopped": self.spec.cpu_experts is None}
         if self.layer_stream is not None:  # wide steps run as layer programs
             stats["layer_stream"] = self.layer_stream.stats()
         return stats

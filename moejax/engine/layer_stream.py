@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ from moejax.offload.budget import device_memory
 
 LAYER_STREAM = ("auto", "off")  # `moejax.load`'s layer_stream
 STAGED_AT_ONCE = 2  # whole layers on the device besides the slab: the one a layer computes on, the one crossing
+log = logging.getLogger(__name__)
 
 
 def _attend(state: SlotState, slot_ids, attend_len: int):
@@ -116,6 +118,18 @@ def supports(spec: ProgramSpec, host) -> bool:
     of the fused program)."""
     return (spec.mode == "cached" and spec.whole_layer_from is not None and spec.expert_parallel is None
             and spec.cpu_experts is None and isinstance(host, tuple))
+
+
+def build(spec: ProgramSpec, host, device) -> LayerStream | None:
+    """An engine's layer stream, where its steps can run as layer programs (`supports`) and the device has room for
+    the staged layers (else a warning says why the steps stay one program each); None otherwise."""
+    if not supports(spec, host):
+        return None
+    problem = room_problem(device, host)
+    if problem is not None:
+        log.warning(f"layer_stream: wide decode steps run as one program each: {problem}")
+        return None
+    return LayerStream(spec, host, device)
 
 
 @dataclasses.dataclass

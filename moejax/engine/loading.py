@@ -18,7 +18,7 @@ from moejax.encdec_config import ROUTING_MODES, EncDecConfig
 from moejax.engine import decoder_programs as programs
 from moejax.engine import encdec_programs, expert_parallel
 from moejax.engine.engine import Engine
-from moejax.engine.layer_stream import LAYER_STREAM, LayerStream, room_problem, supports as supports_layer_stream
+from moejax.engine.layer_stream import LAYER_STREAM, build as build_layer_stream
 from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, is_integer, plural
@@ -276,12 +276,9 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
                   expert_bytes=expert_bytes,
                   stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
-    if layer_stream == "auto" and supports_layer_stream(spec, experts.host):
-        problem = room_problem(device, experts.host)
-        if problem is None:
-            engine.layer_stream = LayerStream(spec, experts.host, device)
-        else:
-            log.warning(f"layer_stream: wide decode steps run as one program each: {problem}")
+    engine.layer_stream_option = layer_stream
+    if layer_stream == "auto":
+        engine.layer_stream = build_layer_stream(spec, experts.host, device)
     return engine
 
 

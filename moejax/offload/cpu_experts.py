@@ -34,6 +34,10 @@ from the device's bf16 batched program, and the host experts' sum is added after
 expert order. tests/test_compact_experts.py states and checks the tolerance
 (float32: 1e-6 of the output's largest value; bf16: 1e-2).
 
+The steps check the model as they go: `finish` counts the seconds the device waited for the host's sum, and where
+those waits (with the round trips) outweigh the link time the host's experts saved, the host's work was not hidden
+(`HostExperts.losing`): the engine then copies every miss (`Engine._check_host_experts`).
+
 The cost model's numbers are measured once at load (`measure`: one expert's fetch to the device as a miss makes it
 in the step programs; the host function on 1 and 8 rows) unless given. Where the host computes from:
 - pinned host stacks (the experts in host memory): its own copy of the experts as CPU arrays, one buffer per expert
@@ -81,8 +85,8 @@ SLOW_HOST_BYTES_PER_S = 2e9
 # note says the model underestimates the host (on an H100's host, 12-07: 1.59x, and `auto` ran slower than copying).
 OVER_MODEL_RATIO, OVER_MODEL_EXPERTS = 1.5, 16
 # The device's waits for the host's sums (`finish`) plus the callbacks' round trips against the link time the host's
-# experts saved (their copies): past this ratio, over at least OVER_MODEL_EXPERTS experts, a note says the host's
-# work was not hidden behind the device's and `auto` likely runs slower than copying.
+# experts saved (their copies): past this ratio, over at least OVER_MODEL_EXPERTS experts, the host's work was not
+# hidden behind the device's and costs the steps more than copying (`HostExperts.losing`; the engine then copies).
 UNHIDDEN_RATIO = 1.0
 log = logging.getLogger(__name__)
 
@@ -148,7 +152,7 @@ class HostExperts:
         self._tickets = itertools.cycle(range(1 << 30))
         self.cpu = jax.devices("cpu")[0]
         self.cost: CostModel | None = None
-        self._noted_over_model = self._noted_unhidden = False  # the notes of `stats` are logged once each
+        self._noted_over_model = False  # the note of `stats` is logged once
         self._lock = threading.Lock()
         self.reset()
 
@@ -196,25 +200,17 @@ class HostExperts:
         device's own fetches and compute meanwhile, as the host sees them) and wait_s (the seconds the device
         waited in `finish` for the host's sums: host work not hidden behind the device's); the library, the
         token limit and the cost model; x_cost_model: the host's seconds over the model's estimate of them (> 1:
-        the host ran slower in the steps than measured at load; a note past OVER_MODEL_RATIO) and x_saved: the
-        waits and the model's round trips over the link time the host's experts saved (> 1: computing them on the
-        host cost the steps more than copying would have; a note past UNHIDDEN_RATIO). Each note is logged once,
-        after OVER_MODEL_EXPERTS experts."""
+        the host ran slower in the steps than measured at load; logged once past OVER_MODEL_RATIO, after
+        OVER_MODEL_EXPERTS experts) and x_saved: the waits and the model's round trips over the link time the
+        host's experts saved (> 1: computing them on the host cost the steps more than copying would have:
+        `losing`)."""
         with self._lock:
             counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds,
                       "layer_steps": self.layer_steps, "window_s": self.window_s, "wait_s": self.wait_s}
         out = {**counts, "library": self.library, "token_limit": self.token_limit}
         if self.cost is None:
             return out
-        saved = counts["experts"] * self.cost.copy_s()
-        x_saved = (counts["wait_s"] + counts["layer_steps"] * self.cost.round_trip_s) / saved if saved > 0 else None
-        if x_saved is not None and x_saved > UNHIDDEN_RATIO and counts["experts"] >= OVER_MODEL_EXPERTS \
-                and not self._noted_unhidden:
-            self._noted_unhidden = True
-            log.warning(f"cpu_experts: the device waited {counts['wait_s'] / counts['layer_steps'] * 1e3:.2f} ms a "
-                        f"layer step for the host's experts ({counts['wait_s']:.3g} s in {counts['layer_steps']} "
-                        f"layer steps, round trips besides), {x_saved:.2f}x the link time their copies would have "
-                        "taken: the host's work is not hidden; compare with --cpu-experts off")
+        x_saved = self._x_saved(counts)
         modeled = counts["experts"] * self.cost.host_fixed_s + counts["tokens"] * self.cost.host_per_token_s
         ratio = counts["seconds"] / modeled if modeled > 0 else None
         if ratio is not None and ratio > OVER_MODEL_RATIO and counts["experts"] >= OVER_MODEL_EXPERTS \
@@ -226,6 +222,23 @@ class HostExperts:
                         f"({fixed_ms:.3g} ms + tokens x {per_token_us:.3g} us): the model sends it more than it "
                         "should; compare with --cpu-experts off")
         return {**out, "cost_model": self.cost.describe(), "x_cost_model": ratio, "x_saved": x_saved}
+
+    def _x_saved(self, counts: dict) -> float | None:
+        saved = counts["experts"] * self.cost.copy_s()
+        return (counts["wait_s"] + counts["layer_steps"] * self.cost.round_trip_s) / saved if saved > 0 else None
+
+    def losing(self) -> str | None:
+        """Why computing experts on the host costs the steps more than copying them would (`stats`' x_saved past
+        UNHIDDEN_RATIO over OVER_MODEL_EXPERTS experts or more: the device idled waiting for the host longer than
+        the copies it was spared would have taken, with the round trips), or None."""
+        with self._lock:
+            counts = {"experts": self.computed, "layer_steps": self.layer_steps, "wait_s": self.wait_s}
+        x_saved = None if self.cost is None else self._x_saved(counts)
+        if x_saved is None or x_saved <= UNHIDDEN_RATIO or counts["experts"] < OVER_MODEL_EXPERTS:
+            return None
+        return (f"the device waited {counts['wait_s'] / counts['layer_steps'] * 1e3:.2f} ms a layer step for the "
+                f"host's experts ({counts['wait_s']:.3g} s in {counts['layer_steps']} layer steps, round trips "
+                f"besides), {x_saved:.2f}x the link time their copies would have taken: the host's work was not hidden")
 
     def expert_output(self, layer: int, expert: int, rows: np.ndarray, parts: int = 1) -> np.ndarray | None:
         """Expert `expert` of MoE layer `layer` on rows [n, D] -> [n, D] f32, computed on the CPU: by torch, or by
