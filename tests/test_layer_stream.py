@@ -98,6 +98,25 @@ def test_guesses_recorded_after_load_come_from_the_layer_programs_too(model):
         np.testing.assert_array_equal(guesses[1], guesses[0])
 
 
+def test_each_streamed_step_returns_its_tokens_before_the_next_is_dispatched(model):
+    """A step of layer programs is dispatched only once none is in flight, so `decode` returns each step's tokens
+    right after it (one program a step keeps two in flight), and leaves the copies of the next step's first staged
+    layers under way."""
+    run(model, "cached")  # compiled
+    cfg, dense, stacks = model
+    engine = build_random_engine(cfg, "cached", dense, stacks, slots=16, max_seq_len=48, prefill_chunk=8,
+                                 expert_budget="0.55")
+    for slot in range(16):
+        engine.prefill(slot, [1 + slot, 2, 3])
+    prestaged = 0
+    for call in range(1, 4):
+        assert len(engine.decode()) == 16
+        assert engine.layer_stream.steps == call and not engine._inflight
+        assert list(engine.layer_stream._prestaged) == engine.layer_stream.staged_layers()[:2]
+        prestaged += len(engine.layer_stream._prestaged)
+    assert prestaged > 0
+
+
 def test_the_steps_read_the_staged_copies(model, monkeypatch):
     """Staging each layer's successor instead changes the tokens: the layer steps computed out of the staged copies."""
     _, right = run(model, "cached")

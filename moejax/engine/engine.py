@@ -104,6 +104,7 @@ class Engine:
         self._epochs = [0] * slots
         self._inflight: collections.deque[_Step] = collections.deque()
         self._finished: list[tuple[np.ndarray, np.ndarray | None]] = []  # routing of released sequences, in order
+        self._unobserved: list[tuple[np.ndarray, np.ndarray]] = []  # steps read, not yet observed (`decode`)
         self._compiled: dict = {}
         self.host_wait_s = 0.0
         # decode steps whose tokens have been read, and the sequences the last one decoded (a serving loop times
@@ -241,6 +242,7 @@ class Engine:
         prefill = self._prefills.get(slot)
         if prefill is None:
             raise MoejaxError(f"slot {slot} has no prompt being prefilled: begin_prefill first")
+        self._observe_read()
         ids, start = prefill.ids, prefill.done
         end = min(start + self.prefill_chunk, len(ids))
         final = end == len(ids)
@@ -298,22 +300,43 @@ class Engine:
         return _Sequence(self._epochs[slot], length, None if max_new_tokens is None else max_new_tokens - 1, task)
 
     def decode(self) -> dict[int, int]:
-        """The next token of every occupied slot: {slot: token} (empty when no slot is occupied)."""
+        """The next token of every occupied slot: {slot: token} (empty when no slot is occupied).
+
+        Up to PIPELINE_DEPTH steps are in flight: the GPU computes the next step while the caller uses these
+        tokens. A step run as layer programs (`layer_stream`) is dispatched by the host layer by layer, so its
+        dispatch returns only as its last layers run: it is dispatched only once no other step is in flight (each
+        token is returned as soon as its step ends, not behind the dispatches of the next ones), and instead of
+        it the first layers it will stage are copied while the caller uses the tokens (`LayerStream.prestage`).
+        Such a step's predecessor is then read before it is dispatched, not after; its routing reaches the host-side
+        manager only once the next step's inputs are made (`_observe_read`), as when it is read after, so the
+        prefetchers and policies decide as with one program a step."""
         wanting = lambda: [s for s, q in self._sequences.items() if not q.queue and self._can_dispatch(q)]  # noqa: E731
         while wanting() or any(not q.queue and self._in_flight(s) for s, q in self._sequences.items()):
-            while len(self._inflight) < PIPELINE_DEPTH and self._dispatchable():
+            while len(self._inflight) < PIPELINE_DEPTH and self._dispatchable() and \
+                    not (self._inflight and self._next_step_streams()):
                 self._dispatch()
             if not self._inflight:
                 break
-            self._read(self._inflight.popleft())
-        while len(self._inflight) < PIPELINE_DEPTH and self._dispatchable():
-            self._dispatch()  # the GPU computes the next step while the caller uses these tokens
+            self._read(self._inflight.popleft(), observe=not self._next_step_streams())
+        if self._next_step_streams():
+            if not self._inflight:
+                self.layer_stream.prestage()
+        else:
+            while len(self._inflight) < PIPELINE_DEPTH and self._dispatchable():
+                self._dispatch()  # the GPU computes the next step while the caller uses these tokens
         return {s: q.queue.popleft() for s, q in self._sequences.items() if q.queue}
+
+    def _next_step_streams(self) -> bool:
+        """Whether the next decode step (of the slots that can take one) runs as layer programs."""
+        if self.layer_stream is None or not self._dispatchable():
+            return False
+        return self.layer_stream.applies(next_power_of_two(sum(map(self._can_dispatch, self._sequences.values()))))
 
     def release(self, slot: int, keep_routing: bool = True, learn: bool = True) -> None:
         """Frees slot `slot` (its prompt may be mid-prefill); its sequence's routing joins the trace collection
         (unless not `learn`) and, with keep_routing, the record `routing(b)` reads after `generate` (a serving
         loop, which never reads it, passes False so that it does not grow)."""
+        self._observe_read()
         prefill = self._prefills.pop(slot, None)
         sequence = prefill.sequence if prefill is not None else self._sequences.pop(slot, None)
         if sequence is None:
@@ -397,6 +420,7 @@ class Engine:
         active = np.arange(rows) < len(chosen)
         longest = max(self._sequences[s].length for s in chosen) + 1
         inputs = self._inputs(owners=[(s, self._sequences[s].epoch) for s in chosen])
+        self._observe_read()
         forced = self._forced([int(s) if a else -1 for s, a in zip(slot_ids, active)],
                               np.array([[self._sequences[s].length] if a else [0] for s, a in zip(slot_ids, active)]))
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, slot_ids, active, forced)
@@ -417,7 +441,9 @@ class Engine:
             rows_info.append((s, sequence.epoch))
         self._inflight.append(_Step(rows_info, tokens, routing, guesses, resident))
 
-    def _read(self, step: _Step) -> None:
+    def _read(self, step: _Step, observe: bool = True) -> None:
+        """A dispatched step's tokens and routing to its sequences; its routing observed now, or with
+        `_observe_read` (observe False)."""
         start = time.perf_counter()
         tokens = np.asarray(step.tokens)
         self.host_wait_s += time.perf_counter() - start
@@ -433,7 +459,14 @@ class Engine:
             sequence.routing.append(routing[:, row : row + 1])
             if guesses is not None:
                 sequence.guesses.append(guesses[:, row : row + 1])
-        self._observe(routing[:, : len(step.rows)], np.asarray(step.resident))
+        self._unobserved.append((routing[:, : len(step.rows)], np.asarray(step.resident)))
+        if observe:
+            self._observe_read()
+
+    def _observe_read(self) -> None:
+        """Observes the steps read and not yet observed (`_read`), in order."""
+        while self._unobserved:
+            self._observe(*self._unobserved.pop(0))
 
     def _follow(self, slot: int, epoch: int, token: int) -> None:
         """A sequence's new token, for the predictors that follow it (run-ahead, predicted routing)."""
@@ -688,6 +721,7 @@ class Engine:
 
     # -- statistics --------------------------------------------------------------------------------
     def reset_stats(self) -> None:
+        self._observe_read()
         self.cache = dc.reset_counters(self.cache)
         self.host_wait_s = 0.0
         if isinstance(self.host, TieredHost):
@@ -699,6 +733,7 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters since the last reset: see `offload.stats.cache_stats`."""
+        self._observe_read()
         stats = cache_stats(self.spec, np.asarray(self.cache.counters), self.expert_bytes, self.cache.num_slots,
                             self.manager, self.host_wait_s, self.stats_info)
         if isinstance(self.host, TieredHost):

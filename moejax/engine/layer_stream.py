@@ -151,6 +151,7 @@ class LayerStream:
     def __post_init__(self):
         self.resident = np.zeros(len(self.spec.moe_layers), np.int64)
         self._sharding = SingleDeviceSharding(self.device, memory_kind=self.device.default_memory().kind)
+        self._prestaged: dict[int, dict] = {}  # MoE layer -> its copy, issued before the step that computes on it
 
     def applies(self, rows: int) -> bool:
         """Whether a decode step of `rows` rows runs as layer programs (it may copy layers whole)."""
@@ -165,6 +166,17 @@ class LayerStream:
         E = self.spec.cfg.num_experts
         return [m for m in range(len(self.spec.moe_layers)) if E - self.resident[m] >= self.spec.whole_layer_from]
 
+    def prestage(self) -> None:
+        """Issues the copies of the first STAGED_AT_ONCE layers the next step stages (no step in flight: the engine
+        calls it instead of dispatching a step of layer programs while its caller uses the last tokens), so that the
+        link works meanwhile; the next `decode` computes on them."""
+        for m in self.staged_layers():
+            if len(self._prestaged) >= STAGED_AT_ONCE:
+                break
+            if m not in self._prestaged:
+                self._prestaged[m] = self._stage(m)
+        self.most_at_once = max(self.most_at_once, len(self._prestaged))
+
     def _stage(self, m: int) -> dict:
         stack = self.host[m]
         self.layers_staged += 1
@@ -177,8 +189,9 @@ class LayerStream:
         kv_caches = list(kv_caches)
         x, cache, slab, routing, guesses = begin(params, cache, slab, host, staged_keys, priorities, state, slot_ids,
                                                  spec=spec)
-        to_stage = collections.deque(self.staged_layers())
-        staged, running = {}, collections.deque()  # copies not yet handed to a layer; layers computing on one
+        staged, self._prestaged = self._prestaged, {}  # copies not yet handed to a layer
+        to_stage = collections.deque(m for m in self.staged_layers() if m not in staged)
+        running = collections.deque()  # layers computing on a staged copy
 
         def stage_ahead():
             while to_stage:
