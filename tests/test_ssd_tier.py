@@ -669,6 +669,21 @@ def within_float_rounding(ours, reference):
     return all(np.abs(a - b).max() <= 1e-4 * (b.max() - b.min()) for a, b in zip(ours, reference, strict=True))
 
 
+def test_host_experts_waiting_on_the_disk_are_not_stopped():
+    """Through the tier a host expert's wait includes its disk read, which a copy pays too: the engine's check that
+    stops sending the host experts (`Engine._check_host_experts`) leaves them be there."""
+    from types import SimpleNamespace
+
+    from moejax.engine.engine import Engine
+    from moejax.offload.host_cache import TieredHost
+
+    host_experts = SimpleNamespace(losing=lambda: "the device waited", overlap=True)
+    engine = SimpleNamespace(spec=SimpleNamespace(cpu_experts=host_experts), host_experts_losing=None,
+                             host=TieredHost.__new__(TieredHost))
+    Engine._check_host_experts(engine)
+    assert engine.host_experts_losing is None and engine.spec.cpu_experts is host_experts
+
+
 def test_cpu_experts_through_the_tier(model, compact):
     """`cpu_experts='auto'` with the disk tier, the cost model forced: a host slower than the link beyond one token
     (misses both computed on the CPU and copied) from a one-slot host cache of float experts, and every miss on the CPU

@@ -498,9 +498,10 @@ class Engine:
         (`HostExperts.losing`: the device waited for the host longer than the link would have taken), every miss is
         copied from the next step on (programs without host experts, compiled then; the layer programs too, where
         the engine was loaded with them), and a warning says why. On the CPU backend, where host and device share
-        the cores and nothing overlaps, only the warning."""
+        the cores and nothing overlaps, only the warning. Not through the disk tier: there the host's waits include
+        disk reads that a copy would pay too."""
         host = self.spec.cpu_experts
-        if host is None or self.host_experts_losing is not None:
+        if host is None or self.host_experts_losing is not None or isinstance(self.host, TieredHost):
             return
         reason = host.losing()
         if reason is None:
