@@ -49,7 +49,8 @@ def run_once(model, mode, batch=16, replayed=True, **options):
 
 
 def test_layer_programs_give_the_fused_steps_tokens_and_counts(model):
-    """Replayed routing (the router's own: the next test)."""
+    """Decode steps of 16 rows and prompt chunks of 8 tokens (wide: up to 48 of 64 experts); replayed routing (the
+    router's own: the next test). The logits of prompts run as layer programs are the fused chunk's too."""
     fused_engine, fused = run(model, "cached", layer_stream="off")
     engine, streamed = run(model, "cached")
     assert fused_engine.layer_stream is None and isinstance(engine.layer_stream, LayerStream)
@@ -62,10 +63,13 @@ def test_layer_programs_give_the_fused_steps_tokens_and_counts(model):
         np.testing.assert_array_equal(engine.routing(b)[0], fused_engine.routing(b)[0])
     assert LayerStream.programs_compiled() >= 4  # begin, dense, a MoE layer with and without a staged copy, end
     stats = streamed.stats["layer_stream"]
-    assert stats["steps"] == 9 and stats["layers_staged"] > 0 and stats["most_at_once"] <= 2
+    assert stats["steps"] == 9 and stats["chunks"] == 16 and stats["layers_staged"] > 0 and stats["most_at_once"] <= 2
     assert stats["bytes_staged"] == stats["layers_staged"] * model[0].num_experts * engine.expert_bytes
     assert streamed.stats["per_layer"] == fused.stats["per_layer"] and streamed.stats["total"] == fused.stats["total"]
     assert fused.stats["total"]["streamed"] > 0  # some layer steps copied their layer whole
+    prompts = [[7, 8, 9, 10, 11, 12], [3, 4]]  # prompt chunks of 8 tokens (6 and 2 real) run as layer programs too
+    for want, got in zip(fused_engine.logits(prompts), engine.logits(prompts), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_with_the_lookahead_and_trace_prefetchers_too(model):

@@ -560,9 +560,16 @@ def prefill_chunk(params, cache, slab, host, staged_keys, priorities, kv_caches,
     slot_ids = slot[None]
     x, experts, kv_caches, routing, guesses = forward(spec, attend_len, params, experts, kv_caches, tokens[None],
                                                       positions, slot_ids, valid, forced_ids)
+    token, state, logits = chunk_token(spec, params, x, state, slot, start, count, final, want_logits)
+    return token, routing, guesses, resident_keys(spec, experts.cache), experts.cache, experts.slab, kv_caches, state, logits
+
+
+def chunk_token(spec: ProgramSpec, params, x, state: SlotState, slot, start, count, final, want_logits: bool):
+    """A prompt chunk's end (`prefill_chunk`'s arguments; x [1, T, D] the last layer's): the token sampled from the
+    last real token's logits; the slot's length, last token and random index set. -> (token int32, state, logits
+    [T, V] f32 or None)."""
     last = lax.dynamic_index_in_dim(x[0], count - 1, keepdims=True)
-    token = sample_next(state, slot_ids, _logits(spec.cfg, params, last))[0]
+    token = sample_next(state, slot[None], _logits(spec.cfg, params, last))[0]
     state = state.replace(last_token=state.last_token.at[slot].set(token), length=state.length.at[slot].set(start + count),
                           sampled=state.sampled.at[slot].set(final.astype(jnp.int32)))
-    logits = _logits(spec.cfg, params, x[0]) if want_logits else None
-    return token, routing, guesses, resident_keys(spec, experts.cache), experts.cache, experts.slab, kv_caches, state, logits
+    return token, state, _logits(spec.cfg, params, x[0]) if want_logits else None

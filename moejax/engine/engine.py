@@ -276,8 +276,11 @@ class Engine:
         args = (self.params, *self._expert_args(inputs), self.kv, self.state, jnp.int32(slot), tokens,
                 jnp.int32(start), jnp.int32(len(chunk)), jnp.bool_(final), forced)
         static = dict(spec=self.spec, attend_len=self._attend_len(start + size), want_logits=want_logits)
-        token, experts, guesses, resident, self.cache, self.slab, self.kv, self.state, logits = \
-            self._program("prefill", static, args)(*args)
+        if self.layer_stream is not None and self.layer_stream.applies(size):
+            step = self.layer_stream.prefill(*args, **static)
+        else:
+            step = self._program("prefill", static, args)(*args)
+        token, experts, guesses, resident, self.cache, self.slab, self.kv, self.state, logits = step
         return token, experts, guesses, resident, logits
 
     @property
