@@ -114,7 +114,7 @@ class Engine:
         # int [rows, T]) -> the experts int32 [MoE layers, rows * T, k] each MoE layer uses instead of its router's,
         # or a pair (those, the lookahead's guesses of the same shape: `decoder_programs.forward`'s forced_ids).
         self.routing_override: Callable[[list[int], np.ndarray], np.ndarray | tuple] | None = None
-        # wide decode steps as layer programs, the host staging whole layers (`engine.layer_stream`); None: fused
+        # wide steps as layer programs, the host staging whole layers (`engine.layer_stream`); None: one program each
         self.layer_stream: LayerStream | None = None
         self.layer_stream_option = "off"  # `moejax.load`'s layer_stream
         # missed experts computed on the host (`offload.cpu_experts`), kept after the steps stop sending them any,

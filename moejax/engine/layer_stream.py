@@ -145,7 +145,7 @@ def build(spec: ProgramSpec, host, device) -> LayerStream | None:
         return None
     problem = room_problem(device, host)
     if problem is not None:
-        log.warning(f"layer_stream: wide decode steps run as one program each: {problem}")
+        log.warning(f"layer_stream: wide steps run as one program each: {problem}")
         return None
     return LayerStream(spec, host, device)
 
