@@ -88,18 +88,14 @@ def test_with_the_lookahead_and_trace_prefetchers_too(model):
 
 def test_guesses_recorded_after_load_come_from_the_layer_programs_too(model):
     """`record_guesses` (as `moejax trace` calls it) changes the engine's spec after load: the layer programs follow it
-    and give the fused step's guesses."""
-    engines = []
-    for layer_stream in ("off", "auto"):
-        engine, _ = run(model, "cached", layer_stream=layer_stream)  # the same shapes: no new compile of the rest
-        engine.record_guesses()
-        engine.generate([[1, 2, 3], [4, 5]] * 8, max_new_tokens=4, ignore_eos=True)
-        engines.append(engine)
-    assert engines[1].layer_stream.steps > 0
+    and record each step's guesses (they once kept the old spec, and `routing` failed on the missing rows)."""
+    engine, _ = run(model, "cached")
+    engine.record_guesses()
+    result = engine.generate([[1, 2, 3], [4, 5]] * 8, max_new_tokens=4, ignore_eos=True)
+    assert result.stats["layer_stream"]["steps"] > 0
     for b in range(16):
-        guesses = [engine.routing(b)[1] for engine in engines]
-        assert guesses[1] is not None and (guesses[1] >= 0).any()
-        np.testing.assert_array_equal(guesses[1], guesses[0])
+        experts, guesses = engine.routing(b)
+        assert guesses is not None and guesses.shape == experts.shape and (guesses >= 0).any()
 
 
 def test_each_streamed_step_returns_its_tokens_before_the_next_is_dispatched(model):
