@@ -254,10 +254,10 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "for twice their bf16 bytes more; faster on hosts whose float32 matmul reads >2x the bytes/s of "
                    "their bf16 one) | off (default)")
     p.add_argument("--layer-stream", default="auto",
-                   help="auto (default; --offload cached, one device): a decode step of so many sequences that it "
-                   "copies whole layers runs a program per layer, the host copying the next such layer while the GPU "
-                   "computes (one more layer of GPU memory) | off: one program per step, its copies in order with its "
-                   "compute")
+                   help="auto (default; --offload cached, one device): a decode step of so many sequences, or a prompt "
+                   "chunk of so many tokens, that it copies whole layers runs a program per layer, the host copying "
+                   "the next such layer while the GPU computes (one more layer of GPU memory) | off: one program per "
+                   "step, its copies in order with its compute")
     p.add_argument("--devices", type=int, default=1,
                    help="expert parallelism: split the experts over the first N devices, the dense weights on each; "
                    "with --offload cached each device has its own cache of --expert-budget (default 1)")

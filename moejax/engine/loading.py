@@ -106,8 +106,8 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         `placement_traces`: a routing trace, an EAM collection or the directory `moejax trace` wrote;
         `offload.placement`); hot_replicas: 'balanced' only, a second copy of each MoE layer's that many hottest
         experts on another device (each token's pair computed by one copy).
-    layer_stream: 'auto' (the default; offload 'cached', one device, decoder models): a decode step wide enough to
-        copy whole layers runs as a program per layer, the host copying the next layer it needs whole while the
+    layer_stream: 'auto' (the default; offload 'cached', one device, decoder models): a decode step or prompt chunk
+        wide enough to copy whole layers runs as a program per layer, the host copying the next layer it needs whole while the
         device computes the one before (`engine.layer_stream`; outputs unchanged, one more layer's bytes of GPU
         memory); 'off': every step is one program, its copies in order with its compute.
 
