@@ -117,6 +117,28 @@ def test_each_streamed_step_returns_its_tokens_before_the_next_is_dispatched(mod
     assert prestaged > 0
 
 
+def test_the_step_api_in_any_order_gives_the_fused_steps_tokens(model):
+    """Prompts begun, prefilled, decoded and released in a serving loop's order: the layer programs' tokens are the
+    fused steps' (the steps read before a streamed one is dispatched, and the prefill chunks run between)."""
+    tokens = []
+    for layer_stream in ("off", "auto"):
+        engine, _ = run(model, "cached", layer_stream=layer_stream)
+        produced, streamed = [], engine.layer_stream.steps if engine.layer_stream else 0
+        for slot in range(12):
+            engine.prefill(slot, [3 + slot, 5, 7])
+        produced += [engine.decode(), engine.decode()]
+        for slot in range(4):
+            engine.release(slot, keep_routing=False)
+            engine.begin_prefill(slot, [9, slot + 1, 4, 4])
+            produced.append(engine.prefill_step(slot))
+        produced += [engine.decode() for _ in range(3)]
+        for slot in range(12):
+            engine.release(slot, keep_routing=False)
+        tokens.append(produced)
+    assert engine.layer_stream.steps >= streamed + 5  # every decode step of 12 rows ran as layer programs
+    assert tokens[1] == tokens[0] and len(tokens[0][0]) == 12
+
+
 def test_the_steps_read_the_staged_copies(model, monkeypatch):
     """Staging each layer's successor instead changes the tokens: the layer steps computed out of the staged copies."""
     _, right = run(model, "cached")
