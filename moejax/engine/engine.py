@@ -116,7 +116,7 @@ class Engine:
         self.routing_override: Callable[[list[int], np.ndarray], np.ndarray | tuple] | None = None
         # wide steps as layer programs, the host staging whole layers (`engine.layer_stream`); None: one program each
         self.layer_stream: LayerStream | None = None
-        self.layer_stream_option = "off"  # `moejax.load`'s layer_stream
+        self.layer_stream_option = "off"  # `moejax.load`'s layer_stream (`use_layer_stream`)
         # missed experts computed on the host (`offload.cpu_experts`), kept after the steps stop sending them any,
         # and why they stopped (`_check_host_experts`)
         self.host_experts, self.host_experts_losing = spec.cpu_experts, None
@@ -515,7 +515,13 @@ class Engine:
             return
         log.warning(f"cpu_experts: {reason}: every missed expert is copied from here on")
         self.spec = dataclasses.replace(self.spec, cpu_experts=None)
-        if self.layer_stream is None and self.layer_stream_option == "auto":
+        self.use_layer_stream(self.layer_stream_option)
+
+    def use_layer_stream(self, option: str) -> None:
+        """`moejax.load`'s layer_stream: with 'auto', wide steps run as layer programs from now on where the spec
+        and the device allow (`layer_stream.build`; kept if already running)."""
+        self.layer_stream_option = option
+        if self.layer_stream is None and option == "auto":
             self.layer_stream = build_layer_stream(self.spec, self.host, self.device)
 
     def finish_pending(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from moejax.encdec_config import ROUTING_MODES, EncDecConfig
 from moejax.engine import decoder_programs as programs
 from moejax.engine import encdec_programs, expert_parallel
 from moejax.engine.engine import Engine
-from moejax.engine.layer_stream import LAYER_STREAM, build as build_layer_stream
+from moejax.engine.layer_stream import LAYER_STREAM
 from moejax.engine.seq2seq import Seq2SeqEngine
 from moejax.engine.compilation import use_compilation_cache
 from moejax.errors import MoejaxError, ParameterError, is_integer, plural
@@ -41,7 +40,6 @@ from moejax.offload.disk_tier import checkpoint_tier
 from moejax.routing.eams import EAMCollection
 from moejax.tokenizer import load_tokenizer
 
-log = logging.getLogger(__name__)
 COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer"
 # Step programs branch on the device (a loop over a step's misses): with conditionals and loops captured in
 # CUDA graphs, the GPU evaluates their conditions itself; without, the host waits on each (BENCHMARKS.md).
@@ -276,9 +274,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
                   expert_bytes=expert_bytes,
                   stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
-    engine.layer_stream_option = layer_stream
-    if layer_stream == "auto":
-        engine.layer_stream = build_layer_stream(spec, experts.host, device)
+    engine.use_layer_stream(layer_stream)
     return engine
 
 

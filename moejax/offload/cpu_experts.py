@@ -204,9 +204,7 @@ class HostExperts:
         OVER_MODEL_EXPERTS experts) and x_saved: the waits and the model's round trips over the link time the
         host's experts saved (> 1: computing them on the host cost the steps more than copying would have:
         `losing`)."""
-        with self._lock:
-            counts = {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds,
-                      "layer_steps": self.layer_steps, "window_s": self.window_s, "wait_s": self.wait_s}
+        counts = self._counts()
         out = {**counts, "library": self.library, "token_limit": self.token_limit}
         if self.cost is None:
             return out
@@ -223,6 +221,11 @@ class HostExperts:
                         "should; compare with --cpu-experts off")
         return {**out, "cost_model": self.cost.describe(), "x_cost_model": ratio, "x_saved": x_saved}
 
+    def _counts(self) -> dict:
+        with self._lock:
+            return {"experts": self.computed, "tokens": self.tokens, "seconds": self.seconds,
+                    "layer_steps": self.layer_steps, "window_s": self.window_s, "wait_s": self.wait_s}
+
     def _x_saved(self, counts: dict) -> float | None:
         saved = counts["experts"] * self.cost.copy_s()
         return (counts["wait_s"] + counts["layer_steps"] * self.cost.round_trip_s) / saved if saved > 0 else None
@@ -231,8 +234,7 @@ class HostExperts:
         """Why computing experts on the host costs the steps more than copying them would (`stats`' x_saved past
         UNHIDDEN_RATIO over OVER_MODEL_EXPERTS experts or more: the device idled waiting for the host longer than
         the copies it was spared would have taken, with the round trips), or None."""
-        with self._lock:
-            counts = {"experts": self.computed, "layer_steps": self.layer_steps, "wait_s": self.wait_s}
+        counts = self._counts()
         x_saved = None if self.cost is None else self._x_saved(counts)
         if x_saved is None or x_saved <= UNHIDDEN_RATIO or counts["experts"] < OVER_MODEL_EXPERTS:
             return None
