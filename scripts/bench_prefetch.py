@@ -318,7 +318,8 @@ def time_to_first_token(engine, replay: RoutingReplay, trace: RoutingTrace, sequ
         if n:
             runs.append({"sequence": sequence, "ttft_s": result.timing.ttft_s, "experts_used": used,
                          "bytes_moved": result.stats["total"]["bytes_h2d"], "link_floor_s": floor,
-                         "x_link_floor": result.timing.ttft_s / floor})
+                         "x_link_floor": result.timing.ttft_s / floor,
+                         "layer_program_chunks": (result.stats.get("layer_stream") or {}).get("chunks", 0)})
     return {"prompt_len": prompt_len, "policy": engine.manager.policy, "prefetch": engine.manager.prefetch, "runs": runs,
             "ttft_s": float(np.median([r["ttft_s"] for r in runs])),
             "link_floor_s": float(np.median([r["link_floor_s"] for r in runs])),
@@ -454,7 +455,8 @@ def main() -> None:
     if "ttft" in result:
         ttft = result["ttft"]
         print(f"TTFT, {ttft['prompt_len']}-token prompt, LRU at {args.budget}, empty cache: {ttft['ttft_s']:.3f} s; link floor "
-              f"of the experts it uses {ttft['link_floor_s']:.3f} s; {ttft['x_link_floor']:.2f}x")
+              f"of the experts it uses {ttft['link_floor_s']:.3f} s; {ttft['x_link_floor']:.2f}x; prompt chunks run as "
+              f"layer programs: {[run['layer_program_chunks'] for run in ttft['runs']]}")
 
 
 if __name__ == "__main__":
