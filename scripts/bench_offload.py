@@ -66,6 +66,7 @@ def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, p
         "decode_hit_rate": decode["hits"] / decode["activations"] if decode["activations"] else None,
         "decode_bytes_per_token": decode["bytes_h2d"] / max(decode["steps"], 1),
         "prefill_bytes": prefill.get("bytes_h2d", 0),
+        "layer_program_chunks": (result.stats.get("layer_stream") or {}).get("chunks", 0),  # of the prompt
         "tokens": result.tokens[0],
     }
     del engine
@@ -127,7 +128,8 @@ def main() -> None:
 
     print_table(result["rows"], [
         ("model", "model", "s"), ("mode", "mode", "s"), ("budget", "budget", "s"), ("ttft_s", "TTFT s", ".3f"),
-        ("floor_ttft_s", "TTFT floor", ".3f"), ("decode_s_per_token", "s/token", ".4f"), ("decode_hit_rate", "hit rate", ".3f"),
+        ("floor_ttft_s", "TTFT floor", ".3f"), ("layer_program_chunks", "layer-program chunks", "d"),
+        ("decode_s_per_token", "s/token", ".4f"), ("decode_hit_rate", "hit rate", ".3f"),
         ("decode_gb_per_token", "GB/token", ".3f"), ("floor_s_per_token", "floor s/token", ".4f"), ("x_floor", "x floor", ".3f"),
         ("peer_tpot_s", "peer TPOT s", ".2f"), ("x_peer_tokens_per_s", "x peer", ".1f"),
         ("tokens_equal_resident", "same tokens", "")])
