@@ -66,7 +66,7 @@ def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, p
         "decode_hit_rate": decode["hits"] / decode["activations"] if decode["activations"] else None,
         "decode_bytes_per_token": decode["bytes_h2d"] / max(decode["steps"], 1),
         "prefill_bytes": prefill.get("bytes_h2d", 0),
-        "layer_program_chunks": (result.stats.get("layer_stream") or {}).get("chunks", 0),  # of the prompt
+        "layer_program_chunks": result.stats.get("layer_stream", {}).get("chunks", 0),  # of the prompt
         "tokens": result.tokens[0],
     }
     del engine

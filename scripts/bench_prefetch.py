@@ -319,7 +319,7 @@ def time_to_first_token(engine, replay: RoutingReplay, trace: RoutingTrace, sequ
             runs.append({"sequence": sequence, "ttft_s": result.timing.ttft_s, "experts_used": used,
                          "bytes_moved": result.stats["total"]["bytes_h2d"], "link_floor_s": floor,
                          "x_link_floor": result.timing.ttft_s / floor,
-                         "layer_program_chunks": (result.stats.get("layer_stream") or {}).get("chunks", 0)})
+                         "layer_program_chunks": result.stats.get("layer_stream", {}).get("chunks", 0)})
     return {"prompt_len": prompt_len, "policy": engine.manager.policy, "prefetch": engine.manager.prefetch, "runs": runs,
             "ttft_s": float(np.median([r["ttft_s"] for r in runs])),
             "link_floor_s": float(np.median([r["link_floor_s"] for r in runs])),

@@ -561,7 +561,8 @@ def prefill_chunk(params, cache, slab, host, staged_keys, priorities, kv_caches,
     x, experts, kv_caches, routing, guesses = forward(spec, attend_len, params, experts, kv_caches, tokens[None],
                                                       positions, slot_ids, valid, forced_ids)
     token, state, logits = chunk_token(spec, params, x, state, slot, start, count, final, want_logits)
-    return token, routing, guesses, resident_keys(spec, experts.cache), experts.cache, experts.slab, kv_caches, state, logits
+    return (token, routing, guesses, resident_keys(spec, experts.cache), experts.cache, experts.slab, kv_caches, state,
+            logits)
 
 
 def chunk_token(spec: ProgramSpec, params, x, state: SlotState, slot, start, count, final, want_logits: bool):

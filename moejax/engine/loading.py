@@ -105,9 +105,9 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         `offload.placement`); hot_replicas: 'balanced' only, a second copy of each MoE layer's that many hottest
         experts on another device (each token's pair computed by one copy).
     layer_stream: 'auto' (the default; offload 'cached', one device, decoder models): a decode step or prompt chunk
-        wide enough to copy whole layers runs as a program per layer, the host copying the next layer it needs whole while the
-        device computes the one before (`engine.layer_stream`; outputs unchanged, one more layer's bytes of GPU
-        memory); 'off': every step is one program, its copies in order with its compute.
+        wide enough to copy whole layers runs as a program per layer, the host copying the next layer it needs whole
+        while the device computes the one before (`engine.layer_stream`; outputs unchanged, one more layer's bytes of
+        GPU memory); 'off': every step is one program, its copies in order with its compute.
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
