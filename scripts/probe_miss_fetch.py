@@ -10,6 +10,8 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
   ids-u32  ids from stacks kept as uint32 (each pair of bf16 one word; bitcast back on the device): whether the
            kernel that reads host memory at a data-dependent offset goes faster with wider elements
   ids-flat the same with each expert one row of words ([E, n] uint32)
+  static   ids from the stack as it is, the expert chosen by a lax.switch whose branch e copies expert e (a slice at a
+           static offset)
   switch   ids from E separate pinned buffers, one per expert, the expert chosen by a lax.switch whose branches each
            copy a whole buffer (a static copy: a DMA, if XLA keeps it one inside a branch)
   masked   a loop over all E experts, the loop's counter the expert, each copied (under a lax.cond) only if it
@@ -20,6 +22,7 @@ bf16 x 3, 17.3 MB) in a pinned-host stack, per M of --misses, in one program eac
            engine's bookkeeping per miss (victim choice, tables, counters)
   whole    the layer's whole stack moved in one copy per weight (what dense-offload moves)
   one      reference: M experts' bytes as one pinned buffer, one device_put (outside any program)
+  each     reference: M experts' separate buffers (switch's), device_put together (outside any program)
 and, the other way to fill a wide step, --stream-layers whole layers streamed from one layer-stacked pinned array
 in a loop whose slice offset is the loop's counter (the case XLA may turn into an asynchronous memcpy):
   stream-fetch     the layers fetched one after another, nothing computed
@@ -116,6 +119,15 @@ def main() -> None:
         return jax.lax.fori_loop(0, misses, move, slab)
 
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
+    def static(experts, slab, stack, misses):  # the stack as it is; a switch's branch e copies expert e (static slice)
+        branches = [lambda e=e: {n: jax.device_put(w[e], jax.memory.Space.Device) for n, w in stack.items()}
+                    for e in range(E)]
+
+        def move(i, slab):
+            return write_slot(slab, i, jax.lax.switch(experts[i], branches))
+        return jax.lax.fori_loop(0, misses, move, slab)
+
+    @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
     def copies_words(experts, slab, words, misses):  # words: {name: uint32 [E, ...]}, bf16 pairs
         def move(i, slab):
             fetched = fetch_expert(words, experts[i])
@@ -154,7 +166,8 @@ def main() -> None:
     spread = lambda m: jnp.asarray(np.isin(np.arange(E), np.linspace(0, E - 1, m).round()))  # noqa: E731 - M wanted of E
     in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}),
                   "ids-u32": (copies_words, (reversed_experts,), {}), "ids-flat": (copies_words, (reversed_experts,), {}),
-                  "switch": (switched, (reversed_experts,), {}), "chunks4": (chunks4, (), {}),
+                  "switch": (switched, (reversed_experts,), {}), "static": (static, (reversed_experts,), {}),
+                  "chunks4": (chunks4, (), {}),
                   "access": (access, (empty,), {})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")
     hlo_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +190,8 @@ def main() -> None:
                                         program(*before, held["slab"], sources.get(name, stack), misses=misses,
                                                 **static))
                 for name, (program, before, static) in in_program.items()}
-        runs.update(whole=lambda: whole(stack), one=lambda: jax.device_put(one_buffer, on_device))
+        runs.update(whole=lambda: whole(stack), one=lambda: jax.device_put(one_buffer, on_device),
+                    each=lambda: jax.device_put(separate[:misses], on_device))
         for name, run in runs.items():
             try:
                 seconds = median_seconds(run, args.repeats)

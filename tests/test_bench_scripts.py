@@ -112,8 +112,29 @@ def test_the_whole_layer_threshold_follows_the_measured_rates():
     assert whole_layer_from(64, 256, (1.0, 37.2)) == 38  # a miss read at 0.58x the copy's rate
     assert whole_layer_from(64, 256, (1.0, 54.3)) == 55 and whole_layer_from(64, 256, (1.0, 64.5)) is None
     cfg = model_config("deepseek-v2-lite", None, tiny=True)
-    one_s, whole_s = time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)
-    assert 0 < one_s and 0 < whole_s
+    one_s, whole_s, switch_s = time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)
+    assert 0 < one_s and 0 < whole_s and switch_s is None  # 64 experts: no switch of a branch each
+    cfg = model_config("mixtral-8x7b", None, tiny=True)
+    assert time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)[2] > 0
+
+
+def test_misses_fetched_by_switch_change_nothing():
+    """Misses fetched through a switch over the layer's experts (copies at static offsets, `fetch_by_switch`) give
+    the tokens, routing and counters of misses sliced at the traced offset, cached (with the lookahead's installs)
+    and on-demand; a cached engine's stats say which way it fetches."""
+    cfg = tiny_widths(load_card("mixtral-8x7b", num_layers=3))
+    dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
+    prompt = [list(range(1, 14))]
+    for mode, options in (("cached", dict(expert_budget="0.4", prefetch="lookahead")), ("on-demand", {})):
+        results = []
+        for by_switch in (False, True):
+            engine = build_random_engine(cfg, mode, dense, stacks, max_seq_len=64, prefill_chunk=8,
+                                         fetch_by_switch=by_switch, **options)
+            result = engine.generate(prompt, max_new_tokens=6, ignore_eos=True)
+            assert result.stats["miss_fetch"] == ("switch" if by_switch else "offset")
+            results.append((result.tokens, engine.routing(0)[0].tolist(), result.stats["total"]))
+        assert results[0] == results[1], mode
+        assert results[0][2]["misses"] > 0
 
 
 def test_misses_moved_out_of_a_whole_layer_change_no_token():

@@ -212,11 +212,11 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and each
     MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on the
     device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor` (see
-    `load`), `whole_layer_from` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over a tier unless
-    given); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts instead of `expert_stacks` (cached
-    mode); expert_format: the format the experts are kept in (default: as given), stacks not yet in it converted
-    (quantized) as they come; cpu_experts, cpu_cost, devices, placement, placement_traces, hot_replicas,
-    layer_stream: see `load`."""
+    `load`), `whole_layer_from`, `fetch_by_switch` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over
+    a tier unless given); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts instead of
+    `expert_stacks` (cached mode); expert_format: the format the experts are kept in (default: as given), stacks not
+    yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices, placement, placement_traces,
+    hot_replicas, layer_stream: see `load`."""
     check_layer_stream(layer_stream)
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
@@ -254,10 +254,14 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     # The in-place kernels beat union's gather at decode on the GPU (BENCHMARKS.md); elsewhere they only interpret.
     compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
+    fetch_times = None  # on a GPU the measured rates decide how misses move, not the defaults
+    if config.mode in ("cached", "on-demand") and parallel is None and host_tier is None and device.platform == "gpu":
+        one_s, whole_s, switch_s = time_layer_fetches(experts.host[0])
+        compute.setdefault("fetch_by_switch", switch_s is not None and switch_s < one_s)
+        fetch_times = (switch_s if compute["fetch_by_switch"] and switch_s is not None else one_s, whole_s)
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
         threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
-        if threshold is not None and device.platform == "gpu":  # there the measured rates decide, not the default share
-            fetch_times = time_layer_fetches(experts.host[0])
+        if threshold is not None and fetch_times is not None:
             threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots, fetch_times)
             host = compute.get("cpu_experts")
             if host is not None and host.cost.layer_copy_s is None:  # what a wide step's split weighs against

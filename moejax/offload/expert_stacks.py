@@ -53,8 +53,19 @@ def host_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind="pinned_host" if has_pinned_host(device) else None)
 
 
-def fetch_expert(stack: Stack, expert) -> Stack:
-    """Inside a step program: expert `expert` (traced int) of a host stack, moved to the device."""
+SWITCH_FETCH_MAX_EXPERTS = 16  # more experts a layer: a branch each would cost too much compile time
+
+
+def fetch_expert(stack: Stack, expert, by_switch: bool = False) -> Stack:
+    """Inside a step program: expert `expert` (traced int) of a host stack, moved to the device.
+
+    by_switch: through a `lax.switch` whose branch e copies expert e, a slice at a static offset, which the GPU
+    moves as one copy at the link's DMA rate; otherwise the slice at the traced offset, which it reads with a
+    kernel over the link (slower for large experts: BENCHMARKS.md; the engine measures both at load)."""
+    if by_switch:
+        E = next(iter(stack.values())).shape[0]
+        return lax.switch(expert, [lambda e=e: {name: jax.device_put(w[e], jax.memory.Space.Device)
+                                                for name, w in stack.items()} for e in range(E)])
     return {name: jax.device_put(lax.dynamic_index_in_dim(w, expert, keepdims=False), jax.memory.Space.Device)
             for name, w in stack.items()}
 
@@ -81,21 +92,25 @@ def median_seconds(run: Callable[[], object], repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float]:
-    """(seconds of one expert's fetch, of the whole stack's copy) from a pinned host stack to its device: the
-    fetch as a cached step fetches its misses (routing-chosen, traced offsets, in a loop writing a scratch of
+def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float, float | None]:
+    """(seconds of one expert's fetch at a traced offset, of the whole stack's copy, of one expert's fetch by
+    switch or None where the stack has more than SWITCH_FETCH_MAX_EXPERTS) from a pinned host stack to its device:
+    the fetches as a cached step fetches its misses (routing-chosen, traced offsets, in a loop writing a scratch of
     min(8, E) slots; the mean of them), the copy as its whole-layer move makes it (`fetch_all`); medians."""
-    count = min(8, next(iter(stack.values())).shape[0])
+    E = next(iter(stack.values())).shape[0]
+    count = min(8, E)
 
-    @jax.jit
-    def fetch_some(stack, experts):
-        fetch = lambda j, scratch: write_slot(scratch, j, fetch_expert(stack, experts[j]))  # noqa: E731
+    @functools.partial(jax.jit, static_argnums=2)
+    def fetch_some(stack, experts, by_switch):
+        fetch = lambda j, scratch: write_slot(scratch, j, fetch_expert(stack, experts[j], by_switch))  # noqa: E731
         return lax.fori_loop(0, count, fetch, zero_experts(stack, count))
 
     move_all = jax.jit(fetch_all)
     experts = jnp.arange(count, dtype=jnp.int32)[::-1]
-    one_s = median_seconds(lambda: jax.block_until_ready(fetch_some(stack, experts)), repeats) / count
-    return one_s, median_seconds(lambda: jax.block_until_ready(move_all(stack)), repeats)
+    one = lambda by_switch: median_seconds(  # noqa: E731
+        lambda: jax.block_until_ready(fetch_some(stack, experts, by_switch)), repeats) / count
+    return one(False), median_seconds(lambda: jax.block_until_ready(move_all(stack)), repeats), (
+        one(True) if E <= SWITCH_FETCH_MAX_EXPERTS else None)
 
 
 def write_slot(slab: Stack, slot, expert: Stack) -> Stack:
