@@ -72,7 +72,7 @@ def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, p
         "decode_bytes_per_token": decode["bytes_h2d"] / max(decode["steps"], 1),
         "prefill_bytes": prefill.get("bytes_h2d", 0),
         "layer_program_chunks": result.stats.get("layer_stream", {}).get("chunks", 0),  # of the prompt
-        "miss_fetch": result.stats.get("miss_fetch"),
+        "miss_fetch": result.stats.get("miss_fetch"), "fetch_seconds": result.stats.get("fetch_seconds"),
         "tokens": result.tokens[0],
     }
     del engine

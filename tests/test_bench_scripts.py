@@ -106,7 +106,7 @@ def test_the_whole_layer_threshold_follows_the_measured_rates():
     """From how many misses a layer step moves its whole layer: none below four layers of slots; 60% of the experts
     by default; else the fewest misses whose fetches take the copy's time (`time_layer_fetches` measures both)."""
     from moejax.offload.device_cache import whole_layer_from
-    from moejax.offload.expert_stacks import time_layer_fetches
+    from moejax.offload.expert_stacks import choose_miss_fetch, time_layer_fetches
 
     assert whole_layer_from(64, 255) is None and whole_layer_from(64, 256) == 39
     assert whole_layer_from(64, 256, (1.0, 37.2)) == 38  # a miss read at 0.58x the copy's rate
@@ -116,6 +116,11 @@ def test_the_whole_layer_threshold_follows_the_measured_rates():
     assert 0 < one_s and 0 < whole_s and switch_s is None  # 64 experts: no switch of a branch each
     cfg = model_config("mixtral-8x7b", None, tiny=True)
     assert time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)[2] > 0
+    # misses go by switch where it was timed faster (unless forced), and the threshold takes their way's time
+    assert choose_miss_fetch((1.0, 8.0, 0.9)) == (True, (0.9, 8.0))
+    assert choose_miss_fetch((1.0, 8.0, 1.1)) == (False, (1.0, 8.0)) == choose_miss_fetch((1.0, 8.0, None))
+    assert choose_miss_fetch((1.0, 8.0, 0.9), forced=False) == (False, (1.0, 8.0))
+    assert choose_miss_fetch((1.0, 8.0, None), forced=True) == (True, (1.0, 8.0))
 
 
 def test_misses_fetched_by_switch_change_nothing():

@@ -31,8 +31,8 @@ from moejax.offload.config import OffloadConfig
 from moejax.offload.cpu_experts import (check_option as check_cpu_experts, check_widened_copy, host_experts,
                                        keeping)
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
-from moejax.offload.expert_stacks import (_place, _write_layer, empty_slab, host_sharding, size_pinned_pool,
-                                         time_layer_fetches)
+from moejax.offload.expert_stacks import (_place, _write_layer, choose_miss_fetch, empty_slab, host_sharding,
+                                         size_pinned_pool, time_layer_fetches)
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
 from moejax.offload.budget import cache_capacity, device_memory, parse_budget
@@ -254,11 +254,11 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     # The in-place kernels beat union's gather at decode on the GPU (BENCHMARKS.md); elsewhere they only interpret.
     compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
-    fetch_times = None  # on a GPU the measured rates decide how misses move, not the defaults
+    fetch_times, measured = None, {}  # on a GPU the measured rates decide how misses move, not the defaults
     if config.mode in ("cached", "on-demand") and parallel is None and host_tier is None and device.platform == "gpu":
-        one_s, whole_s, switch_s = time_layer_fetches(experts.host[0])
-        compute.setdefault("fetch_by_switch", switch_s is not None and switch_s < one_s)
-        fetch_times = (switch_s if compute["fetch_by_switch"] and switch_s is not None else one_s, whole_s)
+        timed = time_layer_fetches(experts.host[0])
+        measured["fetch_seconds"] = dict(zip(("offset", "whole_layer", "switch"), timed, strict=True))
+        compute["fetch_by_switch"], fetch_times = choose_miss_fetch(timed, compute.get("fetch_by_switch"))
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
         threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
         if threshold is not None and fetch_times is not None:
@@ -277,7 +277,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                   experts.manager, spec, cache=experts.cache, slab=experts.slab, host=experts.host, slots=slots,
                   max_seq_len=max_seq_len, device=device, tokenizer=tokenizer, path=path, prefill_chunk=prefill_chunk,
                   expert_bytes=expert_bytes,
-                  stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len)})
+                  stats_info={**experts.info, **fmt.describe(), "kv_cache": _kv_cache_info(cfg, slots, max_seq_len),
+                              **measured})
     engine.use_layer_stream(layer_stream)
     return engine
 

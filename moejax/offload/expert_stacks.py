@@ -113,6 +113,16 @@ def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float, fl
         one(True) if E <= SWITCH_FETCH_MAX_EXPERTS else None)
 
 
+def choose_miss_fetch(fetch_times: tuple[float, float, float | None], forced: bool | None = None
+                      ) -> tuple[bool, tuple[float, float]]:
+    """From `time_layer_fetches`' (offset, whole layer, switch) seconds: (whether misses go by switch, (seconds of
+    one miss the way they go, of the whole layer's copy)); by switch where it was timed and is faster, unless
+    `forced` says which."""
+    one_s, whole_s, switch_s = fetch_times
+    by_switch = (switch_s is not None and switch_s < one_s) if forced is None else forced
+    return by_switch, (switch_s if by_switch and switch_s is not None else one_s, whole_s)
+
+
 def write_slot(slab: Stack, slot, expert: Stack) -> Stack:
     """Inside a step program: `expert`'s weights written into slot `slot` of the slab (in place once donated)."""
     return {name: lax.dynamic_update_index_in_dim(slab[name], expert[name].astype(slab[name].dtype), slot, 0)

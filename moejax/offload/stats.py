@@ -44,7 +44,9 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
     (approximate); decode_expert_compute: what it computes a one-token step with ('auto' resolved);
     whole_layer_from: the misses of a layer step from which it moves the whole layer (None: never).
     miss_fetch: how a step fetches a miss from pinned host memory: 'switch' (a copy at a static offset, chosen by
-    a switch over the layer's experts) or 'offset' (a slice at the traced offset; `expert_stacks.fetch_expert`).
+    a switch over the layer's experts) or 'offset' (a slice at the traced offset; `expert_stacks.fetch_expert`);
+    on a GPU, fetch_seconds: what the engine measured at load to choose (one miss each way, None: not tried; the
+    whole layer's copy).
     """
     cached = spec.mode == "cached"
     return {
