@@ -108,11 +108,10 @@ def build_random_engine(cfg, offload, dense, stacks, *, slots: int = 1, max_seq_
                         prefill_chunk: int = 512, expert_compute: str = "auto", **options):
     """An Engine (`engine.loading.build_engine`) of random weights: dense = (globals, layers), stacks = each
     MoE layer's experts (an iterable: device stacks are consumed one at a time, pinned ones are shared);
-    offload: a mode name, with `options` the other `OffloadConfig` fields, and `whole_layer_from` and
-    `fetch_by_switch` (`ProgramSpec`'s; default build_engine's), `cpu_experts` and `layer_stream` (build_engine's)
-    if given."""
+    offload: a mode name, with `options` the other `OffloadConfig` fields, and `whole_layer_from` (`ProgramSpec`'s;
+    default build_engine's), `cpu_experts`, `layer_stream` and `host_layout` (build_engine's) if given."""
     globals_, layers = dense
-    spec = {key: options.pop(key) for key in ("whole_layer_from", "fetch_by_switch", "cpu_experts", "layer_stream")
+    spec = {key: options.pop(key) for key in ("whole_layer_from", "cpu_experts", "layer_stream", "host_layout")
             if key in options}
     return build_engine(cfg, globals_, layers, stacks, OffloadConfig(offload, **options), slots=slots,
                         max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, expert_compute=expert_compute, **spec)

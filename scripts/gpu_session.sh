@@ -41,7 +41,9 @@
 set -u
 cd "$(dirname "$0")/.."
 export XLA_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1 PYTHONPATH=.
-export XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=${XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB:-40}  # pinned pool: 29 GB of experts at most
+# The pinned pool: the benchmarks share one pinned copy of a model's experts (29 GB at most) between engines, and an
+# engine keeping them one buffer per expert (`expert_stacks.per_expert_layout`: Mixtral's on a GPU) makes another.
+export XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=${XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB:-62}
 export MOEJAX_COMPILATION_CACHE=${MOEJAX_COMPILATION_CACHE:-$PWD/.bench/jax-cache}  # kept while the machine stays warm
 OUT=${OUT:-out}
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}

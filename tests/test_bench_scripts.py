@@ -106,40 +106,42 @@ def test_the_whole_layer_threshold_follows_the_measured_rates():
     """From how many misses a layer step moves its whole layer: none below four layers of slots; 60% of the experts
     by default; else the fewest misses whose fetches take the copy's time (`time_layer_fetches` measures both)."""
     from moejax.offload.device_cache import whole_layer_from
-    from moejax.offload.expert_stacks import choose_miss_fetch, time_layer_fetches
+    from moejax.offload.expert_stacks import time_layer_fetches
 
     assert whole_layer_from(64, 255) is None and whole_layer_from(64, 256) == 39
     assert whole_layer_from(64, 256, (1.0, 37.2)) == 38  # a miss read at 0.58x the copy's rate
     assert whole_layer_from(64, 256, (1.0, 54.3)) == 55 and whole_layer_from(64, 256, (1.0, 64.5)) is None
     cfg = model_config("deepseek-v2-lite", None, tiny=True)
-    one_s, whole_s, switch_s = time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)
-    assert 0 < one_s and 0 < whole_s and switch_s is None  # 64 experts: no switch of a branch each
-    cfg = model_config("mixtral-8x7b", None, tiny=True)
-    assert time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)[2] > 0
-    # misses go by switch where it was timed faster (unless forced), and the threshold takes their way's time
-    assert choose_miss_fetch((1.0, 8.0, 0.9)) == (True, (0.9, 8.0))
-    assert choose_miss_fetch((1.0, 8.0, 1.1)) == (False, (1.0, 8.0)) == choose_miss_fetch((1.0, 8.0, None))
-    assert choose_miss_fetch((1.0, 8.0, 0.9), forced=False) == (False, (1.0, 8.0))
-    assert choose_miss_fetch((1.0, 8.0, None), forced=True) == (True, (1.0, 8.0))
+    one_s, whole_s = time_layer_fetches(pinned_stacks(cfg, jax.devices()[0])[0], repeats=1)
+    assert 0 < one_s and 0 < whole_s
 
 
-def test_misses_fetched_by_switch_change_nothing():
-    """Misses fetched through a switch over the layer's experts (copies at static offsets, `fetch_by_switch`) give
-    the tokens, routing and counters of misses sliced at the traced offset, cached (with the lookahead's installs)
-    and on-demand; a cached engine's stats say which way it fetches."""
+def test_per_expert_host_buffers_change_nothing():
+    """Pinned host stacks one buffer per expert (`expert_stacks.per_expert_layout`: a miss copies its whole buffers,
+    picked by a switch) give the tokens, routing and counters of stacked ones, cached (with the lookahead's installs,
+    and a wide prompt chunk's whole-layer copy) and on-demand; the stats say which layout; the rule takes only few
+    large experts on a GPU, and the time a fetch takes is measured in either layout."""
+    from moejax.offload.expert_stacks import _place, host_sharding, per_expert_layout, time_layer_fetches
+
+    assert per_expert_layout(8, 352 << 20, "gpu") and not per_expert_layout(8, 352 << 20, "cpu")
+    assert not per_expert_layout(64, 352 << 20, "gpu") and not per_expert_layout(8, 17 << 20, "gpu")
     cfg = tiny_widths(load_card("mixtral-8x7b", num_layers=3))
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
+    split = _place({n: np.asarray(w) for n, w in stacks[0].items()}, host_sharding(jax.devices()[0]), 0, False,
+                   per_expert=True)
+    assert all(len(w) == cfg.num_experts for w in split.values()) and min(time_layer_fetches(split, repeats=1)) > 0
     prompt = [list(range(1, 14))]
-    for mode, options in (("cached", dict(expert_budget="0.4", prefetch="lookahead")), ("on-demand", {})):
+    for mode, options in (("cached", dict(expert_budget="0.7", prefetch="lookahead", whole_layer_from=5)),
+                          ("on-demand", {})):
         results = []
-        for by_switch in (False, True):
+        for layout in ("stacked", "per-expert"):
             engine = build_random_engine(cfg, mode, dense, stacks, max_seq_len=64, prefill_chunk=8,
-                                         fetch_by_switch=by_switch, **options)
+                                         host_layout=layout, **options)
             result = engine.generate(prompt, max_new_tokens=6, ignore_eos=True)
-            assert result.stats["miss_fetch"] == ("switch" if by_switch else "offset")
+            assert result.stats["host_layout"] == layout
             results.append((result.tokens, engine.routing(0)[0].tolist(), result.stats["total"]))
         assert results[0] == results[1], mode
-        assert results[0][2]["misses"] > 0
+        assert results[0][2]["misses"] > 0 and (mode == "on-demand" or results[0][2]["streamed"] > 0)
 
 
 def test_misses_moved_out_of_a_whole_layer_change_no_token():

@@ -82,9 +82,6 @@ class ProgramSpec:
     # copy and takes its misses from there (`admit_misses`); None: never (each miss fetched by itself; `build_engine`
     # leaves it None over the disk tier, whose experts are read one at a time)
     whole_layer_from: int | None = None
-    # cached and on-demand modes: each miss fetched through a switch over its layer's experts, a copy at a static
-    # offset (`expert_stacks.fetch_expert`); `build_engine` turns it on where it measures faster on the device
-    fetch_by_switch: bool = False
     # cached mode: the host computes missed experts routed few tokens (`offload.cpu_experts`); None: never
     cpu_experts: HostExperts | None = None
     # cached mode over the disk tier: after each MoE layer stages its misses, the next router's guess on its input
@@ -184,12 +181,12 @@ def _host_layer(host: tuple, m, make):
     return lax.switch(m, [lambda stack=stack: make(stack) for stack in host])
 
 
-def host_expert(spec: ProgramSpec, host, m, e) -> dict:
-    """Expert e of MoE layer m (traced ints) from the host tier, on the device: from the layers' pinned stacks (as
-    `spec.fetch_by_switch` says), or through the disk-backed host cache (`offload.host_cache.TieredHost`)."""
+def host_expert(host, m, e) -> dict:
+    """Expert e of MoE layer m (traced ints) from the host tier, on the device: from the layers' pinned stacks, or
+    through the disk-backed host cache (`offload.host_cache.TieredHost`)."""
     if isinstance(host, TieredHost):
         return host.fetch(m, e)
-    return _host_layer(host, m, lambda h: fetch_expert(h, e, spec.fetch_by_switch))
+    return _host_layer(host, m, lambda h: fetch_expert(h, e))
 
 
 def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess, *,
@@ -242,8 +239,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
-            move_guess = lambda slab, i, slot: write_slot(  # noqa: E731
-                slab, slot, host_expert(spec, host, following, keys[i] % E))
+            move_guess = lambda slab, i, slot: write_slot(slab, slot, host_expert(host, following, keys[i] % E))  # noqa: E731
             cache, slab, _ = dc.install(cache, keys, policy=spec.policy, num_experts=E, layer=m,
                                         priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab)
     else:
@@ -254,7 +250,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, E - real.sum()))
         else:  # on-demand: the chosen experts only, one fetch each
             scratch = zero_experts(experts.host[0], distinct.shape[0])
-            fetch = lambda j, s: write_slot(s, j, host_expert(spec, experts.host, m, distinct[j]))  # noqa: E731
+            fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
             scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.MISSES), real.sum()))
@@ -309,7 +305,7 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
         distinct = host.stage(jnp.where(missing, m * E + distinct, -1), distinct)
         if hint is not None:
             distinct = host.hint(hint, distinct)
-    fetch_one = lambda e: host_expert(spec, host, m, e)  # noqa: E731
+    fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
     fetched, streamed = fetch_one, None  # (a step of few rows never misses that many: no layer-sized buffer)
     if whole is not None:
         # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy). A
@@ -319,7 +315,7 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
         sources = [unused, lambda: _host_layer(host, m, fetch_all)]
         choice = whole.astype(jnp.int32)
         if split is not None:
-            sources.append(lambda: _own_experts(spec, host, m, cache, slab, distinct, E, unused()))
+            sources.append(lambda: _own_experts(host, m, cache, slab, distinct, E, unused()))
             choice = choice + split
         layer = lax.switch(choice, sources) if staged is None else staged  # (no split: `layer_stream.supports`)
         fetched = lambda e: lax.cond(  # noqa: E731
@@ -331,7 +327,7 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
                        slab=slab, whole=whole, carried=None if split is None else ~split), streamed)
 
 
-def _own_experts(spec: ProgramSpec, host, m, cache, slab, distinct, E: int, layer: dict) -> dict:
+def _own_experts(host, m, cache, slab, distinct, E: int, layer: dict) -> dict:
     """The layer-sized buffer `layer` {name: [E, ...]} with MoE layer m's experts `distinct` (int32 [U], padded with
     E) written at their own indices (the rest as it was, unread): the misses fetched from the host tier one by one,
     the hits copied out of the slab (a wide step the host shares: `admit_misses`)."""
@@ -340,7 +336,7 @@ def _own_experts(spec: ProgramSpec, host, m, cache, slab, distinct, E: int, laye
     miss = real & (slots < 0)
     order = jnp.argsort(~miss, stable=True)  # the misses first, then the hits, then the padding
     expert = lambda i: distinct[order[i]]  # noqa: E731
-    from_host = lambda i, layer: write_slot(layer, expert(i), host_expert(spec, host, m, expert(i)))  # noqa: E731
+    from_host = lambda i, layer: write_slot(layer, expert(i), host_expert(host, m, expert(i)))  # noqa: E731
     from_slab = lambda i, layer: write_slot(layer, expert(i), {  # noqa: E731
         name: lax.dynamic_index_in_dim(w, slots[order[i]], keepdims=False) for name, w in slab.items()})
     layer = lax.fori_loop(0, miss.sum(), from_host, layer)
@@ -377,8 +373,7 @@ def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
 def install_keys(spec: ProgramSpec, E: int, experts: ExpertInputs) -> ExpertInputs:
     """`install_staged` on one device holding E experts of each MoE layer (keys layer * E + expert, -1: none)."""
     keys = experts.staged_keys
-    move = lambda slab, i, slot: write_slot(  # noqa: E731
-        slab, slot, host_expert(spec, experts.host, keys[i] // E, keys[i] % E))
+    move = lambda slab, i, slot: write_slot(slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))  # noqa: E731
     cache, slab, _ = dc.install(experts.cache, keys, policy=spec.policy, num_experts=E, layer=-1,
                                 priorities=experts.priorities, move=move, slab=experts.slab, staged=True)
     return dataclasses.replace(experts, cache=cache, slab=slab, staged_keys=None)

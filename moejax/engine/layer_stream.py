@@ -36,6 +36,7 @@ from moejax.engine.slots import SlotState
 from moejax.models.decoder import EmbedHead
 from moejax.offload import device_cache as dc
 from moejax.offload.budget import device_memory
+from moejax.offload.expert_stacks import stack_to_device
 
 LAYER_STREAM = ("auto", "off")  # `moejax.load`'s layer_stream
 STAGED_AT_ONCE = 2  # whole layers on the device besides the slab: the one a layer computes on, the one crossing
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def _stack_bytes(stack: dict) -> int:
-    return sum(w.nbytes for w in stack.values())
+    return sum(sum(x.nbytes for x in w) if isinstance(w, tuple) else w.nbytes for w in stack.values())
 
 
 def _at(tree, i):
@@ -201,7 +202,7 @@ class LayerStream:
         stack = self.host[m]
         self.layers_staged += 1
         self.bytes_staged += _stack_bytes(stack)
-        return jax.device_put(stack, self._sharding)
+        return stack_to_device(stack, self._sharding)
 
     def decode(self, params, cache, slab, host, staged_keys, priorities, kv_caches, state, slot_ids, active,
                forced_ids, *, spec: ProgramSpec, attend_len: int):

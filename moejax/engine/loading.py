@@ -31,8 +31,8 @@ from moejax.offload.config import OffloadConfig
 from moejax.offload.cpu_experts import (check_option as check_cpu_experts, check_widened_copy, host_experts,
                                        keeping)
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
-from moejax.offload.expert_stacks import (_place, _write_layer, choose_miss_fetch, empty_slab, host_sharding,
-                                         size_pinned_pool, time_layer_fetches)
+from moejax.offload.expert_stacks import (HOST_LAYOUTS, _place, _write_layer, empty_slab, host_sharding,
+                                         per_expert_layout, size_pinned_pool, time_layer_fetches)
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
 from moejax.offload.budget import cache_capacity, device_memory, parse_budget
@@ -208,15 +208,16 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
                  host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
                  devices: int = 1, placement: str = "round-robin", placement_traces: str | Path | None = None,
-                 hot_replicas: int = 0, layer_stream: str = "auto", **compute) -> Engine:
+                 hot_replicas: int = 0, layer_stream: str = "auto", host_layout: str = "auto", **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and each
     MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on the
     device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor` (see
-    `load`), `whole_layer_from`, `fetch_by_switch` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over
-    a tier unless given); host_tier: a `TieredHost` (`offload.disk_tier`) that holds the experts instead of
-    `expert_stacks` (cached mode); expert_format: the format the experts are kept in (default: as given), stacks not
-    yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices, placement, placement_traces,
-    hot_replicas, layer_stream: see `load`."""
+    `load`), `whole_layer_from` and `tier_hints` (`ProgramSpec`; benchmarks; tier_hints is on over a tier unless
+    given); host_layout: the pinned host stacks' layout, 'auto' (`expert_stacks.per_expert_layout` decides),
+    'stacked' or 'per-expert' (benchmarks and tests); host_tier: a `TieredHost` (`offload.disk_tier`) that holds
+    the experts instead of `expert_stacks` (cached mode); expert_format: the format the experts are kept in
+    (default: as given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices,
+    placement, placement_traces, hot_replicas, layer_stream: see `load`."""
     check_layer_stream(layer_stream)
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
@@ -241,9 +242,15 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         check_parallel(cfg, config, devices, placement, cpu_experts, host_tier, hot_replicas)
         parallel, table = expert_parallel.plan(cfg, devices, placement, placement_traces, hot_replicas)
         device = parallel.replicated
+    if host_layout not in HOST_LAYOUTS:
+        raise ParameterError.not_one_of("host_layout", host_layout, HOST_LAYOUTS)
+    per_expert = config.mode in ("cached", "on-demand") and parallel is None and host_tier is None and (
+        host_layout == "per-expert" or host_layout == "auto" and per_expert_layout(cfg.num_experts, expert_bytes,
+                                                                                  device.platform))
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
-                            chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel)
+                            chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel,
+                            per_expert=per_expert)
     if cpu_experts != "off":
         compute["cpu_experts"] = host_experts(experts.host, kept, expert_activation(cfg), expert_bytes, cpu_cost,
                                               cfg.top_k * max(prefill_chunk, slots),
@@ -256,9 +263,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
     fetch_times, measured = None, {}  # on a GPU the measured rates decide how misses move, not the defaults
     if config.mode in ("cached", "on-demand") and parallel is None and host_tier is None and device.platform == "gpu":
-        timed = time_layer_fetches(experts.host[0])
-        measured["fetch_seconds"] = dict(zip(("offset", "whole_layer", "switch"), timed, strict=True))
-        compute["fetch_by_switch"], fetch_times = choose_miss_fetch(timed, compute.get("fetch_by_switch"))
+        fetch_times = time_layer_fetches(experts.host[0])
+        measured["fetch_seconds"] = dict(zip(("one_expert", "whole_layer"), fetch_times, strict=True))
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
         threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
         if threshold is not None and fetch_times is not None:
@@ -368,13 +374,15 @@ class PlacedExperts:
 
 def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert_stacks: Iterable[dict], shapes: dict,
                   device, step_experts: int, kv_bytes: int, need: str, host_tier=None, expert_bytes: int | None = None,
-                  parallel: expert_parallel.ExpertParallel | None = None, **need_values) -> PlacedExperts:
+                  parallel: expert_parallel.ExpertParallel | None = None, per_expert: bool = False,
+                  **need_values) -> PlacedExperts:
     """Puts every MoE layer's expert stacks ({name: [E, ...]}, one layer at a time) where `config` says: a device
     slab of them all (resident), or pinned host memory (or `host_tier`, the disk tier, instead), with a cache of
     the budget's slots in cached mode (see `_capacity`: step_experts, kv_bytes, need). shapes: one expert's
     {name: (shape, dtype)}; expert_bytes: one expert's bytes as stored (default `cfg.expert_bytes`; compact
     formats' are fewer); parallel: over several devices, each device's experts, slab and cache its own
-    (`engine.expert_parallel`; `device` is then the replicated sharding)."""
+    (`engine.expert_parallel`; `device` is then the replicated sharding); per_expert: pinned host stacks one
+    buffer per expert (`expert_stacks.per_expert_layout`)."""
     num_moe, E = len(cfg.moe_layer_ids), cfg.num_experts
     collection = trace_collection(cfg, config.traces)
     on_device = device if parallel is not None else jax.sharding.SingleDeviceSharding(device)
@@ -399,7 +407,10 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
             host = expert_parallel.place_sharded(parallel, expert_stacks, shapes, on_host=True)
         else:
             sharding = host_sharding(device)
-            host = host_tier or tuple(_place(stack, sharding, m, on_device=False) for m, stack in enumerate(expert_stacks))
+            host = host_tier or tuple(_place(stack, sharding, m, on_device=False, per_expert=per_expert)
+                                      for m, stack in enumerate(expert_stacks))
+            if host_tier is None:
+                info["host_layout"] = "per-expert" if per_expert else "stacked"
         info["host_experts"] = num_moe * E
         cache, slab = empty_cache(1), {}
         if config.mode == "cached":

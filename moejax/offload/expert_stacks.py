@@ -2,7 +2,8 @@
 
 The host tier keeps, for each MoE layer m and weight name, one array [E, ...] in pinned host memory
 (`jax.memory` kind `pinned_host`), which copies to the device at link speed and from which a step
-program fetches one expert by index (`fetch_expert`), moving only that expert's bytes. The device tier
+program fetches one expert by index (`fetch_expert`), moving only that expert's bytes; or, for layers of few
+large experts on a GPU, one buffer per expert (`per_expert_layout`), which copies faster. The device tier
 is a slab {name: [S, ...]} of S slots addressed by the cache's slot table (`offload.device_cache`);
 in the resident mode the slab holds every expert, expert e of MoE layer m in slot m * E + e.
 JAX's CPU backend has the same memory kinds, so the same code runs (and is tested) on the CPU.
@@ -53,31 +54,68 @@ def host_sharding(device) -> SingleDeviceSharding:
     return SingleDeviceSharding(device, memory_kind="pinned_host" if has_pinned_host(device) else None)
 
 
-SWITCH_FETCH_MAX_EXPERTS = 16  # more experts a layer: a branch each would cost too much compile time
+# Pinned host stacks one buffer per expert (`per_expert_layout`) for layers of at most this many experts of at least
+# this many bytes.
+PER_EXPERT_MAX_EXPERTS = 16
+PER_EXPERT_MIN_BYTES = 64 << 20
+HOST_LAYOUTS = ("auto", "stacked", "per-expert")  # `engine.loading.build_engine`'s host_layout
 
 
-def fetch_expert(stack: Stack, expert, by_switch: bool = False) -> Stack:
-    """Inside a step program: expert `expert` (traced int) of a host stack, moved to the device.
+def per_expert_layout(num_experts: int, expert_bytes: int, platform: str) -> bool:
+    """Whether a layer's pinned host stack is kept as one buffer per expert ({name: (E arrays [...])}) instead of
+    one array [E, ...]: on a GPU, for few large experts. XLA copies a whole pinned buffer with a DMA at the link's
+    rate, but a slice of one (at a traced offset, or a static one) with a kernel reading over the link, which is
+    slower (BENCHMARKS.md, "Per-expert host buffers"). A miss then picks its buffer through a switch with a branch
+    per expert, whose fixed cost per miss weighs as much as that gain on small experts, and whose branches compile
+    slowly for many experts."""
+    return platform == "gpu" and num_experts <= PER_EXPERT_MAX_EXPERTS and expert_bytes >= PER_EXPERT_MIN_BYTES
 
-    by_switch: through a `lax.switch` whose branch e copies expert e, a slice at a static offset, which the GPU
-    moves as one copy at the link's DMA rate; otherwise the slice at the traced offset, which it reads with a
-    kernel over the link (slower for large experts: BENCHMARKS.md; the engine measures both at load)."""
-    if by_switch:
-        E = next(iter(stack.values())).shape[0]
+
+def is_per_expert(stack: Stack) -> bool:
+    """Whether a host stack is in the per-expert layout (`per_expert_layout`)."""
+    return isinstance(next(iter(stack.values())), tuple)
+
+
+def stack_experts(stack: Stack) -> int:
+    """The number of experts in a stack, in either layout."""
+    w = next(iter(stack.values()))
+    return len(w) if isinstance(w, tuple) else w.shape[0]
+
+
+def expert_shapes(stack: Stack) -> dict:
+    """{name: (one expert's shape, dtype)} of a stack, in either layout."""
+    return {name: (tuple(w[0].shape), w[0].dtype) if isinstance(w, tuple) else (tuple(w.shape[1:]), w.dtype)
+            for name, w in stack.items()}
+
+
+def fetch_expert(stack: Stack, expert) -> Stack:
+    """Inside a step program: expert `expert` (traced int) of a host stack, moved to the device: the slice at that
+    offset, or in the per-expert layout its own buffers, chosen by a switch."""
+    if is_per_expert(stack):
         return lax.switch(expert, [lambda e=e: {name: jax.device_put(w[e], jax.memory.Space.Device)
-                                                for name, w in stack.items()} for e in range(E)])
+                                                for name, w in stack.items()} for e in range(stack_experts(stack))])
     return {name: jax.device_put(lax.dynamic_index_in_dim(w, expert, keepdims=False), jax.memory.Space.Device)
             for name, w in stack.items()}
 
 
 def fetch_all(stack: Stack) -> Stack:
-    """Inside a step program: a whole host stack moved to the device (one copy per weight)."""
+    """Inside a step program: a whole host stack moved to the device as {name: [E, ...]} (one copy per weight, or
+    per weight and expert in the per-expert layout)."""
+    if is_per_expert(stack):
+        return {name: jnp.stack([jax.device_put(x, jax.memory.Space.Device) for x in w]) for name, w in stack.items()}
     return {name: jax.device_put(w, jax.memory.Space.Device) for name, w in stack.items()}
+
+
+def stack_to_device(stack: Stack, sharding) -> Stack:
+    """A host stack copied by the host (`jax.device_put`, asynchronous) to `sharding`'s device as {name: [E, ...]}."""
+    if is_per_expert(stack):
+        return {name: jnp.stack(jax.device_put(list(w), sharding)) for name, w in stack.items()}
+    return jax.device_put(stack, sharding)
 
 
 def zero_experts(stack: Stack, count: int) -> Stack:
     """`count` experts' worth of zeros on the device, shaped as `stack`'s ({name: [count, ...]}): a scratch to fetch into."""
-    return {name: jnp.zeros((count, *w.shape[1:]), w.dtype) for name, w in stack.items()}
+    return {name: jnp.zeros((count, *shape), dtype) for name, (shape, dtype) in expert_shapes(stack).items()}
 
 
 def median_seconds(run: Callable[[], object], repeats: int = 3) -> float:
@@ -92,35 +130,21 @@ def median_seconds(run: Callable[[], object], repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float, float | None]:
-    """(seconds of one expert's fetch at a traced offset, of the whole stack's copy, of one expert's fetch by
-    switch or None where the stack has more than SWITCH_FETCH_MAX_EXPERTS) from a pinned host stack to its device:
-    the fetches as a cached step fetches its misses (routing-chosen, traced offsets, in a loop writing a scratch of
+def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float]:
+    """(seconds of one expert's fetch, of the whole stack's copy) from a pinned host stack to its device: the
+    fetch as a cached step fetches its misses (routing-chosen, traced offsets, in a loop writing a scratch of
     min(8, E) slots; the mean of them), the copy as its whole-layer move makes it (`fetch_all`); medians."""
-    E = next(iter(stack.values())).shape[0]
-    count = min(8, E)
+    count = min(8, stack_experts(stack))
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def fetch_some(stack, experts, by_switch):
-        fetch = lambda j, scratch: write_slot(scratch, j, fetch_expert(stack, experts[j], by_switch))  # noqa: E731
+    @jax.jit
+    def fetch_some(stack, experts):
+        fetch = lambda j, scratch: write_slot(scratch, j, fetch_expert(stack, experts[j]))  # noqa: E731
         return lax.fori_loop(0, count, fetch, zero_experts(stack, count))
 
     move_all = jax.jit(fetch_all)
     experts = jnp.arange(count, dtype=jnp.int32)[::-1]
-    one = lambda by_switch: median_seconds(  # noqa: E731
-        lambda: jax.block_until_ready(fetch_some(stack, experts, by_switch)), repeats) / count
-    return one(False), median_seconds(lambda: jax.block_until_ready(move_all(stack)), repeats), (
-        one(True) if E <= SWITCH_FETCH_MAX_EXPERTS else None)
-
-
-def choose_miss_fetch(fetch_times: tuple[float, float, float | None], forced: bool | None = None
-                      ) -> tuple[bool, tuple[float, float]]:
-    """From `time_layer_fetches`' (offset, whole layer, switch) seconds: (whether misses go by switch, (seconds of
-    one miss the way they go, of the whole layer's copy)); by switch where it was timed and is faster, unless
-    `forced` says which."""
-    one_s, whole_s, switch_s = fetch_times
-    by_switch = (switch_s is not None and switch_s < one_s) if forced is None else forced
-    return by_switch, (switch_s if by_switch and switch_s is not None else one_s, whole_s)
+    one_s = median_seconds(lambda: jax.block_until_ready(fetch_some(stack, experts)), repeats) / count
+    return one_s, median_seconds(lambda: jax.block_until_ready(move_all(stack)), repeats)
 
 
 def write_slot(slab: Stack, slot, expert: Stack) -> Stack:
@@ -179,7 +203,11 @@ class HostExperts:
         return cls(layers, expert_bytes or 0)
 
 
-def _place(stack: Stack, sharding, count: int, on_device: bool) -> Stack:
+def _place(stack: Stack, sharding, count: int, on_device: bool, per_expert: bool = False) -> Stack:
+    """A stack {name: [E, ...]} put on `sharding` (in the per-expert layout if asked: `per_expert_layout`); running
+    out of memory is a MoejaxError saying what to do (`count`: the MoE layers placed before it)."""
+    if per_expert:
+        stack = {name: tuple(w[e] for e in range(w.shape[0])) for name, w in stack.items()}
     try:
         return jax.device_put(stack, sharding)
     except jax.errors.JaxRuntimeError as err:

@@ -43,10 +43,8 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
     expert_compute: the spec's (`engine.decoder_programs`), with its capacity_factor where it is 'capacity'
     (approximate); decode_expert_compute: what it computes a one-token step with ('auto' resolved);
     whole_layer_from: the misses of a layer step from which it moves the whole layer (None: never).
-    miss_fetch: how a step fetches a miss from pinned host memory: 'switch' (a copy at a static offset, chosen by
-    a switch over the layer's experts) or 'offset' (a slice at the traced offset; `expert_stacks.fetch_expert`);
-    on a GPU, fetch_seconds: what the engine measured at load to choose (one miss each way, None: not tried; the
-    whole layer's copy).
+    host_layout: the pinned host stacks' layout, 'stacked' or 'per-expert' (`expert_stacks.per_expert_layout`);
+    on a GPU, fetch_seconds: one miss's fetch and the whole layer's copy as the engine measured them at load.
     """
     cached = spec.mode == "cached"
     return {
@@ -54,8 +52,6 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
         "policy": (manager.policy if manager is not None else spec.policy) if cached else None,
         "capacity_experts": num_slots if cached else None,
         "whole_layer_from": spec.whole_layer_from if cached else None,
-        "miss_fetch": (None if spec.mode not in ("cached", "on-demand")
-                       else "switch" if spec.fetch_by_switch else "offset"),
         "prefetch": manager.prefetch if cached and manager is not None else "none",
         "expert_bytes": expert_bytes,
         "expert_compute": spec.expert_compute,
