@@ -121,14 +121,14 @@ def test_per_expert_host_buffers_change_nothing():
     picked by a switch) give the tokens, routing and counters of stacked ones, cached (with the lookahead's installs,
     and a wide prompt chunk's whole-layer copy) and on-demand; the stats say which layout; the rule takes only few
     large experts on a GPU, and the time a fetch takes is measured in either layout."""
-    from moejax.offload.expert_stacks import _place, host_sharding, per_expert_layout, time_layer_fetches
+    from moejax.offload.expert_stacks import host_sharding, per_expert_layout, place_on_host, time_layer_fetches
 
     assert per_expert_layout(8, 352 << 20, "gpu") and not per_expert_layout(8, 352 << 20, "cpu")
     assert not per_expert_layout(64, 352 << 20, "gpu") and not per_expert_layout(8, 17 << 20, "gpu")
     cfg = tiny_widths(load_card("mixtral-8x7b", num_layers=3))
     dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
-    split = _place({n: np.asarray(w) for n, w in stacks[0].items()}, host_sharding(jax.devices()[0]), 0, False,
-                   per_expert=True)
+    split = place_on_host({n: np.asarray(w) for n, w in stacks[0].items()}, host_sharding(jax.devices()[0]), 0,
+                          per_expert=True)
     assert all(len(w) == cfg.num_experts for w in split.values()) and min(time_layer_fetches(split, repeats=1)) > 0
     prompt = [list(range(1, 14))]
     for mode, options in (("cached", dict(expert_budget="0.7", prefetch="lookahead", whole_layer_from=5)),
@@ -481,3 +481,15 @@ def test_gating_bench_smoke_run():
     assert bench.fits("union", 1 << 17, 1e9) is False
     bench.compiled = None  # past its least bytes a program is not even compiled
     assert bench.fits("union", 1 << 17, bench.least_bytes("union", 1 << 17) - 1) is False
+
+
+def test_running_out_of_pinned_memory_is_named(monkeypatch):
+    """Pinned host memory running out while the stacks are placed is one error naming the limit's variable."""
+    from moejax.errors import MoejaxError
+    from moejax.offload import expert_stacks
+
+    def full(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: pinned host allocation failed")
+    monkeypatch.setattr(expert_stacks.jax, "device_put", full)
+    with pytest.raises(MoejaxError, match="out of pinned host memory after 3 MoE layers.*XLA_PJRT_GPU_HOST_MEMORY"):
+        expert_stacks.place_on_host({"w": np.zeros((2, 3))}, None, 3, per_expert=True)

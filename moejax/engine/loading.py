@@ -31,8 +31,8 @@ from moejax.offload.config import OffloadConfig
 from moejax.offload.cpu_experts import (check_option as check_cpu_experts, check_widened_copy, host_experts,
                                        keeping)
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
-from moejax.offload.expert_stacks import (HOST_LAYOUTS, _place, _write_layer, empty_slab, host_sharding,
-                                         per_expert_layout, size_pinned_pool, time_layer_fetches)
+from moejax.offload.expert_stacks import (HOST_LAYOUTS, _write_layer, empty_slab, host_sharding, per_expert_layout,
+                                         place_on_host, size_pinned_pool, time_layer_fetches)
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
 from moejax.offload.budget import cache_capacity, device_memory, parse_budget
@@ -407,7 +407,7 @@ def place_experts(cfg: ModelConfig | EncDecConfig, config: OffloadConfig, expert
             host = expert_parallel.place_sharded(parallel, expert_stacks, shapes, on_host=True)
         else:
             sharding = host_sharding(device)
-            host = host_tier or tuple(_place(stack, sharding, m, on_device=False, per_expert=per_expert)
+            host = host_tier or tuple(place_on_host(stack, sharding, m, per_expert)
                                       for m, stack in enumerate(expert_stacks))
             if host_tier is None:
                 info["host_layout"] = "per-expert" if per_expert else "stacked"

@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,6 @@ from jax import lax
 from jax.sharding import SingleDeviceSharding
 
 from moejax.errors import MoejaxError
-from moejax.progress import Progress
 
 PINNED_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 PINNED_MARGIN = 1.03
@@ -153,59 +152,10 @@ def write_slot(slab: Stack, slot, expert: Stack) -> Stack:
             for name in slab}
 
 
-class HostExperts:
-    """Every MoE layer's routed experts, as one stack per layer: `layers[m]` = {name: [E, ...]}.
-
-    on_device=False: pinned host memory (the offloading modes); True: device memory (what the resident
-    slab is built from, then dropped).
-    """
-
-    def __init__(self, layers: list[Stack], expert_bytes: int):
-        self.layers, self.expert_bytes = layers, expert_bytes
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def num_experts(self) -> int:
-        return next(iter(self.layers[0].values())).shape[0]
-
-    @property
-    def total_bytes(self) -> int:
-        return self.num_layers * self.num_experts * self.expert_bytes
-
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """{name: (one expert's shape, dtype)}."""
-        return {name: (tuple(w.shape[1:]), w.dtype) for name, w in self.layers[0].items()}
-
-    @classmethod
-    def from_loader(cls, load: Callable[[int, int], dict], moe_layers: Sequence[int], num_experts: int, device,
-                    on_device: bool = False, show_progress: bool = False) -> HostExperts:
-        """Reads every expert with `load(layer, expert) -> {name: NumPy array}`, one MoE layer at a time,
-        and places each layer's stacks in pinned host memory (or the device)."""
-        sharding = SingleDeviceSharding(device) if on_device else host_sharding(device)
-        progress = Progress("load experts", len(moe_layers) * num_experts, enabled=show_progress)
-        layers, expert_bytes = [], None
-        for layer in moe_layers:
-            experts = []
-            for e in range(num_experts):
-                experts.append(load(layer, e))
-                progress.advance()
-            names = list(experts[0])
-            stack = {name: np.stack([np.asarray(x[name]) for x in experts]) for name in names}
-            dtypes = {w.dtype for w in stack.values()}
-            if len(dtypes) != 1:
-                raise MoejaxError(f"experts of layer {layer}: weights of different dtypes {sorted(map(str, dtypes))}")
-            expert_bytes = sum(w[0].nbytes for w in stack.values())
-            layers.append(_place(stack, sharding, len(layers), on_device))
-        progress.close()
-        return cls(layers, expert_bytes or 0)
-
-
-def _place(stack: Stack, sharding, count: int, on_device: bool, per_expert: bool = False) -> Stack:
-    """A stack {name: [E, ...]} put on `sharding` (in the per-expert layout if asked: `per_expert_layout`); running
-    out of memory is a MoejaxError saying what to do (`count`: the MoE layers placed before it)."""
+def place_on_host(stack: Stack, sharding, count: int, per_expert: bool = False) -> Stack:
+    """A stack {name: [E, ...]} put in pinned host memory (`sharding`), in the per-expert layout if asked
+    (`per_expert_layout`); running out of it is a MoejaxError saying what to do (`count`: the MoE layers placed
+    before it)."""
     if per_expert:
         stack = {name: tuple(w[e] for e in range(w.shape[0])) for name, w in stack.items()}
     try:
@@ -213,24 +163,14 @@ def _place(stack: Stack, sharding, count: int, on_device: bool, per_expert: bool
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
-        where, advice = ("device", "use an offloading mode (offload='cached')") if on_device else (
-            "pinned host", f"set {PINNED_LIMIT_VARIABLE} (in GB) before JAX starts, or free host RAM")
-        raise MoejaxError(f"out of {where} memory after {count} MoE layers of experts: {advice}") from None
+        raise MoejaxError(f"out of pinned host memory after {count} MoE layers of experts: set {PINNED_LIMIT_VARIABLE} "
+                          "(in GB) before JAX starts, or free host RAM") from None
 
 
 def empty_slab(shapes: dict, num_slots: int, device) -> Stack:
     """A device slab of `num_slots` zeroed slots; shapes: {name: (one expert's shape, dtype)}. Each weight is
     its own buffer (the slab is donated to step programs)."""
     return {n: jnp.zeros((num_slots,) + s, d, device=device) for n, (s, d) in shapes.items()}
-
-
-def resident_slab(experts: HostExperts, device) -> Stack:
-    """A device slab with every expert, expert e of MoE layer m in slot m * E + e (layers copied one at a time
-    into a slab allocated once)."""
-    slab = empty_slab(experts.shapes(), experts.num_layers * experts.num_experts, device)
-    for m, layer in enumerate(experts.layers):
-        slab = _write_layer(slab, jax.device_put(layer, SingleDeviceSharding(device)), m * experts.num_experts)
-    return slab
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
