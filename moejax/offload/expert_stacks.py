@@ -64,9 +64,9 @@ def per_expert_layout(num_experts: int, expert_bytes: int, platform: str) -> boo
     """Whether a layer's pinned host stack is kept as one buffer per expert ({name: (E arrays [...])}) instead of
     one array [E, ...]: on a GPU, for few large experts. XLA copies a whole pinned buffer with a DMA at the link's
     rate, but a slice of one (at a traced offset, or a static one) with a kernel reading over the link, which is
-    slower (BENCHMARKS.md, "Per-expert host buffers"). A miss then picks its buffer through a switch with a branch
-    per expert, whose fixed cost per miss weighs as much as that gain on small experts, and whose branches compile
-    slowly for many experts."""
+    slower (BENCHMARKS.md: `scripts/probe_miss_fetch.py` on Mixtral's experts). A miss then picks its buffer
+    through a switch with a branch per expert, whose fixed cost per miss weighs as much as that gain on small
+    experts, and whose branches compile slowly for many experts."""
     return platform == "gpu" and num_experts <= PER_EXPERT_MAX_EXPERTS and expert_bytes >= PER_EXPERT_MIN_BYTES
 
 
