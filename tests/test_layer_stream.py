@@ -179,12 +179,3 @@ def test_a_device_without_room_for_two_staged_layers_is_named():
     problem = room_problem(Device(512 * 2**20 + 2**20), host)
     assert problem.startswith("2 staged layers take 0.03 GiB, and 0.00 GiB are free"), problem
 
-
-def test_per_expert_host_buffers_stream_the_same(model):
-    """Pinned host stacks one buffer per expert (`expert_stacks.per_expert_layout`), staged whole by the host and
-    fetched one by one by the layer programs: the stacked stacks' tokens, counts and staged bytes."""
-    engine, streamed = run(model, "cached")
-    split_engine, split = run_once(model, "cached", host_layout="per-expert")
-    assert split.stats["host_layout"] == "per-expert" and streamed.stats["host_layout"] == "stacked"
-    assert split.tokens == streamed.tokens and split.stats["total"] == streamed.stats["total"]
-    assert split.stats["layer_stream"] == streamed.stats["layer_stream"]
