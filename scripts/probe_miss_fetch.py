@@ -119,7 +119,7 @@ def main() -> None:
         return jax.lax.fori_loop(0, misses, move, slab)
 
     @functools.partial(jax.jit, static_argnames="misses", donate_argnums=1)
-    def static(experts, slab, stack, misses):  # the stack as it is; a switch's branch e copies expert e (static slice)
+    def static_slices(experts, slab, stack, misses):  # the stack as it is; a switch's branch e copies expert e
         branches = [lambda e=e: {n: jax.device_put(w[e], jax.memory.Space.Device) for n, w in stack.items()}
                     for e in range(E)]
 
@@ -166,7 +166,7 @@ def main() -> None:
     spread = lambda m: jnp.asarray(np.isin(np.arange(E), np.linspace(0, E - 1, m).round()))  # noqa: E731 - M wanted of E
     in_program = {"copies": (copies, (), {}), "ids": (copies_at, (reversed_experts,), {}),
                   "ids-u32": (copies_words, (reversed_experts,), {}), "ids-flat": (copies_words, (reversed_experts,), {}),
-                  "switch": (switched, (reversed_experts,), {}), "static": (static, (reversed_experts,), {}),
+                  "switch": (switched, (reversed_experts,), {}), "static": (static_slices, (reversed_experts,), {}),
                   "chunks4": (chunks4, (), {}),
                   "access": (access, (empty,), {})}
     hlo_dir = Path(args.out).with_name(Path(args.out).stem + "_hlo")

@@ -178,4 +178,3 @@ def test_a_device_without_room_for_two_staged_layers_is_named():
     assert room_problem(Device(2**30), host) is None
     problem = room_problem(Device(512 * 2**20 + 2**20), host)
     assert problem.startswith("2 staged layers take 0.03 GiB, and 0.00 GiB are free"), problem
-
