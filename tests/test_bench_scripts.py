@@ -122,9 +122,8 @@ def test_per_expert_host_buffers_change_nothing():
     and a wide prompt chunk's whole-layer copy) and on-demand; the stats say which layout; the rule takes only few
     large experts on a GPU; the time a fetch takes is measured in either layout; the layer programs' staging
     copies the same layer and counts the same bytes."""
-    from moejax.engine.layer_stream import _stack_bytes
-    from moejax.offload.expert_stacks import (host_sharding, per_expert_layout, place_on_host, stack_to_device,
-                                              time_layer_fetches)
+    from moejax.offload.expert_stacks import (host_sharding, per_expert_layout, place_on_host, stack_bytes,
+                                              stack_to_device, time_layer_fetches)
 
     assert per_expert_layout(8, 352 << 20, "gpu") and not per_expert_layout(8, 352 << 20, "cpu")
     assert not per_expert_layout(64, 352 << 20, "gpu") and not per_expert_layout(8, 17 << 20, "gpu")
@@ -136,7 +135,7 @@ def test_per_expert_host_buffers_change_nothing():
     on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # the layer programs' staging by the host
     for name, w in stack_to_device(split, on_device).items():
         np.testing.assert_array_equal(np.asarray(w), np.asarray(stacks[0][name]))
-    assert _stack_bytes(split) == _stack_bytes(stacks[0]) == cfg.num_experts * cfg.expert_bytes
+    assert stack_bytes(split) == stack_bytes(stacks[0]) == cfg.num_experts * cfg.expert_bytes
     prompt = [list(range(1, 14))]
     for mode, options in (("cached", dict(expert_budget="0.7", prefetch="lookahead", whole_layer_from=5)),
                           ("on-demand", {})):

@@ -36,15 +36,11 @@ from moejax.engine.slots import SlotState
 from moejax.models.decoder import EmbedHead
 from moejax.offload import device_cache as dc
 from moejax.offload.budget import device_memory
-from moejax.offload.expert_stacks import stack_to_device
+from moejax.offload.expert_stacks import stack_bytes, stack_to_device
 
 LAYER_STREAM = ("auto", "off")  # `moejax.load`'s layer_stream
 STAGED_AT_ONCE = 2  # whole layers on the device besides the slab: the one a layer computes on, the one crossing
 log = logging.getLogger(__name__)
-
-
-def _stack_bytes(stack: dict) -> int:
-    return sum(sum(x.nbytes for x in w) if isinstance(w, tuple) else w.nbytes for w in stack.values())
 
 
 def _at(tree, i):
@@ -124,7 +120,7 @@ def room_problem(device, host: tuple) -> str | None:
     """Why the device lacks room for the staged layers besides what is placed (the slab, KV caches, weights) and the
     workspace; None where it has room, or reports no memory (CPU)."""
     memory = device_memory(device, kv_cache_bytes=0)  # the KV caches are placed by now
-    need = STAGED_AT_ONCE * max(map(_stack_bytes, host))
+    need = STAGED_AT_ONCE * max(map(stack_bytes, host))
     if memory is None or memory.available >= need:
         return None
     return (f"{STAGED_AT_ONCE} staged layers take {need / 2**30:.2f} GiB, and {max(memory.available, 0) / 2**30:.2f} "
@@ -201,7 +197,7 @@ class LayerStream:
     def _stage(self, m: int) -> dict:
         stack = self.host[m]
         self.layers_staged += 1
-        self.bytes_staged += _stack_bytes(stack)
+        self.bytes_staged += stack_bytes(stack)
         return stack_to_device(stack, self._sharding)
 
     def decode(self, params, cache, slab, host, staged_keys, priorities, kv_caches, state, slot_ids, active,

@@ -261,13 +261,12 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     # The in-place kernels beat union's gather at decode on the GPU (BENCHMARKS.md); elsewhere they only interpret.
     compute["inplace"] = (compute.get("expert_compute", "auto") == "auto" and parallel is None
                           and device.platform == "gpu" and inplace_problem(fmt.shapes(_shapes(cfg)), on_gpu=True) is None)
-    fetch_times, measured = None, {}  # on a GPU the measured rates decide how misses move, not the defaults
-    if config.mode in ("cached", "on-demand") and parallel is None and host_tier is None and device.platform == "gpu":
-        fetch_times = time_layer_fetches(experts.host[0])
-        measured["fetch_seconds"] = dict(zip(("one_expert", "whole_layer"), fetch_times, strict=True))
+    measured = {}
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
         threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
-        if threshold is not None and fetch_times is not None:
+        if threshold is not None and device.platform == "gpu":  # there the measured rates decide, not the default share
+            fetch_times = time_layer_fetches(experts.host[0])
+            measured["fetch_seconds"] = dict(zip(("one_expert", "whole_layer"), fetch_times, strict=True))
             threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots, fetch_times)
             host = compute.get("cpu_experts")
             if host is not None and host.cost.layer_copy_s is None:  # what a wide step's split weighs against

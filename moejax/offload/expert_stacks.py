@@ -87,6 +87,11 @@ def expert_shapes(stack: Stack) -> dict:
             for name, w in stack.items()}
 
 
+def stack_bytes(stack: Stack) -> int:
+    """The bytes of a stack's experts, in either layout."""
+    return sum(sum(x.nbytes for x in w) if isinstance(w, tuple) else w.nbytes for w in stack.values())
+
+
 def fetch_expert(stack: Stack, expert) -> Stack:
     """Inside a step program: expert `expert` (traced int) of a host stack, moved to the device: the slice at that
     offset, or in the per-expert layout its own buffers, chosen by a switch."""
