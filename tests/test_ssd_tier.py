@@ -476,8 +476,8 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
 
 @pytest.mark.parametrize("fmt, cpu_experts, hints", [("bf16", "off,auto", "on"), ("int4", "off", "on,off")])
 def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints):
-    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor (at the disk's faster measured
-    bandwidth) and the tier's counters (and one with cpu_experts 'auto', compared with the copy-only row; or one
+    """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor (at the faster of the disk's measures
+    around it) and the tier's counters (and one with cpu_experts 'auto', compared with the copy-only row; or one
     without the next layer's guesses read ahead)."""
     from scripts import bench_ssd
 
@@ -493,9 +493,15 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints):
     assert data["page_cache"] == "bypassed (O_DIRECT)" and data["disk_gb_s"] > 0
     assert data["experts_gb"] >= 1.5 * data["ram_gb"] and row["disk_gb"] > 0 and 0 <= row["host_hit_rate"] < 1
     assert row["x_floor"] == row["total_s"] / row["floor_s"] > 0 and row["run_read_gb_s"] > 0
-    # the floor at the faster of the disk's reads before and after the runs
-    assert data["floor_gb_s"] == max(data["disk_gb_s"], data["disk_gb_s_after"])
-    assert row["floor_s"] == pytest.approx(row["needed_gb"] / data["floor_gb_s"]) and row["needed_gb"] <= row["disk_gb"]
+    # each row's floor at the faster of the disk's reads just before and after it; the first row's before is the
+    # measure before the runs, the last row's after the one after them, and a row's after the next row's before
+    arounds = [r["disk_gb_s_around"] for r in data["rows"]]
+    assert arounds[0][0] == data["disk_gb_s"] and arounds[-1][1] == data["disk_gb_s_after"]
+    assert all(a[1] == b[0] for a, b in zip(arounds, arounds[1:]))
+    for r in data["rows"]:
+        assert r["floor_gb_s"] == max(r["disk_gb_s_around"])
+        assert r["floor_s"] == pytest.approx(r["needed_gb"] / r["floor_gb_s"])
+    assert data["floor_gb_s"] == max(max(a) for a in arounds) and row["needed_gb"] <= row["disk_gb"]
     runs = [(c, h == "on") for c in cpu_experts.split(",") for h in hints.split(",")]
     assert [(r["cpu_experts"], r["hints"]) for r in data["rows"]] == runs and row["x_copy"] is None
     assert all(r["hint_reads"] == r["host_tier"]["hint_reads"] >= 0 for r in data["rows"])
