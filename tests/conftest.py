@@ -14,7 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the whole run, never the user's: a temporary directory that the first process
 # (pytest itself, or xdist's controller) makes and removes at the end, and that the xdist workers inherit. Test files
-# compile many of the same tiny models' programs (test_offload.py alone: 187 s with it, 243 s without; the whole suite
+# compile many of the same tiny models' programs (test_offload.py alone: 203 s with it, 243 s without; the whole suite
 # on 2 cores, which varies by minutes: 14:28 and 16:37 with it, 16:02 and 16:07 without). test_compilation sets its
 # own. Entries are written without a lock: a worker that reads one the other is still writing gets a warning from JAX
 # and compiles the program itself.
