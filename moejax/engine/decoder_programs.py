@@ -239,7 +239,8 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
-            move_guess = lambda slab, i, slot: write_slot(slab, slot, host_expert(host, following, keys[i] % E))  # noqa: E731
+            move_guess = lambda slab, i, slot: write_slot(  # noqa: E731
+                slab, slot, host_expert(host, following, keys[i] % E))
             cache, slab, _ = dc.install(cache, keys, policy=spec.policy, num_experts=E, layer=m,
                                         priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab)
     else:
@@ -250,7 +251,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, E - real.sum()))
         else:  # on-demand: the chosen experts only, one fetch each
             scratch = zero_experts(experts.host[0], distinct.shape[0])
-            fetch = lambda j, s: write_slot(s, j, _host_layer(experts.host, m, lambda h: fetch_expert(h, distinct[j])))  # noqa: E731
+            fetch = lambda j, s: write_slot(s, j, host_expert(experts.host, m, distinct[j]))  # noqa: E731
             scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.MISSES), real.sum()))
@@ -373,7 +374,8 @@ def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
 def install_keys(spec: ProgramSpec, E: int, experts: ExpertInputs) -> ExpertInputs:
     """`install_staged` on one device holding E experts of each MoE layer (keys layer * E + expert, -1: none)."""
     keys = experts.staged_keys
-    move = lambda slab, i, slot: write_slot(slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))  # noqa: E731
+    move = lambda slab, i, slot: write_slot(  # noqa: E731
+        slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))
     cache, slab, _ = dc.install(experts.cache, keys, policy=spec.policy, num_experts=E, layer=-1,
                                 priorities=experts.priorities, move=move, slab=experts.slab, staged=True)
     return dataclasses.replace(experts, cache=cache, slab=slab, staged_keys=None)
