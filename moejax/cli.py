@@ -33,7 +33,7 @@ FLAGS = {
     "prefetch_per_layer": "--prefetch-per-layer", "prefetch_per_step": "--prefetch-per-step",
     "prefetch_floor": "--prefetch-floor", "traces": "--traces", "max_seq_len": "--max-seq-len",
     "prefill_chunk": "--prefill-chunk", "expert_format": "--expert-format", "cpu_experts": "--cpu-experts",
-    "layer_stream": "--layer-stream",
+    "layer_stream": "--layer-stream", "miss_copy": "--miss-copy",
     "devices": "--devices", "placement": "--placement",
     "placement_traces": "--placement-traces", "hot_replicas": "--hot-replicas", "slots": "the number of prompts (--batch-size for trace)",
     "max_new_tokens": "--max-new-tokens", "greedy": "--greedy", "temperature": "--temperature", "top_k": "--top-k",
@@ -258,6 +258,11 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "chunk of so many tokens, that it copies whole layers runs a program per layer, the host copying "
                    "the next such layer while the GPU computes (one more layer of GPU memory) | off: one program per "
                    "step, its copies in order with its compute")
+    p.add_argument("--miss-copy", default="xla",
+                   help="how a step moves a missed expert out of pinned host memory (--offload cached or "
+                   "on-demand, one device, no --host-budget): xla (default: fetched into a temporary, then written "
+                   "into its slot) | kernel (a CUDA kernel built with nvcc on first use copies it straight into its "
+                   "slot; not yet measured on a GPU). The same outputs either way")
     p.add_argument("--devices", type=int, default=1,
                    help="expert parallelism: split the experts over the first N devices, the dense weights on each; "
                    "with --offload cached each device has its own cache of --expert-budget (default 1)")
@@ -322,6 +327,7 @@ def load_engine(args, slots: int = 1, predictor=None):
         expert_format=args.expert_format,
         cpu_experts=args.cpu_experts,
         layer_stream=args.layer_stream,
+        miss_copy=args.miss_copy,
         devices=args.devices,
         placement=args.placement,
         placement_traces=args.placement_traces,

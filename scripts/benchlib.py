@@ -109,9 +109,10 @@ def build_random_engine(cfg, offload, dense, stacks, *, slots: int = 1, max_seq_
     """An Engine (`engine.loading.build_engine`) of random weights: dense = (globals, layers), stacks = each
     MoE layer's experts (an iterable: device stacks are consumed one at a time, pinned ones are shared);
     offload: a mode name, with `options` the other `OffloadConfig` fields, and `whole_layer_from` (`ProgramSpec`'s;
-    default build_engine's), `cpu_experts`, `layer_stream` and `host_layout` (build_engine's) if given."""
+    default build_engine's), `cpu_experts`, `layer_stream`, `host_layout` and `miss_copy` (build_engine's) if given."""
     globals_, layers = dense
-    spec = {key: options.pop(key) for key in ("whole_layer_from", "cpu_experts", "layer_stream", "host_layout")
+    spec = {key: options.pop(key)
+            for key in ("whole_layer_from", "cpu_experts", "layer_stream", "host_layout", "miss_copy")
             if key in options}
     return build_engine(cfg, globals_, layers, stacks, OffloadConfig(offload, **options), slots=slots,
                         max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, expert_compute=expert_compute, **spec)

@@ -22,6 +22,11 @@ CACHE_VARIABLE = "MOEJAX_COMPILATION_CACHE"
 OWN_CACHE = CACHE_VARIABLE not in os.environ
 if OWN_CACHE:
     os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="moejax-tests-jax-cache-")
+# The copy kernel's CPU twin (`kernels.host_rows`) is built once per run, into a temporary directory likewise.
+KERNEL_VARIABLE = "MOEJAX_KERNEL_DIR"
+OWN_KERNELS = KERNEL_VARIABLE not in os.environ
+if OWN_KERNELS:
+    os.environ[KERNEL_VARIABLE] = tempfile.mkdtemp(prefix="moejax-tests-kernels-")
 
 # The interruption tests need Ctrl-C, hang-up and SIGTERM to act as in a terminal, in this process and in the
 # commands it starts; a harness may have left them ignored (a background job of a non-interactive shell ignores
@@ -49,8 +54,11 @@ use_compilation_cache()  # for the programs of tests that build engines without 
 
 
 def pytest_unconfigure(config):
-    if OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
-        shutil.rmtree(os.environ[CACHE_VARIABLE], ignore_errors=True)
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        return
+    for variable, own in ((CACHE_VARIABLE, OWN_CACHE), (KERNEL_VARIABLE, OWN_KERNELS)):
+        if own:
+            shutil.rmtree(os.environ[variable], ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)

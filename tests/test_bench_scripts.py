@@ -118,8 +118,9 @@ def test_the_whole_layer_threshold_follows_the_measured_rates():
 
 def test_per_expert_host_buffers_change_nothing():
     """Pinned host stacks one buffer per expert (`expert_stacks.per_expert_layout`: a miss copies its whole buffers,
-    picked by a switch) give the tokens, routing and counters of stacked ones, cached (with the lookahead's installs,
-    and a wide prompt chunk's whole-layer copy) and on-demand; the stats say which layout; the rule takes only few
+    picked by a switch; or the copy kernel, `miss_copy='kernel'`, copies them into their slots) give the tokens,
+    routing and counters of stacked ones, cached (with the lookahead's installs, and a wide prompt chunk's
+    whole-layer copy) and on-demand; the stats say which layout and miss copy; the rule takes only few
     large experts on a GPU; the time a fetch takes is measured in either layout; the layer programs' staging
     copies the same layer and counts the same bytes."""
     from moejax.offload.expert_stacks import (host_sharding, per_expert_layout, place_on_host, stack_bytes,
@@ -140,13 +141,19 @@ def test_per_expert_host_buffers_change_nothing():
     for mode, options in (("cached", dict(expert_budget="0.7", prefetch="lookahead", whole_layer_from=5)),
                           ("on-demand", {})):
         results = []
-        for layout in ("stacked", "per-expert"):
+        for layout, copy in (("stacked", "xla"), ("per-expert", "xla"), ("per-expert", "kernel")):
             engine = build_random_engine(cfg, mode, dense, stacks, max_seq_len=64, prefill_chunk=8,
-                                         host_layout=layout, **options)
+                                         host_layout=layout, miss_copy=copy, **options)
             result = engine.generate(prompt, max_new_tokens=6, ignore_eos=True)
-            assert result.stats["host_layout"] == layout
+            assert (result.stats["host_layout"], result.stats["miss_copy"]) == (layout, copy)
             results.append((result.tokens, engine.routing(0)[0].tolist(), result.stats["total"]))
-        assert results[0] == results[1], mode
+            if copy == "kernel":  # the kernel writes the slab in place: no program copies it around the call
+                slabs = {f"[{engine.cache.num_slots},{','.join(map(str, w.shape[1:]))}]" for w in engine.slab.values()}
+                for key, compiled in engine._compiled.items():
+                    copies = [line for line in compiled.as_text().splitlines() if " copy(" in line
+                              and any(shape in line.split(" copy(")[0] for shape in slabs)]
+                    assert not copies, (key[0], copies[:2])
+        assert results[0] == results[1] == results[2], mode
         assert results[0][2]["misses"] > 0 and (mode == "on-demand" or results[0][2]["streamed"] > 0)
 
 

@@ -103,9 +103,13 @@ def test_every_mode_equals_resident(case, root):
     _, _, ckpt = build(case, root)
     cfg = load(ckpt).cfg
     prompts = random_prompts(cfg.vocab_size, [9, 3, 5], seed=4)
-    for mode, options in (("on-demand", {}), ("dense-offload", {}),
+    # the copy kernel's CPU twin moves one case's on-demand fetches (`kernels.host_rows`)
+    kernel = dict(miss_copy="kernel") if case == MODE_CASES[1] else {}
+    for mode, options in (("on-demand", kernel), ("dense-offload", {}),
                           ("cached", dict(expert_budget="0.5", cache_policy="lfu", prefetch="lookahead"))):
         engine = load(ckpt, mode, **options)
+        if mode != "dense-offload":  # (which copies whole layers)
+            assert engine.stats_info["miss_copy"] == options.get("miss_copy", "xla")
         assert_equals_resident(engine, ckpt, prompts, f"{mode} {options}")
 
 
@@ -137,6 +141,9 @@ CACHE_CONFIGS = [(6, "lru", "none"), (6, "lfu", "trace+lookahead"), (6, "fifo", 
                  (9, "fifo", "none"), (9, "lifo", "none"), (9, "activation", "none"), (2, "lru", "none"),
                  (2, "activation", "trace+lookahead"), (18, "fifo", "trace")]
 BATCHED = {(6, "activation", "trace+lookahead"), (9, "lifo", "none"), (2, "activation", "trace+lookahead")}
+# Configurations whose misses, lookahead guesses and staged picks the copy kernel moves (its CPU twin,
+# `kernels.host_rows`): counts and outputs as every other's.
+KERNEL_COPIED = {(2, "activation", "trace+lookahead"), (9, "lru", "trace+lookahead")}
 ONE_TOKEN_STEPS = dict(prefill_chunk=1, slots=1)
 
 
@@ -151,9 +158,10 @@ def test_cached_engine_equals_resident_and_counts_what_the_lab_replays(root, cap
     steps = ONE_TOKEN_STEPS if capacity == 2 else {}
     resident = load(ckpt, **steps)
     cfg, L = resident.cfg, len(resident.cfg.moe_layer_ids)
+    copy = "kernel" if (capacity, policy, prefetch) in KERNEL_COPIED else "xla"
     engine = moejax.load(ckpt, "cached", expert_budget=budget(resident, capacity), cache_policy=policy, prefetch=prefetch,
-                         **steps)
-    assert engine.cache.num_slots == capacity
+                         miss_copy=copy, **steps)
+    assert engine.cache.num_slots == capacity and engine.stats_info["miss_copy"] == copy
     manager = OffloadManager(L, cfg.num_experts, cfg.top_k, policy=policy, prefetch=prefetch, staged_per_step=2 * cfg.top_k)
     lab = Replayer(L, cfg.num_experts, capacity, manager, lookahead=engine.spec.lookahead, prefill_chunk=engine.prefill_chunk)
     for prompt in random_prompts(cfg.vocab_size, [12, 12], seed=5):  # one shape: the lab compiles less

@@ -54,7 +54,7 @@ from moejax.models.capacity import capacity_slots, drop_over_capacity
 from moejax.models.moe import CAPACITY_FACTOR, forced_weights, resolve_expert_compute, routed_experts
 from moejax.offload import device_cache as dc
 from moejax.offload.cpu_experts import HostExperts, host_finish, host_start, split_misses
-from moejax.offload.expert_stacks import fetch_all, fetch_expert, write_slot, zero_experts
+from moejax.offload.expert_stacks import AddressedHost, fetch_all, fetch_expert, write_slot, zero_experts
 from moejax.offload.host_cache import TieredHost
 
 if TYPE_CHECKING:
@@ -189,6 +189,15 @@ def host_expert(host, m, e) -> dict:
     return _host_layer(host, m, lambda h: fetch_expert(h, e))
 
 
+def write_from_host(host, slab: dict, m, e, slot) -> dict:
+    """The slab with expert e of MoE layer m (traced ints) from the host tier in slot `slot`: copied straight
+    into the slot by the copy kernel where the host carries its row tables (`expert_stacks.AddressedHost`), else
+    fetched (`host_expert`) and then written."""
+    if isinstance(host, AddressedHost):
+        return host.write(slab, m, e, slot)
+    return write_slot(slab, slot, host_expert(host, m, e))
+
+
 def routed_moe(spec: ProgramSpec, m, experts: ExpertInputs, moe_in, ids, weights, valid_rows, guess, *,
                counted: bool = False):
     """MoE layer m's (traced) routed output [N, D] f32, through the mode's expert source: -> (output, experts).
@@ -239,8 +248,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
         if guess is not None and spec.lookahead:
             following = jnp.minimum(m + 1, L - 1)
             keys = jnp.where(m + 1 < L, dc.guessed_keys(guess, valid_rows, following, E, spec.lookahead), -1)
-            move_guess = lambda slab, i, slot: write_slot(  # noqa: E731
-                slab, slot, host_expert(host, following, keys[i] % E))
+            move_guess = lambda slab, i, slot: write_from_host(host, slab, following, keys[i] % E, slot)  # noqa: E731
             cache, slab, _ = dc.install(cache, keys, policy=spec.policy, num_experts=E, layer=m,
                                         priorities=experts.priorities, pinned=pinned, move=move_guess, slab=slab)
     else:
@@ -251,7 +259,7 @@ def local_moe(spec: ProgramSpec, E: int, m, experts: ExpertInputs, moe_in, ids, 
             cache = cache.replace(counters=dc._count(cache.counters, m, dc.STREAMED, E - real.sum()))
         else:  # on-demand: the chosen experts only, one fetch each
             scratch = zero_experts(experts.host[0], distinct.shape[0])
-            fetch = lambda j, s: write_slot(s, j, host_expert(experts.host, m, distinct[j]))  # noqa: E731
+            fetch = lambda j, s: write_from_host(experts.host, s, m, distinct[j], j)  # noqa: E731
             scratch = lax.fori_loop(0, real.sum(), fetch, scratch)
             slots = jnp.where(real, jnp.arange(distinct.shape[0]), -1)
         cache = cache.replace(counters=dc._count(cache.counters, m, (dc.ACTIVATIONS, dc.MISSES), real.sum()))
@@ -289,7 +297,9 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
     which may be much faster (BENCHMARKS.md): past some share of a layer's experts, which the engine measures on
     its device at load (`whole_layer_from`), the whole is faster. A step needing that many experts evicts nothing
     (`device_cache.copies_whole`): its misses take empty slots, else it copies the layer whole, computes out of
-    the copy and lets the layer's resident experts go. Through the disk tier, the misses are first staged
+    the copy and lets the layer's resident experts go. A step of few rows, which never copies its layer whole, moves
+    each miss with `write_from_host` (the copy kernel's straight write where the engine has it); a wider one
+    fetches it by XLA (the layer's copy or the expert's). Through the disk tier, the misses are first staged
     (`TieredHost.stage`), so that the disk reads them back to back, then `hint` (`next_layer_hint`; None: none)
     is handed over (`TieredHost.hint`), so that it reads on into the next layer's likely misses.
     whole: `copies_whole` of the step (before the host took its share, where it computes some); split: None, or
@@ -323,7 +333,10 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
             whole, lambda: {name: lax.dynamic_index_in_dim(w, e, keepdims=False) for name, w in layer.items()},
             lambda: fetch_one(e))
         streamed = (whole, layer)
-    move = lambda slab, e, slot: write_slot(slab, slot, fetched(e))  # noqa: E731
+    if streamed is None:
+        move = lambda slab, e, slot: write_from_host(host, slab, m, e, slot)  # noqa: E731
+    else:
+        move = lambda slab, e, slot: write_slot(slab, slot, fetched(e))  # noqa: E731
     return (*dc.access(cache, m, distinct, policy=spec.policy, num_experts=E, priorities=priorities, move=move,
                        slab=slab, whole=whole, carried=None if split is None else ~split), streamed)
 
@@ -374,8 +387,7 @@ def install_staged(spec: ProgramSpec, experts: ExpertInputs) -> ExpertInputs:
 def install_keys(spec: ProgramSpec, E: int, experts: ExpertInputs) -> ExpertInputs:
     """`install_staged` on one device holding E experts of each MoE layer (keys layer * E + expert, -1: none)."""
     keys = experts.staged_keys
-    move = lambda slab, i, slot: write_slot(  # noqa: E731
-        slab, slot, host_expert(experts.host, keys[i] // E, keys[i] % E))
+    move = lambda slab, i, slot: write_from_host(experts.host, slab, keys[i] // E, keys[i] % E, slot)  # noqa: E731
     cache, slab, _ = dc.install(experts.cache, keys, policy=spec.policy, num_experts=E, layer=-1,
                                 priorities=experts.priorities, move=move, slab=experts.slab, staged=True)
     return dataclasses.replace(experts, cache=cache, slab=slab, staged_keys=None)

@@ -31,8 +31,10 @@ from moejax.offload.config import OffloadConfig
 from moejax.offload.cpu_experts import (check_option as check_cpu_experts, check_widened_copy, host_experts,
                                        keeping)
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format, stored_format
-from moejax.offload.expert_stacks import (HOST_LAYOUTS, _write_layer, empty_slab, host_sharding, per_expert_layout,
-                                         place_on_host, size_pinned_pool, time_layer_fetches)
+from moejax.kernels import host_rows
+from moejax.offload.expert_stacks import (HOST_LAYOUTS, MISS_COPIES, AddressedHost, _write_layer, empty_slab,
+                                         host_sharding, per_expert_layout, place_on_host, size_pinned_pool,
+                                         time_layer_fetches)
 from moejax.offload.manager import OffloadManager
 from moejax.progress import Progress
 from moejax.offload.budget import cache_capacity, device_memory, parse_budget
@@ -61,7 +63,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
          unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
          expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, devices: int = 1,
          placement: str = "round-robin", placement_traces: str | Path | None = None, hot_replicas: int = 0,
-         layer_stream: str = "auto", **offload_options):
+         layer_stream: str = "auto", miss_copy: str = "xla", **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -108,6 +110,11 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         wide enough to copy whole layers runs as a program per layer, the host copying the next layer it needs whole
         while the device computes the one before (`engine.layer_stream`; outputs unchanged, one more layer's bytes of
         GPU memory); 'off': every step is one program, its copies in order with its compute.
+    miss_copy: how a step moves a missed expert out of pinned host memory (offload 'cached' or 'on-demand', one
+        device, decoder models, no `host_budget`): 'xla' (the default: XLA fetches it into a temporary on the
+        device, then writes it into its slot) or 'kernel' (a CUDA kernel, `kernels.host_rows`, built with nvcc on
+        first use, copies it straight into its slot; on the CPU backend its C++ twin, built with g++). Outputs are
+        the same bits either way.
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -126,7 +133,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
     compute = expert_compute_options(expert_compute, capacity_factor)
     fmt = resolve_format(expert_format, stored_format(path, cfg.dtype), kind_of(cfg).encoder_decoder)
     compute.update(_expert_options(cfg, config, fmt, cpu_experts, cpu_cost, devices, placement, placement_traces,
-                                   hot_replicas))
+                                   hot_replicas, miss_copy))
     if expert_compute in INPLACE_COMPUTES and not kind_of(cfg).encoder_decoder:
         problem = inplace_problem(fmt.shapes(_shapes(cfg)), (device or jax.devices()[0]).platform == "gpu")
         if problem:
@@ -150,12 +157,15 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
 
 
 def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: str, cpu_cost, devices: int,
-                    placement: str, placement_traces, hot_replicas: int) -> dict:
-    """`load`'s expert format, CPU-expert and expert-parallel parameters checked against the model and the
-    offload config, as `build_engine` keywords (none for encoder-decoder models, which take none of them)."""
+                    placement: str, placement_traces, hot_replicas: int, miss_copy: str = "xla") -> dict:
+    """`load`'s expert format, CPU-expert, expert-parallel and miss-copy parameters checked against the model and
+    the offload config, as `build_engine` keywords (none for encoder-decoder models, which take none of them)."""
     check_cpu_experts(cpu_experts, config.mode)
     options = {}
     if kind_of(cfg).encoder_decoder:
+        if miss_copy != "xla":
+            raise ParameterError("{miss_copy} {value!r}: encoder-decoder models fetch their misses through XLA",
+                                 value=miss_copy)
         if cpu_experts != "off":
             raise ParameterError("{cpu_experts} {value!r}: encoder-decoder models copy every missed expert",
                                  value=cpu_experts)
@@ -164,9 +174,10 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
                                  family=cfg.family)
     else:
         fmt.check(_shapes(cfg))
+        check_miss_copy(miss_copy, config.mode, devices > 1, config.host_budget is not None)
         # before the disk tier writes a file
         check_widened_copy(cpu_experts == "auto-float32", fmt.approximate, config.host_budget is not None)
-        options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost)
+        options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost, miss_copy=miss_copy)
     if devices != 1 or placement != "round-robin" or placement_traces is not None or hot_replicas:
         check_parallel(cfg, config, devices, placement, cpu_experts, hot_replicas=hot_replicas,
                        placement_traces=placement_traces)
@@ -208,7 +219,8 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
                  host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
                  devices: int = 1, placement: str = "round-robin", placement_traces: str | Path | None = None,
-                 hot_replicas: int = 0, layer_stream: str = "auto", host_layout: str = "auto", **compute) -> Engine:
+                 hot_replicas: int = 0, layer_stream: str = "auto", host_layout: str = "auto", miss_copy: str = "xla",
+                 **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and each
     MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on the
     device). unroll_layers: see `ProgramSpec` (default: no); compute: its `expert_compute` and `capacity_factor` (see
@@ -217,7 +229,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     'stacked' or 'per-expert' (benchmarks and tests); host_tier: a `TieredHost` (`offload.disk_tier`) that holds
     the experts instead of `expert_stacks` (cached mode); expert_format: the format the experts are kept in
     (default: as given), stacks not yet in it converted (quantized) as they come; cpu_experts, cpu_cost, devices,
-    placement, placement_traces, hot_replicas, layer_stream: see `load`."""
+    placement, placement_traces, hot_replicas, layer_stream, miss_copy: see `load`."""
     check_layer_stream(layer_stream)
     _check_sizes(slots=(slots, 1), max_seq_len=(max_seq_len, 2), prefill_chunk=(prefill_chunk, 1))
     max_seq_len = min(max_seq_len, cfg.max_position_embeddings)
@@ -247,10 +259,15 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     per_expert = config.mode in ("cached", "on-demand") and parallel is None and host_tier is None and (
         host_layout == "per-expert" or host_layout == "auto" and per_expert_layout(cfg.num_experts, expert_bytes,
                                                                                   device.platform))
+    check_miss_copy(miss_copy, config.mode, parallel is not None, host_tier is not None)
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
                             chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel,
                             per_expert=per_expert)
+    if miss_copy == "kernel":
+        experts = dataclasses.replace(experts, host=addressed_host(experts.host))
+    if config.mode in ("cached", "on-demand") and parallel is None and host_tier is None:
+        experts.info["miss_copy"] = miss_copy
     if cpu_experts != "off":
         compute["cpu_experts"] = host_experts(experts.host, kept, expert_activation(cfg), expert_bytes, cpu_cost,
                                               cfg.top_k * max(prefill_chunk, slots),
@@ -265,7 +282,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     if config.mode == "cached" and parallel is None and host_tier is None and "whole_layer_from" not in compute:
         threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots)
         if threshold is not None and device.platform == "gpu":  # there the measured rates decide, not the default share
-            fetch_times = time_layer_fetches(experts.host[0])
+            fetch_times = time_layer_fetches(experts.host[0], addressed=experts.host if miss_copy == "kernel" else None)
             measured["fetch_seconds"] = dict(zip(("one_expert", "whole_layer"), fetch_times, strict=True))
             threshold = dc.whole_layer_from(cfg.num_experts, experts.cache.num_slots, fetch_times)
             host = compute.get("cpu_experts")
@@ -286,6 +303,24 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                               **measured})
     engine.use_layer_stream(layer_stream)
     return engine
+
+
+def check_miss_copy(value, mode: str, parallel: bool, tiered: bool) -> None:
+    if value not in MISS_COPIES:
+        raise ParameterError.not_one_of("miss_copy", value, MISS_COPIES)
+    if value == "kernel" and (mode not in ("cached", "on-demand") or parallel or tiered):
+        raise ParameterError("{miss_copy} 'kernel' copies misses out of pinned host stacks: it needs {offload} cached "
+                             "or on-demand on one device, without {host_budget}")
+
+
+def addressed_host(host: tuple) -> AddressedHost:
+    """The pinned host stacks with the copy kernel's row tables, the kernel built and registered (a one-line
+    ParameterError where it cannot be: no compiler, or its build failed)."""
+    try:
+        host_rows.register_here()
+    except host_rows.KernelUnavailable as err:
+        raise ParameterError("{miss_copy} 'kernel' is unavailable: {reason}", reason=str(err)) from None
+    return AddressedHost.of(host)
 
 
 def check_layer_stream(value) -> None:

@@ -6,6 +6,9 @@ program fetches one expert by index (`fetch_expert`), moving only that expert's 
 large experts on a GPU, one buffer per expert (`per_expert_layout`), which copies faster. The device tier
 is a slab {name: [S, ...]} of S slots addressed by the cache's slot table (`offload.device_cache`);
 in the resident mode the slab holds every expert, expert e of MoE layer m in slot m * E + e.
+A miss is either fetched by XLA (`fetch_expert`: into a temporary on the device, then written into its slot) or,
+where the engine asks for it (`miss_copy='kernel'`), copied straight into its slot by a kernel that reads the
+host memory over the link (`AddressedHost`, `kernels.host_rows`).
 JAX's CPU backend has the same memory kinds, so the same code runs (and is tested) on the CPU.
 """
 
@@ -24,6 +27,7 @@ from jax import lax
 from jax.sharding import SingleDeviceSharding
 
 from moejax.errors import MoejaxError
+from moejax.kernels import host_rows
 
 PINNED_LIMIT_VARIABLE = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 PINNED_MARGIN = 1.03
@@ -58,6 +62,7 @@ def host_sharding(device) -> SingleDeviceSharding:
 PER_EXPERT_MAX_EXPERTS = 16
 PER_EXPERT_MIN_BYTES = 64 << 20
 HOST_LAYOUTS = ("auto", "stacked", "per-expert")  # `engine.loading.build_engine`'s host_layout
+MISS_COPIES = ("xla", "kernel")  # its miss_copy (`fetch_expert` then `write_slot`, or `AddressedHost.write`)
 
 
 def per_expert_layout(num_experts: int, expert_bytes: int, platform: str) -> bool:
@@ -134,20 +139,24 @@ def median_seconds(run: Callable[[], object], repeats: int = 3) -> float:
     return float(np.median(times))
 
 
-def time_layer_fetches(stack: Stack, repeats: int = 3) -> tuple[float, float]:
+def time_layer_fetches(stack: Stack, repeats: int = 3, addressed: AddressedHost | None = None) -> tuple[float, float]:
     """(seconds of one expert's fetch, of the whole stack's copy) from a pinned host stack to its device: the
     fetch as a cached step fetches its misses (routing-chosen, traced offsets, in a loop writing a scratch of
-    min(8, E) slots; the mean of them), the copy as its whole-layer move makes it (`fetch_all`); medians."""
+    min(8, E) slots; the mean of them), the copy as its whole-layer move makes it (`fetch_all`); medians.
+    addressed: the engine's AddressedHost, whose first MoE layer `stack` is: the fetches are then the kernel's."""
     count = min(8, stack_experts(stack))
 
     @jax.jit
-    def fetch_some(stack, experts):
-        fetch = lambda j, scratch: write_slot(scratch, j, fetch_expert(stack, experts[j]))  # noqa: E731
+    def fetch_some(stack, addressed, experts):
+        if addressed is not None:
+            fetch = lambda j, scratch: addressed.write(scratch, 0, experts[j], j)  # noqa: E731
+        else:
+            fetch = lambda j, scratch: write_slot(scratch, j, fetch_expert(stack, experts[j]))  # noqa: E731
         return lax.fori_loop(0, count, fetch, zero_experts(stack, count))
 
     move_all = jax.jit(fetch_all)
     experts = jnp.arange(count, dtype=jnp.int32)[::-1]
-    one_s = median_seconds(lambda: jax.block_until_ready(fetch_some(stack, experts)), repeats) / count
+    one_s = median_seconds(lambda: jax.block_until_ready(fetch_some(stack, addressed, experts)), repeats) / count
     return one_s, median_seconds(lambda: jax.block_until_ready(move_all(stack)), repeats)
 
 
@@ -155,6 +164,52 @@ def write_slot(slab: Stack, slot, expert: Stack) -> Stack:
     """Inside a step program: `expert`'s weights written into slot `slot` of the slab (in place once donated)."""
     return {name: lax.dynamic_update_index_in_dim(slab[name], expert[name].astype(slab[name].dtype), slot, 0)
             for name in slab}
+
+
+@jax.tree_util.register_pytree_node_class
+class AddressedHost(tuple):
+    """The MoE layers' pinned host stacks (a tuple of them, used as one everywhere) with the row tables of the
+    copy kernel (`kernels.host_rows`): `rows` {name: uint32 [L x E, 2]} on the device, the host address of
+    expert e of MoE layer m's weight `name` at row m x E + e. An engine whose misses the kernel copies straight
+    into their slots (`miss_copy='kernel'`) takes this as `host`; the stacks must outlive its programs."""
+
+    def __new__(cls, stacks, rows: dict):
+        host = super().__new__(cls, stacks)
+        host.rows = rows
+        return host
+
+    @classmethod
+    def of(cls, stacks: tuple) -> AddressedHost:
+        """The stacks (either layout) with their row tables, built on the stacks' device."""
+        rows = {name: host_rows.row_table([piece for stack in stacks for piece in _rows_of(stack[name])])
+                for name in stacks[0]}
+        return cls(stacks, rows)
+
+    def tree_flatten(self):
+        return (tuple(self), self.rows), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def write(self, slab: Stack, m, e, slot) -> Stack:
+        """Inside a step program: the slab with expert e of MoE layer m (traced ints) copied by the kernel from
+        its host rows into slot `slot` (int32 []; out of [0, S): nothing written). The kernel copies bytes, so
+        each slab weight must hold one expert's weight in the host's shape and dtype (checked when traced)."""
+        held = expert_shapes(self[0])
+        for name, w in slab.items():
+            if (tuple(w.shape[1:]), w.dtype) != held[name]:
+                raise ValueError(f"slab weight {name!r} {w.dtype}{list(w.shape[1:])} is not the host's "
+                                 f"{held[name][1]}{list(held[name][0])}: the copy kernel copies bytes")
+        key = jnp.reshape(m * stack_experts(self[0]) + e, (1,)).astype(jnp.int32)
+        slot = jnp.reshape(slot, (1,)).astype(jnp.int32)
+        return {name: host_rows.host_rows_to_slots(self.rows[name], key, slot, w) for name, w in slab.items()}
+
+
+def _rows_of(w) -> list:
+    """A host weight as `row_table`'s (array, rows) pieces: the stacked array [E, ...] as E rows, or in the
+    per-expert layout each expert's buffer as one row."""
+    return [(x, 1) for x in w] if isinstance(w, tuple) else [(w, w.shape[0])]
 
 
 def place_on_host(stack: Stack, sharding, count: int, per_expert: bool = False) -> Stack:
