@@ -13,8 +13,9 @@ layer; batch 1, a random prompt, greedy decoding. In one run, per model:
               fails (it does not fit the host or the GPU) the row has no peer figures, only the floor
   bandwidth   pinned host -> GPU, from copies of 8 expert-sized pinned buffers
   resident    every expert on the GPU: the compute part of the floor (TPOT and TTFT)
-  cached      each budget, --policy, no prefetch; a row per --host-layout (the pinned stacks' layout)
-  on-demand   the experts a step uses fetched at every step, no cache; a row per --host-layout
+  cached      each budget, --policy, no prefetch; a row per --host-layout (the pinned stacks' layout) and
+              --miss-copy (how a miss reaches its slot: XLA's fetch and write, or the copy kernel)
+  on-demand   the experts a step uses fetched at every step, no cache; a row per --host-layout and --miss-copy
   dense-offload  every expert fetched at every step (--dense-offload-tokens: it moves them all per token)
 
 Per configuration: a short warm-up generate (compiles; it also fills the cache), then a timed one on
@@ -42,7 +43,7 @@ import jax
 import numpy as np
 
 from moejax.errors import ParameterError
-from moejax.offload.expert_stacks import HOST_LAYOUTS
+from moejax.offload.expert_stacks import HOST_LAYOUTS, MISS_COPIES
 from scripts.benchlib import (
     GB, WARM_UP_TOKENS, Budget, build_random_engine, decode_stats, environment, model_config, model_label, parse_models,
     pinned_bandwidth, pinned_stacks, print_table, random_dense_params, run_peers, start_backend, write_json,
@@ -50,11 +51,13 @@ from scripts.benchlib import (
 
 
 def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, prompts, new_tokens: int,
-               max_len: int, host_layout: str = "auto") -> dict:
+               max_len: int, host_layout: str = "auto", miss_copy: str = "xla") -> dict:
     """A warm-up generate on prompts[0], then the timed one on prompts[1]: timing, traffic, tokens."""
     options = {"expert_budget": budget, "cache_policy": policy} if mode == "cached" else {}
     if mode != "resident":
         options["host_layout"] = host_layout
+    if mode in ("cached", "on-demand"):
+        options["miss_copy"] = miss_copy
     engine = build_random_engine(cfg, mode, dense, stacks, max_seq_len=max_len, prefill_chunk=len(prompts[0]),
                                  **options)
     engine.generate([prompts[0]], max_new_tokens=min(new_tokens, WARM_UP_TOKENS), ignore_eos=True)
@@ -70,7 +73,8 @@ def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, p
         "decode_bytes_per_token": decode["bytes_h2d"] / max(decode["steps"], 1),
         "prefill_bytes": prefill.get("bytes_h2d", 0),
         "layer_program_chunks": result.stats.get("layer_stream", {}).get("chunks", 0),  # of the prompt
-        "host_layout": result.stats.get("host_layout"), "fetch_seconds": result.stats.get("fetch_seconds"),
+        "host_layout": result.stats.get("host_layout"), "miss_copy": result.stats.get("miss_copy"),
+        "fetch_seconds": result.stats.get("fetch_seconds"),
         "tokens": result.tokens[0],
     }
     del engine
@@ -100,6 +104,9 @@ def main() -> None:
     parser.add_argument("--host-layout", default="auto",
                         help="cached and on-demand rows, one per value (comma-separated): the pinned host stacks' "
                              "layout, auto (the engine's rule), stacked or per-expert (`expert_stacks`)")
+    parser.add_argument("--miss-copy", default="xla",
+                        help="cached and on-demand rows, one per value (comma-separated) and host layout: how a miss "
+                             "is moved into its slot, xla or kernel (`expert_stacks`, `kernels.host_rows`)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dense-offload-tokens", type=int, default=6, help="fewer tokens: it moves every expert per token")
@@ -111,6 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     if set(args.host_layout.split(",")) - set(HOST_LAYOUTS):
         parser.error(f"--host-layout: {args.host_layout!r} is not a list of {', '.join(HOST_LAYOUTS)}")
+    if set(args.miss_copy.split(",")) - set(MISS_COPIES):
+        parser.error(f"--miss-copy: {args.miss_copy!r} is not a list of {', '.join(MISS_COPIES)}")
     unknown = set(args.modes.split(",")) - {"resident", "cached", "on-demand", "dense-offload"}
     if unknown:
         parser.error(f"--modes: unknown mode(s) {', '.join(sorted(unknown))} (resident, cached, on-demand, dense-offload)")
@@ -137,7 +146,7 @@ def main() -> None:
 
     print_table(result["rows"], [
         ("model", "model", "s"), ("mode", "mode", "s"), ("budget", "budget", "s"), ("host_layout", "host layout", "s"),
-        ("ttft_s", "TTFT s", ".3f"),
+        ("miss_copy", "miss copy", "s"), ("ttft_s", "TTFT s", ".3f"),
         ("floor_ttft_s", "TTFT floor", ".3f"), ("layer_program_chunks", "layer-program chunks", "d"),
         ("decode_s_per_token", "s/token", ".4f"), ("decode_hit_rate", "hit rate", ".3f"),
         ("decode_gb_per_token", "GB/token", ".3f"), ("floor_s_per_token", "floor s/token", ".4f"), ("x_floor", "x floor", ".3f"),
@@ -169,21 +178,22 @@ def bench_model(label: str, cfg, args, peer: dict, budget: Budget, result: dict)
         "all_expert_bytes": expert_bytes, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1,
         "bandwidth_bytes_per_s": bandwidth, "peer": peer,
     }
-    layouts = args.host_layout.split(",")
-    configs = [("resident", None, args.new_tokens, "auto")]
-    configs += [("cached", b, args.new_tokens, layout) for b in args.budgets.split(",") for layout in layouts]
-    configs += [("on-demand", None, args.new_tokens, layout) for layout in layouts]
-    configs += [("dense-offload", None, args.dense_offload_tokens, "auto")]
+    ways = [(layout, copy) for layout in args.host_layout.split(",") for copy in args.miss_copy.split(",")]
+    configs = [("resident", None, args.new_tokens, ("auto", "xla"))]
+    configs += [("cached", b, args.new_tokens, way) for b in args.budgets.split(",") for way in ways]
+    configs += [("on-demand", None, args.new_tokens, way) for way in ways]
+    configs += [("dense-offload", None, args.dense_offload_tokens, ("auto", "xla"))]
     configs = [config for config in configs if config[0] in args.modes.split(",")]
     resident, need = None, 0.0
-    for mode, expert_budget, tokens, layout in configs:
-        what = f"{label} {mode} {expert_budget or ''} {layout}".strip()
+    for mode, expert_budget, tokens, (layout, copy) in configs:
+        what = f"{label} {mode} {expert_budget or ''} {layout} {copy}".strip()
         if not budget.allows(need, what):
             result.setdefault("skipped", []).append(what)
             continue
         start = time.monotonic()
         try:
-            row = run_config(cfg, dense, stacks, mode, expert_budget, args.policy, prompts, tokens, max_len, layout)
+            row = run_config(cfg, dense, stacks, mode, expert_budget, args.policy, prompts, tokens, max_len, layout,
+                             copy)
         except ParameterError as err:  # e.g. a budget under what one step needs: the other rows still run
             result["rows"].append({"model": label, "mode": mode, "budget": expert_budget, "error": str(err)})
             print(json.dumps(result["rows"][-1]), flush=True)

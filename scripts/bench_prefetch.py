@@ -63,6 +63,7 @@ from jax import lax
 
 from moejax.errors import MoejaxError
 from moejax.offload import device_cache as dc
+from moejax.offload.expert_stacks import MISS_COPIES
 from moejax.offload.stats import experts_moved
 from moejax.predictors import store
 from moejax.predictors.base import Predictor
@@ -255,11 +256,12 @@ def lab_row(steps, added: np.ndarray, measured: set[int], expert_bytes: int) -> 
 def cached_engine(cfg, dense, stacks, replay: RoutingReplay, args, policy: str, prefetch: str, traces: Path,
                   predictor: Predictor | None = None):
     """A cached engine at --budget replaying `replay`'s routing (`traces`: the fit sequences' collection, for the
-    activation policy and the trace prefetcher; predictor: the run-ahead predictor of prefetch 'predictor')."""
+    activation policy and the trace prefetcher; predictor: the run-ahead predictor of prefetch 'predictor'), its
+    misses moved as --miss-copy says."""
     options = {"traces": traces} if policy == "activation" or prefetch.startswith("trace") else {}
     engine = build_random_engine(cfg, "cached", dense, stacks, max_seq_len=args.max_seq_len, expert_budget=args.budget,
                                  cache_policy=policy, prefetch=prefetch, prefill_chunk=max(args.ttft_prompt, args.prompt_len),
-                                 **options)
+                                 miss_copy=args.miss_copy, **options)
     engine.routing_override = replay
     if prefetch == "predictor":
         engine.use_predictor(predictor)
@@ -286,7 +288,7 @@ def measure_decode(engine, replay: RoutingReplay, sequences: list[int], prompt: 
         "bytes_per_token": moved / steps, "gb_per_token": moved / steps / GB,
         "prefetch_precision": used / totals["prefetch_issued"] if totals["prefetch_issued"] else None,
         "prefetch_recall": used / (used + totals["misses"]) if used + totals["misses"] else None,
-        "decode_steps": steps,
+        "decode_steps": steps, "miss_copy": engine.stats_info.get("miss_copy"),
     }
 
 
@@ -340,6 +342,8 @@ def main() -> None:
     parser.add_argument("--ttft-prompt", type=int, default=512, help="0: no TTFT part")
     parser.add_argument("--ttft-repeats", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--miss-copy", default="xla", choices=MISS_COPIES,
+                        help="how every engine moves a miss into its slot (`expert_stacks`; `kernels.host_rows`)")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
     parser.add_argument("--predictor", help="a predictor directory (`moejax train-predictor` on --traces, whose "
                         "NAME_tokens.json it reads) for the configurations with prefetch 'predictor'")
@@ -404,7 +408,7 @@ def main() -> None:
         "environment": environment(), "card": args.card, "dims": args.dims, "traces": str(args.traces),
         "budget": args.budget, "fit_sequences": n_fit, "sequences": sequences, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "expert_bytes": cfg.expert_bytes, "bandwidth_bytes_per_s": bandwidth,
-        "lookahead_guesses": guessed_by,
+        "lookahead_guesses": guessed_by, "miss_copy": args.miss_copy,
     }
     result["rows"] = rows
     lru, need = None, 0.0
@@ -445,7 +449,8 @@ def main() -> None:
 
     print(f"\n{args.card} ({args.dims}), real routing replayed, budget {args.budget}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens x {len(sequences) - 1} sequences; pinned host -> GPU {bandwidth / GB:.1f} GB/s; "
-          f"lookahead guesses: {guessed_by}; lab LRU == engine LRU: {result.get('lab_matches_engine')}")
+          f"lookahead guesses: {guessed_by}; misses moved by {args.miss_copy}; lab LRU == engine LRU: "
+          f"{result.get('lab_matches_engine')}")
     print_table(rows, [
         ("policy", "policy", "s"), ("prefetch", "prefetch", "s"), ("capacity_experts", "slots", "d"),
         ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"), ("s_per_token", "s/token", ".4f"),

@@ -21,6 +21,9 @@
 #   scripts/gpu_session.sh missfetch missfetch-lhs   # the same, then again under XLA's latency-hiding scheduler with
 #                                            # pipelined host offloading (LHS_FLAGS): whether a layer's copy then
 #                                            # overlaps the compute before it (the stream-pipelined row)
+#   scripts/gpu_session.sh hostrows          # the copy kernel (`miss_copy='kernel'`, kernels/host_rows.cu, built here
+#                                            # with nvcc) against XLA's fetch and the link's DMA (probe_host_rows.py);
+#                                            # with OFFLOAD_EXTRA="--miss-copy xla,kernel" the engine's rows both ways
 #   scripts/gpu_session.sh families kernel profile   # issue 23's offloaded families (resident + cached 25%, with
 #                                            # transformers + accelerate), the in-place expert kernel against
 #                                            # gather + einsum (probe_slab_kernel.py), and where a DeepSeek-V2-Lite
@@ -29,11 +32,12 @@
 #
 # Parts run in order of risk, the riskiest last, so a timeout loses the least. Each has a hard limit
 # (`timeout`, seconds: CHECK_S, DECODE_S, OFFLOAD_S, PREFETCH_S, SERVE_S, SSD_S, COMPACT_S, FAMILIES_S, KERNEL_S,
-# PROFILE_S, MISSFETCH_S) and a time budget 20 s
+# PROFILE_S, MISSFETCH_S, HOSTROWS_S) and a time budget 20 s
 # shorter within which the script starts a model or configuration only if it expects it to fit; every script writes
 # its JSON after each row. Writes under $OUT: check_identical.json, bench_decode.json,
 # bench_offload.json, bench_prefetch.json, bench_serve.json (+ .png, the SLO plot), bench_ssd.json, bench_compact.json,
-# bench_offload_families.json, probe_slab_kernel.json, probe_miss_fetch.json (_lhs.json) and session.log (the profile's lines)
+# bench_offload_families.json, probe_slab_kernel.json, probe_miss_fetch.json (_lhs.json), probe_host_rows.json and
+# session.log (the profile's lines)
 # (everything printed); prints each part's table again at the end. The prefetch and serve parts need
 # .data/traces/deepseek_v2_lite_prefill.npz, serve also the task mix .data/prompts/tasks.jsonl (a copy of
 # ../shared/data/prompts/tasks.jsonl; .data is not in git: carry it). The serve part is long (a model per
@@ -51,7 +55,7 @@ TRACES=${TRACES:-.data/traces/deepseek_v2_lite_prefill.npz}
 TASKS=${TASKS:-.data/prompts/tasks.jsonl}
 SERVE_PARTS=${SERVE_PARTS:-throughput,gating,slo}
 CHECK_ARGS=() DECODE_ARGS=() OFFLOAD_ARGS=() PREFETCH_ARGS=() SERVE_ARGS=() SSD_ARGS=() COMPACT_ARGS=()
-FAMILIES_ARGS=() KERNEL_ARGS=() MISSFETCH_ARGS=() PROFILE_ARGS=(--card deepseek-v2-lite --new-tokens 8)
+FAMILIES_ARGS=() KERNEL_ARGS=() MISSFETCH_ARGS=() HOSTROWS_ARGS=() PROFILE_ARGS=(--card deepseek-v2-lite --new-tokens 8)
 if [ "${SMOKE:-}" = 1 ]; then
     : "${CHECK_S:=180}" "${DECODE_S:=180}" "${OFFLOAD_S:=180}" "${PREFETCH_S:=180}" "${SERVE_S:=240}" "${SSD_S:=180}"
     : "${COMPACT_S:=240}"
@@ -67,10 +71,13 @@ if [ "${SMOKE:-}" = 1 ]; then
     KERNEL_ARGS=(--smoke --calls 2 --repeats 2 --new-tokens 4)
     PROFILE_ARGS=(--card olmoe-1b-7b --layers 1 --prompt-len 8 --new-tokens 4)
     MISSFETCH_ARGS=(--dims tiny --repeats 2 --misses 6,9)
+    HOSTROWS_ARGS=(--shapes tiny --repeats 2)
 fi
 CHECK_S=${CHECK_S:-70} DECODE_S=${DECODE_S:-165} OFFLOAD_S=${OFFLOAD_S:-145} PREFETCH_S=${PREFETCH_S:-160} SERVE_S=${SERVE_S:-540}
 SSD_S=${SSD_S:-580} COMPACT_S=${COMPACT_S:-540} FAMILIES_S=${FAMILIES_S:-380} KERNEL_S=${KERNEL_S:-120}
-PROFILE_S=${PROFILE_S:-90} MISSFETCH_S=${MISSFETCH_S:-75}
+PROFILE_S=${PROFILE_S:-90} MISSFETCH_S=${MISSFETCH_S:-75} HOSTROWS_S=${HOSTROWS_S:-150}
+# the copy kernel's library, built on the machine by the first part that needs it, kept while it stays warm
+export MOEJAX_KERNEL_DIR=${MOEJAX_KERNEL_DIR:-$PWD/.bench/kernels}
 # missfetch-lhs: copies of host memory as asynchronous copy-start/copy-done that the scheduler may move across a loop's
 # iterations (openxla/xla's host offloading)
 LHS_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_pipelined_host_offloading=true"
@@ -79,8 +86,10 @@ LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
 PARTS=${*:-check decode offload prefetch}
 for name in $PARTS; do
-    case $name in check | decode | offload | prefetch | serve | ssd | compact | families | kernel | profile | missfetch | missfetch-lhs) ;;
-        *) echo "unknown part '$name' (parts: check decode offload prefetch serve ssd compact families kernel profile missfetch missfetch-lhs)"
+    case $name in check | decode | offload | prefetch | serve | ssd | compact | families | kernel | profile \
+        | missfetch | missfetch-lhs | hostrows) ;;
+        *) echo "unknown part '$name' (parts: check decode offload prefetch serve ssd compact families kernel profile"\
+                "missfetch missfetch-lhs hostrows)"
            exit 2 ;;
     esac
 done
@@ -119,6 +128,8 @@ part() {  # part NAME LIMIT SCRIPT ARGS... (then the words of $<NAME>_EXTRA, e.g
                 "${MISSFETCH_ARGS[@]}" ;;
             missfetch-lhs) XLA_FLAGS="${XLA_FLAGS:-} $LHS_FLAGS" part missfetch-lhs "$MISSFETCH_S" scripts/probe_miss_fetch.py \
                 --out "$OUT/probe_miss_fetch_lhs.json" "${MISSFETCH_ARGS[@]}" ;;
+            hostrows) part hostrows "$HOSTROWS_S" scripts/probe_host_rows.py --out "$OUT/probe_host_rows.json" \
+                "${HOSTROWS_ARGS[@]}" ;;
             profile) part profile "$PROFILE_S" scripts/probe_engine.py --configs resident --repeats 1 --profile 8 "${PROFILE_ARGS[@]}"
                 # the same without command buffers: the step's time by operation (a command buffer is one to the profiler)
                 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" part profile-ops "$PROFILE_S" scripts/probe_engine.py \
