@@ -258,11 +258,12 @@ def add_offload_arguments(p: argparse.ArgumentParser) -> None:
                    "chunk of so many tokens, that it copies whole layers runs a program per layer, the host copying "
                    "the next such layer while the GPU computes (one more layer of GPU memory) | off: one program per "
                    "step, its copies in order with its compute")
-    p.add_argument("--miss-copy", default="xla",
+    p.add_argument("--miss-copy", default="auto",
                    help="how a step moves a missed expert out of pinned host memory (--offload cached or "
-                   "on-demand, one device, no --host-budget): xla (default: fetched into a temporary, then written "
-                   "into its slot) | kernel (a CUDA kernel built with nvcc on first use copies it straight into its "
-                   "slot; not yet measured on a GPU). The same outputs either way")
+                   "on-demand, one device, no --host-budget): auto (default: kernel on a GPU where the host keeps "
+                   "each layer's experts as one array, else xla) | xla (fetched into a temporary, then written into "
+                   "its slot) | kernel (a CUDA kernel built with nvcc on first use copies it straight into its "
+                   "slot). The same outputs either way")
     p.add_argument("--devices", type=int, default=1,
                    help="expert parallelism: split the experts over the first N devices, the dense weights on each; "
                    "with --offload cached each device has its own cache of --expert-budget (default 1)")

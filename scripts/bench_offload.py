@@ -51,7 +51,7 @@ from scripts.benchlib import (
 
 
 def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, prompts, new_tokens: int,
-               max_len: int, host_layout: str = "auto", miss_copy: str = "xla") -> dict:
+               max_len: int, host_layout: str = "auto", miss_copy: str = "auto") -> dict:
     """A warm-up generate on prompts[0], then the timed one on prompts[1]: timing, traffic, tokens."""
     options = {"expert_budget": budget, "cache_policy": policy} if mode == "cached" else {}
     if mode != "resident":
@@ -104,9 +104,10 @@ def main() -> None:
     parser.add_argument("--host-layout", default="auto",
                         help="cached and on-demand rows, one per value (comma-separated): the pinned host stacks' "
                              "layout, auto (the engine's rule), stacked or per-expert (`expert_stacks`)")
-    parser.add_argument("--miss-copy", default="xla",
+    parser.add_argument("--miss-copy", default="auto",
                         help="cached and on-demand rows, one per value (comma-separated) and host layout: how a miss "
-                             "is moved into its slot, xla or kernel (`expert_stacks`, `kernels.host_rows`)")
+                             "is moved into its slot, auto (the engine's rule), xla or kernel (`expert_stacks`, "
+                             "`kernels.host_rows`)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dense-offload-tokens", type=int, default=6, help="fewer tokens: it moves every expert per token")
@@ -179,10 +180,10 @@ def bench_model(label: str, cfg, args, peer: dict, budget: Budget, result: dict)
         "bandwidth_bytes_per_s": bandwidth, "peer": peer,
     }
     ways = [(layout, copy) for layout in args.host_layout.split(",") for copy in args.miss_copy.split(",")]
-    configs = [("resident", None, args.new_tokens, ("auto", "xla"))]
+    configs = [("resident", None, args.new_tokens, ("auto", "auto"))]
     configs += [("cached", b, args.new_tokens, way) for b in args.budgets.split(",") for way in ways]
     configs += [("on-demand", None, args.new_tokens, way) for way in ways]
-    configs += [("dense-offload", None, args.dense_offload_tokens, ("auto", "xla"))]
+    configs += [("dense-offload", None, args.dense_offload_tokens, ("auto", "auto"))]
     configs = [config for config in configs if config[0] in args.modes.split(",")]
     resident, need = None, 0.0
     for mode, expert_budget, tokens, (layout, copy) in configs:

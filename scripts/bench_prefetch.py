@@ -342,7 +342,7 @@ def main() -> None:
     parser.add_argument("--ttft-prompt", type=int, default=512, help="0: no TTFT part")
     parser.add_argument("--ttft-repeats", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=1024)
-    parser.add_argument("--miss-copy", default="xla", choices=MISS_COPIES,
+    parser.add_argument("--miss-copy", default="auto", choices=MISS_COPIES,
                         help="how every engine moves a miss into its slot (`expert_stacks`; `kernels.host_rows`)")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: configurations that would not fit are skipped")
     parser.add_argument("--predictor", help="a predictor directory (`moejax train-predictor` on --traces, whose "
@@ -449,8 +449,8 @@ def main() -> None:
 
     print(f"\n{args.card} ({args.dims}), real routing replayed, budget {args.budget}, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens x {len(sequences) - 1} sequences; pinned host -> GPU {bandwidth / GB:.1f} GB/s; "
-          f"lookahead guesses: {guessed_by}; misses moved by {args.miss_copy}; lab LRU == engine LRU: "
-          f"{result.get('lab_matches_engine')}")
+          f"lookahead guesses: {guessed_by}; misses moved by {rows[0].get('miss_copy') if rows else args.miss_copy}; "
+          f"lab LRU == engine LRU: {result.get('lab_matches_engine')}")
     print_table(rows, [
         ("policy", "policy", "s"), ("prefetch", "prefetch", "s"), ("capacity_experts", "slots", "d"),
         ("tokens_per_s", "tok/s", ".2f"), ("x_lru_none", "x lru/none", ".2f"), ("s_per_token", "s/token", ".4f"),

@@ -2,12 +2,14 @@
 that device-side keys and slots name, nothing written for a key or slot out of range; and the engine option that
 uses it (`miss_copy`), whose bad uses are one-line errors naming it."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.engine.loading import addressed_host, check_miss_copy
+from moejax.engine.loading import addressed_host, check_miss_copy, resolve_miss_copy
 from moejax.errors import ParameterError
 from moejax.kernels import host_rows
 from moejax.offload.expert_stacks import AddressedHost, host_sharding, place_on_host
@@ -60,7 +62,7 @@ def test_addressed_host_writes_what_the_stacks_hold(pinned, per_expert):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("dma", "cached", False, False), "miss_copy 'dma' is not one of xla, kernel"),
+    (("dma", "cached", False, False), "miss_copy 'dma' is not one of auto, xla, kernel"),
     (("kernel", "resident", False, False), "it needs offload cached or on-demand on one device, without host_budget"),
     (("kernel", "cached", True, False), "on one device"),
     (("kernel", "cached", False, True), "without host_budget"),
@@ -68,7 +70,8 @@ def test_addressed_host_writes_what_the_stacks_hold(pinned, per_expert):
 def test_bad_miss_copy_is_a_one_line_error(args, message):
     with pytest.raises(ParameterError, match=message):
         check_miss_copy(*args)
-    check_miss_copy("xla", "resident", True, True)  # the default suits every engine
+    for value in ("auto", "xla"):  # suit every engine
+        check_miss_copy(value, "resident", True, True)
 
 
 def test_kernel_that_cannot_be_built_is_a_one_line_error(monkeypatch, pinned):
@@ -83,3 +86,23 @@ def test_kernel_that_cannot_be_built_is_a_one_line_error(monkeypatch, pinned):
             addressed_host((place_on_host({"up": np.zeros((2, 3), np.float32)}, pinned, 0),))
     finally:
         host_rows.register.cache_clear()
+
+
+def test_auto_takes_the_kernel_on_a_gpu_for_stacked_host_arrays_only(monkeypatch):
+    """(value, mode, expert parallelism or disk tier, per-expert layout or unaligned rows, platform) -> the copy: the
+    kernel for stacked host arrays on a GPU (it beat XLA's slices there), XLA elsewhere and where it won't build."""
+    gpu, cpu = types.SimpleNamespace(platform="gpu"), types.SimpleNamespace(platform="cpu")
+    monkeypatch.setattr(host_rows, "register_here", lambda: None)
+    assert resolve_miss_copy("auto", "cached", False, False, gpu) == "kernel"
+    assert resolve_miss_copy("auto", "on-demand", False, False, gpu) == "kernel"
+    for args in (("cached", False, True, gpu), ("cached", False, False, cpu), ("resident", False, False, gpu),
+                 ("dense-offload", False, False, gpu), ("cached", True, False, "a sharding: never read")):
+        assert resolve_miss_copy("auto", *args) == "xla", args
+    assert resolve_miss_copy("kernel", "cached", False, True, cpu) == "kernel"  # asked for: as asked
+    assert resolve_miss_copy("xla", "cached", False, False, gpu) == "xla"
+
+    def unavailable():
+        raise host_rows.KernelUnavailable("no compiler for host_rows.cu (nvcc)")
+
+    monkeypatch.setattr(host_rows, "register_here", unavailable)
+    assert resolve_miss_copy("auto", "cached", False, False, gpu) == "xla"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -46,6 +48,7 @@ COMMAND_BUFFER_FLAG = "--xla_gpu_enable_command_buffer"
 # Step programs branch on the device (a loop over a step's misses): with conditionals and loops captured in
 # CUDA graphs, the GPU evaluates their conditions itself; without, the host waits on each (BENCHMARKS.md).
 COMMAND_BUFFER_TYPES = "+CONDITIONAL,+WHILE"
+log = logging.getLogger(__name__)
 
 
 def prepare_backend(expert_bytes: int | None = None) -> None:
@@ -63,7 +66,7 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
          unroll_layers: bool = False, expert_compute: str = "auto", capacity_factor: float | None = None,
          expert_format: str | None = None, cpu_experts: str = "off", cpu_cost=None, devices: int = 1,
          placement: str = "round-robin", placement_traces: str | Path | None = None, hot_replicas: int = 0,
-         layer_stream: str = "auto", miss_copy: str = "xla", **offload_options):
+         layer_stream: str = "auto", miss_copy: str = "auto", **offload_options):
     """Loads a moejax checkpoint as an Engine (an encoder-decoder one as a Seq2SeqEngine).
 
     offload: an `OffloadConfig`, or its mode ('resident', 'cached', 'on-demand', 'dense-offload') with the
@@ -111,10 +114,11 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
         while the device computes the one before (`engine.layer_stream`; outputs unchanged, one more layer's bytes of
         GPU memory); 'off': every step is one program, its copies in order with its compute.
     miss_copy: how a step moves a missed expert out of pinned host memory (offload 'cached' or 'on-demand', one
-        device, decoder models, no `host_budget`): 'xla' (the default: XLA fetches it into a temporary on the
-        device, then writes it into its slot) or 'kernel' (a CUDA kernel, `kernels.host_rows`, built with nvcc on
-        first use, copies it straight into its slot; on the CPU backend its C++ twin, built with g++). Outputs are
-        the same bits either way.
+        device, decoder models, no `host_budget`): 'xla' (XLA fetches it into a temporary on the device, then
+        writes it into its slot), 'kernel' (a CUDA kernel, `kernels.host_rows`, built with nvcc on first use,
+        copies it straight into its slot; on the CPU backend its C++ twin, built with g++) or 'auto' (the default:
+        the kernel on a GPU where the host stacks are stacked arrays, whose slices XLA copies with a slower
+        kernel of its own, and it builds; else xla). Outputs are the same bits either way.
 
     Compiled programs are kept in JAX's persistent compilation cache, by default in ~/.cache/moejax/jax
     (the environment variable MOEJAX_COMPILATION_CACHE names another directory, or 'off'). Bad values raise
@@ -157,13 +161,15 @@ def load(path: str | Path, offload: OffloadConfig | str = "resident", *, slots: 
 
 
 def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: str, cpu_cost, devices: int,
-                    placement: str, placement_traces, hot_replicas: int, miss_copy: str = "xla") -> dict:
+                    placement: str, placement_traces, hot_replicas: int, miss_copy: str = "auto") -> dict:
     """`load`'s expert format, CPU-expert, expert-parallel and miss-copy parameters checked against the model and
     the offload config, as `build_engine` keywords (none for encoder-decoder models, which take none of them)."""
     check_cpu_experts(cpu_experts, config.mode)
     options = {}
     if kind_of(cfg).encoder_decoder:
-        if miss_copy != "xla":
+        if miss_copy not in MISS_COPIES:
+            raise ParameterError.not_one_of("miss_copy", miss_copy, MISS_COPIES)
+        if miss_copy == "kernel":
             raise ParameterError("{miss_copy} {value!r}: encoder-decoder models fetch their misses through XLA",
                                  value=miss_copy)
         if cpu_experts != "off":
@@ -219,7 +225,7 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
                  device=None, tokenizer=None, path: Path | None = None, unroll_layers: bool | None = None,
                  host_tier=None, expert_format: ExpertFormat | None = None, cpu_experts: str = "off", cpu_cost=None,
                  devices: int = 1, placement: str = "round-robin", placement_traces: str | Path | None = None,
-                 hot_replicas: int = 0, layer_stream: str = "auto", host_layout: str = "auto", miss_copy: str = "xla",
+                 hot_replicas: int = 0, layer_stream: str = "auto", host_layout: str = "auto", miss_copy: str = "auto",
                  **compute) -> Engine:
     """An Engine from weights in memory: the checkpoint's groups (`globals_`, `layers[i]`: NumPy or JAX arrays) and each
     MoE layer's experts stacked {name: [E, ...]}, one layer at a time (benchmarks pass random weights made on the
@@ -260,6 +266,10 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         host_layout == "per-expert" or host_layout == "auto" and per_expert_layout(cfg.num_experts, expert_bytes,
                                                                                   device.platform))
     check_miss_copy(miss_copy, config.mode, parallel is not None, host_tier is not None)
+    aligned = all(math.prod(shape) * np.dtype(dtype).itemsize % 16 == 0
+                  for shape, dtype in fmt.shapes(_shapes(cfg)).values())
+    miss_copy = resolve_miss_copy(miss_copy, config.mode, parallel is not None or host_tier is not None,
+                                  per_expert or not aligned, device)
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
                             chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel,
@@ -311,6 +321,25 @@ def check_miss_copy(value, mode: str, parallel: bool, tiered: bool) -> None:
     if value == "kernel" and (mode not in ("cached", "on-demand") or parallel or tiered):
         raise ParameterError("{miss_copy} 'kernel' copies misses out of pinned host stacks: it needs {offload} cached "
                              "or on-demand on one device, without {host_budget}")
+
+
+def resolve_miss_copy(value: str, mode: str, unsupported: bool, xla_suits: bool, device) -> str:
+    """'xla' or 'kernel' for `value` ('auto' decided: the kernel on a GPU for stacked pinned host stacks, where it
+    moves DeepSeek-sized experts faster than XLA's slice (BENCHMARKS.md); 'xla' where it does not build);
+    unsupported: expert parallelism or the disk tier; xla_suits: the per-expert layout, whose whole-buffer copies
+    XLA makes at the link's DMA rate, or an expert weight whose bytes are no multiple of 16 (its rows would be
+    unaligned, which the kernel copies byte by byte); device: the engine's (read only where the rest allows the
+    kernel: under expert parallelism it is a sharding)."""
+    if value != "auto":
+        return value
+    if mode not in ("cached", "on-demand") or unsupported or xla_suits or device.platform != "gpu":
+        return "xla"
+    try:
+        host_rows.register_here()
+    except host_rows.KernelUnavailable as err:
+        log.info("miss_copy auto: XLA's fetches, the copy kernel is unavailable (%s)", err)
+        return "xla"
+    return "kernel"
 
 
 def addressed_host(host: tuple) -> AddressedHost:

@@ -13,6 +13,7 @@ A key or slot of -1 copies nothing. The host arrays must outlive every program t
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -76,8 +77,6 @@ def build(platform: str, path: pathlib.Path) -> None:
 @functools.cache
 def register(platform: str) -> None:
     """Builds `platform`'s library if needed, loads it and registers it as the FFI target (once per process)."""
-    import ctypes
-
     path = library_path(platform)
     if not path.exists():
         build(platform, path)

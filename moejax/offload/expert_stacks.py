@@ -7,8 +7,8 @@ large experts on a GPU, one buffer per expert (`per_expert_layout`), which copie
 is a slab {name: [S, ...]} of S slots addressed by the cache's slot table (`offload.device_cache`);
 in the resident mode the slab holds every expert, expert e of MoE layer m in slot m * E + e.
 A miss is either fetched by XLA (`fetch_expert`: into a temporary on the device, then written into its slot) or,
-where the engine asks for it (`miss_copy='kernel'`), copied straight into its slot by a kernel that reads the
-host memory over the link (`AddressedHost`, `kernels.host_rows`).
+where the engine chooses it (`miss_copy`: on a GPU, for stacked host arrays), copied straight into its slot by a
+kernel that reads the host memory over the link (`AddressedHost`, `kernels.host_rows`).
 JAX's CPU backend has the same memory kinds, so the same code runs (and is tested) on the CPU.
 """
 
@@ -62,7 +62,7 @@ def host_sharding(device) -> SingleDeviceSharding:
 PER_EXPERT_MAX_EXPERTS = 16
 PER_EXPERT_MIN_BYTES = 64 << 20
 HOST_LAYOUTS = ("auto", "stacked", "per-expert")  # `engine.loading.build_engine`'s host_layout
-MISS_COPIES = ("xla", "kernel")  # its miss_copy (`fetch_expert` then `write_slot`, or `AddressedHost.write`)
+MISS_COPIES = ("auto", "xla", "kernel")  # its miss_copy (`fetch_expert` then `write_slot`, or `AddressedHost.write`)
 
 
 def per_expert_layout(num_experts: int, expert_bytes: int, platform: str) -> bool:

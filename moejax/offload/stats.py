@@ -44,8 +44,8 @@ def cache_stats(spec, counters: np.ndarray, expert_bytes: int, num_slots: int, m
     (approximate); decode_expert_compute: what it computes a one-token step with ('auto' resolved);
     whole_layer_from: the misses of a layer step from which it moves the whole layer (None: never).
     host_layout: the pinned host stacks' layout, 'stacked' or 'per-expert' (`expert_stacks.per_expert_layout`);
-    miss_copy (cached and on-demand, pinned host stacks): how a miss reaches its slot, 'xla' or 'kernel'
-    (`expert_stacks.MISS_COPIES`);
+    miss_copy (cached and on-demand, pinned host stacks): how a miss reaches its slot, 'xla' or 'kernel' ('auto'
+    resolved; `engine.loading.resolve_miss_copy`);
     fetch_seconds (on a GPU): one miss's fetch and the whole layer's copy, where the engine timed them at load to
     set whole_layer_from.
     """
