@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moejax
 from moejax.engine.loading import addressed_host, check_miss_copy, resolve_miss_copy
 from moejax.errors import ParameterError
 from moejax.kernels import host_rows
@@ -61,17 +62,18 @@ def test_addressed_host_writes_what_the_stacks_hold(pinned, per_expert):
     assert not np.asarray(slab["up"][2]).any()
 
 
-@pytest.mark.parametrize("args,message", [
-    (("dma", "cached", False, False), "miss_copy 'dma' is not one of auto, xla, kernel"),
-    (("kernel", "resident", False, False), "it needs offload cached or on-demand on one device, without host_budget"),
-    (("kernel", "cached", True, False), "on one device"),
-    (("kernel", "cached", False, True), "without host_budget"),
+@pytest.mark.parametrize("mode,options,message", [
+    ("cached", dict(miss_copy="dma"), "miss_copy 'dma' is not one of auto, xla, kernel"),
+    ("resident", dict(miss_copy="kernel"), "it needs offload cached or on-demand on one device, without host_budget"),
+    ("cached", dict(miss_copy="kernel", devices=2), "on one device"),
+    ("cached", dict(miss_copy="kernel", host_budget="0.5"), "without host_budget"),
 ])
-def test_bad_miss_copy_is_a_one_line_error(args, message):
+def test_bad_miss_copy_is_a_one_line_error(mode, options, message):
+    """Refused by `moejax.load` before it reads any weights."""
     with pytest.raises(ParameterError, match=message):
-        check_miss_copy(*args)
+        moejax.load(moejax.SHIPPED_CHECKPOINT, mode, **options)
     for value in ("auto", "xla"):  # suit every engine
-        check_miss_copy(value, "resident", True, True)
+        check_miss_copy(value, pinned_stacks=False)
 
 
 def test_kernel_that_cannot_be_built_is_a_one_line_error(monkeypatch, pinned):
@@ -89,20 +91,19 @@ def test_kernel_that_cannot_be_built_is_a_one_line_error(monkeypatch, pinned):
 
 
 def test_auto_takes_the_kernel_on_a_gpu_for_stacked_host_arrays_only(monkeypatch):
-    """(value, mode, expert parallelism or disk tier, per-expert layout or unaligned rows, platform) -> the copy: the
-    kernel for stacked host arrays on a GPU (it beat XLA's slices there), XLA elsewhere and where it won't build."""
+    """(value, pinned host stacks, per-expert layout or unaligned rows, device) -> the copy: the kernel for stacked
+    host arrays on a GPU (it beat XLA's slices there), XLA elsewhere and where it won't build."""
     gpu, cpu = types.SimpleNamespace(platform="gpu"), types.SimpleNamespace(platform="cpu")
     monkeypatch.setattr(host_rows, "register_here", lambda: None)
-    assert resolve_miss_copy("auto", "cached", False, False, gpu) == "kernel"
-    assert resolve_miss_copy("auto", "on-demand", False, False, gpu) == "kernel"
-    for args in (("cached", False, True, gpu), ("cached", False, False, cpu), ("resident", False, False, gpu),
-                 ("dense-offload", False, False, gpu), ("cached", True, False, "a sharding: never read")):
+    assert resolve_miss_copy("auto", True, False, gpu) == "kernel"
+    # per-expert or unaligned; the CPU; no pinned stacks (resident, dense-offload, expert parallel: a sharding)
+    for args in ((True, True, gpu), (True, False, cpu), (False, False, gpu), (False, False, "a sharding: never read")):
         assert resolve_miss_copy("auto", *args) == "xla", args
-    assert resolve_miss_copy("kernel", "cached", False, True, cpu) == "kernel"  # asked for: as asked
-    assert resolve_miss_copy("xla", "cached", False, False, gpu) == "xla"
+    assert resolve_miss_copy("kernel", True, True, cpu) == "kernel"  # asked for: as asked
+    assert resolve_miss_copy("xla", True, False, gpu) == "xla"
 
     def unavailable():
         raise host_rows.KernelUnavailable("no compiler for host_rows.cu (nvcc)")
 
     monkeypatch.setattr(host_rows, "register_here", unavailable)
-    assert resolve_miss_copy("auto", "cached", False, False, gpu) == "xla"
+    assert resolve_miss_copy("auto", True, False, gpu) == "xla"

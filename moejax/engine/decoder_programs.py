@@ -316,8 +316,8 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
         distinct = host.stage(jnp.where(missing, m * E + distinct, -1), distinct)
         if hint is not None:
             distinct = host.hint(hint, distinct)
-    fetch_one = lambda e: host_expert(host, m, e)  # noqa: E731
-    fetched, streamed = fetch_one, None  # (a step of few rows never misses that many: no layer-sized buffer)
+    # (a step of few rows never misses that many: no layer-sized buffer)
+    move, streamed = (lambda slab, e, slot: write_from_host(host, slab, m, e, slot)), None
     if whole is not None:
         # Only the layer-sized buffer is chosen by the condition, never the slab (which XLA would then copy). A
         # buffer of its own would cost the other branch a write of the layer's bytes in zeros at every layer step;
@@ -331,12 +331,9 @@ def admit_misses(spec: ProgramSpec, E: int, m, host, cache, slab, distinct, prio
         layer = lax.switch(choice, sources) if staged is None else staged  # (no split: `layer_stream.supports`)
         fetched = lambda e: lax.cond(  # noqa: E731
             whole, lambda: {name: lax.dynamic_index_in_dim(w, e, keepdims=False) for name, w in layer.items()},
-            lambda: fetch_one(e))
-        streamed = (whole, layer)
-    if streamed is None:
-        move = lambda slab, e, slot: write_from_host(host, slab, m, e, slot)  # noqa: E731
-    else:
+            lambda: host_expert(host, m, e))
         move = lambda slab, e, slot: write_slot(slab, slot, fetched(e))  # noqa: E731
+        streamed = (whole, layer)
     return (*dc.access(cache, m, distinct, policy=spec.policy, num_experts=E, priorities=priorities, move=move,
                        slab=slab, whole=whole, carried=None if split is None else ~split), streamed)
 

@@ -167,11 +167,10 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
     check_cpu_experts(cpu_experts, config.mode)
     options = {}
     if kind_of(cfg).encoder_decoder:
-        if miss_copy not in MISS_COPIES:
-            raise ParameterError.not_one_of("miss_copy", miss_copy, MISS_COPIES)
         if miss_copy == "kernel":
             raise ParameterError("{miss_copy} {value!r}: encoder-decoder models fetch their misses through XLA",
                                  value=miss_copy)
+        check_miss_copy(miss_copy, pinned_stacks=False)
         if cpu_experts != "off":
             raise ParameterError("{cpu_experts} {value!r}: encoder-decoder models copy every missed expert",
                                  value=cpu_experts)
@@ -180,7 +179,8 @@ def _expert_options(cfg, config: OffloadConfig, fmt: ExpertFormat, cpu_experts: 
                                  family=cfg.family)
     else:
         fmt.check(_shapes(cfg))
-        check_miss_copy(miss_copy, config.mode, devices > 1, config.host_budget is not None)
+        check_miss_copy(miss_copy, pinned_stacks=config.mode in ("cached", "on-demand") and devices <= 1
+                        and config.host_budget is None)
         # before the disk tier writes a file
         check_widened_copy(cpu_experts == "auto-float32", fmt.approximate, config.host_budget is not None)
         options.update(expert_format=fmt, cpu_experts=cpu_experts, cpu_cost=cpu_cost, miss_copy=miss_copy)
@@ -262,21 +262,21 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
         device = parallel.replicated
     if host_layout not in HOST_LAYOUTS:
         raise ParameterError.not_one_of("host_layout", host_layout, HOST_LAYOUTS)
-    per_expert = config.mode in ("cached", "on-demand") and parallel is None and host_tier is None and (
+    pinned_stacks = config.mode in ("cached", "on-demand") and parallel is None and host_tier is None
+    per_expert = pinned_stacks and (
         host_layout == "per-expert" or host_layout == "auto" and per_expert_layout(cfg.num_experts, expert_bytes,
                                                                                   device.platform))
-    check_miss_copy(miss_copy, config.mode, parallel is not None, host_tier is not None)
+    check_miss_copy(miss_copy, pinned_stacks)
     aligned = all(math.prod(shape) * np.dtype(dtype).itemsize % 16 == 0
                   for shape, dtype in fmt.shapes(_shapes(cfg)).values())
-    miss_copy = resolve_miss_copy(miss_copy, config.mode, parallel is not None or host_tier is not None,
-                                  per_expert or not aligned, device)
+    miss_copy = resolve_miss_copy(miss_copy, pinned_stacks, per_expert or not aligned, device)
     experts = place_experts(cfg, config, expert_stacks, fmt.shapes(_shapes(cfg)), device, step_experts,
                             kv_cache_bytes(cfg, slots + 1, max_seq_len), need, host_tier=host_tier,
                             chunk=prefill_chunk, rows=slots, expert_bytes=expert_bytes, parallel=parallel,
                             per_expert=per_expert)
     if miss_copy == "kernel":
         experts = dataclasses.replace(experts, host=addressed_host(experts.host))
-    if config.mode in ("cached", "on-demand") and parallel is None and host_tier is None:
+    if pinned_stacks:
         experts.info["miss_copy"] = miss_copy
     if cpu_experts != "off":
         compute["cpu_experts"] = host_experts(experts.host, kept, expert_activation(cfg), expert_bytes, cpu_cost,
@@ -315,24 +315,26 @@ def build_engine(cfg: ModelConfig, globals_: dict, layers: list[dict], expert_st
     return engine
 
 
-def check_miss_copy(value, mode: str, parallel: bool, tiered: bool) -> None:
+def check_miss_copy(value, pinned_stacks: bool) -> None:
+    """`miss_copy` checked; pinned_stacks: whether the engine moves misses out of pinned host stacks (offload
+    'cached' or 'on-demand', one device, no disk tier), which 'kernel' needs."""
     if value not in MISS_COPIES:
         raise ParameterError.not_one_of("miss_copy", value, MISS_COPIES)
-    if value == "kernel" and (mode not in ("cached", "on-demand") or parallel or tiered):
+    if value == "kernel" and not pinned_stacks:
         raise ParameterError("{miss_copy} 'kernel' copies misses out of pinned host stacks: it needs {offload} cached "
                              "or on-demand on one device, without {host_budget}")
 
 
-def resolve_miss_copy(value: str, mode: str, unsupported: bool, xla_suits: bool, device) -> str:
+def resolve_miss_copy(value: str, pinned_stacks: bool, xla_suits: bool, device) -> str:
     """'xla' or 'kernel' for `value` ('auto' decided: the kernel on a GPU for stacked pinned host stacks, where it
     moves DeepSeek-sized experts faster than XLA's slice (BENCHMARKS.md); 'xla' where it does not build);
-    unsupported: expert parallelism or the disk tier; xla_suits: the per-expert layout, whose whole-buffer copies
-    XLA makes at the link's DMA rate, or an expert weight whose bytes are no multiple of 16 (its rows would be
-    unaligned, which the kernel copies byte by byte); device: the engine's (read only where the rest allows the
-    kernel: under expert parallelism it is a sharding)."""
+    pinned_stacks: as `check_miss_copy`; xla_suits: the per-expert layout, whose whole-buffer copies XLA makes at
+    the link's DMA rate, or an expert weight whose bytes are no multiple of 16 (its rows would be unaligned, which
+    the kernel copies byte by byte); device: the engine's (read only where the rest allows the kernel: under
+    expert parallelism it is a sharding)."""
     if value != "auto":
         return value
-    if mode not in ("cached", "on-demand") or unsupported or xla_suits or device.platform != "gpu":
+    if not pinned_stacks or xla_suits or device.platform != "gpu":
         return "xla"
     try:
         host_rows.register_here()
