@@ -16,6 +16,8 @@ share the disk), and raw again after each row (the last: `disk_gb_s_after`). The
 minutes, so each row's floor takes the faster of the raw reads just before and just after it (`disk_gb_s_around`,
 the row's `floor_gb_s`), the stricter floor; the top-level `floor_gb_s` is the fastest of all. `x_floor` = the
 run's time (prompt and decode, compilation excluded) over its floor; the issue's target is <= 1.3.
+`cancelled_gb`: what the read-ahead given up for a step's misses had read (disk time spent for nothing; in
+neither the floor nor `run_read_gb_s`).
 `run_read_gb_s`: the bytes the run read over the seconds during which any of its disk reads was under way
 (`disk_busy_s`: a step's reads and the prefetch thread's overlap); `disk_idle_s` = `total_s` - `disk_busy_s`.
 Unused read-ahead bytes count in the run's time, not in its floor.
@@ -194,6 +196,7 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
         "host_share_of_experts": tier.cache.num_slots * files.file_bytes / total,
         "gpu_experts": gpu_experts, "gpu_hit_rate": stats["total"]["hit_rate"], "host_hit_rate": tier_stats["host_hit_rate"],
         "disk_gb": tier_stats["bytes_read_disk"] / GB, "needed_gb": needed_gb(tier_stats),
+        "cancelled_gb": tier_stats["bytes_cancelled"] / GB,
         "disk_read_s": tier_stats["disk_read_s"],
         "disk_busy_s": busy, "disk_idle_s": timing.total_s - busy,
         "run_read_gb_s": tier_stats["bytes_read_disk"] / GB / busy if busy else None,
@@ -291,6 +294,7 @@ def main() -> None:
                               ("cpu_experts_computed", "cpu experts", "d"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),
                               ("disk_gb", "disk GB", ".3g"), ("needed_gb", "needed GB", ".3g"),
+                              ("cancelled_gb", "given-up GB", ".3g"),
                               ("run_read_gb_s", "read GB/s", ".3g"), ("floor_gb_s", "floor GB/s", ".3g"),
                               ("disk_idle_s", "disk idle s", ".1f"),
                               ("stall_s", "stall s", ".2f"), ("total_s", "time s", ".2f"),

@@ -242,7 +242,50 @@ def test_a_read_ahead_gives_way_to_staged_ones(tmp_path, monkeypatch, kind):
         cache.close()
         assert counts[f"{kind}_cancelled"] == cancelled and counts[f"{kind}_reads"] == 1 - cancelled, counts
         assert counts["staged_reads"] + counts["disk_reads"] == 1 and (1 in cache.held()) == (not cancelled)
+        assert 0 < counts["bytes_cancelled"] <= files.file_bytes if cancelled else counts["bytes_cancelled"] == 0
         cache.check_invariants()
+
+
+@pytest.mark.parametrize("kind", ["prefetch", "hint"])
+def test_a_speculative_read_past_half_its_file_is_finished(tmp_path, monkeypatch, kind):
+    """A speculative prefetch past FINISH_PAST of its file when a step stages other misses is read to its end (the
+    disk time spent is not thrown away) and the staged read follows; a hint's read, a guess proven wrong, is given
+    up all the same."""
+    files, weights = random_files(tmp_path / "ef", CHUNKED_SHAPES, 2, 3, seed=3)
+    monkeypatch.setattr(expert_files_module, "CHUNK", expert_files_module.ALIGN)
+    real, gate = expert_files_module._read_fully, threading.Event()
+    second_half = files.file_bytes // 2 + expert_files_module.ALIGN  # chunks from here on wait for the gate
+
+    def read_fully(fd, view, offset):
+        if offset >= second_half:
+            gate.wait(10)
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(expert_files_module, "_read_fully", read_fully)
+    asked = []  # the bytes read so far each time the read ahead asks whether to go on
+    real_read = HostCache._read
+
+    def read(self, key, slot, prefetch=None, cancelled=None):
+        def watched(done):
+            asked.append(done)
+            return cancelled(done)
+        return real_read(self, key, slot, prefetch, watched if cancelled else None)
+
+    monkeypatch.setattr(HostCache, "_read", read)
+    cache = HostCache(files, 3, prefetch_per_step=1)
+    getattr(cache, kind)([1])
+    wait_until(lambda: asked and asked[-1] >= second_half)  # waiting for the first gated chunk
+    cache.stage([3])
+    gate.set()
+    for name, w in weights[1, 0].items():
+        np.testing.assert_array_equal(cache.get(1, 0)[name], w)
+    wait_until(lambda: cache.counts[f"{kind}_cancelled"] + cache.counts[f"{kind}_reads"] == 1, seconds=10)
+    counts = cache.stats()
+    cache.close()
+    finished = kind == "prefetch"
+    assert counts[f"{kind}_reads"] == finished and counts[f"{kind}_cancelled"] == (not finished), counts
+    assert (1 in cache.held()) == finished and (counts["bytes_cancelled"] == 0) == finished
+    cache.check_invariants()
 
 
 def test_the_next_layers_guesses_are_read_after_the_staged_misses(small_files, monkeypatch):

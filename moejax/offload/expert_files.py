@@ -51,7 +51,12 @@ MANIFEST = "manifest.json"
 
 
 class ReadCancelled(Exception):
-    """A read given up before its end (`ExpertFiles.read_into`'s `cancelled`): the buffer holds part of the file."""
+    """A read given up before its end (`ExpertFiles.read_into`'s `cancelled`): the buffer holds part of the file,
+    `bytes_read` bytes (the disk's time spent for nothing)."""
+
+    def __init__(self, message: str, bytes_read: int):
+        super().__init__(message)
+        self.bytes_read = bytes_read
 
 
 def padded(size: int) -> int:
@@ -181,11 +186,11 @@ class ExpertFiles:
                               f"(MoE layer {layer}, expert {expert}): truncated or corrupt")
 
     def read_into(self, layer: int, expert: int, buffer, verify: bool = True,
-                  cancelled: Callable[[], bool] | None = None) -> None:
+                  cancelled: Callable[[int], bool] | None = None) -> None:
         """Reads the expert's file into `buffer` (page-aligned, at least `file_bytes`; `aligned_buffer`) and verifies
         its CRC-32 (verify=False: the raw read, for measuring the disk). Raises MoejaxError naming the file if it is
-        missing, short or corrupt; ReadCancelled, the requests not yet begun dropped, once `cancelled()` is true
-        (asked as each chunk arrives: a speculative read giving way to a needed one).
+        missing, short or corrupt; ReadCancelled, the requests not yet begun dropped, once `cancelled(bytes read so
+        far)` is true (asked as each chunk arrives: a speculative read giving way to a needed one).
 
         The file is read in CHUNK-byte requests, READERS of them in flight (an SSD needs several outstanding
         requests to reach its bandwidth); each chunk, once read, is checksummed on other threads (`_checkers`),
@@ -203,10 +208,12 @@ class ExpertFiles:
         try:
             done = 0
             for start, request in zip(offsets, pending, strict=True):
-                if cancelled is not None and cancelled():
+                if cancelled is not None and cancelled(done):
                     for later in pending:
                         later.cancel()
-                    raise ReadCancelled(f"{path}: read cancelled")
+                    futures.wait(pending)
+                    read = sum(r.result() for r in pending if not r.cancelled() and r.exception() is None)
+                    raise ReadCancelled(f"{path}: read cancelled", read)
                 size = request.result()
                 done += size
                 checked = max(0, min(size, self.expert_bytes - start)) if verify else 0

@@ -51,6 +51,7 @@ from moejax.offload.expert_files import ExpertFiles, ReadCancelled, aligned_buff
 USAGE_DECAY = 0.9  # per step, for the usage scores the host prefetcher ranks by
 HINT_PRECISION = 0.5  # hints are read while at least this share of the recent guesses' keys proved right
 HINT_DECAY = 0.8  # per MoE layer step, for that share's running mean
+FINISH_PAST = 0.5  # a speculative read past this share of its file is finished rather than given up (see _prefetch_loop)
 
 
 class HostCache:
@@ -94,7 +95,7 @@ class HostCache:
         self.counts = dict(gets=0, host_hits=0, disk_misses=0, prefetch_waits=0, disk_reads=0, prefetch_reads=0,
                            prefetch_used=0, prefetch_cancelled=0, staged_reads=0, hint_reads=0, hint_used=0,
                            hint_cancelled=0, evictions=0, uncached_reads=0)
-        self.bytes_read = 0
+        self.bytes_read = self.bytes_cancelled = 0
         self.disk_read_s = self.stall_s = self.disk_busy_s = 0.0
         self._stats_since = time.perf_counter()  # a read under way at a reset counts from then on
 
@@ -337,14 +338,19 @@ class HostCache:
                 if slot is None:
                     continue  # every slot lent or staged: the step reads it itself
             # A speculative read or a hint's gives way to a step's staged ones (unless its key is staged or being
-            # fetched): it would otherwise delay them by up to a whole read.
+            # fetched): it would otherwise delay them by up to a whole read. Giving up wastes the disk time spent,
+            # so a speculative read (a used expert, most often used later) is finished once past FINISH_PAST of
+            # its file, delaying the staged reads by less than the rest of it; a hint proven wrong is given up.
+            finish_at = FINISH_PAST * self.files.file_bytes if kind == "prefetch" else float("inf")
             cancelled = None if kind == "staged" else (
-                lambda key=key: bool(self._staged) and key not in self._awaited and key not in self._wanted)
+                lambda done, key=key: done < finish_at and bool(self._staged) and key not in self._awaited
+                and key not in self._wanted)
             try:
                 self._read(key, slot, prefetch=kind, cancelled=cancelled)
-            except ReadCancelled:
+            except ReadCancelled as err:
                 with self._lock:
                     self.counts[f"{kind}_cancelled"] += 1
+                    self.bytes_cancelled += err.bytes_read
             except MoejaxError:
                 pass  # a bad file is reported by the step that needs it (its read is repeated there)
 
@@ -389,20 +395,20 @@ class HostCache:
         engine's expert format): gets (expert fetches through the tier), host_hits, disk_misses (read from disk while
         a step waited, by its own read or the one it staged), prefetch_waits (the step waited for a prefetch under
         way), host_hit_rate, disk_reads / prefetch_reads / prefetch_used / staged_reads (the reads of what steps
-        staged: `stage`), prefetch_cancelled (speculative reads given up for staged ones; their partial bytes are not
-        counted), hint_reads / hint_used / hint_cancelled (the same of the next layer's guesses: `hint`;
-        hint_precision: the running share of their keys that proved right), evictions, uncached_reads (disk reads past
-        the cache: every slot was lent or being read into), bytes_read_disk (all reads), disk_read_s (seconds reading,
-        summed over the threads), disk_busy_s (seconds during which any read was under way), stall_s (seconds steps
-        waited on the disk)."""
+        staged: `stage`), prefetch_cancelled (speculative reads given up for staged ones), hint_reads / hint_used /
+        hint_cancelled (the same of the next layer's guesses: `hint`; hint_precision: the running share of their keys
+        that proved right), evictions, uncached_reads (disk reads past the cache: every slot was lent or being read
+        into), bytes_read_disk (all reads but the given-up ones), bytes_cancelled (what the given-up reads had read:
+        disk time spent for nothing), disk_read_s (seconds reading, summed over the threads), disk_busy_s (seconds
+        during which any read was under way), stall_s (seconds steps waited on the disk)."""
         with self._lock:
             counts = dict(self.counts)
             gets = counts["gets"]
             return {"host_slots": self.num_slots, "host_bytes": self.num_slots * self.files.file_bytes,
                     "file_bytes": self.files.file_bytes, **counts,
                     "host_hit_rate": counts["host_hits"] / gets if gets else 0.0, "hint_precision": self.hint_precision,
-                    "bytes_read_disk": self.bytes_read, "disk_read_s": self.disk_read_s,
-                    "disk_busy_s": self.disk_busy_s, "stall_s": self.stall_s,
+                    "bytes_read_disk": self.bytes_read, "bytes_cancelled": self.bytes_cancelled,
+                    "disk_read_s": self.disk_read_s, "disk_busy_s": self.disk_busy_s, "stall_s": self.stall_s,
                     "expert_dir": str(self.files.root)}
 
 
