@@ -51,7 +51,7 @@ from moejax.offload.expert_files import ExpertFiles, ReadCancelled, aligned_buff
 USAGE_DECAY = 0.9  # per step, for the usage scores the host prefetcher ranks by
 HINT_PRECISION = 0.5  # hints are read while at least this share of the recent guesses' keys proved right
 HINT_DECAY = 0.8  # per MoE layer step, for that share's running mean
-FINISH_PAST = 0.5  # a speculative read past this share of its file is finished rather than given up (see _prefetch_loop)
+FINISH_PAST = 0.5  # a speculative read past this share of its file is finished, not given up (`_prefetch_loop`)
 
 
 class HostCache:
