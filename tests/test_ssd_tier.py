@@ -409,6 +409,18 @@ def test_concurrent_reads_return_their_own_experts(small_files):
     assert not errors
 
 
+def test_expert_files_hold_the_weights_back_to_back_with_their_crc(small_files):
+    """Each file: its weights' bytes in manifest order, zero-padded to whole blocks; the manifest's CRC-32 is zlib's
+    of the unpadded bytes (written by several threads: each file's own)."""
+    files, weights = small_files
+    manifest = json.loads((files.root / "manifest.json").read_text())
+    for (m, e), expert in weights.items():
+        data = b"".join(expert[name].tobytes() for name in ("gate", "down"))
+        raw = expert_path(files.root, m, e).read_bytes()
+        assert raw == data + bytes(files.file_bytes - len(data))
+        assert manifest["crc32"][m][e] == zlib.crc32(data)
+
+
 def test_crc32_combine_equals_the_whole_crc():
     rng = np.random.default_rng(0)
     for first_length, second_length in [(0, 0), (0, 9), (7, 0), (1, 1), (4096, 5000), (12345, 16 * 2**10)]:

@@ -27,6 +27,7 @@ they enter the host cache.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import mmap
@@ -47,6 +48,7 @@ FORMAT = "moejax-expert-files/1"
 ALIGN = 4096  # O_DIRECT needs reads of whole blocks into aligned memory
 CHUNK = 16 * 2**20  # bytes per read request (a multiple of ALIGN)
 READERS = 4  # read requests in flight
+WRITERS = 4  # experts checksummed and written at once (`write_expert_files`)
 MANIFEST = "manifest.json"
 
 
@@ -90,15 +92,18 @@ def write_expert_files(root: Path, shapes: dict, num_layers: int, num_experts: i
     """Writes the directory (under a temporary name, renamed at the end) from `load(moe_layer, expert) ->
     {name: array}` called one expert at a time, so a model larger than host memory passes through.
     shapes: {name: (one expert's shape, dtype)} in file order, as `load` gives them in `expert_format` (the
-    record `ExpertFormat.record()`; default: float weights of their dtype)."""
+    record `ExpertFormat.record()`; default: float weights of their dtype).
+
+    Each expert's checksum and write run on WRITERS threads of their own (zlib and file writes release the GIL)
+    while the next experts are loaded, at most WRITERS experts' weights held at once."""
     names = list(shapes)
     expert_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in shapes.values())
-    checksums = []
+    checksums = np.zeros((num_layers, num_experts), np.int64)
     progress = Progress("write expert files", num_layers * num_experts, enabled=show_progress)
-    with atomic_directory(Path(root)) as tmp:
+    with atomic_directory(Path(root)) as tmp, futures.ThreadPoolExecutor(WRITERS, "moejax-write") as writers:
+        pending: collections.deque[futures.Future] = collections.deque()
         for m in range(num_layers):
             (tmp / f"L{m:03d}").mkdir()
-            row = []
             for e in range(num_experts):
                 weights = load(m, e)
                 parts = []
@@ -108,20 +113,33 @@ def write_expert_files(root: Path, shapes: dict, num_layers: int, num_experts: i
                     if w.shape != tuple(shape):
                         raise MoejaxError(f"expert {e} of MoE layer {m}: {name} has shape {w.shape}, expected {tuple(shape)}")
                     parts.append(w.reshape(-1).view(np.uint8))
-                data = np.concatenate(parts)
-                row.append(zlib.crc32(data))
-                with open(expert_path(tmp, m, e), "wb") as f:
-                    f.write(data.tobytes())
-                    f.write(bytes(padded(expert_bytes) - expert_bytes))
-                progress.advance()
-            checksums.append(row)
+                if len(pending) >= WRITERS:
+                    pending.popleft().result()
+                    progress.advance()
+                pending.append(writers.submit(_write_expert, expert_path(tmp, m, e), parts,
+                                              padded(expert_bytes) - expert_bytes, checksums, (m, e)))
+        for job in pending:
+            job.result()
+            progress.advance()
         manifest = {"format": FORMAT, "expert_format": expert_format or float_format([d for _, d in shapes.values()]),
                     "num_layers": num_layers, "num_experts": num_experts,
                     "expert_bytes": expert_bytes, "file_bytes": padded(expert_bytes),
                     "weights": [{"name": n, "shape": list(shapes[n][0]), "dtype": np.dtype(shapes[n][1]).name} for n in names],
-                    "crc32": checksums}
+                    "crc32": checksums.tolist()}
         (tmp / MANIFEST).write_text(json.dumps(manifest))
     progress.close()
+
+
+def _write_expert(path: Path, parts: list[np.ndarray], padding: int, checksums: np.ndarray, index: tuple) -> None:
+    """Writes one expert's file (its weights' bytes back to back, then `padding` zero bytes) and puts the CRC-32
+    of the unpadded bytes in checksums[index]."""
+    checksum = 0
+    with open(path, "wb") as f:
+        for part in parts:
+            checksum = zlib.crc32(part, checksum)
+            f.write(part)
+        f.write(bytes(padding))
+    checksums[index] = checksum
 
 
 class ExpertFiles:
