@@ -36,7 +36,9 @@ its tokens/s over the copy-only row's of the same host cache.
 
 `--staging on,off` runs each row with and without a layer's misses staged for the disk (`HostCache.staging`: what
 staging gains), `--hints on,off` with and without the next layer's guessed misses read after them
-(`HostCache.hints`); `--ram-gib N` sizes the model against N GiB of RAM instead of the machine's (a shorter run).
+(`HostCache.hints`), `--finish-past 0.5,1` with a speculative read past half its file finished and always given
+up (`HostCache.finish_past`); `--ram-gib N` sizes the model against N GiB of RAM instead of the machine's (a
+shorter run).
 Each phase's seconds are printed as it ends.
 
 The expert files go to --dir (default .bench/ssd_experts) and are kept for the next run of the same sizes and format.
@@ -60,6 +62,7 @@ from moejax.offload.config import OffloadConfig
 from moejax.offload.disk_tier import open_tier
 from moejax.offload.expert_format import DTYPE_FORMATS, ExpertFormat, resolve_format
 from moejax.offload.expert_files import MANIFEST, ExpertFiles, aligned_buffer, padded, write_expert_files
+from moejax.offload.host_cache import FINISH_PAST
 from moejax.cards import load_card
 from moejax.engine.loading import build_engine
 from moejax.models.decoder import expert_shapes
@@ -161,14 +164,14 @@ def disk_bandwidth(files: ExpertFiles, max_bytes: float, verify: bool) -> float:
 
 
 def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_experts: str, staging: bool,
-        hints: bool, args) -> dict:
+        hints: bool, finish_past: float, args) -> dict:
     """One engine with a host cache of `host_bytes` (and `cpu_experts`; staging False: a layer's misses not staged,
-    `HostCache.staging`; hints False: the next layer's guesses not read ahead, `HostCache.hints`): a warm-up
-    generate, then the timed one. Prints each phase's seconds as it ends."""
+    `HostCache.staging`; hints False: the next layer's guesses not read ahead, `HostCache.hints`; `finish_past`:
+    `HostCache.finish_past`): a warm-up generate, then the timed one. Prints each phase's seconds as it ends."""
     total = files.num_layers * files.num_experts * files.file_bytes
     started = time.monotonic()
     tier = open_tier(files, f"{host_bytes}B", cfg.top_k * files.num_layers)
-    tier.cache.staging, tier.cache.hints = staging, hints
+    tier.cache.staging, tier.cache.hints, tier.cache.finish_past = staging, hints, finish_past
     step_need = cfg.num_experts  # a prompt step of prompt_len >= E / top_k tokens can use a whole layer
     gpu_experts = max(int(args.expert_budget * files.num_layers * files.num_experts), step_need)
     config = OffloadConfig("cached", expert_budget=f"{gpu_experts * files.expert_bytes}B", host_budget=f"{host_bytes}B")
@@ -176,7 +179,8 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
                           prefill_chunk=args.prompt_len, host_tier=tier, expert_format=fmt, cpu_experts=cpu_experts)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, args.prompt_len).tolist()
     phase(f"built the engine (host cache {host_bytes / GB:.3g} GB, cpu-experts {cpu_experts}, "
-          f"staging {'on' if staging else 'off'}, hints {'on' if hints else 'off'})", started)
+          f"staging {'on' if staging else 'off'}, hints {'on' if hints else 'off'}, finish past {finish_past})",
+          started)
     started = time.monotonic()
     engine.generate([prompt], max_new_tokens=2, ignore_eos=True)
     phase(f"warm-up (compiles; prompt and 2 tokens, {tier.cache.bytes_read / GB:.3g} GB read)", started)
@@ -189,7 +193,8 @@ def run(cfg, dense, files: ExpertFiles, fmt: ExpertFormat, host_bytes: int, cpu_
     busy = tier_stats["disk_busy_s"]
     engine.close()
     return {
-        "cpu_experts": cpu_experts, "staging": staging, "hints": hints, "cpu_experts_computed": host.get("experts"),
+        "cpu_experts": cpu_experts, "staging": staging, "hints": hints, "finish_past": finish_past,
+        "cpu_experts_computed": host.get("experts"),
         "cpu_seconds": host.get("seconds"), "cpu_wait_s": host.get("wait_s"), "cpu_stopped": host.get("stopped"),
         "cpu_token_limit": host.get("token_limit"), "cpu_cost_model": host.get("cost_model"),
         "gpu_misses": stats["total"]["misses"], "host_gb": host_bytes / GB,
@@ -229,6 +234,10 @@ def main() -> None:
     parser.add_argument("--hints", default="on",
                         help="on | off | on,off: each row with the next layer's guessed misses read ahead or not "
                         "(default on)")
+    parser.add_argument("--finish-past", default=str(FINISH_PAST),
+                        help="each row with a speculative read past this share of its file finished rather than "
+                        f"given up for a step's misses (`HostCache.finish_past`; 1: always given up), e.g. "
+                        f"{FINISH_PAST},1 (default {FINISH_PAST})")
     parser.add_argument("--time-budget", type=float, default=1e9, help="seconds: host shares that would not fit are skipped")
     parser.add_argument("--out", default="bench_ssd.json")
     args = parser.parse_args()
@@ -260,22 +269,24 @@ def main() -> None:
            "page_cache": "bypassed (O_DIRECT)", "rows": []}
     dense = random_dense_params(cfg)
     last, before = 0.0, raw
-    configs = [(float(share), cpu, staging == "on", hints == "on") for share in args.host_shares.split(",")
-               for cpu in args.cpu_experts.split(",") for staging in args.staging.split(",")
-               for hints in args.hints.split(",")]
-    for share, cpu_experts, staging, hints in configs:
-        if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}, "
-                                       f"staging {'on' if staging else 'off'}, hints {'on' if hints else 'off'}"):
+    configs = [(float(share), cpu, staging == "on", hints == "on", float(finish))
+               for share in args.host_shares.split(",") for cpu in args.cpu_experts.split(",")
+               for staging in args.staging.split(",") for hints in args.hints.split(",")
+               for finish in args.finish_past.split(",")]
+    for share, cpu_experts, staging, hints, finish_past in configs:
+        if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}, staging "
+                                       f"{'on' if staging else 'off'}, hints {'on' if hints else 'off'}, "
+                                       f"finish past {finish_past}"):
             continue
         start = time.monotonic()
         row = {"host_share_of_ram": share,
-               **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, staging, hints, args)}
+               **run(cfg, dense, files, fmt, int(share * ram), cpu_experts, staging, hints, finish_past, args)}
         after = disk_bandwidth(files, args.bandwidth_gb * GB, verify=False)
         row["disk_gb_s_around"] = [before / GB, after / GB]
         set_floor(row, max(before, after))
         before = after
         copying = [r for r in out["rows"] if r["host_share_of_ram"] == share and r["cpu_experts"] == "off"
-                   and (r["staging"], r["hints"]) == (staging, hints)]
+                   and (r["staging"], r["hints"], r["finish_past"]) == (staging, hints, finish_past)]
         row["x_copy"] = row["tokens_per_s"] / copying[0]["tokens_per_s"] if copying else None
         out["rows"].append(row)
         write_json(Path(args.out), out)
@@ -290,6 +301,7 @@ def main() -> None:
           "each row's floor at the faster of the measures around it")
     print_table(out["rows"], [("host_share_of_ram", "host/RAM", ".2f"), ("host_share_of_experts", "host/experts", ".2f"),
                               ("cpu_experts", "cpu", "s"), ("staging", "staged", ""), ("hints", "hints", ""),
+                              ("finish_past", "finish past", ".2g"),
                               ("hint_reads", "hint reads", "d"), ("hint_used", "used", "d"),
                               ("cpu_experts_computed", "cpu experts", "d"),
                               ("gpu_hit_rate", "GPU hit", ".2f"), ("host_hit_rate", "host hit", ".2f"),

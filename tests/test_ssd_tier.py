@@ -529,8 +529,9 @@ def test_bench_sizes_the_model_from_ram_and_the_disk():
     assert len(cfg.moe_layer_ids) == -(-15 * layer // int4_layer) > 15  # 1.5x the RAM in int4 bytes
 
 
-@pytest.mark.parametrize("fmt, cpu_experts, hints", [("bf16", "off,auto", "on"), ("int4", "off", "on,off")])
-def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints):
+@pytest.mark.parametrize("fmt, cpu_experts, hints, finish_past", [("bf16", "off,auto", "on", "0.5"),
+                                                                   ("int4", "off", "on,off", "1")])
+def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints, finish_past):
     """The benchmark on the CPU at tiny sizes: its JSON has a row with the floor (at the faster of the disk's measures
     around it) and the tier's counters (and one with cpu_experts 'auto', compared with the copy-only row; or one
     without the next layer's guesses read ahead)."""
@@ -539,7 +540,8 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints):
     out = tmp_path / "bench_ssd.json"
     monkeypatch.setattr("sys.argv", ["bench_ssd.py", "--dims", "tiny", "--ram-gib", "0.0003", "--new-tokens", "3",
                                      "--bandwidth-gb", "0.0005", "--dir", str(tmp_path / "experts"), "--out", str(out),
-                                     "--expert-format", fmt, "--cpu-experts", cpu_experts, "--hints", hints])
+                                     "--expert-format", fmt, "--cpu-experts", cpu_experts, "--hints", hints,
+                                     "--finish-past", finish_past])
     bench_ssd.main()
     data = json.loads(out.read_text())
     row = data["rows"][0]
@@ -559,6 +561,7 @@ def test_bench_smoke(tmp_path, monkeypatch, fmt, cpu_experts, hints):
     assert data["floor_gb_s"] == max(max(a) for a in arounds) and row["needed_gb"] <= row["disk_gb"]
     runs = [(c, h == "on") for c in cpu_experts.split(",") for h in hints.split(",")]
     assert [(r["cpu_experts"], r["hints"]) for r in data["rows"]] == runs and row["x_copy"] is None
+    assert all(r["finish_past"] == float(finish_past) and r["cancelled_gb"] >= 0 for r in data["rows"])
     assert all(r["hint_reads"] == r["host_tier"]["hint_reads"] >= 0 for r in data["rows"])
     if hints == "on,off":
         assert data["rows"][1]["hint_reads"] == data["rows"][1]["host_tier"]["hint_cancelled"] == 0

@@ -85,6 +85,7 @@ class HostCache:
         self._wanted: collections.Counter[int] = collections.Counter()  # keys `get`s are fetching: never evicted
         self.staging = True  # False: `stage` does nothing (to measure what staging gains)
         self.hints = True  # False: `hint` does nothing (likewise)
+        self.finish_past = FINISH_PAST  # 1: a speculative read is given up wherever it is (likewise)
         self._stop = False
         self._reading, self._busy_since = 0, 0.0  # disk reads under way, since when (`_disk_busy`)
         self._thread: threading.Thread | None = None
@@ -339,9 +340,9 @@ class HostCache:
                     continue  # every slot lent or staged: the step reads it itself
             # A speculative read or a hint's gives way to a step's staged ones (unless its key is staged or being
             # fetched): it would otherwise delay them by up to a whole read. Giving up wastes the disk time spent,
-            # so a speculative read (a used expert, most often used later) is finished once past FINISH_PAST of
+            # so a speculative read (a used expert, most often used later) is finished once past `finish_past` of
             # its file, delaying the staged reads by less than the rest of it; a hint proven wrong is given up.
-            finish_at = FINISH_PAST * self.files.file_bytes if kind == "prefetch" else float("inf")
+            finish_at = self.finish_past * self.files.file_bytes if kind == "prefetch" else float("inf")
             cancelled = None if kind == "staged" else (
                 lambda done, key=key: done < finish_at and bool(self._staged) and key not in self._awaited
                 and key not in self._wanted)
