@@ -246,6 +246,12 @@ def main() -> None:
     for flag, value in (("--staging", args.staging), ("--hints", args.hints)):
         if not set(value.split(",")) <= {"on", "off"}:
             parser.error(f"{flag} {value!r}: give on, off or on,off")
+    try:
+        shares = [float(v) for v in args.finish_past.split(",")]
+    except ValueError:
+        shares = []
+    if not shares or not all(0 <= v <= 1 for v in shares):
+        parser.error(f"--finish-past {args.finish_past!r}: give shares of a file from 0 to 1, e.g. {FINISH_PAST},1")
     budget = Budget(args.time_budget)
     tiny = args.dims == "tiny"
     machine_ram = host_ram_bytes()
