@@ -13,8 +13,10 @@ layer; batch 1, a random prompt, greedy decoding. In one run, per model:
               fails (it does not fit the host or the GPU) the row has no peer figures, only the floor
   bandwidth   pinned host -> GPU, from copies of 8 expert-sized pinned buffers
   resident    every expert on the GPU: the compute part of the floor (TPOT and TTFT)
-  cached      each budget, --policy, no prefetch; a row per --host-layout (the pinned stacks' layout) and
-              --miss-copy (how a miss reaches its slot: XLA's fetch and write, or the copy kernel)
+  cached      each budget, --policy; a row per --host-layout (the pinned stacks' layout), --miss-copy (how a
+              miss reaches its slot: XLA's fetch and write, or the copy kernel) and --prefetch (default none;
+              lookahead: the next layer's router on this layer's input names experts fetched while this layer
+              computes; its wrong guesses are bytes moved, in the floor too)
   on-demand   the experts a step uses fetched at every step, no cache; a row per --host-layout and --miss-copy
   dense-offload  every expert fetched at every step (--dense-offload-tokens: it moves them all per token)
 
@@ -51,9 +53,9 @@ from scripts.benchlib import (
 
 
 def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, prompts, new_tokens: int,
-               max_len: int, host_layout: str = "auto", miss_copy: str = "auto") -> dict:
+               max_len: int, host_layout: str = "auto", miss_copy: str = "auto", prefetch: str = "none") -> dict:
     """A warm-up generate on prompts[0], then the timed one on prompts[1]: timing, traffic, tokens."""
-    options = {"expert_budget": budget, "cache_policy": policy} if mode == "cached" else {}
+    options = {"expert_budget": budget, "cache_policy": policy, "prefetch": prefetch} if mode == "cached" else {}
     if mode != "resident":
         options["host_layout"] = host_layout
     if mode in ("cached", "on-demand"):
@@ -63,9 +65,13 @@ def run_config(cfg, dense, stacks, mode: str, budget: str | None, policy: str, p
     engine.generate([prompts[0]], max_new_tokens=min(new_tokens, WARM_UP_TOKENS), ignore_eos=True)
     result = engine.generate([prompts[1]], max_new_tokens=new_tokens, ignore_eos=True)
     decode = decode_stats(result)
+    used = decode["prefetch_used"]
     prefill = result.stats.get("prefill") or {}
     row = {
         "mode": mode, "budget": budget, "policy": policy if mode == "cached" else None,
+        "prefetch": prefetch if mode == "cached" else None,
+        "prefetch_precision": used / decode["prefetch_issued"] if decode["prefetch_issued"] else None,
+        "prefetch_recall": used / (used + decode["misses"]) if decode["prefetch_issued"] else None,
         "capacity_experts": result.stats.get("capacity_experts"),
         "ttft_s": result.timing.ttft_s, "tpot_s": result.timing.tpot_s,
         "decode_s_per_token": (result.timing.total_s - result.timing.ttft_s) / max(decode["steps"], 1),
@@ -108,6 +114,9 @@ def main() -> None:
                         help="cached and on-demand rows, one per value (comma-separated) and host layout: how a miss "
                              "is moved into its slot, auto (the engine's rule), xla or kernel (`expert_stacks`, "
                              "`kernels.host_rows`)")
+    parser.add_argument("--prefetch", default="none",
+                        help="cached rows, one per value (comma-separated) and host layout and miss copy: the "
+                             "prefetcher, none or lookahead (the others need traces)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dense-offload-tokens", type=int, default=6, help="fewer tokens: it moves every expert per token")
@@ -121,6 +130,8 @@ def main() -> None:
         parser.error(f"--host-layout: {args.host_layout!r} is not a list of {', '.join(HOST_LAYOUTS)}")
     if set(args.miss_copy.split(",")) - set(MISS_COPIES):
         parser.error(f"--miss-copy: {args.miss_copy!r} is not a list of {', '.join(MISS_COPIES)}")
+    if set(args.prefetch.split(",")) - {"none", "lookahead"}:
+        parser.error(f"--prefetch: {args.prefetch!r} is not a list of none, lookahead")
     unknown = set(args.modes.split(",")) - {"resident", "cached", "on-demand", "dense-offload"}
     if unknown:
         parser.error(f"--modes: unknown mode(s) {', '.join(sorted(unknown))} (resident, cached, on-demand, dense-offload)")
@@ -147,7 +158,8 @@ def main() -> None:
 
     print_table(result["rows"], [
         ("model", "model", "s"), ("mode", "mode", "s"), ("budget", "budget", "s"), ("host_layout", "host layout", "s"),
-        ("miss_copy", "miss copy", "s"), ("ttft_s", "TTFT s", ".3f"),
+        ("miss_copy", "miss copy", "s"), ("prefetch", "prefetch", "s"), ("prefetch_precision", "prec", ".2f"),
+        ("ttft_s", "TTFT s", ".3f"),
         ("floor_ttft_s", "TTFT floor", ".3f"), ("layer_program_chunks", "layer-program chunks", "d"),
         ("decode_s_per_token", "s/token", ".4f"), ("decode_hit_rate", "hit rate", ".3f"),
         ("decode_gb_per_token", "GB/token", ".3f"), ("floor_s_per_token", "floor s/token", ".4f"), ("x_floor", "x floor", ".3f"),
@@ -180,21 +192,22 @@ def bench_model(label: str, cfg, args, peer: dict, budget: Budget, result: dict)
         "bandwidth_bytes_per_s": bandwidth, "peer": peer,
     }
     ways = [(layout, copy) for layout in args.host_layout.split(",") for copy in args.miss_copy.split(",")]
-    configs = [("resident", None, args.new_tokens, ("auto", "auto"))]
-    configs += [("cached", b, args.new_tokens, way) for b in args.budgets.split(",") for way in ways]
-    configs += [("on-demand", None, args.new_tokens, way) for way in ways]
-    configs += [("dense-offload", None, args.dense_offload_tokens, ("auto", "auto"))]
+    configs = [("resident", None, args.new_tokens, ("auto", "auto"), "none")]
+    configs += [("cached", b, args.new_tokens, way, prefetch) for b in args.budgets.split(",") for way in ways
+                for prefetch in args.prefetch.split(",")]
+    configs += [("on-demand", None, args.new_tokens, way, "none") for way in ways]
+    configs += [("dense-offload", None, args.dense_offload_tokens, ("auto", "auto"), "none")]
     configs = [config for config in configs if config[0] in args.modes.split(",")]
     resident, need = None, 0.0
-    for mode, expert_budget, tokens, (layout, copy) in configs:
-        what = f"{label} {mode} {expert_budget or ''} {layout} {copy}".strip()
+    for mode, expert_budget, tokens, (layout, copy), prefetch in configs:
+        what = f"{label} {mode} {expert_budget or ''} {layout} {copy} {prefetch}".strip()
         if not budget.allows(need, what):
             result.setdefault("skipped", []).append(what)
             continue
         start = time.monotonic()
         try:
             row = run_config(cfg, dense, stacks, mode, expert_budget, args.policy, prompts, tokens, max_len, layout,
-                             copy)
+                             copy, prefetch)
         except ParameterError as err:  # e.g. a budget under what one step needs: the other rows still run
             result["rows"].append({"model": label, "mode": mode, "budget": expert_budget, "error": str(err)})
             print(json.dumps(result["rows"][-1]), flush=True)

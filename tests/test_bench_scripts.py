@@ -17,7 +17,7 @@ from moejax.routing.traces import RoutingTrace
 from moejax.tools.lab import simulate_lookahead
 from reference_directory import ExpertDirectory
 from reference_policies import Belady
-from scripts.bench_offload import add_floor
+from scripts.bench_offload import add_floor, run_config
 from scripts.bench_prefetch import ReplayedTokens, RoutingReplay, engine_steps, lab_replay
 from scripts.bench_serve import gating_part, slo_verdicts
 from scripts.benchlib import (
@@ -331,6 +331,21 @@ def test_offload_floor_is_the_slower_of_link_and_compute():
     compute_bound = {"decode_bytes_per_token": 1e8, "prefill_bytes": 0, "decode_s_per_token": 0.011, "ttft_s": 0.2}
     add_floor(compute_bound, resident, bandwidth=1e11)
     assert compute_bound["floor_s_per_token"] == pytest.approx(0.01) and compute_bound["x_floor"] == pytest.approx(1.1)
+
+
+def test_offload_bench_rows_with_the_lookahead_prefetcher():
+    """bench_offload's cached row with `--prefetch lookahead` (its guesses fetched while a layer computes) gives the
+    resident row's tokens and reports the prefetcher's precision and recall; a row without one reports none."""
+    cfg = tiny_widths(load_card("mixtral-8x7b", num_layers=2))
+    dense, stacks = random_dense_params(cfg), pinned_stacks(cfg, jax.devices()[0])
+    prompts = [list(range(1, 9)), list(range(9, 17))]
+    resident = run_config(cfg, dense, stacks, "resident", None, "lru", prompts, 6, 32)
+    plain, guessing = (run_config(cfg, dense, stacks, "cached", "0.5", "lru", prompts, 6, 32, prefetch=prefetch)
+                       for prefetch in ("none", "lookahead"))
+    assert plain["tokens"] == guessing["tokens"] == resident["tokens"]
+    assert plain["prefetch"] == "none" and plain["prefetch_precision"] is None and resident["prefetch"] is None
+    assert guessing["prefetch"] == "lookahead" and 0 <= guessing["prefetch_precision"] <= 1
+    assert 0 <= guessing["prefetch_recall"] <= 1
 
 
 def test_bench_serve_smoke(tmp_path):
