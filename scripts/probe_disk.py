@@ -71,30 +71,29 @@ def read_files(paths: list[Path], size: int, chunk: int, in_flight: int, overlap
             zlib.crc32(view[:n])
         return n
 
+    def submit(i: int, fd: int) -> list:
+        """One file's requests, queued now: [(its buffer, offset, future)]."""
+        view = buffers[i % 2]
+        return [(view, o, readers.submit(read_chunk, fd, view[o : o + chunk], o)) for o in range(0, size, chunk)]
+
+    def finish(requests: list) -> None:
+        """Waits for the requests, each chunk checked on the pool as it arrives with verify 'pool'."""
+        sums = []
+        for view, o, request in requests:
+            n = request.result()
+            if verify == "pool":
+                sums.append(checkers.submit(zlib.crc32, view[o : o + n]))
+        for crc in sums:
+            crc.result()
+
     start = time.perf_counter()
     fds = [_open_direct(p) for p in paths]
     try:
         if overlap:
-            jobs = [readers.submit(read_chunk, fd, buffers[i % 2][o : o + chunk], o)
-                    for i, fd in enumerate(fds) for o in range(0, size, chunk)]
-            offsets = [o for _ in fds for o in range(0, size, chunk)]
-            views = [buffers[i % 2] for i, _ in enumerate(fds) for _ in range(0, size, chunk)]
-            sums = [checkers.submit(zlib.crc32, view[o : o + job.result()]) if verify == "pool" else job.result()
-                    for job, o, view in zip(jobs, offsets, views)]
-            for s in sums:
-                if verify == "pool":
-                    s.result()
+            finish([request for i, fd in enumerate(fds) for request in submit(i, fd)])
         else:
             for i, fd in enumerate(fds):
-                view = buffers[i % 2]
-                jobs = [readers.submit(read_chunk, fd, view[o : o + chunk], o) for o in range(0, size, chunk)]
-                sums = []
-                for o, job in zip(range(0, size, chunk), jobs):
-                    n = job.result()
-                    if verify == "pool":
-                        sums.append(checkers.submit(zlib.crc32, view[o : o + n]))
-                for s in sums:
-                    s.result()
+                finish(submit(i, fd))
     finally:
         for fd in fds:
             os.close(fd)
