@@ -247,10 +247,10 @@ def main() -> None:
         if not set(value.split(",")) <= {"on", "off"}:
             parser.error(f"{flag} {value!r}: give on, off or on,off")
     try:
-        shares = [float(v) for v in args.finish_past.split(",")]
+        finish_pasts = [float(v) for v in args.finish_past.split(",")]
     except ValueError:
-        shares = []
-    if not shares or not all(0 <= v <= 1 for v in shares):
+        finish_pasts = []
+    if not finish_pasts or not all(0 <= v <= 1 for v in finish_pasts):
         parser.error(f"--finish-past {args.finish_past!r}: give shares of a file from 0 to 1, e.g. {FINISH_PAST},1")
     budget = Budget(args.time_budget)
     tiny = args.dims == "tiny"
@@ -275,10 +275,10 @@ def main() -> None:
            "page_cache": "bypassed (O_DIRECT)", "rows": []}
     dense = random_dense_params(cfg)
     last, before = 0.0, raw
-    configs = [(float(share), cpu, staging == "on", hints == "on", float(finish))
+    configs = [(float(share), cpu, staging == "on", hints == "on", finish)
                for share in args.host_shares.split(",") for cpu in args.cpu_experts.split(",")
                for staging in args.staging.split(",") for hints in args.hints.split(",")
-               for finish in args.finish_past.split(",")]
+               for finish in finish_pasts]
     for share, cpu_experts, staging, hints, finish_past in configs:
         if not budget.allows(2 * last, f"host share {share}, cpu-experts {cpu_experts}, staging "
                                        f"{'on' if staging else 'off'}, hints {'on' if hints else 'off'}, "
